@@ -1,0 +1,52 @@
+# One definition of each check; CI calls `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PREFIX ?= /opt/cl
+UNITDIR ?= /etc/systemd/system
+
+.PHONY: dev test lint format bench run install clean
+
+dev: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+test: lint
+	$(BIN)/pytest
+
+lint: dev
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+
+format: dev
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+bench: dev
+	$(BIN)/python bench/run.py
+
+# Both daemons in the foreground on ./var (no root, no systemd); Ctrl-C stops both.
+run: dev
+	@mkdir -p var/claude var/state var/run
+	@test -f var/config.toml || printf 'credentials_dir = "claude"\nstate_dir = "state"\nruntime_dir = "run"\n' > var/config.toml
+	@echo "credentials: ./var/claude   try: CL_CONFIG=var/config.toml $(BIN)/cl accounts"
+	@CL_CONFIG=var/config.toml $(BIN)/python -m cl.devrun
+
+# As root on the target machine: a venv in $(PREFIX), the units, the cl user, /opt/claude.
+install:
+	$(PYTHON) -m venv $(PREFIX)
+	$(PREFIX)/bin/pip install --quiet .
+	install -m 0644 packaging/systemd/cl-balancer.service packaging/systemd/cl-rescue.service $(UNITDIR)/
+	install -D -m 0644 packaging/systemd/cl.conf /usr/lib/sysusers.d/cl.conf
+	install -D -m 0644 packaging/systemd/cl-tmpfiles.conf /usr/lib/tmpfiles.d/cl.conf
+	systemd-sysusers /usr/lib/sysusers.d/cl.conf
+	systemd-tmpfiles --create /usr/lib/tmpfiles.d/cl.conf
+	-systemctl daemon-reload
+
+clean:
+	rm -rf $(VENV) var build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,140 @@
+"""Configuration: one TOML file, every key overridable by `CL_<KEY>`, no file needed.
+
+The file is `$CL_CONFIG`, else `/etc/cl/config.toml` (absent is fine). Relative paths in a
+file are relative to the file's folder. Unknown keys and bad values raise `ConfigError`
+naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PATH = Path("/etc/cl/config.toml")
+ENV_PREFIX = "CL_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """A configuration problem an operator can fix; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    credentials_dir: Path = Path("/opt/claude")
+    """The roster: every `credentials-<name>.json` here is one account."""
+    state_dir: Path = Path("/var/lib/cl")
+    runtime_dir: Path = Path("/run/cl")
+    """Where the daemons' control sockets live."""
+    resync_interval: float = 30.0
+    """Seconds between full rescans of the credentials dir behind inotify."""
+    watch_step_ms: int = 10
+    """watchfiles' polling step: latency is one to two steps; idle CPU grows as it shrinks."""
+    log_level: str = "info"
+
+    def socket_path(self, daemon: str) -> Path:
+        return self.runtime_dir / f"{daemon}.sock"
+
+
+def _path(value: Any, base: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise TypeError("must be a non-empty path")
+    return base / Path(value).expanduser()
+
+
+def _number(value: Any, kind: type[int | float], error: str) -> float:
+    """A TOML number of the right kind, or (from the environment) its text."""
+    if isinstance(value, str):
+        try:
+            value = kind(value)
+        except ValueError:
+            raise ValueError(error) from None
+    allowed = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, allowed):
+        raise TypeError(error)
+    return float(value) if kind is float else value
+
+
+def _positive_float(value: Any, _base: Path) -> float:
+    error = "must be a positive number"
+    number = _number(value, float, error)
+    if not 0 < number < float("inf"):
+        raise ValueError(error)
+    return float(number)
+
+
+def _step_ms(value: Any, _base: Path) -> int:
+    error = "must be a whole number of milliseconds from 1 to 1000"
+    number = _number(value, int, error)
+    if not 1 <= number <= 1000:
+        raise ValueError(error)
+    return int(number)
+
+
+def _log_level(value: Any, _base: Path) -> str:
+    if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
+        raise TypeError(f"must be one of {', '.join(LOG_LEVELS)}")
+    return value.lower()
+
+
+_PARSERS: dict[str, Callable[[Any, Path], Any]] = {
+    "credentials_dir": _path,
+    "state_dir": _path,
+    "runtime_dir": _path,
+    "resync_interval": _positive_float,
+    "watch_step_ms": _step_ms,
+    "log_level": _log_level,
+}
+
+
+def load_config(env: Mapping[str, str] | None = None) -> Config:
+    """Defaults, then the file, then `CL_*` variables."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    if state_directory := env.get("STATE_DIRECTORY"):  # set by systemd's StateDirectory=
+        values["state_dir"] = Path(state_directory.split(":")[0])
+    explicit = env.get(f"{ENV_PREFIX}CONFIG")
+    path = Path(explicit) if explicit else DEFAULT_PATH
+    values.update(_from_file(path, required=bool(explicit)))
+    values.update(_from_env(env))
+    return Config(**values)
+
+
+def _from_file(path: Path, *, required: bool) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"{path}: no such file (named by {ENV_PREFIX}CONFIG)") from None
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    base = path.parent.absolute()
+    return {key: _parse(key, value, base, f"{path}: key {key!r}") for key, value in doc.items()}
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    values = {}
+    for var, value in env.items():
+        if not var.startswith(ENV_PREFIX) or var == f"{ENV_PREFIX}CONFIG":
+            continue
+        key = var.removeprefix(ENV_PREFIX).lower()
+        values[key] = _parse(key, value, Path.cwd(), f"environment variable {var}")
+    return values
+
+
+def _parse(key: str, value: Any, base: Path, where: str) -> Any:
+    parser = _PARSERS.get(key)
+    if parser is None:
+        raise ConfigError(f"{where}: unknown key (known: {', '.join(_PARSERS)})")
+    try:
+        return parser(value, base)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: {exc}, got {value!r}") from None

@@ -1,0 +1,170 @@
+"""The lifecycle both daemons share: start, ready, serve, reload, drain, stop.
+
+start: config -> logging -> first registry load -> socket bound -> READY=1.
+serve: the service's own work; STATUS= kept current; WATCHDOG=1 from the event loop.
+SIGHUP: RELOADING=1 -> config re-read (a bad one is refused, the old one kept) -> full
+resync -> READY=1. SIGTERM/SIGINT: STOPPING=1 -> bounded drain -> exit 0.
+Signal handlers only record the signal; the main loop acts on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import signal
+import sys
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+import structlog
+
+from cl import logs
+from cl.config import Config, ConfigError, load_config
+from cl.notify import Notifier, watchdog_interval
+from cl.protocol import ControlServer, Handler, Reply, Request, RequestError
+from cl.registry import CredentialRegistry
+
+log = structlog.get_logger("cl.daemon")
+
+DRAIN_TIMEOUT = 10.0
+_RESTART_KEYS = ("credentials_dir", "state_dir", "runtime_dir")
+
+
+class Service(Protocol):
+    """What one daemon adds to the shared lifecycle."""
+
+    def handlers(self) -> Mapping[str, Handler]:
+        """Requests this daemon answers besides the shared ones."""
+        ...
+
+    async def run(self) -> None:
+        """The daemon's own work; cancelled at shutdown."""
+        ...
+
+    def status(self) -> str:
+        """Its part of the one-line STATUS=, or ''."""
+        ...
+
+
+ServiceFactory = Callable[[Config, CredentialRegistry], Service]
+
+
+class Daemon:
+    def __init__(self, name: str, config: Config, factory: ServiceFactory) -> None:
+        self.name = name
+        self.config = config
+        self.registry = CredentialRegistry(
+            config.credentials_dir, resync_interval=config.resync_interval, step_ms=config.watch_step_ms
+        )
+        self._factory = factory
+        self._notifier = Notifier()
+        self._events: asyncio.Queue[signal.Signals | None] = asyncio.Queue()
+        """Signals received, and None when the service failed."""
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(signum, self._events.put_nowait, signum)
+        log.info("starting", daemon=self.name, credentials_dir=str(self.config.credentials_dir))
+        await self.registry.start()
+        self.service = self._factory(self.config, self.registry)
+        handlers = {"accounts": self._accounts, **self.service.handlers()}
+        server = ControlServer(self.config.socket_path(self.name), handlers)
+        try:
+            await server.start()
+        except OSError as exc:
+            log.error("cannot listen", socket=str(server.path), error=str(exc))
+            await self.registry.stop()
+            return 1
+        service_task = asyncio.create_task(self.service.run(), name=f"{self.name}-service")
+        service_task.add_done_callback(self._on_service_done)
+        tasks = [service_task, asyncio.create_task(self._keep_status(), name="status")]
+        if (interval := watchdog_interval()) is not None:
+            tasks.append(asyncio.create_task(self._keep_watchdog(interval), name="watchdog"))
+        self._notifier.ready(self.status())
+        log.info("ready", daemon=self.name, socket=str(server.path), status=self.status())
+
+        while (event := await self._events.get()) is signal.SIGHUP:
+            await self._reload()
+        if event is not None:
+            log.info("signal received", signal=event.name)
+
+        self._notifier.stopping()
+        log.info("stopping", daemon=self.name)
+        await server.close()
+        await _cancel(tasks, DRAIN_TIMEOUT)
+        await self.registry.stop()
+        log.info("stopped", daemon=self.name)
+        return 0 if event is not None else 1
+
+    def status(self) -> str:
+        accounts = self.registry.accounts.values()
+        usable = sum(1 for account in accounts if account.usable)
+        own = self.service.status()
+        return f"{len(accounts)} accounts, {usable} usable" + (f", {own}" if own else "")
+
+    def _on_service_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("service failed", daemon=self.name, error=repr(exc))
+            self._events.put_nowait(None)
+
+    async def _reload(self) -> None:
+        self._notifier.reloading()
+        log.info("reloading", daemon=self.name)
+        try:
+            new = load_config()
+        except ConfigError as exc:
+            log.error("reload refused: bad configuration, keeping the running one", error=str(exc))
+        else:
+            for key in _RESTART_KEYS:
+                if getattr(new, key) != getattr(self.config, key):
+                    log.warning("setting needs a restart to take effect", key=key, value=str(getattr(new, key)))
+            self.config = dataclasses.replace(new, **{key: getattr(self.config, key) for key in _RESTART_KEYS})
+            logs.configure(self.config.log_level)
+            self.registry.resync_interval = self.config.resync_interval
+            self.registry.step_ms = self.config.watch_step_ms
+        await self.registry.resync()
+        self._notifier.ready(self.status())
+        log.info("reloaded", daemon=self.name, status=self.status())
+
+    async def _keep_status(self) -> None:
+        subscription = self.registry.subscribe()
+        try:
+            async for _ in subscription:
+                self._notifier.status(self.status())
+        finally:
+            subscription.close()
+
+    async def _keep_watchdog(self, interval: float) -> None:
+        while True:
+            self._notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    async def _accounts(self, request: Request) -> Reply:
+        """The live roster with states; `names` (a list) narrows it to those accounts."""
+        roster = self.registry.accounts
+        names = request.get("names")
+        if names is None:
+            names = sorted(roster)
+        elif not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise RequestError("bad-request", '"names" must be a list of account names')
+        return {"daemon": self.name, "accounts": [roster[name].public() for name in names if name in roster]}
+
+
+async def _cancel(tasks: list[asyncio.Task[None]], timeout: float) -> None:
+    for task in tasks:
+        task.cancel()
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    if pending:
+        log.warning("tasks did not stop in time", tasks=[task.get_name() for task in pending])
+
+
+def run(name: str, factory: ServiceFactory) -> int:
+    """A daemon's `main`: exit 2 on bad configuration, 1 on failure, 0 on a clean stop."""
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        print(f"cl-{name}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(config.log_level)
+    return asyncio.run(Daemon(name, config, factory).serve())

@@ -1,0 +1,94 @@
+"""structlog set-up: one line per event, for journald, a terminal, or a plain file.
+
+* Under journald (stderr is the stream named by `$JOURNAL_STREAM`): `<N>event key=value`,
+  `N` being the syslog priority (journald's SyslogLevelPrefix reads and strips it).
+* On a terminal: structlog's console renderer.
+* Otherwise: `timestamp level event key=value`.
+
+Whatever the renderer, the finished line goes through `redact.scrub`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+from cl import redact
+
+PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
+
+
+def under_journald(stream: TextIO) -> bool:
+    """True when `stream` is the very journal stream systemd connected us to."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in expected.split(":"))
+        st = os.fstat(stream.fileno())
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
+
+
+def _logfmt(value: Any) -> str:
+    text = str(value)
+    if text and not any(c in text for c in ' "=\\\n'):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _fields(event_dict: EventDict) -> str:
+    return " ".join(f"{key}={_logfmt(value)}" for key, value in event_dict.items())
+
+
+def journal_renderer(_logger: WrappedLogger, method: str, event_dict: EventDict) -> str:
+    event_dict.pop("timestamp", None)
+    level = event_dict.pop("level", method)
+    event = event_dict.pop("event", "")
+    fields = _fields(event_dict)
+    return f"<{PRIORITY.get(level, 6)}>{event}{' ' if fields else ''}{fields}"
+
+
+def plain_renderer(_logger: WrappedLogger, method: str, event_dict: EventDict) -> str:
+    timestamp = event_dict.pop("timestamp", "")
+    level = event_dict.pop("level", method)
+    event = event_dict.pop("event", "")
+    fields = _fields(event_dict)
+    return f"{timestamp} {level:<7} {event}{' ' if fields else ''}{fields}"
+
+
+class _Scrubbed:
+    """Wrap a renderer so that its output can never carry a known secret."""
+
+    def __init__(self, renderer: Processor) -> None:
+        self._renderer = renderer
+
+    def __call__(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> str:
+        return redact.scrub(str(self._renderer(logger, method, event_dict)))
+
+
+def configure(level: str = "info", stream: TextIO | None = None) -> None:
+    stream = sys.stderr if stream is None else stream
+    renderer: Processor
+    if under_journald(stream):
+        renderer = journal_renderer
+    elif stream.isatty():
+        renderer = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+    else:
+        renderer = plain_renderer
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            _Scrubbed(renderer),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )

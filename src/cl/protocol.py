@@ -1,0 +1,152 @@
+"""The control protocol: line-delimited JSON over a Unix stream socket.
+
+A request is one line, a JSON object `{"request": NAME, ...}`; the reply is one line,
+`{"ok": true, ...}` or `{"ok": false, "code": CODE, "error": MESSAGE}`. One connection may
+carry many requests. A bad request gets a precise error reply, never a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("cl.protocol")
+
+MAX_REQUEST_BYTES = 64 * 1024
+SOCKET_MODE = 0o660
+
+Request = dict[str, Any]
+Reply = dict[str, Any]
+Handler = Callable[[Request], Awaitable[Reply]]
+
+
+class RequestError(Exception):
+    """Raised by a handler: becomes an error reply with this code and message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ControlServer:
+    def __init__(self, path: Path, handlers: Mapping[str, Handler]) -> None:
+        self.path = path
+        self._handlers = handlers
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_socket(self.path)
+        self._server = await asyncio.start_unix_server(self._serve_client, self.path, limit=MAX_REQUEST_BYTES)
+        os.chmod(self.path, SOCKET_MODE)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            self._server = None
+
+    async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except ValueError:  # the line outgrew the stream's limit
+                    await _send(writer, _error("too-long", f"request line over {MAX_REQUEST_BYTES} bytes"))
+                    return
+                if not line:
+                    return
+                if line.strip():
+                    await _send(writer, await self._handle(line))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _handle(self, line: bytes) -> Reply:
+        try:
+            request = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return _error("bad-json", f"request is not valid JSON: {getattr(exc, 'msg', 'not UTF-8')}")
+        except RecursionError:
+            return _error("bad-json", "request is nested too deeply")
+        if not isinstance(request, dict):
+            return _error("bad-request", "request must be a JSON object")
+        name = request.get("request")
+        if not isinstance(name, str):
+            return _error("bad-request", 'request needs a "request" field naming the request')
+        handler = self._handlers.get(name)
+        if handler is None:
+            known = ", ".join(sorted(self._handlers))
+            return _error("unknown-request", f"unknown request {name[:64]!r} (known: {known})")
+        try:
+            return {"ok": True, **await handler(request)}
+        except RequestError as exc:
+            return _error(exc.code, exc.message)
+        except Exception:
+            log.exception("request failed", request=name)
+            return _error("internal", f"internal error while handling {name!r}; see the daemon's log")
+
+
+def _error(code: str, message: str) -> Reply:
+    return {"ok": False, "code": code, "error": message}
+
+
+async def _send(writer: asyncio.StreamWriter, reply: Reply) -> None:
+    writer.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+    await writer.drain()
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a socket left by a dead daemon; refuse to replace anything else."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        path.unlink()
+        return
+    finally:
+        probe.close()
+    raise FileExistsError(f"{path}: another daemon is already listening there")
+
+
+class DaemonUnreachable(Exception):
+    pass
+
+
+def call(path: Path, request: Request, timeout: float = 10.0) -> Reply:
+    """Send one request and return the reply (the `ok` field says how it went)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            chunks: list[bytes] = []
+            while not chunks or not chunks[-1].endswith(b"\n"):
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    raise DaemonUnreachable(f"{path}: connection closed before a reply")
+                chunks.append(chunk)
+    except OSError as exc:
+        raise DaemonUnreachable(f"{path}: {exc.strerror or exc}") from None
+    reply: Reply = json.loads(b"".join(chunks))
+    return reply

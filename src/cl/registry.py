@@ -1,0 +1,300 @@
+"""`CredentialRegistry`: the live account roster, derived from the credentials directory.
+
+This is the only code that reads the directory, and the roster lives nowhere else. Every
+watch event is a hint: the named file is re-read from disk and the result is compared with
+what is known. Behind inotify (watchfiles) a periodic full resync catches what inotify can
+lose (a queue overflow); the directory's parent is watched too, so that a deleted and
+recreated directory is noticed and re-armed. Subscribers get every added / changed /
+removed account, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+import structlog
+import watchfiles
+
+from cl.credentials import Account, AccountState, FileSignature, account_name, is_near_miss, read_account
+
+log = structlog.get_logger("cl.registry")
+
+_Read = tuple[Account, FileSignature | None]
+
+
+class ChangeKind(enum.StrEnum):
+    ADDED = "added"
+    CHANGED = "changed"
+    REMOVED = "removed"
+
+
+@dataclass(frozen=True, slots=True)
+class AccountChange:
+    kind: ChangeKind
+    name: str
+    account: Account | None
+    """The account now; None when removed."""
+    previous: Account | None
+    """The account before; None when added."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Scan:
+    found: dict[str, _Read | None]
+    """Every credential file present; None where the signature is unchanged (not re-read)."""
+    near_misses: list[str]
+
+
+class Subscription:
+    """An async iterator of `AccountChange`s; `close()` it when done."""
+
+    def __init__(self, subscribers: set[Subscription]) -> None:
+        self._queue: asyncio.Queue[AccountChange] = asyncio.Queue()
+        self._subscribers = subscribers
+        subscribers.add(self)
+
+    def put(self, change: AccountChange) -> None:
+        self._queue.put_nowait(change)
+
+    def close(self) -> None:
+        self._subscribers.discard(self)
+
+    def __aiter__(self) -> AsyncIterator[AccountChange]:
+        return self
+
+    async def __anext__(self) -> AccountChange:
+        return await self._queue.get()
+
+
+class CredentialRegistry:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        resync_interval: float = 30.0,
+        step_ms: int = 10,
+        debounce_ms: int = 100,
+    ) -> None:
+        self.directory = Path(os.path.abspath(directory))
+        self.resync_interval = resync_interval
+        self.step_ms = step_ms
+        self.debounce_ms = debounce_ms
+        self._accounts: dict[str, Account] = {}
+        self._signatures: dict[str, FileSignature | None] = {}
+        self._subscribers: set[Subscription] = set()
+        self._lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._reported: set[str] = set()
+        self._directory_missing = False
+        self._loaded = False
+
+    @property
+    def accounts(self) -> Mapping[str, Account]:
+        """The current roster, read-only. Do not keep it: ask again next time."""
+        return MappingProxyType(self._accounts)
+
+    def subscribe(self) -> Subscription:
+        return Subscription(self._subscribers)
+
+    async def start(self) -> None:
+        """Load the directory, then keep watching it until `stop()`."""
+        await self.resync()
+        self._tasks = [
+            asyncio.create_task(self._watch(), name="registry-watch"),
+            asyncio.create_task(self._resync_periodically(), name="registry-resync"),
+        ]
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def resync(self) -> None:
+        """Rescan the whole directory; re-read only files whose `stat` changed."""
+        async with self._lock:
+            scan = await asyncio.to_thread(_scan, self.directory, dict(self._signatures))
+            self._apply_scan(scan)
+
+    async def refresh(self, names: set[str]) -> None:
+        """Re-read the named credential files from disk, whatever the event said."""
+        async with self._lock:
+            reads = await asyncio.to_thread(self._read_names, names)
+            for name, read in reads.items():
+                self._apply(name, read)
+
+    def _read_names(self, names: set[str]) -> dict[str, _Read | None]:
+        return {name: read_account(self.directory / f"credentials-{name}.json", name) for name in names}
+
+    def _apply_scan(self, scan: _Scan | str) -> None:
+        found = self._note_directory(scan)
+        now = time.time()
+        for name in list(self._accounts):
+            if name not in found:
+                self._apply(name, None)
+        for name, read in found.items():
+            if read is not None:
+                self._apply(name, read)
+            elif self._accounts[name].expired_by(now):
+                self._apply(name, (self._accounts[name].with_state(AccountState.EXPIRED), self._signatures[name]))
+        if not self._loaded:
+            self._loaded = True
+            states = [account.state for account in self._accounts.values()]
+            counts = {str(state): states.count(state) for state in AccountState if state in states}
+            log.info("credentials loaded", directory=str(self.directory), accounts=len(states), **counts)
+
+    def _note_directory(self, scan: _Scan | str) -> dict[str, _Read | None]:
+        """Log the directory's comings and goings and odd names; what the scan found."""
+        if isinstance(scan, str):
+            if not self._directory_missing:
+                log.warning("credentials directory unavailable", directory=str(self.directory), error=scan)
+            self._directory_missing = True
+            return {}
+        if self._directory_missing:
+            log.info("credentials directory available", directory=str(self.directory))
+        self._directory_missing = False
+        for filename in scan.near_misses:
+            self._report(
+                f"name:{filename}",
+                "file ignored: not a valid credential name",
+                file=filename.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace"),
+                expected="credentials-<letters, digits, _ or -; up to 64>.json",
+            )
+        return scan.found
+
+    def _apply(self, name: str, read: _Read | None) -> None:
+        previous = self._accounts.get(name)
+        if read is None:
+            if previous is not None:
+                del self._accounts[name]
+                del self._signatures[name]
+                self._publish(AccountChange(ChangeKind.REMOVED, name, None, previous))
+            return
+        account, signature = read
+        self._signatures[name] = signature
+        if account == previous:
+            return
+        self._accounts[name] = account
+        kind = ChangeKind.ADDED if previous is None else ChangeKind.CHANGED
+        self._publish(AccountChange(kind, name, account, previous))
+
+    def _publish(self, change: AccountChange) -> None:
+        self._log_change(change)
+        for subscriber in list(self._subscribers):
+            subscriber.put(change)
+
+    def _log_change(self, change: AccountChange) -> None:
+        account, previous = change.account, change.previous
+        if account is None:
+            log.info("account removed", account=change.name)
+            return
+        fields: dict[str, object] = {"account": change.name, "state": str(account.state)}
+        if account.kind:
+            fields["kind"] = str(account.kind)
+        if previous is not None and previous.state != account.state:
+            fields["was"] = str(previous.state)
+        if account.reason:
+            fields["reason"] = account.reason
+        problem = account.state is not AccountState.OK
+        if problem:
+            log.warning(f"account {change.kind}", **fields)
+        elif self._loaded:
+            log.info(f"account {change.kind}", **fields)
+        if account.exposed and not (previous and previous.exposed):
+            log.warning(
+                "credential readable by group or others",
+                account=change.name,
+                hint="chmod 0600 the file",
+            )
+
+    def _report(self, key: str, event: str, **fields: object) -> None:
+        """Log a problem once per process, however many scans see it."""
+        if key not in self._reported:
+            self._reported.add(key)
+            log.warning(event, **fields)
+
+    def _watch_roots(self) -> list[Path]:
+        """The directory (if present) and its nearest existing ancestor."""
+        anchor = self.directory.parent
+        while not anchor.is_dir() and anchor != anchor.parent:
+            anchor = anchor.parent
+        return [anchor, self.directory] if self.directory.is_dir() else [anchor]
+
+    def _is_root_event(self, path: str) -> bool:
+        directory = str(self.directory)
+        return path == directory or directory.startswith(path.rstrip(os.sep) + os.sep)
+
+    def _is_relevant(self, _change: watchfiles.Change, path: str) -> bool:
+        head, tail = os.path.split(path)
+        return (head == str(self.directory) and account_name(tail) is not None) or self._is_root_event(path)
+
+    async def _watch(self) -> None:
+        while not self._stop.is_set():
+            roots = self._watch_roots()
+            # Scheduled now, runs once awatch has armed inotify (it does so before its first
+            # await): whatever landed while the watch was down is caught by this rescan.
+            rescan = asyncio.create_task(self.resync()) if self._loaded else None
+            watcher = watchfiles.awatch(
+                *roots,
+                watch_filter=self._is_relevant,
+                step=self.step_ms,
+                debounce=self.debounce_ms,
+                recursive=False,
+                stop_event=self._stop,
+            )
+            try:
+                async with contextlib.aclosing(watcher):
+                    async for batch in watcher:
+                        if any(self._is_root_event(path) for _, path in batch):
+                            break  # the directory came or went: re-arm on the new one
+                        names = {account_name(os.path.basename(path)) for _, path in batch}
+                        await self.refresh({name for name in names if name})
+            except Exception as exc:  # noqa: BLE001 - any watcher failure: log, rescan, re-arm
+                log.error("watch failed, retrying in 1s", directory=str(self.directory), error=str(exc))
+                await asyncio.sleep(1)
+            if rescan is not None:
+                await rescan
+
+    async def _resync_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.resync_interval)
+            try:
+                await self.resync()
+            except Exception:
+                log.exception("resync failed", directory=str(self.directory))
+
+
+def _scan(directory: Path, signatures: Mapping[str, FileSignature | None]) -> _Scan | str:
+    """List the directory and read what changed (runs in a thread); or why it cannot."""
+    found: dict[str, _Read | None] = {}
+    near_misses: list[str] = []
+    try:
+        entries = os.scandir(directory)
+    except OSError as exc:
+        return os.strerror(exc.errno or 0)
+    with entries:
+        for entry in entries:
+            name = account_name(entry.name)
+            if name is None:
+                if is_near_miss(entry.name):
+                    near_misses.append(entry.name)
+                continue
+            try:
+                signature = FileSignature.of(entry.stat(follow_symlinks=False))
+            except FileNotFoundError:
+                continue
+            if name in signatures and signatures[name] == signature:
+                found[name] = None
+            elif (read := read_account(entry.path, name)) is not None:
+                found[name] = read
+    return _Scan(found, near_misses)
