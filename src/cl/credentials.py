@@ -177,7 +177,7 @@ def parse_credential(name: str, data: bytes, now: float | None = None) -> Accoun
     if not data.strip():
         return _invalid(name, "empty file")
     try:
-        doc = json.loads(data)
+        doc = json.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError:
         return _invalid(name, "not UTF-8 text")
     except json.JSONDecodeError as exc:

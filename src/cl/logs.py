@@ -35,10 +35,11 @@ def under_journald(stream: TextIO) -> bool:
 
 
 def _logfmt(value: Any) -> str:
-    text = str(value)
-    if text and not any(c in text for c in ' "=\\\n'):
+    """A bare value if it is one word, else quoted; never more than one line."""
+    text = str(value).replace("\n", "\\n")
+    if text and not any(c in text for c in ' "='):
         return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return '"' + text.replace('"', '\\"') + '"'
 
 
 def _fields(event_dict: EventDict) -> str:

@@ -167,7 +167,7 @@ class CredentialRegistry:
             self._report(
                 f"name:{filename}",
                 "file ignored: not a valid credential name",
-                file=filename.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace"),
+                file=os.fsencode(filename).decode("ascii", "backslashreplace"),
                 expected="credentials-<letters, digits, _ or -; up to 64>.json",
             )
         return scan.found

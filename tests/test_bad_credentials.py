@@ -1,0 +1,98 @@
+"""Hostile and broken credential files against real daemons.
+
+Each bad file gets the right state and one clear log line; the daemons keep running and the
+other accounts keep working. When the suite runs as root the daemons run without
+CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH (setpriv), so that a mode 000 file really is unreadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from utils import Layout, Planted, both, oauth_credential, wait_until, write_credential
+
+
+def unprivileged() -> dict[str, object]:
+    """DaemonProcess options under which permissions bind, as they do for the `cl` user."""
+    if os.geteuid() != 0:
+        return {}
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: cannot make a file unreadable to the daemons")
+    return {"wrap": ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]}
+
+
+def drop(layout: Layout, name: str, content: str | bytes, mode: int = 0o600) -> Path:
+    path = layout.credentials / f"credentials-{name}.json"
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    path.chmod(mode)
+    return path
+
+
+def test_bad_files_are_reported_once_and_harm_nothing(layout: Layout, planted: Planted) -> None:
+    drop(layout, "good", oauth_credential(planted))
+    with both(layout, **unprivileged()) as (balancer, rescue):
+        expected = {"good": "ok"}
+        drop(layout, "bad-json", '{"claudeAiOauth": {')
+        drop(layout, "empty", "")
+        drop(layout, "blanked", json.dumps({"claudeAiOauth": {"accessToken": "", "expiresAt": 0}}))
+        drop(layout, "expired", oauth_credential(planted, expires_at_ms=int((time.time() - 3600) * 1000)))
+        drop(layout, "wrong-types", json.dumps({"claudeAiOauth": {"accessToken": 123}}))
+        drop(layout, "binary", b"\xff\xd8\xff\xe0" + os.urandom(512))
+        with (layout.credentials / "credentials-huge.json").open("wb") as huge:
+            huge.truncate(50 * 1024 * 1024)
+        os.mkfifo(layout.credentials / "credentials-fifo.json")
+        (layout.credentials / "credentials-dir.json").mkdir()
+        (layout.credentials / "credentials-link.json").symlink_to(layout.credentials / "credentials-good.json")
+        os.close(os.open(os.fsencode(layout.credentials) + b"/credentials-\xff\xfe.json", os.O_CREAT | os.O_WRONLY))
+        expected |= {
+            "bad-json": "invalid",
+            "empty": "invalid",
+            "blanked": "needs-login",
+            "expired": "expired",
+            "wrong-types": "invalid",
+            "binary": "invalid",
+            "huge": "invalid",
+            "fifo": "invalid",
+            "dir": "invalid",
+            "link": "invalid",
+        }
+        drop(layout, "unreadable", oauth_credential(planted), mode=0o000)
+        expected["unreadable"] = "invalid"
+        wait_until(lambda: balancer.states() == rescue.states() == expected, f"both daemons to show {expected}")
+
+        # A half-written file is invalid until its writer finishes, then it is an account.
+        content = oauth_credential(planted)
+        half = drop(layout, "half", content[: len(content) // 2])
+        wait_until(lambda: rescue.states().get("half") == "invalid", "the half-written file to show as invalid")
+        with half.open("a") as f:
+            f.write(content[len(content) // 2 :])
+        expected |= {"half": "ok"}
+        write_credential(layout.credentials, "late", oauth_credential(planted))
+        expected |= {"late": "ok"}
+        wait_until(lambda: balancer.states() == rescue.states() == expected, "the good accounts to work on")
+
+        reasons = {a["name"]: a["reason"] for a in balancer.request({"request": "accounts"})["accounts"]}
+        assert reasons["huge"] == "too large (52428800 bytes, limit 65536)"
+        assert reasons["fifo"] == reasons["dir"] == "not a regular file"
+        assert reasons["link"].startswith("symlink refused")
+        assert reasons["binary"] == "not UTF-8 text"
+        assert "accessToken must be a string" in reasons["wrong-types"]
+        assert reasons["unreadable"] == "unreadable: permission denied"
+
+        # A full resync (SIGHUP) sees the same problems again and does not repeat itself.
+        for daemon in (balancer, rescue):
+            daemon.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+            wait_until(lambda d=daemon: "reloaded" in d.log(), f"cl-{daemon.name} to reload")  # type: ignore[misc]
+            log = daemon.log()
+            for name in ("bad-json", "empty", "huge", "fifo", "dir", "link", "wrong-types"):
+                assert log.count(f"account added account={name} ") == 1, name
+            assert log.count("file ignored: not a valid credential name") == 1
+            assert r"credentials-\xff\xfe.json" in log
+            assert daemon.process.poll() is None  # type: ignore[union-attr]

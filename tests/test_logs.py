@@ -1,0 +1,74 @@
+"""Log lines: journald priority prefixes, one line per event, and no secret ever."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import structlog
+
+from cl import logs, redact
+from cl.credentials import Secret
+from utils import Planted
+
+
+def render(configure_stream: io.StringIO, emit: str = "info", **fields: object) -> str:
+    getattr(structlog.get_logger("t"), emit)("something happened", **fields)
+    return configure_stream.getvalue()
+
+
+def test_journal_lines_carry_priority_and_fields() -> None:
+    lines = [
+        logs.journal_renderer(None, level, {"event": "account added", "level": level, "account": "a4", "why": "x y"})
+        for level in ("debug", "info", "warning", "error", "critical")
+    ]
+    assert lines == [f'<{prio}>account added account=a4 why="x y"' for prio in (7, 6, 4, 3, 2)]
+    multi = logs.journal_renderer(None, "error", {"event": "boom", "level": "error", "exception": "a\nb"})
+    assert "\n" not in multi
+
+
+def test_journald_is_detected_by_the_stream_identity_not_the_variable(tmp_path: Path) -> None:
+    code = "import sys; from cl import logs; print(logs.under_journald(sys.stderr))"
+    with (tmp_path / "err").open("w") as err:
+        st = os.fstat(err.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        same = subprocess.run(
+            [sys.executable, "-c", code],
+            stderr=err,
+            env=env,
+            capture_output=False,
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
+        )
+        env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino + 1}"
+        other = subprocess.run(
+            [sys.executable, "-c", code], stderr=err, env=env, stdout=subprocess.PIPE, text=True, check=True
+        )
+    assert (same.stdout.strip(), other.stdout.strip()) == ("True", "False")
+
+
+def test_redaction_of_every_known_secret_in_any_position(planted: Planted) -> None:
+    stream = io.StringIO()
+    logs.configure("debug", stream)
+    shaped, plain = planted.token(), planted.token("plain-")
+    Secret(plain)  # what the registry does for each token it reads
+    log = structlog.get_logger("t")
+    log.info(f"token {plain} in the event", field=plain, glued=f"key={plain}.", shaped=shaped)
+    log.error("in a list", values=[plain, {"nested": shaped}])
+    try:
+        int(f"bad {plain}")
+    except ValueError:
+        log.exception("with a traceback")
+    output = stream.getvalue()
+    assert output.count(redact.MASK) >= 7
+    assert not planted.leaks(output, "log")
+    assert len(output.strip().splitlines()) >= 3
+
+
+def test_secret_values_do_not_print(planted: Planted) -> None:
+    secret = Secret(planted.token())
+    assert not planted.leaks(f"{secret} {secret!r} {[secret]}", "formatting")

@@ -1,0 +1,71 @@
+"""The systemd units, sysusers.d and tmpfiles.d files, checked by systemd's own tools."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+UNITS = Path(__file__).resolve().parents[1] / "packaging" / "systemd"
+DAEMON_UNITS = ["cl-balancer.service", "cl-rescue.service"]
+
+pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+
+
+def installed_copy(unit: str, tmp_path: Path) -> Path:
+    """The unit with ExecStart pointing at this checkout's console scripts (verify checks they exist)."""
+    copy = tmp_path / unit
+    copy.write_text((UNITS / unit).read_text().replace("/opt/cl/bin/", f"{Path(sys.executable).parent}/"))
+    return copy
+
+
+def test_units_verify_without_a_single_message(tmp_path: Path) -> None:
+    copies = [str(installed_copy(unit, tmp_path)) for unit in DAEMON_UNITS]
+    result = subprocess.run(["systemd-analyze", "verify", *copies], capture_output=True, text=True, check=False)
+    # verify exits 0 on unknown keys and merely prints them: any output is a failure.
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("unit", DAEMON_UNITS)
+def test_exposure_is_at_most_1(unit: str) -> None:
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--threshold=10", str(UNITS / unit)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout + result.stderr)
+    assert match is not None, result.stdout + result.stderr
+    assert float(match.group(1)) <= 1.0
+    assert result.returncode == 0  # --threshold is on the 0-100 scale: 10 is an exposure of 1.0
+
+
+def test_units_run_the_console_scripts_as_notify_services() -> None:
+    for unit in DAEMON_UNITS:
+        text = (UNITS / unit).read_text()
+        daemon = unit.removesuffix(".service")
+        assert f"ExecStart=/opt/cl/bin/{daemon}\n" in text
+        for line in ("Type=notify", "NotifyAccess=main", "User=cl", "RuntimeDirectory=cl", "StateDirectory=cl"):
+            assert f"\n{line}\n" in text, line
+
+
+@pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers is not installed")
+def test_sysusers_and_tmpfiles_make_the_user_and_the_roster_dir(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    subprocess.run(["systemd-sysusers", f"--root={tmp_path}", str(UNITS / "cl.conf")], check=True, capture_output=True)
+    passwd = (tmp_path / "etc" / "passwd").read_text()
+    group = (tmp_path / "etc" / "group").read_text()
+    assert passwd.startswith("cl:")
+    assert group.startswith("cl:")
+    gid = int(group.split(":")[2])
+    subprocess.run(
+        ["systemd-tmpfiles", f"--root={tmp_path}", "--create", str(UNITS / "cl-tmpfiles.conf")],
+        check=True,
+        capture_output=True,
+    )
+    roster = (tmp_path / "opt" / "claude").stat()
+    assert (oct(roster.st_mode & 0o7777), roster.st_uid, roster.st_gid) == ("0o750", 0, gid)

@@ -1,0 +1,205 @@
+"""CredentialRegistry on real inotify in real temp directories."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from cl.credentials import AccountState
+from cl.registry import AccountChange, ChangeKind, CredentialRegistry, Subscription
+from utils import Planted, oauth_credential, write_credential
+
+TIMEOUT = 20.0
+
+
+@pytest.fixture
+async def registry(tmp_path: Path) -> AsyncIterator[CredentialRegistry]:
+    directory = tmp_path / "claude"
+    directory.mkdir()
+    registry = CredentialRegistry(directory)
+    await registry.start()
+    yield registry
+    await registry.stop()
+
+
+async def next_change(subscription: Subscription) -> AccountChange:
+    return await asyncio.wait_for(anext(subscription), TIMEOUT)
+
+
+async def changes_until(subscription: Subscription, last: tuple[ChangeKind, str]) -> list[tuple[ChangeKind, str]]:
+    seen: list[tuple[ChangeKind, str]] = []
+    while not seen or seen[-1] != last:
+        change = await next_change(subscription)
+        seen.append((change.kind, change.name))
+    return seen
+
+
+async def test_existing_files_load_at_start(tmp_path: Path, planted: Planted) -> None:
+    write_credential(tmp_path, "a", oauth_credential(planted))
+    write_credential(tmp_path, "b", "{oops")
+    registry = CredentialRegistry(tmp_path)
+    with capture_logs() as logs:
+        await registry.start()
+    await registry.stop()
+    assert {name: a.state for name, a in registry.accounts.items()} == {
+        "a": AccountState.OK,
+        "b": AccountState.INVALID,
+    }
+    events = [entry["event"] for entry in logs]
+    assert "credentials loaded" in events
+    assert "account added" in events  # only the problem account gets its own line at load
+    assert events.count("account added") == 1
+
+
+async def test_add_change_remove(registry: CredentialRegistry, planted: Planted) -> None:
+    directory = registry.directory
+    subscription = registry.subscribe()
+    write_credential(directory, "a", oauth_credential(planted))
+    change = await next_change(subscription)
+    assert (change.kind, change.name, change.previous) == (ChangeKind.ADDED, "a", None)
+    assert change.account is not None
+    assert change.account.state is AccountState.OK
+
+    # Claude Code refreshing its token rewrites the file in place: one CHANGED, no remove+add.
+    (directory / "credentials-a.json").write_text(oauth_credential(planted))
+    change = await next_change(subscription)
+    assert (change.kind, change.name) == (ChangeKind.CHANGED, "a")
+
+    # The same bytes written again change nothing; the next event is about b.
+    content = (directory / "credentials-a.json").read_text()
+    (directory / "credentials-a.json").write_text(content)
+    write_credential(directory, "b", oauth_credential(planted))
+    assert await changes_until(subscription, (ChangeKind.ADDED, "b")) == [(ChangeKind.ADDED, "b")]
+
+    (directory / "credentials-a.json").unlink()
+    change = await next_change(subscription)
+    assert (change.kind, change.name, change.account) == (ChangeKind.REMOVED, "a", None)
+    assert set(registry.accounts) == {"b"}
+
+
+async def test_atomic_replace_is_a_change(registry: CredentialRegistry, planted: Planted) -> None:
+    subscription = registry.subscribe()
+    write_credential(registry.directory, "a", oauth_credential(planted))
+    await next_change(subscription)
+    write_credential(registry.directory, "a", json.dumps({"claudeAiOauth": {"accessToken": "", "expiresAt": 0}}))
+    change = await next_change(subscription)
+    assert (change.kind, change.name) == (ChangeKind.CHANGED, "a")
+    assert change.account is not None
+    assert change.account.state is AccountState.NEEDS_LOGIN
+
+
+async def test_rename_and_editor_files(registry: CredentialRegistry, planted: Planted) -> None:
+    directory = registry.directory
+    subscription = registry.subscribe()
+    write_credential(directory, "a", oauth_credential(planted))
+    await next_change(subscription)
+    for junk in ("credentials-a.json~", ".credentials-a.json.swp", "4913", ".#credentials-a.json", "notes.txt"):
+        (directory / junk).write_text(oauth_credential(planted))
+    (directory / "credentials-a.json").rename(directory / "credentials-b.json")
+    seen = {(change.kind, change.name) for change in [await next_change(subscription) for _ in range(2)]}
+    assert seen == {(ChangeKind.REMOVED, "a"), (ChangeKind.ADDED, "b")}
+    await registry.resync()
+    assert set(registry.accounts) == {"b"}
+
+
+async def test_directory_deleted_and_recreated(registry: CredentialRegistry, planted: Planted) -> None:
+    directory = registry.directory
+    subscription = registry.subscribe()
+    write_credential(directory, "a", oauth_credential(planted))
+    await next_change(subscription)
+    shutil.rmtree(directory)
+    change = await next_change(subscription)
+    assert (change.kind, change.name) == (ChangeKind.REMOVED, "a")
+    directory.mkdir()
+    write_credential(directory, "b", oauth_credential(planted))
+    change = await next_change(subscription)
+    assert (change.kind, change.name) == (ChangeKind.ADDED, "b")
+    write_credential(directory, "c", oauth_credential(planted))
+    change = await next_change(subscription)
+    assert (change.kind, change.name) == (ChangeKind.ADDED, "c")
+
+
+async def test_directory_missing_at_start(tmp_path: Path, planted: Planted) -> None:
+    directory = tmp_path / "not" / "yet"
+    registry = CredentialRegistry(directory)
+    with capture_logs() as logs:
+        await registry.start()
+    try:
+        assert dict(registry.accounts) == {}
+        assert any(entry["event"] == "credentials directory unavailable" for entry in logs)
+        subscription = registry.subscribe()
+        directory.mkdir(parents=True)
+        write_credential(directory, "a", oauth_credential(planted))
+        change = await next_change(subscription)
+        assert (change.kind, change.name) == (ChangeKind.ADDED, "a")
+    finally:
+        await registry.stop()
+
+
+async def test_periodic_resync_notices_expiry(tmp_path: Path, planted: Planted) -> None:
+    soon_ms = int((time.time() + 1) * 1000)
+    write_credential(tmp_path, "a", oauth_credential(planted, expires_at_ms=soon_ms))
+    registry = CredentialRegistry(tmp_path, resync_interval=0.2)
+    await registry.start()
+    try:
+        subscription = registry.subscribe()
+        change = await next_change(subscription)
+        assert change.account is not None
+        assert (change.kind, change.account.state) == (ChangeKind.CHANGED, AccountState.EXPIRED)
+    finally:
+        await registry.stop()
+
+
+async def test_resync_catches_what_no_event_reported(tmp_path: Path, planted: Planted) -> None:
+    """What inotify lost (an overflow) the full resync finds: here, no watcher at all."""
+    registry = CredentialRegistry(tmp_path)
+    await registry.resync()
+    write_credential(tmp_path, "a", oauth_credential(planted))
+    (tmp_path / "credentials-gone.json").write_text("{}")
+    await registry.resync()
+    (tmp_path / "credentials-gone.json").unlink()
+    await registry.resync()
+    assert set(registry.accounts) == {"a"}
+
+
+async def test_a_burst_of_files_is_all_seen(registry: CredentialRegistry, planted: Planted) -> None:
+    subscription = registry.subscribe()
+    names = {f"n{i}" for i in range(300)}
+    for name in names:
+        write_credential(registry.directory, name, oauth_credential(planted))
+    seen: set[str] = set()
+    while seen != names:
+        seen.add((await next_change(subscription)).name)
+    assert set(registry.accounts) == names
+
+
+async def test_odd_names_are_reported_once(registry: CredentialRegistry, planted: Planted) -> None:
+    with capture_logs() as logs:
+        (registry.directory / "credentials-has space.json").write_text(oauth_credential(planted))
+        os.close(
+            os.open(os.path.join(os.fsencode(registry.directory), b"credentials-\xff.json"), os.O_CREAT | os.O_WRONLY)
+        )
+        for _ in range(3):
+            await registry.resync()
+    ignored = [entry for entry in logs if entry["event"] == "file ignored: not a valid credential name"]
+    assert sorted(entry["file"] for entry in ignored) == ["credentials-\\xff.json", "credentials-has space.json"]
+    assert dict(registry.accounts) == {}
+
+
+async def test_subscribers_see_every_change_in_order(registry: CredentialRegistry, planted: Planted) -> None:
+    first, second = registry.subscribe(), registry.subscribe()
+    path = write_credential(registry.directory, "a", oauth_credential(planted))
+    await next_change(first)
+    path.unlink()
+    await next_change(first)
+    assert [(await next_change(second)).kind for _ in range(2)] == [ChangeKind.ADDED, ChangeKind.REMOVED]
+    first.close()
+    second.close()

@@ -1,0 +1,124 @@
+"""The seed's invariant: both daemons always agree with the directory, and so with each other.
+
+Two real daemon processes watch one temp directory while hypothesis churns it: adds, removes,
+in-place rewrites, atomic replaces, renames, editor temp files, bad files, directories named
+like credentials. After each burst (a quiet point) both `accounts` replies must equal what the
+directory says now, worked out here from the files themselves, not from a list of names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from utils import DaemonProcess, Layout, Planted, api_key_credential, oauth_credential, wait_until
+
+NAMES = ["a", "b", "c", "d", "e", "f"]
+MIN_OPERATIONS = 1_000
+
+
+def expected_states(directory: Path) -> dict[str, str]:
+    """The oracle: what each credential-named entry in the directory is, read from disk now."""
+    states = {}
+    for entry in os.scandir(directory):
+        match = re.fullmatch(r"credentials-([A-Za-z0-9][A-Za-z0-9_-]{0,63})\.json", entry.name)
+        if match is None:
+            continue
+        if not entry.is_file(follow_symlinks=False):
+            states[match.group(1)] = "invalid"
+            continue
+        try:
+            doc = json.loads(Path(entry.path).read_bytes())
+        except ValueError:
+            states[match.group(1)] = "invalid"
+            continue
+        token = doc["claudeAiOauth"]["accessToken"] if "claudeAiOauth" in doc else doc.get("apiKey")
+        states[match.group(1)] = "ok" if token else "needs-login"
+    return states
+
+
+def make_content(planted: Planted, kind: str) -> str:
+    match kind:
+        case "oauth":
+            return oauth_credential(planted)
+        case "api-key":
+            return api_key_credential(planted)
+        case "blanked":
+            return json.dumps({"claudeAiOauth": {"accessToken": "", "expiresAt": 0}})
+        case "garbage":
+            return '{"claudeAiOauth": {"accessTok'
+    return ""
+
+
+CONTENT = st.sampled_from(["oauth", "oauth", "api-key", "blanked", "garbage", "empty"])
+OPERATION = st.one_of(
+    st.tuples(st.just("write"), st.sampled_from(NAMES), CONTENT),
+    st.tuples(st.just("replace"), st.sampled_from(NAMES), CONTENT),
+    st.tuples(st.just("remove"), st.sampled_from(NAMES), st.just("")),
+    st.tuples(st.just("rename"), st.sampled_from(NAMES), st.sampled_from(NAMES)),
+    st.tuples(st.just("editor"), st.sampled_from(NAMES), CONTENT),
+    st.tuples(st.just("mkdir"), st.sampled_from(NAMES), st.just("")),
+)
+
+
+def apply(directory: Path, planted: Planted, operation: tuple[str, str, str]) -> None:  # noqa: C901 - a case a verb
+    verb, name, arg = operation
+    path = directory / f"credentials-{name}.json"
+    if path.is_dir() and verb not in ("remove", "mkdir"):
+        return
+    match verb:
+        case "write":  # in place: readers can see it truncated, half written, then whole
+            path.write_text(make_content(planted, arg))
+        case "replace":  # temp file + rename, as `install` or an atomic writer does
+            tmp = directory / f".{path.name}.{uuid.uuid4().hex[:6]}"
+            tmp.write_text(make_content(planted, arg))
+            tmp.replace(path)
+        case "remove":
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        case "rename":
+            target = directory / f"credentials-{arg}.json"
+            if path.is_file() and not target.is_dir():
+                path.rename(target)
+        case "editor":  # swap files, backups and temp names that are not credentials
+            for junk in (f".{path.name}.swp", f"{path.name}~", "4913", f".#{path.name}"):
+                (directory / junk).write_text(make_content(planted, arg))
+        case "mkdir":
+            if not path.exists():
+                path.mkdir()
+
+
+def test_both_daemons_always_agree_with_the_directory(
+    layout: Layout, planted: Planted, daemons: tuple[DaemonProcess, DaemonProcess]
+) -> None:
+    done = [0]
+
+    @settings(
+        max_examples=100,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @given(st.lists(OPERATION, min_size=15, max_size=30))
+    def churn(operations: list[tuple[str, str, str]]) -> None:
+        for operation in operations:
+            apply(layout.credentials, planted, operation)
+        done[0] += len(operations)
+        expected = expected_states(layout.credentials)
+        agree: Callable[[], bool] = lambda: all(d.states() == expected for d in daemons)  # noqa: E731
+        wait_until(agree, f"both daemons to show {expected}")
+
+    churn()
+    assert done[0] >= MIN_OPERATIONS
+    final = expected_states(layout.credentials)
+    wait_until(lambda: daemons[0].states() == daemons[1].states() == final, "the final agreement")

@@ -1,0 +1,190 @@
+"""Helpers that start real things: credential files, daemon processes, waits on events."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cl.protocol import DaemonUnreachable, call
+
+BIN = Path(sys.executable).parent
+FAR_FUTURE_MS = 4_102_444_800_000  # 2100-01-01
+
+
+class Planted:
+    """Unique token strings for one test; the `planted` fixture fails the test if one leaks."""
+
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+        self.watched_files: list[Path] = []
+
+    def token(self, prefix: str = "sk-ant-oat01-") -> str:
+        token = f"{prefix}{uuid.uuid4().hex}{uuid.uuid4().hex[:8]}"
+        self.tokens.append(token)
+        return token
+
+    def leaks(self, text: str, where: str) -> list[str]:
+        """Where planted tokens appear; the message names the token's number, not the token."""
+        return [f"planted token #{i} appears in {where}" for i, token in enumerate(self.tokens) if token in text]
+
+
+def oauth_credential(planted: Planted, *, token: str | None = None, expires_at_ms: int = FAR_FUTURE_MS) -> str:
+    access = planted.token() if token is None else token
+    return json.dumps(
+        {
+            "claudeAiOauth": {
+                "accessToken": access,
+                "refreshToken": planted.token("sk-ant-ort01-") if access else "",
+                "expiresAt": expires_at_ms,
+                "scopes": ["user:inference"],
+                "subscriptionType": "max",
+            }
+        }
+    )
+
+
+def api_key_credential(planted: Planted) -> str:
+    # Not shaped like an Anthropic key: only the registry's memory of it can redact it.
+    return json.dumps({"apiKey": planted.token("plainkey-")})
+
+
+def write_credential(directory: Path, name: str, content: str, mode: int = 0o600) -> Path:
+    """Drop a credential in atomically, as an operator's `install`/`cp`+`mv` would."""
+    path = directory / f"credentials-{name}.json"
+    tmp = directory / f".credentials-{name}.json.{uuid.uuid4().hex[:6]}.tmp"
+    tmp.write_text(content)
+    tmp.chmod(mode)
+    tmp.replace(path)
+    return path
+
+
+def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
+    """Poll `predicate` until truthy (it is an event we wait for, not a speed we assert)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.005)
+
+
+@dataclass
+class Layout:
+    """A local layout for the daemons: credentials, state and runtime dirs under one root."""
+
+    root: Path
+    credentials: Path = field(init=False)
+    state: Path = field(init=False)
+    runtime: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.credentials = self.root / "claude"
+        self.state = self.root / "state"
+        self.runtime = self.root / "run"
+        for path in (self.credentials, self.state, self.runtime):
+            path.mkdir(parents=True, exist_ok=True)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CL_", "NOTIFY_SOCKET", "WATCHDOG_"))}
+        env.pop("JOURNAL_STREAM", None)
+        env.update(
+            CL_CREDENTIALS_DIR=str(self.credentials),
+            CL_STATE_DIR=str(self.state),
+            CL_RUNTIME_DIR=str(self.runtime),
+            CL_LOG_LEVEL="debug",
+            CL_CONFIG=str(self.root / "config.toml"),
+        )
+        (self.root / "config.toml").touch()
+        env.update(extra)
+        return env
+
+
+class DaemonProcess:
+    """One real `cl-balancer` or `cl-rescue` process; its stderr goes to a log file."""
+
+    def __init__(
+        self, name: str, layout: Layout, env: dict[str, str] | None = None, wrap: list[str] | None = None
+    ) -> None:
+        self.name = name
+        self.layout = layout
+        self.socket = layout.runtime / f"{name}.sock"
+        self.log_path = layout.root / f"{name}.log"
+        self._env = layout.env() if env is None else env
+        self._wrap = wrap or []
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: bool = True) -> DaemonProcess:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [*self._wrap, str(BIN / f"cl-{self.name}")], env=self._env, stderr=log, stdin=subprocess.DEVNULL
+            )
+        if wait:
+            wait_until(self.answers, f"cl-{self.name} to answer on its socket")
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def answers(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"cl-{self.name} exited with {self.process.returncode}; log:\n{self.log()}")
+        try:
+            return bool(call(self.socket, {"request": "accounts", "names": []}, timeout=5).get("ok"))
+        except DaemonUnreachable:
+            return False
+
+    def request(self, request: dict[str, Any]) -> dict[str, Any]:
+        return call(self.socket, request, timeout=10)
+
+    def states(self) -> dict[str, str]:
+        reply = self.request({"request": "accounts"})
+        assert reply["ok"], reply
+        return {account["name"]: account["state"] for account in reply["accounts"]}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def exit_code(self, timeout: float = 20) -> int:
+        """Wait for the process to end by itself."""
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"cl-{self.name} did not stop within {timeout}s") from None
+
+
+@contextlib.contextmanager
+def both(layout: Layout, **kwargs: Any) -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
+    """Run cl-balancer and cl-rescue side by side; stop both after."""
+    daemons = (DaemonProcess("balancer", layout, **kwargs), DaemonProcess("rescue", layout, **kwargs))
+    try:
+        for daemon in daemons:
+            daemon.start()
+        yield daemons
+    finally:
+        for daemon in daemons:
+            if daemon.process is not None:
+                daemon.stop()
