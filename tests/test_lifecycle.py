@@ -100,6 +100,19 @@ def test_no_watchdog_pings_for_another_pid(layout: Layout, manager: ServiceManag
     assert not any("WATCHDOG" in fields for fields in seen)
 
 
+def test_a_manager_that_stops_reading_never_freezes_the_daemon(
+    layout: Layout, manager: ServiceManager, planted: Planted
+) -> None:
+    daemon = start(layout, manager)
+    manager.until("READY")
+    # Nobody reads the notify socket from here on (its queue holds 10 datagrams), while
+    # every new account changes STATUS=. Each must still show, one after the other.
+    for i in range(40):
+        write_credential(layout.credentials, f"a{i}", oauth_credential(planted))
+        wait_until(lambda i=i: f"a{i}" in daemon.states(), f"account a{i} to show")  # type: ignore[misc]
+    assert daemon.stop() == 0
+
+
 def test_sighup_reloads_and_rescans(layout: Layout, manager: ServiceManager, planted: Planted) -> None:
     daemon = start(layout, manager)
     manager.until("READY")

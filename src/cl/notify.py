@@ -11,8 +11,11 @@ import sdnotify
 class Notifier:
     def __init__(self) -> None:
         # sdnotify connects once and swallows every send error: the service manager's
-        # absence or hiccups must never take the daemon down.
+        # absence or hiccups must never take the daemon down. Non-blocking, so that a
+        # manager that stops reading costs a dropped STATUS=, never a frozen event loop.
         self._notifier = sdnotify.SystemdNotifier() if os.environ.get("NOTIFY_SOCKET") else None
+        if self._notifier is not None and self._notifier.socket is not None:
+            self._notifier.socket.setblocking(False)
         self._status = ""
 
     def _send(self, *lines: str) -> None:

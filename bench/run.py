@@ -1,0 +1,219 @@
+"""Benchmarks for the roster: `make bench` (or `python bench/run.py [--quick]`).
+
+Prints, against the goals in DESIGN.md:
+* propagation: a credential file lands (os.replace returns) -> both daemons' `accounts`
+  replies show it, at 4 and at 10,000 accounts;
+* cold start: process spawned -> READY=1 on a NOTIFY_SOCKET, with 10,000 credential files;
+* idle CPU of each daemon (utime+stime from /proc) and RSS at 10,000 accounts;
+* the watchfiles `step` trade-off (latency vs idle CPU), next to raw inotify as the floor.
+Nothing leaves the machine: temp dirs, Unix sockets, child processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from cl.protocol import DaemonUnreachable, call
+
+BIN = Path(sys.executable).parent
+HERE = Path(__file__).resolve().parent
+TICKS = os.sysconf("SC_CLK_TCK")
+CREDENTIAL = json.dumps(
+    {"claudeAiOauth": {"accessToken": "bench-token-0123456789", "refreshToken": "r", "expiresAt": 4102444800000}}
+)
+
+
+def percentile(samples: list[float], p: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def populate(directory: Path, count: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        path = directory / f"credentials-acct{i:05d}.json"
+        path.write_text(CREDENTIAL)
+        path.chmod(0o600)
+
+
+def drop(directory: Path, name: str) -> float:
+    """Write a credential atomically; the time it landed."""
+    tmp = directory / f".{name}.tmp"
+    tmp.write_text(CREDENTIAL)
+    tmp.chmod(0o600)
+    tmp.replace(directory / f"credentials-{name}.json")
+    return time.perf_counter()
+
+
+def env_for(root: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CL_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_"))}
+    env |= {
+        "CL_CONFIG": "/dev/null",
+        "CL_CREDENTIALS_DIR": str(root / "claude"),
+        "CL_STATE_DIR": str(root / "state"),
+        "CL_RUNTIME_DIR": str(root / "run"),
+    }
+    return env | extra
+
+
+def wait_ready(notify: socket.socket) -> None:
+    notify.settimeout(60)
+    while b"READY=1" not in notify.recv(4096):
+        pass
+
+
+@contextmanager
+def daemons(root: Path) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+    """Both daemons on `root`, started and READY."""
+    notify_path = root / "notify.sock"
+    notify_path.unlink(missing_ok=True)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    env = env_for(root, NOTIFY_SOCKET=str(notify_path))
+    procs = {
+        name: subprocess.Popen([str(BIN / f"cl-{name}")], env=env, stderr=subprocess.DEVNULL)
+        for name in ("balancer", "rescue")
+    }
+    try:
+        for _ in procs:
+            wait_ready(notify)
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        notify.close()
+
+
+def visible(socket_path: Path, name: str) -> bool:
+    try:
+        return bool(call(socket_path, {"request": "accounts", "names": [name]}, timeout=5)["accounts"])
+    except DaemonUnreachable:
+        return False
+
+
+def propagation(root: Path, accounts: int, samples: int) -> list[float]:
+    populate(root / "claude", accounts)
+    sockets = [root / "run" / f"{name}.sock" for name in ("balancer", "rescue")]
+    latencies = []
+    with daemons(root):
+        for i in range(samples):
+            name = f"new{i:05d}"
+            landed = drop(root / "claude", name)
+            pending = list(sockets)
+            while pending:
+                pending = [s for s in pending if not visible(s, name)]
+            latencies.append(time.perf_counter() - landed)
+            time.sleep(0.02)  # let each sample start from an idle watcher, as a real drop would
+    return latencies
+
+
+def cold_start(root: Path, runs: int) -> list[float]:
+    populate(root / "claude", 10_000)
+    notify_path = root / "notify.sock"
+    times = []
+    for _ in range(runs):
+        notify_path.unlink(missing_ok=True)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.bind(str(notify_path))
+            start = time.perf_counter()
+            proc = subprocess.Popen(
+                [str(BIN / "cl-balancer")], env=env_for(root, NOTIFY_SOCKET=str(notify_path)), stderr=subprocess.DEVNULL
+            )
+            wait_ready(notify)
+            times.append(time.perf_counter() - start)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    return times
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def idle_and_memory(root: Path, accounts: int, seconds: float) -> dict[str, tuple[float, float]]:
+    """Per daemon: (idle CPU % of one core over `seconds`, RSS MB) with `accounts` loaded."""
+    populate(root / "claude", accounts)
+    with daemons(root) as procs:
+        time.sleep(1)  # past start-up work
+        before = {name: cpu_seconds(p.pid) for name, p in procs.items()}
+        time.sleep(seconds)
+        return {name: ((cpu_seconds(p.pid) - before[name]) / seconds * 100, rss_mb(p.pid)) for name, p in procs.items()}
+
+
+def step_sweep(steps: list[int], samples: int, idle_seconds: float) -> list[dict[str, float | str]]:
+    rows = []
+    for watcher in ["inotify", *map(str, steps)]:
+        out = subprocess.run(
+            [sys.executable, str(HERE / "watch_step.py"), watcher, str(samples), str(idle_seconds)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        rows.append(json.loads(out))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples, 10 s idle windows")
+    args = parser.parse_args()
+    samples, idle = (50, 10.0) if args.quick else (300, 60.0)
+
+    with tempfile.TemporaryDirectory(prefix="cl-bench-") as tmp:
+        results = {}
+        for accounts in (4, 10_000):
+            root = Path(tmp) / f"prop{accounts}"
+            lat = propagation(root, accounts, samples if accounts == 4 else samples // 2)
+            results[accounts] = lat
+            print(
+                f"propagation, {accounts:>6} accounts: p50 {ms(percentile(lat, 50))}  p99 {ms(percentile(lat, 99))}"
+                f"  max {ms(max(lat))}  (n={len(lat)}; goal p99 <= 25 ms)",
+                flush=True,
+            )
+        starts = cold_start(Path(tmp) / "cold", 5)
+        print(
+            f"cold start to READY=1, 10000 files: median {ms(statistics.median(starts))}  max {ms(max(starts))}"
+            "  (goal <= 1 s)",
+            flush=True,
+        )
+        for accounts in (4, 10_000):
+            usage = idle_and_memory(Path(tmp) / f"idle{accounts}", accounts, idle)
+            for name, (cpu, rss) in usage.items():
+                print(
+                    f"cl-{name:<8} {accounts:>6} accounts: idle CPU {cpu:.2f}% of a core over {idle:.0f} s"
+                    f"  RSS {rss:.1f} MB  (goals <= 1 %, <= 80 MB)",
+                    flush=True,
+                )
+        print("\nwatch step trade-off (one registry, in-process event latency; idle CPU of the whole process):")
+        print(f"{'watcher':>12} {'p50':>9} {'p99':>9} {'idle CPU':>9}")
+        for row in step_sweep([1, 5, 10, 20, 50], max(30, samples // 3), idle / 3):
+            print(f"{row['watcher']:>12} {ms(float(row['p50'])):>9} {ms(float(row['p99'])):>9} {row['cpu']:>8.2f}%")
+
+
+if __name__ == "__main__":
+    main()
