@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from cl import logs
 from cl.registry import CredentialRegistry
 
 CREDENTIAL = '{"claudeAiOauth": {"accessToken": "bench-token-0123456789", "expiresAt": 4102444800000}}'
@@ -81,6 +82,7 @@ async def inotify_row(directory: Path, samples: int, idle: float) -> tuple[list[
 
 def main() -> None:
     watcher, samples, idle = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    logs.configure("warning")  # stdout is for the one JSON row
     with tempfile.TemporaryDirectory(prefix="cl-step-") as tmp:
         if watcher == "inotify":
             latencies, used = asyncio.run(inotify_row(Path(tmp), samples, idle))

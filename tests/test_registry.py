@@ -203,3 +203,23 @@ async def test_subscribers_see_every_change_in_order(registry: CredentialRegistr
     assert [(await next_change(second)).kind for _ in range(2)] == [ChangeKind.ADDED, ChangeKind.REMOVED]
     first.close()
     second.close()
+
+
+async def test_usable_count_follows_every_change(registry: CredentialRegistry, planted: Planted) -> None:
+    subscription = registry.subscribe()
+    steps = [
+        ("a", oauth_credential(planted)),
+        ("b", oauth_credential(planted)),
+        ("a", "{broken"),
+        ("b", json.dumps({"claudeAiOauth": {"accessToken": "", "expiresAt": 0}})),
+        ("a", oauth_credential(planted)),
+        ("a", None),
+    ]
+    for name, content in steps:
+        if content is None:
+            (registry.directory / f"credentials-{name}.json").unlink()
+        else:
+            write_credential(registry.directory, name, content)
+        await next_change(subscription)
+        assert registry.usable_count == sum(account.usable for account in registry.accounts.values())
+    assert registry.usable_count == 0

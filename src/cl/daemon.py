@@ -98,10 +98,9 @@ class Daemon:
         return 0 if event is not None else 1
 
     def status(self) -> str:
-        accounts = self.registry.accounts.values()
-        usable = sum(1 for account in accounts if account.usable)
         own = self.service.status()
-        return f"{len(accounts)} accounts, {usable} usable" + (f", {own}" if own else "")
+        roster = f"{len(self.registry.accounts)} accounts, {self.registry.usable_count} usable"
+        return roster + (f", {own}" if own else "")
 
     def _on_service_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and (exc := task.exception()) is not None:
@@ -131,6 +130,7 @@ class Daemon:
         subscription = self.registry.subscribe()
         try:
             async for _ in subscription:
+                subscription.drain()  # one STATUS= per burst, not one per account
                 self._notifier.status(self.status())
         finally:
             subscription.close()

@@ -67,6 +67,13 @@ class Subscription:
     def close(self) -> None:
         self._subscribers.discard(self)
 
+    def drain(self) -> list[AccountChange]:
+        """The changes already queued, without waiting: to act once on a burst."""
+        changes = []
+        while not self._queue.empty():
+            changes.append(self._queue.get_nowait())
+        return changes
+
     def __aiter__(self) -> AsyncIterator[AccountChange]:
         return self
 
@@ -88,6 +95,7 @@ class CredentialRegistry:
         self.step_ms = step_ms
         self.debounce_ms = debounce_ms
         self._accounts: dict[str, Account] = {}
+        self._usable = 0
         self._signatures: dict[str, FileSignature | None] = {}
         self._subscribers: set[Subscription] = set()
         self._lock = asyncio.Lock()
@@ -102,16 +110,20 @@ class CredentialRegistry:
         """The current roster, read-only. Do not keep it: ask again next time."""
         return MappingProxyType(self._accounts)
 
+    @property
+    def usable_count(self) -> int:
+        """How many accounts are usable now (kept as changes apply: O(1) at any size)."""
+        return self._usable
+
     def subscribe(self) -> Subscription:
         return Subscription(self._subscribers)
 
     async def start(self) -> None:
-        """Load the directory, then keep watching it until `stop()`."""
+        """Arm the watch, load the directory, then keep watching it until `stop()`."""
+        self._tasks = [asyncio.create_task(self._watch(), name="registry-watch")]
+        await asyncio.sleep(0)  # the watch task arms inotify in its first step: nothing slips by
         await self.resync()
-        self._tasks = [
-            asyncio.create_task(self._watch(), name="registry-watch"),
-            asyncio.create_task(self._resync_periodically(), name="registry-resync"),
-        ]
+        self._tasks.append(asyncio.create_task(self._resync_periodically(), name="registry-resync"))
 
     async def stop(self) -> None:
         self._stop.set()
@@ -178,6 +190,7 @@ class CredentialRegistry:
             if previous is not None:
                 del self._accounts[name]
                 del self._signatures[name]
+                self._usable -= previous.usable
                 self._publish(AccountChange(ChangeKind.REMOVED, name, None, previous))
             return
         account, signature = read
@@ -185,6 +198,7 @@ class CredentialRegistry:
         if account == previous:
             return
         self._accounts[name] = account
+        self._usable += account.usable - (previous.usable if previous else False)
         kind = ChangeKind.ADDED if previous is None else ChangeKind.CHANGED
         self._publish(AccountChange(kind, name, account, previous))
 
@@ -241,8 +255,8 @@ class CredentialRegistry:
     async def _watch(self) -> None:
         while not self._stop.is_set():
             roots = self._watch_roots()
-            # Scheduled now, runs once awatch has armed inotify (it does so before its first
-            # await): whatever landed while the watch was down is caught by this rescan.
+            # On a re-arm: scheduled now, this runs once awatch has armed inotify (it does so
+            # before its first await), so whatever landed while the watch was down is found.
             rescan = asyncio.create_task(self.resync()) if self._loaded else None
             watcher = watchfiles.awatch(
                 *roots,
