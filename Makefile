@@ -38,15 +38,17 @@ run: dev
 	@CL_CONFIG=var/config.toml $(BIN)/python -m cl.devrun
 
 # As root on the target machine: a venv in $(PREFIX), the units, the cl user, /opt/claude.
+# ROOT=/some/dir installs into that tree instead (how the tests check this target).
 install:
-	$(PYTHON) -m venv $(PREFIX)
-	$(PREFIX)/bin/pip install --quiet .
-	install -m 0644 packaging/systemd/cl-balancer.service packaging/systemd/cl-rescue.service $(UNITDIR)/
-	install -D -m 0644 packaging/systemd/cl.conf /usr/lib/sysusers.d/cl.conf
-	install -D -m 0644 packaging/systemd/cl-tmpfiles.conf /usr/lib/tmpfiles.d/cl.conf
-	systemd-sysusers /usr/lib/sysusers.d/cl.conf
-	systemd-tmpfiles --create /usr/lib/tmpfiles.d/cl.conf
-	-systemctl daemon-reload
+	$(PYTHON) -m venv $(ROOT)$(PREFIX)
+	$(ROOT)$(PREFIX)/bin/pip install --quiet --upgrade pip
+	$(ROOT)$(PREFIX)/bin/pip install --quiet .
+	install -D -m 0644 -t $(ROOT)$(UNITDIR) packaging/systemd/cl-balancer.service packaging/systemd/cl-rescue.service
+	install -D -m 0644 packaging/systemd/cl.conf $(ROOT)/usr/lib/sysusers.d/cl.conf
+	install -D -m 0644 packaging/systemd/cl-tmpfiles.conf $(ROOT)/usr/lib/tmpfiles.d/cl.conf
+	systemd-sysusers $(if $(ROOT),--root=$(ROOT)) $(ROOT)/usr/lib/sysusers.d/cl.conf
+	systemd-tmpfiles $(if $(ROOT),--root=$(ROOT)) --create $(ROOT)/usr/lib/tmpfiles.d/cl.conf
+	@if [ -z "$(ROOT)" ]; then systemctl daemon-reload || echo "systemctl daemon-reload failed: is systemd running?"; fi
 
 clean:
 	rm -rf $(VENV) var build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -12,7 +12,7 @@ import structlog
 
 from cl import logs, redact
 from cl.credentials import Secret
-from utils import Planted
+from utils import DaemonProcess, Layout, Planted, oauth_credential, wait_until, write_credential
 
 
 def render(configure_stream: io.StringIO, emit: str = "info", **fields: object) -> str:
@@ -72,3 +72,20 @@ def test_redaction_of_every_known_secret_in_any_position(planted: Planted) -> No
 def test_secret_values_do_not_print(planted: Planted) -> None:
     secret = Secret(planted.token())
     assert not planted.leaks(f"{secret} {secret!r} {[secret]}", "formatting")
+
+
+def test_a_daemon_under_journald_prefixes_priorities(layout: Layout, planted: Planted) -> None:
+    write_credential(layout.credentials, "bad", "{nope")
+    log_path = layout.root / "journal.log"
+    with log_path.open("w") as stream:
+        st = os.fstat(stream.fileno())
+    daemon = DaemonProcess("rescue", layout, env=layout.env(JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}"))
+    daemon.log_path = log_path
+    daemon.start()
+    write_credential(layout.credentials, "a4", oauth_credential(planted))
+    wait_until(lambda: "a4" in daemon.states(), "a4 to show")
+    assert daemon.stop() == 0
+    lines = log_path.read_text().splitlines()
+    assert "<6>account added account=a4 state=ok kind=oauth" in lines
+    assert any(line.startswith("<4>account added account=bad state=invalid reason=") for line in lines)
+    assert all(line[:3] in {"<7>", "<6>", "<4>", "<3>"} for line in lines), lines

@@ -69,3 +69,22 @@ def test_sysusers_and_tmpfiles_make_the_user_and_the_roster_dir(tmp_path: Path) 
     )
     roster = (tmp_path / "opt" / "claude").stat()
     assert (oct(roster.st_mode & 0o7777), roster.st_uid, roster.st_gid) == ("0o750", 0, gid)
+
+
+@pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers is not installed")
+def test_make_install_lays_out_a_working_tree(tmp_path: Path) -> None:
+    """`make install` into a temp root: the venv's commands run, units, user and roster dir are there."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    subprocess.run(["make", "-C", str(UNITS.parents[1]), "install", f"ROOT={root}"], check=True, capture_output=True)
+    help_text = subprocess.run(
+        [str(root / "opt/cl/bin/cl"), "--help"], check=True, capture_output=True, text=True
+    ).stdout
+    assert "accounts" in help_text
+    for daemon in ("cl-balancer", "cl-rescue"):
+        assert (root / "opt/cl/bin" / daemon).exists()
+        assert (root / "etc/systemd/system" / f"{daemon}.service").read_text() == (
+            UNITS / f"{daemon}.service"
+        ).read_text()
+    assert (root / "etc/passwd").read_text().startswith("cl:")
+    assert (root / "opt/claude").is_dir()

@@ -19,7 +19,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from utils import DaemonProcess, Layout, Planted, api_key_credential, oauth_credential, wait_until
+from utils import DaemonProcess, Layout, Planted, api_key_credential, oauth_credential, wait_until, write_credential
 
 NAMES = ["a", "b", "c", "d", "e", "f"]
 MIN_OPERATIONS = 1_000
@@ -122,3 +122,18 @@ def test_both_daemons_always_agree_with_the_directory(
     assert done[0] >= MIN_OPERATIONS
     final = expected_states(layout.credentials)
     wait_until(lambda: daemons[0].states() == daemons[1].states() == final, "the final agreement")
+
+
+def test_directory_deleted_and_recreated_both_daemons_follow(
+    layout: Layout, planted: Planted, daemons: tuple[DaemonProcess, DaemonProcess]
+) -> None:
+    write_credential(layout.credentials, "a", oauth_credential(planted))
+    wait_until(lambda: all(d.states() == {"a": "ok"} for d in daemons), "both daemons to see a")
+    shutil.rmtree(layout.credentials)
+    wait_until(lambda: all(d.states() == {} for d in daemons), "both daemons to drop a with its directory")
+    layout.credentials.mkdir()
+    write_credential(layout.credentials, "b", oauth_credential(planted))
+    wait_until(lambda: all(d.states() == {"b": "ok"} for d in daemons), "both daemons to see b in the new directory")
+    for daemon in daemons:
+        assert "credentials directory unavailable" in daemon.log()
+        assert "credentials directory available" in daemon.log()
