@@ -70,7 +70,7 @@ def test_status_follows_the_roster(layout: Layout, manager: ServiceManager, plan
     daemon = start(layout, manager)
     manager.until("READY")
     write_credential(layout.credentials, "a", oauth_credential(planted))
-    assert manager.until("STATUS")["STATUS"] == "1 accounts, 1 usable"
+    assert manager.until("STATUS")["STATUS"] == "1 account, 1 usable"
     write_credential(layout.credentials, "b", "{broken")
     assert manager.until("STATUS")["STATUS"] == "2 accounts, 1 usable"
     assert daemon.stop() == 0

@@ -86,6 +86,6 @@ def test_a_daemon_under_journald_prefixes_priorities(layout: Layout, planted: Pl
     wait_until(lambda: "a4" in daemon.states(), "a4 to show")
     assert daemon.stop() == 0
     lines = log_path.read_text().splitlines()
-    assert "<6>account added account=a4 state=ok kind=oauth" in lines
+    assert "<6>account added account=a4 state=ok kind=oauth daemon=rescue" in lines
     assert any(line.startswith("<4>account added account=bad state=invalid reason=") for line in lines)
     assert all(line[:3] in {"<7>", "<6>", "<4>", "<3>"} for line in lines), lines

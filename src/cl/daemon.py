@@ -65,7 +65,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, self._events.put_nowait, signum)
-        log.info("starting", daemon=self.name, credentials_dir=str(self.config.credentials_dir))
+        log.info("starting", credentials_dir=str(self.config.credentials_dir))
         await self.registry.start()
         self.service = self._factory(self.config, self.registry)
         handlers = {"accounts": self._accounts, **self.service.handlers()}
@@ -82,7 +82,7 @@ class Daemon:
         if (interval := watchdog_interval()) is not None:
             tasks.append(asyncio.create_task(self._keep_watchdog(interval), name="watchdog"))
         self._notifier.ready(self.status())
-        log.info("ready", daemon=self.name, socket=str(server.path), status=self.status())
+        log.info("ready", socket=str(server.path), status=self.status())
 
         while (event := await self._events.get()) is signal.SIGHUP:
             await self._reload()
@@ -90,26 +90,27 @@ class Daemon:
             log.info("signal received", signal=event.name)
 
         self._notifier.stopping()
-        log.info("stopping", daemon=self.name)
+        log.info("stopping")
         await server.close()
         await _cancel(tasks, DRAIN_TIMEOUT)
         await self.registry.stop()
-        log.info("stopped", daemon=self.name)
+        log.info("stopped")
         return 0 if event is not None else 1
 
     def status(self) -> str:
         own = self.service.status()
-        roster = f"{len(self.registry.accounts)} accounts, {self.registry.usable_count} usable"
+        count = len(self.registry.accounts)
+        roster = f"{count} account{'' if count == 1 else 's'}, {self.registry.usable_count} usable"
         return roster + (f", {own}" if own else "")
 
     def _on_service_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("service failed", daemon=self.name, error=repr(exc))
+            log.error("service failed", error=repr(exc))
             self._events.put_nowait(None)
 
     async def _reload(self) -> None:
         self._notifier.reloading()
-        log.info("reloading", daemon=self.name)
+        log.info("reloading")
         try:
             new = load_config()
         except ConfigError as exc:
@@ -124,7 +125,7 @@ class Daemon:
             self.registry.step_ms = self.config.watch_step_ms
         await self.registry.resync()
         self._notifier.ready(self.status())
-        log.info("reloaded", daemon=self.name, status=self.status())
+        log.info("reloaded", status=self.status())
 
     async def _keep_status(self) -> None:
         subscription = self.registry.subscribe()
@@ -167,4 +168,5 @@ def run(name: str, factory: ServiceFactory) -> int:
         print(f"cl-{name}: configuration error: {exc}", file=sys.stderr)
         return 2
     logs.configure(config.log_level)
+    structlog.contextvars.bind_contextvars(daemon=name)  # on every line: `make run` interleaves both
     return asyncio.run(Daemon(name, config, factory).serve())

@@ -90,6 +90,6 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
             _Scrubbed(renderer),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=structlog.WriteLoggerFactory(stream),  # one write per line: no interleaving
         cache_logger_on_first_use=False,
     )
