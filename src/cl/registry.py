@@ -23,7 +23,15 @@ from types import MappingProxyType
 import structlog
 import watchfiles
 
-from cl.credentials import Account, AccountState, FileSignature, account_name, is_near_miss, read_account
+from cl.credentials import (
+    Account,
+    AccountState,
+    FileSignature,
+    account_name,
+    credential_filename,
+    is_near_miss,
+    read_account,
+)
 
 log = structlog.get_logger("cl.registry")
 
@@ -146,7 +154,7 @@ class CredentialRegistry:
                 self._apply(name, read)
 
     def _read_names(self, names: set[str]) -> dict[str, _Read | None]:
-        return {name: read_account(self.directory / f"credentials-{name}.json", name) for name in names}
+        return {name: read_account(self.directory / credential_filename(name), name) for name in names}
 
     def _apply_scan(self, scan: _Scan | str) -> None:
         found = self._note_directory(scan)
