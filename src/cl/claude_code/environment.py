@@ -1,0 +1,45 @@
+"""The environment a worker's `claude` runs with (CLAUDE_CODE.md §3, §8).
+
+Credentials in the environment beat `.credentials.json`, so every credential variable is
+scrubbed and only the account's own is set back. `CLAUDE_CODE_RETRY_WATCHDOG` is never
+passed: it turns a wall into an hours-long silent wait. The daemon's own systemd variables
+are not the worker's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from cl.credentials import Account, CredentialKind
+
+CREDENTIAL_VARIABLES = ("ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_AUTH_TOKEN")
+NEVER_PASSED = (
+    *CREDENTIAL_VARIABLES,
+    "CLAUDE_CODE_RETRY_WATCHDOG",
+    "CLAUDE_CONFIG_DIR",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+)
+QUIET = {
+    "DISABLE_TELEMETRY": "1",
+    "DISABLE_ERROR_REPORTING": "1",
+    "DISABLE_AUTOUPDATER": "1",
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+}
+_ENV_VARIABLE = {CredentialKind.OAUTH_TOKEN: "CLAUDE_CODE_OAUTH_TOKEN", CredentialKind.API_KEY: "ANTHROPIC_API_KEY"}
+
+
+def worker_environment(
+    base: Mapping[str, str], account: Account, config_dir: str, extra: Mapping[str, str] = {}
+) -> dict[str, str]:
+    """`base` (the daemon's environment) plus `extra` (config), scrubbed, for one account."""
+    env = {k: v for k, v in {**QUIET, **base, **extra}.items() if k not in NEVER_PASSED}
+    env["CLAUDE_CONFIG_DIR"] = config_dir
+    variable = _ENV_VARIABLE.get(account.kind) if account.kind else None
+    if variable and account.secrets:
+        env[variable] = account.secrets[0].reveal()
+    return env

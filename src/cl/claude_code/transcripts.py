@@ -1,0 +1,74 @@
+"""Where the CLI keeps a session's conversation, and what its last turn says.
+
+`$CLAUDE_CONFIG_DIR/projects/<enc(realpath(cwd))>/<session-id>.jsonl` (CLAUDE_CODE.md §6):
+`enc` turns every UTF-16 unit outside `[A-Za-z0-9]` into `-`; a name over 200 characters is
+cut to 200, then `-` and the base-36 of abs(Java `String.hashCode`) of the full name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+MAX_PROJECT_NAME = 200
+_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def _utf16_units(text: str) -> list[int]:
+    data = text.encode("utf-16-le", "surrogatepass")
+    return [int.from_bytes(data[i : i + 2], "little") for i in range(0, len(data), 2)]
+
+
+def _java_hash(units: list[int]) -> int:
+    h = 0
+    for unit in units:
+        h = (31 * h + unit) & 0xFFFFFFFF
+    return h - (1 << 32) if h >= 1 << 31 else h
+
+
+def _base36(number: int) -> str:
+    digits = ""
+    while True:
+        number, rest = divmod(number, 36)
+        digits = _DIGITS[rest] + digits
+        if number == 0:
+            return digits
+
+
+def project_dir_name(cwd: str) -> str:
+    """The directory name the CLI gives a working directory (already resolved)."""
+    units = _utf16_units(cwd)
+    name = "".join(chr(u) if u < 128 and chr(u).isalnum() else "-" for u in units)
+    if len(name) <= MAX_PROJECT_NAME:
+        return name
+    return f"{name[:MAX_PROJECT_NAME]}-{_base36(abs(_java_hash(units)))}"
+
+
+def transcript_path(config_dir: Path, cwd: str, session_id: str) -> Path:
+    return config_dir / "projects" / project_dir_name(os.path.realpath(cwd)) / f"{session_id}.jsonl"
+
+
+def last_assistant_entry(path: Path) -> dict[str, Any] | None:
+    """The last `type == "assistant"` line: not the file's last line in 2.1.332."""
+    last = None
+    try:
+        with path.open("rb") as f:
+            for raw in f:
+                try:
+                    entry = json.loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(entry, dict) and entry.get("type") == "assistant":
+                    last = entry
+    except FileNotFoundError:
+        return None
+    return last
+
+
+def ended_on_a_wall(entry: dict[str, Any] | None) -> bool:
+    """2.x marks the synthetic wall turn `error: "rate_limit"`; 1.0.x only `isApiErrorMessage`."""
+    if entry is None:
+        return False
+    return entry.get("error") == "rate_limit" or entry.get("apiErrorStatus") == 429

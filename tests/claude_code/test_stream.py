@@ -1,0 +1,162 @@
+"""stream-json as 2.1.197 and 2.1.332 print it (keys in different orders), and the outcome."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from cl.claude_code.stream import Outcome, StreamState
+
+NOW = datetime(2026, 11, 27, 20, 0, tzinfo=UTC)
+SID = "8a6fec7c-1b7e-4b43-9a55-0c1f3d2e9a10"
+RESET = 1795813218
+
+
+def line(**event: Any) -> str:
+    return json.dumps(event)
+
+
+def reordered(event: dict[str, Any]) -> dict[str, Any]:
+    """2.1.332 prints the same keys in another order; `type` is no longer first."""
+    return dict(reversed(list(event.items())))
+
+
+INIT = {"type": "system", "subtype": "init", "session_id": SID, "claude_code_version": "2.1.197", "model": "x"}
+ASSISTANT = {"type": "assistant", "message": {"content": [{"type": "text", "text": "Hi"}]}, "session_id": SID}
+ALLOWED = {
+    "type": "rate_limit_event",
+    "rate_limit_info": {
+        "status": "allowed",
+        "resetsAt": RESET,
+        "rateLimitType": "five_hour",
+        "unifiedWindows": {"five_hour": {"utilization": 0.1, "resetsAt": RESET}, "seven_day": {"utilization": 0.4}},
+    },
+    "session_id": SID,
+}
+DONE = {
+    "type": "result",
+    "subtype": "success",
+    "is_error": False,
+    "api_error_status": None,
+    "result": "Hi from fake server",
+    "session_id": SID,
+    "usage": {"input_tokens": 1667, "output_tokens": 14},
+}
+REJECTED = {
+    "type": "rate_limit_event",
+    "rate_limit_info": {"status": "rejected", "resetsAt": RESET, "rateLimitType": "five_hour", "isUsingOverage": False},
+    "session_id": SID,
+}
+SYNTHETIC = {
+    "type": "assistant",
+    "message": {
+        "model": "<synthetic>",
+        "content": [{"type": "text", "text": "You've hit your session limit · resets 9pm (UTC)"}],
+    },
+    "session_id": SID,
+    "error": "rate_limit",
+}
+WALLED_RESULT = {
+    "type": "result",
+    "subtype": "success",
+    "is_error": True,
+    "api_error_status": 429,
+    "result": "You've hit your session limit · resets 9pm (UTC)",
+    "terminal_reason": "completed",
+    "session_id": SID,
+}
+API_KEY_WALL = {
+    **WALLED_RESULT,
+    "result": "API Error: Request rejected (429) · Number of request tokens has exceeded your per-minute rate limit",
+    "api_error_type": "rate_limit_error",
+    "terminal_reason": "api_error",
+}
+SYNTHETIC_332 = {
+    **SYNTHETIC,
+    "message": {
+        "model": "<synthetic>",
+        "content": [{"type": "text", "text": "You've hit your 5-hour limit · resets 9:15pm (UTC)"}],
+    },
+    "is_api_error_message": True,
+    "api_error_status": 429,
+    "api_error": "usage_limit_reached",
+    "api_error_params": {"rate_limit_info": {"status": "rejected", "resetsAt": RESET, "rateLimitType": "five_hour"}},
+}
+
+
+def run(*events: dict[str, Any], order: Any = dict) -> StreamState:
+    state = StreamState()
+    for event in events:
+        state.feed(json.dumps(order(event)), NOW)
+    return state
+
+
+@pytest.mark.parametrize("order", [dict, reordered])
+def test_a_normal_session(order: Any) -> None:
+    state = run(INIT, ASSISTANT, ALLOWED, DONE, order=order)
+    assert (state.session_id, state.cli_version) == (SID, "2.1.197")
+    assert state.outcome(0) == (Outcome.DONE, None)
+    assert state.usage == {"input_tokens": 1667, "output_tokens": 14}
+    assert state.utilization == {"five_hour": 0.1, "seven_day": 0.4}
+
+
+@pytest.mark.parametrize("order", [dict, reordered])
+def test_subscription_wall_from_the_rate_limit_event(order: Any) -> None:
+    state = run(INIT, REJECTED, SYNTHETIC, WALLED_RESULT, order=order)
+    assert state.wall is not None
+    assert (state.wall.source, state.wall.kind) == ("rate_limit_event", "five_hour")
+    assert state.wall.reset_at == datetime.fromtimestamp(RESET, UTC)
+    assert state.wall.message == "You've hit your session limit · resets 9pm (UTC)"
+    assert state.outcome(1)[0] is Outcome.WALLED
+
+
+@pytest.mark.parametrize("order", [dict, reordered])
+def test_2_1_332_synthetic_message_carries_the_reset(order: Any) -> None:
+    state = run(INIT, SYNTHETIC_332, {**WALLED_RESULT, "api_error": "usage_limit_reached"}, order=order)
+    assert state.wall is not None
+    assert (state.wall.source, state.wall.kind) == ("assistant", "five_hour")
+    assert state.wall.reset_at == datetime.fromtimestamp(RESET, UTC)
+
+
+def test_api_key_wall_has_no_rate_limit_event() -> None:
+    state = run(
+        INIT, {**SYNTHETIC, "message": {"content": [{"type": "text", "text": API_KEY_WALL["result"]}]}}, API_KEY_WALL
+    )
+    assert state.wall is not None
+    assert state.wall.source == "assistant"
+    assert state.outcome(1)[0] is Outcome.WALLED
+
+
+def test_result_alone_is_enough() -> None:
+    state = run(INIT, WALLED_RESULT)
+    assert state.wall is not None
+    assert (state.wall.source, state.wall.reset_at) == ("result", datetime(2026, 11, 27, 21, 0, tzinfo=UTC))
+
+
+def test_text_output_fallback_of_old_clis() -> None:
+    state = StreamState()
+    state.feed("Claude AI usage limit reached|1795814658", NOW)
+    assert state.wall is not None
+    assert state.wall.source == "text"
+    assert state.outcome(1)[0] is Outcome.WALLED
+
+
+def test_failures_that_are_not_walls() -> None:
+    missing = run(
+        {
+            "type": "result",
+            "subtype": "error_during_execution",
+            "is_error": True,
+            "errors": [f"No conversation found with session ID: {SID}"],
+            "session_id": SID,
+        }
+    )
+    assert missing.outcome(1) == (Outcome.FAILED, f"No conversation found with session ID: {SID}")
+    crashed = StreamState()
+    crashed.feed("Not logged in · Please run /login", NOW)
+    assert crashed.outcome(1) == (Outcome.FAILED, "exited with 1 without a result: Not logged in · Please run /login")
+    server = run({**WALLED_RESULT, "api_error_status": 529, "result": "API Error: Overloaded"})
+    assert server.outcome(1) == (Outcome.FAILED, "API Error: Overloaded")
