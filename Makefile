@@ -44,8 +44,8 @@ install:
 	$(ROOT)$(PREFIX)/bin/pip install --quiet --upgrade pip
 	$(ROOT)$(PREFIX)/bin/pip install --quiet .
 	install -D -m 0644 -t $(ROOT)$(UNITDIR) packaging/systemd/cl-balancer.service packaging/systemd/cl-rescue.service
-	install -D -m 0644 packaging/systemd/cl.conf $(ROOT)/usr/lib/sysusers.d/cl.conf
-	install -D -m 0644 packaging/systemd/cl-tmpfiles.conf $(ROOT)/usr/lib/tmpfiles.d/cl.conf
+	install -D -m 0644 packaging/systemd/sysusers.d/cl.conf $(ROOT)/usr/lib/sysusers.d/cl.conf
+	install -D -m 0644 packaging/systemd/tmpfiles.d/cl.conf $(ROOT)/usr/lib/tmpfiles.d/cl.conf
 	systemd-sysusers $(if $(ROOT),--root=$(ROOT)) $(ROOT)/usr/lib/sysusers.d/cl.conf
 	systemd-tmpfiles $(if $(ROOT),--root=$(ROOT)) --create $(ROOT)/usr/lib/tmpfiles.d/cl.conf
 	@if [ -z "$(ROOT)" ]; then systemctl daemon-reload || echo "systemctl daemon-reload failed: is systemd running?"; fi

@@ -56,14 +56,18 @@ def test_units_run_the_console_scripts_as_notify_services() -> None:
 @pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers is not installed")
 def test_sysusers_and_tmpfiles_make_the_user_and_the_roster_dir(tmp_path: Path) -> None:
     (tmp_path / "etc").mkdir()
-    subprocess.run(["systemd-sysusers", f"--root={tmp_path}", str(UNITS / "cl.conf")], check=True, capture_output=True)
+    subprocess.run(
+        ["systemd-sysusers", f"--root={tmp_path}", str(UNITS / "sysusers.d" / "cl.conf")],
+        check=True,
+        capture_output=True,
+    )
     passwd = (tmp_path / "etc" / "passwd").read_text()
     group = (tmp_path / "etc" / "group").read_text()
     assert passwd.startswith("cl:")
     assert group.startswith("cl:")
     gid = int(group.split(":")[2])
     subprocess.run(
-        ["systemd-tmpfiles", f"--root={tmp_path}", "--create", str(UNITS / "cl-tmpfiles.conf")],
+        ["systemd-tmpfiles", f"--root={tmp_path}", "--create", str(UNITS / "tmpfiles.d" / "cl.conf")],
         check=True,
         capture_output=True,
     )

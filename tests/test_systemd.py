@@ -1,0 +1,110 @@
+"""The user's story under a real systemd 252 (PID 1 in a throwaway box made by ../shared/tools/sdbox).
+
+Install into the box, `systemctl enable --now` both units (Type=notify readiness), drop a credential
+file in, read `account added` from `journalctl -u` with its priority, reload, stop. Skipped, with
+the reason, where `sdbox check` says the machine cannot run a box.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from utils import Planted, oauth_credential, wait_until
+
+PROJECT = Path(__file__).resolve().parents[1]
+SDBOX = PROJECT.parent / "shared" / "tools" / "sdbox"
+UNITS = PROJECT / "packaging" / "systemd"
+
+Box = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def box(tmp_path: Path) -> Iterator[Box]:
+    if not SDBOX.exists():
+        pytest.skip(f"no sdbox at {SDBOX}")
+    check = subprocess.run([str(SDBOX), "check"], capture_output=True, text=True, check=False)
+    if check.returncode:
+        pytest.skip(f"sdbox cannot run here: {check.stdout.strip()} {check.stderr.strip()}")
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "-w", str(wheels), str(PROJECT)], check=True, capture_output=True
+    )
+    (tmp_path / "claude").mkdir()
+    name = f"cltest{os.getpid()}"
+    subprocess.run(
+        [
+            str(SDBOX),
+            "up",
+            name,
+            "--unit-dir",
+            str(UNITS),
+            "--sysusers-dir",
+            str(UNITS / "sysusers.d"),
+            "--tmpfiles-dir",
+            str(UNITS / "tmpfiles.d"),
+            "--bind",
+            f"{wheels}:/wheels:ro",
+            "--bind",
+            f"{tmp_path / 'claude'}:/opt/claude",
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+    def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(SDBOX), "exec", name, *cmd], capture_output=True, text=True, check=check)
+
+    try:
+        yield run
+    finally:
+        subprocess.run([str(SDBOX), "down", name], check=True, capture_output=True)
+
+
+def journal(box: Box, unit: str) -> list[tuple[int, str]]:
+    out = box("journalctl", "-u", unit, "-o", "json", "--no-pager").stdout
+    entries = [json.loads(line) for line in out.splitlines() if line.strip()]
+    return [(int(e["PRIORITY"]), e["MESSAGE"]) for e in entries if isinstance(e.get("MESSAGE"), str)]
+
+
+def test_enable_drop_a_credential_reload_and_stop(box: Box, tmp_path: Path, planted: Planted) -> None:
+    box("/usr/bin/python3", "-m", "venv", "/opt/cl")
+    box("/opt/cl/bin/pip", "install", "-q", "--no-index", "--find-links", "/wheels", "cl")
+    box("systemctl", "enable", "--now", "cl-balancer.service", "cl-rescue.service")
+    for unit in ("cl-balancer", "cl-rescue"):  # `start` returned: both sent READY=1
+        assert box("systemctl", "is-active", unit).stdout.strip() == "active"
+
+    uid = int(box("id", "-u", "cl").stdout)
+    credential = tmp_path / "claude" / ".incoming"
+    credential.write_text(oauth_credential(planted))
+    os.chown(credential, uid, uid)
+    credential.chmod(0o600)
+    credential.rename(tmp_path / "claude" / "credentials-a4.json")
+
+    for unit in ("cl-balancer", "cl-rescue"):
+        wait_until(
+            lambda unit=unit: any(  # type: ignore[misc]
+                prio == 6 and message.startswith("account added account=a4 state=ok")
+                for prio, message in journal(box, unit)
+            ),
+            f"`account added` in journalctl -u {unit}",
+        )
+    views = json.loads(box("/opt/cl/bin/cl", "accounts", "--json").stdout)
+    assert views["balancer"] == views["rescue"]
+    assert [(a["name"], a["state"]) for a in views["balancer"]] == [("a4", "ok")]
+    assert box("systemctl", "show", "-p", "StatusText", "cl-rescue").stdout.strip() == "StatusText=1 account, 1 usable"
+
+    box("systemctl", "reload", "cl-balancer")
+    assert any(message.startswith("reloaded") for _, message in journal(box, "cl-balancer"))
+    box("systemctl", "stop", "cl-balancer", "cl-rescue")
+    for unit in ("cl-balancer", "cl-rescue"):
+        assert box("systemctl", "is-active", unit, check=False).stdout.strip() == "inactive"
+        assert "Deactivated successfully" in box("journalctl", "-u", unit, "--no-pager").stdout
+    everything = box("journalctl", "--no-pager", "-o", "json").stdout
+    assert not planted.leaks(everything, "the journal")
