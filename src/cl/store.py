@@ -1,0 +1,255 @@
+"""The state store: jobs, runs, walls, usage and an append-only ledger, in SQLite.
+
+One file, `<state_dir>/cl.db`, in WAL mode with a busy timeout, shared by both daemons and their
+workers. The schema is versioned (`PRAGMA user_version`) and migrated forward on open. It never
+holds the roster: an account here is only a name that facts are keyed by, and whether that account
+exists is the registry's answer alone.
+
+`Store` is the narrow interface a second backend (PostgreSQL, DESIGN.md §7) would implement.
+Its methods are blocking; `AsyncStore` runs them on one dedicated thread so that the event loop
+never waits on SQLite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_MS = 10_000
+
+MIGRATIONS: list[str] = [
+    # 1: the first schema
+    """
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        cwd TEXT NOT NULL,
+        prompt TEXT NOT NULL,
+        model TEXT,
+        max_turns INTEGER,
+        state TEXT NOT NULL,
+        account TEXT,
+        session_id TEXT,
+        error TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX jobs_by_state ON jobs(state, id);
+    CREATE TABLE walls (
+        account TEXT PRIMARY KEY,
+        kind TEXT,
+        reset_at REAL,
+        source TEXT NOT NULL,
+        recorded_at REAL NOT NULL
+    );
+    CREATE TABLE usage (
+        account TEXT PRIMARY KEY,
+        five_hour REAL,
+        seven_day REAL,
+        last_used_at REAL
+    );
+    CREATE TABLE ledger (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        event TEXT NOT NULL,
+        job_id INTEGER,
+        account TEXT,
+        detail TEXT
+    );
+    """,
+]
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    CANCELLED = "cancelled"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Job:
+    id: int
+    cwd: str
+    prompt: str
+    model: str | None
+    max_turns: int | None
+    state: str
+    account: str | None
+    session_id: str | None
+    error: str | None
+    created_at: float
+    updated_at: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WallRecord:
+    account: str
+    kind: str | None
+    reset_at: float | None
+    source: str
+    recorded_at: float
+
+
+class StoreError(Exception):
+    """A store problem an operator can act on (a newer schema, a corrupt file)."""
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        self._db.execute("PRAGMA foreign_keys = ON")
+        self._migrate()
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE: the write lock is taken up front, so no two writers interleave."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self.transaction() as db:
+            version = self.schema_version
+            if version > len(MIGRATIONS):
+                raise StoreError(f"{self.path}: schema version {version} is newer than this cl ({len(MIGRATIONS)})")
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {number}")
+
+    def record(
+        self, db: sqlite3.Connection, event: str, job_id: int | None = None, account: str | None = None, **detail: Any
+    ) -> None:
+        """Append to the ledger, inside the caller's transaction."""
+        db.execute(
+            "INSERT INTO ledger (at, event, job_id, account, detail) VALUES (?, ?, ?, ?, ?)",
+            (time.time(), event, job_id, account, json.dumps(detail, default=str) if detail else None),
+        )
+
+    # jobs
+
+    def add_job(self, cwd: str, prompt: str, model: str | None = None, max_turns: int | None = None) -> Job:
+        now = time.time()
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO jobs (cwd, prompt, model, max_turns, state, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (cwd, prompt, model, max_turns, JobState.QUEUED, now, now),
+            )
+            job_id = int(cursor.lastrowid or 0)
+            self.record(db, "job queued", job_id, cwd=cwd)
+        job = self.job(job_id)
+        assert job is not None
+        return job
+
+    def job(self, job_id: int) -> Job | None:
+        row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return Job(**row) if row else None
+
+    def jobs(self, states: tuple[str, ...] | None = None, limit: int | None = None) -> list[Job]:
+        query, args = "SELECT * FROM jobs", list[Any]()
+        if states:
+            query += f" WHERE state IN ({', '.join('?' * len(states))})"
+            args.extend(states)
+        query += " ORDER BY id"
+        if limit is not None:
+            query += " LIMIT ?"
+            args.append(limit)
+        return [Job(**row) for row in self._db.execute(query, args)]
+
+    def cancel_job(self, job_id: int) -> Job | None:
+        """Cancel a queued job; None if there is no such job. A job past the queue is left as it is."""
+        with self.transaction() as db:
+            updated = db.execute(
+                "UPDATE jobs SET state = ?, updated_at = ? WHERE id = ? AND state = ?",
+                (JobState.CANCELLED, time.time(), job_id, JobState.QUEUED),
+            ).rowcount
+            if updated:
+                self.record(db, "job cancelled", job_id)
+        return self.job(job_id)
+
+    # walls and usage
+
+    def record_wall(self, account: str, source: str, reset_at: float | None, kind: str | None = None) -> None:
+        now = time.time()
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO walls (account, kind, reset_at, source, recorded_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT(account) DO UPDATE SET kind = excluded.kind, reset_at = excluded.reset_at,"
+                " source = excluded.source, recorded_at = excluded.recorded_at",
+                (account, kind, reset_at, source, now),
+            )
+            self.record(db, "wall recorded", account=account, reset_at=reset_at, kind=kind, source=source)
+
+    def walls(self, now: float | None = None) -> dict[str, WallRecord]:
+        """Walls still standing at `now`; a wall without a known reset stands until lifted."""
+        now = time.time() if now is None else now
+        rows = self._db.execute("SELECT * FROM walls WHERE reset_at IS NULL OR reset_at > ?", (now,))
+        return {row["account"]: WallRecord(**row) for row in rows}
+
+    def lift_wall(self, account: str) -> None:
+        with self.transaction() as db:
+            if db.execute("DELETE FROM walls WHERE account = ?", (account,)).rowcount:
+                self.record(db, "wall lifted", account=account)
+
+    def record_usage(self, account: str, utilization: dict[str, float], used_at: float | None = None) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO usage (account, five_hour, seven_day, last_used_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT(account) DO UPDATE SET"
+                " five_hour = COALESCE(excluded.five_hour, five_hour),"
+                " seven_day = COALESCE(excluded.seven_day, seven_day),"
+                " last_used_at = COALESCE(excluded.last_used_at, last_used_at)",
+                (account, utilization.get("five_hour"), utilization.get("seven_day"), used_at),
+            )
+
+    def usage(self) -> dict[str, dict[str, float | None]]:
+        rows = self._db.execute("SELECT * FROM usage")
+        return {row["account"]: {k: row[k] for k in ("five_hour", "seven_day", "last_used_at")} for row in rows}
+
+    def ledger(self, limit: int = 100) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT * FROM ledger ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [{**dict(row), "detail": json.loads(row["detail"]) if row["detail"] else None} for row in reversed(rows)]
+
+
+class AsyncStore:
+    """`Store` for the event loop: every call runs on one dedicated thread, in order."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+
+    async def run(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: call(*args, **kwargs))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.store.close()

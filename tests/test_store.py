@@ -1,0 +1,84 @@
+"""The state store on real SQLite files: schema, jobs, walls, usage, ledger, concurrent writers."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cl.store import MIGRATIONS, AsyncStore, Store, StoreError
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "cl.db")
+
+
+def test_a_new_file_gets_the_schema_in_wal_mode(store: Store) -> None:
+    assert store.schema_version == len(MIGRATIONS)
+    mode = sqlite3.connect(store.path).execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+    store.close()
+    assert Store(store.path).schema_version == len(MIGRATIONS)  # reopening migrates nothing
+
+
+def test_a_newer_schema_is_refused(store: Store) -> None:
+    store.close()
+    db = sqlite3.connect(store.path)
+    db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    db.close()
+    with pytest.raises(StoreError, match="newer than this cl"):
+        Store(store.path)
+
+
+def test_jobs_queue_survive_reopening_and_cancel(store: Store) -> None:
+    first = store.add_job("/work/a", "do a", model="opus", max_turns=3)
+    second = store.add_job("/work/b", "do b")
+    assert (first.state, first.model, first.max_turns) == ("queued", "opus", 3)
+    store.close()
+    reopened = Store(store.path)
+    assert [job.id for job in reopened.jobs(("queued",))] == [first.id, second.id]
+    cancelled = reopened.cancel_job(first.id)
+    assert cancelled is not None
+    assert cancelled.state == "cancelled"
+    assert reopened.cancel_job(9999) is None
+    assert [job.id for job in reopened.jobs(("queued",))] == [second.id]
+    assert [entry["event"] for entry in reopened.ledger()] == ["job queued", "job queued", "job cancelled"]
+
+
+def test_walls_stand_until_their_reset_or_a_lift(store: Store) -> None:
+    store.record_wall("a1", "rate_limit_event", reset_at=2000.0, kind="five_hour")
+    store.record_wall("a2", "text", reset_at=None)
+    assert set(store.walls(now=1000.0)) == {"a1", "a2"}
+    assert set(store.walls(now=3000.0)) == {"a2"}
+    store.record_wall("a1", "result", reset_at=5000.0)  # a later wall replaces the earlier one
+    assert store.walls(now=3000.0)["a1"].source == "result"
+    store.lift_wall("a2")
+    assert set(store.walls(now=3000.0)) == {"a1"}
+
+
+def test_usage_keeps_what_a_report_does_not_say(store: Store) -> None:
+    store.record_usage("a1", {"five_hour": 0.5, "seven_day": 0.2}, used_at=100.0)
+    store.record_usage("a1", {"five_hour": 0.7})
+    assert store.usage() == {"a1": {"five_hour": 0.7, "seven_day": 0.2, "last_used_at": 100.0}}
+
+
+def test_two_processes_write_at_once_without_locking_errors(store: Store) -> None:
+    code = (
+        "import sys; from pathlib import Path; from cl.store import Store\n"
+        "s = Store(Path(sys.argv[1]))\n"
+        "for i in range(200): s.add_job('/w', f'{sys.argv[2]}-{i}')\n"
+    )
+    writers = [subprocess.Popen([sys.executable, "-c", code, str(store.path), name]) for name in ("x", "y")]
+    assert [writer.wait(60) for writer in writers] == [0, 0]
+    assert len(store.jobs(("queued",))) == 400
+
+
+async def test_async_store_runs_calls_in_order_off_the_loop(store: Store) -> None:
+    async_store = AsyncStore(store)
+    jobs = [await async_store.run(store.add_job, "/w", f"p{i}") for i in range(5)]
+    assert [job.prompt for job in await async_store.run(store.jobs)] == [job.prompt for job in jobs]
+    async_store.close()
