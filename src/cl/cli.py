@@ -1,22 +1,26 @@
 """`cl`: the command line. It finds the daemons through the same configuration they use.
 
-Exit codes: 0 fine, 1 the daemons disagree, 2 usage or configuration error, 3 a daemon
-is unreachable.
+Exit codes: 0 fine, 1 the daemons disagree, 2 usage or configuration error (or a request
+the daemon refused), 3 a daemon is unreachable, 4 no such job or session.
 """
 
 from __future__ import annotations
 
 import argparse
+import calendar
 import json
+import os
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from cl.config import Config, ConfigError, load_config
 from cl.protocol import DaemonUnreachable, call
 
 DAEMONS = ("balancer", "rescue")
-EXIT_DIFFER, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+EXIT_DIFFER, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND = 1, 2, 3, 4
 
 
 class CommandError(Exception):
@@ -31,7 +35,8 @@ def ask(config: Config, daemon: str, request: dict[str, Any]) -> dict[str, Any]:
     except DaemonUnreachable as exc:
         raise CommandError(f"cl-{daemon} is unreachable ({exc}); is it running?", EXIT_UNREACHABLE) from None
     if not reply.get("ok"):
-        raise CommandError(f"cl-{daemon} refused the request: {reply.get('error')}", EXIT_USAGE)
+        code = EXIT_NOT_FOUND if reply.get("code") == "not-found" else EXIT_USAGE
+        raise CommandError(f"cl-{daemon}: {reply.get('error')}", code)
     return reply
 
 
@@ -65,6 +70,124 @@ def cmd_accounts(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(config: Config, args: argparse.Namespace) -> int:
+    cwd = os.path.realpath(args.cwd)
+    if not os.path.isdir(cwd):
+        raise CommandError(f"--cwd {args.cwd}: no such directory", EXIT_USAGE)
+    if args.prompt_file is not None:
+        try:
+            prompt = Path(args.prompt_file).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CommandError(f"--prompt-file {args.prompt_file}: cannot read: {exc}", EXIT_USAGE) from None
+    else:
+        prompt = args.prompt or ""
+    if not prompt.strip():
+        raise CommandError("the prompt is empty", EXIT_USAGE)
+    request = {"request": "submit", "cwd": cwd, "prompt": prompt, "model": args.model, "max_turns": args.max_turns}
+    job = ask(config, "balancer", request)["job"]
+    print(json.dumps({"job": job}) if args.json else job)
+    return 0
+
+
+def cmd_cancel(config: Config, args: argparse.Namespace) -> int:
+    reply = ask(config, "balancer", {"request": "cancel", "job": args.job})
+    print(f"job {reply['job']} cancelled")
+    return 0
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    status = ask(config, "balancer", {"request": "status"})
+    status.pop("ok", None)
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print_table(
+        ["ACCOUNT", "STATE", "WALLED UNTIL", "SESSIONS", "5H", "7D"],
+        [
+            [
+                a["name"],
+                a["state"],
+                a["walled_until"] or ("walled" if a["walled"] else "-"),
+                str(a["sessions"]),
+                _percent(a["utilization"].get("five_hour")),
+                _percent(a["utilization"].get("seven_day")),
+            ]
+            for a in status["accounts"]
+        ],
+    )
+    print()
+    print_sessions(status["sessions"])
+    print(f"\n{status['queue']} job(s) queued")
+    return 0
+
+
+def cmd_sessions(config: Config, args: argparse.Namespace) -> int:
+    sessions = ask(config, "balancer", {"request": "status"})["sessions"]
+    if args.json:
+        print(json.dumps(sessions, indent=2))
+    else:
+        print_sessions(sessions)
+    return 0
+
+
+def cmd_jobs(config: Config, args: argparse.Namespace) -> int:
+    jobs = ask(config, "balancer", {"request": "status"})["jobs"]
+    if args.json:
+        print(json.dumps(jobs, indent=2))
+    else:
+        print_table(
+            ["JOB", "STATE", "ACCOUNT", "SESSION", "CWD", "ERROR"],
+            [
+                [str(j["id"]), j["state"], j["account"] or "-", j["session_id"] or "-", j["cwd"], j["error"] or ""]
+                for j in jobs
+            ],
+        )
+    return 0
+
+
+def cmd_logs(config: Config, args: argparse.Namespace) -> int:
+    key: int | str = int(args.session) if args.session.isdigit() else args.session
+    offset = 0
+    while True:
+        reply = ask(config, "balancer", {"request": "logs", "session": key, "offset": offset})
+        sys.stdout.write(reply["data"])
+        sys.stdout.flush()
+        offset = reply["offset"]
+        if not args.follow or (reply["finished"] and not reply["data"]):
+            return 0
+        if not reply["data"]:
+            time.sleep(0.2)
+
+
+def print_sessions(sessions: list[dict[str, Any]]) -> None:
+    now = time.time()
+    print_table(
+        ["SESSION", "JOB", "ACCOUNT", "STATE", "AGE", "CWD"],
+        [
+            [
+                s["session_id"] or "-",
+                str(s["job"]),
+                s["account"] or "-",
+                s["state"],
+                _age(s["started_at"], now),
+                s["cwd"],
+            ]
+            for s in sessions
+        ],
+    )
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def _age(iso: str, now: float) -> str:
+    seconds = int(now - calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ")))
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
+
+
 def describe_differences(views: dict[str, list[dict[str, Any]]]) -> list[str]:
     balancer, rescue = ({a["name"]: a for a in views[daemon]} for daemon in DAEMONS)
     lines = [f"{name}: only cl-balancer sees it" for name in sorted(balancer.keys() - rescue.keys())]
@@ -90,6 +213,34 @@ def parser() -> argparse.ArgumentParser:
     accounts.add_argument("--from", dest="source", choices=DAEMONS, help="ask just this daemon")
     accounts.add_argument("--json", action="store_true", help="machine-readable output")
     accounts.set_defaults(func=cmd_accounts)
+
+    submit = commands.add_parser("submit", help="queue a job; prints its id")
+    submit.add_argument("--cwd", required=True, help="the job's working directory")
+    source = submit.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the prompt")
+    source.add_argument("--prompt-file", help="read the prompt from this file")
+    submit.add_argument("--model")
+    submit.add_argument("--max-turns", type=int)
+    submit.add_argument("--json", action="store_true")
+    submit.set_defaults(func=cmd_submit)
+
+    cancel = commands.add_parser("cancel", help="cancel a queued job")
+    cancel.add_argument("job", type=int)
+    cancel.set_defaults(func=cmd_cancel)
+
+    for name, func, text in (
+        ("status", cmd_status, "accounts, sessions and the queue"),
+        ("sessions", cmd_sessions, "sessions with job, account, state, age"),
+        ("jobs", cmd_jobs, "every job and where it stands"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--json", action="store_true")
+        command.set_defaults(func=func)
+
+    logs = commands.add_parser("logs", help="a session's output (by session id or job id)")
+    logs.add_argument("session")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the session ends")
+    logs.set_defaults(func=cmd_logs)
     return p
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 DEFAULT_PATH = Path("/etc/cl/config.toml")
 ENV_PREFIX = "CL_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+PLACEMENTS = ("headroom", "fill-first")
 
 
 class ConfigError(Exception):
@@ -35,6 +37,20 @@ class Config:
     watch_step_ms: int = 10
     """watchfiles' polling step: latency is one to two steps; idle CPU grows as it shrinks."""
     log_level: str = "info"
+    max_sessions_per_account: int = 4
+    placement: str = "headroom"
+    """`headroom`: the account with the most room; `fill-first`: fill one account before the next."""
+    claude_bin: str = "claude"
+    claude_args: tuple[str, ...] = ()
+    """Extra arguments for every CLI run (permission mode, allowed tools, ...)."""
+    wall_retry: float = 300.0
+    """Seconds a wall stands when the CLI named no reset time (API-key walls)."""
+    worker_env: dict[str, str] = dataclasses.field(default_factory=dict)
+    """`[worker.env]`: variables added to every CLI run's environment."""
+
+    @property
+    def database(self) -> Path:
+        return self.state_dir / "cl.db"
 
     def socket_path(self, daemon: str) -> Path:
         return self.runtime_dir / f"{daemon}.sock"
@@ -81,6 +97,43 @@ def _log_level(value: Any, _base: Path) -> str:
     return value.lower()
 
 
+def _max_sessions(value: Any, _base: Path) -> int:
+    error = "must be a whole number from 1 to 1000"
+    number = _number(value, int, error)
+    if not 1 <= number <= 1000:
+        raise ValueError(error)
+    return int(number)
+
+
+def _placement(value: Any, _base: Path) -> str:
+    if value not in PLACEMENTS:
+        raise TypeError(f"must be one of {', '.join(PLACEMENTS)}")
+    return str(value)
+
+
+def _claude_bin(value: Any, _base: Path) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError("must be a command name or path")
+    return value
+
+
+def _claude_args(value: Any, _base: Path) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(shlex.split(value))
+    if not isinstance(value, list) or not all(isinstance(arg, str) for arg in value):
+        raise TypeError("must be a list of strings")
+    return tuple(value)
+
+
+def _worker(value: Any, _base: Path) -> dict[str, str]:
+    if not isinstance(value, dict) or set(value) - {"env"}:
+        raise TypeError("must be a table with one sub-table, [worker.env]")
+    env = value.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise TypeError("[worker.env] must map names to strings")
+    return dict(env)
+
+
 _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "credentials_dir": _path,
     "state_dir": _path,
@@ -88,7 +141,14 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "resync_interval": _positive_float,
     "watch_step_ms": _step_ms,
     "log_level": _log_level,
+    "max_sessions_per_account": _max_sessions,
+    "placement": _placement,
+    "claude_bin": _claude_bin,
+    "claude_args": _claude_args,
+    "worker": _worker,
+    "wall_retry": _positive_float,
 }
+_FIELD = {"worker": "worker_env"}
 
 
 def load_config(env: Mapping[str, str] | None = None) -> Config:
@@ -117,7 +177,7 @@ def _from_file(path: Path, *, required: bool) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     base = path.parent.absolute()
-    return {key: _parse(key, value, base, f"{path}: key {key!r}") for key, value in doc.items()}
+    return {_FIELD.get(key, key): _parse(key, value, base, f"{path}: key {key!r}") for key, value in doc.items()}
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
@@ -126,7 +186,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         if not var.startswith(ENV_PREFIX) or var == f"{ENV_PREFIX}CONFIG":
             continue
         key = var.removeprefix(ENV_PREFIX).lower()
-        values[key] = _parse(key, value, Path.cwd(), f"environment variable {var}")
+        values[_FIELD.get(key, key)] = _parse(key, value, Path.cwd(), f"environment variable {var}")
     return values
 
 

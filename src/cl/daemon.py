@@ -46,7 +46,8 @@ class Service(Protocol):
         ...
 
 
-ServiceFactory = Callable[[Config, CredentialRegistry], Service]
+ServiceFactory = Callable[[Config, CredentialRegistry, Callable[[], None]], Service]
+"""Makes the service from the configuration, the registry and a `status_changed` callback."""
 
 
 class Daemon:
@@ -60,6 +61,7 @@ class Daemon:
         self._notifier = Notifier()
         self._events: asyncio.Queue[signal.Signals | None] = asyncio.Queue()
         """Signals received, and None when the service failed."""
+        self._status_dirty = asyncio.Event()
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -67,7 +69,7 @@ class Daemon:
             loop.add_signal_handler(signum, self._events.put_nowait, signum)
         log.info("starting", credentials_dir=str(self.config.credentials_dir))
         await self.registry.start()
-        self.service = self._factory(self.config, self.registry)
+        self.service = self._factory(self.config, self.registry, self._status_dirty.set)
         handlers = {"accounts": self._accounts, **self.service.handlers()}
         server = ControlServer(self.config.socket_path(self.name), handlers)
         try:
@@ -78,7 +80,11 @@ class Daemon:
             return 1
         service_task = asyncio.create_task(self.service.run(), name=f"{self.name}-service")
         service_task.add_done_callback(self._on_service_done)
-        tasks = [service_task, asyncio.create_task(self._keep_status(), name="status")]
+        tasks = [
+            service_task,
+            asyncio.create_task(self._mark_status_on_roster_changes(), name="roster-status"),
+            asyncio.create_task(self._keep_status(), name="status"),
+        ]
         if (interval := watchdog_interval()) is not None:
             tasks.append(asyncio.create_task(self._keep_watchdog(interval), name="watchdog"))
         self._notifier.ready(self.status())
@@ -127,14 +133,20 @@ class Daemon:
         self._notifier.ready(self.status())
         log.info("reloaded", status=self.status())
 
-    async def _keep_status(self) -> None:
+    async def _mark_status_on_roster_changes(self) -> None:
         subscription = self.registry.subscribe()
         try:
             async for _ in subscription:
-                subscription.drain()  # one STATUS= per burst, not one per account
-                self._notifier.status(self.status())
+                self._status_dirty.set()
         finally:
             subscription.close()
+
+    async def _keep_status(self) -> None:
+        """One STATUS= per burst of changes (roster or service), not one per change."""
+        while True:
+            await self._status_dirty.wait()
+            self._status_dirty.clear()
+            self._notifier.status(self.status())
 
     async def _keep_watchdog(self, interval: float) -> None:
         while True:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from cl import daemon
 from cl.config import Config
@@ -12,9 +12,10 @@ from cl.registry import CredentialRegistry
 
 
 class Rescuer:
-    def __init__(self, config: Config, registry: CredentialRegistry) -> None:
+    def __init__(self, config: Config, registry: CredentialRegistry, status_changed: Callable[[], None]) -> None:
         self.config = config
         self.registry = registry
+        self._status_changed = status_changed
 
     def handlers(self) -> Mapping[str, Handler]:
         return {}

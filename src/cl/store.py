@@ -67,12 +67,56 @@ MIGRATIONS: list[str] = [
         detail TEXT
     );
     """,
+    # 2: runs, one per CLI process of a job (the first run, then one per resume)
+    """
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id INTEGER NOT NULL REFERENCES jobs(id),
+        account TEXT NOT NULL,
+        state TEXT NOT NULL,
+        pid INTEGER,
+        pid_start TEXT,
+        session_id TEXT,
+        resume TEXT,
+        log_path TEXT,
+        error TEXT,
+        created_at REAL NOT NULL,
+        ended_at REAL
+    );
+    CREATE INDEX runs_by_state ON runs(state);
+    CREATE INDEX runs_by_job ON runs(job_id);
+    """,
 ]
 
 
 class JobState(enum.StrEnum):
     QUEUED = "queued"
+    """Waiting for an eligible account."""
+    RUNNING = "running"
+    """A run is starting or running."""
+    DONE = "done"
+    FAILED = "failed"
+    WALLED = "walled"
+    """Its account hit a wall; the rescuer moves it."""
+    ORPHANED = "orphaned"
+    """Its worker is gone without an outcome; the rescuer resumes it."""
     CANCELLED = "cancelled"
+
+
+class RunState(enum.StrEnum):
+    STARTING = "starting"
+    """Written before the worker is launched; the worker claims it."""
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    WALLED = "walled"
+    ABANDONED = "abandoned"
+    """Never claimed: the launcher died first. Its job went back to the queue."""
+    ORPHANED = "orphaned"
+    """Claimed, then the worker vanished without an outcome."""
+
+
+LIVE_RUNS = (RunState.STARTING, RunState.RUNNING)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -88,6 +132,23 @@ class Job:
     error: str | None
     created_at: float
     updated_at: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Run:
+    id: int
+    job_id: int
+    account: str
+    state: str
+    pid: int | None
+    pid_start: str | None
+    session_id: str | None
+    resume: str | None
+    """The session this run resumes (`--resume`), if any."""
+    log_path: str | None
+    error: str | None
+    created_at: float
+    ended_at: float | None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -195,6 +256,95 @@ class Store:
                 self.record(db, "job cancelled", job_id)
         return self.job(job_id)
 
+    # runs: placement, claim, session, settlement
+
+    def place(self, job_id: int, account: str, resume: str | None = None) -> Run | None:
+        """Hand a queued job to `account`: job -> running, and a `starting` run. None if not queued."""
+        now = time.time()
+        with self.transaction() as db:
+            moved = db.execute(
+                "UPDATE jobs SET state = ?, account = ?, updated_at = ? WHERE id = ? AND state = ?",
+                (JobState.RUNNING, account, now, job_id, JobState.QUEUED),
+            ).rowcount
+            if not moved:
+                return None
+            cursor = db.execute(
+                "INSERT INTO runs (job_id, account, state, resume, created_at) VALUES (?, ?, ?, ?, ?)",
+                (job_id, account, RunState.STARTING, resume, now),
+            )
+            run_id = int(cursor.lastrowid or 0)
+            self.record(db, "job placed", job_id, account, run=run_id)
+        return self.run(run_id)
+
+    def claim(self, run_id: int, pid: int, pid_start: str, log_path: str) -> Run | None:
+        """The worker takes its run: starting -> running. None if the run is not `starting` any more."""
+        with self.transaction() as db:
+            claimed = db.execute(
+                "UPDATE runs SET state = ?, pid = ?, pid_start = ?, log_path = ? WHERE id = ? AND state = ?",
+                (RunState.RUNNING, pid, pid_start, log_path, run_id, RunState.STARTING),
+            ).rowcount
+            if claimed:
+                self.record(db, "run started", self._job_of(db, run_id), run=run_id, pid=pid)
+        return self.run(run_id) if claimed else None
+
+    def set_session(self, run_id: int, session_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE runs SET session_id = ? WHERE id = ?", (session_id, run_id))
+            db.execute(
+                "UPDATE jobs SET session_id = ?, updated_at = ? WHERE id = (SELECT job_id FROM runs WHERE id = ?)",
+                (session_id, time.time(), run_id),
+            )
+
+    def settle(self, run_id: int, state: RunState, error: str | None = None) -> Run | None:
+        """End a live run and carry the outcome to its job. None if the run had already ended."""
+        now = time.time()
+        job_state = {
+            RunState.DONE: JobState.DONE,
+            RunState.FAILED: JobState.FAILED,
+            RunState.WALLED: JobState.WALLED,
+            RunState.ORPHANED: JobState.ORPHANED,
+            RunState.ABANDONED: JobState.QUEUED,
+        }[state]
+        with self.transaction() as db:
+            ended = db.execute(
+                f"UPDATE runs SET state = ?, error = ?, ended_at = ? WHERE id = ? AND state IN {_sql_set(LIVE_RUNS)}",
+                (state, error, now, run_id, *LIVE_RUNS),
+            ).rowcount
+            if not ended:
+                return None
+            job_id = self._job_of(db, run_id)
+            db.execute(
+                "UPDATE jobs SET state = ?, error = ?, updated_at = ?,"
+                " account = CASE WHEN ? = 'queued' THEN NULL ELSE account END WHERE id = ?",
+                (job_state, error, now, job_state, job_id),
+            )
+            self.record(db, f"run {state}", job_id, run=run_id, error=error)
+        return self.run(run_id)
+
+    def run(self, run_id: int) -> Run | None:
+        row = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return Run(**row) if row else None
+
+    def runs(self, states: tuple[str, ...] = LIVE_RUNS) -> list[Run]:
+        rows = self._db.execute(f"SELECT * FROM runs WHERE state IN {_sql_set(states)} ORDER BY id", states)
+        return [Run(**row) for row in rows]
+
+    def live_counts(self) -> dict[str, int]:
+        """Live runs per account name."""
+        rows = self._db.execute(
+            f"SELECT account, COUNT(*) FROM runs WHERE state IN {_sql_set(LIVE_RUNS)} GROUP BY account", LIVE_RUNS
+        )
+        return dict(rows.fetchall())
+
+    def current_runs(self) -> dict[int, Run]:
+        """Each job's latest run."""
+        rows = self._db.execute("SELECT * FROM runs WHERE id IN (SELECT MAX(id) FROM runs GROUP BY job_id)")
+        return {row["job_id"]: Run(**row) for row in rows}
+
+    @staticmethod
+    def _job_of(db: sqlite3.Connection, run_id: int) -> int:
+        return int(db.execute("SELECT job_id FROM runs WHERE id = ?", (run_id,)).fetchone()[0])
+
     # walls and usage
 
     def record_wall(self, account: str, source: str, reset_at: float | None, kind: str | None = None) -> None:
@@ -237,6 +387,16 @@ class Store:
     def ledger(self, limit: int = 100) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT * FROM ledger ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [{**dict(row), "detail": json.loads(row["detail"]) if row["detail"] else None} for row in reversed(rows)]
+
+
+def iso_utc(epoch: float) -> str:
+    """An epoch timestamp (as stored) in ISO 8601 UTC, as shown to people and scripts."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def _sql_set(values: tuple[str, ...]) -> str:
+    """`(?, ?, ...)`: placeholders only, the values are always bound."""
+    return f"({', '.join('?' * len(values))})"
 
 
 class AsyncStore:

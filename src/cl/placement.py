@@ -1,0 +1,47 @@
+"""Which account takes the next piece of work: one implementation, for placement and rescue.
+
+Eligible: state `ok` in the registry (so its file exists now), no standing wall, fewer live runs
+than `max_sessions`, not excluded. Then, by policy:
+* `headroom`: the lowest reported utilization (the larger of the 5-hour and 7-day windows), then
+  the fewest live runs, then the least recently used, then the name;
+* `fill-first`: the account with the most live runs that still has room, then the name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+
+from cl.credentials import Account
+
+
+def eligible(
+    roster: Mapping[str, Account],
+    walled: Collection[str],
+    live: Mapping[str, int],
+    max_sessions: int,
+    exclude: Collection[str] = (),
+) -> list[Account]:
+    return [
+        account
+        for name, account in roster.items()
+        if account.usable and name not in walled and live.get(name, 0) < max_sessions and name not in exclude
+    ]
+
+
+def choose(
+    candidates: list[Account],
+    live: Mapping[str, int],
+    usage: Mapping[str, Mapping[str, float | None]],
+    policy: str = "headroom",
+) -> Account | None:
+    if not candidates:
+        return None
+    if policy == "fill-first":
+        return min(candidates, key=lambda a: (-live.get(a.name, 0), a.name))
+
+    def room(account: Account) -> tuple[float, int, float, str]:
+        facts = usage.get(account.name, {})
+        utilization = max(facts.get("five_hour") or 0.0, facts.get("seven_day") or 0.0)
+        return (utilization, live.get(account.name, 0), facts.get("last_used_at") or 0.0, account.name)
+
+    return min(candidates, key=room)

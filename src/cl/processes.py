@@ -1,0 +1,51 @@
+"""Processes we do not necessarily own: recognise them across restarts and learn when they end.
+
+A pid alone can be reused; a pid with its start time (field 22 of /proc/<pid>/stat) cannot.
+A pidfd becomes readable when its process exits, child or not, so a restarted balancer can
+wait on workers its predecessor launched, without polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+
+def start_time(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def alive(pid: int, started: str | None) -> bool:
+    """True if `pid` is still the process that started at `started` (and not a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0] != "Z" and fields[19] == started
+
+
+def on_exit(pid: int, callback: Callable[[], None]) -> bool:
+    """Call `callback` on the running loop once `pid` has exited. False if it is already gone."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    loop = asyncio.get_running_loop()
+
+    def exited() -> None:
+        loop.remove_reader(fd)
+        os.close(fd)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reap it if it was our child
+        callback()
+
+    loop.add_reader(fd, exited)
+    return True

@@ -1,0 +1,174 @@
+"""`cl-worker RUN`: one supervised `claude` process for one run of a job.
+
+The balancer writes the run (`starting`) and launches this process detached (its own session),
+so that a balancer restart neither kills it nor loses it: the worker claims its run in the
+store (`starting` -> `running`, with its pid and start time), or exits at once if the run was
+abandoned meanwhile, so a run never executes twice. It then runs the CLI in the job's cwd with
+`CLAUDE_CONFIG_DIR` = the job's own config dir, whose `.credentials.json` is a symlink to the
+account's credential file (token and API-key accounts come through the environment instead),
+keeps the whole output in a log file, reads the stream as it arrives (session id, usage,
+utilization, wall), writes the outcome, and tells the balancer. The CLI gets PDEATHSIG: if the
+worker dies, so does its CLI, and the run is found orphaned rather than running unseen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import structlog
+
+from cl import logs
+from cl.claude_code.stream import Outcome, StreamState
+from cl.config import Config, ConfigError, load_config
+from cl.credentials import CredentialKind, credential_filename
+from cl.processes import start_time
+from cl.protocol import DaemonUnreachable, call
+from cl.store import Job, Run, RunState, Store, iso_utc
+
+log = structlog.get_logger("cl.worker")
+
+PR_SET_PDEATHSIG = 1
+_RUN_STATE = {Outcome.DONE: RunState.DONE, Outcome.FAILED: RunState.FAILED, Outcome.WALLED: RunState.WALLED}
+
+
+def session_config_dir(config: Config, job_id: int) -> Path:
+    """The job's own Claude Code config dir: its transcript lives here whatever the account."""
+    return config.state_dir / "sessions" / f"job-{job_id}"
+
+
+def log_path(config: Config, job_id: int, run_id: int) -> Path:
+    return config.state_dir / "logs" / f"job-{job_id}-run-{run_id}.log"
+
+
+def point_credentials(config: Config, config_dir: Path, account: str, kind: CredentialKind | None) -> None:
+    """Make `.credentials.json` name the account's file (atomically), or drop it for env-auth kinds."""
+    config_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    link = config_dir / ".credentials.json"
+    if kind is not CredentialKind.OAUTH:
+        link.unlink(missing_ok=True)
+        return
+    tmp = config_dir / f".credentials.json.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(config.credentials_dir / credential_filename(account))
+    tmp.replace(link)
+
+
+def launch(run_id: int, env: dict[str, str]) -> int:
+    """Start a detached worker for `run_id` (its own session; stderr shared); its pid.
+
+    It outlives the launcher. The launcher reaps it through a pidfd (processes.on_exit).
+    """
+    return os.posix_spawn(
+        sys.executable,
+        [sys.executable, "-m", "cl.worker", str(run_id)],
+        env,
+        file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+        ],
+        setsid=True,
+    )
+
+
+def claude_argv(config: Config, job: Job, run: Run) -> list[str]:
+    argv = [config.claude_bin, "-p", job.prompt, "--output-format", "stream-json", "--verbose"]
+    if job.model:
+        argv += ["--model", job.model]
+    if job.max_turns:
+        argv += ["--max-turns", str(job.max_turns)]
+    if run.resume:
+        argv += ["--resume", run.resume]
+    return argv + list(config.claude_args)
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def work(config: Config, store: Store, run_id: int) -> RunState | None:
+    """Claim and execute one run; its final state, or None if it was not ours to run."""
+    run = store.run(run_id)
+    job = store.job(run.job_id) if run else None
+    if run is None or job is None:
+        log.error("no such run", run=run_id)
+        return None
+    path = log_path(config, job.id, run.id)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    me = os.getpid()
+    if store.claim(run.id, me, start_time(me) or "", str(path)) is None:
+        log.info("run not claimable, leaving it", run=run.id, job=job.id)
+        return None
+    bound = log.bind(job=job.id, run=run.id, account=run.account)
+    state = StreamState()
+    with path.open("ab") as output:
+        try:
+            claude = subprocess.Popen(
+                claude_argv(config, job, run),
+                cwd=job.cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=output,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, no locks taken
+            )
+        except OSError as exc:
+            store.settle(run.id, RunState.FAILED, f"cannot start {config.claude_bin}: {exc.strerror}")
+            bound.error("cli did not start", error=exc.strerror, cwd=job.cwd)
+            return RunState.FAILED
+        assert claude.stdout is not None
+        for raw in claude.stdout:
+            output.write(raw)
+            output.flush()
+            known = state.session_id
+            state.feed(raw.decode(errors="replace"))
+            if state.session_id and state.session_id != known:
+                store.set_session(run.id, state.session_id)
+                bound.info("session started", session=state.session_id)
+        code = claude.wait()
+    outcome, error = state.outcome(code)
+    if state.utilization or outcome is Outcome.DONE:
+        store.record_usage(run.account, state.utilization, used_at=time.time())
+    final = _RUN_STATE[outcome]
+    if (wall := state.wall) is not None:
+        # No reset in the output (API-key walls): try again after `wall_retry`, never "forever".
+        reset = wall.reset_at.timestamp() if wall.reset_at else time.time() + config.wall_retry
+        store.record_wall(run.account, wall.source, reset, wall.kind)
+        bound.warning(
+            "session walled", session=state.session_id, resets=iso_utc(reset), known_reset=bool(wall.reset_at)
+        )
+    store.settle(run.id, final, error)
+    if final is RunState.DONE:
+        bound.info("session done", session=state.session_id)
+    elif final is RunState.FAILED:
+        bound.error("session failed", session=state.session_id, exit_code=code, error=error)
+    return final
+
+
+def main() -> None:
+    try:
+        run_id = int(sys.argv[1])
+        config = load_config()
+    except (IndexError, ValueError):
+        print("usage: cl-worker RUN_ID", file=sys.stderr)
+        sys.exit(2)
+    except ConfigError as exc:
+        print(f"cl-worker: configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    logs.configure(config.log_level)
+    structlog.contextvars.bind_contextvars(daemon="worker")
+    store = Store(config.database)
+    work(config, store, run_id)
+    store.close()
+    with contextlib.suppress(DaemonUnreachable):  # the balancer also has a pidfd; this saves it the wait
+        call(config.socket_path("balancer"), {"request": "run-ended", "run": run_id}, timeout=2)
+
+
+if __name__ == "__main__":
+    main()
