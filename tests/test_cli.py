@@ -5,11 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from utils import BIN, DaemonProcess, Layout, Planted, oauth_credential, wait_until, write_credential
-
-
-def cl(layout: Layout, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "cl"), *args], env=layout.env(), capture_output=True, text=True, check=False)
+from utils import BIN, DaemonProcess, Layout, Planted, cl, oauth_credential, wait_until, write_credential
 
 
 def test_both_views_side_by_side(

@@ -18,6 +18,7 @@ from typing import Any
 from cl.protocol import DaemonUnreachable, call
 
 BIN = Path(sys.executable).parent
+FAKE_CLAUDE = Path(__file__).resolve().parent / "fakes" / "claude"
 FAR_FUTURE_MS = 4_102_444_800_000  # 2100-01-01
 
 
@@ -88,13 +89,28 @@ class Layout:
     credentials: Path = field(init=False)
     state: Path = field(init=False)
     runtime: Path = field(init=False)
+    work: Path = field(init=False)
+    """A job's working directory."""
 
     def __post_init__(self) -> None:
         self.credentials = self.root / "claude"
         self.state = self.root / "state"
         self.runtime = self.root / "run"
-        for path in (self.credentials, self.state, self.runtime):
+        self.work = self.root / "work"
+        for path in (self.credentials, self.state, self.runtime, self.work):
             path.mkdir(parents=True, exist_ok=True)
+
+    def quota(self, turns: dict[str, int]) -> None:
+        """Turns left per token for the fake claude ("*": everyone else); a wall when 0."""
+        path = self.root / "quota.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(turns))
+        tmp.replace(path)
+
+    def claude_calls(self) -> list[dict[str, Any]]:
+        """Every run of the fake claude, in order."""
+        path = self.root / "fake-claude.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CL_", "NOTIFY_SOCKET", "WATCHDOG_"))}
@@ -105,6 +121,9 @@ class Layout:
             CL_RUNTIME_DIR=str(self.runtime),
             CL_LOG_LEVEL="debug",
             CL_CONFIG=str(self.root / "config.toml"),
+            CL_CLAUDE_BIN=str(FAKE_CLAUDE),
+            FAKE_CLAUDE_LOG=str(self.root / "fake-claude.jsonl"),
+            FAKE_CLAUDE_QUOTA=str(self.root / "quota.json"),
         )
         (self.root / "config.toml").touch()
         env.update(extra)
@@ -174,6 +193,13 @@ class DaemonProcess:
             self.process.kill()
             self.process.wait()
             raise AssertionError(f"cl-{self.name} did not stop within {timeout}s") from None
+
+
+def cl(layout: Layout, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The `cl` command line, as a user runs it."""
+    return subprocess.run(
+        [str(BIN / "cl"), *args], env=layout.env(**env), capture_output=True, text=True, check=False, timeout=60
+    )
 
 
 @contextlib.contextmanager

@@ -1,0 +1,242 @@
+"""cl-balancer end to end: real daemon, real workers, the fake `claude`, real SQLite and signals."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from cl.store import Store
+from utils import (
+    DaemonProcess,
+    Layout,
+    Planted,
+    api_key_credential,
+    cl,
+    oauth_credential,
+    wait_until,
+    write_credential,
+)
+
+
+@pytest.fixture
+def balancer(layout: Layout) -> Iterator[DaemonProcess]:
+    daemon = DaemonProcess("balancer", layout).start()
+    yield daemon
+    daemon.stop()
+
+
+def status(layout: Layout) -> dict[str, Any]:
+    result = cl(layout, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    reply: dict[str, Any] = json.loads(result.stdout)
+    return reply
+
+
+def submit(layout: Layout, prompt: str) -> int:
+    result = cl(layout, "submit", "--cwd", str(layout.work), "--prompt", prompt, "--json")
+    assert result.returncode == 0, result.stderr
+    job: int = json.loads(result.stdout)["job"]
+    return job
+
+
+def job_states(layout: Layout) -> dict[int, str]:
+    return {job["id"]: job["state"] for job in status(layout)["jobs"]}
+
+
+def all_in(layout: Layout, state: str, count: int) -> bool:
+    states = job_states(layout)
+    return len(states) == count and set(states.values()) == {state}
+
+
+@pytest.mark.usefixtures("balancer")
+def test_jobs_run_to_done_and_show_in_status(layout: Layout, planted: Planted) -> None:
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    write_credential(layout.credentials, "k1", api_key_credential(planted))
+    jobs = [submit(layout, f"task {i}") for i in range(3)]
+    wait_until(lambda: all_in(layout, "done", 3), "three jobs done")
+
+    report = status(layout)
+    assert set(report) == {"accounts", "sessions", "jobs", "queue"}
+    assert report["queue"] == 0
+    assert {a["name"] for a in report["accounts"]} == {"a1", "k1"}
+    for account in report["accounts"]:
+        assert {"name", "state", "walled_until", "sessions"} <= set(account)
+        assert account["walled_until"] is None
+    calls = layout.claude_calls()
+    assert sorted(call["argv"][1] for call in calls) == [f"task {i}" for i in range(3)]  # each exactly once
+    sessions = {s["job"]: s for s in report["sessions"]}
+    assert {s["session_id"] for s in sessions.values()} == {call["session_id"] for call in calls}
+    for job in report["jobs"]:
+        assert set(job) >= {"id", "state", "account", "session_id"}
+        assert sessions[job["id"]]["account"] == job["account"]
+    for call in calls:  # every CLI run got the stream-json flags, in the job's cwd
+        assert call["argv"][2:5] == ["--output-format", "stream-json", "--verbose"]
+        assert call["cwd"] == str(layout.work)
+    log = cl(layout, "logs", str(jobs[0]))
+    assert log.returncode == 0
+    first = json.loads(log.stdout.splitlines()[0])
+    assert (first["type"], first["subtype"]) == ("system", "init")
+    assert cl(layout, "logs", sessions[jobs[1]]["session_id"]).stdout == cl(layout, "logs", str(jobs[1])).stdout
+
+
+def test_submit_refuses_bad_input_with_exit_2(layout: Layout) -> None:
+    missing = cl(layout, "submit", "--cwd", str(layout.root / "nope"), "--prompt", "x")
+    assert (missing.returncode, "no such directory" in missing.stderr) == (2, True)
+    empty = cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "  ")
+    assert (empty.returncode, "the prompt is empty" in empty.stderr) == (2, True)
+    unreadable = cl(layout, "submit", "--cwd", str(layout.work), "--prompt-file", str(layout.root / "none.txt"))
+    assert unreadable.returncode == 2
+
+
+def test_waiting_jobs_go_to_a_credential_dropped_in(layout: Layout, planted: Planted, balancer: DaemonProcess) -> None:
+    job = submit(layout, "wait for me")
+    wait_until(lambda: status(layout)["queue"] == 1, "the job to wait in the queue")
+    assert "jobs waiting" in balancer.log()
+    write_credential(layout.credentials, "a4", oauth_credential(planted))
+    wait_until(lambda: job_states(layout) == {job: "done"}, "the job to run on the new account")
+    assert status(layout)["jobs"][0]["account"] == "a4"
+
+
+def test_a_wall_is_recorded_and_work_goes_elsewhere(layout: Layout, planted: Planted, balancer: DaemonProcess) -> None:
+    walled_token = planted.token()
+    write_credential(layout.credentials, "a1", oauth_credential(planted, token=walled_token))
+    write_credential(layout.credentials, "a2", oauth_credential(planted))
+    layout.quota({walled_token: 0})
+    first = submit(layout, "hits the wall")  # a1 first: equal headroom, then the name
+    wait_until(lambda: job_states(layout) == {first: "walled"}, "the first job to wall")
+    accounts = {a["name"]: a for a in status(layout)["accounts"]}
+    assert accounts["a1"]["walled_until"] is not None
+    assert accounts["a2"]["walled_until"] is None
+    second = submit(layout, "goes elsewhere")
+    wait_until(lambda: job_states(layout).get(second) == "done", "the second job to finish")
+    assert {job["id"]: job["account"] for job in status(layout)["jobs"]} == {first: "a1", second: "a2"}
+    assert "session walled" in balancer.log()
+
+
+def test_a_walls_reset_readmits_its_account(layout: Layout, planted: Planted) -> None:
+    token = planted.token()
+    write_credential(layout.credentials, "a1", oauth_credential(planted, token=token))
+    layout.quota({token: 0})
+    daemon = DaemonProcess("balancer", layout, env=layout.env(FAKE_CLAUDE_RESET_IN="3")).start()
+    try:
+        first = submit(layout, "walls")
+        wait_until(lambda: job_states(layout) == {first: "walled"}, "the wall")
+        layout.quota({token: 5})  # the account has room again once its wall lifts
+        second = submit(layout, "after the reset")
+        assert job_states(layout)[second] == "queued"
+        wait_until(lambda: job_states(layout)[second] == "done", "the job placed at the reset, not before")
+        calls = [call for call in layout.claude_calls() if call["argv"][1] == "after the reset"]
+        assert len(calls) == 1
+    finally:
+        daemon.stop()
+
+
+def test_restarting_the_balancer_keeps_running_sessions(layout: Layout, planted: Planted) -> None:
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    hold = layout.root / "hold"
+    hold.touch()
+    env = layout.env(FAKE_CLAUDE_HOLD=str(hold))
+    first = DaemonProcess("balancer", layout, env=env).start()
+    jobs = [submit(layout, f"long {i}") for i in range(2)]
+    wait_until(lambda: len(layout.claude_calls()) == 2, "both sessions to start")
+    assert first.stop() == 0
+    second = DaemonProcess("balancer", layout, env=env).start()
+    try:
+        wait_until(lambda: second.log().count("session adopted") == 2, "both sessions to be adopted")
+        assert set(job_states(layout).values()) == {"running"}
+        hold.unlink()
+        wait_until(lambda: all_in(layout, "done", 2), "both sessions to finish")
+        assert [call["argv"][1] for call in layout.claude_calls()] == [f"long {i}" for i in range(2)]
+        assert sorted(job_states(layout)) == jobs
+    finally:
+        second.stop()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_kill_9_while_placing_loses_no_job_and_runs_none_twice(layout: Layout, planted: Planted, seed: int) -> None:
+    rng = random.Random(seed)
+    for name in ("a1", "a2", "a3"):
+        write_credential(layout.credentials, name, oauth_credential(planted))
+    env = layout.env(CL_MAX_SESSIONS_PER_ACCOUNT="2")
+    daemon = DaemonProcess("balancer", layout, env=env).start()
+    prompts = [f"job {i}" for i in range(12)]
+    for prompt in prompts:
+        submit(layout, prompt)
+    for _ in range(3):  # kill -9 at random moments while it places and workers start
+        time.sleep(rng.uniform(0, 0.3))
+        daemon.stop(signal.SIGKILL)
+        daemon = DaemonProcess("balancer", layout, env=env).start()
+    try:
+        wait_until(lambda: all_in(layout, "done", len(prompts)), "every job to finish")
+        runs = Counter(call["argv"][1] for call in layout.claude_calls())
+        assert runs == Counter(prompts)  # every job ran, none twice
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.usefixtures("balancer")
+def test_cancel(layout: Layout, planted: Planted) -> None:
+    queued = submit(layout, "never runs")
+    result = cl(layout, "cancel", str(queued))
+    assert (result.returncode, result.stdout.strip()) == (0, f"job {queued} cancelled")
+    assert job_states(layout) == {queued: "cancelled"}
+    assert cl(layout, "cancel", "999").returncode == 4
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    done = submit(layout, "runs")
+    wait_until(lambda: job_states(layout)[done] == "done", "the job to finish")
+    refused = cl(layout, "cancel", str(done))
+    assert (refused.returncode, "only a queued job" in refused.stderr) == (2, True)
+    assert [call["argv"][1] for call in layout.claude_calls()] == ["runs"]
+
+
+def test_the_cli_runs_with_only_the_accounts_credential(layout: Layout, planted: Planted) -> None:
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    leaky = layout.env(ANTHROPIC_API_KEY=planted.token("sk-ant-api03-"), CLAUDE_CODE_RETRY_WATCHDOG="1")
+    daemon = DaemonProcess("balancer", layout, env=leaky).start()
+    try:
+        submit(layout, "whose key?")
+        wait_until(lambda: all_in(layout, "done", 1), "the job to finish")
+        (call,) = layout.claude_calls()
+        assert call["auth"] == "oauth"  # the daemon's ANTHROPIC_API_KEY did not reach the CLI
+    finally:
+        daemon.stop()
+
+
+def test_a_run_never_claimed_goes_back_to_the_queue_and_runs_once(layout: Layout, planted: Planted) -> None:
+    """The balancer died between writing a run and launching its worker."""
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    store = Store(layout.state / "cl.db")
+    job = store.add_job(str(layout.work), "interrupted")
+    assert store.place(job.id, "a1") is not None
+    store.close()
+    daemon = DaemonProcess("balancer", layout).start()
+    try:
+        wait_until(lambda: job_states(layout) == {job.id: "done"}, "the job to run after all")
+        assert "run abandoned, job requeued" in daemon.log()
+        assert [call["argv"][1] for call in layout.claude_calls()] == ["interrupted"]
+    finally:
+        daemon.stop()
+
+
+def test_a_run_whose_worker_vanished_is_orphaned(layout: Layout, planted: Planted) -> None:
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    store = Store(layout.state / "cl.db")
+    job = store.add_job(str(layout.work), "lost")
+    run = store.place(job.id, "a1")
+    assert run is not None
+    assert store.claim(run.id, 999_999, "1", str(layout.root / "x.log")) is not None  # a pid that is not there
+    store.close()
+    daemon = DaemonProcess("balancer", layout).start()
+    try:
+        wait_until(lambda: job_states(layout) == {job.id: "orphaned"}, "the job to be marked orphaned")
+        assert "session orphaned" in daemon.log()
+        assert layout.claude_calls() == []
+    finally:
+        daemon.stop()

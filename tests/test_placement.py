@@ -1,0 +1,78 @@
+"""Placement properties: never on a walled, removed, invalid or full account; the policy's choice."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cl.credentials import Account, AccountState
+from cl.placement import choose, eligible
+
+NAMES = st.sampled_from([f"a{i}" for i in range(8)])
+STATES = st.sampled_from(list(AccountState))
+UTILIZATION = st.none() | st.floats(0, 1)
+
+
+@st.composite
+def worlds(
+    draw: st.DrawFn,
+) -> tuple[dict[str, Account], set[str], dict[str, int], dict[str, dict[str, float | None]], int]:
+    roster = {name: Account(name, draw(STATES)) for name in draw(st.sets(NAMES))}
+    known = sorted(set(roster) | draw(st.sets(NAMES)))  # the store may hold facts about removed accounts
+    walled = draw(st.sets(st.sampled_from(known))) if known else set()
+    live = {name: draw(st.integers(0, 5)) for name in known}
+    usage = {
+        name: {
+            "five_hour": draw(UTILIZATION),
+            "seven_day": draw(UTILIZATION),
+            "last_used_at": draw(st.none() | st.floats(0, 1e9)),
+        }
+        for name in known
+    }
+    return roster, walled, live, usage, draw(st.integers(1, 4))
+
+
+@given(worlds(), st.sampled_from(["headroom", "fill-first"]))
+def test_never_on_an_ineligible_account(world: tuple, policy: str) -> None:  # type: ignore[type-arg]
+    roster, walled, live, usage, max_sessions = world
+    candidates = eligible(roster, walled, live, max_sessions)
+    chosen = choose(candidates, live, usage, policy)
+    if chosen is None:
+        assert not any(
+            a.state is AccountState.OK and a.name not in walled and live.get(a.name, 0) < max_sessions
+            for a in roster.values()
+        )
+        return
+    assert chosen.name in roster  # its file exists: removed accounts are never chosen
+    assert chosen.state is AccountState.OK
+    assert chosen.name not in walled
+    assert live.get(chosen.name, 0) < max_sessions
+
+
+@given(worlds())
+def test_headroom_takes_the_lowest_utilization(world: tuple) -> None:  # type: ignore[type-arg]
+    roster, walled, live, usage, max_sessions = world
+    candidates = eligible(roster, walled, live, max_sessions)
+    chosen = choose(candidates, live, usage, "headroom")
+    if chosen is None:
+        return
+
+    def used(name: str) -> float:
+        return max(usage[name]["five_hour"] or 0.0, usage[name]["seven_day"] or 0.0)
+
+    assert used(chosen.name) == min(used(a.name) for a in candidates)
+
+
+@given(worlds())
+def test_fill_first_packs_the_busiest_account_with_room(world: tuple) -> None:  # type: ignore[type-arg]
+    roster, walled, live, usage, max_sessions = world
+    candidates = eligible(roster, walled, live, max_sessions)
+    chosen = choose(candidates, live, usage, "fill-first")
+    if chosen is None:
+        return
+    assert live.get(chosen.name, 0) == max(live.get(a.name, 0) for a in candidates)
+
+
+def test_excluded_accounts_are_not_candidates() -> None:
+    roster = {name: Account(name, AccountState.OK) for name in ("a1", "a2")}
+    assert [a.name for a in eligible(roster, set(), {}, 1, exclude={"a1"})] == ["a2"]
