@@ -1,0 +1,226 @@
+"""A local fake of the Anthropic Messages API, enough for the real Claude Code CLI (CLAUDE_CODE.md §2).
+
+`python fake_anthropic.py --port-file P --log L.jsonl [--limits JSON] [--reset-in S]`
+listens on 127.0.0.1 (an ephemeral port, written to P). `POST /v1/messages` answers as SSE
+when asked to stream, JSON otherwise: `Hi from fake server (n_messages=N, key=...<tail>, count=C).`
+After `limits[credential]` counted messages (or `limits["*"]`), that credential gets the wall:
+429 with the `anthropic-ratelimit-unified-*` headers and a `retry-after` over 60 s, so the
+real client neither retries nor waits. Each request is logged as one JSON line, with the
+credential's last six characters only. `POST /_fake/limit {"key", "limit"}` changes a quota.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+
+class FakeAnthropic(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, log: Path, limits: dict[str, int], reset_in: int) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.log_path = log
+        self.limits = limits
+        self.reset_in = reset_in
+        self.counts: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def record(self, entry: dict[str, Any]) -> None:
+        with self.lock, self.log_path.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: FakeAnthropic
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass
+
+    def credential(self) -> str:
+        key = self.headers.get("x-api-key")
+        if key:
+            return key
+        return self.headers.get("authorization", "").removeprefix("Bearer ").strip()
+
+    def body(self) -> dict[str, Any]:
+        length = int(self.headers.get("content-length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            parsed = json.loads(raw) if raw else {}
+        except ValueError:
+            return {}
+        return parsed if isinstance(parsed, dict) else {}
+
+    def send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("content-type", content_type)
+        self.send_header("content-length", str(len(body)))
+        self.send_header("request-id", f"req_{uuid.uuid4().hex[:20]}")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_HEAD(self) -> None:
+        self.send(200, b"", "text/plain")
+
+    def do_GET(self) -> None:
+        body = self.server.counts if self.path.startswith("/_fake/state") else {}
+        self.send(200, json.dumps(body).encode(), "application/json")
+
+    def do_POST(self) -> None:
+        body = self.body()
+        path = self.path.split("?")[0]
+        if path == "/_fake/limit":
+            with self.server.lock:
+                self.server.limits[body["key"]] = body["limit"]
+            self.send(200, b"{}", "application/json")
+            return
+        if path == "/v1/messages/count_tokens":
+            self.send(200, b'{"input_tokens": 10}', "application/json")
+            return
+        if path != "/v1/messages":
+            self.send(200, b"{}", "application/json")
+            return
+        credential = self.credential()
+        messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+        with self.server.lock:
+            limit = self.server.limits.get(credential, self.server.limits.get("*"))
+            used = self.server.counts.get(credential, 0)
+            walled = limit is not None and used >= limit
+            if not walled:
+                self.server.counts[credential] = used + 1
+        reset = int(time.time()) + self.server.reset_in
+        self.server.record(
+            {
+                "path": self.path,
+                "cred_tail": credential[-6:],
+                "walled": walled,
+                "n_messages": len(messages),
+                "messages": [_text(m) for m in messages],
+                "user_agent": self.headers.get("user-agent"),
+                "session": self.headers.get("x-claude-code-session-id"),
+            }
+        )
+        if walled:
+            error = {
+                "type": "error",
+                "error": {"type": "rate_limit_error", "message": "fake usage wall"},
+                "request_id": f"req_{uuid.uuid4().hex[:20]}",
+            }
+            headers = {
+                "anthropic-ratelimit-unified-status": "rejected",
+                "anthropic-ratelimit-unified-reset": str(reset),
+                "anthropic-ratelimit-unified-representative-claim": "five_hour",
+                "anthropic-ratelimit-unified-5h-utilization": "1.0",
+                "anthropic-ratelimit-unified-5h-reset": str(reset),
+                "anthropic-ratelimit-unified-5h-status": "rejected",
+                "retry-after": str(self.server.reset_in),
+            }
+            self.send(429, json.dumps(error).encode(), "application/json", headers)
+            return
+        text = f"Hi from fake server (n_messages={len(messages)}, key=...{credential[-6:]}, count={used + 1})."
+        headers = {
+            "anthropic-ratelimit-unified-status": "allowed",
+            "anthropic-ratelimit-unified-reset": str(reset),
+            "anthropic-ratelimit-unified-representative-claim": "five_hour",
+            "anthropic-ratelimit-unified-5h-utilization": "0.1",
+            "anthropic-ratelimit-unified-5h-reset": str(reset),
+            "anthropic-ratelimit-unified-5h-status": "allowed",
+            "anthropic-ratelimit-unified-7d-utilization": "0.05",
+            "anthropic-ratelimit-unified-7d-reset": str(reset + 86400),
+            "anthropic-ratelimit-unified-7d-status": "allowed",
+        }
+        model = body.get("model", "claude-fake")
+        if body.get("stream"):
+            self.send(200, _sse(text, model), "text/event-stream", headers)
+        else:
+            message = _message(text, model)
+            self.send(200, json.dumps(message).encode(), "application/json", headers)
+
+
+def _text(message: Any) -> str:
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, str):
+        return content[:200]
+    if isinstance(content, list):
+        return " | ".join(
+            str(c.get("text", ""))[:200] for c in content if isinstance(c, dict) and c.get("type") == "text"
+        )
+    return ""
+
+
+def _message(text: str, model: str) -> dict[str, Any]:
+    return {
+        "id": f"msg_{uuid.uuid4().hex[:20]}",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 10, "output_tokens": 12},
+    }
+
+
+def _sse(text: str, model: str) -> bytes:
+    start = {
+        **_message("", model),
+        "content": [],
+        "stop_reason": None,
+        "usage": {"input_tokens": 10, "output_tokens": 1},
+    }
+    half = len(text) // 2
+    events = [
+        ("message_start", {"type": "message_start", "message": start}),
+        (
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        ),
+        ("ping", {"type": "ping"}),
+        (
+            "content_block_delta",
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text[:half]}},
+        ),
+        (
+            "content_block_delta",
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text[half:]}},
+        ),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        (
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": 12},
+            },
+        ),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    return "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events).encode()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port-file", type=Path, required=True)
+    parser.add_argument("--log", type=Path, required=True)
+    parser.add_argument("--limits", default="{}", help='JSON: {"<credential>" or "*": messages before the wall}')
+    parser.add_argument("--reset-in", type=int, default=3600)
+    args = parser.parse_args()
+    server = FakeAnthropic(args.log, json.loads(args.limits), args.reset_in)
+    tmp = args.port_file.with_suffix(".tmp")
+    tmp.write_text(str(server.server_address[1]))
+    tmp.replace(args.port_file)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

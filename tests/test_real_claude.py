@@ -1,0 +1,103 @@
+"""The balancer with the real Claude Code CLI (pinned) against the local fake Anthropic API.
+
+For an OAuth credential file and for an API key: placement, a session that finishes, a session
+that walls (429 with the unified headers), the wall recorded with its reset, and the transcript
+where our own path scheme says the CLI keeps it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from real_cli import install
+
+from cl.claude_code.transcripts import transcript_path
+from utils import DaemonProcess, Layout, Planted, api_key_credential, cl, oauth_credential, wait_until, write_credential
+
+FAKE_API = Path(__file__).resolve().parent / "fakes" / "fake_anthropic.py"
+
+
+@pytest.fixture(scope="session")
+def claude_bin() -> Path:
+    path, why = install()
+    if path is None:
+        pytest.skip(f"the real Claude Code CLI is not available: {why}")
+    return path
+
+
+@dataclass
+class FakeApi:
+    url: str
+    log: Path
+
+    def limit(self, credential: str, messages: int) -> None:
+        data = json.dumps({"key": credential, "limit": messages}).encode()
+        request = urllib.request.Request(f"{self.url}/_fake/limit", data=data, method="POST")  # noqa: S310 - loopback
+        with urllib.request.urlopen(request, timeout=10):  # noqa: S310
+            pass
+
+    def requests(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log.read_text().splitlines()] if self.log.exists() else []
+
+
+@pytest.fixture
+def fake_api(tmp_path: Path) -> Iterator[FakeApi]:
+    port_file = tmp_path / "api.port"
+    server = subprocess.Popen(
+        [sys.executable, str(FAKE_API), "--port-file", str(port_file), "--log", str(tmp_path / "api.jsonl")]
+    )
+    try:
+        wait_until(port_file.exists, "the fake API to listen")
+        yield FakeApi(f"http://127.0.0.1:{port_file.read_text()}", tmp_path / "api.jsonl")
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def job_view(layout: Layout, job_id: int) -> dict[str, Any]:
+    status = json.loads(cl(layout, "status", "--json").stdout)
+    return next(job for job in status["jobs"] if job["id"] == job_id)
+
+
+@pytest.mark.parametrize("kind", ["oauth", "api-key"])
+def test_real_cli_finishes_then_walls(
+    kind: str, layout: Layout, planted: Planted, fake_api: FakeApi, claude_bin: Path
+) -> None:
+    content = oauth_credential(planted) if kind == "oauth" else api_key_credential(planted)
+    write_credential(layout.credentials, "x", content)
+    fake_api.limit(planted.tokens[0], 1)  # one message, then the wall
+    home = layout.root / "home"
+    home.mkdir()
+    env = layout.env(CL_CLAUDE_BIN=str(claude_bin), ANTHROPIC_BASE_URL=fake_api.url, HOME=str(home))
+    balancer = DaemonProcess("balancer", layout, env=env).start()
+    try:
+        first = json.loads(cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "say hi", "--json").stdout)[
+            "job"
+        ]
+        wait_until(lambda: job_view(layout, first)["state"] == "done", "the first session to finish")
+        done = job_view(layout, first)
+        assert done["account"] == "x"
+        session_dir = layout.state / "sessions" / f"job-{first}"
+        assert transcript_path(session_dir, str(layout.work), done["session_id"]).exists()
+
+        second = json.loads(cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "more", "--json").stdout)["job"]
+        wait_until(lambda: job_view(layout, second)["state"] == "walled", "the second session to wall")
+        account = json.loads(cl(layout, "status", "--json").stdout)["accounts"][0]
+        assert account["walled_until"] is not None
+        requests = fake_api.requests()
+        assert [r["walled"] for r in requests] == [False, True]  # one request each, the wall not retried
+        assert {r["cred_tail"] for r in requests} == {planted.tokens[0][-6:]}
+        log = balancer.log()
+        assert "session walled" in log
+        if kind == "oauth":  # subscriptions get a rate_limit_event with the reset time
+            assert "known_reset=True" in log
+    finally:
+        balancer.stop()
