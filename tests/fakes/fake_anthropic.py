@@ -91,7 +91,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send(200, b"{}", "application/json")
             return
         credential = self.credential()
-        messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+        found = body.get("messages")
+        messages: list[Any] = found if isinstance(found, list) else []
         with self.server.lock:
             limit = self.server.limits.get(credential, self.server.limits.get("*"))
             used = self.server.counts.get(credential, 0)
