@@ -29,6 +29,7 @@ format: dev
 
 bench: dev
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/balancer.py
 
 # Both daemons in the foreground on ./var (no root, no systemd); Ctrl-C stops both.
 run: dev

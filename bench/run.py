@@ -79,13 +79,13 @@ def wait_ready(notify: socket.socket) -> None:
 
 
 @contextmanager
-def daemons(root: Path) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
-    """Both daemons on `root`, started and READY."""
+def daemons(root: Path, **extra: str) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+    """Both daemons on `root`, started and READY; `extra` adds to their environment."""
     notify_path = root / "notify.sock"
     notify_path.unlink(missing_ok=True)
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))
-    env = env_for(root, NOTIFY_SOCKET=str(notify_path))
+    env = env_for(root, NOTIFY_SOCKET=str(notify_path), **extra)
     procs = {
         name: subprocess.Popen([str(BIN / f"cl-{name}")], env=env, stderr=subprocess.DEVNULL)
         for name in ("balancer", "rescue")

@@ -12,6 +12,7 @@ live workers are adopted, vanished ones are marked orphaned for the rescuer.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import time
@@ -24,8 +25,9 @@ import structlog
 from cl import daemon, placement
 from cl.claude_code.environment import worker_environment
 from cl.config import Config
+from cl.credentials import Account
 from cl.processes import alive, on_exit
-from cl.protocol import Handler, Reply, Request, RequestError
+from cl.protocol import Encoded, Handler, Reply, Request, RequestError
 from cl.registry import CredentialRegistry
 from cl.store import LIVE_RUNS, AsyncStore, JobState, Run, RunState, Store, iso_utc
 from cl.worker import launch, point_credentials, session_config_dir
@@ -45,6 +47,9 @@ class Balancer:
         self._reset_timer: asyncio.TimerHandle | None = None
         self._counts = {"walled": 0, "running": 0, "queued": 0}
         self._waiting_logged = False
+        self._account_json: dict[str, tuple[Account, str]] = {}
+        """Per account, the start of its status entry, for as long as the account object is the same."""
+        self._sorted_names: tuple[int, list[str]] = (-1, [])
 
     def handlers(self) -> Mapping[str, Handler]:
         return {
@@ -207,26 +212,30 @@ class Balancer:
         self.wake()
         return {}
 
-    async def _status(self, _request: Request) -> Reply:
-        store = self.store.store
-        jobs = await self.store.run(store.jobs)
-        runs = await self.store.run(store.current_runs)
-        walls = await self.store.run(store.walls)
-        live = await self.store.run(store.live_counts)
-        usage = await self.store.run(store.usage)
+    async def _status(self, _request: Request) -> Encoded:
+        """Accounts, sessions, jobs and the queue: built from cached pieces, it stays fast at 10,000 accounts."""
+        snapshot = await self.store.run(self.store.store.snapshot)
+        jobs, runs, walls, live, usage = snapshot.jobs, snapshot.runs, snapshot.walls, snapshot.live, snapshot.usage
+        roster = self.registry.accounts
+        if self._sorted_names[0] != self.registry.version:
+            self._sorted_names = (self.registry.version, sorted(roster))
+        busy = walls.keys() | live.keys() | usage.keys()
         accounts = []
-        for name in sorted(self.registry.accounts):
-            account = self.registry.accounts[name]
+        cache, self._account_json = self._account_json, {}
+        for name in self._sorted_names[1]:
+            account = roster[name]
+            cached = cache.get(name)
+            if cached is None or cached[0] is not account:
+                cached = (account, _account_head(account))
+            self._account_json[name] = cached
+            if name not in busy:
+                accounts.append(cached[1] + _IDLE_TAIL)
+                continue
             wall = walls.get(name)
-            accounts.append(
-                {
-                    **account.public(),
-                    "walled_until": iso_utc(wall.reset_at) if wall and wall.reset_at else None,
-                    "walled": wall is not None,
-                    "sessions": live.get(name, 0),
-                    "utilization": usage.get(name, {}),
-                }
-            )
+            until = json.dumps(iso_utc(wall.reset_at)) if wall and wall.reset_at else "null"
+            used = {k: v for k, v in usage.get(name, {}).items() if v is not None and k != "last_used_at"}
+            tail = f',"utilization":{json.dumps(used)}' if used else ""
+            accounts.append(f'{cached[1]},"walled_until":{until},"sessions":{live.get(name, 0)}{tail}}}')
         sessions = [
             {
                 "session_id": job.session_id,
@@ -240,23 +249,23 @@ class Balancer:
             for job in jobs
             if job.id in runs
         ]
-        return {
-            "accounts": accounts,
-            "sessions": sessions,
-            "jobs": [
-                {
-                    "id": job.id,
-                    "state": job.state,
-                    "account": job.account,
-                    "session_id": job.session_id,
-                    "cwd": job.cwd,
-                    "created_at": iso_utc(job.created_at),
-                    "error": job.error,
-                }
-                for job in jobs
-            ],
-            "queue": sum(1 for job in jobs if job.state == JobState.QUEUED),
-        }
+        job_views = [
+            {
+                "id": job.id,
+                "state": job.state,
+                "account": job.account,
+                "session_id": job.session_id,
+                "cwd": job.cwd,
+                "created_at": iso_utc(job.created_at),
+                "error": job.error,
+            }
+            for job in jobs
+        ]
+        queue = sum(1 for job in jobs if job.state == JobState.QUEUED)
+        return Encoded(
+            f'{{"accounts":[{",".join(accounts)}],"sessions":{json.dumps(sessions)},'
+            f'"jobs":{json.dumps(job_views)},"queue":{queue}}}'
+        )
 
     async def _logs(self, request: Request) -> Reply:
         """A run's output from `offset` on: `{"data", "offset", "finished"}`; `job` or `session` names it."""
@@ -279,6 +288,17 @@ class Balancer:
             "offset": offset + len(data),
             "finished": run.state not in LIVE_RUNS,
         }
+
+
+_IDLE_TAIL = ',"walled_until":null,"sessions":0}'
+
+
+def _account_head(account: Account) -> str:
+    """The unchanging start of an account's status entry, as JSON without its closing brace."""
+    head: dict[str, Any] = {"name": account.name, "state": str(account.state)}
+    if account.reason:
+        head["reason"] = account.reason
+    return json.dumps(head)[:-1]
 
 
 def _read_from(path: Path, offset: int, limit: int) -> bytes:

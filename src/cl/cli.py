@@ -107,10 +107,10 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
             [
                 a["name"],
                 a["state"],
-                a["walled_until"] or ("walled" if a["walled"] else "-"),
+                a["walled_until"] or "-",
                 str(a["sessions"]),
-                _percent(a["utilization"].get("five_hour")),
-                _percent(a["utilization"].get("seven_day")),
+                _percent(a.get("utilization", {}).get("five_hour")),
+                _percent(a.get("utilization", {}).get("seven_day")),
             ]
             for a in status["accounts"]
         ],

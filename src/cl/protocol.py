@@ -25,8 +25,16 @@ MAX_REQUEST_BYTES = 64 * 1024
 SOCKET_MODE = 0o660
 
 Request = dict[str, Any]
+
+
+class Encoded(str):
+    """A reply object already encoded as JSON, for large replies built from cached pieces."""
+
+    __slots__ = ()
+
+
 Reply = dict[str, Any]
-Handler = Callable[[Request], Awaitable[Reply]]
+Handler = Callable[[Request], Awaitable[Reply | Encoded]]
 
 
 class RequestError(Exception):
@@ -76,7 +84,7 @@ class ControlServer:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    async def _handle(self, line: bytes) -> Reply:
+    async def _handle(self, line: bytes) -> Reply | Encoded:
         try:
             request = json.loads(line)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -93,7 +101,8 @@ class ControlServer:
             known = ", ".join(sorted(self._handlers))
             return _error("unknown-request", f"unknown request {name[:64]!r} (known: {known})")
         try:
-            return {"ok": True, **await handler(request)}
+            reply = await handler(request)
+            return Encoded('{"ok":true,' + reply[1:]) if isinstance(reply, Encoded) else {"ok": True, **reply}
         except RequestError as exc:
             return _error(exc.code, exc.message)
         except Exception:
@@ -105,8 +114,9 @@ def _error(code: str, message: str) -> Reply:
     return {"ok": False, "code": code, "error": message}
 
 
-async def _send(writer: asyncio.StreamWriter, reply: Reply) -> None:
-    writer.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+async def _send(writer: asyncio.StreamWriter, reply: Reply | Encoded) -> None:
+    text = reply if isinstance(reply, Encoded) else json.dumps(reply, separators=(",", ":"))
+    writer.write(text.encode() + b"\n")
     await writer.drain()
 
 

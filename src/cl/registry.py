@@ -104,6 +104,8 @@ class CredentialRegistry:
         self.debounce_ms = debounce_ms
         self._accounts: dict[str, Account] = {}
         self._usable = 0
+        self.version = 0
+        """Counts every change: equal versions, equal rosters."""
         self._signatures: dict[str, FileSignature | None] = {}
         self._subscribers: set[Subscription] = set()
         self._lock = asyncio.Lock()
@@ -211,6 +213,7 @@ class CredentialRegistry:
         self._publish(AccountChange(kind, name, account, previous))
 
     def _publish(self, change: AccountChange) -> None:
+        self.version += 1
         self._log_change(change)
         for subscriber in list(self._subscribers):
             subscriber.put(change)

@@ -160,6 +160,16 @@ class WallRecord:
     recorded_at: float
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Snapshot:
+    jobs: list[Job]
+    runs: dict[int, Run]
+    """Each job's latest run."""
+    walls: dict[str, WallRecord]
+    live: dict[str, int]
+    usage: dict[str, dict[str, float | None]]
+
+
 class StoreError(Exception):
     """A store problem an operator can act on (a newer schema, a corrupt file)."""
 
@@ -232,7 +242,7 @@ class Store:
 
     def job(self, job_id: int) -> Job | None:
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return Job(**row) if row else None
+        return Job(*row) if row else None
 
     def jobs(self, states: tuple[str, ...] | None = None, limit: int | None = None) -> list[Job]:
         query, args = "SELECT * FROM jobs", list[Any]()
@@ -243,7 +253,7 @@ class Store:
         if limit is not None:
             query += " LIMIT ?"
             args.append(limit)
-        return [Job(**row) for row in self._db.execute(query, args)]
+        return [Job(*row) for row in self._db.execute(query, args)]
 
     def cancel_job(self, job_id: int) -> Job | None:
         """Cancel a queued job; None if there is no such job. A job past the queue is left as it is."""
@@ -323,11 +333,11 @@ class Store:
 
     def run(self, run_id: int) -> Run | None:
         row = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
-        return Run(**row) if row else None
+        return Run(*row) if row else None
 
     def runs(self, states: tuple[str, ...] = LIVE_RUNS) -> list[Run]:
         rows = self._db.execute(f"SELECT * FROM runs WHERE state IN {_sql_set(states)} ORDER BY id", states)
-        return [Run(**row) for row in rows]
+        return [Run(*row) for row in rows]
 
     def live_counts(self) -> dict[str, int]:
         """Live runs per account name."""
@@ -339,7 +349,12 @@ class Store:
     def current_runs(self) -> dict[int, Run]:
         """Each job's latest run."""
         rows = self._db.execute("SELECT * FROM runs WHERE id IN (SELECT MAX(id) FROM runs GROUP BY job_id)")
-        return {row["job_id"]: Run(**row) for row in rows}
+        return {row["job_id"]: Run(*row) for row in rows}
+
+    def snapshot(self) -> Snapshot:
+        """Everything `status` shows, read in one transaction."""
+        with self.transaction():
+            return Snapshot(self.jobs(), self.current_runs(), self.walls(), self.live_counts(), self.usage())
 
     @staticmethod
     def _job_of(db: sqlite3.Connection, run_id: int) -> int:
@@ -362,7 +377,7 @@ class Store:
         """Walls still standing at `now`; a wall without a known reset stands until lifted."""
         now = time.time() if now is None else now
         rows = self._db.execute("SELECT * FROM walls WHERE reset_at IS NULL OR reset_at > ?", (now,))
-        return {row["account"]: WallRecord(**row) for row in rows}
+        return {row["account"]: WallRecord(*row) for row in rows}
 
     def lift_wall(self, account: str) -> None:
         with self.transaction() as db:

@@ -1,0 +1,132 @@
+"""Balancer benchmarks (`python bench/balancer.py [--quick]`, part of `make bench`).
+
+* `status` round trip on the socket, and the whole `cl status --json` command, with 10,000
+  accounts and 1,000 sessions in the store;
+* submit -> worker's CLI started, with the fake `claude` (tests/fakes/claude): the socket
+  request is sent -> the CLI process writes its first log line;
+* placement throughput: 10,000 queued jobs over 100 accounts, each decision + its store
+  transaction, workers not launched (that cost is the previous figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from run import BIN, daemons, env_for, ms, percentile, populate
+
+from cl.placement import choose, eligible
+from cl.protocol import call
+from cl.registry import CredentialRegistry
+from cl.store import JobState, Store
+
+FAKE_CLAUDE = Path(__file__).resolve().parents[1] / "tests" / "fakes" / "claude"
+
+
+def status_round_trip(root: Path, samples: int) -> tuple[list[float], list[float]]:
+    populate(root / "claude", 10_000)
+    store = Store(root / "state" / "cl.db")
+    for i in range(1_000):
+        job = store.add_job("/tmp", f"job {i}")  # noqa: S108 - a path stored, never used
+        run = store.place(job.id, f"acct{i % 10_000:05d}")
+        assert run is not None
+        store.set_session(run.id, f"00000000-0000-0000-0000-{i:012d}")
+        store.settle(run.id, "done")  # type: ignore[arg-type]
+    store.close()
+    socket_path = root / "run" / "balancer.sock"
+    with daemons(root):
+        socket_times = []
+        for _ in range(samples):
+            start = time.perf_counter()
+            reply = call(socket_path, {"request": "status"})
+            socket_times.append(time.perf_counter() - start)
+        assert len(reply["accounts"]) == 10_000 and len(reply["sessions"]) == 1_000
+        command_times = []
+        for _ in range(max(5, samples // 10)):
+            start = time.perf_counter()
+            subprocess.run([str(BIN / "cl"), "status", "--json"], env=env_for(root), capture_output=True, check=True)
+            command_times.append(time.perf_counter() - start)
+    return socket_times, command_times
+
+
+def submit_to_started(root: Path, samples: int) -> list[float]:
+    populate(root / "claude", 4)
+    (root / "work").mkdir()
+    fake_log = root / "fake.jsonl"
+    latencies = []
+    with daemons(root, CL_CLAUDE_BIN=str(FAKE_CLAUDE), FAKE_CLAUDE_LOG=str(fake_log)):
+        socket_path = root / "run" / "balancer.sock"
+        for i in range(samples):
+            sent = time.time()
+            call(socket_path, {"request": "submit", "cwd": str(root / "work"), "prompt": f"p{i}"})
+            deadline = time.monotonic() + 30
+            while True:
+                lines = fake_log.read_text().splitlines() if fake_log.exists() else []
+                if len(lines) > i:
+                    latencies.append(json.loads(lines[i])["t"] - sent)
+                    break
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"job {i} did not start in 30 s: {call(socket_path, {'request': 'status'})['jobs'][-1]}")
+                time.sleep(0.001)
+            time.sleep(0.05)
+    return latencies
+
+
+def placement_throughput(root: Path, jobs: int = 10_000, accounts: int = 100) -> float:
+    populate(root / "claude", accounts)
+    store = Store(root / "cl.db")
+    for i in range(jobs):
+        store.add_job("/tmp", f"job {i}")  # noqa: S108
+    import asyncio  # noqa: PLC0415 - only this figure needs a loop
+
+    async def roster() -> CredentialRegistry:
+        registry = CredentialRegistry(root / "claude")
+        await registry.resync()
+        return registry
+
+    registry = asyncio.run(roster())
+    start = time.perf_counter()
+    live: dict[str, int] = {}
+    usage = store.usage()
+    walls = store.walls()
+    for job in store.jobs((JobState.QUEUED,)):
+        account = choose(eligible(registry.accounts, walls, live, 1_000), live, usage)
+        assert account is not None
+        store.place(job.id, account.name)
+        live[account.name] = live.get(account.name, 0) + 1
+    elapsed = time.perf_counter() - start
+    store.close()
+    return jobs / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    samples = 50 if args.quick else 300
+    with tempfile.TemporaryDirectory(prefix="cl-bench-") as tmp:
+        sockets, commands = status_round_trip(Path(tmp) / "status", samples)
+        print(
+            f"status, 10000 accounts / 1000 sessions: socket p50 {ms(percentile(sockets, 50))}"
+            f"  p99 {ms(percentile(sockets, 99))}; whole `cl status --json` p50 {ms(percentile(commands, 50))}"
+            "  (goal p99 <= 20 ms)",
+            flush=True,
+        )
+        started = submit_to_started(Path(tmp) / "submit", samples // 5)
+        print(
+            f"submit -> CLI started (fake claude): p50 {ms(percentile(started, 50))}"
+            f"  p99 {ms(percentile(started, 99))}  (n={len(started)})",
+            flush=True,
+        )
+        rate = placement_throughput(Path(tmp) / "place")
+        print(f"placement: {rate:,.0f} jobs/s (10000 queued jobs, 100 accounts, launch excluded)", flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    main()
