@@ -45,7 +45,7 @@ def status_round_trip(root: Path, samples: int) -> tuple[list[float], list[float
             start = time.perf_counter()
             reply = call(socket_path, {"request": "status"})
             socket_times.append(time.perf_counter() - start)
-        assert len(reply["accounts"]) == 10_000 and len(reply["sessions"]) == 1_000
+        assert (len(reply["accounts"]), len(reply["sessions"])) == (10_000, 1_000)
         command_times = []
         for _ in range(max(5, samples // 10)):
             start = time.perf_counter()
