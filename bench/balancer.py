@@ -71,7 +71,8 @@ def submit_to_started(root: Path, samples: int) -> list[float]:
                     latencies.append(json.loads(lines[i])["t"] - sent)
                     break
                 if time.monotonic() > deadline:
-                    raise SystemExit(f"job {i} did not start in 30 s: {call(socket_path, {'request': 'status'})['jobs'][-1]}")
+                    last = call(socket_path, {"request": "status"})["jobs"][-1]
+                    raise SystemExit(f"job {i} did not start in 30 s: {last}")
                 time.sleep(0.001)
             time.sleep(0.05)
     return latencies
