@@ -44,7 +44,7 @@ install:
 	$(PYTHON) -m venv $(ROOT)$(PREFIX)
 	$(ROOT)$(PREFIX)/bin/pip install --quiet --upgrade pip
 	$(ROOT)$(PREFIX)/bin/pip install --quiet .
-	install -D -m 0644 -t $(ROOT)$(UNITDIR) packaging/systemd/cl-balancer.service packaging/systemd/cl-rescue.service
+	install -D -m 0644 -t $(ROOT)$(UNITDIR) packaging/systemd/*.service packaging/systemd/*.socket
 	install -D -m 0644 packaging/systemd/sysusers.d/cl.conf $(ROOT)/usr/lib/sysusers.d/cl.conf
 	install -D -m 0644 packaging/systemd/tmpfiles.d/cl.conf $(ROOT)/usr/lib/tmpfiles.d/cl.conf
 	systemd-sysusers $(if $(ROOT),--root=$(ROOT)) $(ROOT)/usr/lib/sysusers.d/cl.conf

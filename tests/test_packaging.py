@@ -12,6 +12,7 @@ import pytest
 
 UNITS = Path(__file__).resolve().parents[1] / "packaging" / "systemd"
 DAEMON_UNITS = ["cl-balancer.service", "cl-rescue.service"]
+ALL_UNITS = [*DAEMON_UNITS, "cl-worker.socket", "cl-worker@.service"]
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 
@@ -24,7 +25,7 @@ def installed_copy(unit: str, tmp_path: Path) -> Path:
 
 
 def test_units_verify_without_a_single_message(tmp_path: Path) -> None:
-    copies = [str(installed_copy(unit, tmp_path)) for unit in DAEMON_UNITS]
+    copies = [str(installed_copy(unit, tmp_path)) for unit in ALL_UNITS]
     result = subprocess.run(["systemd-analyze", "verify", *copies], capture_output=True, text=True, check=False)
     # verify exits 0 on unknown keys and merely prints them: any output is a failure.
     assert (result.returncode, result.stdout + result.stderr) == (0, "")

@@ -21,6 +21,7 @@ from utils import Planted, oauth_credential, wait_until
 PROJECT = Path(__file__).resolve().parents[1]
 SDBOX = PROJECT.parent / "shared" / "tools" / "sdbox"
 UNITS = PROJECT / "packaging" / "systemd"
+FAKES = PROJECT / "tests" / "fakes"
 
 Box = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -53,6 +54,8 @@ def box(tmp_path: Path) -> Iterator[Box]:
             f"{wheels}:/wheels:ro",
             "--bind",
             f"{tmp_path / 'claude'}:/opt/claude",
+            "--bind",
+            f"{FAKES}:/opt/fakes:ro",
         ],
         check=True,
         capture_output=True,
@@ -67,6 +70,11 @@ def box(tmp_path: Path) -> Iterator[Box]:
         subprocess.run([str(SDBOX), "down", name], check=True, capture_output=True)
 
 
+def install(box: Box) -> None:
+    box("/usr/bin/python3", "-m", "venv", "/opt/cl")
+    box("/opt/cl/bin/pip", "install", "-q", "--no-index", "--find-links", "/wheels", "cl")
+
+
 def journal(box: Box, unit: str) -> list[tuple[int, str]]:
     out = box("journalctl", "-u", unit, "-o", "json", "--no-pager").stdout
     entries = [json.loads(line) for line in out.splitlines() if line.strip()]
@@ -74,8 +82,7 @@ def journal(box: Box, unit: str) -> list[tuple[int, str]]:
 
 
 def test_enable_drop_a_credential_reload_and_stop(box: Box, tmp_path: Path, planted: Planted) -> None:
-    box("/usr/bin/python3", "-m", "venv", "/opt/cl")
-    box("/opt/cl/bin/pip", "install", "-q", "--no-index", "--find-links", "/wheels", "cl")
+    install(box)
     box("systemctl", "enable", "--now", "cl-balancer.service", "cl-rescue.service")
     for unit in ("cl-balancer", "cl-rescue"):  # `start` returned: both sent READY=1
         assert box("systemctl", "is-active", unit).stdout.strip() == "active"
@@ -108,3 +115,48 @@ def test_enable_drop_a_credential_reload_and_stop(box: Box, tmp_path: Path, plan
         assert "Deactivated successfully" in box("journalctl", "-u", unit, "--no-pager").stdout
     everything = box("journalctl", "--no-pager", "-o", "json").stdout
     assert not planted.leaks(everything, "the journal")
+
+
+def test_a_session_runs_in_its_own_worker_unit_and_survives_a_balancer_restart(
+    box: Box, tmp_path: Path, planted: Planted
+) -> None:
+    install(box)
+    hold = tmp_path / "claude" / "hold"  # the fake CLI works as long as this file exists
+    hold.touch()
+    config = (
+        'claude_bin = "/opt/fakes/claude"\n'
+        "[worker.env]\n"
+        'FAKE_CLAUDE_HOLD = "/opt/claude/hold"\n'
+        'FAKE_CLAUDE_LOG = "/var/lib/cl/fake-claude.jsonl"\n'
+    )
+    box(
+        "sh",
+        "-c",
+        f"mkdir -p /etc/cl /srv/work && chown cl:cl /srv/work && printf '%s' '{config}' > /etc/cl/config.toml",
+    )
+    box("systemctl", "enable", "--now", "cl-balancer.service")
+    uid = int(box("id", "-u", "cl").stdout)
+    credential = tmp_path / "claude" / ".incoming"
+    credential.write_text(oauth_credential(planted))
+    os.chown(credential, uid, uid)
+    credential.chmod(0o600)
+    credential.rename(tmp_path / "claude" / "credentials-a1.json")
+    wait_until(lambda: "a1" in box("/opt/cl/bin/cl", "accounts", "--from", "balancer").stdout, "a1 to show")
+
+    job = json.loads(box("/opt/cl/bin/cl", "submit", "--cwd", "/srv/work", "--prompt", "long", "--json").stdout)["job"]
+
+    def state() -> str:
+        jobs = json.loads(box("/opt/cl/bin/cl", "jobs", "--json").stdout)
+        return str(next(j["state"] for j in jobs if j["id"] == job))
+
+    wait_until(
+        lambda: box("test", "-s", "/var/lib/cl/fake-claude.jsonl", check=False).returncode == 0, "the CLI to start"
+    )
+    units = box("systemctl", "list-units", "--no-legend", "cl-worker@*").stdout
+    assert "cl-worker@" in units  # the session runs in a worker unit of its own, not under the balancer
+    box("systemctl", "restart", "cl-balancer")
+    wait_until(lambda: any("session adopted" in m for _, m in journal(box, "cl-balancer")), "the session's adoption")
+    assert state() == "running"
+    hold.unlink()
+    wait_until(lambda: state() == "done", "the session to finish")
+    assert len(box("cat", "/var/lib/cl/fake-claude.jsonl").stdout.splitlines()) == 1  # it ran once

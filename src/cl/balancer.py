@@ -149,7 +149,7 @@ class Balancer:
         config_dir = session_config_dir(self.config, job_id)
         await asyncio.to_thread(point_credentials, self.config, config_dir, account.name, account.kind)
         env = worker_environment(os.environ, account, str(config_dir), self.config.worker_env)
-        pid = await asyncio.to_thread(launch, run.id, env)
+        pid = await asyncio.to_thread(launch, run.id, env, self.config.socket_path("worker"))
         on_exit(pid, self._ended(run.id))
         log.info("job placed", job=job_id, run=run.id, account=account.name, pid=pid)
 

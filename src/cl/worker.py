@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -60,11 +62,16 @@ def point_credentials(config: Config, config_dir: Path, account: str, kind: Cred
     tmp.replace(link)
 
 
-def launch(run_id: int, env: dict[str, str]) -> int:
-    """Start a detached worker for `run_id` (its own session; stderr shared); its pid.
+def launch(run_id: int, env: dict[str, str], socket_path: Path) -> int:
+    """Start a worker for `run_id` that outlives the launcher; its pid.
 
-    It outlives the launcher. The launcher reaps it through a pidfd (processes.on_exit).
+    Under systemd, `cl-worker.socket` listens at `socket_path` (Accept=yes): a connection makes
+    systemd start a `cl-worker@` unit with its own sandbox (network, write access), which reads
+    `{"run", "env"}` and answers `{"pid"}`. Without it (tests, `make run`) the worker is spawned
+    directly, in its own session. Either way the launcher learns of its end through a pidfd.
     """
+    if socket_path.is_socket():
+        return _launch_by_socket(run_id, env, socket_path)
     return os.posix_spawn(
         sys.executable,
         [sys.executable, "-m", "cl.worker", str(run_id)],
@@ -75,6 +82,26 @@ def launch(run_id: int, env: dict[str, str]) -> int:
         ],
         setsid=True,
     )
+
+
+def _launch_by_socket(run_id: int, env: dict[str, str], socket_path: Path) -> int:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(str(socket_path))
+        sock.sendall(json.dumps({"run": run_id, "env": env}).encode() + b"\n")
+        reply = sock.makefile("rb").readline()
+    return int(json.loads(reply)["pid"])
+
+
+def _accept_from_socket() -> tuple[int, dict[str, str]]:
+    """`--from-socket`: the run and environment the launcher sent on stdin; our pid goes back."""
+    request = json.loads(sys.stdin.buffer.readline())
+    sys.stdout.write(json.dumps({"pid": os.getpid()}) + "\n")
+    sys.stdout.flush()
+    os.close(1)  # the launcher is done with us; our output goes to the journal
+    os.dup2(2, 1)
+    own = {k: v for k, v in os.environ.items() if k in ("JOURNAL_STREAM", "INVOCATION_ID")}
+    return int(request["run"]), {**request["env"], **own}
 
 
 def claude_argv(config: Config, job: Job, run: Run) -> list[str]:
@@ -153,10 +180,15 @@ def work(config: Config, store: Store, run_id: int) -> RunState | None:
 
 def main() -> None:
     try:
-        run_id = int(sys.argv[1])
+        if sys.argv[1:] == ["--from-socket"]:
+            run_id, env = _accept_from_socket()
+            os.environ.clear()
+            os.environ.update(env)
+        else:
+            run_id = int(sys.argv[1])
         config = load_config()
-    except (IndexError, ValueError):
-        print("usage: cl-worker RUN_ID", file=sys.stderr)
+    except (IndexError, ValueError, KeyError, TypeError):
+        print("usage: cl-worker RUN_ID | cl-worker --from-socket (a request on stdin)", file=sys.stderr)
         sys.exit(2)
     except ConfigError as exc:
         print(f"cl-worker: configuration error: {exc}", file=sys.stderr)
