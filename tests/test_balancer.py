@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import pytest
 
 from cl.store import Store
 from utils import (
+    BIN,
     DaemonProcess,
     Layout,
     Planted,
@@ -240,3 +242,24 @@ def test_a_run_whose_worker_vanished_is_orphaned(layout: Layout, planted: Plante
         assert layout.claude_calls() == []
     finally:
         daemon.stop()
+
+
+def test_usage_and_a_followed_log(layout: Layout, planted: Planted) -> None:
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    hold = layout.root / "hold"
+    hold.touch()
+    balancer = DaemonProcess("balancer", layout, env=layout.env(FAKE_CLAUDE_HOLD=str(hold))).start()
+    job = submit(layout, "watch me")
+    wait_until(lambda: job_states(layout)[job] == "running", "the session to run")
+    follower = subprocess.Popen(
+        [str(BIN / "cl"), "logs", "-f", str(job)], env=layout.env(), stdout=subprocess.PIPE, text=True
+    )
+    hold.unlink()
+    out, _ = follower.communicate(timeout=60)
+    assert follower.returncode == 0
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events[0]["type"] == "system"
+    assert events[-1]["type"] == "result"
+    (account,) = status(layout)["accounts"]
+    assert account["usage"] == {"five_hour": 0.1, "seven_day": 0.05, "input_tokens": 10, "output_tokens": 12}
+    balancer.stop()

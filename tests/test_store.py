@@ -61,9 +61,11 @@ def test_walls_stand_until_their_reset_or_a_lift(store: Store) -> None:
 
 
 def test_usage_keeps_what_a_report_does_not_say(store: Store) -> None:
-    store.record_usage("a1", {"five_hour": 0.5, "seven_day": 0.2}, used_at=100.0)
-    store.record_usage("a1", {"five_hour": 0.7})
-    assert store.usage() == {"a1": {"five_hour": 0.7, "seven_day": 0.2, "last_used_at": 100.0}}
+    store.record_usage("a1", {"five_hour": 0.5, "seven_day": 0.2}, used_at=100.0, tokens=(10, 3))
+    store.record_usage("a1", {"five_hour": 0.7}, tokens=(5, 1))
+    assert store.usage() == {
+        "a1": {"five_hour": 0.7, "seven_day": 0.2, "last_used_at": 100.0, "input_tokens": 15, "output_tokens": 4}
+    }
 
 
 def test_two_processes_write_at_once_without_locking_errors(store: Store) -> None:

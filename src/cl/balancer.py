@@ -234,7 +234,7 @@ class Balancer:
             wall = walls.get(name)
             until = json.dumps(iso_utc(wall.reset_at)) if wall and wall.reset_at else "null"
             used = {k: v for k, v in usage.get(name, {}).items() if v is not None and k != "last_used_at"}
-            tail = f',"utilization":{json.dumps(used)}' if used else ""
+            tail = f',"usage":{json.dumps(used)}' if used else ""
             accounts.append(f'{cached[1]},"walled_until":{until},"sessions":{live.get(name, 0)}{tail}}}')
         sessions = [
             {

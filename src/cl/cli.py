@@ -102,15 +102,16 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2))
         return 0
     print_table(
-        ["ACCOUNT", "STATE", "WALLED UNTIL", "SESSIONS", "5H", "7D"],
+        ["ACCOUNT", "STATE", "WALLED UNTIL", "SESSIONS", "5H", "7D", "TOKENS IN/OUT"],
         [
             [
                 a["name"],
                 a["state"],
                 a["walled_until"] or "-",
                 str(a["sessions"]),
-                _percent(a.get("utilization", {}).get("five_hour")),
-                _percent(a.get("utilization", {}).get("seven_day")),
+                _percent(a.get("usage", {}).get("five_hour")),
+                _percent(a.get("usage", {}).get("seven_day")),
+                _tokens(a.get("usage", {})),
             ]
             for a in status["accounts"]
         ],
@@ -175,6 +176,10 @@ def print_sessions(sessions: list[dict[str, Any]]) -> None:
             for s in sessions
         ],
     )
+
+
+def _tokens(usage: dict[str, Any]) -> str:
+    return f"{usage['input_tokens']}/{usage['output_tokens']}" if "input_tokens" in usage else "-"
 
 
 def _percent(value: float | None) -> str:

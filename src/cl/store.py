@@ -86,6 +86,11 @@ MIGRATIONS: list[str] = [
     CREATE INDEX runs_by_state ON runs(state);
     CREATE INDEX runs_by_job ON runs(job_id);
     """,
+    # 3: tokens used per account, from each run's result
+    """
+    ALTER TABLE usage ADD COLUMN input_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN output_tokens INTEGER NOT NULL DEFAULT 0
+    """,
 ]
 
 
@@ -384,20 +389,30 @@ class Store:
             if db.execute("DELETE FROM walls WHERE account = ?", (account,)).rowcount:
                 self.record(db, "wall lifted", account=account)
 
-    def record_usage(self, account: str, utilization: dict[str, float], used_at: float | None = None) -> None:
+    def record_usage(
+        self,
+        account: str,
+        utilization: dict[str, float],
+        used_at: float | None = None,
+        tokens: tuple[int, int] = (0, 0),
+    ) -> None:
+        """Utilization as last reported (a window not reported keeps its value); tokens add up."""
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO usage (account, five_hour, seven_day, last_used_at) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT(account) DO UPDATE SET"
+                "INSERT INTO usage (account, five_hour, seven_day, last_used_at, input_tokens, output_tokens)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(account) DO UPDATE SET"
                 " five_hour = COALESCE(excluded.five_hour, five_hour),"
                 " seven_day = COALESCE(excluded.seven_day, seven_day),"
-                " last_used_at = COALESCE(excluded.last_used_at, last_used_at)",
-                (account, utilization.get("five_hour"), utilization.get("seven_day"), used_at),
+                " last_used_at = COALESCE(excluded.last_used_at, last_used_at),"
+                " input_tokens = input_tokens + excluded.input_tokens,"
+                " output_tokens = output_tokens + excluded.output_tokens",
+                (account, utilization.get("five_hour"), utilization.get("seven_day"), used_at, *tokens),
             )
 
     def usage(self) -> dict[str, dict[str, float | None]]:
         rows = self._db.execute("SELECT * FROM usage")
-        return {row["account"]: {k: row[k] for k in ("five_hour", "seven_day", "last_used_at")} for row in rows}
+        keys = ("five_hour", "seven_day", "last_used_at", "input_tokens", "output_tokens")
+        return {row["account"]: {k: row[k] for k in keys} for row in rows}
 
     def ledger(self, limit: int = 100) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT * FROM ledger ORDER BY id DESC LIMIT ?", (limit,)).fetchall()

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -160,8 +161,8 @@ def work(config: Config, store: Store, run_id: int) -> RunState | None:
                 bound.info("session started", session=state.session_id)
         code = claude.wait()
     outcome, error = state.outcome(code)
-    if state.utilization or outcome is Outcome.DONE:
-        store.record_usage(run.account, state.utilization, used_at=time.time())
+    if state.utilization or state.usage:
+        store.record_usage(run.account, state.utilization, time.time(), _tokens(state.usage))
     final = _RUN_STATE[outcome]
     if (wall := state.wall) is not None:
         # No reset in the output (API-key walls): try again after `wall_retry`, never "forever".
@@ -176,6 +177,16 @@ def work(config: Config, store: Store, run_id: int) -> RunState | None:
     elif final is RunState.FAILED:
         bound.error("session failed", session=state.session_id, exit_code=code, error=error)
     return final
+
+
+def _tokens(usage: dict[str, Any] | None) -> tuple[int, int]:
+    def count(key: str) -> int:
+        value = (usage or {}).get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    return count("input_tokens") + count("cache_read_input_tokens") + count("cache_creation_input_tokens"), count(
+        "output_tokens"
+    )
 
 
 def main() -> None:
