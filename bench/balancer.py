@@ -20,8 +20,9 @@ from pathlib import Path
 
 from run import BIN, daemons, env_for, ms, percentile, populate
 
+from cl.client import call
+from cl import logs
 from cl.placement import choose, eligible
-from cl.protocol import call
 from cl.registry import CredentialRegistry
 from cl.store import JobState, Store
 
@@ -109,6 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    logs.configure("warning")
     samples = 50 if args.quick else 300
     with tempfile.TemporaryDirectory(prefix="cl-bench-") as tmp:
         sockets, commands = status_round_trip(Path(tmp) / "status", samples)

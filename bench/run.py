@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cl.protocol import DaemonUnreachable, call
+from cl.client import DaemonUnreachable, call
 
 BIN = Path(sys.executable).parent
 HERE = Path(__file__).resolve().parent

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cl.protocol import call
+from cl.client import call
 from utils import DaemonProcess, Layout, Planted, oauth_credential, wait_until, write_credential
 
 WATCHDOG_USEC = 400_000

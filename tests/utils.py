@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cl.protocol import DaemonUnreachable, call
+from cl.client import DaemonUnreachable, call
 
 BIN = Path(sys.executable).parent
 FAKE_CLAUDE = Path(__file__).resolve().parent / "fakes" / "claude"

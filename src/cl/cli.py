@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cl.client import DaemonUnreachable, call
 from cl.config import Config, ConfigError, load_config
-from cl.protocol import DaemonUnreachable, call
 
 DAEMONS = ("balancer", "rescue")
 EXIT_DIFFER, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND = 1, 2, 3, 4

@@ -137,26 +137,3 @@ def _remove_stale_socket(path: Path) -> None:
     finally:
         probe.close()
     raise FileExistsError(f"{path}: another daemon is already listening there")
-
-
-class DaemonUnreachable(Exception):
-    pass
-
-
-def call(path: Path, request: Request, timeout: float = 10.0) -> Reply:
-    """Send one request and return the reply (the `ok` field says how it went)."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(path))
-            sock.sendall(json.dumps(request).encode() + b"\n")
-            chunks: list[bytes] = []
-            while not chunks or not chunks[-1].endswith(b"\n"):
-                chunk = sock.recv(1 << 16)
-                if not chunk:
-                    raise DaemonUnreachable(f"{path}: connection closed before a reply")
-                chunks.append(chunk)
-    except OSError as exc:
-        raise DaemonUnreachable(f"{path}: {exc.strerror or exc}") from None
-    reply: Reply = json.loads(b"".join(chunks))
-    return reply

@@ -29,10 +29,10 @@ import structlog
 
 from cl import logs
 from cl.claude_code.stream import Outcome, StreamState
+from cl.client import DaemonUnreachable, call
 from cl.config import Config, ConfigError, load_config
 from cl.credentials import CredentialKind, credential_filename
 from cl.processes import start_time
-from cl.protocol import DaemonUnreachable, call
 from cl.store import Job, Run, RunState, Store, iso_utc
 
 log = structlog.get_logger("cl.worker")

@@ -1,0 +1,34 @@
+"""The client side of the control protocol (see `protocol.py`): one request, one reply.
+
+Kept apart from the server so that `cl` and the workers start without importing asyncio.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+
+class DaemonUnreachable(Exception):
+    pass
+
+
+def call(path: Path, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    """Send one request and return the reply (the `ok` field says how it went)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            chunks: list[bytes] = []
+            while not chunks or not chunks[-1].endswith(b"\n"):
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    raise DaemonUnreachable(f"{path}: connection closed before a reply")
+                chunks.append(chunk)
+    except OSError as exc:
+        raise DaemonUnreachable(f"{path}: {exc.strerror or exc}") from None
+    reply: dict[str, Any] = json.loads(b"".join(chunks))
+    return reply
