@@ -20,8 +20,8 @@ from pathlib import Path
 
 from run import BIN, daemons, env_for, ms, percentile, populate
 
-from cl.client import call
 from cl import logs
+from cl.client import call
 from cl.placement import choose, eligible
 from cl.registry import CredentialRegistry
 from cl.store import JobState, Store
