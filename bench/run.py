@@ -211,7 +211,7 @@ def main() -> None:
                 )
         print("\nwatch step trade-off (one registry, in-process event latency; idle CPU of the whole process):")
         print(f"{'watcher':>12} {'p50':>9} {'p99':>9} {'idle CPU':>9}")
-        for row in step_sweep([1, 5, 10, 20, 50], max(30, samples // 3), idle / 3):
+        for row in step_sweep([1, 5, 8, 10, 20, 50], max(30, samples // 3), idle / 3):
             print(f"{row['watcher']:>12} {ms(float(row['p50'])):>9} {ms(float(row['p99'])):>9} {row['cpu']:>8.2f}%")
 
 

@@ -75,6 +75,16 @@ def install(box: Box) -> None:
     box("/opt/cl/bin/pip", "install", "-q", "--no-index", "--find-links", "/wheels", "cl")
 
 
+def drop_credential(box: Box, directory: Path, name: str, content: str) -> None:
+    """As an operator would: owned by the box's `cl` user, mode 0600, landed by a rename."""
+    uid = int(box("id", "-u", "cl").stdout)
+    incoming = directory / ".incoming"
+    incoming.write_text(content)
+    os.chown(incoming, uid, uid)
+    incoming.chmod(0o600)
+    incoming.rename(directory / f"credentials-{name}.json")
+
+
 def journal(box: Box, unit: str) -> list[tuple[int, str]]:
     out = box("journalctl", "-u", unit, "-o", "json", "--no-pager").stdout
     entries = [json.loads(line) for line in out.splitlines() if line.strip()]
@@ -87,12 +97,7 @@ def test_enable_drop_a_credential_reload_and_stop(box: Box, tmp_path: Path, plan
     for unit in ("cl-balancer", "cl-rescue"):  # `start` returned: both sent READY=1
         assert box("systemctl", "is-active", unit).stdout.strip() == "active"
 
-    uid = int(box("id", "-u", "cl").stdout)
-    credential = tmp_path / "claude" / ".incoming"
-    credential.write_text(oauth_credential(planted))
-    os.chown(credential, uid, uid)
-    credential.chmod(0o600)
-    credential.rename(tmp_path / "claude" / "credentials-a4.json")
+    drop_credential(box, tmp_path / "claude", "a4", oauth_credential(planted))
 
     for unit in ("cl-balancer", "cl-rescue"):
         wait_until(
@@ -135,12 +140,7 @@ def test_a_session_runs_in_its_own_worker_unit_and_survives_a_balancer_restart(
         f"mkdir -p /etc/cl /srv/work && chown cl:cl /srv/work && printf '%s' '{config}' > /etc/cl/config.toml",
     )
     box("systemctl", "enable", "--now", "cl-balancer.service")
-    uid = int(box("id", "-u", "cl").stdout)
-    credential = tmp_path / "claude" / ".incoming"
-    credential.write_text(oauth_credential(planted))
-    os.chown(credential, uid, uid)
-    credential.chmod(0o600)
-    credential.rename(tmp_path / "claude" / "credentials-a1.json")
+    drop_credential(box, tmp_path / "claude", "a1", oauth_credential(planted))
     wait_until(lambda: "a1" in box("/opt/cl/bin/cl", "accounts", "--from", "balancer").stdout, "a1 to show")
 
     job = json.loads(box("/opt/cl/bin/cl", "submit", "--cwd", "/srv/work", "--prompt", "long", "--json").stdout)["job"]

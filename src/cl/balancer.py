@@ -29,7 +29,7 @@ from cl.credentials import Account
 from cl.processes import alive, on_exit
 from cl.protocol import Encoded, Handler, Reply, Request, RequestError
 from cl.registry import CredentialRegistry
-from cl.store import LIVE_RUNS, AsyncStore, JobState, Run, RunState, Store, iso_utc
+from cl.store import LIVE_RUNS, AsyncStore, Job, JobState, Run, RunState, Store, iso_utc
 from cl.worker import launch, point_credentials, session_config_dir
 
 log = structlog.get_logger("cl.balancer")
@@ -107,8 +107,14 @@ class Balancer:
         return ended
 
     async def _settle_if_live(self, run_id: int) -> None:
-        run = await self.store.run(self.store.store.run, run_id)
-        if run is not None and run.state in LIVE_RUNS:
+        """A worker ended: if it did not settle its run itself, say what became of it."""
+        store = self.store.store
+        run = await self.store.run(store.run, run_id)
+        if run is not None and run.state == RunState.STARTING:
+            error = "the worker exited before starting the CLI; see the log"
+            await self.store.run(store.settle, run_id, RunState.FAILED, error)
+            log.error("worker failed to start", run=run_id, job=run.job_id, account=run.account)
+        elif run is not None and run.state in LIVE_RUNS:
             await self._orphan(run_id)
         self.wake()
 
@@ -120,12 +126,25 @@ class Balancer:
 
     async def _place(self) -> None:
         store = self.store.store
-        queued = await self.store.run(store.jobs, (JobState.QUEUED,), 1000)
-        walls = await self.store.run(store.walls)
-        live = await self.store.run(store.live_counts)
-        usage = await self.store.run(store.usage)
+        queued, walls, live, usage = await self.store.run(store.placement_facts, 1000)
+        if queued:
+            await self._place_jobs(queued, walls, live, usage)
+        self._counts = {
+            "walled": sum(1 for name in walls if name in self.registry.accounts),
+            "running": sum(live.values()),
+            "queued": await self.store.run(store.queue_length),
+        }
+        self._status_changed()
+        self._schedule_wall_expiry(walls.values())
+
+    async def _place_jobs(
+        self, queued: list[Job], walls: Mapping[str, Any], live: dict[str, int], usage: Mapping[str, Any]
+    ) -> None:
+        """Place what can be placed, in queue order; `live` follows."""
+        store = self.store.store
+        limit = self.config.max_sessions_per_account
+        candidates = placement.eligible(self.registry.accounts, walls, live, limit)
         for job in queued:
-            candidates = placement.eligible(self.registry.accounts, walls, live, self.config.max_sessions_per_account)
             account = placement.choose(candidates, live, usage, self.config.placement)
             if account is None:
                 if not self._waiting_logged:
@@ -137,9 +156,9 @@ class Balancer:
             if run is None:
                 continue  # cancelled meanwhile
             live[account.name] = live.get(account.name, 0) + 1
+            if live[account.name] >= limit:
+                candidates.remove(account)
             await self._launch(run, job.id)
-        await self._refresh_counts(walls)
-        self._schedule_wall_expiry(walls.values())
 
     async def _launch(self, run: Run, job_id: int) -> None:
         account = self.registry.accounts.get(run.account)
@@ -149,20 +168,15 @@ class Balancer:
         config_dir = session_config_dir(self.config, job_id)
         await asyncio.to_thread(point_credentials, self.config, config_dir, account.name, account.kind)
         env = worker_environment(os.environ, account, str(config_dir), self.config.worker_env)
-        pid = await asyncio.to_thread(launch, run.id, env, self.config.socket_path("worker"))
-        on_exit(pid, self._ended(run.id))
+        try:
+            pid = await asyncio.to_thread(launch, run.id, env, self.config.socket_path("worker"))
+        except (OSError, ValueError, KeyError) as exc:
+            await self.store.run(self.store.store.settle, run.id, RunState.FAILED, f"cannot launch a worker: {exc}")
+            log.error("cannot launch a worker", job=job_id, run=run.id, account=account.name, error=str(exc))
+            return
+        if not on_exit(pid, self._ended(run.id)):  # gone already
+            await self._settle_if_live(run.id)
         log.info("job placed", job=job_id, run=run.id, account=account.name, pid=pid)
-
-    async def _refresh_counts(self, walls: Mapping[str, Any]) -> None:
-        store = self.store.store
-        live = await self.store.run(store.live_counts)
-        queued = await self.store.run(store.jobs, (JobState.QUEUED,))
-        self._counts = {
-            "walled": sum(1 for name in walls if name in self.registry.accounts),
-            "running": sum(live.values()),
-            "queued": len(queued),
-        }
-        self._status_changed()
 
     def _schedule_wall_expiry(self, walls: Any) -> None:
         """Wake at the earliest reset of a standing wall: that account may take work again."""

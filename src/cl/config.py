@@ -34,7 +34,7 @@ class Config:
     """Where the daemons' control sockets live."""
     resync_interval: float = 30.0
     """Seconds between full rescans of the credentials dir behind inotify."""
-    watch_step_ms: int = 10
+    watch_step_ms: int = 8
     """watchfiles' polling step: latency is one to two steps; idle CPU grows as it shrinks."""
     log_level: str = "info"
     max_sessions_per_account: int = 4
@@ -83,26 +83,22 @@ def _positive_float(value: Any, _base: Path) -> float:
     return float(number)
 
 
-def _step_ms(value: Any, _base: Path) -> int:
-    error = "must be a whole number of milliseconds from 1 to 1000"
-    number = _number(value, int, error)
-    if not 1 <= number <= 1000:
-        raise ValueError(error)
-    return int(number)
+def _whole(low: int, high: int, unit: str = "") -> Callable[[Any, Path], int]:
+    error = f"must be a whole number{unit} from {low} to {high}"
+
+    def parse(value: Any, _base: Path) -> int:
+        number = _number(value, int, error)
+        if not low <= number <= high:
+            raise ValueError(error)
+        return int(number)
+
+    return parse
 
 
 def _log_level(value: Any, _base: Path) -> str:
     if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
         raise TypeError(f"must be one of {', '.join(LOG_LEVELS)}")
     return value.lower()
-
-
-def _max_sessions(value: Any, _base: Path) -> int:
-    error = "must be a whole number from 1 to 1000"
-    number = _number(value, int, error)
-    if not 1 <= number <= 1000:
-        raise ValueError(error)
-    return int(number)
 
 
 def _placement(value: Any, _base: Path) -> str:
@@ -139,9 +135,9 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "state_dir": _path,
     "runtime_dir": _path,
     "resync_interval": _positive_float,
-    "watch_step_ms": _step_ms,
+    "watch_step_ms": _whole(1, 1000, " of milliseconds"),
     "log_level": _log_level,
-    "max_sessions_per_account": _max_sessions,
+    "max_sessions_per_account": _whole(1, 1000),
     "placement": _placement,
     "claude_bin": _claude_bin,
     "claude_args": _claude_args,

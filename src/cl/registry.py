@@ -95,7 +95,7 @@ class CredentialRegistry:
         directory: Path,
         *,
         resync_interval: float = 30.0,
-        step_ms: int = 10,
+        step_ms: int = 8,
         debounce_ms: int = 100,
     ) -> None:
         self.directory = Path(os.path.abspath(directory))

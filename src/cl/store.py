@@ -356,6 +356,16 @@ class Store:
         rows = self._db.execute("SELECT * FROM runs WHERE id IN (SELECT MAX(id) FROM runs GROUP BY job_id)")
         return {row["job_id"]: Run(*row) for row in rows}
 
+    def placement_facts(
+        self, limit: int
+    ) -> tuple[list[Job], dict[str, WallRecord], dict[str, int], dict[str, dict[str, float | None]]]:
+        """The queue's head, standing walls, live runs per account and usage, in one read."""
+        with self.transaction():
+            return self.jobs((JobState.QUEUED,), limit), self.walls(), self.live_counts(), self.usage()
+
+    def queue_length(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.QUEUED,)).fetchone()[0])
+
     def snapshot(self) -> Snapshot:
         """Everything `status` shows, read in one transaction."""
         with self.transaction():
