@@ -262,4 +262,10 @@ def test_usage_and_a_followed_log(layout: Layout, planted: Planted) -> None:
     assert events[-1]["type"] == "result"
     (account,) = status(layout)["accounts"]
     assert account["usage"] == {"five_hour": 0.1, "seven_day": 0.05, "input_tokens": 10, "output_tokens": 12}
+    as_json = json.loads(cl(layout, "logs", str(job), "--json").stdout)
+    assert as_json == {"output": out, "finished": True}
+    wait_until(
+        lambda: any("session done" in line and "daemon=balancer" in line for line in balancer.log().splitlines()),
+        "the outcome in the balancer's own log",
+    )
     balancer.stop()

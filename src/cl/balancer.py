@@ -116,6 +116,9 @@ class Balancer:
             log.error("worker failed to start", run=run_id, job=run.job_id, account=run.account)
         elif run is not None and run.state in LIVE_RUNS:
             await self._orphan(run_id)
+        elif run is not None:  # the worker settled it: the outcome goes in our log too
+            level = {RunState.DONE: log.info, RunState.WALLED: log.warning}.get(RunState(run.state), log.error)
+            level(f"session {run.state}", job=run.job_id, run=run_id, account=run.account, session=run.session_id)
         self.wake()
 
     async def _orphan(self, run_id: int) -> None:

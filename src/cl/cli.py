@@ -151,6 +151,9 @@ def cmd_logs(config: Config, args: argparse.Namespace) -> int:
     offset = 0
     while True:
         reply = ask(config, "balancer", {"request": "logs", "session": key, "offset": offset})
+        if args.json and not args.follow:
+            print(json.dumps({"output": reply["data"], "finished": reply["finished"]}))
+            return 0
         sys.stdout.write(reply["data"])
         sys.stdout.flush()
         offset = reply["offset"]
@@ -245,6 +248,7 @@ def parser() -> argparse.ArgumentParser:
     logs = commands.add_parser("logs", help="a session's output (by session id or job id)")
     logs.add_argument("session")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the session ends")
+    logs.add_argument("--json", action="store_true", help='{"output", "finished"} (the output is stream-json lines)')
     logs.set_defaults(func=cmd_logs)
     return p
 
