@@ -269,3 +269,15 @@ def test_usage_and_a_followed_log(layout: Layout, planted: Planted) -> None:
         "the outcome in the balancer's own log",
     )
     balancer.stop()
+
+
+@pytest.mark.usefixtures("balancer")
+def test_a_job_whose_directory_vanished_fails_with_the_reason(layout: Layout, planted: Planted) -> None:
+    gone = layout.root / "gone"
+    gone.mkdir()
+    job = json.loads(cl(layout, "submit", "--cwd", str(gone), "--prompt", "x", "--json").stdout)["job"]
+    gone.rmdir()  # between submit and placement
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    wait_until(lambda: job_states(layout) == {job: "failed"}, "the job to fail")
+    assert "does not exist" in status(layout)["jobs"][0]["error"]
+    assert layout.claude_calls() == []

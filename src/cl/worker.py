@@ -135,31 +135,14 @@ def work(config: Config, store: Store, run_id: int) -> RunState | None:
         log.info("run not claimable, leaving it", run=run.id, job=job.id)
         return None
     bound = log.bind(job=job.id, run=run.id, account=run.account)
-    state = StreamState()
-    with path.open("ab") as output:
-        try:
-            claude = subprocess.Popen(
-                claude_argv(config, job, run),
-                cwd=job.cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=output,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, no locks taken
-            )
-        except OSError as exc:
-            store.settle(run.id, RunState.FAILED, f"cannot start {config.claude_bin}: {exc.strerror}")
-            bound.error("cli did not start", error=exc.strerror, cwd=job.cwd)
-            return RunState.FAILED
-        assert claude.stdout is not None
-        for raw in claude.stdout:
-            output.write(raw)
-            output.flush()
-            known = state.session_id
-            state.feed(raw.decode(errors="replace"))
-            if state.session_id and state.session_id != known:
-                store.set_session(run.id, state.session_id)
-                bound.info("session started", session=state.session_id)
-        code = claude.wait()
+    if not os.path.isdir(job.cwd):
+        store.settle(run.id, RunState.FAILED, f"working directory {job.cwd} does not exist (or is not visible here)")
+        bound.error("session failed", error="no working directory", cwd=job.cwd)
+        return RunState.FAILED
+    ran = _run_cli(config, store, job, run, path)
+    if ran is None:
+        return RunState.FAILED
+    state, code = ran
     outcome, error = state.outcome(code)
     if state.utilization or state.usage:
         store.record_usage(run.account, state.utilization, time.time(), _tokens(state.usage))
@@ -177,6 +160,36 @@ def work(config: Config, store: Store, run_id: int) -> RunState | None:
     elif final is RunState.FAILED:
         bound.error("session failed", session=state.session_id, exit_code=code, error=error)
     return final
+
+
+def _run_cli(config: Config, store: Store, job: Job, run: Run, path: Path) -> tuple[StreamState, int] | None:
+    """Run the CLI, keeping its output and reading it as it comes; None if it did not start."""
+    bound = log.bind(job=job.id, run=run.id, account=run.account)
+    state = StreamState()
+    with path.open("ab") as output:
+        try:
+            claude = subprocess.Popen(
+                claude_argv(config, job, run),
+                cwd=job.cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=output,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, no locks taken
+            )
+        except OSError as exc:
+            store.settle(run.id, RunState.FAILED, f"cannot start {config.claude_bin}: {exc.strerror}")
+            bound.error("cli did not start", error=exc.strerror, cwd=job.cwd)
+            return None
+        assert claude.stdout is not None
+        for raw in claude.stdout:
+            output.write(raw)
+            output.flush()
+            known = state.session_id
+            state.feed(raw.decode(errors="replace"))
+            if state.session_id and state.session_id != known:
+                store.set_session(run.id, state.session_id)
+                bound.info("session started", session=state.session_id)
+        return state, claude.wait()
 
 
 def _tokens(usage: dict[str, Any] | None) -> tuple[int, int]:
