@@ -99,8 +99,8 @@ def test_submit_refuses_bad_input_with_exit_2(layout: Layout) -> None:
 
 def test_waiting_jobs_go_to_a_credential_dropped_in(layout: Layout, planted: Planted, balancer: DaemonProcess) -> None:
     job = submit(layout, "wait for me")
-    wait_until(lambda: status(layout)["queue"] == 1, "the job to wait in the queue")
-    assert "jobs waiting" in balancer.log()
+    wait_until(lambda: "jobs waiting" in balancer.log(), "the balancer to say that jobs wait")
+    assert status(layout)["queue"] == 1
     write_credential(layout.credentials, "a4", oauth_credential(planted))
     wait_until(lambda: job_states(layout) == {job: "done"}, "the job to run on the new account")
     assert status(layout)["jobs"][0]["account"] == "a4"
