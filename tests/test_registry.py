@@ -223,3 +223,14 @@ async def test_usable_count_follows_every_change(registry: CredentialRegistry, p
         await next_change(subscription)
         assert registry.usable_count == sum(account.usable for account in registry.accounts.values())
     assert registry.usable_count == 0
+
+
+async def test_sorted_names_follow_the_roster(registry: CredentialRegistry, planted: Planted) -> None:
+    subscription = registry.subscribe()
+    for name in ("b", "a", "c"):
+        write_credential(registry.directory, name, oauth_credential(planted))
+        await next_change(subscription)
+    assert registry.sorted_names() == ["a", "b", "c"]
+    (registry.directory / "credentials-b.json").unlink()
+    await next_change(subscription)
+    assert registry.sorted_names() == ["a", "c"]

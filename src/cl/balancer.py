@@ -48,8 +48,8 @@ class Balancer:
         self._counts = {"walled": 0, "running": 0, "queued": 0}
         self._waiting_logged = False
         self._account_json: dict[str, tuple[Account, str]] = {}
-        """Per account, the start of its status entry, for as long as the account object is the same."""
-        self._sorted_names: tuple[int, list[str]] = (-1, [])
+        """Rendering only, rebuilt from the registry on every status: per account in the roster now,
+        the start of its status entry, kept while the registry hands out the same account object."""
 
     def handlers(self) -> Mapping[str, Handler]:
         return {
@@ -234,12 +234,10 @@ class Balancer:
         snapshot = await self.store.run(self.store.store.snapshot)
         jobs, runs, walls, live, usage = snapshot.jobs, snapshot.runs, snapshot.walls, snapshot.live, snapshot.usage
         roster = self.registry.accounts
-        if self._sorted_names[0] != self.registry.version:
-            self._sorted_names = (self.registry.version, sorted(roster))
         busy = walls.keys() | live.keys() | usage.keys()
         accounts = []
         cache, self._account_json = self._account_json, {}
-        for name in self._sorted_names[1]:
+        for name in self.registry.sorted_names():
             account = roster[name]
             cached = cache.get(name)
             if cached is None or cached[0] is not account:

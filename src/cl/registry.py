@@ -106,6 +106,7 @@ class CredentialRegistry:
         self._usable = 0
         self.version = 0
         """Counts every change: equal versions, equal rosters."""
+        self._sorted: tuple[int, list[str]] = (-1, [])
         self._signatures: dict[str, FileSignature | None] = {}
         self._subscribers: set[Subscription] = set()
         self._lock = asyncio.Lock()
@@ -119,6 +120,12 @@ class CredentialRegistry:
     def accounts(self) -> Mapping[str, Account]:
         """The current roster, read-only. Do not keep it: ask again next time."""
         return MappingProxyType(self._accounts)
+
+    def sorted_names(self) -> list[str]:
+        """The account names in order (sorted once per roster version). Do not keep it either."""
+        if self._sorted[0] != self.version:
+            self._sorted = (self.version, sorted(self._accounts))
+        return self._sorted[1]
 
     @property
     def usable_count(self) -> int:
