@@ -232,7 +232,7 @@ class Balancer:
     async def _status(self, _request: Request) -> Encoded:
         """Accounts, sessions, jobs and the queue: built from cached pieces, it stays fast at 10,000 accounts."""
         snapshot = await self.store.run(self.store.store.snapshot)
-        jobs, runs, walls, live, usage = snapshot.jobs, snapshot.runs, snapshot.walls, snapshot.live, snapshot.usage
+        jobs, walls, live, usage = snapshot.jobs, snapshot.walls, snapshot.live, snapshot.usage
         roster = self.registry.accounts
         busy = walls.keys() | live.keys() | usage.keys()
         accounts = []
@@ -256,13 +256,13 @@ class Balancer:
                 "session_id": job.session_id,
                 "job": job.id,
                 "account": job.account,
-                "state": runs[job.id].state,
+                "state": job.run_state,
                 "cwd": job.cwd,
-                "started_at": iso_utc(runs[job.id].created_at),
-                "error": runs[job.id].error,
+                "started_at": job.run_started_at,
+                "error": job.run_error,
             }
             for job in jobs
-            if job.id in runs
+            if job.run_state is not None
         ]
         job_views = [
             {
@@ -271,7 +271,7 @@ class Balancer:
                 "account": job.account,
                 "session_id": job.session_id,
                 "cwd": job.cwd,
-                "created_at": iso_utc(job.created_at),
+                "created_at": job.created_at,
                 "error": job.error,
             }
             for job in jobs

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
@@ -165,11 +165,24 @@ class WallRecord:
     recorded_at: float
 
 
+class JobLine(NamedTuple):
+    """A job as `status` shows it, with its latest run; times in ISO 8601 UTC (made by SQLite)."""
+
+    id: int
+    state: str
+    account: str | None
+    session_id: str | None
+    cwd: str
+    created_at: str
+    error: str | None
+    run_state: str | None
+    run_started_at: str | None
+    run_error: str | None
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Snapshot:
-    jobs: list[Job]
-    runs: dict[int, Run]
-    """Each job's latest run."""
+    jobs: list[JobLine]
     walls: dict[str, WallRecord]
     live: dict[str, int]
     usage: dict[str, dict[str, float | None]]
@@ -367,9 +380,16 @@ class Store:
         return int(self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.QUEUED,)).fetchone()[0])
 
     def snapshot(self) -> Snapshot:
-        """Everything `status` shows, read in one transaction."""
-        with self.transaction():
-            return Snapshot(self.jobs(), self.current_runs(), self.walls(), self.live_counts(), self.usage())
+        """Everything `status` shows, read in one transaction (prompts are never loaded)."""
+        iso = "strftime('%Y-%m-%dT%H:%M:%SZ', {}, 'unixepoch')"
+        query = (
+            f"SELECT j.id, j.state, j.account, j.session_id, j.cwd, {iso.format('j.created_at')}, j.error,"
+            f" r.state, {iso.format('r.created_at')}, r.error"
+            " FROM jobs j LEFT JOIN runs r ON r.id = (SELECT MAX(id) FROM runs WHERE job_id = j.id) ORDER BY j.id"
+        )
+        with self.transaction() as db:
+            jobs = [JobLine(*row) for row in db.execute(query)]
+            return Snapshot(jobs, self.walls(), self.live_counts(), self.usage())
 
     @staticmethod
     def _job_of(db: sqlite3.Connection, run_id: int) -> int:
