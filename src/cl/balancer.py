@@ -25,10 +25,9 @@ import structlog
 from cl import daemon, placement
 from cl.claude_code.environment import worker_environment
 from cl.config import Config
-from cl.credentials import Account
 from cl.processes import alive, on_exit
 from cl.protocol import Encoded, Handler, Reply, Request, RequestError
-from cl.registry import CredentialRegistry
+from cl.registry import CredentialRegistry, Subscription
 from cl.store import LIVE_RUNS, AsyncStore, Job, JobState, Run, RunState, Store, iso_utc
 from cl.worker import launch, point_credentials, session_config_dir
 
@@ -47,9 +46,6 @@ class Balancer:
         self._reset_timer: asyncio.TimerHandle | None = None
         self._counts = {"walled": 0, "running": 0, "queued": 0}
         self._waiting_logged = False
-        self._account_json: dict[str, tuple[Account, str]] = {}
-        """Rendering only, rebuilt from the registry on every status: per account in the roster now,
-        the start of its status entry, kept while the registry hands out the same account object."""
 
     def handlers(self) -> Mapping[str, Handler]:
         return {
@@ -81,7 +77,7 @@ class Balancer:
     def wake(self) -> None:
         self._wake.set()
 
-    async def _wake_on_roster_changes(self, changes: Any) -> None:
+    async def _wake_on_roster_changes(self, changes: Subscription) -> None:
         async for _ in changes:
             changes.drain()
             self.wake()
@@ -100,7 +96,7 @@ class Balancer:
                 await self._orphan(run.id)
         self.wake()
 
-    def _ended(self, run_id: int) -> Any:
+    def _ended(self, run_id: int) -> Callable[[], None]:
         def ended() -> None:
             asyncio.get_running_loop().create_task(self._settle_if_live(run_id))
 
@@ -236,21 +232,16 @@ class Balancer:
         roster = self.registry.accounts
         busy = walls.keys() | live.keys() | usage.keys()
         accounts = []
-        cache, self._account_json = self._account_json, {}
         for name in self.registry.sorted_names():
-            account = roster[name]
-            cached = cache.get(name)
-            if cached is None or cached[0] is not account:
-                cached = (account, _account_head(account))
-            self._account_json[name] = cached
+            head = roster[name].json_head
             if name not in busy:
-                accounts.append(cached[1] + _IDLE_TAIL)
+                accounts.append(head + _IDLE_TAIL)
                 continue
             wall = walls.get(name)
             until = json.dumps(iso_utc(wall.reset_at)) if wall and wall.reset_at else "null"
             used = {k: v for k, v in usage.get(name, {}).items() if v is not None and k != "last_used_at"}
             tail = f',"usage":{json.dumps(used)}' if used else ""
-            accounts.append(f'{cached[1]},"walled_until":{until},"sessions":{live.get(name, 0)}{tail}}}')
+            accounts.append(f'{head},"walled_until":{until},"sessions":{live.get(name, 0)}{tail}}}')
         sessions = [
             {
                 "session_id": job.session_id,
@@ -288,13 +279,12 @@ class Balancer:
         offset = request.get("offset", 0)
         if not isinstance(offset, int) or offset < 0:
             raise RequestError("bad-request", '"offset" must be a byte offset')
-        runs = await self.store.run(store.current_runs)
-        jobs = {job.id: job for job in await self.store.run(store.jobs)}
         wanted = request.get("session") or request.get("job")
-        matches = [run for job_id, run in runs.items() if wanted in (job_id, str(job_id), jobs[job_id].session_id)]
-        if not matches:
+        if not isinstance(wanted, int | str) or isinstance(wanted, bool):
+            raise RequestError("bad-request", '"session" or "job" must name one')
+        run = await self.store.run(store.latest_run, wanted)
+        if run is None:
             raise RequestError("not-found", f"no session or job {wanted!r}")
-        run = matches[0]
         data = b""
         if run.log_path:
             data = await asyncio.to_thread(_read_from, Path(run.log_path), offset, 1 << 20)
@@ -306,14 +296,6 @@ class Balancer:
 
 
 _IDLE_TAIL = ',"walled_until":null,"sessions":0}'
-
-
-def _account_head(account: Account) -> str:
-    """The unchanging start of an account's status entry, as JSON without its closing brace."""
-    head: dict[str, Any] = {"name": account.name, "state": str(account.state)}
-    if account.reason:
-        head["reason"] = account.reason
-    return json.dumps(head)[:-1]
 
 
 def _read_from(path: Path, offset: int, limit: int) -> bytes:

@@ -118,6 +118,20 @@ class Account:
     exposed: bool = False
     """The file is readable by group or others."""
     secrets: tuple[Secret, ...] = dataclasses.field(default=(), repr=False)
+    _json_head: str | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def json_head(self) -> str:
+        """`{"name", "state"[, "reason"]` as JSON without the closing brace, made once per account
+        object: a reply listing 10,000 accounts then only appends its own fields."""
+        text = self._json_head
+        if text is None:
+            fields = {"name": self.name, "state": str(self.state)}
+            if self.reason:
+                fields["reason"] = self.reason
+            text = json.dumps(fields)[:-1]
+            object.__setattr__(self, "_json_head", text)
+        return text
 
     @property
     def usable(self) -> bool:

@@ -364,10 +364,14 @@ class Store:
         )
         return dict(rows.fetchall())
 
-    def current_runs(self) -> dict[int, Run]:
-        """Each job's latest run."""
-        rows = self._db.execute("SELECT * FROM runs WHERE id IN (SELECT MAX(id) FROM runs GROUP BY job_id)")
-        return {row["job_id"]: Run(*row) for row in rows}
+    def latest_run(self, job_or_session: int | str) -> Run | None:
+        """The latest run of the job with this id, or of the job whose session this is."""
+        row = self._db.execute(
+            "SELECT runs.* FROM runs JOIN jobs ON jobs.id = runs.job_id"
+            " WHERE jobs.id = ? OR jobs.session_id = ? ORDER BY runs.id DESC LIMIT 1",
+            (job_or_session, str(job_or_session)),
+        ).fetchone()
+        return Run(*row) if row else None
 
     def placement_facts(
         self, limit: int
