@@ -34,7 +34,7 @@ def status_round_trip(root: Path, samples: int) -> tuple[list[float], list[float
     store = Store(root / "state" / "cl.db")
     for i in range(1_000):
         job = store.add_job("/tmp", f"job {i}")  # noqa: S108 - a path stored, never used
-        run = store.place(job.id, f"acct{i % 10_000:05d}")
+        run = store.place(job.id, f"acct{i % 10_000:05d}", limit=1)
         assert run is not None
         store.set_session(run.id, f"00000000-0000-0000-0000-{i:012d}")
         store.settle(run.id, "done")  # type: ignore[arg-type]
@@ -99,7 +99,7 @@ def placement_throughput(root: Path, jobs: int = 10_000, accounts: int = 100) ->
     for job in store.jobs((JobState.QUEUED,)):
         account = choose(eligible(registry.accounts, walls, live, 1_000), live, usage)
         assert account is not None
-        store.place(job.id, account.name)
+        store.place(job.id, account.name, limit=1_000)
         live[account.name] = live.get(account.name, 0) + 1
     elapsed = time.perf_counter() - start
     store.close()

@@ -65,7 +65,7 @@ def test_jobs_run_to_done_and_show_in_status(layout: Layout, planted: Planted) -
     wait_until(lambda: all_in(layout, "done", 3), "three jobs done")
 
     report = status(layout)
-    assert set(report) == {"accounts", "sessions", "jobs", "queue"}
+    assert set(report) == {"accounts", "sessions", "jobs", "queue", "waiting"}
     assert report["queue"] == 0
     assert {a["name"] for a in report["accounts"]} == {"a1", "k1"}
     for account in report["accounts"]:
@@ -216,7 +216,7 @@ def test_a_run_never_claimed_goes_back_to_the_queue_and_runs_once(layout: Layout
     write_credential(layout.credentials, "a1", oauth_credential(planted))
     store = Store(layout.state / "cl.db")
     job = store.add_job(str(layout.work), "interrupted")
-    assert store.place(job.id, "a1") is not None
+    assert store.place(job.id, "a1", limit=4) is not None
     store.close()
     daemon = DaemonProcess("balancer", layout).start()
     try:
@@ -231,7 +231,7 @@ def test_a_run_whose_worker_vanished_is_orphaned(layout: Layout, planted: Plante
     write_credential(layout.credentials, "a1", oauth_credential(planted))
     store = Store(layout.state / "cl.db")
     job = store.add_job(str(layout.work), "lost")
-    run = store.place(job.id, "a1")
+    run = store.place(job.id, "a1", limit=4)
     assert run is not None
     assert store.claim(run.id, 999_999, "1", str(layout.root / "x.log")) is not None  # a pid that is not there
     store.close()

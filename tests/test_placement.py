@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cl.credentials import Account, AccountState
-from cl.placement import choose, eligible
+from cl.placement import choose, eligible, limit
 
 NAMES = st.sampled_from([f"a{i}" for i in range(8)])
 STATES = st.sampled_from(list(AccountState))
@@ -73,6 +73,9 @@ def test_fill_first_packs_the_busiest_account_with_room(world: tuple) -> None:  
     assert live.get(chosen.name, 0) == max(live.get(a.name, 0) for a in candidates)
 
 
-def test_excluded_accounts_are_not_candidates() -> None:
+def test_an_account_on_probation_takes_one_session_at_a_time() -> None:
     roster = {name: Account(name, AccountState.OK) for name in ("a1", "a2")}
-    assert [a.name for a in eligible(roster, set(), {}, 1, exclude={"a1"})] == ["a2"]
+    assert [a.name for a in eligible(roster, set(), {"a2": 1}, 4, probation={"a1"})] == ["a1", "a2"]
+    assert [a.name for a in eligible(roster, set(), {"a1": 1, "a2": 1}, 4, probation={"a1"})] == ["a2"]
+    assert limit("a1", 4, {"a1"}) == 1
+    assert limit("a2", 4, {"a1"}) == 4

@@ -1,8 +1,8 @@
 """cl-balancer: hands queued jobs to the account with the most room.
 
 Placement runs when something can change its answer, never on a polling timer: a job
-submitted, the roster changing (a registry event), a run ending (a worker's pidfd or its
-`run-ended` request), the earliest standing wall reaching its reset time. Each placement is one
+submitted, the roster changing (a registry event), a run ending or getting its first answer (a
+worker's pidfd or its `run-changed` request), the earliest standing wall reaching its reset time. Each placement is one
 store transaction (job -> running, a `starting` run) before the worker is launched; the worker
 claims the run, so a balancer killed at any point loses no job and runs none twice. At start
 the balancer settles what happened while it was down: never-claimed runs go back to the queue,
@@ -23,13 +23,11 @@ from typing import Any
 import structlog
 
 from cl import daemon, placement
-from cl.claude_code.environment import worker_environment
 from cl.config import Config
-from cl.processes import alive, on_exit
-from cl.protocol import Encoded, Handler, Reply, Request, RequestError
+from cl.protocol import Encoded, Handler, Reply, Request, RequestError, id_field
 from cl.registry import CredentialRegistry, Subscription
-from cl.store import LIVE_RUNS, AsyncStore, Job, JobState, Run, RunState, Store, iso_utc
-from cl.worker import launch, point_credentials, session_config_dir
+from cl.store import LIVE_RUNS, AsyncStore, Facts, JobState, NoRoom, Run, RunState, Store, iso_utc
+from cl.supervisor import Supervisor, log_outcome
 
 log = structlog.get_logger("cl.balancer")
 
@@ -42,6 +40,7 @@ class Balancer:
         self.registry = registry
         self._status_changed = status_changed
         self.store = AsyncStore(Store(config.database))
+        self.supervisor = Supervisor(config, registry, self.store, peer="rescue", ended=self._ended)
         self._wake = asyncio.Event()
         self._reset_timer: asyncio.TimerHandle | None = None
         self._counts = {"walled": 0, "running": 0, "queued": 0}
@@ -53,7 +52,7 @@ class Balancer:
             "cancel": self._cancel,
             "status": self._status,
             "logs": self._logs,
-            "run-ended": self._run_ended,
+            "run-changed": self._run_changed,
         }
 
     def status(self) -> str:
@@ -77,105 +76,69 @@ class Balancer:
     def wake(self) -> None:
         self._wake.set()
 
+    def _ended(self, run: Run, by_worker: bool) -> None:
+        if by_worker:
+            log_outcome(run)
+        self.wake()
+
     async def _wake_on_roster_changes(self, changes: Subscription) -> None:
         async for _ in changes:
             changes.drain()
             self.wake()
 
     async def _reconcile(self) -> None:
-        store = self.store.store
-        for run in await self.store.run(store.runs, LIVE_RUNS):
+        for run in await self.store.run(self.store.store.runs, LIVE_RUNS):
             if run.state == RunState.STARTING:
-                # Never claimed: its launcher (an earlier us) died first, or the worker is about
-                # to claim it. Abandoning wins or the claim does, in one transaction each.
-                if await self.store.run(store.settle, run.id, RunState.ABANDONED, "launcher stopped first"):
-                    log.info("run abandoned, job requeued", run=run.id, job=run.job_id, account=run.account)
-            elif run.pid is not None and alive(run.pid, run.pid_start) and on_exit(run.pid, self._ended(run.id)):
+                if run.resume is None:  # a move's unclaimed run is the rescuer's to settle
+                    # Never claimed: its launcher (an earlier us) died first, or the worker is about
+                    # to claim it. Abandoning wins or the claim does, in one transaction each.
+                    abandoned = await self.supervisor.settle(run, RunState.ABANDONED, "launcher stopped first")
+                    if abandoned.state == RunState.ABANDONED:
+                        log.info("run abandoned, job requeued", run=run.id, job=run.job_id, account=run.account)
+            elif self.supervisor.adopt(run):
                 log.info("session adopted", run=run.id, job=run.job_id, account=run.account, pid=run.pid)
             else:
-                await self._orphan(run.id)
+                await self.supervisor.orphan(run)
         self.wake()
-
-    def _ended(self, run_id: int) -> Callable[[], None]:
-        def ended() -> None:
-            asyncio.get_running_loop().create_task(self._settle_if_live(run_id))
-
-        return ended
-
-    async def _settle_if_live(self, run_id: int) -> None:
-        """A worker ended: if it did not settle its run itself, say what became of it."""
-        store = self.store.store
-        run = await self.store.run(store.run, run_id)
-        if run is not None and run.state == RunState.STARTING:
-            error = "the worker exited before starting the CLI; see the log"
-            await self.store.run(store.settle, run_id, RunState.FAILED, error)
-            log.error("worker failed to start", run=run_id, job=run.job_id, account=run.account)
-        elif run is not None and run.state in LIVE_RUNS:
-            await self._orphan(run_id)
-        elif run is not None:  # the worker settled it: the outcome goes in our log too
-            level = {RunState.DONE: log.info, RunState.WALLED: log.warning}.get(RunState(run.state), log.error)
-            level(f"session {run.state}", job=run.job_id, run=run_id, account=run.account, session=run.session_id)
-        self.wake()
-
-    async def _orphan(self, run_id: int) -> None:
-        state = RunState.ORPHANED
-        run = await self.store.run(self.store.store.settle, run_id, state, "worker gone without an outcome")
-        if run is not None:
-            log.warning("session orphaned", run=run_id, job=run.job_id, account=run.account, session=run.session_id)
 
     async def _place(self) -> None:
         store = self.store.store
-        queued, walls, live, usage = await self.store.run(store.placement_facts, 1000)
-        if queued:
-            await self._place_jobs(queued, walls, live, usage)
+        facts = await self.store.run(store.facts, (JobState.QUEUED,), 1000)
+        if facts.jobs:
+            await self._place_jobs(facts)
         self._counts = {
-            "walled": sum(1 for name in walls if name in self.registry.accounts),
-            "running": sum(live.values()),
+            "walled": sum(1 for name in facts.walls if name in self.registry.accounts),
+            "running": sum(facts.live.values()),
             "queued": await self.store.run(store.queue_length),
         }
         self._status_changed()
-        self._schedule_wall_expiry(walls.values())
+        self._schedule_wall_expiry(facts.walls.values())
 
-    async def _place_jobs(
-        self, queued: list[Job], walls: Mapping[str, Any], live: dict[str, int], usage: Mapping[str, Any]
-    ) -> None:
-        """Place what can be placed, in queue order; `live` follows."""
-        store = self.store.store
-        limit = self.config.max_sessions_per_account
-        candidates = placement.eligible(self.registry.accounts, walls, live, limit)
-        for job in queued:
-            account = placement.choose(candidates, live, usage, self.config.placement)
+    async def _place_jobs(self, facts: Facts) -> None:
+        """Place what can be placed, in queue order."""
+        live, max_sessions = facts.live, self.config.max_sessions_per_account
+        candidates = placement.eligible(self.registry.accounts, facts.walls, live, max_sessions, facts.probation)
+        for job in facts.jobs:
+            while (account := placement.choose(candidates, live, facts.usage, self.config.placement)) is not None:
+                limit = placement.limit(account.name, max_sessions, facts.probation)
+                try:
+                    run = await self.store.run(self.store.store.place, job.id, account.name, limit)
+                except NoRoom:  # the rescuer took the room, or a wall came in: next account
+                    candidates.remove(account)
+                    continue
+                if run is not None:  # else cancelled meanwhile
+                    live[account.name] = live.get(account.name, 0) + 1
+                    if live[account.name] >= limit:
+                        candidates.remove(account)
+                    await self.supervisor.launch(run)
+                    log.info("job placed", job=job.id, run=run.id, account=account.name)
+                break
             if account is None:
                 if not self._waiting_logged:
-                    log.warning("jobs waiting", queued=len(queued), reason="no-eligible-account")
+                    log.warning("jobs waiting", queued=len(facts.jobs), reason="no-eligible-account")
                     self._waiting_logged = True
-                break
+                return
             self._waiting_logged = False
-            run = await self.store.run(store.place, job.id, account.name)
-            if run is None:
-                continue  # cancelled meanwhile
-            live[account.name] = live.get(account.name, 0) + 1
-            if live[account.name] >= limit:
-                candidates.remove(account)
-            await self._launch(run, job.id)
-
-    async def _launch(self, run: Run, job_id: int) -> None:
-        account = self.registry.accounts.get(run.account)
-        if account is None:  # gone between choosing and launching
-            await self.store.run(self.store.store.settle, run.id, RunState.ABANDONED, "account removed")
-            return
-        config_dir = session_config_dir(self.config, job_id)
-        await asyncio.to_thread(point_credentials, self.config, config_dir, account.name, account.kind)
-        env = worker_environment(os.environ, account, str(config_dir), self.config.worker_env)
-        try:
-            pid = await asyncio.to_thread(launch, run.id, env, self.config.socket_path("worker"))
-        except (OSError, ValueError, KeyError) as exc:
-            await self.store.run(self.store.store.settle, run.id, RunState.FAILED, f"cannot launch a worker: {exc}")
-            log.error("cannot launch a worker", job=job_id, run=run.id, account=account.name, error=str(exc))
-            return
-        if not on_exit(pid, self._ended(run.id)):  # gone already
-            await self._settle_if_live(run.id)
-        log.info("job placed", job=job_id, run=run.id, account=account.name, pid=pid)
 
     def _schedule_wall_expiry(self, walls: Any) -> None:
         """Wake at the earliest reset of a standing wall: that account may take work again."""
@@ -209,7 +172,7 @@ class Balancer:
         return {"job": job.id}
 
     async def _cancel(self, request: Request) -> Reply:
-        job_id = _job_id(request)
+        job_id = id_field(request, "job")
         job = await self.store.run(self.store.store.cancel_job, job_id)
         if job is None:
             raise RequestError("not-found", f"no job {job_id}")
@@ -218,10 +181,9 @@ class Balancer:
         log.info("job cancelled", job=job_id)
         return {"job": job_id, "state": job.state}
 
-    async def _run_ended(self, request: Request) -> Reply:
-        run_id = request.get("run")
-        if not isinstance(run_id, int):
-            raise RequestError("bad-request", '"run" must be a run id')
+    async def _run_changed(self, request: Request) -> Reply:
+        """A worker ended or got its first answer, or the rescuer settled a run: placement may change."""
+        id_field(request, "run")
         self.wake()
         return {}
 
@@ -305,13 +267,6 @@ def _read_from(path: Path, offset: int, limit: int) -> bytes:
             return f.read(limit)
     except FileNotFoundError:
         return b""
-
-
-def _job_id(request: Request) -> int:
-    job_id = request.get("job")
-    if not isinstance(job_id, int) or isinstance(job_id, bool):
-        raise RequestError("bad-request", '"job" must be a job id')
-    return job_id
 
 
 def main() -> None:

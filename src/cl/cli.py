@@ -98,6 +98,13 @@ def cmd_cancel(config: Config, args: argparse.Namespace) -> int:
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
     status = ask(config, "balancer", {"request": "status"})
     status.pop("ok", None)
+    try:
+        waiting = ask(config, "rescue", {"request": "waiting"})
+        waiting.pop("ok", None)
+    except CommandError as exc:  # the balancer's view still helps; say what is missing
+        print(f"cl: {exc}: walled sessions are not being rescued", file=sys.stderr)
+        waiting = None
+    status["waiting"] = waiting
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -119,7 +126,26 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     print()
     print_sessions(status["sessions"])
     print(f"\n{status['queue']} job(s) queued")
+    if waiting and waiting["sessions"]:
+        print(f"\n{len(waiting['sessions'])} session(s) waiting for an account: {_waits_for(waiting)}")
+        print_table(
+            ["SESSION", "JOB", "WALLED ON", "STATE", "SINCE"],
+            [
+                [w["session_id"] or "-", str(w["job"]), w["account"] or "-", w["state"], w["since"]]
+                for w in waiting["sessions"]
+            ],
+        )
     return 0
+
+
+def _waits_for(waiting: dict[str, Any]) -> str:
+    """What would end the wait, in words."""
+    chances = ["a new credential file"]
+    if waiting["next_reset"]:
+        chances.append(f"the next wall reset at {waiting['next_reset']}")
+    if waiting["probing"]:
+        chances.append(f"the first answer from {', '.join(waiting['probing'])} after its reset")
+    return " or ".join(chances)
 
 
 def cmd_sessions(config: Config, args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ Kept apart from the server so that `cl` and the workers start without importing 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from pathlib import Path
@@ -32,3 +33,9 @@ def call(path: Path, request: dict[str, Any], timeout: float = 10.0) -> dict[str
         raise DaemonUnreachable(f"{path}: {exc.strerror or exc}") from None
     reply: dict[str, Any] = json.loads(b"".join(chunks))
     return reply
+
+
+def tell(path: Path, request: dict[str, Any], timeout: float = 1.0) -> None:
+    """Send a notice that the daemon may act on; nobody waits for it if the daemon is down."""
+    with contextlib.suppress(DaemonUnreachable, ValueError):
+        call(path, request, timeout)

@@ -45,6 +45,12 @@ class Config:
     """Extra arguments for every CLI run (permission mode, allowed tools, ...)."""
     wall_retry: float = 300.0
     """Seconds a wall stands when the CLI named no reset time (API-key walls)."""
+    resume_prompt: str = "continue"
+    """The prompt a moved session is resumed with."""
+    reset_jitter: float = 1.0
+    """Up to this many seconds are added at random to a wall's reset before trying the account."""
+    reconcile_interval: float = 60.0
+    """Seconds between the rescuer's checks for workers that vanished unseen (a safety net)."""
     worker_env: dict[str, str] = dataclasses.field(default_factory=dict)
     """`[worker.env]`: variables added to every CLI run's environment."""
 
@@ -113,6 +119,20 @@ def _claude_bin(value: Any, _base: Path) -> str:
     return value
 
 
+def _prompt(value: Any, _base: Path) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise TypeError("must be a non-empty string")
+    return value
+
+
+def _seconds_or_zero(value: Any, _base: Path) -> float:
+    error = "must be a number of seconds, 0 or more"
+    number = _number(value, float, error)
+    if not 0 <= number < float("inf"):
+        raise ValueError(error)
+    return float(number)
+
+
 def _claude_args(value: Any, _base: Path) -> tuple[str, ...]:
     if isinstance(value, str):
         return tuple(shlex.split(value))
@@ -143,6 +163,9 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "claude_args": _claude_args,
     "worker": _worker,
     "wall_retry": _positive_float,
+    "resume_prompt": _prompt,
+    "reset_jitter": _seconds_or_zero,
+    "reconcile_interval": _positive_float,
 }
 _FIELD = {"worker": "worker_env"}
 

@@ -1,7 +1,8 @@
 """Which account takes the next piece of work: one implementation, for placement and rescue.
 
 Eligible: state `ok` in the registry (so its file exists now), no standing wall, fewer live runs
-than `max_sessions`, not excluded. Then, by policy:
+than `max_sessions` (than one while on probation: its wall has reset but it has not answered
+since, so a still-walled account cannot swallow the whole queue). Then, by policy:
 * `headroom`: the lowest reported utilization (the larger of the 5-hour and 7-day windows), then
   the fewest live runs, then the least recently used, then the name;
 * `fill-first`: the account with the most live runs that still has room, then the name.
@@ -19,13 +20,18 @@ def eligible(
     walled: Collection[str],
     live: Mapping[str, int],
     max_sessions: int,
-    exclude: Collection[str] = (),
+    probation: Collection[str] = (),
 ) -> list[Account]:
     return [
         account
         for name, account in roster.items()
-        if account.usable and name not in walled and live.get(name, 0) < max_sessions and name not in exclude
+        if account.usable and name not in walled and live.get(name, 0) < limit(name, max_sessions, probation)
     ]
+
+
+def limit(account: str, max_sessions: int, probation: Collection[str]) -> int:
+    """How many live runs `account` may have now."""
+    return 1 if account in probation else max_sessions
 
 
 def choose(

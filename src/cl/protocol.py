@@ -46,6 +46,14 @@ class RequestError(Exception):
         self.message = message
 
 
+def id_field(request: Request, key: str) -> int:
+    """The request's `key` (`job`, `run`) as an id, or a bad-request error naming it."""
+    value = request.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise RequestError("bad-request", f'"{key}" must be a {key} id')
+    return value
+
+
 class ControlServer:
     def __init__(self, path: Path, handlers: Mapping[str, Handler]) -> None:
         self.path = path

@@ -1,14 +1,58 @@
-"""cl-rescue: moves sessions whose account walled onto a healthy account."""
+"""cl-rescue: moves sessions whose account walled (or whose worker vanished) onto a healthy account.
+
+A move (DESIGN.md "Moving a session", README "Design"): every job has its own Claude Code config
+dir, whose `.credentials.json` is a symlink to an account's credential file. Moving a session is
+one store transaction (the ledger's "move started", a `starting` run that resumes the session),
+an atomic re-point of that symlink, and a worker that runs `claude --resume <id>` in the same
+dir and cwd: the CLI sends the whole earlier conversation with the new account's token. When the
+run ends, the move is settled in the ledger with whether the transcript grew.
+
+Work arrives by push: a worker tells us when its run ends or first gets an answer, the other
+daemon when it settles a run, the registry when the roster changes, a timer when the earliest
+wall of a waiting session resets. At start, and every `reconcile_interval`, we also look for
+workers that vanished unseen. Nothing here remembers the roster: each pass
+takes the registry's accounts as they are now.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import os
+import random
 import sys
+import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
-from cl import daemon
+import structlog
+
+from cl import daemon, placement
+from cl.claude_code.transcripts import transcript_path
 from cl.config import Config
-from cl.protocol import Handler
-from cl.registry import CredentialRegistry
+from cl.processes import alive
+from cl.protocol import Handler, Reply, Request, id_field
+from cl.registry import CredentialRegistry, Subscription
+from cl.store import LIVE_RUNS, RESCUABLE, AsyncStore, Facts, Job, JobState, NoRoom, Run, RunState, Store, iso_utc
+from cl.supervisor import Supervisor, log_outcome
+from cl.worker import session_config_dir
+
+log = structlog.get_logger("cl.rescue")
+
+BATCH = 1000
+"""Sessions considered per pass; a pass that moved a full batch runs again at once."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Waiting:
+    """Why the walled and orphaned sessions that could not move this pass are waiting."""
+
+    sessions: int
+    reason: str = ""
+    next_reset: float | None = None
+    """The earliest reset of a standing wall on an account we have: the next chance, short of a new file."""
+    probing: tuple[str, ...] = ()
+    """Accounts whose wall has reset, each with one session trying them before the rest follow."""
 
 
 class Rescuer:
@@ -16,15 +60,228 @@ class Rescuer:
         self.config = config
         self.registry = registry
         self._status_changed = status_changed
+        self.store = AsyncStore(Store(config.database))
+        self.supervisor = Supervisor(config, registry, self.store, peer="balancer", ended=self._ended)
+        self._wake = asyncio.Event()
+        self._reset_timer: asyncio.TimerHandle | None = None
+        self._waiting = Waiting(0)
+        self._jobs: list[Job] = []
+        """The sessions waiting after the last pass (for `cl status`)."""
+        self._announced: dict[int, float] = {}
+        """Job id -> the `updated_at` we logged its wall or orphaning for: once per event."""
+        self._moves = 0
 
     def handlers(self) -> Mapping[str, Handler]:
-        return {}
-
-    async def run(self) -> None:
-        """Finding and moving walled sessions comes with the state store (issue 3/4)."""
+        return {"run-changed": self._run_changed, "waiting": self._waiting_request}
 
     def status(self) -> str:
-        return ""
+        waiting = self._waiting
+        if waiting.sessions:
+            return f"{waiting.sessions} sessions waiting ({waiting.reason}), {self._moves} moved"
+        return f"none waiting, {self._moves} moved"
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _ended(self, run: Run, by_worker: bool) -> None:
+        if by_worker and run.resume is not None and run.state == RunState.DONE:  # walls, failures: own lines
+            log_outcome(run)
+        self.wake()
+
+    async def run(self) -> None:
+        await self._recover()
+        changes = self.registry.subscribe()
+        tasks = [asyncio.create_task(self._wake_on_roster_changes(changes)), asyncio.create_task(self._reconcile())]
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                await self._pass()
+        finally:
+            for task in tasks:
+                task.cancel()
+            changes.close()
+            self.store.close()
+
+    async def _wake_on_roster_changes(self, changes: Subscription) -> None:
+        async for _ in changes:
+            changes.drain()
+            self.wake()
+
+    async def _recover(self) -> None:
+        """At start: a move we began but never launched is rolled back (and so tried again);
+        every running worker is watched; one that vanished is orphaned (and so resumed)."""
+        for run in await self.store.run(self.store.store.runs, LIVE_RUNS):
+            if run.state == RunState.STARTING:
+                if run.resume is not None:  # a fresh job's unclaimed run is the balancer's to settle
+                    settled = await self.supervisor.settle(run, RunState.ABANDONED, "rescuer stopped before launching")
+                    if settled.state == RunState.ABANDONED:
+                        log.info("move rolled back", run=run.id, job=run.job_id, account=run.account)
+            elif not self.supervisor.adopt(run):
+                await self.supervisor.orphan(run)
+        self.wake()
+
+    async def _reconcile(self) -> None:
+        """The safety net behind the pushes: a worker that vanished while nobody watched it."""
+        while True:
+            await asyncio.sleep(self.config.reconcile_interval)
+            for run in await self.store.run(self.store.store.runs, (RunState.RUNNING,)):
+                if run.pid is not None and not alive(run.pid, run.pid_start):
+                    await self.supervisor.orphan(run)
+                    self.wake()
+
+    async def _pass(self) -> None:
+        await self._settle_moves()
+        facts = await self.store.run(self.store.store.facts, RESCUABLE, BATCH)
+        waiting = await self._rescue(facts)
+        self._announced = {job.id: self._announced[job.id] for job in waiting if job.id in self._announced}
+        self._jobs = waiting
+        self._report(waiting, facts)
+        if len(facts.jobs) == BATCH and len(waiting) < BATCH:
+            self.wake()  # more behind this batch
+
+    async def _rescue(self, facts: Facts) -> list[Job]:
+        """Move every session that can move now, oldest job first; the ones left waiting."""
+        live, max_sessions = facts.live, self.config.max_sessions_per_account
+        candidates = placement.eligible(self.registry.accounts, facts.walls, live, max_sessions, facts.probation)
+        waiting = []
+        for job in facts.jobs:
+            self._announce(job, facts)
+            if job.session_id is None:  # it never started a conversation: nothing to resume
+                if await self.store.run(self.store.store.requeue, job.id, "no session to resume"):
+                    log.info("job requeued", job=job.id, account=job.account, reason="no session to resume")
+                continue
+            while (account := placement.choose(candidates, live, facts.usage, self.config.placement)) is not None:
+                limit = placement.limit(account.name, max_sessions, facts.probation)
+                try:
+                    moved = await self._move(job, account.name, limit)
+                except NoRoom:  # the balancer took the room, or a wall came in: next account
+                    candidates.remove(account)
+                    continue
+                if moved:
+                    live[account.name] = live.get(account.name, 0) + 1
+                    if live[account.name] >= limit:
+                        candidates.remove(account)
+                break
+            if account is None:
+                waiting.append(job)
+        return waiting
+
+    async def _move(self, job: Job, account: str, limit: int) -> bool:
+        """Write the move, re-point the job's credentials, start the resumed run. False if the job
+        changed meanwhile (another pass or daemon got to it)."""
+        assert job.session_id is not None
+        transcript = transcript_path(session_config_dir(self.config, job.id), job.cwd, job.session_id)
+        size = await asyncio.to_thread(_size, transcript)
+        store = self.store.store
+        run = await self.store.run(store.place, job.id, account, limit, job.session_id, size)
+        if run is None:
+            return False
+        self._moves += 1
+        log.info("session moved", session=job.session_id, job=job.id, run=run.id, to=account, **{"from": job.account})
+        await self.supervisor.launch(run)
+        return True
+
+    async def _settle_moves(self) -> None:
+        """Each ended move goes in the ledger with whether its transcript grew; a done session
+        whose transcript did not grow is reported, never silently accepted."""
+        for run, grew in await self.store.run(_verify_moves, self.store.store, self.config):
+            if run.state == RunState.DONE and not grew:
+                log.error("transcript did not grow after the move", session=run.resume, job=run.job_id, run=run.id)
+            elif run.state == RunState.FAILED:
+                log.error("resume failed", session=run.resume, job=run.job_id, account=run.account, error=run.error)
+
+    def _announce(self, job: Job, facts: Facts) -> None:
+        """The operator's first line about a session in trouble, once per wall or orphaning."""
+        if self._announced.get(job.id) == job.updated_at:
+            return
+        self._announced[job.id] = job.updated_at
+        if job.state == JobState.ORPHANED:
+            log.warning("session orphaned", session=job.session_id, job=job.id, account=job.account)
+            return
+        wall = facts.walls.get(job.account or "")
+        resets = iso_utc(wall.reset_at) if wall and wall.reset_at else None
+        log.warning("session walled", session=job.session_id, job=job.id, account=job.account, resets=resets)
+
+    def _report(self, waiting: list[Job], facts: Facts) -> None:
+        """Log the waiting line when it changes, keep STATUS= current, wake at the next reset."""
+        roster = self.registry.accounts
+        resets = [w.reset_at for name, w in facts.walls.items() if name in roster and w.reset_at is not None]
+        now = Waiting(
+            len(waiting),
+            "no-eligible-account" if waiting else "",
+            min(resets) if waiting and resets else None,
+            tuple(sorted(name for name in facts.probation if name in roster)) if waiting else (),
+        )
+        if (now.sessions, now.next_reset, now.probing) != (
+            self._waiting.sessions,
+            self._waiting.next_reset,
+            self._waiting.probing,
+        ):
+            if now.sessions:
+                next_reset = iso_utc(now.next_reset) if now.next_reset else None
+                probing = ",".join(now.probing) or None
+                log.warning("waiting", sessions=now.sessions, reason=now.reason, next_reset=next_reset, probing=probing)
+            elif self._waiting.sessions:
+                log.info("no sessions waiting")
+        self._waiting = now
+        self._status_changed()
+        if self._reset_timer is not None:
+            self._reset_timer.cancel()
+            self._reset_timer = None
+        if now.next_reset is not None:  # waiting costs nothing but this one timer
+            delay = max(0.0, now.next_reset - time.time()) + random.uniform(0, self.config.reset_jitter)  # noqa: S311
+            self._reset_timer = asyncio.get_running_loop().call_later(delay, self.wake)
+
+    # requests
+
+    async def _run_changed(self, request: Request) -> Reply:
+        """A worker's run ended or got its first answer, or the balancer settled a run."""
+        run_id = id_field(request, "run")
+        if request.get("event") == "answered":
+            run = await self.store.run(self.store.store.run, run_id)
+            if run is not None and run.resume is not None:
+                log.info("session resumed", session=run.resume, job=run.job_id, account=run.account)
+        self.wake()
+        return {}
+
+    async def _waiting_request(self, _request: Request) -> Reply:
+        """The sessions waiting for an account, and what for (`cl status`)."""
+        waiting = self._waiting
+        return {
+            "reason": waiting.reason or None,
+            "next_reset": iso_utc(waiting.next_reset) if waiting.next_reset else None,
+            "probing": list(waiting.probing),
+            "sessions": [
+                {
+                    "session_id": job.session_id,
+                    "job": job.id,
+                    "account": job.account,
+                    "state": job.state,
+                    "since": iso_utc(job.updated_at),
+                }
+                for job in self._jobs
+            ],
+        }
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
+def _verify_moves(store: Store, config: Config) -> list[tuple[Run, bool]]:
+    """Settle every ended, unverified move (on the store's thread): each with whether it grew."""
+    settled = []
+    for run in store.unverified_moves():
+        job = store.job(run.job_id)
+        assert job is not None
+        assert run.resume is not None
+        size = _size(transcript_path(session_config_dir(config, job.id), job.cwd, run.resume))
+        settled.append((run, store.verify_move(run.id, size)))
+    return settled
 
 
 def main() -> None:

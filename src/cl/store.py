@@ -91,6 +91,14 @@ MIGRATIONS: list[str] = [
     ALTER TABLE usage ADD COLUMN input_tokens INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE usage ADD COLUMN output_tokens INTEGER NOT NULL DEFAULT 0
     """,
+    # 4: moves (a run that resumes a session elsewhere) and the first answer a run got
+    """
+    ALTER TABLE runs ADD COLUMN prior_state TEXT;
+    ALTER TABLE runs ADD COLUMN transcript_bytes INTEGER;
+    ALTER TABLE runs ADD COLUMN answered_at REAL;
+    ALTER TABLE runs ADD COLUMN verified_at REAL;
+    CREATE INDEX runs_unverified ON runs(id) WHERE resume IS NOT NULL AND verified_at IS NULL
+    """,
 ]
 
 
@@ -122,6 +130,8 @@ class RunState(enum.StrEnum):
 
 
 LIVE_RUNS = (RunState.STARTING, RunState.RUNNING)
+RESCUABLE = (JobState.WALLED, JobState.ORPHANED)
+"""The rescuer's jobs: their session moves (resumes) to another account."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -154,6 +164,13 @@ class Run:
     error: str | None
     created_at: float
     ended_at: float | None
+    prior_state: str | None
+    """A move's job state before it (walled, orphaned): where an abandoned move puts it back."""
+    transcript_bytes: int | None
+    """A move's transcript size before it: the move is verified by the transcript growing."""
+    answered_at: float | None
+    """When the account first answered this run (not a wall): proof the account works."""
+    verified_at: float | None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -190,6 +207,23 @@ class Snapshot:
 
 class StoreError(Exception):
     """A store problem an operator can act on (a newer schema, a corrupt file)."""
+
+
+class NoRoom(Exception):
+    """The account is walled or at its session limit (checked inside the placing transaction)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Facts:
+    """What placement and rescue decide on, read in one transaction."""
+
+    jobs: list[Job]
+    walls: dict[str, WallRecord]
+    """Walls standing now."""
+    probation: set[str]
+    """Accounts whose wall has reset but that have not answered since: one session at a time."""
+    live: dict[str, int]
+    usage: dict[str, dict[str, float | None]]
 
 
 class Store:
@@ -286,23 +320,59 @@ class Store:
 
     # runs: placement, claim, session, settlement
 
-    def place(self, job_id: int, account: str, resume: str | None = None) -> Run | None:
-        """Hand a queued job to `account`: job -> running, and a `starting` run. None if not queued."""
+    def place(
+        self, job_id: int, account: str, limit: int, resume: str | None = None, transcript_bytes: int | None = None
+    ) -> Run | None:
+        """Hand a job to `account`: job -> running, and a `starting` run. None if the job is not waiting.
+
+        A queued job is placed; with `resume`, a walled or orphaned job's session moves (the
+        ledger's "move started"). Raises `NoRoom` if the account is walled or has `limit` live runs.
+        """
         now = time.time()
+        waiting = (JobState.QUEUED,) if resume is None else RESCUABLE
         with self.transaction() as db:
-            moved = db.execute(
-                "UPDATE jobs SET state = ?, account = ?, updated_at = ? WHERE id = ? AND state = ?",
-                (JobState.RUNNING, account, now, job_id, JobState.QUEUED),
-            ).rowcount
-            if not moved:
+            job = db.execute("SELECT state, account FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if job is None or job["state"] not in waiting:
                 return None
+            if self._walled(db, account, now) or self._live_on(db, account) >= limit:
+                raise NoRoom(account)
+            db.execute(
+                "UPDATE jobs SET state = ?, account = ?, error = NULL, updated_at = ? WHERE id = ?",
+                (JobState.RUNNING, account, now, job_id),
+            )
             cursor = db.execute(
-                "INSERT INTO runs (job_id, account, state, resume, created_at) VALUES (?, ?, ?, ?, ?)",
-                (job_id, account, RunState.STARTING, resume, now),
+                "INSERT INTO runs (job_id, account, state, resume, created_at, prior_state, transcript_bytes)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, account, RunState.STARTING, resume, now, resume and job["state"], transcript_bytes),
             )
             run_id = int(cursor.lastrowid or 0)
-            self.record(db, "job placed", job_id, account, run=run_id)
+            if resume is None:
+                self.record(db, "job placed", job_id, account, run=run_id)
+            else:
+                self.record(db, "move started", job_id, account, run=run_id, session=resume, source=job["account"])
         return self.run(run_id)
+
+    def requeue(self, job_id: int, reason: str) -> bool:
+        """A walled or orphaned job with no session to resume goes back to the queue."""
+        with self.transaction() as db:
+            moved = db.execute(
+                "UPDATE jobs SET state = ?, account = NULL, updated_at = ?"
+                f" WHERE id = ? AND state IN {_sql_set(RESCUABLE)}",
+                (JobState.QUEUED, time.time(), job_id, *RESCUABLE),
+            ).rowcount
+            if moved:
+                self.record(db, "job requeued", job_id, reason=reason)
+        return bool(moved)
+
+    @staticmethod
+    def _walled(db: sqlite3.Connection, account: str, now: float) -> bool:
+        query = "SELECT 1 FROM walls WHERE account = ? AND (reset_at IS NULL OR reset_at > ?)"
+        return db.execute(query, (account, now)).fetchone() is not None
+
+    @staticmethod
+    def _live_on(db: sqlite3.Connection, account: str) -> int:
+        query = f"SELECT COUNT(*) FROM runs WHERE account = ? AND state IN {_sql_set(LIVE_RUNS)}"
+        return int(db.execute(query, (account, *LIVE_RUNS)).fetchone()[0])
 
     def claim(self, run_id: int, pid: int, pid_start: str, log_path: str) -> Run | None:
         """The worker takes its run: starting -> running. None if the run is not `starting` any more."""
@@ -324,15 +394,12 @@ class Store:
             )
 
     def settle(self, run_id: int, state: RunState, error: str | None = None) -> Run | None:
-        """End a live run and carry the outcome to its job. None if the run had already ended."""
+        """End a live run and carry the outcome to its job. None if the run had already ended.
+
+        An abandoned run (never claimed) puts its job back where it was: queued, or for a move
+        walled or orphaned, so that the move is simply tried again.
+        """
         now = time.time()
-        job_state = {
-            RunState.DONE: JobState.DONE,
-            RunState.FAILED: JobState.FAILED,
-            RunState.WALLED: JobState.WALLED,
-            RunState.ORPHANED: JobState.ORPHANED,
-            RunState.ABANDONED: JobState.QUEUED,
-        }[state]
         with self.transaction() as db:
             ended = db.execute(
                 f"UPDATE runs SET state = ?, error = ?, ended_at = ? WHERE id = ? AND state IN {_sql_set(LIVE_RUNS)}",
@@ -340,7 +407,14 @@ class Store:
             ).rowcount
             if not ended:
                 return None
-            job_id = self._job_of(db, run_id)
+            job_id, prior = db.execute("SELECT job_id, prior_state FROM runs WHERE id = ?", (run_id,)).fetchone()
+            job_state = {
+                RunState.DONE: JobState.DONE,
+                RunState.FAILED: JobState.FAILED,
+                RunState.WALLED: JobState.WALLED,
+                RunState.ORPHANED: JobState.ORPHANED,
+                RunState.ABANDONED: prior or JobState.QUEUED,
+            }[state]
             db.execute(
                 "UPDATE jobs SET state = ?, error = ?, updated_at = ?,"
                 " account = CASE WHEN ? = 'queued' THEN NULL ELSE account END WHERE id = ?",
@@ -348,6 +422,50 @@ class Store:
             )
             self.record(db, f"run {state}", job_id, run=run_id, error=error)
         return self.run(run_id)
+
+    def answered(self, run_id: int) -> str | None:
+        """The account answered this run: note it, and lift its wall if that wall's reset has passed.
+
+        Returns the account whose wall was lifted, if one was: its probation is over.
+        """
+        now = time.time()
+        with self.transaction() as db:
+            db.execute("UPDATE runs SET answered_at = ? WHERE id = ? AND answered_at IS NULL", (now, run_id))
+            account = db.execute("SELECT account FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
+            lifted = db.execute("DELETE FROM walls WHERE account = ? AND reset_at <= ?", (account, now)).rowcount
+            if lifted:
+                self.record(db, "wall lifted", self._job_of(db, run_id), account, run=run_id)
+        return account if lifted else None
+
+    def unverified_moves(self) -> list[Run]:
+        """Moves whose run has ended but whose outcome the rescuer has not checked yet."""
+        rows = self._db.execute(
+            "SELECT * FROM runs WHERE resume IS NOT NULL AND verified_at IS NULL"
+            f" AND state NOT IN {_sql_set(LIVE_RUNS)} ORDER BY id",
+            LIVE_RUNS,
+        )
+        return [Run(*row) for row in rows]
+
+    def verify_move(self, run_id: int, transcript_bytes: int | None) -> bool:
+        """Settle a move in the ledger, with whether the transcript grew. False if already settled."""
+        with self.transaction() as db:
+            run = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if run is None or run["verified_at"] is not None:
+                return False
+            db.execute("UPDATE runs SET verified_at = ? WHERE id = ?", (time.time(), run_id))
+            before = run["transcript_bytes"]
+            grew = transcript_bytes is not None and (before is None or transcript_bytes > before)
+            self.record(
+                db,
+                "move settled",
+                run["job_id"],
+                run["account"],
+                run=run_id,
+                outcome=run["state"],
+                transcript_bytes=transcript_bytes,
+                grew=grew,
+            )
+        return grew
 
     def run(self, run_id: int) -> Run | None:
         row = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
@@ -373,12 +491,14 @@ class Store:
         ).fetchone()
         return Run(*row) if row else None
 
-    def placement_facts(
-        self, limit: int
-    ) -> tuple[list[Job], dict[str, WallRecord], dict[str, int], dict[str, dict[str, float | None]]]:
-        """The queue's head, standing walls, live runs per account and usage, in one read."""
-        with self.transaction():
-            return self.jobs((JobState.QUEUED,), limit), self.walls(), self.live_counts(), self.usage()
+    def facts(self, states: tuple[str, ...], limit: int) -> Facts:
+        """The first `limit` jobs in `states` (in submission order), with walls, live runs and usage."""
+        now = time.time()
+        query = f"SELECT * FROM jobs WHERE state IN {_sql_set(states)} ORDER BY id LIMIT ?"
+        with self.transaction() as db:
+            jobs = [Job(*row) for row in db.execute(query, (*states, limit))]
+            expired = db.execute("SELECT account FROM walls WHERE reset_at <= ?", (now,))
+            return Facts(jobs, self.walls(now), {row[0] for row in expired}, self.live_counts(), self.usage())
 
     def queue_length(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.QUEUED,)).fetchone()[0])

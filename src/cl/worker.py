@@ -7,14 +7,14 @@ abandoned meanwhile, so a run never executes twice. It then runs the CLI in the 
 `CLAUDE_CONFIG_DIR` = the job's own config dir, whose `.credentials.json` is a symlink to the
 account's credential file (token and API-key accounts come through the environment instead),
 keeps the whole output in a log file, reads the stream as it arrives (session id, usage,
-utilization, wall), writes the outcome, and tells the balancer. The CLI gets PDEATHSIG: if the
+utilization, the first answer, a wall), writes the outcome, and tells both daemons. The CLI gets PDEATHSIG: if the
 worker dies, so does its CLI, and the run is found orphaned rather than running unseen.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import signal
@@ -29,7 +29,7 @@ import structlog
 
 from cl import logs
 from cl.claude_code.stream import Outcome, StreamState
-from cl.client import DaemonUnreachable, call
+from cl.client import tell
 from cl.config import Config, ConfigError, load_config
 from cl.credentials import CredentialKind, credential_filename
 from cl.processes import start_time
@@ -106,7 +106,8 @@ def _accept_from_socket() -> tuple[int, dict[str, str]]:
 
 
 def claude_argv(config: Config, job: Job, run: Run) -> list[str]:
-    argv = [config.claude_bin, "-p", job.prompt, "--output-format", "stream-json", "--verbose"]
+    prompt = config.resume_prompt if run.resume else job.prompt
+    argv = [config.claude_bin, "-p", prompt, "--output-format", "stream-json", "--verbose"]
     if job.model:
         argv += ["--model", job.model]
     if job.max_turns:
@@ -135,11 +136,12 @@ def work(config: Config, store: Store, run_id: int) -> RunState | None:
         log.info("run not claimable, leaving it", run=run.id, job=job.id)
         return None
     bound = log.bind(job=job.id, run=run.id, account=run.account)
+    lock = _hold_session(session_config_dir(config, job.id), bound)
     if not os.path.isdir(job.cwd):
         store.settle(run.id, RunState.FAILED, f"working directory {job.cwd} does not exist (or is not visible here)")
         bound.error("session failed", error="no working directory", cwd=job.cwd)
         return RunState.FAILED
-    ran = _run_cli(config, store, job, run, path)
+    ran = _run_cli(config, store, job, run, path, lock=lock)
     if ran is None:
         return RunState.FAILED
     state, code = ran
@@ -155,6 +157,8 @@ def work(config: Config, store: Store, run_id: int) -> RunState | None:
             "session walled", session=state.session_id, resets=iso_utc(reset), known_reset=bool(wall.reset_at)
         )
     store.settle(run.id, final, error)
+    if final is RunState.DONE and not state.answered:
+        _answered(config, store, run, bound)
     if final is RunState.DONE:
         bound.info("session done", session=state.session_id)
     elif final is RunState.FAILED:
@@ -162,7 +166,37 @@ def work(config: Config, store: Store, run_id: int) -> RunState | None:
     return final
 
 
-def _run_cli(config: Config, store: Store, job: Job, run: Run, path: Path) -> tuple[StreamState, int] | None:
+def _hold_session(config_dir: Path, bound: Any) -> int:
+    """Lock the job's config dir for this worker and its CLI: one live process per session, ever.
+
+    The CLI inherits the locked descriptor, so the lock outlives a worker killed before its CLI.
+    A worker that finds it held waits for the earlier process to exit (it got PDEATHSIG).
+    """
+    config_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(config_dir / ".session.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        bound.warning("waiting for the session's previous process to exit")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _answered(config: Config, store: Store, run: Run, bound: Any) -> None:
+    """The account answered: the store notes it (lifting a reset wall), both daemons hear of it."""
+    if (lifted := store.answered(run.id)) is not None:
+        bound.info("wall lifted", account=lifted)
+    tell_daemons(config, run.id, "answered")
+
+
+def tell_daemons(config: Config, run_id: int, event: str) -> None:
+    for daemon in ("balancer", "rescue"):
+        tell(config.socket_path(daemon), {"request": "run-changed", "run": run_id, "event": event})
+
+
+def _run_cli(
+    config: Config, store: Store, job: Job, run: Run, path: Path, *, lock: int
+) -> tuple[StreamState, int] | None:
     """Run the CLI, keeping its output and reading it as it comes; None if it did not start."""
     bound = log.bind(job=job.id, run=run.id, account=run.account)
     state = StreamState()
@@ -174,6 +208,7 @@ def _run_cli(config: Config, store: Store, job: Job, run: Run, path: Path) -> tu
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=output,
+                pass_fds=(lock,),
                 preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, no locks taken
             )
         except OSError as exc:
@@ -181,6 +216,7 @@ def _run_cli(config: Config, store: Store, job: Job, run: Run, path: Path) -> tu
             bound.error("cli did not start", error=exc.strerror, cwd=job.cwd)
             return None
         assert claude.stdout is not None
+        answered = False
         for raw in claude.stdout:
             output.write(raw)
             output.flush()
@@ -188,7 +224,10 @@ def _run_cli(config: Config, store: Store, job: Job, run: Run, path: Path) -> tu
             state.feed(raw.decode(errors="replace"))
             if state.session_id and state.session_id != known:
                 store.set_session(run.id, state.session_id)
-                bound.info("session started", session=state.session_id)
+                bound.info("session resumed" if run.resume else "session started", session=state.session_id)
+            if state.answered and not answered:
+                answered = True
+                _answered(config, store, run, bound)
         return state, claude.wait()
 
 
@@ -222,8 +261,7 @@ def main() -> None:
     store = Store(config.database)
     work(config, store, run_id)
     store.close()
-    with contextlib.suppress(DaemonUnreachable):  # the balancer also has a pidfd; this saves it the wait
-        call(config.socket_path("balancer"), {"request": "run-ended", "run": run_id}, timeout=2)
+    tell_daemons(config, run_id, "ended")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ class StreamState:
     """Window (`five_hour`, `seven_day`) -> 0..1, from `rate_limit_event`s."""
     texts: list[str] = dataclasses.field(default_factory=list)
     """Non-JSON lines, kept for the wall fallback and error messages."""
+    answered: bool = False
+    """The account let a request through: an assistant turn that is not a wall, or `allowed`."""
 
     def feed(self, line: str, now: datetime | None = None) -> dict[str, Any] | None:
         """Take one line of output; return it parsed (None for a non-JSON line)."""
@@ -60,6 +62,8 @@ class StreamState:
                 self._rate_limit(event.get("rate_limit_info"))
             case "assistant" if event.get("error") == "rate_limit" or event.get("is_api_error_message"):
                 self._assistant_wall(event, now)
+            case "assistant" if not event.get("error"):
+                self.answered = True
             case "result":
                 self._result(event, now)
         return event
@@ -89,6 +93,8 @@ class StreamState:
                     self.utilization[window] = float(data["utilization"])
         if info.get("status") == "rejected":
             self.wall = Wall("rate_limit_event", _epoch(info.get("resetsAt")), _str(info.get("rateLimitType")))
+        elif info.get("status") in ("allowed", "allowed_warning"):
+            self.answered = True
 
     def _assistant_wall(self, event: dict[str, Any], now: datetime) -> None:
         text = _message_text(event.get("message"))

@@ -1,0 +1,104 @@
+"""Launching workers for runs and learning of their end: one implementation for both daemons.
+
+A daemon that launches a worker, or finds one running at start, holds a pidfd on it. When the
+worker exits without having settled its run, the supervisor says what became of it: `failed`
+if it never claimed the run, `orphaned` if it claimed it and vanished without an outcome (the
+rescuer resumes those). Every change a daemon makes to a run is told to the other daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+
+import structlog
+
+from cl.claude_code.environment import worker_environment
+from cl.client import tell
+from cl.config import Config
+from cl.processes import alive, on_exit
+from cl.registry import CredentialRegistry
+from cl.store import LIVE_RUNS, AsyncStore, Run, RunState
+from cl.worker import launch, point_credentials, session_config_dir
+
+log = structlog.get_logger("cl.supervisor")
+
+
+class Supervisor:
+    def __init__(
+        self,
+        config: Config,
+        registry: CredentialRegistry,
+        store: AsyncStore,
+        peer: str,
+        ended: Callable[[Run, bool], None],
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.store = store
+        self._peer = peer
+        """The other daemon: told of every run this one settles."""
+        self._ended = ended
+        """Called with each run once its worker has exited, and whether the worker settled it."""
+
+    async def launch(self, run: Run) -> None:
+        """Point the job's config dir at the run's account and start its worker."""
+        account = self.registry.accounts.get(run.account)
+        if account is None:  # gone between choosing and launching
+            await self.settle(run, RunState.ABANDONED, "account removed")
+            return
+        config_dir = session_config_dir(self.config, run.job_id)
+        await asyncio.to_thread(point_credentials, self.config, config_dir, account.name, account.kind)
+        env = worker_environment(os.environ, account, str(config_dir), self.config.worker_env)
+        try:
+            pid = await asyncio.to_thread(launch, run.id, env, self.config.socket_path("worker"))
+        except (OSError, ValueError, KeyError) as exc:
+            await self.settle(run, RunState.FAILED, f"cannot launch a worker: {exc}")
+            log.error("cannot launch a worker", job=run.job_id, run=run.id, account=run.account, error=str(exc))
+            return
+        if not on_exit(pid, self._exited(run.id)):  # gone already
+            await self.check(run.id)
+
+    def adopt(self, run: Run) -> bool:
+        """Watch a running run's worker; False if that worker is gone."""
+        return run.pid is not None and alive(run.pid, run.pid_start) and on_exit(run.pid, self._exited(run.id))
+
+    def _exited(self, run_id: int) -> Callable[[], None]:
+        def exited() -> None:
+            asyncio.get_running_loop().create_task(self.check(run_id))
+
+        return exited
+
+    async def check(self, run_id: int) -> None:
+        """A worker ended: if it did not settle its run itself, say what became of it."""
+        run = await self.store.run(self.store.store.run, run_id)
+        if run is None:
+            return
+        by_worker = run.state not in LIVE_RUNS
+        if run.state == RunState.STARTING:
+            run = await self.settle(run, RunState.FAILED, "the worker exited before starting the CLI; see the log")
+            log.error("worker failed to start", run=run_id, job=run.job_id, account=run.account)
+        elif run.state in LIVE_RUNS:
+            run = await self.orphan(run)
+        self._ended(run, by_worker)
+
+    async def orphan(self, run: Run) -> Run:
+        run = await self.settle(run, RunState.ORPHANED, "worker gone without an outcome")
+        if run.state == RunState.ORPHANED:
+            log.warning("session orphaned", run=run.id, job=run.job_id, account=run.account, session=run.session_id)
+        return run
+
+    async def settle(self, run: Run, state: RunState, error: str) -> Run:
+        """Settle a live run and tell the other daemon; the run as it stands afterwards."""
+        settled = await self.store.run(self.store.store.settle, run.id, state, error)
+        if settled is None:  # someone else settled it first
+            return await self.store.run(self.store.store.run, run.id) or run
+        await asyncio.to_thread(tell, self.config.socket_path(self._peer), {"request": "run-changed", "run": run.id})
+        return settled
+
+
+def log_outcome(run: Run) -> None:
+    """A worker's outcome, in the daemon's own log too."""
+    level = {RunState.DONE: log.info, RunState.WALLED: log.warning}.get(RunState(run.state), log.error)
+    level(f"session {run.state}", job=run.job_id, run=run.id, account=run.account, session=run.session_id)

@@ -1,0 +1,110 @@
+"""cl-rescue end to end: both real daemons, real workers, the fake `claude`, real SQLite, real inotify."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from cl.store import Store
+from utils import Layout, Planted, both, cl, oauth_credential, wait_until, write_credential
+
+
+def status(layout: Layout) -> dict[str, Any]:
+    result = cl(layout, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    reply: dict[str, Any] = json.loads(result.stdout)
+    return reply
+
+
+def submit(layout: Layout, prompt: str) -> int:
+    result = cl(layout, "submit", "--cwd", str(layout.work), "--prompt", prompt, "--json")
+    assert result.returncode == 0, result.stderr
+    job: int = json.loads(result.stdout)["job"]
+    return job
+
+
+def jobs(layout: Layout) -> dict[int, dict[str, Any]]:
+    return {job["id"]: job for job in status(layout)["jobs"]}
+
+
+def states(layout: Layout) -> set[str]:
+    return {job["state"] for job in jobs(layout).values()}
+
+
+def walled_accounts(layout: Layout, planted: Planted, names: list[str]) -> dict[str, str]:
+    """Accounts whose every request walls (the fake's quota is 0): name -> token."""
+    tokens = {name: planted.token() for name in names}
+    for name, token in tokens.items():
+        write_credential(layout.credentials, name, oauth_credential(planted, token=token))
+    layout.quota(dict.fromkeys(tokens.values(), 0))
+    return tokens
+
+
+def resumed_calls(layout: Layout) -> list[dict[str, Any]]:
+    return [call for call in layout.claude_calls() if "--resume" in call["argv"]]
+
+
+def ledger(layout: Layout) -> list[dict[str, Any]]:
+    store = Store(layout.state / "cl.db")
+    try:
+        return store.ledger(10_000)
+    finally:
+        store.close()
+
+
+def test_the_seed_afternoon(layout: Layout, planted: Planted) -> None:
+    """Three accounts wall at once, the rescuer waits, a fourth file is dropped in, every session
+    moves to it with its conversation and finishes."""
+    tokens = walled_accounts(layout, planted, ["a1", "a2", "a3"])
+    with both(layout) as (_balancer, rescue):
+        submitted = [submit(layout, f"step one of task {i}") for i in range(3)]
+        wait_until(
+            lambda: "sessions=3" in rescue.log() and "no-eligible-account" in rescue.log(), "the rescuer to wait"
+        )
+        calls = layout.claude_calls()
+        first_runs = {call["session_id"]: call for call in reversed(calls)}
+        assert len(first_runs) == 3
+        assert {call["token_tail"] for call in calls} == {t[-6:] for t in tokens.values()}  # all three walled
+        report = status(layout)
+        assert {w["job"] for w in report["waiting"]["sessions"]} == set(submitted)
+        assert report["waiting"]["reason"] == "no-eligible-account"
+        text = cl(layout, "status").stdout
+        assert "3 session(s) waiting for an account: a new credential file or the next wall reset at" in text
+
+        a4 = planted.token()
+        write_credential(layout.credentials, "a4", oauth_credential(planted, token=a4))
+        wait_until(lambda: states(layout) == {"done"}, "every session to finish on a4")
+
+        resumed = [call for call in resumed_calls(layout) if call["token_tail"] == a4[-6:]]
+        assert sorted(call["session_id"] for call in resumed) == sorted(first_runs)  # each once
+        for call in resumed:
+            assert call["argv"][1] == "continue"
+            assert call["history"] >= 1  # the earlier conversation went out with the new token
+            assert call["cwd"] == first_runs[call["session_id"]]["cwd"]
+        for job in jobs(layout).values():
+            assert job["account"] == "a4"
+            assert job["session_id"] in first_runs  # the same session, not a new one
+        log = rescue.log()
+        for line in ("session walled", "account added", "session moved", "session resumed"):
+            assert line in log, line
+        assert len(re.findall(r"session moved .*to=a4", log)) == 3
+        assert cl(layout, "accounts").returncode == 0  # both daemons see the same four accounts
+        assert status(layout)["waiting"]["sessions"] == []
+    settled = [entry for entry in ledger(layout) if entry["event"] == "move settled"]
+    assert all(entry["detail"]["grew"] for entry in settled)
+    assert sum(entry["detail"]["outcome"] == "done" for entry in settled) == 3
+
+
+def test_a_failed_resume_is_marked_failed_with_its_reason(layout: Layout, planted: Planted) -> None:
+    walled_accounts(layout, planted, ["a1"])
+    with both(layout) as (_balancer, rescue):
+        job = submit(layout, "doomed")
+        wait_until(lambda: "no-eligible-account" in rescue.log(), "the session to wait")
+        for transcript in (layout.state / "sessions").rglob("*.jsonl"):
+            transcript.unlink()  # the conversation is gone: the resume cannot find it
+        write_credential(layout.credentials, "a2", oauth_credential(planted))
+        wait_until(lambda: states(layout) == {"failed"}, "the resume to fail")
+        assert "No conversation found with session ID" in jobs(layout)[job]["error"]
+        wait_until(lambda: "resume failed" in rescue.log(), "the rescuer to report it")
+        assert [entry["event"] for entry in ledger(layout)].count("move started") == 1  # not retried
