@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 from typing import Any
 
 from cl.store import Store
@@ -108,3 +110,55 @@ def test_a_failed_resume_is_marked_failed_with_its_reason(layout: Layout, plante
         assert "No conversation found with session ID" in jobs(layout)[job]["error"]
         wait_until(lambda: "resume failed" in rescue.log(), "the rescuer to report it")
         assert [entry["event"] for entry in ledger(layout)].count("move started") == 1  # not retried
+
+
+def test_a_reset_readmits_one_session_first_then_the_rest(layout: Layout, planted: Planted) -> None:
+    (token,) = walled_accounts(layout, planted, ["a1"]).values()
+    hold = layout.root / "hold"
+    env = layout.env(FAKE_CLAUDE_RESET_IN="4", FAKE_CLAUDE_HOLD=str(hold), CL_RESET_JITTER="0.2")
+    with both(layout, env=env) as (_balancer, rescue):
+        for i in range(3):
+            submit(layout, f"task {i}")
+        wait_until(lambda: "sessions=3" in rescue.log(), "all three sessions to wait for a1's reset")
+        hold.touch()  # the first session back will be held before its answer comes
+        layout.quota({token: 100})  # the account's real limit has reset too
+        wait_until(lambda: "probing=a1" in rescue.log(), "one session to try a1 after the reset", timeout=60)
+        assert "sessions=2" in rescue.log().split("probing=a1")[0].splitlines()[-1]
+        wait_until(lambda: resumed_calls(layout), "the probe to reach the CLI (and be held there)")
+        assert status(layout)["waiting"]["probing"] == ["a1"]
+        hold.unlink()
+        wait_until(lambda: states(layout) == {"done"}, "all three to finish on a1")
+    probe, *rest = resumed_calls(layout)
+    lifted = next(entry for entry in ledger(layout) if entry["event"] == "wall lifted")
+    assert probe["t"] < lifted["at"] < min(call["t"] for call in rest)
+    assert len(rest) == 2
+
+
+def test_an_orphaned_session_is_resumed(layout: Layout, planted: Planted) -> None:
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    hold = layout.root / "hold"
+    hold.touch()
+    with both(layout, env=layout.env(FAKE_CLAUDE_HOLD=str(hold))) as (_balancer, rescue):
+        job = submit(layout, "interrupted work")
+        wait_until(lambda: len(layout.claude_calls()) == 1, "the session to start")
+        store = Store(layout.state / "cl.db")
+        (run,) = store.runs()
+        store.close()
+        assert run.pid is not None
+        os.kill(run.pid, signal.SIGKILL)  # the worker vanishes; its CLI goes with it (PDEATHSIG)
+        wait_until(lambda: "session orphaned" in rescue.log(), "the rescuer to hear of the orphan")
+        hold.unlink()
+        wait_until(lambda: states(layout) == {"done"}, "the session to finish after all")
+    (first, resumed) = layout.claude_calls()
+    assert resumed["session_id"] == first["session_id"]
+    assert "--resume" in resumed["argv"]
+    assert resumed["history"] == 1  # the prompt it was working on
+    assert jobs_in_store(layout)[job] == "done"
+
+
+def jobs_in_store(layout: Layout) -> dict[int, str]:
+    store = Store(layout.state / "cl.db")
+    try:
+        return {job.id: job.state for job in store.jobs()}
+    finally:
+        store.close()
