@@ -19,7 +19,17 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from utils import DaemonProcess, Layout, Planted, api_key_credential, oauth_credential, wait_until, write_credential
+from utils import (
+    DaemonProcess,
+    Layout,
+    Planted,
+    api_key_credential,
+    both,
+    cl,
+    oauth_credential,
+    wait_until,
+    write_credential,
+)
 
 NAMES = ["a", "b", "c", "d", "e", "f"]
 MIN_OPERATIONS = 1_000
@@ -137,3 +147,41 @@ def test_directory_deleted_and_recreated_both_daemons_follow(
     for daemon in daemons:
         assert "credentials directory unavailable" in daemon.log()
         assert "credentials directory available" in daemon.log()
+
+
+def test_both_daemons_agree_while_sessions_wall_and_move(layout: Layout, planted: Planted) -> None:
+    """Churn the roster while sessions run, wall and are rescued onto accounts that come and go."""
+    layout.quota({"*": 0})  # every account walls at its first request, for a second: sessions keep moving
+    env = layout.env(FAKE_CLAUDE_RESET_IN="1", CL_WALL_RETRY="1", CL_RESET_JITTER="0.1")
+    with both(layout, env=env) as daemons:
+        for i in range(8):
+            cl(layout, "submit", "--cwd", str(layout.work), "--prompt", f"task {i}")
+
+        @settings(
+            max_examples=15,
+            deadline=None,
+            database=None,
+            suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+        )
+        @given(st.lists(OPERATION, min_size=10, max_size=20))
+        def churn(operations: list[tuple[str, str, str]]) -> None:
+            for operation in operations:
+                apply(layout.credentials, planted, operation)
+            expected = expected_states(layout.credentials)
+            agree: Callable[[], bool] = lambda: all(d.states() == expected for d in daemons)  # noqa: E731
+            wait_until(agree, f"both daemons to show {expected}")
+
+        for _ in range(40):  # churn on until sessions have moved a few times under it
+            churn()
+            if (moves := daemons[1].log().count("session moved")) >= 5:
+                break
+        layout.quota({})  # a healthy account at last: everything still waiting finishes on it
+        write_credential(layout.credentials, "zz", oauth_credential(planted))
+        wait_until(lambda: settled(layout), "every job to be done or failed with a reason", timeout=60)
+        assert moves >= 5
+        assert cl(layout, "accounts").returncode == 0
+
+
+def settled(layout: Layout) -> bool:
+    jobs = json.loads(cl(layout, "jobs", "--json").stdout)
+    return all(job["state"] == "done" or (job["state"] == "failed" and job["error"]) for job in jobs)

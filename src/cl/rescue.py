@@ -196,12 +196,15 @@ class Rescuer:
         if self._announced.get(job.id) == job.updated_at:
             return
         self._announced[job.id] = job.updated_at
+        if job.session_id is None:
+            return  # nothing to move: its requeue is the news
         if job.state == JobState.ORPHANED:
             log.warning("session orphaned", session=job.session_id, job=job.id, account=job.account)
             return
         wall = facts.walls.get(job.account or "")
         resets = iso_utc(wall.reset_at) if wall and wall.reset_at else None
-        log.warning("session walled", session=job.session_id, job=job.id, account=job.account, resets=resets)
+        kind = wall.kind if wall else None
+        log.warning("session walled", session=job.session_id, job=job.id, account=job.account, resets=resets, kind=kind)
 
     def _report(self, waiting: list[Job], facts: Facts) -> None:
         """Log the waiting line when it changes, keep STATUS= current, wake at the next reset."""

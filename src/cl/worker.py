@@ -38,7 +38,12 @@ from cl.store import Job, Run, RunState, Store, iso_utc
 log = structlog.get_logger("cl.worker")
 
 PR_SET_PDEATHSIG = 1
-_RUN_STATE = {Outcome.DONE: RunState.DONE, Outcome.FAILED: RunState.FAILED, Outcome.WALLED: RunState.WALLED}
+_RUN_STATE = {
+    Outcome.DONE: RunState.DONE,
+    Outcome.FAILED: RunState.FAILED,
+    Outcome.WALLED: RunState.WALLED,
+    Outcome.UNAUTHORIZED: RunState.WALLED,
+}
 
 
 def session_config_dir(config: Config, job_id: int) -> Path:
@@ -144,25 +149,34 @@ def work(config: Config, store: Store, run_id: int) -> RunState | None:
     ran = _run_cli(config, store, job, run, path, lock=lock)
     if ran is None:
         return RunState.FAILED
-    state, code = ran
+    return _settle(config, store, run, *ran)
+
+
+def _settle(config: Config, store: Store, run: Run, state: StreamState, code: int) -> RunState:
+    """Write what the run said: usage, a wall (or refused credentials), the outcome."""
+    bound = log.bind(job=run.job_id, run=run.id, account=run.account, session=state.session_id)
     outcome, error = state.outcome(code)
     if state.utilization or state.usage:
         store.record_usage(run.account, state.utilization, time.time(), _tokens(state.usage))
-    final = _RUN_STATE[outcome]
     if (wall := state.wall) is not None:
         # No reset in the output (API-key walls): try again after `wall_retry`, never "forever".
         reset = wall.reset_at.timestamp() if wall.reset_at else time.time() + config.wall_retry
         store.record_wall(run.account, wall.source, reset, wall.kind)
-        bound.warning(
-            "session walled", session=state.session_id, resets=iso_utc(reset), known_reset=bool(wall.reset_at)
-        )
+        bound.warning("session walled", resets=iso_utc(reset), known_reset=bool(wall.reset_at))
+    elif outcome is Outcome.UNAUTHORIZED:
+        # The file changed or its token was revoked under us: bench the account for `wall_retry`
+        # (so no session bounces on it) and let the rescuer take the session elsewhere.
+        reset = time.time() + config.wall_retry
+        store.record_wall(run.account, "cli", reset, "unauthorized")
+        bound.warning("credentials refused", retry_at=iso_utc(reset))
+    final = _RUN_STATE[outcome]
     store.settle(run.id, final, error)
-    if final is RunState.DONE and not state.answered:
-        _answered(config, store, run, bound)
     if final is RunState.DONE:
-        bound.info("session done", session=state.session_id)
+        if not state.answered:
+            _answered(config, store, run, bound)
+        bound.info("session done")
     elif final is RunState.FAILED:
-        bound.error("session failed", session=state.session_id, exit_code=code, error=error)
+        bound.error("session failed", exit_code=code, error=error)
     return final
 
 

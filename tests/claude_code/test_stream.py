@@ -155,8 +155,20 @@ def test_failures_that_are_not_walls() -> None:
         }
     )
     assert missing.outcome(1) == (Outcome.FAILED, f"No conversation found with session ID: {SID}")
-    crashed = StreamState()
-    crashed.feed("Not logged in · Please run /login", NOW)
-    assert crashed.outcome(1) == (Outcome.FAILED, "exited with 1 without a result: Not logged in · Please run /login")
     server = run({**WALLED_RESULT, "api_error_status": 529, "result": "API Error: Overloaded"})
     assert server.outcome(1) == (Outcome.FAILED, "API Error: Overloaded")
+
+
+@pytest.mark.parametrize(
+    "said",
+    [
+        "Not logged in · Please run /login",  # 2.1.x, no credentials at all
+        "Invalid API key · Please run /login",  # 1.x and 2.0
+    ],
+)
+def test_refused_credentials_are_not_the_sessions_fault(said: str) -> None:
+    state = StreamState()
+    state.feed(said, NOW)
+    assert state.outcome(1) == (Outcome.UNAUTHORIZED, f"credentials refused: {said}")
+    revoked = run({**WALLED_RESULT, "api_error_status": 401, "result": "API Error: 401 authentication_error"})
+    assert revoked.outcome(1)[0] is Outcome.UNAUTHORIZED

@@ -23,6 +23,12 @@ class Outcome(enum.StrEnum):
     DONE = "done"
     FAILED = "failed"
     WALLED = "walled"
+    UNAUTHORIZED = "unauthorized"
+    """The account's credentials were missing or refused: the session belongs elsewhere."""
+
+
+UNAUTHORIZED_TEXTS = ("Not logged in", "Invalid API key", "Please run /login", "authentication_error")
+"""What every CLI version prints when it has no usable credentials (CLAUDE_CODE.md §3)."""
 
 
 @dataclasses.dataclass
@@ -73,6 +79,11 @@ class StreamState:
         if self.wall is not None:
             return Outcome.WALLED, self.wall.message
         result = self.result
+        said = [*self.texts, str(result.get("result")) if result else ""]
+        if any(marker in text for text in said for marker in UNAUTHORIZED_TEXTS) or (
+            result is not None and result.get("api_error_status") in (401, 403)
+        ):
+            return Outcome.UNAUTHORIZED, f"credentials refused: {next((t for t in said if t), 'status 401')}"[:500]
         if result is not None and not result.get("is_error") and result.get("subtype") == "success":
             return Outcome.DONE, None
         if result is not None:
