@@ -20,7 +20,17 @@ import pytest
 from real_cli import install
 
 from cl.claude_code.transcripts import transcript_path
-from utils import DaemonProcess, Layout, Planted, api_key_credential, cl, oauth_credential, wait_until, write_credential
+from utils import (
+    DaemonProcess,
+    Layout,
+    Planted,
+    api_key_credential,
+    both,
+    cl,
+    oauth_credential,
+    wait_until,
+    write_credential,
+)
 
 FAKE_API = Path(__file__).resolve().parent / "fakes" / "fake_anthropic.py"
 
@@ -101,3 +111,36 @@ def test_real_cli_finishes_then_walls(
             assert "known_reset=True" in log
     finally:
         balancer.stop()
+
+
+def test_real_cli_sessions_move_to_a_dropped_in_account_with_their_conversation(
+    layout: Layout, planted: Planted, fake_api: FakeApi, claude_bin: Path
+) -> None:
+    """The seed's afternoon with the real client: three accounts wall, a fourth arrives, every
+    session is resumed there and the fake API sees each earlier conversation under a4's token."""
+    for name in ("a1", "a2", "a3"):
+        write_credential(layout.credentials, name, oauth_credential(planted))
+        fake_api.limit(planted.tokens[-2], 0)  # the access token (the refresh token came after it)
+    home = layout.root / "home"
+    home.mkdir()
+    env = layout.env(CL_CLAUDE_BIN=str(claude_bin), ANTHROPIC_BASE_URL=fake_api.url, HOME=str(home))
+    with both(layout, env=env) as (_balancer, rescue):
+        prompts = [f"step one of task {i}" for i in range(3)]
+        for prompt in prompts:
+            cl(layout, "submit", "--cwd", str(layout.work), "--prompt", prompt)
+        wait_until(lambda: "sessions=3" in rescue.log(), "all three sessions to wait", timeout=120)
+        a4 = planted.token()
+        write_credential(layout.credentials, "a4", oauth_credential(planted, token=a4))
+        wait_until(lambda: states(layout) == {"done"}, "every session to finish on a4", timeout=120)
+        jobs = json.loads(cl(layout, "jobs", "--json").stdout)
+    on_a4 = [r for r in fake_api.requests() if r["cred_tail"] == a4[-6:] and not r["walled"]]
+    for prompt in prompts:  # each conversation went out again, under the new account's token
+        assert sum(any(prompt in m for m in r["messages"]) for r in on_a4) == 1, prompt
+    assert {job["account"] for job in jobs} == {"a4"}
+    for job in jobs:
+        session_dir = layout.state / "sessions" / f"job-{job['id']}"
+        assert transcript_path(session_dir, str(layout.work), job["session_id"]).exists()
+
+
+def states(layout: Layout) -> set[str]:
+    return {job["state"] for job in json.loads(cl(layout, "jobs", "--json").stdout)}
