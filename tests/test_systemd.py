@@ -163,3 +163,41 @@ def test_a_session_runs_in_its_own_worker_unit_and_survives_a_balancer_restart(
     hold.unlink()
     wait_until(lambda: state() == "done", "the session to finish")
     assert len(box("cat", "/var/lib/cl/fake-claude.jsonl").stdout.splitlines()) == 1  # it ran once
+
+
+def test_a_walled_session_is_rescued_and_the_journal_tells_the_story(
+    box: Box, tmp_path: Path, planted: Planted
+) -> None:
+    install(box)
+    walled = planted.token()
+    quota = json.dumps({walled: 0})
+    config = (
+        'claude_bin = "/opt/fakes/claude"\n'
+        "[worker.env]\n"
+        'FAKE_CLAUDE_QUOTA = "/var/lib/cl/quota.json"\n'
+        'FAKE_CLAUDE_LOG = "/var/lib/cl/fake-claude.jsonl"\n'
+    )
+    box(
+        "sh",
+        "-c",
+        "mkdir -p /etc/cl /srv/work /var/lib/cl && chown cl:cl /srv/work"
+        f" && printf '%s' '{config}' > /etc/cl/config.toml"
+        f" && printf '%s' '{quota}' > /var/lib/cl/quota.json && chown cl:cl /var/lib/cl/quota.json",
+    )
+    drop_credential(box, tmp_path / "claude", "a1", oauth_credential(planted, token=walled))
+    box("systemctl", "enable", "--now", "cl-balancer.service", "cl-rescue.service")
+    box("/opt/cl/bin/cl", "submit", "--cwd", "/srv/work", "--prompt", "long")
+
+    def said(unit: str, priority: int, text: str) -> bool:
+        return any(p == priority and m.startswith(text) for p, m in journal(box, unit))
+
+    wait_until(lambda: said("cl-rescue", 4, "waiting sessions=1 reason=no-eligible-account"), "the session to wait")
+    assert said("cl-rescue", 4, "session walled")
+    assert "1 session waiting (no-eligible-account)" in box("systemctl", "status", "cl-rescue").stdout
+    drop_credential(box, tmp_path / "claude", "a2", oauth_credential(planted))
+    wait_until(lambda: said("cl-rescue", 6, "session resumed"), "the session to be resumed on a2")
+    for line in ("account added account=a2", "session moved"):
+        assert said("cl-rescue", 6, line), line
+    wait_until(lambda: json.loads(box("/opt/cl/bin/cl", "jobs", "--json").stdout)[0]["state"] == "done", "done")
+    everything = box("journalctl", "--no-pager", "-o", "json").stdout
+    assert not planted.leaks(everything, "the journal")

@@ -77,7 +77,8 @@ class Rescuer:
     def status(self) -> str:
         waiting = self._waiting
         if waiting.sessions:
-            return f"{waiting.sessions} sessions waiting ({waiting.reason}), {self._moves} moved"
+            noun = "session" if waiting.sessions == 1 else "sessions"
+            return f"{waiting.sessions} {noun} waiting ({waiting.reason}), {self._moves} moved"
         return f"none waiting, {self._moves} moved"
 
     def wake(self) -> None:
