@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PREFIX ?= /opt/cl
 UNITDIR ?= /etc/systemd/system
 
-.PHONY: dev test lint format bench run install clean
+.PHONY: dev demo test lint format bench run install clean
 
 dev: $(VENV)/.installed
 
@@ -14,6 +14,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
+
+# The seed's afternoon on ./var/demo with the fake CLI: three accounts wall, a fourth is dropped in.
+demo: dev
+	$(BIN)/python -m cl.demo --claude tests/fakes/claude --root var/demo
 
 test: lint
 	$(BIN)/pytest

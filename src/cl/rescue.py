@@ -223,9 +223,10 @@ class Rescuer:
             self._waiting.probing,
         ):
             if now.sessions:
-                next_reset = iso_utc(now.next_reset) if now.next_reset else None
-                probing = ",".join(now.probing) or None
-                log.warning("waiting", sessions=now.sessions, reason=now.reason, next_reset=next_reset, probing=probing)
+                chances = {"next_reset": iso_utc(now.next_reset)} if now.next_reset else {}
+                if now.probing:
+                    chances["probing"] = ",".join(now.probing)
+                log.warning("waiting", sessions=now.sessions, reason=now.reason, **chances)
             elif self._waiting.sessions:
                 log.info("no sessions waiting")
         self._waiting = now
