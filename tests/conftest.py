@@ -33,3 +33,13 @@ def layout(tmp_path: Path) -> Layout:
 def daemons(layout: Layout) -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
     with both(layout) as pair:
         yield pair
+
+
+@pytest.fixture(autouse=True)
+def no_daemon_outlives_its_test() -> Iterator[None]:
+    yield
+    while DaemonProcess.started:
+        process = DaemonProcess.started.pop().process
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()

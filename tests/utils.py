@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from cl.client import DaemonUnreachable, call
 
@@ -133,6 +133,9 @@ class Layout:
 class DaemonProcess:
     """One real `cl-balancer` or `cl-rescue` process; its stderr goes to a log file."""
 
+    started: ClassVar[list[DaemonProcess]] = []
+    """Every one started, so that a failed test leaves none running (see conftest)."""
+
     def __init__(
         self, name: str, layout: Layout, env: dict[str, str] | None = None, wrap: list[str] | None = None
     ) -> None:
@@ -149,6 +152,7 @@ class DaemonProcess:
             self.process = subprocess.Popen(
                 [*self._wrap, str(BIN / f"cl-{self.name}")], env=self._env, stderr=log, stdin=subprocess.DEVNULL
             )
+        DaemonProcess.started.append(self)
         if wait:
             wait_until(self.answers, f"cl-{self.name} to answer on its socket")
         return self

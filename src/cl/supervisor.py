@@ -20,7 +20,7 @@ from cl.config import Config
 from cl.processes import alive, on_exit
 from cl.registry import CredentialRegistry
 from cl.store import LIVE_RUNS, AsyncStore, Run, RunState
-from cl.worker import launch, point_credentials, session_config_dir
+from cl.worker import launch, point_credentials, prepare_launches, session_config_dir
 
 log = structlog.get_logger("cl.supervisor")
 
@@ -41,6 +41,7 @@ class Supervisor:
         """The other daemon: told of every run this one settles."""
         self._ended = ended
         """Called with each run once its worker has exited, and whether the worker settled it."""
+        prepare_launches(config.socket_path("worker"))
 
     async def launch(self, run: Run) -> None:
         """Point the job's config dir at the run's account and start its worker."""

@@ -32,12 +32,14 @@ from cl.claude_code.stream import Outcome, StreamState
 from cl.client import tell
 from cl.config import Config, ConfigError, load_config
 from cl.credentials import CredentialKind, credential_filename
+from cl.forkserver import ForkServer
 from cl.processes import start_time
 from cl.store import Job, Run, RunState, Store, iso_utc
 
 log = structlog.get_logger("cl.worker")
 
 PR_SET_PDEATHSIG = 1
+FORK_SERVER = ForkServer()
 _RUN_STATE = {
     Outcome.DONE: RunState.DONE,
     Outcome.FAILED: RunState.FAILED,
@@ -73,21 +75,18 @@ def launch(run_id: int, env: dict[str, str], socket_path: Path) -> int:
 
     Under systemd, `cl-worker.socket` listens at `socket_path` (Accept=yes): a connection makes
     systemd start a `cl-worker@` unit with its own sandbox (network, write access), which reads
-    `{"run", "env"}` and answers `{"pid"}`. Without it (tests, `make run`) the worker is spawned
-    directly, in its own session. Either way the launcher learns of its end through a pidfd.
+    `{"run", "env"}` and answers `{"pid"}`. Without it (tests, `make run`) the fork server forks
+    the worker, in a session of its own. Either way the launcher learns of its end through a pidfd.
     """
     if socket_path.is_socket():
         return _launch_by_socket(run_id, env, socket_path)
-    return os.posix_spawn(
-        sys.executable,
-        [sys.executable, "-m", "cl.worker", str(run_id)],
-        env,
-        file_actions=[
-            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-        ],
-        setsid=True,
-    )
+    return FORK_SERVER.spawn(run_id, env)
+
+
+def prepare_launches(socket_path: Path) -> None:
+    """Have the fork server imported before the first launch needs it (no-op under systemd)."""
+    if not socket_path.is_socket():
+        FORK_SERVER.start()
 
 
 def _launch_by_socket(run_id: int, env: dict[str, str], socket_path: Path) -> int:
@@ -255,6 +254,22 @@ def _tokens(usage: dict[str, Any] | None) -> tuple[int, int]:
     )
 
 
+def run(run_id: int) -> int:
+    """Be the worker for `run_id`, configured from the environment; the exit code."""
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        print(f"cl-worker: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(config.log_level)
+    structlog.contextvars.bind_contextvars(daemon="worker")
+    store = Store(config.database)
+    work(config, store, run_id)
+    store.close()
+    tell_daemons(config, run_id, "ended")
+    return 0
+
+
 def main() -> None:
     try:
         if sys.argv[1:] == ["--from-socket"]:
@@ -263,19 +278,10 @@ def main() -> None:
             os.environ.update(env)
         else:
             run_id = int(sys.argv[1])
-        config = load_config()
     except (IndexError, ValueError, KeyError, TypeError):
         print("usage: cl-worker RUN_ID | cl-worker --from-socket (a request on stdin)", file=sys.stderr)
         sys.exit(2)
-    except ConfigError as exc:
-        print(f"cl-worker: configuration error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    logs.configure(config.log_level)
-    structlog.contextvars.bind_contextvars(daemon="worker")
-    store = Store(config.database)
-    work(config, store, run_id)
-    store.close()
-    tell_daemons(config, run_id, "ended")
+    sys.exit(run(run_id))
 
 
 if __name__ == "__main__":
