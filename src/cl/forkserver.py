@@ -47,12 +47,27 @@ class ForkServer:
                     reply = b""
                 if reply:
                     return int(json.loads(reply)["pid"])
-                process.kill()
-                process.wait()
+                self._discard()
             raise OSError("the worker fork server does not answer; see the log")
 
+    def close(self) -> None:
+        """End the server (its workers live on); the next spawn starts a new one."""
+        with self._lock:
+            self._discard()
+
+    def _discard(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            for pipe in (self._process.stdin, self._process.stdout):
+                if pipe is not None:
+                    pipe.close()
+            self._process = None
+
     def _running(self) -> subprocess.Popen[bytes]:
-        if self._process is None or self._process.poll() is not None:
+        if self._process is not None and self._process.poll() is not None:
+            self._discard()
+        if self._process is None:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "cl.forkserver"],
                 stdin=subprocess.PIPE,
