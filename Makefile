@@ -34,6 +34,8 @@ format: dev
 bench: dev
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/balancer.py
+	$(BIN)/python bench/rescue.py
+	$(BIN)/python bench/rescue_crash.py --trials 100
 
 # Both daemons in the foreground on ./var (no root, no systemd); Ctrl-C stops both.
 run: dev
