@@ -28,6 +28,7 @@ class Verdict:
     delay: float
     """Seconds between the file landing and SIGKILL."""
     moves_before_kill: int
+    """Moves to a4 written when the kill came (0 to 3)."""
     problems: list[str]
 
 
@@ -51,13 +52,14 @@ def trial(template: Layout, root: Path, planted: Planted, rng: random.Random) ->
     shutil.copytree(template.root, root, symlinks=True)
     layout = Layout(root)
     (layout.root / "fake-claude.jsonl").unlink(missing_ok=True)
+    moves_before = _events(layout).count("move started")
     rescue = DaemonProcess("rescue", layout).start()
     a4 = planted.token()
     write_credential(layout.credentials, "a4", oauth_credential(planted, token=a4))
-    delay = rng.uniform(0, 0.4)
+    delay = rng.uniform(0, 0.3)
     time.sleep(delay)  # a random point in the moves: the kill is what is random, not what we assert
     rescue.stop(signal.SIGKILL)
-    moves_before_kill = _events(layout).count("move started")
+    moves_before_kill = _events(layout).count("move started") - moves_before
     rescue = DaemonProcess("rescue", layout).start()
     try:
         wait_until(lambda: {job.state for job in _jobs(layout)} == {"done"}, "every session to finish", timeout=60)

@@ -9,7 +9,7 @@ import signal
 from typing import Any
 
 from cl.store import Store
-from utils import Layout, Planted, both, cl, oauth_credential, wait_until, write_credential
+from utils import DaemonProcess, Layout, Planted, both, cl, oauth_credential, wait_until, write_credential
 
 
 def status(layout: Layout) -> dict[str, Any]:
@@ -162,3 +162,20 @@ def jobs_in_store(layout: Layout) -> dict[int, str]:
         return {job.id: job.state for job in store.jobs()}
     finally:
         store.close()
+
+
+def test_a_session_that_walled_while_the_rescuer_was_down_is_rescued_at_its_start(
+    layout: Layout, planted: Planted
+) -> None:
+    walled_accounts(layout, planted, ["a1"])
+    balancer = DaemonProcess("balancer", layout).start()
+    try:
+        job = submit(layout, "walls with nobody to rescue it")
+        wait_until(lambda: jobs(layout)[job]["state"] == "walled", "the session to wall")
+        write_credential(layout.credentials, "a2", oauth_credential(planted))
+        rescue = DaemonProcess("rescue", layout).start()
+        wait_until(lambda: jobs(layout)[job]["state"] == "done", "the rescuer to move it at its start")
+        assert "session moved" in rescue.log()
+        assert rescue.stop() == 0
+    finally:
+        balancer.stop()
