@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from cl.protocol import MAX_REQUEST_BYTES
-from utils import DaemonProcess
+from utils import DaemonProcess, Layout
 
 
 def exchange(path: Path, payload: bytes) -> list[dict[str, object]]:
@@ -76,3 +79,47 @@ def test_half_closed_and_silent_clients_do_not_hurt(daemons: tuple[DaemonProcess
 def test_socket_mode_is_0660(daemons: tuple[DaemonProcess, DaemonProcess]) -> None:
     for daemon in daemons:
         assert stat.S_IMODE(daemon.socket.stat().st_mode) == 0o660
+
+
+def ask_as(path: Path, uid: int, gid: int, groups: list[int]) -> dict[str, object]:
+    """`accounts` from a child process that dropped to these credentials before connecting."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest machinery from here on, only os._exit
+        try:
+            os.setgroups(groups)
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            os.write(write, json.dumps(exchange(path, b'{"request": "accounts"}\n')[0]).encode())
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent as the reply
+            os.write(write, json.dumps({"ok": None, "code": "client", "error": repr(exc)}).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        reply = pipe.read()
+    os.waitpid(pid, 0)
+    result: dict[str, object] = json.loads(reply)
+    return result
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as other users")
+def test_only_root_the_daemons_user_and_its_group_may_talk(layout: Layout) -> None:
+    runtime = Path(tempfile.mkdtemp(prefix="cl-peers-"))  # a path every user can reach
+    runtime.chmod(0o755)
+    daemon = DaemonProcess("balancer", layout, env=layout.env(CL_RUNTIME_DIR=str(runtime)))
+    path = daemon.socket = runtime / "balancer.sock"
+    daemon.start()
+    try:
+        path.chmod(0o666)  # the mode drifted: the peer check still holds
+        nobody = 65534
+        refused = ask_as(path, nobody, nobody, [])
+        assert (refused["ok"], refused["code"]) == (False, "forbidden"), refused
+        assert "uid 65534" in str(refused["error"])
+        assert ask_as(path, nobody, nobody, [os.getgid()])["ok"] is True  # a member of the daemon's group
+        assert ask_as(path, nobody, os.getgid(), [])["ok"] is True
+        assert "client refused" in daemon.log()
+        assert daemon.answers()
+    finally:
+        daemon.stop()
+        shutil.rmtree(runtime)

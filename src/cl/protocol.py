@@ -3,16 +3,23 @@
 A request is one line, a JSON object `{"request": NAME, ...}`; the reply is one line,
 `{"ok": true, ...}` or `{"ok": false, "code": CODE, "error": MESSAGE}`. One connection may
 carry many requests. A bad request gets a precise error reply, never a crash.
+
+Who may talk: the socket is mode 0660 (its owner and group), and each connection's peer
+credentials are checked too (`SO_PEERCRED`, `SO_PEERGROUPS`), so a socket whose mode drifted
+still answers only root, the daemon's own user and members of its group.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import socket
 import stat
+import struct
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +30,7 @@ log = structlog.get_logger("cl.protocol")
 
 MAX_REQUEST_BYTES = 64 * 1024
 SOCKET_MODE = 0o660
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+; Python names it from 3.13 on
 
 Request = dict[str, Any]
 
@@ -74,6 +82,7 @@ class ControlServer:
             self._server = None
 
     async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        refusal = peer_refusal(writer.get_extra_info("socket"))
         try:
             while True:
                 try:
@@ -82,6 +91,9 @@ class ControlServer:
                     await _send(writer, _error("too-long", f"request line over {MAX_REQUEST_BYTES} bytes"))
                     return
                 if not line:
+                    return
+                if refusal is not None:  # answered after reading, so the reply is not lost to a reset
+                    await _send(writer, _error("forbidden", refusal))
                     return
                 if line.strip():
                     await _send(writer, await self._handle(line))
@@ -116,6 +128,28 @@ class ControlServer:
         except Exception:
             log.exception("request failed", request=name)
             return _error("internal", f"internal error while handling {name!r}; see the daemon's log")
+
+
+def peer_refusal(sock: socket.socket) -> str | None:
+    """Why this connection's peer may not talk to us, or None if it may."""
+    _pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    if uid in (0, os.getuid()) or os.getgid() in (gid, *_peer_groups(sock)):
+        return None
+    log.warning("client refused", uid=uid, gid=gid)
+    return f"uid {uid} is neither root, the daemon's user, nor in its group (gid {os.getgid()})"
+
+
+def _peer_groups(sock: socket.socket) -> array.array[int]:
+    size = 64
+    while True:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size * 4)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE and size < 65536:
+                size *= 16
+                continue
+            return array.array("I")
+        return array.array("I", raw)
 
 
 def _error(code: str, message: str) -> Reply:
