@@ -179,3 +179,20 @@ def test_a_session_that_walled_while_the_rescuer_was_down_is_rescued_at_its_star
         assert rescue.stop() == 0
     finally:
         balancer.stop()
+
+
+def test_a_session_finishing_frees_room_for_a_waiting_one(layout: Layout, planted: Planted) -> None:
+    hold = layout.root / "hold"
+    hold.touch()
+    env = layout.env(CL_MAX_SESSIONS_PER_ACCOUNT="1", FAKE_CLAUDE_HOLD=str(hold), FAKE_CLAUDE_HOLD_MATCH="busy")
+    write_credential(layout.credentials, "a2", oauth_credential(planted))
+    with both(layout, env=env) as (_balancer, rescue):
+        busy = submit(layout, "keeps a2 busy")
+        wait_until(lambda: jobs(layout)[busy]["state"] == "running", "a2 to be full")
+        walled_accounts(layout, planted, ["a1"])
+        walled = submit(layout, "walls on a1")
+        wait_until(lambda: "sessions=1" in rescue.log(), "the walled session to wait: a2 is full")
+        assert [w["job"] for w in status(layout)["waiting"]["sessions"]] == [walled]
+        hold.unlink()  # the busy session finishes: a2 has room again
+        wait_until(lambda: states(layout) == {"done"}, "the waiting session to move into the freed room")
+        assert jobs(layout)[walled]["account"] == "a2"
