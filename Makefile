@@ -35,7 +35,7 @@ bench: dev
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/balancer.py
 	$(BIN)/python bench/rescue.py
-	$(BIN)/python bench/rescue_crash.py --trials 100
+	$(BIN)/python bench/crash_stress.py --trials 100
 
 # Both daemons in the foreground on ./var (no root, no systemd); Ctrl-C stops both.
 run: dev

@@ -1,10 +1,14 @@
-"""Kill -9 cl-rescue in the middle of moves, start it again, and judge what every session became.
+"""Kill -9 a daemon while it places jobs and moves sessions, start it again, judge every job.
 
-Used by tests/test_rescue_crash.py (a few trials in CI) and bench/crash.py (as many as asked).
-The starting point is made once, for real: three sessions that walled on a1..a3 under both
-daemons and the fake `claude`. Each trial copies it, starts cl-rescue, drops a fourth account
-in, kills the rescuer with SIGKILL after a random delay, starts it again and waits for every
-session to settle.
+Used by tests/test_crash.py (trials in CI) and bench/crash_stress.py (as many as asked). The starting
+point is made once, for real: three sessions walled on a1..a3 (every account walled) under both
+daemons and the fake `claude`, plus three jobs queued behind them. Each trial copies it, starts
+both daemons, drops two healthy accounts in (a4, a5), so that placements and moves run at once,
+kills the victim with SIGKILL after a random delay, starts it again and waits for every job.
+
+A verdict lists every problem: a job not done, a job started fresh more than once, a walled
+session resumed on the new accounts other than exactly once or without its history, a transcript
+lost or not continued.
 """
 
 from __future__ import annotations
@@ -20,72 +24,87 @@ from pathlib import Path
 from cl.store import Job, Store
 from utils import DaemonProcess, Layout, Planted, both, cl, oauth_credential, wait_until, write_credential
 
-SESSIONS = 3
+WALLED = 3
+QUEUED = 3
+HEALTHY = ("a4", "a5")
 
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
+    victim: str
     delay: float
-    """Seconds between the file landing and SIGKILL."""
-    moves_before_kill: int
-    """Moves to a4 written when the kill came (0 to 3)."""
+    """Seconds between the files landing and SIGKILL."""
+    work_before_kill: int
+    """Placements and moves onto the new accounts written when the kill came (0 to 6)."""
+    restart: float
+    """Seconds from the restarted victim's exec to its socket answering (it is READY by then)."""
     problems: list[str]
 
 
-def walled_template(root: Path, planted: Planted) -> Layout:
-    """Three sessions walled on a1..a3 (every account walled), the daemons stopped."""
+def template(root: Path, planted: Planted) -> Layout:
+    """Three sessions walled on every account there is, three jobs queued; the daemons stopped."""
     layout = Layout(root)
-    tokens = [planted.token() for _ in range(SESSIONS)]
+    tokens = [planted.token() for _ in range(WALLED)]
     for i, token in enumerate(tokens, start=1):
         write_credential(layout.credentials, f"a{i}", oauth_credential(planted, token=token))
     layout.quota(dict.fromkeys(tokens, 0))
     with both(layout) as (_balancer, rescue):
-        for i in range(SESSIONS):
-            cl(layout, "submit", "--cwd", str(layout.work), "--prompt", f"task {i}")
-        wait_until(lambda: f"sessions={SESSIONS}" in rescue.log(), "every session to wait")
+        for i in range(WALLED):
+            cl(layout, "submit", "--cwd", str(layout.work), "--prompt", f"walls {i}")
+        wait_until(lambda: f"sessions={WALLED}" in rescue.log(), "every session to wait")
+        for i in range(QUEUED):
+            cl(layout, "submit", "--cwd", str(layout.work), "--prompt", f"queued {i}")
     for log in root.glob("*.log"):
         log.unlink()
     return layout
 
 
-def trial(template: Layout, root: Path, planted: Planted, rng: random.Random) -> Verdict:
-    shutil.copytree(template.root, root, symlinks=True)
+def trial(start: Layout, root: Path, planted: Planted, rng: random.Random, victim: str) -> Verdict:
+    shutil.copytree(start.root, root, symlinks=True)
     layout = Layout(root)
     (layout.root / "fake-claude.jsonl").unlink(missing_ok=True)
-    moves_before = _events(layout).count("move started")
-    rescue = DaemonProcess("rescue", layout).start()
-    a4 = planted.token()
-    write_credential(layout.credentials, "a4", oauth_credential(planted, token=a4))
+    before = _work(layout)
+    daemons = {name: DaemonProcess(name, layout).start() for name in ("balancer", "rescue")}
+    tokens = {}
+    for name in HEALTHY:
+        tokens[name] = planted.token()
+        write_credential(layout.credentials, name, oauth_credential(planted, token=tokens[name]))
     delay = rng.uniform(0, 0.3)
-    time.sleep(delay)  # a random point in the moves: the kill is what is random, not what we assert
-    rescue.stop(signal.SIGKILL)
-    moves_before_kill = _events(layout).count("move started") - moves_before
-    rescue = DaemonProcess("rescue", layout).start()
+    time.sleep(delay)  # a random point in the work: the kill is what is random, not what we assert
+    daemons[victim].stop(signal.SIGKILL)
+    work_before_kill = _work(layout) - before
+    began = time.perf_counter()
+    daemons[victim] = DaemonProcess(victim, layout).start()
+    restart = time.perf_counter() - began
     try:
-        wait_until(lambda: {job.state for job in _jobs(layout)} == {"done"}, "every session to finish", timeout=60)
-        wait_until(lambda: _events(layout).count("move settled") >= SESSIONS, "every move to be settled")
+        wait_until(lambda: {job.state for job in _jobs(layout)} == {"done"}, "every job to finish", timeout=60)
+        wait_until(lambda: _events(layout).count("move settled") >= WALLED, "every move to be settled")
     finally:
-        rescue.stop()
-    return Verdict(delay, moves_before_kill, _problems(layout, a4))
+        for daemon in daemons.values():
+            daemon.stop()
+    return Verdict(victim, delay, work_before_kill, restart, _problems(layout, set(tokens.values())))
 
 
-def _problems(layout: Layout, a4: str) -> list[str]:
+def _problems(layout: Layout, healthy: set[str]) -> list[str]:
     problems = []
     jobs = _jobs(layout)
-    if len(jobs) != SESSIONS:
-        problems.append(f"{len(jobs)} jobs, not {SESSIONS}")
-    calls = [call for call in layout.claude_calls() if "--resume" in call["argv"]]
-    per_session = Counter(call["session_id"] for call in calls)
+    calls = layout.claude_calls()
+    fresh = Counter(call["argv"][1] for call in calls if "--resume" not in call["argv"])
+    tails = {token[-6:] for token in healthy}
+    resumed = [call for call in calls if "--resume" in call["argv"] and call["token_tail"] in tails]
+    per_session = Counter(call["session_id"] for call in resumed)
     for job in jobs:
-        if per_session[job.session_id] != 1:
-            problems.append(f"job {job.id}: resumed {per_session[job.session_id]} times")
+        if job.state != "done":
+            problems.append(f"job {job.id}: {job.state}")
+        if job.prompt.startswith("queued") and fresh[job.prompt] != 1:
+            problems.append(f"job {job.id}: started {fresh[job.prompt]} times")
+        if job.prompt.startswith("walls") and per_session[job.session_id] != 1:
+            problems.append(f"job {job.id}: resumed {per_session[job.session_id]} times on the new accounts")
         transcripts = list((layout.state / "sessions" / f"job-{job.id}" / "projects").rglob("*.jsonl"))
         if len(transcripts) != 1 or "Hi from fake claude" not in transcripts[0].read_text():
             problems.append(f"job {job.id}: transcript lost or not continued")
     problems += [
-        f"session {call['session_id']}: resumed without its history on a4"
-        for call in calls
-        if call["token_tail"] != a4[-6:] or call["history"] < 1
+        f"session {call['session_id']}: resumed without its history" for call in resumed if call["history"] < 1
     ]
     return problems
 
@@ -108,3 +127,8 @@ def _events(layout: Layout) -> list[str]:
         return [entry["event"] for entry in store.ledger(100_000)]
     finally:
         store.close()
+
+
+def _work(layout: Layout) -> int:
+    events = _events(layout)
+    return events.count("move started") + events.count("job placed")

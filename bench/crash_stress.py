@@ -1,0 +1,62 @@
+"""Crash stress (`python bench/crash_stress.py [--trials N]`, part of `make bench`): kill -9 a daemon mid-work.
+
+The trial of tests/test_crash.py (tests/crash.py), as many times as asked, alternating the
+victim: three walled sessions and three queued jobs, two healthy accounts dropped in, SIGKILL to
+cl-rescue or cl-balancer after a random delay, a restart, a verdict on every job. Prints the
+tally per victim, the restart-to-READY times, and every problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from run import ms, percentile
+
+from crash import QUEUED, WALLED, template, trial
+from utils import Planted
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    planted = Planted()
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory(prefix="cl-crash-") as tmp:
+        start = template(Path(tmp) / "template", planted)
+        victims = ("rescue", "balancer")
+        verdicts = [trial(start, Path(tmp) / f"trial-{i}", planted, rng, victims[i % 2]) for i in range(args.trials)]
+        leaks = [
+            leak
+            for log in sorted(Path(tmp).rglob("*.log"))
+            for leak in planted.leaks(log.read_text(errors="replace"), log.name)
+        ]
+    failed = 0
+    for victim in victims:
+        mine = [v for v in verdicts if v.victim == victim]
+        problems = [p for v in mine for p in v.problems]
+        failed += len(problems)
+        restarts = [v.restart for v in mine]
+        print(
+            f"kill -9 cl-{victim}: {len(mine)} trials, {len(mine) * (WALLED + QUEUED)} jobs;"
+            f" work written before the kill: {dict(sorted(Counter(v.work_before_kill for v in mine).items()))};"
+            f" problems (lost, run twice, transcript lost): {len(problems)};"
+            f" restart to READY p50 {ms(percentile(restarts, 50))} max {ms(max(restarts))}",
+            flush=True,
+        )
+        for problem in problems:
+            print(f"  {problem}")
+    print(f"secrets in logs: {len(leaks)}", flush=True)
+    sys.exit(1 if failed or leaks else 0)
+
+
+if __name__ == "__main__":
+    main()
