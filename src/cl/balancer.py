@@ -39,7 +39,7 @@ class Balancer:
         self.config = config
         self.registry = registry
         self._status_changed = status_changed
-        self.store = AsyncStore(Store(config.database))
+        self.store = AsyncStore(Store(config.database, config.store_busy_timeout))
         self.supervisor = Supervisor(config, registry, self.store, peer="rescue", ended=self._ended)
         self._wake = asyncio.Event()
         self._reset_timer: asyncio.TimerHandle | None = None
@@ -64,10 +64,7 @@ class Balancer:
         changes = self.registry.subscribe()
         watcher = asyncio.create_task(self._wake_on_roster_changes(changes))
         try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                await self._place()
+            await daemon.serve_passes(self._wake, self._place)
         finally:
             watcher.cancel()
             changes.close()

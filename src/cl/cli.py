@@ -1,7 +1,7 @@
 """`cl`: the command line. It finds the daemons through the same configuration they use.
 
 Exit codes: 0 fine, 1 the daemons disagree, 2 usage or configuration error (or a request
-the daemon refused), 3 a daemon is unreachable, 4 no such job or session.
+the daemon refused), 3 a daemon is unreachable (or its state store is), 4 no such job or session.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def ask(config: Config, daemon: str, request: dict[str, Any]) -> dict[str, Any]:
     except DaemonUnreachable as exc:
         raise CommandError(f"cl-{daemon} is unreachable ({exc}); is it running?", EXIT_UNREACHABLE) from None
     if not reply.get("ok"):
-        code = EXIT_NOT_FOUND if reply.get("code") == "not-found" else EXIT_USAGE
+        code = {"not-found": EXIT_NOT_FOUND, "unavailable": EXIT_UNREACHABLE}.get(str(reply.get("code")), EXIT_USAGE)
         raise CommandError(f"cl-{daemon}: {reply.get('error')}", code)
     return reply
 

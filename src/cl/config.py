@@ -51,6 +51,8 @@ class Config:
     """Up to this many seconds are added at random to a wall's reset before trying the account."""
     reconcile_interval: float = 60.0
     """Seconds between the rescuer's checks for workers that vanished unseen (a safety net)."""
+    store_busy_timeout: float = 10.0
+    """Seconds a store write waits for another writer before the store counts as unavailable."""
     worker_env: dict[str, str] = dataclasses.field(default_factory=dict)
     """`[worker.env]`: variables added to every CLI run's environment."""
 
@@ -166,6 +168,7 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "resume_prompt": _prompt,
     "reset_jitter": _seconds_or_zero,
     "reconcile_interval": _positive_float,
+    "store_busy_timeout": _positive_float,
 }
 _FIELD = {"worker": "worker_env"}
 

@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
 import structlog
@@ -21,12 +21,14 @@ import structlog
 from cl import logs
 from cl.config import Config, ConfigError, load_config
 from cl.notify import Notifier, watchdog_interval
-from cl.protocol import ControlServer, Handler, Reply, Request, RequestError
+from cl.protocol import ControlServer, Encoded, Handler, Reply, Request, RequestError
 from cl.registry import CredentialRegistry
+from cl.store import StoreUnavailable
 
 log = structlog.get_logger("cl.daemon")
 
 DRAIN_TIMEOUT = 10.0
+MAX_STORE_RETRY = 30.0
 _RESTART_KEYS = ("credentials_dir", "state_dir", "runtime_dir")
 
 
@@ -70,7 +72,7 @@ class Daemon:
         log.info("starting", credentials_dir=str(self.config.credentials_dir))
         await self.registry.start()
         self.service = self._factory(self.config, self.registry, self._status_dirty.set)
-        handlers = {"accounts": self._accounts, **self.service.handlers()}
+        handlers = {"accounts": self._accounts, **{k: _store_guarded(h) for k, h in self.service.handlers().items()}}
         server = ControlServer(self.config.socket_path(self.name), handlers)
         try:
             await server.start()
@@ -162,6 +164,40 @@ class Daemon:
         elif not isinstance(names, list) or not all(isinstance(name, str) for name in names):
             raise RequestError("bad-request", '"names" must be a list of account names')
         return {"daemon": self.name, "accounts": [roster[name].public() for name in names if name in roster]}
+
+
+def _store_guarded(handler: Handler) -> Handler:
+    """A request that finds the store unavailable gets that answer (`unavailable`), not `internal`."""
+
+    async def guarded(request: Request) -> Reply | Encoded:
+        try:
+            return await handler(request)
+        except StoreUnavailable as exc:
+            raise RequestError("unavailable", f"{exc}; try again") from exc
+
+    return guarded
+
+
+async def serve_passes(wake: asyncio.Event, one_pass: Callable[[], Awaitable[None]]) -> None:
+    """Run `one_pass` each time `wake` is set. A store that is unavailable (locked past its busy
+    timeout, disk full) is said once per outage and retried with backoff: no work is lost meanwhile,
+    because the work is in the store."""
+    delay = 0.0
+    while True:
+        await wake.wait()
+        wake.clear()
+        try:
+            await one_pass()
+        except StoreUnavailable as exc:
+            if not delay:
+                log.error("state store unavailable, retrying", error=str(exc))
+            delay = min(MAX_STORE_RETRY, max(1.0, delay * 2))
+            await asyncio.sleep(delay)
+            wake.set()
+            continue
+        if delay:
+            log.info("state store available again")
+            delay = 0.0
 
 
 async def _cancel(tasks: list[asyncio.Task[None]], timeout: float) -> None:

@@ -60,7 +60,7 @@ class Rescuer:
         self.config = config
         self.registry = registry
         self._status_changed = status_changed
-        self.store = AsyncStore(Store(config.database))
+        self.store = AsyncStore(Store(config.database, config.store_busy_timeout))
         self.supervisor = Supervisor(config, registry, self.store, peer="balancer", ended=self._ended)
         self._wake = asyncio.Event()
         self._reset_timer: asyncio.TimerHandle | None = None
@@ -94,10 +94,7 @@ class Rescuer:
         changes = self.registry.subscribe()
         tasks = [asyncio.create_task(self._wake_on_roster_changes(changes)), asyncio.create_task(self._reconcile())]
         try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                await self._pass()
+            await daemon.serve_passes(self._wake, self._pass)
         finally:
             for task in tasks:
                 task.cancel()

@@ -26,7 +26,8 @@ from typing import Any, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
-BUSY_TIMEOUT_MS = 10_000
+BUSY_TIMEOUT = 10.0
+"""Seconds a write waits for another writer's lock before the store reports itself unavailable."""
 
 MIGRATIONS: list[str] = [
     # 1: the first schema
@@ -209,6 +210,11 @@ class StoreError(Exception):
     """A store problem an operator can act on (a newer schema, a corrupt file)."""
 
 
+class StoreUnavailable(StoreError):
+    """The database is locked past the busy timeout, the disk is full, the file cannot be opened:
+    a condition that may pass, so callers retry rather than fail the work."""
+
+
 class NoRoom(Exception):
     """The account is walled or at its session limit (checked inside the placing transaction)."""
 
@@ -227,12 +233,12 @@ class Facts:
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout: float = BUSY_TIMEOUT) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout)
         self._db.row_factory = sqlite3.Row
-        self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = NORMAL")
         self._db.execute("PRAGMA foreign_keys = ON")
@@ -246,15 +252,19 @@ class Store:
         self._db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE: the write lock is taken up front, so no two writers interleave."""
-        self._db.execute("BEGIN IMMEDIATE")
+    def transaction(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE: the write lock is taken up front, so no two writers interleave.
+
+        `write=False` is a consistent read: WAL readers never wait for a writer.
+        """
+        self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
             yield self._db
+            self._db.execute("COMMIT")  # inside: a COMMIT that fails (disk full) is rolled back too
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
 
     def _migrate(self) -> None:
         with self.transaction() as db:
@@ -495,7 +505,7 @@ class Store:
         """The first `limit` jobs in `states` (in submission order), with walls, live runs and usage."""
         now = time.time()
         query = f"SELECT * FROM jobs WHERE state IN {_sql_set(states)} ORDER BY id LIMIT ?"
-        with self.transaction() as db:
+        with self.transaction(write=False) as db:
             jobs = [Job(*row) for row in db.execute(query, (*states, limit))]
             expired = db.execute("SELECT account FROM walls WHERE reset_at <= ?", (now,))
             return Facts(jobs, self.walls(now), {row[0] for row in expired}, self.live_counts(), self.usage())
@@ -511,7 +521,7 @@ class Store:
             f" r.state, {iso.format('r.created_at')}, r.error"
             " FROM jobs j LEFT JOIN runs r ON r.id = (SELECT MAX(id) FROM runs WHERE job_id = j.id) ORDER BY j.id"
         )
-        with self.transaction() as db:
+        with self.transaction(write=False) as db:
             jobs = [JobLine(*row) for row in db.execute(query)]
             return Snapshot(jobs, self.walls(), self.live_counts(), self.usage())
 
@@ -591,8 +601,13 @@ class AsyncStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
 
     async def run(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`call(*args, **kwargs)` on the store's thread; SQLite's operational errors (locked, disk
+        full, I/O) come out as `StoreUnavailable`."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: call(*args, **kwargs))
+        try:
+            return await loop.run_in_executor(self._executor, lambda: call(*args, **kwargs))
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"state store {self.store.path}: {exc}") from exc
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -263,7 +263,7 @@ def run(run_id: int) -> int:
         return 2
     logs.configure(config.log_level)
     structlog.contextvars.bind_contextvars(daemon="worker")
-    store = Store(config.database)
+    store = Store(config.database, config.store_busy_timeout)
     work(config, store, run_id)
     store.close()
     tell_daemons(config, run_id, "ended")
