@@ -1,9 +1,17 @@
-"""Faults from outside: a locked state store. Each gets a clear log line and is waited out; no work is lost."""
+"""Faults from outside: a locked state store, a full disk. Each gets a clear log line and is waited
+out; no work is lost."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from utils import DaemonProcess, Layout, Planted, cl, oauth_credential, wait_until, write_credential
 
@@ -38,5 +46,60 @@ def test_a_locked_store_is_reported_and_waited_out(layout: Layout, planted: Plan
         )
         assert [j["id"] for j in jobs] == [job]  # the refused submit left nothing behind
         assert balancer.log().count("state store unavailable") == 1  # said once per outage
+    finally:
+        balancer.stop()
+
+
+def in_private_tmpfs(state: Path, size: str, ballast_kib: int) -> list[str]:
+    """A `wrap` for DaemonProcess: the daemon's state dir is a small tmpfs of its own (a private
+    mount namespace, so nothing outside the test sees it), mostly filled by a ballast file."""
+    script = (
+        f"mount -t tmpfs -o size={size},mode=0700 cl-test-state {state}"
+        f" && dd if=/dev/zero of={state}/ballast bs=1024 count={ballast_kib} status=none"
+        ' && exec "$0"'
+    )
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare for a tmpfs")
+def test_a_full_disk_is_reported_and_survived_without_corruption(layout: Layout, planted: Planted) -> None:
+    wrap = in_private_tmpfs(layout.state, "8m", 7200)
+    balancer = DaemonProcess("balancer", layout, wrap=wrap).start()
+    try:
+        prompt = "x" * 40_000
+        submitted = []
+        while (result := cl(layout, "submit", "--cwd", str(layout.work), "--prompt", prompt)).returncode == 0:
+            submitted.append(int(result.stdout))
+            assert len(submitted) < 100, "the small tmpfs never filled up"
+        assert result.returncode == 3
+        assert "database or disk is full; try again" in result.stderr
+        assert "request refused: state store unavailable" in balancer.log()
+        assert cl(layout, "status").returncode == 0  # still answering, from what it has
+        subprocess.run(  # the operator frees space
+            ["nsenter", "--target", str(balancer.pid), "--mount", "rm", f"{layout.state}/ballast"], check=True
+        )
+        after = cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "after the space came back", "--json")
+        assert after.returncode == 0, after.stderr
+        write_credential(layout.credentials, "a1", oauth_credential(planted))
+        everything = [*submitted, json.loads(after.stdout)["job"]]
+        wait_until(
+            lambda: (
+                {j["id"]: j["state"] for j in json.loads(cl(layout, "jobs", "--json").stdout)}
+                == dict.fromkeys(everything, "done")
+            ),
+            "every job accepted before and after the full disk to run",
+            timeout=120,
+        )
+        database = layout.state / "cl.db"
+        integrity = (
+            f"import sqlite3; print(sqlite3.connect('{database}').execute('PRAGMA integrity_check').fetchone()[0])"
+        )
+        check = subprocess.run(
+            ["nsenter", "--target", str(balancer.pid), "--mount", sys.executable, "-c", integrity],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert check.stdout.strip() == "ok"
     finally:
         balancer.stop()

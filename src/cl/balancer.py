@@ -31,7 +31,8 @@ from cl.supervisor import Supervisor, log_outcome
 
 log = structlog.get_logger("cl.balancer")
 
-MAX_PROMPT_BYTES = 1 << 20
+MAX_PROMPT_BYTES = 48 * 1024
+"""A prompt goes to the CLI as one argument (Linux caps one at 128 KiB) inside one request line (64 KiB)."""
 
 
 class Balancer:

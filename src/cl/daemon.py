@@ -173,6 +173,7 @@ def _store_guarded(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except StoreUnavailable as exc:
+            log.warning("request refused: state store unavailable", request=request.get("request"), error=str(exc))
             raise RequestError("unavailable", f"{exc}; try again") from exc
 
     return guarded

@@ -33,7 +33,20 @@ from cl.config import Config
 from cl.processes import alive
 from cl.protocol import Handler, Reply, Request, id_field
 from cl.registry import CredentialRegistry, Subscription
-from cl.store import LIVE_RUNS, RESCUABLE, AsyncStore, Facts, Job, JobState, NoRoom, Run, RunState, Store, iso_utc
+from cl.store import (
+    LIVE_RUNS,
+    RESCUABLE,
+    AsyncStore,
+    Facts,
+    Job,
+    JobState,
+    NoRoom,
+    Run,
+    RunState,
+    Store,
+    StoreUnavailable,
+    iso_utc,
+)
 from cl.supervisor import Supervisor, log_outcome
 from cl.worker import session_config_dir
 
@@ -123,10 +136,13 @@ class Rescuer:
         """The safety net behind the pushes: a worker that vanished while nobody watched it."""
         while True:
             await asyncio.sleep(self.config.reconcile_interval)
-            for run in await self.store.run(self.store.store.runs, (RunState.RUNNING,)):
-                if run.pid is not None and not alive(run.pid, run.pid_start):
-                    await self.supervisor.orphan(run)
-                    self.wake()
+            try:
+                for run in await self.store.run(self.store.store.runs, (RunState.RUNNING,)):
+                    if run.pid is not None and not alive(run.pid, run.pid_start):
+                        await self.supervisor.orphan(run)
+                        self.wake()
+            except StoreUnavailable as exc:  # the passes report the outage; try again next time
+                log.debug("reconcile skipped: state store unavailable", error=str(exc))
 
     async def _pass(self) -> None:
         await self._settle_moves()

@@ -19,7 +19,7 @@ from cl.client import tell
 from cl.config import Config
 from cl.processes import alive, on_exit
 from cl.registry import CredentialRegistry
-from cl.store import LIVE_RUNS, AsyncStore, Run, RunState
+from cl.store import LIVE_RUNS, AsyncStore, Run, RunState, StoreUnavailable
 from cl.worker import launch, point_credentials, prepare_launches, session_config_dir
 
 log = structlog.get_logger("cl.supervisor")
@@ -41,6 +41,7 @@ class Supervisor:
         """The other daemon: told of every run this one settles."""
         self._ended = ended
         """Called with each run once its worker has exited, and whether the worker settled it."""
+        self._checks: set[asyncio.Task[None]] = set()
         prepare_launches(config.socket_path("worker"))
 
     async def launch(self, run: Run) -> None:
@@ -67,9 +68,24 @@ class Supervisor:
 
     def _exited(self, run_id: int) -> Callable[[], None]:
         def exited() -> None:
-            asyncio.get_running_loop().create_task(self.check(run_id))
+            task = asyncio.get_running_loop().create_task(self._check_until_recorded(run_id))
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
 
         return exited
+
+    async def _check_until_recorded(self, run_id: int) -> None:
+        """A worker's end must reach the store, however long the store is unavailable."""
+        delay = 1.0
+        while True:
+            try:
+                await self.check(run_id)
+            except StoreUnavailable as exc:
+                log.error("worker ended, not recorded yet: state store unavailable", run=run_id, error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(30.0, delay * 2)
+            else:
+                return
 
     async def check(self, run_id: int) -> None:
         """A worker ended: if it did not settle its run itself, say what became of it."""
