@@ -201,3 +201,25 @@ def test_a_walled_session_is_rescued_and_the_journal_tells_the_story(
     wait_until(lambda: json.loads(box("/opt/cl/bin/cl", "jobs", "--json").stdout)[0]["state"] == "done", "done")
     everything = box("journalctl", "--no-pager", "-o", "json").stdout
     assert not planted.leaks(everything, "the journal")
+
+
+def test_a_stalled_daemon_is_killed_by_the_watchdog_and_restarted(box: Box) -> None:
+    install(box)
+    dropin = "[Service]\nWatchdogSec=2\nTimeoutAbortSec=1\n"  # the shipped 30 s, shortened for the test
+    box(
+        "sh",
+        "-c",
+        f"mkdir -p /etc/systemd/system/cl-rescue.service.d && printf '{dropin}' > "
+        "/etc/systemd/system/cl-rescue.service.d/watchdog.conf && systemctl daemon-reload",
+    )
+    box("systemctl", "enable", "--now", "cl-rescue.service")
+
+    def main_pid() -> int:
+        return int(box("systemctl", "show", "-p", "MainPID", "--value", "cl-rescue").stdout)
+
+    stalled = main_pid()
+    box("kill", "-STOP", str(stalled))  # its event loop stops: no more WATCHDOG=1
+    wait_until(lambda: main_pid() not in (0, stalled), "systemd to kill it and start another", timeout=60)
+    wait_until(lambda: box("systemctl", "is-active", "cl-rescue", check=False).stdout.strip() == "active", "READY")
+    assert "Watchdog timeout" in box("journalctl", "-u", "cl-rescue", "--no-pager").stdout
+    assert box("systemctl", "show", "-p", "NRestarts", "--value", "cl-rescue").stdout.strip() == "1"
