@@ -50,6 +50,10 @@ def test_bad_files_are_reported_once_and_harm_nothing(layout: Layout, planted: P
         os.mkfifo(layout.credentials / "credentials-fifo.json")
         (layout.credentials / "credentials-dir.json").mkdir()
         (layout.credentials / "credentials-link.json").symlink_to(layout.credentials / "credentials-good.json")
+        (layout.credentials / "credentials-outside.json").symlink_to("/etc/passwd")
+        elsewhere = layout.root / "elsewhere.json"
+        elsewhere.write_text(oauth_credential(planted))
+        os.link(elsewhere, layout.credentials / "credentials-hardlink.json")
         os.close(os.open(os.fsencode(layout.credentials) + b"/credentials-\xff\xfe.json", os.O_CREAT | os.O_WRONLY))
         expected |= {
             "bad-json": "invalid",
@@ -62,6 +66,8 @@ def test_bad_files_are_reported_once_and_harm_nothing(layout: Layout, planted: P
             "fifo": "invalid",
             "dir": "invalid",
             "link": "invalid",
+            "outside": "invalid",
+            "hardlink": "invalid",
         }
         drop(layout, "unreadable", oauth_credential(planted), mode=0o000)
         expected["unreadable"] = "invalid"
@@ -82,6 +88,8 @@ def test_bad_files_are_reported_once_and_harm_nothing(layout: Layout, planted: P
         assert reasons["huge"] == "too large (52428800 bytes, limit 65536)"
         assert reasons["fifo"] == reasons["dir"] == "not a regular file"
         assert reasons["link"].startswith("symlink refused")
+        assert reasons["outside"].startswith("symlink refused")
+        assert reasons["hardlink"] == "hard link refused (2 names): copy the file in instead"
         assert reasons["binary"] == "not UTF-8 text"
         assert "accessToken must be a string" in reasons["wrong-types"]
         assert reasons["unreadable"] == "unreadable: permission denied"

@@ -159,7 +159,8 @@ def read_account(path: str | os.PathLike[str], name: str) -> tuple[Account, File
     """Read and validate one credential file; None if it does not exist (any more).
 
     Never raises for bad content or a bad file. Opens with O_NOFOLLOW|O_NONBLOCK, so a
-    symlink is refused and a FIFO cannot block.
+    symlink is refused and a FIFO cannot block; a hard link is refused too (it can be written
+    through a name outside the directory, where no event reaches us).
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -172,6 +173,9 @@ def read_account(path: str | os.PathLike[str], name: str) -> tuple[Account, File
         signature = FileSignature.of(st)
         if not stat.S_ISREG(st.st_mode):
             return _invalid(name, "not a regular file"), signature
+        if st.st_nlink > 1:  # written through another name, it would change here without an event
+            reason = f"hard link refused ({st.st_nlink} names): copy the file in instead"
+            return _invalid(name, reason), signature
         if st.st_size > MAX_CREDENTIAL_BYTES:
             reason = f"too large ({st.st_size} bytes, limit {MAX_CREDENTIAL_BYTES})"
             return _invalid(name, reason), signature
