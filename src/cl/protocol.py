@@ -30,6 +30,8 @@ log = structlog.get_logger("cl.protocol")
 
 MAX_REQUEST_BYTES = 64 * 1024
 SOCKET_MODE = 0o660
+LISTEN_BACKLOG = 4096
+"""Connections the kernel holds while the loop is busy: a burst of clients waits, it is not refused."""
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+; Python names it from 3.13 on
 
 Request = dict[str, Any]
@@ -71,7 +73,9 @@ class ControlServer:
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_socket(self.path)
-        self._server = await asyncio.start_unix_server(self._serve_client, self.path, limit=MAX_REQUEST_BYTES)
+        self._server = await asyncio.start_unix_server(
+            self._serve_client, self.path, limit=MAX_REQUEST_BYTES, backlog=LISTEN_BACKLOG
+        )
         os.chmod(self.path, SOCKET_MODE)
 
     async def close(self) -> None:

@@ -1,0 +1,108 @@
+"""Hostile clients on the control sockets: fuzzed bytes and requests, 1,000 at once, memory bounded.
+
+Every reply is either a success or an error with a precise code; never `internal`, never a crash,
+never a reply lost. The daemons' memory after a second round of abuse is what it was after the
+first: nothing accumulates per client or per bad request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from utils import DaemonProcess
+
+EXPECTED_ERRORS = {"bad-json", "bad-request", "unknown-request", "too-long", "not-found", "not-queued"}
+REQUESTS = ["accounts", "submit", "cancel", "status", "logs", "run-changed", "waiting", "nope", ""]
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+FIELDS = st.sampled_from(["cwd", "prompt", "job", "run", "session", "offset", "names", "model", "max_turns", "event"])
+REQUEST = st.builds(
+    lambda name, fields: {"request": name, **fields},
+    st.sampled_from(REQUESTS) | JSON,
+    st.dictionaries(FIELDS, JSON | st.just("/tmp") | st.integers(min_value=-1, max_value=3), max_size=4),
+)
+LINE = st.one_of(
+    REQUEST.map(lambda r: json.dumps(r).encode()),
+    JSON.map(lambda v: json.dumps(v).encode()),
+    st.binary(max_size=200).map(lambda b: b.replace(b"\n", b" ")),
+)
+
+
+def exchange(path: Path, lines: list[bytes]) -> list[dict[str, Any]]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(20)
+        sock.connect(str(path))
+        sock.sendall(b"".join(line + b"\n" for line in lines))
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(1 << 16):
+            data += chunk
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def well_answered(reply: dict[str, Any]) -> bool:
+    return reply.get("ok") is True or (reply.get("ok") is False and reply.get("code") in EXPECTED_ERRORS)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def many_clients(path: Path, count: int) -> list[dict[str, Any]]:
+    async def one(i: int) -> dict[str, Any]:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        request = {"request": "accounts"} if i % 2 else {"request": "cancel", "job": i}
+        writer.write(json.dumps(request).encode() + b"\n")
+        await writer.drain()
+        reply: dict[str, Any] = json.loads(await reader.readline())
+        writer.close()
+        await writer.wait_closed()
+        return reply
+
+    return await asyncio.gather(*(one(i) for i in range(count)))
+
+
+def abuse(daemons: tuple[DaemonProcess, DaemonProcess]) -> None:
+    """One round: fuzzed lines to both daemons, then 1,000 clients at once on each."""
+
+    @settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(LINE.filter(lambda line: line.strip() != b""), min_size=1, max_size=5))
+    def fuzz(lines: list[bytes]) -> None:
+        for daemon in daemons:
+            replies = exchange(daemon.socket, lines)
+            assert len(replies) == len(lines)
+            bad = [reply for reply in replies if not well_answered(reply)]
+            assert not bad, bad
+
+    fuzz()
+    for daemon in daemons:
+        replies = asyncio.run(many_clients(daemon.socket, 1000))
+        assert len(replies) == 1000
+        assert all(well_answered(reply) for reply in replies)
+
+
+def test_fuzzed_requests_and_a_thousand_clients_get_precise_answers_in_bounded_memory(
+    daemons: tuple[DaemonProcess, DaemonProcess],
+) -> None:
+    abuse(daemons)
+    after_first = {daemon.name: rss_kib(daemon.pid) for daemon in daemons}
+    abuse(daemons)
+    for daemon in daemons:
+        assert daemon.answers()
+        grown = rss_kib(daemon.pid) - after_first[daemon.name]
+        assert grown < 8 * 1024, f"cl-{daemon.name} grew by {grown} KiB over a second round"
+        assert "request failed" not in daemon.log()  # no handler raised: nothing became `internal`
