@@ -24,6 +24,29 @@ def planted(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> Iterator[Plant
         pytest.fail("secret leaked: " + "; ".join(leaks), pytrace=False)
 
 
+WHERE_TOKENS_BELONG = ("credentials-*.json", ".credentials-*.tmp", ".incoming", "quota.json", "elsewhere.json")
+"""Files the tests write tokens into on purpose: credentials, and the fake CLI's quota keyed by token."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_token_anywhere_after_the_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the whole suite: every file any test or daemon left behind (logs, journals, run output,
+    transcripts, the state store) is searched for every token planted in the session."""
+    yield
+    root = tmp_path_factory.getbasetemp()
+    hits = []
+    for path in root.rglob("*"):
+        if path.is_symlink() or not path.is_file() or any(path.match(p) for p in WHERE_TOKENS_BELONG):
+            continue
+        data = path.read_bytes()
+        hits += [
+            f"planted token #{i} in {path.relative_to(root)}"
+            for i, t in enumerate(Planted.everywhere)
+            if t.encode() in data
+        ]
+    assert not hits, "secrets leaked: " + "; ".join(hits[:20])
+
+
 @pytest.fixture
 def layout(tmp_path: Path) -> Layout:
     return Layout(tmp_path)

@@ -25,6 +25,9 @@ FAR_FUTURE_MS = 4_102_444_800_000  # 2100-01-01
 class Planted:
     """Unique token strings for one test; the `planted` fixture fails the test if one leaks."""
 
+    everywhere: ClassVar[list[str]] = []
+    """Every token planted in this session: the end-of-session scan looks for all of them."""
+
     def __init__(self) -> None:
         self.tokens: list[str] = []
         self.watched_files: list[Path] = []
@@ -32,6 +35,7 @@ class Planted:
     def token(self, prefix: str = "sk-ant-oat01-") -> str:
         token = f"{prefix}{uuid.uuid4().hex}{uuid.uuid4().hex[:8]}"
         self.tokens.append(token)
+        Planted.everywhere.append(token)
         return token
 
     def leaks(self, text: str, where: str) -> list[str]:
