@@ -133,14 +133,18 @@ def test_a_session_runs_in_its_own_worker_unit_and_survives_a_balancer_restart(
     hold.touch()
     config = (
         'claude_bin = "/opt/fakes/claude"\n'
+        'cli_writable = ["/var/lib/cl/fake-claude.jsonl"]\n'
         "[worker.env]\n"
         'FAKE_CLAUDE_HOLD = "/opt/claude/hold"\n'
         'FAKE_CLAUDE_LOG = "/var/lib/cl/fake-claude.jsonl"\n'
+        'FAKE_CLAUDE_TOUCH = "/var/lib/cl/cl.db:/srv/work/notes.txt"\n'
     )
     box(
         "sh",
         "-c",
-        f"mkdir -p /etc/cl /srv/work && chown cl:cl /srv/work && printf '%s' '{config}' > /etc/cl/config.toml",
+        "mkdir -p /etc/cl /srv/work /var/lib/cl && chown cl:cl /srv/work /var/lib/cl"
+        " && install -o cl -g cl -m 0600 /dev/null /var/lib/cl/fake-claude.jsonl"
+        f" && printf '%s' '{config}' > /etc/cl/config.toml",
     )
     box("systemctl", "enable", "--now", "cl-balancer.service")
     drop_credential(box, tmp_path / "claude", "a1", oauth_credential(planted))
@@ -162,7 +166,9 @@ def test_a_session_runs_in_its_own_worker_unit_and_survives_a_balancer_restart(
     assert state() == "running"
     hold.unlink()
     wait_until(lambda: state() == "done", "the session to finish")
-    assert len(box("cat", "/var/lib/cl/fake-claude.jsonl").stdout.splitlines()) == 1  # it ran once
+    (call,) = [json.loads(line) for line in box("cat", "/var/lib/cl/fake-claude.jsonl").stdout.splitlines()]  # once
+    # Landlock inside the worker unit: the job's cwd is writable, the state store is not.
+    assert call["touched"] == {"/var/lib/cl/cl.db": False, "/srv/work/notes.txt": True}
 
 
 def test_a_walled_session_is_rescued_and_the_journal_tells_the_story(
@@ -173,6 +179,7 @@ def test_a_walled_session_is_rescued_and_the_journal_tells_the_story(
     quota = json.dumps({walled: 0})
     config = (
         'claude_bin = "/opt/fakes/claude"\n'
+        'cli_writable = ["/var/lib/cl/quota.json", "/var/lib/cl/fake-claude.jsonl"]\n'
         "[worker.env]\n"
         'FAKE_CLAUDE_QUOTA = "/var/lib/cl/quota.json"\n'
         'FAKE_CLAUDE_LOG = "/var/lib/cl/fake-claude.jsonl"\n'
@@ -182,7 +189,8 @@ def test_a_walled_session_is_rescued_and_the_journal_tells_the_story(
         "-c",
         "mkdir -p /etc/cl /srv/work /var/lib/cl && chown cl:cl /srv/work"
         f" && printf '%s' '{config}' > /etc/cl/config.toml"
-        f" && printf '%s' '{quota}' > /var/lib/cl/quota.json && chown cl:cl /var/lib/cl/quota.json",
+        f" && printf '%s' '{quota}' > /var/lib/cl/quota.json && chown cl:cl /var/lib/cl/quota.json"
+        " && install -o cl -g cl -m 0600 /dev/null /var/lib/cl/fake-claude.jsonl",
     )
     drop_credential(box, tmp_path / "claude", "a1", oauth_credential(planted, token=walled))
     box("systemctl", "enable", "--now", "cl-balancer.service", "cl-rescue.service")

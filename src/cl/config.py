@@ -51,6 +51,8 @@ class Config:
     """Up to this many seconds are added at random to a wall's reset before trying the account."""
     reconcile_interval: float = 60.0
     """Seconds between the rescuer's checks for workers that vanished unseen (a safety net)."""
+    cli_writable: tuple[str, ...] = ()
+    """Existing paths the CLI may write besides the job's cwd, its config dir, /tmp and /dev (Landlock)."""
     store_busy_timeout: float = 10.0
     """Seconds a store write waits for another writer before the store counts as unavailable."""
     worker_env: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -143,6 +145,10 @@ def _claude_args(value: Any, _base: Path) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _paths(value: Any, base: Path) -> tuple[str, ...]:
+    return tuple(str(_path(item, base)) for item in _claude_args(value, base))
+
+
 def _worker(value: Any, _base: Path) -> dict[str, str]:
     if not isinstance(value, dict) or set(value) - {"env"}:
         raise TypeError("must be a table with one sub-table, [worker.env]")
@@ -169,6 +175,7 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "reset_jitter": _seconds_or_zero,
     "reconcile_interval": _positive_float,
     "store_busy_timeout": _positive_float,
+    "cli_writable": _paths,
 }
 _FIELD = {"worker": "worker_env"}
 

@@ -22,12 +22,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from cl import logs
+from cl import landlock, logs
 from cl.claude_code.stream import Outcome, StreamState
 from cl.client import tell
 from cl.config import Config, ConfigError, load_config
@@ -121,9 +122,16 @@ def claude_argv(config: Config, job: Job, run: Run) -> list[str]:
     return argv + list(config.claude_args)
 
 
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def _cli_preexec(writable: list[str], landlock_abi: int) -> Callable[[], None]:
+    """Between fork and exec of the CLI: die with the worker; write only beneath `writable`."""
+
+    def preexec() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if landlock_abi:
+            landlock.confine_writes(writable, landlock_abi)
+
+    return preexec
 
 
 def work(config: Config, store: Store, run_id: int) -> RunState | None:
@@ -213,6 +221,11 @@ def _run_cli(
     """Run the CLI, keeping its output and reading it as it comes; None if it did not start."""
     bound = log.bind(job=job.id, run=run.id, account=run.account)
     state = StreamState()
+    # The account's own credential file: the CLI writes a refreshed OAuth token through the link.
+    own_credential = str(config.credentials_dir / credential_filename(run.account))
+    writable = [job.cwd, str(session_config_dir(config, job.id)), own_credential, "/tmp", "/dev", *config.cli_writable]  # noqa: S108
+    if not (landlock_abi := landlock.abi()):
+        bound.warning("no Landlock in this kernel: the CLI may write wherever the worker can")
     with path.open("ab") as output:
         try:
             claude = subprocess.Popen(
@@ -222,11 +235,12 @@ def _run_cli(
                 stdout=subprocess.PIPE,
                 stderr=output,
                 pass_fds=(lock,),
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, no locks taken
+                preexec_fn=_cli_preexec(writable, landlock_abi),  # noqa: PLW1509 - syscalls only, no locks taken
             )
-        except OSError as exc:
-            store.settle(run.id, RunState.FAILED, f"cannot start {config.claude_bin}: {exc.strerror}")
-            bound.error("cli did not start", error=exc.strerror, cwd=job.cwd)
+        except (OSError, subprocess.SubprocessError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            store.settle(run.id, RunState.FAILED, f"cannot start {config.claude_bin}: {reason}")
+            bound.error("cli did not start", error=reason, cwd=job.cwd)
             return None
         assert claude.stdout is not None
         answered = False
