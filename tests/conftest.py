@@ -24,19 +24,22 @@ def planted(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> Iterator[Plant
         pytest.fail("secret leaked: " + "; ".join(leaks), pytrace=False)
 
 
-WHERE_TOKENS_BELONG = ("credentials-*.json", ".credentials-*.tmp", ".incoming", "quota.json", "elsewhere.json")
-"""Files the tests write tokens into on purpose: credentials, and the fake CLI's quota keyed by token."""
+OUTPUT_SUFFIXES = (".log", ".jsonl", ".db", ".db-wal", ".out")
+"""What the daemons, workers and fakes write: logs, run output, transcripts, the state store."""
 
 
 @pytest.fixture(scope="session", autouse=True)
 def no_token_anywhere_after_the_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """After the whole suite: every file any test or daemon left behind (logs, journals, run output,
-    transcripts, the state store) is searched for every token planted in the session."""
+    """After the whole suite: everything the system wrote (logs, journals, run output, transcripts,
+    the state store, each job's config dir) is searched for every token planted in the session.
+    The tests' own inputs (credential files, swap files with credential content) are not output."""
     yield
     root = tmp_path_factory.getbasetemp()
     hits = []
     for path in root.rglob("*"):
-        if path.is_symlink() or not path.is_file() or any(path.match(p) for p in WHERE_TOKENS_BELONG):
+        if path.is_symlink() or not path.is_file():
+            continue
+        if not (path.name.endswith(OUTPUT_SUFFIXES) or "state" in path.relative_to(root).parts[:-1]):
             continue
         data = path.read_bytes()
         hits += [

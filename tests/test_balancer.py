@@ -88,6 +88,7 @@ def test_jobs_run_to_done_and_show_in_status(layout: Layout, planted: Planted) -
     assert cl(layout, "logs", sessions[jobs[1]]["session_id"]).stdout == cl(layout, "logs", str(jobs[1])).stdout
 
 
+@pytest.mark.usefixtures("balancer")
 def test_submit_refuses_bad_input_with_exit_2(layout: Layout) -> None:
     missing = cl(layout, "submit", "--cwd", str(layout.root / "nope"), "--prompt", "x")
     assert (missing.returncode, "no such directory" in missing.stderr) == (2, True)
@@ -95,6 +96,9 @@ def test_submit_refuses_bad_input_with_exit_2(layout: Layout) -> None:
     assert (empty.returncode, "the prompt is empty" in empty.stderr) == (2, True)
     unreadable = cl(layout, "submit", "--cwd", str(layout.work), "--prompt-file", str(layout.root / "none.txt"))
     assert unreadable.returncode == 2
+    (layout.root / "huge.txt").write_text("x" * (48 * 1024 + 1))
+    huge = cl(layout, "submit", "--cwd", str(layout.work), "--prompt-file", str(layout.root / "huge.txt"))
+    assert (huge.returncode, "is over 49152 bytes" in huge.stderr) == (2, True)
 
 
 def test_waiting_jobs_go_to_a_credential_dropped_in(layout: Layout, planted: Planted, balancer: DaemonProcess) -> None:

@@ -125,7 +125,7 @@ def test_files_that_are_not_credentials(tmp_path: Path, planted: Planted) -> Non
 
 
 def test_group_or_world_readable_is_flagged(tmp_path: Path, planted: Planted) -> None:
-    path = tmp_path / "c"
+    path = tmp_path / "credentials-c.json"
     path.write_text(oauth_credential(planted))
     path.chmod(0o600)
     assert read_account(path, "c") is not None

@@ -45,7 +45,7 @@ def test_a_locked_store_is_reported_and_waited_out(layout: Layout, planted: Plan
             "the queued job to run once the lock is gone",
         )
         assert [j["id"] for j in jobs] == [job]  # the refused submit left nothing behind
-        assert balancer.log().count("state store unavailable") == 1  # said once per outage
+        assert balancer.log().count("state store unavailable, retrying") == 1  # said once per outage
     finally:
         balancer.stop()
 
