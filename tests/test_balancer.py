@@ -9,7 +9,6 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -22,6 +21,8 @@ from utils import (
     api_key_credential,
     cl,
     oauth_credential,
+    status,
+    submit,
     wait_until,
     write_credential,
 )
@@ -32,20 +33,6 @@ def balancer(layout: Layout) -> Iterator[DaemonProcess]:
     daemon = DaemonProcess("balancer", layout).start()
     yield daemon
     daemon.stop()
-
-
-def status(layout: Layout) -> dict[str, Any]:
-    result = cl(layout, "status", "--json")
-    assert result.returncode == 0, result.stderr
-    reply: dict[str, Any] = json.loads(result.stdout)
-    return reply
-
-
-def submit(layout: Layout, prompt: str) -> int:
-    result = cl(layout, "submit", "--cwd", str(layout.work), "--prompt", prompt, "--json")
-    assert result.returncode == 0, result.stderr
-    job: int = json.loads(result.stdout)["job"]
-    return job
 
 
 def job_states(layout: Layout) -> dict[int, str]:

@@ -13,14 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from utils import DaemonProcess, Layout, Planted, cl, oauth_credential, wait_until, write_credential
-
-
-def submit(layout: Layout, prompt: str) -> int:
-    result = cl(layout, "submit", "--cwd", str(layout.work), "--prompt", prompt, "--json")
-    assert result.returncode == 0, result.stderr
-    job: int = json.loads(result.stdout)["job"]
-    return job
+from utils import DaemonProcess, Layout, Planted, cl, oauth_credential, submit, wait_until, write_credential
 
 
 def test_a_locked_store_is_reported_and_waited_out(layout: Layout, planted: Planted) -> None:

@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 from typing import Any
 
 from cl.store import Store
-from utils import DaemonProcess, Layout, Planted, both, cl, oauth_credential, wait_until, write_credential
-
-
-def status(layout: Layout) -> dict[str, Any]:
-    result = cl(layout, "status", "--json")
-    assert result.returncode == 0, result.stderr
-    reply: dict[str, Any] = json.loads(result.stdout)
-    return reply
-
-
-def submit(layout: Layout, prompt: str) -> int:
-    result = cl(layout, "submit", "--cwd", str(layout.work), "--prompt", prompt, "--json")
-    assert result.returncode == 0, result.stderr
-    job: int = json.loads(result.stdout)["job"]
-    return job
+from utils import (
+    DaemonProcess,
+    Layout,
+    Planted,
+    both,
+    cl,
+    oauth_credential,
+    status,
+    submit,
+    wait_until,
+    write_credential,
+)
 
 
 def jobs(layout: Layout) -> dict[int, dict[str, Any]]:

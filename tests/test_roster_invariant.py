@@ -108,28 +108,37 @@ def apply(directory: Path, planted: Planted, operation: tuple[str, str, str]) ->
                 path.mkdir()
 
 
-def test_both_daemons_always_agree_with_the_directory(
-    layout: Layout, planted: Planted, daemons: tuple[DaemonProcess, DaemonProcess]
-) -> None:
-    done = [0]
+def churner(
+    layout: Layout, planted: Planted, daemons: tuple[DaemonProcess, DaemonProcess], bursts: int, size: int
+) -> tuple[Callable[[], None], list[int]]:
+    """A hypothesis run of `bursts` bursts of `size` to `2 * size` operations; after each burst both
+    daemons must show what the directory says. Also the list of burst lengths applied."""
+    applied: list[int] = []
 
     @settings(
-        max_examples=100,
+        max_examples=bursts,
         deadline=None,
         database=None,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     )
-    @given(st.lists(OPERATION, min_size=15, max_size=30))
+    @given(st.lists(OPERATION, min_size=size, max_size=2 * size))
     def churn(operations: list[tuple[str, str, str]]) -> None:
         for operation in operations:
             apply(layout.credentials, planted, operation)
-        done[0] += len(operations)
+        applied.append(len(operations))
         expected = expected_states(layout.credentials)
         agree: Callable[[], bool] = lambda: all(d.states() == expected for d in daemons)  # noqa: E731
         wait_until(agree, f"both daemons to show {expected}")
 
+    return churn, applied
+
+
+def test_both_daemons_always_agree_with_the_directory(
+    layout: Layout, planted: Planted, daemons: tuple[DaemonProcess, DaemonProcess]
+) -> None:
+    churn, applied = churner(layout, planted, daemons, bursts=100, size=15)
     churn()
-    assert done[0] >= MIN_OPERATIONS
+    assert sum(applied) >= MIN_OPERATIONS
     final = expected_states(layout.credentials)
     wait_until(lambda: daemons[0].states() == daemons[1].states() == final, "the final agreement")
 
@@ -157,20 +166,7 @@ def test_both_daemons_agree_while_sessions_wall_and_move(layout: Layout, planted
         for i in range(8):
             cl(layout, "submit", "--cwd", str(layout.work), "--prompt", f"task {i}")
 
-        @settings(
-            max_examples=15,
-            deadline=None,
-            database=None,
-            suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-        )
-        @given(st.lists(OPERATION, min_size=10, max_size=20))
-        def churn(operations: list[tuple[str, str, str]]) -> None:
-            for operation in operations:
-                apply(layout.credentials, planted, operation)
-            expected = expected_states(layout.credentials)
-            agree: Callable[[], bool] = lambda: all(d.states() == expected for d in daemons)  # noqa: E731
-            wait_until(agree, f"both daemons to show {expected}")
-
+        churn, _ = churner(layout, planted, daemons, bursts=15, size=10)
         for _ in range(40):  # churn on until sessions have moved a few times under it
             churn()
             if (moves := daemons[1].log().count("session moved")) >= 5:

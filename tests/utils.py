@@ -210,6 +210,22 @@ def cl(layout: Layout, *args: str, **env: str) -> subprocess.CompletedProcess[st
     )
 
 
+def status(layout: Layout) -> dict[str, Any]:
+    """`cl status --json`, which must succeed."""
+    result = cl(layout, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    reply: dict[str, Any] = json.loads(result.stdout)
+    return reply
+
+
+def submit(layout: Layout, prompt: str) -> int:
+    """`cl submit` in the layout's work dir, which must succeed; the job id."""
+    result = cl(layout, "submit", "--cwd", str(layout.work), "--prompt", prompt, "--json")
+    assert result.returncode == 0, result.stderr
+    job: int = json.loads(result.stdout)["job"]
+    return job
+
+
 @contextlib.contextmanager
 def both(layout: Layout, **kwargs: Any) -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
     """Run cl-balancer and cl-rescue side by side; stop both after."""

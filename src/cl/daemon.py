@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
-import sys
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
@@ -211,11 +210,6 @@ async def _cancel(tasks: list[asyncio.Task[None]], timeout: float) -> None:
 
 def run(name: str, factory: ServiceFactory) -> int:
     """A daemon's `main`: exit 2 on bad configuration, 1 on failure, 0 on a clean stop."""
-    try:
-        config = load_config()
-    except ConfigError as exc:
-        print(f"cl-{name}: configuration error: {exc}", file=sys.stderr)
+    if (config := logs.start_process(name)) is None:
         return 2
-    logs.configure(config.log_level)
-    structlog.contextvars.bind_contextvars(daemon=name)  # on every line: `make run` interleaves both
     return asyncio.run(Daemon(name, config, factory).serve())

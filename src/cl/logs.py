@@ -19,6 +19,7 @@ import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from cl import redact
+from cl.config import Config, ConfigError, load_config
 
 PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
 
@@ -93,3 +94,16 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
         logger_factory=structlog.WriteLoggerFactory(stream),  # one write per line: no interleaving
         cache_logger_on_first_use=False,
     )
+
+
+def start_process(name: str) -> Config | None:
+    """A process's first steps: the configuration (on error: say why on stderr and return None,
+    the caller exits 2), then logging, with `daemon=<name>` on every line (`make run` interleaves)."""
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        print(f"cl-{name}: configuration error: {exc}", file=sys.stderr)
+        return None
+    configure(config.log_level)
+    structlog.contextvars.bind_contextvars(daemon=name)
+    return config

@@ -31,7 +31,7 @@ import structlog
 from cl import landlock, logs
 from cl.claude_code.stream import Outcome, StreamState
 from cl.client import tell
-from cl.config import Config, ConfigError, load_config
+from cl.config import Config
 from cl.credentials import CredentialKind, credential_filename
 from cl.forkserver import ForkServer
 from cl.processes import start_time
@@ -270,13 +270,8 @@ def _tokens(usage: dict[str, Any] | None) -> tuple[int, int]:
 
 def run(run_id: int) -> int:
     """Be the worker for `run_id`, configured from the environment; the exit code."""
-    try:
-        config = load_config()
-    except ConfigError as exc:
-        print(f"cl-worker: configuration error: {exc}", file=sys.stderr)
+    if (config := logs.start_process("worker")) is None:
         return 2
-    logs.configure(config.log_level)
-    structlog.contextvars.bind_contextvars(daemon="worker")
     store = Store(config.database, config.store_busy_timeout)
     work(config, store, run_id)
     store.close()
