@@ -49,8 +49,9 @@ def template(root: Path, planted: Planted) -> Layout:
         write_credential(layout.credentials, f"a{i}", oauth_credential(planted, token=token))
     layout.quota(dict.fromkeys(tokens, 0))
     with both(layout) as (_balancer, rescue):
-        for i in range(WALLED):
-            cl(layout, "submit", "--cwd", str(layout.work), "--prompt", f"walls {i}")
+        with layout.started_together(WALLED):
+            for i in range(WALLED):
+                cl(layout, "submit", "--cwd", str(layout.work), "--prompt", f"walls {i}")
         wait_until(lambda: f"sessions={WALLED}" in rescue.log(), "every session to wait")
         for i in range(QUEUED):
             cl(layout, "submit", "--cwd", str(layout.work), "--prompt", f"queued {i}")

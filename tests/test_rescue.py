@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from typing import Any
 
 from cl.store import Store
@@ -56,7 +57,8 @@ def test_the_seed_afternoon(layout: Layout, planted: Planted) -> None:
     moves to it with its conversation and finishes."""
     tokens = walled_accounts(layout, planted, ["a1", "a2", "a3"])
     with both(layout) as (_balancer, rescue):
-        submitted = [submit(layout, f"step one of task {i}") for i in range(3)]
+        with layout.started_together(3):  # one on each account, all three walling at once
+            submitted = [submit(layout, f"step one of task {i}") for i in range(3)]
         wait_until(
             lambda: "sessions=3" in rescue.log() and "no-eligible-account" in rescue.log(), "the rescuer to wait"
         )
@@ -110,14 +112,18 @@ def test_a_failed_resume_is_marked_failed_with_its_reason(layout: Layout, plante
 
 def test_a_reset_readmits_one_session_first_then_the_rest(layout: Layout, planted: Planted) -> None:
     (token,) = walled_accounts(layout, planted, ["a1"]).values()
-    hold = layout.root / "hold"
-    env = layout.env(FAKE_CLAUDE_RESET_IN="4", FAKE_CLAUDE_HOLD=str(hold), CL_RESET_JITTER="0.2")
-    with both(layout, env=env) as (_balancer, rescue):
-        for i in range(3):
-            submit(layout, f"task {i}")
+    hold = layout.hold
+    with both(layout, env=layout.env(CL_RESET_JITTER="0.2")) as (_balancer, rescue):
+        with layout.started_together(3):
+            for i in range(3):
+                submit(layout, f"task {i}")
         wait_until(lambda: "sessions=3" in rescue.log(), "all three sessions to wait for a1's reset")
         hold.touch()  # the first session back will be held before its answer comes
         layout.quota({token: 100})  # the account's real limit has reset too
+        store = Store(layout.state / "cl.db")  # the reset, an hour away, now comes in a second
+        store.record_wall("a1", "test", time.time() + 1, "five_hour")
+        store.close()
+        rescue.request({"request": "run-changed", "run": 0})  # as any run's news would: a pass sees it
         wait_until(lambda: "probing=a1" in rescue.log(), "one session to try a1 after the reset", timeout=60)
         assert "sessions=2" in rescue.log().split("probing=a1")[0].splitlines()[-1]
         wait_until(lambda: resumed_calls(layout), "the probe to reach the CLI (and be held there)")

@@ -111,6 +111,20 @@ class Layout:
         tmp.write_text(json.dumps(turns))
         tmp.replace(path)
 
+    @property
+    def hold(self) -> Path:
+        """While this file exists, the fake claude waits before its request (every daemon's env names it)."""
+        return self.root / "hold"
+
+    @contextlib.contextmanager
+    def started_together(self, calls: int) -> Iterator[None]:
+        """CLI runs started inside wait until `calls` runs have started, then all go at once:
+        sessions that wall "at once" do, however slowly this machine starts them."""
+        self.hold.touch()
+        yield
+        wait_until(lambda: len(self.claude_calls()) >= calls, f"{calls} CLI runs to start")
+        self.hold.unlink()
+
     def claude_calls(self) -> list[dict[str, Any]]:
         """Every run of the fake claude, in order."""
         path = self.root / "fake-claude.jsonl"
@@ -128,6 +142,7 @@ class Layout:
             CL_CLAUDE_BIN=str(FAKE_CLAUDE),
             FAKE_CLAUDE_LOG=str(self.root / "fake-claude.jsonl"),
             FAKE_CLAUDE_QUOTA=str(self.root / "quota.json"),
+            FAKE_CLAUDE_HOLD=str(self.hold),
         )
         (self.root / "config.toml").touch()
         env.update(extra)
