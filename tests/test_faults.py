@@ -96,3 +96,33 @@ def test_a_full_disk_is_reported_and_survived_without_corruption(layout: Layout,
         assert check.stdout.strip() == "ok"
     finally:
         balancer.stop()
+
+
+def ptrace_works() -> bool:
+    if shutil.which("strace") is None:
+        return False
+    probe = subprocess.run(["strace", "-qq", "-o", "/dev/null", "true"], capture_output=True, check=False)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not ptrace_works(), reason="needs strace and ptrace to slow a path down")
+def test_a_slow_credentials_path_is_reported_and_the_rest_works(layout: Layout, planted: Planted) -> None:
+    slow = layout.credentials / "credentials-slow.json"
+    # Every open of that one file takes three seconds, as on a struggling network file system
+    # (strace -D: the tracer is a grandchild, so the daemon keeps its pid and gets our signals).
+    wrap = ["strace", "-D", "-f", "-qq", "-o", "/dev/null", "-P", str(slow), "-e", "trace=openat"]
+    wrap += ["-e", "inject=openat:delay_enter=3000000"]
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    balancer = DaemonProcess("balancer", layout, wrap=wrap).start()
+    try:
+        write_credential(layout.credentials, "slow", oauth_credential(planted))
+        assert balancer.states()["a1"] == "ok"  # answered, the other account untouched
+        wait_until(lambda: balancer.states().get("slow") == "ok", "the slow file to be read after all")
+        wait_until(lambda: "credentials directory is slow" in balancer.log(), "the slowness to be reported")
+        line = next(line for line in balancer.log().splitlines() if "credentials directory is slow" in line)
+        assert "reading=slow" in line
+        job = submit(layout, "works meanwhile")
+        wait_until(lambda: [j["state"] for j in json.loads(cl(layout, "jobs", "--json").stdout)] == ["done"], "the job")
+        assert job == 1
+    finally:
+        balancer.stop()

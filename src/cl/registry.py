@@ -15,10 +15,11 @@ import contextlib
 import enum
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any, TypeVar
 
 import structlog
 import watchfiles
@@ -34,6 +35,10 @@ from cl.credentials import (
 )
 
 log = structlog.get_logger("cl.registry")
+
+T = TypeVar("T")
+SLOW_READ = 1.0
+"""Seconds after which reading the directory counts as slow (and says so in the log)."""
 
 _Read = tuple[Account, FileSignature | None]
 
@@ -152,15 +157,23 @@ class CredentialRegistry:
     async def resync(self) -> None:
         """Rescan the whole directory; re-read only files whose `stat` changed."""
         async with self._lock:
-            scan = await asyncio.to_thread(_scan, self.directory, dict(self._signatures))
+            scan = await self._off_loop("a full rescan", _scan, self.directory, dict(self._signatures))
             self._apply_scan(scan)
 
     async def refresh(self, names: set[str]) -> None:
         """Re-read the named credential files from disk, whatever the event said."""
         async with self._lock:
-            reads = await asyncio.to_thread(self._read_names, names)
+            reads = await self._off_loop(", ".join(sorted(names)), self._read_names, names)
             for name, read in reads.items():
                 self._apply(name, read)
+
+    async def _off_loop(self, what: str, call: Callable[..., T], *args: Any) -> T:
+        """Disk work in a thread, so the loop keeps answering; a slow disk is said, not suffered."""
+        started = time.monotonic()
+        result = await asyncio.to_thread(call, *args)
+        if (seconds := time.monotonic() - started) > SLOW_READ:
+            log.warning("credentials directory is slow", reading=what, seconds=round(seconds, 1))
+        return result
 
     def _read_names(self, names: set[str]) -> dict[str, _Read | None]:
         return {name: read_account(self.directory / credential_filename(name), name) for name in names}
