@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from utils import DaemonProcess, Layout, Planted, cl, oauth_credential, submit, wait_until, write_credential
+from utils import DaemonProcess, Layout, Planted, both, cl, oauth_credential, submit, wait_until, write_credential
 
 
 def test_a_locked_store_is_reported_and_waited_out(layout: Layout, planted: Planted) -> None:
@@ -126,3 +126,35 @@ def test_a_slow_credentials_path_is_reported_and_the_rest_works(layout: Layout, 
         assert job == 1
     finally:
         balancer.stop()
+
+
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+
+
+@pytest.mark.skipif(not LIBFAKETIME.exists(), reason="needs libfaketime (Debian: faketime) to move the clock")
+def test_a_clock_jump_is_reported_and_walls_are_judged_by_the_new_time(layout: Layout, planted: Planted) -> None:
+    """The daemons' wall clock (only theirs: libfaketime, monotonic time untouched) jumps two hours
+    ahead while a session waits for a wall that resets in one: it is moved at once, not in an hour."""
+    token = planted.token()
+    write_credential(layout.credentials, "a1", oauth_credential(planted, token=token))
+    layout.quota({token: 0})
+    clock = layout.root / "faketime"
+    clock.write_text("+0\n")
+    env = layout.env(
+        LD_PRELOAD=str(LIBFAKETIME),
+        FAKETIME_TIMESTAMP_FILE=str(clock),
+        FAKETIME_NO_CACHE="1",
+        FAKETIME_DONT_FAKE_MONOTONIC="1",
+    )
+    with both(layout, env=env) as (_balancer, rescue):
+        job = submit(layout, "walls, then the clock jumps")
+        wait_until(lambda: "next_reset=" in rescue.log(), "the session to wait for a1's reset, an hour away")
+        layout.quota({token: 100})
+        clock.write_text("+2h\n")
+        wait_until(lambda: "system clock jumped" in rescue.log(), "the jump to be noticed")
+        wait_until(
+            lambda: [j["state"] for j in json.loads(cl(layout, "jobs", "--json").stdout)] == ["done"],
+            "the session to move now that the wall is two hours old",
+        )
+        assert "session moved" in rescue.log()
+        assert job == 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
@@ -27,6 +28,9 @@ from cl.store import StoreUnavailable
 log = structlog.get_logger("cl.daemon")
 
 DRAIN_TIMEOUT = 10.0
+CLOCK_CHECK_INTERVAL = 5.0
+CLOCK_JUMP = 2.0
+"""Seconds the wall clock may drift from the monotonic one between two checks before it counts as a jump."""
 MAX_STORE_RETRY = 30.0
 _RESTART_KEYS = ("credentials_dir", "state_dir", "runtime_dir")
 
@@ -44,6 +48,10 @@ class Service(Protocol):
 
     def status(self) -> str:
         """Its part of the one-line STATUS=, or ''."""
+        ...
+
+    def wake(self) -> None:
+        """Look at the world again (the clock jumped: every wall's reset moved relative to now)."""
         ...
 
 
@@ -85,6 +93,7 @@ class Daemon:
             service_task,
             asyncio.create_task(self._mark_status_on_roster_changes(), name="roster-status"),
             asyncio.create_task(self._keep_status(), name="status"),
+            asyncio.create_task(self._watch_clock(), name="clock"),
         ]
         if (interval := watchdog_interval()) is not None:
             tasks.append(asyncio.create_task(self._keep_watchdog(interval), name="watchdog"))
@@ -148,6 +157,19 @@ class Daemon:
             await self._status_dirty.wait()
             self._status_dirty.clear()
             self._notifier.status(self.status())
+
+    async def _watch_clock(self) -> None:
+        """Walls reset by the wall clock, timers run on the monotonic one: when the wall clock jumps
+        (an NTP step, a manual `date -s`), say so and look at everything again."""
+        offset = time.time() - time.monotonic()
+        while True:
+            await asyncio.sleep(CLOCK_CHECK_INTERVAL)
+            now = time.time() - time.monotonic()
+            if abs(now - offset) > CLOCK_JUMP:
+                log.warning("system clock jumped", seconds=round(now - offset, 1))
+                self.service.wake()
+                await self.registry.resync()  # `expired` is by the wall clock too
+            offset = now
 
     async def _keep_watchdog(self, interval: float) -> None:
         while True:
