@@ -1,14 +1,17 @@
 """`cl-worker RUN`: one supervised `claude` process for one run of a job.
 
-The balancer writes the run (`starting`) and launches this process detached (its own session),
-so that a balancer restart neither kills it nor loses it: the worker claims its run in the
-store (`starting` -> `running`, with its pid and start time), or exits at once if the run was
-abandoned meanwhile, so a run never executes twice. It then runs the CLI in the job's cwd with
-`CLAUDE_CONFIG_DIR` = the job's own config dir, whose `.credentials.json` is a symlink to the
-account's credential file (token and API-key accounts come through the environment instead),
-keeps the whole output in a log file, reads the stream as it arrives (session id, usage,
-utilization, the first answer, a wall), writes the outcome, and tells both daemons. The CLI gets PDEATHSIG: if the
-worker dies, so does its CLI, and the run is found orphaned rather than running unseen.
+A daemon (the balancer placing a job, the rescuer moving a session) writes the run (`starting`)
+and launches this process detached, so that a daemon restart neither kills it nor loses it: the
+worker claims its run in the store (`starting` -> `running`, with its pid and start time), or
+exits at once if the run was abandoned meanwhile, so a run never executes twice. It locks the
+job's config dir (the CLI inherits the lock: one live process per session), then runs the CLI
+in the job's cwd with `CLAUDE_CONFIG_DIR` = that dir, whose `.credentials.json` is a symlink to
+the account's credential file (token and API-key accounts come through the environment
+instead). The CLI gets PDEATHSIG (if the worker dies, so does its CLI, and the run is found
+orphaned rather than running unseen) and a Landlock ruleset (it writes only where its job
+lives). The worker keeps the whole output in a log file, reads the stream as it arrives
+(session id, usage, utilization, the first answer, a wall), writes the outcome, and tells
+both daemons.
 """
 
 from __future__ import annotations
