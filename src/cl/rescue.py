@@ -186,9 +186,7 @@ class Rescuer:
         changed meanwhile (another pass or daemon got to it)."""
         assert job.session_id is not None
         transcript = transcript_path(session_config_dir(self.config, job.id), job.cwd, job.session_id)
-        size = await asyncio.to_thread(_size, transcript)
-        store = self.store.store
-        run = await self.store.run(store.place, job.id, account, limit, job.session_id, size)
+        run = await self.store.run(_begin_move, self.store.store, job, account, limit, transcript)
         if run is None:
             return False
         self._moves += 1
@@ -288,6 +286,11 @@ def _size(path: Path) -> int | None:
         return os.stat(path).st_size
     except OSError:
         return None
+
+
+def _begin_move(store: Store, job: Job, account: str, limit: int, transcript: Path) -> Run | None:
+    """The move's transaction, with the transcript's size before it (on the store's thread)."""
+    return store.place(job.id, account, limit, job.session_id, _size(transcript))
 
 
 def _verify_moves(store: Store, config: Config) -> list[tuple[Run, bool]]:

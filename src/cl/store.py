@@ -100,6 +100,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE runs ADD COLUMN verified_at REAL;
     CREATE INDEX runs_unverified ON runs(id) WHERE resume IS NOT NULL AND verified_at IS NULL
     """,
+    # 5: an account's live runs, counted inside every placing transaction
+    """
+    CREATE INDEX runs_by_account ON runs(account, state)
+    """,
 ]
 
 

@@ -51,10 +51,14 @@ class Supervisor:
             await self.settle(run, RunState.ABANDONED, "account removed")
             return
         config_dir = session_config_dir(self.config, run.job_id)
-        await asyncio.to_thread(point_credentials, self.config, config_dir, account.name, account.kind)
         env = worker_environment(os.environ, account, str(config_dir), self.config.worker_env)
+
+        def start() -> int:  # one trip off the loop: the link, then the worker
+            point_credentials(self.config, config_dir, account.name, account.kind)
+            return launch(run.id, env, self.config.socket_path("worker"))
+
         try:
-            pid = await asyncio.to_thread(launch, run.id, env, self.config.socket_path("worker"))
+            pid = await asyncio.to_thread(start)
         except (OSError, ValueError, KeyError) as exc:
             await self.settle(run, RunState.FAILED, f"cannot launch a worker: {exc}")
             log.error("cannot launch a worker", job=run.job_id, run=run.id, account=run.account, error=str(exc))
