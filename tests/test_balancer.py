@@ -20,6 +20,7 @@ from utils import (
     Planted,
     api_key_credential,
     cl,
+    job_states,
     oauth_credential,
     status,
     submit,
@@ -33,10 +34,6 @@ def balancer(layout: Layout) -> Iterator[DaemonProcess]:
     daemon = DaemonProcess("balancer", layout).start()
     yield daemon
     daemon.stop()
-
-
-def job_states(layout: Layout) -> dict[int, str]:
-    return {job["id"]: job["state"] for job in status(layout)["jobs"]}
 
 
 def all_in(layout: Layout, state: str, count: int) -> bool:

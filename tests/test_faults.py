@@ -13,7 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from utils import DaemonProcess, Layout, Planted, both, cl, oauth_credential, submit, wait_until, write_credential
+from utils import (
+    DaemonProcess,
+    Layout,
+    Planted,
+    both,
+    cl,
+    job_states,
+    oauth_credential,
+    submit,
+    wait_until,
+    write_credential,
+)
 
 
 def test_a_locked_store_is_reported_and_waited_out(layout: Layout, planted: Planted) -> None:
@@ -32,12 +43,8 @@ def test_a_locked_store_is_reported_and_waited_out(layout: Layout, planted: Plan
         other.execute("ROLLBACK")
         other.close()
         wait_until(lambda: "state store available again" in balancer.log(), "the store to come back")
-        jobs = json.loads(cl(layout, "jobs", "--json").stdout)
-        wait_until(
-            lambda: [j["state"] for j in json.loads(cl(layout, "jobs", "--json").stdout)] == ["done"],
-            "the queued job to run once the lock is gone",
-        )
-        assert [j["id"] for j in jobs] == [job]  # the refused submit left nothing behind
+        wait_until(lambda: job_states(layout) == {job: "done"}, "the queued job to run once the lock is gone")
+        # (and the refused submit left nothing behind)
         assert balancer.log().count("state store unavailable, retrying") == 1  # said once per outage
     finally:
         balancer.stop()
@@ -76,10 +83,7 @@ def test_a_full_disk_is_reported_and_survived_without_corruption(layout: Layout,
         write_credential(layout.credentials, "a1", oauth_credential(planted))
         everything = [*submitted, json.loads(after.stdout)["job"]]
         wait_until(
-            lambda: (
-                {j["id"]: j["state"] for j in json.loads(cl(layout, "jobs", "--json").stdout)}
-                == dict.fromkeys(everything, "done")
-            ),
+            lambda: job_states(layout) == dict.fromkeys(everything, "done"),
             "every job accepted before and after the full disk to run",
             timeout=120,
         )
@@ -122,8 +126,7 @@ def test_a_slow_credentials_path_is_reported_and_the_rest_works(layout: Layout, 
         line = next(line for line in balancer.log().splitlines() if "credentials directory is slow" in line)
         assert "reading=slow" in line
         job = submit(layout, "works meanwhile")
-        wait_until(lambda: [j["state"] for j in json.loads(cl(layout, "jobs", "--json").stdout)] == ["done"], "the job")
-        assert job == 1
+        wait_until(lambda: job_states(layout) == {job: "done"}, "the job")
     finally:
         balancer.stop()
 
@@ -153,8 +156,6 @@ def test_a_clock_jump_is_reported_and_walls_are_judged_by_the_new_time(layout: L
         clock.write_text("+2h\n")
         wait_until(lambda: "system clock jumped" in rescue.log(), "the jump to be noticed")
         wait_until(
-            lambda: [j["state"] for j in json.loads(cl(layout, "jobs", "--json").stdout)] == ["done"],
-            "the session to move now that the wall is two hours old",
+            lambda: job_states(layout) == {job: "done"}, "the session to move now that the wall is two hours old"
         )
         assert "session moved" in rescue.log()
-        assert job == 1

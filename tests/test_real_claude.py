@@ -27,6 +27,7 @@ from utils import (
     api_key_credential,
     both,
     cl,
+    job_states,
     oauth_credential,
     wait_until,
     write_credential,
@@ -143,4 +144,4 @@ def test_real_cli_sessions_move_to_a_dropped_in_account_with_their_conversation(
 
 
 def states(layout: Layout) -> set[str]:
-    return {job["state"] for job in json.loads(cl(layout, "jobs", "--json").stdout)}
+    return set(job_states(layout).values())

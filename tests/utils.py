@@ -233,6 +233,13 @@ def status(layout: Layout) -> dict[str, Any]:
     return reply
 
 
+def job_states(layout: Layout) -> dict[int, str]:
+    """Job id -> state, from `cl jobs --json`."""
+    result = cl(layout, "jobs", "--json")
+    assert result.returncode == 0, result.stderr
+    return {job["id"]: job["state"] for job in json.loads(result.stdout)}
+
+
 def submit(layout: Layout, prompt: str) -> int:
     """`cl submit` in the layout's work dir, which must succeed; the job id."""
     result = cl(layout, "submit", "--cwd", str(layout.work), "--prompt", prompt, "--json")

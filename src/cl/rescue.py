@@ -22,7 +22,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import structlog
@@ -30,6 +30,7 @@ import structlog
 from cl import daemon, placement
 from cl.claude_code.transcripts import transcript_path
 from cl.config import Config
+from cl.credentials import Account
 from cl.processes import alive
 from cl.protocol import Handler, Reply, Request, id_field
 from cl.registry import CredentialRegistry, Subscription
@@ -58,14 +59,26 @@ BATCH = 1000
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Waiting:
-    """Why the walled and orphaned sessions that could not move this pass are waiting."""
+    """The walled and orphaned sessions that cannot move now, and what would end their wait."""
 
-    sessions: int
-    reason: str = ""
+    jobs: tuple[Job, ...] = ()
     next_reset: float | None = None
     """The earliest reset of a standing wall on an account we have: the next chance, short of a new file."""
     probing: tuple[str, ...] = ()
     """Accounts whose wall has reset, each with one session trying them before the rest follow."""
+
+    @classmethod
+    def of(cls, jobs: Sequence[Job], facts: Facts, roster: Mapping[str, Account]) -> Waiting:
+        """Derived, each time, from the store's facts and the registry's accounts as they are now."""
+        if not jobs:
+            return cls()
+        resets = [w.reset_at for name, w in facts.walls.items() if name in roster and w.reset_at is not None]
+        probing = tuple(sorted(name for name in facts.probation if name in roster))
+        return cls(tuple(jobs), min(resets) if resets else None, probing)
+
+    @property
+    def reason(self) -> str:
+        return "no-eligible-account" if self.jobs else ""
 
 
 class Rescuer:
@@ -77,9 +90,8 @@ class Rescuer:
         self.supervisor = Supervisor(config, registry, self.store, peer="balancer", ended=self._ended)
         self._wake = asyncio.Event()
         self._reset_timer: asyncio.TimerHandle | None = None
-        self._waiting = Waiting(0)
-        self._jobs: list[Job] = []
-        """The sessions waiting after the last pass (for `cl status`)."""
+        self._waiting = Waiting()
+        """What the last pass found (and logged): for STATUS= and to log the waiting line once per change."""
         self._announced: dict[int, float] = {}
         """Job id -> the `updated_at` we logged its wall or orphaning for: once per event."""
         self._moves = 0
@@ -88,10 +100,9 @@ class Rescuer:
         return {"run-changed": self._run_changed, "waiting": self._waiting_request}
 
     def status(self) -> str:
-        waiting = self._waiting
-        if waiting.sessions:
-            noun = "session" if waiting.sessions == 1 else "sessions"
-            return f"{waiting.sessions} {noun} waiting ({waiting.reason}), {self._moves} moved"
+        if count := len(self._waiting.jobs):
+            noun = "session" if count == 1 else "sessions"
+            return f"{count} {noun} waiting ({self._waiting.reason}), {self._moves} moved"
         return f"none waiting, {self._moves} moved"
 
     def wake(self) -> None:
@@ -149,8 +160,7 @@ class Rescuer:
         facts = await self.store.run(self.store.store.facts, RESCUABLE, BATCH)
         waiting = await self._rescue(facts)
         self._announced = {job.id: self._announced[job.id] for job in waiting if job.id in self._announced}
-        self._jobs = waiting
-        self._report(waiting, facts)
+        self._report(Waiting.of(waiting, facts, self.registry.accounts))
         if len(facts.jobs) == BATCH and len(waiting) < BATCH:
             self.wake()  # more behind this batch
 
@@ -218,27 +228,16 @@ class Rescuer:
         kind = wall.kind if wall else None
         log.warning("session walled", session=job.session_id, job=job.id, account=job.account, resets=resets, kind=kind)
 
-    def _report(self, waiting: list[Job], facts: Facts) -> None:
+    def _report(self, now: Waiting) -> None:
         """Log the waiting line when it changes, keep STATUS= current, wake at the next reset."""
-        roster = self.registry.accounts
-        resets = [w.reset_at for name, w in facts.walls.items() if name in roster and w.reset_at is not None]
-        now = Waiting(
-            len(waiting),
-            "no-eligible-account" if waiting else "",
-            min(resets) if waiting and resets else None,
-            tuple(sorted(name for name in facts.probation if name in roster)) if waiting else (),
-        )
-        if (now.sessions, now.next_reset, now.probing) != (
-            self._waiting.sessions,
-            self._waiting.next_reset,
-            self._waiting.probing,
-        ):
-            if now.sessions:
+        before = self._waiting
+        if (len(now.jobs), now.next_reset, now.probing) != (len(before.jobs), before.next_reset, before.probing):
+            if now.jobs:
                 chances = {"next_reset": iso_utc(now.next_reset)} if now.next_reset else {}
                 if now.probing:
                     chances["probing"] = ",".join(now.probing)
-                log.warning("waiting", sessions=now.sessions, reason=now.reason, **chances)
-            elif self._waiting.sessions:
+                log.warning("waiting", sessions=len(now.jobs), reason=now.reason, **chances)
+            elif before.jobs:
                 log.info("no sessions waiting")
         self._waiting = now
         self._status_changed()
@@ -262,8 +261,9 @@ class Rescuer:
         return {}
 
     async def _waiting_request(self, _request: Request) -> Reply:
-        """The sessions waiting for an account, and what for (`cl status`)."""
-        waiting = self._waiting
+        """The sessions waiting for an account, and what for (`cl status`): read now, not remembered."""
+        facts = await self.store.run(self.store.store.facts, RESCUABLE, BATCH)
+        waiting = Waiting.of([job for job in facts.jobs if job.session_id], facts, self.registry.accounts)
         return {
             "reason": waiting.reason or None,
             "next_reset": iso_utc(waiting.next_reset) if waiting.next_reset else None,
@@ -276,7 +276,7 @@ class Rescuer:
                     "state": job.state,
                     "since": iso_utc(job.updated_at),
                 }
-                for job in self._jobs
+                for job in waiting.jobs
             ],
         }
 
