@@ -1,7 +1,7 @@
 """Balancer benchmarks (`python bench/balancer.py [--quick]`, part of `make bench`).
 
 * `status` round trip on the socket, and the whole `cl status --json` command, with 10,000
-  accounts and 1,000 sessions in the store;
+  accounts and 1,000 sessions in the store (each session's account with its usage);
 * submit -> worker's CLI started, with the fake `claude` (tests/fakes/claude): the socket
   request is sent -> the CLI process writes its first log line;
 * placement throughput: 10,000 queued jobs over 100 accounts, each decision + its store
@@ -16,12 +16,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from run import BIN, daemons, env_for, ms, percentile, populate
 
 from cl import logs
-from cl.client import call
+from cl.client import call, exchange
 from cl.placement import choose, eligible
 from cl.registry import CredentialRegistry
 from cl.store import JobState, Store
@@ -29,7 +30,10 @@ from cl.store import JobState, Store
 FAKE_CLAUDE = Path(__file__).resolve().parents[1] / "tests" / "fakes" / "claude"
 
 
-def status_round_trip(root: Path, samples: int) -> tuple[list[float], list[float]]:
+def status_round_trip(root: Path, samples: int) -> dict[str, list[float]]:
+    """The `status` exchange (request sent -> whole reply received) with the store unchanged
+    between requests, after usage recorded by another process, and after a change to a run;
+    the client's JSON decoding of the reply; the whole `cl status --json` command."""
     populate(root / "claude", 10_000)
     store = Store(root / "state" / "cl.db")
     for i in range(1_000):
@@ -37,22 +41,33 @@ def status_round_trip(root: Path, samples: int) -> tuple[list[float], list[float
         run = store.place(job.id, f"acct{i % 10_000:05d}", limit=1)
         assert run is not None
         store.set_session(run.id, f"00000000-0000-0000-0000-{i:012d}")
+        store.record_usage(run.account, {"five_hour": 0.25, "seven_day": 0.1}, used_at=time.time(), tokens=(900, 90))
         store.settle(run.id, "done")  # type: ignore[arg-type]
-    store.close()
     socket_path = root / "run" / "balancer.sock"
+    changes: dict[str, Callable[[int], object]] = {
+        "unchanged": lambda _: None,
+        "usage": lambda i: store.record_usage(f"acct{i % 1_000:05d}", {"five_hour": 0.5}, tokens=(1, 1)),
+        "job": lambda i: store.set_session(i % 1_000 + 1, f"00000000-0000-0000-0001-{i:012d}"),
+    }
+    times: dict[str, list[float]] = {name: [] for name in [*changes, "decode", "command"]}
     with daemons(root):
-        socket_times = []
-        for _ in range(samples):
+        exchange(socket_path, {"request": "status"})  # the first renders every account
+        for i in range(samples * len(changes)):
+            name = list(changes)[i % len(changes)]
+            changes[name](i)  # as a worker reporting usage, or a session starting, would
             start = time.perf_counter()
-            reply = call(socket_path, {"request": "status"})
-            socket_times.append(time.perf_counter() - start)
+            line = exchange(socket_path, {"request": "status"})
+            times[name].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            reply = json.loads(line)
+            times["decode"].append(time.perf_counter() - start)
         assert (len(reply["accounts"]), len(reply["sessions"])) == (10_000, 1_000)
-        command_times = []
         for _ in range(max(5, samples // 10)):
             start = time.perf_counter()
             subprocess.run([str(BIN / "cl"), "status", "--json"], env=env_for(root), capture_output=True, check=True)
-            command_times.append(time.perf_counter() - start)
-    return socket_times, command_times
+            times["command"].append(time.perf_counter() - start)
+    store.close()
+    return times
 
 
 def submit_to_started(root: Path, samples: int) -> list[float]:
@@ -113,11 +128,17 @@ def main() -> None:
     logs.configure("warning")
     samples = 50 if args.quick else 300
     with tempfile.TemporaryDirectory(prefix="cl-bench-") as tmp:
-        sockets, commands = status_round_trip(Path(tmp) / "status", samples)
+        status = status_round_trip(Path(tmp) / "status", samples)
+
+        def spread(key: str) -> str:
+            return f"p50 {ms(percentile(status[key], 50))} p99 {ms(percentile(status[key], 99))}"
+
         print(
-            f"status, 10000 accounts / 1000 sessions: socket p50 {ms(percentile(sockets, 50))}"
-            f"  p99 {ms(percentile(sockets, 99))}; whole `cl status --json` p50 {ms(percentile(commands, 50))}"
-            "  (goal p99 <= 20 ms)",
+            "status, 10000 accounts / 1000 sessions (goal p99 <= 20 ms), request -> whole reply (1 MB):"
+            f" store unchanged {spread('unchanged')}; usage recorded before each {spread('usage')};"
+            f" a session's id recorded before each {spread('job')};"
+            f" then the client's json.loads {spread('decode')};"
+            f" whole `cl status --json` p50 {ms(percentile(status['command'], 50))}",
             flush=True,
         )
         started = submit_to_started(Path(tmp) / "submit", samples // 5)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import re
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from cl.store import MIGRATIONS, AsyncStore, Store, StoreError
+from cl.store import MIGRATIONS, AsyncStore, Snapshot, Store, StoreError
 
 
 @pytest.fixture
@@ -84,3 +88,57 @@ async def test_async_store_runs_calls_in_order_off_the_loop(store: Store) -> Non
     jobs = [await async_store.run(store.add_job, "/w", f"p{i}") for i in range(5)]
     assert [job.prompt for job in await async_store.run(store.jobs)] == [job.prompt for job in jobs]
     async_store.close()
+
+
+def test_status_snapshot_sees_every_commit_from_this_or_another_connection(store: Store) -> None:
+    other = Store(store.path)  # a worker or the rescuer, in another process
+
+    def shown(snapshot: Snapshot) -> tuple[Any, ...]:
+        listing, counts = snapshot.listing, snapshot.counts
+        jobs, sessions = json.loads(listing.jobs_json), json.loads(listing.sessions_json)
+        return jobs, sessions, listing.queue, counts.live, counts.usage, set(snapshot.walls)
+
+    def fresh() -> Snapshot:  # read by a store that has kept nothing
+        reader = Store(store.path)
+        try:
+            return reader.snapshot()
+        finally:
+            reader.close()
+
+    assert shown(store.snapshot()) == ([], [], 0, {}, {}, set())
+    first = other.add_job("/work/a", "do a")
+    steps: list[Callable[[], object]] = [
+        lambda: store.place(first.id, "a1", limit=1),
+        lambda: other.claim(1, 4242, "start", "/tmp/log"),
+        lambda: other.set_session(1, "5e55-1011"),
+        lambda: other.record_usage("a1", {"five_hour": 0.5}, tokens=(3, 4)),
+        lambda: other.record_wall("a2", "result", reset_at=None),
+        lambda: store.settle(1, "done"),  # type: ignore[arg-type]
+        lambda: other.add_job("/work/b", 'say "hi"\n'),
+        lambda: other.cancel_job(2),
+    ]
+    for step in steps:
+        before = store.snapshot()
+        step()
+        after = store.snapshot()
+        assert shown(after) == shown(fresh()) != shown(before)
+        assert shown(store.snapshot()) == shown(after)  # unchanged since: the same answer
+    jobs, sessions, queue, live, usage, walls = shown(after)
+    assert [(job["id"], job["state"]) for job in jobs] == [(1, "done"), (2, "cancelled")]
+    assert sessions == [
+        {
+            "session_id": "5e55-1011",
+            "job": 1,
+            "account": "a1",
+            "state": "done",
+            "cwd": "/work/a",
+            "started_at": sessions[0]["started_at"],
+            "error": None,
+        }
+    ]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", jobs[0]["created_at"])
+    assert (queue, live, usage, walls) == (0, {}, {"a1": (0.5, None, 3, 4)}, {"a2"})
+    before = store.snapshot()
+    other.record_usage("a1", {"seven_day": 0.1})  # usage alone: the jobs' listing is kept
+    assert store.snapshot().listing is before.listing
+    other.close()

@@ -12,7 +12,6 @@ live workers are adopted, vanished ones are marked orphaned for the rescuer.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 import time
@@ -26,7 +25,8 @@ from cl import daemon, placement
 from cl.config import Config
 from cl.protocol import Encoded, Handler, Reply, Request, RequestError, id_field
 from cl.registry import CredentialRegistry, Subscription
-from cl.store import LIVE_RUNS, AsyncStore, Facts, JobState, NoRoom, Run, RunState, Store, iso_utc
+from cl.status import StatusView
+from cl.store import LIVE_RUNS, AsyncStore, Facts, JobState, NoRoom, Run, RunState, Store
 from cl.supervisor import Supervisor, log_outcome
 
 log = structlog.get_logger("cl.balancer")
@@ -46,6 +46,7 @@ class Balancer:
         self._reset_timer: asyncio.TimerHandle | None = None
         self._counts = {"walled": 0, "running": 0, "queued": 0}
         self._waiting_logged = False
+        self._status_view = StatusView(registry)
 
     def handlers(self) -> Mapping[str, Handler]:
         return {
@@ -186,52 +187,8 @@ class Balancer:
         return {}
 
     async def _status(self, _request: Request) -> Encoded:
-        """Accounts, sessions, jobs and the queue: built from cached pieces, it stays fast at 10,000 accounts."""
-        snapshot = await self.store.run(self.store.store.snapshot)
-        jobs, walls, live, usage = snapshot.jobs, snapshot.walls, snapshot.live, snapshot.usage
-        roster = self.registry.accounts
-        busy = walls.keys() | live.keys() | usage.keys()
-        accounts = []
-        for name in self.registry.sorted_names():
-            head = roster[name].json_head
-            if name not in busy:
-                accounts.append(head + _IDLE_TAIL)
-                continue
-            wall = walls.get(name)
-            until = json.dumps(iso_utc(wall.reset_at)) if wall and wall.reset_at else "null"
-            used = {k: v for k, v in usage.get(name, {}).items() if v is not None and k != "last_used_at"}
-            tail = f',"usage":{json.dumps(used)}' if used else ""
-            accounts.append(f'{head},"walled_until":{until},"sessions":{live.get(name, 0)}{tail}}}')
-        sessions = [
-            {
-                "session_id": job.session_id,
-                "job": job.id,
-                "account": job.account,
-                "state": job.run_state,
-                "cwd": job.cwd,
-                "started_at": job.run_started_at,
-                "error": job.run_error,
-            }
-            for job in jobs
-            if job.run_state is not None
-        ]
-        job_views = [
-            {
-                "id": job.id,
-                "state": job.state,
-                "account": job.account,
-                "session_id": job.session_id,
-                "cwd": job.cwd,
-                "created_at": job.created_at,
-                "error": job.error,
-            }
-            for job in jobs
-        ]
-        queue = sum(1 for job in jobs if job.state == JobState.QUEUED)
-        return Encoded(
-            f'{{"accounts":[{",".join(accounts)}],"sessions":{json.dumps(sessions)},'
-            f'"jobs":{json.dumps(job_views)},"queue":{queue}}}'
-        )
+        """Accounts, sessions, jobs and the queue (see `cl.status`)."""
+        return self._status_view.render(await self.store.run(self.store.store.snapshot))
 
     async def _logs(self, request: Request) -> Reply:
         """A run's output from `offset` on: `{"data", "offset", "finished"}`; `job` or `session` names it."""
@@ -253,9 +210,6 @@ class Balancer:
             "offset": offset + len(data),
             "finished": run.state not in LIVE_RUNS,
         }
-
-
-_IDLE_TAIL = ',"walled_until":null,"sessions":0}'
 
 
 def _read_from(path: Path, offset: int, limit: int) -> bytes:

@@ -18,6 +18,12 @@ class DaemonUnreachable(Exception):
 
 def call(path: Path, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
     """Send one request and return the reply (the `ok` field says how it went)."""
+    reply: dict[str, Any] = json.loads(exchange(path, request, timeout))
+    return reply
+
+
+def exchange(path: Path, request: dict[str, Any], timeout: float = 10.0) -> bytes:
+    """Send one request and return the reply's line, not yet decoded."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
@@ -25,14 +31,13 @@ def call(path: Path, request: dict[str, Any], timeout: float = 10.0) -> dict[str
             sock.sendall(json.dumps(request).encode() + b"\n")
             chunks: list[bytes] = []
             while not chunks or not chunks[-1].endswith(b"\n"):
-                chunk = sock.recv(1 << 16)
+                chunk = sock.recv(1 << 20)
                 if not chunk:
                     raise DaemonUnreachable(f"{path}: connection closed before a reply")
                 chunks.append(chunk)
     except OSError as exc:
         raise DaemonUnreachable(f"{path}: {exc.strerror or exc}") from None
-    reply: dict[str, Any] = json.loads(b"".join(chunks))
-    return reply
+    return b"".join(chunks)
 
 
 def tell(path: Path, request: dict[str, Any], timeout: float = 1.0) -> None:

@@ -37,8 +37,9 @@ SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+; Python name
 Request = dict[str, Any]
 
 
-class Encoded(str):
-    """A reply object already encoded as JSON, for large replies built from cached pieces."""
+class Encoded(bytes):
+    """A successful reply's object, already encoded as JSON (a large reply built from kept
+    pieces); `"ok": true` is added as it is sent, without copying it."""
 
     __slots__ = ()
 
@@ -126,7 +127,7 @@ class ControlServer:
             return _error("unknown-request", f"unknown request {name[:64]!r} (known: {known})")
         try:
             reply = await handler(request)
-            return Encoded('{"ok":true,' + reply[1:]) if isinstance(reply, Encoded) else {"ok": True, **reply}
+            return reply if isinstance(reply, Encoded) else {"ok": True, **reply}
         except RequestError as exc:
             return _error(exc.code, exc.message)
         except Exception:
@@ -161,8 +162,12 @@ def _error(code: str, message: str) -> Reply:
 
 
 async def _send(writer: asyncio.StreamWriter, reply: Reply | Encoded) -> None:
-    text = reply if isinstance(reply, Encoded) else json.dumps(reply, separators=(",", ":"))
-    writer.write(text.encode() + b"\n")
+    if isinstance(reply, Encoded):
+        writer.write(b'{"ok":true,')
+        writer.write(memoryview(reply)[1:])
+        writer.write(b"\n")
+    else:
+        writer.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
     await writer.drain()
 
 

@@ -1,0 +1,82 @@
+"""The balancer's `status` reply, built so that it stays fast at 10,000 accounts.
+
+Each account's JSON object is kept between requests. A new roster version (the registry's own
+counter) renders them all again; otherwise a request re-renders only the accounts whose facts
+(wall, live sessions, usage) differ from the last request's, and joins. Sessions and jobs
+arrive from the store already as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+
+from cl.protocol import Encoded
+from cl.registry import CredentialRegistry
+from cl.store import Snapshot, UsageRow, iso_utc
+
+_IDLE_TAIL = ',"walled_until":null,"sessions":0}'
+
+Facts = tuple[float | None, int, UsageRow | None]
+"""What an account's object shows beyond the registry's part: wall reset, live sessions, usage."""
+
+
+class StatusView:
+    def __init__(self, registry: CredentialRegistry) -> None:
+        self._registry = registry
+        self._version = -1
+        self._index: dict[str, int] = {}
+        self._objects: list[str] = []
+        self._facts: dict[str, Facts] = {}
+        """The facts each account's object in `_objects` shows, for accounts that have any."""
+        self._last: tuple[int, Snapshot, Encoded] | None = None
+
+    def render(self, snapshot: Snapshot) -> Encoded:
+        """The whole reply object; the last one again if neither the roster nor the store changed
+        (the store hands out the same listing and counts objects then)."""
+        last = self._last
+        if (
+            last is not None
+            and last[0] == self._registry.version
+            and last[1].listing is snapshot.listing
+            and last[1].counts is snapshot.counts
+            and last[1].walls == snapshot.walls
+        ):
+            return last[2]
+        listing = snapshot.listing
+        reply = Encoded(
+            f'{{"accounts":[{",".join(self._accounts(snapshot))}],"sessions":{listing.sessions_json},'
+            f'"jobs":{listing.jobs_json},"queue":{listing.queue}}}'.encode()
+        )
+        self._last = (self._registry.version, snapshot, reply)
+        return reply
+
+    def _accounts(self, snapshot: Snapshot) -> list[str]:
+        roster = self._registry.accounts
+        if self._version != self._registry.version:
+            names = self._registry.sorted_names()
+            self._version = self._registry.version
+            self._index = {name: i for i, name in enumerate(names)}
+            self._objects = [roster[name].json_head + _IDLE_TAIL for name in names]
+            self._facts = {}
+        walls, live, usage = snapshot.walls, snapshot.counts.live, snapshot.counts.usage
+        facts: dict[str, Facts] = {}
+        for name in walls.keys() | live.keys() | usage.keys():
+            if name in self._index:  # a fact about an account that left the roster is not shown
+                wall = walls.get(name)
+                facts[name] = (wall.reset_at if wall else None, live.get(name, 0), usage.get(name))
+        for name in self._facts.keys() - facts.keys():  # no facts any more: idle again
+            self._objects[self._index[name]] = roster[name].json_head + _IDLE_TAIL
+        for name, shown in facts.items():
+            if self._facts.get(name) != shown:
+                self._objects[self._index[name]] = _object(roster[name].json_head, *shown)
+        self._facts = facts
+        return self._objects
+
+
+def _object(head: str, reset_at: float | None, sessions: int, usage: UsageRow | None) -> str:
+    until = json.dumps(iso_utc(reset_at)) if reset_at else "null"
+    tail = ""
+    if usage:
+        keys = ("five_hour", "seven_day", "input_tokens", "output_tokens")
+        tail = f',"usage":{json.dumps({k: v for k, v in zip(keys, usage, strict=True) if v is not None})}'
+    return f'{head},"walled_until":{until},"sessions":{sessions}{tail}}}'
