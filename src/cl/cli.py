@@ -44,7 +44,7 @@ def cmd_accounts(config: Config, args: argparse.Namespace) -> int:
     daemons = (args.source,) if args.source else DAEMONS
     views = {daemon: ask(config, daemon, {"request": "accounts"})["accounts"] for daemon in daemons}
     if args.json:
-        print(json.dumps(views[args.source] if args.source else views, indent=2))
+        print_json(views[args.source] if args.source else views)
     elif args.source:
         print_table(
             ["ACCOUNT", "STATE", "KIND", "EXPIRES", "REASON"],
@@ -106,7 +106,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         waiting = None
     status["waiting"] = waiting
     if args.json:
-        print(json.dumps(status, indent=2))
+        print_json(status)
         return 0
     print_table(
         ["ACCOUNT", "STATE", "WALLED UNTIL", "SESSIONS", "5H", "7D", "TOKENS IN/OUT"],
@@ -151,7 +151,7 @@ def _waits_for(waiting: dict[str, Any]) -> str:
 def cmd_sessions(config: Config, args: argparse.Namespace) -> int:
     sessions = ask(config, "balancer", {"request": "status"})["sessions"]
     if args.json:
-        print(json.dumps(sessions, indent=2))
+        print_json(sessions)
     else:
         print_sessions(sessions)
     return 0
@@ -160,7 +160,7 @@ def cmd_sessions(config: Config, args: argparse.Namespace) -> int:
 def cmd_jobs(config: Config, args: argparse.Namespace) -> int:
     jobs = ask(config, "balancer", {"request": "status"})["jobs"]
     if args.json:
-        print(json.dumps(jobs, indent=2))
+        print_json(jobs)
     else:
         print_table(
             ["JOB", "STATE", "ACCOUNT", "SESSION", "CWD", "ERROR"],
@@ -232,6 +232,12 @@ def describe_differences(views: dict[str, list[dict[str, Any]]]) -> list[str]:
         if balancer[name] != rescue[name]
     ]
     return lines
+
+
+def print_json(value: Any) -> None:
+    """Indented for a person at a terminal; one compact line for a pipe (Python indents
+    without its C encoder: 10,000 accounts would take a tenth of a second more)."""
+    print(json.dumps(value, indent=2 if sys.stdout.isatty() else None))
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:
