@@ -37,12 +37,13 @@ bench: dev
 	$(BIN)/python bench/rescue.py
 	$(BIN)/python bench/crash_stress.py --trials 100
 
-# Both daemons in the foreground on ./var (no root, no systemd); Ctrl-C stops both.
+# Both daemons in the foreground on ./var, or VAR=dir (no root, no systemd); Ctrl-C stops both.
+VAR ?= var
 run: dev
-	@mkdir -p var/claude var/state var/run
-	@test -f var/config.toml || printf 'credentials_dir = "claude"\nstate_dir = "state"\nruntime_dir = "run"\n' > var/config.toml
-	@echo "credentials: ./var/claude   try: CL_CONFIG=var/config.toml $(BIN)/cl accounts"
-	@CL_CONFIG=var/config.toml $(BIN)/python -m cl.devrun
+	@mkdir -p $(VAR)/claude $(VAR)/state $(VAR)/run
+	@test -f $(VAR)/config.toml || printf 'credentials_dir = "claude"\nstate_dir = "state"\nruntime_dir = "run"\n' > $(VAR)/config.toml
+	@echo "credentials: $(VAR)/claude   try: CL_CONFIG=$(VAR)/config.toml $(BIN)/cl accounts"
+	@CL_CONFIG=$(VAR)/config.toml $(BIN)/python -m cl.devrun
 
 # As root on the target machine: a venv in $(PREFIX), the units, the cl user, /opt/claude.
 # ROOT=/some/dir installs into that tree instead (how the tests check this target).

@@ -1,0 +1,47 @@
+"""`make run`, as a person uses it: both daemons in the foreground, a file dropped in, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from cl.client import DaemonUnreachable, call
+from utils import Planted, oauth_credential, wait_until, write_credential
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_make_run_serves_a_dropped_file_and_ctrl_c_stops_both(tmp_path: Path, planted: Planted) -> None:
+    var = tmp_path / "var"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CL_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_"))}
+    make = subprocess.Popen(
+        ["make", "--no-print-directory", "-C", str(REPO), "run", f"VAR={var}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a shell gives a foreground job
+    )
+    sockets = [var / "run" / f"{name}.sock" for name in ("balancer", "rescue")]
+
+    def views() -> list[dict[str, str]] | None:
+        try:
+            return [
+                {a["name"]: a["state"] for a in call(path, {"request": "accounts"})["accounts"]} for path in sockets
+            ]
+        except DaemonUnreachable:
+            return None
+
+    try:
+        wait_until(lambda: views() == [{}, {}], "both daemons to answer with no accounts", timeout=120)
+        write_credential(var / "claude", "a1", oauth_credential(planted))
+        wait_until(lambda: views() == [{"a1": "ok"}, {"a1": "ok"}], "both daemons to see the dropped file")
+    finally:
+        os.killpg(make.pid, signal.SIGINT)  # what Ctrl-C at the terminal sends to the foreground job
+        out, _ = make.communicate(timeout=60)
+    assert out.count("stopped") == 2, out
+    assert "Traceback" not in out, out
+    assert not any(path.exists() for path in sockets)  # both removed their sockets on the way out
+    assert f"CL_CONFIG={var}/config.toml" in out  # it told the user how to reach them
