@@ -35,42 +35,49 @@ def drop(layout: Layout, name: str, content: str | bytes, mode: int = 0o600) -> 
     return path
 
 
+def drop_bad_files(layout: Layout, planted: Planted) -> dict[str, str]:
+    """The matrix of bad files, dropped in while the daemons run; the state each must get."""
+    drop(layout, "bad-json", '{"claudeAiOauth": {')
+    drop(layout, "empty", "")
+    drop(layout, "blanked", json.dumps({"claudeAiOauth": {"accessToken": "", "expiresAt": 0}}))
+    drop(layout, "expired", oauth_credential(planted, expires_at_ms=int((time.time() - 3600) * 1000)))
+    drop(layout, "wrong-types", json.dumps({"claudeAiOauth": {"accessToken": 123}}))
+    drop(layout, "binary", b"\xff\xd8\xff\xe0" + os.urandom(512))
+    with (layout.credentials / "credentials-huge.json").open("wb") as huge:
+        huge.truncate(50 * 1024 * 1024)
+    os.mkfifo(layout.credentials / "credentials-fifo.json")
+    (layout.credentials / "credentials-dir.json").mkdir()
+    (layout.credentials / "credentials-link.json").symlink_to(layout.credentials / "credentials-good.json")
+    (layout.credentials / "credentials-outside.json").symlink_to("/etc/passwd")
+    elsewhere = layout.root / "elsewhere.json"
+    elsewhere.write_text(oauth_credential(planted))
+    os.link(elsewhere, layout.credentials / "credentials-hardlink.json")
+    os.close(os.open(os.fsencode(layout.credentials) + b"/credentials-\xff\xfe.json", os.O_CREAT | os.O_WRONLY))
+    expected = {
+        "bad-json": "invalid",
+        "empty": "invalid",
+        "blanked": "needs-login",
+        "expired": "expired",
+        "wrong-types": "invalid",
+        "binary": "invalid",
+        "huge": "invalid",
+        "fifo": "invalid",
+        "dir": "invalid",
+        "link": "invalid",
+        "outside": "invalid",
+        "hardlink": "invalid",
+        "unreadable": "invalid",
+        "loose": "ok",  # works, and is warned about
+    }
+    drop(layout, "unreadable", oauth_credential(planted), mode=0o000)
+    drop(layout, "loose", oauth_credential(planted), mode=0o644)
+    return expected
+
+
 def test_bad_files_are_reported_once_and_harm_nothing(layout: Layout, planted: Planted) -> None:
     drop(layout, "good", oauth_credential(planted))
     with both(layout, **unprivileged()) as (balancer, rescue):
-        expected = {"good": "ok"}
-        drop(layout, "bad-json", '{"claudeAiOauth": {')
-        drop(layout, "empty", "")
-        drop(layout, "blanked", json.dumps({"claudeAiOauth": {"accessToken": "", "expiresAt": 0}}))
-        drop(layout, "expired", oauth_credential(planted, expires_at_ms=int((time.time() - 3600) * 1000)))
-        drop(layout, "wrong-types", json.dumps({"claudeAiOauth": {"accessToken": 123}}))
-        drop(layout, "binary", b"\xff\xd8\xff\xe0" + os.urandom(512))
-        with (layout.credentials / "credentials-huge.json").open("wb") as huge:
-            huge.truncate(50 * 1024 * 1024)
-        os.mkfifo(layout.credentials / "credentials-fifo.json")
-        (layout.credentials / "credentials-dir.json").mkdir()
-        (layout.credentials / "credentials-link.json").symlink_to(layout.credentials / "credentials-good.json")
-        (layout.credentials / "credentials-outside.json").symlink_to("/etc/passwd")
-        elsewhere = layout.root / "elsewhere.json"
-        elsewhere.write_text(oauth_credential(planted))
-        os.link(elsewhere, layout.credentials / "credentials-hardlink.json")
-        os.close(os.open(os.fsencode(layout.credentials) + b"/credentials-\xff\xfe.json", os.O_CREAT | os.O_WRONLY))
-        expected |= {
-            "bad-json": "invalid",
-            "empty": "invalid",
-            "blanked": "needs-login",
-            "expired": "expired",
-            "wrong-types": "invalid",
-            "binary": "invalid",
-            "huge": "invalid",
-            "fifo": "invalid",
-            "dir": "invalid",
-            "link": "invalid",
-            "outside": "invalid",
-            "hardlink": "invalid",
-        }
-        drop(layout, "unreadable", oauth_credential(planted), mode=0o000)
-        expected["unreadable"] = "invalid"
+        expected = {"good": "ok"} | drop_bad_files(layout, planted)
         wait_until(lambda: balancer.states() == rescue.states() == expected, f"both daemons to show {expected}")
 
         # A half-written file is invalid until its writer finishes, then it is an account.
@@ -103,5 +110,6 @@ def test_bad_files_are_reported_once_and_harm_nothing(layout: Layout, planted: P
                 told = [line for line in log.splitlines() if "account added" in line and f"account={name} " in line]
                 assert len(told) == 1, name
             assert log.count("file ignored: not a valid credential name") == 1
+            assert log.count("credential readable by group or others account=loose") == 1
             assert r"credentials-\xff\xfe.json" in log
             assert daemon.process.poll() is None  # type: ignore[union-attr]

@@ -71,6 +71,21 @@ def test_jobs_run_to_done_and_show_in_status(layout: Layout, planted: Planted) -
     assert (first["type"], first["subtype"]) == ("system", "init")
     assert cl(layout, "logs", sessions[jobs[1]]["session_id"]).stdout == cl(layout, "logs", str(jobs[1])).stdout
 
+    # The same, as tables for people (cl-rescue is not running here: said on stderr, still exit 0).
+    table = cl(layout, "status")
+    assert table.returncode == 0
+    assert "cl-rescue is unreachable" in table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:4] == ["ACCOUNT", "STATE", "WALLED", "UNTIL"]
+    assert sorted(line.split()[:4] for line in lines[1:3]) == [["a1", "ok", "-", "0"], ["k1", "ok", "-", "0"]]
+    assert "0 job(s) queued" in lines
+    rows = {line.split()[0]: line.split() for line in cl(layout, "sessions").stdout.splitlines()}
+    assert rows.pop("SESSION") == ["SESSION", "JOB", "ACCOUNT", "STATE", "AGE", "CWD"]
+    assert {row[1]: row[3] for row in rows.values()} == {str(job): "done" for job in jobs}
+    rows = {line.split()[0]: line.split() for line in cl(layout, "jobs").stdout.splitlines()}
+    assert rows.pop("JOB") == ["JOB", "STATE", "ACCOUNT", "SESSION", "CWD", "ERROR"]
+    assert {job: row[1] for job, row in rows.items()} == {str(job): "done" for job in jobs}
+
 
 @pytest.mark.usefixtures("balancer")
 def test_submit_refuses_bad_input_with_exit_2(layout: Layout) -> None:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import pty
+import re
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import structlog
 
 from cl import logs, redact
 from cl.credentials import Secret
-from utils import DaemonProcess, Layout, Planted, oauth_credential, wait_until, write_credential
+from utils import BIN, DaemonProcess, Layout, Planted, oauth_credential, wait_until, write_credential
 
 
 def render(configure_stream: io.StringIO, emit: str = "info", **fields: object) -> str:
@@ -89,3 +94,33 @@ def test_a_daemon_under_journald_prefixes_priorities(layout: Layout, planted: Pl
     assert "<6>account added account=a4 state=ok kind=oauth daemon=rescue" in lines
     assert any(line.startswith("<4>account added account=bad state=invalid reason=") for line in lines)
     assert all(line[:3] in {"<7>", "<6>", "<4>", "<3>"} for line in lines), lines
+
+
+def test_a_daemon_on_a_terminal_writes_readable_lines(layout: Layout, planted: Planted) -> None:
+    """stderr on a real pseudo-terminal: structlog's console lines, no priority prefixes, no secret."""
+    terminal, daemon_side = pty.openpty()
+    process = subprocess.Popen([str(BIN / "cl-rescue")], env=layout.env(), stderr=daemon_side, stdin=subprocess.DEVNULL)
+    os.close(daemon_side)
+    shown = bytearray()
+
+    def read_terminal() -> None:
+        with contextlib.suppress(OSError):  # EIO once the daemon closed its side
+            while chunk := os.read(terminal, 65536):
+                shown.extend(chunk)
+
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: b"ready" in shown, "cl-rescue to say it is ready")
+        write_credential(layout.credentials, "a4", oauth_credential(planted))
+        wait_until(lambda: b"account added" in shown, "cl-rescue to tell of the new account")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+        reader.join(20)
+        os.close(terminal)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", shown.decode(errors="replace"))  # the colours
+    assert re.search(r"^\S+ \[info\s*\] account added\s+account=a4 ", text, re.MULTILINE), text
+    assert re.search(r"\[info\s*\] stopped", text), text
+    assert not re.search(r"^<\d>", text, re.MULTILINE)
+    assert not planted.leaks(text, "terminal")

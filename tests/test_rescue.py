@@ -8,7 +8,7 @@ import signal
 import time
 from typing import Any
 
-from cl.store import Store
+from cl.store import Run, Store
 from utils import (
     DaemonProcess,
     Layout,
@@ -143,9 +143,7 @@ def test_an_orphaned_session_is_resumed(layout: Layout, planted: Planted) -> Non
     with both(layout, env=layout.env(FAKE_CLAUDE_HOLD=str(hold))) as (_balancer, rescue):
         job = submit(layout, "interrupted work")
         wait_until(lambda: len(layout.claude_calls()) == 1, "the session to start")
-        store = Store(layout.state / "cl.db")
-        (run,) = store.runs()
-        store.close()
+        run = wait_until(lambda: next((r for r in live_runs(layout) if r.session_id), None), "its session id")
         assert run.pid is not None
         os.kill(run.pid, signal.SIGKILL)  # the worker vanishes; its CLI goes with it (PDEATHSIG)
         wait_until(lambda: "session orphaned" in rescue.log(), "the rescuer to hear of the orphan")
@@ -156,6 +154,14 @@ def test_an_orphaned_session_is_resumed(layout: Layout, planted: Planted) -> Non
     assert "--resume" in resumed["argv"]
     assert resumed["history"] == 1  # the prompt it was working on
     assert jobs_in_store(layout)[job] == "done"
+
+
+def live_runs(layout: Layout) -> list[Run]:
+    store = Store(layout.state / "cl.db")
+    try:
+        return store.runs()
+    finally:
+        store.close()
 
 
 def jobs_in_store(layout: Layout) -> dict[int, str]:
