@@ -203,13 +203,24 @@ def test_cancel(layout: Layout, planted: Planted) -> None:
 
 def test_the_cli_runs_with_only_the_accounts_credential(layout: Layout, planted: Planted) -> None:
     write_credential(layout.credentials, "a1", oauth_credential(planted))
-    leaky = layout.env(ANTHROPIC_API_KEY=planted.token("sk-ant-api03-"), CLAUDE_CODE_RETRY_WATCHDOG="1")
+    (layout.root / "config.toml").write_text('[worker.env]\nFROM_WORKER_TABLE = "yes"\n')
+    leaky = layout.env(
+        ANTHROPIC_API_KEY=planted.token("sk-ant-api03-"), CLAUDE_CODE_RETRY_WATCHDOG="1", FROM_THE_DAEMON="yes"
+    )
     daemon = DaemonProcess("balancer", layout, env=leaky).start()
     try:
         submit(layout, "whose key?")
         wait_until(lambda: all_in(layout, "done", 1), "the job to finish")
         (call,) = layout.claude_calls()
         assert call["auth"] == "oauth"  # the daemon's ANTHROPIC_API_KEY did not reach the CLI
+        names = set(call["env_names"])
+        assert {"FROM_WORKER_TABLE", "FROM_THE_DAEMON", "CLAUDE_CONFIG_DIR"} <= names  # config's table, daemon's env
+        assert not names & {
+            "ANTHROPIC_API_KEY",
+            "CLAUDE_CODE_RETRY_WATCHDOG",
+            "CLAUDE_CODE_OAUTH_TOKEN",
+            "NOTIFY_SOCKET",
+        }
     finally:
         daemon.stop()
 
