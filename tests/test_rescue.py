@@ -8,13 +8,14 @@ import signal
 import time
 from typing import Any
 
-from cl.store import Run, Store
+from cl.store import Store
 from utils import (
     DaemonProcess,
     Layout,
     Planted,
     both,
     cl,
+    live_runs,
     oauth_credential,
     status,
     submit,
@@ -154,14 +155,6 @@ def test_an_orphaned_session_is_resumed(layout: Layout, planted: Planted) -> Non
     assert "--resume" in resumed["argv"]
     assert resumed["history"] == 1  # the prompt it was working on
     assert jobs_in_store(layout)[job] == "done"
-
-
-def live_runs(layout: Layout) -> list[Run]:
-    store = Store(layout.state / "cl.db")
-    try:
-        return store.runs()
-    finally:
-        store.close()
 
 
 def jobs_in_store(layout: Layout) -> dict[int, str]:

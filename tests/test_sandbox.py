@@ -1,5 +1,6 @@
-"""The CLI writes only beneath its job's cwd and config dir (and /tmp, /dev, its own account's
-credential file): not the state store, not another account's credentials, not anywhere else."""
+"""The CLI writes only beneath its job's cwd and config dir (and /tmp, /dev): not the state store,
+not any account's credential file (a refresh lands in its config dir; the worker carries it back),
+not anywhere else."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def test_the_cli_writes_only_where_its_job_lives(outside_tmp: Layout, planted: P
     could = {name: call["touched"][str(path)] for name, path in targets.items()}
     assert could == {
         "cwd": True,
-        "own credential": True,
+        "own credential": False,
         "tmp": True,
         "state store": False,
         "state dir": False,

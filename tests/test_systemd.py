@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from utils import Planted, oauth_credential, wait_until
+from utils import FAR_FUTURE_MS, Planted, oauth_credential, wait_until
 
 PROJECT = Path(__file__).resolve().parents[1]
 SDBOX = PROJECT.parent / "shared" / "tools" / "sdbox"
@@ -131,10 +131,14 @@ def test_a_session_runs_in_its_own_worker_unit_and_survives_a_balancer_restart(
     install(box)
     hold = tmp_path / "claude" / "hold"  # the fake CLI works as long as this file exists
     hold.touch()
+    old, new = planted.token(), planted.token()  # and it refreshes a1's token on the way
+    fresh = {"access": new, "refresh": planted.token("sk-ant-ort01-"), "expires_at_ms": FAR_FUTURE_MS}
+    (tmp_path / "claude" / "refresh.json").write_text(json.dumps({old: fresh}))
     config = (
         'claude_bin = "/opt/fakes/claude"\n'
         'cli_writable = ["/var/lib/cl/fake-claude.jsonl"]\n'
         "[worker.env]\n"
+        'FAKE_CLAUDE_REFRESH = "/opt/claude/refresh.json"\n'
         'FAKE_CLAUDE_HOLD = "/opt/claude/hold"\n'
         'FAKE_CLAUDE_LOG = "/var/lib/cl/fake-claude.jsonl"\n'
         'FAKE_CLAUDE_TOUCH = "/var/lib/cl/cl.db:/srv/work/notes.txt"\n'
@@ -147,8 +151,10 @@ def test_a_session_runs_in_its_own_worker_unit_and_survives_a_balancer_restart(
         f" && printf '%s' '{config}' > /etc/cl/config.toml",
     )
     box("systemctl", "enable", "--now", "cl-balancer.service")
-    drop_credential(box, tmp_path / "claude", "a1", oauth_credential(planted))
+    drop_credential(box, tmp_path / "claude", "a1", oauth_credential(planted, token=old))
     wait_until(lambda: "a1" in box("/opt/cl/bin/cl", "accounts", "--from", "balancer").stdout, "a1 to show")
+    account_file = tmp_path / "claude" / "credentials-a1.json"
+    before = account_file.stat()
 
     job = json.loads(box("/opt/cl/bin/cl", "submit", "--cwd", "/srv/work", "--prompt", "long", "--json").stdout)["job"]
 
@@ -169,6 +175,13 @@ def test_a_session_runs_in_its_own_worker_unit_and_survives_a_balancer_restart(
     (call,) = [json.loads(line) for line in box("cat", "/var/lib/cl/fake-claude.jsonl").stdout.splitlines()]  # once
     # Landlock inside the worker unit: the job's cwd is writable, the state store is not.
     assert call["touched"] == {"/var/lib/cl/cl.db": False, "/srv/work/notes.txt": True}
+    # The worker unit (user cl) carried the refreshed token back into a1's own file, in place.
+    after = account_file.stat()
+    assert json.loads(account_file.read_bytes())["claudeAiOauth"]["accessToken"] == new
+    assert (after.st_ino, after.st_uid, after.st_mode) == (before.st_ino, before.st_uid, before.st_mode)
+    worker_journal = box("journalctl", "-u", "cl-worker@*", "--no-pager").stdout
+    assert "refreshed credentials kept account=a1" in worker_journal
+    assert not planted.leaks(box("journalctl", "--no-pager", "-o", "json").stdout, "the journal")
 
 
 def test_a_walled_session_is_rescued_and_the_journal_tells_the_story(

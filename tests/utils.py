@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from cl.client import DaemonUnreachable, call
+from cl.store import Run, Store
 
 BIN = Path(sys.executable).parent
 FAKE_CLAUDE = Path(__file__).resolve().parent / "fakes" / "claude"
@@ -238,6 +239,15 @@ def job_states(layout: Layout) -> dict[int, str]:
     result = cl(layout, "jobs", "--json")
     assert result.returncode == 0, result.stderr
     return {job["id"]: job["state"] for job in json.loads(result.stdout)}
+
+
+def live_runs(layout: Layout) -> list[Run]:
+    """The runs in the store that are live now."""
+    store = Store(layout.state / "cl.db")
+    try:
+        return store.runs()
+    finally:
+        store.close()
 
 
 def submit(layout: Layout, prompt: str) -> int:

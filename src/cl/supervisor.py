@@ -14,13 +14,15 @@ from collections.abc import Callable
 
 import structlog
 
+from cl import refresh
 from cl.claude_code.environment import worker_environment
 from cl.client import tell
 from cl.config import Config
+from cl.credentials import CredentialKind
 from cl.processes import alive, on_exit
 from cl.registry import CredentialRegistry
 from cl.store import LIVE_RUNS, AsyncStore, Run, RunState, StoreUnavailable
-from cl.worker import launch, point_credentials, prepare_launches, session_config_dir
+from cl.worker import launch, prepare_launches, session_config_dir
 
 log = structlog.get_logger("cl.supervisor")
 
@@ -53,8 +55,11 @@ class Supervisor:
         config_dir = session_config_dir(self.config, run.job_id)
         env = worker_environment(os.environ, account, str(config_dir), self.config.worker_env)
 
+        linked = account.name if account.kind is CredentialKind.OAUTH else None  # others: the environment
+
         def start() -> int:  # one trip off the loop: the link, then the worker
-            point_credentials(self.config, config_dir, account.name, account.kind)
+            config_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            refresh.point(config_dir, self.config.credentials_dir, linked)
             return launch(run.id, env, self.config.socket_path("worker"))
 
         try:

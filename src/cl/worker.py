@@ -31,11 +31,10 @@ from typing import Any
 
 import structlog
 
-from cl import landlock, logs
+from cl import landlock, logs, refresh
 from cl.claude_code.stream import Outcome, StreamState
 from cl.client import tell
 from cl.config import Config
-from cl.credentials import CredentialKind, credential_filename
 from cl.forkserver import ForkServer
 from cl.processes import start_time
 from cl.store import Job, Run, RunState, Store, iso_utc
@@ -59,19 +58,6 @@ def session_config_dir(config: Config, job_id: int) -> Path:
 
 def log_path(config: Config, job_id: int, run_id: int) -> Path:
     return config.state_dir / "logs" / f"job-{job_id}-run-{run_id}.log"
-
-
-def point_credentials(config: Config, config_dir: Path, account: str, kind: CredentialKind | None) -> None:
-    """Make `.credentials.json` name the account's file (atomically), or drop it for env-auth kinds."""
-    config_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    link = config_dir / ".credentials.json"
-    if kind is not CredentialKind.OAUTH:
-        link.unlink(missing_ok=True)
-        return
-    tmp = config_dir / f".credentials.json.{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(config.credentials_dir / credential_filename(account))
-    tmp.replace(link)
 
 
 def launch(run_id: int, env: dict[str, str], socket_path: Path) -> int:
@@ -151,7 +137,10 @@ def work(config: Config, store: Store, run_id: int) -> RunState | None:
         log.info("run not claimable, leaving it", run=run.id, job=job.id)
         return None
     bound = log.bind(job=job.id, run=run.id, account=run.account)
-    lock = _hold_session(session_config_dir(config, job.id), bound)
+    config_dir = session_config_dir(config, job.id)
+    lock = _hold_session(config_dir, bound)
+    linked = (config_dir / refresh.LINK).is_symlink()  # an OAuth account: its file, through the link
+    refresh.claim(config_dir, config.credentials_dir, run.account if linked else None)
     if not os.path.isdir(job.cwd):
         store.settle(run.id, RunState.FAILED, f"working directory {job.cwd} does not exist (or is not visible here)")
         bound.error("session failed", error="no working directory", cwd=job.cwd)
@@ -223,10 +212,10 @@ def _run_cli(
 ) -> tuple[StreamState, int] | None:
     """Run the CLI, keeping its output and reading it as it comes; None if it did not start."""
     bound = log.bind(job=job.id, run=run.id, account=run.account)
+    config_dir = session_config_dir(config, job.id)
     state = StreamState()
-    # The account's own credential file: the CLI writes a refreshed OAuth token through the link.
-    own_credential = str(config.credentials_dir / credential_filename(run.account))
-    writable = [job.cwd, str(session_config_dir(config, job.id)), own_credential, "/tmp", "/dev", *config.cli_writable]  # noqa: S108
+    # Not the account's file: a refreshed token lands in the config dir (see cl.refresh).
+    writable = [job.cwd, str(config_dir), "/tmp", "/dev", *config.cli_writable]  # noqa: S108
     if not (landlock_abi := landlock.abi()):
         bound.warning("no Landlock in this kernel: the CLI may write wherever the worker can")
     with path.open("ab") as output:
@@ -258,7 +247,10 @@ def _run_cli(
             if state.answered and not answered:
                 answered = True
                 _answered(config, store, run, bound)
-        return state, claude.wait()
+            refresh.carry_back(config_dir, config.credentials_dir)  # a token refreshed: to the account
+        code = claude.wait()
+        refresh.carry_back(config_dir, config.credentials_dir)
+        return state, code
 
 
 def _tokens(usage: dict[str, Any] | None) -> tuple[int, int]:

@@ -1,0 +1,141 @@
+"""A token the CLI refreshed reaches the account's file, and a blanked one never does.
+
+The fake CLI refreshes as 2.1.332 does (a temp file renamed over `.credentials.json`, which
+replaces the job's symlink); the workers carry the result back into the account's file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+from structlog.testing import capture_logs
+
+from cl import refresh
+from utils import (
+    FAR_FUTURE_MS,
+    DaemonProcess,
+    Layout,
+    Planted,
+    both,
+    job_states,
+    live_runs,
+    oauth_credential,
+    submit,
+    wait_until,
+    write_credential,
+)
+
+
+def refreshes(layout: Layout, table: dict[str, dict[str, object]]) -> dict[str, str]:
+    """The environment under which the fake CLI refreshes the tokens in `table`."""
+    path = layout.root / "refresh.json"
+    path.write_text(json.dumps(table))
+    return layout.env(FAKE_CLAUDE_REFRESH=str(path))
+
+
+def access_token(path: Path) -> str:
+    token: str = json.loads(path.read_bytes())["claudeAiOauth"]["accessToken"]
+    return token
+
+
+def done(layout: Layout, count: int) -> bool:
+    states = job_states(layout)
+    return len(states) == count and set(states.values()) == {"done"}
+
+
+def test_a_refreshed_token_reaches_the_accounts_file_and_the_next_session(layout: Layout, planted: Planted) -> None:
+    old, new = planted.token(), planted.token()
+    account_file = write_credential(layout.credentials, "a1", oauth_credential(planted, token=old))
+    inode = account_file.stat().st_ino
+    fresh = {"access": new, "refresh": planted.token("sk-ant-ort01-"), "expires_at_ms": FAR_FUTURE_MS}
+    running = layout.root / "running"  # the first session goes on after its first answer
+    running.touch()
+    env = refreshes(layout, {old: fresh}) | {"FAKE_CLAUDE_HOLD_AFTER": str(running)}
+    balancer = DaemonProcess("balancer", layout, env=env).start()
+    try:
+        submit(layout, "first")
+        wait_until(lambda: access_token(account_file) == new, "the refreshed token in the account's file")
+        assert job_states(layout) == {1: "running"}  # carried back at once: other sessions need it now
+        running.unlink()
+        wait_until(lambda: done(layout, 1), "the first session to finish")
+        assert account_file.stat().st_ino == inode  # rewritten in place, not replaced
+        config_dir = layout.state / "sessions" / "job-1"
+        assert (config_dir / ".credentials.json").readlink() == account_file  # the link is back
+        wait_until(lambda: "account changed account=a1" in balancer.log(), "the registry to see a change")
+        assert balancer.states() == {"a1": "ok"}
+        assert "refreshed credentials kept account=a1" in balancer.log()
+        assert "account removed" not in balancer.log()
+
+        submit(layout, "second")
+        wait_until(lambda: done(layout, 2), "the second session to finish")
+    finally:
+        balancer.stop()
+    assert [call["token_tail"] for call in layout.claude_calls()] == [old[-6:], new[-6:]]
+
+
+def test_a_blanked_refresh_never_reaches_the_accounts_file(layout: Layout, planted: Planted) -> None:
+    old = planted.token()
+    account_file = write_credential(layout.credentials, "a1", oauth_credential(planted, token=old))
+    before = account_file.read_bytes()
+    lost_race = {"access": "", "refresh": "", "expires_at_ms": 0}
+    balancer = DaemonProcess("balancer", layout, env=refreshes(layout, {old: lost_race})).start()
+    try:
+        submit(layout, "first")
+        wait_until(lambda: done(layout, 1), "the session to finish")
+        assert account_file.read_bytes() == before
+        assert (layout.state / "sessions" / "job-1" / ".credentials.json").is_symlink()
+        assert "refreshed credentials not kept account=a1 state=needs-login" in balancer.log()
+        assert balancer.states() == {"a1": "ok"}
+    finally:
+        balancer.stop()
+
+
+def test_a_refresh_left_by_a_killed_worker_is_carried_back_by_the_next(layout: Layout, planted: Planted) -> None:
+    """The worker dies after the CLI refreshed and before it saw a stream event: the rescuer's
+    re-point sets the file aside, and the resumed session's worker carries it back first."""
+    old, new = planted.token(), planted.token()
+    account_file = write_credential(layout.credentials, "a1", oauth_credential(planted, token=old))
+    fresh = {"access": new, "refresh": planted.token("sk-ant-ort01-"), "expires_at_ms": FAR_FUTURE_MS}
+    layout.hold.touch()
+    with both(layout, env=refreshes(layout, {old: fresh})):
+        submit(layout, "interrupted")
+        link = layout.state / "sessions" / "job-1" / ".credentials.json"
+        wait_until(lambda: link.exists() and not link.is_symlink(), "the CLI to refresh its token")
+        run = wait_until(lambda: next((r for r in live_runs(layout) if r.session_id), None), "the session id")
+        assert run.pid is not None
+        os.kill(run.pid, signal.SIGKILL)  # the worker vanishes; its CLI goes with it (PDEATHSIG)
+        wait_until(lambda: access_token(account_file) == new, "the next worker to carry the token back")
+        layout.hold.unlink()
+        wait_until(lambda: done(layout, 1), "the resumed session to finish")
+    first, resumed = layout.claude_calls()
+    assert (first["token_tail"], resumed["token_tail"]) == (old[-6:], new[-6:])
+    assert link.is_symlink()
+    assert not (link.parent / ".credentials.refreshed.json").exists()
+
+
+def test_carry_back_never_shortens_the_file_and_loses_nothing_it_cannot_write(tmp_path: Path, planted: Planted) -> None:
+    credentials, config_dir = tmp_path / "claude", tmp_path / "job-1"
+    credentials.mkdir()
+    config_dir.mkdir()
+    longer = {**json.loads(oauth_credential(planted)), "mcpOAuth": {"server": "x" * 200}}  # longer than the refresh
+    account_file = write_credential(credentials, "a1", json.dumps(longer))
+    size = account_file.stat().st_size
+    refresh.claim(config_dir, credentials, "a1")
+    new = planted.token()
+    (config_dir / ".credentials.json").write_text(oauth_credential(planted, token=new))  # as the CLI leaves it
+    assert refresh.carry_back(config_dir, credentials) == "a1"
+    assert (access_token(account_file), account_file.stat().st_size) == (new, size)  # padded, parses
+    assert (config_dir / ".credentials.json").readlink() == account_file
+
+    os.link(account_file, tmp_path / "elsewhere.json")  # a file the registry refuses: not written through
+    (config_dir / ".credentials.json").unlink()
+    (config_dir / ".credentials.json").write_text(oauth_credential(planted))
+    with capture_logs() as logged:
+        assert refresh.carry_back(config_dir, credentials) is None
+        assert refresh.carry_back(config_dir, credentials) is None  # tried once, not on every event
+    assert [entry["event"] for entry in logged] == ["refreshed credentials not saved"]
+    assert not (config_dir / ".credentials.json").is_symlink()  # kept where it was: nothing lost
+    assert access_token(account_file) == new
