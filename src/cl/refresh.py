@@ -15,7 +15,7 @@ credential that is not a usable OAuth one (a refresh that lost a race blanks the
 never carried back: the account's file keeps its last good tokens.
 
 `.account` in the job's dir names the account whose credentials the CLI there last had; a
-daemon re-pointing the link for a move first sets a refreshed file aside (`set_aside`), and
+daemon re-pointing the link for a move first sets a refreshed file aside (`point`), and
 the next worker carries it back to that account before its own run.
 """
 
@@ -43,14 +43,14 @@ def point(config_dir: Path, credentials_dir: Path, account: str | None) -> None:
     """Make the job's `.credentials.json` a link to `account`'s file (atomically), or remove it
     (None: the account's credential comes through the environment). A file the CLI left there
     is set aside first, never lost."""
-    set_aside(config_dir)
+    _set_aside(config_dir)
     if account is None:
         (config_dir / LINK).unlink(missing_ok=True)
     else:
         _link(config_dir, credentials_dir, account)
 
 
-def set_aside(config_dir: Path) -> None:
+def _set_aside(config_dir: Path) -> None:
     """If the CLI replaced the link with a file of its own, move that file to `SET_ASIDE`."""
     link = config_dir / LINK
     with contextlib.suppress(FileNotFoundError):

@@ -7,7 +7,8 @@ exits at once if the run was abandoned meanwhile, so a run never executes twice.
 job's config dir (the CLI inherits the lock: one live process per session), then runs the CLI
 in the job's cwd with `CLAUDE_CONFIG_DIR` = that dir, whose `.credentials.json` is a symlink to
 the account's credential file (token and API-key accounts come through the environment
-instead). The CLI gets PDEATHSIG (if the worker dies, so does its CLI, and the run is found
+instead; a token the CLI refreshes is carried back to the account's file, see `cl.refresh`).
+The CLI gets PDEATHSIG (if the worker dies, so does its CLI, and the run is found
 orphaned rather than running unseen) and a Landlock ruleset (it writes only where its job
 lives). The worker keeps the whole output in a log file, reads the stream as it arrives
 (session id, usage, utilization, the first answer, a wall), writes the outcome, and tells
