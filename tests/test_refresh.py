@@ -99,13 +99,16 @@ def test_a_refresh_left_by_a_killed_worker_is_carried_back_by_the_next(layout: L
     old, new = planted.token(), planted.token()
     account_file = write_credential(layout.credentials, "a1", oauth_credential(planted, token=old))
     fresh = {"access": new, "refresh": planted.token("sk-ant-ort01-"), "expires_at_ms": FAR_FUTURE_MS}
-    layout.hold.touch()
-    with both(layout, env=refreshes(layout, {old: fresh})):
+    layout.hold.touch()  # after its refresh, the CLI waits: no stream event follows it
+    gate = layout.root / "gate"  # and it refreshes only once its worker has read the init event
+    gate.touch()
+    with both(layout, env=refreshes(layout, {old: fresh}) | {"FAKE_CLAUDE_REFRESH_GATE": str(gate)}):
         submit(layout, "interrupted")
-        link = layout.state / "sessions" / "job-1" / ".credentials.json"
-        wait_until(lambda: link.exists() and not link.is_symlink(), "the CLI to refresh its token")
         run = wait_until(lambda: next((r for r in live_runs(layout) if r.session_id), None), "the session id")
         assert run.pid is not None
+        gate.unlink()
+        link = layout.state / "sessions" / "job-1" / ".credentials.json"
+        wait_until(lambda: link.exists() and not link.is_symlink(), "the CLI to refresh its token")
         os.kill(run.pid, signal.SIGKILL)  # the worker vanishes; its CLI goes with it (PDEATHSIG)
         wait_until(lambda: access_token(account_file) == new, "the next worker to carry the token back")
         layout.hold.unlink()
