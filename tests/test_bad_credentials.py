@@ -40,7 +40,9 @@ def drop_bad_files(layout: Layout, planted: Planted) -> dict[str, str]:
     drop(layout, "bad-json", '{"claudeAiOauth": {')
     drop(layout, "empty", "")
     drop(layout, "blanked", json.dumps({"claudeAiOauth": {"accessToken": "", "expiresAt": 0}}))
-    drop(layout, "expired", oauth_credential(planted, expires_at_ms=int((time.time() - 3600) * 1000)))
+    an_hour_ago = int((time.time() - 3600) * 1000)
+    drop(layout, "expired", json.dumps({"claudeAiOauth": {"accessToken": planted.token(), "expiresAt": an_hour_ago}}))
+    drop(layout, "renewable", oauth_credential(planted, expires_at_ms=an_hour_ago))  # it has a refresh token
     drop(layout, "wrong-types", json.dumps({"claudeAiOauth": {"accessToken": 123}}))
     drop(layout, "binary", b"\xff\xd8\xff\xe0" + os.urandom(512))
     with (layout.credentials / "credentials-huge.json").open("wb") as huge:
@@ -58,6 +60,7 @@ def drop_bad_files(layout: Layout, planted: Planted) -> dict[str, str]:
         "empty": "invalid",
         "blanked": "needs-login",
         "expired": "expired",
+        "renewable": "ok",
         "wrong-types": "invalid",
         "binary": "invalid",
         "huge": "invalid",

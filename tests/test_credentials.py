@@ -81,6 +81,12 @@ def test_long_lived_token_and_api_key(planted: Planted) -> None:
         (b'{"claudeAiOauth": {"accessToken": "t0ken-abcdef", "expiresAt": 0}}', AccountState.NEEDS_LOGIN, "log in"),
         (b'{"apiKey": ""}', AccountState.NEEDS_LOGIN, "log in"),
         (b'{"claudeAiOauth": {"accessToken": "t0ken-abcdef", "expiresAt": 1000}}', AccountState.EXPIRED, None),
+        # with a refresh token the CLI renews it on its first request: still an account to use
+        (
+            b'{"claudeAiOauth": {"accessToken": "t0ken-abcdef", "refreshToken": "r", "expiresAt": 1000}}',
+            AccountState.OK,
+            None,
+        ),
         (b"[" * 100_000, AccountState.INVALID, "malformed JSON"),
     ],
 )

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from structlog.testing import capture_logs
@@ -142,3 +144,30 @@ def test_carry_back_never_shortens_the_file_and_loses_nothing_it_cannot_write(tm
     assert [entry["event"] for entry in logged] == ["refreshed credentials not saved"]
     assert not (config_dir / ".credentials.json").is_symlink()  # kept where it was: nothing lost
     assert access_token(account_file) == new
+
+
+def test_an_account_whose_access_token_expired_takes_work_and_comes_back_renewed(
+    layout: Layout, planted: Planted
+) -> None:
+    """Idle overnight, its access token expired: it has a refresh token, so it is still an
+    account to use (the CLI renews it on its first request), never one that sits unused."""
+    old, new = planted.token(), planted.token()
+    an_hour_ago = int((time.time() - 3600) * 1000)
+    account_file = write_credential(
+        layout.credentials, "a1", oauth_credential(planted, token=old, expires_at_ms=an_hour_ago)
+    )
+    fresh = {"access": new, "refresh": planted.token("sk-ant-ort01-"), "expires_at_ms": FAR_FUTURE_MS}
+    balancer = DaemonProcess("balancer", layout, env=refreshes(layout, {old: fresh})).start()
+    try:
+        (account,) = balancer.request({"request": "accounts"})["accounts"]
+        assert (account["state"], account["renewable"]) == ("ok", True)
+        submit(layout, "good morning")
+        wait_until(lambda: done(layout, 1), "the session to finish")
+        assert access_token(account_file) == new
+        renewed = f"{datetime.fromtimestamp(FAR_FUTURE_MS / 1000, UTC).isoformat()}"
+        wait_until(
+            lambda: balancer.request({"request": "accounts"})["accounts"][0]["expires_at"] == renewed,
+            "the registry to see the renewed expiry",
+        )
+    finally:
+        balancer.stop()

@@ -145,8 +145,10 @@ async def test_directory_missing_at_start(tmp_path: Path, planted: Planted) -> N
 
 
 async def test_periodic_resync_notices_expiry(tmp_path: Path, planted: Planted) -> None:
-    soon_ms = int((time.time() + 1) * 1000)
-    write_credential(tmp_path, "a", oauth_credential(planted, expires_at_ms=soon_ms))
+    soon_ms = int((time.time() + 1) * 1000)  # and no refresh token to renew it with
+    write_credential(
+        tmp_path, "a", json.dumps({"claudeAiOauth": {"accessToken": planted.token(), "expiresAt": soon_ms}})
+    )
     registry = CredentialRegistry(tmp_path, resync_interval=0.2)
     await registry.start()
     try:

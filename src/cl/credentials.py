@@ -117,6 +117,9 @@ class Account:
     subscription: str | None = None
     exposed: bool = False
     """The file is readable by group or others."""
+    renewable: bool = False
+    """An OAuth credential with a refresh token: the CLI renews an expired access token on its
+    first request (and the worker carries the new one back), so expiry does not end the account."""
     secrets: tuple[Secret, ...] = dataclasses.field(default=(), repr=False)
     _json_head: str | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
@@ -138,7 +141,12 @@ class Account:
         return self.state is AccountState.OK
 
     def expired_by(self, now: float) -> bool:
-        return self.state is AccountState.OK and self.expires_at is not None and self.expires_at.timestamp() <= now
+        return (
+            self.state is AccountState.OK
+            and not self.renewable
+            and self.expires_at is not None
+            and self.expires_at.timestamp() <= now
+        )
 
     def with_state(self, state: AccountState) -> Account:
         return dataclasses.replace(self, state=state)
@@ -152,6 +160,7 @@ class Account:
             "reason": self.reason,
             "expires_at": self.expires_at.isoformat() if self.expires_at else None,
             "subscription": self.subscription,
+            "renewable": self.renewable,
         }
 
 
@@ -232,7 +241,9 @@ def _parse_oauth(name: str, oauth: Any, now: float) -> Account:
     if not token or expires_ms == 0:
         return Account(name, AccountState.NEEDS_LOGIN, kind, "blanked credential: log in again", secrets=secrets)
     expires_at = _from_epoch(expires_ms / 1000) if expires_ms is not None else None
-    account = Account(name, AccountState.OK, kind, None, expires_at, subscription, secrets=secrets)
+    account = Account(
+        name, AccountState.OK, kind, None, expires_at, subscription, secrets=secrets, renewable=bool(refresh)
+    )
     return account.with_state(AccountState.EXPIRED) if account.expired_by(now) else account
 
 
