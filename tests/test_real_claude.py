@@ -8,8 +8,11 @@ where our own path scheme says the CLI keeps it.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -145,3 +148,69 @@ def test_real_cli_sessions_move_to_a_dropped_in_account_with_their_conversation(
 
 def states(layout: Layout) -> set[str]:
     return set(job_states(layout).values())
+
+
+FAKES = Path(__file__).resolve().parent / "fakes"
+
+
+def private_network(tmp_path: Path, access: str, refresh: str) -> Path:
+    """A directory for `fakes/in_private_network`: a test CA and platform.claude.com's
+    certificate signed by it, the tokens the stand-in hands out. Skips where it cannot run."""
+    if os.geteuid() != 0 or not all(shutil.which(tool) for tool in ("unshare", "ip", "openssl")):
+        pytest.skip("needs root with unshare, ip and openssl: a private network with its own platform.claude.com")
+    probe = subprocess.run(["unshare", "--mount", "--net", "true"], capture_output=True, check=False)
+    if probe.returncode:
+        pytest.skip(f"cannot make a private network and mount namespace here: {probe.stderr.decode().strip()}")
+    net = tmp_path / "net"
+    net.mkdir()
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=net, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=cl test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+            "-subj", "/CN=platform.claude.com")  # fmt: skip
+    (net / "ext.cnf").write_text("subjectAltName=DNS:platform.claude.com\nextendedKeyUsage=serverAuth\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")  # fmt: skip
+    (net / "access").write_text(access)
+    (net / "refresh").write_text(refresh)
+    return net
+
+
+def test_the_real_cli_refreshes_an_expired_token_and_the_account_keeps_it(
+    layout: Layout, planted: Planted, claude_bin: Path, tmp_path: Path
+) -> None:
+    """The real CLI 2.1.332 with an expired access token refreshes it against a stand-in for
+    platform.claude.com (a private network namespace, a test CA): it replaces the job's
+    `.credentials.json` link with a file of its own, and the worker carries the new tokens
+    back into the account's file, which the next request and every other session then use."""
+    old, new, new_refresh = planted.token(), planted.token(), planted.token("sk-ant-ort01-")
+    net = private_network(tmp_path, new, new_refresh)
+    an_hour_ago = int((time.time() - 3600) * 1000)
+    account_file = write_credential(
+        layout.credentials, "a1", oauth_credential(planted, token=old, expires_at_ms=an_hour_ago)
+    )
+    home = layout.root / "home"
+    home.mkdir()
+    env = layout.env(CL_CLAUDE_BIN=str(claude_bin), HOME=str(home), NODE_EXTRA_CA_CERTS=str(net / "ca.pem"))
+    wrap = ["unshare", "--mount", "--net", "--", str(FAKES / "in_private_network"), str(net)]
+    balancer = DaemonProcess("balancer", layout, env=env, wrap=wrap).start()
+    try:
+        job = json.loads(cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "hello", "--json").stdout)["job"]
+        wait_until(lambda: job_states(layout).get(job) == "done", "the session to finish", timeout=120)
+        log = balancer.log()
+    finally:
+        balancer.stop()
+    wanted = planted.name_of(new), planted.name_of(new_refresh)  # names: a failure never prints a token
+    assert planted.tokens_in(account_file) == wanted
+    assert json.loads(account_file.read_bytes())["claudeAiOauth"]["expiresAt"] > time.time() * 1000
+    assert (layout.state / "sessions" / f"job-{job}" / ".credentials.json").readlink() == account_file
+    assert "refreshed credentials kept account=a1" in log
+    (token_request,) = [json.loads(line) for line in (net / "oauth.jsonl").read_text().splitlines()]
+    assert (token_request["path"], token_request["grant"]) == ("/v1/oauth/token", "refresh_token")
+    requests = [json.loads(line) for line in (net / "api.jsonl").read_text().splitlines()]
+    tail = new[-6:]
+    assert {r["cred_tail"] for r in requests} == {tail}  # the API saw the new token, only

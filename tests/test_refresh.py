@@ -38,11 +38,6 @@ def refreshes(layout: Layout, table: dict[str, dict[str, object]]) -> dict[str, 
     return layout.env(FAKE_CLAUDE_REFRESH=str(path))
 
 
-def access_token(path: Path) -> str:
-    token: str = json.loads(path.read_bytes())["claudeAiOauth"]["accessToken"]
-    return token
-
-
 def done(layout: Layout, count: int) -> bool:
     states = job_states(layout)
     return len(states) == count and set(states.values()) == {"done"}
@@ -59,7 +54,8 @@ def test_a_refreshed_token_reaches_the_accounts_file_and_the_next_session(layout
     balancer = DaemonProcess("balancer", layout, env=env).start()
     try:
         submit(layout, "first")
-        wait_until(lambda: access_token(account_file) == new, "the refreshed token in the account's file")
+        wanted = planted.name_of(new)  # names, not tokens: a failure never prints a token
+        wait_until(lambda: planted.tokens_in(account_file)[0] == wanted, "the refreshed token in the account's file")
         assert job_states(layout) == {1: "running"}  # carried back at once: other sessions need it now
         running.unlink()
         wait_until(lambda: done(layout, 1), "the first session to finish")
@@ -112,7 +108,8 @@ def test_a_refresh_left_by_a_killed_worker_is_carried_back_by_the_next(layout: L
         link = layout.state / "sessions" / "job-1" / ".credentials.json"
         wait_until(lambda: link.exists() and not link.is_symlink(), "the CLI to refresh its token")
         os.kill(run.pid, signal.SIGKILL)  # the worker vanishes; its CLI goes with it (PDEATHSIG)
-        wait_until(lambda: access_token(account_file) == new, "the next worker to carry the token back")
+        wanted = planted.name_of(new)
+        wait_until(lambda: planted.tokens_in(account_file)[0] == wanted, "the next worker to carry the token back")
         layout.hold.unlink()
         wait_until(lambda: done(layout, 1), "the resumed session to finish")
     first, resumed = layout.claude_calls()
@@ -132,7 +129,8 @@ def test_carry_back_never_shortens_the_file_and_loses_nothing_it_cannot_write(tm
     new = planted.token()
     (config_dir / ".credentials.json").write_text(oauth_credential(planted, token=new))  # as the CLI leaves it
     assert refresh.carry_back(config_dir, credentials) == "a1"
-    assert (access_token(account_file), account_file.stat().st_size) == (new, size)  # padded, parses
+    wanted = planted.name_of(new)
+    assert (planted.tokens_in(account_file)[0], account_file.stat().st_size) == (wanted, size)  # padded, parses
     assert (config_dir / ".credentials.json").readlink() == account_file
 
     os.link(account_file, tmp_path / "elsewhere.json")  # a file the registry refuses: not written through
@@ -143,7 +141,7 @@ def test_carry_back_never_shortens_the_file_and_loses_nothing_it_cannot_write(tm
         assert refresh.carry_back(config_dir, credentials) is None  # tried once, not on every event
     assert [entry["event"] for entry in logged] == ["refreshed credentials not saved"]
     assert not (config_dir / ".credentials.json").is_symlink()  # kept where it was: nothing lost
-    assert access_token(account_file) == new
+    assert planted.tokens_in(account_file)[0] == wanted
 
 
 def test_an_account_whose_access_token_expired_takes_work_and_comes_back_renewed(
@@ -163,7 +161,8 @@ def test_an_account_whose_access_token_expired_takes_work_and_comes_back_renewed
         assert (account["state"], account["renewable"]) == ("ok", True)
         submit(layout, "good morning")
         wait_until(lambda: done(layout, 1), "the session to finish")
-        assert access_token(account_file) == new
+        wanted = planted.name_of(new)
+        assert planted.tokens_in(account_file)[0] == wanted
         renewed = f"{datetime.fromtimestamp(FAR_FUTURE_MS / 1000, UTC).isoformat()}"
         wait_until(
             lambda: balancer.request({"request": "accounts"})["accounts"][0]["expires_at"] == renewed,

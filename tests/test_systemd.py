@@ -177,7 +177,8 @@ def test_a_session_runs_in_its_own_worker_unit_and_survives_a_balancer_restart(
     assert call["touched"] == {"/var/lib/cl/cl.db": False, "/srv/work/notes.txt": True}
     # The worker unit (user cl) carried the refreshed token back into a1's own file, in place.
     after = account_file.stat()
-    assert json.loads(account_file.read_bytes())["claudeAiOauth"]["accessToken"] == new
+    wanted = planted.name_of(new)  # a name, not the token: a failure never prints a token
+    assert planted.tokens_in(account_file)[0] == wanted
     assert (after.st_ino, after.st_uid, after.st_mode) == (before.st_ino, before.st_uid, before.st_mode)
     worker_journal = box("journalctl", "-u", "cl-worker@*", "--no-pager").stdout
     assert "refreshed credentials kept account=a1" in worker_journal

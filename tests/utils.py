@@ -39,6 +39,15 @@ class Planted:
         Planted.everywhere.append(token)
         return token
 
+    def name_of(self, token: str) -> str:
+        """What a test may print instead of a token: its number, never the token."""
+        return f"planted token #{self.tokens.index(token)}" if token in self.tokens else "a token not planted here"
+
+    def tokens_in(self, credential_file: Path) -> tuple[str, str]:
+        """The names (`name_of`) of an OAuth credential file's access and refresh tokens."""
+        oauth = json.loads(credential_file.read_bytes())["claudeAiOauth"]
+        return self.name_of(oauth["accessToken"]), self.name_of(oauth["refreshToken"])
+
     def leaks(self, text: str, where: str) -> list[str]:
         """Where planted tokens appear; the message names the token's number, not the token."""
         return [f"planted token #{i} appears in {where}" for i, token in enumerate(self.tokens) if token in text]

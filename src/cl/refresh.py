@@ -1,8 +1,8 @@
 """Keep an OAuth token the CLI refreshed: carry it back to the account's credential file.
 
 A job's `.credentials.json` is a symlink to its account's file. When the CLI refreshes an
-expired token it writes a temp file beside that path and renames it over the path (2.1.332:
-its credential writer stages, fsyncs, renames), so the link becomes a file of the job's own
+expired token it writes a temp file beside that path and renames it over the path (seen with
+the real 2.1.332, tests/test_real_claude.py), so the link becomes a file of the job's own
 and the account's file keeps a refresh token the server may already have rotated out. The
 worker therefore carries such a file back into the account's file and points the link at it
 again: other sessions on the account pick the token up (the CLI reloads its credentials when
