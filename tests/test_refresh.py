@@ -6,10 +6,12 @@ replaces the job's symlink); the workers carry the result back into the account'
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -36,6 +38,16 @@ def refreshes(layout: Layout, table: dict[str, dict[str, object]]) -> dict[str, 
     path = layout.root / "refresh.json"
     path.write_text(json.dumps(table))
     return layout.env(FAKE_CLAUDE_REFRESH=str(path))
+
+
+@contextlib.contextmanager
+def released(*paths: Path) -> Iterator[None]:
+    """Remove hold files at the end, whatever happened: a failed test leaves no session waiting."""
+    try:
+        yield
+    finally:
+        for path in paths:
+            path.unlink(missing_ok=True)
 
 
 def done(layout: Layout, count: int) -> bool:
@@ -70,6 +82,7 @@ def test_a_refreshed_token_reaches_the_accounts_file_and_the_next_session(layout
         submit(layout, "second")
         wait_until(lambda: done(layout, 2), "the second session to finish")
     finally:
+        running.unlink(missing_ok=True)  # a failed test leaves no session waiting forever
         balancer.stop()
     assert [call["token_tail"] for call in layout.claude_calls()] == [old[-6:], new[-6:]]
 
@@ -100,7 +113,10 @@ def test_a_refresh_left_by_a_killed_worker_is_carried_back_by_the_next(layout: L
     layout.hold.touch()  # after its refresh, the CLI waits: no stream event follows it
     gate = layout.root / "gate"  # and it refreshes only once its worker has read the init event
     gate.touch()
-    with both(layout, env=refreshes(layout, {old: fresh}) | {"FAKE_CLAUDE_REFRESH_GATE": str(gate)}):
+    with (
+        both(layout, env=refreshes(layout, {old: fresh}) | {"FAKE_CLAUDE_REFRESH_GATE": str(gate)}),
+        released(gate, layout.hold),
+    ):
         submit(layout, "interrupted")
         run = wait_until(lambda: next((r for r in live_runs(layout) if r.session_id), None), "the session id")
         assert run.pid is not None

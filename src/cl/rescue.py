@@ -165,33 +165,38 @@ class Rescuer:
             self.wake()  # more behind this batch
 
     async def _rescue(self, facts: Facts) -> list[Job]:
-        """Move every session that can move now, oldest job first; the ones left waiting."""
+        """Move every session that can move now, oldest job first; the ones left waiting. Each
+        move's worker is launched while the next move is written: a storm moves in parallel."""
         live, max_sessions = facts.live, self.config.max_sessions_per_account
         candidates = placement.eligible(self.registry.accounts, facts.walls, live, max_sessions, facts.probation)
         waiting = []
-        for job in facts.jobs:
-            self._announce(job, facts)
-            if job.session_id is None:  # it never started a conversation: nothing to resume
-                if await self.store.run(self.store.store.requeue, job.id, "no session to resume"):
-                    log.info("job requeued", job=job.id, account=job.account, reason="no session to resume")
-                continue
-            while (account := placement.choose(candidates, live, facts.usage, self.config.placement)) is not None:
-                limit = placement.limit(account.name, max_sessions, facts.probation)
-                try:
-                    moved = await self._move(job, account.name, limit)
-                except NoRoom:  # the balancer took the room, or a wall came in: next account
-                    candidates.remove(account)
+        launches: list[asyncio.Task[None]] = []
+        try:
+            for job in facts.jobs:
+                self._announce(job, facts)
+                if job.session_id is None:  # it never started a conversation: nothing to resume
+                    if await self.store.run(self.store.store.requeue, job.id, "no session to resume"):
+                        log.info("job requeued", job=job.id, account=job.account, reason="no session to resume")
                     continue
-                if moved:
-                    live[account.name] = live.get(account.name, 0) + 1
-                    if live[account.name] >= limit:
+                while (account := placement.choose(candidates, live, facts.usage, self.config.placement)) is not None:
+                    limit = placement.limit(account.name, max_sessions, facts.probation)
+                    try:
+                        moved = await self._move(job, account.name, limit, launches)
+                    except NoRoom:  # the balancer took the room, or a wall came in: next account
                         candidates.remove(account)
-                break
-            if account is None:
-                waiting.append(job)
+                        continue
+                    if moved:
+                        live[account.name] = live.get(account.name, 0) + 1
+                        if live[account.name] >= limit:
+                            candidates.remove(account)
+                    break
+                if account is None:
+                    waiting.append(job)
+        finally:
+            await asyncio.gather(*launches)  # a pass ends once its workers are launched
         return waiting
 
-    async def _move(self, job: Job, account: str, limit: int) -> bool:
+    async def _move(self, job: Job, account: str, limit: int, launches: list[asyncio.Task[None]]) -> bool:
         """Write the move, re-point the job's credentials, start the resumed run. False if the job
         changed meanwhile (another pass or daemon got to it)."""
         assert job.session_id is not None
@@ -201,7 +206,7 @@ class Rescuer:
             return False
         self._moves += 1
         log.info("session moved", session=job.session_id, job=job.id, run=run.id, to=account, **{"from": job.account})
-        await self.supervisor.launch(run)
+        launches.append(asyncio.create_task(self.supervisor.launch(run)))
         return True
 
     async def _settle_moves(self) -> None:
