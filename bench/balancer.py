@@ -82,7 +82,7 @@ def submit_to_started(root: Path, samples: int) -> list[float]:
             call(socket_path, {"request": "submit", "cwd": str(root / "work"), "prompt": f"p{i}"})
             deadline = time.monotonic() + 30
             while True:
-                lines = fake_log.read_text().splitlines() if fake_log.exists() else []
+                lines = fake_log.read_text().split("\n")[:-1] if fake_log.exists() else []  # complete lines
                 if len(lines) > i:
                     latencies.append(json.loads(lines[i])["t"] - sent)
                     break

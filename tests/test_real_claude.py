@@ -31,6 +31,7 @@ from utils import (
     both,
     cl,
     job_states,
+    json_lines,
     oauth_credential,
     wait_until,
     write_credential,
@@ -59,7 +60,7 @@ class FakeApi:
             pass
 
     def requests(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.log.read_text().splitlines()] if self.log.exists() else []
+        return json_lines(self.log)
 
 
 @pytest.fixture
@@ -209,8 +210,8 @@ def test_the_real_cli_refreshes_an_expired_token_and_the_account_keeps_it(
     assert json.loads(account_file.read_bytes())["claudeAiOauth"]["expiresAt"] > time.time() * 1000
     assert (layout.state / "sessions" / f"job-{job}" / ".credentials.json").readlink() == account_file
     assert "refreshed credentials kept account=a1" in log
-    (token_request,) = [json.loads(line) for line in (net / "oauth.jsonl").read_text().splitlines()]
+    (token_request,) = json_lines(net / "oauth.jsonl")
     assert (token_request["path"], token_request["grant"]) == ("/v1/oauth/token", "refresh_token")
-    requests = [json.loads(line) for line in (net / "api.jsonl").read_text().splitlines()]
+    requests = json_lines(net / "api.jsonl")
     tail = new[-6:]
     assert {r["cred_tail"] for r in requests} == {tail}  # the API saw the new token, only

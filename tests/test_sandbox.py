@@ -4,7 +4,6 @@ not anywhere else."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cl import landlock
-from utils import DaemonProcess, Layout, Planted, cl, oauth_credential, wait_until, write_credential
+from utils import DaemonProcess, Layout, Planted, cl, json_lines, oauth_credential, wait_until, write_credential
 
 
 @pytest.fixture
@@ -55,8 +54,7 @@ def test_the_cli_writes_only_where_its_job_lives(outside_tmp: Layout, planted: P
         # fill-first by name: the job lands on a1, whatever the headroom says
         submitted = cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "try to write", "--json")
         assert submitted.returncode == 0, submitted.stderr
-        wait_until(log.read_text, "the CLI to run")
-        (call,) = [json.loads(line) for line in log.read_text().splitlines()]
+        (call,) = wait_until(lambda: json_lines(log), "the CLI to run")
     finally:
         daemon.stop()
         targets["tmp"].unlink(missing_ok=True)

@@ -137,8 +137,7 @@ class Layout:
 
     def claude_calls(self) -> list[dict[str, Any]]:
         """Every run of the fake claude, in order."""
-        path = self.root / "fake-claude.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        return json_lines(self.root / "fake-claude.jsonl")
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CL_", "NOTIFY_SOCKET", "WATCHDOG_"))}
@@ -248,6 +247,16 @@ def job_states(layout: Layout) -> dict[int, str]:
     result = cl(layout, "jobs", "--json")
     assert result.returncode == 0, result.stderr
     return {job["id"]: job["state"] for job in json.loads(result.stdout)}
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a JSON-lines log that other processes append to (a line still
+    being written is left for the next read)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.split("\n")[:-1]]
 
 
 def live_runs(layout: Layout) -> list[Run]:
