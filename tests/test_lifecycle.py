@@ -142,6 +142,19 @@ def test_stop_is_clean(layout: Layout, manager: ServiceManager, sig: signal.Sign
     assert not daemon.socket.exists()
 
 
+def test_stop_is_not_held_up_by_clients_that_never_finish(layout: Layout, manager: ServiceManager) -> None:
+    """The drain is bounded: an idle connection and a half-sent request do not keep the daemon up."""
+    daemon = start(layout, manager)
+    manager.until("READY")
+    with socket.socket(socket.AF_UNIX) as idle, socket.socket(socket.AF_UNIX) as half:
+        idle.connect(str(daemon.socket))
+        half.connect(str(daemon.socket))
+        half.sendall(b'{"request": "acco')  # and never the rest of the line
+        daemon.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        assert daemon.stop() == 0
+    assert "stopped" in daemon.log()
+
+
 def test_bad_configuration_exits_2_naming_the_key(layout: Layout) -> None:
     daemon = DaemonProcess("balancer", layout, env=layout.env(CL_RESYNC_INTERVAL="soon"))
     daemon.start(wait=False)
