@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from run import BIN, daemons, env_for, ms, percentile, populate
+from run import BIN, daemons, env_for, ms, percentile, populate, spread
 
 from cl import logs
 from cl.client import call, exchange
@@ -129,22 +129,17 @@ def main() -> None:
     samples = 50 if args.quick else 300
     with tempfile.TemporaryDirectory(prefix="cl-bench-") as tmp:
         status = status_round_trip(Path(tmp) / "status", samples)
-
-        def spread(key: str) -> str:
-            return f"p50 {ms(percentile(status[key], 50))} p99 {ms(percentile(status[key], 99))}"
-
         print(
             "status, 10000 accounts / 1000 sessions (goal p99 <= 20 ms), request -> whole reply (1 MB):"
-            f" store unchanged {spread('unchanged')}; usage recorded before each {spread('usage')};"
-            f" a session's id recorded before each {spread('job')};"
-            f" then the client's json.loads {spread('decode')};"
+            f" store unchanged {spread(status['unchanged'])}; usage recorded before each {spread(status['usage'])};"
+            f" a session's id recorded before each {spread(status['job'])};"
+            f" then the client's json.loads {spread(status['decode'])};"
             f" whole `cl status --json` p50 {ms(percentile(status['command'], 50))}",
             flush=True,
         )
         started = submit_to_started(Path(tmp) / "submit", samples // 5)
         print(
-            f"submit -> CLI started (fake claude): p50 {ms(percentile(started, 50))}"
-            f"  p99 {ms(percentile(started, 99))}  (n={len(started)})",
+            f"submit -> CLI started (fake claude): {spread(started)}  (n={len(started)})",
             flush=True,
         )
         rate = placement_throughput(Path(tmp) / "place")

@@ -28,7 +28,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from run import HERE, cpu_seconds, daemons, ms, percentile, visible
+from run import HERE, cpu_seconds, daemons, ms, spread, visible
 
 from cl import logs
 from cl.client import call
@@ -220,15 +220,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cl-bench-") as tmp:
         decided, claimed = wall_to_resumed(Path(tmp) / "wall", samples)
         print(
-            f"wall -> move started p50 {ms(percentile(decided, 50))} p99 {ms(percentile(decided, 99))};"
-            f" -> resumed worker started p50 {ms(percentile(claimed, 50))} p99 {ms(percentile(claimed, 99))}"
+            f"wall -> move started {spread(decided)}; -> resumed worker started {spread(claimed)}"
             f"  (n={samples}; goal p99 <= 250 ms excluding the CLI's start)",
             flush=True,
         )
         decided, claimed, idle = file_to_relaunched(Path(tmp) / "file", samples // 2)
         print(
-            f"file landed -> move started p50 {ms(percentile(decided, 50))} p99 {ms(percentile(decided, 99))};"
-            f" -> worker started p50 {ms(percentile(claimed, 50))} p99 {ms(percentile(claimed, 99))}"
+            f"file landed -> move started {spread(decided)}; -> worker started {spread(claimed)}"
             f"  (n={len(decided)}, 3 waiting each time; goal p99 <= 250 ms)",
             flush=True,
         )

@@ -12,21 +12,20 @@ live workers are adopted, vanished ones are marked orphaned for the rescuer.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import sys
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import structlog
 
 from cl import daemon, placement
 from cl.config import Config
 from cl.protocol import Encoded, Handler, Reply, Request, RequestError, id_field
-from cl.registry import CredentialRegistry, Subscription
+from cl.registry import CredentialRegistry
 from cl.status import StatusView
-from cl.store import LIVE_RUNS, AsyncStore, Facts, JobState, NoRoom, Run, RunState, Store
+from cl.store import LIVE_RUNS, AsyncStore, Facts, Job, JobState, Run, RunState, Store
 from cl.supervisor import Supervisor, log_outcome
 
 log = structlog.get_logger("cl.balancer")
@@ -43,7 +42,7 @@ class Balancer:
         self.store = AsyncStore(Store(config.database, config.store_busy_timeout))
         self.supervisor = Supervisor(config, registry, self.store, peer="rescue", ended=self._ended)
         self._wake = asyncio.Event()
-        self._reset_timer: asyncio.TimerHandle | None = None
+        self._reset_timer = daemon.ResetTimer(self.wake)
         self._counts = {"walled": 0, "running": 0, "queued": 0}
         self._waiting_logged = False
         self._status_view = StatusView(registry)
@@ -63,13 +62,9 @@ class Balancer:
 
     async def run(self) -> None:
         await self._reconcile()
-        changes = self.registry.subscribe()
-        watcher = asyncio.create_task(self._wake_on_roster_changes(changes))
         try:
             await daemon.serve_passes(self._wake, self._place)
         finally:
-            watcher.cancel()
-            changes.close()
             self.store.close()
 
     def wake(self) -> None:
@@ -79,11 +74,6 @@ class Balancer:
         if by_worker:
             log_outcome(run)
         self.wake()
-
-    async def _wake_on_roster_changes(self, changes: Subscription) -> None:
-        async for _ in changes:
-            changes.drain()
-            self.wake()
 
     async def _reconcile(self) -> None:
         for run in await self.store.run(self.store.store.runs, LIVE_RUNS):
@@ -111,44 +101,30 @@ class Balancer:
             "queued": await self.store.run(store.queue_length),
         }
         self._status_changed()
-        self._schedule_wall_expiry(facts.walls.values())
+        resets = [wall.reset_at for wall in facts.walls.values() if wall.reset_at is not None]
+        self._reset_timer.set(min(resets, default=None), jitter=0.05)  # that account may take work again
 
     async def _place_jobs(self, facts: Facts) -> None:
         """Place what can be placed, in queue order."""
-        live, max_sessions = facts.live, self.config.max_sessions_per_account
-        candidates = placement.eligible(self.registry.accounts, facts.walls, live, max_sessions, facts.probation)
+        placer = placement.Placer(
+            self.registry.accounts, facts, self.config.max_sessions_per_account, self.config.placement
+        )
         for job in facts.jobs:
-            while (account := placement.choose(candidates, live, facts.usage, self.config.placement)) is not None:
-                limit = placement.limit(account.name, max_sessions, facts.probation)
-                try:
-                    run = await self.store.run(self.store.store.place, job.id, account.name, limit)
-                except NoRoom:  # the rescuer took the room, or a wall came in: next account
-                    candidates.remove(account)
-                    continue
-                if run is not None:  # else cancelled meanwhile
-                    live[account.name] = live.get(account.name, 0) + 1
-                    if live[account.name] >= limit:
-                        candidates.remove(account)
-                    await self.supervisor.launch(run)
-                    log.info("job placed", job=job.id, run=run.id, account=account.name)
-                break
-            if account is None:
+            if not await placer.take(functools.partial(self._place_job, job)):
                 if not self._waiting_logged:
                     log.warning("jobs waiting", queued=len(facts.jobs), reason="no-eligible-account")
                     self._waiting_logged = True
                 return
             self._waiting_logged = False
 
-    def _schedule_wall_expiry(self, walls: Any) -> None:
-        """Wake at the earliest reset of a standing wall: that account may take work again."""
-        resets = [wall.reset_at for wall in walls if wall.reset_at is not None]
-        if self._reset_timer is not None:
-            self._reset_timer.cancel()
-            self._reset_timer = None
-        if resets:
-            loop = asyncio.get_running_loop()
-            delay = max(0.0, min(resets) - time.time()) + 0.05
-            self._reset_timer = loop.call_later(delay, self.wake)
+    async def _place_job(self, job: Job, account: str, limit: int) -> bool:
+        """Write the placement and launch its worker; False if the job was cancelled meanwhile."""
+        run = await self.store.run(self.store.store.place, job.id, account, limit)
+        if run is None:
+            return False
+        await self.supervisor.launch(run)
+        log.info("job placed", job=job.id, run=run.id, account=account)
+        return True
 
     # requests
 

@@ -51,7 +51,8 @@ class Service(Protocol):
         ...
 
     def wake(self) -> None:
-        """Look at the world again (the clock jumped: every wall's reset moved relative to now)."""
+        """Look at the world again: the roster changed, or the clock jumped (every wall's reset
+        moved relative to now), or the next wall reset came (`ResetTimer`)."""
         ...
 
 
@@ -91,7 +92,7 @@ class Daemon:
         service_task.add_done_callback(self._on_service_done)
         tasks = [
             service_task,
-            asyncio.create_task(self._mark_status_on_roster_changes(), name="roster-status"),
+            asyncio.create_task(self._follow_roster(), name="roster"),
             asyncio.create_task(self._keep_status(), name="status"),
             asyncio.create_task(self._watch_clock(), name="clock"),
         ]
@@ -143,11 +144,14 @@ class Daemon:
         self._notifier.ready(self.status())
         log.info("reloaded", status=self.status())
 
-    async def _mark_status_on_roster_changes(self) -> None:
+    async def _follow_roster(self) -> None:
+        """On every roster change (a burst is one): STATUS= anew, and the service looks again."""
         subscription = self.registry.subscribe()
         try:
             async for _ in subscription:
+                subscription.drain()
                 self._status_dirty.set()
+                self.service.wake()
         finally:
             subscription.close()
 
@@ -198,6 +202,23 @@ def _store_guarded(handler: Handler) -> Handler:
             raise RequestError("unavailable", f"{exc}; try again") from exc
 
     return guarded
+
+
+class ResetTimer:
+    """The one timer a service keeps: wake it at the next wall reset (waiting costs only this)."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self._handle: asyncio.TimerHandle | None = None
+
+    def set(self, at: float | None, jitter: float) -> None:
+        """Wake at `at` (epoch seconds) plus `jitter`, instead of any earlier setting; None: never."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if at is not None:
+            delay = max(0.0, at - time.time()) + jitter
+            self._handle = asyncio.get_running_loop().call_later(delay, self._wake)
 
 
 async def serve_passes(wake: asyncio.Event, one_pass: Callable[[], Awaitable[None]]) -> None:

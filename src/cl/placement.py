@@ -10,9 +10,10 @@ since, so a still-walled account cannot swallow the whole queue). Then, by polic
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 
 from cl.credentials import Account
+from cl.store import Facts, NoRoom
 
 
 def eligible(
@@ -51,3 +52,34 @@ def choose(
         return (utilization, live.get(account.name, 0), facts.get("last_used_at") or 0.0, account.name)
 
     return min(candidates, key=room)
+
+
+class Placer:
+    """One pass's placements over the accounts eligible now (the registry's, as passed in): each
+    piece of work goes to the policy's choice; an account found walled or full inside its own
+    transaction (`NoRoom`: the other daemon got there first) is dropped and the next one tried."""
+
+    def __init__(self, roster: Mapping[str, Account], facts: Facts, max_sessions: int, policy: str) -> None:
+        self._live = facts.live
+        self._usage = facts.usage
+        self._probation = facts.probation
+        self._max_sessions = max_sessions
+        self._policy = policy
+        self._candidates = eligible(roster, facts.walls, facts.live, max_sessions, facts.probation)
+
+    async def take(self, attempt: Callable[[str, int], Awaitable[bool]]) -> bool:
+        """Offer one piece of work: `attempt(account, limit)` writes it there (True) or finds the
+        work gone meanwhile (False). False only when no account is eligible: the work waits."""
+        while (account := choose(self._candidates, self._live, self._usage, self._policy)) is not None:
+            room = limit(account.name, self._max_sessions, self._probation)
+            try:
+                taken = await attempt(account.name, room)
+            except NoRoom:
+                self._candidates.remove(account)
+                continue
+            if taken:
+                self._live[account.name] = self._live.get(account.name, 0) + 1
+                if self._live[account.name] >= room:
+                    self._candidates.remove(account)
+            return True
+        return False

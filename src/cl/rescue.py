@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
 import random
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from cl.config import Config
 from cl.credentials import Account
 from cl.processes import alive
 from cl.protocol import Handler, Reply, Request, id_field
-from cl.registry import CredentialRegistry, Subscription
+from cl.registry import CredentialRegistry
 from cl.store import (
     LIVE_RUNS,
     RESCUABLE,
@@ -41,7 +41,6 @@ from cl.store import (
     Facts,
     Job,
     JobState,
-    NoRoom,
     Run,
     RunState,
     Store,
@@ -89,7 +88,7 @@ class Rescuer:
         self.store = AsyncStore(Store(config.database, config.store_busy_timeout))
         self.supervisor = Supervisor(config, registry, self.store, peer="balancer", ended=self._ended)
         self._wake = asyncio.Event()
-        self._reset_timer: asyncio.TimerHandle | None = None
+        self._reset_timer = daemon.ResetTimer(self.wake)
         self._waiting = Waiting()
         """What the last pass found (and logged): for STATUS= and to log the waiting line once per change."""
         self._announced: dict[int, float] = {}
@@ -115,20 +114,12 @@ class Rescuer:
 
     async def run(self) -> None:
         await self._recover()
-        changes = self.registry.subscribe()
-        tasks = [asyncio.create_task(self._wake_on_roster_changes(changes)), asyncio.create_task(self._reconcile())]
+        reconcile = asyncio.create_task(self._reconcile())
         try:
             await daemon.serve_passes(self._wake, self._pass)
         finally:
-            for task in tasks:
-                task.cancel()
-            changes.close()
+            reconcile.cancel()
             self.store.close()
-
-    async def _wake_on_roster_changes(self, changes: Subscription) -> None:
-        async for _ in changes:
-            changes.drain()
-            self.wake()
 
     async def _recover(self) -> None:
         """At start: a move we began but never launched is rolled back (and so tried again);
@@ -167,8 +158,9 @@ class Rescuer:
     async def _rescue(self, facts: Facts) -> list[Job]:
         """Move every session that can move now, oldest job first; the ones left waiting. Each
         move's worker is launched while the next move is written: a storm moves in parallel."""
-        live, max_sessions = facts.live, self.config.max_sessions_per_account
-        candidates = placement.eligible(self.registry.accounts, facts.walls, live, max_sessions, facts.probation)
+        placer = placement.Placer(
+            self.registry.accounts, facts, self.config.max_sessions_per_account, self.config.placement
+        )
         waiting = []
         launches: list[asyncio.Task[None]] = []
         try:
@@ -178,25 +170,13 @@ class Rescuer:
                     if await self.store.run(self.store.store.requeue, job.id, "no session to resume"):
                         log.info("job requeued", job=job.id, account=job.account, reason="no session to resume")
                     continue
-                while (account := placement.choose(candidates, live, facts.usage, self.config.placement)) is not None:
-                    limit = placement.limit(account.name, max_sessions, facts.probation)
-                    try:
-                        moved = await self._move(job, account.name, limit, launches)
-                    except NoRoom:  # the balancer took the room, or a wall came in: next account
-                        candidates.remove(account)
-                        continue
-                    if moved:
-                        live[account.name] = live.get(account.name, 0) + 1
-                        if live[account.name] >= limit:
-                            candidates.remove(account)
-                    break
-                if account is None:
+                if not await placer.take(functools.partial(self._move, job, launches=launches)):
                     waiting.append(job)
         finally:
             await asyncio.gather(*launches)  # a pass ends once its workers are launched
         return waiting
 
-    async def _move(self, job: Job, account: str, limit: int, launches: list[asyncio.Task[None]]) -> bool:
+    async def _move(self, job: Job, account: str, limit: int, *, launches: list[asyncio.Task[None]]) -> bool:
         """Write the move, re-point the job's credentials, start the resumed run. False if the job
         changed meanwhile (another pass or daemon got to it)."""
         assert job.session_id is not None
@@ -246,12 +226,7 @@ class Rescuer:
                 log.info("no sessions waiting")
         self._waiting = now
         self._status_changed()
-        if self._reset_timer is not None:
-            self._reset_timer.cancel()
-            self._reset_timer = None
-        if now.next_reset is not None:  # waiting costs nothing but this one timer
-            delay = max(0.0, now.next_reset - time.time()) + random.uniform(0, self.config.reset_jitter)  # noqa: S311
-            self._reset_timer = asyncio.get_running_loop().call_later(delay, self.wake)
+        self._reset_timer.set(now.next_reset, jitter=random.uniform(0, self.config.reset_jitter))  # noqa: S311
 
     # requests
 
