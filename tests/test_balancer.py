@@ -18,8 +18,10 @@ from utils import (
     DaemonProcess,
     Layout,
     Planted,
+    all_in,
     api_key_credential,
     cl,
+    job_state_set,
     job_states,
     oauth_credential,
     status,
@@ -34,11 +36,6 @@ def balancer(layout: Layout) -> Iterator[DaemonProcess]:
     daemon = DaemonProcess("balancer", layout).start()
     yield daemon
     daemon.stop()
-
-
-def all_in(layout: Layout, state: str, count: int) -> bool:
-    states = job_states(layout)
-    return len(states) == count and set(states.values()) == {state}
 
 
 @pytest.mark.usefixtures("balancer")
@@ -155,7 +152,7 @@ def test_restarting_the_balancer_keeps_running_sessions(layout: Layout, planted:
     second = DaemonProcess("balancer", layout, env=env).start()
     try:
         wait_until(lambda: second.log().count("session adopted") == 2, "both sessions to be adopted")
-        assert set(job_states(layout).values()) == {"running"}
+        assert job_state_set(layout) == {"running"}
         hold.unlink()
         wait_until(lambda: all_in(layout, "done", 2), "both sessions to finish")
         assert sorted(call["argv"][1] for call in layout.claude_calls()) == [f"long {i}" for i in range(2)]  # once each

@@ -30,6 +30,7 @@ from utils import (
     api_key_credential,
     both,
     cl,
+    job_state_set,
     job_states,
     json_lines,
     oauth_credential,
@@ -136,7 +137,7 @@ def test_real_cli_sessions_move_to_a_dropped_in_account_with_their_conversation(
         wait_until(lambda: "sessions=3" in rescue.log(), "all three sessions to wait", timeout=120)
         a4 = planted.token()
         write_credential(layout.credentials, "a4", oauth_credential(planted, token=a4))
-        wait_until(lambda: states(layout) == {"done"}, "every session to finish on a4", timeout=120)
+        wait_until(lambda: job_state_set(layout) == {"done"}, "every session to finish on a4", timeout=120)
         jobs = json.loads(cl(layout, "jobs", "--json").stdout)
     on_a4 = [r for r in fake_api.requests() if r["cred_tail"] == a4[-6:] and not r["walled"]]
     for prompt in prompts:  # each conversation went out again, under the new account's token
@@ -145,10 +146,6 @@ def test_real_cli_sessions_move_to_a_dropped_in_account_with_their_conversation(
     for job in jobs:
         session_dir = layout.state / "sessions" / f"job-{job['id']}"
         assert transcript_path(session_dir, str(layout.work), job["session_id"]).exists()
-
-
-def states(layout: Layout) -> set[str]:
-    return set(job_states(layout).values())
 
 
 FAKES = Path(__file__).resolve().parent / "fakes"

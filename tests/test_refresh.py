@@ -23,6 +23,7 @@ from utils import (
     DaemonProcess,
     Layout,
     Planted,
+    all_in,
     both,
     job_states,
     live_runs,
@@ -50,11 +51,6 @@ def released(*paths: Path) -> Iterator[None]:
             path.unlink(missing_ok=True)
 
 
-def done(layout: Layout, count: int) -> bool:
-    states = job_states(layout)
-    return len(states) == count and set(states.values()) == {"done"}
-
-
 def test_a_refreshed_token_reaches_the_accounts_file_and_the_next_session(layout: Layout, planted: Planted) -> None:
     old, new = planted.token(), planted.token()
     account_file = write_credential(layout.credentials, "a1", oauth_credential(planted, token=old))
@@ -70,7 +66,7 @@ def test_a_refreshed_token_reaches_the_accounts_file_and_the_next_session(layout
         wait_until(lambda: planted.tokens_in(account_file)[0] == wanted, "the refreshed token in the account's file")
         assert job_states(layout) == {1: "running"}  # carried back at once: other sessions need it now
         running.unlink()
-        wait_until(lambda: done(layout, 1), "the first session to finish")
+        wait_until(lambda: all_in(layout, "done", 1), "the first session to finish")
         assert account_file.stat().st_ino == inode  # rewritten in place, not replaced
         config_dir = layout.state / "sessions" / "job-1"
         assert (config_dir / ".credentials.json").readlink() == account_file  # the link is back
@@ -80,7 +76,7 @@ def test_a_refreshed_token_reaches_the_accounts_file_and_the_next_session(layout
         assert "account removed" not in balancer.log()
 
         submit(layout, "second")
-        wait_until(lambda: done(layout, 2), "the second session to finish")
+        wait_until(lambda: all_in(layout, "done", 2), "the second session to finish")
     finally:
         running.unlink(missing_ok=True)  # a failed test leaves no session waiting forever
         balancer.stop()
@@ -95,7 +91,7 @@ def test_a_blanked_refresh_never_reaches_the_accounts_file(layout: Layout, plant
     balancer = DaemonProcess("balancer", layout, env=refreshes(layout, {old: lost_race})).start()
     try:
         submit(layout, "first")
-        wait_until(lambda: done(layout, 1), "the session to finish")
+        wait_until(lambda: all_in(layout, "done", 1), "the session to finish")
         assert account_file.read_bytes() == before
         assert (layout.state / "sessions" / "job-1" / ".credentials.json").is_symlink()
         assert "refreshed credentials not kept account=a1 state=needs-login" in balancer.log()
@@ -127,7 +123,7 @@ def test_a_refresh_left_by_a_killed_worker_is_carried_back_by_the_next(layout: L
         wanted = planted.name_of(new)
         wait_until(lambda: planted.tokens_in(account_file)[0] == wanted, "the next worker to carry the token back")
         layout.hold.unlink()
-        wait_until(lambda: done(layout, 1), "the resumed session to finish")
+        wait_until(lambda: all_in(layout, "done", 1), "the resumed session to finish")
     first, resumed = layout.claude_calls()
     assert (first["token_tail"], resumed["token_tail"]) == (old[-6:], new[-6:])
     assert link.is_symlink()
@@ -176,7 +172,7 @@ def test_an_account_whose_access_token_expired_takes_work_and_comes_back_renewed
         (account,) = balancer.request({"request": "accounts"})["accounts"]
         assert (account["state"], account["renewable"]) == ("ok", True)
         submit(layout, "good morning")
-        wait_until(lambda: done(layout, 1), "the session to finish")
+        wait_until(lambda: all_in(layout, "done", 1), "the session to finish")
         wanted = planted.name_of(new)
         assert planted.tokens_in(account_file)[0] == wanted
         renewed = f"{datetime.fromtimestamp(FAR_FUTURE_MS / 1000, UTC).isoformat()}"

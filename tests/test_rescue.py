@@ -15,6 +15,7 @@ from utils import (
     Planted,
     both,
     cl,
+    job_state_set,
     live_runs,
     oauth_credential,
     status,
@@ -26,10 +27,6 @@ from utils import (
 
 def jobs(layout: Layout) -> dict[int, dict[str, Any]]:
     return {job["id"]: job for job in status(layout)["jobs"]}
-
-
-def states(layout: Layout) -> set[str]:
-    return {job["state"] for job in jobs(layout).values()}
 
 
 def walled_accounts(layout: Layout, planted: Planted, names: list[str]) -> dict[str, str]:
@@ -75,7 +72,7 @@ def test_the_seed_afternoon(layout: Layout, planted: Planted) -> None:
 
         a4 = planted.token()
         write_credential(layout.credentials, "a4", oauth_credential(planted, token=a4))
-        wait_until(lambda: states(layout) == {"done"}, "every session to finish on a4")
+        wait_until(lambda: job_state_set(layout) == {"done"}, "every session to finish on a4")
 
         resumed = [call for call in resumed_calls(layout) if call["token_tail"] == a4[-6:]]
         assert sorted(call["session_id"] for call in resumed) == sorted(first_runs)  # each once
@@ -105,7 +102,7 @@ def test_a_failed_resume_is_marked_failed_with_its_reason(layout: Layout, plante
         for transcript in (layout.state / "sessions").rglob("*.jsonl"):
             transcript.unlink()  # the conversation is gone: the resume cannot find it
         write_credential(layout.credentials, "a2", oauth_credential(planted))
-        wait_until(lambda: states(layout) == {"failed"}, "the resume to fail")
+        wait_until(lambda: job_state_set(layout) == {"failed"}, "the resume to fail")
         assert "No conversation found with session ID" in jobs(layout)[job]["error"]
         wait_until(lambda: "resume failed" in rescue.log(), "the rescuer to report it")
         assert [entry["event"] for entry in ledger(layout)].count("move started") == 1  # not retried
@@ -130,7 +127,7 @@ def test_a_reset_readmits_one_session_first_then_the_rest(layout: Layout, plante
         wait_until(lambda: resumed_calls(layout), "the probe to reach the CLI (and be held there)")
         assert status(layout)["waiting"]["probing"] == ["a1"]
         hold.unlink()
-        wait_until(lambda: states(layout) == {"done"}, "all three to finish on a1")
+        wait_until(lambda: job_state_set(layout) == {"done"}, "all three to finish on a1")
     probe, *rest = resumed_calls(layout)
     lifted = next(entry for entry in ledger(layout) if entry["event"] == "wall lifted")
     assert probe["t"] < lifted["at"] < min(call["t"] for call in rest)
@@ -149,7 +146,7 @@ def test_an_orphaned_session_is_resumed(layout: Layout, planted: Planted) -> Non
         os.kill(run.pid, signal.SIGKILL)  # the worker vanishes; its CLI goes with it (PDEATHSIG)
         wait_until(lambda: "session orphaned" in rescue.log(), "the rescuer to hear of the orphan")
         hold.unlink()
-        wait_until(lambda: states(layout) == {"done"}, "the session to finish after all")
+        wait_until(lambda: job_state_set(layout) == {"done"}, "the session to finish after all")
     (first, resumed) = layout.claude_calls()
     assert resumed["session_id"] == first["session_id"]
     assert "--resume" in resumed["argv"]
@@ -195,5 +192,5 @@ def test_a_session_finishing_frees_room_for_a_waiting_one(layout: Layout, plante
         wait_until(lambda: "sessions=1" in rescue.log(), "the walled session to wait: a2 is full")
         assert [w["job"] for w in status(layout)["waiting"]["sessions"]] == [walled]
         hold.unlink()  # the busy session finishes: a2 has room again
-        wait_until(lambda: states(layout) == {"done"}, "the waiting session to move into the freed room")
+        wait_until(lambda: job_state_set(layout) == {"done"}, "the waiting session to move into the freed room")
         assert jobs(layout)[walled]["account"] == "a2"

@@ -249,6 +249,17 @@ def job_states(layout: Layout) -> dict[int, str]:
     return {job["id"]: job["state"] for job in json.loads(result.stdout)}
 
 
+def job_state_set(layout: Layout) -> set[str]:
+    """The states the jobs are in, from `cl jobs --json`."""
+    return set(job_states(layout).values())
+
+
+def all_in(layout: Layout, state: str, count: int) -> bool:
+    """Exactly `count` jobs, every one in `state`."""
+    states = job_states(layout)
+    return len(states) == count and set(states.values()) == {state}
+
+
 def json_lines(path: Path) -> list[dict[str, Any]]:
     """The complete lines of a JSON-lines log that other processes append to (a line still
     being written is left for the next read)."""
