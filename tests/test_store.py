@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cl.store import MIGRATIONS, AsyncStore, Snapshot, Store, StoreError
+from cl.store import MIGRATIONS, AsyncStore, RunState, Snapshot, Store, StoreError
 
 
 @pytest.fixture
@@ -142,3 +142,16 @@ def test_status_snapshot_sees_every_commit_from_this_or_another_connection(store
     other.record_usage("a1", {"seven_day": 0.1})  # usage alone: the jobs' listing is kept
     assert store.snapshot().listing is before.listing
     other.close()
+
+
+def test_a_claimed_run_is_never_abandoned(store: Store) -> None:
+    """A restarting daemon read the run as `starting`; its worker claimed it a moment later:
+    the abandon that follows must lose, or the session would run twice."""
+    job = store.add_job("/work/a", "do a")
+    run = store.place(job.id, "a1", limit=1)
+    assert run is not None
+    assert store.claim(run.id, 4242, "start", "/tmp/log") is not None
+    assert store.settle(run.id, RunState.ABANDONED, "launcher stopped first") is None
+    claimed = store.run(run.id)
+    assert claimed is not None
+    assert (claimed.state, store.job(job.id).state) == ("running", "running")  # type: ignore[union-attr]

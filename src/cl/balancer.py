@@ -77,17 +77,15 @@ class Balancer:
 
     async def _reconcile(self) -> None:
         for run in await self.store.run(self.store.store.runs, LIVE_RUNS):
-            if run.state == RunState.STARTING:
-                if run.resume is None:  # a move's unclaimed run is the rescuer's to settle
-                    # Never claimed: its launcher (an earlier us) died first, or the worker is about
-                    # to claim it. Abandoning wins or the claim does, in one transaction each.
-                    abandoned = await self.supervisor.settle(run, RunState.ABANDONED, "launcher stopped first")
-                    if abandoned.state == RunState.ABANDONED:
-                        log.info("run abandoned, job requeued", run=run.id, job=run.job_id, account=run.account)
-            elif self.supervisor.adopt(run):
-                log.info("session adopted", run=run.id, job=run.job_id, account=run.account, pid=run.pid)
-            else:
-                await self.supervisor.orphan(run)
+            if run.state == RunState.STARTING and run.resume is not None:
+                continue  # a move's unclaimed run is the rescuer's to settle
+            # Never claimed: its launcher (an earlier us) died first, or the worker is about to
+            # claim it. Abandoning wins or the claim does, in one transaction each.
+            now = await self.supervisor.recover(run, "launcher stopped first")
+            if now.state == RunState.ABANDONED:
+                log.info("run abandoned, job requeued", run=run.id, job=run.job_id, account=run.account)
+            elif now.state == RunState.RUNNING:
+                log.info("session adopted", run=run.id, job=run.job_id, account=run.account, pid=now.pid)
         self.wake()
 
     async def _place(self) -> None:

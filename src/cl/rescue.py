@@ -125,13 +125,11 @@ class Rescuer:
         """At start: a move we began but never launched is rolled back (and so tried again);
         every running worker is watched; one that vanished is orphaned (and so resumed)."""
         for run in await self.store.run(self.store.store.runs, LIVE_RUNS):
-            if run.state == RunState.STARTING:
-                if run.resume is not None:  # a fresh job's unclaimed run is the balancer's to settle
-                    settled = await self.supervisor.settle(run, RunState.ABANDONED, "rescuer stopped before launching")
-                    if settled.state == RunState.ABANDONED:
-                        log.info("move rolled back", run=run.id, job=run.job_id, account=run.account)
-            elif not self.supervisor.adopt(run):
-                await self.supervisor.orphan(run)
+            if run.state == RunState.STARTING and run.resume is None:
+                continue  # a fresh job's unclaimed run is the balancer's to settle
+            now = await self.supervisor.recover(run, "rescuer stopped before launching")
+            if now.state == RunState.ABANDONED:
+                log.info("move rolled back", run=run.id, job=run.job_id, account=run.account)
         self.wake()
 
     async def _reconcile(self) -> None:

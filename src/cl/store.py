@@ -420,13 +420,15 @@ class Store:
         """End a live run and carry the outcome to its job. None if the run had already ended.
 
         An abandoned run (never claimed) puts its job back where it was: queued, or for a move
-        walled or orphaned, so that the move is simply tried again.
+        walled or orphaned, so that the move is simply tried again. Only a `starting` run can be
+        abandoned: once its worker claimed it, the claim has won, and None says so.
         """
         now = time.time()
+        ending = (RunState.STARTING,) if state == RunState.ABANDONED else LIVE_RUNS
         with self.transaction() as db:
             ended = db.execute(
-                f"UPDATE runs SET state = ?, error = ?, ended_at = ? WHERE id = ? AND state IN {_sql_set(LIVE_RUNS)}",
-                (state, error, now, run_id, *LIVE_RUNS),
+                f"UPDATE runs SET state = ?, error = ?, ended_at = ? WHERE id = ? AND state IN {_sql_set(ending)}",
+                (state, error, now, run_id, *ending),
             ).rowcount
             if not ended:
                 return None

@@ -71,6 +71,19 @@ class Supervisor:
         if not on_exit(pid, self._exited(run.id)):  # gone already
             await self.check(run.id)
 
+    async def recover(self, run: Run, why: str) -> Run:
+        """At a daemon's start, one live run: a `starting` one is abandoned with `why` (its
+        launcher, an earlier us, died first) unless its worker claims it first, in which case it
+        is watched like any running one; a running one is watched, or orphaned if its worker is
+        gone. The run as it stands afterwards."""
+        if run.state == RunState.STARTING:
+            run = await self.settle(run, RunState.ABANDONED, why)
+            if run.state != RunState.RUNNING:  # abandoned, or ended already
+                return run
+        if self.adopt(run):
+            return run
+        return await self.orphan(run)
+
     def adopt(self, run: Run) -> bool:
         """Watch a running run's worker; False if that worker is gone."""
         return run.pid is not None and alive(run.pid, run.pid_start) and on_exit(run.pid, self._exited(run.id))
