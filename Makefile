@@ -37,11 +37,15 @@ bench: dev
 	$(BIN)/python bench/rescue.py
 	$(BIN)/python bench/crash_stress.py --trials 100
 
-# Both daemons in the foreground on ./var, or VAR=dir (no root, no systemd); Ctrl-C stops both.
+# Both daemons in the foreground on ./var, or VAR=dir (no systemd); Ctrl-C stops both. As root, the CLI
+# gets its own user (cl-cli, made by systemd-sysusers as the units' install does); as anyone else, the
+# daemons say at start what cannot hold.
 VAR ?= var
 run: dev
 	@mkdir -p $(VAR)/claude $(VAR)/state $(VAR)/run
-	@test -f $(VAR)/config.toml || printf 'credentials_dir = "claude"\nstate_dir = "state"\nruntime_dir = "run"\n' > $(VAR)/config.toml
+	@chmod 0700 $(VAR)/claude $(VAR)/state
+	@if [ "$$(id -u)" = 0 ]; then systemd-sysusers $(CURDIR)/packaging/systemd/sysusers.d/cl.conf; fi
+	@test -f $(VAR)/config.toml || printf 'credentials_dir = "claude"\nstate_dir = "state"\nsessions_dir = "sessions"\nruntime_dir = "run"\n' > $(VAR)/config.toml
 	@echo "credentials: $(VAR)/claude   try: CL_CONFIG=$(VAR)/config.toml $(BIN)/cl accounts"
 	@CL_CONFIG=$(VAR)/config.toml $(BIN)/python -m cl.devrun
 

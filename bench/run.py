@@ -72,7 +72,9 @@ def env_for(root: Path, **extra: str) -> dict[str, str]:
         "CL_CONFIG": "/dev/null",
         "CL_CREDENTIALS_DIR": str(root / "claude"),
         "CL_STATE_DIR": str(root / "state"),
+        "CL_SESSIONS_DIR": str(root / "sessions"),
         "CL_RUNTIME_DIR": str(root / "run"),
+        "CL_CLI_USER": os.environ.get("CL_CLI_USER", ""),  # as root: `cl-cli` measures the separate user
     }
     return env | extra
 

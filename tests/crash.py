@@ -63,7 +63,7 @@ def template(root: Path, planted: Planted) -> Layout:
 def trial(start: Layout, root: Path, planted: Planted, rng: random.Random, victim: str) -> Verdict:
     shutil.copytree(start.root, root, symlinks=True)
     layout = Layout(root)
-    (layout.root / "fake-claude.jsonl").unlink(missing_ok=True)
+    (layout.fakes / "fake-claude.jsonl").unlink(missing_ok=True)
     before = _work(layout)
     daemons = {name: DaemonProcess(name, layout).start() for name in ("balancer", "rescue")}
     tokens = {}
@@ -90,7 +90,7 @@ def _problems(layout: Layout, healthy: set[str]) -> list[str]:
     problems = []
     jobs = _jobs(layout)
     calls = layout.claude_calls()
-    fresh = Counter(call["argv"][1] for call in calls if "--resume" not in call["argv"])
+    fresh = Counter(call["prompt"] for call in calls if "--resume" not in call["argv"])
     tails = {token[-6:] for token in healthy}
     resumed = [call for call in calls if "--resume" in call["argv"] and call["token_tail"] in tails]
     per_session = Counter(call["session_id"] for call in resumed)
@@ -101,7 +101,7 @@ def _problems(layout: Layout, healthy: set[str]) -> list[str]:
             problems.append(f"job {job.id}: started {fresh[job.prompt]} times")
         if job.prompt.startswith("walls") and per_session[job.session_id] != 1:
             problems.append(f"job {job.id}: resumed {per_session[job.session_id]} times on the new accounts")
-        transcripts = list((layout.state / "sessions" / f"job-{job.id}" / "projects").rglob("*.jsonl"))
+        transcripts = list((layout.sessions / f"job-{job.id}" / "projects").rglob("*.jsonl"))
         if len(transcripts) != 1 or "Hi from fake claude" not in transcripts[0].read_text():
             problems.append(f"job {job.id}: transcript lost or not continued")
     problems += [

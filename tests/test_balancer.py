@@ -53,14 +53,15 @@ def test_jobs_run_to_done_and_show_in_status(layout: Layout, planted: Planted) -
         assert {"name", "state", "walled_until", "sessions"} <= set(account)
         assert account["walled_until"] is None
     calls = layout.claude_calls()
-    assert sorted(call["argv"][1] for call in calls) == [f"task {i}" for i in range(3)]  # each exactly once
+    assert sorted(call["prompt"] for call in calls) == [f"task {i}" for i in range(3)]  # each exactly once
     sessions = {s["job"]: s for s in report["sessions"]}
     assert {s["session_id"] for s in sessions.values()} == {call["session_id"] for call in calls}
     for job in report["jobs"]:
         assert set(job) >= {"id", "state", "account", "session_id"}
         assert sessions[job["id"]]["account"] == job["account"]
-    for call in calls:  # every CLI run got the stream-json flags, in the job's cwd
-        assert call["argv"][2:5] == ["--output-format", "stream-json", "--verbose"]
+    for call in calls:  # every CLI run got the stream-json flags, in the job's cwd, the prompt on stdin
+        assert call["argv"][:4] == ["-p", "--output-format", "stream-json", "--verbose"]
+        assert call["prompt"] not in call["argv"]
         assert call["cwd"] == str(layout.work)
     log = cl(layout, "logs", str(jobs[0]))
     assert log.returncode == 0
@@ -134,7 +135,7 @@ def test_a_walls_reset_readmits_its_account(layout: Layout, planted: Planted) ->
         second = submit(layout, "after the reset")
         assert job_states(layout)[second] == "queued"
         wait_until(lambda: job_states(layout)[second] == "done", "the job placed at the reset, not before")
-        calls = [call for call in layout.claude_calls() if call["argv"][1] == "after the reset"]
+        calls = [call for call in layout.claude_calls() if call["prompt"] == "after the reset"]
         assert len(calls) == 1
     finally:
         daemon.stop()
@@ -155,7 +156,7 @@ def test_restarting_the_balancer_keeps_running_sessions(layout: Layout, planted:
         assert job_state_set(layout) == {"running"}
         hold.unlink()
         wait_until(lambda: all_in(layout, "done", 2), "both sessions to finish")
-        assert sorted(call["argv"][1] for call in layout.claude_calls()) == [f"long {i}" for i in range(2)]  # once each
+        assert sorted(call["prompt"] for call in layout.claude_calls()) == [f"long {i}" for i in range(2)]  # once each
         assert sorted(job_states(layout)) == jobs
     finally:
         second.stop()
@@ -177,7 +178,7 @@ def test_kill_9_while_placing_loses_no_job_and_runs_none_twice(layout: Layout, p
         daemon = DaemonProcess("balancer", layout, env=env).start()
     try:
         wait_until(lambda: all_in(layout, "done", len(prompts)), "every job to finish")
-        runs = Counter(call["argv"][1] for call in layout.claude_calls())
+        runs = Counter(call["prompt"] for call in layout.claude_calls())
         assert runs == Counter(prompts)  # every job ran, none twice
     finally:
         daemon.stop()
@@ -195,7 +196,7 @@ def test_cancel(layout: Layout, planted: Planted) -> None:
     wait_until(lambda: job_states(layout)[done] == "done", "the job to finish")
     refused = cl(layout, "cancel", str(done))
     assert (refused.returncode, "only a queued job" in refused.stderr) == (2, True)
-    assert [call["argv"][1] for call in layout.claude_calls()] == ["runs"]
+    assert [call["prompt"] for call in layout.claude_calls()] == ["runs"]
 
 
 def test_the_cli_runs_with_only_the_accounts_credential(layout: Layout, planted: Planted) -> None:
@@ -233,7 +234,7 @@ def test_a_run_never_claimed_goes_back_to_the_queue_and_runs_once(layout: Layout
     try:
         wait_until(lambda: job_states(layout) == {job.id: "done"}, "the job to run after all")
         assert "run abandoned, job requeued" in daemon.log()
-        assert [call["argv"][1] for call in layout.claude_calls()] == ["interrupted"]
+        assert [call["prompt"] for call in layout.claude_calls()] == ["interrupted"]
     finally:
         daemon.stop()
 
@@ -290,5 +291,5 @@ def test_a_job_whose_directory_vanished_fails_with_the_reason(layout: Layout, pl
     gone.rmdir()  # between submit and placement
     write_credential(layout.credentials, "a1", oauth_credential(planted))
     wait_until(lambda: job_states(layout) == {job: "failed"}, "the job to fail")
-    assert "does not exist" in status(layout)["jobs"][0]["error"]
+    assert "no such directory" in status(layout)["jobs"][0]["error"]
     assert layout.claude_calls() == []

@@ -55,18 +55,20 @@ def test_units_run_the_console_scripts_as_notify_services() -> None:
 
 
 @pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers is not installed")
-def test_sysusers_and_tmpfiles_make_the_user_and_the_roster_dir(tmp_path: Path) -> None:
+def test_sysusers_and_tmpfiles_make_the_users_the_roster_and_the_sessions_dirs(tmp_path: Path) -> None:
     (tmp_path / "etc").mkdir()
     subprocess.run(
         ["systemd-sysusers", f"--root={tmp_path}", str(UNITS / "sysusers.d" / "cl.conf")],
         check=True,
         capture_output=True,
     )
-    passwd = (tmp_path / "etc" / "passwd").read_text()
-    group = (tmp_path / "etc" / "group").read_text()
-    assert passwd.startswith("cl:")
-    assert group.startswith("cl:")
-    gid = int(group.split(":")[2])
+    users = {line.split(":")[0]: line.split(":") for line in (tmp_path / "etc" / "passwd").read_text().splitlines()}
+    groups = {line.split(":")[0]: line.split(":") for line in (tmp_path / "etc" / "group").read_text().splitlines()}
+    assert set(users) == {"cl", "cl-cli"}  # the daemons' user, and the CLI's own
+    assert set(groups) == {"cl", "cl-cli", "cl-admin"}
+    gid = int(groups["cl"][2])
+    cli_uid, cli_gid = int(users["cl-cli"][2]), int(users["cl-cli"][3])
+    assert cli_gid != gid  # the CLI is not in the group that may talk to the daemons
     subprocess.run(
         ["systemd-tmpfiles", f"--root={tmp_path}", "--create", str(UNITS / "tmpfiles.d" / "cl.conf")],
         check=True,
@@ -74,6 +76,8 @@ def test_sysusers_and_tmpfiles_make_the_user_and_the_roster_dir(tmp_path: Path) 
     )
     roster = (tmp_path / "opt" / "claude").stat()
     assert (oct(roster.st_mode & 0o7777), roster.st_uid, roster.st_gid) == ("0o750", 0, gid)
+    sessions = (tmp_path / "var" / "lib" / "cl-sessions").stat()
+    assert (oct(sessions.st_mode & 0o7777), sessions.st_uid, sessions.st_gid) == ("0o700", cli_uid, cli_gid)
 
 
 @pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers is not installed")
@@ -91,5 +95,5 @@ def test_make_install_lays_out_a_working_tree(tmp_path: Path) -> None:
         assert (root / "etc/systemd/system" / f"{daemon}.service").read_text() == (
             UNITS / f"{daemon}.service"
         ).read_text()
-    assert (root / "etc/passwd").read_text().startswith("cl:")
+    assert [line.split(":")[0] for line in (root / "etc/passwd").read_text().splitlines()] == ["cl", "cl-cli"]
     assert (root / "opt/claude").is_dir()

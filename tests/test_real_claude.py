@@ -101,7 +101,7 @@ def test_real_cli_finishes_then_walls(
         wait_until(lambda: job_view(layout, first)["state"] == "done", "the first session to finish")
         done = job_view(layout, first)
         assert done["account"] == "x"
-        session_dir = layout.state / "sessions" / f"job-{first}"
+        session_dir = layout.sessions / f"job-{first}"
         assert transcript_path(session_dir, str(layout.work), done["session_id"]).exists()
 
         second = json.loads(cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "more", "--json").stdout)["job"]
@@ -144,7 +144,7 @@ def test_real_cli_sessions_move_to_a_dropped_in_account_with_their_conversation(
         assert sum(any(prompt in m for m in r["messages"]) for r in on_a4) == 1, prompt
     assert {job["account"] for job in jobs} == {"a4"}
     for job in jobs:
-        session_dir = layout.state / "sessions" / f"job-{job['id']}"
+        session_dir = layout.sessions / f"job-{job['id']}"
         assert transcript_path(session_dir, str(layout.work), job["session_id"]).exists()
 
 
@@ -205,7 +205,7 @@ def test_the_real_cli_refreshes_an_expired_token_and_the_account_keeps_it(
     wanted = planted.name_of(new), planted.name_of(new_refresh)  # names: a failure never prints a token
     assert planted.tokens_in(account_file) == wanted
     assert json.loads(account_file.read_bytes())["claudeAiOauth"]["expiresAt"] > time.time() * 1000
-    assert (layout.state / "sessions" / f"job-{job}" / ".credentials.json").readlink() == account_file
+    assert planted.tokens_in(layout.sessions / f"job-{job}" / ".credentials.json") == wanted  # the job's copy too
     assert "refreshed credentials kept account=a1" in log
     (token_request,) = json_lines(net / "oauth.jsonl")
     assert (token_request["path"], token_request["grant"]) == ("/v1/oauth/token", "refresh_token")

@@ -1,7 +1,7 @@
-"""A token the CLI refreshed reaches the account's file, and a blanked one never does.
+"""A token the CLI refreshed reaches the account's file, and a blanked or older one never does.
 
-The fake CLI refreshes as 2.1.332 does (a temp file renamed over `.credentials.json`, which
-replaces the job's symlink); the workers carry the result back into the account's file.
+The fake CLI refreshes as 2.1.332 does (a temp file renamed over `.credentials.json`, the job's
+own copy of its account's credential); the workers carry the result back into the account's file.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
-from cl import refresh
+from cl.cli_user import CliUser
+from cl.job_credential import JobCredential
 from utils import (
     FAR_FUTURE_MS,
     DaemonProcess,
@@ -32,6 +33,10 @@ from utils import (
     wait_until,
     write_credential,
 )
+
+
+LATER_MS = FAR_FUTURE_MS + 3_600_000
+"""A refreshed token's expiry: later than every planted one's, as a real refresh's is."""
 
 
 def refreshes(layout: Layout, table: dict[str, dict[str, object]]) -> dict[str, str]:
@@ -55,7 +60,7 @@ def test_a_refreshed_token_reaches_the_accounts_file_and_the_next_session(layout
     old, new = planted.token(), planted.token()
     account_file = write_credential(layout.credentials, "a1", oauth_credential(planted, token=old))
     inode = account_file.stat().st_ino
-    fresh = {"access": new, "refresh": planted.token("sk-ant-ort01-"), "expires_at_ms": FAR_FUTURE_MS}
+    fresh = {"access": new, "refresh": planted.token("sk-ant-ort01-"), "expires_at_ms": LATER_MS}
     running = layout.root / "running"  # the first session goes on after its first answer
     running.touch()
     env = refreshes(layout, {old: fresh}) | {"FAKE_CLAUDE_HOLD_AFTER": str(running)}
@@ -68,8 +73,8 @@ def test_a_refreshed_token_reaches_the_accounts_file_and_the_next_session(layout
         running.unlink()
         wait_until(lambda: all_in(layout, "done", 1), "the first session to finish")
         assert account_file.stat().st_ino == inode  # rewritten in place, not replaced
-        config_dir = layout.state / "sessions" / "job-1"
-        assert (config_dir / ".credentials.json").readlink() == account_file  # the link is back
+        copy = layout.sessions / "job-1" / ".credentials.json"
+        assert planted.tokens_in(copy) == planted.tokens_in(account_file)  # the job's copy and the account agree
         wait_until(lambda: "account changed account=a1" in balancer.log(), "the registry to see a change")
         assert balancer.states() == {"a1": "ok"}
         assert "refreshed credentials kept account=a1" in balancer.log()
@@ -93,7 +98,8 @@ def test_a_blanked_refresh_never_reaches_the_accounts_file(layout: Layout, plant
         submit(layout, "first")
         wait_until(lambda: all_in(layout, "done", 1), "the session to finish")
         assert account_file.read_bytes() == before
-        assert (layout.state / "sessions" / "job-1" / ".credentials.json").is_symlink()
+        copy = layout.sessions / "job-1" / ".credentials.json"
+        assert copy.read_bytes() == before  # the blanked copy gave way to the account's good one
         assert "refreshed credentials not kept account=a1 state=needs-login" in balancer.log()
         assert balancer.states() == {"a1": "ok"}
     finally:
@@ -101,11 +107,11 @@ def test_a_blanked_refresh_never_reaches_the_accounts_file(layout: Layout, plant
 
 
 def test_a_refresh_left_by_a_killed_worker_is_carried_back_by_the_next(layout: Layout, planted: Planted) -> None:
-    """The worker dies after the CLI refreshed and before it saw a stream event: the rescuer's
-    re-point sets the file aside, and the resumed session's worker carries it back first."""
+    """The worker dies after the CLI refreshed and before it saw a stream event: the resumed
+    session's worker carries the copy back to the account the store says the earlier run was on."""
     old, new = planted.token(), planted.token()
     account_file = write_credential(layout.credentials, "a1", oauth_credential(planted, token=old))
-    fresh = {"access": new, "refresh": planted.token("sk-ant-ort01-"), "expires_at_ms": FAR_FUTURE_MS}
+    fresh = {"access": new, "refresh": planted.token("sk-ant-ort01-"), "expires_at_ms": LATER_MS}
     layout.hold.touch()  # after its refresh, the CLI waits: no stream event follows it
     gate = layout.root / "gate"  # and it refreshes only once its worker has read the init event
     gate.touch()
@@ -117,17 +123,15 @@ def test_a_refresh_left_by_a_killed_worker_is_carried_back_by_the_next(layout: L
         run = wait_until(lambda: next((r for r in live_runs(layout) if r.session_id), None), "the session id")
         assert run.pid is not None
         gate.unlink()
-        link = layout.state / "sessions" / "job-1" / ".credentials.json"
-        wait_until(lambda: link.exists() and not link.is_symlink(), "the CLI to refresh its token")
-        os.kill(run.pid, signal.SIGKILL)  # the worker vanishes; its CLI goes with it (PDEATHSIG)
+        copy = layout.sessions / "job-1" / ".credentials.json"
         wanted = planted.name_of(new)
+        wait_until(lambda: planted.tokens_in(copy)[0] == wanted, "the CLI to refresh its token")
+        os.kill(run.pid, signal.SIGKILL)  # the worker vanishes; its CLI goes with it (PDEATHSIG)
         wait_until(lambda: planted.tokens_in(account_file)[0] == wanted, "the next worker to carry the token back")
         layout.hold.unlink()
         wait_until(lambda: all_in(layout, "done", 1), "the resumed session to finish")
     first, resumed = layout.claude_calls()
     assert (first["token_tail"], resumed["token_tail"]) == (old[-6:], new[-6:])
-    assert link.is_symlink()
-    assert not (link.parent / ".credentials.refreshed.json").exists()
 
 
 def test_carry_back_never_shortens_the_file_and_loses_nothing_it_cannot_write(tmp_path: Path, planted: Planted) -> None:
@@ -137,23 +141,45 @@ def test_carry_back_never_shortens_the_file_and_loses_nothing_it_cannot_write(tm
     longer = {**json.loads(oauth_credential(planted)), "mcpOAuth": {"server": "x" * 200}}  # longer than the refresh
     account_file = write_credential(credentials, "a1", json.dumps(longer))
     size = account_file.stat().st_size
-    refresh.claim(config_dir, credentials, "a1")
+    credential = JobCredential(config_dir, CliUser.resolve(""))
+    credential.sync(account_file, "a1")
+    copy = config_dir / ".credentials.json"
+    assert copy.read_bytes() == account_file.read_bytes()  # the job's own copy
     new = planted.token()
-    (config_dir / ".credentials.json").write_text(oauth_credential(planted, token=new))  # as the CLI leaves it
-    assert refresh.carry_back(config_dir, credentials) == "a1"
+    copy.write_text(oauth_credential(planted, token=new, expires_at_ms=LATER_MS))  # as the CLI leaves it
+    credential.sync(account_file, "a1")
     wanted = planted.name_of(new)
     assert (planted.tokens_in(account_file)[0], account_file.stat().st_size) == (wanted, size)  # padded, parses
-    assert (config_dir / ".credentials.json").readlink() == account_file
 
     os.link(account_file, tmp_path / "elsewhere.json")  # a file the registry refuses: not written through
-    (config_dir / ".credentials.json").unlink()
-    (config_dir / ".credentials.json").write_text(oauth_credential(planted))
+    copy.write_text(oauth_credential(planted, expires_at_ms=LATER_MS + 1))
     with capture_logs() as logged:
-        assert refresh.carry_back(config_dir, credentials) is None
-        assert refresh.carry_back(config_dir, credentials) is None  # tried once, not on every event
-    assert [entry["event"] for entry in logged] == ["refreshed credentials not saved"]
-    assert not (config_dir / ".credentials.json").is_symlink()  # kept where it was: nothing lost
+        credential.sync(account_file, "a1")
+        os.utime(account_file)  # the account's file changed: the next sync looks again, and still cannot
+        credential.sync(account_file, "a1")
+    assert [entry["event"] for entry in logged] == ["refreshed credentials not saved"]  # tried once
+    assert planted.tokens_in(copy)[0] != wanted  # kept where it was: nothing lost
     assert planted.tokens_in(account_file)[0] == wanted
+    credential.close()
+
+
+def test_an_older_token_never_replaces_a_newer_one(tmp_path: Path, planted: Planted) -> None:
+    """A token set aside days ago (expired, refreshable) must not replace a fresh login: the
+    account's file is newer, and it goes into the job's copy instead."""
+    credentials, config_dir = tmp_path / "claude", tmp_path / "job-1"
+    credentials.mkdir()
+    config_dir.mkdir()
+    fresh = oauth_credential(planted, expires_at_ms=LATER_MS)
+    account_file = write_credential(credentials, "a1", fresh)
+    three_days_ago = int((time.time() - 3 * 86400) * 1000)
+    (config_dir / ".credentials.json").write_text(oauth_credential(planted, expires_at_ms=three_days_ago))
+    credential = JobCredential(config_dir, CliUser.resolve(""))
+    credential.carry_back(account_file, "a1")
+    assert account_file.read_text() == fresh
+    credential.sync(account_file, "a1")
+    assert account_file.read_text() == fresh
+    assert (config_dir / ".credentials.json").read_text() == fresh
+    credential.close()
 
 
 def test_an_account_whose_access_token_expired_takes_work_and_comes_back_renewed(
@@ -166,7 +192,7 @@ def test_an_account_whose_access_token_expired_takes_work_and_comes_back_renewed
     account_file = write_credential(
         layout.credentials, "a1", oauth_credential(planted, token=old, expires_at_ms=an_hour_ago)
     )
-    fresh = {"access": new, "refresh": planted.token("sk-ant-ort01-"), "expires_at_ms": FAR_FUTURE_MS}
+    fresh = {"access": new, "refresh": planted.token("sk-ant-ort01-"), "expires_at_ms": LATER_MS}
     balancer = DaemonProcess("balancer", layout, env=refreshes(layout, {old: fresh})).start()
     try:
         (account,) = balancer.request({"request": "accounts"})["accounts"]
@@ -175,7 +201,7 @@ def test_an_account_whose_access_token_expired_takes_work_and_comes_back_renewed
         wait_until(lambda: all_in(layout, "done", 1), "the session to finish")
         wanted = planted.name_of(new)
         assert planted.tokens_in(account_file)[0] == wanted
-        renewed = f"{datetime.fromtimestamp(FAR_FUTURE_MS / 1000, UTC).isoformat()}"
+        renewed = f"{datetime.fromtimestamp(LATER_MS / 1000, UTC).isoformat()}"
         wait_until(
             lambda: balancer.request({"request": "accounts"})["accounts"][0]["expires_at"] == renewed,
             "the registry to see the renewed expiry",

@@ -77,7 +77,7 @@ def test_the_seed_afternoon(layout: Layout, planted: Planted) -> None:
         resumed = [call for call in resumed_calls(layout) if call["token_tail"] == a4[-6:]]
         assert sorted(call["session_id"] for call in resumed) == sorted(first_runs)  # each once
         for call in resumed:
-            assert call["argv"][1] == "continue"
+            assert call["prompt"] == "continue"
             assert call["history"] >= 1  # the earlier conversation went out with the new token
             assert call["cwd"] == first_runs[call["session_id"]]["cwd"]
         for job in jobs(layout).values():
@@ -99,7 +99,7 @@ def test_a_failed_resume_is_marked_failed_with_its_reason(layout: Layout, plante
     with both(layout) as (_balancer, rescue):
         job = submit(layout, "doomed")
         wait_until(lambda: "no-eligible-account" in rescue.log(), "the session to wait")
-        for transcript in (layout.state / "sessions").rglob("*.jsonl"):
+        for transcript in (layout.sessions).rglob("*.jsonl"):
             transcript.unlink()  # the conversation is gone: the resume cannot find it
         write_credential(layout.credentials, "a2", oauth_credential(planted))
         wait_until(lambda: job_state_set(layout) == {"failed"}, "the resume to fail")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -102,23 +103,41 @@ class Layout:
     root: Path
     credentials: Path = field(init=False)
     state: Path = field(init=False)
+    sessions: Path = field(init=False)
+    """Each job's config dir (`job-N`)."""
     runtime: Path = field(init=False)
     work: Path = field(init=False)
     """A job's working directory."""
+    fakes: Path = field(init=False)
+    """The fake CLI's own files (its log, the quota), which it writes."""
+
+    cli_user: str = ""
+    """The CLI's own user (`cli_user`); '' runs it as the daemons' (root in CI), Landlock only.
+    With a user, the layout is laid out as `make run` as root would have it (see `separated`)."""
 
     def __post_init__(self) -> None:
         self.credentials = self.root / "claude"
         self.state = self.root / "state"
+        self.sessions = self.root / "sessions"
         self.runtime = self.root / "run"
         self.work = self.root / "work"
-        for path in (self.credentials, self.state, self.runtime, self.work):
+        self.fakes = self.root / "fake"
+        for path in (self.credentials, self.state, self.runtime, self.work, self.fakes):
             path.mkdir(parents=True, exist_ok=True)
+        if self.cli_user:
+            entry = pwd.getpwnam(self.cli_user)
+            self.root.chmod(0o755)
+            for private in (self.credentials, self.state, self.runtime):
+                private.chmod(0o700)
+            for theirs in (self.work, self.fakes):
+                os.chown(theirs, entry.pw_uid, entry.pw_gid)
 
     def quota(self, turns: dict[str, int]) -> None:
         """Turns left per token for the fake claude ("*": everyone else); a wall when 0."""
-        path = self.root / "quota.json"
+        path = self.fakes / "quota.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(turns))
+        tmp.chmod(0o666)  # the fake CLI counts the turns down, as whichever user it runs as
         tmp.replace(path)
 
     @property
@@ -137,7 +156,7 @@ class Layout:
 
     def claude_calls(self) -> list[dict[str, Any]]:
         """Every run of the fake claude, in order."""
-        return json_lines(self.root / "fake-claude.jsonl")
+        return json_lines(self.fakes / "fake-claude.jsonl")
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CL_", "NOTIFY_SOCKET", "WATCHDOG_"))}
@@ -145,12 +164,15 @@ class Layout:
         env.update(
             CL_CREDENTIALS_DIR=str(self.credentials),
             CL_STATE_DIR=str(self.state),
+            CL_SESSIONS_DIR=str(self.sessions),
+            CL_CLI_USER=self.cli_user,
             CL_RUNTIME_DIR=str(self.runtime),
             CL_LOG_LEVEL="debug",
             CL_CONFIG=str(self.root / "config.toml"),
             CL_CLAUDE_BIN=str(FAKE_CLAUDE),
-            FAKE_CLAUDE_LOG=str(self.root / "fake-claude.jsonl"),
-            FAKE_CLAUDE_QUOTA=str(self.root / "quota.json"),
+            CL_CLI_WRITABLE=str(self.fakes),
+            FAKE_CLAUDE_LOG=str(self.fakes / "fake-claude.jsonl"),
+            FAKE_CLAUDE_QUOTA=str(self.fakes / "quota.json"),
             FAKE_CLAUDE_HOLD=str(self.hold),
         )
         (self.root / "config.toml").touch()

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import structlog
 
-from cl import daemon, placement
+from cl import daemon, placement, redact, workdir
+from cl.cli_user import CliUser, CliUserError
 from cl.config import Config
-from cl.protocol import Encoded, Handler, Reply, Request, RequestError, id_field
+from cl.protocol import Encoded, Handler, Peer, Reply, Request, RequestError, id_field
 from cl.registry import CredentialRegistry
 from cl.status import StatusView
 from cl.store import LIVE_RUNS, AsyncStore, Facts, Job, JobState, Run, RunState, Store
@@ -31,7 +32,7 @@ from cl.supervisor import Supervisor, log_outcome
 log = structlog.get_logger("cl.balancer")
 
 MAX_PROMPT_BYTES = 48 * 1024
-"""A prompt goes to the CLI as one argument (Linux caps one at 128 KiB) inside one request line (64 KiB)."""
+"""A prompt fits in one request line (64 KiB) and in the pipe to the CLI's standard input."""
 
 
 class Balancer:
@@ -126,7 +127,7 @@ class Balancer:
 
     # requests
 
-    async def _submit(self, request: Request) -> Reply:
+    async def _submit(self, request: Request, peer: Peer) -> Reply:
         cwd, prompt = request.get("cwd"), request.get("prompt")
         model, max_turns = request.get("model"), request.get("max_turns")
         if not isinstance(cwd, str) or not os.path.isabs(cwd):
@@ -139,13 +140,38 @@ class Balancer:
             raise RequestError("bad-request", '"model" must be a string')
         if max_turns is not None and (not isinstance(max_turns, int) or isinstance(max_turns, bool) or max_turns < 1):
             raise RequestError("bad-request", '"max_turns" must be a positive whole number')
-        job = await self.store.run(self.store.store.add_job, cwd, prompt, model, max_turns)
-        log.info("job queued", job=job.id, cwd=cwd)
+        cwd = await asyncio.to_thread(self._workdir, cwd, peer)
+        job = await self.store.run(self.store.store.add_job, cwd, prompt, model, max_turns, peer.uid)
+        log.info("job queued", job=job.id, cwd=cwd, submitter=peer.uid)
         self.wake()
         return {"job": job.id}
 
-    async def _cancel(self, request: Request) -> Reply:
+    def _workdir(self, cwd: str, peer: Peer) -> str:
+        """The job's directory, resolved, if it obeys `cl.workdir`'s rules for the submitter and
+        the CLI's user; a `refused` error naming the rule otherwise."""
+        writers = [workdir.Writer(f"the submitter (uid {peer.uid})", peer.uid, peer.groups | {peer.gid})]
+        try:
+            cli = CliUser.resolve(self.config.cli_user)
+        except CliUserError as exc:
+            raise RequestError("refused", str(exc)) from None
+        writers.append(workdir.Writer(f"the CLI's user {cli.name}", cli.uid, cli.groups()))
+        try:
+            return workdir.check_for_job(self.config, cwd, writers)
+        except workdir.WorkdirRefused as exc:
+            raise RequestError("refused", f"--cwd {exc}") from None
+
+    async def _own_job(self, request: Request, peer: Peer) -> Job:
+        """The job the request names, if the peer may see it."""
         job_id = id_field(request, "job")
+        job = await self.store.run(self.store.store.job, job_id)
+        if job is None:
+            raise RequestError("not-found", f"no job {job_id}")
+        if not peer.owns(job.submitter, self.config.admin_group):
+            raise RequestError("forbidden", f"job {job_id} is another operator's")
+        return job
+
+    async def _cancel(self, request: Request, peer: Peer) -> Reply:
+        job_id = (await self._own_job(request, peer)).id
         job = await self.store.run(self.store.store.cancel_job, job_id)
         if job is None:
             raise RequestError("not-found", f"no job {job_id}")
@@ -154,18 +180,21 @@ class Balancer:
         log.info("job cancelled", job=job_id)
         return {"job": job_id, "state": job.state}
 
-    async def _run_changed(self, request: Request) -> Reply:
+    async def _run_changed(self, request: Request, _peer: Peer) -> Reply:
         """A worker ended or got its first answer, or the rescuer settled a run: placement may change."""
         id_field(request, "run")
         self.wake()
         return {}
 
-    async def _status(self, _request: Request) -> Encoded:
-        """Accounts, sessions, jobs and the queue (see `cl.status`)."""
-        return self._status_view.render(await self.store.run(self.store.store.snapshot))
+    async def _status(self, _request: Request, peer: Peer) -> Encoded:
+        """Accounts, sessions, jobs and the queue (see `cl.status`): the peer's own jobs only,
+        unless it sees everyone's."""
+        submitter = None if peer.sees_all(self.config.admin_group) else peer.uid
+        return self._status_view.render(await self.store.run(self.store.store.snapshot, submitter))
 
-    async def _logs(self, request: Request) -> Reply:
-        """A run's output from `offset` on: `{"data", "offset", "finished"}`; `job` or `session` names it."""
+    async def _logs(self, request: Request, peer: Peer) -> Reply:
+        """A run's output from `offset` on: `{"data", "offset", "finished"}`; `job` or `session` names it.
+        Only the job's submitter (or who sees all) may read it; it is redacted on its way out."""
         store = self.store.store
         offset = request.get("offset", 0)
         if not isinstance(offset, int) or offset < 0:
@@ -176,11 +205,12 @@ class Balancer:
         run = await self.store.run(store.latest_run, wanted)
         if run is None:
             raise RequestError("not-found", f"no session or job {wanted!r}")
+        await self._own_job({"job": run.job_id}, peer)
         data = b""
         if run.log_path:
             data = await asyncio.to_thread(_read_from, Path(run.log_path), offset, 1 << 20)
         return {
-            "data": data.decode(errors="replace"),
+            "data": redact.scrub(data.decode(errors="replace")),
             "offset": offset + len(data),
             "finished": run.state not in LIVE_RUNS,
         }

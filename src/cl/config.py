@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shlex
 import tomllib
 from collections.abc import Callable, Mapping
@@ -30,6 +31,8 @@ class Config:
     credentials_dir: Path = Path("/opt/claude")
     """The roster: every `credentials-<name>.json` here is one account."""
     state_dir: Path = Path("/var/lib/cl")
+    sessions_dir: Path = Path("/var/lib/cl-sessions")
+    """Each job's Claude Code config dir (`job-N`): the CLI's own tree, owned by `cli_user`."""
     runtime_dir: Path = Path("/run/cl")
     """Where the daemons' control sockets live."""
     resync_interval: float = 30.0
@@ -55,8 +58,14 @@ class Config:
     """Existing paths the CLI may write besides the job's cwd, its config dir, /tmp and /dev (Landlock)."""
     store_busy_timeout: float = 10.0
     """Seconds a store write waits for another writer before the store counts as unavailable."""
+    cli_user: str = "cl-cli"
+    """The user the CLI runs as when the worker may switch users (root, or CAP_SETUID); '' keeps the worker's."""
+    admin_group: str = "cl-admin"
+    """Members see and act on every operator's jobs (root and the daemons' own user always do)."""
     worker_env: dict[str, str] = dataclasses.field(default_factory=dict)
     """`[worker.env]`: variables added to every CLI run's environment."""
+    config_file: Path = DEFAULT_PATH
+    """Where this configuration was read from, or would have been (not a key)."""
 
     @property
     def database(self) -> Path:
@@ -149,6 +158,12 @@ def _paths(value: Any, base: Path) -> tuple[str, ...]:
     return tuple(str(_path(item, base)) for item in _claude_args(value, base))
 
 
+def _name(value: Any, _base: Path) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}|", value):
+        raise TypeError("must be a user or group name")
+    return value
+
+
 def _worker(value: Any, _base: Path) -> dict[str, str]:
     if not isinstance(value, dict) or set(value) - {"env"}:
         raise TypeError("must be a table with one sub-table, [worker.env]")
@@ -161,6 +176,7 @@ def _worker(value: Any, _base: Path) -> dict[str, str]:
 _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "credentials_dir": _path,
     "state_dir": _path,
+    "sessions_dir": _path,
     "runtime_dir": _path,
     "resync_interval": _positive_float,
     "watch_step_ms": _whole(1, 1000, " of milliseconds"),
@@ -176,6 +192,8 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "reconcile_interval": _positive_float,
     "store_busy_timeout": _positive_float,
     "cli_writable": _paths,
+    "cli_user": _name,
+    "admin_group": _name,
 }
 _FIELD = {"worker": "worker_env"}
 
@@ -190,7 +208,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
     path = Path(explicit) if explicit else DEFAULT_PATH
     values.update(_from_file(path, required=bool(explicit)))
     values.update(_from_env(env))
-    return Config(**values)
+    return Config(**values, config_file=path.absolute())
 
 
 def _from_file(path: Path, *, required: bool) -> dict[str, Any]:

@@ -18,10 +18,12 @@ from typing import Protocol
 
 import structlog
 
-from cl import logs
+from cl import landlock, logs
+from cl.cli_user import CliUser, CliUserError
 from cl.config import Config, ConfigError, load_config
+from cl.launcher import under_socket_activation
 from cl.notify import Notifier, watchdog_interval
-from cl.protocol import ControlServer, Encoded, Handler, Reply, Request, RequestError
+from cl.protocol import ControlServer, Encoded, Handler, Peer, Reply, Request, RequestError
 from cl.registry import CredentialRegistry
 from cl.store import StoreUnavailable
 
@@ -32,7 +34,7 @@ CLOCK_CHECK_INTERVAL = 5.0
 CLOCK_JUMP = 2.0
 """Seconds the wall clock may drift from the monotonic one between two checks before it counts as a jump."""
 MAX_STORE_RETRY = 30.0
-_RESTART_KEYS = ("credentials_dir", "state_dir", "runtime_dir")
+_RESTART_KEYS = ("credentials_dir", "state_dir", "sessions_dir", "runtime_dir")
 
 
 class Service(Protocol):
@@ -78,6 +80,7 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, self._events.put_nowait, signum)
         log.info("starting", credentials_dir=str(self.config.credentials_dir))
+        say_what_confines_the_cli(self.config)
         await self.registry.start()
         self.service = self._factory(self.config, self.registry, self._status_dirty.set)
         handlers = {"accounts": self._accounts, **{k: _store_guarded(h) for k, h in self.service.handlers().items()}}
@@ -180,7 +183,7 @@ class Daemon:
             self._notifier.watchdog()
             await asyncio.sleep(interval)
 
-    async def _accounts(self, request: Request) -> Reply:
+    async def _accounts(self, request: Request, _peer: Peer) -> Reply:
         """The live roster with states; `names` (a list) narrows it to those accounts."""
         roster = self.registry.accounts
         names = request.get("names")
@@ -191,12 +194,36 @@ class Daemon:
         return {"daemon": self.name, "accounts": [roster[name].public() for name in names if name in roster]}
 
 
+def say_what_confines_the_cli(config: Config) -> None:
+    """At start, one line for each confinement of the CLI that cannot hold here."""
+    abi = landlock.abi()
+    if not abi:
+        log.warning("no Landlock in this kernel: the CLI is confined by its user's rights alone")
+    elif abi < landlock.SIGNAL_SCOPE_ABI:
+        log.warning("Landlock without signal scoping (Linux < 6.12): CLIs of one user can signal each other", abi=abi)
+    if under_socket_activation(config):
+        return  # each cl-worker@ unit may switch users: the CLI runs as `cli_user`
+    try:
+        cli = CliUser.resolve(config.cli_user)
+    except CliUserError as exc:
+        log.error("the CLI cannot be started", error=str(exc))
+        return
+    if not cli.separate:
+        log.warning(
+            "the CLI runs as this daemon's own user: it can reach the control sockets (submit, cancel, read every"
+            " job's output) and, where Landlock is missing, signal the daemons and read the state and credentials;"
+            " run as root (make run) or under systemd to give it its own user",
+            user=cli.name,
+            cli_user=config.cli_user,
+        )
+
+
 def _store_guarded(handler: Handler) -> Handler:
     """A request that finds the store unavailable gets that answer (`unavailable`), not `internal`."""
 
-    async def guarded(request: Request) -> Reply | Encoded:
+    async def guarded(request: Request, peer: Peer) -> Reply | Encoded:
         try:
-            return await handler(request)
+            return await handler(request, peer)
         except StoreUnavailable as exc:
             log.warning("request refused: state store unavailable", request=request.get("request"), error=str(exc))
             raise RequestError("unavailable", f"{exc}; try again") from exc

@@ -2,10 +2,11 @@
 
 A fresh Python worker spends ~130 ms importing before it can claim its run, most of a move's
 latency. The fork server imports the worker once, then forks a child per request (a few ms).
-Each child leaves the server's session (setsid), takes the launcher's environment for that run
-and runs the worker. SIGCHLD is ignored, so the kernel reaps the children; a pidfd still tells
-the launcher when each ends. The server exits when its launcher closes its stdin (the launcher
-stopped or died); the workers it forked live on, detached, as workers always do.
+Each child leaves the server's session (setsid) and runs the worker with the server's own
+environment (the daemon's); a request names the run and nothing else. SIGCHLD is ignored, so
+the kernel reaps the children; a pidfd still tells the launcher when each ends. The server
+exits when its launcher closes its stdin (the launcher stopped or died); the workers it forked
+live on, detached, as workers always do.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ class ForkServer:
         with self._lock:
             self._running()
 
-    def spawn(self, run_id: int, env: dict[str, str]) -> int:
-        """Fork a worker for `run_id` with `env`; its pid."""
-        request = json.dumps({"run": run_id, "env": env}).encode() + b"\n"
+    def spawn(self, run_id: int) -> int:
+        """Fork a worker for `run_id`; its pid."""
+        request = json.dumps({"run": run_id}).encode() + b"\n"
         with self._lock:
             for _attempt in range(2):  # a server that died is replaced once
                 process = self._running()
@@ -92,8 +93,6 @@ def serve(requests: IO[bytes], replies: IO[str]) -> None:
                 devnull = os.open(os.devnull, os.O_RDWR)
                 os.dup2(devnull, 0)
                 os.dup2(devnull, 1)
-                os.environ.clear()
-                os.environ.update(request["env"])
                 code = worker.run(int(request["run"]))
             except BaseException:  # noqa: BLE001 - a child must never return into the server's loop
                 traceback.print_exc()

@@ -6,7 +6,9 @@ carry many requests. A bad request gets a precise error reply, never a crash.
 
 Who may talk: the socket is mode 0660 (its owner and group), and each connection's peer
 credentials are checked too (`SO_PEERCRED`, `SO_PEERGROUPS`), so a socket whose mode drifted
-still answers only root, the daemon's own user and members of its group.
+still answers only root, the daemon's own user and members of its group. Each handler is given
+the peer (`Peer`): a job is its submitter's, and only they, root, the daemons' own user and the
+admin group see it or act on it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import dataclasses
 import errno
+import grp
 import json
 import os
 import socket
@@ -45,7 +49,31 @@ class Encoded(bytes):
 
 
 Reply = dict[str, Any]
-Handler = Callable[[Request], Awaitable[Reply | Encoded]]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Peer:
+    """Who is on the other end of a connection, as the kernel says."""
+
+    uid: int
+    gid: int
+    groups: frozenset[int]
+
+    def sees_all(self, admin_group: str) -> bool:
+        """Root, the daemons' own user and members of `admin_group` see every operator's jobs."""
+        if self.uid in (0, os.getuid()):
+            return True
+        try:
+            admin = grp.getgrnam(admin_group).gr_gid if admin_group else None
+        except KeyError:
+            return False
+        return admin is not None and (admin == self.gid or admin in self.groups)
+
+    def owns(self, submitter: int | None, admin_group: str) -> bool:
+        return submitter == self.uid or self.sees_all(admin_group)
+
+
+Handler = Callable[[Request, Peer], Awaitable[Reply | Encoded]]
 
 
 class RequestError(Exception):
@@ -87,7 +115,8 @@ class ControlServer:
             self._server = None
 
     async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        refusal = peer_refusal(writer.get_extra_info("socket"))
+        peer = peer_of(writer.get_extra_info("socket"))
+        refusal = peer_refusal(peer)
         try:
             while True:
                 try:
@@ -101,7 +130,7 @@ class ControlServer:
                     await _send(writer, _error("forbidden", refusal))
                     return
                 if line.strip():
-                    await _send(writer, await self._handle(line))
+                    await _send(writer, await self._handle(line, peer))
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -109,7 +138,7 @@ class ControlServer:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    async def _handle(self, line: bytes) -> Reply | Encoded:
+    async def _handle(self, line: bytes, peer: Peer) -> Reply | Encoded:
         try:
             request = json.loads(line)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -126,7 +155,7 @@ class ControlServer:
             known = ", ".join(sorted(self._handlers))
             return _error("unknown-request", f"unknown request {name[:64]!r} (known: {known})")
         try:
-            reply = await handler(request)
+            reply = await handler(request, peer)
             return reply if isinstance(reply, Encoded) else {"ok": True, **reply}
         except RequestError as exc:
             return _error(exc.code, exc.message)
@@ -135,13 +164,17 @@ class ControlServer:
             return _error("internal", f"internal error while handling {name!r}; see the daemon's log")
 
 
-def peer_refusal(sock: socket.socket) -> str | None:
-    """Why this connection's peer may not talk to us, or None if it may."""
+def peer_of(sock: socket.socket) -> Peer:
     _pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    if uid in (0, os.getuid()) or os.getgid() in (gid, *_peer_groups(sock)):
+    return Peer(uid, gid, frozenset(_peer_groups(sock)))
+
+
+def peer_refusal(peer: Peer) -> str | None:
+    """Why this connection's peer may not talk to us, or None if it may."""
+    if peer.uid in (0, os.getuid()) or os.getgid() == peer.gid or os.getgid() in peer.groups:
         return None
-    log.warning("client refused", uid=uid, gid=gid)
-    return f"uid {uid} is neither root, the daemon's user, nor in its group (gid {os.getgid()})"
+    log.warning("client refused", uid=peer.uid, gid=peer.gid)
+    return f"uid {peer.uid} is neither root, the daemon's user, nor in its group (gid {os.getgid()})"
 
 
 def _peer_groups(sock: socket.socket) -> array.array[int]:

@@ -19,20 +19,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import os
 import random
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import structlog
 
 from cl import daemon, placement
-from cl.claude_code.transcripts import transcript_path
 from cl.config import Config
 from cl.credentials import Account
 from cl.processes import alive
-from cl.protocol import Handler, Reply, Request, id_field
+from cl.protocol import Handler, Peer, Reply, Request, id_field
 from cl.registry import CredentialRegistry
 from cl.store import (
     LIVE_RUNS,
@@ -48,7 +45,6 @@ from cl.store import (
     iso_utc,
 )
 from cl.supervisor import Supervisor, log_outcome
-from cl.worker import session_config_dir
 
 log = structlog.get_logger("cl.rescue")
 
@@ -178,8 +174,7 @@ class Rescuer:
         """Write the move, re-point the job's credentials, start the resumed run. False if the job
         changed meanwhile (another pass or daemon got to it)."""
         assert job.session_id is not None
-        transcript = transcript_path(session_config_dir(self.config, job.id), job.cwd, job.session_id)
-        run = await self.store.run(_begin_move, self.store.store, job, account, limit, transcript)
+        run = await self.store.run(self.store.store.place, job.id, account, limit, job.session_id)
         if run is None:
             return False
         self._moves += 1
@@ -190,7 +185,7 @@ class Rescuer:
     async def _settle_moves(self) -> None:
         """Each ended move goes in the ledger with whether its transcript grew; a done session
         whose transcript did not grow is reported, never silently accepted."""
-        for run, grew in await self.store.run(_verify_moves, self.store.store, self.config):
+        for run, grew in await self.store.run(_verify_moves, self.store.store):
             if run.state == RunState.DONE and not grew:
                 log.error("transcript did not grow after the move", session=run.resume, job=run.job_id, run=run.id)
             elif run.state == RunState.FAILED:
@@ -228,7 +223,7 @@ class Rescuer:
 
     # requests
 
-    async def _run_changed(self, request: Request) -> Reply:
+    async def _run_changed(self, request: Request, _peer: Peer) -> Reply:
         """A worker's run ended or got its first answer, or the balancer settled a run."""
         run_id = id_field(request, "run")
         if request.get("event") == "answered":
@@ -238,10 +233,13 @@ class Rescuer:
         self.wake()
         return {}
 
-    async def _waiting_request(self, _request: Request) -> Reply:
-        """The sessions waiting for an account, and what for (`cl status`): read now, not remembered."""
+    async def _waiting_request(self, _request: Request, peer: Peer) -> Reply:
+        """The sessions waiting for an account, and what for (`cl status`): read now, not remembered.
+        The peer's own sessions only, unless it sees everyone's."""
         facts = await self.store.run(self.store.store.facts, RESCUABLE, BATCH)
-        waiting = Waiting.of([job for job in facts.jobs if job.session_id], facts, self.registry.accounts)
+        everyone = peer.sees_all(self.config.admin_group)
+        shown = [job for job in facts.jobs if job.session_id and (everyone or job.submitter == peer.uid)]
+        waiting = Waiting.of(shown, facts, self.registry.accounts)
         return {
             "reason": waiting.reason or None,
             "next_reset": iso_utc(waiting.next_reset) if waiting.next_reset else None,
@@ -259,28 +257,9 @@ class Rescuer:
         }
 
 
-def _size(path: Path) -> int | None:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return None
-
-
-def _begin_move(store: Store, job: Job, account: str, limit: int, transcript: Path) -> Run | None:
-    """The move's transaction, with the transcript's size before it (on the store's thread)."""
-    return store.place(job.id, account, limit, job.session_id, _size(transcript))
-
-
-def _verify_moves(store: Store, config: Config) -> list[tuple[Run, bool]]:
+def _verify_moves(store: Store) -> list[tuple[Run, bool]]:
     """Settle every ended, unverified move (on the store's thread): each with whether it grew."""
-    settled = []
-    for run in store.unverified_moves():
-        job = store.job(run.job_id)
-        assert job is not None
-        assert run.resume is not None
-        size = _size(transcript_path(session_config_dir(config, job.id), job.cwd, run.resume))
-        settled.append((run, store.verify_move(run.id, size)))
-    return settled
+    return [(run, store.verify_move(run.id)) for run in store.unverified_moves()]
 
 
 def main() -> None:

@@ -104,6 +104,12 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX runs_by_account ON runs(account, state)
     """,
+    # 6: who submitted each job (its uid); a move's transcript size after it, as its worker saw it
+    """
+    ALTER TABLE jobs ADD COLUMN submitter INTEGER;
+    ALTER TABLE runs ADD COLUMN transcript_bytes_after INTEGER;
+    CREATE INDEX jobs_by_submitter ON jobs(submitter, id)
+    """,
 ]
 
 
@@ -152,6 +158,8 @@ class Job:
     error: str | None
     created_at: float
     updated_at: float
+    submitter: int | None
+    """The uid that submitted it (from the connection's peer credentials)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -172,10 +180,12 @@ class Run:
     prior_state: str | None
     """A move's job state before it (walled, orphaned): where an abandoned move puts it back."""
     transcript_bytes: int | None
-    """A move's transcript size before it: the move is verified by the transcript growing."""
+    """A move's transcript size before its CLI started: the move is verified by the transcript growing."""
     answered_at: float | None
     """When the account first answered this run (not a wall): proof the account works."""
     verified_at: float | None
+    transcript_bytes_after: int | None
+    """A move's transcript size once its CLI exited (measured by its worker, as the CLI's user)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -252,8 +262,10 @@ class Store:
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = NORMAL")
         self._db.execute("PRAGMA foreign_keys = ON")
-        self._shown: tuple[tuple[int, int], int | None, Listing, AccountCounts] | None = None
-        """What `snapshot` read, with the changes counters and the ledger revision it was read at."""
+        self._shown: tuple[tuple[int, int], int | None, AccountCounts] | None = None
+        """What `snapshot` read, with the changes counters it was read at and the ledger's revision then."""
+        self._listings: dict[int | None, tuple[int | None, Listing]] = {}
+        """Each submitter's (None: everyone's) jobs listing, with the ledger revision it was read at."""
         self._migrate()
 
     @property
@@ -300,13 +312,20 @@ class Store:
 
     # jobs
 
-    def add_job(self, cwd: str, prompt: str, model: str | None = None, max_turns: int | None = None) -> Job:
+    def add_job(
+        self,
+        cwd: str,
+        prompt: str,
+        model: str | None = None,
+        max_turns: int | None = None,
+        submitter: int | None = None,
+    ) -> Job:
         now = time.time()
         with self.transaction() as db:
             cursor = db.execute(
-                "INSERT INTO jobs (cwd, prompt, model, max_turns, state, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (cwd, prompt, model, max_turns, JobState.QUEUED, now, now),
+                "INSERT INTO jobs (cwd, prompt, model, max_turns, state, created_at, updated_at, submitter)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (cwd, prompt, model, max_turns, JobState.QUEUED, now, now, submitter),
             )
             job_id = int(cursor.lastrowid or 0)
             self.record(db, "job queued", job_id, cwd=cwd)
@@ -342,9 +361,7 @@ class Store:
 
     # runs: placement, claim, session, settlement
 
-    def place(
-        self, job_id: int, account: str, limit: int, resume: str | None = None, transcript_bytes: int | None = None
-    ) -> Run | None:
+    def place(self, job_id: int, account: str, limit: int, resume: str | None = None) -> Run | None:
         """Hand a job to `account`: job -> running, and a `starting` run. None if the job is not waiting.
 
         A queued job is placed; with `resume`, a walled or orphaned job's session moves (the
@@ -363,9 +380,8 @@ class Store:
                 (JobState.RUNNING, account, now, job_id),
             )
             cursor = db.execute(
-                "INSERT INTO runs (job_id, account, state, resume, created_at, prior_state, transcript_bytes)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, account, RunState.STARTING, resume, now, resume and job["state"], transcript_bytes),
+                "INSERT INTO runs (job_id, account, state, resume, created_at, prior_state) VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, account, RunState.STARTING, resume, now, resume and job["state"]),
             )
             run_id = int(cursor.lastrowid or 0)
             if resume is None:
@@ -471,14 +487,33 @@ class Store:
         )
         return [Run(*row) for row in rows]
 
-    def verify_move(self, run_id: int, transcript_bytes: int | None) -> bool:
+    def transcript_before(self, run_id: int, size: int | None) -> None:
+        """A move's transcript size as its worker found it, before the CLI started."""
+        with self.transaction() as db:
+            db.execute("UPDATE runs SET transcript_bytes = ? WHERE id = ?", (size, run_id))
+
+    def transcript_after(self, run_id: int, size: int | None) -> None:
+        """A move's transcript size once its CLI exited."""
+        with self.transaction() as db:
+            db.execute("UPDATE runs SET transcript_bytes_after = ? WHERE id = ?", (size, run_id))
+
+    def previous_account(self, run_id: int) -> str | None:
+        """The account of the run before this one in its job: whose credential an earlier CLI had."""
+        row = self._db.execute(
+            "SELECT account FROM runs WHERE job_id = (SELECT job_id FROM runs WHERE id = ?) AND id < ?"
+            " ORDER BY id DESC LIMIT 1",
+            (run_id, run_id),
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    def verify_move(self, run_id: int) -> bool:
         """Settle a move in the ledger, with whether the transcript grew. False if already settled."""
         with self.transaction() as db:
             run = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
             if run is None or run["verified_at"] is not None:
                 return False
             db.execute("UPDATE runs SET verified_at = ? WHERE id = ?", (time.time(), run_id))
-            before = run["transcript_bytes"]
+            before, transcript_bytes = run["transcript_bytes"], run["transcript_bytes_after"]
             grew = transcript_bytes is not None and (before is None or transcript_bytes > before)
             self.record(
                 db,
@@ -528,27 +563,30 @@ class Store:
     def queue_length(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.QUEUED,)).fetchone()[0])
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, submitter: int | None = None) -> Snapshot:
         """Everything `status` shows, read in one transaction, made cheap to ask again: what was
         read is kept until the database changes (the walls, which end with time, are always read),
         and the jobs' listing until the ledger grows (every change to a job or a run is recorded
         there in its transaction). SQLite renders the listing as JSON: prompts are never loaded,
-        and no Python object is made per job."""
+        and no Python object is made per job. With `submitter`, the listing holds only that
+        uid's jobs (kept apart for each)."""
         # Read before the transaction's snapshot: a commit in between makes the next key differ,
         # so what is kept is never older than its key.
         changes = (self._db.execute("PRAGMA data_version").fetchone()[0], self._db.total_changes)
         with self.transaction(write=False) as db:
             if self._shown is None or self._shown[0] != changes:
                 revision = db.execute("SELECT MAX(id) FROM ledger").fetchone()[0]
-                listing = self._shown[2] if self._shown and self._shown[1] == revision else None
-                if listing is None:
-                    listing = Listing(*db.execute(_LISTING, (JobState.QUEUED,)).fetchone())
                 usage = db.cursor()
                 usage.row_factory = None  # plain tuples: 1,000 rows in a fraction of a millisecond
                 usage.execute("SELECT account, five_hour, seven_day, input_tokens, output_tokens FROM usage")
                 counts = AccountCounts(self.live_counts(), {account: tuple(row) for account, *row in usage})
-                self._shown = (changes, revision, listing, counts)
-            return Snapshot(self._shown[2], self._shown[3], self.walls())
+                self._shown = (changes, revision, counts)
+            revision, counts = self._shown[1], self._shown[2]
+            kept = self._listings.get(submitter)
+            if kept is None or kept[0] != revision:
+                listing = Listing(*db.execute(_LISTING, (submitter, submitter, JobState.QUEUED)).fetchone())
+                kept = self._listings[submitter] = (revision, listing)
+            return Snapshot(kept[1], counts, self.walls())
 
     @staticmethod
     def _job_of(db: sqlite3.Connection, run_id: int) -> int:
@@ -614,6 +652,7 @@ WITH line AS MATERIALIZED (
     SELECT j.id, j.state, j.account, j.session_id, j.cwd, {_ISO.format("j.created_at")} AS created_at, j.error,
            r.state AS run_state, {_ISO.format("r.created_at")} AS run_started_at, r.error AS run_error
     FROM jobs j LEFT JOIN runs r ON r.id = (SELECT MAX(id) FROM runs WHERE job_id = j.id)
+    WHERE ? IS NULL OR j.submitter = ?
     ORDER BY j.id
 )
 SELECT

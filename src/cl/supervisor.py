@@ -9,20 +9,16 @@ rescuer resumes those). Every change a daemon makes to a run is told to the othe
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
 
 import structlog
 
-from cl import refresh
-from cl.claude_code.environment import worker_environment
 from cl.client import tell
 from cl.config import Config
-from cl.credentials import CredentialKind
+from cl.launcher import launch, prepare_launches
 from cl.processes import alive, on_exit
 from cl.registry import CredentialRegistry
 from cl.store import LIVE_RUNS, AsyncStore, Run, RunState, StoreUnavailable
-from cl.worker import launch, prepare_launches, session_config_dir
 
 log = structlog.get_logger("cl.supervisor")
 
@@ -47,23 +43,12 @@ class Supervisor:
         prepare_launches(config.socket_path("worker"))
 
     async def launch(self, run: Run) -> None:
-        """Point the job's config dir at the run's account and start its worker."""
-        account = self.registry.accounts.get(run.account)
-        if account is None:  # gone between choosing and launching
+        """Start the run's worker (it readies the session's files itself, as the CLI's user)."""
+        if run.account not in self.registry.accounts:  # gone between choosing and launching
             await self.settle(run, RunState.ABANDONED, "account removed")
             return
-        config_dir = session_config_dir(self.config, run.job_id)
-        env = worker_environment(os.environ, account, str(config_dir), self.config.worker_env)
-
-        linked = account.name if account.kind is CredentialKind.OAUTH else None  # others: the environment
-
-        def start() -> int:  # one trip off the loop: the link, then the worker
-            config_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            refresh.point(config_dir, self.config.credentials_dir, linked)
-            return launch(run.id, env, self.config.socket_path("worker"))
-
         try:
-            pid = await asyncio.to_thread(start)
+            pid = await asyncio.to_thread(launch, run.id, self.config.socket_path("worker"))
         except (OSError, ValueError, KeyError) as exc:
             await self.settle(run, RunState.FAILED, f"cannot launch a worker: {exc}")
             log.error("cannot launch a worker", job=run.job_id, run=run.id, account=run.account, error=str(exc))

@@ -1,49 +1,61 @@
 """`cl-worker RUN`: one supervised `claude` process for one run of a job.
 
 A daemon (the balancer placing a job, the rescuer moving a session) writes the run (`starting`)
-and launches this process detached, so that a daemon restart neither kills it nor loses it: the
-worker claims its run in the store (`starting` -> `running`, with its pid and start time), or
-exits at once if the run was abandoned meanwhile, so a run never executes twice. It locks the
-job's config dir (the CLI inherits the lock: one live process per session), then runs the CLI
-in the job's cwd with `CLAUDE_CONFIG_DIR` = that dir, whose `.credentials.json` is a symlink to
-the account's credential file (token and API-key accounts come through the environment
-instead; a token the CLI refreshes is carried back to the account's file, see `cl.refresh`).
-The CLI gets PDEATHSIG (if the worker dies, so does its CLI, and the run is found
-orphaned rather than running unseen) and a Landlock ruleset (it writes only where its job
-lives). The worker keeps the whole output in a log file, reads the stream as it arrives
-(session id, usage, utilization, the first answer, a wall), writes the outcome, and tells
-both daemons.
+and launches this process detached (`cl.launcher`), naming the run and nothing else, so that a
+daemon restart neither kills it nor loses it: the worker claims its run in the store (`starting`
+-> `running`, with its pid and start time), or exits at once if the run was abandoned meanwhile,
+so a run never executes twice. Then, in this order:
+
+* it locks the session (a lock file in the state dir that the CLI inherits: one live process
+  per session, even if a worker is killed before its CLI);
+* it readies the job's config dir, as the CLI's user, with the job's own copy of the account's
+  credential (`cl.job_credential`; token and API-key accounts come through the environment);
+* it checks the working directory again (`cl.workdir`) and enters it by descriptor;
+* it starts the CLI as its own user (`cl.cli_user`), confined by Landlock (`cl.landlock`), with
+  PDEATHSIG (if the worker dies, so does its CLI, and the run is found orphaned rather than
+  running unseen), and writes the prompt to its standard input: a prompt is never an argument;
+* it reads the stream as it arrives (session id, usage, utilization, the first answer, a wall),
+  keeps the credential copy in step, and keeps the output, redacted, in the run's log;
+* it writes the outcome and tells both daemons.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import dataclasses
 import fcntl
 import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import structlog
 
-from cl import landlock, logs, refresh
+from cl import landlock, logs, redact, workdir
+from cl.claude_code.environment import worker_environment
 from cl.claude_code.stream import Outcome, StreamState
+from cl.claude_code.transcripts import transcript_path
+from cl.cli_user import CliUser, CliUserError
 from cl.client import tell
 from cl.config import Config
-from cl.forkserver import ForkServer
+from cl.credentials import Account, CredentialKind, credential_filename, read_account
+from cl.job_credential import JobCredential
+from cl.launcher import lock_path, log_path, session_config_dir
 from cl.processes import start_time
 from cl.store import Job, Run, RunState, Store, iso_utc
 
 log = structlog.get_logger("cl.worker")
 
 PR_SET_PDEATHSIG = 1
-FORK_SERVER = ForkServer()
 _RUN_STATE = {
     Outcome.DONE: RunState.DONE,
     Outcome.FAILED: RunState.FAILED,
@@ -52,57 +64,13 @@ _RUN_STATE = {
 }
 
 
-def session_config_dir(config: Config, job_id: int) -> Path:
-    """The job's own Claude Code config dir: its transcript lives here whatever the account."""
-    return config.state_dir / "sessions" / f"job-{job_id}"
-
-
-def log_path(config: Config, job_id: int, run_id: int) -> Path:
-    return config.state_dir / "logs" / f"job-{job_id}-run-{run_id}.log"
-
-
-def launch(run_id: int, env: dict[str, str], socket_path: Path) -> int:
-    """Start a worker for `run_id` that outlives the launcher; its pid.
-
-    Under systemd, `cl-worker.socket` listens at `socket_path` (Accept=yes): a connection makes
-    systemd start a `cl-worker@` unit with its own sandbox (network, write access), which reads
-    `{"run", "env"}` and answers `{"pid"}`. Without it (tests, `make run`) the fork server forks
-    the worker, in a session of its own. Either way the launcher learns of its end through a pidfd.
-    """
-    if socket_path.is_socket():
-        return _launch_by_socket(run_id, env, socket_path)
-    return FORK_SERVER.spawn(run_id, env)
-
-
-def prepare_launches(socket_path: Path) -> None:
-    """Have the fork server imported before the first launch needs it (no-op under systemd)."""
-    if not socket_path.is_socket():
-        FORK_SERVER.start()
-
-
-def _launch_by_socket(run_id: int, env: dict[str, str], socket_path: Path) -> int:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(30)
-        sock.connect(str(socket_path))
-        sock.sendall(json.dumps({"run": run_id, "env": env}).encode() + b"\n")
-        reply = sock.makefile("rb").readline()
-    return int(json.loads(reply)["pid"])
-
-
-def _accept_from_socket() -> tuple[int, dict[str, str]]:
-    """`--from-socket`: the run and environment the launcher sent on stdin; our pid goes back."""
-    request = json.loads(sys.stdin.buffer.readline())
-    sys.stdout.write(json.dumps({"pid": os.getpid()}) + "\n")
-    sys.stdout.flush()
-    os.close(1)  # the launcher is done with us; our output goes to the journal
-    os.dup2(2, 1)
-    own = {k: v for k, v in os.environ.items() if k in ("JOURNAL_STREAM", "INVOCATION_ID")}
-    return int(request["run"]), {**request["env"], **own}
+class RunRefused(Exception):
+    """The run cannot start (its account unusable, its directory refused): the run fails with this."""
 
 
 def claude_argv(config: Config, job: Job, run: Run) -> list[str]:
-    prompt = config.resume_prompt if run.resume else job.prompt
-    argv = [config.claude_bin, "-p", prompt, "--output-format", "stream-json", "--verbose"]
+    """The CLI's command line: options only. The prompt goes to its standard input."""
+    argv = [config.claude_bin, "-p", "--output-format", "stream-json", "--verbose"]
     if job.model:
         argv += ["--model", job.model]
     if job.max_turns:
@@ -110,18 +78,6 @@ def claude_argv(config: Config, job: Job, run: Run) -> list[str]:
     if run.resume:
         argv += ["--resume", run.resume]
     return argv + list(config.claude_args)
-
-
-def _cli_preexec(writable: list[str], landlock_abi: int) -> Callable[[], None]:
-    """Between fork and exec of the CLI: die with the worker; write only beneath `writable`."""
-
-    def preexec() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if landlock_abi:
-            landlock.confine_writes(writable, landlock_abi)
-
-    return preexec
 
 
 def work(config: Config, store: Store, run_id: int) -> RunState | None:
@@ -138,18 +94,122 @@ def work(config: Config, store: Store, run_id: int) -> RunState | None:
         log.info("run not claimable, leaving it", run=run.id, job=job.id)
         return None
     bound = log.bind(job=job.id, run=run.id, account=run.account)
-    config_dir = session_config_dir(config, job.id)
-    lock = _hold_session(config_dir, bound)
-    linked = (config_dir / refresh.LINK).is_symlink()  # an OAuth account: its file, through the link
-    refresh.claim(config_dir, config.credentials_dir, run.account if linked else None)
-    if not os.path.isdir(job.cwd):
-        store.settle(run.id, RunState.FAILED, f"working directory {job.cwd} does not exist (or is not visible here)")
-        bound.error("session failed", error="no working directory", cwd=job.cwd)
-        return RunState.FAILED
-    ran = _run_cli(config, store, job, run, path, lock=lock)
+    lock = _hold_session(config, job.id, bound)
+    try:
+        cli = CliUser.resolve(config.cli_user)
+        credential = _ready_config_dir(config, job.id, cli)
+    except (CliUserError, OSError) as exc:
+        return _refused(store, run, f"cannot ready the session's config dir: {_reason(exc)}", bound)
+    session = _Session(config, store, job, run, cli, credential, path, lock)
+    try:
+        return _work(session)
+    except (RunRefused, workdir.WorkdirRefused) as exc:
+        return _refused(store, run, str(exc), bound)
+    finally:
+        credential.close()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Session:
+    """What one run works with, once claimed, locked and its config dir ready."""
+
+    config: Config
+    store: Store
+    job: Job
+    run: Run
+    cli: CliUser
+    credential: JobCredential
+    log_path: Path
+    lock: int
+
+    @property
+    def account_file(self) -> Path:
+        return _account_file(self.config, self.run.account)
+
+
+def _work(session: _Session) -> RunState:
+    job, run, store, cli = session.job, session.run, session.store, session.cli
+    account = _account(session)
+    writer = workdir.Writer(f"the CLI's user {cli.name}", cli.uid, cli.groups())
+    cwd = workdir.check_for_job(session.config, job.cwd, [writer])
+    if cwd != job.cwd:
+        raise RunRefused(f"{job.cwd}: it now resolves to {cwd}; the job runs only where it was submitted")
+    transcript = str(transcript_path(Path(), job.cwd, run.resume)) if run.resume else None
+    if transcript is not None:
+        store.transcript_before(run.id, session.credential.size_of(transcript))
+    ran = _run_cli(session, account)
     if ran is None:
         return RunState.FAILED
-    return _settle(config, store, run, *ran)
+    if transcript is not None:
+        store.transcript_after(run.id, session.credential.size_of(transcript))
+    return _settle(session.config, store, run, *ran)
+
+
+def _refused(store: Store, run: Run, reason: str, bound: Any) -> RunState:
+    store.settle(run.id, RunState.FAILED, reason)
+    bound.error("session failed", error=reason)
+    return RunState.FAILED
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)
+
+
+def _ready_config_dir(config: Config, job_id: int, cli: CliUser) -> JobCredential:
+    """The job's config dir, made by and for the CLI's user: the sessions dir is theirs (0700)."""
+    sessions = config.sessions_dir
+    if not sessions.is_dir():
+        sessions.mkdir(parents=True, mode=0o700, exist_ok=True)
+        if cli.separate:
+            os.chown(sessions, cli.uid, cli.gid)
+    config_dir = session_config_dir(config, job_id)
+    with cli.acting():
+        config_dir.mkdir(mode=0o700, exist_ok=True)
+    return JobCredential(config_dir, cli)
+
+
+def _account(session: _Session) -> Account:
+    """The run's account as its file says now, with the job's credential copy made to match.
+    What the previous run's CLI left in the copy first goes back to that run's account."""
+    run, credential = session.run, session.credential
+    previous = session.store.previous_account(run.id)
+    if previous is not None and previous != run.account:
+        credential.carry_back(_account_file(session.config, previous), previous)
+    read = read_account(session.account_file, run.account)
+    if read is None:
+        raise RunRefused(f"account {run.account} cannot be used: its credential file is gone")
+    account = read[0]
+    if not account.usable:
+        raise RunRefused(f"account {run.account} cannot be used: {account.reason or account.state}")
+    if account.kind is CredentialKind.OAUTH:
+        credential.sync(session.account_file, run.account)
+    else:
+        credential.remove()
+    return account
+
+
+def _account_file(config: Config, account: str) -> Path:
+    return config.credentials_dir / credential_filename(account)
+
+
+def _cli_preexec(cli: CliUser, cwd: int, writable: list[str], readable: list[str], abi: int) -> Callable[[], None]:
+    """Between fork and exec of the CLI: Landlock, the job's directory, the CLI's own user with
+    no capabilities, and death with the worker (set last: a change of user clears it)."""
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if abi:
+            landlock.confine(writable, readable, abi)
+        os.fchdir(cwd)
+        cli.become()
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the worker died before PDEATHSIG was set
+            os._exit(1)
+
+    return preexec
 
 
 def _settle(config: Config, store: Store, run: Run, state: StreamState, code: int) -> RunState:
@@ -180,14 +240,16 @@ def _settle(config: Config, store: Store, run: Run, state: StreamState, code: in
     return final
 
 
-def _hold_session(config_dir: Path, bound: Any) -> int:
-    """Lock the job's config dir for this worker and its CLI: one live process per session, ever.
+def _hold_session(config: Config, job_id: int, bound: Any) -> int:
+    """Lock the session for this worker and its CLI: one live process per session, ever.
 
-    The CLI inherits the locked descriptor, so the lock outlives a worker killed before its CLI.
-    A worker that finds it held waits for the earlier process to exit (it got PDEATHSIG).
+    The lock file lives in the state dir, where the CLI cannot plant anything; the CLI inherits
+    the locked descriptor (read-only), so the lock outlives a worker killed before its CLI. A
+    worker that finds it held waits for the earlier process to exit (it got PDEATHSIG).
     """
-    config_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(config_dir / ".session.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    path = lock_path(config, job_id)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -208,50 +270,99 @@ def tell_daemons(config: Config, run_id: int, event: str) -> None:
         tell(config.socket_path(daemon), {"request": "run-changed", "run": run_id, "event": event})
 
 
-def _run_cli(
-    config: Config, store: Store, job: Job, run: Run, path: Path, *, lock: int
-) -> tuple[StreamState, int] | None:
+def cli_environment(config: Config, account: Account, cli: CliUser, config_dir: Path) -> dict[str, str]:
+    """The worker's environment for the CLI: scrubbed of cl's own settings, the account's
+    credential variable if it has one, and the CLI's own home (its config dir)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CL_")}
+    env = worker_environment(base, account, str(config_dir), config.worker_env)
+    env["HOME"] = str(config_dir)
+    if cli.separate:
+        env["USER"] = env["LOGNAME"] = cli.name
+    return env
+
+
+def _run_cli(session: _Session, account: Account) -> tuple[StreamState, int] | None:
     """Run the CLI, keeping its output and reading it as it comes; None if it did not start."""
+    config, store, job, run, cli = session.config, session.store, session.job, session.run, session.cli
     bound = log.bind(job=job.id, run=run.id, account=run.account)
     config_dir = session_config_dir(config, job.id)
+    oauth = account.kind is CredentialKind.OAUTH
     state = StreamState()
-    # Not the account's file: a refreshed token lands in the config dir (see cl.refresh).
     writable = [job.cwd, str(config_dir), "/tmp", "/dev", *config.cli_writable]  # noqa: S108
-    if not (landlock_abi := landlock.abi()):
-        bound.warning("no Landlock in this kernel: the CLI may write wherever the worker can")
-    with path.open("ab") as output:
+    readable = landlock.readable_except(str(path) for path in workdir.private_dirs(config).values())
+    if not (abi := landlock.abi()):
+        bound.warning("no Landlock in this kernel: the CLI is confined by its user's rights alone")
+    cwd = os.open(job.cwd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    with session.log_path.open("ab") as output:
+        out = _Output(output)
         try:
             claude = subprocess.Popen(
                 claude_argv(config, job, run),
-                cwd=job.cwd,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
-                stderr=output,
-                pass_fds=(lock,),
-                preexec_fn=_cli_preexec(writable, landlock_abi),  # noqa: PLW1509 - syscalls only, no locks taken
+                stderr=subprocess.PIPE,
+                env=cli_environment(config, account, cli, config_dir),
+                pass_fds=(session.lock, cwd),
+                preexec_fn=_cli_preexec(cli, cwd, writable, readable, abi),  # noqa: PLW1509 - syscalls only, no locks taken
             )
-        except (OSError, subprocess.SubprocessError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             store.settle(run.id, RunState.FAILED, f"cannot start {config.claude_bin}: {reason}")
             bound.error("cli did not start", error=reason, cwd=job.cwd)
             return None
+        finally:
+            os.close(cwd)
+        assert claude.stdin is not None
         assert claude.stdout is not None
+        assert claude.stderr is not None
+        _give_prompt(claude.stdin, config.resume_prompt if run.resume else job.prompt)
+        errors = threading.Thread(target=out.copy, args=(claude.stderr,), daemon=True)
+        errors.start()
         answered = False
         for raw in claude.stdout:
-            output.write(raw)
-            output.flush()
+            if oauth:
+                session.credential.sync(session.account_file, run.account)  # a refreshed token, either way
+            line = raw.decode(errors="replace")
+            out.write(line)
             known = state.session_id
-            state.feed(raw.decode(errors="replace"))
+            state.feed(line)
             if state.session_id and state.session_id != known:
                 store.set_session(run.id, state.session_id)
                 bound.info("session resumed" if run.resume else "session started", session=state.session_id)
             if state.answered and not answered:
                 answered = True
                 _answered(config, store, run, bound)
-            refresh.carry_back(config_dir, config.credentials_dir)  # a token refreshed: to the account
         code = claude.wait()
-        refresh.carry_back(config_dir, config.credentials_dir)
+        errors.join()
+        if oauth:
+            session.credential.sync(session.account_file, run.account)
         return state, code
+
+
+def _give_prompt(stdin: IO[bytes], prompt: str) -> None:
+    """The prompt on the CLI's standard input, then end of file (at most 48 KiB: the pipe holds it)."""
+    with contextlib.suppress(BrokenPipeError):
+        stdin.write(prompt.encode())
+    with contextlib.suppress(BrokenPipeError):
+        stdin.close()
+
+
+class _Output:
+    """The run's log: every line redacted on its way in, from stdout and stderr alike."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+        self._lock = threading.Lock()
+
+    def write(self, line: str) -> None:
+        data = redact.scrub(line).encode()
+        with self._lock:
+            self._file.write(data)
+            self._file.flush()
+
+    def copy(self, stream: IO[bytes]) -> None:
+        for raw in stream:
+            self.write(raw.decode(errors="replace"))
 
 
 def _tokens(usage: dict[str, Any] | None) -> tuple[int, int]:
@@ -275,14 +386,28 @@ def run(run_id: int) -> int:
     return 0
 
 
+def _accept_from_socket() -> int:
+    """`--from-socket` (a `cl-worker@` unit): the run named on the connection, from a peer that
+    is root or our own user; our pid goes back. Nothing else is taken from the peer."""
+    with socket.socket(fileno=os.dup(0)) as connection:
+        _pid, uid, _gid = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    if uid not in (0, os.getuid()):
+        print(f"cl-worker: refused a launch from uid {uid}", file=sys.stderr)
+        sys.exit(2)
+    request = json.loads(sys.stdin.buffer.readline())
+    run_id = request["run"]
+    if not isinstance(run_id, int) or isinstance(run_id, bool):
+        raise TypeError("run must be a run id")
+    sys.stdout.write(json.dumps({"pid": os.getpid()}) + "\n")
+    sys.stdout.flush()
+    os.close(1)  # the launcher is done with us; our output goes to the journal
+    os.dup2(2, 1)
+    return run_id
+
+
 def main() -> None:
     try:
-        if sys.argv[1:] == ["--from-socket"]:
-            run_id, env = _accept_from_socket()
-            os.environ.clear()
-            os.environ.update(env)
-        else:
-            run_id = int(sys.argv[1])
+        run_id = _accept_from_socket() if sys.argv[1:] == ["--from-socket"] else int(sys.argv[1])
     except (IndexError, ValueError, KeyError, TypeError):
         print("usage: cl-worker RUN_ID | cl-worker --from-socket (a request on stdin)", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,59 @@
+"""How a daemon starts a worker for a run, and where a session's files live.
+
+A launch names a run and nothing else: the worker reads everything it needs (the job, the
+account, the configuration) from the store, the roster directory and its own configuration, so
+whoever can reach the launch channel can at most start a run the store holds as `starting`.
+
+Under systemd, `cl-worker.socket` listens at `worker.sock` (Accept=yes, mode 0600, user cl):
+a connection makes systemd start a `cl-worker@` unit with its own sandbox (network, write
+access, the right to run the CLI as its own user), which reads `{"run"}` and answers `{"pid"}`.
+Without it (tests, `make run`) the fork server forks the worker, in a session of its own.
+Either way the launcher learns of its end through a pidfd.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+from cl.config import Config
+from cl.forkserver import ForkServer
+
+FORK_SERVER = ForkServer()
+
+
+def session_config_dir(config: Config, job_id: int) -> Path:
+    """The job's own Claude Code config dir: its transcript lives here whatever the account."""
+    return config.sessions_dir / f"job-{job_id}"
+
+
+def log_path(config: Config, job_id: int, run_id: int) -> Path:
+    return config.state_dir / "logs" / f"job-{job_id}-run-{run_id}.log"
+
+
+def lock_path(config: Config, job_id: int) -> Path:
+    """The session's lock: in the state dir, out of the CLI's reach."""
+    return config.state_dir / "locks" / f"job-{job_id}.lock"
+
+
+def launch(run_id: int, socket_path: Path) -> int:
+    """Start a worker for `run_id` that outlives the launcher; its pid."""
+    if socket_path.is_socket():
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(30)
+            sock.connect(str(socket_path))
+            sock.sendall(json.dumps({"run": run_id}).encode() + b"\n")
+            reply = sock.makefile("rb").readline()
+        return int(json.loads(reply)["pid"])
+    return FORK_SERVER.spawn(run_id)
+
+
+def prepare_launches(socket_path: Path) -> None:
+    """Have the fork server imported before the first launch needs it (no-op under systemd)."""
+    if not socket_path.is_socket():
+        FORK_SERVER.start()
+
+
+def under_socket_activation(config: Config) -> bool:
+    return config.socket_path("worker").is_socket()
