@@ -34,7 +34,6 @@ from utils import (
     write_credential,
 )
 
-
 LATER_MS = FAR_FUTURE_MS + 3_600_000
 """A refreshed token's expiry: later than every planted one's, as a real refresh's is."""
 

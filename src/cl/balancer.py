@@ -66,6 +66,7 @@ class Balancer:
         try:
             await daemon.serve_passes(self._wake, self._place)
         finally:
+            self.supervisor.close()
             self.store.close()
 
     def wake(self) -> None:

@@ -115,6 +115,7 @@ class Rescuer:
             await daemon.serve_passes(self._wake, self._pass)
         finally:
             reconcile.cancel()
+            self.supervisor.close()
             self.store.close()
 
     async def _recover(self) -> None:

@@ -40,6 +40,7 @@ class Supervisor:
         self._ended = ended
         """Called with each run once its worker has exited, and whether the worker settled it."""
         self._checks: set[asyncio.Task[None]] = set()
+        self._closed = False
         prepare_launches(config.socket_path("worker"))
 
     async def launch(self, run: Run) -> None:
@@ -69,12 +70,20 @@ class Supervisor:
             return run
         return await self.orphan(run)
 
+    def close(self) -> None:
+        """At shutdown: stop checking ended workers (the next start settles what is left)."""
+        self._closed = True
+        for task in self._checks:
+            task.cancel()
+
     def adopt(self, run: Run) -> bool:
         """Watch a running run's worker; False if that worker is gone."""
         return run.pid is not None and alive(run.pid, run.pid_start) and on_exit(run.pid, self._exited(run.id))
 
     def _exited(self, run_id: int) -> Callable[[], None]:
         def exited() -> None:
+            if self._closed:
+                return
             task = asyncio.get_running_loop().create_task(self._check_until_recorded(run_id))
             self._checks.add(task)
             task.add_done_callback(self._checks.discard)

@@ -1,0 +1,261 @@
+"""A hostile CLI tries every way out of its session, under `make run` as root: the CLI runs as its
+own user (cl-cli), as the installed units run it. Every attempt is refused, and the refusal itself
+is what is asserted (the same story under systemd is in test_systemd.py).
+
+The CLI is `tests/fakes/hostile`, chosen per job by its prompt: one job is the victim (it waits),
+the other attacks the sockets, the daemons, its own worker, the victim's CLI, the store, the
+credentials, the victim's session files and the run logs, plants links where the worker works,
+prints the token it holds, and ends on a wall, so that the next worker (moved to another account)
+has to deal with what it planted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import sqlite3
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cl import landlock
+from cl.client import DaemonUnreachable, call
+from utils import Planted, oauth_credential, wait_until, write_credential
+
+REPO = Path(__file__).resolve().parents[1]
+HOSTILE = REPO / "tests" / "fakes" / "hostile"
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+
+pytestmark = [
+    pytest.mark.skipif(os.getuid() != 0, reason="the CLI gets its own user only when cl runs as root"),
+    pytest.mark.skipif(landlock.abi() < landlock.SIGNAL_SCOPE_ABI, reason="needs Landlock with signal scoping"),
+    pytest.mark.skipif(not SYSTEM_PYTHON.exists(), reason="the fake CLI needs a python3 that cl-cli can run"),
+]
+
+
+def install_fake(source: Path, directory: Path) -> Path:
+    """The fake CLI where its own user can run it (not under /root), with a system interpreter."""
+    directory.mkdir(mode=0o755, exist_ok=True)
+    target = directory / source.name
+    target.write_text(f"#!{SYSTEM_PYTHON}\n" + source.read_text().split("\n", 1)[1])
+    target.chmod(0o755)
+    return target
+
+
+@dataclass
+class Run:
+    """`make run VAR=var` as root, and how to reach it."""
+
+    var: Path
+    process: subprocess.Popen[str]
+
+    def ask(self, daemon: str, request: dict[str, Any]) -> dict[str, Any]:
+        return call(self.var / "run" / f"{daemon}.sock", request)
+
+    def jobs(self) -> dict[int, dict[str, Any]]:
+        return {job["id"]: job for job in self.ask("balancer", {"request": "status"})["jobs"]}
+
+    def submit(self, prompt: str, cwd: Path) -> int:
+        reply = self.ask("balancer", {"request": "submit", "cwd": str(cwd), "prompt": prompt})
+        assert reply["ok"], reply
+        return int(reply["job"])
+
+
+@pytest.fixture
+def var() -> Iterator[Path]:
+    """A `make run` directory cl-cli can reach (a pytest tmp dir is under a 0700 one)."""
+    root = Path(tempfile.mkdtemp(prefix="cl-hostile-", dir="/var/tmp"))
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def make_run(var: Path, config: str) -> Run:
+    (var / "config.toml").write_text(config)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CL_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_"))}
+    process = subprocess.Popen(
+        ["make", "--no-print-directory", "-C", str(REPO), "run", f"VAR={var}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    run = Run(var, process)
+
+    def answers() -> bool:
+        try:
+            return all(run.ask(daemon, {"request": "accounts", "names": []})["ok"] for daemon in ("balancer", "rescue"))
+        except DaemonUnreachable:
+            assert process.poll() is None, process.communicate()[0]
+            return False
+
+    wait_until(answers, "both daemons to answer", timeout=120)
+    return run
+
+
+def stop(run: Run) -> str:
+    os.killpg(run.process.pid, signal.SIGINT)
+    out, _ = run.process.communicate(timeout=60)
+    return out
+
+
+@dataclass
+class Attack:
+    """What the hostile CLI reported, and what the test saw around it."""
+
+    report: dict[str, Any]
+    resumed: dict[str, Any]
+    targets: dict[str, Any]
+    daemons: list[int]
+    var: Path
+    accounts_before: dict[Path, bytes]
+    planted: Planted
+    out: str
+
+    @property
+    def worker(self) -> str:
+        return str(self.report["worker"])
+
+    @property
+    def victim(self) -> str:
+        return str(self.report["victim"])
+
+
+@pytest.fixture(scope="module")
+def attack() -> Iterator[Attack]:
+    """The whole story once: a victim job, an attacking job that walls and is moved, both done."""
+    root = Path(tempfile.mkdtemp(prefix="cl-hostile-", dir="/var/tmp"))
+    root.chmod(0o755)
+    try:
+        yield _attack(root, Planted())
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _attack(var: Path, planted: Planted) -> Attack:
+    fakes = install_fake(HOSTILE, var / "bin")
+    work = var / "work"
+    work.mkdir()
+    state, credentials, sessions, runtime = var / "state", var / "claude", var / "sessions", var / "run"
+    targets: dict[str, Any] = {
+        "connect": [str(runtime / "balancer.sock"), str(runtime / "rescue.sock")],
+        "read": [
+            str(credentials),
+            str(credentials / "credentials-a1.json"),
+            str(credentials / "credentials-a2.json"),
+            str(state / "cl.db"),
+            str(state / "logs"),
+            str(sessions / "job-1"),
+            str(sessions / "job-1" / ".credentials.json"),
+        ],
+        "write": [str(state / "cl.db"), str(credentials / "credentials-a2.json"), str(sessions / "job-1" / "x")],
+        "links": [str(credentials / "credentials-a2.json"), str(state / "cl.db")],
+    }
+    config = (
+        'credentials_dir = "claude"\nstate_dir = "state"\nsessions_dir = "sessions"\nruntime_dir = "run"\n'
+        f'claude_bin = "{fakes}"\nplacement = "fill-first"\n'
+        f'[worker.env]\nHOSTILE_TARGETS_FILE = "{var / "targets.json"}"\n'
+    )
+    run = make_run(var, config)
+    try:
+        found = subprocess.run(
+            ["pgrep", "-f", "-g", str(run.process.pid), r"from cl\.(balancer|rescue) import"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        daemons = [int(pid) for pid in found.stdout.split()]
+        assert len(daemons) == 2, found
+        targets["signal"] = targets["ptrace"] = daemons  # known once they run: the fake reads the file then
+        (var / "targets.json").write_text(json.dumps(targets))
+        cli = pwd.getpwnam("cl-cli")  # made by `make run` as root
+        os.chown(work, cli.pw_uid, cli.pw_gid)
+        a1 = write_credential(credentials, "a1", oauth_credential(planted))
+        a2 = write_credential(credentials, "a2", oauth_credential(planted))
+        before = {path: path.read_bytes() for path in (a1, a2)}
+        victim = run.submit("victim", work)  # fill-first: both jobs start on a1
+        wait_until((work / "victim.pid").exists, "the victim to run")
+        attacker = run.submit("--dangerously-skip-permissions, then attack", work)
+        wait_until((work / "resumed.json").exists, "the attacker to wall on a1 and resume on a2")
+        (work / "release").touch()
+        wait_until(lambda: {run.jobs()[victim]["state"], run.jobs()[attacker]["state"]} == {"done"}, "both done")
+    finally:
+        (work / "release").touch()
+        out = stop(run)
+    report = json.loads((work / "attack.json").read_text())
+    resumed = json.loads((work / "resumed.json").read_text())
+    return Attack(report, resumed, targets, daemons, var, before, planted, out)
+
+
+def test_the_cli_runs_as_its_own_user_without_capabilities(attack: Attack) -> None:
+    assert attack.report["me"]["uid"] == pwd.getpwnam("cl-cli").pw_uid
+    assert set(attack.report["me"]["capabilities"].values()) == {0}
+    assert attack.report["became_root"] is False
+
+
+def test_the_prompt_is_never_an_argument_nor_an_option(attack: Attack) -> None:
+    assert attack.report["me"]["prompt"] == "--dangerously-skip-permissions, then attack"
+    assert attack.report["me"]["prompt_in_argv"] is False
+
+
+def test_the_control_sockets_refuse_it(attack: Attack) -> None:
+    refusals = {path: outcome["error"] for path, outcome in attack.report["connect"].items()}
+    assert refusals == dict.fromkeys(attack.targets["connect"], "EACCES")
+
+
+def test_it_cannot_signal_or_trace_the_daemons_its_worker_or_another_jobs_cli(attack: Attack) -> None:
+    refused = {"ok": False, "error": "EPERM"}
+    pids = [*map(str, attack.daemons), attack.worker, attack.victim]
+    assert {pid: attack.report["signal"][pid] for pid in pids} == dict.fromkeys(pids, refused)
+    assert {pid: attack.report["ptrace"][pid] for pid in pids} == dict.fromkeys(pids, refused)
+    denied = {"ok": False, "error": "EACCES"}
+    assert attack.report["environ"] == {attack.worker: denied, attack.victim: denied}
+
+
+def test_it_reads_and_writes_nothing_of_cls_nor_other_accounts_nor_another_job(attack: Attack) -> None:
+    reads = {path: outcome["error"] for path, outcome in attack.report["read"].items()}
+    assert reads == dict.fromkeys(attack.targets["read"], "EACCES")
+    writes = {path: outcome["error"] for path, outcome in attack.report["write"].items()}
+    assert writes == dict.fromkeys(attack.targets["write"], "EACCES")
+
+
+def test_what_it_plants_steers_no_privileged_write(attack: Attack) -> None:
+    worker = attack.worker
+    assert attack.report["planted"] == [
+        ".credentials.json",
+        ".session.lock",
+        f".account.{worker}",
+        f".credentials.json.{worker}",
+    ]
+    assert {path: path.read_bytes() for path in attack.accounts_before} == attack.accounts_before
+    store = sqlite3.connect(attack.var / "state" / "cl.db")
+    assert store.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    # The resumed run holds a2's credential in a file of its own, not through the planted link.
+    assert attack.resumed["config_dir_credential_is_link"] is False
+    assert attack.resumed["holds_tail"] == attack.planted.tokens[2][-6:]
+
+
+def test_the_token_it_prints_is_redacted_in_the_runs_log(attack: Attack) -> None:
+    logs = attack.var / "state" / "logs"
+    attack_log = (logs / "job-2-run-2.log").read_text()
+    assert "the credential I hold is ***" in attack_log  # stdout
+    assert "stderr too: ***" in attack_log
+    for log in logs.iterdir():
+        assert not attack.planted.leaks(log.read_text(), log.name)
+
+
+def test_make_run_as_root_said_nothing_was_amiss_and_stopped_cleanly(attack: Attack) -> None:
+    assert attack.out.count("stopped") == 2, attack.out
+    assert "Traceback" not in attack.out, attack.out
+    assert "the CLI runs as this daemon's own user" not in attack.out
