@@ -54,6 +54,7 @@ run: dev
 install:
 	$(PYTHON) -m venv $(ROOT)$(PREFIX)
 	$(ROOT)$(PREFIX)/bin/pip install --quiet --upgrade pip
+	rm -rf build  # setuptools' build dir can hold modules the source no longer has
 	$(ROOT)$(PREFIX)/bin/pip install --quiet .
 	install -D -m 0644 -t $(ROOT)$(UNITDIR) packaging/systemd/*.service packaging/systemd/*.socket
 	install -D -m 0644 packaging/systemd/sysusers.d/cl.conf $(ROOT)/usr/lib/sysusers.d/cl.conf

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -34,10 +35,12 @@ def box(tmp_path: Path) -> Iterator[Box]:
     if check.returncode:
         pytest.skip(f"sdbox cannot run here: {check.stdout.strip()} {check.stderr.strip()}")
     wheels = tmp_path / "wheels"
+    shutil.rmtree(PROJECT / "build", ignore_errors=True)  # setuptools' build dir can hold removed modules
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "-w", str(wheels), str(PROJECT)], check=True, capture_output=True
     )
     (tmp_path / "claude").mkdir()
+    (tmp_path / "fake").mkdir()
     name = f"cltest{os.getpid()}"
     subprocess.run(
         [
@@ -56,6 +59,8 @@ def box(tmp_path: Path) -> Iterator[Box]:
             f"{tmp_path / 'claude'}:/opt/claude",
             "--bind",
             f"{FAKES}:/opt/fakes:ro",
+            "--bind",
+            f"{tmp_path / 'fake'}:/srv/fake",
         ],
         check=True,
         capture_output=True,
@@ -83,6 +88,14 @@ def drop_credential(box: Box, directory: Path, name: str, content: str) -> None:
     os.chown(incoming, uid, uid)
     incoming.chmod(0o600)
     incoming.rename(directory / f"credentials-{name}.json")
+
+
+def submit(box: Box, cwd: str, prompt: str, *user: str) -> int:
+    """`cl submit` in the box (as `user`, with `setpriv` args, if given), which must succeed; the job id."""
+    as_user = ["setpriv", *user] if user else []
+    result = box(*as_user, "/opt/cl/bin/cl", "submit", "--cwd", cwd, "--prompt", prompt, "--json", check=False)
+    assert result.returncode == 0, result.stderr + box("journalctl", "-u", "cl-balancer", "--no-pager").stdout[-3000:]
+    return int(json.loads(result.stdout)["job"])
 
 
 def journal(box: Box, unit: str) -> list[tuple[int, str]]:
@@ -129,25 +142,27 @@ def test_a_session_runs_in_its_own_worker_unit_and_survives_a_balancer_restart(
     box: Box, tmp_path: Path, planted: Planted
 ) -> None:
     install(box)
-    hold = tmp_path / "claude" / "hold"  # the fake CLI works as long as this file exists
+    fake = tmp_path / "fake"  # the fake CLI's files, at /srv/fake in the box: the CLI's user writes there
+    hold = fake / "hold"  # the fake CLI works as long as this file exists
     hold.touch()
     old, new = planted.token(), planted.token()  # and it refreshes a1's token on the way
-    fresh = {"access": new, "refresh": planted.token("sk-ant-ort01-"), "expires_at_ms": FAR_FUTURE_MS}
-    (tmp_path / "claude" / "refresh.json").write_text(json.dumps({old: fresh}))
+    later = FAR_FUTURE_MS + 3_600_000
+    fresh = {"access": new, "refresh": planted.token("sk-ant-ort01-"), "expires_at_ms": later}
+    (fake / "refresh.json").write_text(json.dumps({old: fresh}))
     config = (
         'claude_bin = "/opt/fakes/claude"\n'
-        'cli_writable = ["/var/lib/cl/fake-claude.jsonl"]\n'
+        'cli_writable = ["/srv/fake"]\n'
         "[worker.env]\n"
-        'FAKE_CLAUDE_REFRESH = "/opt/claude/refresh.json"\n'
-        'FAKE_CLAUDE_HOLD = "/opt/claude/hold"\n'
-        'FAKE_CLAUDE_LOG = "/var/lib/cl/fake-claude.jsonl"\n'
+        'FAKE_CLAUDE_REFRESH = "/srv/fake/refresh.json"\n'
+        'FAKE_CLAUDE_HOLD = "/srv/fake/hold"\n'
+        'FAKE_CLAUDE_LOG = "/srv/fake/fake-claude.jsonl"\n'
         'FAKE_CLAUDE_TOUCH = "/var/lib/cl/cl.db:/srv/work/notes.txt"\n'
     )
     box(
         "sh",
         "-c",
-        "mkdir -p /etc/cl /srv/work /var/lib/cl && chown cl:cl /srv/work /var/lib/cl"
-        " && install -o cl -g cl -m 0600 /dev/null /var/lib/cl/fake-claude.jsonl"
+        "mkdir -p /etc/cl /srv/work && chown cl-cli:cl-cli /srv/work /srv/fake"
+        " && install -o cl-cli -g cl-cli -m 0600 /dev/null /srv/fake/fake-claude.jsonl"
         f" && printf '%s' '{config}' > /etc/cl/config.toml",
     )
     box("systemctl", "enable", "--now", "cl-balancer.service")
@@ -156,14 +171,14 @@ def test_a_session_runs_in_its_own_worker_unit_and_survives_a_balancer_restart(
     account_file = tmp_path / "claude" / "credentials-a1.json"
     before = account_file.stat()
 
-    job = json.loads(box("/opt/cl/bin/cl", "submit", "--cwd", "/srv/work", "--prompt", "long", "--json").stdout)["job"]
+    job = submit(box, "/srv/work", "long")
 
     def state() -> str:
         jobs = json.loads(box("/opt/cl/bin/cl", "jobs", "--json").stdout)
         return str(next(j["state"] for j in jobs if j["id"] == job))
 
     wait_until(
-        lambda: box("test", "-s", "/var/lib/cl/fake-claude.jsonl", check=False).returncode == 0, "the CLI to start"
+        lambda: box("test", "-s", "/srv/fake/fake-claude.jsonl", check=False).returncode == 0, "the CLI to start"
     )
     units = box("systemctl", "list-units", "--no-legend", "cl-worker@*").stdout
     assert "cl-worker@" in units  # the session runs in a worker unit of its own, not under the balancer
@@ -172,8 +187,9 @@ def test_a_session_runs_in_its_own_worker_unit_and_survives_a_balancer_restart(
     assert state() == "running"
     hold.unlink()
     wait_until(lambda: state() == "done", "the session to finish")
-    (call,) = [json.loads(line) for line in box("cat", "/var/lib/cl/fake-claude.jsonl").stdout.splitlines()]  # once
-    # Landlock inside the worker unit: the job's cwd is writable, the state store is not.
+    (call,) = [json.loads(line) for line in box("cat", "/srv/fake/fake-claude.jsonl").stdout.splitlines()]  # once
+    # The CLI runs as its own user; the job's cwd is writable for it, the state store is not.
+    assert call["uid"] == int(box("id", "-u", "cl-cli").stdout)
     assert call["touched"] == {"/var/lib/cl/cl.db": False, "/srv/work/notes.txt": True}
     # The worker unit (user cl) carried the refreshed token back into a1's own file, in place.
     after = account_file.stat()
@@ -193,22 +209,21 @@ def test_a_walled_session_is_rescued_and_the_journal_tells_the_story(
     quota = json.dumps({walled: 0})
     config = (
         'claude_bin = "/opt/fakes/claude"\n'
-        'cli_writable = ["/var/lib/cl/quota.json", "/var/lib/cl/fake-claude.jsonl"]\n'
+        'cli_writable = ["/srv/fake"]\n'
         "[worker.env]\n"
-        'FAKE_CLAUDE_QUOTA = "/var/lib/cl/quota.json"\n'
-        'FAKE_CLAUDE_LOG = "/var/lib/cl/fake-claude.jsonl"\n'
+        'FAKE_CLAUDE_QUOTA = "/srv/fake/quota.json"\n'
+        'FAKE_CLAUDE_LOG = "/srv/fake/fake-claude.jsonl"\n'
     )
     box(
         "sh",
         "-c",
-        "mkdir -p /etc/cl /srv/work /var/lib/cl && chown cl:cl /srv/work"
+        "mkdir -p /etc/cl /srv/work /srv/fake && chown cl-cli:cl-cli /srv/work /srv/fake"
         f" && printf '%s' '{config}' > /etc/cl/config.toml"
-        f" && printf '%s' '{quota}' > /var/lib/cl/quota.json && chown cl:cl /var/lib/cl/quota.json"
-        " && install -o cl -g cl -m 0600 /dev/null /var/lib/cl/fake-claude.jsonl",
+        f" && printf '%s' '{quota}' > /srv/fake/quota.json && chown cl-cli:cl-cli /srv/fake/quota.json",
     )
     drop_credential(box, tmp_path / "claude", "a1", oauth_credential(planted, token=walled))
     box("systemctl", "enable", "--now", "cl-balancer.service", "cl-rescue.service")
-    box("/opt/cl/bin/cl", "submit", "--cwd", "/srv/work", "--prompt", "long")
+    submit(box, "/srv/work", "long")
 
     def said(unit: str, priority: int, text: str) -> bool:
         return any(p == priority and m.startswith(text) for p, m in journal(box, unit))

@@ -23,6 +23,7 @@ import structlog
 from cl import daemon, placement, redact, workdir
 from cl.cli_user import CliUser, CliUserError
 from cl.config import Config
+from cl.launcher import under_socket_activation
 from cl.protocol import Encoded, Handler, Peer, Reply, Request, RequestError, id_field
 from cl.registry import CredentialRegistry
 from cl.status import StatusView
@@ -151,8 +152,8 @@ class Balancer:
         """The job's directory, resolved, if it obeys `cl.workdir`'s rules for the submitter and
         the CLI's user; a `refused` error naming the rule otherwise."""
         writers = [workdir.Writer(f"the submitter (uid {peer.uid})", peer.uid, peer.groups | {peer.gid})]
-        try:
-            cli = CliUser.resolve(self.config.cli_user)
+        try:  # a cl-worker@ unit may switch users even though this daemon may not
+            cli = CliUser.resolve(self.config.cli_user, switching=under_socket_activation(self.config) or None)
         except CliUserError as exc:
             raise RequestError("refused", str(exc)) from None
         writers.append(workdir.Writer(f"the CLI's user {cli.name}", cli.uid, cli.groups()))

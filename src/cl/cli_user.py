@@ -37,23 +37,22 @@ class CliUser:
     """The CLI runs as a user other than the worker's (the worker can switch, and does)."""
 
     @classmethod
-    def resolve(cls, name: str) -> CliUser:
-        """`name` if this process can switch to it; otherwise this process's own user (the
-        daemons say at start what that leaves out). Raises CliUserError if this process could
-        switch but `name` does not exist: running the CLI with a privileged identity is never
-        the fallback."""
+    def resolve(cls, name: str, *, switching: bool | None = None) -> CliUser:
+        """`name` if the worker can switch to it (`switching`; None: if this process can);
+        otherwise this process's own user (the daemons say at start what that leaves out).
+        Raises CliUserError if it could switch but `name` does not exist: running the CLI with
+        a privileged identity is never the fallback."""
         own = cls(os.getuid(), os.getgid(), _user_name(os.getuid()), separate=False)
         if not name:
             return own
+        switching = can_switch_users() if switching is None else switching
         try:
             entry = pwd.getpwnam(name)
         except KeyError:
-            if can_switch_users():
-                raise CliUserError(
-                    f"cli_user {name!r} does not exist (packaging/systemd/sysusers.d creates it)"
-                ) from None
+            if switching:
+                raise CliUserError(f"cli_user {name!r} does not exist (see packaging/systemd/sysusers.d)") from None
             return own
-        if entry.pw_uid == os.getuid() or not can_switch_users():
+        if entry.pw_uid == os.getuid() or not switching:
             return own
         return cls(entry.pw_uid, entry.pw_gid, name, separate=True)
 

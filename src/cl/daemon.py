@@ -195,14 +195,16 @@ class Daemon:
 
 
 def say_what_confines_the_cli(config: Config) -> None:
-    """At start, one line for each confinement of the CLI that cannot hold here."""
+    """At start, one line for each confinement of the CLI that cannot hold here. Under systemd
+    each `cl-worker@` unit may switch users and use Landlock (this daemon's own seccomp filter
+    forbids it): the worker says so itself if its kernel lacks it."""
+    if under_socket_activation(config):
+        return
     abi = landlock.abi()
     if not abi:
         log.warning("no Landlock in this kernel: the CLI is confined by its user's rights alone")
     elif abi < landlock.SIGNAL_SCOPE_ABI:
         log.warning("Landlock without signal scoping (Linux < 6.12): CLIs of one user can signal each other", abi=abi)
-    if under_socket_activation(config):
-        return  # each cl-worker@ unit may switch users: the CLI runs as `cli_user`
     try:
         cli = CliUser.resolve(config.cli_user)
     except CliUserError as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import stat
 import struct
 from collections.abc import Iterable
 
@@ -83,41 +84,58 @@ def _beneath(path: str, directory: str) -> bool:
     return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
-def confine(writable: Iterable[str], readable: Iterable[str], version: int) -> None:
-    """Allow this process (and what it execs) to write beneath `writable` only, to read beneath
-    `writable` and `readable` only, and to signal only its own domain. Raises LandlockError.
+Rule = tuple[int, int]
+"""An open `O_PATH` descriptor and the rights granted beneath it."""
 
-    Meant for the moment between fork and exec: it allocates nothing Python-side it cannot spare.
-    A path that does not exist is skipped; a file gets the rights a file can have.
+
+def open_rules(paths: Iterable[str], rights: int) -> list[Rule]:
+    """Open each path (`O_PATH`, as whoever calls this: the CLI's user for the CLI's own places)
+    for a rule granting `rights` beneath it; a file gets the rights a file can have, a path that
+    cannot be opened is skipped. Close them with `close_rules` once the CLI is started."""
+    rules = []
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            continue
+        is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+        rules.append((fd, rights if is_dir else rights & (WRITE_FILE | TRUNCATE | READ_FILE)))
+    return rules
+
+
+def close_rules(rules: Iterable[Rule]) -> None:
+    for fd, _rights in rules:
+        os.close(fd)
+
+
+def writing(version: int) -> int:
+    """The rights a writable place gets: every one handled."""
+    return handled_writes(version) | READING
+
+
+READING = READ_FILE | READ_DIR
+
+
+def confine(rules: Iterable[Rule], version: int) -> None:
+    """Allow this process (and what it execs) only what `rules` grant (of the rights handled:
+    writing and reading), and to signal only its own domain. Raises LandlockError.
+
+    Meant for the moment between fork and exec: it only makes system calls.
     """
-    handled = handled_writes(version) | READ_FILE | READ_DIR
+    handled = writing(version)
     scoped = version >= SIGNAL_SCOPE_ABI  # the attribute grew a `scoped` field (after `handled_access_net`)
     attr = struct.pack("=QQQ", handled, 0, SCOPE_SIGNAL) if scoped else struct.pack("=Q", handled)
     ruleset = int(_libc.syscall(_SYS_CREATE_RULESET, attr, len(attr), 0))
     if ruleset < 0:
         raise LandlockError(ctypes.get_errno(), "landlock_create_ruleset failed")
     try:
-        for paths, rights in ((writable, handled), (readable, READ_FILE | READ_DIR)):
-            for path in paths:
-                _allow(ruleset, path, rights)
+        for fd, rights in rules:
+            rule = struct.pack("=Qi", rights, fd)
+            if _libc.syscall(_SYS_ADD_RULE, ruleset, _RULE_PATH_BENEATH, rule, 0) < 0:
+                raise LandlockError(ctypes.get_errno(), "landlock_add_rule failed")
         if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0:
             raise LandlockError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS failed")
         if _libc.syscall(_SYS_RESTRICT_SELF, ruleset, 0) < 0:
             raise LandlockError(ctypes.get_errno(), "landlock_restrict_self failed")
     finally:
         os.close(ruleset)
-
-
-def _allow(ruleset: int, path: str, rights: int) -> None:
-    try:
-        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        if not os.path.isdir(f"/proc/self/fd/{fd}"):
-            rights &= WRITE_FILE | TRUNCATE | READ_FILE
-        rule = struct.pack("=Qi", rights, fd)
-        if _libc.syscall(_SYS_ADD_RULE, ruleset, _RULE_PATH_BENEATH, rule, 0) < 0:
-            raise LandlockError(ctypes.get_errno(), f"landlock_add_rule failed for {path}")
-    finally:
-        os.close(fd)

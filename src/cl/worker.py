@@ -131,7 +131,8 @@ def _work(session: _Session) -> RunState:
     job, run, store, cli = session.job, session.run, session.store, session.cli
     account = _account(session)
     writer = workdir.Writer(f"the CLI's user {cli.name}", cli.uid, cli.groups())
-    cwd = workdir.check_for_job(session.config, job.cwd, [writer])
+    with cli.acting():  # as the CLI's user sees the path
+        cwd = workdir.check_for_job(session.config, job.cwd, [writer])
     if cwd != job.cwd:
         raise RunRefused(f"{job.cwd}: it now resolves to {cwd}; the job runs only where it was submitted")
     transcript = str(transcript_path(Path(), job.cwd, run.resume)) if run.resume else None
@@ -194,14 +195,14 @@ def _account_file(config: Config, account: str) -> Path:
     return config.credentials_dir / credential_filename(account)
 
 
-def _cli_preexec(cli: CliUser, cwd: int, writable: list[str], readable: list[str], abi: int) -> Callable[[], None]:
+def _cli_preexec(cli: CliUser, cwd: int, rules: list[landlock.Rule], abi: int) -> Callable[[], None]:
     """Between fork and exec of the CLI: Landlock, the job's directory, the CLI's own user with
     no capabilities, and death with the worker (set last: a change of user clears it)."""
     parent = os.getpid()
 
     def preexec() -> None:
         if abi:
-            landlock.confine(writable, readable, abi)
+            landlock.confine(rules, abi)
         os.fchdir(cwd)
         cli.become()
         libc = ctypes.CDLL(None, use_errno=True)
@@ -288,11 +289,15 @@ def _run_cli(session: _Session, account: Account) -> tuple[StreamState, int] | N
     config_dir = session_config_dir(config, job.id)
     oauth = account.kind is CredentialKind.OAUTH
     state = StreamState()
-    writable = [job.cwd, str(config_dir), "/tmp", "/dev", *config.cli_writable]  # noqa: S108
-    readable = landlock.readable_except(str(path) for path in workdir.private_dirs(config).values())
     if not (abi := landlock.abi()):
         bound.warning("no Landlock in this kernel: the CLI is confined by its user's rights alone")
-    cwd = os.open(job.cwd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    with cli.acting():  # the CLI's own places, opened as the CLI's user: the worker may not reach them
+        cwd = os.open(job.cwd, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        writable = [job.cwd, str(config_dir), "/tmp", "/dev", *config.cli_writable]  # noqa: S108
+        rules = landlock.open_rules(writable, landlock.writing(abi)) if abi else []
+    if abi:
+        hidden = (str(path) for path in workdir.private_dirs(config).values())
+        rules += landlock.open_rules(landlock.readable_except(hidden), landlock.READING)
     with session.log_path.open("ab") as output:
         out = _Output(output)
         try:
@@ -303,7 +308,7 @@ def _run_cli(session: _Session, account: Account) -> tuple[StreamState, int] | N
                 stderr=subprocess.PIPE,
                 env=cli_environment(config, account, cli, config_dir),
                 pass_fds=(session.lock, cwd),
-                preexec_fn=_cli_preexec(cli, cwd, writable, readable, abi),  # noqa: PLW1509 - syscalls only, no locks taken
+                preexec_fn=_cli_preexec(cli, cwd, rules, abi),  # noqa: PLW1509 - syscalls only, no locks taken
             )
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -312,6 +317,7 @@ def _run_cli(session: _Session, account: Account) -> tuple[StreamState, int] | N
             return None
         finally:
             os.close(cwd)
+            landlock.close_rules(rules)
         assert claude.stdin is not None
         assert claude.stdout is not None
         assert claude.stderr is not None
