@@ -1,6 +1,6 @@
-"""A hostile CLI tries every way out of its session, under `make run` as root: the CLI runs as its
-own user (cl-cli), as the installed units run it. Every attempt is refused, and the refusal itself
-is what is asserted (the same story under systemd is in test_systemd.py).
+"""A hostile CLI tries every way out of its session, under `make run` as root and under systemd (the
+installed units in a throwaway systemd 252, each session in its `cl-worker@` unit): either way the
+CLI runs as its own user (cl-cli). Every attempt is refused, and the refusal itself is asserted.
 
 The CLI is `tests/fakes/hostile`, chosen per job by its prompt: one job is the victim (it waits),
 the other attacks the sockets, the daemons, its own worker, the victim's CLI, the store, the
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sdbox import Box, booted, drop_credential, submit, unavailable
 
 from cl import landlock
 from cl.client import DaemonUnreachable, call
@@ -118,10 +119,18 @@ class Attack:
     resumed: dict[str, Any]
     targets: dict[str, Any]
     daemons: list[int]
-    var: Path
+    cli_uid: int
     accounts_before: dict[Path, bytes]
     planted: Planted
-    out: str
+    logs: dict[str, str]
+    """Each run's log, by file name."""
+    integrity: str
+    """The state store's `PRAGMA integrity_check` afterwards."""
+    said: str
+    """What the daemons said (their output, or their journal)."""
+    hidden_proc: str
+    """How another process's /proc entry refuses the CLI: EACCES, or ENOENT where even its existence is
+    hidden (ProtectProc=invisible in the worker unit)."""
 
     @property
     def worker(self) -> str:
@@ -132,24 +141,12 @@ class Attack:
         return str(self.report["victim"])
 
 
-@pytest.fixture(scope="module")
-def attack() -> Iterator[Attack]:
-    """The whole story once: a victim job, an attacking job that walls and is moved, both done."""
-    root = Path(tempfile.mkdtemp(prefix="cl-hostile-", dir="/var/tmp"))
-    root.chmod(0o755)
-    try:
-        yield _attack(root, Planted())
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+VICTIM, ATTACK = "victim", "--dangerously-skip-permissions, then attack"
 
 
-def _attack(var: Path, planted: Planted) -> Attack:
-    fakes = install_fake(HOSTILE, var / "bin")
-    work = var / "work"
-    work.mkdir()
-    state, credentials, sessions, runtime = var / "state", var / "claude", var / "sessions", var / "run"
-    targets: dict[str, Any] = {
-        "connect": [str(runtime / "balancer.sock"), str(runtime / "rescue.sock")],
+def targets_in(credentials: Path, state: Path, sessions: Path, sockets: list[Path]) -> dict[str, Any]:
+    return {
+        "connect": [str(path) for path in sockets],
         "read": [
             str(credentials),
             str(credentials / "credentials-a1.json"),
@@ -162,6 +159,34 @@ def _attack(var: Path, planted: Planted) -> Attack:
         "write": [str(state / "cl.db"), str(credentials / "credentials-a2.json"), str(sessions / "job-1" / "x")],
         "links": [str(credentials / "credentials-a2.json"), str(state / "cl.db")],
     }
+
+
+@pytest.fixture(scope="module", params=["make run as root", "systemd"])
+def attack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Attack]:
+    """The whole story once in each place: a victim job, an attacking job that walls on a1 and is
+    moved to a2, both done."""
+    if request.param == "systemd":
+        if (why := unavailable()) is not None:
+            pytest.skip(why)
+        tmp = tmp_path_factory.mktemp("hostile-box")
+        with booted(tmp, f"clhostile{os.getpid()}") as box:
+            yield _attack_under_systemd(box, tmp, Planted())
+        return
+    root = Path(tempfile.mkdtemp(prefix="cl-hostile-", dir="/var/tmp"))  # pytest's tmp is under a 0700 dir
+    root.chmod(0o755)
+    try:
+        yield _attack_under_make_run(root, Planted())
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _attack_under_make_run(var: Path, planted: Planted) -> Attack:
+    fakes = install_fake(HOSTILE, var / "bin")
+    work = var / "work"
+    work.mkdir()
+    state, credentials, runtime = var / "state", var / "claude", var / "run"
+    sockets = [runtime / "balancer.sock", runtime / "rescue.sock"]
+    targets = targets_in(credentials, state, var / "sessions", sockets)
     config = (
         'credentials_dir = "claude"\nstate_dir = "state"\nsessions_dir = "sessions"\nruntime_dir = "run"\n'
         f'claude_bin = "{fakes}"\nplacement = "fill-first"\n'
@@ -181,25 +206,93 @@ def _attack(var: Path, planted: Planted) -> Attack:
         (var / "targets.json").write_text(json.dumps(targets))
         cli = pwd.getpwnam("cl-cli")  # made by `make run` as root
         os.chown(work, cli.pw_uid, cli.pw_gid)
-        a1 = write_credential(credentials, "a1", oauth_credential(planted))
-        a2 = write_credential(credentials, "a2", oauth_credential(planted))
-        before = {path: path.read_bytes() for path in (a1, a2)}
-        victim = run.submit("victim", work)  # fill-first: both jobs start on a1
+        accounts = [write_credential(credentials, name, oauth_credential(planted)) for name in ("a1", "a2")]
+        before = {path: path.read_bytes() for path in accounts}
+        victim = run.submit(VICTIM, work)  # fill-first: both jobs start on a1
         wait_until((work / "victim.pid").exists, "the victim to run")
-        attacker = run.submit("--dangerously-skip-permissions, then attack", work)
+        attacker = run.submit(ATTACK, work)
         wait_until((work / "resumed.json").exists, "the attacker to wall on a1 and resume on a2")
         (work / "release").touch()
         wait_until(lambda: {run.jobs()[victim]["state"], run.jobs()[attacker]["state"]} == {"done"}, "both done")
     finally:
         (work / "release").touch()
         out = stop(run)
-    report = json.loads((work / "attack.json").read_text())
-    resumed = json.loads((work / "resumed.json").read_text())
-    return Attack(report, resumed, targets, daemons, var, before, planted, out)
+    return Attack(
+        report=json.loads((work / "attack.json").read_text()),
+        resumed=json.loads((work / "resumed.json").read_text()),
+        targets=targets,
+        daemons=daemons,
+        cli_uid=cli.pw_uid,
+        accounts_before=before,
+        planted=planted,
+        logs={log.name: log.read_text() for log in (state / "logs").iterdir()},
+        integrity=sqlite3.connect(state / "cl.db").execute("PRAGMA integrity_check").fetchone()[0],
+        said=out,
+        hidden_proc="EACCES",
+    )
+
+
+def _attack_under_systemd(box: Box, tmp: Path, planted: Planted) -> Attack:
+    sockets = [Path("/run/cl") / f"{name}.sock" for name in ("balancer", "rescue", "worker")]
+    targets = targets_in(Path("/opt/claude"), Path("/var/lib/cl"), Path("/var/lib/cl-sessions"), sockets)
+    config = (
+        'claude_bin = "/opt/fakes/hostile"\nplacement = "fill-first"\n'
+        '[worker.env]\nHOSTILE_TARGETS_FILE = "/srv/fake/targets.json"\n'
+    )
+    box(
+        "sh",
+        "-c",
+        f"mkdir -p /etc/cl /srv/work && chown cl-cli:cl-cli /srv/work && printf '%s' '{config}' > /etc/cl/config.toml",
+    )
+    box("systemctl", "enable", "--now", "cl-balancer.service", "cl-rescue.service")
+    units = ("cl-balancer", "cl-rescue")
+    daemons = [int(box("systemctl", "show", "-p", "MainPID", "--value", unit).stdout) for unit in units]
+    targets["signal"] = targets["ptrace"] = daemons
+    (tmp / "fake" / "targets.json").write_text(json.dumps(targets))
+    for name in ("a1", "a2"):
+        drop_credential(box, tmp / "claude", name, oauth_credential(planted))
+    before = {path: path.read_bytes() for path in sorted((tmp / "claude").glob("credentials-*.json"))}
+
+    def exists(path: str) -> bool:
+        if box("test", "-e", path, check=False).returncode == 0:
+            return True
+        assert "session failed" not in (said := box("journalctl", "--no-pager").stdout), said[-4000:]
+        return False
+
+    def states() -> set[str]:
+        return {job["state"] for job in json.loads(box("/opt/cl/bin/cl", "jobs", "--json").stdout)}
+
+    submit(box, "/srv/work", VICTIM)
+    wait_until(lambda: exists("/srv/work/victim.pid"), "the victim to run")
+    submit(box, "/srv/work", ATTACK)
+    wait_until(lambda: exists("/srv/work/resumed.json"), "the attacker to wall on a1 and resume on a2")
+    box("touch", "/srv/work/release")
+    wait_until(lambda: states() == {"done"}, "both done")
+    logs = {
+        name: box("cat", f"/var/lib/cl/logs/{name}").stdout for name in box("ls", "/var/lib/cl/logs").stdout.split()
+    }
+    integrity = box(
+        "/usr/bin/python3",
+        "-c",
+        "import sqlite3; print(sqlite3.connect('/var/lib/cl/cl.db').execute('PRAGMA integrity_check').fetchone()[0])",
+    ).stdout.strip()
+    return Attack(
+        report=json.loads(box("cat", "/srv/work/attack.json").stdout),
+        resumed=json.loads(box("cat", "/srv/work/resumed.json").stdout),
+        targets=targets,
+        daemons=daemons,
+        cli_uid=int(box("id", "-u", "cl-cli").stdout),
+        accounts_before=before,
+        planted=planted,
+        logs=logs,
+        integrity=integrity,
+        said=box("journalctl", "-u", "cl-balancer", "-u", "cl-rescue", "--no-pager").stdout,
+        hidden_proc="ENOENT",
+    )
 
 
 def test_the_cli_runs_as_its_own_user_without_capabilities(attack: Attack) -> None:
-    assert attack.report["me"]["uid"] == pwd.getpwnam("cl-cli").pw_uid
+    assert attack.report["me"]["uid"] == attack.cli_uid
     assert set(attack.report["me"]["capabilities"].values()) == {0}
     assert attack.report["became_root"] is False
 
@@ -219,8 +312,8 @@ def test_it_cannot_signal_or_trace_the_daemons_its_worker_or_another_jobs_cli(at
     pids = [*map(str, attack.daemons), attack.worker, attack.victim]
     assert {pid: attack.report["signal"][pid] for pid in pids} == dict.fromkeys(pids, refused)
     assert {pid: attack.report["ptrace"][pid] for pid in pids} == dict.fromkeys(pids, refused)
-    denied = {"ok": False, "error": "EACCES"}
-    assert attack.report["environ"] == {attack.worker: denied, attack.victim: denied}
+    hidden = {"ok": False, "error": attack.hidden_proc}
+    assert attack.report["environ"] == {attack.worker: hidden, attack.victim: hidden}
 
 
 def test_it_reads_and_writes_nothing_of_cls_nor_other_accounts_nor_another_job(attack: Attack) -> None:
@@ -239,23 +332,20 @@ def test_what_it_plants_steers_no_privileged_write(attack: Attack) -> None:
         f".credentials.json.{worker}",
     ]
     assert {path: path.read_bytes() for path in attack.accounts_before} == attack.accounts_before
-    store = sqlite3.connect(attack.var / "state" / "cl.db")
-    assert store.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert attack.integrity == "ok"
     # The resumed run holds a2's credential in a file of its own, not through the planted link.
     assert attack.resumed["config_dir_credential_is_link"] is False
     assert attack.resumed["holds_tail"] == attack.planted.tokens[2][-6:]
 
 
 def test_the_token_it_prints_is_redacted_in_the_runs_log(attack: Attack) -> None:
-    logs = attack.var / "state" / "logs"
-    attack_log = (logs / "job-2-run-2.log").read_text()
+    attack_log = attack.logs["job-2-run-2.log"]
     assert "the credential I hold is ***" in attack_log  # stdout
     assert "stderr too: ***" in attack_log
-    for log in logs.iterdir():
-        assert not attack.planted.leaks(log.read_text(), log.name)
+    for name, text in attack.logs.items():
+        assert not attack.planted.leaks(text, name)
 
 
-def test_make_run_as_root_said_nothing_was_amiss_and_stopped_cleanly(attack: Attack) -> None:
-    assert attack.out.count("stopped") == 2, attack.out
-    assert "Traceback" not in attack.out, attack.out
-    assert "the CLI runs as this daemon's own user" not in attack.out
+def test_the_daemons_said_nothing_was_amiss(attack: Attack) -> None:
+    assert "Traceback" not in attack.said, attack.said
+    assert "the CLI runs as this daemon's own user" not in attack.said

@@ -9,103 +9,24 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sdbox import Box, booted, drop_credential, journal, submit, unavailable
 
 from utils import FAR_FUTURE_MS, Planted, oauth_credential, wait_until
-
-PROJECT = Path(__file__).resolve().parents[1]
-SDBOX = PROJECT.parent / "shared" / "tools" / "sdbox"
-UNITS = PROJECT / "packaging" / "systemd"
-FAKES = PROJECT / "tests" / "fakes"
-
-Box = Callable[..., subprocess.CompletedProcess[str]]
 
 
 @pytest.fixture
 def box(tmp_path: Path) -> Iterator[Box]:
-    if not SDBOX.exists():
-        pytest.skip(f"no sdbox at {SDBOX}")
-    check = subprocess.run([str(SDBOX), "check"], capture_output=True, text=True, check=False)
-    if check.returncode:
-        pytest.skip(f"sdbox cannot run here: {check.stdout.strip()} {check.stderr.strip()}")
-    wheels = tmp_path / "wheels"
-    shutil.rmtree(PROJECT / "build", ignore_errors=True)  # setuptools' build dir can hold removed modules
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "-w", str(wheels), str(PROJECT)], check=True, capture_output=True
-    )
-    (tmp_path / "claude").mkdir()
-    (tmp_path / "fake").mkdir()
-    name = f"cltest{os.getpid()}"
-    subprocess.run(
-        [
-            str(SDBOX),
-            "up",
-            name,
-            "--unit-dir",
-            str(UNITS),
-            "--sysusers-dir",
-            str(UNITS / "sysusers.d"),
-            "--tmpfiles-dir",
-            str(UNITS / "tmpfiles.d"),
-            "--bind",
-            f"{wheels}:/wheels:ro",
-            "--bind",
-            f"{tmp_path / 'claude'}:/opt/claude",
-            "--bind",
-            f"{FAKES}:/opt/fakes:ro",
-            "--bind",
-            f"{tmp_path / 'fake'}:/srv/fake",
-        ],
-        check=True,
-        capture_output=True,
-    )
-
-    def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(SDBOX), "exec", name, *cmd], capture_output=True, text=True, check=check)
-
-    try:
+    if (why := unavailable()) is not None:
+        pytest.skip(why)
+    with booted(tmp_path, f"cltest{os.getpid()}") as run:
         yield run
-    finally:
-        subprocess.run([str(SDBOX), "down", name], check=True, capture_output=True)
-
-
-def install(box: Box) -> None:
-    box("/usr/bin/python3", "-m", "venv", "/opt/cl")
-    box("/opt/cl/bin/pip", "install", "-q", "--no-index", "--find-links", "/wheels", "cl")
-
-
-def drop_credential(box: Box, directory: Path, name: str, content: str) -> None:
-    """As an operator would: owned by the box's `cl` user, mode 0600, landed by a rename."""
-    uid = int(box("id", "-u", "cl").stdout)
-    incoming = directory / ".incoming"
-    incoming.write_text(content)
-    os.chown(incoming, uid, uid)
-    incoming.chmod(0o600)
-    incoming.rename(directory / f"credentials-{name}.json")
-
-
-def submit(box: Box, cwd: str, prompt: str, *user: str) -> int:
-    """`cl submit` in the box (as `user`, with `setpriv` args, if given), which must succeed; the job id."""
-    as_user = ["setpriv", *user] if user else []
-    result = box(*as_user, "/opt/cl/bin/cl", "submit", "--cwd", cwd, "--prompt", prompt, "--json", check=False)
-    assert result.returncode == 0, result.stderr + box("journalctl", "-u", "cl-balancer", "--no-pager").stdout[-3000:]
-    return int(json.loads(result.stdout)["job"])
-
-
-def journal(box: Box, unit: str) -> list[tuple[int, str]]:
-    out = box("journalctl", "-u", unit, "-o", "json", "--no-pager").stdout
-    entries = [json.loads(line) for line in out.splitlines() if line.strip()]
-    return [(int(e["PRIORITY"]), e["MESSAGE"]) for e in entries if isinstance(e.get("MESSAGE"), str)]
 
 
 def test_enable_drop_a_credential_reload_and_stop(box: Box, tmp_path: Path, planted: Planted) -> None:
-    install(box)
     box("systemctl", "enable", "--now", "cl-balancer.service", "cl-rescue.service")
     for unit in ("cl-balancer", "cl-rescue"):  # `start` returned: both sent READY=1
         assert box("systemctl", "is-active", unit).stdout.strip() == "active"
@@ -141,7 +62,6 @@ def test_enable_drop_a_credential_reload_and_stop(box: Box, tmp_path: Path, plan
 def test_a_session_runs_in_its_own_worker_unit_and_survives_a_balancer_restart(
     box: Box, tmp_path: Path, planted: Planted
 ) -> None:
-    install(box)
     fake = tmp_path / "fake"  # the fake CLI's files, at /srv/fake in the box: the CLI's user writes there
     hold = fake / "hold"  # the fake CLI works as long as this file exists
     hold.touch()
@@ -204,7 +124,6 @@ def test_a_session_runs_in_its_own_worker_unit_and_survives_a_balancer_restart(
 def test_a_walled_session_is_rescued_and_the_journal_tells_the_story(
     box: Box, tmp_path: Path, planted: Planted
 ) -> None:
-    install(box)
     walled = planted.token()
     quota = json.dumps({walled: 0})
     config = (
@@ -241,7 +160,6 @@ def test_a_walled_session_is_rescued_and_the_journal_tells_the_story(
 
 
 def test_a_stalled_daemon_is_killed_by_the_watchdog_and_restarted(box: Box) -> None:
-    install(box)
     dropin = "[Service]\nWatchdogSec=2\nTimeoutAbortSec=1\n"  # the shipped 30 s, shortened for the test
     box(
         "sh",

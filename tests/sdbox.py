@@ -1,0 +1,97 @@
+"""A throwaway systemd 252 for tests (PID 1 in a box made by ../shared/tools/sdbox), with cl installed."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+SDBOX = PROJECT.parent / "shared" / "tools" / "sdbox"
+UNITS = PROJECT / "packaging" / "systemd"
+FAKES = PROJECT / "tests" / "fakes"
+
+Box = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def unavailable() -> str | None:
+    """Why no box can run here, or None."""
+    if not SDBOX.exists():
+        return f"no sdbox at {SDBOX}"
+    check = subprocess.run([str(SDBOX), "check"], capture_output=True, text=True, check=False)
+    if check.returncode:
+        return f"sdbox cannot run here: {check.stdout.strip()} {check.stderr.strip()}"
+    return None
+
+
+@contextlib.contextmanager
+def booted(tmp: Path, name: str) -> Iterator[Box]:
+    """A box with cl's units, users and dirs; `tmp`/claude is its /opt/claude and `tmp`/fake its
+    /srv/fake (where the fake CLIs keep their files). Yields `box(*cmd, check=True)`."""
+    wheels = tmp / "wheels"
+    shutil.rmtree(PROJECT / "build", ignore_errors=True)  # setuptools' build dir can hold removed modules
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "-w", str(wheels), str(PROJECT)], check=True, capture_output=True
+    )
+    (tmp / "claude").mkdir()
+    (tmp / "fake").mkdir()
+    binds = {wheels: "/wheels:ro", tmp / "claude": "/opt/claude", FAKES: "/opt/fakes:ro", tmp / "fake": "/srv/fake"}
+    subprocess.run(
+        [
+            str(SDBOX),
+            "up",
+            name,
+            "--unit-dir",
+            str(UNITS),
+            "--sysusers-dir",
+            str(UNITS / "sysusers.d"),
+            "--tmpfiles-dir",
+            str(UNITS / "tmpfiles.d"),
+            *(arg for source, target in binds.items() for arg in ("--bind", f"{source}:{target}")),
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+    def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(SDBOX), "exec", name, *cmd], capture_output=True, text=True, check=check)
+
+    try:
+        install(run)
+        yield run
+    finally:
+        subprocess.run([str(SDBOX), "down", name], check=True, capture_output=True)
+
+
+def install(box: Box) -> None:
+    box("/usr/bin/python3", "-m", "venv", "/opt/cl")
+    box("/opt/cl/bin/pip", "install", "-q", "--no-index", "--find-links", "/wheels", "cl")
+
+
+def drop_credential(box: Box, directory: Path, name: str, content: str) -> None:
+    """As an operator would: owned by the box's `cl` user, mode 0600, landed by a rename."""
+    uid = int(box("id", "-u", "cl").stdout)
+    incoming = directory / ".incoming"
+    incoming.write_text(content)
+    os.chown(incoming, uid, uid)
+    incoming.chmod(0o600)
+    incoming.rename(directory / f"credentials-{name}.json")
+
+
+def submit(box: Box, cwd: str, prompt: str, *user: str) -> int:
+    """`cl submit` in the box (as `user`, with `setpriv` args, if given), which must succeed; the job id."""
+    as_user = ["setpriv", *user] if user else []
+    result = box(*as_user, "/opt/cl/bin/cl", "submit", "--cwd", cwd, "--prompt", prompt, "--json", check=False)
+    assert result.returncode == 0, result.stderr + box("journalctl", "-u", "cl-balancer", "--no-pager").stdout[-3000:]
+    return int(json.loads(result.stdout)["job"])
+
+
+def journal(box: Box, unit: str) -> list[tuple[int, str]]:
+    out = box("journalctl", "-u", unit, "-o", "json", "--no-pager").stdout
+    entries = [json.loads(line) for line in out.splitlines() if line.strip()]
+    return [(int(e["PRIORITY"]), e["MESSAGE"]) for e in entries if isinstance(e.get("MESSAGE"), str)]
