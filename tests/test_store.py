@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import re
 import sqlite3
 import subprocess
@@ -155,3 +156,24 @@ def test_a_claimed_run_is_never_abandoned(store: Store) -> None:
     claimed = store.run(run.id)
     assert claimed is not None
     assert (claimed.state, store.job(job.id).state) == ("running", "running")  # type: ignore[union-attr]
+
+
+def _open_at_once(path: Path, barrier: Any) -> None:
+    barrier.wait()
+    Store(path).close()
+
+
+def test_two_processes_opening_a_fresh_store_at_once_both_succeed(tmp_path: Path) -> None:
+    """`systemctl enable --now` of both daemons on a fresh install opens the store twice at the same
+    instant: switching to WAL can find the file locked without SQLite's busy handler waiting."""
+    context = multiprocessing.get_context("fork")
+    failed = 0
+    for trial in range(200):
+        barrier = context.Barrier(2)
+        openers = [context.Process(target=_open_at_once, args=(tmp_path / f"{trial}.db", barrier)) for _ in range(2)]
+        for opener in openers:
+            opener.start()
+        for opener in openers:
+            opener.join()
+        failed += sum(1 for opener in openers if opener.exitcode)
+    assert failed == 0

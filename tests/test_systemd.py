@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -178,3 +179,51 @@ def test_a_stalled_daemon_is_killed_by_the_watchdog_and_restarted(box: Box) -> N
     wait_until(lambda: box("systemctl", "is-active", "cl-rescue", check=False).stdout.strip() == "active", "READY")
     assert "Watchdog timeout" in box("journalctl", "-u", "cl-rescue", "--no-pager").stdout
     assert box("systemctl", "show", "-p", "NRestarts", "--value", "cl-rescue").stdout.strip() == "1"
+
+
+def test_operators_see_and_act_on_their_own_jobs_and_root_and_admins_on_all(box: Box) -> None:
+    """Two operators in group cl, an admin in cl-admin: each operator sees and cancels only their own
+    job and reads only their own output; the admin and root see both; a job cannot be pointed at
+    another operator's directory."""
+    box(
+        "sh",
+        "-c",
+        "useradd -G cl alice && useradd -G cl bob && useradd -G cl,cl-admin carol"
+        " && mkdir -p /srv/alice /srv/bob && chown alice:cl-cli /srv/alice && chown bob:cl-cli /srv/bob"
+        " && chmod 2770 /srv/alice /srv/bob",
+    )
+    box("systemctl", "enable", "--now", "cl-balancer.service", "cl-rescue.service")
+
+    def cl(user: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return box(
+            "setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "/opt/cl/bin/cl", *args, check=False
+        )
+
+    def jobs(user: str) -> set[int]:
+        result = cl(user, "jobs", "--json")
+        assert result.returncode == 0, result.stderr
+        return {job["id"] for job in json.loads(result.stdout)}
+
+    alices = submit(box, "/srv/alice", "alice's work", "--reuid=alice", "--regid=alice", "--init-groups")
+    bobs = submit(box, "/srv/bob", "bob's work", "--reuid=bob", "--regid=bob", "--init-groups")
+    assert (jobs("alice"), jobs("bob"), jobs("carol"), jobs("root")) == (
+        {alices},
+        {bobs},
+        {alices, bobs},
+        {alices, bobs},
+    )
+    waiting = json.loads(cl("alice", "status", "--json").stdout)
+    assert [job["id"] for job in waiting["jobs"]] == [alices]
+
+    for command in (["cancel", str(alices)], ["logs", str(alices)]):
+        refused = cl("bob", *command)
+        assert (refused.returncode, refused.stderr.strip()) == (
+            2,
+            f"cl: cl-balancer: job {alices} is another operator's",
+        )
+    elsewhere = cl("bob", "submit", "--cwd", "/srv/alice", "--prompt", "peek")
+    assert elsewhere.returncode == 2
+    bob = int(box("id", "-u", "bob").stdout)
+    assert elsewhere.stderr.strip().endswith(f"--cwd /srv/alice: the submitter (uid {bob}) cannot write it")
+    assert cl("alice", "cancel", str(alices)).returncode == 0
+    assert cl("carol", "cancel", str(bobs)).returncode == 0

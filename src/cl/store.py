@@ -259,14 +259,29 @@ class Store:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout)
         self._db.row_factory = sqlite3.Row
         self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = NORMAL")
         self._db.execute("PRAGMA foreign_keys = ON")
         self._shown: tuple[tuple[int, int], int | None, AccountCounts] | None = None
         """What `snapshot` read, with the changes counters it was read at and the ledger's revision then."""
         self._listings: dict[int | None, tuple[int | None, Listing]] = {}
         """Each submitter's (None: everyone's) jobs listing, with the ledger revision it was read at."""
-        self._migrate()
+        self._prepare(busy_timeout)
+
+    def _prepare(self, busy_timeout: float) -> None:
+        """WAL mode and the current schema. Two processes opening a fresh file at once can find it
+        locked where SQLite's busy handler does not wait (switching to WAL): retried for up to the
+        busy timeout."""
+        deadline = time.monotonic() + busy_timeout
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode = WAL")
+                self._migrate()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+            else:
+                return
 
     @property
     def schema_version(self) -> int:
@@ -291,6 +306,8 @@ class Store:
             raise
 
     def _migrate(self) -> None:
+        if self.schema_version == len(MIGRATIONS):
+            return  # current: no write lock taken
         with self.transaction() as db:
             version = self.schema_version
             if version > len(MIGRATIONS):
