@@ -204,9 +204,11 @@ class Balancer:
         wanted = request.get("session") or request.get("job")
         if not isinstance(wanted, int | str) or isinstance(wanted, bool):
             raise RequestError("bad-request", '"session" or "job" must name one')
+        if isinstance(wanted, int):
+            await self._own_job({"job": wanted}, peer)
         run = await self.store.run(store.latest_run, wanted)
         if run is None:
-            raise RequestError("not-found", f"no session or job {wanted!r}")
+            raise RequestError("not-found", f"no session or job {wanted!r} has run yet")
         await self._own_job({"job": run.job_id}, peer)
         data = b""
         if run.log_path:
