@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from utils import DaemonProcess
 
-EXPECTED_ERRORS = {"bad-json", "bad-request", "unknown-request", "too-long", "not-found", "not-queued"}
+EXPECTED_ERRORS = {"bad-json", "bad-request", "unknown-request", "too-long", "not-found", "not-queued", "refused"}
 REQUESTS = ["accounts", "submit", "cancel", "status", "logs", "run-changed", "waiting", "nope", ""]
 
 JSON = st.recursive(

@@ -1,0 +1,84 @@
+"""Where a job may run: never one of cl's own places, and only where both the submitter and the
+CLI's user can write. Each refusal names its rule."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cl import workdir
+from utils import DaemonProcess, Layout, cl
+
+NOBODY = 65534
+
+
+@pytest.mark.usefixtures("balancer")
+@pytest.mark.parametrize(
+    ("where", "rule"),
+    [
+        ("/", "the root directory is never a job's working directory"),
+        ("state", "it is cl's state directory"),
+        ("state/logs", "it is inside cl's state directory"),
+        ("sessions", "it is cl's sessions directory"),
+        ("run", "it is cl's runtime directory"),
+        ("claude", "it is cl's credentials directory"),
+        (".", "it holds cl's"),
+        ("config", "it is cl's configuration directory"),
+        ("config/..", "it holds cl's"),
+    ],
+)
+def test_a_job_never_runs_in_cls_own_places(layout: Layout, where: str, rule: str) -> None:
+    (layout.root / "state" / "logs").mkdir(exist_ok=True)
+    (layout.root / "sessions").mkdir(exist_ok=True)
+    cwd = where if where == "/" else str((layout.root / where).resolve())
+    refused = cl(layout, "submit", "--cwd", cwd, "--prompt", "x", CL_CONFIG=str(layout.root / "config" / "c.toml"))
+    assert refused.returncode == 2, refused.stdout
+    assert refused.stderr.startswith(f"cl: cl-balancer: --cwd {cwd}: {rule}"), refused.stderr
+
+
+@pytest.fixture
+def balancer(layout: Layout) -> DaemonProcess:
+    (layout.root / "config").mkdir()
+    (layout.root / "config" / "c.toml").touch()
+    return DaemonProcess("balancer", layout, env=layout.env(CL_CONFIG=str(layout.root / "config" / "c.toml"))).start()
+
+
+@pytest.fixture
+def reachable() -> Iterator[Path]:
+    """A directory others can reach (pytest's tmp dirs are under a 0700 one)."""
+    path = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_both_the_submitter_and_the_clis_user_must_be_able_to_write_it(reachable: Path) -> None:
+    shared, closed = reachable / "shared", reachable / "closed"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o2770)
+    os.chown(shared, 0, NOBODY - 1)
+    closed.mkdir()
+    closed.chmod(0o700)
+    (closed / "inside").mkdir(mode=0o777)
+    member = workdir.Writer("a member", NOBODY, frozenset({NOBODY - 1}))
+    stranger = workdir.Writer("a stranger (uid 65534)", NOBODY, frozenset({NOBODY}))
+    assert workdir.check(str(shared), {}, [member]) == str(shared)
+    with pytest.raises(workdir.WorkdirRefused, match="a stranger \\(uid 65534\\) cannot write it"):
+        workdir.check(str(shared), {}, [member, stranger])
+    with pytest.raises(workdir.WorkdirRefused, match=f"a member cannot reach it \\({closed} is closed to them\\)"):
+        workdir.check(str(closed / "inside"), {}, [member])
+    root = workdir.Writer("root", 0, frozenset())
+    assert workdir.check(str(closed / "inside"), {}, [root]) == str(closed / "inside")
+
+
+def test_a_symlink_is_resolved_before_the_rules(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (tmp_path / "innocent").symlink_to(state)
+    with pytest.raises(workdir.WorkdirRefused, match="it is cl's state directory"):
+        workdir.check(str(tmp_path / "innocent"), {"state directory": state}, [])
