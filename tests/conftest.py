@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from utils import DaemonProcess, Layout, Planted, both
+from utils import DaemonProcess, Layout, Planted, both, tokens_in_output
 
 
 @pytest.fixture
@@ -24,30 +28,30 @@ def planted(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> Iterator[Plant
         pytest.fail("secret leaked: " + "; ".join(leaks), pytrace=False)
 
 
-OUTPUT_SUFFIXES = (".log", ".jsonl", ".db", ".db-wal", ".out")
-"""What the daemons, workers and fakes write: logs, run output, transcripts, the state store."""
-
-
 @pytest.fixture(scope="session", autouse=True)
 def no_token_anywhere_after_the_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """After the whole suite: everything the system wrote (logs, journals, run output, transcripts,
-    the state store, each job's config dir) is searched for every token planted in the session.
-    The tests' own inputs (credential files, swap files with credential content) are not output."""
+    the state store) is searched for every token planted in the session."""
     yield
-    root = tmp_path_factory.getbasetemp()
-    hits = []
-    for path in root.rglob("*"):
-        if path.is_symlink() or not path.is_file():
-            continue
-        if not (path.name.endswith(OUTPUT_SUFFIXES) or "state" in path.relative_to(root).parts[:-1]):
-            continue
-        data = path.read_bytes()
-        hits += [
-            f"planted token #{i} in {path.relative_to(root)}"
-            for i, t in enumerate(Planted.everywhere)
-            if t.encode() in data
-        ]
+    hits = tokens_in_output(tmp_path_factory.getbasetemp())
     assert not hits, "secrets leaked: " + "; ".join(hits[:20])
+
+
+@pytest.fixture
+def separated() -> Iterator[Layout]:
+    """A layout where the CLI runs as its own user (cl-cli), laid out as `make run` as root lays it
+    out, outside pytest's 0700 tmp dir; searched for planted tokens before it goes."""
+    if os.getuid() != 0:
+        pytest.skip("the CLI gets a user of its own only when cl runs as root")
+    sysusers = Path(__file__).resolve().parents[1] / "packaging" / "systemd" / "sysusers.d" / "cl.conf"
+    subprocess.run(["systemd-sysusers", str(sysusers)], check=True, capture_output=True)
+    root = Path(tempfile.mkdtemp(prefix="cl-separated-", dir="/var/tmp"))
+    try:
+        yield Layout(root, cli_user="cl-cli")
+        hits = tokens_in_output(root)
+        assert not hits, "secrets leaked: " + "; ".join(hits[:20])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -9,8 +9,11 @@ from pathlib import Path
 
 CLAUDE_CODE_VERSION = "2.1.332"
 CACHE = (
-    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cl-tests" / f"claude-code-{CLAUDE_CODE_VERSION}"
+    (Path("/var/cache") if os.getuid() == 0 else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")))
+    / "cl-tests"
+    / f"claude-code-{CLAUDE_CODE_VERSION}"
 )
+"""As root, where the CLI's own user can run it (root's home is closed to it)."""
 
 
 def install() -> tuple[Path | None, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -39,6 +40,12 @@ from utils import (
 )
 
 FAKE_API = Path(__file__).resolve().parent / "fakes" / "fake_anthropic.py"
+
+
+@pytest.fixture
+def layout(request: pytest.FixtureRequest, tmp_path: Path) -> Layout:
+    """As installed: the real CLI runs as its own user (when the tests run as root, as CI does)."""
+    return request.getfixturevalue("separated") if os.getuid() == 0 else Layout(tmp_path)
 
 
 @pytest.fixture(scope="session")
@@ -143,15 +150,16 @@ def test_real_cli_sessions_move_to_a_dropped_in_account_with_their_conversation(
     for prompt in prompts:  # each conversation went out again, under the new account's token
         assert sum(any(prompt in m for m in r["messages"]) for r in on_a4) == 1, prompt
     assert {job["account"] for job in jobs} == {"a4"}
-    for job in jobs:
+    cli_uid = pwd.getpwnam(layout.cli_user).pw_uid if layout.cli_user else os.getuid()
+    for job in jobs:  # written by the CLI as its own user
         session_dir = layout.sessions / f"job-{job['id']}"
-        assert transcript_path(session_dir, str(layout.work), job["session_id"]).exists()
+        assert transcript_path(session_dir, str(layout.work), job["session_id"]).stat().st_uid == cli_uid
 
 
 FAKES = Path(__file__).resolve().parent / "fakes"
 
 
-def private_network(tmp_path: Path, access: str, refresh: str) -> Path:
+def private_network(root: Path, access: str, refresh: str) -> Path:
     """A directory for `fakes/in_private_network`: a test CA and platform.claude.com's
     certificate signed by it, the tokens the stand-in hands out. Skips where it cannot run."""
     if os.geteuid() != 0 or not all(shutil.which(tool) for tool in ("unshare", "ip", "openssl")):
@@ -159,7 +167,7 @@ def private_network(tmp_path: Path, access: str, refresh: str) -> Path:
     probe = subprocess.run(["unshare", "--mount", "--net", "true"], capture_output=True, check=False)
     if probe.returncode:
         pytest.skip(f"cannot make a private network and mount namespace here: {probe.stderr.decode().strip()}")
-    net = tmp_path / "net"
+    net = root / "net"
     net.mkdir()
 
     def openssl(*args: str) -> None:
@@ -179,14 +187,14 @@ def private_network(tmp_path: Path, access: str, refresh: str) -> Path:
 
 
 def test_the_real_cli_refreshes_an_expired_token_and_the_account_keeps_it(
-    layout: Layout, planted: Planted, claude_bin: Path, tmp_path: Path
+    layout: Layout, planted: Planted, claude_bin: Path
 ) -> None:
     """The real CLI 2.1.332 with an expired access token refreshes it against a stand-in for
     platform.claude.com (a private network namespace, a test CA): it replaces the job's
     `.credentials.json` link with a file of its own, and the worker carries the new tokens
     back into the account's file, which the next request and every other session then use."""
     old, new, new_refresh = planted.token(), planted.token(), planted.token("sk-ant-ort01-")
-    net = private_network(tmp_path, new, new_refresh)
+    net = private_network(layout.root, new, new_refresh)  # the CLI's user reads the test CA there
     an_hour_ago = int((time.time() - 3600) * 1000)
     account_file = write_credential(
         layout.credentials, "a1", oauth_credential(planted, token=old, expires_at_ms=an_hour_ago)

@@ -54,6 +54,28 @@ class Planted:
         return [f"planted token #{i} appears in {where}" for i, token in enumerate(self.tokens) if token in text]
 
 
+OUTPUT_SUFFIXES = (".log", ".jsonl", ".db", ".db-wal", ".out")
+"""What the daemons, workers and fakes write: logs, run output, transcripts, the state store."""
+
+
+def tokens_in_output(root: Path) -> list[str]:
+    """Where, beneath `root`, a token planted in this session shows in what the system wrote (the
+    tests' own inputs, credential files and the jobs' own copies of them, are not output)."""
+    hits = []
+    for path in root.rglob("*"):
+        if path.is_symlink() or not path.is_file():
+            continue
+        if not (path.name.endswith(OUTPUT_SUFFIXES) or "state" in path.relative_to(root).parts[:-1]):
+            continue
+        data = path.read_bytes()
+        hits += [
+            f"planted token #{i} in {path.relative_to(root)}"
+            for i, t in enumerate(Planted.everywhere)
+            if t.encode() in data
+        ]
+    return hits
+
+
 def oauth_credential(planted: Planted, *, token: str | None = None, expires_at_ms: int = FAR_FUTURE_MS) -> str:
     access = planted.token() if token is None else token
     return json.dumps(
