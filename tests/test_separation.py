@@ -1,0 +1,96 @@
+"""What each daemon and worker says and refuses about who runs the CLI (the attacks themselves are
+in test_hostile_cli.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from cl.cli_user import CliUser, CliUserError
+from utils import BIN, DaemonProcess, Layout
+
+NOBODY = 65534
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
+
+
+def warnings_about_the_cli(log: str) -> list[str]:
+    return [line for line in log.splitlines() if "the CLI runs as this daemon's own user" in line]
+
+
+def test_a_daemon_that_cannot_give_the_cli_its_own_user_says_so_once_at_start(layout: Layout) -> None:
+    daemon = DaemonProcess("balancer", layout).start()  # cli_user = "": the CLI would run as the daemon's user
+    daemon.stop()
+    (line,) = warnings_about_the_cli(daemon.log())
+    assert "it can reach the control sockets" in line
+
+
+def test_the_cli_gets_its_own_user_only_where_the_worker_can_switch_to_it() -> None:
+    """As a plain user (`make run` without root) the worker cannot switch: the CLI shares its user,
+    and the daemons say so (above); with the right to switch, a missing user is an error, never a
+    reason to run the CLI as root."""
+    if not _user_exists("cl-cli"):
+        pytest.skip("no cl-cli user here (systemd-sysusers packaging/systemd/sysusers.d/cl.conf makes it)")
+    plain = CliUser.resolve("cl-cli", switching=False)
+    assert (plain.uid, plain.separate) == (os.getuid(), False)
+    own = CliUser.resolve("cl-cli", switching=True)
+    assert (own.name, own.separate) == ("cl-cli", own.uid != os.getuid())
+    with pytest.raises(CliUserError, match="cli_user 'no-such-user' does not exist"):
+        CliUser.resolve("no-such-user", switching=True)
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def test_a_worker_takes_a_launch_only_from_root_or_its_own_user() -> None:
+    """`cl-worker --from-socket` (a `cl-worker@` unit's stdin is the connection) checks its peer."""
+    if os.getuid() != 0 or shutil.which("setpriv") is None or not SYSTEM_PYTHON.exists():
+        pytest.skip("needs root, setpriv and a python3 any user can run, to connect as another user")
+    reachable = Path(tempfile.mkdtemp(dir="/var/tmp"))  # pytest's tmp dirs are closed to other users
+    reachable.chmod(0o755)
+    path = reachable / "worker.sock"
+    with contextlib.ExitStack() as cleanup, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        cleanup.callback(shutil.rmtree, reachable)
+        listener.settimeout(60)
+        listener.bind(str(path))
+        path.chmod(0o777)
+        listener.listen()
+        client = subprocess.Popen(
+            [*AS_NOBODY, str(SYSTEM_PYTHON), "-c", CONNECT, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        connection, _ = listener.accept()
+    with connection:
+        worker = subprocess.run(
+            [str(BIN / "cl-worker"), "--from-socket"],
+            stdin=connection.fileno(),
+            stdout=connection.fileno(),
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert (worker.returncode, worker.stderr.strip()) == (2, f"cl-worker: refused a launch from uid {NOBODY}")
+    out, _ = client.communicate(timeout=60)
+    assert b"pid" not in out  # it never got a worker
+
+
+CONNECT = """
+import json, socket, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(sys.argv[1])
+sock.sendall(json.dumps({"run": 1, "env": {"CL_CLAUDE_BIN": "/bin/sh"}}).encode() + b"\\n")
+print(sock.makefile().readline())
+"""
