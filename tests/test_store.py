@@ -8,12 +8,16 @@ import re
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from cl import worker
+from cl.claude_code.stream import StreamState
+from cl.config import Config
 from cl.store import MIGRATIONS, AsyncStore, RunState, Snapshot, Store, StoreError
 
 
@@ -177,3 +181,20 @@ def test_two_processes_opening_a_fresh_store_at_once_both_succeed(tmp_path: Path
             opener.join()
         failed += sum(1 for opener in openers if opener.exitcode)
     assert failed == 0
+
+
+def test_a_wall_the_cli_announces_stands_a_week_at_most(tmp_path: Path) -> None:
+    """The CLI's output says when its account's wall resets; a hostile one cannot bench it for a year."""
+    store = Store(tmp_path / "cl.db")
+    job = store.add_job("/srv", "x")
+    run = store.place(job.id, "a1", limit=1)
+    assert run is not None
+    state = StreamState()
+    year_3000 = 32503680000
+    info = {"status": "rejected", "resetsAt": year_3000, "rateLimitType": "five_hour"}
+    state.feed(json.dumps({"type": "rate_limit_event", "rate_limit_info": info}))
+    worker._settle(Config(), store, run, state, 1)
+    wall = store.walls()["a1"]
+    assert wall.reset_at is not None
+    assert wall.reset_at <= time.time() + worker.MAX_WALL
+    store.close()

@@ -56,6 +56,8 @@ from cl.store import Job, Run, RunState, Store, iso_utc
 log = structlog.get_logger("cl.worker")
 
 PR_SET_PDEATHSIG = 1
+MAX_WALL = 8 * 86400
+"""Seconds a wall may stand at most: the longest usage window is seven days."""
 _RUN_STATE = {
     Outcome.DONE: RunState.DONE,
     Outcome.FAILED: RunState.FAILED,
@@ -220,8 +222,11 @@ def _settle(config: Config, store: Store, run: Run, state: StreamState, code: in
     if state.utilization or state.usage:
         store.record_usage(run.account, state.utilization, time.time(), _tokens(state.usage))
     if (wall := state.wall) is not None:
-        # No reset in the output (API-key walls): try again after `wall_retry`, never "forever".
+        # No reset in the output (API-key walls): try again after `wall_retry`, never "forever". The
+        # CLI's output says when: it may bench its own account no longer than the longest real
+        # window (a week), whatever it prints.
         reset = wall.reset_at.timestamp() if wall.reset_at else time.time() + config.wall_retry
+        reset = min(reset, time.time() + MAX_WALL)
         store.record_wall(run.account, wall.source, reset, wall.kind)
         bound.warning("session walled", resets=iso_utc(reset), known_reset=bool(wall.reset_at))
     elif outcome is Outcome.UNAUTHORIZED:

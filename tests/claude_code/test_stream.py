@@ -172,3 +172,13 @@ def test_refused_credentials_are_not_the_sessions_fault(said: str) -> None:
     assert state.outcome(1) == (Outcome.UNAUTHORIZED, f"credentials refused: {said}")
     revoked = run({**WALLED_RESULT, "api_error_status": 401, "result": "API Error: 401 authentication_error"})
     assert revoked.outcome(1)[0] is Outcome.UNAUTHORIZED
+
+
+@pytest.mark.parametrize("said", ["../../../etc/passwd", "a\x00b", "--dangerously-skip-permissions", 7, None])
+def test_a_session_id_is_taken_only_in_the_shape_the_cli_makes_them(said: Any) -> None:
+    """It goes into a later run's `--resume` and a transcript's path: the CLI's output cannot shape it."""
+    state = StreamState()
+    state.feed(json.dumps({"type": "system", "subtype": "init", "session_id": said}))
+    assert state.session_id is None
+    state.feed(json.dumps({"type": "system", "subtype": "init", "session_id": "8a6fec7c-1d2e-4f00-9abc-0123456789ab"}))
+    assert state.session_id == "8a6fec7c-1d2e-4f00-9abc-0123456789ab"

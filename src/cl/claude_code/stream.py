@@ -13,10 +13,14 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import re
 from datetime import UTC, datetime
 from typing import Any
 
 from cl.claude_code.walls import Wall, reset_from_text, wall_from_text
+
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 class Outcome(enum.StrEnum):
@@ -60,7 +64,7 @@ class StreamState:
                 if self.wall is None:
                     self.wall = wall_from_text(line, now)
             return None
-        self.session_id = self.session_id or _str(event.get("session_id"))
+        self.session_id = self.session_id or _session_id(event.get("session_id"))
         match event.get("type"):
             case "system" if event.get("subtype") == "init":
                 self.cli_version = _str(event.get("claude_code_version"))
@@ -138,6 +142,12 @@ class StreamState:
             kind=self.wall.kind or wall.kind,
             message=self.wall.message or wall.message,
         )
+
+
+def _session_id(value: Any) -> str | None:
+    """A session id as every CLI version makes them (a UUID); anything else is not one. It goes
+    into a later run's command line and a path, so the CLI's output must not choose its shape."""
+    return value if isinstance(value, str) and _UUID.fullmatch(value) else None
 
 
 def _str(value: Any) -> str | None:
