@@ -344,7 +344,7 @@ def _run_cli(session: _Session, account: Account) -> tuple[StreamState, int] | N
                 answered = True
                 _answered(config, store, run, bound)
         code = claude.wait()
-        errors.join()
+        errors.join(timeout=5)  # a process the CLI left behind may hold its stderr open
         if oauth:
             session.credential.sync(session.account_file, run.account)
         return state, code
