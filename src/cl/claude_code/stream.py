@@ -19,7 +19,6 @@ from typing import Any
 
 from cl.claude_code.walls import Wall, reset_from_text, wall_from_text
 
-
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
