@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import secrets
 import stat
@@ -49,8 +50,11 @@ Signature = tuple[int, int, int]
 class JobCredential:
     """The credential in one job's config dir (opened as `cli`, by descriptor)."""
 
-    def __init__(self, config_dir: Path, cli: CliUser) -> None:
+    def __init__(self, config_dir: Path, cli: CliUser, mark: Path) -> None:
         self._cli = cli
+        self._mark = mark
+        """Where the worker notes (a digest of) what it last put in the copy, out of the CLI's reach:
+        a copy that differs was written by the CLI (a refresh), the only kind that may go back."""
         with cli.acting():
             self._dir = os.open(config_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         self._seen: tuple[Signature | None, Signature | None] | None = None
@@ -80,19 +84,21 @@ class JobCredential:
         current, content = read
         if current.kind is not CredentialKind.OAUTH:
             self.remove()  # the account's credential reaches the CLI through its environment now
-        elif copy is not None and _newer(parse_credential(account, copy), current):
+        elif copy is not None and self._from_cli(copy) and _newer(parse_credential(account, copy), current):
             if not self._carry_back(copy, account_file, account):
                 return
         elif copy is None or copy.rstrip() != content.rstrip():
-            if copy is not None:
+            if copy is not None and self._from_cli(copy):
                 self._not_kept(copy, account)
             self._write_copy(content)
         self._seen = (self._copy_signature(), _signature(account_file))
 
     def carry_back(self, account_file: Path, account: str) -> None:
-        """What an earlier run on `account` left in the copy goes back to it if it is newer."""
+        """What an earlier run's CLI on `account` left in the copy goes back to it if it is newer."""
         copy, read = self._read_copy(), _read_account(account_file, account)
-        if copy is not None and read is not None and _newer(parse_credential(account, copy), read[0]):
+        if copy is None or read is None or not self._from_cli(copy):
+            return
+        if _newer(parse_credential(account, copy), read[0]):
             self._carry_back(copy, account_file, account)
 
     def remove(self) -> None:
@@ -110,9 +116,22 @@ class JobCredential:
             self._unsaved = signature
             bound.error("refreshed credentials not saved", error=os.strerror(exc.errno or 0), file=str(account_file))
             return False
+        self._note(copy)
         expires = parse_credential(account, copy).expires_at
         bound.info("refreshed credentials kept", expires_at=expires.isoformat() if expires else None)
         return True
+
+    def _from_cli(self, copy: bytes) -> bool:
+        """The copy is not what a worker last put there: the CLI wrote it."""
+        try:
+            return self._mark.read_text() != _digest(copy)
+        except FileNotFoundError:
+            return True
+
+    def _note(self, copy: bytes) -> None:
+        temporary = self._mark.with_name(f"{self._mark.name}.{os.getpid()}")
+        temporary.write_text(_digest(copy))
+        temporary.replace(self._mark)
 
     def _not_kept(self, copy: bytes, account: str) -> None:
         """Say why a copy the CLI changed does not go back (it is replaced by the account's)."""
@@ -154,6 +173,7 @@ class JobCredential:
             finally:
                 os.close(fd)
             os.rename(temporary, NAME, src_dir_fd=self._dir, dst_dir_fd=self._dir)
+        self._note(data)
 
 
 def _newer(copy: Account, current: Account) -> bool:
@@ -164,6 +184,10 @@ def _newer(copy: Account, current: Account) -> bool:
         and copy.expires_at is not None
         and (current.expires_at is None or copy.expires_at > current.expires_at)
     )
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _of(st: os.stat_result) -> Signature:

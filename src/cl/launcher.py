@@ -34,7 +34,12 @@ def log_path(config: Config, job_id: int, run_id: int) -> Path:
 
 def lock_path(config: Config, job_id: int) -> Path:
     """The session's lock: in the state dir, out of the CLI's reach."""
-    return config.state_dir / "locks" / f"job-{job_id}.lock"
+    return config.state_dir / "jobs" / f"job-{job_id}.lock"
+
+
+def credential_mark_path(config: Config, job_id: int) -> Path:
+    """A digest of what a worker last put in the job's credential copy (see `cl.job_credential`)."""
+    return config.state_dir / "jobs" / f"job-{job_id}.credential"
 
 
 def launch(run_id: int, socket_path: Path) -> int:

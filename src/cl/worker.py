@@ -49,7 +49,7 @@ from cl.client import tell
 from cl.config import Config
 from cl.credentials import Account, CredentialKind, credential_filename, read_account
 from cl.job_credential import JobCredential
-from cl.launcher import lock_path, log_path, session_config_dir
+from cl.launcher import credential_mark_path, lock_path, log_path, session_config_dir
 from cl.processes import start_time
 from cl.store import Job, Run, RunState, Store, iso_utc
 
@@ -67,7 +67,11 @@ _RUN_STATE = {
 
 
 class RunRefused(Exception):
-    """The run cannot start (its account unusable, its directory refused): the run fails with this."""
+    """The run cannot start here (its directory refused): the run fails with this."""
+
+
+class AccountUnusable(Exception):
+    """The run's account went away or bad between placement and now: not the session's fault."""
 
 
 def claude_argv(config: Config, job: Job, run: Run) -> list[str]:
@@ -107,6 +111,8 @@ def work(config: Config, store: Store, run_id: int) -> RunState | None:
         return _work(session)
     except (RunRefused, workdir.WorkdirRefused) as exc:
         return _refused(store, run, str(exc), bound)
+    except AccountUnusable as exc:
+        return _bench(config, store, run, str(exc), bound)
     finally:
         credential.close()
 
@@ -154,6 +160,16 @@ def _refused(store: Store, run: Run, reason: str, bound: Any) -> RunState:
     return RunState.FAILED
 
 
+def _bench(config: Config, store: Store, run: Run, reason: str, bound: Any) -> RunState:
+    """As when the CLI says its credentials are refused: the account is benched for `wall_retry`,
+    and the session goes to the rescuer (a fresh job back to the queue)."""
+    reset = time.time() + config.wall_retry
+    store.record_wall(run.account, "worker", reset, "unauthorized")
+    store.settle(run.id, RunState.WALLED, reason)
+    bound.warning("credentials refused", retry_at=iso_utc(reset), error=reason)
+    return RunState.WALLED
+
+
 def _reason(exc: Exception) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
@@ -170,7 +186,7 @@ def _ready_config_dir(config: Config, job_id: int, cli: CliUser) -> JobCredentia
     config_dir = session_config_dir(config, job_id)
     with cli.acting():
         config_dir.mkdir(mode=0o700, exist_ok=True)
-    return JobCredential(config_dir, cli)
+    return JobCredential(config_dir, cli, credential_mark_path(config, job_id))
 
 
 def _account(session: _Session) -> Account:
@@ -182,10 +198,10 @@ def _account(session: _Session) -> Account:
         credential.carry_back(_account_file(session.config, previous), previous)
     read = read_account(session.account_file, run.account)
     if read is None:
-        raise RunRefused(f"account {run.account} cannot be used: its credential file is gone")
+        raise AccountUnusable(f"account {run.account} cannot be used: its credential file is gone")
     account = read[0]
     if not account.usable:
-        raise RunRefused(f"account {run.account} cannot be used: {account.reason or account.state}")
+        raise AccountUnusable(f"account {run.account} cannot be used: {account.reason or account.state}")
     if account.kind is CredentialKind.OAUTH:
         credential.sync(session.account_file, run.account)
     else:
