@@ -106,3 +106,43 @@ def test_fuzzed_requests_and_a_thousand_clients_get_precise_answers_in_bounded_m
         grown = rss_kib(daemon.pid) - after_first[daemon.name]
         assert grown < 8 * 1024, f"cl-{daemon.name} grew by {grown} KiB over a second round"
         assert "request failed" not in daemon.log()  # no handler raised: nothing became `internal`
+
+
+STRING_FIELDS = {
+    "accounts": ["names"],
+    "submit": ["cwd", "prompt", "model"],
+    "cancel": ["job"],
+    "logs": ["session", "job"],
+    "run-changed": ["event", "run"],
+    "waiting": [],
+    "status": [],
+}
+HOSTILE_STRINGS = [chr(code) for code in [*range(32), 127]] + ["\ud800"]
+HUGE = [2**63, 2**64, -(2**64)]
+
+
+def test_control_characters_and_huge_numbers_in_every_field_get_precise_answers(
+    daemons: tuple[DaemonProcess, DaemonProcess],
+) -> None:
+    """A NUL or any other control character (or a lone surrogate) in every string field of every
+    request, 2**64 in every number, a 5,000-digit number: each gets a reply with a precise code (or
+    success, where the value is only looked up), and both daemons live on."""
+    lines = []
+    for name, fields in STRING_FIELDS.items():
+        base = {"request": name, "cwd": "/srv", "prompt": "x", "job": 1, "run": 1}
+        for field in fields:
+            for bad in HOSTILE_STRINGS:
+                value: Any = [f"a{bad}b"] if field == "names" else f"/srv/a{bad}b"
+                lines.append(json.dumps({**base, field: value}).encode())
+        lines += [json.dumps({**base, field: huge}).encode() for field in ("job", "run", "max_turns") for huge in HUGE]
+        lines.append(json.dumps({**base, "request": f"{name}\x00"}).encode())
+    lines += [
+        b'{"request": "cancel", "job": ' + b"9" * 5000 + b"}",
+        b'{"request": "logs", "offset": ' + b"7" * 5000 + b"}",
+    ]
+    for daemon in daemons:
+        replies = exchange(daemon.socket, lines)
+        assert len(replies) == len(lines)  # one reply each, the connection kept
+        assert [reply for reply in replies if not well_answered(reply)] == []
+        assert daemon.process is not None
+        assert daemon.process.poll() is None

@@ -24,7 +24,7 @@ from cl import daemon, placement, redact, workdir
 from cl.cli_user import CliUser, CliUserError
 from cl.config import Config
 from cl.launcher import under_socket_activation
-from cl.protocol import Encoded, Handler, Peer, Reply, Request, RequestError, id_field
+from cl.protocol import Encoded, Handler, Peer, Reply, Request, RequestError, id_field, text_field, whole_number
 from cl.registry import CredentialRegistry
 from cl.status import StatusView
 from cl.store import LIVE_RUNS, AsyncStore, Facts, Job, JobState, Run, RunState, Store
@@ -32,6 +32,7 @@ from cl.supervisor import Supervisor, log_outcome
 
 log = structlog.get_logger("cl.balancer")
 
+MAX_TURNS = 100_000
 MAX_PROMPT_BYTES = 48 * 1024
 """A prompt fits in one request line (64 KiB) and in the pipe to the CLI's standard input."""
 
@@ -130,18 +131,14 @@ class Balancer:
     # requests
 
     async def _submit(self, request: Request, peer: Peer) -> Reply:
-        cwd, prompt = request.get("cwd"), request.get("prompt")
-        model, max_turns = request.get("model"), request.get("max_turns")
-        if not isinstance(cwd, str) or not os.path.isabs(cwd):
+        cwd, prompt = text_field(request, "cwd"), text_field(request, "prompt", lines=True)
+        model, max_turns = text_field(request, "model"), whole_number(request, "max_turns", 1, MAX_TURNS)
+        if cwd is None or not os.path.isabs(cwd):
             raise RequestError("bad-request", '"cwd" must be an absolute path')
-        if not isinstance(prompt, str) or not prompt.strip():
+        if prompt is None or not prompt.strip():
             raise RequestError("bad-request", '"prompt" must be a non-empty string')
         if len(prompt.encode()) > MAX_PROMPT_BYTES:
             raise RequestError("bad-request", f'"prompt" is over {MAX_PROMPT_BYTES} bytes')
-        if model is not None and not isinstance(model, str):
-            raise RequestError("bad-request", '"model" must be a string')
-        if max_turns is not None and (not isinstance(max_turns, int) or isinstance(max_turns, bool) or max_turns < 1):
-            raise RequestError("bad-request", '"max_turns" must be a positive whole number')
         cwd = await asyncio.to_thread(self._workdir, cwd, peer)
         job = await self.store.run(self.store.store.add_job, cwd, prompt, model, max_turns, peer.uid)
         log.info("job queued", job=job.id, cwd=cwd, submitter=peer.uid)
@@ -198,12 +195,10 @@ class Balancer:
         """A run's output from `offset` on: `{"data", "offset", "finished"}`; `job` or `session` names it.
         Only the job's submitter (or who sees all) may read it; it is redacted on its way out."""
         store = self.store.store
-        offset = request.get("offset", 0)
-        if not isinstance(offset, int) or offset < 0:
-            raise RequestError("bad-request", '"offset" must be a byte offset')
-        wanted = request.get("session") or request.get("job")
-        if not isinstance(wanted, int | str) or isinstance(wanted, bool):
-            raise RequestError("bad-request", '"session" or "job" must name one')
+        offset = whole_number(request, "offset", 0) or 0
+        wanted: int | str | None = text_field(request, "session") if isinstance(request.get("session"), str) else None
+        if wanted is None:
+            wanted = id_field({"job": request.get("session", request.get("job"))}, "job")
         if isinstance(wanted, int):
             await self._own_job({"job": wanted}, peer)
         run = await self.store.run(store.latest_run, wanted)

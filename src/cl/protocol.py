@@ -21,6 +21,7 @@ import errno
 import grp
 import json
 import os
+import re
 import socket
 import stat
 import struct
@@ -85,11 +86,44 @@ class RequestError(Exception):
         self.message = message
 
 
+MAX_INTEGER = 2**63 - 1
+"""The largest integer the store holds."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_BUT_LINES = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 def id_field(request: Request, key: str) -> int:
     """The request's `key` (`job`, `run`) as an id, or a bad-request error naming it."""
     value = request.get(key)
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_INTEGER:
         raise RequestError("bad-request", f'"{key}" must be a {key} id')
+    return value
+
+
+def whole_number(request: Request, key: str, low: int, high: int = MAX_INTEGER) -> int | None:
+    """The request's `key` as a whole number from `low` to `high`, None if absent."""
+    value = request.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise RequestError("bad-request", f'"{key}" must be a whole number from {low} to {high}')
+    return value
+
+
+def text_field(request: Request, key: str, *, lines: bool = False) -> str | None:
+    """The request's `key` as text, None if absent: no control characters (`lines`: but tabs
+    and line breaks), nothing that is not Unicode text (a lone surrogate)."""
+    value = request.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RequestError("bad-request", f'"{key}" must be a string')
+    if (_CONTROL_BUT_LINES if lines else _CONTROL).search(value):
+        raise RequestError("bad-request", f'"{key}" must not hold control characters')
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise RequestError("bad-request", f'"{key}" must be Unicode text (it holds a lone surrogate)') from None
     return value
 
 
@@ -145,6 +179,8 @@ class ControlServer:
             return _error("bad-json", f"request is not valid JSON: {getattr(exc, 'msg', 'not UTF-8')}")
         except RecursionError:
             return _error("bad-json", "request is nested too deeply")
+        except ValueError:  # an integer past Python's limit on digits
+            return _error("bad-json", "request has a number with too many digits")
         if not isinstance(request, dict):
             return _error("bad-request", "request must be a JSON object")
         name = request.get("request")
