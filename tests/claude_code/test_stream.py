@@ -182,3 +182,11 @@ def test_a_session_id_is_taken_only_in_the_shape_the_cli_makes_them(said: Any) -
     assert state.session_id is None
     state.feed(json.dumps({"type": "system", "subtype": "init", "session_id": "8a6fec7c-1d2e-4f00-9abc-0123456789ab"}))
     assert state.session_id == "8a6fec7c-1d2e-4f00-9abc-0123456789ab"
+
+
+def test_an_answer_that_talks_about_authentication_is_an_answer() -> None:
+    """The model's text is not the CLI's: a successful result mentioning a 401 benches nothing."""
+    state = StreamState()
+    answer = "Done: the handler now maps a 401 to authentication_error and says Please run /login."
+    state.feed(json.dumps({"type": "result", "subtype": "success", "is_error": False, "result": answer}))
+    assert state.outcome(0) == (Outcome.DONE, None)

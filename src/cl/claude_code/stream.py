@@ -82,13 +82,14 @@ class StreamState:
         if self.wall is not None:
             return Outcome.WALLED, self.wall.message
         result = self.result
+        if result is not None and not result.get("is_error") and result.get("subtype") == "success":
+            return Outcome.DONE, None  # whatever the answer says: it is the model's text, not the CLI's
+        # The CLI's own words: its non-JSON output, or the text of a result that is an error.
         said = [*self.texts, str(result.get("result")) if result else ""]
         if any(marker in text for text in said for marker in UNAUTHORIZED_TEXTS) or (
             result is not None and result.get("api_error_status") in (401, 403)
         ):
             return Outcome.UNAUTHORIZED, f"credentials refused: {next((t for t in said if t), 'status 401')}"[:500]
-        if result is not None and not result.get("is_error") and result.get("subtype") == "success":
-            return Outcome.DONE, None
         if result is not None:
             errors = result.get("errors")
             if isinstance(errors, list) and errors:
