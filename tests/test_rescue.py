@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import socket
 import time
 from typing import Any
 
-from cl.store import Store
+from cl.store import RunState, Store
 from utils import (
     DaemonProcess,
     Layout,
@@ -194,3 +196,32 @@ def test_a_session_finishing_frees_room_for_a_waiting_one(layout: Layout, plante
         hold.unlink()  # the busy session finishes: a2 has room again
         wait_until(lambda: job_state_set(layout) == {"done"}, "the waiting session to move into the freed room")
         assert jobs(layout)[walled]["account"] == "a2"
+
+
+def test_a_job_the_rescuer_requeues_wakes_the_balancer(layout: Layout) -> None:
+    """A walled job with no session to resume goes back to the queue, and the rescuer tells the
+    balancer so (its own wake may have come and gone before the requeue: it sat queued for 25 s)."""
+    heard: list[dict[str, Any]] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as balancer:  # the balancer's socket, listening
+        balancer.bind(str(layout.runtime / "balancer.sock"))
+        balancer.listen()
+        balancer.settimeout(20)
+        store = Store(layout.state / "cl.db")
+        job = store.add_job(str(layout.work), "x")
+        run = store.place(job.id, "a1", limit=1)
+        assert run is not None
+        store.claim(run.id, os.getpid(), "0", "/dev/null")
+        store.settle(run.id, RunState.WALLED, "credentials refused")  # before any session began
+        store.close()
+        rescue = DaemonProcess("rescue", layout).start()
+        try:
+            while not heard:
+                connection, _ = balancer.accept()
+                with connection:
+                    line = connection.makefile("rb").readline()
+                    heard.append(json.loads(line))
+                    connection.sendall(b'{"ok": true}\n')
+        finally:
+            rescue.stop()
+    assert heard[0]["request"] == "run-changed"
+    assert "job requeued" in rescue.log()

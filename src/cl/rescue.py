@@ -164,6 +164,8 @@ class Rescuer:
                 if job.session_id is None:  # it never started a conversation: nothing to resume
                     if await self.store.run(self.store.store.requeue, job.id, "no session to resume"):
                         log.info("job requeued", job=job.id, account=job.account, reason="no session to resume")
+                        run = await self.store.run(self.store.store.latest_run, job.id)
+                        await self.supervisor.tell_peer(run.id if run else 0)  # the balancer places it
                     continue
                 if not await placer.take(functools.partial(self._move, job, launches=launches)):
                     waiting.append(job)

@@ -127,8 +127,12 @@ class Supervisor:
         settled = await self.store.run(self.store.store.settle, run.id, state, error)
         if settled is None:  # someone else settled it first
             return await self.store.run(self.store.store.run, run.id) or run
-        await asyncio.to_thread(tell, self.config.socket_path(self._peer), {"request": "run-changed", "run": run.id})
+        await self.tell_peer(run.id)
         return settled
+
+    async def tell_peer(self, run_id: int) -> None:
+        """The other daemon looks again: a run of this job changed (or the job went back to the queue)."""
+        await asyncio.to_thread(tell, self.config.socket_path(self._peer), {"request": "run-changed", "run": run_id})
 
 
 def log_outcome(run: Run) -> None:
