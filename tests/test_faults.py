@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from cl.store import RunState, Store
 from utils import (
+    BIN,
     DaemonProcess,
     Layout,
     Planted,
@@ -159,3 +162,54 @@ def test_a_clock_jump_is_reported_and_walls_are_judged_by_the_new_time(layout: L
             lambda: job_states(layout) == {job: "done"}, "the session to move now that the wall is two hours old"
         )
         assert "session moved" in rescue.log()
+
+
+def test_a_worker_waits_out_a_locked_store_at_start_and_at_end(layout: Layout, planted: Planted) -> None:
+    """The store is locked past its busy timeout when the worker claims its run, and again when it
+    records the outcome: the work is recorded once, the CLI runs once, nothing failed or orphaned.
+    The test plays `cl-worker.socket`, so that it holds the lock between the launch and the claim."""
+    after = layout.root / "after"  # the CLI, having answered, waits here: the lock goes on first
+    after.touch()
+    env = layout.env(CL_STORE_BUSY_TIMEOUT="0.3", FAKE_CLAUDE_HOLD_AFTER=str(after))
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    lock = sqlite3.connect(layout.state / "cl.db", isolation_level=None, timeout=30)
+    said = layout.root / "worker.log"
+
+    def waiting(times: int) -> bool:  # the worker found the store locked past its busy timeout
+        return said.exists() and said.read_text().count("state store unavailable, waiting") == times
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as launches, said.open("wb") as log:
+        launches.bind(str(layout.runtime / "worker.sock"))
+        launches.listen()
+        launches.settimeout(30)
+        balancer = DaemonProcess("balancer", layout, env=env).start()
+        worker = None
+        try:
+            submit(layout, "under a locked store")
+            connection, _ = launches.accept()
+            with connection, connection.makefile("rb") as request:
+                run = json.loads(request.readline())["run"]
+                lock.execute("BEGIN IMMEDIATE")  # before the worker may claim
+                worker = subprocess.Popen([str(BIN / "cl-worker"), str(run)], env=env, stderr=log)
+                connection.sendall(json.dumps({"pid": worker.pid}).encode() + b"\n")
+            wait_until(lambda: waiting(1), "the worker to wait for the store at its claim")
+            lock.execute("ROLLBACK")
+            wait_until(layout.claude_calls, "the CLI to start, once the store is back")
+            lock.execute("BEGIN IMMEDIATE")  # and again, as the CLI finishes
+            after.unlink()
+            wait_until(lambda: waiting(2), "the worker to wait for the store with the outcome")
+            assert worker.poll() is None  # waiting, not gone: its daemon must not orphan the run
+            lock.execute("ROLLBACK")
+            assert worker.wait(30) == 0
+            wait_until(lambda: job_states(layout) == {1: "done"}, "the job to be done")
+        finally:
+            after.unlink(missing_ok=True)
+            lock.close()
+            if worker is not None and worker.poll() is None:
+                worker.kill()
+                worker.wait()
+            balancer.stop()
+    store = Store(layout.state / "cl.db")
+    assert [run.state for run in store.runs(tuple(RunState))] == [RunState.DONE]
+    store.close()
+    assert len(layout.claude_calls()) == 1

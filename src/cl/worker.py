@@ -25,10 +25,12 @@ import contextlib
 import ctypes
 import dataclasses
 import fcntl
+import functools
 import json
 import os
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -36,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar, cast
 
 import structlog
 
@@ -56,6 +58,8 @@ from cl.store import Job, Run, RunState, Store, iso_utc
 log = structlog.get_logger("cl.worker")
 
 PR_SET_PDEATHSIG = 1
+MAX_STORE_WAIT = 5.0
+"""Seconds between a worker's tries at an unavailable state store, at most."""
 MAX_WALL = 8 * 86400
 """Seconds a wall may stand at most: the longest usage window is seven days."""
 _RUN_STATE = {
@@ -64,6 +68,41 @@ _RUN_STATE = {
     Outcome.WALLED: RunState.WALLED,
     Outcome.UNAUTHORIZED: RunState.WALLED,
 }
+
+
+T = TypeVar("T")
+
+
+def patiently(call: Callable[..., T], *args: Any) -> T:
+    """`call(*args)`, waiting out a state store that is unavailable (locked past its busy timeout,
+    the disk full) with backoff, said once: a worker's claim and outcome must reach the store,
+    however long that takes, and the worker must not exit meanwhile (its daemon would take its
+    exit for a failure, or its run for an orphan, and run the session again)."""
+    delay, said = 0.05, False
+    while True:
+        try:
+            return call(*args)
+        except sqlite3.OperationalError as exc:
+            if not said:
+                log.warning("state store unavailable, waiting", error=str(exc))
+                said = True
+            time.sleep(delay)
+            delay = min(MAX_STORE_WAIT, delay * 2)
+
+
+class Patient:
+    """A `Store` whose every call is made `patiently`."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    @classmethod
+    def of(cls, store: Store) -> Store:
+        return cast("Store", cls(store))  # the same interface; only its failures differ
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._store, name)
+        return functools.partial(patiently, method)
 
 
 class RunRefused(Exception):
@@ -406,8 +445,8 @@ def run(run_id: int) -> int:
     """Be the worker for `run_id`, configured from the environment; the exit code."""
     if (config := logs.start_process("worker")) is None:
         return 2
-    store = Store(config.database, config.store_busy_timeout)
-    work(config, store, run_id)
+    store = patiently(Store, config.database, config.store_busy_timeout)
+    work(config, Patient.of(store), run_id)
     store.close()
     tell_daemons(config, run_id, "ended")
     return 0
