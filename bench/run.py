@@ -93,18 +93,24 @@ def daemons(root: Path, **extra: str) -> Iterator[dict[str, subprocess.Popen[byt
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))
     env = env_for(root, NOTIFY_SOCKET=str(notify_path), **extra)
-    procs = {
-        name: subprocess.Popen([str(BIN / f"cl-{name}")], env=env, stderr=subprocess.DEVNULL)
-        for name in ("balancer", "rescue")
-    }
+    logs = {name: (root / f"{name}.log").open("ab") for name in ("balancer", "rescue")}
+    procs = {name: subprocess.Popen([str(BIN / f"cl-{name}")], env=env, stderr=log) for name, log in logs.items()}
     try:
-        for _ in procs:
-            wait_ready(notify)
+        try:
+            for _ in procs:
+                wait_ready(notify)
+        except TimeoutError:  # say why: a daemon that died or hangs before READY left its reason in its log
+            for name, proc in procs.items():
+                print(f"cl-{name} ({'exited ' + str(proc.poll()) if proc.poll() is not None else 'running'}):")
+                print((root / f"{name}.log").read_text(errors="replace")[-3000:])
+            raise
         yield procs
     finally:
         for proc in procs.values():
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
+        for log in logs.values():
+            log.close()
         notify.close()
 
 
