@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -213,3 +214,38 @@ def test_a_worker_waits_out_a_locked_store_at_start_and_at_end(layout: Layout, p
     assert [run.state for run in store.runs(tuple(RunState))] == [RunState.DONE]
     store.close()
     assert len(layout.claude_calls()) == 1
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit (util-linux)")
+def test_exhausted_descriptors_never_change_the_roster(layout: Layout, planted: Planted) -> None:
+    """At `ulimit -n 256`, 300 idle connections take every descriptor while a file is dropped in
+    and the daemon rescans: nothing it could not read is taken for gone or bad (the registry's own
+    test makes the listing itself fail, deterministically); the trouble is one log line per try,
+    never a traceback; the daemon answers as soon as the connections go, and sees the new file."""
+    for name in ("a1", "a2", "a3"):
+        write_credential(layout.credentials, name, oauth_credential(planted))
+    balancer = DaemonProcess("balancer", layout, wrap=["prlimit", "--nofile=256:256", "--"]).start()
+    try:
+        assert balancer.states() == dict.fromkeys(("a1", "a2", "a3"), "ok")
+        idle = []
+        try:
+            for _ in range(300):
+                connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                connection.connect(str(balancer.socket))
+                idle.append(connection)
+            wait_until(lambda: "cannot accept connections now" in balancer.log(), "every descriptor to be taken")
+            write_credential(layout.credentials, "a4", oauth_credential(planted))
+            assert balancer.process is not None
+            balancer.process.send_signal(signal.SIGHUP)  # and a full rescan
+            wait_until(lambda: "reloaded" in balancer.log(), "the rescan")
+        finally:
+            for connection in idle:
+                connection.close()
+        wait_until(lambda: balancer.states().get("a4") == "ok", "the new file, once descriptors are back")
+        assert balancer.states() == dict.fromkeys(("a1", "a2", "a3", "a4"), "ok")
+        log = balancer.log()
+        assert "account removed" not in log
+        assert "account invalid" not in log
+        assert "Traceback" not in log
+    finally:
+        balancer.stop()

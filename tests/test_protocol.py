@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cl import protocol
 from cl.protocol import MAX_REQUEST_BYTES
 from utils import DaemonProcess, Layout
 
@@ -123,3 +125,26 @@ def test_only_root_the_daemons_user_and_its_group_may_talk(layout: Layout) -> No
     finally:
         daemon.stop()
         shutil.rmtree(runtime)
+
+
+async def test_an_idle_connection_is_closed_and_the_server_answers_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that connects and says nothing is let go after `IDLE_TIMEOUT` (300 s; shortened here)."""
+    monkeypatch.setattr(protocol, "IDLE_TIMEOUT", 0.2)
+
+    async def accounts(_request: protocol.Request, _peer: protocol.Peer) -> protocol.Reply:
+        return {"accounts": []}
+
+    server = protocol.ControlServer(tmp_path / "t.sock", {"accounts": accounts})
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "t.sock"))
+        assert await asyncio.wait_for(reader.read(), timeout=20) == b""  # closed by the server
+        writer.close()
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "t.sock"))
+        writer.write(b'{"request": "accounts"}\n')
+        assert json.loads(await asyncio.wait_for(reader.readline(), timeout=20)) == {"ok": True, "accounts": []}
+        writer.close()
+    finally:
+        await server.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -236,3 +237,43 @@ async def test_sorted_names_follow_the_roster(registry: CredentialRegistry, plan
     (registry.directory / "credentials-b.json").unlink()
     await next_change(subscription)
     assert registry.sorted_names() == ["a", "c"]
+
+
+async def test_a_directory_that_cannot_be_read_now_is_unknown_not_empty(tmp_path: Path, planted: Planted) -> None:
+    """Out of descriptors, a rescan cannot even list the directory: the roster stays as last read,
+    the trouble is said once, and the registry looks again until it can (then sees what changed)."""
+    for name in ("a1", "a2"):
+        write_credential(tmp_path, name, oauth_credential(planted))
+    registry = CredentialRegistry(tmp_path, resync_interval=3600)
+    await registry.start()
+    taken: list[int] = []
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 32, limits[1]))
+    try:
+        with capture_logs() as logged:
+            try:
+                while True:
+                    taken.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                pass  # every descriptor this process may have is taken
+            await registry.resync()
+            assert sorted(registry.accounts) == ["a1", "a2"]
+            await registry.resync()
+            for fd in taken:
+                os.close(fd)
+            taken = []
+            write_credential(tmp_path, "a3", oauth_credential(planted))
+            for _ in range(2000):  # the registry looks again every second until it can
+                if "a3" in registry.accounts and any(e["event"].endswith("readable again") for e in logged):
+                    break
+                await asyncio.sleep(0.01)
+        events = [entry["event"] for entry in logged]
+        assert events.count("credentials directory cannot be read now: keeping the roster as last read") == 1
+        assert "credentials directory readable again" in events
+        assert "account removed" not in events
+        assert "a3" in registry.accounts
+    finally:
+        for fd in taken:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+        await registry.stop()

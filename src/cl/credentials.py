@@ -26,6 +26,8 @@ from typing import Any
 
 from cl import redact
 
+CANNOT_LOOK = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+"""Errors that say nothing about a file or a directory, only that this process could not look now."""
 MAX_CREDENTIAL_BYTES = 64 * 1024
 """Larger files are refused unread: a real credential is a few hundred bytes."""
 
@@ -176,6 +178,8 @@ def read_account(path: str | os.PathLike[str], name: str) -> tuple[Account, File
     except FileNotFoundError:
         return None
     except OSError as exc:
+        if exc.errno in CANNOT_LOOK:
+            raise  # this process is short of something: the file is unknown, not bad
         return _invalid(name, _open_error(exc)), _lstat_signature(path)
     try:
         st = os.fstat(fd)

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
 from cl import landlock, logs
 from cl.cli_user import CliUser, CliUserError
 from cl.config import Config, ConfigError, load_config
+from cl.credentials import CANNOT_LOOK
 from cl.launcher import under_socket_activation
 from cl.notify import Notifier, watchdog_interval
 from cl.protocol import ControlServer, Encoded, Handler, Peer, Reply, Request, RequestError
@@ -77,6 +79,7 @@ class Daemon:
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_loop_trouble)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, self._events.put_nowait, signum)
         log.info("starting", credentials_dir=str(self.config.credentials_dir))
@@ -192,6 +195,16 @@ class Daemon:
         elif not isinstance(names, list) or not all(isinstance(name, str) for name in names):
             raise RequestError("bad-request", '"names" must be a list of account names')
         return {"daemon": self.name, "accounts": [roster[name].public() for name in names if name in roster]}
+
+
+def _loop_trouble(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """What asyncio itself reports, as one log line: out of descriptors it stops accepting
+    connections for a second (and says so on every try), which an operator must see."""
+    exception = context.get("exception")
+    if isinstance(exception, OSError) and exception.errno in CANNOT_LOOK:
+        log.error("cannot accept connections now, trying again in a second", error=os.strerror(exception.errno or 0))
+    elif not (isinstance(exception, ValueError) and "Invalid file descriptor" in str(exception)):  # a closed server
+        log.error("event loop error", message=context.get("message"), error=repr(exception) if exception else None)
 
 
 def say_what_confines_the_cli(config: Config) -> None:

@@ -13,6 +13,22 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+POLL_INTERVAL = 1.0
+"""Seconds between looks at a process watched without a pidfd."""
+
+
+def _poll(pid: int, started: str, callback: Callable[[], None]) -> None:
+    def look() -> None:
+        if alive(pid, started):
+            loop.call_later(POLL_INTERVAL, look)
+            return
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        callback()
+
+    loop = asyncio.get_running_loop()
+    loop.call_later(POLL_INTERVAL, look)
+
 
 def start_time(pid: int) -> str | None:
     try:
@@ -33,11 +49,18 @@ def alive(pid: int, started: str | None) -> bool:
 
 
 def on_exit(pid: int, callback: Callable[[], None]) -> bool:
-    """Call `callback` on the running loop once `pid` has exited. False if it is already gone."""
+    """Call `callback` on the running loop once `pid` has exited. False if it is already gone.
+    Without a descriptor to spare for a pidfd, it looks every `POLL_INTERVAL` instead."""
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
         return False
+    except OSError:  # EMFILE, ENFILE, ENOMEM: this process is short of something, the worker is not
+        started = start_time(pid)
+        if started is None:
+            return False
+        _poll(pid, started, callback)
+        return True
     loop = asyncio.get_running_loop()
 
     def exited() -> None:

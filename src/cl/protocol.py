@@ -25,6 +25,7 @@ import re
 import socket
 import stat
 import struct
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,11 @@ log = structlog.get_logger("cl.protocol")
 
 MAX_REQUEST_BYTES = 64 * 1024
 SOCKET_MODE = 0o660
+IDLE_TIMEOUT = 300.0
+"""Seconds a connection may wait between requests before it is closed."""
+REFUSED_WAIT = 1.0
+"""Seconds a refused peer has to send its line before the refusal is sent and it is closed."""
+MAX_CONNECTIONS_PER_UID = 64
 LISTEN_BACKLOG = 4096
 """Connections the kernel holds while the loop is busy: a burst of clients waits, it is not refused."""
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+; Python names it from 3.13 on
@@ -131,6 +137,8 @@ class ControlServer:
     def __init__(self, path: Path, handlers: Mapping[str, Handler]) -> None:
         self.path = path
         self._handlers = handlers
+        self._connections: Counter[int] = Counter()
+        """Open connections per peer uid."""
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -150,27 +158,39 @@ class ControlServer:
 
     async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = peer_of(writer.get_extra_info("socket"))
-        refusal = peer_refusal(peer)
+        refusal = peer_refusal(peer) or self._over_cap(peer)
+        self._connections[peer.uid] += 1
         try:
             while True:
-                try:
-                    line = await reader.readline()
+                try:  # a refused peer gets a moment to say its line (so the reply is not lost to a reset)
+                    line = await asyncio.wait_for(reader.readline(), REFUSED_WAIT if refusal else IDLE_TIMEOUT)
                 except ValueError:  # the line outgrew the stream's limit
                     await _send(writer, _error("too-long", f"request line over {MAX_REQUEST_BYTES} bytes"))
                     return
+                except TimeoutError:
+                    return
                 if not line:
                     return
-                if refusal is not None:  # answered after reading, so the reply is not lost to a reset
-                    await _send(writer, _error("forbidden", refusal))
+                if refusal is not None:
+                    await _send(writer, _error(*refusal))
                     return
                 if line.strip():
                     await _send(writer, await self._handle(line, peer))
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
+            self._connections[peer.uid] -= 1
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+    def _over_cap(self, peer: Peer) -> tuple[str, str] | None:
+        """An operator holding `MAX_CONNECTIONS_PER_UID` connections already gets no more (root and
+        the daemons' own user, whose workers talk here, are not capped)."""
+        if peer.uid in (0, os.getuid()) or self._connections[peer.uid] < MAX_CONNECTIONS_PER_UID:
+            return None
+        log.warning("client refused: too many connections", uid=peer.uid, open=self._connections[peer.uid])
+        return "too-many-connections", f"uid {peer.uid} has {MAX_CONNECTIONS_PER_UID} connections open already"
 
     async def _handle(self, line: bytes, peer: Peer) -> Reply | Encoded:
         try:
@@ -205,12 +225,12 @@ def peer_of(sock: socket.socket) -> Peer:
     return Peer(uid, gid, frozenset(_peer_groups(sock)))
 
 
-def peer_refusal(peer: Peer) -> str | None:
-    """Why this connection's peer may not talk to us, or None if it may."""
+def peer_refusal(peer: Peer) -> tuple[str, str] | None:
+    """Why this connection's peer may not talk to us (code, message), or None if it may."""
     if peer.uid in (0, os.getuid()) or os.getgid() == peer.gid or os.getgid() in peer.groups:
         return None
     log.warning("client refused", uid=peer.uid, gid=peer.gid)
-    return f"uid {peer.uid} is neither root, the daemon's user, nor in its group (gid {os.getgid()})"
+    return "forbidden", f"uid {peer.uid} is neither root, the daemon's user, nor in its group (gid {os.getgid()})"
 
 
 def _peer_groups(sock: socket.socket) -> array.array[int]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -64,6 +65,14 @@ class _Scan:
     found: dict[str, _Read | None]
     """Every credential file present; None where the signature is unchanged (not re-read)."""
     near_misses: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Unknown:
+    """The directory could not be looked at now (no descriptors left, no memory): nothing is known
+    about it, so nothing about the roster changes."""
+
+    reason: str
 
 
 class Subscription:
@@ -119,6 +128,9 @@ class CredentialRegistry:
         self._tasks: list[asyncio.Task[None]] = []
         self._reported: set[str] = set()
         self._directory_missing = False
+        self._unreadable: str | None = None
+        """Why the directory could not be read just now, while it cannot; the roster is kept."""
+        self._retry: asyncio.Task[None] | None = None
         self._loaded = False
 
     @property
@@ -149,6 +161,8 @@ class CredentialRegistry:
 
     async def stop(self) -> None:
         self._stop.set()
+        if self._retry is not None:
+            self._retry.cancel()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -163,7 +177,11 @@ class CredentialRegistry:
     async def refresh(self, names: set[str]) -> None:
         """Re-read the named credential files from disk, whatever the event said."""
         async with self._lock:
-            reads = await self._off_loop(", ".join(sorted(names)), self._read_names, names)
+            try:
+                reads = await self._off_loop(", ".join(sorted(names)), self._read_names, names)
+            except OSError as exc:  # short of descriptors or memory: these files are unknown for now
+                self._cannot_look(_Unknown(os.strerror(exc.errno or 0)))
+                return
             for name, read in reads.items():
                 self._apply(name, read)
 
@@ -178,7 +196,13 @@ class CredentialRegistry:
     def _read_names(self, names: set[str]) -> dict[str, _Read | None]:
         return {name: read_account(self.directory / credential_filename(name), name) for name in names}
 
-    def _apply_scan(self, scan: _Scan | str) -> None:
+    def _apply_scan(self, scan: _Scan | str | _Unknown) -> None:
+        if isinstance(scan, _Unknown):
+            self._cannot_look(scan)
+            return
+        if self._unreadable is not None:
+            log.info("credentials directory readable again", directory=str(self.directory))
+            self._unreadable = None
         found = self._note_directory(scan)
         now = time.time()
         for name in list(self._accounts):
@@ -194,6 +218,25 @@ class CredentialRegistry:
             states = [account.state for account in self._accounts.values()]
             counts = {str(state): states.count(state) for state in AccountState if state in states}
             log.info("credentials loaded", directory=str(self.directory), accounts=len(states), **counts)
+
+    def _cannot_look(self, unknown: _Unknown) -> None:
+        """Unknown is not empty: keep the roster as last read, say so loudly once, and look again
+        every second until the directory can be read."""
+        if self._unreadable is None:
+            log.error(
+                "credentials directory cannot be read now: keeping the roster as last read",
+                directory=str(self.directory),
+                error=unknown.reason,
+                accounts=len(self._accounts),
+            )
+        self._unreadable = unknown.reason
+        if self._retry is None or self._retry.done():
+            self._retry = asyncio.get_running_loop().create_task(self._look_again())
+
+    async def _look_again(self) -> None:
+        while self._unreadable is not None and not self._stop.is_set():
+            await asyncio.sleep(1.0)
+            await self.resync()
 
     def _note_directory(self, scan: _Scan | str) -> dict[str, _Read | None]:
         """Log the directory's comings and goings and odd names; what the scan found."""
@@ -319,14 +362,21 @@ class CredentialRegistry:
                 log.exception("resync failed", directory=str(self.directory))
 
 
-def _scan(directory: Path, signatures: Mapping[str, FileSignature | None]) -> _Scan | str:
-    """List the directory and read what changed (runs in a thread); or why it cannot."""
+def _scan(directory: Path, signatures: Mapping[str, FileSignature | None]) -> _Scan | str | _Unknown:
+    """List the directory and read what changed (runs in a thread); or why it is not there (a
+    string: it is gone, the roster empties), or that it cannot be read now (`_Unknown`)."""
+    try:
+        return _scan_entries(directory, signatures)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return os.strerror(exc.errno)
+        return _Unknown(os.strerror(exc.errno or 0))
+
+
+def _scan_entries(directory: Path, signatures: Mapping[str, FileSignature | None]) -> _Scan:
     found: dict[str, _Read | None] = {}
     near_misses: list[str] = []
-    try:
-        entries = os.scandir(directory)
-    except OSError as exc:
-        return os.strerror(exc.errno or 0)
+    entries = os.scandir(directory)
     with entries:
         for entry in entries:
             name = account_name(entry.name)
