@@ -21,6 +21,7 @@ from utils import (
     all_in,
     api_key_credential,
     cl,
+    history,
     job_state_set,
     job_states,
     oauth_credential,
@@ -54,9 +55,11 @@ def test_jobs_run_to_done_and_show_in_status(layout: Layout, planted: Planted) -
         assert account["walled_until"] is None
     calls = layout.claude_calls()
     assert sorted(call["prompt"] for call in calls) == [f"task {i}" for i in range(3)]  # each exactly once
-    sessions = {s["job"]: s for s in report["sessions"]}
+    kept = history(layout)  # done now: no longer live work, but kept
+    assert report["sessions"] == report["jobs"] == []
+    sessions = {s["job"]: s for s in kept["sessions"]}
     assert {s["session_id"] for s in sessions.values()} == {call["session_id"] for call in calls}
-    for job in report["jobs"]:
+    for job in kept["jobs"]:
         assert set(job) >= {"id", "state", "account", "session_id"}
         assert sessions[job["id"]]["account"] == job["account"]
     for call in calls:  # every CLI run got the stream-json flags, in the job's cwd, the prompt on stdin
@@ -104,7 +107,7 @@ def test_waiting_jobs_go_to_a_credential_dropped_in(layout: Layout, planted: Pla
     assert status(layout)["queue"] == 1
     write_credential(layout.credentials, "a4", oauth_credential(planted))
     wait_until(lambda: job_states(layout) == {job: "done"}, "the job to run on the new account")
-    assert status(layout)["jobs"][0]["account"] == "a4"
+    assert history(layout)["jobs"][0]["account"] == "a4"
 
 
 def test_a_wall_is_recorded_and_work_goes_elsewhere(layout: Layout, planted: Planted, balancer: DaemonProcess) -> None:
@@ -119,7 +122,7 @@ def test_a_wall_is_recorded_and_work_goes_elsewhere(layout: Layout, planted: Pla
     assert accounts["a2"]["walled_until"] is None
     second = submit(layout, "goes elsewhere")
     wait_until(lambda: job_states(layout).get(second) == "done", "the second job to finish")
-    assert {job["id"]: job["account"] for job in status(layout)["jobs"]} == {first: "a1", second: "a2"}
+    assert {job["id"]: job["account"] for job in history(layout)["jobs"]} == {first: "a1", second: "a2"}
     assert "session walled" in balancer.log()
 
 
@@ -291,5 +294,26 @@ def test_a_job_whose_directory_vanished_fails_with_the_reason(layout: Layout, pl
     gone.rmdir()  # between submit and placement
     write_credential(layout.credentials, "a1", oauth_credential(planted))
     wait_until(lambda: job_states(layout) == {job: "failed"}, "the job to fail")
-    assert "no such directory" in status(layout)["jobs"][0]["error"]
+    assert "no such directory" in history(layout)["jobs"][0]["error"]
     assert layout.claude_calls() == []
+
+
+def test_status_shows_live_work_and_finished_jobs_are_kept_for_retention_days(layout: Layout, planted: Planted) -> None:
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    env = layout.env(CL_RETENTION_DAYS="1e-9")  # a tenth of a millisecond: the next pass forgets it
+    with_history = layout.env()
+    balancer = DaemonProcess("balancer", layout, env=with_history).start()
+    try:
+        job = submit(layout, "soon history")
+        wait_until(lambda: all_in(layout, "done", 1), "the job to finish")
+        assert (status(layout)["jobs"], status(layout)["sessions"]) == ([], [])  # live work only
+        assert [j["id"] for j in history(layout)["jobs"]] == [job]
+    finally:
+        balancer.stop()
+    balancer = DaemonProcess("balancer", layout, env=env).start()  # retention runs at start
+    try:
+        wait_until(lambda: "history pruned jobs=1" in balancer.log(), "the retention pass")
+        assert history(layout) == {"jobs": [], "sessions": []}
+        assert submit(layout, "next") == job + 1  # an id is never reused
+    finally:
+        balancer.stop()

@@ -86,8 +86,7 @@ def fake_api(tmp_path: Path) -> Iterator[FakeApi]:
 
 
 def job_view(layout: Layout, job_id: int) -> dict[str, Any]:
-    status = json.loads(cl(layout, "status", "--json").stdout)
-    return next(job for job in status["jobs"] if job["id"] == job_id)
+    return next(job for job in json.loads(cl(layout, "jobs", "--json").stdout) if job["id"] == job_id)
 
 
 @pytest.mark.parametrize("kind", ["oauth", "api-key"])

@@ -17,6 +17,7 @@ from utils import (
     Planted,
     both,
     cl,
+    history,
     job_state_set,
     live_runs,
     oauth_credential,
@@ -28,7 +29,7 @@ from utils import (
 
 
 def jobs(layout: Layout) -> dict[int, dict[str, Any]]:
-    return {job["id"]: job for job in status(layout)["jobs"]}
+    return {job["id"]: job for job in history(layout)["jobs"]}
 
 
 def walled_accounts(layout: Layout, planted: Planted, names: list[str]) -> dict[str, str]:

@@ -198,3 +198,30 @@ def test_a_wall_the_cli_announces_stands_a_week_at_most(tmp_path: Path) -> None:
     assert wall.reset_at is not None
     assert wall.reset_at <= time.time() + worker.MAX_WALL
     store.close()
+
+
+def test_retention_forgets_finished_jobs_and_their_history_and_keeps_live_work(tmp_path: Path) -> None:
+    store = Store(tmp_path / "cl.db")
+    jobs = {state: store.add_job("/srv", state) for state in ("done", "failed", "cancelled", "running", "recent")}
+    for state in ("done", "failed", "cancelled", "running"):
+        run = store.place(jobs[state].id, "a1", limit=10)
+        assert run is not None
+        if state != "running":
+            store.settle(run.id, RunState.FAILED if state == "failed" else RunState.DONE, None)
+    store.cancel_job(jobs["cancelled"].id)
+    recent = store.place(jobs["recent"].id, "a1", limit=10)
+    assert recent is not None
+    store.settle(recent.id, RunState.DONE)
+    old = time.time() - 40 * 86400
+    with store.transaction() as db:  # all but "recent" last changed 40 days ago
+        db.execute("UPDATE jobs SET updated_at = ? WHERE prompt != 'recent'", (old,))
+        db.execute("UPDATE ledger SET at = ? WHERE job_id != ? OR job_id IS NULL", (old, jobs["recent"].id))
+    store.record_wall("a1", "cli", time.time() + 60)  # a ledger row about no job, from now: kept
+
+    assert store.prune(time.time() - 30 * 86400) == 3
+    kept = {job.prompt for job in store.jobs()}
+    assert kept == {"running", "recent"}
+    assert {run.job_id for run in store.runs(tuple(RunState))} == {jobs["running"].id, jobs["recent"].id}
+    assert {entry["job_id"] for entry in store.ledger(1000)} == {jobs["running"].id, jobs["recent"].id, None}
+    assert store.add_job("/srv", "next").id > jobs["recent"].id  # ids are never reused
+    store.close()

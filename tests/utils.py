@@ -286,6 +286,17 @@ def status(layout: Layout) -> dict[str, Any]:
     return reply
 
 
+def history(layout: Layout) -> dict[str, Any]:
+    """Every job and session kept, finished ones too (`cl jobs --json`, `cl sessions --json`);
+    `status` shows live work only."""
+    found = {}
+    for what in ("jobs", "sessions"):
+        result = cl(layout, what, "--json")
+        assert result.returncode == 0, result.stderr
+        found[what] = json.loads(result.stdout)
+    return found
+
+
 def job_states(layout: Layout) -> dict[int, str]:
     """Job id -> state, from `cl jobs --json`."""
     result = cl(layout, "jobs", "--json")

@@ -15,6 +15,7 @@ import asyncio
 import functools
 import os
 import sys
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -27,12 +28,14 @@ from cl.launcher import under_socket_activation
 from cl.protocol import Encoded, Handler, Peer, Reply, Request, RequestError, id_field, text_field, whole_number
 from cl.registry import CredentialRegistry
 from cl.status import StatusView
-from cl.store import LIVE_RUNS, AsyncStore, Facts, Job, JobState, Run, RunState, Store
+from cl.store import LIVE_RUNS, AsyncStore, Facts, Job, JobState, Run, RunState, Store, StoreUnavailable
 from cl.supervisor import Supervisor, log_outcome
 
 log = structlog.get_logger("cl.balancer")
 
 MAX_TURNS = 100_000
+RETENTION_INTERVAL = 6 * 3600.0
+"""Seconds between retention passes."""
 MAX_PROMPT_BYTES = 48 * 1024
 """A prompt fits in one request line (64 KiB) and in the pipe to the CLI's standard input."""
 
@@ -65,11 +68,25 @@ class Balancer:
 
     async def run(self) -> None:
         await self._reconcile()
+        retention = asyncio.create_task(self._retain())
         try:
             await daemon.serve_passes(self._wake, self._place)
         finally:
+            retention.cancel()
             self.supervisor.close()
             self.store.close()
+
+    async def _retain(self) -> None:
+        """History is kept `retention_days`: finished jobs older than that are forgotten, at
+        start and every `RETENTION_INTERVAL` (the balancer alone does it: one pass is enough)."""
+        while True:
+            before = time.time() - self.config.retention_days * 86400
+            try:
+                if pruned := await self.store.run(self.store.store.prune, before):
+                    log.info("history pruned", jobs=pruned, retention_days=self.config.retention_days)
+            except StoreUnavailable as exc:
+                log.warning("history not pruned: state store unavailable, trying again later", error=str(exc))
+            await asyncio.sleep(RETENTION_INTERVAL)
 
     def wake(self) -> None:
         self._wake.set()
@@ -185,11 +202,15 @@ class Balancer:
         self.wake()
         return {}
 
-    async def _status(self, _request: Request, peer: Peer) -> Encoded:
+    async def _status(self, request: Request, peer: Peer) -> Encoded:
         """Accounts, sessions, jobs and the queue (see `cl.status`): the peer's own jobs only,
-        unless it sees everyone's."""
+        unless it sees everyone's; live ones only, unless `finished` asks for the whole history."""
+        finished = request.get("finished", False)
+        if not isinstance(finished, bool):
+            raise RequestError("bad-request", '"finished" must be true or false')
         submitter = None if peer.sees_all(self.config.admin_group) else peer.uid
-        return self._status_view.render(await self.store.run(self.store.store.snapshot, submitter))
+        snapshot = await self.store.run(self.store.store.snapshot, submitter, finished=finished)
+        return self._status_view.render(snapshot)
 
     async def _logs(self, request: Request, peer: Peer) -> Reply:
         """A run's output from `offset` on: `{"data", "offset", "finished"}`; `job` or `session` names it.

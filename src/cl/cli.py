@@ -149,7 +149,7 @@ def _waits_for(waiting: dict[str, Any]) -> str:
 
 
 def cmd_sessions(config: Config, args: argparse.Namespace) -> int:
-    sessions = ask(config, "balancer", {"request": "status"})["sessions"]
+    sessions = ask(config, "balancer", {"request": "status", "finished": True})["sessions"]
     if args.json:
         print_json(sessions)
     else:
@@ -158,7 +158,7 @@ def cmd_sessions(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(config: Config, args: argparse.Namespace) -> int:
-    jobs = ask(config, "balancer", {"request": "status"})["jobs"]
+    jobs = ask(config, "balancer", {"request": "status", "finished": True})["jobs"]
     if args.json:
         print_json(jobs)
     else:
@@ -269,9 +269,9 @@ def parser() -> argparse.ArgumentParser:
     cancel.set_defaults(func=cmd_cancel)
 
     for name, func, text in (
-        ("status", cmd_status, "accounts, sessions and the queue"),
-        ("sessions", cmd_sessions, "sessions with job, account, state, age"),
-        ("jobs", cmd_jobs, "every job and where it stands"),
+        ("status", cmd_status, "accounts, live sessions and jobs, and the queue"),
+        ("sessions", cmd_sessions, "sessions with job, account, state, age (finished ones too, for retention_days)"),
+        ("jobs", cmd_jobs, "every job kept (retention_days) and where it stands"),
     ):
         command = commands.add_parser(name, help=text)
         command.add_argument("--json", action="store_true")

@@ -52,6 +52,8 @@ class Config:
     """The prompt a moved session is resumed with."""
     reset_jitter: float = 1.0
     """Up to this many seconds are added at random to a wall's reset before trying the account."""
+    retention_days: float = 30.0
+    """Finished jobs, their runs and ledger rows are forgotten this many days after they ended."""
     reconcile_interval: float = 60.0
     """Seconds between the rescuer's checks for workers that vanished unseen (a safety net)."""
     cli_writable: tuple[str, ...] = ()
@@ -190,6 +192,7 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "resume_prompt": _prompt,
     "reset_jitter": _seconds_or_zero,
     "reconcile_interval": _positive_float,
+    "retention_days": _positive_float,
     "store_busy_timeout": _positive_float,
     "cli_writable": _paths,
     "cli_user": _name,

@@ -141,6 +141,8 @@ class RunState(enum.StrEnum):
 
 
 LIVE_RUNS = (RunState.STARTING, RunState.RUNNING)
+LIVE_JOBS = (JobState.QUEUED, JobState.RUNNING, JobState.WALLED, JobState.ORPHANED)
+FINISHED_JOBS = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 RESCUABLE = (JobState.WALLED, JobState.ORPHANED)
 """The rescuer's jobs: their session moves (resumes) to another account."""
 
@@ -263,8 +265,9 @@ class Store:
         self._db.execute("PRAGMA foreign_keys = ON")
         self._shown: tuple[tuple[int, int], int | None, AccountCounts] | None = None
         """What `snapshot` read, with the changes counters it was read at and the ledger's revision then."""
-        self._listings: dict[int | None, tuple[int | None, Listing]] = {}
-        """Each submitter's (None: everyone's) jobs listing, with the ledger revision it was read at."""
+        self._listings: dict[tuple[int | None, bool], tuple[int | None, Listing]] = {}
+        """Each listing (a submitter's or everyone's, with finished jobs or not), with the ledger
+        revision it was read at."""
         self._prepare(busy_timeout)
 
     def _prepare(self, busy_timeout: float) -> None:
@@ -580,13 +583,13 @@ class Store:
     def queue_length(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.QUEUED,)).fetchone()[0])
 
-    def snapshot(self, submitter: int | None = None) -> Snapshot:
+    def snapshot(self, submitter: int | None = None, *, finished: bool = True) -> Snapshot:
         """Everything `status` shows, read in one transaction, made cheap to ask again: what was
         read is kept until the database changes (the walls, which end with time, are always read),
         and the jobs' listing until the ledger grows (every change to a job or a run is recorded
         there in its transaction). SQLite renders the listing as JSON: prompts are never loaded,
         and no Python object is made per job. With `submitter`, the listing holds only that
-        uid's jobs (kept apart for each)."""
+        uid's jobs; without `finished`, only live ones (each listing kept apart)."""
         # Read before the transaction's snapshot: a commit in between makes the next key differ,
         # so what is kept is never older than its key.
         changes = (self._db.execute("PRAGMA data_version").fetchone()[0], self._db.total_changes)
@@ -599,10 +602,12 @@ class Store:
                 counts = AccountCounts(self.live_counts(), {account: tuple(row) for account, *row in usage})
                 self._shown = (changes, revision, counts)
             revision, counts = self._shown[1], self._shown[2]
-            kept = self._listings.get(submitter)
+            key = (submitter, finished)
+            kept = self._listings.get(key)
             if kept is None or kept[0] != revision:
-                listing = Listing(*db.execute(_LISTING, (submitter, submitter, JobState.QUEUED)).fetchone())
-                kept = self._listings[submitter] = (revision, listing)
+                arguments = (submitter, submitter, finished, *LIVE_JOBS, JobState.QUEUED)
+                listing = Listing(*db.execute(_LISTING, arguments).fetchone())
+                kept = self._listings[key] = (revision, listing)
             return Snapshot(kept[1], counts, self.walls())
 
     @staticmethod
@@ -627,6 +632,28 @@ class Store:
         now = time.time() if now is None else now
         rows = self._db.execute("SELECT * FROM walls WHERE reset_at IS NULL OR reset_at > ?", (now,))
         return {row["account"]: WallRecord(*row) for row in rows}
+
+    def prune(self, before: float, batch: int = 5000) -> int:
+        """Forget finished jobs last changed before `before` (epoch seconds), with their runs and
+        ledger rows, and ledger rows about no job from then; live jobs keep everything. In
+        batches, so no write waits long; the file is compacted after a large pass. How many jobs."""
+        finished = f"SELECT id FROM jobs WHERE state IN {_sql_set(FINISHED_JOBS)} AND updated_at < ? LIMIT ?"
+        pruned = 0
+        while True:
+            with self.transaction() as db:
+                ids = [row[0] for row in db.execute(finished, (*FINISHED_JOBS, before, batch))]
+                chosen = _sql_set(tuple(map(str, ids)))
+                db.execute(f"DELETE FROM ledger WHERE job_id IN {chosen}", ids)
+                db.execute(f"DELETE FROM runs WHERE job_id IN {chosen}", ids)
+                db.execute(f"DELETE FROM jobs WHERE id IN {chosen}", ids)
+            pruned += len(ids)
+            if len(ids) < batch:
+                break
+        with self.transaction() as db:
+            db.execute("DELETE FROM ledger WHERE job_id IS NULL AND at < ?", (before,))
+        if pruned >= batch:
+            self._db.execute("VACUUM")
+        return pruned
 
     def lift_wall(self, account: str) -> None:
         with self.transaction() as db:
@@ -669,7 +696,7 @@ WITH line AS MATERIALIZED (
     SELECT j.id, j.state, j.account, j.session_id, j.cwd, {_ISO.format("j.created_at")} AS created_at, j.error,
            r.state AS run_state, {_ISO.format("r.created_at")} AS run_started_at, r.error AS run_error
     FROM jobs j LEFT JOIN runs r ON r.id = (SELECT MAX(id) FROM runs WHERE job_id = j.id)
-    WHERE ? IS NULL OR j.submitter = ?
+    WHERE (? IS NULL OR j.submitter = ?) AND (? OR j.state IN (?, ?, ?, ?))
     ORDER BY j.id
 )
 SELECT
