@@ -35,6 +35,7 @@ bench: dev
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/balancer.py
 	$(BIN)/python bench/rescue.py
+	$(BIN)/python bench/soak.py
 	$(BIN)/python bench/crash_stress.py --trials 100
 
 # Both daemons in the foreground on ./var, or VAR=dir (no systemd); Ctrl-C stops both. As root, the CLI

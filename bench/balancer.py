@@ -42,7 +42,6 @@ def status_round_trip(root: Path, samples: int) -> dict[str, list[float]]:
         assert run is not None
         store.set_session(run.id, f"00000000-0000-0000-0000-{i:012d}")
         store.record_usage(run.account, {"five_hour": 0.25, "seven_day": 0.1}, used_at=time.time(), tokens=(900, 90))
-        store.settle(run.id, "done")  # type: ignore[arg-type]
     socket_path = root / "run" / "balancer.sock"
     changes: dict[str, Callable[[int], object]] = {
         "unchanged": lambda _: None,
@@ -94,9 +93,10 @@ def submit_to_started(root: Path, samples: int) -> list[float]:
     return latencies
 
 
-def placement_throughput(root: Path, jobs: int = 10_000, accounts: int = 100) -> float:
+def placement_throughput(root: Path, jobs: int = 10_000, accounts: int = 100, database: Path | None = None) -> float:
+    """Jobs placed a second; `database` may already hold a history (the soak benchmark's)."""
     populate(root / "claude", accounts)
-    store = Store(root / "cl.db")
+    store = Store(database or root / "cl.db")
     for i in range(jobs):
         store.add_job("/tmp", f"job {i}")  # noqa: S108
     import asyncio  # noqa: PLC0415 - only this figure needs a loop
