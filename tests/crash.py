@@ -13,17 +13,23 @@ lost or not continued.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import shutil
 import signal
+import sqlite3
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from cl.store import Job, Store
 from utils import DaemonProcess, Layout, Planted, both, cl, oauth_credential, wait_until, write_credential
 
+BUSY_TIMEOUT = 0.2
+"""The trials' store busy timeout: the random locks outlast it."""
 WALLED = 3
 QUEUED = 3
 HEALTHY = ("a4", "a5")
@@ -61,22 +67,26 @@ def template(root: Path, planted: Planted) -> Layout:
 
 
 def trial(start: Layout, root: Path, planted: Planted, rng: random.Random, victim: str) -> Verdict:
+    """One kill, while the store is also locked at random moments past its busy timeout (by
+    another writer, as a backup or a sqlite3 shell would): the daemons and workers wait it out."""
     shutil.copytree(start.root, root, symlinks=True)
     layout = Layout(root)
     (layout.fakes / "fake-claude.jsonl").unlink(missing_ok=True)
     before = _work(layout)
-    daemons = {name: DaemonProcess(name, layout).start() for name in ("balancer", "rescue")}
+    env = layout.env(CL_STORE_BUSY_TIMEOUT=str(BUSY_TIMEOUT))
+    daemons = {name: DaemonProcess(name, layout, env=env).start() for name in ("balancer", "rescue")}
     tokens = {}
-    for name in HEALTHY:
-        tokens[name] = planted.token()
-        write_credential(layout.credentials, name, oauth_credential(planted, token=tokens[name]))
-    delay = rng.uniform(0, 0.3)
-    time.sleep(delay)  # a random point in the work: the kill is what is random, not what we assert
-    daemons[victim].stop(signal.SIGKILL)
-    work_before_kill = _work(layout) - before
-    began = time.perf_counter()
-    daemons[victim] = DaemonProcess(victim, layout).start()
-    restart = time.perf_counter() - began
+    with _locked_at_random(layout.state / "cl.db", random.Random(rng.random())):
+        for name in HEALTHY:
+            tokens[name] = planted.token()
+            write_credential(layout.credentials, name, oauth_credential(planted, token=tokens[name]))
+        delay = rng.uniform(0, 0.3)
+        time.sleep(delay)  # a random point in the work: the kill is what is random, not what we assert
+        daemons[victim].stop(signal.SIGKILL)
+        work_before_kill = _work(layout) - before
+        began = time.perf_counter()
+        daemons[victim] = DaemonProcess(victim, layout, env=env).start()
+        restart = time.perf_counter() - began
     try:
         wait_until(lambda: {job.state for job in _jobs(layout)} == {"done"}, "every job to finish", timeout=60)
         wait_until(lambda: _events(layout).count("move settled") >= WALLED, "every move to be settled")
@@ -84,6 +94,30 @@ def trial(start: Layout, root: Path, planted: Planted, rng: random.Random, victi
         for daemon in daemons.values():
             daemon.stop()
     return Verdict(victim, delay, work_before_kill, restart, _problems(layout, set(tokens.values())))
+
+
+@contextlib.contextmanager
+def _locked_at_random(database: Path, rng: random.Random) -> Iterator[None]:
+    """Meanwhile, another writer takes the store's lock now and then, for up to three busy timeouts."""
+    stop = threading.Event()
+
+    def lock() -> None:
+        other = sqlite3.connect(database, isolation_level=None, timeout=30)
+        try:
+            while not stop.wait(rng.uniform(0, 0.2)):
+                other.execute("BEGIN IMMEDIATE")
+                stop.wait(rng.uniform(0, 3 * BUSY_TIMEOUT))
+                other.execute("ROLLBACK")
+        finally:
+            other.close()
+
+    locker = threading.Thread(target=lock, daemon=True)
+    locker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        locker.join()
 
 
 def _problems(layout: Layout, healthy: set[str]) -> list[str]:
