@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import sys
 import tempfile
 from collections import Counter
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from run import ms, percentile
 
-from crash import QUEUED, WALLED, template, trial
+from crash import QUEUED, WALLED, Verdict, template, trial
 from utils import Planted
 
 
@@ -34,7 +35,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cl-crash-") as tmp:
         start = template(Path(tmp) / "template", planted)
         victims = ("rescue", "balancer")
-        verdicts = [trial(start, Path(tmp) / f"trial-{i}", planted, rng, victims[i % 2]) for i in range(args.trials)]
+        verdicts = []
+        for i in range(args.trials):
+            try:
+                verdicts.append(trial(start, Path(tmp) / f"trial-{i}", planted, rng, victims[i % 2]))
+            except AssertionError as exc:  # a trial that never settled: a problem to show, with its files
+                kept = shutil.copytree(Path(tmp) / f"trial-{i}", Path(tempfile.mkdtemp(prefix=f"cl-crash-{i}-")))
+                verdicts.append(Verdict(victims[i % 2], 0.0, -1, 0.0, [f"trial {i}: {exc} (its files: {kept})"]))
         texts = [log.read_text(errors="replace") for log in sorted(Path(tmp).rglob("*.log"))]
         leaks = [leak for text in texts for leak in planted.leaks(text, "a log")]
         locked = sum(text.count("state store unavailable") for text in texts)
@@ -43,7 +50,7 @@ def main() -> None:
         mine = [v for v in verdicts if v.victim == victim]
         problems = [p for v in mine for p in v.problems]
         failed += len(problems)
-        restarts = [v.restart for v in mine]
+        restarts = [v.restart for v in mine if v.work_before_kill >= 0] or [0.0]
         print(
             f"kill -9 cl-{victim}: {len(mine)} trials, {len(mine) * (WALLED + QUEUED)} jobs;"
             f" work written before the kill: {dict(sorted(Counter(v.work_before_kill for v in mine).items()))};"

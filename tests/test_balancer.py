@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import random
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -317,3 +319,44 @@ def test_status_shows_live_work_and_finished_jobs_are_kept_for_retention_days(la
         assert submit(layout, "next") == job + 1  # an id is never reused
     finally:
         balancer.stop()
+
+
+def test_what_the_cli_leaves_running_ends_with_its_run(layout: Layout, planted: Planted) -> None:
+    """A background process the CLI started (holding the session's lock it inherited) would keep the
+    next worker of the session waiting forever: it ends when the run does (its process group)."""
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    left = layout.fakes / "left.pid"
+    balancer = DaemonProcess("balancer", layout, env=layout.env(FAKE_CLAUDE_LEAVE_BEHIND=str(left))).start()
+    try:
+        submit(layout, "start a server and go")
+        wait_until(lambda: all_in(layout, "done", 1), "the job to finish")
+        pid = int(wait_until(left.read_text, "the background process's pid"))
+        wait_until(lambda: not _alive(pid), "the background process to end with the run")
+    finally:
+        balancer.stop()
+
+
+def test_a_session_whose_previous_process_never_lets_go_fails_with_the_reason(layout: Layout, planted: Planted) -> None:
+    """A wait for the session's lock is bounded (`session_lock_wait`) and said."""
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    lock = layout.state / "jobs" / "job-1.lock"
+    lock.parent.mkdir(parents=True)
+    with lock.open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a process of job 1's that is still there, somehow
+        balancer = DaemonProcess("balancer", layout, env=layout.env(CL_SESSION_LOCK_WAIT="0.5")).start()
+        try:
+            submit(layout, "blocked")
+            wait_until(lambda: job_states(layout) == {1: "failed"}, "the run to give up")
+            (job,) = history(layout)["jobs"]
+            assert job["error"] == "the session's previous process still runs after 0.5 s (it holds its lock)"
+            assert "waiting for the session's previous process to exit" in balancer.log()
+        finally:
+            balancer.stop()
+    assert layout.claude_calls() == []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

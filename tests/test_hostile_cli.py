@@ -62,7 +62,7 @@ class Run:
         return call(self.var / "run" / f"{daemon}.sock", request)
 
     def jobs(self) -> dict[int, dict[str, Any]]:
-        return {job["id"]: job for job in self.ask("balancer", {"request": "status"})["jobs"]}
+        return {job["id"]: job for job in self.ask("balancer", {"request": "status", "finished": True})["jobs"]}
 
     def submit(self, prompt: str, cwd: Path) -> int:
         reply = self.ask("balancer", {"request": "submit", "cwd": str(cwd), "prompt": prompt})

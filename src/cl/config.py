@@ -52,6 +52,8 @@ class Config:
     """The prompt a moved session is resumed with."""
     reset_jitter: float = 1.0
     """Up to this many seconds are added at random to a wall's reset before trying the account."""
+    session_lock_wait: float = 60.0
+    """Seconds a worker waits for a session's previous process to let go before its run fails."""
     retention_days: float = 30.0
     """Finished jobs, their runs and ledger rows are forgotten this many days after they ended."""
     reconcile_interval: float = 60.0
@@ -193,6 +195,7 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "reset_jitter": _seconds_or_zero,
     "reconcile_interval": _positive_float,
     "retention_days": _positive_float,
+    "session_lock_wait": _positive_float,
     "store_busy_timeout": _positive_float,
     "cli_writable": _paths,
     "cli_user": _name,

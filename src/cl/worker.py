@@ -58,6 +58,7 @@ from cl.store import Job, Run, RunState, Store, iso_utc
 log = structlog.get_logger("cl.worker")
 
 PR_SET_PDEATHSIG = 1
+LOCK_POLL = 0.1
 MAX_STORE_WAIT = 5.0
 """Seconds between a worker's tries at an unavailable state store, at most."""
 MAX_WALL = 8 * 86400
@@ -139,7 +140,9 @@ def work(config: Config, store: Store, run_id: int) -> RunState | None:
         log.info("run not claimable, leaving it", run=run.id, job=job.id)
         return None
     bound = log.bind(job=job.id, run=run.id, account=run.account)
-    lock = _hold_session(config, job.id, bound)
+    if (lock := _hold_session(config, job.id, bound)) is None:
+        reason = f"the session's previous process still runs after {config.session_lock_wait:g} s (it holds its lock)"
+        return _refused(store, run, reason, bound)
     try:
         cli = CliUser.resolve(config.cli_user)
         credential = _ready_config_dir(config, job.id, cli)
@@ -301,22 +304,51 @@ def _settle(config: Config, store: Store, run: Run, state: StreamState, code: in
     return final
 
 
-def _hold_session(config: Config, job_id: int, bound: Any) -> int:
-    """Lock the session for this worker and its CLI: one live process per session, ever.
+def _hold_session(config: Config, job_id: int, bound: Any) -> int | None:
+    """Lock the session for this worker and its CLI: one live process per session, ever; None if
+    it is still held after `session_lock_wait` seconds.
 
     The lock file lives in the state dir, where the CLI cannot plant anything; the CLI inherits
     the locked descriptor (read-only), so the lock outlives a worker killed before its CLI. A
-    worker that finds it held waits for the earlier process to exit (it got PDEATHSIG).
+    worker that finds it held waits, a bounded time, for the earlier process to exit (it got
+    PDEATHSIG, and what it left running ends with it: see `_end_the_tree`).
     """
     path = lock_path(config, job_id)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    if _locked(fd):
+        return fd
+    bound.warning("waiting for the session's previous process to exit", at_most=config.session_lock_wait)
+    deadline = time.monotonic() + config.session_lock_wait
+    while time.monotonic() < deadline:
+        time.sleep(LOCK_POLL)
+        if _locked(fd):
+            return fd
+    os.close(fd)
+    return None
+
+
+def _locked(fd: int) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        bound.warning("waiting for the session's previous process to exit")
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
+        return False
+    return True
+
+
+def _end_the_tree(claude: subprocess.Popen[bytes], cli: CliUser) -> None:
+    """Once the CLI has exited, what it left running ends too: its process group (the CLI leads
+    one). A worker that may not signal the CLI's user (under systemd it may only switch users)
+    sends the signal as that user."""
+    claude.wait()
+    try:
+        os.killpg(claude.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        as_cli = {"user": cli.uid, "group": cli.gid, "extra_groups": []}
+        kill = ["kill", "-s", "KILL", "--", f"-{claude.pid}"]
+        subprocess.run(kill, **as_cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)  # type: ignore[call-overload]
 
 
 def _answered(config: Config, store: Store, run: Run, bound: Any) -> None:
@@ -344,11 +376,9 @@ def cli_environment(config: Config, account: Account, cli: CliUser, config_dir: 
 
 def _run_cli(session: _Session, account: Account) -> tuple[StreamState, int] | None:
     """Run the CLI, keeping its output and reading it as it comes; None if it did not start."""
-    config, store, job, run, cli = session.config, session.store, session.job, session.run, session.cli
+    config, job, run, cli = session.config, session.job, session.run, session.cli
     bound = log.bind(job=job.id, run=run.id, account=run.account)
     config_dir = session_config_dir(config, job.id)
-    oauth = account.kind is CredentialKind.OAUTH
-    state = StreamState()
     if not (abi := landlock.abi()):
         bound.warning("no Landlock in this kernel: the CLI is confined by its user's rights alone")
     with cli.acting():  # the CLI's own places, opened as the CLI's user: the worker may not reach them
@@ -359,7 +389,6 @@ def _run_cli(session: _Session, account: Account) -> tuple[StreamState, int] | N
         hidden = (str(path) for path in workdir.private_dirs(config).values())
         rules += landlock.open_rules(landlock.readable_except(hidden), landlock.READING)
     with session.log_path.open("ab") as output:
-        out = _Output(output)
         try:
             claude = subprocess.Popen(
                 claude_argv(config, job, run),
@@ -368,41 +397,55 @@ def _run_cli(session: _Session, account: Account) -> tuple[StreamState, int] | N
                 stderr=subprocess.PIPE,
                 env=cli_environment(config, account, cli, config_dir),
                 pass_fds=(session.lock, cwd),
+                start_new_session=True,  # a process group of its own, ended with the run
                 preexec_fn=_cli_preexec(cli, cwd, rules, abi),  # noqa: PLW1509 - syscalls only, no locks taken
             )
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            store.settle(run.id, RunState.FAILED, f"cannot start {config.claude_bin}: {reason}")
+            session.store.settle(run.id, RunState.FAILED, f"cannot start {config.claude_bin}: {reason}")
             bound.error("cli did not start", error=reason, cwd=job.cwd)
             return None
         finally:
             os.close(cwd)
             landlock.close_rules(rules)
-        assert claude.stdin is not None
-        assert claude.stdout is not None
-        assert claude.stderr is not None
-        _give_prompt(claude.stdin, config.resume_prompt if run.resume else job.prompt)
-        errors = threading.Thread(target=out.copy, args=(claude.stderr,), daemon=True)
-        errors.start()
-        answered = False
-        for raw in claude.stdout:
-            if oauth:
-                session.credential.sync(session.account_file, run.account)  # a refreshed token, either way
-            line = raw.decode(errors="replace")
-            out.write(line)
-            known = state.session_id
-            state.feed(line)
-            if state.session_id and state.session_id != known:
-                store.set_session(run.id, state.session_id)
-                bound.info("session resumed" if run.resume else "session started", session=state.session_id)
-            if state.answered and not answered:
-                answered = True
-                _answered(config, store, run, bound)
-        code = claude.wait()
-        errors.join(timeout=5)  # a process the CLI left behind may hold its stderr open
+        return _follow(session, claude, _Output(output), oauth=account.kind is CredentialKind.OAUTH)
+
+
+def _follow(
+    session: _Session, claude: subprocess.Popen[bytes], out: _Output, *, oauth: bool
+) -> tuple[StreamState, int]:
+    """Give the CLI its prompt, read its stream to the end, end what it left running."""
+    config, store, run = session.config, session.store, session.run
+    bound = log.bind(job=run.job_id, run=run.id, account=run.account)
+    assert claude.stdin is not None
+    assert claude.stdout is not None
+    assert claude.stderr is not None
+    _give_prompt(claude.stdin, config.resume_prompt if run.resume else session.job.prompt)
+    errors = threading.Thread(target=out.copy, args=(claude.stderr,), daemon=True)
+    errors.start()
+    # When the CLI exits, what it left running goes too: such a process may hold its output open,
+    # and the stream would never end.
+    threading.Thread(target=_end_the_tree, args=(claude, session.cli), daemon=True).start()
+    state = StreamState()
+    answered = False
+    for raw in claude.stdout:
         if oauth:
-            session.credential.sync(session.account_file, run.account)
-        return state, code
+            session.credential.sync(session.account_file, run.account)  # a refreshed token, either way
+        line = raw.decode(errors="replace")
+        out.write(line)
+        known = state.session_id
+        state.feed(line)
+        if state.session_id and state.session_id != known:
+            store.set_session(run.id, state.session_id)
+            bound.info("session resumed" if run.resume else "session started", session=state.session_id)
+        if state.answered and not answered:
+            answered = True
+            _answered(config, store, run, bound)
+    code = claude.wait()
+    errors.join(timeout=5)
+    if oauth:
+        session.credential.sync(session.account_file, run.account)
+    return state, code
 
 
 def _give_prompt(stdin: IO[bytes], prompt: str) -> None:
