@@ -22,6 +22,7 @@ from utils import (
     Planted,
     all_in,
     api_key_credential,
+    both,
     cl,
     history,
     job_state_set,
@@ -360,3 +361,23 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_state_store_made_anew_never_reuses_an_earlier_jobs_session_files(layout: Layout, planted: Planted) -> None:
+    """Job ids start again at 1 in a new `cl.db`: the new job 1 gets session files of its own, and
+    the earlier job 1's (its transcript, its credential copy) are set aside, not handed to it."""
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    with both(layout):
+        submit(layout, "the first store's job 1")
+        wait_until(lambda: all_in(layout, "done", 1), "the first job 1")
+    for path in layout.state.glob("cl.db*"):
+        path.unlink()
+    with both(layout) as (balancer, _rescue):
+        assert submit(layout, "the second store's job 1") == 1
+        wait_until(lambda: all_in(layout, "done", 1), "the second job 1")
+        assert "an earlier job's session files set aside job=1" in balancer.log()
+    (earlier,) = layout.sessions.glob("job-1.earlier-*")
+    assert len(list((earlier / "projects").rglob("*.jsonl"))) == 1
+    assert len(list((layout.sessions / "job-1" / "projects").rglob("*.jsonl"))) == 1
+    first, second = layout.claude_calls()
+    assert (first["history"], second["history"]) == (0, 0)  # the second job started blank

@@ -145,7 +145,7 @@ def work(config: Config, store: Store, run_id: int) -> RunState | None:
         return _refused(store, run, reason, bound)
     try:
         cli = CliUser.resolve(config.cli_user)
-        credential = _ready_config_dir(config, job.id, cli)
+        credential = _ready_config_dir(config, job.id, cli, first=store.previous_account(run.id) is None)
     except (CliUserError, OSError) as exc:
         return _refused(store, run, f"cannot ready the session's config dir: {_reason(exc)}", bound)
     session = _Session(config, store, job, run, cli, credential, path, lock)
@@ -218,8 +218,10 @@ def _reason(exc: Exception) -> str:
     return str(exc)
 
 
-def _ready_config_dir(config: Config, job_id: int, cli: CliUser) -> JobCredential:
-    """The job's config dir, made by and for the CLI's user: the sessions dir is theirs (0700)."""
+def _ready_config_dir(config: Config, job_id: int, cli: CliUser, *, first: bool) -> JobCredential:
+    """The job's config dir, made by and for the CLI's user: the sessions dir is theirs (0700).
+    A job's first run finding one already there finds another store's job of that number (the
+    state store was made anew): that one is set aside, never reused, credential copy included."""
     sessions = config.sessions_dir
     if not sessions.is_dir():
         sessions.mkdir(parents=True, mode=0o700, exist_ok=True)
@@ -227,6 +229,10 @@ def _ready_config_dir(config: Config, job_id: int, cli: CliUser) -> JobCredentia
             os.chown(sessions, cli.uid, cli.gid)
     config_dir = session_config_dir(config, job_id)
     with cli.acting():
+        if first and os.path.lexists(config_dir):
+            aside = config_dir.with_name(f"{config_dir.name}.earlier-{time.time_ns()}")
+            os.rename(config_dir, aside)
+            log.warning("an earlier job's session files set aside", job=job_id, kept=str(aside))
         config_dir.mkdir(mode=0o700, exist_ok=True)
     return JobCredential(config_dir, cli, credential_mark_path(config, job_id))
 
