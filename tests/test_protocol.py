@@ -148,3 +148,45 @@ async def test_an_idle_connection_is_closed_and_the_server_answers_on(
         writer.close()
     finally:
         await server.close()
+
+
+async def test_an_operator_holds_a_bounded_number_of_connections(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One peer uid cannot take every descriptor: past the cap it is refused at once, and a
+    connection it closes makes room again."""
+    monkeypatch.setattr(protocol, "MAX_CONNECTIONS_PER_UID", 2)
+
+    async def accounts(_request: protocol.Request, _peer: protocol.Peer) -> protocol.Reply:
+        return {"accounts": []}
+
+    server = protocol.ControlServer(tmp_path / "t.sock", {"accounts": accounts})
+    server._uncapped = set()  # this test's process is root, which is never capped
+    await server.start()
+
+    async def ask() -> dict[str, object]:
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "t.sock"))
+        writer.write(b'{"request": "accounts"}\n')
+        reply: dict[str, object] = json.loads(await asyncio.wait_for(reader.readline(), timeout=20))
+        writer.close()
+        return reply
+
+    try:
+        held = [await asyncio.open_unix_connection(str(tmp_path / "t.sock")) for _ in range(2)]
+        await asyncio.sleep(0)  # let the server take them
+        for _ in range(100):
+            if sum(server._connections.values()) == 2:
+                break
+            await asyncio.sleep(0.01)
+        refused = await ask()
+        assert (refused["ok"], refused["code"]) == (False, "too-many-connections")
+        held.pop()[1].close()
+        for _ in range(100):
+            if sum(server._connections.values()) < 2:
+                break
+            await asyncio.sleep(0.01)
+        assert (await ask())["ok"] is True
+        for _, writer in held:
+            writer.close()
+    finally:
+        await server.close()

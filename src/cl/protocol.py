@@ -139,6 +139,8 @@ class ControlServer:
         self._handlers = handlers
         self._connections: Counter[int] = Counter()
         """Open connections per peer uid."""
+        self._uncapped = {0, os.getuid()}
+        """Root, and the daemons' own user (whose workers talk here), are not capped."""
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -185,9 +187,8 @@ class ControlServer:
                 await writer.wait_closed()
 
     def _over_cap(self, peer: Peer) -> tuple[str, str] | None:
-        """An operator holding `MAX_CONNECTIONS_PER_UID` connections already gets no more (root and
-        the daemons' own user, whose workers talk here, are not capped)."""
-        if peer.uid in (0, os.getuid()) or self._connections[peer.uid] < MAX_CONNECTIONS_PER_UID:
+        """An operator holding `MAX_CONNECTIONS_PER_UID` connections already gets no more."""
+        if peer.uid in self._uncapped or self._connections[peer.uid] < MAX_CONNECTIONS_PER_UID:
             return None
         log.warning("client refused: too many connections", uid=peer.uid, open=self._connections[peer.uid])
         return "too-many-connections", f"uid {peer.uid} has {MAX_CONNECTIONS_PER_UID} connections open already"
