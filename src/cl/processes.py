@@ -13,18 +13,26 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from cl.credentials import CANNOT_LOOK
+
 POLL_INTERVAL = 1.0
 """Seconds between looks at a process watched without a pidfd."""
 
 
-def _poll(pid: int, started: str, callback: Callable[[], None]) -> None:
+def _poll(pid: int, callback: Callable[[], None]) -> None:
+    """Look every `POLL_INTERVAL` with signal 0, which needs no descriptor."""
+
     def look() -> None:
-        if alive(pid, started):
-            loop.call_later(POLL_INTERVAL, look)
-            return
         with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        callback()
+            os.waitpid(pid, os.WNOHANG)  # reap it if it was our child
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            callback()
+            return
+        except PermissionError:
+            pass  # there, and not ours to signal
+        loop.call_later(POLL_INTERVAL, look)
 
     loop = asyncio.get_running_loop()
     loop.call_later(POLL_INTERVAL, look)
@@ -39,11 +47,13 @@ def start_time(pid: int) -> str | None:
 
 
 def alive(pid: int, started: str | None) -> bool:
-    """True if `pid` is still the process that started at `started` (and not a zombie)."""
+    """True if `pid` is still the process that started at `started` (and not a zombie). When this
+    process cannot look (no descriptor to spare), the answer is yes: a worker taken for gone would
+    have its session run a second time."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
+    except OSError as exc:
+        return exc.errno in CANNOT_LOOK
     fields = stat.rsplit(")", 1)[1].split()
     return fields[0] != "Z" and fields[19] == started
 
@@ -56,10 +66,7 @@ def on_exit(pid: int, callback: Callable[[], None]) -> bool:
     except ProcessLookupError:
         return False
     except OSError:  # EMFILE, ENFILE, ENOMEM: this process is short of something, the worker is not
-        started = start_time(pid)
-        if started is None:
-            return False
-        _poll(pid, started, callback)
+        _poll(pid, callback)
         return True
     loop = asyncio.get_running_loop()
 
