@@ -16,7 +16,18 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from utils import DaemonProcess
+from utils import (
+    DaemonProcess,
+    Layout,
+    Planted,
+    both,
+    history,
+    job_state_set,
+    oauth_credential,
+    submit,
+    wait_until,
+    write_credential,
+)
 
 EXPECTED_ERRORS = {"bad-json", "bad-request", "unknown-request", "too-long", "not-found", "not-queued", "refused"}
 REQUESTS = ["accounts", "submit", "cancel", "status", "logs", "run-changed", "waiting", "nope", ""]
@@ -146,3 +157,21 @@ def test_control_characters_and_huge_numbers_in_every_field_get_precise_answers(
         assert [reply for reply in replies if not well_answered(reply)] == []
         assert daemon.process is not None
         assert daemon.process.poll() is None
+
+
+def test_control_characters_in_everything_the_cli_prints_harm_nothing(layout: Layout, planted: Planted) -> None:
+    """A NUL (and every other control character) in the session id, the model, the texts, the
+    result: the session id is not taken (it is no UUID), the job still ends, and after a restart
+    both daemons start and answer (a NUL in a stored session id once stopped cl-rescue's start)."""
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    env = layout.env(FAKE_CLAUDE_CONTROL="1")
+    with both(layout, env=env):
+        submit(layout, "print strange things")
+        wait_until(lambda: job_state_set(layout) <= {"done", "failed"} and job_state_set(layout) != set(), "the end")
+        (job,) = history(layout)["jobs"]
+    assert job["session_id"] is None
+    assert job["state"] == "done" or job["error"], job
+    with both(layout, env=env) as (balancer, rescue):
+        assert balancer.states() == rescue.states() == {"a1": "ok"}
+    for daemon in (balancer, rescue):  # what the CLI printed reaches no log raw (a terminal's escapes)
+        assert not set(daemon.log()) & (set(map(chr, range(32))) - {"\n"}), daemon.name

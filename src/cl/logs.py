@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from typing import Any, TextIO
 
@@ -33,6 +34,18 @@ def under_journald(stream: TextIO) -> bool:
     except (ValueError, OSError):
         return False
     return (st.st_dev, st.st_ino) == (device, inode)
+
+
+_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
+
+
+def _printable(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """Control characters in a value (what the CLI printed, a file's name) are shown escaped,
+    never sent raw to a terminal or the journal; line breaks are the renderers' to show."""
+    for key, value in event_dict.items():
+        if isinstance(value, str) and _CONTROL.search(value):
+            event_dict[key] = _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", value)
+    return event_dict
 
 
 def _logfmt(value: Any) -> str:
@@ -88,6 +101,7 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            _printable,
             _Scrubbed(renderer),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
