@@ -29,9 +29,8 @@ from sdbox import Box, booted, drop_credential, submit, unavailable
 
 from cl import landlock
 from cl.client import DaemonUnreachable, call
-from utils import Planted, oauth_credential, wait_until, write_credential
+from utils import REPO, Planted, make_run, oauth_credential, wait_until, write_credential
 
-REPO = Path(__file__).resolve().parents[1]
 HOSTILE = REPO / "tests" / "fakes" / "hostile"
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 
@@ -81,17 +80,10 @@ def var() -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def make_run(var: Path, config: str) -> Run:
+def started(var: Path, config: str) -> Run:
+    """`make run` on `var` with this configuration, both daemons answering."""
     (var / "config.toml").write_text(config)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CL_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_"))}
-    process = subprocess.Popen(
-        ["make", "--no-print-directory", "-C", str(REPO), "run", f"VAR={var}"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    process = make_run(var)
     run = Run(var, process)
 
     def answers() -> bool:
@@ -192,7 +184,7 @@ def _attack_under_make_run(var: Path, planted: Planted) -> Attack:
         f'claude_bin = "{fakes}"\nplacement = "fill-first"\n'
         f'[worker.env]\nHOSTILE_TARGETS_FILE = "{var / "targets.json"}"\n'
     )
-    run = make_run(var, config)
+    run = started(var, config)
     try:
         found = subprocess.run(
             ["pgrep", "-f", "-g", str(run.process.pid), r"from cl\.(balancer|rescue) import"],

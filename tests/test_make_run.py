@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from pathlib import Path
 
 from cl.client import DaemonUnreachable, call
-from utils import Planted, oauth_credential, wait_until, write_credential
-
-REPO = Path(__file__).resolve().parents[1]
+from utils import Planted, make_run, oauth_credential, wait_until, write_credential
 
 
 def test_make_run_serves_a_dropped_file_and_ctrl_c_stops_both(tmp_path: Path, planted: Planted) -> None:
     var = tmp_path / "var"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CL_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_"))}
-    make = subprocess.Popen(
-        ["make", "--no-print-directory", "-C", str(REPO), "run", f"VAR={var}"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group, as a shell gives a foreground job
-    )
+    make = make_run(var)
     sockets = [var / "run" / f"{name}.sock" for name in ("balancer", "rescue")]
 
     def views() -> list[dict[str, str]] | None:

@@ -271,6 +271,23 @@ class DaemonProcess:
             raise AssertionError(f"cl-{self.name} did not stop within {timeout}s") from None
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_run(var: Path) -> subprocess.Popen[str]:
+    """`make run VAR=var` as a person starts it at a shell: its own process group (a foreground
+    job: Ctrl-C is SIGINT to the group), output on one pipe."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CL_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_"))}
+    return subprocess.Popen(
+        ["make", "--no-print-directory", "-C", str(REPO), "run", f"VAR={var}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def cl(layout: Layout, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """The `cl` command line, as a user runs it."""
     return subprocess.run(
