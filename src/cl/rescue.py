@@ -1,11 +1,12 @@
 """cl-rescue: moves sessions whose account walled (or whose worker vanished) onto a healthy account.
 
-A move (DESIGN.md "Moving a session", README "Design"): every job has its own Claude Code config
-dir, whose `.credentials.json` is a symlink to an account's credential file. Moving a session is
-one store transaction (the ledger's "move started", a `starting` run that resumes the session),
-an atomic re-point of that symlink, and a worker that runs `claude --resume <id>` in the same
-dir and cwd: the CLI sends the whole earlier conversation with the new account's token. When the
-run ends, the move is settled in the ledger with whether the transcript grew.
+A move (README "Design"): every job has its own Claude Code config dir, holding its copy of its
+account's credential. Moving a session is one store transaction (the ledger's "move started", a
+`starting` run on the new account that resumes the session) and a worker that puts the new
+account's credential in that dir and runs `claude --resume <id>` in the same dir and cwd: the CLI
+sends the whole earlier conversation with the new account's token. The worker measures the
+transcript before and after; when the run ends, the move is settled in the ledger with whether
+the transcript grew.
 
 Work arrives by push: a worker tells us when its run ends or first gets an answer, the other
 daemon when it settles a run, the registry when the roster changes, a timer when the earliest
