@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+
+import pytest
 
 from utils import BIN, DaemonProcess, Layout, Planted, cl, oauth_credential, wait_until, write_credential
 
@@ -68,10 +71,52 @@ def test_usage_and_configuration_errors_exit_2(layout: Layout) -> None:
     assert cl(layout, "accounts", "--from", "nobody").returncode == 2
     result = subprocess.run(
         [str(BIN / "cl"), "accounts"],
-        env=layout.env(CL_WATCH_STEP_MS="0"),
+        env=layout.env(CL_RUNTIME_DIR=""),  # the one setting the command line reads (a daemon's cannot break it)
         capture_output=True,
         text=True,
         check=False,
     )
     assert result.returncode == 2
-    assert "CL_WATCH_STEP_MS" in result.stderr
+    assert "CL_RUNTIME_DIR" in result.stderr
+
+
+@pytest.mark.usefixtures("daemons")
+def test_the_command_line_is_a_good_unix_citizen(layout: Layout, planted: Planted) -> None:
+    """`--version`; a stray `CL_*` variable or a daemon's bad setting does not break it; a reader
+    that goes away (`| head`) and Ctrl-C end it quietly; a file given as `--cwd` is said to be one."""
+    version = cl(layout, "--version")
+    assert (version.returncode, version.stdout.strip()) == (0, "cl 0.1.0")
+    assert cl(layout, "status", CL_FOO="1", CL_WATCH_STEP_MS="not a number").returncode == 0
+
+    reader_gone = subprocess.Popen(
+        [str(BIN / "cl"), "accounts"], env=layout.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert reader_gone.stdout is not None
+    reader_gone.stdout.close()  # before it writes a line
+    _, err = reader_gone.communicate(timeout=60)
+    assert (reader_gone.returncode, err) == (-signal.SIGPIPE, b"")
+
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    layout.hold.touch()  # the session runs on: `cl logs -f` follows it
+    try:
+        job = cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "long", "--json")
+        wait_until(layout.claude_calls, "the session to start")
+        follow = subprocess.Popen(
+            [str(BIN / "cl"), "logs", "-f", str(json.loads(job.stdout)["job"])],
+            env=layout.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert follow.stdout is not None
+        assert follow.stdout.readline()  # it is following
+        follow.send_signal(signal.SIGINT)
+        _, err = follow.communicate(timeout=60)
+        assert (follow.returncode, err) == (130, b"")
+    finally:
+        layout.hold.unlink()
+
+    not_a_directory = cl(layout, "submit", "--cwd", str(layout.root / "config.toml"), "--prompt", "x")
+    assert (not_a_directory.returncode, not_a_directory.stderr.strip()) == (
+        2,
+        f"cl: --cwd {layout.root / 'config.toml'}: not a directory",
+    )

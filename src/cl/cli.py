@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import calendar
+import errno
+import importlib.metadata
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -33,6 +36,12 @@ def ask(config: Config, daemon: str, request: dict[str, Any]) -> dict[str, Any]:
     try:
         reply = call(config.socket_path(daemon), request)
     except DaemonUnreachable as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise CommandError(
+                f"cl-{daemon}: permission denied at {config.socket_path(daemon)}: only root and members of group cl"
+                " may talk to the daemons (sudo usermod -aG cl $USER, then log in again)",
+                EXIT_UNREACHABLE,
+            ) from None
         raise CommandError(f"cl-{daemon} is unreachable ({exc}); is it running?", EXIT_UNREACHABLE) from None
     if not reply.get("ok"):
         code = {"not-found": EXIT_NOT_FOUND, "unavailable": EXIT_UNREACHABLE}.get(str(reply.get("code")), EXIT_USAGE)
@@ -73,7 +82,8 @@ def cmd_accounts(config: Config, args: argparse.Namespace) -> int:
 def cmd_submit(config: Config, args: argparse.Namespace) -> int:
     cwd = os.path.realpath(args.cwd)
     if not os.path.isdir(cwd):
-        raise CommandError(f"--cwd {args.cwd}: no such directory", EXIT_USAGE)
+        why = "not a directory" if os.path.exists(cwd) else "no such directory"
+        raise CommandError(f"--cwd {args.cwd}: {why}", EXIT_USAGE)
     if args.prompt_file is not None:
         try:
             prompt = Path(args.prompt_file).read_text()
@@ -246,8 +256,16 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("cl")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cl", description="Claude Code sessions across accounts.")
+    p.add_argument("--version", action="version", version=f"cl {_version()}")
     commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     accounts = commands.add_parser("accounts", help="the accounts each daemon sees, with their states")
     accounts.add_argument("--from", dest="source", choices=DAEMONS, help="ask just this daemon")
@@ -285,10 +303,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+CLIENT_KEYS = ("runtime_dir",)
+"""All the command line needs of the configuration: where the sockets are."""
+EXIT_INTERRUPTED = 130
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    # `cl jobs | head -1`: when the reader goes, so do we, quietly, as any Unix tool does.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = parser().parse_args(argv)
     try:
-        config = load_config()
+        config = load_config(keys=CLIENT_KEYS)
         sys.exit(args.func(config, args))
     except ConfigError as exc:
         print(f"cl: configuration error: {exc}", file=sys.stderr)
@@ -296,3 +321,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     except CommandError as exc:
         print(f"cl: {exc}", file=sys.stderr)
         sys.exit(exc.code)
+    except KeyboardInterrupt:  # Ctrl-C, in `cl logs -f` above all
+        sys.exit(EXIT_INTERRUPTED)

@@ -13,7 +13,10 @@ from typing import Any
 
 
 class DaemonUnreachable(Exception):
-    pass
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+        """What connecting said, if it said anything (EACCES: not allowed to)."""
 
 
 def call(path: Path, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
@@ -36,7 +39,7 @@ def exchange(path: Path, request: dict[str, Any], timeout: float = 10.0) -> byte
                     raise DaemonUnreachable(f"{path}: connection closed before a reply")
                 chunks.append(chunk)
     except OSError as exc:
-        raise DaemonUnreachable(f"{path}: {exc.strerror or exc}") from None
+        raise DaemonUnreachable(f"{path}: {exc.strerror or exc}", exc.errno) from None
     return b"".join(chunks)
 
 

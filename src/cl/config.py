@@ -12,7 +12,7 @@ import os
 import re
 import shlex
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -204,20 +204,21 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
 _FIELD = {"worker": "worker_env"}
 
 
-def load_config(env: Mapping[str, str] | None = None) -> Config:
-    """Defaults, then the file, then `CL_*` variables."""
+def load_config(env: Mapping[str, str] | None = None, keys: Collection[str] | None = None) -> Config:
+    """Defaults, then the file, then `CL_*` variables. With `keys`, only those are read: the rest
+    (a daemon's setting, a stray `CL_*` variable) can neither break nor steer the caller."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     if state_directory := env.get("STATE_DIRECTORY"):  # set by systemd's StateDirectory=
         values["state_dir"] = Path(state_directory.split(":")[0])
     explicit = env.get(f"{ENV_PREFIX}CONFIG")
     path = Path(explicit) if explicit else DEFAULT_PATH
-    values.update(_from_file(path, required=bool(explicit)))
-    values.update(_from_env(env))
+    values.update(_from_file(path, keys, required=bool(explicit)))
+    values.update(_from_env(env, keys))
     return Config(**values, config_file=path.absolute())
 
 
-def _from_file(path: Path, *, required: bool) -> dict[str, Any]:
+def _from_file(path: Path, keys: Collection[str] | None, *, required: bool) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
             doc = tomllib.load(f)
@@ -230,16 +231,21 @@ def _from_file(path: Path, *, required: bool) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     base = path.parent.absolute()
-    return {_FIELD.get(key, key): _parse(key, value, base, f"{path}: key {key!r}") for key, value in doc.items()}
+    return {
+        _FIELD.get(key, key): _parse(key, value, base, f"{path}: key {key!r}")
+        for key, value in doc.items()
+        if keys is None or key in keys
+    }
 
 
-def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+def _from_env(env: Mapping[str, str], keys: Collection[str] | None) -> dict[str, Any]:
     values = {}
     for var, value in env.items():
         if not var.startswith(ENV_PREFIX) or var == f"{ENV_PREFIX}CONFIG":
             continue
         key = var.removeprefix(ENV_PREFIX).lower()
-        values[_FIELD.get(key, key)] = _parse(key, value, Path.cwd(), f"environment variable {var}")
+        if keys is None or key in keys:
+            values[_FIELD.get(key, key)] = _parse(key, value, Path.cwd(), f"environment variable {var}")
     return values
 
 
