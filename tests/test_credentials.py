@@ -13,7 +13,7 @@ from cl.credentials import (
     AccountState,
     CredentialKind,
     account_name,
-    is_near_miss,
+    near_miss,
     parse_credential,
     read_account,
 )
@@ -42,12 +42,16 @@ def test_account_names(filename: str, name: str | None) -> None:
     assert account_name(filename) == name
 
 
-def test_near_misses_are_told_apart_from_editor_files() -> None:
-    assert is_near_miss("credentials-a b.json")
-    assert is_near_miss("credentials-\udcff.json")
-    assert not is_near_miss("credentials-a.json~")
-    assert not is_near_miss(".credentials-a.json.swp")
-    assert not is_near_miss("credentials-ok.json")
+def test_near_misses_are_told_apart_from_editor_files_with_what_to_name_them() -> None:
+    assert near_miss("credentials-a b.json") == "credentials-a-b.json"
+    assert near_miss("credential-a5.json") == "credentials-a5.json"
+    assert near_miss(".credentials.json") == "credentials-NAME.json"  # Claude Code's own file, copied in
+    assert near_miss("Credentials_work.JSON") == "credentials-work.json"
+    assert near_miss("credentials-\udcff.json") == "credentials-NAME.json"
+    assert near_miss("credentials-a.json~") is None
+    assert near_miss(".credentials-a.json.swp") is None
+    assert near_miss("credentials-ok.json") is None
+    assert near_miss("notes.json") is None
 
 
 def test_claude_code_credentials_file(planted: Planted) -> None:

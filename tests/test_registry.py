@@ -192,8 +192,15 @@ async def test_odd_names_are_reported_once(registry: CredentialRegistry, planted
         )
         for _ in range(3):
             await registry.resync()
+        (registry.directory / "credential-a5.json").write_text(oauth_credential(planted))  # a typo
+        for _ in range(2):
+            await registry.resync()
     ignored = [entry for entry in logs if entry["event"] == "file ignored: not a valid credential name"]
-    assert sorted(entry["file"] for entry in ignored) == ["credentials-\\xff.json", "credentials-has space.json"]
+    assert sorted((entry["file"], entry["rename_to"]) for entry in ignored) == [
+        ("credential-a5.json", "credentials-a5.json"),
+        ("credentials-\\xff.json", "credentials-NAME.json"),
+        ("credentials-has space.json", "credentials-has-space.json"),
+    ]
     assert dict(registry.accounts) == {}
 
 

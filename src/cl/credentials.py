@@ -32,7 +32,8 @@ MAX_CREDENTIAL_BYTES = 64 * 1024
 """Larger files are refused unread: a real credential is a few hundred bytes."""
 
 _NAME = re.compile(r"credentials-([A-Za-z0-9][A-Za-z0-9_-]{0,63})\.json")
-_LOOKS_LIKE = re.compile(r"credentials-.*\.json")
+_LOOKS_LIKE = re.compile(r"\.?credentials?[-_ .]?(.*)\.json", re.IGNORECASE)
+_NOT_IN_A_NAME = re.compile(r"[^A-Za-z0-9_-]+")
 
 
 def account_name(filename: str) -> str | None:
@@ -41,9 +42,15 @@ def account_name(filename: str) -> str | None:
     return match.group(1) if match else None
 
 
-def is_near_miss(filename: str) -> bool:
-    """A name an operator probably meant as a credential file but that does not qualify."""
-    return account_name(filename) is None and _LOOKS_LIKE.fullmatch(filename) is not None
+def near_miss(filename: str) -> str | None:
+    """For a name an operator probably meant as a credential file but that does not qualify
+    (`credential-x.json`, `credentials-bad name.json`, a copied `.credentials.json`): the name to
+    give it instead. None for a credential file's name, and for everything else."""
+    match = _LOOKS_LIKE.fullmatch(filename)
+    if match is None or account_name(filename) is not None:
+        return None
+    name = _NOT_IN_A_NAME.sub("-", match.group(1)).strip("-_")[:64]
+    return credential_filename(name or "NAME")
 
 
 def credential_filename(name: str) -> str:

@@ -31,7 +31,7 @@ from cl.credentials import (
     FileSignature,
     account_name,
     credential_filename,
-    is_near_miss,
+    near_miss,
     read_account,
 )
 
@@ -64,7 +64,8 @@ class AccountChange:
 class _Scan:
     found: dict[str, _Read | None]
     """Every credential file present; None where the signature is unchanged (not re-read)."""
-    near_misses: list[str]
+    near_misses: list[tuple[str, str]]
+    """Names meant as credential files that are not, each with the name to give it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,11 +249,12 @@ class CredentialRegistry:
         if self._directory_missing:
             log.info("credentials directory available", directory=str(self.directory))
         self._directory_missing = False
-        for filename in scan.near_misses:
+        for filename, better in scan.near_misses:
             self._report(
                 f"name:{filename}",
                 "file ignored: not a valid credential name",
                 file=os.fsencode(filename).decode("ascii", "backslashreplace"),
+                rename_to=better,
                 expected="credentials-<letters, digits, _ or -; up to 64>.json",
             )
         return scan.found
@@ -375,14 +377,14 @@ def _scan(directory: Path, signatures: Mapping[str, FileSignature | None]) -> _S
 
 def _scan_entries(directory: Path, signatures: Mapping[str, FileSignature | None]) -> _Scan:
     found: dict[str, _Read | None] = {}
-    near_misses: list[str] = []
+    near_misses: list[tuple[str, str]] = []
     entries = os.scandir(directory)
     with entries:
         for entry in entries:
             name = account_name(entry.name)
             if name is None:
-                if is_near_miss(entry.name):
-                    near_misses.append(entry.name)
+                if better := near_miss(entry.name):
+                    near_misses.append((entry.name, better))
                 continue
             try:
                 signature = FileSignature.of(entry.stat(follow_symlinks=False))
