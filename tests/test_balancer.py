@@ -196,6 +196,7 @@ def test_cancel(layout: Layout, planted: Planted) -> None:
     result = cl(layout, "cancel", str(queued))
     assert (result.returncode, result.stdout.strip()) == (0, f"job {queued} cancelled")
     assert job_states(layout) == {queued: "cancelled"}
+    assert cl(layout, "wait", str(queued)).returncode == 6  # `cl wait`: cancelled
     assert cl(layout, "cancel", "999").returncode == 4
     write_credential(layout.credentials, "a1", oauth_credential(planted))
     done = submit(layout, "runs")
@@ -298,6 +299,7 @@ def test_a_job_whose_directory_vanished_fails_with_the_reason(layout: Layout, pl
     write_credential(layout.credentials, "a1", oauth_credential(planted))
     wait_until(lambda: job_states(layout) == {job: "failed"}, "the job to fail")
     assert "no such directory" in history(layout)["jobs"][0]["error"]
+    assert cl(layout, "wait", str(job)).returncode == 5  # `cl wait`: failed
     assert layout.claude_calls() == []
 
 

@@ -226,3 +226,27 @@ def test_a_job_the_rescuer_requeues_wakes_the_balancer(layout: Layout) -> None:
             rescue.stop()
     assert heard[0]["request"] == "run-changed"
     assert "job requeued" in rescue.log()
+
+
+def test_a_jobs_story_its_answer_and_waiting_for_it(layout: Layout, planted: Planted) -> None:
+    """`cl job N` tells the runs and the move (a1 -> a2, and why); `cl result N` the answer;
+    `cl wait N` returns when the job ends, its exit code the outcome."""
+    walled = planted.token()
+    write_credential(layout.credentials, "a1", oauth_credential(planted, token=walled))
+    layout.quota({walled: 0})
+    with both(layout):
+        job = submit(layout, "walls once, then answers")
+        wait_until(lambda: "walled" in {j["state"] for j in history(layout)["jobs"]}, "the wall")
+        write_credential(layout.credentials, "a2", oauth_credential(planted))
+        waited = cl(layout, "wait", str(job))
+        assert waited.returncode == 0, waited.stderr
+        story = json.loads(cl(layout, "job", str(job), "--json").stdout)
+        answer = cl(layout, "result", str(job))
+        table = cl(layout, "job", str(job)).stdout
+        missing = cl(layout, "wait", "99")
+    assert story["job"]["state"] == "done"
+    assert [(r["account"], r["state"]) for r in story["runs"]] == [("a1", "walled"), ("a2", "done")]
+    assert [(m["from"], m["to"], m["why"]) for m in story["moves"]] == [("a1", "a2", "walled")]
+    assert answer.stdout.startswith("Hi from fake claude (n_messages=2")  # the whole conversation went on
+    assert "moved a1 -> a2" in table
+    assert missing.returncode == 4

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
+import json
 import os
 import sys
 import time
@@ -28,7 +30,7 @@ from cl.launcher import under_socket_activation
 from cl.protocol import Encoded, Handler, Peer, Reply, Request, RequestError, id_field, text_field, whole_number
 from cl.registry import CredentialRegistry
 from cl.status import StatusView
-from cl.store import LIVE_RUNS, AsyncStore, Facts, Job, JobState, Run, RunState, Store, StoreUnavailable
+from cl.store import LIVE_RUNS, AsyncStore, Facts, Job, JobState, Run, RunState, Store, StoreUnavailable, iso_utc
 from cl.supervisor import Supervisor, log_outcome
 
 log = structlog.get_logger("cl.balancer")
@@ -59,6 +61,7 @@ class Balancer:
             "cancel": self._cancel,
             "status": self._status,
             "logs": self._logs,
+            "job": self._job,
             "run-changed": self._run_changed,
         }
 
@@ -211,6 +214,52 @@ class Balancer:
         submitter = None if peer.sees_all(self.config.admin_group) else peer.uid
         snapshot = await self.store.run(self.store.store.snapshot, submitter, finished=finished)
         return self._status_view.render(snapshot)
+
+    async def _job(self, request: Request, peer: Peer) -> Reply:
+        """One job's whole story: its prompt and state, every run (account, state, times, error),
+        the moves between accounts and why, and the latest run's result event."""
+        job = await self._own_job(request, peer)
+        runs = await self.store.run(self.store.store.job_runs, job.id)
+        moves = [
+            {
+                "at": iso_utc(run.created_at),
+                "from": before.account,
+                "to": run.account,
+                "why": before.state,
+                "run": run.id,
+            }
+            for before, run in itertools.pairwise(runs)
+            if run.resume is not None
+        ]
+        result = next((json.loads(run.result) for run in reversed(runs) if run.result), None)
+        return {
+            "job": {
+                "id": job.id,
+                "state": job.state,
+                "prompt": job.prompt,
+                "cwd": job.cwd,
+                "model": job.model,
+                "account": job.account,
+                "session_id": job.session_id,
+                "error": job.error,
+                "created_at": iso_utc(job.created_at),
+                "updated_at": iso_utc(job.updated_at),
+            },
+            "runs": [
+                {
+                    "id": run.id,
+                    "account": run.account,
+                    "state": run.state,
+                    "resumes": run.resume,
+                    "started_at": iso_utc(run.created_at),
+                    "ended_at": iso_utc(run.ended_at) if run.ended_at else None,
+                    "error": run.error,
+                }
+                for run in runs
+            ],
+            "moves": moves,
+            "result": result,
+        }
 
     async def _logs(self, request: Request, peer: Peer) -> Reply:
         """A run's output from `offset` on: `{"data", "offset", "finished"}`; `job` or `session` names it.

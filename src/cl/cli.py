@@ -1,7 +1,8 @@
 """`cl`: the command line. It finds the daemons through the same configuration they use.
 
 Exit codes: 0 fine, 1 the daemons disagree, 2 usage or configuration error (or a request
-the daemon refused), 3 a daemon is unreachable (or its state store is), 4 no such job or session.
+the daemon refused), 3 a daemon is unreachable (or its state store is), 4 no such job or session;
+`cl wait`: 5 the job failed, 6 it was cancelled.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from cl.client import DaemonUnreachable, call
 from cl.config import Config, ConfigError, load_config
 
 DAEMONS = ("balancer", "rescue")
-EXIT_DIFFER, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND = 1, 2, 3, 4
+EXIT_DIFFER, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND, EXIT_FAILED, EXIT_CANCELLED = 1, 2, 3, 4, 5, 6
 
 
 class CommandError(Exception):
@@ -182,6 +183,60 @@ def cmd_jobs(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_job(config: Config, args: argparse.Namespace) -> int:
+    story = ask(config, "balancer", {"request": "job", "job": args.job})
+    story.pop("ok", None)
+    if args.json:
+        print_json(story)
+        return 0
+    job = story["job"]
+    print(f"job {job['id']}: {job['state']}{' (' + job['error'] + ')' if job['error'] else ''}")
+    print(f"  submitted {job['created_at']} in {job['cwd']}, session {job['session_id'] or '-'}")
+    print(f"  prompt: {_one_line(job['prompt'])}")
+    print()
+    print_table(
+        ["RUN", "ACCOUNT", "STATE", "STARTED", "ENDED", "ERROR"],
+        [
+            [str(r["id"]), r["account"], r["state"], r["started_at"], r["ended_at"] or "-", r["error"] or ""]
+            for r in story["runs"]
+        ],
+    )
+    for move in story["moves"]:
+        print(f"  moved {move['from']} -> {move['to']} at {move['at']} ({move['why']})")
+    if (result := story["result"]) is not None:
+        usage = result.get("usage") or {}
+        print(f"\nresult: {_one_line(str(result.get('result', '')))}")
+        if usage:
+            print(f"  tokens in/out: {usage.get('input_tokens', 0)}/{usage.get('output_tokens', 0)}")
+    return 0
+
+
+def cmd_result(config: Config, args: argparse.Namespace) -> int:
+    result = ask(config, "balancer", {"request": "job", "job": args.job})["result"]
+    if result is None:
+        raise CommandError(f"job {args.job} has no result yet", EXIT_NOT_FOUND)
+    if args.json:
+        print_json(result)
+    else:
+        print(result.get("result", ""))
+    return 0
+
+
+FINISHED = {"done": 0, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
+"""`cl wait`'s exit code for each way a job ends."""
+
+
+def cmd_wait(config: Config, args: argparse.Namespace) -> int:
+    while (state := ask(config, "balancer", {"request": "job", "job": args.job})["job"]["state"]) not in FINISHED:
+        time.sleep(args.interval)
+    return FINISHED[state]
+
+
+def _one_line(text: str, width: int = 100) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
 def cmd_logs(config: Config, args: argparse.Namespace) -> int:
     key: int | str = int(args.session) if args.session.isdigit() else args.session
     offset = 0
@@ -294,6 +349,23 @@ def parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text)
         command.add_argument("--json", action="store_true")
         command.set_defaults(func=func)
+
+    job = commands.add_parser("job", help="one job's story: prompt, state, runs, moves, result")
+    job.add_argument("job", type=int)
+    job.add_argument("--json", action="store_true")
+    job.set_defaults(func=cmd_job)
+
+    result = commands.add_parser("result", help="a job's final answer (--json: the result event)")
+    result.add_argument("job", type=int)
+    result.add_argument("--json", action="store_true")
+    result.set_defaults(func=cmd_result)
+
+    wait = commands.add_parser(
+        "wait", help="wait until a job ends; exit 0 done, 5 failed, 6 cancelled, 4 no such job (for scripts)"
+    )
+    wait.add_argument("job", type=int)
+    wait.add_argument("--interval", type=float, default=0.5, help="seconds between looks (default 0.5)")
+    wait.set_defaults(func=cmd_wait)
 
     logs = commands.add_parser("logs", help="a session's output (by session id or job id)")
     logs.add_argument("session")

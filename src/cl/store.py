@@ -104,10 +104,12 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX runs_by_account ON runs(account, state)
     """,
-    # 6: who submitted each job (its uid); a move's transcript size after it, as its worker saw it
+    # 6: who submitted each job (its uid); a move's transcript size after it, as its worker saw it;
+    # each run's result event (the answer), redacted
     """
     ALTER TABLE jobs ADD COLUMN submitter INTEGER;
     ALTER TABLE runs ADD COLUMN transcript_bytes_after INTEGER;
+    ALTER TABLE runs ADD COLUMN result TEXT;
     CREATE INDEX jobs_by_submitter ON jobs(submitter, id)
     """,
 ]
@@ -188,6 +190,8 @@ class Run:
     verified_at: float | None
     transcript_bytes_after: int | None
     """A move's transcript size once its CLI exited (measured by its worker, as the CLI's user)."""
+    result: str | None
+    """The run's `result` event as JSON (redacted): the answer, its cost and usage."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -516,6 +520,14 @@ class Store:
         """A move's transcript size once its CLI exited."""
         with self.transaction() as db:
             db.execute("UPDATE runs SET transcript_bytes_after = ? WHERE id = ?", (size, run_id))
+
+    def record_result(self, run_id: int, result: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE runs SET result = ? WHERE id = ?", (result, run_id))
+
+    def job_runs(self, job_id: int) -> list[Run]:
+        """Every run of a job, first to last."""
+        return [Run(*row) for row in self._db.execute("SELECT * FROM runs WHERE job_id = ? ORDER BY id", (job_id,))]
 
     def previous_account(self, run_id: int) -> str | None:
         """The account of the run before this one in its job: whose credential an earlier CLI had."""

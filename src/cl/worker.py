@@ -283,6 +283,8 @@ def _settle(config: Config, store: Store, run: Run, state: StreamState, code: in
     """Write what the run said: usage, a wall (or refused credentials), the outcome."""
     bound = log.bind(job=run.job_id, run=run.id, account=run.account, session=state.session_id)
     outcome, error = state.outcome(code)
+    if state.result is not None:
+        store.record_result(run.id, redact.scrub(json.dumps(state.result)))
     if state.utilization or state.usage:
         store.record_usage(run.account, state.utilization, time.time(), _tokens(state.usage))
     if (wall := state.wall) is not None:
