@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cl.store import Store
+from cl.store import Run, RunState, Store
 from utils import (
     BIN,
     DaemonProcess,
@@ -202,7 +202,10 @@ def test_cancel(layout: Layout, planted: Planted) -> None:
     done = submit(layout, "runs")
     wait_until(lambda: job_states(layout)[done] == "done", "the job to finish")
     refused = cl(layout, "cancel", str(done))
-    assert (refused.returncode, "only a queued job" in refused.stderr) == (2, True)
+    assert (refused.returncode, refused.stderr.strip()) == (
+        2,
+        f"cl: cl-balancer: job {done} is done already; only live work can be cancelled",
+    )
     assert [call["prompt"] for call in layout.claude_calls()] == ["runs"]
 
 
@@ -383,3 +386,36 @@ def test_a_state_store_made_anew_never_reuses_an_earlier_jobs_session_files(layo
     assert len(list((layout.sessions / "job-1" / "projects").rglob("*.jsonl"))) == 1
     first, second = layout.claude_calls()
     assert (first["history"], second["history"]) == (0, 0)  # the second job started blank
+
+
+def test_a_running_session_is_cancelled_its_whole_tree_stopped_and_nothing_resumes_it(
+    layout: Layout, planted: Planted
+) -> None:
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    left = layout.fakes / "left.pid"
+    layout.hold.touch()  # the session works on until cancelled
+    env = layout.env(FAKE_CLAUDE_LEAVE_BEHIND=str(left))
+    try:
+        with both(layout, env=env) as (balancer, rescue):
+            job = submit(layout, "a runaway")
+            (call,) = wait_until(layout.claude_calls, "the session to start")
+            cancelled = cl(layout, "cancel", str(job))
+            assert (cancelled.returncode, cancelled.stdout.strip()) == (0, f"job {job} cancelled")
+            wait_until(lambda: not _alive(call["pid"]), "its CLI to stop")
+            wait_until(lambda: not _alive(int(left.read_text())), "what it started to stop too")
+            wait_until(lambda: [r.state for r in _runs(layout)] == [RunState.CANCELLED], "the run to end cancelled")
+            assert job_states(layout) == {job: "cancelled"}
+            assert cl(layout, "wait", str(job)).returncode == 6
+            assert "session moved" not in rescue.log()
+            assert "session cancelled" in balancer.log()
+    finally:
+        layout.hold.unlink(missing_ok=True)
+    assert len(layout.claude_calls()) == 1  # never resumed
+
+
+def _runs(layout: Layout) -> list[Run]:
+    store = Store(layout.state / "cl.db")
+    try:
+        return store.runs(tuple(RunState))
+    finally:
+        store.close()

@@ -29,7 +29,7 @@ from utils import (
     write_credential,
 )
 
-EXPECTED_ERRORS = {"bad-json", "bad-request", "unknown-request", "too-long", "not-found", "not-queued", "refused"}
+EXPECTED_ERRORS = {"bad-json", "bad-request", "unknown-request", "too-long", "not-found", "finished", "refused"}
 REQUESTS = ["accounts", "submit", "cancel", "status", "logs", "run-changed", "waiting", "nope", ""]
 
 JSON = st.recursive(

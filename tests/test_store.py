@@ -52,7 +52,7 @@ def test_jobs_queue_survive_reopening_and_cancel(store: Store) -> None:
     assert [job.id for job in reopened.jobs(("queued",))] == [first.id, second.id]
     cancelled = reopened.cancel_job(first.id)
     assert cancelled is not None
-    assert cancelled.state == "cancelled"
+    assert (cancelled[0].state, cancelled[1]) == ("cancelled", None)  # no run to stop
     assert reopened.cancel_job(9999) is None
     assert [job.id for job in reopened.jobs(("queued",))] == [second.id]
     assert [entry["event"] for entry in reopened.ledger()] == ["job queued", "job queued", "job cancelled"]

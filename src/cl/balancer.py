@@ -12,10 +12,12 @@ live workers are adopted, vanished ones are marked orphaned for the rescuer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +29,7 @@ from cl import daemon, placement, redact, workdir
 from cl.cli_user import CliUser, CliUserError
 from cl.config import Config
 from cl.launcher import under_socket_activation
+from cl.processes import alive
 from cl.protocol import Encoded, Handler, Peer, Reply, Request, RequestError, id_field, text_field, whole_number
 from cl.registry import CredentialRegistry
 from cl.status import StatusView
@@ -191,12 +194,16 @@ class Balancer:
 
     async def _cancel(self, request: Request, peer: Peer) -> Reply:
         job_id = (await self._own_job(request, peer)).id
-        job = await self.store.run(self.store.store.cancel_job, job_id)
-        if job is None:
+        cancelled = await self.store.run(self.store.store.cancel_job, job_id)
+        if cancelled is None:
             raise RequestError("not-found", f"no job {job_id}")
+        job, running = cancelled
         if job.state != JobState.CANCELLED:
-            raise RequestError("not-queued", f"job {job_id} is {job.state}; only a queued job can be cancelled")
-        log.info("job cancelled", job=job_id)
+            raise RequestError("finished", f"job {job_id} is {job.state} already; only live work can be cancelled")
+        if running is not None and running.pid is not None and alive(running.pid, running.pid_start):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(running.pid, signal.SIGTERM)  # its worker stops the CLI, whole tree, and says so
+        log.info("job cancelled", job=job_id, run=running.id if running else None, by=peer.uid)
         return {"job": job_id, "state": job.state}
 
     async def _run_changed(self, request: Request, _peer: Peer) -> Reply:

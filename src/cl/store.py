@@ -140,6 +140,8 @@ class RunState(enum.StrEnum):
     """Never claimed: the launcher died first. Its job went back to the queue."""
     ORPHANED = "orphaned"
     """Claimed, then the worker vanished without an outcome."""
+    CANCELLED = "cancelled"
+    """Its job was cancelled while it ran: the CLI was stopped, nothing resumes it."""
 
 
 LIVE_RUNS = (RunState.STARTING, RunState.RUNNING)
@@ -372,16 +374,30 @@ class Store:
             args.append(limit)
         return [Job(*row) for row in self._db.execute(query, args)]
 
-    def cancel_job(self, job_id: int) -> Job | None:
-        """Cancel a queued job; None if there is no such job. A job past the queue is left as it is."""
+    def cancel_job(self, job_id: int) -> tuple[Job, Run | None] | None:
+        """Cancel a job in any state but finished: nothing places, moves or resumes it again, and a
+        run not yet claimed is ended here. The job afterwards, with its run still running (whose
+        worker must stop its CLI); None if there is no such job."""
+        now = time.time()
         with self.transaction() as db:
             updated = db.execute(
-                "UPDATE jobs SET state = ?, updated_at = ? WHERE id = ? AND state = ?",
-                (JobState.CANCELLED, time.time(), job_id, JobState.QUEUED),
+                f"UPDATE jobs SET state = ?, updated_at = ? WHERE id = ? AND state IN {_sql_set(LIVE_JOBS)}",
+                (JobState.CANCELLED, now, job_id, *LIVE_JOBS),
             ).rowcount
             if updated:
+                db.execute(
+                    "UPDATE runs SET state = ?, error = 'cancelled before it started', ended_at = ?"
+                    " WHERE job_id = ? AND state = ?",
+                    (RunState.CANCELLED, now, job_id, RunState.STARTING),
+                )
                 self.record(db, "job cancelled", job_id)
-        return self.job(job_id)
+        job = self.job(job_id)
+        if job is None:
+            return None
+        row = self._db.execute(
+            "SELECT * FROM runs WHERE job_id = ? AND state = ?", (job_id, RunState.RUNNING)
+        ).fetchone()
+        return job, Run(*row) if row else None
 
     # runs: placement, claim, session, settlement
 
@@ -479,11 +495,12 @@ class Store:
                 RunState.WALLED: JobState.WALLED,
                 RunState.ORPHANED: JobState.ORPHANED,
                 RunState.ABANDONED: prior or JobState.QUEUED,
+                RunState.CANCELLED: JobState.CANCELLED,
             }[state]
-            db.execute(
+            db.execute(  # a cancelled job stays cancelled, whatever its last run says
                 "UPDATE jobs SET state = ?, error = ?, updated_at = ?,"
-                " account = CASE WHEN ? = 'queued' THEN NULL ELSE account END WHERE id = ?",
-                (job_state, error, now, job_state, job_id),
+                " account = CASE WHEN ? = 'queued' THEN NULL ELSE account END WHERE id = ? AND state != ?",
+                (job_state, error, now, job_state, job_id, JobState.CANCELLED),
             )
             self.record(db, f"run {state}", job_id, run=run_id, error=error)
         return self.run(run_id)

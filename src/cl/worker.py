@@ -53,11 +53,13 @@ from cl.credentials import Account, CredentialKind, credential_filename, read_ac
 from cl.job_credential import JobCredential
 from cl.launcher import credential_mark_path, lock_path, log_path, session_config_dir
 from cl.processes import start_time
-from cl.store import Job, Run, RunState, Store, iso_utc
+from cl.store import Job, JobState, Run, RunState, Store, iso_utc
 
 log = structlog.get_logger("cl.worker")
 
 PR_SET_PDEATHSIG = 1
+CANCEL_GRACE = 5.0
+"""Seconds a cancelled CLI has to stop on SIGTERM before SIGKILL."""
 LOCK_POLL = 0.1
 MAX_STORE_WAIT = 5.0
 """Seconds between a worker's tries at an unavailable state store, at most."""
@@ -171,6 +173,8 @@ class _Session:
     credential: JobCredential
     log_path: Path
     lock: int
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    """Set when the job was cancelled while its CLI ran."""
 
     @property
     def account_file(self) -> Path:
@@ -193,6 +197,10 @@ def _work(session: _Session) -> RunState:
         return RunState.FAILED
     if transcript is not None:
         store.transcript_after(run.id, session.credential.size_of(transcript))
+    if session.cancelled.is_set():
+        store.settle(run.id, RunState.CANCELLED, "cancelled while it ran")
+        log.info("session cancelled", job=job.id, run=run.id, account=run.account, session=ran[0].session_id)
+        return RunState.CANCELLED
     return _settle(session.config, store, run, *ran)
 
 
@@ -346,17 +354,40 @@ def _locked(fd: int) -> bool:
 
 def _end_the_tree(claude: subprocess.Popen[bytes], cli: CliUser) -> None:
     """Once the CLI has exited, what it left running ends too: its process group (the CLI leads
-    one). A worker that may not signal the CLI's user (under systemd it may only switch users)
-    sends the signal as that user."""
+    one)."""
     claude.wait()
+    _signal_tree(claude, cli, signal.SIGKILL)
+
+
+def _signal_tree(claude: subprocess.Popen[bytes], cli: CliUser, signum: int) -> None:
+    """Signal the CLI's process group; a worker that may not signal the CLI's user (under
+    systemd it may only switch users) sends it as that user."""
     try:
-        os.killpg(claude.pid, signal.SIGKILL)
+        os.killpg(claude.pid, signum)
     except ProcessLookupError:
         pass
     except PermissionError:
         as_cli = {"user": cli.uid, "group": cli.gid, "extra_groups": []}
-        kill = ["kill", "-s", "KILL", "--", f"-{claude.pid}"]
+        kill = ["kill", "-s", signal.Signals(signum).name.removeprefix("SIG"), "--", f"-{claude.pid}"]
         subprocess.run(kill, **as_cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)  # type: ignore[call-overload]
+
+
+def _on_cancel(session: _Session, claude: subprocess.Popen[bytes]) -> Callable[[int, Any], None]:
+    """SIGTERM: if the job was cancelled (`cl cancel`), stop the CLI, its whole tree, and let the
+    run end as cancelled; otherwise (a service manager stopping us) end as before, the session
+    left to be resumed."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        job = session.store.job(session.job.id)
+        if job is None or job.state != JobState.CANCELLED:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        session.cancelled.set()
+        _signal_tree(claude, session.cli, signal.SIGTERM)
+        threading.Timer(CANCEL_GRACE, _signal_tree, (claude, session.cli, signal.SIGKILL)).start()
+
+    return handler
 
 
 def _answered(config: Config, store: Store, run: Run, bound: Any) -> None:
@@ -431,6 +462,7 @@ def _follow(
     _give_prompt(claude.stdin, config.resume_prompt if run.resume else session.job.prompt)
     errors = threading.Thread(target=out.copy, args=(claude.stderr,), daemon=True)
     errors.start()
+    signal.signal(signal.SIGTERM, _on_cancel(session, claude))
     # When the CLI exits, what it left running goes too: such a process may hold its output open,
     # and the stream would never end.
     threading.Thread(target=_end_the_tree, args=(claude, session.cli), daemon=True).start()
