@@ -227,3 +227,33 @@ def test_operators_see_and_act_on_their_own_jobs_and_root_and_admins_on_all(box:
     assert elsewhere.stderr.strip().endswith(f"--cwd /srv/alice: the submitter (uid {bob}) cannot write it")
     assert cl("alice", "cancel", str(alices)).returncode == 0
     assert cl("carol", "cancel", str(bobs)).returncode == 0
+
+
+def test_cancelling_a_session_stops_its_cli_in_its_worker_unit(box: Box, tmp_path: Path, planted: Planted) -> None:
+    """The balancer signals the worker (both user cl); the worker stops the CLI, which runs as
+    cl-cli and which it may only signal as that user; the unit ends, the job is cancelled."""
+    (tmp_path / "fake" / "hold").touch()
+    config = (
+        'claude_bin = "/opt/fakes/claude"\n'
+        'cli_writable = ["/srv/fake"]\n'
+        "[worker.env]\n"
+        'FAKE_CLAUDE_HOLD = "/srv/fake/hold"\n'
+        'FAKE_CLAUDE_LOG = "/srv/fake/fake-claude.jsonl"\n'
+    )
+    box(
+        "sh",
+        "-c",
+        "mkdir -p /etc/cl /srv/work && chown cl-cli:cl-cli /srv/work /srv/fake"
+        " && install -o cl-cli -g cl-cli -m 0600 /dev/null /srv/fake/fake-claude.jsonl"
+        f" && printf '%s' '{config}' > /etc/cl/config.toml",
+    )
+    box("systemctl", "enable", "--now", "cl-balancer.service", "cl-rescue.service")
+    drop_credential(box, tmp_path / "claude", "a1", oauth_credential(planted))
+    wait_until(lambda: "a1" in box("/opt/cl/bin/cl", "accounts", "--from", "balancer").stdout, "a1 to show")
+    job = submit(box, "/srv/work", "a runaway")
+    wait_until(lambda: box("test", "-s", "/srv/fake/fake-claude.jsonl", check=False).returncode == 0, "the CLI")
+    assert box("/opt/cl/bin/cl", "cancel", str(job)).stdout.strip() == f"job {job} cancelled"
+    wait_until(lambda: box("/opt/cl/bin/cl", "wait", str(job), check=False).returncode == 6, "the job to end cancelled")
+    wait_until(lambda: not box("systemctl", "list-units", "--no-legend", "cl-worker@*").stdout.strip(), "the unit")
+    assert "session cancelled" in box("journalctl", "-u", "cl-worker@*", "--no-pager").stdout
+    assert box("pgrep", "-u", "cl-cli", check=False).returncode == 1  # nothing of the CLI's is left
