@@ -224,3 +224,25 @@ def test_a_new_login_dropped_in_is_never_overwritten_by_a_sessions_older_copy(tm
     assert account_file.read_text() == login
     assert (config_dir / ".credentials.json").read_text() == login
     credential.close()
+
+
+def test_another_sessions_refresh_reaches_a_cli_that_is_busy_in_a_tool_call(layout: Layout, planted: Planted) -> None:
+    """While a session says nothing for a while (a long tool call), the account's file moves on
+    (another session refreshed it): the session's copy follows within a few seconds, before this
+    CLI would refresh with a refresh token the server has rotated out."""
+    account_file = write_credential(layout.credentials, "a1", oauth_credential(planted))
+    busy = layout.root / "busy"  # after its answer, the CLI waits: no event comes meanwhile
+    busy.touch()
+    balancer = DaemonProcess("balancer", layout, env=layout.env(FAKE_CLAUDE_HOLD_AFTER=str(busy))).start()
+    try:
+        submit(layout, "a long tool call")
+        copy = layout.sessions / "job-1" / ".credentials.json"
+        wait_until(lambda: layout.claude_calls() and copy.exists(), "the session to be busy")
+        refreshed = oauth_credential(planted, expires_at_ms=LATER_MS)  # what another session's worker wrote back
+        write_credential(layout.credentials, "a1", refreshed)
+        wanted = planted.tokens_in(account_file)
+        wait_until(lambda: planted.tokens_in(copy) == wanted, "the busy session's copy to follow")
+        assert job_states(layout) == {1: "running"}
+    finally:
+        busy.unlink(missing_ok=True)
+        balancer.stop()

@@ -31,6 +31,7 @@ import hashlib
 import os
 import secrets
 import stat
+import threading
 from pathlib import Path
 
 import structlog
@@ -57,12 +58,16 @@ class JobCredential:
         a copy that differs was written by the CLI (a refresh), the only kind that may go back."""
         with cli.acting():
             self._dir = os.open(config_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._syncing = threading.Lock()
+        self._closed = False
         self._seen: tuple[Signature | None, Signature | None] | None = None
         self._unsaved: Signature | None = None
         """A copy that could not be written back: tried once, not on every event."""
 
     def close(self) -> None:
-        os.close(self._dir)
+        with self._syncing:
+            os.close(self._dir)
+            self._closed = True
 
     def size_of(self, relative: str) -> int | None:
         """The size of a file beneath the config dir (a transcript), or None."""
@@ -74,7 +79,13 @@ class JobCredential:
 
     def sync(self, account_file: Path, account: str) -> None:
         """Bring the copy and the account's file in step (the later `expiresAt` wins). Cheap when
-        neither changed since the last call: two `stat`s. The worker calls it on every event."""
+        neither changed since the last call: two `stat`s. The worker calls it on every event, and
+        every few seconds while the CLI says nothing (a long tool call), from another thread."""
+        with self._syncing:
+            if not self._closed:
+                self._sync(account_file, account)
+
+    def _sync(self, account_file: Path, account: str) -> None:
         seen = (self._copy_signature(), _signature(account_file))
         if seen == self._seen:
             return

@@ -58,6 +58,8 @@ from cl.store import Job, JobState, Run, RunState, Store, iso_utc
 log = structlog.get_logger("cl.worker")
 
 PR_SET_PDEATHSIG = 1
+SYNC_INTERVAL = 2.0
+"""Seconds between looks at the credential copy while the CLI says nothing."""
 CANCEL_GRACE = 5.0
 """Seconds a cancelled CLI has to stop on SIGTERM before SIGKILL."""
 LOCK_POLL = 0.1
@@ -359,6 +361,17 @@ def _end_the_tree(claude: subprocess.Popen[bytes], cli: CliUser) -> None:
     _signal_tree(claude, cli, signal.SIGKILL)
 
 
+def _keep_in_step(session: _Session, claude: subprocess.Popen[bytes]) -> None:
+    """Every `SYNC_INTERVAL` while the CLI runs, the credential copy and the account's file in step."""
+    while True:
+        try:
+            claude.wait(SYNC_INTERVAL)
+        except subprocess.TimeoutExpired:
+            session.credential.sync(session.account_file, session.run.account)
+        else:
+            return
+
+
 def _signal_tree(claude: subprocess.Popen[bytes], cli: CliUser, signum: int) -> None:
     """Signal the CLI's process group; a worker that may not signal the CLI's user (under
     systemd it may only switch users) sends it as that user."""
@@ -466,6 +479,8 @@ def _follow(
     # When the CLI exits, what it left running goes too: such a process may hold its output open,
     # and the stream would never end.
     threading.Thread(target=_end_the_tree, args=(claude, session.cli), daemon=True).start()
+    if oauth:  # between events too: another session's refresh must reach this CLI before it refreshes
+        threading.Thread(target=_keep_in_step, args=(session, claude), daemon=True).start()
     state = StreamState()
     answered = False
     for raw in claude.stdout:
