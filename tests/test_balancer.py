@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import random
+import re
 import signal
 import subprocess
 import time
@@ -80,8 +81,8 @@ def test_jobs_run_to_done_and_show_in_status(layout: Layout, planted: Planted) -
     assert table.returncode == 0
     assert "cl-rescue is unreachable" in table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0].split()[:4] == ["ACCOUNT", "STATE", "WALLED", "UNTIL"]
-    assert sorted(line.split()[:4] for line in lines[1:3]) == [["a1", "ok", "-", "0"], ["k1", "ok", "-", "0"]]
+    assert lines[0].split()[:3] == ["ACCOUNT", "STATE", "SESSIONS"]
+    assert sorted(line.split()[:3] for line in lines[1:3]) == [["a1", "ok", "0"], ["k1", "ok", "0"]]
     assert "0 job(s) queued" in lines
     rows = {line.split()[0]: line.split() for line in cl(layout, "sessions").stdout.splitlines()}
     assert rows.pop("SESSION") == ["SESSION", "JOB", "ACCOUNT", "STATE", "AGE", "CWD"]
@@ -123,6 +124,8 @@ def test_a_wall_is_recorded_and_work_goes_elsewhere(layout: Layout, planted: Pla
     accounts = {a["name"]: a for a in status(layout)["accounts"]}
     assert accounts["a1"]["walled_until"] is not None
     assert accounts["a2"]["walled_until"] is None
+    rows = {line.split()[0]: line for line in cl(layout, "status").stdout.splitlines() if line.startswith("a")}
+    assert re.fullmatch(r"a1\s+walled until \d{4}-\d\d-\d\d \d\d:\d\dZ \(in \d+m\d\ds\)\s+0.*", rows["a1"]), rows["a1"]
     second = submit(layout, "goes elsewhere")
     wait_until(lambda: job_states(layout).get(second) == "done", "the second job to finish")
     assert {job["id"]: job["account"] for job in history(layout)["jobs"]} == {first: "a1", second: "a2"}
@@ -419,3 +422,16 @@ def _runs(layout: Layout) -> list[Run]:
         return store.runs(tuple(RunState))
     finally:
         store.close()
+
+
+@pytest.mark.usefixtures("balancer")
+def test_status_says_why_queued_jobs_wait(layout: Layout, planted: Planted) -> None:
+    submit(layout, "nowhere to go")
+    assert "1 job(s) queued: waiting for an account (none is usable" in cl(layout, "status").stdout
+    walled = planted.token()
+    write_credential(layout.credentials, "a1", oauth_credential(planted, token=walled))
+    layout.quota({walled: 0})
+    wait_until(lambda: status(layout)["accounts"][0]["walled_until"], "a1 to wall")
+    submit(layout, "behind the wall")
+    wait_until(lambda: status(layout)["queue"] == 1, "the second job to wait")
+    assert "1 job(s) queued: every account walled, the first free at" in cl(layout, "status").stdout

@@ -119,13 +119,13 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     if args.json:
         print_json(status)
         return 0
+    now = time.time()
     print_table(
-        ["ACCOUNT", "STATE", "WALLED UNTIL", "SESSIONS", "5H", "7D", "TOKENS IN/OUT"],
+        ["ACCOUNT", "STATE", "SESSIONS", "5H", "7D", "TOKENS IN/OUT"],
         [
             [
                 a["name"],
-                a["state"],
-                a["walled_until"] or "-",
+                f"walled until {_when(a['walled_until'], now)}" if a["walled_until"] else a["state"],
                 str(a["sessions"]),
                 _percent(a.get("usage", {}).get("five_hour")),
                 _percent(a.get("usage", {}).get("seven_day")),
@@ -136,7 +136,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     )
     print()
     print_sessions(status["sessions"])
-    print(f"\n{status['queue']} job(s) queued")
+    print(f"\n{status['queue']} job(s) queued{_queue_waits_for(status['accounts'], now) if status['queue'] else ''}")
     if waiting and waiting["sessions"]:
         print(f"\n{len(waiting['sessions'])} session(s) waiting for an account: {_waits_for(waiting)}")
         print_table(
@@ -147,6 +147,34 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
             ],
         )
     return 0
+
+
+def _queue_waits_for(accounts: list[dict[str, Any]], now: float) -> str:
+    """Why queued jobs wait, as the accounts show it."""
+    usable = [a for a in accounts if a["state"] == "ok"]
+    if not usable:
+        return ": waiting for an account (none is usable: drop a credential file in)"
+    free = [a for a in usable if not a["walled_until"]]
+    if not free:
+        first = min(a["walled_until"] for a in usable)
+        return f": every account walled, the first free at {_when(first, now)}"
+    return ": every account at its session limit (max_sessions_per_account), until a session ends"
+
+
+def _when(iso: str, now: float) -> str:
+    """A moment, absolute and relative in one style: `2026-12-01 18:00Z (in 1h20m)`."""
+    at = calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ"))
+    seconds = int(at - now)
+    span = _span(abs(seconds))
+    return f"{iso[:10]} {iso[11:16]}Z ({'in ' + span if seconds >= 0 else span + ' ago'})"
+
+
+def _span(seconds: int) -> str:
+    if seconds >= 86400:
+        return f"{seconds // 86400}d{seconds % 86400 // 3600}h"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _waits_for(waiting: dict[str, Any]) -> str:
@@ -281,10 +309,7 @@ def _percent(value: float | None) -> str:
 
 
 def _age(iso: str, now: float) -> str:
-    seconds = int(now - calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ")))
-    return (
-        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-    )
+    return _span(int(now - calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ"))))
 
 
 def describe_differences(views: dict[str, list[dict[str, Any]]]) -> list[str]:
