@@ -75,6 +75,10 @@ def test_jobs_run_to_done_and_show_in_status(layout: Layout, planted: Planted) -
     first = json.loads(log.stdout.splitlines()[0])
     assert (first["type"], first["subtype"]) == ("system", "init")
     assert cl(layout, "logs", sessions[jobs[1]]["session_id"]).stdout == cl(layout, "logs", str(jobs[1])).stdout
+    by_prefix = cl(layout, "logs", sessions[jobs[1]]["session_id"][:8])  # as git takes a hash's start
+    assert by_prefix.stdout == cl(layout, "logs", str(jobs[1])).stdout
+    too_short = cl(layout, "logs", "abc")
+    assert (too_short.returncode, "first 4 characters" in too_short.stderr) == (2, True)
 
     # The same, as tables for people (cl-rescue is not running here: said on stderr, still exit 0).
     table = cl(layout, "status")

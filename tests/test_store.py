@@ -225,3 +225,14 @@ def test_retention_forgets_finished_jobs_and_their_history_and_keeps_live_work(t
     assert {entry["job_id"] for entry in store.ledger(1000)} == {jobs["running"].id, jobs["recent"].id, None}
     assert store.add_job("/srv", "next").id > jobs["recent"].id  # ids are never reused
     store.close()
+
+
+def test_a_session_is_found_by_the_start_of_its_id(store: Store) -> None:
+    for session in ("abcd1111-0000-0000-0000-000000000000", "abcd2222-0000-0000-0000-000000000000"):
+        run = store.place(store.add_job("/srv", session).id, "a1", limit=10)
+        assert run is not None
+        store.set_session(run.id, session)
+    assert store.jobs_with_session("abcd1") == [1]
+    assert store.jobs_with_session("abcd") == [1, 2]  # ambiguous: the caller asks for more of it
+    assert store.jobs_with_session("abcd_") == []  # LIKE's wildcards are only letters here
+    assert store.jobs_with_session("ffff") == []

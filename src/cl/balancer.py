@@ -39,6 +39,7 @@ from cl.supervisor import Supervisor, log_outcome
 log = structlog.get_logger("cl.balancer")
 
 MAX_TURNS = 100_000
+MIN_SESSION_PREFIX = 4
 RETENTION_INTERVAL = 6 * 3600.0
 """Seconds between retention passes."""
 MAX_PROMPT_BYTES = 48 * 1024
@@ -271,17 +272,16 @@ class Balancer:
     async def _logs(self, request: Request, peer: Peer) -> Reply:
         """A run's output from `offset` on: `{"data", "offset", "finished"}`; `job` or `session` names it.
         Only the job's submitter (or who sees all) may read it; it is redacted on its way out."""
-        store = self.store.store
         offset = whole_number(request, "offset", 0) or 0
-        wanted: int | str | None = text_field(request, "session") if isinstance(request.get("session"), str) else None
-        if wanted is None:
-            wanted = id_field({"job": request.get("session", request.get("job"))}, "job")
-        if isinstance(wanted, int):
-            await self._own_job({"job": wanted}, peer)
-        run = await self.store.run(store.latest_run, wanted)
+        session = text_field(request, "session") if isinstance(request.get("session"), str) else None
+        if session is not None:
+            job_id = await self._job_of_session(session)
+        else:
+            job_id = id_field({"job": request.get("session", request.get("job"))}, "job")
+        job = await self._own_job({"job": job_id}, peer)
+        run = await self.store.run(self.store.store.latest_run, job.id)
         if run is None:
-            raise RequestError("not-found", f"no session or job {wanted!r} has run yet")
-        await self._own_job({"job": run.job_id}, peer)
+            raise RequestError("not-found", f"job {job.id} has not started: it is {job.state}")
         data = b""
         if run.log_path:
             data = await asyncio.to_thread(_read_from, Path(run.log_path), offset, 1 << 20)
@@ -290,6 +290,17 @@ class Balancer:
             "offset": offset + len(data),
             "finished": run.state not in LIVE_RUNS,
         }
+
+    async def _job_of_session(self, session: str) -> int:
+        """The job of the session with this id, or with an id starting so (4 characters at least)."""
+        if len(session) < MIN_SESSION_PREFIX:
+            raise RequestError("bad-request", f"a session id, or its first {MIN_SESSION_PREFIX} characters or more")
+        found = await self.store.run(self.store.store.jobs_with_session, session)
+        if not found:
+            raise RequestError("not-found", f"no session {session!r}")
+        if len(found) > 1:
+            raise RequestError("bad-request", f"{session!r} starts more than one session id: give more of it")
+        return found[0]
 
 
 def _read_from(path: Path, offset: int, limit: int) -> bytes:

@@ -591,14 +591,18 @@ class Store:
         )
         return dict(rows.fetchall())
 
-    def latest_run(self, job_or_session: int | str) -> Run | None:
-        """The latest run of the job with this id, or of the job whose session this is."""
-        row = self._db.execute(
-            "SELECT runs.* FROM runs JOIN jobs ON jobs.id = runs.job_id"
-            " WHERE jobs.id = ? OR jobs.session_id = ? ORDER BY runs.id DESC LIMIT 1",
-            (job_or_session, str(job_or_session)),
-        ).fetchone()
+    def latest_run(self, job_id: int) -> Run | None:
+        """The job's latest run."""
+        row = self._db.execute("SELECT * FROM runs WHERE job_id = ? ORDER BY id DESC LIMIT 1", (job_id,)).fetchone()
         return Run(*row) if row else None
+
+    def jobs_with_session(self, prefix: str, limit: int = 2) -> list[int]:
+        """The jobs whose session id starts with `prefix` (as git takes a hash's start), at most `limit`."""
+        pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        rows = self._db.execute(
+            "SELECT id FROM jobs WHERE session_id LIKE ? ESCAPE '\\' ORDER BY id LIMIT ?", (pattern, limit)
+        )
+        return [row[0] for row in rows]
 
     def facts(self, states: tuple[str, ...], limit: int) -> Facts:
         """The first `limit` jobs in `states` (in submission order), with walls, live runs and usage."""
