@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import signal
 import subprocess
 
 import pytest
 
+from cl.cli import parser
 from utils import BIN, DaemonProcess, Layout, Planted, cl, oauth_credential, wait_until, write_credential
 
 
@@ -120,3 +122,15 @@ def test_the_command_line_is_a_good_unix_citizen(layout: Layout, planted: Plante
         2,
         f"cl: --cwd {layout.root / 'config.toml'}: not a directory",
     )
+
+
+def test_every_option_has_help_and_every_command_examples() -> None:
+    """What `cl COMMAND --help` shows a newcomer: no option without words, no command without an example."""
+    top = parser()
+    (commands,) = [action for action in top._actions if isinstance(action, argparse._SubParsersAction)]
+    for name, command in commands.choices.items():
+        assert command.epilog is not None, name
+        assert command.epilog.startswith("examples:\n  cl "), name
+        for action in command._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, f"cl {name}: {action.dest} has no help"

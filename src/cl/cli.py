@@ -343,57 +343,105 @@ def _version() -> str:
         return "(not installed)"
 
 
+JSON_HELP = "machine-readable output: one JSON value (indented on a terminal, one line in a pipe)"
+JOB_HELP = "the job's id, as `cl submit` printed it"
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cl", description="Claude Code sessions across accounts.")
+    p = argparse.ArgumentParser(
+        prog="cl",
+        description="Claude Code sessions across accounts: submit work, see accounts, sessions and walls.",
+        epilog="Exit codes: 0 fine, 1 the daemons disagree, 2 usage or a refused request, 3 a daemon or its store "
+        "unreachable, 4 no such job or session; `cl wait`: 5 failed, 6 cancelled. `cl COMMAND --help` for each.",
+    )
     p.add_argument("--version", action="version", version=f"cl {_version()}")
     commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    accounts = commands.add_parser("accounts", help="the accounts each daemon sees, with their states")
+
+    def command(name: str, text: str, examples: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=text,
+            description=text,
+            epilog="examples:\n" + examples,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    accounts = command(
+        "accounts",
+        "the accounts each daemon sees, with their states",
+        "  cl accounts                    both daemons' views side by side (exit 1 if they differ)\n"
+        "  cl accounts --from rescue      one daemon's view, with kind and expiry\n",
+    )
     accounts.add_argument("--from", dest="source", choices=DAEMONS, help="ask just this daemon")
-    accounts.add_argument("--json", action="store_true", help="machine-readable output")
+    accounts.add_argument("--json", action="store_true", help=JSON_HELP)
     accounts.set_defaults(func=cmd_accounts)
 
-    submit = commands.add_parser("submit", help="queue a job; prints its id")
-    submit.add_argument("--cwd", required=True, help="the job's working directory")
+    submit = command(
+        "submit",
+        "queue a job; prints its id",
+        "  cl submit --cwd /srv/repo --prompt 'fix the flaky test'\n"
+        "  cl submit --cwd . --prompt-file task.md --model opus --max-turns 30 --json\n",
+    )
+    submit.add_argument(
+        "--cwd", required=True, help="the job's working directory: one you and the CLI's user (cl-cli) can write"
+    )
     source = submit.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="the prompt")
+    source.add_argument("--prompt", help="the prompt (at most 48 KiB)")
     source.add_argument("--prompt-file", help="read the prompt from this file")
-    submit.add_argument("--model")
-    submit.add_argument("--max-turns", type=int)
-    submit.add_argument("--json", action="store_true")
+    submit.add_argument("--model", help="the model to ask for (passed to the CLI as --model)")
+    submit.add_argument("--max-turns", type=int, help="stop the session after this many turns")
+    submit.add_argument("--json", action="store_true", help=JSON_HELP)
     submit.set_defaults(func=cmd_submit)
 
-    cancel = commands.add_parser("cancel", help="cancel a queued job")
-    cancel.add_argument("job", type=int)
+    cancel = command(
+        "cancel",
+        "cancel a live job: queued, waiting or running (its CLI and all it started are stopped)",
+        "  cl cancel 7\n",
+    )
+    cancel.add_argument("job", type=int, help=JOB_HELP)
     cancel.set_defaults(func=cmd_cancel)
 
-    for name, func, text in (
-        ("status", cmd_status, "accounts, live sessions and jobs, and the queue"),
-        ("sessions", cmd_sessions, "sessions with job, account, state, age (finished ones too, for retention_days)"),
-        ("jobs", cmd_jobs, "every job kept (retention_days) and where it stands"),
+    for name, func, text, example in (
+        ("status", cmd_status, "accounts, live sessions and jobs, and the queue", "  cl status\n  cl status --json\n"),
+        (
+            "sessions",
+            cmd_sessions,
+            "sessions with job, account, state, age (finished ones too, for retention_days)",
+            "  cl sessions\n",
+        ),
+        ("jobs", cmd_jobs, "every job kept (retention_days) and where it stands", "  cl jobs --json\n"),
     ):
-        command = commands.add_parser(name, help=text)
-        command.add_argument("--json", action="store_true")
-        command.set_defaults(func=func)
+        listing = command(name, text, example)
+        listing.add_argument("--json", action="store_true", help=JSON_HELP)
+        listing.set_defaults(func=func)
 
-    job = commands.add_parser("job", help="one job's story: prompt, state, runs, moves, result")
-    job.add_argument("job", type=int)
-    job.add_argument("--json", action="store_true")
+    job = command("job", "one job's story: prompt, state, runs, moves, result", "  cl job 7\n  cl job 7 --json\n")
+    job.add_argument("job", type=int, help=JOB_HELP)
+    job.add_argument("--json", action="store_true", help=JSON_HELP)
     job.set_defaults(func=cmd_job)
 
-    result = commands.add_parser("result", help="a job's final answer (--json: the result event)")
-    result.add_argument("job", type=int)
-    result.add_argument("--json", action="store_true")
+    result = command(
+        "result", "a job's final answer", "  cl result 7\n  cl result 7 --json   the result event: usage, cost\n"
+    )
+    result.add_argument("job", type=int, help=JOB_HELP)
+    result.add_argument("--json", action="store_true", help="the whole result event, as JSON")
     result.set_defaults(func=cmd_result)
 
-    wait = commands.add_parser(
-        "wait", help="wait until a job ends; exit 0 done, 5 failed, 6 cancelled, 4 no such job (for scripts)"
+    wait = command(
+        "wait",
+        "wait until a job ends; exit 0 done, 5 failed, 6 cancelled, 4 no such job (for scripts)",
+        "  cl wait 7 && cl result 7\n",
     )
-    wait.add_argument("job", type=int)
+    wait.add_argument("job", type=int, help=JOB_HELP)
     wait.add_argument("--interval", type=float, default=0.5, help="seconds between looks (default 0.5)")
     wait.set_defaults(func=cmd_wait)
 
-    logs = commands.add_parser("logs", help="a session's output (by session id or job id)")
-    logs.add_argument("session")
+    logs = command(
+        "logs",
+        "a session's output (by job id, session id, or the start of a session id)",
+        "  cl logs 7 -f\n  cl logs 59f9c2ad\n",
+    )
+    logs.add_argument("session", help="a job id, a session id, or its first 4 characters or more")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the session ends")
     logs.add_argument("--json", action="store_true", help='{"output", "finished"} (the output is stream-json lines)')
     logs.set_defaults(func=cmd_logs)
