@@ -88,10 +88,10 @@ def test_jobs_run_to_done_and_show_in_status(layout: Layout, planted: Planted) -
     assert lines[0].split()[:3] == ["ACCOUNT", "STATE", "SESSIONS"]
     assert sorted(line.split()[:3] for line in lines[1:3]) == [["a1", "ok", "0"], ["k1", "ok", "0"]]
     assert "0 job(s) queued" in lines
-    rows = {line.split()[0]: line.split() for line in cl(layout, "sessions").stdout.splitlines()}
+    rows = {line.split()[0]: line.split() for line in cl(layout, "sessions", "--all").stdout.splitlines()}
     assert rows.pop("SESSION") == ["SESSION", "JOB", "ACCOUNT", "STATE", "AGE", "CWD"]
     assert {row[1]: row[3] for row in rows.values()} == {str(job): "done" for job in jobs}
-    rows = {line.split()[0]: line.split() for line in cl(layout, "jobs").stdout.splitlines()}
+    rows = {line.split()[0]: line.split() for line in cl(layout, "jobs", "--all").stdout.splitlines()}
     assert rows.pop("JOB") == ["JOB", "STATE", "ACCOUNT", "SESSION", "CWD", "ERROR"]
     assert {job: row[1] for job, row in rows.items()} == {str(job): "done" for job in jobs}
 

@@ -134,3 +134,21 @@ def test_every_option_has_help_and_every_command_examples() -> None:
         for action in command._actions:
             if not isinstance(action, argparse._HelpAction):
                 assert action.help, f"cl {name}: {action.dest} has no help"
+
+
+@pytest.mark.usefixtures("daemons")
+def test_jobs_and_sessions_show_live_work_unless_asked_for_more(layout: Layout, planted: Planted) -> None:
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    done = json.loads(cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "quick", "--json").stdout)["job"]
+    wait_until(lambda: json.loads(cl(layout, "jobs", "--all", "--json").stdout)[0]["state"] == "done", "done")
+
+    def ids(*args: str) -> list[int]:
+        result = cl(layout, "jobs", *args, "--json")
+        assert result.returncode == 0, result.stderr
+        return [job["id"] for job in json.loads(result.stdout)]
+
+    assert ids() == []  # live work only
+    assert ids("--all") == ids("--state", "done") == ids("--all", "--since", "1h") == [done]
+    assert ids("--all", "--since", "2099-01-01T00:00:00Z") == []
+    assert cl(layout, "jobs", "--since", "yesterday").returncode == 2
+    assert [s["job"] for s in json.loads(cl(layout, "sessions", "--all", "--json").stdout)] == [done]

@@ -252,7 +252,7 @@ def _attack_under_systemd(box: Box, tmp: Path, planted: Planted) -> Attack:
         return False
 
     def states() -> set[str]:
-        return {job["state"] for job in json.loads(box("/opt/cl/bin/cl", "jobs", "--json").stdout)}
+        return {job["state"] for job in json.loads(box("/opt/cl/bin/cl", "jobs", "--all", "--json").stdout)}
 
     submit(box, "/srv/work", VICTIM)
     wait_until(lambda: exists("/srv/work/victim.pid"), "the victim to run")

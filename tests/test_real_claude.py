@@ -86,7 +86,7 @@ def fake_api(tmp_path: Path) -> Iterator[FakeApi]:
 
 
 def job_view(layout: Layout, job_id: int) -> dict[str, Any]:
-    return next(job for job in json.loads(cl(layout, "jobs", "--json").stdout) if job["id"] == job_id)
+    return next(job for job in json.loads(cl(layout, "jobs", "--all", "--json").stdout) if job["id"] == job_id)
 
 
 @pytest.mark.parametrize("kind", ["oauth", "api-key"])
@@ -144,7 +144,7 @@ def test_real_cli_sessions_move_to_a_dropped_in_account_with_their_conversation(
         a4 = planted.token()
         write_credential(layout.credentials, "a4", oauth_credential(planted, token=a4))
         wait_until(lambda: job_state_set(layout) == {"done"}, "every session to finish on a4", timeout=120)
-        jobs = json.loads(cl(layout, "jobs", "--json").stdout)
+        jobs = json.loads(cl(layout, "jobs", "--all", "--json").stdout)
     on_a4 = [r for r in fake_api.requests() if r["cred_tail"] == a4[-6:] and not r["walled"]]
     for prompt in prompts:  # each conversation went out again, under the new account's token
         assert sum(any(prompt in m for m in r["messages"]) for r in on_a4) == 1, prompt

@@ -179,5 +179,5 @@ def test_both_daemons_agree_while_sessions_wall_and_move(layout: Layout, planted
 
 
 def settled(layout: Layout) -> bool:
-    jobs = json.loads(cl(layout, "jobs", "--json").stdout)
+    jobs = json.loads(cl(layout, "jobs", "--all", "--json").stdout)
     return all(job["state"] == "done" or (job["state"] == "failed" and job["error"]) for job in jobs)

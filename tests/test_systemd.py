@@ -95,7 +95,7 @@ def test_a_session_runs_in_its_own_worker_unit_and_survives_a_balancer_restart(
     job = submit(box, "/srv/work", "long")
 
     def state() -> str:
-        jobs = json.loads(box("/opt/cl/bin/cl", "jobs", "--json").stdout)
+        jobs = json.loads(box("/opt/cl/bin/cl", "jobs", "--all", "--json").stdout)
         return str(next(j["state"] for j in jobs if j["id"] == job))
 
     wait_until(
@@ -155,7 +155,9 @@ def test_a_walled_session_is_rescued_and_the_journal_tells_the_story(
     wait_until(lambda: said("cl-rescue", 6, "session resumed"), "the session to be resumed on a2")
     for line in ("account added account=a2", "session moved"):
         assert said("cl-rescue", 6, line), line
-    wait_until(lambda: json.loads(box("/opt/cl/bin/cl", "jobs", "--json").stdout)[0]["state"] == "done", "done")
+    wait_until(
+        lambda: json.loads(box("/opt/cl/bin/cl", "jobs", "--all", "--json").stdout)[0]["state"] == "done", "done"
+    )
     everything = box("journalctl", "--no-pager", "-o", "json").stdout
     assert not planted.leaks(everything, "the journal")
 
@@ -200,7 +202,7 @@ def test_operators_see_and_act_on_their_own_jobs_and_root_and_admins_on_all(box:
         )
 
     def jobs(user: str) -> set[int]:
-        result = cl(user, "jobs", "--json")
+        result = cl(user, "jobs", "--all", "--json")
         assert result.returncode == 0, result.stderr
         return {job["id"] for job in json.loads(result.stdout)}
 

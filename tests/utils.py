@@ -304,25 +304,25 @@ def status(layout: Layout) -> dict[str, Any]:
 
 
 def history(layout: Layout) -> dict[str, Any]:
-    """Every job and session kept, finished ones too (`cl jobs --json`, `cl sessions --json`);
+    """Every job and session kept, finished ones too (`cl jobs --all --json`, `cl sessions --all --json`);
     `status` shows live work only."""
     found = {}
     for what in ("jobs", "sessions"):
-        result = cl(layout, what, "--json")
+        result = cl(layout, what, "--all", "--json")
         assert result.returncode == 0, result.stderr
         found[what] = json.loads(result.stdout)
     return found
 
 
 def job_states(layout: Layout) -> dict[int, str]:
-    """Job id -> state, from `cl jobs --json`."""
-    result = cl(layout, "jobs", "--json")
+    """Job id -> state, from `cl jobs --all --json`."""
+    result = cl(layout, "jobs", "--all", "--json")
     assert result.returncode == 0, result.stderr
     return {job["id"]: job["state"] for job in json.loads(result.stdout)}
 
 
 def job_state_set(layout: Layout) -> set[str]:
-    """The states the jobs are in, from `cl jobs --json`."""
+    """The states the jobs are in, from `cl jobs --all --json`."""
     return set(job_states(layout).values())
 
 

@@ -187,8 +187,33 @@ def _waits_for(waiting: dict[str, Any]) -> str:
     return " or ".join(chances)
 
 
+def _listing(config: Config, args: argparse.Namespace, what: str) -> list[dict[str, Any]]:
+    """`sessions` or `jobs`, live ones unless `--all` or `--state` asks further back, since `--since`."""
+    finished = args.all or args.state is not None
+    rows: list[dict[str, Any]] = ask(config, "balancer", {"request": "status", "finished": finished})[what]
+    if args.state is not None:
+        rows = [row for row in rows if row["state"] == args.state]
+    if args.since is not None:
+        stamp = "started_at" if what == "sessions" else "created_at"
+        rows = [row for row in rows if calendar.timegm(time.strptime(row[stamp], "%Y-%m-%dT%H:%M:%SZ")) >= args.since]
+    return rows
+
+
+def _since(text: str) -> float:
+    """`--since`: a span back from now (`90m`, `2h`, `3d`) or a moment (`2026-12-01T08:00:00Z`)."""
+    spans = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[:-1].isdigit() and text[-1:] in spans:
+        return time.time() - int(text[:-1]) * spans[text[-1]]
+    try:
+        return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "a span back from now (90m, 2h, 3d) or a UTC moment (2026-12-01T08:00:00Z)"
+        ) from None
+
+
 def cmd_sessions(config: Config, args: argparse.Namespace) -> int:
-    sessions = ask(config, "balancer", {"request": "status", "finished": True})["sessions"]
+    sessions = _listing(config, args, "sessions")
     if args.json:
         print_json(sessions)
     else:
@@ -197,7 +222,7 @@ def cmd_sessions(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(config: Config, args: argparse.Namespace) -> int:
-    jobs = ask(config, "balancer", {"request": "status", "finished": True})["jobs"]
+    jobs = _listing(config, args, "jobs")
     if args.json:
         print_json(jobs)
     else:
@@ -406,13 +431,17 @@ def parser() -> argparse.ArgumentParser:
         (
             "sessions",
             cmd_sessions,
-            "sessions with job, account, state, age (finished ones too, for retention_days)",
-            "  cl sessions\n",
+            "sessions with job, account, state, age",
+            "  cl sessions\n  cl sessions --state walled\n",
         ),
-        ("jobs", cmd_jobs, "every job kept (retention_days) and where it stands", "  cl jobs --json\n"),
+        ("jobs", cmd_jobs, "jobs and where they stand", "  cl jobs\n  cl jobs --all --since 2h\n"),
     ):
         listing = command(name, text, example)
         listing.add_argument("--json", action="store_true", help=JSON_HELP)
+        if name != "status":
+            listing.add_argument("--all", action="store_true", help="finished ones too (kept retention_days)")
+            listing.add_argument("--state", help="only those in this state (queued, running, walled, done, ...)")
+            listing.add_argument("--since", type=_since, help="only those since: 90m, 2h, 3d, or a UTC moment")
         listing.set_defaults(func=func)
 
     job = command("job", "one job's story: prompt, state, runs, moves, result", "  cl job 7\n  cl job 7 --json\n")
