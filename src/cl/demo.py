@@ -101,7 +101,7 @@ class Demo:
         return token
 
     def jobs(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = json.loads(self.cl("jobs", "--json").stdout)
+        result: list[dict[str, Any]] = json.loads(self.cl("jobs", "--all", "--json").stdout)
         return result
 
     def calls(self) -> list[dict[str, Any]]:
