@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from run import BIN, daemons, env_for, ms, percentile, populate, spread
 from cl import logs
 from cl.client import call, exchange
 from cl.placement import choose, eligible
+from cl.processes import start_time
 from cl.registry import CredentialRegistry
 from cl.store import JobState, Store
 
@@ -40,6 +42,7 @@ def status_round_trip(root: Path, samples: int) -> dict[str, list[float]]:
         job = store.add_job("/tmp", f"job {i}")  # noqa: S108 - a path stored, never used
         run = store.place(job.id, f"acct{i % 10_000:05d}", limit=1)
         assert run is not None
+        store.claim(run.id, os.getpid(), start_time(os.getpid()) or "", os.devnull)  # live: ours, adopted
         store.set_session(run.id, f"00000000-0000-0000-0000-{i:012d}")
         store.record_usage(run.account, {"five_hour": 0.25, "seven_day": 0.1}, used_at=time.time(), tokens=(900, 90))
     socket_path = root / "run" / "balancer.sock"
@@ -86,7 +89,7 @@ def submit_to_started(root: Path, samples: int) -> list[float]:
                     latencies.append(json.loads(lines[i])["t"] - sent)
                     break
                 if time.monotonic() > deadline:
-                    last = call(socket_path, {"request": "status"})["jobs"][-1]
+                    last = call(socket_path, {"request": "status", "finished": True})["jobs"][-1]
                     raise SystemExit(f"job {i} did not start in 30 s: {last}")
                 time.sleep(0.001)
             time.sleep(0.05)

@@ -10,6 +10,7 @@ sessions; then, each figure beside its goal:
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from run import daemons, ms, percentile, populate, rss_mb, spread
 
 from cl import logs
 from cl.client import exchange
+from cl.processes import start_time
 from cl.store import Store
 
 HISTORY = 100_000
@@ -61,6 +63,7 @@ def live_sessions(path: Path) -> None:
         job = store.add_job("/srv/work", f"live {i}")
         run = store.place(job.id, f"acct{i % 10_000:05d}", limit=1)
         assert run is not None
+        store.claim(run.id, os.getpid(), start_time(os.getpid()) or "", os.devnull)  # live: ours, adopted
         store.set_session(run.id, f"00000000-0000-0000-0001-{i:012d}")
         store.record_usage(run.account, {"five_hour": 0.25}, used_at=time.time(), tokens=(900, 90))
     store.close()
@@ -77,7 +80,7 @@ def main() -> None:
         live_sessions(database)
         populate(root / "claude", 10_000)
         times = []
-        with daemons(root) as procs:
+        with daemons(root, CL_RETENTION_DAYS="3650") as procs:  # the year stays while status is measured
             socket_path = root / "run" / "balancer.sock"
             exchange(socket_path, {"request": "status"})
             for i in range(300):
