@@ -70,10 +70,14 @@ def test_jobs_run_to_done_and_show_in_status(layout: Layout, planted: Planted) -
         assert call["argv"][:4] == ["-p", "--output-format", "stream-json", "--verbose"]
         assert call["prompt"] not in call["argv"]
         assert call["cwd"] == str(layout.work)
-    log = cl(layout, "logs", str(jobs[0]))
+    log = cl(layout, "logs", str(jobs[0]), "--raw")
     assert log.returncode == 0
     first = json.loads(log.stdout.splitlines()[0])
     assert (first["type"], first["subtype"]) == ("system", "init")
+    text = cl(layout, "logs", str(jobs[0])).stdout.splitlines()  # as a person reads it
+    assert text[0].startswith(f"── session {first['session_id']} (claude-fake, Claude Code 2.1.332-fake)")
+    assert text[1].startswith("Hi from fake claude (n_messages=1")
+    assert text[-1] == "── done, tokens 10/12"
     assert cl(layout, "logs", sessions[jobs[1]]["session_id"]).stdout == cl(layout, "logs", str(jobs[1])).stdout
     by_prefix = cl(layout, "logs", sessions[jobs[1]]["session_id"][:8])  # as git takes a hash's start
     assert by_prefix.stdout == cl(layout, "logs", str(jobs[1])).stdout
@@ -281,7 +285,7 @@ def test_usage_and_a_followed_log(layout: Layout, planted: Planted) -> None:
     job = submit(layout, "watch me")
     wait_until(lambda: job_states(layout)[job] == "running", "the session to run")
     follower = subprocess.Popen(
-        [str(BIN / "cl"), "logs", "-f", str(job)], env=layout.env(), stdout=subprocess.PIPE, text=True
+        [str(BIN / "cl"), "logs", "-f", "--raw", str(job)], env=layout.env(), stdout=subprocess.PIPE, text=True
     )
     hold.unlink()
     out, _ = follower.communicate(timeout=60)

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from cl.cli import parser
+from cl.cli import parser, readable
 from utils import BIN, DaemonProcess, Layout, Planted, cl, oauth_credential, wait_until, write_credential
 
 
@@ -152,3 +152,17 @@ def test_jobs_and_sessions_show_live_work_unless_asked_for_more(layout: Layout, 
     assert ids("--all", "--since", "2099-01-01T00:00:00Z") == []
     assert cl(layout, "jobs", "--since", "yesterday").returncode == 2
     assert [s["job"] for s in json.loads(cl(layout, "sessions", "--all", "--json").stdout)] == [done]
+
+
+def test_the_stream_reads_as_text() -> None:
+    """`cl logs`: the answer's text, a tool call on one line, a wall marked, the end said; `--raw` is the stream."""
+    tool = {"type": "tool_use", "name": "Bash", "input": {"command": "make test"}}
+    assert (
+        readable(json.dumps({"type": "assistant", "message": {"content": [tool]}})) == '→ Bash {"command": "make test"}'
+    )
+    wall = {"type": "rate_limit_event", "rate_limit_info": {"status": "rejected", "resetsAt": 1796140800}}
+    assert readable(json.dumps(wall)) == "⚠ usage wall until 2026-12-01 16:00Z"
+    assert readable(json.dumps({"type": "rate_limit_event", "rate_limit_info": {"status": "allowed"}})) is None
+    failed = {"type": "result", "is_error": True, "errors": ["No conversation found with session ID: x"]}
+    assert readable(json.dumps(failed)) == "── error: No conversation found with session ID: x"
+    assert readable("Not logged in · Please run /login") == "Not logged in · Please run /login"

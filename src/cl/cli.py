@@ -292,19 +292,60 @@ def _one_line(text: str, width: int = 100) -> str:
 
 def cmd_logs(config: Config, args: argparse.Namespace) -> int:
     key: int | str = int(args.session) if args.session.isdigit() else args.session
-    offset = 0
+    offset, partial = 0, ""
     while True:
         reply = ask(config, "balancer", {"request": "logs", "session": key, "offset": offset})
         if args.json and not args.follow:
             print(json.dumps({"output": reply["data"], "finished": reply["finished"]}))
             return 0
-        sys.stdout.write(reply["data"])
+        if args.raw:
+            sys.stdout.write(reply["data"])
+        else:  # whole lines only: the rest waits for the next read
+            *lines, partial = (partial + reply["data"]).split("\n")
+            for line in lines:
+                if (shown := readable(line)) is not None:
+                    print(shown)
         sys.stdout.flush()
         offset = reply["offset"]
         if not args.follow or (reply["finished"] and not reply["data"]):
             return 0
         if not reply["data"]:
             time.sleep(0.2)
+
+
+def readable(line: str) -> str | None:
+    """One line of the CLI's stream-json as a person reads it; None for what says nothing to one."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return line or None  # the CLI's own words (stderr), as they are
+    if not isinstance(event, dict):
+        return line
+    kind = event.get("type")
+    if kind == "system" and event.get("subtype") == "init":
+        version = event.get("claude_code_version")
+        return f"── session {event.get('session_id')} ({event.get('model')}, Claude Code {version})"
+    if kind == "assistant":
+        return "\n".join(filter(None, map(_block, (event.get("message") or {}).get("content") or []))) or None
+    if kind == "rate_limit_event" and (event.get("rate_limit_info") or {}).get("status") == "rejected":
+        resets = (event.get("rate_limit_info") or {}).get("resetsAt")
+        return f"⚠ usage wall{' until ' + time.strftime('%Y-%m-%d %H:%MZ', time.gmtime(resets)) if resets else ''}"
+    if kind == "result":
+        usage = event.get("usage") or {}
+        tokens = f", tokens {usage.get('input_tokens', 0)}/{usage.get('output_tokens', 0)}" if usage else ""
+        errors = "; ".join(map(str, event.get("errors") or []))
+        return f"── {'error' if event.get('is_error') else 'done'}{tokens}{': ' + errors if errors else ''}"
+    return None
+
+
+def _block(block: Any) -> str | None:
+    if not isinstance(block, dict):
+        return None
+    if block.get("type") == "text":
+        return str(block.get("text", ""))
+    if block.get("type") == "tool_use":
+        return f"→ {block.get('name')} {_one_line(json.dumps(block.get('input'), ensure_ascii=False), 80)}"
+    return None
 
 
 def print_sessions(sessions: list[dict[str, Any]]) -> None:
@@ -467,11 +508,12 @@ def parser() -> argparse.ArgumentParser:
 
     logs = command(
         "logs",
-        "a session's output (by job id, session id, or the start of a session id)",
-        "  cl logs 7 -f\n  cl logs 59f9c2ad\n",
+        "a session's output, as text (by job id, session id, or the start of a session id)",
+        "  cl logs 7 -f\n  cl logs 59f9c2ad --raw\n",
     )
     logs.add_argument("session", help="a job id, a session id, or its first 4 characters or more")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the session ends")
+    logs.add_argument("--raw", action="store_true", help="the CLI's stream-json, as it wrote it")
     logs.add_argument("--json", action="store_true", help='{"output", "finished"} (the output is stream-json lines)')
     logs.set_defaults(func=cmd_logs)
     return p
