@@ -73,6 +73,21 @@ def install(box: Box) -> None:
     box("/opt/cl/bin/pip", "install", "-q", "--no-index", "--find-links", "/wheels", "cl")
 
 
+def with_fake_cli(box: Box, **env: str) -> None:
+    """The fake CLI as `claude_bin`, with these `[worker.env]` variables; /srv/work its user's to
+    write, /srv/fake (the fake's files: its log, a quota) too, and a log that is already there."""
+    config = 'claude_bin = "/opt/fakes/claude"\ncli_writable = ["/srv/fake"]\n[worker.env]\n' + "".join(
+        f'{name} = "{value}"\n' for name, value in env.items()
+    )
+    box(
+        "sh",
+        "-c",
+        "mkdir -p /etc/cl /srv/work && chown -R cl-cli:cl-cli /srv/work /srv/fake"
+        " && install -o cl-cli -g cl-cli -m 0600 /dev/null /srv/fake/fake-claude.jsonl"
+        f" && printf '%s' '{config}' > /etc/cl/config.toml",
+    )
+
+
 def drop_credential(box: Box, directory: Path, name: str, content: str) -> None:
     """As an operator would: owned by the box's `cl` user, mode 0600, landed by a rename."""
     uid = int(box("id", "-u", "cl").stdout)

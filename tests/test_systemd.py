@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sdbox import Box, booted, drop_credential, journal, submit, unavailable
+from sdbox import Box, booted, drop_credential, journal, submit, unavailable, with_fake_cli
 
 from utils import FAR_FUTURE_MS, Planted, oauth_credential, wait_until
 
@@ -70,21 +70,12 @@ def test_a_session_runs_in_its_own_worker_unit_and_survives_a_balancer_restart(
     later = FAR_FUTURE_MS + 3_600_000
     fresh = {"access": new, "refresh": planted.token("sk-ant-ort01-"), "expires_at_ms": later}
     (fake / "refresh.json").write_text(json.dumps({old: fresh}))
-    config = (
-        'claude_bin = "/opt/fakes/claude"\n'
-        'cli_writable = ["/srv/fake"]\n'
-        "[worker.env]\n"
-        'FAKE_CLAUDE_REFRESH = "/srv/fake/refresh.json"\n'
-        'FAKE_CLAUDE_HOLD = "/srv/fake/hold"\n'
-        'FAKE_CLAUDE_LOG = "/srv/fake/fake-claude.jsonl"\n'
-        'FAKE_CLAUDE_TOUCH = "/var/lib/cl/cl.db:/srv/work/notes.txt"\n'
-    )
-    box(
-        "sh",
-        "-c",
-        "mkdir -p /etc/cl /srv/work && chown cl-cli:cl-cli /srv/work /srv/fake"
-        " && install -o cl-cli -g cl-cli -m 0600 /dev/null /srv/fake/fake-claude.jsonl"
-        f" && printf '%s' '{config}' > /etc/cl/config.toml",
+    with_fake_cli(
+        box,
+        FAKE_CLAUDE_REFRESH="/srv/fake/refresh.json",
+        FAKE_CLAUDE_HOLD="/srv/fake/hold",
+        FAKE_CLAUDE_LOG="/srv/fake/fake-claude.jsonl",
+        FAKE_CLAUDE_TOUCH="/var/lib/cl/cl.db:/srv/work/notes.txt",
     )
     box("systemctl", "enable", "--now", "cl-balancer.service")
     drop_credential(box, tmp_path / "claude", "a1", oauth_credential(planted, token=old))
@@ -127,20 +118,8 @@ def test_a_walled_session_is_rescued_and_the_journal_tells_the_story(
 ) -> None:
     walled = planted.token()
     quota = json.dumps({walled: 0})
-    config = (
-        'claude_bin = "/opt/fakes/claude"\n'
-        'cli_writable = ["/srv/fake"]\n'
-        "[worker.env]\n"
-        'FAKE_CLAUDE_QUOTA = "/srv/fake/quota.json"\n'
-        'FAKE_CLAUDE_LOG = "/srv/fake/fake-claude.jsonl"\n'
-    )
-    box(
-        "sh",
-        "-c",
-        "mkdir -p /etc/cl /srv/work /srv/fake && chown cl-cli:cl-cli /srv/work /srv/fake"
-        f" && printf '%s' '{config}' > /etc/cl/config.toml"
-        f" && printf '%s' '{quota}' > /srv/fake/quota.json && chown cl-cli:cl-cli /srv/fake/quota.json",
-    )
+    (tmp_path / "fake" / "quota.json").write_text(quota)
+    with_fake_cli(box, FAKE_CLAUDE_QUOTA="/srv/fake/quota.json", FAKE_CLAUDE_LOG="/srv/fake/fake-claude.jsonl")
     drop_credential(box, tmp_path / "claude", "a1", oauth_credential(planted, token=walled))
     box("systemctl", "enable", "--now", "cl-balancer.service", "cl-rescue.service")
     submit(box, "/srv/work", "long")
@@ -235,20 +214,7 @@ def test_cancelling_a_session_stops_its_cli_in_its_worker_unit(box: Box, tmp_pat
     """The balancer signals the worker (both user cl); the worker stops the CLI, which runs as
     cl-cli and which it may only signal as that user; the unit ends, the job is cancelled."""
     (tmp_path / "fake" / "hold").touch()
-    config = (
-        'claude_bin = "/opt/fakes/claude"\n'
-        'cli_writable = ["/srv/fake"]\n'
-        "[worker.env]\n"
-        'FAKE_CLAUDE_HOLD = "/srv/fake/hold"\n'
-        'FAKE_CLAUDE_LOG = "/srv/fake/fake-claude.jsonl"\n'
-    )
-    box(
-        "sh",
-        "-c",
-        "mkdir -p /etc/cl /srv/work && chown cl-cli:cl-cli /srv/work /srv/fake"
-        " && install -o cl-cli -g cl-cli -m 0600 /dev/null /srv/fake/fake-claude.jsonl"
-        f" && printf '%s' '{config}' > /etc/cl/config.toml",
-    )
+    with_fake_cli(box, FAKE_CLAUDE_HOLD="/srv/fake/hold", FAKE_CLAUDE_LOG="/srv/fake/fake-claude.jsonl")
     box("systemctl", "enable", "--now", "cl-balancer.service", "cl-rescue.service")
     drop_credential(box, tmp_path / "claude", "a1", oauth_credential(planted))
     wait_until(lambda: "a1" in box("/opt/cl/bin/cl", "accounts", "--from", "balancer").stdout, "a1 to show")
