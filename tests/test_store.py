@@ -236,3 +236,34 @@ def test_a_session_is_found_by_the_start_of_its_id(store: Store) -> None:
     assert store.jobs_with_session("abcd") == [1, 2]  # ambiguous: the caller asks for more of it
     assert store.jobs_with_session("abcd_") == []  # LIKE's wildcards are only letters here
     assert store.jobs_with_session("ffff") == []
+
+
+def test_a_result_the_cli_prints_is_stored_bounded() -> None:
+    huge = {
+        "type": "result",
+        "subtype": "success",
+        "result": "x" * 1_000_000,
+        "total_cost_usd": float("inf"),
+        "usage": {"input_tokens": 2**70, "output_tokens": -5},
+        "errors": ["e" * 10_000] * 1000,
+        "junk": ["y" * 1000] * 1000,
+    }
+    kept = worker._kept(huge)
+    assert len(json.dumps(kept)) < 40_000
+    assert kept["usage"] == {"input_tokens": worker.MAX_TOKENS, "output_tokens": 0}
+    assert "total_cost_usd" not in kept
+    assert "junk" not in kept
+
+
+def test_a_runs_log_keeps_a_bounded_amount_of_what_the_cli_prints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker, "MAX_LOG_BYTES", 1000)
+    with (tmp_path / "run.log").open("ab") as file:
+        out = worker._Output(file)
+        for i in range(100):
+            out.write(f"line {i:04d} " + "x" * 40 + "\n")
+    text = (tmp_path / "run.log").read_text()
+    assert len(text) <= 1000 + 100
+    assert text.endswith("[cl: the output goes on; the log keeps no more of it]\n")
+    assert text.count("[cl:") == 1

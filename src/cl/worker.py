@@ -27,6 +27,7 @@ import dataclasses
 import fcntl
 import functools
 import json
+import math
 import os
 import signal
 import socket
@@ -58,6 +59,12 @@ from cl.store import Job, JobState, Run, RunState, Store, iso_utc
 log = structlog.get_logger("cl.worker")
 
 PR_SET_PDEATHSIG = 1
+MAX_TOKENS = 2**40
+MAX_LOG_BYTES = 64 * 2**20
+"""A run's log, at most (the stream is still read to the end)."""
+MAX_RESULT_TEXT = 32 * 1024
+MAX_FIELD = 200
+RESULT_FIELDS = ("type", "subtype", "is_error", "api_error_status", "num_turns", "total_cost_usd", "duration_ms")
 SYNC_INTERVAL = 2.0
 """Seconds between looks at the credential copy while the CLI says nothing."""
 CANCEL_GRACE = 5.0
@@ -294,7 +301,7 @@ def _settle(config: Config, store: Store, run: Run, state: StreamState, code: in
     bound = log.bind(job=run.job_id, run=run.id, account=run.account, session=state.session_id)
     outcome, error = state.outcome(code)
     if state.result is not None:
-        store.record_result(run.id, redact.scrub(json.dumps(state.result)))
+        store.record_result(run.id, redact.scrub(json.dumps(_kept(state.result))))
     if state.utilization or state.usage:
         store.record_usage(run.account, state.utilization, time.time(), _tokens(state.usage))
     if (wall := state.wall) is not None:
@@ -512,15 +519,24 @@ def _give_prompt(stdin: IO[bytes], prompt: str) -> None:
 
 
 class _Output:
-    """The run's log: every line redacted on its way in, from stdout and stderr alike."""
+    """The run's log: every line redacted on its way in, from stdout and stderr alike, and at most
+    `MAX_LOG_BYTES` of it (the state store shares its disk: the CLI's output must not fill it)."""
 
     def __init__(self, file: IO[bytes]) -> None:
         self._file = file
         self._lock = threading.Lock()
+        self._room = MAX_LOG_BYTES - file.tell()
 
     def write(self, line: str) -> None:
         data = redact.scrub(line).encode()
         with self._lock:
+            if len(data) > self._room:
+                if self._room >= 0:
+                    self._file.write(b"[cl: the output goes on; the log keeps no more of it]\n")
+                    self._file.flush()
+                self._room = -1
+                return
+            self._room -= len(data)
             self._file.write(data)
             self._file.flush()
 
@@ -529,10 +545,30 @@ class _Output:
             self.write(raw.decode(errors="replace"))
 
 
+def _kept(result: dict[str, Any]) -> dict[str, Any]:
+    """What of a result event is stored: its known fields, its texts cut to `MAX_RESULT_TEXT`, so
+    that what the CLI prints cannot grow the store without bound."""
+    kept = {key: value for key in RESULT_FIELDS if _plain(value := result.get(key))}
+    if isinstance(text := result.get("result"), str):
+        kept["result"] = text[:MAX_RESULT_TEXT]
+    if isinstance(errors := result.get("errors"), list):
+        kept["errors"] = [str(error)[:500] for error in errors[:5]]
+    input_tokens, output_tokens = _tokens(result.get("usage") if isinstance(result.get("usage"), dict) else None)
+    kept["usage"] = {"input_tokens": input_tokens, "output_tokens": output_tokens}
+    return kept
+
+
+def _plain(value: Any) -> bool:
+    """A short string, or a number JSON can carry (not NaN, not infinite)."""
+    if isinstance(value, str):
+        return len(value) <= MAX_FIELD
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
 def _tokens(usage: dict[str, Any] | None) -> tuple[int, int]:
-    def count(key: str) -> int:
+    def count(key: str) -> int:  # what the CLI printed, bounded: the store's integers are 64-bit
         value = (usage or {}).get(key)
-        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+        return min(max(value, 0), MAX_TOKENS) if isinstance(value, int) and not isinstance(value, bool) else 0
 
     return count("input_tokens") + count("cache_read_input_tokens") + count("cache_creation_input_tokens"), count(
         "output_tokens"

@@ -190,3 +190,21 @@ def test_an_answer_that_talks_about_authentication_is_an_answer() -> None:
     answer = "Done: the handler now maps a 401 to authentication_error and says Please run /login."
     state.feed(json.dumps({"type": "result", "subtype": "success", "is_error": False, "result": answer}))
     assert state.outcome(0) == (Outcome.DONE, None)
+
+
+def test_what_the_cli_prints_is_kept_bounded() -> None:
+    """Utilization is a fraction of the two known windows; only the last non-JSON lines are kept."""
+    state = StreamState()
+    windows = {
+        "five_hour": {"utilization": 1e308 * 10},
+        "seven_day": {"utilization": 7},
+        "x" * 50: {"utilization": 0.5},
+    }
+    state.feed(
+        json.dumps({"type": "rate_limit_event", "rate_limit_info": {"status": "allowed", "unifiedWindows": windows}})
+    )
+    assert state.utilization == {"seven_day": 1.0}
+    for i in range(1000):
+        state.feed(f"noise {i}")
+    assert len(state.texts) == 20
+    assert state.texts[-1] == "noise 999"

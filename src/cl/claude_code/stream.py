@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -30,6 +31,10 @@ class Outcome(enum.StrEnum):
     """The account's credentials were missing or refused: the session belongs elsewhere."""
 
 
+WINDOWS = ("five_hour", "seven_day")
+"""The usage windows kept, each a fraction from 0 to 1 whatever the output says."""
+MAX_TEXTS = 20
+"""Non-JSON lines kept (the last ones): what a wall or a failure is told from."""
 UNAUTHORIZED_TEXTS = ("Not logged in", "Invalid API key", "Please run /login", "authentication_error")
 """What every CLI version prints when it has no usable credentials (CLAUDE_CODE.md §3)."""
 
@@ -59,7 +64,7 @@ class StreamState:
             event = None
         if not isinstance(event, dict):
             if line.strip():
-                self.texts.append(line.strip()[:500])
+                self.texts = [*self.texts[-(MAX_TEXTS - 1) :], line.strip()[:500]]
                 if self.wall is None:
                     self.wall = wall_from_text(line, now)
             return None
@@ -103,9 +108,11 @@ class StreamState:
             return
         windows = info.get("unifiedWindows")
         if isinstance(windows, dict):
-            for window, data in windows.items():
-                if isinstance(data, dict) and isinstance(data.get("utilization"), int | float):
-                    self.utilization[window] = float(data["utilization"])
+            for window in WINDOWS:
+                data = windows.get(window)
+                value = data.get("utilization") if isinstance(data, dict) else None
+                if isinstance(value, int | float) and math.isfinite(value):
+                    self.utilization[window] = min(1.0, max(0.0, float(value)))
         if info.get("status") == "rejected":
             self.wall = Wall("rate_limit_event", _epoch(info.get("resetsAt")), _str(info.get("rateLimitType")))
         elif info.get("status") in ("allowed", "allowed_warning"):
