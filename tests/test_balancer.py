@@ -78,7 +78,8 @@ def test_jobs_run_to_done_and_show_in_status(layout: Layout, planted: Planted) -
     assert text[0].startswith(f"── session {first['session_id']} (claude-fake, Claude Code 2.1.332-fake)")
     assert text[1].startswith("Hi from fake claude (n_messages=1")
     assert text[-1] == "── done, tokens 10/12"
-    assert cl(layout, "logs", sessions[jobs[1]]["session_id"]).stdout == cl(layout, "logs", str(jobs[1])).stdout
+    by_session = cl(layout, "logs", sessions[jobs[1]]["session_id"])
+    assert by_session.stdout == cl(layout, "logs", str(jobs[1])).stdout, by_session.stderr
     by_prefix = cl(layout, "logs", sessions[jobs[1]]["session_id"][:8])  # as git takes a hash's start
     assert by_prefix.stdout == cl(layout, "logs", str(jobs[1])).stdout
     too_short = cl(layout, "logs", "abc")
