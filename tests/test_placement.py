@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import fnmatch
+
 from hypothesis import given
 from hypothesis import strategies as st
 
 from cl.credentials import Account, AccountState
-from cl.placement import choose, eligible, limit
+from cl.placement import choose, eligible, limit, serving
+from cl.store import AccountSettings
 
 NAMES = st.sampled_from([f"a{i}" for i in range(8)])
 STATES = st.sampled_from(list(AccountState))
@@ -79,3 +82,29 @@ def test_an_account_on_probation_takes_one_session_at_a_time() -> None:
     assert [a.name for a in eligible(roster, set(), {"a1": 1, "a2": 1}, 4, probation={"a1"})] == ["a2"]
     assert limit("a1", 4, {"a1"}) == 1
     assert limit("a2", 4, {"a1"}) == 4
+
+
+SETTINGS = st.builds(
+    AccountSettings,
+    account=st.just(""),
+    paused_at=st.none() | st.just(1.0),
+    max_sessions=st.none() | st.integers(1, 6),
+    models=st.none() | st.lists(st.sampled_from(["opus", "claude-sonnet-*", "haiku"]), min_size=1).map(tuple),
+)
+
+
+@given(worlds(), st.dictionaries(NAMES, SETTINGS), st.none() | st.sampled_from(["opus", "claude-sonnet-4", "gpt"]))
+def test_never_on_a_paused_or_own_limit_full_account_or_one_that_may_not_serve_the_model(
+    world: tuple,  # type: ignore[type-arg]
+    settings: dict[str, AccountSettings],
+    model: str | None,
+) -> None:
+    roster, walled, live, usage, max_sessions = world
+    candidates = serving(eligible(roster, walled, live, max_sessions, settings=settings), model, settings)
+    chosen = choose(candidates, live, usage)
+    if chosen is None:
+        return
+    own = settings.get(chosen.name, AccountSettings(chosen.name))
+    assert own.paused_at is None
+    assert live.get(chosen.name, 0) < (own.max_sessions or max_sessions)
+    assert model is None or own.models is None or any(fnmatch.fnmatchcase(model, p) for p in own.models)

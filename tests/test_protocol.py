@@ -39,7 +39,7 @@ def exchange(path: Path, payload: bytes) -> list[dict[str, object]]:
         (b'"accounts"\n', "bad-request", "JSON object"),
         (b"{}\n", "bad-request", '"request" field'),
         (b'{"request": 7}\n', "bad-request", '"request" field'),
-        (b'{"request": "launch-missiles"}\n', "unknown-request", "known: accounts"),
+        (b'{"request": "launch-missiles"}\n', "unknown-request", "known: account, accounts, cancel"),
         (b'{"request": "accounts", "names": "a"}\n', "bad-request", '"names" must be a list'),
         (b"[" * 50_000 + b"\n", "bad-json", "nested too deeply"),
     ],

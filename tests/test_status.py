@@ -7,12 +7,17 @@ from pathlib import Path
 
 from cl.registry import CredentialRegistry
 from cl.status import StatusView
-from cl.store import AccountCounts, Listing, Snapshot, UsageRow, WallRecord
+from cl.store import AccountCounts, AccountSettings, Listing, Snapshot, UsageRow, WallRecord
 from utils import Planted, oauth_credential, write_credential
 
 
-def snapshot(walls: dict[str, WallRecord], live: dict[str, int], usage: dict[str, UsageRow]) -> Snapshot:
-    return Snapshot(Listing("[]", "[]", 0), AccountCounts(live, usage), walls)
+def snapshot(
+    walls: dict[str, WallRecord],
+    live: dict[str, int],
+    usage: dict[str, UsageRow],
+    settings: dict[str, AccountSettings] | None = None,
+) -> Snapshot:
+    return Snapshot(Listing("[]", "[]", 0), AccountCounts(live, usage), walls, settings or {})
 
 
 async def test_accounts_follow_the_roster_and_show_only_its_facts(tmp_path: Path, planted: Planted) -> None:
@@ -67,3 +72,13 @@ async def test_accounts_follow_the_roster_and_show_only_its_facts(tmp_path: Path
     shown = accounts()
     assert sorted(shown) == ["a1", "a2", "bad", "gone"]
     assert shown["gone"] == {"state": "ok", "walled_until": None, "sessions": 1}
+    paused = AccountSettings("a2", paused_at=1_900_000_000.0, models=("opus",))
+    shown = accounts(snapshot(walls={}, live={}, usage={}, settings={"a2": paused, "elsewhere": paused}))
+    assert shown["a2"]["settings"] == {
+        "account": "a2",
+        "paused_since": "2030-03-17T17:46:40Z",
+        "max_sessions": None,
+        "models": ["opus"],
+    }
+    assert "elsewhere" not in shown
+    assert "settings" not in accounts(snapshot(walls={}, live={}, usage={}))["a2"]  # resumed, unset

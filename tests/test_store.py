@@ -58,15 +58,14 @@ def test_jobs_queue_survive_reopening_and_cancel(store: Store) -> None:
     assert [entry["event"] for entry in reopened.ledger()] == ["job queued", "job queued", "job cancelled"]
 
 
-def test_walls_stand_until_their_reset_or_a_lift(store: Store) -> None:
+def test_walls_stand_until_their_reset(store: Store) -> None:
     store.record_wall("a1", "rate_limit_event", reset_at=2000.0, kind="five_hour")
     store.record_wall("a2", "text", reset_at=None)
     assert set(store.walls(now=1000.0)) == {"a1", "a2"}
     assert set(store.walls(now=3000.0)) == {"a2"}
     store.record_wall("a1", "result", reset_at=5000.0)  # a later wall replaces the earlier one
     assert store.walls(now=3000.0)["a1"].source == "result"
-    store.lift_wall("a2")
-    assert set(store.walls(now=3000.0)) == {"a1"}
+    assert set(store.walls(now=9000.0)) == {"a2"}  # no known reset: it stands
 
 
 def test_usage_keeps_what_a_report_does_not_say(store: Store) -> None:

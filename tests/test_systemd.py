@@ -209,6 +209,14 @@ def test_operators_see_and_act_on_their_own_jobs_and_root_and_admins_on_all(box:
     assert cl("alice", "cancel", str(alices)).returncode == 0
     assert cl("carol", "cancel", str(bobs)).returncode == 0
 
+    refused = cl("alice", "accounts", "pause", "a1")  # submitting work is not running the accounts
+    assert (refused.returncode, refused.stderr.strip()) == (
+        2,
+        "cl: cl-balancer: account settings are for root and group cl-admin",
+    )
+    assert cl("carol", "accounts", "pause", "a1").returncode == 0
+    assert "paused" in cl("alice", "accounts").stdout
+
 
 def test_cancelling_a_session_stops_its_cli_in_its_worker_unit(box: Box, tmp_path: Path, planted: Planted) -> None:
     """The balancer signals the worker (both user cl); the worker stops the CLI, which runs as

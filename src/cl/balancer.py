@@ -22,18 +22,32 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from cl import daemon, placement, redact, workdir
 from cl.cli_user import CliUser, CliUserError
 from cl.config import Config
+from cl.credentials import is_account_name
 from cl.launcher import under_socket_activation
 from cl.processes import alive
 from cl.protocol import Encoded, Handler, Peer, Reply, Request, RequestError, id_field, text_field, whole_number
 from cl.registry import CredentialRegistry
 from cl.status import StatusView
-from cl.store import LIVE_RUNS, AsyncStore, Facts, Job, JobState, Run, RunState, Store, StoreUnavailable, iso_utc
+from cl.store import (
+    LIVE_RUNS,
+    AccountSettings,
+    AsyncStore,
+    Facts,
+    Job,
+    JobState,
+    Run,
+    RunState,
+    Store,
+    StoreUnavailable,
+    iso_utc,
+)
 from cl.supervisor import Supervisor, log_outcome
 
 log = structlog.get_logger("cl.balancer")
@@ -67,6 +81,8 @@ class Balancer:
             "logs": self._logs,
             "job": self._job,
             "run-changed": self._run_changed,
+            "settings": self._settings,
+            "account": self._account,
         }
 
     def status(self) -> str:
@@ -135,13 +151,15 @@ class Balancer:
         placer = placement.Placer(
             self.registry.accounts, facts, self.config.max_sessions_per_account, self.config.placement
         )
+        waiting = 0
         for job in facts.jobs:
-            if not await placer.take(functools.partial(self._place_job, job)):
-                if not self._waiting_logged:
-                    log.warning("jobs waiting", queued=len(facts.jobs), reason="no-eligible-account")
-                    self._waiting_logged = True
-                return
-            self._waiting_logged = False
+            if placer.exhausted:
+                waiting += 1
+            elif not await placer.take(functools.partial(self._place_job, job), job.model):
+                waiting += 1  # no account may serve its model now: later jobs may still go
+        if waiting and not self._waiting_logged:
+            log.warning("jobs waiting", queued=waiting, reason="no-eligible-account")
+        self._waiting_logged = bool(waiting)
 
     async def _place_job(self, job: Job, account: str, limit: int) -> bool:
         """Write the placement and launch its worker; False if the job was cancelled meanwhile."""
@@ -163,11 +181,25 @@ class Balancer:
             raise RequestError("bad-request", '"prompt" must be a non-empty string')
         if len(prompt.encode()) > MAX_PROMPT_BYTES:
             raise RequestError("bad-request", f'"prompt" is over {MAX_PROMPT_BYTES} bytes')
+        if model is not None:
+            await self._check_served(model)
         cwd = await asyncio.to_thread(self._workdir, cwd, peer)
         job = await self.store.run(self.store.store.add_job, cwd, prompt, model, max_turns, peer.uid)
         log.info("job queued", job=job.id, cwd=cwd, submitter=peer.uid)
         self.wake()
         return {"job": job.id}
+
+    async def _check_served(self, model: str) -> None:
+        """Refuse a model that no account of the roster may serve (with no account yet, the job
+        waits for one, as any job does)."""
+        names = self.registry.sorted_names()
+        settings = await self.store.run(self.store.store.settings)
+        default = AccountSettings("")
+        if names and not any(settings.get(name, default).serves(model) for name in names):
+            served = sorted({pattern for name in names for pattern in settings.get(name, default).models or ()})
+            raise RequestError(
+                "refused", f"no account may serve model {model!r}; the accounts serve: {', '.join(served)}"
+            )
 
     def _workdir(self, cwd: str, peer: Peer) -> str:
         """The job's directory, resolved, if it obeys `cl.workdir`'s rules for the submitter and
@@ -206,6 +238,28 @@ class Balancer:
                 os.kill(running.pid, signal.SIGTERM)  # its worker stops the CLI, whole tree, and says so
         log.info("job cancelled", job=job_id, run=running.id if running else None, by=peer.uid)
         return {"job": job_id, "state": job.state}
+
+    async def _settings(self, _request: Request, _peer: Peer) -> Reply:
+        """Every account name with a setting, and whether the roster has it now."""
+        settings = await self.store.run(self.store.store.settings)
+        roster = self.registry.accounts
+        return {"settings": [{**s.public(), "present": name in roster} for name, s in sorted(settings.items())]}
+
+    async def _account(self, request: Request, peer: Peer) -> Reply:
+        """Pause or resume an account, or set its `max_sessions` or `models` (None: the default).
+        Root, the daemons' user and `admin_group` only."""
+        if not peer.sees_all(self.config.admin_group):
+            raise RequestError("forbidden", f"account settings are for root and group {self.config.admin_group}")
+        name = text_field(request, "account")
+        if name is None or not is_account_name(name):
+            raise RequestError("bad-request", '"account" must be an account name (letters, digits, - and _)')
+        changes = _setting_changes(request)
+        settings = await self.store.run(self.store.store.set_account, name, peer.uid, **changes)
+        present = name in self.registry.accounts
+        log.info("account settings changed", account=name, by=peer.uid, present=present, **changes)
+        self.wake()
+        await self.supervisor.tell_peer(0)  # the rescuer may move sessions there now, or not
+        return {"settings": {**settings.public(), "present": present}}
 
     async def _run_changed(self, request: Request, _peer: Peer) -> Reply:
         """A worker ended or got its first answer, or the rescuer settled a run: placement may change."""
@@ -301,6 +355,32 @@ class Balancer:
         if len(found) > 1:
             raise RequestError("bad-request", f"{session!r} starts more than one session id: give more of it")
         return found[0]
+
+
+MAX_MODELS = 32
+
+
+def _setting_changes(request: Request) -> dict[str, Any]:
+    """The settings a request changes, each checked; a bad-request error naming the first bad one."""
+    changes: dict[str, Any] = {}
+    if "paused" in request:
+        if not isinstance(request["paused"], bool):
+            raise RequestError("bad-request", '"paused" must be true or false')
+        changes["paused"] = request["paused"]
+    if "max_sessions" in request:
+        changes["max_sessions"] = whole_number(request, "max_sessions", 1, MAX_TURNS)
+    if "models" in request:
+        models = request["models"]
+        if models is not None:
+            if not isinstance(models, list) or not 1 <= len(models) <= MAX_MODELS:
+                raise RequestError("bad-request", f'"models" must be a list of 1 to {MAX_MODELS} model names, or null')
+            models = [text_field({"model": model}, "model") or "" for model in models]
+            if not all(models):
+                raise RequestError("bad-request", '"models" must not hold an empty name')
+        changes["models"] = models
+    if not changes:
+        raise RequestError("bad-request", 'nothing to change: give "paused", "max_sessions" or "models"')
+    return changes
 
 
 def _read_from(path: Path, offset: int, limit: int) -> bytes:

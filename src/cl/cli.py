@@ -53,8 +53,11 @@ def ask(config: Config, daemon: str, request: dict[str, Any]) -> dict[str, Any]:
 def cmd_accounts(config: Config, args: argparse.Namespace) -> int:
     daemons = (args.source,) if args.source else DAEMONS
     views = {daemon: ask(config, daemon, {"request": "accounts"})["accounts"] for daemon in daemons}
+    settings = {}
+    if not args.source:
+        settings = {s["account"]: s for s in ask(config, "balancer", {"request": "settings"})["settings"]}
     if args.json:
-        print_json(views[args.source] if args.source else views)
+        print_json(views[args.source] if args.source else {**views, "settings": list(settings.values())})
     elif args.source:
         print_table(
             ["ACCOUNT", "STATE", "KIND", "EXPIRES", "REASON"],
@@ -65,18 +68,64 @@ def cmd_accounts(config: Config, args: argparse.Namespace) -> int:
         )
     else:
         by_daemon = {daemon: {a["name"]: a for a in view} for daemon, view in views.items()}
-        names = sorted(set().union(*by_daemon.values()))
+        names = sorted(set().union(*by_daemon.values(), settings))
         rows = []
         for name in names:
             seen = [by_daemon[daemon].get(name) for daemon in DAEMONS]
             reason = next((a["reason"] for a in seen if a and a["reason"]), "")
-            rows.append([name, *(a["state"] if a else "(absent)" for a in seen), reason])
-        print_table(["ACCOUNT", *(d.upper() for d in DAEMONS), "REASON"], rows)
+            if not any(seen):
+                reason = "no credential file: its settings wait for one"
+            shown = _settings(settings.get(name))
+            rows.append([name, *(a["state"] if a else "(absent)" for a in seen), shown, reason])
+        print_table(["ACCOUNT", *(d.upper() for d in DAEMONS), "SETTINGS", "REASON"], rows)
     if len(views) > 1 and (differences := describe_differences(views)):
         print("\nWARNING: cl-balancer and cl-rescue see different accounts:", file=sys.stderr)
         for line in differences:
             print(f"  {line}", file=sys.stderr)
         return EXIT_DIFFER
+    return 0
+
+
+def _settings(settings: dict[str, Any] | None) -> str:
+    """An account's settings in a few words: `paused · max 2 · models opus,sonnet`, or `-`."""
+    if not settings:
+        return "-"
+    words = ["paused"] if settings["paused_since"] else []
+    if settings["max_sessions"] is not None:
+        words.append(f"max {settings['max_sessions']}")
+    if settings["models"] is not None:
+        words.append(f"models {','.join(settings['models'])}")
+    return " · ".join(words) or "-"
+
+
+def cmd_pause(config: Config, args: argparse.Namespace) -> int:
+    return _set_account(config, args.name, {"paused": args.action == "pause"})
+
+
+SETTINGS = ("max_sessions", "models")
+"""What `cl accounts set` sets (pausing has its own commands)."""
+
+
+def cmd_set(config: Config, args: argparse.Namespace) -> int:
+    changes: dict[str, Any] = {}
+    for assignment in args.settings:
+        key, _, value = assignment.partition("=")
+        if key not in SETTINGS or "=" not in assignment:
+            raise CommandError(f"{assignment!r}: expected KEY=VALUE with KEY one of {', '.join(SETTINGS)}", EXIT_USAGE)
+        if key == "max_sessions":
+            if value and not (value.isdigit() and int(value) >= 1):
+                raise CommandError(f"max_sessions={value}: a whole number from 1, or empty for the default", EXIT_USAGE)
+            changes[key] = int(value) if value else None
+        else:
+            changes[key] = [model.strip() for model in value.split(",") if model.strip()] or None
+    return _set_account(config, args.name, changes)
+
+
+def _set_account(config: Config, name: str, changes: dict[str, Any]) -> int:
+    settings = ask(config, "balancer", {"request": "account", "account": name, **changes})["settings"]
+    print(f"{name}: {_settings(settings)}")
+    if not settings["present"]:
+        print(f"cl: there is no account {name} now: the setting waits for its credential file", file=sys.stderr)
     return 0
 
 
@@ -125,7 +174,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         [
             [
                 a["name"],
-                f"walled until {_when(a['walled_until'], now)}" if a["walled_until"] else a["state"],
+                _account_state(a, now),
                 str(a["sessions"]),
                 _percent(a.get("usage", {}).get("five_hour")),
                 _percent(a.get("usage", {}).get("seven_day")),
@@ -149,16 +198,29 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _account_state(account: dict[str, Any], now: float) -> str:
+    """`ok`, `invalid`, ..., or `walled until T`; `paused` before it if paused."""
+    state = f"walled until {_when(account['walled_until'], now)}" if account["walled_until"] else account["state"]
+    return f"paused, {state}" if _paused(account) else state
+
+
+def _paused(account: dict[str, Any]) -> bool:
+    return bool((account.get("settings") or {}).get("paused_since"))
+
+
 def _queue_waits_for(accounts: list[dict[str, Any]], now: float) -> str:
     """Why queued jobs wait, as the accounts show it."""
     usable = [a for a in accounts if a["state"] == "ok"]
     if not usable:
         return ": waiting for an account (none is usable: drop a credential file in)"
+    if all(map(_paused, usable)):
+        return ": every usable account is paused (cl accounts resume NAME)"
+    usable = [a for a in usable if not _paused(a)]
     free = [a for a in usable if not a["walled_until"]]
     if not free:
         first = min(a["walled_until"] for a in usable)
         return f": every account walled, the first free at {_when(first, now)}"
-    return ": every account at its session limit (max_sessions_per_account), until a session ends"
+    return ": every account at its session limit, or none may serve the job's model (cl accounts)"
 
 
 def _when(iso: str, now: float) -> str:
@@ -436,11 +498,14 @@ def parser() -> argparse.ArgumentParser:
         "accounts",
         "the accounts each daemon sees, with their states",
         "  cl accounts                    both daemons' views side by side (exit 1 if they differ)\n"
-        "  cl accounts --from rescue      one daemon's view, with kind and expiry\n",
+        "  cl accounts --from rescue      one daemon's view, with kind and expiry\n"
+        "  cl accounts pause a2           a2 takes no new work (resume: cl accounts resume a2)\n"
+        "  cl accounts set a1 max_sessions=2 models=opus\n",
     )
     accounts.add_argument("--from", dest="source", choices=DAEMONS, help="ask just this daemon")
     accounts.add_argument("--json", action="store_true", help=JSON_HELP)
     accounts.set_defaults(func=cmd_accounts)
+    _account_actions(accounts)
 
     submit = command(
         "submit",
@@ -517,6 +582,40 @@ def parser() -> argparse.ArgumentParser:
     logs.add_argument("--json", action="store_true", help='{"output", "finished"} (the output is stream-json lines)')
     logs.set_defaults(func=cmd_logs)
     return p
+
+
+def _account_actions(accounts: argparse.ArgumentParser) -> None:
+    """`cl accounts pause|resume|set`."""
+    actions = accounts.add_subparsers(
+        dest="action", metavar="ACTION", help="pause, resume or set an account (without one: list the accounts)"
+    )
+    name_help = "the account's name (its file is credentials-NAME.json)"
+    for action, text in (
+        ("pause", "take no new or moved work on this account; its live sessions finish (kept across restarts)"),
+        ("resume", "let a paused account take work again"),
+    ):
+        pausing = actions.add_parser(
+            action,
+            help=text,
+            description=f"{text}. Root and group cl-admin only.",
+            epilog=f"example:\n  cl accounts {action} a2\n",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        pausing.add_argument("name", help=name_help)
+        pausing.set_defaults(func=cmd_pause)
+    setting = actions.add_parser(
+        "set",
+        help="set an account's own max_sessions or models (empty value: back to the default)",
+        description="Set an account's own settings: max_sessions (its session limit, instead of "
+        "max_sessions_per_account) and models (shell patterns of the models it may serve; all unless set). "
+        "Settings are kept by name: one for an account without a file waits for it. Root and group cl-admin only.",
+        epilog="examples:\n  cl accounts set a1 max_sessions=2\n  cl accounts set a1 models=opus,claude-sonnet-*\n"
+        "  cl accounts set a1 models= max_sessions=     back to the defaults\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    setting.add_argument("name", help=name_help)
+    setting.add_argument("settings", nargs="+", metavar="KEY=VALUE", help="max_sessions=N or models=A,B")
+    setting.set_defaults(func=cmd_set)
 
 
 CLIENT_KEYS = ("runtime_dir",)

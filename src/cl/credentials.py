@@ -53,6 +53,10 @@ def near_miss(filename: str) -> str | None:
     return credential_filename(name or "NAME")
 
 
+def is_account_name(name: str) -> bool:
+    return _NAME.fullmatch(credential_filename(name)) is not None
+
+
 def credential_filename(name: str) -> str:
     return f"credentials-{name}.json"
 

@@ -1,8 +1,9 @@
 """Which account takes the next piece of work: one implementation, for placement and rescue.
 
-Eligible: state `ok` in the registry (so its file exists now), no standing wall, fewer live runs
-than `max_sessions` (than one while on probation: its wall has reset but it has not answered
-since, so a still-walled account cannot swallow the whole queue). Then, by policy:
+Eligible: state `ok` in the registry (so its file exists now), not paused, no standing wall, fewer
+live runs than its limit (its own `max_sessions` setting, else `max_sessions_per_account`; one
+while on probation: its wall has reset but it has not answered since, so a still-walled account
+cannot swallow the whole queue), and allowed to serve the job's model. Then, by policy:
 * `headroom`: the lowest reported utilization (the larger of the 5-hour and 7-day windows), then
   the fewest live runs, then the least recently used, then the name;
 * `fill-first`: the account with the most live runs that still has room, then the name.
@@ -13,7 +14,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Collection, Mapping
 
 from cl.credentials import Account
-from cl.store import Facts, NoRoom
+from cl.store import AccountSettings, Facts, NoRoom
+
+_DEFAULT = AccountSettings("")
 
 
 def eligible(
@@ -21,18 +24,37 @@ def eligible(
     walled: Collection[str],
     live: Mapping[str, int],
     max_sessions: int,
+    *,
     probation: Collection[str] = (),
+    settings: Mapping[str, AccountSettings] | None = None,
 ) -> list[Account]:
+    """The accounts that may take a piece of work now, whatever its model."""
+    settings = settings or {}
     return [
         account
         for name, account in roster.items()
-        if account.usable and name not in walled and live.get(name, 0) < limit(name, max_sessions, probation)
+        if account.usable
+        and name not in walled
+        and settings.get(name, _DEFAULT).paused_at is None
+        and live.get(name, 0) < limit(name, max_sessions, probation, settings)
     ]
 
 
-def limit(account: str, max_sessions: int, probation: Collection[str]) -> int:
+def limit(
+    account: str, max_sessions: int, probation: Collection[str], settings: Mapping[str, AccountSettings] | None = None
+) -> int:
     """How many live runs `account` may have now."""
-    return 1 if account in probation else max_sessions
+    if account in probation:
+        return 1
+    own = (settings or {}).get(account, _DEFAULT).max_sessions
+    return max_sessions if own is None else own
+
+
+def serving(candidates: list[Account], model: str | None, settings: Mapping[str, AccountSettings]) -> list[Account]:
+    """Those of `candidates` that may serve `model`."""
+    if model is None:
+        return candidates
+    return [a for a in candidates if settings.get(a.name, _DEFAULT).serves(model)]
 
 
 def choose(
@@ -56,30 +78,45 @@ def choose(
 
 class Placer:
     """One pass's placements over the accounts eligible now (the registry's, as passed in): each
-    piece of work goes to the policy's choice; an account found walled or full inside its own
-    transaction (`NoRoom`: the other daemon got there first) is dropped and the next one tried."""
+    piece of work goes to the policy's choice among those that may serve its model; an account
+    found walled, paused or full inside its own transaction (`NoRoom`: the other daemon or an
+    operator got there first) is dropped and the next one tried."""
 
     def __init__(self, roster: Mapping[str, Account], facts: Facts, max_sessions: int, policy: str) -> None:
         self._live = facts.live
         self._usage = facts.usage
         self._probation = facts.probation
+        self._settings = facts.settings
         self._max_sessions = max_sessions
         self._policy = policy
-        self._candidates = eligible(roster, facts.walls, facts.live, max_sessions, facts.probation)
+        self._candidates = eligible(
+            roster, facts.walls, facts.live, max_sessions, probation=facts.probation, settings=facts.settings
+        )
 
-    async def take(self, attempt: Callable[[str, int], Awaitable[bool]]) -> bool:
+    @property
+    def exhausted(self) -> bool:
+        """No account may take anything more in this pass."""
+        return not self._candidates
+
+    async def take(self, attempt: Callable[[str, int], Awaitable[bool]], model: str | None = None) -> bool:
         """Offer one piece of work: `attempt(account, limit)` writes it there (True) or finds the
-        work gone meanwhile (False). False only when no account is eligible: the work waits."""
-        while (account := choose(self._candidates, self._live, self._usage, self._policy)) is not None:
-            room = limit(account.name, self._max_sessions, self._probation)
+        work gone meanwhile (False). False only when no account may take it now: it waits."""
+        candidates = serving(self._candidates, model, self._settings)
+        while (account := choose(candidates, self._live, self._usage, self._policy)) is not None:
+            room = limit(account.name, self._max_sessions, self._probation, self._settings)
             try:
                 taken = await attempt(account.name, room)
             except NoRoom:
-                self._candidates.remove(account)
+                self._drop(account, candidates)
                 continue
             if taken:
                 self._live[account.name] = self._live.get(account.name, 0) + 1
                 if self._live[account.name] >= room:
-                    self._candidates.remove(account)
+                    self._drop(account, candidates)
             return True
         return False
+
+    def _drop(self, account: Account, candidates: list[Account]) -> None:
+        self._candidates.remove(account)
+        if candidates is not self._candidates:
+            candidates.remove(account)

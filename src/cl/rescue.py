@@ -168,7 +168,7 @@ class Rescuer:
                         run = await self.store.run(self.store.store.latest_run, job.id)
                         await self.supervisor.tell_peer(run.id if run else 0)  # the balancer places it
                     continue
-                if not await placer.take(functools.partial(self._move, job, launches=launches)):
+                if not await placer.take(functools.partial(self._move, job, launches=launches), job.model):
                     waiting.append(job)
         finally:
             await asyncio.gather(*launches)  # a pass ends once its workers are launched

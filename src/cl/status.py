@@ -12,12 +12,13 @@ import json
 
 from cl.protocol import Encoded
 from cl.registry import CredentialRegistry
-from cl.store import Snapshot, UsageRow, iso_utc
+from cl.store import AccountSettings, Snapshot, UsageRow, iso_utc
 
 _IDLE_TAIL = ',"walled_until":null,"sessions":0}'
 
-Facts = tuple[float | None, int, UsageRow | None]
-"""What an account's object shows beyond the registry's part: wall reset, live sessions, usage."""
+Facts = tuple[float | None, int, UsageRow | None, AccountSettings | None]
+"""What an account's object shows beyond the registry's part: wall reset, live sessions, usage,
+an operator's settings."""
 
 
 class StatusView:
@@ -40,6 +41,7 @@ class StatusView:
             and last[1].listing is snapshot.listing
             and last[1].counts is snapshot.counts
             and last[1].walls == snapshot.walls
+            and last[1].settings is snapshot.settings
         ):
             return last[2]
         listing = snapshot.listing
@@ -58,12 +60,12 @@ class StatusView:
             self._index = {name: i for i, name in enumerate(names)}
             self._objects = [roster[name].json_head + _IDLE_TAIL for name in names]
             self._facts = {}
-        walls, live, usage = snapshot.walls, snapshot.counts.live, snapshot.counts.usage
+        walls, live, usage, settings = snapshot.walls, snapshot.counts.live, snapshot.counts.usage, snapshot.settings
         facts: dict[str, Facts] = {}
-        for name in walls.keys() | live.keys() | usage.keys():
+        for name in walls.keys() | live.keys() | usage.keys() | settings.keys():
             if name in self._index:  # a fact about an account that left the roster is not shown
                 wall = walls.get(name)
-                facts[name] = (wall.reset_at if wall else None, live.get(name, 0), usage.get(name))
+                facts[name] = (wall.reset_at if wall else None, live.get(name, 0), usage.get(name), settings.get(name))
         for name in self._facts.keys() - facts.keys():  # no facts any more: idle again
             self._objects[self._index[name]] = roster[name].json_head + _IDLE_TAIL
         for name, shown in facts.items():
@@ -73,10 +75,14 @@ class StatusView:
         return self._objects
 
 
-def _object(head: str, reset_at: float | None, sessions: int, usage: UsageRow | None) -> str:
+def _object(
+    head: str, reset_at: float | None, sessions: int, usage: UsageRow | None, settings: AccountSettings | None
+) -> str:
     until = json.dumps(iso_utc(reset_at)) if reset_at else "null"
     tail = ""
     if usage:
         keys = ("five_hour", "seven_day", "input_tokens", "output_tokens")
         tail = f',"usage":{json.dumps({k: v for k, v in zip(keys, usage, strict=True) if v is not None})}'
+    if settings:
+        tail += f',"settings":{json.dumps(settings.public())}'
     return f'{head},"walled_until":{until},"sessions":{sessions}{tail}}}'

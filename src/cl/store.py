@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import fnmatch
 import json
 import sqlite3
 import time
@@ -112,6 +113,17 @@ MIGRATIONS: list[str] = [
     ALTER TABLE runs ADD COLUMN result TEXT;
     CREATE INDEX jobs_by_submitter ON jobs(submitter, id)
     """,
+    # 7: operators' settings per account name: paused, a session limit, the models it may serve.
+    # Facts keyed by name, like walls: a row never makes an account exist.
+    """
+    CREATE TABLE account_settings (
+        account TEXT PRIMARY KEY,
+        paused_at REAL,
+        max_sessions INTEGER,
+        models TEXT,
+        updated_at REAL NOT NULL
+    )
+    """,
 ]
 
 
@@ -197,6 +209,31 @@ class Run:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class AccountSettings:
+    """What an operator set for an account name (`cl accounts pause/set`); unset means the default."""
+
+    account: str
+    paused_at: float | None = None
+    """Paused since then: it takes no new or moved work; its live sessions finish."""
+    max_sessions: int | None = None
+    """Its own session limit, instead of `max_sessions_per_account`."""
+    models: tuple[str, ...] | None = None
+    """The models it may serve, as shell patterns (`opus`, `claude-sonnet-*`); None: all."""
+
+    def serves(self, model: str | None) -> bool:
+        """A job without a model takes the CLI's default, which any account serves."""
+        return model is None or self.models is None or any(fnmatch.fnmatchcase(model, p) for p in self.models)
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "account": self.account,
+            "paused_since": iso_utc(self.paused_at) if self.paused_at is not None else None,
+            "max_sessions": self.max_sessions,
+            "models": list(self.models) if self.models is not None else None,
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class WallRecord:
     account: str
     kind: str | None
@@ -232,6 +269,7 @@ class Snapshot:
     listing: Listing
     counts: AccountCounts
     walls: dict[str, WallRecord]
+    settings: dict[str, AccountSettings]
 
 
 class StoreError(Exception):
@@ -258,6 +296,7 @@ class Facts:
     """Accounts whose wall has reset but that have not answered since: one session at a time."""
     live: dict[str, int]
     usage: dict[str, dict[str, float | None]]
+    settings: dict[str, AccountSettings] = dataclasses.field(default_factory=dict)
 
 
 class Store:
@@ -269,7 +308,7 @@ class Store:
         self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         self._db.execute("PRAGMA synchronous = NORMAL")
         self._db.execute("PRAGMA foreign_keys = ON")
-        self._shown: tuple[tuple[int, int], int | None, AccountCounts] | None = None
+        self._shown: tuple[tuple[int, int], int | None, AccountCounts, dict[str, AccountSettings]] | None = None
         """What `snapshot` read, with the changes counters it was read at and the ledger's revision then."""
         self._listings: dict[tuple[int | None, bool], tuple[int | None, Listing]] = {}
         """Each listing (a submitter's or everyone's, with finished jobs or not), with the ledger
@@ -413,7 +452,7 @@ class Store:
             job = db.execute("SELECT state, account FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if job is None or job["state"] not in waiting:
                 return None
-            if self._walled(db, account, now) or self._live_on(db, account) >= limit:
+            if self._walled(db, account, now) or self._paused(db, account) or self._live_on(db, account) >= limit:
                 raise NoRoom(account)
             db.execute(
                 "UPDATE jobs SET state = ?, account = ?, error = NULL, updated_at = ? WHERE id = ?",
@@ -446,6 +485,11 @@ class Store:
     def _walled(db: sqlite3.Connection, account: str, now: float) -> bool:
         query = "SELECT 1 FROM walls WHERE account = ? AND (reset_at IS NULL OR reset_at > ?)"
         return db.execute(query, (account, now)).fetchone() is not None
+
+    @staticmethod
+    def _paused(db: sqlite3.Connection, account: str) -> bool:
+        query = "SELECT 1 FROM account_settings WHERE account = ? AND paused_at IS NOT NULL"
+        return db.execute(query, (account,)).fetchone() is not None
 
     @staticmethod
     def _live_on(db: sqlite3.Connection, account: str) -> int:
@@ -611,7 +655,8 @@ class Store:
         with self.transaction(write=False) as db:
             jobs = [Job(*row) for row in db.execute(query, (*states, limit))]
             expired = db.execute("SELECT account FROM walls WHERE reset_at <= ?", (now,))
-            return Facts(jobs, self.walls(now), {row[0] for row in expired}, self.live_counts(), self.usage())
+            probation = {row[0] for row in expired}
+            return Facts(jobs, self.walls(now), probation, self.live_counts(), self.usage(), self.settings())
 
     def queue_length(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.QUEUED,)).fetchone()[0])
@@ -633,15 +678,15 @@ class Store:
                 usage.row_factory = None  # plain tuples: 1,000 rows in a fraction of a millisecond
                 usage.execute("SELECT account, five_hour, seven_day, input_tokens, output_tokens FROM usage")
                 counts = AccountCounts(self.live_counts(), {account: tuple(row) for account, *row in usage})
-                self._shown = (changes, revision, counts)
-            revision, counts = self._shown[1], self._shown[2]
+                self._shown = (changes, revision, counts, self.settings())
+            revision, counts, settings = self._shown[1], self._shown[2], self._shown[3]
             key = (submitter, finished)
             kept = self._listings.get(key)
             if kept is None or kept[0] != revision:
                 query, arguments = _listing(submitter, finished=finished)
                 listing = Listing(*db.execute(query, arguments).fetchone())
                 kept = self._listings[key] = (revision, listing)
-            return Snapshot(kept[1], counts, self.walls())
+            return Snapshot(kept[1], counts, self.walls(), settings)
 
     @staticmethod
     def _job_of(db: sqlite3.Connection, run_id: int) -> int:
@@ -688,10 +733,38 @@ class Store:
             self._db.execute("VACUUM")
         return pruned
 
-    def lift_wall(self, account: str) -> None:
+    # operators' settings
+
+    def settings(self) -> dict[str, AccountSettings]:
+        """Every account name with a setting, present in the roster or not."""
+        rows = self._db.execute("SELECT account, paused_at, max_sessions, models FROM account_settings")
+        return {
+            row[0]: AccountSettings(row[0], row[1], row[2], tuple(json.loads(row[3])) if row[3] is not None else None)
+            for row in rows
+        }
+
+    def set_account(self, account: str, by: int, **changes: Any) -> AccountSettings:
+        """Change some of `account`'s settings (`paused`: a bool; `max_sessions`, `models`: a value,
+        or None for the default); the row goes when nothing is left set. Ledgered with who did it."""
+        now = time.time()
         with self.transaction() as db:
-            if db.execute("DELETE FROM walls WHERE account = ?", (account,)).rowcount:
-                self.record(db, "wall lifted", account=account)
+            row = db.execute("SELECT * FROM account_settings WHERE account = ?", (account,)).fetchone()
+            paused_at, max_sessions, models = (row[1], row[2], row[3]) if row else (None, None, None)
+            if "paused" in changes:
+                paused_at = (paused_at or now) if changes["paused"] else None
+            if "max_sessions" in changes:
+                max_sessions = changes["max_sessions"]
+            if "models" in changes:
+                models = json.dumps(list(changes["models"])) if changes["models"] is not None else None
+            if paused_at is None and max_sessions is None and models is None:
+                db.execute("DELETE FROM account_settings WHERE account = ?", (account,))
+            else:
+                db.execute(
+                    "INSERT OR REPLACE INTO account_settings VALUES (?, ?, ?, ?, ?)",
+                    (account, paused_at, max_sessions, models, now),
+                )
+            self.record(db, "account settings changed", account=account, by=by, **changes)
+        return self.settings().get(account, AccountSettings(account))
 
     def record_usage(
         self,
