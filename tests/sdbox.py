@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 PROJECT = Path(__file__).resolve().parents[1]
 SDBOX = PROJECT.parent / "shared" / "tools" / "sdbox"
@@ -69,8 +70,12 @@ def booted(tmp: Path, name: str) -> Iterator[Box]:
 
 
 def install(box: Box) -> None:
+    """As `make install` does (the units come with the box): the venv, and the journal's catalog
+    from what the wheel carries."""
     box("/usr/bin/python3", "-m", "venv", "/opt/cl")
-    box("/opt/cl/bin/pip", "install", "-q", "--no-index", "--find-links", "/wheels", "cl")
+    box("/opt/cl/bin/pip", "install", "-q", "--no-index", "--find-links", "/wheels", "cl-roster")
+    box("install", "-D", "-m", "0644", "/opt/cl/share/cl/catalog/cl.catalog", "/usr/lib/systemd/catalog/cl.catalog")
+    box("journalctl", "--update-catalog")
 
 
 def with_fake_cli(box: Box, **env: str) -> None:
@@ -107,6 +112,10 @@ def submit(box: Box, cwd: str, prompt: str, *user: str) -> int:
 
 
 def journal(box: Box, unit: str) -> list[tuple[int, str]]:
-    out = box("journalctl", "-u", unit, "-o", "json", "--no-pager").stdout
-    entries = [json.loads(line) for line in out.splitlines() if line.strip()]
-    return [(int(e["PRIORITY"]), e["MESSAGE"]) for e in entries if isinstance(e.get("MESSAGE"), str)]
+    return [(int(e["PRIORITY"]), e["MESSAGE"]) for e in entries(box, "-u", unit) if isinstance(e.get("MESSAGE"), str)]
+
+
+def entries(box: Box, *matches: str) -> list[dict[str, Any]]:
+    """The journal's entries that `journalctl MATCHES...` shows, with all their fields."""
+    out = box("journalctl", *matches, "-o", "json", "--no-pager").stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]

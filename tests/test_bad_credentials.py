@@ -110,7 +110,7 @@ def test_bad_files_are_reported_once_and_harm_nothing(layout: Layout, planted: P
             wait_until(lambda d=daemon: "reloaded" in d.log(), f"cl-{daemon.name} to reload")  # type: ignore[misc]
             log = daemon.log()
             for name in ("bad-json", "empty", "huge", "fifo", "dir", "link", "wrong-types"):
-                told = [line for line in log.splitlines() if "account added" in line and f"account={name} " in line]
+                told = [line for line in log.splitlines() if "account invalid" in line and f"account={name} " in line]
                 assert len(told) == 1, name
             assert log.count("file ignored: not a valid credential name") == 1
             assert log.count("credential readable by group or others account=loose") == 1

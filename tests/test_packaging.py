@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -10,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-UNITS = Path(__file__).resolve().parents[1] / "packaging" / "systemd"
+REPO = Path(__file__).resolve().parents[1]
+UNITS = REPO / "packaging" / "systemd"
 DAEMON_UNITS = ["cl-balancer.service", "cl-rescue.service"]
-ALL_UNITS = [*DAEMON_UNITS, "cl-worker.socket", "cl-worker@.service"]
+EXPOSED = [*DAEMON_UNITS, "cl-metrics.service"]
+ALL_UNITS = [*DAEMON_UNITS, "cl-worker.socket", "cl-worker@.service", "cl-metrics.socket", "cl-metrics.service"]
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 
@@ -31,7 +34,7 @@ def test_units_verify_without_a_single_message(tmp_path: Path) -> None:
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
 
-@pytest.mark.parametrize("unit", DAEMON_UNITS)
+@pytest.mark.parametrize("unit", EXPOSED)
 def test_exposure_is_at_most_1(unit: str) -> None:
     result = subprocess.run(
         ["systemd-analyze", "security", "--offline=yes", "--threshold=10", str(UNITS / unit)],
@@ -81,19 +84,72 @@ def test_sysusers_and_tmpfiles_make_the_users_the_roster_and_the_sessions_dirs(t
 
 
 @pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers is not installed")
-def test_make_install_lays_out_a_working_tree(tmp_path: Path) -> None:
-    """`make install` into a temp root: the venv's commands run, units, user and roster dir are there."""
+def test_make_install_then_uninstall_leaves_only_state_and_credentials(tmp_path: Path) -> None:
+    """`make install` into a temp root: `cl` on PATH with its man page and completions, the units,
+    users, roster dir, catalog and a commented config; `make uninstall` takes it all away but the
+    state and the credentials (and the users, as system users stay); PURGE=1 those too."""
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
-    subprocess.run(["make", "-C", str(UNITS.parents[1]), "install", f"ROOT={root}"], check=True, capture_output=True)
+    make = ["make", "-C", str(REPO)]
+    subprocess.run([*make, "install", f"ROOT={root}"], check=True, capture_output=True)
+    assert os.readlink(root / "usr/local/bin/cl") == "/opt/cl/bin/cl"  # on PATH once ROOT is /
     help_text = subprocess.run(
         [str(root / "opt/cl/bin/cl"), "--help"], check=True, capture_output=True, text=True
     ).stdout
     assert "accounts" in help_text
-    for daemon in ("cl-balancer", "cl-rescue"):
+    for daemon in ("cl-balancer", "cl-rescue", "cl-metrics"):
         assert (root / "opt/cl/bin" / daemon).exists()
-        assert (root / "etc/systemd/system" / f"{daemon}.service").read_text() == (
-            UNITS / f"{daemon}.service"
-        ).read_text()
+    for unit in ALL_UNITS:
+        assert (root / "etc/systemd/system" / unit).read_text() == (UNITS / unit).read_text()
+    for shipped, installed in (
+        ("packaging/man/cl.1", "usr/local/share/man/man1/cl.1"),
+        ("packaging/completion/cl", "usr/local/share/bash-completion/completions/cl"),
+        ("packaging/completion/_cl", "usr/local/share/zsh/site-functions/_cl"),
+        ("packaging/config.toml", "etc/cl/config.toml"),
+        ("packaging/systemd/catalog/cl.catalog", "usr/lib/systemd/catalog/cl.catalog"),
+    ):
+        assert (root / installed).read_bytes() == (REPO / shipped).read_bytes(), installed
     assert [line.split(":")[0] for line in (root / "etc/passwd").read_text().splitlines()] == ["cl", "cl-cli"]
     assert (root / "opt/claude").is_dir()
+    share = root / "opt/cl/share/cl"  # what the wheel carries, for a host installed with pip alone
+    assert sorted(p.name for p in (share / "systemd").iterdir()) == sorted(ALL_UNITS)
+    assert (share / "catalog/cl.catalog").exists()
+    assert (share / "prometheus/cl-alerts.yml").exists()
+
+    (root / "etc/cl/config.toml").write_text('log_level = "debug"\n')  # an operator's edit...
+    subprocess.run([*make, "install", f"ROOT={root}"], check=True, capture_output=True)
+    assert (root / "etc/cl/config.toml").read_text() == 'log_level = "debug"\n'  # ...survives a reinstall
+    (root / "var/lib/cl").mkdir()  # systemd makes it at the daemons' first start (StateDirectory=)
+    (root / "var/lib/cl/cl.db").write_text("state")
+    (root / "opt/claude/credentials-a1.json").write_text("{}")
+    subprocess.run([*make, "uninstall", f"ROOT={root}"], check=True, capture_output=True)
+    users = {"etc/passwd", "etc/group", "etc/shadow", "etc/gshadow", "etc/.pwd.lock"}
+    assert leftovers(root) - users == {
+        "etc/cl/config.toml",  # edited: kept
+        "opt/claude/credentials-a1.json",
+        "var/lib/cl/cl.db",
+        "var/lib/cl-sessions",
+    }
+    subprocess.run([*make, "uninstall", f"ROOT={root}", "PURGE=1"], check=True, capture_output=True)
+    assert leftovers(root) - users == set()
+
+
+def leftovers(root: Path) -> set[str]:
+    """Files and empty directories left under `root` (directories that hold something are implied)."""
+    found: set[str] = set()
+    for directory, subdirs, files in os.walk(root):
+        relative = Path(directory).relative_to(root)
+        found.update(str(relative / name) for name in files)
+        if not files and not subdirs and directory != str(root):
+            found.add(str(relative))
+    return {path for path in found if not _scaffolding(root / path)}
+
+
+def _scaffolding(path: Path) -> bool:
+    """What is the system's, not cl's: an empty directory of the standard hierarchy
+    (usr/lib/tmpfiles.d, usr/local/share/man/man1, ...; cl's own directories are not), and the
+    journal's catalog index (rebuilt without cl's entries)."""
+    ours = ("etc/cl", "opt/cl", "opt/claude", "var/lib/cl")
+    if path.is_dir():
+        return not any(path.iterdir()) and not any(part in str(path) for part in ours)
+    return str(path).endswith("var/lib/systemd/catalog/database")

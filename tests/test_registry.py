@@ -56,8 +56,8 @@ async def test_existing_files_load_at_start(tmp_path: Path, planted: Planted) ->
     }
     events = [entry["event"] for entry in logs]
     assert "credentials loaded" in events
-    assert "account added" in events  # only the problem account gets its own line at load
-    assert events.count("account added") == 1
+    assert events.count("account invalid") == 1  # only the problem account gets its own line at load
+    assert "account added" not in events
 
 
 async def test_add_change_remove(registry: CredentialRegistry, planted: Planted) -> None:

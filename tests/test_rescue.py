@@ -7,11 +7,13 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import time
 from typing import Any
 
 from cl.store import RunState, Store
 from utils import (
+    BIN,
     DaemonProcess,
     Layout,
     Planted,
@@ -89,7 +91,7 @@ def test_the_seed_afternoon(layout: Layout, planted: Planted) -> None:
         log = rescue.log()
         for line in ("session walled", "account added", "session moved", "session resumed"):
             assert line in log, line
-        assert len(re.findall(r"session moved .*to=a4", log)) == 3
+        assert len(re.findall(r"session moved .*account=a4", log)) == 3
         assert cl(layout, "accounts").returncode == 0  # both daemons see the same four accounts
         assert status(layout)["waiting"]["sessions"] == []
     settled = [entry for entry in ledger(layout) if entry["event"] == "move settled"]
@@ -107,7 +109,7 @@ def test_a_failed_resume_is_marked_failed_with_its_reason(layout: Layout, plante
         write_credential(layout.credentials, "a2", oauth_credential(planted))
         wait_until(lambda: job_state_set(layout) == {"failed"}, "the resume to fail")
         assert "No conversation found with session ID" in jobs(layout)[job]["error"]
-        wait_until(lambda: "resume failed" in rescue.log(), "the rescuer to report it")
+        wait_until(lambda: "session failed" in rescue.log() and "move=True" in rescue.log(), "the rescuer to report it")
         assert [entry["event"] for entry in ledger(layout)].count("move started") == 1  # not retried
 
 
@@ -237,6 +239,9 @@ def test_a_jobs_story_its_answer_and_waiting_for_it(layout: Layout, planted: Pla
     with both(layout):
         job = submit(layout, "walls once, then answers")
         wait_until(lambda: "walled" in {j["state"] for j in history(layout)["jobs"]}, "the wall")
+        follower = subprocess.Popen(  # follows the session across its move, to its end
+            [str(BIN / "cl"), "logs", "-f", str(job)], env=layout.env(), stdout=subprocess.PIPE, text=True
+        )
         write_credential(layout.credentials, "a2", oauth_credential(planted))
         waited = cl(layout, "wait", str(job))
         assert waited.returncode == 0, waited.stderr
@@ -244,9 +249,16 @@ def test_a_jobs_story_its_answer_and_waiting_for_it(layout: Layout, planted: Pla
         answer = cl(layout, "result", str(job))
         table = cl(layout, "job", str(job)).stdout
         missing = cl(layout, "wait", "99")
+        followed, _ = follower.communicate(timeout=60)
+        raw = [json.loads(line) for line in cl(layout, "logs", "--raw", str(job)).stdout.splitlines()]
     assert story["job"]["state"] == "done"
     assert [(r["account"], r["state"]) for r in story["runs"]] == [("a1", "walled"), ("a2", "done")]
     assert [(m["from"], m["to"], m["why"]) for m in story["moves"]] == [("a1", "a2", "walled")]
     assert answer.stdout.startswith("Hi from fake claude (n_messages=2")  # the whole conversation went on
     assert "moved a1 -> a2" in table
     assert missing.returncode == 4
+    marks = [" ".join(line.split()[:2]) for line in followed.splitlines() if line.startswith(("⚠", "──"))]
+    assert marks == ["── session", "⚠ usage", "── error", "── moved", "── session", "── done,"], followed
+    assert "── moved a1 → a2 (walled) at " in followed
+    assert [event["type"] for event in raw].count("cl_move") == 1  # --raw: stream-json, cl's line too
+    assert [event["type"] for event in raw][-1] == "result"

@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sdbox import Box, booted, drop_credential, journal, submit, unavailable, with_fake_cli
+from sdbox import Box, booted, drop_credential, entries, journal, submit, unavailable, with_fake_cli
 
+from cl.journal import MESSAGE_IDS
 from utils import FAR_FUTURE_MS, Planted, oauth_credential, wait_until
 
 
@@ -137,8 +138,31 @@ def test_a_walled_session_is_rescued_and_the_journal_tells_the_story(
     wait_until(
         lambda: json.loads(box("/opt/cl/bin/cl", "jobs", "--all", "--json").stdout)[0]["state"] == "done", "done"
     )
+
+    # Each event's fields are journal fields; the events an operator acts on carry a MESSAGE_ID.
+    about_a2 = [e["MESSAGE"].split()[:2] for e in entries(box, "-u", "cl-rescue", "ACCOUNT=a2")]
+    assert ["account", "added"] in about_a2
+    assert ["session", "moved"] in about_a2
+    (moved,) = entries(box, f"MESSAGE_ID={MESSAGE_IDS['session moved']}")
+    assert (moved["_SYSTEMD_UNIT"], moved["SYSLOG_IDENTIFIER"]) == ("cl-rescue.service", "cl-rescue")
+    assert (moved["ACCOUNT"], moved["FROM"], moved["JOB"]) == ("a2", "a1", "1")
+    assert moved["SESSION"] == json.loads(box("/opt/cl/bin/cl", "jobs", "--all", "--json").stdout)[0]["session_id"]
+    for event in ("session walled", "waiting", "all accounts walled", "session resumed", "account added"):
+        assert entries(box, "-u", "cl-rescue", f"MESSAGE_ID={MESSAGE_IDS[event]}"), event
+    explained = box("journalctl", "-x", "--no-pager", f"MESSAGE_ID={MESSAGE_IDS['session moved']}").stdout
+    assert f"Subject: Session {moved['SESSION']} moved to account a2" in explained  # the shipped catalog
     everything = box("journalctl", "--no-pager", "-o", "json").stdout
     assert not planted.leaks(everything, "the journal")
+
+    # cl-metrics, started by its socket on the first scrape, asks both daemons.
+    box("systemctl", "enable", "--now", "cl-metrics.socket")
+    scrape = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9847/metrics').read().decode())"
+    got = box("/opt/cl/bin/python", "-c", scrape, check=False)
+    assert got.returncode == 0, got.stderr + box("journalctl", "-u", "cl-metrics", "--no-pager").stdout
+    text = got.stdout
+    assert 'cl_up{daemon="balancer"} 1.0' in text
+    assert 'cl_up{daemon="rescue"} 1.0' in text
+    assert 'cl_moves_total{daemon="rescue"} 1.0' in text
 
 
 def test_a_stalled_daemon_is_killed_by_the_watchdog_and_restarted(box: Box) -> None:

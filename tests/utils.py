@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import pty
 import pwd
 import signal
 import subprocess
 import sys
+import termios
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -371,3 +375,41 @@ def both(layout: Layout, **kwargs: Any) -> Iterator[tuple[DaemonProcess, DaemonP
         for daemon in daemons:
             if daemon.process is not None:
                 daemon.stop()
+
+
+class Terminal:
+    """A command on a real pseudo-terminal, as its controlling terminal (a session of its own):
+    what it prints is read as it comes; Ctrl-C is a byte typed at the terminal."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self._terminal, their_side = pty.openpty()
+        self.process = subprocess.Popen(
+            argv,
+            stdin=their_side,
+            stdout=their_side,
+            stderr=their_side,
+            env=env,
+            start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),  # noqa: PLW1509 - no threads in that child
+        )
+        os.close(their_side)
+        self.shown = bytearray()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(OSError):  # EIO once every process closed its side
+            while chunk := os.read(self._terminal, 65536):
+                self.shown.extend(chunk)
+
+    def text(self) -> str:
+        return self.shown.decode(errors="replace").replace("\r\n", "\n")
+
+    def ctrl_c(self) -> None:
+        os.write(self._terminal, b"\x03")  # the line discipline signals the foreground process group
+
+    def wait(self, timeout: float = 60) -> int:
+        code = self.process.wait(timeout)
+        self._reader.join(timeout)
+        os.close(self._terminal)
+        return code

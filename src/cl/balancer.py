@@ -36,6 +36,7 @@ from cl.protocol import Encoded, Handler, Peer, Reply, Request, RequestError, id
 from cl.registry import CredentialRegistry
 from cl.status import StatusView
 from cl.store import (
+    FINISHED_JOBS,
     LIVE_RUNS,
     AccountSettings,
     AsyncStore,
@@ -49,6 +50,7 @@ from cl.store import (
     iso_utc,
 )
 from cl.supervisor import Supervisor, log_outcome
+from cl.tally import Histogram
 
 log = structlog.get_logger("cl.balancer")
 
@@ -72,6 +74,9 @@ class Balancer:
         self._counts = {"walled": 0, "running": 0, "queued": 0}
         self._waiting_logged = False
         self._status_view = StatusView(registry)
+        self._placements = 0
+        self._failures = 0
+        self._submit_to_started = Histogram()
 
     def handlers(self) -> Mapping[str, Handler]:
         return {
@@ -83,6 +88,7 @@ class Balancer:
             "run-changed": self._run_changed,
             "settings": self._settings,
             "account": self._account,
+            "metrics": self._metrics,
         }
 
     def status(self) -> str:
@@ -117,6 +123,7 @@ class Balancer:
     def _ended(self, run: Run, by_worker: bool) -> None:
         if by_worker:
             log_outcome(run)
+        self._failures += run.state == RunState.FAILED
         self.wake()
 
     async def _reconcile(self) -> None:
@@ -167,6 +174,7 @@ class Balancer:
         if run is None:
             return False
         await self.supervisor.launch(run)
+        self._placements += 1
         log.info("job placed", job=job.id, run=run.id, account=account)
         return True
 
@@ -263,9 +271,45 @@ class Balancer:
 
     async def _run_changed(self, request: Request, _peer: Peer) -> Reply:
         """A worker ended or got its first answer, or the rescuer settled a run: placement may change."""
-        id_field(request, "run")
+        run_id = id_field(request, "run")
+        if request.get("event") == "answered":
+            run = await self.store.run(self.store.store.run, run_id)
+            if run is not None and run.resume is None:  # a move's first answer is the rescuer's to time
+                waited = await self.store.run(self.store.store.waited_for_answer, run_id)
+                if waited is not None:
+                    self._submit_to_started.observe(waited)
         self.wake()
         return {}
+
+    async def _metrics(self, _request: Request, _peer: Peer) -> Reply:
+        """What `cl-metrics` exposes of the balancer: each account's state and facts, the queue, and
+        what this process counted since it started. Nothing about any operator's jobs but counts."""
+        store = self.store.store
+        facts = await self.store.run(store.facts, (JobState.QUEUED,), 0)
+        depth = await self.store.run(store.queue_length)
+        oldest = await self.store.run(store.oldest_queued)
+        accounts = []
+        for name in self.registry.sorted_names():
+            account, wall, settings = self.registry.accounts[name], facts.walls.get(name), facts.settings.get(name)
+            usage = facts.usage.get(name, {})
+            accounts.append(
+                {
+                    "name": name,
+                    "state": str(account.state),
+                    "paused": bool(settings and settings.paused_at is not None),
+                    "walled": wall is not None,
+                    "walled_until": wall.reset_at if wall else None,
+                    "sessions": facts.live.get(name, 0),
+                    "five_hour": usage.get("five_hour"),
+                    "seven_day": usage.get("seven_day"),
+                }
+            )
+        return {
+            "accounts": accounts,
+            "queue": {"depth": depth, "oldest_age": time.time() - oldest if oldest is not None else None},
+            "counters": {"placements": self._placements, "failures": self._failures},
+            "histograms": {"submit_to_started": self._submit_to_started.public()},
+        }
 
     async def _status(self, request: Request, peer: Peer) -> Encoded:
         """Accounts, sessions, jobs and the queue (see `cl.status`): the peer's own jobs only,
@@ -324,8 +368,9 @@ class Balancer:
         }
 
     async def _logs(self, request: Request, peer: Peer) -> Reply:
-        """A run's output from `offset` on: `{"data", "offset", "finished"}`; `job` or `session` names it.
-        Only the job's submitter (or who sees all) may read it; it is redacted on its way out."""
+        """A job's output from `offset` on: `{"data", "offset", "finished"}`; `job` or `session`
+        names it. Every run's log in turn, a move marked between two (`cl.logs_view`). Only the
+        job's submitter (or who sees all) may read it; it is redacted on its way out."""
         offset = whole_number(request, "offset", 0) or 0
         session = text_field(request, "session") if isinstance(request.get("session"), str) else None
         if session is not None:
@@ -333,16 +378,14 @@ class Balancer:
         else:
             job_id = id_field({"job": request.get("session", request.get("job"))}, "job")
         job = await self._own_job({"job": job_id}, peer)
-        run = await self.store.run(self.store.store.latest_run, job.id)
-        if run is None:
+        runs = await self.store.run(self.store.store.job_runs, job.id)
+        if not runs:
             raise RequestError("not-found", f"job {job.id} has not started: it is {job.state}")
-        data = b""
-        if run.log_path:
-            data = await asyncio.to_thread(_read_from, Path(run.log_path), offset, 1 << 20)
+        data = await asyncio.to_thread(read_log, log_parts(runs), offset, 1 << 20)
         return {
             "data": redact.scrub(data.decode(errors="replace")),
             "offset": offset + len(data),
-            "finished": run.state not in LIVE_RUNS,
+            "finished": job.state in FINISHED_JOBS and runs[-1].state not in LIVE_RUNS,
         }
 
     async def _job_of_session(self, session: str) -> int:
@@ -383,13 +426,45 @@ def _setting_changes(request: Request) -> dict[str, Any]:
     return changes
 
 
-def _read_from(path: Path, offset: int, limit: int) -> bytes:
+def log_parts(runs: list[Run]) -> list[bytes | Path]:
+    """A job's output as parts read one after the other: each run's log, and before a run that
+    moved the session, one stream-json line of cl's own saying so. Every part but the last is
+    final (its run ended), so an offset into the whole stays valid as the job goes on."""
+    parts: list[bytes | Path] = []
+    for before, run in itertools.pairwise([None, *runs]):
+        if before is not None and run is not None and run.resume is not None:
+            move = {"type": "cl_move", "from": before.account, "to": run.account, "why": before.state}
+            parts.append(json.dumps({**move, "at": iso_utc(run.created_at)}).encode() + b"\n")
+        if run is not None and run.log_path:
+            parts.append(Path(run.log_path))
+    return parts
+
+
+def read_log(parts: list[bytes | Path], offset: int, limit: int) -> bytes:
+    """Up to `limit` bytes from `offset` into the parts joined."""
+    out = bytearray()
+    for part in parts:
+        if len(out) >= limit:
+            break
+        if isinstance(part, bytes):
+            chunk = part[offset : offset + limit - len(out)]
+            size = len(part)
+        else:
+            chunk, size = _read_from(part, offset, limit - len(out))
+        out += chunk
+        offset = max(offset - size, 0)
+    return bytes(out)
+
+
+def _read_from(path: Path, offset: int, limit: int) -> tuple[bytes, int]:
+    """What the file holds from `offset` (up to `limit` bytes), and its size then."""
     try:
         with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
             f.seek(offset)
-            return f.read(limit)
+            return f.read(limit) if offset < size else b"", size
     except FileNotFoundError:
-        return b""
+        return b"", 0
 
 
 def main() -> None:

@@ -392,6 +392,8 @@ def readable(line: str) -> str | None:
     if kind == "rate_limit_event" and (event.get("rate_limit_info") or {}).get("status") == "rejected":
         resets = (event.get("rate_limit_info") or {}).get("resetsAt")
         return f"⚠ usage wall{' until ' + time.strftime('%Y-%m-%d %H:%MZ', time.gmtime(resets)) if resets else ''}"
+    if kind == "cl_move":  # cl's own line between two runs of a job
+        return f"── moved {event.get('from')} → {event.get('to')} ({event.get('why')}) at {event.get('at')}"
     if kind == "result":
         usage = event.get("usage") or {}
         tokens = f", tokens {usage.get('input_tokens', 0)}/{usage.get('output_tokens', 0)}" if usage else ""
@@ -466,7 +468,7 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
 
 def _version() -> str:
     try:
-        return importlib.metadata.version("cl")
+        return importlib.metadata.version("cl-roster")
     except importlib.metadata.PackageNotFoundError:
         return "(not installed)"
 

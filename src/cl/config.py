@@ -66,6 +66,8 @@ class Config:
     """The user the CLI runs as when the worker may switch users (root, or CAP_SETUID); '' keeps the worker's."""
     admin_group: str = "cl-admin"
     """Members see and act on every operator's jobs (root and the daemons' own user always do)."""
+    journal_socket: str = "/run/systemd/journal/socket"
+    """journald's native socket, used under systemd; '' writes `<N>`-prefixed lines to stderr instead."""
     worker_env: dict[str, str] = dataclasses.field(default_factory=dict)
     """`[worker.env]`: variables added to every CLI run's environment."""
     config_file: Path = DEFAULT_PATH
@@ -162,6 +164,12 @@ def _paths(value: Any, base: Path) -> tuple[str, ...]:
     return tuple(str(_path(item, base)) for item in _claude_args(value, base))
 
 
+def _socket(value: Any, _base: Path) -> str:
+    if not isinstance(value, str) or not (value == "" or value.startswith("/")):
+        raise TypeError("must be an absolute path, or empty")
+    return value
+
+
 def _name(value: Any, _base: Path) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}|", value):
         raise TypeError("must be a user or group name")
@@ -200,6 +208,7 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "cli_writable": _paths,
     "cli_user": _name,
     "admin_group": _name,
+    "journal_socket": _socket,
 }
 _FIELD = {"worker": "worker_env"}
 

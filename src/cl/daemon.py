@@ -143,7 +143,7 @@ class Daemon:
                 if getattr(new, key) != getattr(self.config, key):
                     log.warning("setting needs a restart to take effect", key=key, value=str(getattr(new, key)))
             self.config = dataclasses.replace(new, **{key: getattr(self.config, key) for key in _RESTART_KEYS})
-            logs.configure(self.config.log_level)
+            logs.configure_for(self.config, self.name)
             self.registry.resync_interval = self.config.resync_interval
             self.registry.step_ms = self.config.watch_step_ms
         await self.registry.resync()

@@ -1,11 +1,13 @@
-"""structlog set-up: one line per event, for journald, a terminal, or a plain file.
+"""structlog set-up: one entry per event, for journald, a terminal, or a plain file.
 
-* Under journald (stderr is the stream named by `$JOURNAL_STREAM`): `<N>event key=value`,
-  `N` being the syslog priority (journald's SyslogLevelPrefix reads and strips it).
-* On a terminal: structlog's console renderer.
+* Under systemd (stderr is the stream named by `$JOURNAL_STREAM`): into the journal through its
+  native protocol, every field a journal field (`cl.journal`); with no journal socket
+  (`journal_socket = ""`), `<N>event key=value` lines on stderr, `N` being the syslog priority
+  (journald's SyslogLevelPrefix reads and strips it).
+* On a terminal: structlog's console renderer, in colour unless `NO_COLOR` is set.
 * Otherwise: `timestamp level event key=value`.
 
-Whatever the renderer, the finished line goes through `redact.scrub`.
+Whatever the renderer, what it makes goes through `redact.scrub`.
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 from cl import redact
 from cl.config import Config, ConfigError, load_config
-
-PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
+from cl.journal import PRIORITY, JournalFields, JournalLogger, message
 
 
 def under_journald(stream: TextIO) -> bool:
@@ -48,32 +49,16 @@ def _printable(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> E
     return event_dict
 
 
-def _logfmt(value: Any) -> str:
-    """A bare value if it is one word, else quoted; never more than one line."""
-    text = str(value).replace("\n", "\\n")
-    if text and not any(c in text for c in ' "='):
-        return text
-    return '"' + text.replace('"', '\\"') + '"'
-
-
-def _fields(event_dict: EventDict) -> str:
-    return " ".join(f"{key}={_logfmt(value)}" for key, value in event_dict.items())
-
-
 def journal_renderer(_logger: WrappedLogger, method: str, event_dict: EventDict) -> str:
     event_dict.pop("timestamp", None)
     level = event_dict.pop("level", method)
-    event = event_dict.pop("event", "")
-    fields = _fields(event_dict)
-    return f"<{PRIORITY.get(level, 6)}>{event}{' ' if fields else ''}{fields}"
+    return f"<{PRIORITY.get(level, 6)}>{message(str(event_dict.pop('event', '')), event_dict)}"
 
 
 def plain_renderer(_logger: WrappedLogger, method: str, event_dict: EventDict) -> str:
     timestamp = event_dict.pop("timestamp", "")
     level = event_dict.pop("level", method)
-    event = event_dict.pop("event", "")
-    fields = _fields(event_dict)
-    return f"{timestamp} {level:<7} {event}{' ' if fields else ''}{fields}"
+    return f"{timestamp} {level:<7} {message(str(event_dict.pop('event', '')), event_dict)}"
 
 
 class _Scrubbed:
@@ -86,15 +71,34 @@ class _Scrubbed:
         return redact.scrub(str(self._renderer(logger, method, event_dict)))
 
 
-def configure(level: str = "info", stream: TextIO | None = None) -> None:
+_journal: JournalLogger | None = None
+
+
+def configure(
+    level: str = "info", stream: TextIO | None = None, *, journal_socket: str = "", identifier: str = "cl"
+) -> None:
+    """Log at `level` and above to `stream` (stderr), or natively to the journal at `journal_socket`
+    when `stream` is the journal's own (under systemd), as `identifier`."""
+    global _journal  # noqa: PLW0603 - one journal connection per process, replaced on reconfiguring
+    if _journal is not None:
+        _journal.close()
+        _journal = None
     stream = sys.stderr if stream is None else stream
-    renderer: Processor
-    if under_journald(stream):
-        renderer = journal_renderer
+    last: Processor
+    factory: Any = structlog.WriteLoggerFactory(stream)  # one write per line: no interleaving
+    if under_journald(stream) and journal_socket and os.path.exists(journal_socket):
+        last = JournalFields(identifier)
+        journal = _journal = JournalLogger(journal_socket, stream)
+        factory = lambda *_args: journal  # noqa: E731 - structlog wants a factory; there is one logger
+    elif under_journald(stream):
+        last = _Scrubbed(journal_renderer)
     elif stream.isatty():
-        renderer = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+        colours = not os.environ.get("NO_COLOR")  # https://no-color.org: set and not empty
+        last = _Scrubbed(
+            structlog.dev.ConsoleRenderer(colors=colours, exception_formatter=structlog.dev.plain_traceback)
+        )
     else:
-        renderer = plain_renderer
+        last = _Scrubbed(plain_renderer)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -102,10 +106,10 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             _printable,
-            _Scrubbed(renderer),
+            last,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.WriteLoggerFactory(stream),  # one write per line: no interleaving
+        logger_factory=factory,
         cache_logger_on_first_use=False,
     )
 
@@ -118,6 +122,11 @@ def start_process(name: str) -> Config | None:
     except ConfigError as exc:
         print(f"cl-{name}: configuration error: {exc}", file=sys.stderr)
         return None
-    configure(config.log_level)
+    configure_for(config, name)
     structlog.contextvars.bind_contextvars(daemon=name)
     return config
+
+
+def configure_for(config: Config, name: str) -> None:
+    """Logging as `config` says, for process `cl-<name>` (at start and on every reload)."""
+    configure(config.log_level, journal_socket=config.journal_socket, identifier=f"cl-{name}")

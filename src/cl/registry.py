@@ -296,8 +296,9 @@ class CredentialRegistry:
         if account.reason:
             fields["reason"] = account.reason
         problem = account.state is not AccountState.OK
-        if problem:
-            log.warning(f"account {change.kind}", **fields)
+        if problem:  # the operator's cue: fix the file, or log in again
+            fields["change"] = change.kind
+            log.warning("account invalid" if account.state is AccountState.INVALID else "account needs login", **fields)
         elif self._loaded:
             log.info(f"account {change.kind}", **fields)
         if account.exposed and not (previous and previous.exposed):

@@ -46,6 +46,7 @@ from cl.store import (
     iso_utc,
 )
 from cl.supervisor import Supervisor, log_outcome
+from cl.tally import Histogram
 
 log = structlog.get_logger("cl.rescue")
 
@@ -91,9 +92,13 @@ class Rescuer:
         self._announced: dict[int, float] = {}
         """Job id -> the `updated_at` we logged its wall or orphaning for: once per event."""
         self._moves = 0
+        self._move_failures = 0
+        self._wall_to_resumed = Histogram()
+        self._all_walled = False
+        """Whether every usable account was walled at the last pass (logged when that begins)."""
 
     def handlers(self) -> Mapping[str, Handler]:
-        return {"run-changed": self._run_changed, "waiting": self._waiting_request}
+        return {"run-changed": self._run_changed, "waiting": self._waiting_request, "metrics": self._metrics}
 
     def status(self) -> str:
         if count := len(self._waiting.jobs):
@@ -145,6 +150,7 @@ class Rescuer:
     async def _pass(self) -> None:
         await self._settle_moves()
         facts = await self.store.run(self.store.store.facts, RESCUABLE, BATCH)
+        self._note_all_walled(facts)
         waiting = await self._rescue(facts)
         self._announced = {job.id: self._announced[job.id] for job in waiting if job.id in self._announced}
         self._report(Waiting.of(waiting, facts, self.registry.accounts))
@@ -182,7 +188,9 @@ class Rescuer:
         if run is None:
             return False
         self._moves += 1
-        log.info("session moved", session=job.session_id, job=job.id, run=run.id, to=account, **{"from": job.account})
+        log.info(
+            "session moved", session=job.session_id, job=job.id, run=run.id, account=account, **{"from": job.account}
+        )
         launches.append(asyncio.create_task(self.supervisor.launch(run)))
         return True
 
@@ -193,7 +201,27 @@ class Rescuer:
             if run.state == RunState.DONE and not grew:
                 log.error("transcript did not grow after the move", session=run.resume, job=run.job_id, run=run.id)
             elif run.state == RunState.FAILED:
-                log.error("resume failed", session=run.resume, job=run.job_id, account=run.account, error=run.error)
+                self._move_failures += 1
+                log.error(
+                    "session failed",
+                    session=run.resume,
+                    job=run.job_id,
+                    account=run.account,
+                    error=run.error,
+                    move=True,
+                )
+
+    def _note_all_walled(self, facts: Facts) -> None:
+        """The story this project comes from: say so, once, when every usable account has walled."""
+        usable = [name for name, account in self.registry.accounts.items() if account.usable]
+        walled = bool(usable) and all(name in facts.walls for name in usable)
+        if walled and not self._all_walled:
+            resets = [reset for name in usable if (reset := facts.walls[name].reset_at) is not None]
+            first = {"next_reset": iso_utc(min(resets))} if resets else {}
+            log.warning("all accounts walled", accounts=len(usable), **first)
+        elif self._all_walled and not walled:
+            log.info("an account is free again")
+        self._all_walled = walled
 
     def _announce(self, job: Job, facts: Facts) -> None:
         """The operator's first line about a session in trouble, once per wall or orphaning."""
@@ -234,8 +262,19 @@ class Rescuer:
             run = await self.store.run(self.store.store.run, run_id)
             if run is not None and run.resume is not None:
                 log.info("session resumed", session=run.resume, job=run.job_id, account=run.account)
+                waited = await self.store.run(self.store.store.waited_for_answer, run_id)
+                if waited is not None:
+                    self._wall_to_resumed.observe(waited)
         self.wake()
         return {}
+
+    async def _metrics(self, _request: Request, _peer: Peer) -> Reply:
+        """What `cl-metrics` exposes of the rescuer: what it counted since it started."""
+        return {
+            "waiting": len(self._waiting.jobs),
+            "counters": {"moves": self._moves, "failures": self._move_failures},
+            "histograms": {"wall_to_resumed": self._wall_to_resumed.public()},
+        }
 
     async def _waiting_request(self, _request: Request, peer: Peer) -> Reply:
         """The sessions waiting for an account, and what for (`cl status`): read now, not remembered.

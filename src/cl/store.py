@@ -563,6 +563,22 @@ class Store:
                 self.record(db, "wall lifted", self._job_of(db, run_id), account, run=run_id)
         return account if lifted else None
 
+    def waited_for_answer(self, run_id: int) -> float | None:
+        """Seconds from what this run answered to, to its first answer: a fresh job's submission,
+        or for a move, the end of the run before it (the session walled or orphaned then)."""
+        row = self._db.execute(
+            "SELECT r.answered_at - CASE WHEN r.resume IS NULL THEN j.created_at ELSE"
+            " (SELECT p.ended_at FROM runs p WHERE p.job_id = r.job_id AND p.id < r.id ORDER BY p.id DESC LIMIT 1)"
+            " END FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.id = ?",
+            (run_id,),
+        ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def oldest_queued(self) -> float | None:
+        """When the oldest queued job was submitted (epoch seconds)."""
+        row = self._db.execute("SELECT MIN(created_at) FROM jobs WHERE state = ?", (JobState.QUEUED,)).fetchone()
+        return None if row[0] is None else float(row[0])
+
     def unverified_moves(self) -> list[Run]:
         """Moves whose run has ended but whose outcome the rescuer has not checked yet."""
         rows = self._db.execute(

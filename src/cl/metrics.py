@@ -1,0 +1,210 @@
+"""`cl-metrics`: the daemons' state and counts in Prometheus's exposition format.
+
+The daemons listen on Unix sockets only. This small process asks both of them at every scrape
+(their `metrics` requests) and serves the answer over HTTP on loopback: under systemd from
+`cl-metrics.socket` (127.0.0.1:9847, socket-activated), otherwise on `--listen HOST:PORT`.
+Asked at each scrape, a value is never older than the scrape, and a daemon that does not answer
+shows as `cl_up{daemon=...} 0` rather than as stale numbers. `--textfile PATH` writes the same
+text once, atomically, for node_exporter's textfile collector (from a timer) instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import socketserver
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import MetricsHandler
+
+from cl.client import DaemonUnreachable, call
+from cl.config import Config, ConfigError, load_config
+from cl.credentials import AccountState
+
+DAEMONS = ("balancer", "rescue")
+STATES = (*(str(state) for state in AccountState if state is not AccountState.OK), "paused", "walled", "ok")
+"""An account's one state here, the first that holds: its file's problem, paused, walled, else ok."""
+LISTEN_FDS_START = 3
+DEFAULT_LISTEN = "127.0.0.1:9847"
+
+
+class Collector:
+    """Asks the daemons at each collection; what they say becomes metric families."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+
+    def _ask(self, daemon: str) -> dict[str, Any] | None:
+        try:
+            reply = call(self._config.socket_path(daemon), {"request": "metrics"})
+        except DaemonUnreachable:
+            return None
+        return reply if reply.get("ok") else None
+
+    def collect(self) -> Iterator[Metric]:
+        replies = {daemon: self._ask(daemon) for daemon in DAEMONS}
+        up = GaugeMetricFamily("cl_up", "1 if the daemon answered this scrape", labels=["daemon"])
+        for daemon, reply in replies.items():
+            up.add_metric([daemon], 1.0 if reply is not None else 0.0)
+        yield up
+        if (balancer := replies["balancer"]) is not None:
+            yield from _accounts(balancer["accounts"])
+            yield from _queue(balancer["queue"])
+        counters = {
+            "placements": ("cl_placements_total", "jobs placed on an account"),
+            "moves": ("cl_moves_total", "walled or orphaned sessions moved to another account"),
+            "failures": ("cl_failures_total", "runs that ended failed"),
+        }
+        for key, (name, text) in counters.items():
+            counter = CounterMetricFamily(name, text, labels=["daemon"])
+            for daemon, reply in replies.items():
+                if reply is not None and key in reply["counters"]:
+                    counter.add_metric([daemon], reply["counters"][key])
+            yield counter
+        histograms = {
+            "submit_to_started": ("cl_submit_to_started_seconds", "from a job's submission to its first answer"),
+            "wall_to_resumed": ("cl_wall_to_resumed_seconds", "from a session's wall to its first answer elsewhere"),
+        }
+        for key, (name, text) in histograms.items():
+            for reply in replies.values():
+                if reply is not None and key in reply["histograms"]:
+                    histogram = reply["histograms"][key]
+                    latency = HistogramMetricFamily(name, text)
+                    latency.add_metric([], [(str(le), count) for le, count in histogram["buckets"]], histogram["sum"])
+                    yield latency
+        if (rescue := replies["rescue"]) is not None:
+            yield GaugeMetricFamily(
+                "cl_sessions_waiting", "walled or orphaned sessions no account can take now", value=rescue["waiting"]
+            )
+
+
+def _accounts(accounts: list[dict[str, Any]]) -> Iterator[Metric]:
+    by_state = dict.fromkeys(STATES, 0)
+    state = GaugeMetricFamily("cl_account_state", "1 for the account's state", labels=["account", "state"])
+    utilization = GaugeMetricFamily(
+        "cl_account_utilization_ratio", "usage of the window as last reported (0 to 1)", labels=["account", "window"]
+    )
+    sessions = GaugeMetricFamily("cl_account_sessions", "live sessions on the account", labels=["account"])
+    walled_until = GaugeMetricFamily(
+        "cl_account_walled_until_seconds",
+        "when the account's wall resets (Unix time); +Inf if unknown, 0 if not walled",
+        labels=["account"],
+    )
+    for account in accounts:
+        name = account["name"]
+        shown = _state(account)
+        by_state[shown] += 1
+        state.add_metric([name, shown], 1.0)
+        for window in ("five_hour", "seven_day"):
+            if account[window] is not None:
+                utilization.add_metric([name, window], account[window])
+        sessions.add_metric([name], account["sessions"])
+        until = 0.0 if not account["walled"] else account["walled_until"] or float("inf")
+        walled_until.add_metric([name], until)
+    totals = GaugeMetricFamily("cl_accounts", "accounts by state", labels=["state"])
+    for name, count in by_state.items():
+        totals.add_metric([name], count)
+    yield from (totals, state, utilization, sessions, walled_until)
+
+
+def _state(account: dict[str, Any]) -> str:
+    if account["state"] != AccountState.OK:
+        return str(account["state"])
+    if account["paused"]:
+        return "paused"
+    return "walled" if account["walled"] else "ok"
+
+
+def _queue(queue: dict[str, Any]) -> Iterator[Metric]:
+    yield GaugeMetricFamily("cl_queue_depth", "jobs waiting for an account", value=queue["depth"])
+    yield GaugeMetricFamily(
+        "cl_queue_oldest_age_seconds",
+        "how long the oldest queued job has waited (0 if none)",
+        value=queue["oldest_age"] or 0.0,
+    )
+
+
+def exposition(config: Config) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector(config))
+    return generate_latest(registry)
+
+
+def write_textfile(config: Config, path: Path) -> None:
+    """The exposition into `path`, replaced whole (node_exporter never reads half a file)."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(exposition(config))
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def _listener(listen: str | None) -> socket.socket:
+    """The socket systemd passed (socket activation), else one bound to `listen`."""
+    if listen is None and os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS") == "1":
+        return socket.socket(fileno=LISTEN_FDS_START)
+    host, _, port = (listen or DEFAULT_LISTEN).rpartition(":")
+    return socket.create_server((host, int(port)))
+
+
+class _Server(ThreadingHTTPServer):
+    """An HTTP server on a listening socket made elsewhere (by systemd): it makes no socket of its
+    own, which the unit's RestrictAddressFamilies=AF_UNIX would refuse."""
+
+    daemon_threads = True
+
+    def __init__(self, listener: socket.socket, handler: type[MetricsHandler]) -> None:
+        socketserver.BaseServer.__init__(self, listener.getsockname()[:2], handler)
+        self.socket = listener
+
+
+def serve(config: Config, listener: socket.socket) -> None:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector(config))
+    server = _Server(listener, MetricsHandler.factory(registry))
+    server.serve_forever()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="cl-metrics",
+        description="Serve cl's metrics for Prometheus (asking cl-balancer and cl-rescue at each scrape).",
+        epilog="examples:\n  cl-metrics --listen 127.0.0.1:9847\n"
+        "  cl-metrics --textfile /var/lib/prometheus/node-exporter/cl.prom   (once, from a timer)\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--listen", metavar="HOST:PORT", help=f"serve HTTP here (default {DEFAULT_LISTEN}, or systemd's socket)"
+    )
+    where.add_argument("--textfile", type=Path, metavar="PATH", help="write the metrics to PATH once and exit")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(keys=("runtime_dir",))
+    except ConfigError as exc:
+        print(f"cl-metrics: configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if args.textfile is not None:
+        write_textfile(config, args.textfile)
+        return
+    try:
+        listener = _listener(args.listen)
+    except (OSError, ValueError) as exc:
+        print(f"cl-metrics: cannot listen on {args.listen}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        serve(config, listener)
+    except KeyboardInterrupt:
+        sys.exit(130)
