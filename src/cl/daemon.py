@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import signal
 import time
@@ -76,6 +77,8 @@ class Daemon:
         self._events: asyncio.Queue[signal.Signals | None] = asyncio.Queue()
         """Signals received, and None when the service failed."""
         self._status_dirty = asyncio.Event()
+        self._roster_reply: tuple[int, Encoded] | None = None
+        """The whole roster's `accounts` reply, and the roster version it shows."""
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -186,13 +189,18 @@ class Daemon:
             self._notifier.watchdog()
             await asyncio.sleep(interval)
 
-    async def _accounts(self, request: Request, _peer: Peer) -> Reply:
-        """The live roster with states; `names` (a list) narrows it to those accounts."""
+    async def _accounts(self, request: Request, _peer: Peer) -> Reply | Encoded:
+        """The live roster with states; `names` (a list) narrows it to those accounts. The whole
+        roster's reply is kept until the roster's next version (10,000 accounts are 1.5 MB)."""
         roster = self.registry.accounts
         names = request.get("names")
         if names is None:
-            names = sorted(roster)
-        elif not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            if self._roster_reply is None or self._roster_reply[0] != self.registry.version:
+                accounts = [roster[name].public() for name in self.registry.sorted_names()]
+                encoded = Encoded(json.dumps({"daemon": self.name, "accounts": accounts}).encode())
+                self._roster_reply = (self.registry.version, encoded)
+            return self._roster_reply[1]
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
             raise RequestError("bad-request", '"names" must be a list of account names')
         return {"daemon": self.name, "accounts": [roster[name].public() for name in names if name in roster]}
 
