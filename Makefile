@@ -26,6 +26,8 @@ lint: dev
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
+	$(BIN)/python tests/lint/imports.py
+	$(BIN)/python tests/lint/links.py
 
 format: dev
 	$(BIN)/ruff format src tests bench

@@ -1,6 +1,6 @@
 """Benchmarks for the roster: `make bench` (or `python bench/run.py [--quick]`).
 
-Prints, against the goals in DESIGN.md:
+Prints each figure against its goal (bench/README.md):
 * propagation: a credential file lands (os.replace returns) -> both daemons' `accounts`
   replies show it, at 4 and at 10,000 accounts;
 * cold start: process spawned -> READY=1 on a NOTIFY_SOCKET, with 10,000 credential files;

@@ -1,4 +1,4 @@
-"""How a daemon starts a worker for a run, and where a session's files live.
+"""How a daemon starts a worker for a run: one interface, two ways.
 
 A launch names a run and nothing else: the worker reads everything it needs (the job, the
 account, the configuration) from the store, the roster directory and its own configuration, so
@@ -21,25 +21,6 @@ from cl.config import Config
 from cl.forkserver import ForkServer
 
 FORK_SERVER = ForkServer()
-
-
-def session_config_dir(config: Config, job_id: int) -> Path:
-    """The job's own Claude Code config dir: its transcript lives here whatever the account."""
-    return config.sessions_dir / f"job-{job_id}"
-
-
-def log_path(config: Config, job_id: int, run_id: int) -> Path:
-    return config.state_dir / "logs" / f"job-{job_id}-run-{run_id}.log"
-
-
-def lock_path(config: Config, job_id: int) -> Path:
-    """The session's lock: in the state dir, out of the CLI's reach."""
-    return config.state_dir / "jobs" / f"job-{job_id}.lock"
-
-
-def credential_mark_path(config: Config, job_id: int) -> Path:
-    """A digest of what a worker last put in the job's credential copy (see `cl.job_credential`)."""
-    return config.state_dir / "jobs" / f"job-{job_id}.credential"
 
 
 def launch(run_id: int, socket_path: Path) -> int:

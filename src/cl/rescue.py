@@ -1,6 +1,6 @@
 """cl-rescue: moves sessions whose account walled (or whose worker vanished) onto a healthy account.
 
-A move (README "Design"): every job has its own Claude Code config dir, holding its copy of its
+A move (docs/design.md): every job has its own Claude Code config dir, holding its copy of its
 account's credential. Moving a session is one store transaction (the ledger's "move started", a
 `starting` run on the new account that resumes the session) and a worker that puts the new
 account's credential in that dir and runs `claude --resume <id>` in the same dir and cwd: the CLI

@@ -5,7 +5,7 @@ workers. The schema is versioned (`PRAGMA user_version`) and migrated forward on
 holds the roster: an account here is only a name that facts are keyed by, and whether that account
 exists is the registry's answer alone.
 
-`Store` is the narrow interface a second backend (PostgreSQL, DESIGN.md §7) would implement.
+`Store` is the narrow interface a second backend (PostgreSQL, say) would implement.
 Its methods are blocking; `AsyncStore` runs them on one dedicated thread so that the event loop
 never waits on SQLite.
 """

@@ -52,8 +52,8 @@ from cl.client import tell
 from cl.config import Config
 from cl.credentials import Account, CredentialKind, credential_filename, read_account
 from cl.job_credential import JobCredential
-from cl.launcher import credential_mark_path, lock_path, log_path, session_config_dir
 from cl.processes import start_time
+from cl.session_files import credential_mark_path, lock_path, log_path, session_config_dir
 from cl.store import Job, JobState, Run, RunState, Store, iso_utc
 
 log = structlog.get_logger("cl.worker")

@@ -1,4 +1,4 @@
-"""Every wall message in CLAUDE_CODE.md and DESIGN.md, and when each one lifts."""
+"""Every wall message the CLI's versions print (docs/claude-code.md, fact 6), and when each one lifts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A local fake of the Anthropic Messages API, enough for the real Claude Code CLI (CLAUDE_CODE.md §2).
+"""A local fake of the Anthropic Messages API, enough for the real Claude Code CLI (docs/claude-code.md).
 
 `python fake_anthropic.py --port-file P --log L.jsonl [--limits JSON] [--reset-in S]`
 listens on 127.0.0.1 (an ephemeral port, written to P). `POST /v1/messages` answers as SSE

@@ -1,4 +1,4 @@
-"""The environment a worker's `claude` runs with (CLAUDE_CODE.md §3, §8).
+"""The environment a worker's `claude` runs with (docs/claude-code.md, facts 2 and 3).
 
 Credentials in the environment beat `.credentials.json`, so every credential variable is
 scrubbed and only the account's own is set back. `CLAUDE_CODE_RETRY_WATCHDOG` is never

@@ -1,6 +1,6 @@
 """Reading `claude -p ... --output-format stream-json --verbose` as it arrives.
 
-Wall signals, strongest first (CLAUDE_CODE.md §5, §8):
+Wall signals, strongest first (docs/claude-code.md, fact 5):
 1. `rate_limit_event` with `rate_limit_info.status == "rejected"` (subscriptions only),
 2. `result` with `is_error` and `api_error_status == 429` (`subtype` stays "success"),
 3. the synthetic `assistant` message with `"error": "rate_limit"`,
@@ -36,7 +36,7 @@ WINDOWS = ("five_hour", "seven_day")
 MAX_TEXTS = 20
 """Non-JSON lines kept (the last ones): what a wall or a failure is told from."""
 UNAUTHORIZED_TEXTS = ("Not logged in", "Invalid API key", "Please run /login", "authentication_error")
-"""What every CLI version prints when it has no usable credentials (CLAUDE_CODE.md §3)."""
+"""What every CLI version prints when it has no usable credentials (docs/claude-code.md, fact 8)."""
 
 
 @dataclasses.dataclass

@@ -1,6 +1,6 @@
 """Where the CLI keeps a session's conversation, and what its last turn says.
 
-`$CLAUDE_CONFIG_DIR/projects/<enc(realpath(cwd))>/<session-id>.jsonl` (CLAUDE_CODE.md §6):
+`$CLAUDE_CONFIG_DIR/projects/<enc(realpath(cwd))>/<session-id>.jsonl` (docs/claude-code.md, fact 9):
 `enc` turns every UTF-16 unit outside `[A-Za-z0-9]` into `-`; a name over 200 characters is
 cut to 200, then `-` and the base-36 of abs(Java `String.hashCode`) of the full name.
 """

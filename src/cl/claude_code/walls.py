@@ -1,7 +1,8 @@
 """Usage walls as the real Claude Code CLI reports them, and when they lift.
 
 Structured signals come first (see `stream.py`); the text forms here are the fallback, and
-the source of a reset time when no structured one came. Every form in CLAUDE_CODE.md:
+the source of a reset time when no structured one came. Every form the CLI's versions print
+(docs/claude-code.md, fact 6):
 
     Claude AI usage limit reached|1795814658                 (1.0.x: an epoch)
     Session limit reached ∙ resets 9:24pm                    (1.0.x, U+2219, no zone)
