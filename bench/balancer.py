@@ -28,7 +28,8 @@ from cl.client import call, exchange
 from cl.placement import choose, eligible
 from cl.processes import start_time
 from cl.registry import CredentialRegistry
-from cl.store import JobState, Store
+from cl.states import JobState
+from cl.store import Store
 
 FAKE_CLAUDE = Path(__file__).resolve().parents[1] / "tests" / "fakes" / "claude"
 

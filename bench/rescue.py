@@ -33,7 +33,8 @@ from run import HERE, cpu_seconds, daemons, ms, spread, visible
 from cl import logs
 from cl.client import call
 from cl.processes import start_time
-from cl.store import JobState, RunState, Store
+from cl.states import JobState, RunState
+from cl.store import Store
 
 FAKE_CLAUDE = HERE.parent / "tests" / "fakes" / "claude"
 WAITING_IDLE_SECONDS = 20

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cl.store import Run, RunState, Store
+from cl.states import RunState
+from cl.store import Run, Store
 from utils import (
     BIN,
     DaemonProcess,
@@ -428,7 +429,7 @@ def test_a_running_session_is_cancelled_its_whole_tree_stopped_and_nothing_resum
 def _runs(layout: Layout) -> list[Run]:
     store = Store(layout.state / "cl.db")
     try:
-        return store.runs(tuple(RunState))
+        return store.runs_in(tuple(RunState))
     finally:
         store.close()
 

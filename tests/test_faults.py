@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cl.store import RunState, Store
+from cl.states import RunState
+from cl.store import Store
 from utils import (
     BIN,
     DaemonProcess,
@@ -211,7 +212,7 @@ def test_a_worker_waits_out_a_locked_store_at_start_and_at_end(layout: Layout, p
                 worker.wait()
             balancer.stop()
     store = Store(layout.state / "cl.db")
-    assert [run.state for run in store.runs(tuple(RunState))] == [RunState.DONE]
+    assert [run.state for run in store.runs_in(tuple(RunState))] == [RunState.DONE]
     store.close()
     assert len(layout.claude_calls()) == 1
 

@@ -11,7 +11,8 @@ import subprocess
 import time
 from typing import Any
 
-from cl.store import RunState, Store
+from cl.states import RunState
+from cl.store import Store
 from utils import (
     BIN,
     DaemonProcess,

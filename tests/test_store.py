@@ -18,7 +18,8 @@ import pytest
 from cl import worker
 from cl.claude_code.stream import StreamState
 from cl.config import Config
-from cl.store import MIGRATIONS, AsyncStore, RunState, Snapshot, Store, StoreError
+from cl.states import RunState
+from cl.store import MIGRATIONS, AsyncStore, Snapshot, Store, StoreError
 
 
 @pytest.fixture
@@ -89,8 +90,8 @@ def test_two_processes_write_at_once_without_locking_errors(store: Store) -> Non
 
 async def test_async_store_runs_calls_in_order_off_the_loop(store: Store) -> None:
     async_store = AsyncStore(store)
-    jobs = [await async_store.run(store.add_job, "/w", f"p{i}") for i in range(5)]
-    assert [job.prompt for job in await async_store.run(store.jobs)] == [job.prompt for job in jobs]
+    jobs = [await async_store.add_job("/w", f"p{i}") for i in range(5)]
+    assert [job.prompt for job in await async_store.call(Store.jobs)] == [job.prompt for job in jobs]
     async_store.close()
 
 
@@ -156,9 +157,9 @@ def test_a_claimed_run_is_never_abandoned(store: Store) -> None:
     assert run is not None
     assert store.claim(run.id, 4242, "start", "/tmp/log") is not None
     assert store.settle(run.id, RunState.ABANDONED, "launcher stopped first") is None
-    claimed = store.run(run.id)
+    claimed = store.get_run(run.id)
     assert claimed is not None
-    assert (claimed.state, store.job(job.id).state) == ("running", "running")  # type: ignore[union-attr]
+    assert (claimed.state, store.get_job(job.id).state) == ("running", "running")  # type: ignore[union-attr]
 
 
 def _open_at_once(path: Path, barrier: Any) -> None:
@@ -220,7 +221,7 @@ def test_retention_forgets_finished_jobs_and_their_history_and_keeps_live_work(t
     assert store.prune(time.time() - 30 * 86400) == 3
     kept = {job.prompt for job in store.jobs()}
     assert kept == {"running", "recent"}
-    assert {run.job_id for run in store.runs(tuple(RunState))} == {jobs["running"].id, jobs["recent"].id}
+    assert {run.job_id for run in store.runs_in(tuple(RunState))} == {jobs["running"].id, jobs["recent"].id}
     assert {entry["job_id"] for entry in store.ledger(1000)} == {jobs["running"].id, jobs["recent"].id, None}
     assert store.add_job("/srv", "next").id > jobs["recent"].id  # ids are never reused
     store.close()

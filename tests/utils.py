@@ -350,7 +350,7 @@ def live_runs(layout: Layout) -> list[Run]:
     """The runs in the store that are live now."""
     store = Store(layout.state / "cl.db")
     try:
-        return store.runs()
+        return store.runs_in()
     finally:
         store.close()
 

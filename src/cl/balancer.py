@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -34,22 +34,11 @@ from cl.launcher import under_socket_activation
 from cl.processes import alive
 from cl.protocol import Encoded, Handler, Peer, Reply, Request, RequestError, id_field, text_field, whole_number
 from cl.registry import CredentialRegistry
+from cl.service import Service
+from cl.states import FINISHED_JOBS, LIVE_RUNS, JobState, RunState
 from cl.status import StatusView
-from cl.store import (
-    FINISHED_JOBS,
-    LIVE_RUNS,
-    AccountSettings,
-    AsyncStore,
-    Facts,
-    Job,
-    JobState,
-    Run,
-    RunState,
-    Store,
-    StoreUnavailable,
-    iso_utc,
-)
-from cl.supervisor import Supervisor, log_outcome
+from cl.store import AccountSettings, Facts, Job, Run, StoreUnavailable, iso_utc
+from cl.supervisor import log_outcome
 from cl.tally import Histogram
 
 log = structlog.get_logger("cl.balancer")
@@ -62,15 +51,13 @@ MAX_PROMPT_BYTES = 48 * 1024
 """A prompt fits in one request line (64 KiB) and in the pipe to the CLI's standard input."""
 
 
-class Balancer:
+class Balancer(Service):
+    name = "balancer"
+    peer = "rescue"
+    lost_launch = "launcher stopped first"
+
     def __init__(self, config: Config, registry: CredentialRegistry, status_changed: Callable[[], None]) -> None:
-        self.config = config
-        self.registry = registry
-        self._status_changed = status_changed
-        self.store = AsyncStore(Store(config.database, config.store_busy_timeout))
-        self.supervisor = Supervisor(config, registry, self.store, peer="rescue", ended=self._ended)
-        self._wake = asyncio.Event()
-        self._reset_timer = daemon.ResetTimer(self.wake)
+        super().__init__(config, registry, status_changed)
         self._counts = {"walled": 0, "running": 0, "queued": 0}
         self._waiting_logged = False
         self._status_view = StatusView(registry)
@@ -78,14 +65,14 @@ class Balancer:
         self._failures = 0
         self._submit_to_started = Histogram()
 
-    def handlers(self) -> Mapping[str, Handler]:
+    def handlers(self) -> dict[str, Handler]:
         return {
+            **super().handlers(),
             "submit": self._submit,
             "cancel": self._cancel,
             "status": self._status,
             "logs": self._logs,
             "job": self._job,
-            "run-changed": self._run_changed,
             "settings": self._settings,
             "account": self._account,
             "metrics": self._metrics,
@@ -95,15 +82,8 @@ class Balancer:
         c = self._counts
         return f"{c['walled']} walled, {c['running']} sessions, {c['queued']} queued"
 
-    async def run(self) -> None:
-        await self._reconcile()
-        retention = asyncio.create_task(self._retain())
-        try:
-            await daemon.serve_passes(self._wake, self._place)
-        finally:
-            retention.cancel()
-            self.supervisor.close()
-            self.store.close()
+    def background(self) -> list[Coroutine[Any, Any, None]]:
+        return [self._retain()]
 
     async def _retain(self) -> None:
         """History is kept `retention_days`: finished jobs older than that are forgotten, at
@@ -111,47 +91,41 @@ class Balancer:
         while True:
             before = time.time() - self.config.retention_days * 86400
             try:
-                if pruned := await self.store.run(self.store.store.prune, before):
+                if pruned := await self.store.prune(before):
                     log.info("history pruned", jobs=pruned, retention_days=self.config.retention_days)
             except StoreUnavailable as exc:
                 log.warning("history not pruned: state store unavailable, trying again later", error=str(exc))
             await asyncio.sleep(RETENTION_INTERVAL)
 
-    def wake(self) -> None:
-        self._wake.set()
-
-    def _ended(self, run: Run, by_worker: bool) -> None:
+    def run_ended(self, run: Run, by_worker: bool) -> None:
         if by_worker:
             log_outcome(run)
         self._failures += run.state == RunState.FAILED
-        self.wake()
 
-    async def _reconcile(self) -> None:
-        for run in await self.store.run(self.store.store.runs, LIVE_RUNS):
-            if run.state == RunState.STARTING and run.resume is not None:
-                continue  # a move's unclaimed run is the rescuer's to settle
-            # Never claimed: its launcher (an earlier us) died first, or the worker is about to
-            # claim it. Abandoning wins or the claim does, in one transaction each.
-            now = await self.supervisor.recover(run, "launcher stopped first")
-            if now.state == RunState.ABANDONED:
-                log.info("run abandoned, job requeued", run=run.id, job=run.job_id, account=run.account)
-            elif now.state == RunState.RUNNING:
-                log.info("session adopted", run=run.id, job=run.job_id, account=run.account, pid=now.pid)
-        self.wake()
+    def taken_over(self, run: Run, now: Run) -> None:
+        if now.state == RunState.ABANDONED:
+            log.info("run abandoned, job requeued", run=run.id, job=run.job_id, account=run.account)
+        elif now.state == RunState.RUNNING:
+            log.info("session adopted", run=run.id, job=run.job_id, account=run.account, pid=now.pid)
 
-    async def _place(self) -> None:
-        store = self.store.store
-        facts = await self.store.run(store.facts, (JobState.QUEUED,), 1000)
+    async def answered(self, run: Run) -> None:
+        if not run.is_move:  # a move's first answer is the rescuer's to time
+            waited = await self.store.waited_for_answer(run.id)
+            if waited is not None:
+                self._submit_to_started.observe(waited)
+
+    async def one_pass(self) -> None:
+        facts = await self.store.facts((JobState.QUEUED,), 1000)
         if facts.jobs:
             await self._place_jobs(facts)
         self._counts = {
             "walled": sum(1 for name in facts.walls if name in self.registry.accounts),
             "running": sum(facts.live.values()),
-            "queued": await self.store.run(store.queue_length),
+            "queued": await self.store.queue_length(),
         }
-        self._status_changed()
+        self.status_changed()
         resets = [wall.reset_at for wall in facts.walls.values() if wall.reset_at is not None]
-        self._reset_timer.set(min(resets, default=None), jitter=0.05)  # that account may take work again
+        self.reset_timer.set(min(resets, default=None), jitter=0.05)  # that account may take work again
 
     async def _place_jobs(self, facts: Facts) -> None:
         """Place what can be placed, in queue order."""
@@ -170,7 +144,7 @@ class Balancer:
 
     async def _place_job(self, job: Job, account: str, limit: int) -> bool:
         """Write the placement and launch its worker; False if the job was cancelled meanwhile."""
-        run = await self.store.run(self.store.store.place, job.id, account, limit)
+        run = await self.store.place(job.id, account, limit)
         if run is None:
             return False
         await self.supervisor.launch(run)
@@ -192,7 +166,7 @@ class Balancer:
         if model is not None:
             await self._check_served(model)
         cwd = await asyncio.to_thread(self._workdir, cwd, peer)
-        job = await self.store.run(self.store.store.add_job, cwd, prompt, model, max_turns, peer.uid)
+        job = await self.store.add_job(cwd, prompt, model, max_turns, peer.uid)
         log.info("job queued", job=job.id, cwd=cwd, submitter=peer.uid)
         self.wake()
         return {"job": job.id}
@@ -201,7 +175,7 @@ class Balancer:
         """Refuse a model that no account of the roster may serve (with no account yet, the job
         waits for one, as any job does)."""
         names = self.registry.sorted_names()
-        settings = await self.store.run(self.store.store.settings)
+        settings = await self.store.settings()
         default = AccountSettings("")
         if names and not any(settings.get(name, default).serves(model) for name in names):
             served = sorted({pattern for name in names for pattern in settings.get(name, default).models or ()})
@@ -226,7 +200,7 @@ class Balancer:
     async def _own_job(self, request: Request, peer: Peer) -> Job:
         """The job the request names, if the peer may see it."""
         job_id = id_field(request, "job")
-        job = await self.store.run(self.store.store.job, job_id)
+        job = await self.store.get_job(job_id)
         if job is None:
             raise RequestError("not-found", f"no job {job_id}")
         if not peer.owns(job.submitter, self.config.admin_group):
@@ -235,7 +209,7 @@ class Balancer:
 
     async def _cancel(self, request: Request, peer: Peer) -> Reply:
         job_id = (await self._own_job(request, peer)).id
-        cancelled = await self.store.run(self.store.store.cancel_job, job_id)
+        cancelled = await self.store.cancel_job(job_id)
         if cancelled is None:
             raise RequestError("not-found", f"no job {job_id}")
         job, running = cancelled
@@ -249,7 +223,7 @@ class Balancer:
 
     async def _settings(self, _request: Request, _peer: Peer) -> Reply:
         """Every account name with a setting, and whether the roster has it now."""
-        settings = await self.store.run(self.store.store.settings)
+        settings = await self.store.settings()
         roster = self.registry.accounts
         return {"settings": [{**s.public(), "present": name in roster} for name, s in sorted(settings.items())]}
 
@@ -262,32 +236,19 @@ class Balancer:
         if name is None or not is_account_name(name):
             raise RequestError("bad-request", '"account" must be an account name (letters, digits, - and _)')
         changes = _setting_changes(request)
-        settings = await self.store.run(self.store.store.set_account, name, peer.uid, **changes)
+        settings = await self.store.set_account(name, peer.uid, **changes)
         present = name in self.registry.accounts
         log.info("account settings changed", account=name, by=peer.uid, present=present, **changes)
         self.wake()
         await self.supervisor.tell_peer(0)  # the rescuer may move sessions there now, or not
         return {"settings": {**settings.public(), "present": present}}
 
-    async def _run_changed(self, request: Request, _peer: Peer) -> Reply:
-        """A worker ended or got its first answer, or the rescuer settled a run: placement may change."""
-        run_id = id_field(request, "run")
-        if request.get("event") == "answered":
-            run = await self.store.run(self.store.store.run, run_id)
-            if run is not None and run.resume is None:  # a move's first answer is the rescuer's to time
-                waited = await self.store.run(self.store.store.waited_for_answer, run_id)
-                if waited is not None:
-                    self._submit_to_started.observe(waited)
-        self.wake()
-        return {}
-
     async def _metrics(self, _request: Request, _peer: Peer) -> Reply:
         """What `cl-metrics` exposes of the balancer: each account's state and facts, the queue, and
         what this process counted since it started. Nothing about any operator's jobs but counts."""
-        store = self.store.store
-        facts = await self.store.run(store.facts, (JobState.QUEUED,), 0)
-        depth = await self.store.run(store.queue_length)
-        oldest = await self.store.run(store.oldest_queued)
+        facts = await self.store.facts((JobState.QUEUED,), 0)
+        depth = await self.store.queue_length()
+        oldest = await self.store.oldest_queued()
         accounts = []
         for name in self.registry.sorted_names():
             account, wall, settings = self.registry.accounts[name], facts.walls.get(name), facts.settings.get(name)
@@ -318,14 +279,14 @@ class Balancer:
         if not isinstance(finished, bool):
             raise RequestError("bad-request", '"finished" must be true or false')
         submitter = None if peer.sees_all(self.config.admin_group) else peer.uid
-        snapshot = await self.store.run(self.store.store.snapshot, submitter, finished=finished)
+        snapshot = await self.store.snapshot(submitter, finished=finished)
         return self._status_view.render(snapshot)
 
     async def _job(self, request: Request, peer: Peer) -> Reply:
         """One job's whole story: its prompt and state, every run (account, state, times, error),
         the moves between accounts and why, and the latest run's result event."""
         job = await self._own_job(request, peer)
-        runs = await self.store.run(self.store.store.job_runs, job.id)
+        runs = await self.store.job_runs(job.id)
         moves = [
             {
                 "at": iso_utc(run.created_at),
@@ -335,7 +296,7 @@ class Balancer:
                 "run": run.id,
             }
             for before, run in itertools.pairwise(runs)
-            if run.resume is not None
+            if run.is_move
         ]
         result = next((json.loads(run.result) for run in reversed(runs) if run.result), None)
         return {
@@ -378,7 +339,7 @@ class Balancer:
         else:
             job_id = id_field({"job": request.get("session", request.get("job"))}, "job")
         job = await self._own_job({"job": job_id}, peer)
-        runs = await self.store.run(self.store.store.job_runs, job.id)
+        runs = await self.store.job_runs(job.id)
         if not runs:
             raise RequestError("not-found", f"job {job.id} has not started: it is {job.state}")
         data = await asyncio.to_thread(read_log, log_parts(runs), offset, 1 << 20)
@@ -392,7 +353,7 @@ class Balancer:
         """The job of the session with this id, or with an id starting so (4 characters at least)."""
         if len(session) < MIN_SESSION_PREFIX:
             raise RequestError("bad-request", f"a session id, or its first {MIN_SESSION_PREFIX} characters or more")
-        found = await self.store.run(self.store.store.jobs_with_session, session)
+        found = await self.store.jobs_with_session(session)
         if not found:
             raise RequestError("not-found", f"no session {session!r}")
         if len(found) > 1:
@@ -432,7 +393,7 @@ def log_parts(runs: list[Run]) -> list[bytes | Path]:
     final (its run ended), so an offset into the whole stays valid as the job goes on."""
     parts: list[bytes | Path] = []
     for before, run in itertools.pairwise([None, *runs]):
-        if before is not None and run is not None and run.resume is not None:
+        if before is not None and run is not None and run.is_move:
             move = {"type": "cl_move", "from": before.account, "to": run.account, "why": before.state}
             parts.append(json.dumps({**move, "at": iso_utc(run.created_at)}).encode() + b"\n")
         if run is not None and run.log_path:
@@ -468,4 +429,4 @@ def _read_from(path: Path, offset: int, limit: int) -> tuple[bytes, int]:
 
 
 def main() -> None:
-    sys.exit(daemon.run("balancer", Balancer))
+    sys.exit(daemon.main("balancer", Balancer))

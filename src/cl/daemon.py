@@ -28,7 +28,7 @@ from cl.launcher import under_socket_activation
 from cl.notify import Notifier, watchdog_interval
 from cl.protocol import ControlServer, Encoded, Handler, Peer, Reply, Request, RequestError
 from cl.registry import CredentialRegistry
-from cl.store import StoreUnavailable
+from cl.store import StoreUnavailable, retry_delay
 
 log = structlog.get_logger("cl.daemon")
 
@@ -36,7 +36,6 @@ DRAIN_TIMEOUT = 10.0
 CLOCK_CHECK_INTERVAL = 5.0
 CLOCK_JUMP = 2.0
 """Seconds the wall clock may drift from the monotonic one between two checks before it counts as a jump."""
-MAX_STORE_RETRY = 30.0
 _RESTART_KEYS = ("credentials_dir", "state_dir", "sessions_dir", "runtime_dir")
 
 
@@ -47,7 +46,7 @@ class Service(Protocol):
         """Requests this daemon answers besides the shared ones."""
         ...
 
-    async def run(self) -> None:
+    async def work(self) -> None:
         """The daemon's own work; cancelled at shutdown."""
         ...
 
@@ -97,7 +96,7 @@ class Daemon:
             log.error("cannot listen", socket=str(server.path), error=str(exc))
             await self.registry.stop()
             return 1
-        service_task = asyncio.create_task(self.service.run(), name=f"{self.name}-service")
+        service_task = asyncio.create_task(self.service.work(), name=f"{self.name}-service")
         service_task.add_done_callback(self._on_service_done)
         tasks = [
             service_task,
@@ -284,7 +283,7 @@ async def serve_passes(wake: asyncio.Event, one_pass: Callable[[], Awaitable[Non
         except StoreUnavailable as exc:
             if not delay:
                 log.error("state store unavailable, retrying", error=str(exc))
-            delay = min(MAX_STORE_RETRY, max(1.0, delay * 2))
+            delay = retry_delay(delay)
             await asyncio.sleep(delay)
             wake.set()
             continue
@@ -301,7 +300,7 @@ async def _cancel(tasks: list[asyncio.Task[None]], timeout: float) -> None:
         log.warning("tasks did not stop in time", tasks=[task.get_name() for task in pending])
 
 
-def run(name: str, factory: ServiceFactory) -> int:
+def main(name: str, factory: ServiceFactory) -> int:
     """A daemon's `main`: exit 2 on bad configuration, 1 on failure, 0 on a clean stop."""
     if (config := logs.start_process(name)) is None:
         return 2

@@ -22,7 +22,8 @@ import dataclasses
 import functools
 import random
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any
 
 import structlog
 
@@ -30,22 +31,12 @@ from cl import daemon, placement
 from cl.config import Config
 from cl.credentials import Account
 from cl.processes import alive
-from cl.protocol import Handler, Peer, Reply, Request, id_field
+from cl.protocol import Handler, Peer, Reply, Request
 from cl.registry import CredentialRegistry
-from cl.store import (
-    LIVE_RUNS,
-    RESCUABLE,
-    AsyncStore,
-    Facts,
-    Job,
-    JobState,
-    Run,
-    RunState,
-    Store,
-    StoreUnavailable,
-    iso_utc,
-)
-from cl.supervisor import Supervisor, log_outcome
+from cl.service import Service
+from cl.states import RESCUABLE, JobState, RunState
+from cl.store import Facts, Job, Run, Store, StoreUnavailable, iso_utc
+from cl.supervisor import log_outcome
 from cl.tally import Histogram
 
 log = structlog.get_logger("cl.rescue")
@@ -78,15 +69,13 @@ class Waiting:
         return "no-eligible-account" if self.jobs else ""
 
 
-class Rescuer:
+class Rescuer(Service):
+    name = "rescue"
+    peer = "balancer"
+    lost_launch = "rescuer stopped before launching"
+
     def __init__(self, config: Config, registry: CredentialRegistry, status_changed: Callable[[], None]) -> None:
-        self.config = config
-        self.registry = registry
-        self._status_changed = status_changed
-        self.store = AsyncStore(Store(config.database, config.store_busy_timeout))
-        self.supervisor = Supervisor(config, registry, self.store, peer="balancer", ended=self._ended)
-        self._wake = asyncio.Event()
-        self._reset_timer = daemon.ResetTimer(self.wake)
+        super().__init__(config, registry, status_changed)
         self._waiting = Waiting()
         """What the last pass found (and logged): for STATUS= and to log the waiting line once per change."""
         self._announced: dict[int, float] = {}
@@ -97,8 +86,8 @@ class Rescuer:
         self._all_walled = False
         """Whether every usable account was walled at the last pass (logged when that begins)."""
 
-    def handlers(self) -> Mapping[str, Handler]:
-        return {"run-changed": self._run_changed, "waiting": self._waiting_request, "metrics": self._metrics}
+    def handlers(self) -> dict[str, Handler]:
+        return {**super().handlers(), "waiting": self._waiting_request, "metrics": self._metrics}
 
     def status(self) -> str:
         if count := len(self._waiting.jobs):
@@ -106,50 +95,39 @@ class Rescuer:
             return f"{count} {noun} waiting ({self._waiting.reason}), {self._moves} moved"
         return f"none waiting, {self._moves} moved"
 
-    def wake(self) -> None:
-        self._wake.set()
-
-    def _ended(self, run: Run, by_worker: bool) -> None:
-        if by_worker and run.resume is not None and run.state == RunState.DONE:  # walls, failures: own lines
+    def run_ended(self, run: Run, by_worker: bool) -> None:
+        if by_worker and run.is_move and run.state == RunState.DONE:  # walls, failures: own lines
             log_outcome(run)
-        self.wake()
 
-    async def run(self) -> None:
-        await self._recover()
-        reconcile = asyncio.create_task(self._reconcile())
-        try:
-            await daemon.serve_passes(self._wake, self._pass)
-        finally:
-            reconcile.cancel()
-            self.supervisor.close()
-            self.store.close()
+    def taken_over(self, run: Run, now: Run) -> None:
+        if now.state == RunState.ABANDONED:  # a move begun but never launched: tried again
+            log.info("move rolled back", run=run.id, job=run.job_id, account=run.account)
 
-    async def _recover(self) -> None:
-        """At start: a move we began but never launched is rolled back (and so tried again);
-        every running worker is watched; one that vanished is orphaned (and so resumed)."""
-        for run in await self.store.run(self.store.store.runs, LIVE_RUNS):
-            if run.state == RunState.STARTING and run.resume is None:
-                continue  # a fresh job's unclaimed run is the balancer's to settle
-            now = await self.supervisor.recover(run, "rescuer stopped before launching")
-            if now.state == RunState.ABANDONED:
-                log.info("move rolled back", run=run.id, job=run.job_id, account=run.account)
-        self.wake()
+    def background(self) -> list[Coroutine[Any, Any, None]]:
+        return [self._find_vanished_workers()]
 
-    async def _reconcile(self) -> None:
+    async def _find_vanished_workers(self) -> None:
         """The safety net behind the pushes: a worker that vanished while nobody watched it."""
         while True:
             await asyncio.sleep(self.config.reconcile_interval)
             try:
-                for run in await self.store.run(self.store.store.runs, (RunState.RUNNING,)):
+                for run in await self.store.runs_in((RunState.RUNNING,)):
                     if run.pid is not None and not alive(run.pid, run.pid_start):
                         await self.supervisor.orphan(run)
                         self.wake()
             except StoreUnavailable as exc:  # the passes report the outage; try again next time
-                log.debug("reconcile skipped: state store unavailable", error=str(exc))
+                log.debug("looking for vanished workers skipped: state store unavailable", error=str(exc))
 
-    async def _pass(self) -> None:
+    async def answered(self, run: Run) -> None:
+        if run.is_move:
+            log.info("session resumed", session=run.resume, job=run.job_id, account=run.account)
+            waited = await self.store.waited_for_answer(run.id)
+            if waited is not None:
+                self._wall_to_resumed.observe(waited)
+
+    async def one_pass(self) -> None:
         await self._settle_moves()
-        facts = await self.store.run(self.store.store.facts, RESCUABLE, BATCH)
+        facts = await self.store.facts(RESCUABLE, BATCH)
         self._note_all_walled(facts)
         waiting = await self._rescue(facts)
         self._announced = {job.id: self._announced[job.id] for job in waiting if job.id in self._announced}
@@ -169,9 +147,9 @@ class Rescuer:
             for job in facts.jobs:
                 self._announce(job, facts)
                 if job.session_id is None:  # it never started a conversation: nothing to resume
-                    if await self.store.run(self.store.store.requeue, job.id, "no session to resume"):
+                    if await self.store.requeue(job.id, "no session to resume"):
                         log.info("job requeued", job=job.id, account=job.account, reason="no session to resume")
-                        run = await self.store.run(self.store.store.latest_run, job.id)
+                        run = await self.store.latest_run(job.id)
                         await self.supervisor.tell_peer(run.id if run else 0)  # the balancer places it
                     continue
                 if not await placer.take(functools.partial(self._move, job, launches=launches), job.model):
@@ -184,7 +162,7 @@ class Rescuer:
         """Write the move, re-point the job's credentials, start the resumed run. False if the job
         changed meanwhile (another pass or daemon got to it)."""
         assert job.session_id is not None
-        run = await self.store.run(self.store.store.place, job.id, account, limit, job.session_id)
+        run = await self.store.place(job.id, account, limit, job.session_id)
         if run is None:
             return False
         self._moves += 1
@@ -197,7 +175,7 @@ class Rescuer:
     async def _settle_moves(self) -> None:
         """Each ended move goes in the ledger with whether its transcript grew; a done session
         whose transcript did not grow is reported, never silently accepted."""
-        for run, grew in await self.store.run(_verify_moves, self.store.store):
+        for run, grew in await self.store.call(_verify_moves):
             if run.state == RunState.DONE and not grew:
                 log.error("transcript did not grow after the move", session=run.resume, job=run.job_id, run=run.id)
             elif run.state == RunState.FAILED:
@@ -250,23 +228,10 @@ class Rescuer:
             elif before.jobs:
                 log.info("no sessions waiting")
         self._waiting = now
-        self._status_changed()
-        self._reset_timer.set(now.next_reset, jitter=random.uniform(0, self.config.reset_jitter))  # noqa: S311
+        self.status_changed()
+        self.reset_timer.set(now.next_reset, jitter=random.uniform(0, self.config.reset_jitter))  # noqa: S311
 
     # requests
-
-    async def _run_changed(self, request: Request, _peer: Peer) -> Reply:
-        """A worker's run ended or got its first answer, or the balancer settled a run."""
-        run_id = id_field(request, "run")
-        if request.get("event") == "answered":
-            run = await self.store.run(self.store.store.run, run_id)
-            if run is not None and run.resume is not None:
-                log.info("session resumed", session=run.resume, job=run.job_id, account=run.account)
-                waited = await self.store.run(self.store.store.waited_for_answer, run_id)
-                if waited is not None:
-                    self._wall_to_resumed.observe(waited)
-        self.wake()
-        return {}
 
     async def _metrics(self, _request: Request, _peer: Peer) -> Reply:
         """What `cl-metrics` exposes of the rescuer: what it counted since it started."""
@@ -279,7 +244,7 @@ class Rescuer:
     async def _waiting_request(self, _request: Request, peer: Peer) -> Reply:
         """The sessions waiting for an account, and what for (`cl status`): read now, not remembered.
         The peer's own sessions only, unless it sees everyone's."""
-        facts = await self.store.run(self.store.store.facts, RESCUABLE, BATCH)
+        facts = await self.store.facts(RESCUABLE, BATCH)
         everyone = peer.sees_all(self.config.admin_group)
         shown = [job for job in facts.jobs if job.session_id and (everyone or job.submitter == peer.uid)]
         waiting = Waiting.of(shown, facts, self.registry.accounts)
@@ -306,4 +271,4 @@ def _verify_moves(store: Store) -> list[tuple[Run, bool]]:
 
 
 def main() -> None:
-    sys.exit(daemon.run("rescue", Rescuer))
+    sys.exit(daemon.main("rescue", Rescuer))

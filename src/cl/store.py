@@ -14,18 +14,30 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
 import fnmatch
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
-T = TypeVar("T")
+from cl.states import (
+    FINISHED_JOBS,
+    JOB_TRANSITIONS,
+    LIVE_JOBS,
+    LIVE_RUNS,
+    RESCUABLE,
+    RUN_TRANSITIONS,
+    IllegalTransition,
+    JobState,
+    RunState,
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 BUSY_TIMEOUT = 10.0
 """Seconds a write waits for another writer's lock before the store reports itself unavailable."""
@@ -127,42 +139,6 @@ MIGRATIONS: list[str] = [
 ]
 
 
-class JobState(enum.StrEnum):
-    QUEUED = "queued"
-    """Waiting for an eligible account."""
-    RUNNING = "running"
-    """A run is starting or running."""
-    DONE = "done"
-    FAILED = "failed"
-    WALLED = "walled"
-    """Its account hit a wall; the rescuer moves it."""
-    ORPHANED = "orphaned"
-    """Its worker is gone without an outcome; the rescuer resumes it."""
-    CANCELLED = "cancelled"
-
-
-class RunState(enum.StrEnum):
-    STARTING = "starting"
-    """Written before the worker is launched; the worker claims it."""
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    WALLED = "walled"
-    ABANDONED = "abandoned"
-    """Never claimed: the launcher died first. Its job went back to the queue."""
-    ORPHANED = "orphaned"
-    """Claimed, then the worker vanished without an outcome."""
-    CANCELLED = "cancelled"
-    """Its job was cancelled while it ran: the CLI was stopped, nothing resumes it."""
-
-
-LIVE_RUNS = (RunState.STARTING, RunState.RUNNING)
-LIVE_JOBS = (JobState.QUEUED, JobState.RUNNING, JobState.WALLED, JobState.ORPHANED)
-FINISHED_JOBS = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
-RESCUABLE = (JobState.WALLED, JobState.ORPHANED)
-"""The rescuer's jobs: their session moves (resumes) to another account."""
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class Job:
     id: int
@@ -170,7 +146,7 @@ class Job:
     prompt: str
     model: str | None
     max_turns: int | None
-    state: str
+    state: JobState
     account: str | None
     session_id: str | None
     error: str | None
@@ -179,13 +155,16 @@ class Job:
     submitter: int | None
     """The uid that submitted it (from the connection's peer credentials)."""
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state", JobState(self.state))  # as read from a row: text
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Run:
     id: int
     job_id: int
     account: str
-    state: str
+    state: RunState
     pid: int | None
     pid_start: str | None
     session_id: str | None
@@ -206,6 +185,20 @@ class Run:
     """A move's transcript size once its CLI exited (measured by its worker, as the CLI's user)."""
     result: str | None
     """The run's `result` event as JSON (redacted): the answer, its cost and usage."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state", RunState(self.state))  # as read from a row: text
+
+    @property
+    def is_move(self) -> bool:
+        """It resumes a session that walled or was orphaned elsewhere (the rescuer's), rather
+        than starting a queued job (the balancer's)."""
+        return self.resume is not None
+
+    @property
+    def launcher(self) -> str:
+        """The daemon that launches this run, and settles it if no worker ever claims it."""
+        return "rescue" if self.is_move else "balancer"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -276,6 +269,15 @@ class StoreError(Exception):
     """A store problem an operator can act on (a newer schema, a corrupt file)."""
 
 
+RETRY_MAX = 30.0
+"""Seconds at most between two tries of a store that is unavailable."""
+
+
+def retry_delay(previous: float, first: float = 1.0) -> float:
+    """How long to wait before trying an unavailable store again: doubling from `first`."""
+    return min(RETRY_MAX, max(first, previous * 2))
+
+
 class StoreUnavailable(StoreError):
     """The database is locked past the busy timeout, the disk is full, the file cannot be opened:
     a condition that may pass, so callers retry rather than fail the work."""
@@ -314,6 +316,22 @@ class Store:
         """Each listing (a submitter's or everyone's, with finished jobs or not), with the ledger
         revision it was read at."""
         self._prepare(busy_timeout)
+        self._enforce_transitions()
+
+    def _enforce_transitions(self) -> None:
+        """Triggers of this connection's own (TEMP) that refuse a state change the tables of
+        `cl.states` do not allow: made from those tables, so there is one table, not two."""
+        for table, transitions in (("jobs", JOB_TRANSITIONS), ("runs", RUN_TRANSITIONS)):
+            allowed = " OR ".join(
+                f"(OLD.state = '{source}' AND NEW.state IN ({', '.join(repr(str(t)) for t in sorted(targets))}))"
+                for source, targets in transitions.items()
+                if targets
+            )
+            self._db.execute(
+                f"CREATE TEMP TRIGGER IF NOT EXISTS {table}_transitions BEFORE UPDATE OF state ON main.{table}"
+                f" WHEN OLD.state != NEW.state AND NOT ({allowed})"
+                f" BEGIN SELECT RAISE(ABORT, 'illegal {table[:-1]} transition'); END"
+            )
 
     def _prepare(self, busy_timeout: float) -> None:
         """WAL mode and the current schema. Two processes opening a fresh file at once can find it
@@ -348,9 +366,11 @@ class Store:
         try:
             yield self._db
             self._db.execute("COMMIT")  # inside: a COMMIT that fails (disk full) is rolled back too
-        except BaseException:
+        except BaseException as exc:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.IntegrityError) and str(exc).startswith("illegal "):
+                raise IllegalTransition(str(exc)) from None
             raise
 
     def _migrate(self) -> None:
@@ -394,11 +414,11 @@ class Store:
             )
             job_id = int(cursor.lastrowid or 0)
             self.record(db, "job queued", job_id, cwd=cwd)
-        job = self.job(job_id)
+        job = self.get_job(job_id)
         assert job is not None
         return job
 
-    def job(self, job_id: int) -> Job | None:
+    def get_job(self, job_id: int) -> Job | None:
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return Job(*row) if row else None
 
@@ -430,7 +450,7 @@ class Store:
                     (RunState.CANCELLED, now, job_id, RunState.STARTING),
                 )
                 self.record(db, "job cancelled", job_id)
-        job = self.job(job_id)
+        job = self.get_job(job_id)
         if job is None:
             return None
         row = self._db.execute(
@@ -467,7 +487,7 @@ class Store:
                 self.record(db, "job placed", job_id, account, run=run_id)
             else:
                 self.record(db, "move started", job_id, account, run=run_id, session=resume, source=job["account"])
-        return self.run(run_id)
+        return self.get_run(run_id)
 
     def requeue(self, job_id: int, reason: str) -> bool:
         """A walled or orphaned job with no session to resume goes back to the queue."""
@@ -505,7 +525,7 @@ class Store:
             ).rowcount
             if claimed:
                 self.record(db, "run started", self._job_of(db, run_id), run=run_id, pid=pid)
-        return self.run(run_id) if claimed else None
+        return self.get_run(run_id) if claimed else None
 
     def set_session(self, run_id: int, session_id: str) -> None:
         with self.transaction() as db:
@@ -547,7 +567,7 @@ class Store:
                 (job_state, error, now, job_state, job_id, JobState.CANCELLED),
             )
             self.record(db, f"run {state}", job_id, run=run_id, error=error)
-        return self.run(run_id)
+        return self.get_run(run_id)
 
     def answered(self, run_id: int) -> str | None:
         """The account answered this run: note it, and lift its wall if that wall's reset has passed.
@@ -636,11 +656,11 @@ class Store:
             )
         return grew
 
-    def run(self, run_id: int) -> Run | None:
+    def get_run(self, run_id: int) -> Run | None:
         row = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
         return Run(*row) if row else None
 
-    def runs(self, states: tuple[str, ...] = LIVE_RUNS) -> list[Run]:
+    def runs_in(self, states: tuple[str, ...] = LIVE_RUNS) -> list[Run]:
         rows = self._db.execute(f"SELECT * FROM runs WHERE state IN {_sql_set(states)} ORDER BY id", states)
         return [Run(*row) for row in rows]
 
@@ -759,7 +779,7 @@ class Store:
             for row in rows
         }
 
-    def set_account(self, account: str, by: int, **changes: Any) -> AccountSettings:
+    def set_account(self, /, account: str, by: int, **changes: Any) -> AccountSettings:
         """Change some of `account`'s settings (`paused`: a bool; `max_sessions`, `models`: a value,
         or None for the default); the row goes when nothing is left set. Ledgered with who did it."""
         now = time.time()
@@ -858,22 +878,58 @@ def _sql_set(values: tuple[str, ...]) -> str:
     return f"({', '.join('?' * len(values))})"
 
 
+class _OnStoreThread(Generic[P, R]):
+    """A `Store` method as a coroutine method of `AsyncStore`: the same arguments, run on the
+    store's thread."""
+
+    def __init__(self, method: Callable[Concatenate[Store, P], R]) -> None:
+        self._method = method
+
+    def __get__(self, instance: AsyncStore, owner: type[AsyncStore]) -> Callable[P, Coroutine[Any, Any, R]]:
+        method = self._method
+
+        async def on_store_thread(*args: P.args, **kwargs: P.kwargs) -> R:
+            return await instance.call(method, *args, **kwargs)
+
+        return on_store_thread
+
+
 class AsyncStore:
-    """`Store` for the event loop: every call runs on one dedicated thread, in order."""
+    """`Store` for the event loop: every call runs on one dedicated thread, in order, and SQLite's
+    operational errors (locked, disk full, I/O) come out as `StoreUnavailable`."""
 
     def __init__(self, store: Store) -> None:
-        self.store = store
+        self._store = store
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
 
-    async def run(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """`call(*args, **kwargs)` on the store's thread; SQLite's operational errors (locked, disk
-        full, I/O) come out as `StoreUnavailable`."""
+    async def call(self, function: Callable[Concatenate[Store, P], R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """`function(store, *args, **kwargs)` on the store's thread (several store calls as one step)."""
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, lambda: call(*args, **kwargs))
+            return await loop.run_in_executor(self._executor, lambda: function(self._store, *args, **kwargs))
         except sqlite3.OperationalError as exc:
-            raise StoreUnavailable(f"state store {self.store.path}: {exc}") from exc
+            raise StoreUnavailable(f"state store {self._store.path}: {exc}") from exc
+
+    add_job = _OnStoreThread(Store.add_job)
+    cancel_job = _OnStoreThread(Store.cancel_job)
+    facts = _OnStoreThread(Store.facts)
+    get_job = _OnStoreThread(Store.get_job)
+    get_run = _OnStoreThread(Store.get_run)
+    job_runs = _OnStoreThread(Store.job_runs)
+    jobs_with_session = _OnStoreThread(Store.jobs_with_session)
+    latest_run = _OnStoreThread(Store.latest_run)
+    oldest_queued = _OnStoreThread(Store.oldest_queued)
+    place = _OnStoreThread(Store.place)
+    prune = _OnStoreThread(Store.prune)
+    queue_length = _OnStoreThread(Store.queue_length)
+    requeue = _OnStoreThread(Store.requeue)
+    runs_in = _OnStoreThread(Store.runs_in)
+    set_account = _OnStoreThread(Store.set_account)
+    settings = _OnStoreThread(Store.settings)
+    settle = _OnStoreThread(Store.settle)
+    snapshot = _OnStoreThread(Store.snapshot)
+    waited_for_answer = _OnStoreThread(Store.waited_for_answer)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
-        self.store.close()
+        self._store.close()

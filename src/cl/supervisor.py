@@ -18,7 +18,8 @@ from cl.config import Config
 from cl.launcher import launch, prepare_launches
 from cl.processes import alive, on_exit
 from cl.registry import CredentialRegistry
-from cl.store import LIVE_RUNS, AsyncStore, Run, RunState, StoreUnavailable
+from cl.states import LIVE_RUNS, RunState
+from cl.store import AsyncStore, Run, StoreUnavailable, retry_delay
 
 log = structlog.get_logger("cl.supervisor")
 
@@ -92,20 +93,20 @@ class Supervisor:
 
     async def _check_until_recorded(self, run_id: int) -> None:
         """A worker's end must reach the store, however long the store is unavailable."""
-        delay = 1.0
+        delay = 0.0
         while True:
             try:
                 await self.check(run_id)
             except StoreUnavailable as exc:
                 log.error("worker ended, not recorded yet: state store unavailable", run=run_id, error=str(exc))
+                delay = retry_delay(delay)
                 await asyncio.sleep(delay)
-                delay = min(30.0, delay * 2)
             else:
                 return
 
     async def check(self, run_id: int) -> None:
         """A worker ended: if it did not settle its run itself, say what became of it."""
-        run = await self.store.run(self.store.store.run, run_id)
+        run = await self.store.get_run(run_id)
         if run is None:
             return
         by_worker = run.state not in LIVE_RUNS
@@ -124,9 +125,9 @@ class Supervisor:
 
     async def settle(self, run: Run, state: RunState, error: str) -> Run:
         """Settle a live run and tell the other daemon; the run as it stands afterwards."""
-        settled = await self.store.run(self.store.store.settle, run.id, state, error)
+        settled = await self.store.settle(run.id, state, error)
         if settled is None:  # someone else settled it first
-            return await self.store.run(self.store.store.run, run.id) or run
+            return await self.store.get_run(run.id) or run
         await self.tell_peer(run.id)
         return settled
 

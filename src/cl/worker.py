@@ -54,7 +54,8 @@ from cl.credentials import Account, CredentialKind, credential_filename, read_ac
 from cl.job_credential import JobCredential
 from cl.processes import start_time
 from cl.session_files import credential_mark_path, lock_path, log_path, session_config_dir
-from cl.store import Job, JobState, Run, RunState, Store, iso_utc
+from cl.states import JobState, RunState
+from cl.store import Job, Run, Store, iso_utc
 
 log = structlog.get_logger("cl.worker")
 
@@ -139,8 +140,8 @@ def claude_argv(config: Config, job: Job, run: Run) -> list[str]:
 
 def work(config: Config, store: Store, run_id: int) -> RunState | None:
     """Claim and execute one run; its final state, or None if it was not ours to run."""
-    run = store.run(run_id)
-    job = store.job(run.job_id) if run else None
+    run = store.get_run(run_id)
+    job = store.get_job(run.job_id) if run else None
     if run is None or job is None:
         log.error("no such run", run=run_id)
         return None
@@ -398,7 +399,7 @@ def _on_cancel(session: _Session, claude: subprocess.Popen[bytes]) -> Callable[[
     left to be resumed."""
 
     def handler(signum: int, _frame: Any) -> None:
-        job = session.store.job(session.job.id)
+        job = session.store.get_job(session.job.id)
         if job is None or job.state != JobState.CANCELLED:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)

@@ -1,0 +1,101 @@
+"""What cl-balancer and cl-rescue both are, written once.
+
+Each is a loop of passes over the state store, woken by events (a request, the roster changing,
+a run ending or first answering, a wall's reset), with workers it launches and watches. This class
+holds that: the store, the supervisor, the wake-up, the reset timer, taking over the live runs
+found at start, a run's end, the `run-changed` request. `Balancer` and `Rescuer` add their own
+pass and requests (`cl.daemon` runs either through the same lifecycle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any, ClassVar
+
+from cl import daemon
+from cl.config import Config
+from cl.protocol import Handler, Peer, Reply, Request, id_field
+from cl.registry import CredentialRegistry
+from cl.states import LIVE_RUNS, RunState
+from cl.store import AsyncStore, Run, Store
+from cl.supervisor import Supervisor
+
+
+class Service:
+    name: ClassVar[str]
+    """`balancer` or `rescue`: the daemon, its socket, the launcher of its runs (`Run.launcher`)."""
+    peer: ClassVar[str]
+    """The other daemon, told of every run this one settles."""
+    lost_launch: ClassVar[str]
+    """Why a run this daemon wrote but never saw claimed is abandoned at start."""
+
+    def __init__(self, config: Config, registry: CredentialRegistry, status_changed: Callable[[], None]) -> None:
+        self.config = config
+        self.registry = registry
+        self.status_changed = status_changed
+        self.store = AsyncStore(Store(config.database, config.store_busy_timeout))
+        self.supervisor = Supervisor(config, registry, self.store, peer=self.peer, ended=self._ended)
+        self._wake = asyncio.Event()
+        self.reset_timer = daemon.ResetTimer(self.wake)
+
+    def handlers(self) -> dict[str, Handler]:
+        return {"run-changed": self._run_changed}
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def work(self) -> None:
+        """Take over the live runs, then a pass each time something may have changed; the
+        background tasks alongside. Cancelled at shutdown."""
+        await self._take_over_runs()
+        tasks = [asyncio.create_task(task) for task in self.background()]
+        try:
+            await daemon.serve_passes(self._wake, self.one_pass)
+        finally:
+            for task in tasks:
+                task.cancel()
+            self.supervisor.close()
+            self.store.close()
+
+    async def _take_over_runs(self) -> None:
+        """At start, every live run: one this daemon wrote but no worker claimed is abandoned (its
+        job goes back to where it was, and is tried again), a live worker is watched, a vanished
+        one orphaned. A run the other daemon wrote and no worker claimed yet is that daemon's."""
+        for run in await self.store.runs_in(LIVE_RUNS):
+            if run.state == RunState.STARTING and run.launcher != self.name:
+                continue
+            # Never claimed: its launcher (an earlier us) died first, or the worker is about to
+            # claim it. Abandoning wins or the claim does, in one transaction each.
+            self.taken_over(run, await self.supervisor.recover(run, self.lost_launch))
+        self.wake()
+
+    def _ended(self, run: Run, by_worker: bool) -> None:
+        self.run_ended(run, by_worker)
+        self.wake()
+
+    async def _run_changed(self, request: Request, _peer: Peer) -> Reply:
+        """A worker's run ended or first answered, or the other daemon settled a run."""
+        run_id = id_field(request, "run")
+        if request.get("event") == "answered" and (run := await self.store.get_run(run_id)) is not None:
+            await self.answered(run)
+        self.wake()
+        return {}
+
+    # What each daemon adds.
+
+    async def one_pass(self) -> None:
+        raise NotImplementedError
+
+    def background(self) -> list[Coroutine[Any, Any, None]]:
+        """Tasks that run beside the passes."""
+        return []
+
+    def taken_over(self, run: Run, now: Run) -> None:
+        """`run`, found live at start, is `now` after taking it over."""
+
+    def run_ended(self, run: Run, by_worker: bool) -> None:
+        """A watched worker exited; `run` as it ended, settled by its worker or by us."""
+
+    async def answered(self, run: Run) -> None:
+        """The account first answered `run`."""
