@@ -29,6 +29,7 @@ from utils import (
     history,
     job_state_set,
     job_states,
+    live_runs,
     oauth_credential,
     status,
     submit,
@@ -189,16 +190,21 @@ def test_kill_9_while_placing_loses_no_job_and_runs_none_twice(layout: Layout, p
     env = layout.env(CL_MAX_SESSIONS_PER_ACCOUNT="2")
     daemon = DaemonProcess("balancer", layout, env=env).start()
     prompts = [f"job {i}" for i in range(12)]
+    layout.hold.touch()  # sessions stay in flight while the kills land: none can finish before them
     for prompt in prompts:
         submit(layout, prompt)
+    live_at_kills = []
     for _ in range(3):  # kill -9 at random moments while it places and workers start
         time.sleep(rng.uniform(0, 0.3))
         daemon.stop(signal.SIGKILL)
+        live_at_kills.append(len(live_runs(layout)))
         daemon = DaemonProcess("balancer", layout, env=env).start()
+    layout.hold.unlink()
     try:
         wait_until(lambda: all_in(layout, "done", len(prompts)), "every job to finish")
         runs = Counter(call["prompt"] for call in layout.claude_calls())
         assert runs == Counter(prompts)  # every job ran, none twice
+        assert max(live_at_kills) > 0, live_at_kills  # a kill landed with sessions running
     finally:
         daemon.stop()
 

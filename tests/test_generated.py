@@ -55,3 +55,11 @@ def test_help_and_completion_never_import_the_daemon_code() -> None:
         result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, check=True)
         assert result.stderr.split() == ["cl", "cl.cli", "cl.client", "cl.config"], args
     assert "usage: cl" in subprocess.run([str(BIN / "cl"), "--help"], capture_output=True, text=True, check=True).stdout
+
+
+def test_the_daemons_never_import_the_worker_process() -> None:
+    """The worker module is the worker process alone: the daemons reach it only through the
+    launcher (a `cl-worker@` unit, or the fork server's own process)."""
+    probe = "import sys, cl.balancer, cl.rescue, cl.metrics; print('cl.worker' in sys.modules)"
+    imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "False"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from utils import (
     Layout,
     Planted,
     both,
+    exchange_raw,
     history,
     job_state_set,
     oauth_credential,
@@ -48,18 +48,6 @@ LINE = st.one_of(
     JSON.map(lambda v: json.dumps(v).encode()),
     st.binary(max_size=200).map(lambda b: b.replace(b"\n", b" ")),
 )
-
-
-def exchange(path: Path, lines: list[bytes]) -> list[dict[str, Any]]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(20)
-        sock.connect(str(path))
-        sock.sendall(b"".join(line + b"\n" for line in lines))
-        sock.shutdown(socket.SHUT_WR)
-        data = b""
-        while chunk := sock.recv(1 << 16):
-            data += chunk
-    return [json.loads(line) for line in data.splitlines()]
 
 
 def well_answered(reply: dict[str, Any]) -> bool:
@@ -94,7 +82,7 @@ def abuse(daemons: tuple[DaemonProcess, DaemonProcess]) -> None:
     @given(st.lists(LINE.filter(lambda line: line.strip() != b""), min_size=1, max_size=5))
     def fuzz(lines: list[bytes]) -> None:
         for daemon in daemons:
-            replies = exchange(daemon.socket, lines)
+            replies = exchange_raw(daemon.socket, b"".join(line + b"\n" for line in lines))
             assert len(replies) == len(lines)
             bad = [reply for reply in replies if not well_answered(reply)]
             assert not bad, bad
@@ -152,7 +140,7 @@ def test_control_characters_and_huge_numbers_in_every_field_get_precise_answers(
         b'{"request": "logs", "offset": ' + b"7" * 5000 + b"}",
     ]
     for daemon in daemons:
-        replies = exchange(daemon.socket, lines)
+        replies = exchange_raw(daemon.socket, b"".join(line + b"\n" for line in lines))
         assert len(replies) == len(lines)  # one reply each, the connection kept
         assert [reply for reply in replies if not well_answered(reply)] == []
         assert daemon.process is not None

@@ -120,7 +120,7 @@ def test_sighup_reloads_and_rescans(layout: Layout, manager: ServiceManager, pla
     daemon.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
     reloading = manager.until("RELOADING")
     assert int(reloading["MONOTONIC_USEC"]) > 0
-    assert "READY" in manager.until("READY")
+    assert manager.until("READY")["READY"] == "1"  # reloaded, ready again
     # A bad file on reload is refused; the daemon keeps running on the old configuration.
     (layout.root / "config.toml").write_text("log_level = 'loud'\n")
     daemon.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
@@ -137,7 +137,7 @@ def test_stop_is_clean(layout: Layout, manager: ServiceManager, sig: signal.Sign
     daemon = start(layout, manager)
     manager.until("READY")
     daemon.process.send_signal(sig)  # type: ignore[union-attr]
-    assert "STOPPING" in manager.until("STOPPING")
+    assert manager.until("STOPPING")["STOPPING"] == "1"
     assert daemon.stop() == 0
     assert not daemon.socket.exists()
 

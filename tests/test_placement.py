@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import fnmatch
+import functools
 
-from hypothesis import given
+import hypothesis
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from cl.credentials import Account, AccountState
-from cl.placement import choose, eligible, limit, serving
-from cl.store import AccountSettings
+from cl.placement import Placer, choose, eligible, limit, serving
+from cl.store import AccountSettings, Facts, NoRoom, WallRecord
 
 NAMES = st.sampled_from([f"a{i}" for i in range(8)])
 STATES = st.sampled_from(list(AccountState))
@@ -108,3 +112,71 @@ def test_never_on_a_paused_or_own_limit_full_account_or_one_that_may_not_serve_t
     assert own.paused_at is None
     assert live.get(chosen.name, 0) < (own.max_sessions or max_sessions)
     assert model is None or own.models is None or any(fnmatch.fnmatchcase(model, p) for p in own.models)
+
+
+@given(
+    worlds(),
+    st.dictionaries(NAMES, SETTINGS),
+    st.sets(NAMES),
+    st.lists(st.none() | st.sampled_from(["opus", "claude-sonnet-4", "gpt"]), max_size=12),
+    st.sampled_from(["headroom", "fill-first"]),
+)
+@example(  # always tried: a model only the second account serves, the first of them full elsewhere
+    world=({n: Account(n, AccountState.OK) for n in ("a0", "a1", "a2")}, set(), {}, {}, 1),
+    settings={"a0": AccountSettings("", models=("opus",)), "a2": AccountSettings("", paused_at=1.0)},
+    full_elsewhere={"a1"},
+    models=["gpt", "opus", "opus", None],
+    policy="headroom",
+)
+@hypothesis.settings(max_examples=300)
+def test_a_placer_fills_accounts_up_to_their_limits_and_skips_those_full_elsewhere(
+    world: tuple,  # type: ignore[type-arg]
+    settings: dict[str, AccountSettings],
+    full_elsewhere: set[str],
+    models: list[str | None],
+    policy: str,
+) -> None:
+    """A pass's `Placer` over many pieces of work: each goes to an account that may take it (room
+    under its own limit, counting what this pass placed; not paused; serving its model); an account
+    that turns out full inside its transaction (the other daemon got there first) is never tried
+    again; a piece is left waiting only when no account may take it."""
+    roster, walled, live, usage, max_sessions = world
+    facts = Facts([], {name: WallRecord(name, None, None, "test", 0.0) for name in walled}, set(), dict(live), usage)
+    facts = dataclasses.replace(facts, settings=settings)
+    placer = Placer(roster, facts, max_sessions, policy)
+    placed: dict[str, int] = {}
+    tried_full: list[str] = []
+
+    async def attempt(model: str | None, account: str, room: int) -> bool:
+        if account in full_elsewhere:
+            tried_full.append(account)
+            raise NoRoom(account)
+        assert room == limit(account, max_sessions, set(), settings)
+        assert settings.get(account, AccountSettings(account)).serves(model)
+        placed[account] = placed.get(account, 0) + 1
+        return True
+
+    async def place_all() -> list[bool]:
+        return [await placer.take(functools.partial(attempt, model), model) for model in models]
+
+    taken = asyncio.run(place_all())
+    assert len(tried_full) == len(set(tried_full))  # found full once, never tried again
+    for name, count in placed.items():
+        own = settings.get(name, AccountSettings(name))
+        assert roster[name].state is AccountState.OK
+        assert name not in walled
+        assert own.paused_at is None
+        assert live.get(name, 0) + count <= limit(name, max_sessions, set(), settings)
+    for model, went in zip(models, taken, strict=True):
+        open_now = [
+            name
+            for name in roster
+            if roster[name].state is AccountState.OK
+            and name not in walled
+            and name not in full_elsewhere
+            and settings.get(name, AccountSettings(name)).paused_at is None
+            and settings.get(name, AccountSettings(name)).serves(model)
+            and live.get(name, 0) + placed.get(name, 0) < limit(name, max_sessions, set(), settings)
+        ]
+        if not went:  # it waits only if, even at the end of the pass, nothing could take it
+            assert not open_now, (model, open_now)

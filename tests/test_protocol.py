@@ -15,19 +15,7 @@ import pytest
 
 from cl import protocol
 from cl.protocol import MAX_REQUEST_BYTES
-from utils import DaemonProcess, Layout
-
-
-def exchange(path: Path, payload: bytes) -> list[dict[str, object]]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect(str(path))
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    return [json.loads(line) for line in data.splitlines()]
+from utils import DaemonProcess, Layout, exchange_raw
 
 
 @pytest.mark.parametrize(
@@ -48,7 +36,7 @@ def test_bad_requests_get_precise_errors(
     daemons: tuple[DaemonProcess, DaemonProcess], payload: bytes, code: str, message_part: str
 ) -> None:
     balancer, _ = daemons
-    (reply,) = exchange(balancer.socket, payload)
+    (reply,) = exchange_raw(balancer.socket, payload)
     assert reply["ok"] is False
     assert reply["code"] == code
     assert message_part in str(reply["error"])
@@ -57,14 +45,14 @@ def test_bad_requests_get_precise_errors(
 
 def test_a_line_over_the_limit_is_refused_and_the_daemon_lives(daemons: tuple[DaemonProcess, DaemonProcess]) -> None:
     balancer, _ = daemons
-    (reply,) = exchange(balancer.socket, b'{"request": "' + b"x" * MAX_REQUEST_BYTES + b'"}\n')
+    (reply,) = exchange_raw(balancer.socket, b'{"request": "' + b"x" * MAX_REQUEST_BYTES + b'"}\n')
     assert (reply["ok"], reply["code"]) == (False, "too-long")
     assert balancer.answers()
 
 
 def test_many_requests_on_one_connection_and_blank_lines(daemons: tuple[DaemonProcess, DaemonProcess]) -> None:
     balancer, _ = daemons
-    replies = exchange(balancer.socket, b'{"request": "accounts"}\n\n{oops\n{"request": "accounts"}\n')
+    replies = exchange_raw(balancer.socket, b'{"request": "accounts"}\n\n{oops\n{"request": "accounts"}\n')
     assert [reply["ok"] for reply in replies] == [True, False, True]
 
 
@@ -72,7 +60,7 @@ def test_half_closed_and_silent_clients_do_not_hurt(daemons: tuple[DaemonProcess
     balancer, _ = daemons
     silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     silent.connect(str(balancer.socket))
-    (reply,) = exchange(balancer.socket, b'{"request": "acc')  # cut off, then EOF
+    (reply,) = exchange_raw(balancer.socket, b'{"request": "acc')  # cut off, then EOF
     assert (reply["ok"], reply["code"]) == (False, "bad-json")
     assert balancer.answers()
     silent.close()
@@ -92,7 +80,7 @@ def ask_as(path: Path, uid: int, gid: int, groups: list[int]) -> dict[str, objec
             os.setgroups(groups)
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
-            os.write(write, json.dumps(exchange(path, b'{"request": "accounts"}\n')[0]).encode())
+            os.write(write, json.dumps(exchange_raw(path, b'{"request": "accounts"}\n')[0]).encode())
         except BaseException as exc:  # noqa: BLE001 - reported to the parent as the reply
             os.write(write, json.dumps({"ok": None, "code": "client", "error": repr(exc)}).encode())
         finally:

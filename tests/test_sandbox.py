@@ -51,7 +51,6 @@ def test_the_cli_writes_only_where_its_job_lives(outside_tmp: Layout, planted: P
     )
     daemon = DaemonProcess("balancer", layout, env=env).start()
     try:
-        # fill-first by name: the job lands on a1, whatever the headroom says
         submitted = cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "try to write", "--json")
         assert submitted.returncode == 0, submitted.stderr
         (call,) = wait_until(lambda: json_lines(log), "the CLI to run")

@@ -9,6 +9,7 @@ import os
 import pty
 import pwd
 import signal
+import socket
 import subprocess
 import sys
 import termios
@@ -413,3 +414,16 @@ class Terminal:
         self._reader.join(timeout)
         os.close(self._terminal)
         return code
+
+
+def exchange_raw(path: Path, payload: bytes, timeout: float = 20) -> list[dict[str, Any]]:
+    """Send `payload` as it is on a control socket, close our side, and read every reply line."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(1 << 16):
+            data += chunk
+    return [json.loads(line) for line in data.splitlines()]

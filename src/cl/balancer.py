@@ -31,13 +31,14 @@ from cl.cli_user import CliUser, CliUserError
 from cl.config import Config
 from cl.credentials import is_account_name
 from cl.launcher import under_socket_activation
+from cl.moments import iso_utc
 from cl.processes import alive
 from cl.protocol import Encoded, Handler, Peer, Reply, Request, RequestError, id_field, text_field, whole_number
 from cl.registry import CredentialRegistry
 from cl.service import Service
 from cl.states import FINISHED_JOBS, LIVE_RUNS, JobState, RunState
 from cl.status import StatusView
-from cl.store import AccountSettings, Facts, Job, Run, StoreUnavailable, iso_utc
+from cl.store import AccountSettings, Facts, Job, Run, StoreUnavailable
 from cl.supervisor import log_outcome
 from cl.tally import Histogram
 

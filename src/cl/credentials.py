@@ -21,10 +21,11 @@ import os
 import re
 import stat
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from cl import redact
+from cl.moments import from_epoch
 
 CANNOT_LOOK = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 """Errors that say nothing about a file or a directory, only that this process could not look now."""
@@ -134,20 +135,6 @@ class Account:
     """An OAuth credential with a refresh token: the CLI renews an expired access token on its
     first request (and the worker carries the new one back), so expiry does not end the account."""
     secrets: tuple[Secret, ...] = dataclasses.field(default=(), repr=False)
-    _json_head: str | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
-
-    @property
-    def json_head(self) -> str:
-        """`{"name", "state"[, "reason"]` as JSON without the closing brace, made once per account
-        object: a reply listing 10,000 accounts then only appends its own fields."""
-        text = self._json_head
-        if text is None:
-            fields = {"name": self.name, "state": str(self.state)}
-            if self.reason:
-                fields["reason"] = self.reason
-            text = json.dumps(fields)[:-1]
-            object.__setattr__(self, "_json_head", text)
-        return text
 
     @property
     def usable(self) -> bool:
@@ -255,7 +242,7 @@ def _parse_oauth(name: str, oauth: Any, now: float) -> Account:
     secrets = tuple(Secret(s) for s in (token, refresh) if s)
     if not token or expires_ms == 0:
         return Account(name, AccountState.NEEDS_LOGIN, kind, "blanked credential: log in again", secrets=secrets)
-    expires_at = _from_epoch(expires_ms / 1000) if expires_ms is not None else None
+    expires_at = from_epoch(expires_ms / 1000) if expires_ms is not None else None
     account = Account(
         name, AccountState.OK, kind, None, expires_at, subscription, secrets=secrets, renewable=bool(refresh)
     )
@@ -271,16 +258,9 @@ def _parse_token(name: str, doc: dict[str, Any], key: str, kind: CredentialKind,
     expires_ms = doc.get("expiresAt")
     if expires_ms is not None and (isinstance(expires_ms, bool) or not isinstance(expires_ms, int | float)):
         return _invalid(name, f"expiresAt must be a number, got {_json_type(expires_ms)}", kind)
-    expires_at = _from_epoch(expires_ms / 1000) if expires_ms else None
+    expires_at = from_epoch(expires_ms / 1000) if expires_ms else None
     account = Account(name, AccountState.OK, kind, None, expires_at, secrets=(Secret(token),))
     return account.with_state(AccountState.EXPIRED) if account.expired_by(now) else account
-
-
-def _from_epoch(seconds: float) -> datetime | None:
-    try:
-        return datetime.fromtimestamp(seconds, UTC)
-    except (OverflowError, OSError, ValueError):
-        return None
 
 
 def _invalid(name: str, reason: str, kind: CredentialKind | None = None) -> Account:

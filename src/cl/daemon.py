@@ -146,8 +146,7 @@ class Daemon:
                     log.warning("setting needs a restart to take effect", key=key, value=str(getattr(new, key)))
             self.config = dataclasses.replace(new, **{key: getattr(self.config, key) for key in _RESTART_KEYS})
             logs.configure_for(self.config, self.name)
-            self.registry.resync_interval = self.config.resync_interval
-            self.registry.step_ms = self.config.watch_step_ms
+            self.registry.reconfigure(resync_interval=self.config.resync_interval, step_ms=self.config.watch_step_ms)
         await self.registry.resync()
         self._notifier.ready(self.status())
         log.info("reloaded", status=self.status())

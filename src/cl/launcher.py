@@ -41,5 +41,10 @@ def prepare_launches(socket_path: Path) -> None:
         FORK_SERVER.start()
 
 
+def stop_launches() -> None:
+    """At shutdown: end the fork server, if one runs (the workers it forked live on)."""
+    FORK_SERVER.close()
+
+
 def under_socket_activation(config: Config) -> bool:
     return config.socket_path("worker").is_socket()

@@ -38,12 +38,17 @@ def _poll(pid: int, callback: Callable[[], None]) -> None:
     loop.call_later(POLL_INTERVAL, look)
 
 
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat's fields after the command name (which may hold spaces and parentheses):
+    [0] the state, [19] the start time. Raises OSError as the read does."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def start_time(pid: int) -> str | None:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return _stat(pid)[19]
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
 
 
 def alive(pid: int, started: str | None) -> bool:
@@ -51,10 +56,9 @@ def alive(pid: int, started: str | None) -> bool:
     process cannot look (no descriptor to spare), the answer is yes: a worker taken for gone would
     have its session run a second time."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = _stat(pid)
     except OSError as exc:
         return exc.errno in CANNOT_LOOK
-    fields = stat.rsplit(")", 1)[1].split()
     return fields[0] != "Z" and fields[19] == started
 
 

@@ -114,8 +114,8 @@ class CredentialRegistry:
         debounce_ms: int = 100,
     ) -> None:
         self.directory = Path(os.path.abspath(directory))
-        self.resync_interval = resync_interval
-        self.step_ms = step_ms
+        self._resync_interval = resync_interval
+        self._step_ms = step_ms
         self.debounce_ms = debounce_ms
         self._accounts: dict[str, Account] = {}
         self._usable = 0
@@ -138,6 +138,12 @@ class CredentialRegistry:
     def accounts(self) -> Mapping[str, Account]:
         """The current roster, read-only. Do not keep it: ask again next time."""
         return MappingProxyType(self._accounts)
+
+    def reconfigure(self, *, resync_interval: float, step_ms: int) -> None:
+        """New timings from a reloaded configuration: the next resync waits the new interval, the
+        watch takes the new step when it is next armed."""
+        self._resync_interval = resync_interval
+        self._step_ms = step_ms
 
     def sorted_names(self) -> list[str]:
         """The account names in order (sorted once per roster version). Do not keep it either."""
@@ -338,7 +344,7 @@ class CredentialRegistry:
             watcher = watchfiles.awatch(
                 *roots,
                 watch_filter=self._is_relevant,
-                step=self.step_ms,
+                step=self._step_ms,
                 debounce=self.debounce_ms,
                 recursive=False,
                 stop_event=self._stop,
@@ -358,7 +364,7 @@ class CredentialRegistry:
 
     async def _resync_periodically(self) -> None:
         while True:
-            await asyncio.sleep(self.resync_interval)
+            await asyncio.sleep(self._resync_interval)
             try:
                 await self.resync()
             except Exception:

@@ -30,12 +30,13 @@ import structlog
 from cl import daemon, placement
 from cl.config import Config
 from cl.credentials import Account
+from cl.moments import iso_utc
 from cl.processes import alive
 from cl.protocol import Handler, Peer, Reply, Request
 from cl.registry import CredentialRegistry
 from cl.service import Service
 from cl.states import RESCUABLE, JobState, RunState
-from cl.store import Facts, Job, Run, Store, StoreUnavailable, iso_utc
+from cl.store import Facts, Job, Run, Store, StoreUnavailable
 from cl.supervisor import log_outcome
 from cl.tally import Histogram
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 
+from cl.credentials import Account
+from cl.moments import iso_utc
 from cl.protocol import Encoded
 from cl.registry import CredentialRegistry
-from cl.store import AccountSettings, Snapshot, UsageRow, iso_utc
+from cl.store import AccountSettings, Snapshot, UsageRow
 
 _IDLE_TAIL = ',"walled_until":null,"sessions":0}'
 
@@ -24,6 +26,9 @@ an operator's settings."""
 class StatusView:
     def __init__(self, registry: CredentialRegistry) -> None:
         self._registry = registry
+        self._heads: dict[str, tuple[Account, str]] = {}
+        """Each account's `{"name", "state"[, "reason"]` JSON without its closing brace, with the
+        account object it was made from (a new object, a new head): rendered once per change."""
         self._version = -1
         self._index: dict[str, int] = {}
         self._objects: list[str] = []
@@ -58,7 +63,8 @@ class StatusView:
             names = self._registry.sorted_names()
             self._version = self._registry.version
             self._index = {name: i for i, name in enumerate(names)}
-            self._objects = [roster[name].json_head + _IDLE_TAIL for name in names]
+            self._heads = {name: self._head_of(roster[name]) for name in names}
+            self._objects = [self._heads[name][1] + _IDLE_TAIL for name in names]
             self._facts = {}
         walls, live, usage, settings = snapshot.walls, snapshot.counts.live, snapshot.counts.usage, snapshot.settings
         facts: dict[str, Facts] = {}
@@ -67,12 +73,23 @@ class StatusView:
                 wall = walls.get(name)
                 facts[name] = (wall.reset_at if wall else None, live.get(name, 0), usage.get(name), settings.get(name))
         for name in self._facts.keys() - facts.keys():  # no facts any more: idle again
-            self._objects[self._index[name]] = roster[name].json_head + _IDLE_TAIL
+            self._objects[self._index[name]] = self._heads[name][1] + _IDLE_TAIL
         for name, shown in facts.items():
             if self._facts.get(name) != shown:
-                self._objects[self._index[name]] = _object(roster[name].json_head, *shown)
+                self._objects[self._index[name]] = _object(self._heads[name][1], *shown)
         self._facts = facts
         return self._objects
+
+    def _head_of(self, account: Account) -> tuple[Account, str]:
+        kept = self._heads.get(account.name)
+        return kept if kept is not None and kept[0] is account else (account, _head(account))
+
+
+def _head(account: Account) -> str:
+    fields = {"name": account.name, "state": str(account.state)}
+    if account.reason:
+        fields["reason"] = account.reason
+    return json.dumps(fields)[:-1]
 
 
 def _object(

@@ -15,7 +15,7 @@ import structlog
 
 from cl.client import tell
 from cl.config import Config
-from cl.launcher import launch, prepare_launches
+from cl.launcher import launch, prepare_launches, stop_launches
 from cl.processes import alive, on_exit
 from cl.registry import CredentialRegistry
 from cl.states import LIVE_RUNS, RunState
@@ -72,10 +72,12 @@ class Supervisor:
         return await self.orphan(run)
 
     def close(self) -> None:
-        """At shutdown: stop checking ended workers (the next start settles what is left)."""
+        """At shutdown: stop checking ended workers (the next start settles what is left), and
+        end the fork server rather than leave it to notice its launcher gone."""
         self._closed = True
         for task in self._checks:
             task.cancel()
+        stop_launches()
 
     def adopt(self, run: Run) -> bool:
         """Watch a running run's worker; False if that worker is gone."""

@@ -52,10 +52,11 @@ from cl.client import tell
 from cl.config import Config
 from cl.credentials import Account, CredentialKind, credential_filename, read_account
 from cl.job_credential import JobCredential
+from cl.moments import iso_utc
 from cl.processes import start_time
 from cl.session_files import credential_mark_path, lock_path, log_path, session_config_dir
 from cl.states import JobState, RunState
-from cl.store import Job, Run, Store, iso_utc
+from cl.store import Job, Run, Store
 
 log = structlog.get_logger("cl.worker")
 

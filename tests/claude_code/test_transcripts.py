@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from cl.claude_code.environment import worker_environment
-from cl.claude_code.transcripts import ended_on_a_wall, last_assistant_entry, project_dir_name, transcript_path
+from cl.claude_code.transcripts import project_dir_name, transcript_path
 from cl.credentials import parse_credential
 from utils import Planted, api_key_credential, oauth_credential
 
@@ -40,26 +39,6 @@ def test_transcript_path_resolves_the_cwd(tmp_path: Path) -> None:
     (tmp_path / "link").symlink_to(real)
     path = transcript_path(Path("/cfg"), str(tmp_path / "link"), "sid")
     assert path == Path("/cfg/projects") / project_dir_name(str(real)) / "sid.jsonl"
-
-
-def test_last_assistant_entry_is_not_the_last_line(tmp_path: Path) -> None:
-    path = tmp_path / "s.jsonl"
-    entries = [
-        {"type": "user", "message": {"content": "now do step two"}},
-        {
-            "type": "assistant",
-            "message": {"content": [{"type": "text", "text": "You've hit your 5-hour limit"}]},
-            "error": "rate_limit",
-        },
-        {"type": "last-prompt"},
-        {"type": "cost-state"},
-    ]
-    path.write_text("\n".join(json.dumps(e) for e in entries) + "\n{half a line")
-    entry = last_assistant_entry(path)
-    assert entry is not None
-    assert ended_on_a_wall(entry)
-    assert not ended_on_a_wall({"type": "assistant", "isApiErrorMessage": True})  # 1.0.x: any API error
-    assert last_assistant_entry(tmp_path / "missing.jsonl") is None
 
 
 def test_worker_environment_scrubs_and_sets_only_the_accounts_credential(planted: Planted) -> None:

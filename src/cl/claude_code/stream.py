@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cl.claude_code.walls import Wall, reset_from_text, wall_from_text
+from cl.moments import from_epoch
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -44,7 +45,6 @@ class StreamState:
     """What one CLI run has said so far."""
 
     session_id: str | None = None
-    cli_version: str | None = None
     wall: Wall | None = None
     result: dict[str, Any] | None = None
     usage: dict[str, Any] | None = None
@@ -70,8 +70,6 @@ class StreamState:
             return None
         self.session_id = self.session_id or _session_id(event.get("session_id"))
         match event.get("type"):
-            case "system" if event.get("subtype") == "init":
-                self.cli_version = _str(event.get("claude_code_version"))
             case "rate_limit_event":
                 self._rate_limit(event.get("rate_limit_info"))
             case "assistant" if event.get("error") == "rate_limit" or event.get("is_api_error_message"):
@@ -164,10 +162,7 @@ def _str(value: Any) -> str | None:
 def _epoch(value: Any) -> datetime | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         return None
-    try:
-        return datetime.fromtimestamp(value, UTC)
-    except (OverflowError, OSError, ValueError):
-        return None
+    return from_epoch(value)
 
 
 def _message_text(message: Any) -> str:

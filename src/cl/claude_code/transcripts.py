@@ -7,10 +7,8 @@ cut to 200, then `-` and the base-36 of abs(Java `String.hashCode`) of the full 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any
 
 MAX_PROJECT_NAME = 200
 _DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -48,27 +46,3 @@ def project_dir_name(cwd: str) -> str:
 
 def transcript_path(config_dir: Path, cwd: str, session_id: str) -> Path:
     return config_dir / "projects" / project_dir_name(os.path.realpath(cwd)) / f"{session_id}.jsonl"
-
-
-def last_assistant_entry(path: Path) -> dict[str, Any] | None:
-    """The last `type == "assistant"` line: not the file's last line in 2.1.332."""
-    last = None
-    try:
-        with path.open("rb") as f:
-            for raw in f:
-                try:
-                    entry = json.loads(raw)
-                except ValueError:
-                    continue
-                if isinstance(entry, dict) and entry.get("type") == "assistant":
-                    last = entry
-    except FileNotFoundError:
-        return None
-    return last
-
-
-def ended_on_a_wall(entry: dict[str, Any] | None) -> bool:
-    """2.x marks the synthetic wall turn `error: "rate_limit"`; 1.0.x only `isApiErrorMessage`."""
-    if entry is None:
-        return False
-    return entry.get("error") == "rate_limit" or entry.get("apiErrorStatus") == 429

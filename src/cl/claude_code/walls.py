@@ -23,6 +23,8 @@ import re
 from datetime import UTC, datetime, timedelta, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from cl.moments import from_epoch
+
 _WALL_TEXT = re.compile(
     r"hit your (?:[\w-]+ )?limit"
     r"|(?:usage|session|weekly|5-hour|opus|sonnet) limit reached"
@@ -66,7 +68,7 @@ def reset_from_text(text: str, now: datetime, local: tzinfo | None = None) -> da
     occurrence. No zone means the machine's (`local`, by default the system's).
     """
     if match := _EPOCH.search(text):
-        return datetime.fromtimestamp(int(match.group(1)), UTC)
+        return from_epoch(int(match.group(1)))
     match = _RESETS.search(text)
     if match is None:
         return None
