@@ -118,7 +118,7 @@ def test_real_cli_finishes_then_walls(
         assert [r["walled"] for r in requests] == [False, True]  # one request each, the wall not retried
         assert {r["cred_tail"] for r in requests} == {planted.tokens[0][-6:]}
         log = balancer.log()
-        assert "session walled" in log
+        assert "wall recorded" in log
         if kind == "oauth":  # subscriptions get a rate_limit_event with the reset time
             assert "known_reset=True" in log
     finally:

@@ -139,8 +139,9 @@ class Supervisor:
 
 
 def log_outcome(run: Run) -> None:
-    """A worker's outcome, in the daemon's own log too."""
-    level = {RunState.DONE: log.info, RunState.CANCELLED: log.info, RunState.WALLED: log.warning}.get(
-        RunState(run.state), log.error
-    )
+    """A worker's outcome, in the daemon's own log too; a wall is the rescuer's to tell (its
+    `session walled` line, once per wall, with the reset)."""
+    if run.state == RunState.WALLED:
+        return
+    level = {RunState.DONE: log.info, RunState.CANCELLED: log.info}.get(run.state, log.error)
     level(f"session {run.state}", job=run.job_id, run=run.id, account=run.account, session=run.session_id)

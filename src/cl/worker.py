@@ -313,7 +313,7 @@ def _settle(config: Config, store: Store, run: Run, state: StreamState, code: in
         reset = wall.reset_at.timestamp() if wall.reset_at else time.time() + config.wall_retry
         reset = min(reset, time.time() + MAX_WALL)
         store.record_wall(run.account, wall.source, reset, wall.kind)
-        bound.warning("session walled", resets=iso_utc(reset), known_reset=bool(wall.reset_at))
+        bound.warning("wall recorded", resets=iso_utc(reset), known_reset=bool(wall.reset_at))
     elif outcome is Outcome.UNAUTHORIZED:
         # The file changed or its token was revoked under us: bench the account for `wall_retry`
         # (so no session bounces on it) and let the rescuer take the session elsewhere.
