@@ -38,7 +38,7 @@ from cl.registry import CredentialRegistry
 from cl.service import Service
 from cl.states import FINISHED_JOBS, LIVE_RUNS, JobState, RunState
 from cl.status import StatusView
-from cl.store import AccountSettings, Facts, Job, Run, StoreUnavailable
+from cl.store import UNSET, Facts, Job, Run, StoreUnavailable
 from cl.supervisor import log_outcome
 from cl.tally import Histogram
 
@@ -177,9 +177,8 @@ class Balancer(Service):
         waits for one, as any job does)."""
         names = self.registry.sorted_names()
         settings = await self.store.settings()
-        default = AccountSettings("")
-        if names and not any(settings.get(name, default).serves(model) for name in names):
-            served = sorted({pattern for name in names for pattern in settings.get(name, default).models or ()})
+        if names and not any(settings.get(name, UNSET).serves(model) for name in names):
+            served = sorted({pattern for name in names for pattern in settings.get(name, UNSET).models or ()})
             raise RequestError(
                 "refused", f"no account may serve model {model!r}; the accounts serve: {', '.join(served)}"
             )

@@ -14,9 +14,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Collection, Mapping
 
 from cl.credentials import Account
-from cl.store import AccountSettings, Facts, NoRoom
-
-_DEFAULT = AccountSettings("")
+from cl.store import UNSET, AccountSettings, Facts, NoRoom
 
 
 def eligible(
@@ -35,7 +33,7 @@ def eligible(
         for name, account in roster.items()
         if account.usable
         and name not in walled
-        and settings.get(name, _DEFAULT).paused_at is None
+        and settings.get(name, UNSET).paused_at is None
         and live.get(name, 0) < limit(name, max_sessions, probation, settings)
     ]
 
@@ -46,7 +44,7 @@ def limit(
     """How many live runs `account` may have now."""
     if account in probation:
         return 1
-    own = (settings or {}).get(account, _DEFAULT).max_sessions
+    own = (settings or {}).get(account, UNSET).max_sessions
     return max_sessions if own is None else own
 
 
@@ -54,7 +52,7 @@ def serving(candidates: list[Account], model: str | None, settings: Mapping[str,
     """Those of `candidates` that may serve `model`."""
     if model is None:
         return candidates
-    return [a for a in candidates if settings.get(a.name, _DEFAULT).serves(model)]
+    return [a for a in candidates if settings.get(a.name, UNSET).serves(model)]
 
 
 def choose(

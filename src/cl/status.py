@@ -18,7 +18,7 @@ from cl.store import AccountSettings, Snapshot, UsageRow
 
 _IDLE_TAIL = ',"walled_until":null,"sessions":0}'
 
-Facts = tuple[float | None, int, UsageRow | None, AccountSettings | None]
+Shown = tuple[float | None, int, UsageRow | None, AccountSettings | None]
 """What an account's object shows beyond the registry's part: wall reset, live sessions, usage,
 an operator's settings."""
 
@@ -32,7 +32,7 @@ class StatusView:
         self._version = -1
         self._index: dict[str, int] = {}
         self._objects: list[str] = []
-        self._facts: dict[str, Facts] = {}
+        self._facts: dict[str, Shown] = {}
         """The facts each account's object in `_objects` shows, for accounts that have any."""
         self._last: tuple[int, Snapshot, Encoded] | None = None
 
@@ -67,7 +67,7 @@ class StatusView:
             self._objects = [self._heads[name][1] + _IDLE_TAIL for name in names]
             self._facts = {}
         walls, live, usage, settings = snapshot.walls, snapshot.counts.live, snapshot.counts.usage, snapshot.settings
-        facts: dict[str, Facts] = {}
+        facts: dict[str, Shown] = {}
         for name in walls.keys() | live.keys() | usage.keys() | settings.keys():
             if name in self._index:  # a fact about an account that left the roster is not shown
                 wall = walls.get(name)

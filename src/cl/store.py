@@ -227,6 +227,10 @@ class AccountSettings:
         }
 
 
+UNSET = AccountSettings("")
+"""The settings of a name nobody set anything for: every default."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class WallRecord:
     account: str
