@@ -1,10 +1,11 @@
 """Crash stress (`python bench/crash_stress.py [--trials N]`, part of `make bench`): kill -9 a daemon mid-work.
 
 The trial of tests/test_crash.py (tests/crash.py), as many times as asked, alternating the
-victim: three walled sessions and three queued jobs, two healthy accounts dropped in, SIGKILL to
-cl-rescue or cl-balancer after a random delay while another writer locks the store at random
-moments past its busy timeout, a restart, a verdict on every job. Prints the tally per victim,
-the restart-to-READY times, how often the store was found locked, and every problem.
+victim: three walled sessions held for a live move and three queued jobs, two healthy accounts
+dropped in, SIGKILL to cl-rescue or cl-balancer after a random delay while another writer locks
+the store at random moments past its busy timeout, a restart, a verdict on every job. Prints the
+tally per victim, how many moves were live, the restart-to-READY times, how often the store was
+found locked, and every problem (lost, run twice, two live processes of a session, a transcript lost).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from run import ms, percentile
 
-from crash import QUEUED, WALLED, Verdict, template, trial
+from crash import QUEUED, WALLED, Verdict, trial
 from utils import Planted
 
 
@@ -33,15 +34,14 @@ def main() -> None:
     planted = Planted()
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="cl-crash-") as tmp:
-        start = template(Path(tmp) / "template", planted)
         victims = ("rescue", "balancer")
         verdicts = []
         for i in range(args.trials):
             try:
-                verdicts.append(trial(start, Path(tmp) / f"trial-{i}", planted, rng, victims[i % 2]))
+                verdicts.append(trial(Path(tmp) / f"trial-{i}", planted, rng, victims[i % 2]))
             except AssertionError as exc:  # a trial that never settled: a problem to show, with its files
                 kept = shutil.copytree(Path(tmp) / f"trial-{i}", Path(tempfile.mkdtemp(prefix=f"cl-crash-{i}-")))
-                verdicts.append(Verdict(victims[i % 2], 0.0, -1, 0.0, [f"trial {i}: {exc} (its files: {kept})"]))
+                verdicts.append(Verdict(victims[i % 2], 0.0, -1, 0, 0.0, [f"trial {i}: {exc} (its files: {kept})"]))
         texts = [log.read_text(errors="replace") for log in sorted(Path(tmp).rglob("*.log"))]
         leaks = [leak for text in texts for leak in planted.leaks(text, "a log")]
         locked = sum(text.count("state store unavailable") for text in texts)
@@ -54,7 +54,8 @@ def main() -> None:
         print(
             f"kill -9 cl-{victim}: {len(mine)} trials, {len(mine) * (WALLED + QUEUED)} jobs;"
             f" work written before the kill: {dict(sorted(Counter(v.work_before_kill for v in mine).items()))};"
-            f" problems (lost, run twice, transcript lost): {len(problems)};"
+            f" moves live: {sum(v.live_moves for v in mine)} of {len(mine) * WALLED};"
+            f" problems (lost, run twice, two processes, transcript lost): {len(problems)};"
             f" restart to READY p50 {ms(percentile(restarts, 50))} max {ms(max(restarts))}",
             flush=True,
         )

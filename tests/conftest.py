@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from utils import DaemonProcess, Layout, Planted, both, tokens_in_output
+from utils import DaemonProcess, Layout, Planted, both, end_workers, tokens_in_output
 
 
 @pytest.fixture
@@ -73,3 +73,5 @@ def no_daemon_outlives_its_test() -> Iterator[None]:
         if process is not None and process.poll() is None:
             process.kill()
             process.wait()
+    while Layout.made:
+        end_workers(Layout.made.pop())

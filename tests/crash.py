@@ -1,14 +1,14 @@
-"""Kill -9 a daemon while it places jobs and moves sessions, start it again, judge every job.
+"""Kill -9 a daemon while it places jobs and moves sessions live, start it again, judge every job.
 
-Used by tests/test_crash.py (trials in CI) and bench/crash_stress.py (as many as asked). The starting
-point is made once, for real: three sessions walled on a1..a3 (every account walled) under both
-daemons and the fake `claude`, plus three jobs queued behind them. Each trial copies it, starts
-both daemons, drops two healthy accounts in (a4, a5), so that placements and moves run at once,
-kills the victim with SIGKILL after a random delay, starts it again and waits for every job.
+Used by tests/test_crash.py (trials in CI) and bench/crash_stress.py (as many as asked). Each
+trial starts both daemons on a fresh layout with the fake `claude`: three sessions wall on a1..a3
+(every account walled) and are held alive by their workers for a live move, three jobs queue
+behind them. Then two healthy accounts are dropped in (a4, a5), so that placements and live moves
+run at once, the victim gets SIGKILL after a random delay, and is started again.
 
 A verdict lists every problem: a job not done, a job started fresh more than once, a walled
-session resumed on the new accounts other than exactly once or without its history, a transcript
-lost or not continued.
+session continued on the new accounts other than exactly once or without its history, a session
+with two live processes at once, a transcript lost or not continued.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random
-import shutil
 import signal
 import sqlite3
 import threading
@@ -24,9 +23,10 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from cl.store import Job, Store
-from utils import DaemonProcess, Layout, Planted, both, cl, oauth_credential, wait_until, write_credential
+from utils import DaemonProcess, Layout, Planted, cl, end_workers, oauth_credential, wait_until, write_credential
 
 BUSY_TIMEOUT = 0.2
 """The trials' store busy timeout: the random locks outlast it."""
@@ -42,58 +42,62 @@ class Verdict:
     """Seconds between the files landing and SIGKILL."""
     work_before_kill: int
     """Placements and moves onto the new accounts written when the kill came (0 to 6)."""
+    live_moves: int
+    """Moves made live (the rest by restart: those the kill rolled back after their worker let go)."""
     restart: float
     """Seconds from the restarted victim's exec to its socket answering (it is READY by then)."""
     problems: list[str]
 
 
-def template(root: Path, planted: Planted) -> Layout:
-    """Three sessions walled on every account there is, three jobs queued; the daemons stopped."""
+def trial(root: Path, planted: Planted, rng: random.Random, victim: str) -> Verdict:
+    """One kill, while the store is also locked at random moments past its busy timeout (by
+    another writer, as a backup or a sqlite3 shell would): the daemons and workers wait it out."""
     layout = Layout(root)
-    tokens = [planted.token() for _ in range(WALLED)]
-    for i, token in enumerate(tokens, start=1):
+    locks = layout.root / "session-locks"
+    locks.mkdir()
+    env = layout.env(CL_STORE_BUSY_TIMEOUT=str(BUSY_TIMEOUT), FAKE_CLAUDE_SESSION_LOCKS=str(locks))
+    walled = [planted.token() for _ in range(WALLED)]
+    for i, token in enumerate(walled, start=1):
         write_credential(layout.credentials, f"a{i}", oauth_credential(planted, token=token))
-    layout.quota(dict.fromkeys(tokens, 0))
-    with both(layout) as (_balancer, rescue):
+    layout.quota(dict.fromkeys(walled, 0))
+    daemons = {name: DaemonProcess(name, layout, env=env).start() for name in ("balancer", "rescue")}
+    try:
         with layout.started_together(WALLED):
             for i in range(WALLED):
                 cl(layout, "submit", "--cwd", str(layout.work), "--prompt", f"walls {i}")
-        wait_until(lambda: f"sessions={WALLED}" in rescue.log(), "every session to wait")
+        wait_until(lambda: _held(layout) == WALLED, "every session to be held for a live move")
         for i in range(QUEUED):
             cl(layout, "submit", "--cwd", str(layout.work), "--prompt", f"queued {i}")
-    for log in root.glob("*.log"):
-        log.unlink()
-    return layout
-
-
-def trial(start: Layout, root: Path, planted: Planted, rng: random.Random, victim: str) -> Verdict:
-    """One kill, while the store is also locked at random moments past its busy timeout (by
-    another writer, as a backup or a sqlite3 shell would): the daemons and workers wait it out."""
-    shutil.copytree(start.root, root, symlinks=True)
-    layout = Layout(root)
-    (layout.fakes / "fake-claude.jsonl").unlink(missing_ok=True)
-    before = _work(layout)
-    env = layout.env(CL_STORE_BUSY_TIMEOUT=str(BUSY_TIMEOUT))
-    daemons = {name: DaemonProcess(name, layout, env=env).start() for name in ("balancer", "rescue")}
-    tokens = {}
-    with _locked_at_random(layout.state / "cl.db", random.Random(rng.random())):
-        for name in HEALTHY:
-            tokens[name] = planted.token()
-            write_credential(layout.credentials, name, oauth_credential(planted, token=tokens[name]))
-        delay = rng.uniform(0, 0.3)
-        time.sleep(delay)  # a random point in the work: the kill is what is random, not what we assert
-        daemons[victim].stop(signal.SIGKILL)
-        work_before_kill = _work(layout) - before
-        began = time.perf_counter()
-        daemons[victim] = DaemonProcess(victim, layout, env=env).start()
-        restart = time.perf_counter() - began
-    try:
+        before = _work(layout)
+        tokens = {}
+        with _locked_at_random(layout.state / "cl.db", random.Random(rng.random())):
+            for name in HEALTHY:
+                tokens[name] = planted.token()
+                write_credential(layout.credentials, name, oauth_credential(planted, token=tokens[name]))
+            delay = rng.uniform(0, 0.3)
+            time.sleep(delay)  # a random point in the work: the kill is what is random, not what we assert
+            daemons[victim].stop(signal.SIGKILL)
+            work_before_kill = _work(layout) - before
+            began = time.perf_counter()
+            daemons[victim] = DaemonProcess(victim, layout, env=env).start()
+            restart = time.perf_counter() - began
         wait_until(lambda: {job.state for job in _jobs(layout)} == {"done"}, "every job to finish", timeout=60)
         wait_until(lambda: _events(layout).count("move settled") >= WALLED, "every move to be settled")
     finally:
         for daemon in daemons.values():
             daemon.stop()
-    return Verdict(victim, delay, work_before_kill, restart, _problems(layout, set(tokens.values())))
+        end_workers(layout)
+    live = sum(1 for event in _ledger(layout) if event["event"] == "move started" and event["detail"].get("live"))
+    problems = _problems(layout, set(tokens.values()))
+    return Verdict(victim, delay, work_before_kill, live, restart, problems)
+
+
+def _held(layout: Layout) -> int:
+    store = _store(layout)
+    try:
+        return sum(run.held_until is not None for run in store.runs_in(("walled",)))
+    finally:
+        store.close()
 
 
 @contextlib.contextmanager
@@ -124,9 +128,9 @@ def _problems(layout: Layout, healthy: set[str]) -> list[str]:
     problems = []
     jobs = _jobs(layout)
     calls = layout.claude_calls()
-    fresh = Counter(call["prompt"] for call in calls if "--resume" not in call["argv"])
+    fresh = Counter(call["prompt"] for call in calls if call["prompt"] != "continue")
     tails = {token[-6:] for token in healthy}
-    resumed = [call for call in calls if "--resume" in call["argv"] and call["token_tail"] in tails]
+    resumed = [call for call in calls if call["prompt"] == "continue" and call["token_tail"] in tails]
     per_session = Counter(call["session_id"] for call in resumed)
     for job in jobs:
         if job.state != "done":
@@ -141,6 +145,7 @@ def _problems(layout: Layout, healthy: set[str]) -> list[str]:
     problems += [
         f"session {call['session_id']}: resumed without its history" for call in resumed if call["history"] < 1
     ]
+    problems += [f"session {call['session_id']}: two live processes at once" for call in calls if call["overlap"]]
     return problems
 
 
@@ -156,12 +161,16 @@ def _jobs(layout: Layout) -> list[Job]:
         store.close()
 
 
-def _events(layout: Layout) -> list[str]:
+def _ledger(layout: Layout) -> list[dict[str, Any]]:
     store = _store(layout)
     try:
-        return [entry["event"] for entry in store.ledger(100_000)]
+        return store.ledger(100_000)
     finally:
         store.close()
+
+
+def _events(layout: Layout) -> list[str]:
+    return [entry["event"] for entry in _ledger(layout)]
 
 
 def _work(layout: Layout) -> int:

@@ -68,8 +68,15 @@ def test_jobs_run_to_done_and_show_in_status(layout: Layout, planted: Planted) -
     for job in kept["jobs"]:
         assert set(job) >= {"id", "state", "account", "session_id"}
         assert sessions[job["id"]]["account"] == job["account"]
-    for call in calls:  # every CLI run got the stream-json flags, in the job's cwd, the prompt on stdin
-        assert call["argv"][:4] == ["-p", "--output-format", "stream-json", "--verbose"]
+    for call in calls:  # every CLI run speaks stream-json both ways, in the job's cwd, the prompt on stdin
+        assert call["argv"][:6] == [
+            "-p",
+            "--input-format",
+            "stream-json",
+            "--output-format",
+            "stream-json",
+            "--verbose",
+        ]
         assert call["prompt"] not in call["argv"]
         assert call["cwd"] == str(layout.work)
     log = cl(layout, "logs", str(jobs[0]), "--raw")
@@ -101,6 +108,25 @@ def test_jobs_run_to_done_and_show_in_status(layout: Layout, planted: Planted) -
     rows = {line.split()[0]: line.split() for line in cl(layout, "jobs", "--all").stdout.splitlines()}
     assert rows.pop("JOB") == ["JOB", "STATE", "ACCOUNT", "SESSION", "CWD", "ERROR"]
     assert {job: row[1] for job, row in rows.items()} == {str(job): "done" for job in jobs}
+
+
+@pytest.mark.usefixtures("balancer")
+def test_a_session_id_that_starts_with_digits_is_found_by_its_start(layout: Layout, planted: Planted) -> None:
+    """`cl logs 12345678` names job 12345678 if there is one, else the session whose id starts so."""
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    job = submit(layout, "numbered")
+    wait_until(lambda: all_in(layout, "done", 1), "the job to finish")
+    store = Store(layout.state / "cl.db")
+    try:
+        (run,) = store.job_runs(job)
+        store.set_session(run.id, "12345678-0000-4000-8000-000000000000")
+    finally:
+        store.close()
+    by_job = cl(layout, "logs", str(job))
+    by_prefix = cl(layout, "logs", "12345678")
+    assert by_prefix.returncode == 0, by_prefix.stderr
+    assert by_prefix.stdout == by_job.stdout != ""
+    assert cl(layout, "logs", "7").returncode == 4  # a short number is a job id: no job 7
 
 
 @pytest.mark.usefixtures("balancer")

@@ -60,6 +60,8 @@ def claude_bin() -> Path:
 class FakeApi:
     url: str
     log: Path
+    watch: Path
+    """Each `NAME.pid` here is logged alive or not with every request."""
 
     def limit(self, credential: str, messages: int) -> None:
         data = json.dumps({"key": credential, "limit": messages}).encode()
@@ -74,12 +76,23 @@ class FakeApi:
 @pytest.fixture
 def fake_api(tmp_path: Path) -> Iterator[FakeApi]:
     port_file = tmp_path / "api.port"
+    watch = tmp_path / "watch"
+    watch.mkdir()
     server = subprocess.Popen(
-        [sys.executable, str(FAKE_API), "--port-file", str(port_file), "--log", str(tmp_path / "api.jsonl")]
+        [
+            sys.executable,
+            str(FAKE_API),
+            "--port-file",
+            str(port_file),
+            "--log",
+            str(tmp_path / "api.jsonl"),
+            "--watch",
+            str(watch),
+        ]
     )
     try:
         wait_until(port_file.exists, "the fake API to listen")
-        yield FakeApi(f"http://127.0.0.1:{port_file.read_text()}", tmp_path / "api.jsonl")
+        yield FakeApi(f"http://127.0.0.1:{port_file.read_text()}", tmp_path / "api.jsonl", watch)
     finally:
         server.terminate()
         server.wait(10)
@@ -153,6 +166,102 @@ def test_real_cli_sessions_move_to_a_dropped_in_account_with_their_conversation(
     for job in jobs:  # written by the CLI as its own user
         session_dir = layout.sessions / f"job-{job['id']}"
         assert transcript_path(session_dir, str(layout.work), job["session_id"]).stat().st_uid == cli_uid
+
+
+def cli_of(layout: Layout, job: int) -> int | None:
+    """The pid of the CLI process running job `job` (its environment names the job's config dir)."""
+    mark = f"CLAUDE_CONFIG_DIR={layout.sessions / f'job-{job}'}".encode()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and mark in (entry / "environ").read_bytes().split(b"\0"):
+                return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+def test_real_cli_walled_right_after_a_tool_call_goes_on_live_in_the_same_process(
+    layout: Layout, planted: Planted, fake_api: FakeApi, claude_bin: Path
+) -> None:
+    """The session runs a background shell, walls on the request that carries the tool's result,
+    and goes on under a2 in the same process: the next request carries a2's token and the whole
+    conversation (the tool call and its result), from the same CLI with the same session, while
+    the shell it started still runs."""
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    fake_api.limit(planted.tokens[-2], 1)  # the prompt is answered (a tool call); the tool's result walls
+    home = layout.root / "home"
+    home.mkdir()
+    env = layout.env(
+        CL_CLAUDE_BIN=str(claude_bin),
+        CL_CLAUDE_ARGS="--allowedTools Bash",
+        ANTHROPIC_BASE_URL=fake_api.url,
+        HOME=str(home),
+    )
+    shell = layout.work / "shell.pid"
+    (fake_api.watch / "shell.pid").symlink_to(shell)
+    prompt = f"start the server [[bash: echo $$ > {shell}; exec sleep 300]]"
+    with both(layout, env=env) as (balancer, _rescue):
+        job = json.loads(cl(layout, "submit", "--cwd", str(layout.work), "--prompt", prompt, "--json").stdout)["job"]
+        wait_until(lambda: job_view(layout, job)["state"] == "walled", "the session to wall", timeout=60)
+        wait_until(lambda: "session held" in balancer.log(), "the session to be held")
+        cli = cli_of(layout, job)
+        assert cli is not None
+        (fake_api.watch / "cli.pid").write_text(str(cli))
+        a2 = planted.token()
+        write_credential(layout.credentials, "a2", oauth_credential(planted, token=a2))
+        wait_until(lambda: job_view(layout, job)["state"] == "done", "the session to finish on a2", timeout=60)
+        story = json.loads(cl(layout, "job", str(job), "--json").stdout)
+        log = balancer.log()
+    first, walled, moved = fake_api.requests()
+    assert (first["walled"], walled["walled"], moved["walled"]) == (False, True, False)
+    assert walled["messages"][-2:] == ["[tool_use Bash]", "[tool_result]"]  # the wall came mid-turn
+    assert moved["cred_tail"] == a2[-6:]
+    assert moved["messages"][:-1] == walled["messages"][:-1]  # the whole conversation, under a2's token
+    assert moved["messages"][-1] == "[tool_result] | continue"
+    assert moved["session"] == walled["session"] == story["job"]["session_id"]
+    assert moved["alive"] == {"cli": True, "shell": True}  # the same CLI, and the shell it started
+    assert [(r["account"], r["state"]) for r in story["runs"]] == [("a1", "walled"), ("a2", "done")]
+    assert [m["how"] for m in story["moves"]] == ["live"]
+    assert "live move not taken" not in log
+
+
+@pytest.mark.parametrize("kind", ["oauth-token", "api-key"])
+def test_real_cli_on_a_token_or_api_key_account_is_moved_by_restart(
+    kind: str, layout: Layout, planted: Planted, fake_api: FakeApi, claude_bin: Path
+) -> None:
+    """A credential the CLI takes from its environment cannot change under a running process: the
+    walled session is not held, and moves to a2 by a restart with `--resume`, its conversation
+    whole. (It walls after an answer, a tool call: docs/claude-code.md, fact 14, says why.)"""
+    secret = planted.token() if kind == "oauth-token" else planted.token("plainkey-")
+    content = json.dumps({"oauthToken": secret} if kind == "oauth-token" else {"apiKey": secret})
+    write_credential(layout.credentials, "t1", content)
+    fake_api.limit(secret, 2)  # the first job's answer, the second's tool call; the tool's result walls
+    home = layout.root / "home"
+    home.mkdir()
+    env = layout.env(
+        CL_CLAUDE_BIN=str(claude_bin),
+        CL_CLAUDE_ARGS="--allowedTools Bash",
+        ANTHROPIC_BASE_URL=fake_api.url,
+        HOME=str(home),
+    )
+    with both(layout, env=env) as (balancer, _rescue):
+        first = json.loads(cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "one", "--json").stdout)["job"]
+        wait_until(lambda: job_view(layout, first)["state"] == "done", "the first session to finish", timeout=60)
+        two = "two [[bash: true]]"
+        job = json.loads(cl(layout, "submit", "--cwd", str(layout.work), "--prompt", two, "--json").stdout)["job"]
+        wait_until(lambda: job_view(layout, job)["state"] == "walled", "the session to wall", timeout=60)
+        a2 = planted.token()
+        write_credential(layout.credentials, "a2", oauth_credential(planted, token=a2))
+        wait_until(lambda: job_view(layout, job)["state"] == "done", "the session to finish on a2", timeout=60)
+        story = json.loads(cl(layout, "job", str(job), "--json").stdout)
+        log = balancer.log()
+    *_, walled, moved = fake_api.requests()
+    assert (walled["walled"], moved["walled"], moved["cred_tail"]) == (True, False, a2[-6:])
+    assert moved["messages"][:3] == walled["messages"][:3]  # the whole conversation, under a2's token:
+    assert moved["messages"][2] == "[tool_use Bash]"  # the prompt, the tool call (and its result), then
+    assert any(message.endswith(" | continue") for message in moved["messages"])  # the resume prompt
+    assert [m["how"] for m in story["moves"]] == ["restart"]
+    assert "session held" not in log
 
 
 FAKES = Path(__file__).resolve().parent / "fakes"

@@ -45,7 +45,8 @@ def walled_accounts(layout: Layout, planted: Planted, names: list[str]) -> dict[
 
 
 def resumed_calls(layout: Layout) -> list[dict[str, Any]]:
-    return [call for call in layout.claude_calls() if "--resume" in call["argv"]]
+    """The turns that resumed a session elsewhere, live or by restart (their prompt is `resume_prompt`)."""
+    return [call for call in layout.claude_calls() if call["prompt"] == "continue"]
 
 
 def ledger(layout: Layout) -> list[dict[str, Any]]:
@@ -58,7 +59,7 @@ def ledger(layout: Layout) -> list[dict[str, Any]]:
 
 def test_the_seed_afternoon(layout: Layout, planted: Planted) -> None:
     """Three accounts wall at once, the rescuer waits, a fourth file is dropped in, every session
-    moves to it with its conversation and finishes."""
+    moves to it with its conversation and finishes, each in its own process (a live move)."""
     tokens = walled_accounts(layout, planted, ["a1", "a2", "a3"])
     with both(layout) as (_balancer, rescue):
         with layout.started_together(3):  # one on each account, all three walling at once
@@ -80,19 +81,21 @@ def test_the_seed_afternoon(layout: Layout, planted: Planted) -> None:
         write_credential(layout.credentials, "a4", oauth_credential(planted, token=a4))
         wait_until(lambda: job_state_set(layout) == {"done"}, "every session to finish on a4")
 
-        resumed = [call for call in resumed_calls(layout) if call["token_tail"] == a4[-6:]]
-        assert sorted(call["session_id"] for call in resumed) == sorted(first_runs)  # each once
-        for call in resumed:
+        calls = layout.claude_calls()
+        moved = [call for call in calls if call["token_tail"] == a4[-6:]]
+        assert sorted(call["session_id"] for call in moved) == sorted(first_runs)  # each once
+        for call in moved:
             assert call["prompt"] == "continue"
             assert call["history"] >= 1  # the earlier conversation went out with the new token
-            assert call["cwd"] == first_runs[call["session_id"]]["cwd"]
+            before = [c for c in calls if c["session_id"] == call["session_id"] and c["t"] < call["t"]][-1]
+            assert call["pid"] == before["pid"]  # the process that walled goes on: no restart
         for job in jobs(layout).values():
             assert job["account"] == "a4"
             assert job["session_id"] in first_runs  # the same session, not a new one
         log = rescue.log()
         for line in ("session walled", "account added", "session moved", "session resumed"):
             assert line in log, line
-        assert len(re.findall(r"session moved .*account=a4", log)) == 3
+        assert len(re.findall(r"session moved .*account=a4 .*live=True", log)) == 3
         assert cl(layout, "accounts").returncode == 0  # both daemons see the same four accounts
         assert status(layout)["waiting"]["sessions"] == []
     settled = [entry for entry in ledger(layout) if entry["event"] == "move settled"]
@@ -101,8 +104,9 @@ def test_the_seed_afternoon(layout: Layout, planted: Planted) -> None:
 
 
 def test_a_failed_resume_is_marked_failed_with_its_reason(layout: Layout, planted: Planted) -> None:
+    """A move by restart (`live_wait = 0`) whose `--resume` finds no conversation."""
     walled_accounts(layout, planted, ["a1"])
-    with both(layout) as (_balancer, rescue):
+    with both(layout, env=layout.env(CL_LIVE_WAIT="0")) as (_balancer, rescue):
         job = submit(layout, "doomed")
         wait_until(lambda: "no-eligible-account" in rescue.log(), "the session to wait")
         for transcript in (layout.sessions).rglob("*.jsonl"):
@@ -254,12 +258,13 @@ def test_a_jobs_story_its_answer_and_waiting_for_it(layout: Layout, planted: Pla
         raw = [json.loads(line) for line in cl(layout, "logs", "--raw", str(job)).stdout.splitlines()]
     assert story["job"]["state"] == "done"
     assert [(r["account"], r["state"]) for r in story["runs"]] == [("a1", "walled"), ("a2", "done")]
-    assert [(m["from"], m["to"], m["why"]) for m in story["moves"]] == [("a1", "a2", "walled")]
+    assert [(m["from"], m["to"], m["why"], m["how"]) for m in story["moves"]] == [("a1", "a2", "walled", "live")]
     assert answer.stdout.startswith("Hi from fake claude (n_messages=2")  # the whole conversation went on
-    assert "moved a1 -> a2" in table
+    assert "moved a1 -> a2 at" in table
+    assert "(walled; live)" in table
     assert missing.returncode == 4
     marks = [" ".join(line.split()[:2]) for line in followed.splitlines() if line.startswith(("⚠", "──"))]
     assert marks == ["── session", "⚠ usage", "── error", "── moved", "── session", "── done,"], followed
-    assert "── moved a1 → a2 (walled) at " in followed
+    assert "── moved a1 → a2 (walled; live) at " in followed
     assert [event["type"] for event in raw].count("cl_move") == 1  # --raw: stream-json, cl's line too
     assert [event["type"] for event in raw][-1] == "result"

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from cl import worker
+from cl import cli_process, worker
 from cl.claude_code.stream import StreamState
 from cl.config import Config
 from cl.states import RunState
@@ -258,11 +258,11 @@ def test_a_result_the_cli_prints_is_stored_bounded() -> None:
 def test_a_runs_log_keeps_a_bounded_amount_of_what_the_cli_prints(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(worker, "MAX_LOG_BYTES", 1000)
-    with (tmp_path / "run.log").open("ab") as file:
-        out = worker._Output(file)
-        for i in range(100):
-            out.write(f"line {i:04d} " + "x" * 40 + "\n")
+    monkeypatch.setattr(cli_process, "MAX_LOG_BYTES", 1000)
+    out = cli_process.Output(tmp_path / "run.log")
+    for i in range(100):
+        out.write(f"line {i:04d} " + "x" * 40 + "\n")
+    out.close()
     text = (tmp_path / "run.log").read_text()
     assert len(text) <= 1000 + 100
     assert text.endswith("[cl: the output goes on; the log keeps no more of it]\n")

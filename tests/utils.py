@@ -142,7 +142,11 @@ class Layout:
     """The CLI's own user (`cli_user`); '' runs it as the daemons' (root in CI), Landlock only.
     With a user, the layout is laid out as `make run` as root would have it (see `separated`)."""
 
+    made: ClassVar[list[Layout]] = []
+    """Every layout of the running test (what `end_workers` looks for)."""
+
     def __post_init__(self) -> None:
+        Layout.made.append(self)
         self.credentials = self.root / "claude"
         self.state = self.root / "state"
         self.sessions = self.root / "sessions"
@@ -205,6 +209,24 @@ class Layout:
         (self.root / "config.toml").touch()
         env.update(extra)
         return env
+
+
+def end_workers(layout: Layout) -> list[int]:
+    """Kill the workers this layout's daemons launched that are still there (a session held for a
+    live move waits up to `live_wait`, outliving the daemons), found by the state dir their
+    environment names; their CLIs go with them (PDEATHSIG). The pids killed."""
+    mark = f"CL_STATE_DIR={layout.state}".encode()
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if mark in (entry / "environ").read_bytes().split(b"\0"):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return killed
 
 
 class DaemonProcess:

@@ -46,6 +46,8 @@ log = structlog.get_logger("cl.balancer")
 
 MAX_TURNS = 100_000
 MIN_SESSION_PREFIX = 4
+MAX_JOB_DIGITS = 18
+"""A job id has at most this many digits (the store's integers are 64-bit)."""
 RETENTION_INTERVAL = 6 * 3600.0
 """Seconds between retention passes."""
 MAX_PROMPT_BYTES = 48 * 1024
@@ -71,6 +73,7 @@ class Balancer(Service):
             **super().handlers(),
             "submit": self._submit,
             "cancel": self._cancel,
+            "send": self._send,
             "status": self._status,
             "logs": self._logs,
             "job": self._job,
@@ -144,13 +147,17 @@ class Balancer(Service):
         self._waiting_logged = bool(waiting)
 
     async def _place_job(self, job: Job, account: str, limit: int) -> bool:
-        """Write the placement and launch its worker; False if the job was cancelled meanwhile."""
-        run = await self.store.place(job.id, account, limit)
+        """Write the placement and launch its worker; False if the job was cancelled meanwhile. A
+        job with a session is a follow-up (`cl send`): its run resumes the session."""
+        run = await self.store.place(job.id, account, limit, job.session_id)
         if run is None:
             return False
         await self.supervisor.launch(run)
         self._placements += 1
-        log.info("job placed", job=job.id, run=run.id, account=account)
+        if job.session_id is None:
+            log.info("job placed", job=job.id, run=run.id, account=account)
+        else:
+            log.info("follow-up placed", job=job.id, run=run.id, account=account, session=job.session_id)
         return True
 
     # requests
@@ -220,6 +227,31 @@ class Balancer(Service):
                 os.kill(running.pid, signal.SIGTERM)  # its worker stops the CLI, whole tree, and says so
         log.info("job cancelled", job=job_id, run=running.id if running else None, by=peer.uid)
         return {"job": job_id, "state": job.state}
+
+    async def _send(self, request: Request, peer: Peer) -> Reply:
+        """A follow-up for a job (`cl send`): taken by its CLI after the turn it is in, sent with
+        the session's next move, or (a finished job) resuming the session where there is most room."""
+        job_id = (await self._own_job(request, peer)).id
+        text = text_field(request, "text", lines=True)
+        if text is None or not text.strip():
+            raise RequestError("bad-request", '"text" must be a non-empty string')
+        if len(text.encode()) > MAX_PROMPT_BYTES:
+            raise RequestError("bad-request", f'"text" is over {MAX_PROMPT_BYTES} bytes')
+        sent = await self.store.send(job_id, text, MAX_PROMPT_BYTES)
+        if sent is None:
+            raise RequestError("not-found", f"no job {job_id}")
+        before, outcome = sent
+        refusals = {
+            "cancelled": f"job {job_id} was cancelled: nothing continues it",
+            "not-started": f"job {job_id} has not started a session yet: wait for it (cl wait) and send then",
+            "no-session": f"job {job_id} ended ({before}) without a session to continue",
+            "too-long": f"the texts waiting for job {job_id} would be over {MAX_PROMPT_BYTES} bytes",
+        }
+        if outcome in refusals:
+            raise RequestError("refused", refusals[outcome])
+        log.info("follow-up sent", job=job_id, how=outcome, by=peer.uid)
+        self.wake()
+        return {"job": job_id, "sent": outcome}
 
     async def _settings(self, _request: Request, _peer: Peer) -> Reply:
         """Every account name with a setting, and whether the roster has it now."""
@@ -293,6 +325,7 @@ class Balancer(Service):
                 "from": before.account,
                 "to": run.account,
                 "why": before.state,
+                "how": _how(run),
                 "run": run.id,
             }
             for before, run in itertools.pairwise(runs)
@@ -350,7 +383,12 @@ class Balancer(Service):
         }
 
     async def _job_of_session(self, session: str) -> int:
-        """The job of the session with this id, or with an id starting so (4 characters at least)."""
+        """The job of the session with this id, or with an id starting so (4 characters at least);
+        digits name a job first (a session id may start with 8 digits too)."""
+        if session.isdigit() and len(session) <= MAX_JOB_DIGITS:
+            job_id = int(session)
+            if len(session) < MIN_SESSION_PREFIX or await self.store.get_job(job_id) is not None:
+                return job_id
         if len(session) < MIN_SESSION_PREFIX:
             raise RequestError("bad-request", f"a session id, or its first {MIN_SESSION_PREFIX} characters or more")
         found = await self.store.jobs_with_session(session)
@@ -394,11 +432,16 @@ def log_parts(runs: list[Run]) -> list[bytes | Path]:
     parts: list[bytes | Path] = []
     for before, run in itertools.pairwise([None, *runs]):
         if before is not None and run is not None and run.is_move:
-            move = {"type": "cl_move", "from": before.account, "to": run.account, "why": before.state}
+            move = {"type": "cl_move", "from": before.account, "to": run.account, "why": before.state, "how": _how(run)}
             parts.append(json.dumps({**move, "at": iso_utc(run.created_at)}).encode() + b"\n")
         if run is not None and run.log_path:
             parts.append(Path(run.log_path))
     return parts
+
+
+def _how(run: Run) -> str:
+    """How a move went: `live` (the same CLI process went on) or `restart` (`--resume`)."""
+    return "live" if run.live else "restart"
 
 
 def read_log(parts: list[bytes | Path], offset: int, limit: int) -> bytes:

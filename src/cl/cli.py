@@ -153,6 +153,22 @@ def cmd_submit(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+SENT = {
+    "next-turn": "its CLI takes it when the turn it is in ends",
+    "with-move": "it goes with the session's move to an account with room",
+    "queued": "the session resumes with it on the account with the most room",
+}
+
+
+def cmd_send(config: Config, args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.text == "-" else args.text
+    if not text.strip():
+        raise CommandError("the text is empty", EXIT_USAGE)
+    reply = ask(config, "balancer", {"request": "send", "job": args.job, "text": text})
+    print(f"job {reply['job']}: sent; {SENT.get(reply['sent'], reply['sent'])}")
+    return 0
+
+
 def cmd_cancel(config: Config, args: argparse.Namespace) -> int:
     reply = ask(config, "balancer", {"request": "cancel", "job": args.job})
     print(f"job {reply['job']} cancelled")
@@ -321,7 +337,7 @@ def cmd_job(config: Config, args: argparse.Namespace) -> int:
         ],
     )
     for move in story["moves"]:
-        print(f"  moved {move['from']} -> {move['to']} at {move['at']} ({move['why']})")
+        print(f"  moved {move['from']} -> {move['to']} at {move['at']} ({move['why']}; {move['how']})")
     if (result := story["result"]) is not None:
         usage = result.get("usage") or {}
         print(f"\nresult: {_one_line(str(result.get('result', '')))}")
@@ -357,10 +373,9 @@ def _one_line(text: str, width: int = 100) -> str:
 
 
 def cmd_logs(config: Config, args: argparse.Namespace) -> int:
-    key: int | str = int(args.session) if args.session.isdigit() else args.session
     offset, partial = 0, ""
     while True:
-        reply = ask(config, "balancer", {"request": "logs", "session": key, "offset": offset})
+        reply = ask(config, "balancer", {"request": "logs", "session": args.session, "offset": offset})
         if args.json and not args.follow:
             print(json.dumps({"output": reply["data"], "finished": reply["finished"]}))
             return 0
@@ -397,7 +412,8 @@ def readable(line: str) -> str | None:
         resets = (event.get("rate_limit_info") or {}).get("resetsAt")
         return f"⚠ usage wall{' until ' + time.strftime('%Y-%m-%d %H:%MZ', time.gmtime(resets)) if resets else ''}"
     if kind == "cl_move":  # cl's own line between two runs of a job
-        return f"── moved {event.get('from')} → {event.get('to')} ({event.get('why')}) at {event.get('at')}"
+        how = f"; {event['how']}" if event.get("how") else ""
+        return f"── moved {event.get('from')} → {event.get('to')} ({event.get('why')}{how}) at {event.get('at')}"
     if kind == "result":
         usage = event.get("usage") or {}
         tokens = f", tokens {usage.get('input_tokens', 0)}/{usage.get('output_tokens', 0)}" if usage else ""
@@ -531,6 +547,15 @@ def parser() -> argparse.ArgumentParser:
     submit.add_argument("--max-turns", type=int, help="stop the session after this many turns")
     submit.add_argument("--json", action="store_true", help=JSON_HELP)
     submit.set_defaults(func=cmd_submit)
+
+    send = command(
+        "send",
+        "continue a job's session with a new prompt: in place if its CLI is alive, else resumed where there is room",
+        "  cl send 7 'now add a test for it'\n  cl send 7 - < next-step.md\n  cl send 7 'and the docs' && cl wait 7\n",
+    )
+    send.add_argument("job", type=int, help=JOB_HELP)
+    send.add_argument("text", help="the prompt (at most 48 KiB), or - to read it from standard input")
+    send.set_defaults(func=cmd_send)
 
     cancel = command(
         "cancel",

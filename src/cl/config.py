@@ -50,6 +50,8 @@ class Config:
     """Seconds a wall stands when the CLI named no reset time (API-key walls)."""
     resume_prompt: str = "continue"
     """The prompt a moved session is resumed with."""
+    live_wait: float = 3600.0
+    """Seconds a walled session's CLI is kept alive, idle, for a move in place; 0: always restart."""
     reset_jitter: float = 1.0
     """Up to this many seconds are added at random to a wall's reset before trying the account."""
     session_lock_wait: float = 60.0
@@ -200,6 +202,7 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "worker": _worker,
     "wall_retry": _positive_float,
     "resume_prompt": _prompt,
+    "live_wait": _seconds_or_zero,
     "reset_jitter": _seconds_or_zero,
     "reconcile_interval": _positive_float,
     "retention_days": _positive_float,

@@ -27,6 +27,7 @@ MESSAGE_IDS = {
     "account needs login": "c9a84b2dc3004111aa895eea1713147c",
     "session walled": "003192a12cc64e089c49e2f83f4a81a1",
     "session moved": "ba30130a6c7c4f0cafc59297eb377c03",
+    "live move not taken by the CLI, moving by restart": "3df5d5f13c374835b395a24485f1d8fc",
     "session resumed": "2a14ccae4376401a8ef3e106333abba8",
     "session failed": "1bd3a53334b9467392b81cd7e223a3f2",
     "waiting": "568994da6f244d16a9eeb214d136e454",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,6 +61,24 @@ def alive(pid: int, started: str | None) -> bool:
     except OSError as exc:
         return exc.errno in CANNOT_LOOK
     return fields[0] != "Z" and fields[19] == started
+
+
+def send_signal(pid: int, started: str | None, signum: int) -> bool:
+    """Signal `pid` if it is still the process that started at `started`: through a pidfd opened
+    before the check, so a pid reused meanwhile is never signalled. False if it is gone."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        if not alive(pid, started):
+            return False
+        signal.pidfd_send_signal(fd, signum)
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def on_exit(pid: int, callback: Callable[[], None]) -> bool:

@@ -160,17 +160,29 @@ class Rescuer(Service):
         return waiting
 
     async def _move(self, job: Job, account: str, limit: int, *, launches: list[asyncio.Task[None]]) -> bool:
-        """Write the move, re-point the job's credentials, start the resumed run. False if the job
-        changed meanwhile (another pass or daemon got to it)."""
+        """Write the move and start the resumed run: handed to the worker still holding the
+        session's CLI (a live move), or a new worker's (a restart). False if the job changed
+        meanwhile (another pass or daemon got to it)."""
         assert job.session_id is not None
-        run = await self.store.place(job.id, account, limit, job.session_id)
+        holder = await self.store.latest_run(job.id)
+        held = holder is not None and holder.held_until is not None and alive(holder.pid or 0, holder.pid_start)
+        run = await self.store.place(job.id, account, limit, job.session_id, live=held)
         if run is None:
             return False
         self._moves += 1
         log.info(
-            "session moved", session=job.session_id, job=job.id, run=run.id, account=account, **{"from": job.account}
+            "session moved",
+            session=job.session_id,
+            job=job.id,
+            run=run.id,
+            account=account,
+            live=run.live,
+            **{"from": job.account},
         )
-        launches.append(asyncio.create_task(self.supervisor.launch(run)))
+        if run.live and holder is not None:
+            launches.append(asyncio.create_task(self.supervisor.hand_over(run, holder)))
+        else:
+            launches.append(asyncio.create_task(self.supervisor.launch(run)))
         return True
 
     async def _settle_moves(self) -> None:

@@ -1,7 +1,8 @@
 """A job's and a run's states, and the one table of the transitions between them.
 
-A job is what an operator submitted; a run is one CLI process of it (the first, then one per
-move). The store is the only writer of either, and it enforces `JOB_TRANSITIONS` and
+A job is what an operator submitted; a run is one stint of its session on one account: the
+first, then one per move or follow-up (a live one goes on in the same CLI process). The store
+is the only writer of either, and it enforces `JOB_TRANSITIONS` and
 `RUN_TRANSITIONS` on every update (`cl.store`): an update to a state the table does not allow
 from the current one raises `IllegalTransition` and changes nothing. docs/design.md draws it.
 """
@@ -50,8 +51,8 @@ JOB_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
     ),
     JobState.WALLED: frozenset({JobState.RUNNING, JobState.QUEUED, JobState.CANCELLED}),  # moved, requeued
     JobState.ORPHANED: frozenset({JobState.RUNNING, JobState.QUEUED, JobState.CANCELLED}),
-    JobState.DONE: frozenset(),
-    JobState.FAILED: frozenset(),
+    JobState.DONE: frozenset({JobState.QUEUED}),  # a follow-up (`cl send`) resumes the session
+    JobState.FAILED: frozenset({JobState.QUEUED}),
     JobState.CANCELLED: frozenset(),
 }
 RUN_TRANSITIONS: Mapping[RunState, frozenset[RunState]] = {

@@ -137,6 +137,21 @@ MIGRATIONS: list[str] = [
         updated_at REAL NOT NULL
     )
     """,
+    # 8: live moves. A walled run whose worker holds its CLI alive (until `held_until`) can be
+    # handed a move (`live`): the same process goes on with the new account's credential. Whether
+    # a CLI version takes a new credential in a running process, as measured by such moves.
+    # Follow-ups (`cl send`): the operator's next message, until a run takes it as its prompt.
+    """
+    ALTER TABLE runs ADD COLUMN live INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE runs ADD COLUMN held_until REAL;
+    ALTER TABLE runs ADD COLUMN prompt TEXT;
+    ALTER TABLE jobs ADD COLUMN pending_prompt TEXT;
+    CREATE TABLE cli_versions (
+        version TEXT PRIMARY KEY,
+        swaps INTEGER NOT NULL,
+        measured_at REAL NOT NULL
+    )
+    """,
 ]
 
 
@@ -155,6 +170,8 @@ class Job:
     updated_at: float
     submitter: int | None
     """The uid that submitted it (from the connection's peer credentials)."""
+    pending_prompt: str | None
+    """A follow-up (`cl send`) no run has taken yet."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state", JobState(self.state))  # as read from a row: text
@@ -186,15 +203,22 @@ class Run:
     """A move's transcript size once its CLI exited (measured by its worker, as the CLI's user)."""
     result: str | None
     """The run's `result` event as JSON (redacted): the answer, its cost and usage."""
+    live: bool
+    """A live move: handed to the worker of the run before it, whose CLI goes on, not launched."""
+    held_until: float | None
+    """The run walled and its worker holds its CLI alive until then, for a live move."""
+    prompt: str | None
+    """A follow-up's text (`cl send`): this run's prompt instead of the job's or `resume_prompt`."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state", RunState(self.state))  # as read from a row: text
+        object.__setattr__(self, "live", bool(self.live))
 
     @property
     def is_move(self) -> bool:
-        """It resumes a session that walled or was orphaned elsewhere (the rescuer's), rather
-        than starting a queued job (the balancer's)."""
-        return self.resume is not None
+        """It resumes a session that walled or was orphaned (the rescuer's), rather than starting
+        a queued job or following one up (the balancer's)."""
+        return self.resume is not None and self.prior_state in RESCUABLE
 
     @property
     def launcher(self) -> str:
@@ -441,7 +465,7 @@ class Store:
     def cancel_job(self, job_id: int) -> tuple[Job, Run | None] | None:
         """Cancel a job in any state but finished: nothing places, moves or resumes it again, and a
         run not yet claimed is ended here. The job afterwards, with its run still running (whose
-        worker must stop its CLI); None if there is no such job."""
+        worker must stop its CLI) or held; None if there is no such job."""
         now = time.time()
         with self.transaction() as db:
             updated = db.execute(
@@ -458,40 +482,123 @@ class Store:
         job = self.get_job(job_id)
         if job is None:
             return None
-        row = self._db.execute(
-            "SELECT * FROM runs WHERE job_id = ? AND state = ?", (job_id, RunState.RUNNING)
+        row = self._db.execute(  # running, or walled with its worker holding the CLI
+            "SELECT * FROM runs WHERE job_id = ? AND (state = ? OR held_until IS NOT NULL) ORDER BY id DESC LIMIT 1",
+            (job_id, RunState.RUNNING),
         ).fetchone()
         return job, Run(*row) if row else None
 
+    def send(self, job_id: int, text: str, limit: int) -> tuple[JobState, str] | None:
+        """Follow a job up with `text` (`cl send`). The job's state before, and what becomes of
+        the text: `next-turn` (its CLI takes it after the turn it is in), `with-move` (the
+        session's next move, live or by restart, sends it), `queued` (a finished session resumes
+        with it); or a refusal: `not-started`, `no-session`, `cancelled`, `too-long`. None if no
+        such job. Texts sent before one is taken are joined, in order, up to `limit` bytes."""
+        with self.transaction() as db:
+            row = db.execute("SELECT state, session_id, pending_prompt FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            state = JobState(row["state"])
+            if state == JobState.CANCELLED:
+                return state, "cancelled"
+            if row["session_id"] is None:
+                return state, "not-started" if state in LIVE_JOBS else "no-session"
+            if len((row["pending_prompt"] or "").encode()) + 2 + len(text.encode()) > limit:
+                return state, "too-long"
+            outcome = {JobState.RUNNING: "next-turn", JobState.WALLED: "with-move", JobState.ORPHANED: "with-move"}
+            db.execute(
+                "UPDATE jobs SET pending_prompt = CASE WHEN pending_prompt IS NULL THEN ?"
+                " ELSE pending_prompt || char(10) || char(10) || ? END, updated_at = ? WHERE id = ?",
+                (text, text, time.time(), job_id),
+            )
+            if state in FINISHED_JOBS:
+                db.execute(
+                    "UPDATE jobs SET state = ?, account = NULL, error = NULL WHERE id = ?", (JobState.QUEUED, job_id)
+                )
+            self.record(db, "follow-up sent", job_id, bytes=len(text.encode()))
+        return state, outcome.get(state, "queued")
+
+    def follow_up(self, run_id: int, log_path: Callable[[int], str]) -> Run | None:
+        """The run's turn ended well and its CLI is alive: if a follow-up waits, this run is done
+        and a new one, claimed by the same worker (its log at `log_path(run id)`), takes it: the
+        job stays running. None if none waits."""
+        now = time.time()
+        with self.transaction() as db:
+            run = db.execute("SELECT * FROM runs WHERE id = ? AND state = ?", (run_id, RunState.RUNNING)).fetchone()
+            if run is None:
+                return None
+            job = db.execute(
+                "SELECT session_id, pending_prompt FROM jobs WHERE id = ? AND state = ?",
+                (run["job_id"], JobState.RUNNING),
+            ).fetchone()
+            if job is None or job["pending_prompt"] is None:
+                return None
+            db.execute("UPDATE runs SET state = ?, ended_at = ? WHERE id = ?", (RunState.DONE, now, run_id))
+            cursor = db.execute(
+                "INSERT INTO runs (job_id, account, state, pid, pid_start, session_id, resume, created_at, live,"
+                " prompt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
+                (
+                    run["job_id"],
+                    run["account"],
+                    RunState.RUNNING,
+                    run["pid"],
+                    run["pid_start"],
+                    job["session_id"],
+                    job["session_id"],
+                    now,
+                    job["pending_prompt"],
+                ),
+            )
+            follow = int(cursor.lastrowid or 0)
+            db.execute("UPDATE runs SET log_path = ? WHERE id = ?", (log_path(follow), follow))
+            db.execute("UPDATE jobs SET pending_prompt = NULL, updated_at = ? WHERE id = ?", (now, run["job_id"]))
+            self.record(db, "follow-up started", run["job_id"], run["account"], run=follow, live=True)
+        return self.get_run(follow)
+
     # runs: placement, claim, session, settlement
 
-    def place(self, job_id: int, account: str, limit: int, resume: str | None = None) -> Run | None:
+    def place(
+        self, job_id: int, account: str, limit: int, resume: str | None = None, *, live: bool = False
+    ) -> Run | None:
         """Hand a job to `account`: job -> running, and a `starting` run. None if the job is not waiting.
 
         A queued job is placed; with `resume`, a walled or orphaned job's session moves (the
-        ledger's "move started"). Raises `NoRoom` if the account is walled or has `limit` live runs.
+        ledger's "move started"), or a queued follow-up resumes it ("follow-up started"). With
+        `live`, the move is handed to the worker still holding the session's CLI, if it still
+        holds it (`release` and this take turns); otherwise (and the run says so) it is a restart.
+        The run's prompt is the job's pending follow-up, if any. Raises `NoRoom` if the account is
+        walled or has `limit` live runs.
         """
         now = time.time()
-        waiting = (JobState.QUEUED,) if resume is None else RESCUABLE
+        waiting = (JobState.QUEUED,) if resume is None else (*RESCUABLE, JobState.QUEUED)
         with self.transaction() as db:
-            job = db.execute("SELECT state, account FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            job = db.execute("SELECT state, account, pending_prompt FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if job is None or job["state"] not in waiting:
                 return None
             if self._walled(db, account, now) or self._paused(db, account) or self._live_on(db, account) >= limit:
                 raise NoRoom(account)
+            live = (
+                live
+                and db.execute("SELECT 1 FROM runs WHERE job_id = ? AND held_until IS NOT NULL", (job_id,)).fetchone()
+                is not None
+            )
             db.execute(
                 "UPDATE jobs SET state = ?, account = ?, error = NULL, updated_at = ? WHERE id = ?",
                 (JobState.RUNNING, account, now, job_id),
             )
             cursor = db.execute(
-                "INSERT INTO runs (job_id, account, state, resume, created_at, prior_state) VALUES (?, ?, ?, ?, ?, ?)",
-                (job_id, account, RunState.STARTING, resume, now, resume and job["state"]),
+                "INSERT INTO runs (job_id, account, state, resume, created_at, prior_state, live, prompt)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, account, RunState.STARTING, resume, now, resume and job["state"], live, job["pending_prompt"]),
             )
             run_id = int(cursor.lastrowid or 0)
             if resume is None:
                 self.record(db, "job placed", job_id, account, run=run_id)
+            elif job["state"] == JobState.QUEUED:
+                self.record(db, "follow-up started", job_id, account, run=run_id, session=resume)
             else:
-                self.record(db, "move started", job_id, account, run=run_id, session=resume, source=job["account"])
+                source = job["account"]
+                self.record(db, "move started", job_id, account, run=run_id, session=resume, source=source, live=live)
         return self.get_run(run_id)
 
     def requeue(self, job_id: int, reason: str) -> bool:
@@ -529,8 +636,51 @@ class Store:
                 (RunState.RUNNING, pid, pid_start, log_path, run_id, RunState.STARTING),
             ).rowcount
             if claimed:
-                self.record(db, "run started", self._job_of(db, run_id), run=run_id, pid=pid)
+                job_id = self._job_of(db, run_id)
+                db.execute("UPDATE runs SET held_until = NULL WHERE job_id = ? AND held_until IS NOT NULL", (job_id,))
+                db.execute(  # the follow-up it took is sent now
+                    "UPDATE jobs SET pending_prompt = NULL"
+                    " WHERE id = ? AND pending_prompt = (SELECT prompt FROM runs WHERE id = ?)",
+                    (job_id, run_id),
+                )
+                self.record(db, "run started", job_id, run=run_id, pid=pid)
         return self.get_run(run_id) if claimed else None
+
+    def handed_over(self, run_id: int) -> Run | None:
+        """The live move handed to the worker holding `run_id`'s CLI (`starting`, its to claim)."""
+        return self._handed_over(self._db, run_id)
+
+    def release(self, run_id: int) -> Run | None:
+        """The worker holding `run_id`'s CLI stops holding it, unless a live move was handed to it
+        meanwhile: that move, or None once released (`place` and this take turns)."""
+        with self.transaction() as db:
+            if (handed := self._handed_over(db, run_id)) is not None:
+                return handed
+            db.execute("UPDATE runs SET held_until = NULL WHERE id = ?", (run_id,))
+        return None
+
+    @staticmethod
+    def _handed_over(db: sqlite3.Connection, run_id: int) -> Run | None:
+        row = db.execute(
+            "SELECT * FROM runs WHERE job_id = (SELECT job_id FROM runs WHERE id = ?) AND id > ? AND live"
+            " AND state = ? ORDER BY id DESC LIMIT 1",
+            (run_id, run_id, RunState.STARTING),
+        ).fetchone()
+        return Run(*row) if row else None
+
+    def swaps(self, version: str) -> bool | None:
+        """Whether CLI `version` took a new credential in a running process when last measured."""
+        row = self._db.execute("SELECT swaps FROM cli_versions WHERE version = ?", (version,)).fetchone()
+        return None if row is None else bool(row[0])
+
+    def record_swap(self, version: str, swaps: bool) -> None:
+        """What a live move measured of CLI `version` (the latest measurement stands)."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO cli_versions (version, swaps, measured_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (version) DO UPDATE SET swaps = excluded.swaps, measured_at = excluded.measured_at",
+                (version, swaps, time.time()),
+            )
 
     def set_session(self, run_id: int, session_id: str) -> None:
         with self.transaction() as db:
@@ -541,8 +691,12 @@ class Store:
             )
             self.record(db, "session seen", self._job_of(db, run_id), run=run_id, session=session_id)
 
-    def settle(self, run_id: int, state: RunState, error: str | None = None) -> Run | None:
+    def settle(
+        self, run_id: int, state: RunState, error: str | None = None, *, held_until: float | None = None
+    ) -> Run | None:
         """End a live run and carry the outcome to its job. None if the run had already ended.
+        `held_until`: the run walled, and its worker holds the CLI alive until then (one
+        transaction: the rescuer never sees the wall without the hold).
 
         An abandoned run (never claimed) puts its job back where it was: queued, or for a move
         walled or orphaned, so that the move is simply tried again. Only a `starting` run can be
@@ -552,12 +706,14 @@ class Store:
         ending = (RunState.STARTING,) if state == RunState.ABANDONED else LIVE_RUNS
         with self.transaction() as db:
             ended = db.execute(
-                f"UPDATE runs SET state = ?, error = ?, ended_at = ? WHERE id = ? AND state IN {_sql_set(ending)}",
-                (state, error, now, run_id, *ending),
+                "UPDATE runs SET state = ?, error = ?, ended_at = ?, held_until = ?"
+                f" WHERE id = ? AND state IN {_sql_set(ending)}",
+                (state, error, now, held_until, run_id, *ending),
             ).rowcount
             if not ended:
                 return None
             job_id, prior = db.execute("SELECT job_id, prior_state FROM runs WHERE id = ?", (run_id,)).fetchone()
+            pending = db.execute("SELECT pending_prompt FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
             job_state = {
                 RunState.DONE: JobState.DONE,
                 RunState.FAILED: JobState.FAILED,
@@ -566,6 +722,8 @@ class Store:
                 RunState.ABANDONED: prior or JobState.QUEUED,
                 RunState.CANCELLED: JobState.CANCELLED,
             }[state]
+            if job_state == JobState.DONE and pending is not None:
+                job_state = JobState.QUEUED  # a follow-up came as the CLI ended: it resumes the session
             db.execute(  # a cancelled job stays cancelled, whatever its last run says
                 "UPDATE jobs SET state = ?, error = ?, updated_at = ?,"
                 " account = CASE WHEN ? = 'queued' THEN NULL ELSE account END WHERE id = ? AND state != ?",
@@ -922,6 +1080,7 @@ class AsyncStore:
     latest_run = _OnStoreThread(Store.latest_run)
     oldest_queued = _OnStoreThread(Store.oldest_queued)
     place = _OnStoreThread(Store.place)
+    send = _OnStoreThread(Store.send)
     prune = _OnStoreThread(Store.prune)
     queue_length = _OnStoreThread(Store.queue_length)
     requeue = _OnStoreThread(Store.requeue)

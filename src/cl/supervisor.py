@@ -9,6 +9,7 @@ rescuer resumes those). Every change a daemon makes to a run is told to the othe
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Callable
 
 import structlog
@@ -16,7 +17,7 @@ import structlog
 from cl.client import tell
 from cl.config import Config
 from cl.launcher import launch, prepare_launches, stop_launches
-from cl.processes import alive, on_exit
+from cl.processes import alive, on_exit, send_signal
 from cl.registry import CredentialRegistry
 from cl.states import LIVE_RUNS, RunState
 from cl.store import AsyncStore, Run, StoreUnavailable, retry_delay
@@ -56,6 +57,21 @@ class Supervisor:
             log.error("cannot launch a worker", job=run.job_id, run=run.id, account=run.account, error=str(exc))
             return
         if not on_exit(pid, self._exited(run.id)):  # gone already
+            await self.check(run.id)
+
+    async def hand_over(self, run: Run, holder: Run) -> None:
+        """A live move: the worker holding `holder`'s CLI is told (SIGUSR1) to claim `run` and go on
+        with the new account, and is watched from now on. If it is gone, or goes before claiming,
+        the move is abandoned (the job walls again) and made anew by restart."""
+        if run.account not in self.registry.accounts:
+            await self.settle(run, RunState.ABANDONED, "account removed")
+            return
+        pid = holder.pid
+        if (
+            pid is None
+            or not send_signal(pid, holder.pid_start, signal.SIGUSR1)
+            or not on_exit(pid, self._exited(run.id))
+        ):
             await self.check(run.id)
 
     async def recover(self, run: Run, why: str) -> Run:
@@ -112,7 +128,9 @@ class Supervisor:
         if run is None:
             return
         by_worker = run.state not in LIVE_RUNS
-        if run.state == RunState.STARTING:
+        if run.state == RunState.STARTING and run.live:
+            run = await self.settle(run, RunState.ABANDONED, "the session's CLI ended before the live move")
+        elif run.state == RunState.STARTING:
             run = await self.settle(run, RunState.FAILED, "the worker exited before starting the CLI; see the log")
             log.error("worker failed to start", run=run_id, job=run.job_id, account=run.account)
         elif run.state in LIVE_RUNS:

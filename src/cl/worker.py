@@ -1,4 +1,4 @@
-"""`cl-worker RUN`: one supervised `claude` process for one run of a job.
+"""`cl-worker RUN`: one supervised `claude` process for a run of a job, and the live moves after it.
 
 A daemon (the balancer placing a job, the rescuer moving a session) writes the run (`starting`)
 and launches this process detached (`cl.launcher`), naming the run and nothing else, so that a
@@ -13,15 +13,25 @@ so a run never executes twice. Then, in this order:
 * it checks the working directory again (`cl.workdir`) and enters it by descriptor;
 * it starts the CLI as its own user (`cl.cli_user`), confined by Landlock (`cl.landlock`), with
   PDEATHSIG (if the worker dies, so does its CLI, and the run is found orphaned rather than
-  running unseen), and writes the prompt to its standard input: a prompt is never an argument;
-* it reads the stream as it arrives (session id, usage, utilization, the first answer, a wall),
+  running unseen), and gives it the prompt as a user message on its standard input
+  (`cl.cli_process`): a prompt is never an argument;
+* it reads the turn as it arrives (session id, usage, utilization, the first answer, a wall),
   keeps the credential copy in step, and keeps the output, redacted, in the run's log;
-* it writes the outcome and tells both daemons.
+* it writes the outcome and tells both daemons. After an answer it closes the CLI's input and
+  the CLI exits.
+
+After a wall, if the CLI can take a new credential while it runs (an OAuth credential file, a
+CLI version not measured to keep its first one), the worker keeps the CLI alive, idle, for up to
+`live_wait` seconds (the run says `held_until`). A move the rescuer hands over then (SIGUSR1, the
+next run `starting` and `live`) is claimed here: the job's credential copy is re-pointed to the
+new account and the resume prompt is sent into the same process, which keeps its pid, its
+session, and what it started. If that turn walls again before any answer, the CLI kept the old
+credential: the worker restarts it with `--resume` on the same run, says so, and the version is
+recorded as one that does not swap once the restart answers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
 import fcntl
@@ -29,6 +39,7 @@ import functools
 import json
 import math
 import os
+import queue
 import signal
 import socket
 import sqlite3
@@ -39,7 +50,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import structlog
 
@@ -47,6 +58,7 @@ from cl import landlock, logs, redact, workdir
 from cl.claude_code.environment import worker_environment
 from cl.claude_code.stream import Outcome, StreamState
 from cl.claude_code.transcripts import transcript_path
+from cl.cli_process import CliProcess, Event, Events, Output
 from cl.cli_user import CliUser, CliUserError
 from cl.client import tell
 from cl.config import Config
@@ -62,15 +74,9 @@ log = structlog.get_logger("cl.worker")
 
 PR_SET_PDEATHSIG = 1
 MAX_TOKENS = 2**40
-MAX_LOG_BYTES = 64 * 2**20
-"""A run's log, at most (the stream is still read to the end)."""
 MAX_RESULT_TEXT = 32 * 1024
 MAX_FIELD = 200
 RESULT_FIELDS = ("type", "subtype", "is_error", "api_error_status", "num_turns", "total_cost_usd", "duration_ms")
-SYNC_INTERVAL = 2.0
-"""Seconds between looks at the credential copy while the CLI says nothing."""
-CANCEL_GRACE = 5.0
-"""Seconds a cancelled CLI has to stop on SIGTERM before SIGKILL."""
 LOCK_POLL = 0.1
 MAX_STORE_WAIT = 5.0
 """Seconds between a worker's tries at an unavailable state store, at most."""
@@ -87,7 +93,7 @@ _RUN_STATE = {
 T = TypeVar("T")
 
 
-def patiently(call: Callable[..., T], *args: Any) -> T:
+def patiently(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """`call(*args)`, waiting out a state store that is unavailable (locked past its busy timeout,
     the disk full) with backoff, said once: a worker's claim and outcome must reach the store,
     however long that takes, and the worker must not exit meanwhile (its daemon would take its
@@ -95,7 +101,7 @@ def patiently(call: Callable[..., T], *args: Any) -> T:
     delay, said = 0.05, False
     while True:
         try:
-            return call(*args)
+            return call(*args, **kwargs)
         except sqlite3.OperationalError as exc:
             if not said:
                 log.warning("state store unavailable, waiting", error=str(exc))
@@ -128,8 +134,8 @@ class AccountUnusable(Exception):
 
 
 def claude_argv(config: Config, job: Job, run: Run) -> list[str]:
-    """The CLI's command line: options only. The prompt goes to its standard input."""
-    argv = [config.claude_bin, "-p", "--output-format", "stream-json", "--verbose"]
+    """The CLI's command line: options only. Prompts are user messages on its standard input."""
+    argv = [config.claude_bin, "-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose"]
     if job.model:
         argv += ["--model", job.model]
     if job.max_turns:
@@ -139,8 +145,9 @@ def claude_argv(config: Config, job: Job, run: Run) -> list[str]:
     return argv + list(config.claude_args)
 
 
-def work(config: Config, store: Store, run_id: int) -> RunState | None:
-    """Claim and execute one run; its final state, or None if it was not ours to run."""
+def work(config: Config, store: Store, run_id: int) -> Run | None:
+    """Claim and execute one run, and the live moves handed to it; the last run, or None if the
+    first was not ours to run."""
     run = store.get_run(run_id)
     job = store.get_job(run.job_id) if run else None
     if run is None or job is None:
@@ -155,35 +162,48 @@ def work(config: Config, store: Store, run_id: int) -> RunState | None:
     bound = log.bind(job=job.id, run=run.id, account=run.account)
     if (lock := _hold_session(config, job.id, bound)) is None:
         reason = f"the session's previous process still runs after {config.session_lock_wait:g} s (it holds its lock)"
-        return _refused(store, run, reason, bound)
+        _refused(store, run, reason, bound)
+        return run
     try:
         cli = CliUser.resolve(config.cli_user)
         credential = _ready_config_dir(config, job.id, cli, first=store.previous_account(run.id) is None)
     except (CliUserError, OSError) as exc:
-        return _refused(store, run, f"cannot ready the session's config dir: {_reason(exc)}", bound)
-    session = _Session(config, store, job, run, cli, credential, path, lock)
+        _refused(store, run, f"cannot ready the session's config dir: {_reason(exc)}", bound)
+        return run
+    session = _Session(config, store, job, cli, credential, lock, run, Output(path))
+    signal.signal(signal.SIGUSR1, lambda _signum, _frame: session.events.put(Event.WAKE))
+    signal.signal(signal.SIGTERM, _on_terminate(session))
     try:
-        return _work(session)
+        _work(session)
     except (RunRefused, workdir.WorkdirRefused) as exc:
-        return _refused(store, run, str(exc), bound)
+        _refused(store, session.run, str(exc), bound)
     except AccountUnusable as exc:
-        return _bench(config, store, run, str(exc), bound)
+        _bench(config, store, session.run, str(exc), bound)
     finally:
+        if session.process is not None:
+            _finish(session)
+        session.output.close()
         credential.close()
+    return session.run
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class _Session:
-    """What one run works with, once claimed, locked and its config dir ready."""
+    """What a worker works with once its first run is claimed, locked and its config dir ready.
+    `run` is the current run: a live move hands the worker the next one."""
 
     config: Config
     store: Store
     job: Job
-    run: Run
     cli: CliUser
     credential: JobCredential
-    log_path: Path
     lock: int
+    run: Run
+    output: Output
+    process: CliProcess | None = None
+    oauth: bool = False
+    """The current run's account is an OAuth credential file (its copy is kept in step)."""
+    events: Events = dataclasses.field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     """Set when the job was cancelled while its CLI ran."""
 
@@ -191,28 +211,237 @@ class _Session:
     def account_file(self) -> Path:
         return _account_file(self.config, self.run.account)
 
+    def bound(self, **fields: Any) -> Any:
+        return log.bind(job=self.job.id, run=self.run.id, account=self.run.account, **fields)
 
-def _work(session: _Session) -> RunState:
-    job, run, store, cli = session.job, session.run, session.store, session.cli
+
+def _work(session: _Session) -> None:
+    """The session's turns: the first run's prompt, then each run that follows in the same CLI
+    (a live move after a wall held, a follow-up after an answer), until a run settles for good."""
+    job, store, cli = session.job, session.store, session.cli
     account = _account(session)
     writer = workdir.Writer(f"the CLI's user {cli.name}", cli.uid, cli.groups())
     with cli.acting():  # as the CLI's user sees the path
         cwd = workdir.check_for_job(session.config, job.cwd, [writer])
     if cwd != job.cwd:
         raise RunRefused(f"{job.cwd}: it now resolves to {cwd}; the job runs only where it was submitted")
-    transcript = str(transcript_path(Path(), job.cwd, run.resume)) if run.resume else None
-    if transcript is not None:
-        store.transcript_before(run.id, session.credential.size_of(transcript))
-    ran = _run_cli(session, account)
-    if ran is None:
-        return RunState.FAILED
-    if transcript is not None:
-        store.transcript_after(run.id, session.credential.size_of(transcript))
+    untaken: str | None = None
+    """The CLI version whose live move walled again before an answer: the turn now is by restart."""
+    while True:
+        run = session.run
+        transcript = str(transcript_path(Path(), job.cwd, run.resume)) if run.resume else None
+        if transcript is not None:
+            store.transcript_before(run.id, session.credential.size_of(transcript))
+        if session.process is None and not _start(session, account):
+            return
+        assert session.process is not None
+        session.process.send(_prompt(session))
+        state = _turn(session)
+        if run.live and untaken is None and _unconfirmed(session, state):
+            # The wall may be the old account's: the CLI may not have taken the new credential.
+            # Today's restart, at once, on the account the move chose: its own wall, if it has
+            # one, is then recorded as any run's; an answer shows the version does not swap.
+            untaken = state.version or "unknown"
+            session.bound().warning("live move not taken by the CLI, moving by restart", cli_version=untaken)
+            _finish(session)
+            continue
+        _measured(session, state, untaken)
+        if transcript is not None:
+            store.transcript_after(run.id, session.credential.size_of(transcript))
+        if (following := _after_turn(session, account, state)) is None:
+            return
+        session.run, untaken = following, None
+        account = _account(session)
+
+
+def _after_turn(session: _Session, account: Account, state: StreamState) -> Run | None:
+    """The run the same CLI goes on with: a follow-up after an answer, or a live move after a
+    wall, once held. None when the current run has settled for good (or was let go)."""
+    config, store, run = session.config, session.store, session.run
+    if state.ended and state.outcome()[0] is Outcome.DONE and (follow := _follow_up(session, state)):
+        return follow
+    if state.ended and state.wall is not None and _holds(session, account, state):
+        held_until = time.time() + config.live_wait
+        _settle(config, store, run, state, None, held_until=held_until)
+        tell_daemons(config, run.id, "ended")
+        if (handed := _hold(session, held_until)) is not None:
+            session.bound().info("session moved live", to=handed.account, session=run.session_id, next_run=handed.id)
+        return handed
+    code = _finish(session)
     if session.cancelled.is_set():
         store.settle(run.id, RunState.CANCELLED, "cancelled while it ran")
-        log.info("session cancelled", job=job.id, run=run.id, account=run.account, session=ran[0].session_id)
-        return RunState.CANCELLED
-    return _settle(session.config, store, run, *ran)
+        session.bound().info("session cancelled", session=state.session_id)
+    else:
+        _settle(config, store, run, state, code)
+    return None
+
+
+def _prompt(session: _Session) -> str:
+    """The current run's prompt: a follow-up's text, else the resume prompt for a session it
+    resumes, else the job's."""
+    run = session.run
+    return run.prompt or (session.config.resume_prompt if run.resume else session.job.prompt)
+
+
+def _follow_up(session: _Session, state: StreamState) -> Run | None:
+    """After a turn that ended well: the follow-up run (`cl send`) its CLI goes on with, if one
+    waits; the run the turn was is done, its result written."""
+    config, job, run = session.config, session.job, session.run
+    follow = session.store.follow_up(run.id, lambda run_id: str(log_path(config, job.id, run_id)))
+    if follow is None:
+        return None
+    _record(config, session.store, run, state, None)
+    session.output.use(log_path(config, job.id, follow.id))
+    session.bound().info("follow-up sent in place", session=state.session_id, next_run=follow.id)
+    return follow
+
+
+def _start(session: _Session, account: Account) -> bool:
+    """Start the session's CLI for the current run; False (the run failed) if it did not start."""
+    config, job, run, cli = session.config, session.job, session.run, session.cli
+    bound = session.bound()
+    config_dir = session_config_dir(config, job.id)
+    if not (abi := landlock.abi()):
+        bound.warning("no Landlock in this kernel: the CLI is confined by its user's rights alone")
+    with cli.acting():  # the CLI's own places, opened as the CLI's user: the worker may not reach them
+        cwd = os.open(job.cwd, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        writable = [job.cwd, str(config_dir), "/tmp", "/dev", *config.cli_writable]  # noqa: S108
+        rules = landlock.open_rules(writable, landlock.writing(abi)) if abi else []
+    if abi:
+        hidden = (str(path) for path in workdir.private_dirs(config).values())
+        rules += landlock.open_rules(landlock.readable_except(hidden), landlock.READING)
+    try:
+        session.process = CliProcess(
+            claude_argv(config, job, run),
+            env=cli_environment(config, account, cli, config_dir),
+            pass_fds=(session.lock, cwd),
+            preexec=_cli_preexec(cli, cwd, rules, abi),
+            cli=cli,
+            events=session.events,
+            output=session.output,
+            # between events too: another session's refresh must reach this CLI before it refreshes
+            on_quiet=functools.partial(_sync, session) if session.oauth else None,
+        )
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        session.store.settle(run.id, RunState.FAILED, f"cannot start {config.claude_bin}: {reason}")
+        bound.error("cli did not start", error=reason, cwd=job.cwd)
+        return False
+    finally:
+        os.close(cwd)
+        landlock.close_rules(rules)
+    return True
+
+
+def _sync(session: _Session) -> None:
+    """The credential copy and the current run's account file in step (a refreshed token, either way)."""
+    if session.oauth:
+        session.credential.sync(session.account_file, session.run.account)
+
+
+def _turn(session: _Session) -> StreamState:
+    """Read the CLI's output until the turn's `result` (`ended`) or the end of its output."""
+    store, run = session.store, session.run
+    state = StreamState()
+    while (item := session.events.get()) is not Event.EOF:
+        if item is Event.WAKE:
+            continue  # a live move is only taken while holding
+        _sync(session)
+        line = item.decode(errors="replace")
+        session.output.write(line)
+        known, answered = state.session_id, state.answered
+        state.feed(line)
+        if state.session_id and state.session_id != known:
+            store.set_session(run.id, state.session_id)
+            session.bound().info("session resumed" if run.resume else "session started", session=state.session_id)
+        if state.answered and not answered:
+            _answered(session.config, store, run, session.bound())
+        if state.ended:
+            return state
+    session.events.put(Event.EOF)  # for `_finish`
+    return state
+
+
+def _finish(session: _Session) -> int:
+    """End the CLI (end of input) and read what it still says; its exit code."""
+    assert session.process is not None
+    code = session.process.close()
+    if session.process.stopped:
+        session.bound().warning(
+            "the CLI went on after its last turn (background tasks), stopped", pid=session.process.pid
+        )
+    while (item := session.events.get()) is not Event.EOF:
+        if isinstance(item, bytes):
+            session.output.write(item.decode(errors="replace"))
+    session.process.join()
+    _sync(session)
+    session.process = None
+    return code
+
+
+def _unconfirmed(session: _Session, state: StreamState) -> bool:
+    """A live move's first turn walled before any answer, with a CLI version not yet measured to
+    take a new credential: whose wall it was is unknown."""
+    if not state.ended or state.wall is None or state.answered:
+        return False
+    return state.version is None or session.store.swaps(state.version) is not True
+
+
+def _holds(session: _Session, account: Account, state: StreamState) -> bool:
+    """Whether a walled turn's CLI is kept alive for a live move: an account from a credential
+    file (a variable cannot change under a running process), a CLI version not measured to keep
+    its first credential, and `live_wait` not 0."""
+    if session.config.live_wait <= 0 or account.kind is not CredentialKind.OAUTH or session.cancelled.is_set():
+        return False
+    return state.version is not None and session.store.swaps(state.version) is not False
+
+
+def _measured(session: _Session, state: StreamState, untaken: str | None) -> None:
+    """What a live move showed of the CLI's version, once an answer settles it: the new
+    credential was taken, or (the restart after it answered) it was not."""
+    if not state.answered:
+        return
+    if untaken is not None:
+        session.store.record_swap(untaken, swaps=False)
+    elif session.run.live and state.version is not None and session.store.swaps(state.version) is None:
+        session.store.record_swap(state.version, swaps=True)
+
+
+def _hold(session: _Session, until: float) -> Run | None:
+    """Keep the walled session's CLI alive, idle, until a live move is handed over (claimed: the
+    next run), `until` passes, the CLI ends or the job is cancelled (None: let go)."""
+    store, run = session.store, session.run
+    session.bound().info("session held for a live move", until=iso_utc(until))
+    while True:
+        try:
+            item = session.events.get(timeout=max(0.0, until - time.time()))
+        except queue.Empty:
+            item = None  # the wait is over
+        if isinstance(item, bytes):  # output while idle: kept, nothing to act on
+            session.output.write(item.decode(errors="replace"))
+            continue
+        if item is Event.WAKE and not session.cancelled.is_set():
+            handed = store.handed_over(run.id)
+        else:  # let go, unless a move was handed over meanwhile and the CLI can still take it
+            handed = store.release(run.id)
+            if item is Event.EOF:
+                session.events.put(Event.EOF)  # for `_finish`; a move handed over is abandoned when we exit
+                return None
+            if handed is None or session.cancelled.is_set():
+                return None
+        if handed is not None and (claimed := _claim(session, handed)) is not None:
+            return claimed
+        if item is None:
+            return None
+
+
+def _claim(session: _Session, run: Run) -> Run | None:
+    path = log_path(session.config, session.job.id, run.id)
+    me = os.getpid()
+    claimed = session.store.claim(run.id, me, start_time(me) or "", str(path))
+    if claimed is not None:
+        session.output.use(path)
+    return claimed
 
 
 def _refused(store: Store, run: Run, reason: str, bound: Any) -> RunState:
@@ -269,7 +498,8 @@ def _account(session: _Session) -> Account:
     account = read[0]
     if not account.usable:
         raise AccountUnusable(f"account {run.account} cannot be used: {account.reason or account.state}")
-    if account.kind is CredentialKind.OAUTH:
+    session.oauth = account.kind is CredentialKind.OAUTH
+    if session.oauth:
         credential.sync(session.account_file, run.account)
     else:
         credential.remove()
@@ -298,8 +528,26 @@ def _cli_preexec(cli: CliUser, cwd: int, rules: list[landlock.Rule], abi: int) -
     return preexec
 
 
-def _settle(config: Config, store: Store, run: Run, state: StreamState, code: int) -> RunState:
-    """Write what the run said: usage, a wall (or refused credentials), the outcome."""
+def _settle(
+    config: Config, store: Store, run: Run, state: StreamState, code: int | None, *, held_until: float | None = None
+) -> RunState:
+    """Write what the run said: usage, a wall (or refused credentials), the outcome; with
+    `held_until`, that its CLI is held alive for a live move until then."""
+    bound = log.bind(job=run.job_id, run=run.id, account=run.account, session=state.session_id)
+    outcome, error = _record(config, store, run, state, code)
+    final = _RUN_STATE[outcome]
+    store.settle(run.id, final, error, held_until=held_until)
+    if final is RunState.DONE:
+        if not state.answered:
+            _answered(config, store, run, bound)
+        bound.info("session done")
+    elif final is RunState.FAILED:
+        bound.error("session failed", exit_code=code, error=error)
+    return final
+
+
+def _record(config: Config, store: Store, run: Run, state: StreamState, code: int | None) -> tuple[Outcome, str | None]:
+    """Write what a turn said (its result, usage, a wall or refused credentials); its outcome."""
     bound = log.bind(job=run.job_id, run=run.id, account=run.account, session=state.session_id)
     outcome, error = state.outcome(code)
     if state.result is not None:
@@ -320,15 +568,7 @@ def _settle(config: Config, store: Store, run: Run, state: StreamState, code: in
         reset = time.time() + config.wall_retry
         store.record_wall(run.account, "cli", reset, "unauthorized")
         bound.warning("credentials refused", retry_at=iso_utc(reset))
-    final = _RUN_STATE[outcome]
-    store.settle(run.id, final, error)
-    if final is RunState.DONE:
-        if not state.answered:
-            _answered(config, store, run, bound)
-        bound.info("session done")
-    elif final is RunState.FAILED:
-        bound.error("session failed", exit_code=code, error=error)
-    return final
+    return outcome, error
 
 
 def _hold_session(config: Config, job_id: int, bound: Any) -> int | None:
@@ -363,41 +603,10 @@ def _locked(fd: int) -> bool:
     return True
 
 
-def _end_the_tree(claude: subprocess.Popen[bytes], cli: CliUser) -> None:
-    """Once the CLI has exited, what it left running ends too: its process group (the CLI leads
-    one)."""
-    claude.wait()
-    _signal_tree(claude, cli, signal.SIGKILL)
-
-
-def _keep_in_step(session: _Session, claude: subprocess.Popen[bytes]) -> None:
-    """Every `SYNC_INTERVAL` while the CLI runs, the credential copy and the account's file in step."""
-    while True:
-        try:
-            claude.wait(SYNC_INTERVAL)
-        except subprocess.TimeoutExpired:
-            session.credential.sync(session.account_file, session.run.account)
-        else:
-            return
-
-
-def _signal_tree(claude: subprocess.Popen[bytes], cli: CliUser, signum: int) -> None:
-    """Signal the CLI's process group; a worker that may not signal the CLI's user (under
-    systemd it may only switch users) sends it as that user."""
-    try:
-        os.killpg(claude.pid, signum)
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        as_cli = {"user": cli.uid, "group": cli.gid, "extra_groups": []}
-        kill = ["kill", "-s", signal.Signals(signum).name.removeprefix("SIG"), "--", f"-{claude.pid}"]
-        subprocess.run(kill, **as_cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)  # type: ignore[call-overload]
-
-
-def _on_cancel(session: _Session, claude: subprocess.Popen[bytes]) -> Callable[[int, Any], None]:
+def _on_terminate(session: _Session) -> Callable[[int, Any], None]:
     """SIGTERM: if the job was cancelled (`cl cancel`), stop the CLI, its whole tree, and let the
-    run end as cancelled; otherwise (a service manager stopping us) end as before, the session
-    left to be resumed."""
+    run end as cancelled (a held session is let go); otherwise (a service manager stopping us)
+    end as before, the session left to be resumed."""
 
     def handler(signum: int, _frame: Any) -> None:
         job = session.store.get_job(session.job.id)
@@ -406,8 +615,9 @@ def _on_cancel(session: _Session, claude: subprocess.Popen[bytes]) -> Callable[[
             os.kill(os.getpid(), signum)
             return
         session.cancelled.set()
-        _signal_tree(claude, session.cli, signal.SIGTERM)
-        threading.Timer(CANCEL_GRACE, _signal_tree, (claude, session.cli, signal.SIGKILL)).start()
+        if session.process is not None:
+            session.process.stop()
+        session.events.put(Event.WAKE)
 
     return handler
 
@@ -433,118 +643,6 @@ def cli_environment(config: Config, account: Account, cli: CliUser, config_dir: 
     if cli.separate:
         env["USER"] = env["LOGNAME"] = cli.name
     return env
-
-
-def _run_cli(session: _Session, account: Account) -> tuple[StreamState, int] | None:
-    """Run the CLI, keeping its output and reading it as it comes; None if it did not start."""
-    config, job, run, cli = session.config, session.job, session.run, session.cli
-    bound = log.bind(job=job.id, run=run.id, account=run.account)
-    config_dir = session_config_dir(config, job.id)
-    if not (abi := landlock.abi()):
-        bound.warning("no Landlock in this kernel: the CLI is confined by its user's rights alone")
-    with cli.acting():  # the CLI's own places, opened as the CLI's user: the worker may not reach them
-        cwd = os.open(job.cwd, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        writable = [job.cwd, str(config_dir), "/tmp", "/dev", *config.cli_writable]  # noqa: S108
-        rules = landlock.open_rules(writable, landlock.writing(abi)) if abi else []
-    if abi:
-        hidden = (str(path) for path in workdir.private_dirs(config).values())
-        rules += landlock.open_rules(landlock.readable_except(hidden), landlock.READING)
-    with session.log_path.open("ab") as output:
-        try:
-            claude = subprocess.Popen(
-                claude_argv(config, job, run),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=cli_environment(config, account, cli, config_dir),
-                pass_fds=(session.lock, cwd),
-                start_new_session=True,  # a process group of its own, ended with the run
-                preexec_fn=_cli_preexec(cli, cwd, rules, abi),  # noqa: PLW1509 - syscalls only, no locks taken
-            )
-        except (OSError, ValueError, subprocess.SubprocessError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            session.store.settle(run.id, RunState.FAILED, f"cannot start {config.claude_bin}: {reason}")
-            bound.error("cli did not start", error=reason, cwd=job.cwd)
-            return None
-        finally:
-            os.close(cwd)
-            landlock.close_rules(rules)
-        return _follow(session, claude, _Output(output), oauth=account.kind is CredentialKind.OAUTH)
-
-
-def _follow(
-    session: _Session, claude: subprocess.Popen[bytes], out: _Output, *, oauth: bool
-) -> tuple[StreamState, int]:
-    """Give the CLI its prompt, read its stream to the end, end what it left running."""
-    config, store, run = session.config, session.store, session.run
-    bound = log.bind(job=run.job_id, run=run.id, account=run.account)
-    assert claude.stdin is not None
-    assert claude.stdout is not None
-    assert claude.stderr is not None
-    _give_prompt(claude.stdin, config.resume_prompt if run.resume else session.job.prompt)
-    errors = threading.Thread(target=out.copy, args=(claude.stderr,), daemon=True)
-    errors.start()
-    signal.signal(signal.SIGTERM, _on_cancel(session, claude))
-    # When the CLI exits, what it left running goes too: such a process may hold its output open,
-    # and the stream would never end.
-    threading.Thread(target=_end_the_tree, args=(claude, session.cli), daemon=True).start()
-    if oauth:  # between events too: another session's refresh must reach this CLI before it refreshes
-        threading.Thread(target=_keep_in_step, args=(session, claude), daemon=True).start()
-    state = StreamState()
-    answered = False
-    for raw in claude.stdout:
-        if oauth:
-            session.credential.sync(session.account_file, run.account)  # a refreshed token, either way
-        line = raw.decode(errors="replace")
-        out.write(line)
-        known = state.session_id
-        state.feed(line)
-        if state.session_id and state.session_id != known:
-            store.set_session(run.id, state.session_id)
-            bound.info("session resumed" if run.resume else "session started", session=state.session_id)
-        if state.answered and not answered:
-            answered = True
-            _answered(config, store, run, bound)
-    code = claude.wait()
-    errors.join(timeout=5)
-    if oauth:
-        session.credential.sync(session.account_file, run.account)
-    return state, code
-
-
-def _give_prompt(stdin: IO[bytes], prompt: str) -> None:
-    """The prompt on the CLI's standard input, then end of file (at most 48 KiB: the pipe holds it)."""
-    with contextlib.suppress(BrokenPipeError):
-        stdin.write(prompt.encode())
-    with contextlib.suppress(BrokenPipeError):
-        stdin.close()
-
-
-class _Output:
-    """The run's log: every line redacted on its way in, from stdout and stderr alike, and at most
-    `MAX_LOG_BYTES` of it (the state store shares its disk: the CLI's output must not fill it)."""
-
-    def __init__(self, file: IO[bytes]) -> None:
-        self._file = file
-        self._lock = threading.Lock()
-        self._room = MAX_LOG_BYTES - file.tell()
-
-    def write(self, line: str) -> None:
-        data = redact.scrub(line).encode()
-        with self._lock:
-            if len(data) > self._room:
-                if self._room >= 0:
-                    self._file.write(b"[cl: the output goes on; the log keeps no more of it]\n")
-                    self._file.flush()
-                self._room = -1
-                return
-            self._room -= len(data)
-            self._file.write(data)
-            self._file.flush()
-
-    def copy(self, stream: IO[bytes]) -> None:
-        for raw in stream:
-            self.write(raw.decode(errors="replace"))
 
 
 def _kept(result: dict[str, Any]) -> dict[str, Any]:
@@ -582,9 +680,9 @@ def run(run_id: int) -> int:
     if (config := logs.start_process("worker")) is None:
         return 2
     store = patiently(Store, config.database, config.store_busy_timeout)
-    work(config, Patient.of(store), run_id)
+    last = work(config, Patient.of(store), run_id)
     store.close()
-    tell_daemons(config, run_id, "ended")
+    tell_daemons(config, last.id if last else run_id, "ended")
     return 0
 
 

@@ -7,12 +7,16 @@ After `limits[credential]` counted messages (or `limits["*"]`), that credential 
 429 with the `anthropic-ratelimit-unified-*` headers and a `retry-after` over 60 s, so the
 real client neither retries nor waits. Each request is logged as one JSON line, with the
 credential's last six characters only. `POST /_fake/limit {"key", "limit"}` changes a quota.
+A last user message holding `[[bash: COMMAND]]` is answered with a tool call: the CLI's Bash
+tool runs COMMAND in the background, and its result comes back as the next request.
+With `--watch DIR`, each request's log line says which processes named by `DIR/*.pid` are alive.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import threading
 import time
 import uuid
@@ -24,8 +28,9 @@ from typing import Any
 class FakeAnthropic(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, log: Path, limits: dict[str, int], reset_in: int) -> None:
+    def __init__(self, log: Path, limits: dict[str, int], reset_in: int, watch: Path | None = None) -> None:
         super().__init__(("127.0.0.1", 0), Handler)
+        self.watch = watch
         self.log_path = log
         self.limits = limits
         self.reset_in = reset_in
@@ -102,6 +107,7 @@ class Handler(BaseHTTPRequestHandler):
         reset = int(time.time()) + self.server.reset_in
         self.server.record(
             {
+                "t": time.time(),
                 "path": self.path,
                 "cred_tail": credential[-6:],
                 "walled": walled,
@@ -109,6 +115,7 @@ class Handler(BaseHTTPRequestHandler):
                 "messages": [_text(m) for m in messages],
                 "user_agent": self.headers.get("user-agent"),
                 "session": self.headers.get("x-claude-code-session-id"),
+                "alive": _watched(self.server.watch),
             }
         )
         if walled:
@@ -141,22 +148,58 @@ class Handler(BaseHTTPRequestHandler):
             "anthropic-ratelimit-unified-7d-status": "allowed",
         }
         model = body.get("model", "claude-fake")
+        command = _bash_asked(messages)
         if body.get("stream"):
-            self.send(200, _sse(text, model), "text/event-stream", headers)
+            self.send(200, _sse(text, model, command), "text/event-stream", headers)
         else:
             message = _message(text, model)
             self.send(200, json.dumps(message).encode(), "application/json", headers)
 
 
 def _text(message: Any) -> str:
+    """A message's text as logged; a tool call and its result as `[tool_use NAME]`, `[tool_result]`."""
     content = message.get("content") if isinstance(message, dict) else None
     if isinstance(content, str):
         return content[:200]
     if isinstance(content, list):
-        return " | ".join(
-            str(c.get("text", ""))[:200] for c in content if isinstance(c, dict) and c.get("type") == "text"
-        )
+        parts = []
+        for c in content:
+            if not isinstance(c, dict):
+                continue
+            if c.get("type") == "text":
+                parts.append(str(c.get("text", ""))[:200])
+            elif c.get("type") in ("tool_use", "tool_result"):
+                parts.append(f"[{c['type']} {c.get('name', '')}]".replace(" ]", "]"))
+        return " | ".join(parts)
     return ""
+
+
+def _watched(directory: Path | None) -> dict[str, bool]:
+    """For each `NAME.pid` in `directory`: whether that process is alive now."""
+    alive = {}
+    for path in sorted(directory.glob("*.pid")) if directory else []:
+        try:
+            state = Path(f"/proc/{int(path.read_text())}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, ValueError):
+            state = "gone"
+        alive[path.stem] = state not in ("gone", "Z")
+    return alive
+
+
+def _bash_asked(messages: list[Any]) -> str | None:
+    """The command a user message asks for with `[[bash: COMMAND]]`, if no tool call followed it."""
+    command = None
+    for message in messages:
+        text = _text(message)
+        if (
+            isinstance(message, dict)
+            and message.get("role") == "user"
+            and (found := re.search(r"\[\[bash: (.+?)\]\]", text))
+        ):
+            command = found.group(1)
+        elif "[tool_use" in text:
+            command = None
+    return command
 
 
 def _message(text: str, model: str) -> dict[str, Any]:
@@ -172,13 +215,15 @@ def _message(text: str, model: str) -> dict[str, Any]:
     }
 
 
-def _sse(text: str, model: str) -> bytes:
+def _sse(text: str, model: str, command: str | None = None) -> bytes:
     start = {
         **_message("", model),
         "content": [],
         "stop_reason": None,
         "usage": {"input_tokens": 10, "output_tokens": 1},
     }
+    if command is not None:
+        return _sse_bash(start, command)
     half = len(text) // 2
     events = [
         ("message_start", {"type": "message_start", "message": start}),
@@ -209,14 +254,44 @@ def _sse(text: str, model: str) -> bytes:
     return "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events).encode()
 
 
+def _sse_bash(start: dict[str, Any], command: str) -> bytes:
+    """A turn that is one call of the Bash tool, run in the background."""
+    tool = {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:20]}", "name": "Bash", "input": {}}
+    arguments = json.dumps({"command": command, "description": "start it", "run_in_background": True})
+    events = [
+        ("message_start", {"type": "message_start", "message": start}),
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": tool}),
+        (
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "input_json_delta", "partial_json": arguments},
+            },
+        ),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        (
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                "usage": {"output_tokens": 12},
+            },
+        ),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    return "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events).encode()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port-file", type=Path, required=True)
     parser.add_argument("--log", type=Path, required=True)
     parser.add_argument("--limits", default="{}", help='JSON: {"<credential>" or "*": messages before the wall}')
     parser.add_argument("--reset-in", type=int, default=3600)
+    parser.add_argument("--watch", type=Path, help="a directory of NAME.pid files, each logged alive or not")
     args = parser.parse_args()
-    server = FakeAnthropic(args.log, json.loads(args.limits), args.reset_in)
+    server = FakeAnthropic(args.log, json.loads(args.limits), args.reset_in, args.watch)
     tmp = args.port_file.with_suffix(".tmp")
     tmp.write_text(str(server.server_address[1]))
     tmp.replace(args.port_file)

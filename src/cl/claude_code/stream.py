@@ -1,4 +1,5 @@
-"""Reading `claude -p ... --output-format stream-json --verbose` as it arrives.
+"""Reading `claude -p ... --output-format stream-json --verbose` as it arrives, and writing its
+`--input-format stream-json` (each user message a line of standard input: a turn).
 
 Wall signals, strongest first (docs/claude-code.md, fact 5):
 1. `rate_limit_event` with `rate_limit_info.status == "rejected"` (subscriptions only),
@@ -21,6 +22,7 @@ from typing import Any
 from cl.claude_code.walls import Wall, reset_from_text, wall_from_text
 from cl.moments import from_epoch
 
+_VERSION = re.compile(r"[0-9A-Za-z.+-]{1,40}")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -54,6 +56,10 @@ class StreamState:
     """Non-JSON lines, kept for the wall fallback and error messages."""
     answered: bool = False
     """The account let a request through: an assistant turn that is not a wall, or `allowed`."""
+    version: str | None = None
+    """The CLI's version, from its `init` event (what a live move is measured against)."""
+    ended: bool = False
+    """A `result` came: the turn is over (with `--input-format stream-json` the CLI waits for the next)."""
 
     def feed(self, line: str, now: datetime | None = None) -> dict[str, Any] | None:
         """Take one line of output; return it parsed (None for a non-JSON line)."""
@@ -70,6 +76,8 @@ class StreamState:
             return None
         self.session_id = self.session_id or _session_id(event.get("session_id"))
         match event.get("type"):
+            case "system" if event.get("subtype") == "init":
+                self.version = _version(event.get("claude_code_version")) or self.version
             case "rate_limit_event":
                 self._rate_limit(event.get("rate_limit_info"))
             case "assistant" if event.get("error") == "rate_limit" or event.get("is_api_error_message"):
@@ -128,6 +136,7 @@ class StreamState:
 
     def _result(self, event: dict[str, Any], now: datetime) -> None:
         self.result = event
+        self.ended = True
         if isinstance(event.get("usage"), dict):
             self.usage = event["usage"]
         text = _str(event.get("result")) or ""
@@ -153,6 +162,17 @@ def _session_id(value: Any) -> str | None:
     """A session id as every CLI version makes them (a UUID); anything else is not one. It goes
     into a later run's command line and a path, so the CLI's output must not choose its shape."""
     return value if isinstance(value, str) and _UUID.fullmatch(value) else None
+
+
+def _version(value: Any) -> str | None:
+    """A version as the CLI prints it (`2.1.332`), at most 40 characters of its own alphabet."""
+    return value if isinstance(value, str) and _VERSION.fullmatch(value) else None
+
+
+def user_message(text: str) -> bytes:
+    """One user message for `--input-format stream-json`: a line of standard input, a turn."""
+    message = {"type": "user", "message": {"role": "user", "content": text}}
+    return json.dumps(message, ensure_ascii=False).encode() + b"\n"
 
 
 def _str(value: Any) -> str | None:
