@@ -98,6 +98,14 @@ def fake_api(tmp_path: Path) -> Iterator[FakeApi]:
         server.wait(10)
 
 
+def real_cli_env(layout: Layout, claude_bin: Path, fake_api: FakeApi | None, **extra: str) -> dict[str, str]:
+    """The daemons' environment for the real CLI: a home of its own, the fake API if given."""
+    home = layout.root / "home"
+    home.mkdir()
+    api = {"ANTHROPIC_BASE_URL": fake_api.url} if fake_api else {}
+    return layout.env(CL_CLAUDE_BIN=str(claude_bin), HOME=str(home), **api, **extra)
+
+
 def job_view(layout: Layout, job_id: int) -> dict[str, Any]:
     return next(job for job in json.loads(cl(layout, "jobs", "--all", "--json").stdout) if job["id"] == job_id)
 
@@ -109,9 +117,7 @@ def test_real_cli_finishes_then_walls(
     content = oauth_credential(planted) if kind == "oauth" else api_key_credential(planted)
     write_credential(layout.credentials, "x", content)
     fake_api.limit(planted.tokens[0], 1)  # one message, then the wall
-    home = layout.root / "home"
-    home.mkdir()
-    env = layout.env(CL_CLAUDE_BIN=str(claude_bin), ANTHROPIC_BASE_URL=fake_api.url, HOME=str(home))
+    env = real_cli_env(layout, claude_bin, fake_api)
     balancer = DaemonProcess("balancer", layout, env=env).start()
     try:
         first = json.loads(cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "say hi", "--json").stdout)[
@@ -146,9 +152,7 @@ def test_real_cli_sessions_move_to_a_dropped_in_account_with_their_conversation(
     for name in ("a1", "a2", "a3"):
         write_credential(layout.credentials, name, oauth_credential(planted))
         fake_api.limit(planted.tokens[-2], 0)  # the access token (the refresh token came after it)
-    home = layout.root / "home"
-    home.mkdir()
-    env = layout.env(CL_CLAUDE_BIN=str(claude_bin), ANTHROPIC_BASE_URL=fake_api.url, HOME=str(home))
+    env = real_cli_env(layout, claude_bin, fake_api)
     with both(layout, env=env) as (_balancer, rescue):
         prompts = [f"step one of task {i}" for i in range(3)]
         for prompt in prompts:
@@ -189,14 +193,7 @@ def test_real_cli_walled_right_after_a_tool_call_goes_on_live_in_the_same_proces
     the shell it started still runs."""
     write_credential(layout.credentials, "a1", oauth_credential(planted))
     fake_api.limit(planted.tokens[-2], 1)  # the prompt is answered (a tool call); the tool's result walls
-    home = layout.root / "home"
-    home.mkdir()
-    env = layout.env(
-        CL_CLAUDE_BIN=str(claude_bin),
-        CL_CLAUDE_ARGS="--allowedTools Bash",
-        ANTHROPIC_BASE_URL=fake_api.url,
-        HOME=str(home),
-    )
+    env = real_cli_env(layout, claude_bin, fake_api, CL_CLAUDE_ARGS="--allowedTools Bash")
     shell = layout.work / "shell.pid"
     (fake_api.watch / "shell.pid").symlink_to(shell)
     prompt = f"start the server [[bash: echo $$ > {shell}; exec sleep 300]]"
@@ -236,14 +233,7 @@ def test_real_cli_on_a_token_or_api_key_account_is_moved_by_restart(
     content = json.dumps({"oauthToken": secret} if kind == "oauth-token" else {"apiKey": secret})
     write_credential(layout.credentials, "t1", content)
     fake_api.limit(secret, 2)  # the first job's answer, the second's tool call; the tool's result walls
-    home = layout.root / "home"
-    home.mkdir()
-    env = layout.env(
-        CL_CLAUDE_BIN=str(claude_bin),
-        CL_CLAUDE_ARGS="--allowedTools Bash",
-        ANTHROPIC_BASE_URL=fake_api.url,
-        HOME=str(home),
-    )
+    env = real_cli_env(layout, claude_bin, fake_api, CL_CLAUDE_ARGS="--allowedTools Bash")
     with both(layout, env=env) as (balancer, _rescue):
         first = json.loads(cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "one", "--json").stdout)["job"]
         wait_until(lambda: job_view(layout, first)["state"] == "done", "the first session to finish", timeout=60)
@@ -307,9 +297,7 @@ def test_the_real_cli_refreshes_an_expired_token_and_the_account_keeps_it(
     account_file = write_credential(
         layout.credentials, "a1", oauth_credential(planted, token=old, expires_at_ms=an_hour_ago)
     )
-    home = layout.root / "home"
-    home.mkdir()
-    env = layout.env(CL_CLAUDE_BIN=str(claude_bin), HOME=str(home), NODE_EXTRA_CA_CERTS=str(net / "ca.pem"))
+    env = real_cli_env(layout, claude_bin, None, NODE_EXTRA_CA_CERTS=str(net / "ca.pem"))
     wrap = ["unshare", "--mount", "--net", "--", str(FAKES / "in_private_network"), str(net)]
     balancer = DaemonProcess("balancer", layout, env=env, wrap=wrap).start()
     try:

@@ -47,8 +47,7 @@ class Supervisor:
 
     async def launch(self, run: Run) -> None:
         """Start the run's worker (it readies the session's files itself, as the CLI's user)."""
-        if run.account not in self.registry.accounts:  # gone between choosing and launching
-            await self.settle(run, RunState.ABANDONED, "account removed")
+        if await self._account_gone(run):
             return
         try:
             pid = await asyncio.to_thread(launch, run.id, self.config.socket_path("worker"))
@@ -63,8 +62,7 @@ class Supervisor:
         """A live move: the worker holding `holder`'s CLI is told (SIGUSR1) to claim `run` and go on
         with the new account, and is watched from now on. If it is gone, or goes before claiming,
         the move is abandoned (the job walls again) and made anew by restart."""
-        if run.account not in self.registry.accounts:
-            await self.settle(run, RunState.ABANDONED, "account removed")
+        if await self._account_gone(run):
             return
         pid = holder.pid
         if (
@@ -73,6 +71,13 @@ class Supervisor:
             or not on_exit(pid, self._exited(run.id))
         ):
             await self.check(run.id)
+
+    async def _account_gone(self, run: Run) -> bool:
+        """The run's account left the roster between choosing it and starting the run: abandoned."""
+        if run.account in self.registry.accounts:
+            return False
+        await self.settle(run, RunState.ABANDONED, "account removed")
+        return True
 
     async def recover(self, run: Run, why: str) -> Run:
         """At a daemon's start, one live run: a `starting` one is abandoned with `why` (its

@@ -225,6 +225,8 @@ def _work(session: _Session) -> None:
         cwd = workdir.check_for_job(session.config, job.cwd, [writer])
     if cwd != job.cwd:
         raise RunRefused(f"{job.cwd}: it now resolves to {cwd}; the job runs only where it was submitted")
+    swap = False
+    """The current run moved live to another account's credential, not yet answered."""
     untaken: str | None = None
     """The CLI version whose live move walled again before an answer: the turn now is by restart."""
     while True:
@@ -237,19 +239,20 @@ def _work(session: _Session) -> None:
         assert session.process is not None
         session.process.send(_prompt(session))
         state = _turn(session)
-        if run.live and untaken is None and _unconfirmed(session, state):
+        if swap and _unconfirmed(session, state):
             # The wall may be the old account's: the CLI may not have taken the new credential.
             # Today's restart, at once, on the account the move chose: its own wall, if it has
             # one, is then recorded as any run's; an answer shows the version does not swap.
-            untaken = state.version or "unknown"
+            swap, untaken = False, state.version or "unknown"
             session.bound().warning("live move not taken by the CLI, moving by restart", cli_version=untaken)
             _finish(session)
             continue
-        _measured(session, state, untaken)
+        _measured(session, state, swap, untaken)
         if transcript is not None:
             store.transcript_after(run.id, session.credential.size_of(transcript))
         if (following := _after_turn(session, account, state)) is None:
             return
+        swap = following.is_move and following.account != run.account
         session.run, untaken = following, None
         account = _account(session)
 
@@ -380,8 +383,8 @@ def _finish(session: _Session) -> int:
 
 
 def _unconfirmed(session: _Session, state: StreamState) -> bool:
-    """A live move's first turn walled before any answer, with a CLI version not yet measured to
-    take a new credential: whose wall it was is unknown."""
+    """A live move's first turn (to another account) walled before any answer, with a CLI version
+    not yet measured to take a new credential: whose wall it was is unknown."""
     if not state.ended or state.wall is None or state.answered:
         return False
     return state.version is None or session.store.swaps(state.version) is not True
@@ -396,14 +399,14 @@ def _holds(session: _Session, account: Account, state: StreamState) -> bool:
     return state.version is not None and session.store.swaps(state.version) is not False
 
 
-def _measured(session: _Session, state: StreamState, untaken: str | None) -> None:
-    """What a live move showed of the CLI's version, once an answer settles it: the new
-    credential was taken, or (the restart after it answered) it was not."""
+def _measured(session: _Session, state: StreamState, swap: bool, untaken: str | None) -> None:
+    """What a live move to another account showed of the CLI's version, once an answer settles
+    it: the new credential was taken (`swap`), or (the restart after it answered) it was not."""
     if not state.answered:
         return
     if untaken is not None:
         session.store.record_swap(untaken, swaps=False)
-    elif session.run.live and state.version is not None and session.store.swaps(state.version) is None:
+    elif swap and state.version is not None and session.store.swaps(state.version) is None:
         session.store.record_swap(state.version, swaps=True)
 
 
@@ -420,18 +423,16 @@ def _hold(session: _Session, until: float) -> Run | None:
         if isinstance(item, bytes):  # output while idle: kept, nothing to act on
             session.output.write(item.decode(errors="replace"))
             continue
-        if item is Event.WAKE and not session.cancelled.is_set():
-            handed = store.handed_over(run.id)
-        else:  # let go, unless a move was handed over meanwhile and the CLI can still take it
-            handed = store.release(run.id)
-            if item is Event.EOF:
-                session.events.put(Event.EOF)  # for `_finish`; a move handed over is abandoned when we exit
-                return None
-            if handed is None or session.cancelled.is_set():
-                return None
-        if handed is not None and (claimed := _claim(session, handed)) is not None:
+        if item is Event.EOF:  # the CLI ended: nothing goes on in it (a move handed over is abandoned)
+            store.release(run.id)
+            session.events.put(Event.EOF)  # for `_finish`
+            return None
+        going = item is Event.WAKE and not session.cancelled.is_set()
+        # Let go when the wait is over, unless a move was handed over meanwhile: that one is taken.
+        handed = store.handed_over(run.id) if going else store.release(run.id)
+        if handed is not None and not session.cancelled.is_set() and (claimed := _claim(session, handed)):
             return claimed
-        if item is None:
+        if not going:
             return None
 
 
