@@ -40,8 +40,9 @@ def main() -> None:
             try:
                 verdicts.append(trial(Path(tmp) / f"trial-{i}", planted, rng, victims[i % 2]))
             except AssertionError as exc:  # a trial that never settled: a problem to show, with its files
-                kept = shutil.copytree(Path(tmp) / f"trial-{i}", Path(tempfile.mkdtemp(prefix=f"cl-crash-{i}-")))
-                verdicts.append(Verdict(victims[i % 2], 0.0, -1, 0, 0.0, [f"trial {i}: {exc} (its files: {kept})"]))
+                kept = Path(tempfile.mkdtemp(prefix=f"cl-crash-{i}-"))
+                shutil.copytree(Path(tmp) / f"trial-{i}", kept, dirs_exist_ok=True, symlinks=True)
+                verdicts.append(Verdict(victims[i % 2], 0.0, -1, 0, 0, 0.0, [f"trial {i}: {exc} (its files: {kept})"]))
         texts = [log.read_text(errors="replace") for log in sorted(Path(tmp).rglob("*.log"))]
         leaks = [leak for text in texts for leak in planted.leaks(text, "a log")]
         locked = sum(text.count("state store unavailable") for text in texts)
@@ -54,7 +55,8 @@ def main() -> None:
         print(
             f"kill -9 cl-{victim}: {len(mine)} trials, {len(mine) * (WALLED + QUEUED)} jobs;"
             f" work written before the kill: {dict(sorted(Counter(v.work_before_kill for v in mine).items()))};"
-            f" moves live: {sum(v.live_moves for v in mine)} of {len(mine) * WALLED};"
+            f" kills with work in flight (jobs not done): {sum(v.unfinished_at_kill > 0 for v in mine)};"
+            f" moves onto the new accounts made live: {sum(v.live_moves for v in mine)} of {len(mine) * WALLED};"
             f" problems (lost, run twice, two processes, transcript lost): {len(problems)};"
             f" restart to READY p50 {ms(percentile(restarts, 50))} max {ms(max(restarts))}",
             flush=True,

@@ -42,8 +42,10 @@ class Verdict:
     """Seconds between the files landing and SIGKILL."""
     work_before_kill: int
     """Placements and moves onto the new accounts written when the kill came (0 to 6)."""
+    unfinished_at_kill: int
+    """Jobs not done yet when the kill came: work in flight (written or not)."""
     live_moves: int
-    """Moves made live (the rest by restart: those the kill rolled back after their worker let go)."""
+    """Moves onto the new accounts made live (a move the kill rolled back is made again, live or not)."""
     restart: float
     """Seconds from the restarted victim's exec to its socket answering (it is READY by then)."""
     problems: list[str]
@@ -74,10 +76,11 @@ def trial(root: Path, planted: Planted, rng: random.Random, victim: str) -> Verd
             for name in HEALTHY:
                 tokens[name] = planted.token()
                 write_credential(layout.credentials, name, oauth_credential(planted, token=tokens[name]))
-            delay = rng.uniform(0, 0.3)
+            delay = rng.uniform(0, 0.15)  # the files land; the work is written in some 20 ms, done in 100
             time.sleep(delay)  # a random point in the work: the kill is what is random, not what we assert
             daemons[victim].stop(signal.SIGKILL)
             work_before_kill = _work(layout) - before
+            unfinished = sum(job.state != "done" for job in _jobs(layout))
             began = time.perf_counter()
             daemons[victim] = DaemonProcess(victim, layout, env=env).start()
             restart = time.perf_counter() - began
@@ -87,9 +90,12 @@ def trial(root: Path, planted: Planted, rng: random.Random, victim: str) -> Verd
         for daemon in daemons.values():
             daemon.stop()
         end_workers(layout)
-    live = sum(1 for event in _ledger(layout) if event["event"] == "move started" and event["detail"].get("live"))
+    live = sum(
+        event["event"] == "move started" and event["account"] in HEALTHY and event["detail"]["live"]
+        for event in _ledger(layout)
+    )
     problems = _problems(layout, set(tokens.values()))
-    return Verdict(victim, delay, work_before_kill, live, restart, problems)
+    return Verdict(victim, delay, work_before_kill, unfinished, live, restart, problems)
 
 
 def _held(layout: Layout) -> int:

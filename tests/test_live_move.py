@@ -203,3 +203,30 @@ def test_a_held_worker_killed_leaves_a_session_moved_by_restart(layout: Layout, 
     assert "--resume" in moved["argv"]
     assert moved["history"] >= 1
     assert [r.live for r in runs(layout, job)] == [False, False]
+
+
+def test_a_live_move_rolled_back_by_a_rescuer_restart_is_made_live_again(layout: Layout, planted: Planted) -> None:
+    """cl-rescue wrote a live move and died before telling the holder: at its start the move is
+    rolled back, and made again, live, to the worker still holding the session's CLI (not by a
+    restart, whose worker would wait for the held session's lock)."""
+    walls_on_a1(layout, planted)
+    with both(layout) as (_balancer, rescue):
+        job = submit(layout, "held while the rescuer dies")
+        wait_until(lambda: held(layout), "the session to be held")
+        rescue.stop(signal.SIGKILL)
+        write_credential(layout.credentials, "a2", oauth_credential(planted))
+        store = Store(layout.state / "cl.db")
+        try:
+            session = store.get_job(job)
+            assert session is not None
+            unsent = store.place(job, "a2", 4, session.session_id, live=True)  # as the rescuer would, then died
+        finally:
+            store.close()
+        assert unsent is not None
+        assert unsent.live
+        rescue.start()
+        wait_until(lambda: job_states(layout) == {job: "done"}, "the session to finish")
+        assert "move rolled back" in rescue.log()
+    first, moved = layout.claude_calls()
+    assert moved["pid"] == first["pid"]
+    assert [(r.state, r.live) for r in runs(layout, job)] == [("walled", False), ("abandoned", True), ("done", True)]

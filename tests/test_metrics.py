@@ -106,6 +106,7 @@ def test_the_endpoint_reports_accounts_queue_counters_and_latencies(layout: Layo
     assert value(samples, "cl_queue_oldest_age_seconds") > 0
     assert value(samples, "cl_placements_total", daemon="balancer") == 2
     assert value(samples, "cl_moves_total", daemon="rescue") == 1
+    assert value(samples, "cl_live_moves_total", daemon="rescue") == 1  # its CLI went on
     assert value(samples, "cl_failures_total", daemon="balancer") == 0
     assert value(samples, "cl_submit_to_started_seconds_count") == 1  # the first job walled before any answer
     assert value(samples, "cl_wall_to_resumed_seconds_count") == 1

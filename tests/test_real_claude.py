@@ -148,7 +148,8 @@ def test_real_cli_sessions_move_to_a_dropped_in_account_with_their_conversation(
     layout: Layout, planted: Planted, fake_api: FakeApi, claude_bin: Path
 ) -> None:
     """The seed's afternoon with the real client: three accounts wall, a fourth arrives, every
-    session is resumed there and the fake API sees each earlier conversation under a4's token."""
+    session goes on there in the CLI that walled (a live move) and the fake API sees each earlier
+    conversation under a4's token."""
     for name in ("a1", "a2", "a3"):
         write_credential(layout.credentials, name, oauth_credential(planted))
         fake_api.limit(planted.tokens[-2], 0)  # the access token (the refresh token came after it)
@@ -162,6 +163,8 @@ def test_real_cli_sessions_move_to_a_dropped_in_account_with_their_conversation(
         write_credential(layout.credentials, "a4", oauth_credential(planted, token=a4))
         wait_until(lambda: job_state_set(layout) == {"done"}, "every session to finish on a4", timeout=120)
         jobs = json.loads(cl(layout, "jobs", "--all", "--json").stdout)
+        stories = [json.loads(cl(layout, "job", str(job["id"]), "--json").stdout) for job in jobs]
+    assert [(story["moves"][-1]["to"], story["moves"][-1]["how"]) for story in stories] == [("a4", "live")] * 3
     on_a4 = [r for r in fake_api.requests() if r["cred_tail"] == a4[-6:] and not r["walled"]]
     for prompt in prompts:  # each conversation went out again, under the new account's token
         assert sum(any(prompt in m for m in r["messages"]) for r in on_a4) == 1, prompt

@@ -61,6 +61,7 @@ class Collector:
         counters = {
             "placements": ("cl_placements_total", "jobs placed on an account"),
             "moves": ("cl_moves_total", "walled or orphaned sessions moved to another account"),
+            "live_moves": ("cl_live_moves_total", "moves in which the session's CLI went on in the same process"),
             "failures": ("cl_failures_total", "runs that ended failed"),
         }
         for key, (name, text) in counters.items():

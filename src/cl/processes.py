@@ -68,7 +68,7 @@ def send_signal(pid: int, started: str | None, signum: int) -> bool:
     before the check, so a pid reused meanwhile is never signalled. False if it is gone."""
     try:
         fd = os.pidfd_open(pid)
-    except ProcessLookupError:
+    except OSError:  # gone, or this process is short of descriptors: not signalled either way
         return False
     try:
         if not alive(pid, started):

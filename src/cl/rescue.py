@@ -82,6 +82,7 @@ class Rescuer(Service):
         self._announced: dict[int, float] = {}
         """Job id -> the `updated_at` we logged its wall or orphaning for: once per event."""
         self._moves = 0
+        self._live_moves = 0
         self._move_failures = 0
         self._wall_to_resumed = Histogram()
         self._all_walled = False
@@ -164,12 +165,13 @@ class Rescuer(Service):
         session's CLI (a live move), or a new worker's (a restart). False if the job changed
         meanwhile (another pass or daemon got to it)."""
         assert job.session_id is not None
-        holder = await self.store.latest_run(job.id)
-        held = holder is not None and holder.held_until is not None and alive(holder.pid or 0, holder.pid_start)
+        holder = await self.store.held_run(job.id)
+        held = holder is not None and alive(holder.pid or 0, holder.pid_start)
         run = await self.store.place(job.id, account, limit, job.session_id, live=held)
         if run is None:
             return False
         self._moves += 1
+        self._live_moves += run.live
         log.info(
             "session moved",
             session=job.session_id,
@@ -250,7 +252,7 @@ class Rescuer(Service):
         """What `cl-metrics` exposes of the rescuer: what it counted since it started."""
         return {
             "waiting": len(self._waiting.jobs),
-            "counters": {"moves": self._moves, "failures": self._move_failures},
+            "counters": {"moves": self._moves, "live_moves": self._live_moves, "failures": self._move_failures},
             "histograms": {"wall_to_resumed": self._wall_to_resumed.public()},
         }
 

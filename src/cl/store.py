@@ -646,6 +646,19 @@ class Store:
                 self.record(db, "run started", job_id, run=run_id, pid=pid)
         return self.get_run(run_id) if claimed else None
 
+    def held_run(self, job_id: int) -> Run | None:
+        """The job's run whose worker holds its CLI for a live move, if any (not necessarily its
+        latest: a live move handed to it may have been abandoned since)."""
+        row = self._db.execute(
+            "SELECT * FROM runs WHERE job_id = ? AND held_until IS NOT NULL ORDER BY id DESC LIMIT 1", (job_id,)
+        ).fetchone()
+        return Run(*row) if row else None
+
+    def let_go(self, run_id: int) -> None:
+        """The worker that held `run_id`'s CLI is gone: the session no longer counts as held."""
+        with self.transaction() as db:
+            db.execute("UPDATE runs SET held_until = NULL WHERE id = ?", (run_id,))
+
     def handed_over(self, run_id: int) -> Run | None:
         """The live move handed to the worker holding `run_id`'s CLI (`starting`, its to claim)."""
         return self._handed_over(self._db, run_id)
@@ -1075,9 +1088,11 @@ class AsyncStore:
     facts = _OnStoreThread(Store.facts)
     get_job = _OnStoreThread(Store.get_job)
     get_run = _OnStoreThread(Store.get_run)
+    held_run = _OnStoreThread(Store.held_run)
     job_runs = _OnStoreThread(Store.job_runs)
     jobs_with_session = _OnStoreThread(Store.jobs_with_session)
     latest_run = _OnStoreThread(Store.latest_run)
+    let_go = _OnStoreThread(Store.let_go)
     oldest_queued = _OnStoreThread(Store.oldest_queued)
     place = _OnStoreThread(Store.place)
     send = _OnStoreThread(Store.send)

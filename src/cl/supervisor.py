@@ -65,11 +65,11 @@ class Supervisor:
         if await self._account_gone(run):
             return
         pid = holder.pid
-        if (
-            pid is None
-            or not send_signal(pid, holder.pid_start, signal.SIGUSR1)
-            or not on_exit(pid, self._exited(run.id))
-        ):
+        if pid is None or not send_signal(pid, holder.pid_start, signal.SIGUSR1):
+            if pid is None or not alive(pid, holder.pid_start):
+                await self.store.let_go(holder.id)  # gone: the next pass moves it by restart
+            await self.check(run.id)
+        elif not on_exit(pid, self._exited(run.id)):
             await self.check(run.id)
 
     async def _account_gone(self, run: Run) -> bool:
