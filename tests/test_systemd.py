@@ -145,7 +145,9 @@ def test_a_walled_session_is_rescued_and_the_journal_tells_the_story(
     assert ["session", "moved"] in about_a2
     (moved,) = entries(box, f"MESSAGE_ID={MESSAGE_IDS['session moved']}")
     assert (moved["_SYSTEMD_UNIT"], moved["SYSLOG_IDENTIFIER"]) == ("cl-rescue.service", "cl-rescue")
-    assert (moved["ACCOUNT"], moved["FROM"], moved["JOB"]) == ("a2", "a1", "1")
+    assert (moved["ACCOUNT"], moved["FROM"], moved["JOB"], moved["LIVE"]) == ("a2", "a1", "1", "True")
+    # The move was live: the CLI went on in its own cl-worker@ unit, told by the rescuer's signal.
+    assert any(m.startswith("session moved live") for _, m in journal(box, "cl-worker@*"))
     assert moved["SESSION"] == json.loads(box("/opt/cl/bin/cl", "jobs", "--all", "--json").stdout)[0]["session_id"]
     for event in ("session walled", "waiting", "all accounts walled", "session resumed", "account added"):
         assert entries(box, "-u", "cl-rescue", f"MESSAGE_ID={MESSAGE_IDS[event]}"), event
@@ -163,6 +165,7 @@ def test_a_walled_session_is_rescued_and_the_journal_tells_the_story(
     assert 'cl_up{daemon="balancer"} 1.0' in text
     assert 'cl_up{daemon="rescue"} 1.0' in text
     assert 'cl_moves_total{daemon="rescue"} 1.0' in text
+    assert 'cl_live_moves_total{daemon="rescue"} 1.0' in text
 
 
 def test_a_stalled_daemon_is_killed_by_the_watchdog_and_restarted(box: Box) -> None:
