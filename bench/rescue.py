@@ -97,9 +97,9 @@ class FakeApi:
             pass
 
     def requests(self) -> list[dict[str, Any]]:
-        if not self.log.exists():
-            return []
-        return [json.loads(line) for line in self.log.read_text().splitlines() if line.endswith("}")]
+        """The complete lines of the log (the server may be writing one)."""
+        *complete, _partial = self.log.read_text().split("\n") if self.log.exists() else [""]
+        return [json.loads(line) for line in complete]
 
     def close(self) -> None:
         self.process.terminate()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,3 +24,6 @@ def test_the_demo_plays_to_the_end(tmp_path: Path) -> None:
         assert line in out, line
     assert "6 of 6 jobs done" in out
     assert out.count(" -> a4") == 3  # the three walled sessions, each moved to the new account
+    live = re.search(r"(\d+) of them in the process that walled \(a live move\)", out)
+    assert live is not None
+    assert int(live[1]) >= 3  # each walled session went on to a4 in its own process

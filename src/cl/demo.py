@@ -105,9 +105,10 @@ class Demo:
         return result
 
     def calls(self) -> list[dict[str, Any]]:
-        """Every run of the fake CLI so far."""
+        """Every turn of the fake CLI so far: the complete lines of its log (it may be writing one)."""
         path = self.root / "claude-calls.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        *complete, _partial = path.read_text().split("\n") if path.exists() else [""]
+        return [json.loads(line) for line in complete]
 
     def wait(self, condition: Callable[[], bool], timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -150,11 +151,17 @@ class Demo:
         for job in self.jobs():
             print(f"{job['id']:<4} {job['session_id']:<38} {job['state']:<6} {' -> '.join(moves[job['id']])}", file=out)
         calls = self.calls()
-        resumed = [call for call in calls if "--resume" in call["argv"] and call["history"] >= 1]
+        resumed = [call for call in calls if call["prompt"] == "continue" and call["history"] >= 1]
+        previous: dict[str, int] = {}  # session -> the pid of its latest turn so far
+        live = 0
+        for call in calls:
+            live += call in resumed and previous.get(call["session_id"]) == call["pid"]
+            previous[call["session_id"]] = call["pid"]
         done = sum(job["state"] == "done" for job in self.jobs())
         print(
-            f"\n{done} of {len(self.jobs())} jobs done in {len(calls)} CLI runs;"
-            f" {len(resumed)} runs resumed a session with its earlier conversation.\n"
+            f"\n{done} of {len(self.jobs())} jobs done in {len(calls)} turns of {len({c['pid'] for c in calls})}"
+            f" CLI processes; {len(resumed)} turns resumed a session with its earlier conversation,"
+            f" {live} of them in the process that walled (a live move).\n"
             f"Full logs: {self.root}/balancer.log and rescue.log",
             file=out,
         )
