@@ -139,15 +139,12 @@ class CliProcess:
     def pid(self) -> int:
         return self.process.pid
 
-    def send(self, text: str) -> bool:
-        """One user message: the next turn. False if the CLI no longer reads."""
+    def send(self, text: str) -> None:
+        """One user message: the next turn (a CLI that no longer reads ends its output instead)."""
         assert self.process.stdin is not None
-        try:
+        with contextlib.suppress(BrokenPipeError, ValueError):
             self.process.stdin.write(user_message(text))
             self.process.stdin.flush()
-        except (BrokenPipeError, ValueError):
-            return False
-        return True
 
     def close(self) -> int:
         """End of input: the CLI finishes and exits, or is stopped after `EXIT_GRACE` seconds
