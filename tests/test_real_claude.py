@@ -257,6 +257,28 @@ def test_real_cli_on_a_token_or_api_key_account_is_moved_by_restart(
     assert "session held" not in log
 
 
+def test_real_cli_a_token_sessions_first_prompt_that_walled_goes_with_its_move(
+    layout: Layout, planted: Planted, fake_api: FakeApi, claude_bin: Path
+) -> None:
+    """2.1.332 drops a prompt that walled before any answer under `CLAUDE_CODE_OAUTH_TOKEN` when
+    the session is resumed (docs/claude-code.md, fact 14): the move sends the job's prompt again,
+    before the resume prompt, so the new account is asked the task itself."""
+    token = planted.token()
+    write_credential(layout.credentials, "t1", json.dumps({"oauthToken": token}))
+    fake_api.limit(token, 0)
+    env = real_cli_env(layout, claude_bin, fake_api)
+    prompt = "the task itself"
+    with both(layout, env=env):
+        job = json.loads(cl(layout, "submit", "--cwd", str(layout.work), "--prompt", prompt, "--json").stdout)["job"]
+        wait_until(lambda: job_view(layout, job)["state"] == "walled", "the session to wall", timeout=60)
+        a2 = planted.token()
+        write_credential(layout.credentials, "a2", oauth_credential(planted, token=a2))
+        wait_until(lambda: job_view(layout, job)["state"] == "done", "the session to finish on a2", timeout=60)
+    walled, moved = fake_api.requests()
+    assert (walled["walled"], moved["walled"], moved["cred_tail"]) == (True, False, a2[-6:])
+    assert any(message.endswith(f"{prompt}\n\ncontinue") for message in moved["messages"]), moved["messages"]
+
+
 FAKES = Path(__file__).resolve().parent / "fakes"
 
 

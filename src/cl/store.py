@@ -811,6 +811,15 @@ class Store:
         ).fetchone()
         return str(row[0]) if row else None
 
+    def answered_before(self, run_id: int) -> bool:
+        """Whether an account ever answered the session before this run (an earlier run of its job)."""
+        row = self._db.execute(
+            "SELECT 1 FROM runs WHERE job_id = (SELECT job_id FROM runs WHERE id = ?) AND id < ?"
+            " AND answered_at IS NOT NULL LIMIT 1",
+            (run_id, run_id),
+        ).fetchone()
+        return row is not None
+
     def verify_move(self, run_id: int) -> bool:
         """Settle a move in the ledger, with whether the transcript grew. False if already settled."""
         with self.transaction() as db:

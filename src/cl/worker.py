@@ -281,9 +281,25 @@ def _after_turn(session: _Session, account: Account, state: StreamState) -> Run 
 
 def _prompt(session: _Session) -> str:
     """The current run's prompt: a follow-up's text, else the resume prompt for a session it
-    resumes, else the job's."""
-    run = session.run
-    return run.prompt or (session.config.resume_prompt if run.resume else session.job.prompt)
+    resumes (with the job's prompt before it if the CLI dropped that: `_prompt_lost`), else the job's."""
+    run, config, job = session.run, session.config, session.job
+    if run.prompt:
+        return run.prompt
+    if not run.resume:
+        return job.prompt
+    return f"{job.prompt}\n\n{config.resume_prompt}" if _prompt_lost(session) else config.resume_prompt
+
+
+def _prompt_lost(session: _Session) -> bool:
+    """A session whose first prompt walled under a token the CLI had from its environment loses
+    that prompt on `--resume` (docs/claude-code.md, fact 14): no earlier run of it was ever
+    answered, and the previous one was on a token account."""
+    run, store = session.run, session.store
+    previous = store.previous_account(run.id)
+    if run.live or previous is None or store.answered_before(run.id):
+        return False
+    read = read_account(_account_file(session.config, previous), previous)
+    return read is not None and read[0].kind is CredentialKind.OAUTH_TOKEN
 
 
 def _follow_up(session: _Session, state: StreamState) -> Run | None:
