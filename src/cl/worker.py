@@ -239,7 +239,7 @@ def _work(session: _Session) -> None:
         assert session.process is not None
         session.process.send(_prompt(session))
         state = _turn(session)
-        if swap and _unconfirmed(session, state):
+        if swap and _unconfirmed(state):
             # The wall may be the old account's: the CLI may not have taken the new credential.
             # Today's restart, at once, on the account the move chose: its own wall, if it has
             # one, is then recorded as any run's; an answer shows the version does not swap.
@@ -398,12 +398,11 @@ def _finish(session: _Session) -> int:
     return code
 
 
-def _unconfirmed(session: _Session, state: StreamState) -> bool:
-    """A live move's first turn (to another account) walled before any answer, with a CLI version
-    not yet measured to take a new credential: whose wall it was is unknown."""
-    if not state.ended or state.wall is None or state.answered:
-        return False
-    return state.version is None or session.store.swaps(state.version) is not True
+def _unconfirmed(state: StreamState) -> bool:
+    """A live move's first turn (to another account) walled before any answer: whose wall it was
+    is unknown. Whatever was recorded of the version: that record comes from what CLIs print, and
+    a hostile one must not make another session's old-account wall count against a new account."""
+    return state.ended and state.wall is not None and not state.answered
 
 
 def _holds(session: _Session, account: Account, state: StreamState) -> bool:
