@@ -58,7 +58,7 @@ run: dev
 # tree instead (how the tests check these targets).
 LOCAL := $(ROOT)/usr/local
 CONFIG := $(ROOT)/etc/cl/config.toml
-UNITS := cl-balancer.service cl-rescue.service cl-worker.socket cl-worker@.service cl-metrics.socket cl-metrics.service
+UNITS := cl-balancer.service cl-rescue.service cl-gateway.service cl-worker.socket cl-worker@.service cl-metrics.socket cl-metrics.service
 install:
 	$(PYTHON) -m venv $(ROOT)$(PREFIX)
 	$(ROOT)$(PREFIX)/bin/pip install --quiet --upgrade pip

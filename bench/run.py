@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from cl.client import DaemonUnreachable, call
@@ -75,6 +75,7 @@ def env_for(root: Path, **extra: str) -> dict[str, str]:
         "CL_SESSIONS_DIR": str(root / "sessions"),
         "CL_RUNTIME_DIR": str(root / "run"),
         "CL_CLI_USER": os.environ.get("CL_CLI_USER", ""),  # as root: `cl-cli` measures the separate user
+        "CL_GATEWAY": "false",  # direct mode unless a bench says otherwise (bench/gateway.py)
     }
     return env | extra
 
@@ -85,15 +86,22 @@ def wait_ready(notify: socket.socket) -> None:
         pass
 
 
-@contextmanager
-def daemons(root: Path, **extra: str) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+def daemons(root: Path, **extra: str) -> AbstractContextManager[dict[str, subprocess.Popen[bytes]]]:
     """Both daemons on `root`, started and READY; `extra` adds to their environment."""
+    return daemons_named(root, ("balancer", "rescue"), extra)
+
+
+@contextmanager
+def daemons_named(
+    root: Path, names: tuple[str, ...], extra: dict[str, str]
+) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+    """The daemons `names` on `root`, started and READY; `extra` adds to their environment."""
     notify_path = root / "notify.sock"
     notify_path.unlink(missing_ok=True)
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))
     env = env_for(root, NOTIFY_SOCKET=str(notify_path), **extra)
-    logs = {name: (root / f"{name}.log").open("ab") for name in ("balancer", "rescue")}
+    logs = {name: (root / f"{name}.log").open("ab") for name in names}
     procs = {name: subprocess.Popen([str(BIN / f"cl-{name}")], env=env, stderr=log) for name, log in logs.items()}
     try:
         try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from utils import DaemonProcess, Layout, Planted, both, end_workers, tokens_in_output
+from utils import DaemonProcess, FakeApi, Layout, Planted, both, end_workers, fake_api_running, tokens_in_output
 
 
 @pytest.fixture
@@ -75,3 +75,9 @@ def no_daemon_outlives_its_test() -> Iterator[None]:
             process.wait()
     while Layout.made:
         end_workers(Layout.made.pop())
+
+
+@pytest.fixture
+def fake_api(tmp_path: Path) -> Iterator[FakeApi]:
+    with fake_api_running(tmp_path) as api:
+        yield api

@@ -81,8 +81,9 @@ def install(box: Box) -> None:
 def with_fake_cli(box: Box, **env: str) -> None:
     """The fake CLI as `claude_bin`, with these `[worker.env]` variables; /srv/work its user's to
     write, /srv/fake (the fake's files: its log, a quota) too, and a log that is already there."""
-    config = 'claude_bin = "/opt/fakes/claude"\ncli_writable = ["/srv/fake"]\n[worker.env]\n' + "".join(
-        f'{name} = "{value}"\n' for name, value in env.items()
+    config = (
+        'claude_bin = "/opt/fakes/claude"\ncli_writable = ["/srv/fake"]\ngateway = false\n[worker.env]\n'
+        + "".join(f'{name} = "{value}"\n' for name, value in env.items())
     )
     box(
         "sh",

@@ -181,7 +181,7 @@ def _attack_under_make_run(var: Path, planted: Planted) -> Attack:
     targets = targets_in(credentials, state, var / "sessions", sockets)
     config = (
         'credentials_dir = "claude"\nstate_dir = "state"\nsessions_dir = "sessions"\nruntime_dir = "run"\n'
-        f'claude_bin = "{fakes}"\nplacement = "fill-first"\n'
+        f'claude_bin = "{fakes}"\nplacement = "fill-first"\ngateway = false\n'
         f'[worker.env]\nHOSTILE_TARGETS_FILE = "{var / "targets.json"}"\n'
     )
     run = started(var, config)
@@ -228,7 +228,7 @@ def _attack_under_systemd(box: Box, tmp: Path, planted: Planted) -> Attack:
     sockets = [Path("/run/cl") / f"{name}.sock" for name in ("balancer", "rescue", "worker")]
     targets = targets_in(Path("/opt/claude"), Path("/var/lib/cl"), Path("/var/lib/cl-sessions"), sockets)
     config = (
-        'claude_bin = "/opt/fakes/hostile"\nplacement = "fill-first"\n'
+        'claude_bin = "/opt/fakes/hostile"\nplacement = "fill-first"\ngateway = false\n'
         '[worker.env]\nHOSTILE_TARGETS_FILE = "/srv/fake/targets.json"\n'
     )
     box(

@@ -1,4 +1,4 @@
-"""`make run`, as a person uses it: both daemons in the foreground, a file dropped in, Ctrl-C."""
+"""`make run`, as a person uses it: the daemons (the gateway too) in the foreground, a file dropped in, Ctrl-C."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from utils import Planted, make_run, oauth_credential, wait_until, write_credent
 def test_make_run_serves_a_dropped_file_and_ctrl_c_stops_both(tmp_path: Path, planted: Planted) -> None:
     var = tmp_path / "var"
     make = make_run(var)
-    sockets = [var / "run" / f"{name}.sock" for name in ("balancer", "rescue")]
+    sockets = [var / "run" / f"{name}.sock" for name in ("balancer", "rescue", "gateway")]
 
     def views() -> list[dict[str, str]] | None:
         try:
@@ -24,13 +24,13 @@ def test_make_run_serves_a_dropped_file_and_ctrl_c_stops_both(tmp_path: Path, pl
             return None
 
     try:
-        wait_until(lambda: views() == [{}, {}], "both daemons to answer with no accounts", timeout=120)
+        wait_until(lambda: views() == [{}, {}, {}], "the three daemons to answer with no accounts", timeout=120)
         write_credential(var / "claude", "a1", oauth_credential(planted))
-        wait_until(lambda: views() == [{"a1": "ok"}, {"a1": "ok"}], "both daemons to see the dropped file")
+        wait_until(lambda: views() == [{"a1": "ok"}] * 3, "the three daemons to see the dropped file")
     finally:
         os.killpg(make.pid, signal.SIGINT)  # what Ctrl-C at the terminal sends to the foreground job
         out, _ = make.communicate(timeout=60)
-    assert out.count("stopped") == 2, out
+    assert out.count("stopped") == 3, out
     assert "Traceback" not in out, out
     assert not any(path.exists() for path in sockets)  # both removed their sockets on the way out
     assert f"CL_CONFIG={var}/config.toml" in out  # it told the user how to reach them

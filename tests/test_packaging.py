@@ -13,8 +13,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 UNITS = REPO / "packaging" / "systemd"
-DAEMON_UNITS = ["cl-balancer.service", "cl-rescue.service"]
-EXPOSED = [*DAEMON_UNITS, "cl-metrics.service"]
+DAEMON_UNITS = ["cl-balancer.service", "cl-rescue.service", "cl-gateway.service"]
+EXPOSED = ["cl-balancer.service", "cl-rescue.service", "cl-metrics.service"]
+"""Units with no network at all: an exposure of 1.0 at most. cl-gateway has the network it
+needs (loopback for the CLIs, the API outbound) and is held to 1.1, as measured."""
 ALL_UNITS = [*DAEMON_UNITS, "cl-worker.socket", "cl-worker@.service", "cl-metrics.socket", "cl-metrics.service"]
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
@@ -34,17 +36,18 @@ def test_units_verify_without_a_single_message(tmp_path: Path) -> None:
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
 
-@pytest.mark.parametrize("unit", EXPOSED)
-def test_exposure_is_at_most_1(unit: str) -> None:
+@pytest.mark.parametrize(("unit", "most"), [*((unit, 1.0) for unit in EXPOSED), ("cl-gateway.service", 1.1)])
+def test_exposure_is_at_most_1(unit: str, most: float) -> None:
+    threshold = str(int(most * 10))
     result = subprocess.run(
-        ["systemd-analyze", "security", "--offline=yes", "--threshold=10", str(UNITS / unit)],
+        ["systemd-analyze", "security", "--offline=yes", f"--threshold={threshold}", str(UNITS / unit)],
         capture_output=True,
         text=True,
         check=False,
     )
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout + result.stderr)
     assert match is not None, result.stdout + result.stderr
-    assert float(match.group(1)) <= 1.0
+    assert float(match.group(1)) <= most
     assert result.returncode == 0  # --threshold is on the 0-100 scale: 10 is an exposure of 1.0
 
 

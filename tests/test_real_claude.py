@@ -12,11 +12,7 @@ import os
 import pwd
 import shutil
 import subprocess
-import sys
 import time
-import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +22,7 @@ from real_cli import install
 from cl.claude_code.transcripts import transcript_path
 from utils import (
     DaemonProcess,
+    FakeApi,
     Layout,
     Planted,
     api_key_credential,
@@ -38,8 +35,6 @@ from utils import (
     wait_until,
     write_credential,
 )
-
-FAKE_API = Path(__file__).resolve().parent / "fakes" / "fake_anthropic.py"
 
 
 @pytest.fixture
@@ -54,48 +49,6 @@ def claude_bin() -> Path:
     if path is None:
         pytest.skip(f"the real Claude Code CLI is not available: {why}")
     return path
-
-
-@dataclass
-class FakeApi:
-    url: str
-    log: Path
-    watch: Path
-    """Each `NAME.pid` here is logged alive or not with every request."""
-
-    def limit(self, credential: str, messages: int) -> None:
-        data = json.dumps({"key": credential, "limit": messages}).encode()
-        request = urllib.request.Request(f"{self.url}/_fake/limit", data=data, method="POST")  # noqa: S310 - loopback
-        with urllib.request.urlopen(request, timeout=10):  # noqa: S310
-            pass
-
-    def requests(self) -> list[dict[str, Any]]:
-        return json_lines(self.log)
-
-
-@pytest.fixture
-def fake_api(tmp_path: Path) -> Iterator[FakeApi]:
-    port_file = tmp_path / "api.port"
-    watch = tmp_path / "watch"
-    watch.mkdir()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            str(FAKE_API),
-            "--port-file",
-            str(port_file),
-            "--log",
-            str(tmp_path / "api.jsonl"),
-            "--watch",
-            str(watch),
-        ]
-    )
-    try:
-        wait_until(port_file.exists, "the fake API to listen")
-        yield FakeApi(f"http://127.0.0.1:{port_file.read_text()}", tmp_path / "api.jsonl", watch)
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 def real_cli_env(layout: Layout, claude_bin: Path, fake_api: FakeApi | None, **extra: str) -> dict[str, str]:

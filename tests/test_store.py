@@ -193,7 +193,7 @@ def test_a_wall_the_cli_announces_stands_a_week_at_most(tmp_path: Path) -> None:
     year_3000 = 32503680000
     info = {"status": "rejected", "resetsAt": year_3000, "rateLimitType": "five_hour"}
     state.feed(json.dumps({"type": "rate_limit_event", "rate_limit_info": info}))
-    worker._settle(Config(), store, run, state, 1)
+    worker._settle(Config(gateway=False), store, run, state, 1)  # direct mode: the CLI says
     wall = store.walls()["a1"]
     assert wall.reset_at is not None
     assert wall.reset_at <= time.time() + worker.MAX_WALL

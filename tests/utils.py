@@ -15,6 +15,7 @@ import sys
 import termios
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from cl.store import Run, Store
 
 BIN = Path(sys.executable).parent
 FAKE_CLAUDE = Path(__file__).resolve().parent / "fakes" / "claude"
+FAKE_API = Path(__file__).resolve().parent / "fakes" / "fake_anthropic.py"
 FAR_FUTURE_MS = 4_102_444_800_000  # 2100-01-01
 
 
@@ -202,6 +204,7 @@ class Layout:
             CL_CONFIG=str(self.root / "config.toml"),
             CL_CLAUDE_BIN=str(FAKE_CLAUDE),
             CL_CLI_WRITABLE=str(self.fakes),
+            CL_GATEWAY="false",  # direct mode, unless a test (tests/test_gateway.py) asks for the gateway
             FAKE_CLAUDE_LOG=str(self.fakes / "fake-claude.jsonl"),
             FAKE_CLAUDE_QUOTA=str(self.fakes / "quota.json"),
             FAKE_CLAUDE_HOLD=str(self.hold),
@@ -227,6 +230,59 @@ def end_workers(layout: Layout) -> list[int]:
         except (OSError, ValueError):
             continue
     return killed
+
+
+@dataclass
+class FakeApi:
+    """The fake Anthropic API (and OAuth token endpoint) on 127.0.0.1, in a process of its own."""
+
+    url: str
+    log: Path
+    watch: Path
+    """Each `NAME.pid` here is logged alive or not with every request."""
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        request = urllib.request.Request(f"{self.url}{path}", json.dumps(body).encode(), method="POST")  # noqa: S310
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback
+            return json.loads(response.read() or b"null")
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=10) as response:  # noqa: S310 - loopback
+            return json.loads(response.read())
+
+    def limit(self, credential: str, messages: int) -> None:
+        self.post("/_fake/limit", {"key": credential, "limit": messages})
+
+    def requests(self) -> list[dict[str, Any]]:
+        return json_lines(self.log)
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The requests for inference (not the token endpoint's)."""
+        return [r for r in self.requests() if r.get("path", "").startswith("/v1/messages") and "cred_tail" in r]
+
+
+@contextlib.contextmanager
+def fake_api_running(root: Path, *args: str) -> Iterator[FakeApi]:
+    port_file = root / "api.port"
+    watch = root / "watch"
+    watch.mkdir(exist_ok=True)
+    log = root / "api.jsonl"
+    command = [sys.executable, str(FAKE_API), "--port-file", str(port_file), "--log", str(log), "--watch", str(watch)]
+    server = subprocess.Popen([*command, *args])
+    try:
+        wait_until(port_file.exists, "the fake API to listen")
+        yield FakeApi(f"http://127.0.0.1:{port_file.read_text()}", log, watch)
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (for a daemon told where to listen)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 class DaemonProcess:

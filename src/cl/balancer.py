@@ -38,7 +38,7 @@ from cl.registry import CredentialRegistry
 from cl.service import Service
 from cl.states import FINISHED_JOBS, LIVE_RUNS, JobState, RunState
 from cl.status import StatusView
-from cl.store import UNSET, Facts, Job, Run, StoreUnavailable
+from cl.store import NEEDS_LOGIN, UNSET, Facts, Job, Run, StoreUnavailable
 from cl.supervisor import log_outcome
 from cl.tally import Histogram
 
@@ -254,10 +254,15 @@ class Balancer(Service):
         return {"job": job_id, "sent": outcome}
 
     async def _settings(self, _request: Request, _peer: Peer) -> Reply:
-        """Every account name with a setting, and whether the roster has it now."""
+        """Every account name with a setting, and whether the roster has it now; the accounts of
+        the roster that need a new login (the gateway's refresh was refused)."""
         settings = await self.store.settings()
         roster = self.registry.accounts
-        return {"settings": [{**s.public(), "present": name in roster} for name, s in sorted(settings.items())]}
+        walls = await self.store.walls()
+        return {
+            "settings": [{**s.public(), "present": name in roster} for name, s in sorted(settings.items())],
+            "needs_login": sorted(name for name, wall in walls.items() if wall.kind == NEEDS_LOGIN and name in roster),
+        }
 
     async def _account(self, request: Request, peer: Peer) -> Reply:
         """Pause or resume an account, or set its `max_sessions` or `models` (None: the default).
@@ -288,7 +293,9 @@ class Balancer(Service):
             accounts.append(
                 {
                     "name": name,
-                    "state": str(account.state),
+                    "state": NEEDS_LOGIN
+                    if wall and wall.kind == NEEDS_LOGIN and account.usable
+                    else str(account.state),
                     "paused": bool(settings and settings.paused_at is not None),
                     "walled": wall is not None,
                     "walled_until": wall.reset_at if wall else None,

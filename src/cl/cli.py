@@ -60,8 +60,10 @@ def cmd_accounts(config: Config, args: argparse.Namespace) -> int:
         answers = {key: future.result() for key, future in asked.items()}
     views = {daemon: answers[daemon]["accounts"] for daemon in daemons}
     settings = {s["account"]: s for s in answers["settings"]["settings"]} if not args.source else {}
+    logins = set(answers["settings"].get("needs_login", [])) if not args.source else set()
     if args.json:
-        print_json(views[args.source] if args.source else {**views, "settings": list(settings.values())})
+        shown = {**views, "settings": list(settings.values()), "needs_login": sorted(logins)}
+        print_json(views[args.source] if args.source else shown)
     elif args.source:
         print_table(
             ["ACCOUNT", "STATE", "KIND", "EXPIRES", "REASON"],
@@ -79,8 +81,11 @@ def cmd_accounts(config: Config, args: argparse.Namespace) -> int:
             reason = next((a["reason"] for a in seen if a and a["reason"]), "")
             if not any(seen):
                 reason = "no credential file: its settings wait for one"
-            shown = _settings(settings.get(name))
-            rows.append([name, *(a["state"] if a else "(absent)" for a in seen), shown, reason])
+            states = [a["state"] if a else "(absent)" for a in seen]
+            if name in logins:
+                states = ["needs-login" if state == "ok" else state for state in states]
+                reason = reason or "its refresh token was refused: log in and copy the new credentials over its file"
+            rows.append([name, *states, _settings(settings.get(name)), reason])
         print_table(["ACCOUNT", *(d.upper() for d in DAEMONS), "SETTINGS", "REASON"], rows)
     if len(views) > 1 and (differences := describe_differences(views)):
         print("\nWARNING: cl-balancer and cl-rescue see different accounts:", file=sys.stderr)

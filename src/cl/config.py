@@ -8,6 +8,7 @@ naming the key.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import shlex
@@ -20,6 +21,10 @@ DEFAULT_PATH = Path("/etc/cl/config.toml")
 ENV_PREFIX = "CL_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PLACEMENTS = ("headroom", "fill-first")
+GATEWAY_OWNS = frozenset(
+    {"ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN", "CLAUDE_CONFIG_DIR"}
+)
+"""What a `[worker.env]` may not set in gateway mode: where the CLI's requests go, and any credential."""
 
 
 class ConfigError(Exception):
@@ -72,6 +77,19 @@ class Config:
     """journald's native socket, used under systemd; '' writes `<N>`-prefixed lines to stderr instead."""
     worker_env: dict[str, str] = dataclasses.field(default_factory=dict)
     """`[worker.env]`: variables added to every CLI run's environment."""
+    gateway: bool = True
+    """The CLI talks to the API through `cl-gateway` holding a capability, never a real token;
+    false: each CLI holds its account's credential and talks to the API directly."""
+    gateway_listen: str = "127.0.0.1:8479"
+    """Where `cl-gateway` listens (loopback only) and where every CLI sends its requests."""
+    gateway_upstream: str = "https://api.anthropic.com"
+    """The API the gateway forwards to."""
+    oauth_token_url: str = "https://platform.claude.com/v1/oauth/token"  # noqa: S105 - a URL, not a secret
+    """Where the gateway refreshes OAuth accounts' tokens."""
+    oauth_client_id: str = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
+    """The OAuth client a refresh names: Claude Code's own, whose tokens the credential files hold."""
+    refresh_margin: float = 300.0
+    """Seconds before an OAuth access token expires that the gateway refreshes it."""
     config_file: Path = DEFAULT_PATH
     """Where this configuration was read from, or would have been (not a key)."""
 
@@ -178,6 +196,35 @@ def _name(value: Any, _base: Path) -> str:
     return value
 
 
+def _bool(value: Any, _base: Path) -> bool:
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    if not isinstance(value, bool):
+        raise TypeError("must be true or false")
+    return value
+
+
+def _loopback(value: Any, _base: Path) -> str:
+    error = "must be HOST:PORT on loopback (127.0.0.0/8 or [::1])"
+    if not isinstance(value, str):
+        raise TypeError(error)
+    host, _, port = value.rpartition(":")
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+        number = int(port)
+    except ValueError:
+        raise ValueError(error) from None
+    if not address.is_loopback or not 0 < number < 65536:
+        raise ValueError(error)
+    return value
+
+
+def _url(value: Any, _base: Path) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
+        raise TypeError("must be an http:// or https:// URL")
+    return value.rstrip("/")
+
+
 def _worker(value: Any, _base: Path) -> dict[str, str]:
     if not isinstance(value, dict) or set(value) - {"env"}:
         raise TypeError("must be a table with one sub-table, [worker.env]")
@@ -212,6 +259,12 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "cli_user": _name,
     "admin_group": _name,
     "journal_socket": _socket,
+    "gateway": _bool,
+    "gateway_listen": _loopback,
+    "gateway_upstream": _url,
+    "oauth_token_url": _url,
+    "oauth_client_id": _prompt,
+    "refresh_margin": _positive_float,
 }
 _FIELD = {"worker": "worker_env"}
 
@@ -227,7 +280,13 @@ def load_config(env: Mapping[str, str] | None = None, keys: Collection[str] | No
     path = Path(explicit) if explicit else DEFAULT_PATH
     values.update(_from_file(path, keys, required=bool(explicit)))
     values.update(_from_env(env, keys))
-    return Config(**values, config_file=path.absolute())
+    config = Config(**values, config_file=path.absolute())
+    if config.gateway and (steered := sorted(set(config.worker_env) & GATEWAY_OWNS)):
+        raise ConfigError(
+            f"{path}: [worker.env] sets {', '.join(steered)}: with gateway = true the gateway is the CLI's API and"
+            " holds every credential (set gateway_upstream instead, or gateway = false)"
+        )
+    return config
 
 
 def _from_file(path: Path, keys: Collection[str] | None, *, required: bool) -> dict[str, Any]:

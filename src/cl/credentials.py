@@ -16,11 +16,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import errno
+import fcntl
 import json
 import os
 import re
 import stat
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -286,3 +288,29 @@ def _lstat_signature(path: str | os.PathLike[str]) -> FileSignature | None:
         return FileSignature.of(os.lstat(path))
     except OSError:
         return None
+
+
+def rewrite_in_place(path: str | os.PathLike[str], update: Callable[[bytes], bytes | None]) -> bool:
+    """Rewrite an account's file where it is (the roster directory is not ours to create files
+    in): under an exclusive lock, `update` gets the file's bytes as they are now and returns the
+    new ones, or None to leave the file alone (a compare-and-swap that lost). One `pwrite` at
+    offset 0, padded with spaces to the old length, so a reader sees the old content or the new,
+    never a shortened one. True if written; raises OSError (a hard link, not a regular file)."""
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EISDIR, "not a regular file")
+        if st.st_nlink != 1:
+            raise OSError(errno.EMLINK, "a hard link")
+        data = update(os.pread(fd, MAX_CREDENTIAL_BYTES + 1, 0))
+        if data is None:
+            return False
+        padded = data + b" " * max(0, st.st_size - len(data))
+        if os.pwrite(fd, padded, 0) != len(padded):
+            raise OSError(errno.ENOSPC, "short write")
+        os.fsync(fd)
+        return True
+    finally:
+        os.close(fd)

@@ -46,6 +46,10 @@ class Service(Protocol):
         """Requests this daemon answers besides the shared ones."""
         ...
 
+    async def start(self) -> None:
+        """What must be in place before READY=1 (a listener), after the roster's first load."""
+        ...
+
     async def work(self) -> None:
         """The daemon's own work; cancelled at shutdown."""
         ...
@@ -85,15 +89,18 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, self._events.put_nowait, signum)
         log.info("starting", credentials_dir=str(self.config.credentials_dir))
-        say_what_confines_the_cli(self.config)
+        if self.name != "gateway":  # the daemons that launch CLIs
+            say_what_confines_the_cli(self.config)
         await self.registry.start()
         self.service = self._factory(self.config, self.registry, self._status_dirty.set)
         handlers = {"accounts": self._accounts, **{k: _store_guarded(h) for k, h in self.service.handlers().items()}}
         server = ControlServer(self.config.socket_path(self.name), handlers)
         try:
             await server.start()
+            await self.service.start()
         except OSError as exc:
             log.error("cannot listen", socket=str(server.path), error=str(exc))
+            await server.close()
             await self.registry.stop()
             return 1
         service_task = asyncio.create_task(self.service.work(), name=f"{self.name}-service")

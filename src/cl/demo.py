@@ -41,6 +41,7 @@ class Demo:
             "CL_STATE_DIR": str(root / "state"),
             "CL_SESSIONS_DIR": str(root / "sessions"),
             "CL_CLI_USER": "",  # the fake CLI as the demo's own user: a show of rescue, not of separation
+            "CL_GATEWAY": "false",  # the fake CLI counts its quota itself: no API, so no gateway
             "CL_RUNTIME_DIR": str(root / "run"),
             "CL_CLAUDE_BIN": str(claude),
             "FAKE_CLAUDE_QUOTA": str(root / "quota.json"),

@@ -1,4 +1,7 @@
-"""`make run`: both daemons in the foreground, no root, no systemd. Ctrl-C stops both."""
+"""`make run`: the daemons in the foreground, no root, no systemd. Ctrl-C stops them all.
+
+cl-gateway runs beside the balancer and the rescuer unless the configuration says `gateway = false`.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +9,18 @@ import signal
 import subprocess
 import sys
 
+from cl.config import ConfigError, load_config
+
 
 def main() -> int:
-    daemons = [
-        subprocess.Popen([sys.executable, "-c", f"from cl.{m} import main; main()"]) for m in ("balancer", "rescue")
-    ]
+    modules = ["balancer", "rescue"]
+    try:
+        if load_config(keys={"gateway"}).gateway:
+            modules.append("gateway.main")
+    except ConfigError as exc:
+        print(f"cl: {exc}", file=sys.stderr)
+        return 2
+    daemons = [subprocess.Popen([sys.executable, "-c", f"from cl.{m} import main; main()"]) for m in modules]
 
     def forward(signum: int, _frame: object) -> None:
         for process in daemons:

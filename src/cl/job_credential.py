@@ -25,8 +25,6 @@ lock, so no reader sees it shortened or torn.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import os
 import secrets
@@ -37,7 +35,14 @@ from pathlib import Path
 import structlog
 
 from cl.cli_user import CliUser
-from cl.credentials import MAX_CREDENTIAL_BYTES, Account, AccountState, CredentialKind, parse_credential
+from cl.credentials import (
+    MAX_CREDENTIAL_BYTES,
+    Account,
+    AccountState,
+    CredentialKind,
+    parse_credential,
+    rewrite_in_place,
+)
 
 log = structlog.get_logger("cl.job_credential")
 
@@ -112,6 +117,12 @@ class JobCredential:
         if _newer(parse_credential(account, copy), read[0]):
             self._carry_back(copy, account_file, account)
 
+    def install(self, data: bytes) -> None:
+        """Put `data` in the config dir as the CLI's credential (gateway mode: its capability)."""
+        with self._syncing:
+            self._write_copy(data)
+            self._seen = None
+
     def remove(self) -> None:
         with self._cli.acting(), contextlib.suppress(FileNotFoundError):
             os.unlink(NAME, dir_fd=self._dir)
@@ -122,7 +133,7 @@ class JobCredential:
         if signature == self._unsaved:
             return False
         try:
-            _write_in_place(account_file, copy)
+            rewrite_in_place(account_file, lambda _now: copy)
         except OSError as exc:
             self._unsaved = signature
             bound.error("refreshed credentials not saved", error=os.strerror(exc.errno or 0), file=str(account_file))
@@ -227,22 +238,3 @@ def _read_account(path: Path, account: str) -> tuple[Account, bytes] | None:
     except OSError:
         return None
     return parse_credential(account, content), content
-
-
-def _write_in_place(path: Path, data: bytes) -> None:
-    """One write at offset 0, padded to the file's length, under an exclusive lock (two
-    workers of one account take turns): a reader sees the old content or the new."""
-    fd = os.open(path, os.O_WRONLY | _OPEN)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EISDIR, "not a regular file")
-        if st.st_nlink != 1:
-            raise OSError(errno.EMLINK, "a hard link")
-        padded = data + b" " * max(0, st.st_size - len(data))
-        if os.pwrite(fd, padded, 0) != len(padded):
-            raise OSError(errno.ENOSPC, "short write")
-        os.fsync(fd)
-    finally:
-        os.close(fd)

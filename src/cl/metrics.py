@@ -1,6 +1,6 @@
 """`cl-metrics`: the daemons' state and counts in Prometheus's exposition format.
 
-The daemons listen on Unix sockets only. This small process asks both of them at every scrape
+The daemons listen on Unix sockets only. This small process asks all three at every scrape
 (their `metrics` requests) and serves the answer over HTTP on loopback: under systemd from
 `cl-metrics.socket` (127.0.0.1:9847, socket-activated), otherwise on `--listen HOST:PORT`.
 Asked at each scrape, a value is never older than the scrape, and a daemon that does not answer
@@ -29,7 +29,7 @@ from cl.client import DaemonUnreachable, call
 from cl.config import Config, ConfigError, load_config
 from cl.credentials import AccountState
 
-DAEMONS = ("balancer", "rescue")
+DAEMONS = ("balancer", "rescue", "gateway")
 STATES = (*(str(state) for state in AccountState if state is not AccountState.OK), "paused", "walled", "ok")
 """An account's one state here, the first that holds: its file's problem, paused, walled, else ok."""
 LISTEN_FDS_START = 3
@@ -50,7 +50,8 @@ class Collector:
         return reply if reply.get("ok") else None
 
     def collect(self) -> Iterator[Metric]:
-        replies = {daemon: self._ask(daemon) for daemon in DAEMONS}
+        asked = DAEMONS if self._config.gateway else tuple(d for d in DAEMONS if d != "gateway")
+        replies = {daemon: self._ask(daemon) for daemon in asked}
         up = GaugeMetricFamily("cl_up", "1 if the daemon answered this scrape", labels=["daemon"])
         for daemon, reply in replies.items():
             up.add_metric([daemon], 1.0 if reply is not None else 0.0)
@@ -63,11 +64,30 @@ class Collector:
             "moves": ("cl_moves_total", "walled or orphaned sessions moved to another account"),
             "live_moves": ("cl_live_moves_total", "moves in which the session's CLI went on in the same process"),
             "failures": ("cl_failures_total", "runs that ended failed"),
+            "requests_forwarded": ("cl_gateway_requests_total", "CLI requests the gateway forwarded to the API"),
+            "requests_refused_capability": (
+                "cl_gateway_refused_capability_total",
+                "requests refused for an unknown or ended capability",
+            ),
+            "requests_refused_path": (
+                "cl_gateway_refused_path_total",
+                "requests refused for a path the CLI never uses",
+            ),
+            "walls_from_api": ("cl_gateway_walls_total", "429s whose headers walled an account"),
+            "moves_in_flight": (
+                "cl_gateway_moves_in_flight_total",
+                "requests answered on another account after a wall",
+            ),
+            "walls_passed_to_cli": ("cl_gateway_walls_passed_total", "walls the CLI saw: no account had room"),
+            "upstream_errors": ("cl_gateway_upstream_errors_total", "requests the API could not be reached for"),
+            "token_refreshes": ("cl_token_refreshes_total", "OAuth tokens the gateway refreshed"),
+            "token_refresh_failures": ("cl_token_refresh_failures_total", "refreshes that failed and will be retried"),
+            "token_refreshes_refused": ("cl_token_refreshes_refused_total", "refresh tokens refused (invalid_grant)"),
         }
         for key, (name, text) in counters.items():
             counter = CounterMetricFamily(name, text, labels=["daemon"])
             for daemon, reply in replies.items():
-                if reply is not None and key in reply["counters"]:
+                if reply is not None and key in reply.get("counters", {}):
                     counter.add_metric([daemon], reply["counters"][key])
             yield counter
         histograms = {
@@ -76,7 +96,7 @@ class Collector:
         }
         for key, (name, text) in histograms.items():
             for reply in replies.values():
-                if reply is not None and key in reply["histograms"]:
+                if reply is not None and key in reply.get("histograms", {}):
                     histogram = reply["histograms"][key]
                     latency = HistogramMetricFamily(name, text)
                     latency.add_metric([], [(str(le), count) for le, count in histogram["buckets"]], histogram["sum"])
@@ -193,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     where.add_argument("--textfile", type=Path, metavar="PATH", help="write the metrics to PATH once and exit")
     args = parser.parse_args(argv)
     try:
-        config = load_config(keys=("runtime_dir",))
+        config = load_config(keys=("runtime_dir", "gateway"))
     except ConfigError as exc:
         print(f"cl-metrics: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import os
 import random
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -27,12 +28,12 @@ from typing import Any
 
 import structlog
 
-from cl import daemon, placement
+from cl import daemon, placement, session_files
 from cl.config import Config
 from cl.credentials import Account
 from cl.moments import iso_utc
 from cl.processes import alive
-from cl.protocol import Handler, Peer, Reply, Request
+from cl.protocol import Handler, Peer, Reply, Request, RequestError, id_field
 from cl.registry import CredentialRegistry
 from cl.service import Service
 from cl.states import RESCUABLE, JobState, RunState
@@ -89,7 +90,12 @@ class Rescuer(Service):
         """Whether every usable account was walled at the last pass (logged when that begins)."""
 
     def handlers(self) -> dict[str, Handler]:
-        return {**super().handlers(), "waiting": self._waiting_request, "metrics": self._metrics}
+        return {
+            **super().handlers(),
+            "waiting": self._waiting_request,
+            "metrics": self._metrics,
+            "move-now": self._move_now,
+        }
 
     def status(self) -> str:
         if count := len(self._waiting.jobs):
@@ -247,6 +253,50 @@ class Rescuer(Service):
         self.reset_timer.set(now.next_reset, jitter=random.uniform(0, self.config.reset_jitter))  # noqa: S311
 
     # requests
+
+    async def _move_now(self, request: Request, peer: Peer) -> Reply:
+        """The gateway's question: a running session's request met a wall the API sent (the wall
+        is in the store already). Moved now, live, while its request waits: the run it goes on
+        as. Only the gateway (our own user, or root) may ask, and only for a run whose account the
+        store holds walled: a session whose account has room is never moved this way."""
+        if peer.uid not in (0, os.getuid()):
+            raise RequestError("forbidden", "only cl-gateway moves a session in flight")
+        run = await self.store.get_run(id_field(request, "run"))
+        if run is None or run.state != RunState.RUNNING:
+            raise RequestError("not-found", "no such running run")
+        job = await self.store.get_job(run.job_id)
+        facts = await self.store.facts(RESCUABLE, 0)
+        if job is None or run.account not in facts.walls:
+            raise RequestError("not-walled", f"account {run.account} is not walled")
+        placer = placement.Placer(
+            self.registry.accounts, facts, self.config.max_sessions_per_account, self.config.placement
+        )
+        moved: list[Run] = []
+
+        async def attempt(account: str, limit: int) -> bool:
+            log_path = functools.partial(session_files.log_path, self.config, run.job_id)
+            found = await self.store.move_in_flight(run.id, account, limit, lambda run_id: str(log_path(run_id)))
+            moved.extend([found] if found else [])
+            return found is not None
+
+        if not await placer.take(attempt, job.model) or not moved:
+            raise RequestError("no-room", "no account has room")
+        now = moved[0]
+        self._moves += 1
+        self._live_moves += 1
+        log.info(
+            "session moved",
+            session=job.session_id,
+            job=job.id,
+            run=now.id,
+            account=now.account,
+            live=True,
+            in_flight=True,
+            **{"from": run.account},
+        )
+        await self.supervisor.hand_over(now, run)  # its worker goes on with the new run; watched
+        await self.supervisor.tell_peer(now.id)
+        return {"run": now.id, "account": now.account}
 
     async def _metrics(self, _request: Request, _peer: Peer) -> Reply:
         """What `cl-metrics` exposes of the rescuer: what it counted since it started."""

@@ -45,6 +45,9 @@ class Service:
     def wake(self) -> None:
         self._wake.set()
 
+    async def start(self) -> None:
+        """Nothing to put in place before READY=1 beyond the control socket."""
+
     async def work(self) -> None:
         """Take over the live runs, then a pass each time something may have changed; the
         background tasks alongside. Cancelled at shutdown."""

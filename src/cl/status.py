@@ -8,19 +8,21 @@ arrive from the store already as JSON.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
-from cl.credentials import Account
+from cl.credentials import Account, AccountState
 from cl.moments import iso_utc
 from cl.protocol import Encoded
 from cl.registry import CredentialRegistry
-from cl.store import AccountSettings, Snapshot, UsageRow
+from cl.store import NEEDS_LOGIN, AccountSettings, Snapshot, UsageRow
 
 _IDLE_TAIL = ',"walled_until":null,"sessions":0}'
 
-Shown = tuple[float | None, int, UsageRow | None, AccountSettings | None]
+Shown = tuple[float | None, int, UsageRow | None, AccountSettings | None, bool]
 """What an account's object shows beyond the registry's part: wall reset, live sessions, usage,
-an operator's settings."""
+an operator's settings, and whether it needs a new login (its refresh token was refused)."""
+NEEDS_LOGIN_REASON = "its refresh token was refused: log in and copy the new credentials over its file"
 
 
 class StatusView:
@@ -71,12 +73,19 @@ class StatusView:
         for name in walls.keys() | live.keys() | usage.keys() | settings.keys():
             if name in self._index:  # a fact about an account that left the roster is not shown
                 wall = walls.get(name)
-                facts[name] = (wall.reset_at if wall else None, live.get(name, 0), usage.get(name), settings.get(name))
+                login = wall is not None and wall.kind == NEEDS_LOGIN
+                reset = wall.reset_at if wall else None
+                facts[name] = (reset, live.get(name, 0), usage.get(name), settings.get(name), login)
         for name in self._facts.keys() - facts.keys():  # no facts any more: idle again
             self._objects[self._index[name]] = self._heads[name][1] + _IDLE_TAIL
         for name, shown in facts.items():
             if self._facts.get(name) != shown:
-                self._objects[self._index[name]] = _object(self._heads[name][1], *shown)
+                head = self._heads[name][1]
+                if shown[4] and roster[name].usable:
+                    head = _head(
+                        dataclasses.replace(roster[name], state=AccountState.NEEDS_LOGIN, reason=NEEDS_LOGIN_REASON)
+                    )
+                self._objects[self._index[name]] = _object(head, *shown[:4])
         self._facts = facts
         return self._objects
 
@@ -86,7 +95,7 @@ class StatusView:
 
 
 def _head(account: Account) -> str:
-    fields = {"name": account.name, "state": str(account.state)}
+    fields = {"name": account.name, "state": str(account.state)}  # (a state, or NEEDS_LOGIN)
     if account.reason:
         fields["reason"] = account.reason
     return json.dumps(fields)[:-1]

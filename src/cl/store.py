@@ -40,6 +40,9 @@ from cl.states import (
 P = ParamSpec("P")
 R = TypeVar("R")
 
+NEEDS_LOGIN = "needs-login"
+"""The kind of wall the gateway records for an account whose refresh token was refused."""
+
 BUSY_TIMEOUT = 10.0
 """Seconds a write waits for another writer's lock before the store reports itself unavailable."""
 
@@ -152,6 +155,21 @@ MIGRATIONS: list[str] = [
         measured_at REAL NOT NULL
     )
     """,
+    # 9: the gateway. A capability (its SHA-256 only) names the run whose CLI holds it: it works
+    # while that run runs. A wall may name the credential it is about (a fingerprint: a refresh
+    # token the token endpoint refused means `needs-login` until the file holds another). What
+    # each run read from and wrote to the prompt cache, as the API reported it.
+    """
+    CREATE TABLE capabilities (
+        digest TEXT PRIMARY KEY,
+        run_id INTEGER NOT NULL,
+        issued_at REAL NOT NULL
+    );
+    CREATE INDEX capabilities_by_run ON capabilities(run_id);
+    ALTER TABLE walls ADD COLUMN credential TEXT;
+    ALTER TABLE runs ADD COLUMN cache_read_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE runs ADD COLUMN cache_creation_tokens INTEGER NOT NULL DEFAULT 0
+    """,
 ]
 
 
@@ -209,6 +227,10 @@ class Run:
     """The run walled and its worker holds its CLI alive until then, for a live move."""
     prompt: str | None
     """A follow-up's text (`cl send`): this run's prompt instead of the job's or `resume_prompt`."""
+    cache_read_tokens: int
+    """Prompt-cache tokens the API read for this run (through the gateway): what stayed warm."""
+    cache_creation_tokens: int
+    """Prompt-cache tokens the API wrote for this run: a move to another organization starts cold."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state", RunState(self.state))  # as read from a row: text
@@ -262,6 +284,8 @@ class WallRecord:
     reset_at: float | None
     source: str
     recorded_at: float
+    credential: str | None = None
+    """For `needs-login`: the fingerprint of the refresh token refused (another in the file lifts it)."""
 
 
 UsageRow = tuple[float | None, float | None, int, int]
@@ -551,6 +575,7 @@ class Store:
             )
             follow = int(cursor.lastrowid or 0)
             db.execute("UPDATE runs SET log_path = ? WHERE id = ?", (log_path(follow), follow))
+            db.execute("UPDATE capabilities SET run_id = ? WHERE run_id = ?", (follow, run_id))
             db.execute("UPDATE jobs SET pending_prompt = NULL, updated_at = ? WHERE id = ?", (now, run["job_id"]))
             self.record(db, "follow-up started", run["job_id"], run["account"], run=follow, live=True)
         return self.get_run(follow)
@@ -637,6 +662,11 @@ class Store:
             ).rowcount
             if claimed:
                 job_id = self._job_of(db, run_id)
+                db.execute(  # a live move's CLI keeps its capability: it names this run from now on
+                    "UPDATE capabilities SET run_id = ? WHERE run_id IN"
+                    " (SELECT id FROM runs WHERE job_id = ? AND id < ? AND pid = ? AND pid_start = ?)",
+                    (run_id, job_id, run_id, pid, pid_start),
+                )
                 db.execute("UPDATE runs SET held_until = NULL WHERE job_id = ? AND held_until IS NOT NULL", (job_id,))
                 db.execute(  # the follow-up it took is sent now
                     "UPDATE jobs SET pending_prompt = NULL"
@@ -678,6 +708,89 @@ class Store:
             "SELECT * FROM runs WHERE job_id = (SELECT job_id FROM runs WHERE id = ?) AND id > ? AND live"
             " AND state = ? ORDER BY id DESC LIMIT 1",
             (run_id, run_id, RunState.STARTING),
+        ).fetchone()
+        return Run(*row) if row else None
+
+    # capabilities: what a CLI holds instead of a credential (the gateway's side of a run)
+
+    def issue_capability(self, digest: str, run_id: int) -> None:
+        """The CLI of `run_id` holds the capability whose SHA-256 is `digest`."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO capabilities (digest, run_id, issued_at) VALUES (?, ?, ?)", (digest, run_id, time.time())
+            )
+
+    def revoke_capability(self, digest: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM capabilities WHERE digest = ?", (digest,))
+
+    def capability_run(self, digest: str) -> Run | None:
+        """The running run whose CLI holds this capability; None when there is none (unknown,
+        revoked, or its run ended: held, walled, done)."""
+        row = self._db.execute(
+            "SELECT runs.* FROM capabilities JOIN runs ON runs.id = capabilities.run_id"
+            " WHERE capabilities.digest = ? AND runs.state = ?",
+            (digest, RunState.RUNNING),
+        ).fetchone()
+        return Run(*row) if row else None
+
+    def record_cache(self, tokens: dict[int, tuple[int, int]]) -> None:
+        """Prompt-cache tokens read and written, per run, added up."""
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE runs SET cache_read_tokens = cache_read_tokens + ?,"
+                " cache_creation_tokens = cache_creation_tokens + ? WHERE id = ?",
+                [(read, created, run_id) for run_id, (read, created) in tokens.items()],
+            )
+
+    def move_in_flight(self, run_id: int, account: str, limit: int, log_path: Callable[[int], str]) -> Run | None:
+        """A live move while the CLI's request waits at the gateway: the running `run_id` ends
+        walled and the same worker and CLI go on, running, on `account` (a run of its own, which
+        the capability follows). None if `run_id` is not running or has no session; raises
+        `NoRoom` as `place` does."""
+        now = time.time()
+        with self.transaction() as db:
+            run = db.execute("SELECT * FROM runs WHERE id = ? AND state = ?", (run_id, RunState.RUNNING)).fetchone()
+            session = run and db.execute("SELECT session_id FROM jobs WHERE id = ?", (run["job_id"],)).fetchone()[0]
+            if run is None or session is None:
+                return None
+            if self._walled(db, account, now) or self._paused(db, account) or self._live_on(db, account) >= limit:
+                raise NoRoom(account)
+            job_id = run["job_id"]
+            db.execute(
+                "UPDATE runs SET state = ?, error = ?, ended_at = ? WHERE id = ?",
+                (RunState.WALLED, f"moved to {account} in flight", now, run_id),
+            )
+            cursor = db.execute(
+                "INSERT INTO runs (job_id, account, state, pid, pid_start, session_id, resume, created_at, prior_state,"
+                " live, answered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1, NULL)",
+                (
+                    job_id,
+                    account,
+                    RunState.RUNNING,
+                    run["pid"],
+                    run["pid_start"],
+                    session,
+                    session,
+                    now,
+                    JobState.WALLED,
+                ),
+            )
+            moved = int(cursor.lastrowid or 0)
+            db.execute("UPDATE runs SET log_path = ? WHERE id = ?", (log_path(moved), moved))
+            db.execute("UPDATE capabilities SET run_id = ? WHERE run_id = ?", (moved, run_id))
+            db.execute("UPDATE jobs SET account = ?, updated_at = ? WHERE id = ?", (account, now, job_id))
+            self.record(db, "run walled", job_id, run=run_id, error="moved in flight")
+            source = run["account"]
+            self.record(db, "move started", job_id, account, run=moved, session=session, source=source, live=True)
+        return self.get_run(moved)
+
+    def successor(self, run_id: int) -> Run | None:
+        """The run a move in flight made of `run_id` (its worker goes on with it), if any."""
+        row = self._db.execute(
+            "SELECT * FROM runs WHERE job_id = (SELECT job_id FROM runs WHERE id = ?) AND id > ? AND live"
+            " AND state = ? AND pid = (SELECT pid FROM runs WHERE id = ?) ORDER BY id DESC LIMIT 1",
+            (run_id, run_id, RunState.RUNNING, run_id),
         ).fetchone()
         return Run(*row) if row else None
 
@@ -928,6 +1041,31 @@ class Store:
             )
             self.record(db, "wall recorded", account=account, reset_at=reset_at, kind=kind, source=source)
 
+    def needs_login(self, account: str, credential: str) -> None:
+        """The token endpoint refused `account`'s refresh token (fingerprint `credential`): no work
+        goes there until its file holds another one (`logged_in`)."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO walls (account, kind, reset_at, source, recorded_at, credential)"
+                " VALUES (?, ?, NULL, 'gateway', ?, ?) ON CONFLICT(account) DO UPDATE SET kind = excluded.kind,"
+                " reset_at = NULL, source = excluded.source, recorded_at = excluded.recorded_at,"
+                " credential = excluded.credential",
+                (account, NEEDS_LOGIN, time.time(), credential),
+            )
+            self.record(db, "account needs login", account=account)
+
+    def logged_in(self, account: str, credential: str) -> bool:
+        """`account`'s file now holds a refresh token other than the refused one: its `needs-login`
+        goes. True if it was there."""
+        with self.transaction() as db:
+            lifted = db.execute(
+                "DELETE FROM walls WHERE account = ? AND kind = ? AND credential IS NOT ?",
+                (account, NEEDS_LOGIN, credential),
+            ).rowcount
+            if lifted:
+                self.record(db, "account logged in", account=account)
+        return bool(lifted)
+
     def walls(self, now: float | None = None) -> dict[str, WallRecord]:
         """Walls still standing at `now`; a wall without a known reset stands until lifted."""
         now = time.time() if now is None else now
@@ -952,6 +1090,11 @@ class Store:
                 break
         with self.transaction() as db:
             db.execute("DELETE FROM ledger WHERE job_id IS NULL AND at < ?", (before,))
+            db.execute(  # capabilities of CLIs that are gone (a worker killed before it revoked one)
+                "DELETE FROM capabilities WHERE issued_at < ? AND run_id NOT IN"
+                f" (SELECT id FROM runs WHERE state IN {_sql_set(LIVE_RUNS)})",
+                (before, *LIVE_RUNS),
+            )
         if pruned >= batch:
             self._db.execute("VACUUM")
         return pruned
@@ -1093,6 +1236,14 @@ class AsyncStore:
             raise StoreUnavailable(f"state store {self._store.path}: {exc}") from exc
 
     add_job = _OnStoreThread(Store.add_job)
+    capability_run = _OnStoreThread(Store.capability_run)
+    logged_in = _OnStoreThread(Store.logged_in)
+    move_in_flight = _OnStoreThread(Store.move_in_flight)
+    needs_login = _OnStoreThread(Store.needs_login)
+    record_cache = _OnStoreThread(Store.record_cache)
+    record_usage = _OnStoreThread(Store.record_usage)
+    record_wall = _OnStoreThread(Store.record_wall)
+    walls = _OnStoreThread(Store.walls)
     cancel_job = _OnStoreThread(Store.cancel_job)
     facts = _OnStoreThread(Store.facts)
     get_job = _OnStoreThread(Store.get_job)

@@ -54,7 +54,7 @@ from typing import Any, TypeVar, cast
 
 import structlog
 
-from cl import landlock, logs, redact, workdir
+from cl import capability, landlock, logs, redact, workdir
 from cl.claude_code.environment import worker_environment
 from cl.claude_code.stream import Outcome, StreamState
 from cl.claude_code.transcripts import transcript_path
@@ -203,6 +203,8 @@ class _Session:
     process: CliProcess | None = None
     oauth: bool = False
     """The current run's account is an OAuth credential file (its copy is kept in step)."""
+    capability: str | None = None
+    """In gateway mode, the digest of the capability the CLI holds (`cl.capability`)."""
     events: Events = dataclasses.field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     """Set when the job was cancelled while its CLI ran."""
@@ -229,16 +231,26 @@ def _work(session: _Session) -> None:
     """The current run moved live to another account's credential, not yet answered."""
     untaken: str | None = None
     """The CLI version whose live move walled again before an answer: the turn now is by restart."""
+    restarted: int | None = None
+    """The run whose CLI ended before it took its prompt, restarted once for it."""
     while True:
         run = session.run
-        transcript = str(transcript_path(Path(), job.cwd, run.resume)) if run.resume else None
-        if transcript is not None:
+        if run.resume:
+            transcript = str(transcript_path(Path(), job.cwd, run.resume))
             store.transcript_before(run.id, session.credential.size_of(transcript))
         if session.process is None and not _start(session, account):
             return
         assert session.process is not None
         session.process.send(_prompt(session))
         state = _turn(session)
+        if run.live and state.session_id is None and not state.ended and restarted != run.id:
+            # The held CLI ended (it exited after its wall) before it took the prompt handed to it.
+            restarted = run.id
+            session.bound().warning("the CLI ended before it took its prompt, starting it again with --resume")
+            _finish(session)
+            continue
+        _moved_in_flight(session)
+        _unless_the_api_said_so(session, state)
         if swap and _unconfirmed(state):
             # The wall may be the old account's: the CLI may not have taken the new credential.
             # Today's restart, at once, on the account the move chose: its own wall, if it has
@@ -248,11 +260,12 @@ def _work(session: _Session) -> None:
             _finish(session)
             continue
         _measured(session, state, swap, untaken)
-        if transcript is not None:
-            store.transcript_after(run.id, session.credential.size_of(transcript))
+        if (current := session.run).resume:  # a move's transcript, measured (one made in flight too)
+            resumed = str(transcript_path(Path(), job.cwd, current.resume))
+            store.transcript_after(current.id, session.credential.size_of(resumed))
         if (following := _after_turn(session, account, state)) is None:
             return
-        swap = following.is_move and following.account != run.account
+        swap = following.is_move and following.account != current.account and not session.config.gateway
         session.run, untaken = following, None
         account = _account(session)
 
@@ -329,6 +342,8 @@ def _start(session: _Session, account: Account) -> bool:
     if abi:
         hidden = (str(path) for path in workdir.private_dirs(config).values())
         rules += landlock.open_rules(landlock.readable_except(hidden), landlock.READING)
+    if config.gateway:
+        _give_capability(session)
     try:
         session.process = CliProcess(
             claude_argv(config, job, run),
@@ -343,6 +358,9 @@ def _start(session: _Session, account: Account) -> bool:
         )
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if session.capability is not None:
+            session.store.revoke_capability(session.capability)
+            session.capability = None
         session.store.settle(run.id, RunState.FAILED, f"cannot start {config.claude_bin}: {reason}")
         bound.error("cli did not start", error=reason, cwd=job.cwd)
         return False
@@ -350,6 +368,16 @@ def _start(session: _Session, account: Account) -> bool:
         os.close(cwd)
         landlock.close_rules(rules)
     return True
+
+
+def _give_capability(session: _Session) -> None:
+    """A new capability for the CLI about to start: its digest in the store naming the run, the
+    capability itself as the access token of the CLI's `.credentials.json`, and nowhere else."""
+    held = capability.new()
+    redact.remember(held)
+    session.capability = capability.digest(held)
+    session.store.issue_capability(session.capability, session.run.id)
+    session.credential.install(capability.credential_file(held))
 
 
 def _sync(session: _Session) -> None:
@@ -364,21 +392,36 @@ def _turn(session: _Session) -> StreamState:
     state = StreamState()
     while (item := session.events.get()) is not Event.EOF:
         if item is Event.WAKE:
-            continue  # a live move is only taken while holding
+            _moved_in_flight(session)  # a move taken while holding is handled there
+            continue
         _sync(session)
         line = item.decode(errors="replace")
         session.output.write(line)
         known, answered = state.session_id, state.answered
         state.feed(line)
         if state.session_id and state.session_id != known:
-            store.set_session(run.id, state.session_id)
+            store.set_session(session.run.id, state.session_id)
             session.bound().info("session resumed" if run.resume else "session started", session=state.session_id)
         if state.answered and not answered:
-            _answered(session.config, store, run, session.bound())
+            _answered(session.config, store, session.run, session.bound())
         if state.ended:
             return state
     session.events.put(Event.EOF)  # for `_finish`
     return state
+
+
+def _moved_in_flight(session: _Session) -> None:
+    """The rescuer moved the session while its request waited at the gateway (`move-now`): the
+    same CLI goes on, as the run that move made, on the new account (its capability went with it)."""
+    if session.capability is None:
+        return
+    while (after := session.store.successor(session.run.id)) is not None:
+        if after.resume:
+            transcript = str(transcript_path(Path(), session.job.cwd, after.resume))
+            session.store.transcript_before(after.id, session.credential.size_of(transcript))
+        session.bound().info("session moved live", to=after.account, session=after.resume, next_run=after.id)
+        session.output.use(log_path(session.config, session.job.id, after.id))
+        session.run = after
 
 
 def _finish(session: _Session) -> int:
@@ -395,6 +438,9 @@ def _finish(session: _Session) -> int:
     session.process.join()
     _sync(session)
     session.process = None
+    if session.capability is not None:
+        session.store.revoke_capability(session.capability)
+        session.capability = None
     return code
 
 
@@ -406,10 +452,14 @@ def _unconfirmed(state: StreamState) -> bool:
 
 
 def _holds(session: _Session, account: Account, state: StreamState) -> bool:
-    """Whether a walled turn's CLI is kept alive for a live move: an account from a credential
-    file (a variable cannot change under a running process), a CLI version not measured to keep
-    its first credential, and `live_wait` not 0."""
-    if session.config.live_wait <= 0 or account.kind is not CredentialKind.OAUTH or session.cancelled.is_set():
+    """Whether a walled turn's CLI is kept alive for a live move: `live_wait` not 0, and the CLI
+    holds a capability (gateway mode), or an account's credential file (a variable cannot change
+    under a running process) with a CLI version not measured to keep its first credential."""
+    if session.config.live_wait <= 0 or session.cancelled.is_set():
+        return False
+    if session.capability is not None:
+        return True  # the CLI holds a capability, not a credential: nothing in it has to change
+    if account.kind is not CredentialKind.OAUTH:
         return False
     return state.version is not None and session.store.swaps(state.version) is not False
 
@@ -506,7 +556,7 @@ def _account(session: _Session) -> Account:
     What the previous run's CLI left in the copy first goes back to that run's account."""
     run, credential = session.run, session.credential
     previous = session.store.previous_account(run.id)
-    if previous is not None and previous != run.account:
+    if not session.config.gateway and previous is not None and previous != run.account:
         credential.carry_back(_account_file(session.config, previous), previous)
     read = read_account(session.account_file, run.account)
     if read is None:
@@ -514,6 +564,8 @@ def _account(session: _Session) -> Account:
     account = read[0]
     if not account.usable:
         raise AccountUnusable(f"account {run.account} cannot be used: {account.reason or account.state}")
+    if session.config.gateway:
+        return account  # the CLI's credential is its capability, whatever the account
     session.oauth = account.kind is CredentialKind.OAUTH
     if session.oauth:
         credential.sync(session.account_file, run.account)
@@ -568,6 +620,12 @@ def _record(config: Config, store: Store, run: Run, state: StreamState, code: in
     outcome, error = state.outcome(code)
     if state.result is not None:
         store.record_result(run.id, redact.scrub(json.dumps(_kept(state.result))))
+    if config.gateway:  # usage and walls are the gateway's to record, from the API's headers
+        if state.usage:
+            store.record_usage(run.account, {}, time.time(), _tokens(state.usage))
+        if outcome is Outcome.UNAUTHORIZED:
+            return Outcome.FAILED, f"the CLI's requests were refused: {error}"
+        return outcome, error
     if state.utilization or state.usage:
         store.record_usage(run.account, state.utilization, time.time(), _tokens(state.usage))
     if (wall := state.wall) is not None:
@@ -585,6 +643,16 @@ def _record(config: Config, store: Store, run: Run, state: StreamState, code: in
         store.record_wall(run.account, "cli", reset, "unauthorized")
         bound.warning("credentials refused", retry_at=iso_utc(reset))
     return outcome, error
+
+
+def _unless_the_api_said_so(session: _Session, state: StreamState) -> None:
+    """In gateway mode a wall is the API's word, which the gateway records: a wall the CLI claims
+    stands only if the store holds the account walled. Otherwise it only ends the CLI's turn (a
+    failure): it walls nothing and moves nothing."""
+    if session.capability is None or state.wall is None or session.run.account in session.store.walls():
+        return
+    session.bound().warning("the CLI reported a wall the API did not send", said=state.wall.message)
+    state.wall = None
 
 
 def _hold_session(config: Config, job_id: int, bound: Any) -> int | None:
@@ -654,7 +722,11 @@ def cli_environment(config: Config, account: Account, cli: CliUser, config_dir: 
     """The worker's environment for the CLI: scrubbed of cl's own settings, the account's
     credential variable if it has one, and the CLI's own home (its config dir)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("CL_")}
-    env = worker_environment(base, account, str(config_dir), config.worker_env)
+    if config.gateway:  # the capability in its config dir is its credential; the gateway its API
+        env = worker_environment(base, None, str(config_dir), config.worker_env)
+        env["ANTHROPIC_BASE_URL"] = f"http://{config.gateway_listen}"
+    else:
+        env = worker_environment(base, account, str(config_dir), config.worker_env)
     env["HOME"] = str(config_dir)
     if cli.separate:
         env["USER"] = env["LOGNAME"] = cli.name

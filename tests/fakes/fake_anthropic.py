@@ -10,6 +10,13 @@ credential's last six characters only. `POST /_fake/limit {"key", "limit"}` chan
 A last user message holding `[[bash: COMMAND]]` is answered with a tool call: the CLI's Bash
 tool runs COMMAND in the background, and its result comes back as the next request.
 With `--watch DIR`, each request's log line says which processes named by `DIR/*.pid` are alive.
+
+It is also the OAuth token endpoint (`POST /v1/oauth/token`), rotating as the real one does: a
+refresh token is good once; its refresh answers a new access token (living `--token-life`
+seconds) and a new refresh token, and a refresh token presented again (or revoked with
+`POST /_fake/revoke {"refresh"}`) gets 400 `invalid_grant`. A request carrying an access token
+this endpoint issued that has expired gets 401. `GET /_fake/tokens` lists every token it issued
+(for a test's leak check); its log has their last six characters only.
 """
 
 from __future__ import annotations
@@ -28,9 +35,17 @@ from typing import Any
 class FakeAnthropic(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, log: Path, limits: dict[str, int], reset_in: int, watch: Path | None = None) -> None:
+    def __init__(
+        self, log: Path, limits: dict[str, int], reset_in: int, watch: Path | None = None, token_life: float = 28800
+    ) -> None:
         super().__init__(("127.0.0.1", 0), Handler)
         self.watch = watch
+        self.token_life = token_life
+        self.token_delay = 0.0
+        self.used_refresh: set[str] = set()
+        self.issued: dict[str, float] = {}
+        """Access token -> when it expires (epoch s), for every token this server issued."""
+        self.issued_refresh: list[str] = []
         self.log_path = log
         self.limits = limits
         self.reset_in = reset_in
@@ -78,26 +93,81 @@ class Handler(BaseHTTPRequestHandler):
         self.send(200, b"", "text/plain")
 
     def do_GET(self) -> None:
-        body = self.server.counts if self.path.startswith("/_fake/state") else {}
+        body: Any = {}
+        if self.path.startswith("/_fake/state"):
+            body = self.server.counts
+        elif self.path.startswith("/_fake/tokens"):
+            body = [*self.server.issued, *self.server.issued_refresh]
         self.send(200, json.dumps(body).encode(), "application/json")
+
+    def token(self, body: dict[str, Any]) -> None:
+        """A refresh, rotating: each refresh token is good once."""
+        found = body.get("refresh_token")
+        presented = found if isinstance(found, str) else ""
+        with self.server.lock:
+            good = body.get("grant_type") == "refresh_token" and bool(presented)
+            good = good and presented not in self.server.used_refresh
+            if good:
+                self.server.used_refresh.add(presented)
+                access = f"sk-ant-oat01-fake-{uuid.uuid4().hex}"
+                refresh = f"sk-ant-ort01-fake-{uuid.uuid4().hex}"
+                self.server.issued[access] = time.time() + self.server.token_life
+                self.server.issued_refresh.append(refresh)
+        self.server.record(
+            {"t": time.time(), "path": self.path, "grant": body.get("grant_type"), "fields": sorted(body),
+             "outcome": "ok" if good else "invalid_grant", "refresh_tail": str(presented)[-6:]}
+        )  # fmt: skip
+        time.sleep(self.server.token_delay)
+        if not good:
+            error = {"error": "invalid_grant", "error_description": "Invalid refresh token"}
+            self.send(400, json.dumps(error).encode(), "application/json")
+            return
+        reply = {
+            "access_token": access,
+            "refresh_token": refresh,
+            "expires_in": self.server.token_life,
+            "scope": "user:inference",
+            "token_type": "Bearer",
+        }
+        self.send(200, json.dumps(reply).encode(), "application/json")
+
+    def admin(self, path: str, body: dict[str, Any]) -> None:
+        """The fake's own controls (not Anthropic paths)."""
+        with self.server.lock:
+            if path == "/_fake/limit":
+                self.server.limits[body["key"]] = body["limit"]
+            elif path == "/_fake/revoke":
+                self.server.used_refresh.add(body["refresh"])
+        self.send(200, b"{}", "application/json")
 
     def do_POST(self) -> None:
         body = self.body()
         path = self.path.split("?")[0]
-        if path == "/_fake/limit":
-            with self.server.lock:
-                self.server.limits[body["key"]] = body["limit"]
-            self.send(200, b"{}", "application/json")
-            return
-        if path == "/v1/messages/count_tokens":
+        if path.startswith("/_fake/"):
+            self.admin(path, body)
+        elif path == "/v1/oauth/token":
+            self.token(body)
+        elif path == "/v1/messages/count_tokens":
             self.send(200, b'{"input_tokens": 10}', "application/json")
-            return
-        if path != "/v1/messages":
+        elif path == "/v1/messages":
+            self.messages(body)
+        else:
             self.send(200, b"{}", "application/json")
-            return
+
+    def messages(self, body: dict[str, Any]) -> None:
         credential = self.credential()
+        expires = self.server.issued.get(credential)
+        if expires is not None and expires <= time.time():
+            self.server.record({"t": time.time(), "path": self.path, "cred_tail": credential[-6:], "expired": True})
+            error = {"type": "error", "error": {"type": "authentication_error", "message": "OAuth token has expired"}}
+            self.send(401, json.dumps(error).encode(), "application/json")
+            return
         found = body.get("messages")
         messages: list[Any] = found if isinstance(found, list) else []
+        if messages and "[[echo]]" in _text(messages[-1]):  # an upstream that echoes what it was sent
+            echoed = {"type": "error", "error": {"type": "invalid_request_error", "message": dict(self.headers)}}
+            self.send(400, json.dumps(echoed).encode(), "application/json", {"x-echo": str(dict(self.headers))})
+            return
         with self.server.lock:
             limit = self.server.limits.get(credential, self.server.limits.get("*"))
             used = self.server.counts.get(credential, 0)
@@ -115,6 +185,9 @@ class Handler(BaseHTTPRequestHandler):
                 "messages": [_text(m) for m in messages],
                 "user_agent": self.headers.get("user-agent"),
                 "session": self.headers.get("x-claude-code-session-id"),
+                "auth": "x-api-key" if self.headers.get("x-api-key") else "bearer",
+                "beta": self.headers.get("anthropic-beta"),
+                "header_names": sorted(name.lower() for name in self.headers),
                 "alive": _watched(self.server.watch),
             }
         )
@@ -290,8 +363,11 @@ def main() -> None:
     parser.add_argument("--limits", default="{}", help='JSON: {"<credential>" or "*": messages before the wall}')
     parser.add_argument("--reset-in", type=int, default=3600)
     parser.add_argument("--watch", type=Path, help="a directory of NAME.pid files, each logged alive or not")
+    parser.add_argument("--token-life", type=float, default=28800, help="seconds an access token it issues lives")
+    parser.add_argument("--token-delay", type=float, default=0.0, help="seconds the token endpoint takes to answer")
     args = parser.parse_args()
-    server = FakeAnthropic(args.log, json.loads(args.limits), args.reset_in, args.watch)
+    server = FakeAnthropic(args.log, json.loads(args.limits), args.reset_in, args.watch, args.token_life)
+    server.token_delay = args.token_delay
     tmp = args.port_file.with_suffix(".tmp")
     tmp.write_text(str(server.server_address[1]))
     tmp.replace(args.port_file)

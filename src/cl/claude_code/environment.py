@@ -34,12 +34,13 @@ _ENV_VARIABLE = {CredentialKind.OAUTH_TOKEN: "CLAUDE_CODE_OAUTH_TOKEN", Credenti
 
 
 def worker_environment(
-    base: Mapping[str, str], account: Account, config_dir: str, extra: Mapping[str, str] = {}
+    base: Mapping[str, str], account: Account | None, config_dir: str, extra: Mapping[str, str] = {}
 ) -> dict[str, str]:
-    """`base` (the daemon's environment) plus `extra` (config), scrubbed, for one account."""
+    """`base` (the daemon's environment) plus `extra` (config), scrubbed, for one account (None:
+    no credential variable at all, as in gateway mode)."""
     env = {k: v for k, v in {**QUIET, **base, **extra}.items() if k not in NEVER_PASSED}
     env["CLAUDE_CONFIG_DIR"] = config_dir
-    variable = _ENV_VARIABLE.get(account.kind) if account.kind else None
-    if variable and account.secrets:
+    variable = _ENV_VARIABLE.get(account.kind) if account is not None and account.kind else None
+    if variable and account is not None and account.secrets:
         env[variable] = account.secrets[0].reveal()
     return env

@@ -1,0 +1,158 @@
+"""`cl-gateway`: the daemon around the proxy, on the lifecycle the other two share (`cl.daemon`).
+
+It derives the roster from the credentials directory through its own `CredentialRegistry`, as
+every process does, and reads the tokens from there when a request needs them: nothing holds a
+second list. It listens on `gateway_listen` (loopback only) before READY=1, answers `accounts`
+and `metrics` on its control socket, refreshes OAuth tokens ahead of expiry, writes usage to the
+store in batches, and lifts `needs-login` when a new login lands. It asks cl-rescue, over its
+control socket, to move a session whose request met a wall.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from cl import daemon
+from cl.client import DaemonUnreachable, call, tell
+from cl.config import Config
+from cl.gateway.proxy import MAX_BODY, Proxy, Recorder
+from cl.gateway.refresher import Refresher
+from cl.protocol import Handler, Peer, Reply, Request
+from cl.registry import CredentialRegistry
+from cl.store import AsyncStore, Run, Store, StoreUnavailable
+
+log = structlog.get_logger("cl.gateway")
+
+MOVE_TIMEOUT = 10.0
+"""Seconds a request waits for the rescuer's decision before its 429 goes through."""
+
+
+class Gateway:
+    name = "gateway"
+
+    def __init__(self, config: Config, registry: CredentialRegistry, status_changed: Any) -> None:
+        self.config = config
+        self.registry = registry
+        self._status_changed = status_changed
+        self.store = AsyncStore(Store(config.database, config.store_busy_timeout))
+        self._client: aiohttp.ClientSession | None = None
+        self.refresher = Refresher(config, registry, self.store, self.client)
+        self.recorder = Recorder(self.store)
+        self.proxy = Proxy(
+            upstream=config.gateway_upstream,
+            wall_retry=config.wall_retry,
+            store=self.store,
+            refresher=self.refresher,
+            recorder=self.recorder,
+            move=self._move,
+            client=self.client,
+        )
+        self._runner: web.AppRunner | None = None
+        self._logins: asyncio.Task[None] | None = None
+        self._roster_changed = asyncio.Event()
+
+    def client(self) -> aiohttp.ClientSession:
+        assert self._client is not None, "the gateway has not started"
+        return self._client
+
+    def handlers(self) -> dict[str, Handler]:
+        return {"metrics": self._metrics}
+
+    async def start(self) -> None:
+        """Listen before READY=1: a CLI started after it finds the gateway there."""
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=900)
+        self._client = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_route("*", "/{tail:.*}", self.proxy.handle)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        host, _, port = self.config.gateway_listen.rpartition(":")
+        await web.TCPSite(self._runner, host.strip("[]"), int(port), reuse_address=True).start()
+        log.info("listening", address=self.config.gateway_listen, upstream=self.config.gateway_upstream)
+
+    async def work(self) -> None:
+        tasks = [asyncio.create_task(self.recorder.run()), asyncio.create_task(self._refresh_ahead())]
+        self.wake()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            if self._runner is not None:
+                await self._runner.cleanup()
+            if self._client is not None:
+                await self._client.close()
+            await self.recorder.flush()
+            self.store.close()
+
+    def status(self) -> str:
+        counts = self.proxy.counts
+        return f"{counts.forwarded} forwarded, {counts.moves} moved in flight, {self.refresher.refreshes} refreshed"
+
+    def wake(self) -> None:
+        """The roster changed: a token may be due, a `needs-login` account may have a new login."""
+        self._roster_changed.set()
+        if self._logins is None or self._logins.done():
+            self._logins = asyncio.get_running_loop().create_task(self._lift_logins())
+
+    async def _lift_logins(self) -> None:
+        """Lift `needs-login` where a new login landed, and tell the daemons: work may go there."""
+        with contextlib.suppress(StoreUnavailable):
+            if await self.refresher.lift_logins():
+                for name in ("balancer", "rescue"):
+                    await asyncio.to_thread(tell, self.config.socket_path(name), {"request": "run-changed", "run": 0})
+
+    async def _refresh_ahead(self) -> None:
+        """Every account's token is renewed before it expires, used or not: a sweep when the
+        roster changes and when the next token falls due (at least every `SWEEP_INTERVAL`)."""
+        while True:
+            self._roster_changed.clear()
+            try:
+                await self.refresher.sweep()
+            except StoreUnavailable as exc:
+                log.warning("refresh sweep skipped: state store unavailable", error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._roster_changed.wait(), self.refresher.next_due())
+
+    async def _move(self, run: Run) -> Run | None:
+        """The rescuer's decision on a session whose request met a wall: the run it goes on as."""
+        request = {"request": "move-now", "run": run.id}
+        try:
+            reply = await asyncio.to_thread(call, self.config.socket_path("rescue"), request, MOVE_TIMEOUT)
+        except (DaemonUnreachable, ValueError) as exc:
+            log.warning("cannot ask the rescuer to move a session", run=run.id, job=run.job_id, error=str(exc))
+            return None
+        if not reply.get("ok"):
+            if reply.get("code") != "no-room":
+                log.warning("the rescuer did not move a session", run=run.id, job=run.job_id, error=reply.get("error"))
+            return None
+        return await self.store.get_run(int(reply["run"]))
+
+    async def _metrics(self, _request: Request, _peer: Peer) -> Reply:
+        counts = self.proxy.counts
+        return {
+            "counters": {
+                "requests_forwarded": counts.forwarded,
+                "requests_refused_capability": counts.refused["capability"],
+                "requests_refused_path": counts.refused["path"],
+                "walls_from_api": counts.walls,
+                "moves_in_flight": counts.moves,
+                "walls_passed_to_cli": counts.walls_passed,
+                "upstream_errors": counts.upstream_errors,
+                "token_refreshes": self.refresher.refreshes,
+                "token_refresh_failures": self.refresher.failures,
+                "token_refreshes_refused": self.refresher.refused,
+            },
+        }
+
+
+def main() -> None:
+    sys.exit(daemon.main("gateway", Gateway))

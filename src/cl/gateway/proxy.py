@@ -1,0 +1,255 @@
+"""The gateway's requests: a CLI's capability in, the real credential out, the API's word kept.
+
+A request is taken only with a capability whose run is running now (`Store.capability_run`),
+and only on the paths the CLI uses for inference (`ALLOWED`): never a token endpoint, never
+anything else. It goes upstream with the credential of the account the store names for that run
+at this moment (an OAuth bearer, or `x-api-key` for an API key), refreshed first if it is due.
+Every response's rate-limit headers are kept as that account's usage; its prompt-cache tokens as
+the run's.
+
+A 429 whose unified status is `rejected` walls the account until the reset the API names. The
+rescuer is asked to move the session in flight (its decision, a live move in the store); if it
+does, the same request goes again on the new account and the CLI never sees the 429. If no
+account has room, the 429 goes through: the CLI's turn ends on the wall and the worker holds it.
+A response streams through chunk by chunk, as it arrives; an error body is buffered (bounded)
+and scrubbed of every known secret. Bodies are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from cl import capability, redact
+from cl.credentials import Account, CredentialKind
+from cl.gateway import limits
+from cl.gateway.refresher import Refresher
+from cl.moments import iso_utc
+from cl.store import AsyncStore, Run, StoreUnavailable
+
+log = structlog.get_logger("cl.gateway")
+
+ALLOWED = frozenset({("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens")})
+"""What a CLI may ask for: inference, and counting its tokens. Everything else is refused."""
+MAX_BODY = 32 * 1024 * 1024
+"""A request body's limit: the CLI sends the whole conversation, which can run to megabytes."""
+MAX_ERROR_BODY = 1024 * 1024
+HEAD_BYTES = 16 * 1024
+"""How much of a response is searched for its prompt-cache tokens (`message_start` comes first)."""
+MAX_MOVES = 3
+"""Moves in flight one request may make before its 429 goes through."""
+OAUTH_BETA = "oauth-2025-04-20"
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding",
+     "upgrade", "host", "content-length"}
+)  # fmt: skip
+NOT_FROM_THE_CLI = HOP_BY_HOP | {
+    "authorization",
+    "x-api-key",
+    "cookie",
+    "accept-encoding",
+    "forwarded",
+    "x-forwarded-for",
+}
+"""Request headers never passed on: the CLI's capability, and what upstream must decide itself."""
+NOT_TO_THE_CLI = HOP_BY_HOP | {"set-cookie", "authorization", "x-api-key", "www-authenticate", "content-encoding"}
+
+Mover = Callable[[Run], Awaitable[Run | None]]
+"""Ask the rescuer to move a running run's session in flight; the run it goes on as, or None."""
+
+
+class Counts:
+    """What the gateway counted since it started (its `metrics` request)."""
+
+    def __init__(self) -> None:
+        self.forwarded = 0
+        self.refused: dict[str, int] = {"capability": 0, "path": 0}
+        self.walls = 0
+        self.moves = 0
+        self.walls_passed = 0
+        self.upstream_errors = 0
+
+
+class Recorder:
+    """Usage and cache tokens, written to the store in one transaction every `interval` (the
+    request path never waits on a write); walls go at once, elsewhere."""
+
+    def __init__(self, store: AsyncStore, interval: float = 0.5) -> None:
+        self._store = store
+        self._interval = interval
+        self._usage: dict[str, dict[str, float]] = {}
+        self._used_at: dict[str, float] = {}
+        self._cache: dict[int, tuple[int, int]] = {}
+
+    def usage(self, account: str, reading: limits.Reading) -> None:
+        self._usage.setdefault(account, {}).update(reading.utilization)
+        self._used_at[account] = time.time()
+
+    def cache(self, run_id: int, read: int, created: int) -> None:
+        if read or created:
+            before = self._cache.get(run_id, (0, 0))
+            self._cache[run_id] = (before[0] + read, before[1] + created)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.flush()
+
+    async def flush(self) -> None:
+        usage, used_at, cache = self._usage, self._used_at, self._cache
+        if not (used_at or cache):
+            return
+        self._usage, self._used_at, self._cache = {}, {}, {}
+        try:
+            for account, when in used_at.items():
+                await self._store.record_usage(account, usage.get(account, {}), when)
+            if cache:
+                await self._store.record_cache(cache)
+        except StoreUnavailable as exc:
+            log.warning("usage not recorded: state store unavailable", error=str(exc))
+
+
+class Proxy:
+    def __init__(
+        self,
+        *,
+        upstream: str,
+        wall_retry: float,
+        store: AsyncStore,
+        refresher: Refresher,
+        recorder: Recorder,
+        move: Mover,
+        client: Callable[[], aiohttp.ClientSession],
+    ) -> None:
+        self._upstream = upstream
+        self._wall_retry = wall_retry
+        self._store = store
+        self._refresher = refresher
+        self._recorder = recorder
+        self._move = move
+        self._client = client
+        self.counts = Counts()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "HEAD" and request.path == "/":
+            return web.Response()  # the CLI's preflight: nothing to forward
+        if (request.method, request.path) not in ALLOWED:
+            self.counts.refused["path"] += 1
+            log.info("request refused: not an API path the CLI uses", method=request.method, path=request.path[:200])
+            return _error(404, "not_found_error", "cl-gateway forwards only the API paths Claude Code uses")
+        presented = _presented(request)
+        run = await self._store.capability_run(capability.digest(presented)) if presented else None
+        if run is None:
+            self.counts.refused["capability"] += 1
+            return _error(401, "authentication_error", "no running session holds this capability")
+        body = await request.read()
+        return await self._forward(request, run, body)
+
+    async def _forward(self, request: web.Request, run: Run, body: bytes) -> web.StreamResponse:
+        moves = 0
+        while True:
+            account = self._refresher.current(run.account)
+            if account is None or not account.usable:
+                moved = await self._move(run) if moves < MAX_MOVES else None
+                if moved is None:
+                    return _error(529, "overloaded_error", "no account can serve this session now")
+                run, moves = moved, moves + 1
+                continue
+            account = await self._refresher.fresh(account)
+            url = self._upstream + request.path_qs
+            try:
+                upstream = await self._client().request(
+                    request.method, url, headers=_outbound(request.headers, account), data=body
+                )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.counts.upstream_errors += 1
+                log.warning(
+                    "upstream unreachable", account=account.name, run=run.id, error=str(exc) or type(exc).__name__
+                )
+                return _error(529, "overloaded_error", "the API cannot be reached from cl-gateway")
+            reading = limits.read(upstream.headers, time.time())
+            self._recorder.usage(account.name, reading)
+            if not (upstream.status == 429 and reading.rejected):
+                self.counts.forwarded += 1
+                return await self._relay(request, upstream, run)
+            refusal = await self._relay(request, upstream, None)  # an error: read whole, not sent yet
+            await self._wall(account, run, reading)
+            moved = await self._move(run) if moves < MAX_MOVES else None
+            if moved is None:
+                self.counts.walls_passed += 1
+                return refusal
+            self.counts.moves += 1
+            log.info(
+                "request moved in flight", job=run.job_id, run=moved.id, account=moved.account, **{"from": run.account}
+            )
+            run, moves = moved, moves + 1
+
+    async def _wall(self, account: Account, run: Run, reading: limits.Reading) -> None:
+        """The API walled `account`: recorded before anyone is asked to move."""
+        self.counts.walls += 1
+        reset = reading.reset or time.time() + self._wall_retry
+        await self._store.record_wall(account.name, "api", reset, reading.claim)
+        log.warning("wall from the API", account=account.name, job=run.job_id, run=run.id, resets=iso_utc(reset))
+
+    async def _relay(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, run: Run | None
+    ) -> web.StreamResponse:
+        """The response, to the CLI: streamed as it comes; an error read whole (bounded),
+        scrubbed, and returned unsent."""
+        async with upstream:
+            headers = CIMultiDict(
+                (k, redact.scrub(v)) for k, v in upstream.headers.items() if k.lower() not in NOT_TO_THE_CLI
+            )
+            if upstream.status >= 300:
+                data = await upstream.content.read(MAX_ERROR_BODY)
+                return web.Response(
+                    status=upstream.status, body=redact.scrub(data.decode(errors="replace")), headers=headers
+                )
+            response = web.StreamResponse(status=upstream.status, headers=headers)
+            await response.prepare(request)
+            head = bytearray()
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+                if len(head) < HEAD_BYTES:
+                    head += chunk[: HEAD_BYTES - len(head)]
+            await response.write_eof()
+        if run is not None:
+            self._recorder.cache(run.id, *limits.cache_tokens(bytes(head)))
+        return response
+
+
+def _presented(request: web.Request) -> str | None:
+    """The capability the CLI presents: its bearer token (or, as an API-key client, its key)."""
+    authorization = request.headers.get("authorization", "")
+    if authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip() or None
+    return request.headers.get("x-api-key") or None
+
+
+def _outbound(incoming: CIMultiDictProxy[str], account: Account) -> CIMultiDict[str]:
+    """The CLI's headers, less its capability and the hop-by-hop ones, with the account's credential."""
+    headers = CIMultiDict((k, v) for k, v in incoming.items() if k.lower() not in NOT_FROM_THE_CLI)
+    secret = account.secrets[0].reveal()
+    if account.kind is CredentialKind.API_KEY:
+        headers["x-api-key"] = secret
+        if beta := headers.get("anthropic-beta"):
+            kept = ",".join(flag for flag in beta.split(",") if flag.strip() != OAUTH_BETA)
+            headers.popall("anthropic-beta")
+            if kept:
+                headers["anthropic-beta"] = kept
+    else:
+        headers["authorization"] = f"Bearer {secret}"
+    return headers
+
+
+def _error(status: int, kind: str, message: str) -> web.Response:
+    """An error in the API's own shape, so the CLI reports it as it would the API's."""
+    body = {"type": "error", "error": {"type": kind, "message": message}}
+    return web.Response(status=status, text=json.dumps(body), content_type="application/json")

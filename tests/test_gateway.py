@@ -1,0 +1,424 @@
+"""Gateway mode with real processes: cl-gateway between the CLIs and the fake API on 127.0.0.1.
+
+The CLI holds a capability, never a token; the gateway forwards with the account's real
+credential, takes walls from the API's headers, moves a session whose request met a wall before
+the CLI sees it, and refreshes tokens, one refresh at a time per account. The fake CLI here
+speaks HTTP to the gateway as the real one does (`tests/test_real_claude.py` has the real one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cl.store import Store
+from utils import (
+    FAR_FUTURE_MS,
+    DaemonProcess,
+    FakeApi,
+    Layout,
+    Planted,
+    api_key_credential,
+    cl,
+    free_port,
+    job_states,
+    status,
+    submit,
+    wait_until,
+    write_credential,
+)
+
+
+@dataclass
+class Gateway:
+    """The three daemons in gateway mode, and what they talk to."""
+
+    layout: Layout
+    api: FakeApi
+    address: str
+    env: dict[str, str]
+    balancer: DaemonProcess
+    rescue: DaemonProcess
+    gateway: DaemonProcess
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def logs(self) -> str:
+        return self.balancer.log() + self.rescue.log() + self.gateway.log()
+
+
+def gateway_env(layout: Layout, api: FakeApi, address: str, **extra: str) -> dict[str, str]:
+    return layout.env(
+        CL_GATEWAY="true",
+        CL_GATEWAY_LISTEN=address,
+        CL_GATEWAY_UPSTREAM=api.url,
+        CL_OAUTH_TOKEN_URL=f"{api.url}/v1/oauth/token",
+        **extra,
+    )
+
+
+@contextlib.contextmanager
+def running(layout: Layout, api: FakeApi, **extra: str) -> Iterator[Gateway]:
+    address = f"127.0.0.1:{free_port()}"
+    env = gateway_env(layout, api, address, **extra)
+    daemons = [DaemonProcess(name, layout, env=env) for name in ("gateway", "balancer", "rescue")]
+    try:
+        for daemon in daemons:
+            daemon.start()
+        yield Gateway(layout, api, address, env, daemons[1], daemons[2], daemons[0])
+    finally:
+        for daemon in reversed(daemons):
+            if daemon.process is not None:
+                daemon.stop()
+
+
+@pytest.fixture
+def gateway(layout: Layout, fake_api: FakeApi) -> Iterator[Gateway]:
+    with running(layout, fake_api) as gateway:
+        yield gateway
+
+
+def oauth_file(planted: Planted, *, access: str | None = None, refresh: str | None = None, expires_ms: int) -> str:
+    oauth = {
+        "accessToken": access or planted.token(),
+        "refreshToken": refresh or planted.token("sk-ant-ort01-"),
+        "expiresAt": expires_ms,
+        "scopes": ["user:inference"],
+        "subscriptionType": "max",
+    }
+    return json.dumps({"claudeAiOauth": oauth})
+
+
+def account(layout: Layout, planted: Planted, name: str, **kwargs: Any) -> str:
+    """An OAuth account's file dropped in; its access token."""
+    access = planted.token()
+    write_credential(layout.credentials, name, oauth_file(planted, access=access, expires_ms=FAR_FUTURE_MS, **kwargs))
+    return access
+
+
+def store_of(layout: Layout) -> Store:
+    return Store(layout.state / "cl.db")
+
+
+def runs_of(layout: Layout, job: int) -> list[Any]:
+    store = store_of(layout)
+    try:
+        return store.job_runs(job)
+    finally:
+        store.close()
+
+
+def ledger(layout: Layout) -> list[dict[str, Any]]:
+    store = store_of(layout)
+    try:
+        return store.ledger(10_000)
+    finally:
+        store.close()
+
+
+def capability_of(layout: Layout, job: int) -> str:
+    """What the job's CLI holds as its access token (the test reads the CLI's config dir as root)."""
+    path = layout.sessions / f"job-{job}" / ".credentials.json"
+    token: str = json.loads(path.read_text())["claudeAiOauth"]["accessToken"]
+    return token
+
+
+def ask(url: str, path: str, token: str | None, *, method: str = "POST", body: bytes = b"{}") -> tuple[int, bytes]:
+    """One request to the gateway as a CLI would make it: its status and body."""
+    headers = {"content-type": "application/json", "anthropic-version": "2023-06-01"}
+    if token is not None:
+        headers["authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(f"{url}{path}", data=body if method != "GET" else None, headers=headers)  # noqa: S310
+    request.method = method
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - loopback
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def message(text: str = "hello") -> bytes:
+    return json.dumps(
+        {"model": "claude-fake", "max_tokens": 10, "messages": [{"role": "user", "content": text}]}
+    ).encode()
+
+
+def test_the_cli_holds_a_capability_and_the_api_sees_the_accounts_token(
+    gateway: Gateway, layout: Layout, planted: Planted
+) -> None:
+    token = account(layout, planted, "a1")
+    job = submit(layout, "hello")
+    wait_until(lambda: job_states(layout).get(job) == "done", "the job to finish through the gateway")
+    (call,) = layout.claude_calls()
+    assert call["auth"] == "oauth"
+    assert call["token_tail"] not in {t[-6:] for t in planted.tokens}  # the CLI held no planted token
+    assert not {"ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_AUTH_TOKEN"} & set(call["env_names"])
+    (request,) = gateway.api.messages()
+    assert request["cred_tail"] == token[-6:]  # the gateway put the account's real token in
+    assert request["auth"] == "bearer"
+    assert "oauth-2025-04-20" in request["beta"]
+    assert "x-claude-code-session-id" in request["header_names"]
+    held = capability_of(layout, job)
+    assert held.startswith("cl-cap-")
+    assert len(held) >= len("cl-cap-") + 43  # 256 bits, base64
+    assert not planted.leaks(json.dumps(layout.claude_calls()), "the CLI's log")
+    wait_until(lambda: _usage(layout).get("a1", {}).get("five_hour") == 0.1, "the API's utilization recorded")
+
+
+def _usage(layout: Layout) -> dict[str, dict[str, float | None]]:
+    store = store_of(layout)
+    try:
+        return store.usage()
+    finally:
+        store.close()
+
+
+def test_an_api_key_account_gets_its_key_and_no_oauth_beta(gateway: Gateway, layout: Layout, planted: Planted) -> None:
+    path = write_credential(layout.credentials, "k1", api_key_credential(planted))
+    key = json.loads(path.read_text())["apiKey"]
+    job = submit(layout, "hello")
+    wait_until(lambda: job_states(layout).get(job) == "done", "the job to finish")
+    (request,) = gateway.api.messages()
+    assert (request["auth"], request["cred_tail"]) == ("x-api-key", key[-6:])
+    assert "authorization" not in request["header_names"]
+    assert "oauth-2025-04-20" not in (request["beta"] or "")
+
+
+def test_a_quota_429_is_answered_on_another_account_and_the_cli_never_sees_it(
+    gateway: Gateway, layout: Layout, planted: Planted
+) -> None:
+    a1 = account(layout, planted, "a1")
+    a2 = account(layout, planted, "a2")
+    gateway.api.limit(a1, 0)  # a1's next request walls
+    job = submit(layout, "hello")
+    wait_until(lambda: job_states(layout).get(job) == "done", "the job to finish on a2")
+    (call,) = layout.claude_calls()  # one CLI start, one turn
+    requests = gateway.api.messages()
+    assert [(r["cred_tail"], r["walled"]) for r in requests] == [(a1[-6:], True), (a2[-6:], False)]
+    first, moved = runs_of(layout, job)
+    assert (first.account, first.state, first.error) == ("a1", "walled", "moved to a2 in flight")
+    assert (moved.account, moved.state, moved.live, moved.pid) == ("a2", "done", True, first.pid)
+    assert moved.resume == call["session_id"]
+    events = [(e["event"], e["account"]) for e in ledger(layout) if e["job_id"] == job]
+    assert ("move started", "a2") in events
+    wall = store_of(layout).walls()["a1"]
+    assert (wall.source, wall.kind) == ("api", "five_hour")
+    result = json.loads(cl(layout, "result", str(job), "--json").stdout)
+    assert result["is_error"] is False  # the turn succeeded: the CLI never saw the 429
+    story = cl(layout, "job", str(job)).stdout
+    assert re.search(r"a1\s*->\s*a2|a1 → a2", story), story
+    assert "request moved in flight" in gateway.gateway.log()
+
+
+def test_with_no_room_the_wall_goes_through_and_the_same_process_goes_on_when_a_file_lands(
+    gateway: Gateway, layout: Layout, planted: Planted
+) -> None:
+    a1 = account(layout, planted, "a1")
+    gateway.api.limit(a1, 0)
+    job = submit(layout, "hello")
+    wait_until(lambda: "session held for a live move" in gateway.balancer.log(), "the walled session held")
+    assert job_states(layout)[job] == "walled"
+    assert status(layout)["waiting"]["reason"] == "no-eligible-account"
+    a2 = account(layout, planted, "a2")
+    wait_until(lambda: job_states(layout).get(job) == "done", "the session to go on on a2")
+    first, second = layout.claude_calls()
+    assert first["pid"] == second["pid"]  # the same process: the capability stayed
+    assert second["prompt"] == "continue"
+    assert [r["cred_tail"] for r in gateway.api.messages()] == [a1[-6:], a2[-6:]]
+    assert [r.account for r in runs_of(layout, job)] == ["a1", "a2"]
+
+
+def test_a_capability_works_only_while_its_run_runs_and_only_for_inference(
+    gateway: Gateway, layout: Layout, planted: Planted
+) -> None:
+    account(layout, planted, "a1")
+    layout.hold.touch()  # the CLI's request waits: its run is running
+    job = submit(layout, "hello")
+    wait_until((layout.sessions / f"job-{job}" / ".credentials.json").exists, "the CLI's credential")
+    wait_until(layout.claude_calls, "the CLI to start")
+    held = capability_of(layout, job)
+    assert ask(gateway.url, "/v1/messages?beta=true", held, body=message())[0] == 200
+    for method, path in [
+        ("POST", "/v1/oauth/token"),
+        ("POST", "/api/oauth/profile"),
+        ("GET", "/v1/models"),
+        ("POST", "/v1/complete"),
+        ("GET", "/_fake/tokens"),
+    ]:
+        assert ask(gateway.url, path, held, method=method)[0] == 404, path
+    assert ask(gateway.url, "/v1/messages", "cl-cap-" + "x" * 43, body=message())[0] == 401
+    assert ask(gateway.url, "/v1/messages", None, body=message())[0] == 401
+    layout.hold.unlink()
+    wait_until(lambda: job_states(layout).get(job) == "done", "the job to end")
+    wait_until(lambda: ask(gateway.url, "/v1/messages", held, body=message())[0] == 401, "the capability to end")
+    paths = {r["path"].split("?")[0] for r in gateway.api.requests()}
+    assert paths == {"/v1/messages"}  # nothing else ever reached upstream
+
+
+def test_what_the_cli_prints_walls_nothing_and_moves_nothing(
+    gateway: Gateway, layout: Layout, planted: Planted
+) -> None:
+    """A CLI that prints a rejected `rate_limit_event` and a 429 result while the API let its
+    request through: its turn ends, and that is all."""
+    account(layout, planted, "a1")
+    account(layout, planted, "a2")
+    hostile = layout.root / "liar"
+    hostile.write_text(
+        "#!/bin/sh\nread line\n"
+        'echo \'{"type":"system","subtype":"init","session_id":"8a6fec7c-0b60-4567-b67f-ff944e2feaae"}\'\n'
+        'echo \'{"type":"rate_limit_event","rate_limit_info":{"status":"rejected","resetsAt":'
+        f'{int(time.time()) + 8 * 86400},"rateLimitType":"seven_day"}}}}\'\n'
+        'echo \'{"type":"result","subtype":"success","is_error":true,"api_error_status":429,'
+        '"result":"You have hit your weekly limit","session_id":"8a6fec7c-0b60-4567-b67f-ff944e2feaae"}\'\n'
+    )
+    hostile.chmod(0o755)
+    gateway.balancer.stop()
+    balancer = DaemonProcess("balancer", layout, env={**gateway.env, "CL_CLAUDE_BIN": str(hostile)}).start()
+    try:
+        job = submit(layout, "lie")
+        wait_until(lambda: job_states(layout).get(job) == "failed", "the lying turn to end")
+        assert store_of(layout).walls() == {}
+        assert [r.account for r in runs_of(layout, job)] == ["a1"]  # not moved
+        assert not [e for e in ledger(layout) if e["event"] in ("move started", "wall recorded")]
+        assert "the CLI reported a wall the API did not send" in balancer.log()
+    finally:
+        balancer.stop()
+
+
+def test_worker_env_may_not_steer_the_cli_past_the_gateway(layout: Layout, fake_api: FakeApi) -> None:
+    (layout.root / "config.toml").write_text(f'[worker.env]\nANTHROPIC_BASE_URL = "{fake_api.url}"\n')
+    env = gateway_env(layout, fake_api, f"127.0.0.1:{free_port()}")
+    daemon = DaemonProcess("balancer", layout, env=env).start(wait=False)
+    assert daemon.exit_code() == 2
+    assert "[worker.env] sets ANTHROPIC_BASE_URL" in daemon.log()
+
+
+def test_the_gateway_reports_the_same_accounts_as_the_daemons(
+    gateway: Gateway, layout: Layout, planted: Planted
+) -> None:
+    for name in ("a1", "a2", "a3"):
+        account(layout, planted, name)
+    wait_until(
+        lambda: all(set(d.states()) == {"a1", "a2", "a3"} for d in (gateway.gateway, gateway.balancer, gateway.rescue)),
+        "all three daemons to see the three accounts",
+    )
+    (layout.credentials / "credentials-a2.json").unlink()
+    wait_until(
+        lambda: all(set(d.states()) == {"a1", "a3"} for d in (gateway.gateway, gateway.balancer, gateway.rescue)),
+        "all three daemons to see a2 gone",
+    )
+
+
+def test_refresh_ahead_of_expiry_writes_the_new_tokens_into_the_accounts_file(
+    gateway: Gateway, layout: Layout, planted: Planted
+) -> None:
+    soon = int((time.time() + 60) * 1000)  # within the margin (300 s): due now
+    old_access, old_refresh = planted.token(), planted.token("sk-ant-ort01-")
+    path = write_credential(
+        layout.credentials, "a1", oauth_file(planted, access=old_access, refresh=old_refresh, expires_ms=soon)
+    )
+    wait_until(lambda: json.loads(path.read_text())["claudeAiOauth"]["accessToken"] != old_access, "the refresh")
+    refreshed = json.loads(path.read_text())["claudeAiOauth"]
+    issued = gateway.api.get("/_fake/tokens")
+    assert refreshed["accessToken"] in issued
+    assert refreshed["refreshToken"] in issued
+    assert refreshed["expiresAt"] > time.time() * 1000 + 3600_000
+    assert refreshed["subscriptionType"] == "max"  # every other field kept
+    (refresh,) = [r for r in gateway.api.requests() if r["path"] == "/v1/oauth/token"]
+    assert refresh["outcome"] == "ok"
+    assert refresh["refresh_tail"] == old_refresh[-6:]
+    assert set(refresh["fields"]) == {"grant_type", "refresh_token", "client_id"}
+    job = submit(layout, "hello")
+    wait_until(lambda: job_states(layout).get(job) == "done", "a job on the refreshed account")
+    assert gateway.api.messages()[-1]["cred_tail"] == refreshed["accessToken"][-6:]
+    planted.tokens += issued  # the minted tokens too may appear in no log
+    assert "token refreshed account=a1" in gateway.gateway.log()
+
+
+def test_a_refused_refresh_token_makes_the_account_need_a_login_until_a_new_one_lands(
+    gateway: Gateway, layout: Layout, planted: Planted
+) -> None:
+    refresh = planted.token("sk-ant-ort01-")
+    gateway.api.post("/_fake/revoke", {"refresh": refresh})
+    soon = int((time.time() + 60) * 1000)
+    write_credential(layout.credentials, "a1", oauth_file(planted, refresh=refresh, expires_ms=soon))
+    wait_until(lambda: "needs-login" in cl(layout, "accounts").stdout, "cl accounts to say needs-login")
+    assert "needs-login" in cl(layout, "status").stdout
+    job = submit(layout, "hello")
+    wait_until(lambda: "no usable account" in cl(layout, "status").stdout or status(layout)["queue"], "the job waits")
+    assert job_states(layout)[job] == "queued"  # no work goes to it
+    assert "account needs login" in gateway.gateway.log()
+    account(layout, planted, "a1")  # a new login, far from expiry
+    wait_until(lambda: job_states(layout).get(job) == "done", "the job to run once logged in")
+    assert "needs-login" not in cl(layout, "accounts").stdout
+
+
+def test_an_operators_new_login_written_during_a_refresh_wins(layout: Layout, planted: Planted, tmp_path: Path) -> None:
+    """The token endpoint answers slowly; meanwhile the operator copies a new login in. The
+    refresh's compare-and-swap finds another refresh token in the file and leaves it."""
+    from utils import fake_api_running  # noqa: PLC0415 - a slow endpoint, for this test alone
+
+    with fake_api_running(tmp_path, "--token-delay", "2") as api, running(layout, api) as gateway:
+        soon = int((time.time() + 60) * 1000)
+        path = write_credential(layout.credentials, "a1", oauth_file(planted, expires_ms=soon))
+        wait_until(lambda: any(r["path"] == "/v1/oauth/token" for r in api.requests()), "the refresh to start")
+        login_access, login_refresh = planted.token(), planted.token("sk-ant-ort01-")
+        login = oauth_file(planted, access=login_access, refresh=login_refresh, expires_ms=FAR_FUTURE_MS)
+        write_credential(layout.credentials, "a1", login)
+        wait_until(lambda: "new login kept" in gateway.gateway.log(), "the refresh to give way")
+        assert planted.tokens_in(path) == (planted.name_of(login_access), planted.name_of(login_refresh))
+
+
+HOSTILE = Path(__file__).resolve().parent / "fakes" / "hostile_gateway"
+
+
+def test_a_hostile_cli_reaches_no_token_and_no_other_path(
+    request: pytest.FixtureRequest, tmp_path: Path, fake_api: FakeApi, planted: Planted
+) -> None:
+    """The CLI's own user (as `make run` as root lays it out) looks for a real token in its
+    environment, every file it can read, every process's /proc environ and command line, the
+    gateway's answers to many paths (with its capability and without), an upstream that echoes
+    its request's headers; then prints a wall the API never sent."""
+    import os  # noqa: PLC0415
+
+    layout = request.getfixturevalue("separated") if os.getuid() == 0 else Layout(tmp_path / "plain")
+    account(layout, planted, "a1")
+    account(layout, planted, "a2")
+    write_credential(layout.credentials, "k1", api_key_credential(planted))
+    look = ":".join(str(p) for p in (layout.credentials, layout.state, layout.sessions, layout.runtime, layout.root))
+    with running(layout, fake_api, CL_CLAUDE_BIN=str(HOSTILE), HOSTILE_LOOK=look) as gateway:
+        job = submit(layout, "attack")
+        wait_until(lambda: job_states(layout).get(job) == "failed", "the hostile turn to end", timeout=60)
+        walls = store_of(layout).walls()
+        runs = runs_of(layout, job)
+        log = gateway.logs()
+    loot = json.loads((layout.work / "loot.json").read_text())
+    assert loot["files"], "the hostile CLI read nothing: the test would prove nothing"
+    assert loot["env"]["ANTHROPIC_BASE_URL"] == gateway.url
+    leaks = planted.leaks(json.dumps(loot), "what the hostile CLI reached")
+    assert not leaks, leaks
+    answers = {(a["method"], a["path"], a["header"], a["with"]): a["status"] for a in loot["gateway"]}
+    for (method, path, _header, held), code in answers.items():
+        if not held and (method, path) in (("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens")):
+            assert code == 401, (method, path)
+        elif (method, path.split("?")[0]) not in (("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens")):
+            assert code == 404, (method, path, code)
+    assert answers[("POST", "/v1/messages", "authorization", True)] == 200
+    assert answers[("POST", "/v1/messages?beta=true", "authorization", True)] == 400  # the echo, scrubbed
+    upstream = {r["path"].split("?")[0] for r in fake_api.requests()}
+    assert upstream <= {"/v1/messages", "/v1/messages/count_tokens"}
+    assert walls == {}  # the wall it printed walled nothing
+    assert [r.account for r in runs] == [runs[0].account]  # and moved nothing
+    assert "the CLI reported a wall the API did not send" in log

@@ -1,0 +1,171 @@
+"""The real Claude Code CLI (pinned) in gateway mode: it holds a capability, cl-gateway holds the
+tokens, the fake API on 127.0.0.1 sees only the accounts' real credentials.
+
+First what the gateway relies on, measured on the CLI alone (docs/claude-code.md, fact 16);
+then the CLI through cl: a quota 429 answered on another account within the same turn, a wall
+with no room held and resumed in the same process, the seed's afternoon, and a refresh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from real_cli import install
+from test_gateway import Gateway, account, capability_of, oauth_file, running, runs_of
+
+from cl import capability
+from cl.claude_code.environment import QUIET
+from utils import FakeApi, Layout, Planted, cl, job_state_set, job_states, status, wait_until, write_credential
+
+
+@pytest.fixture
+def layout(request: pytest.FixtureRequest, tmp_path: Path) -> Layout:
+    """As installed: the real CLI runs as its own user (when the tests run as root, as CI does)."""
+    return request.getfixturevalue("separated") if os.getuid() == 0 else Layout(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def claude_bin() -> Path:
+    path, why = install()
+    if path is None:
+        pytest.skip(f"the real Claude Code CLI is not available: {why}")
+    return path
+
+
+@pytest.fixture
+def gateway(layout: Layout, fake_api: FakeApi, claude_bin: Path) -> Iterator[Gateway]:
+    home = layout.root / "home"
+    home.mkdir()
+    with running(layout, fake_api, CL_CLAUDE_BIN=str(claude_bin), HOME=str(home)) as gateway:
+        yield gateway
+
+
+def one_turn(claude_bin: Path, root: Path, api: FakeApi, **env: str) -> list[dict[str, Any]]:
+    """The CLI alone, one turn against the fake API: its stream-json events."""
+    config = root / "config"
+    work = root / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    config.mkdir(exist_ok=True)
+    base = {"PATH": os.environ["PATH"], "HOME": str(config), "CLAUDE_CONFIG_DIR": str(config)}
+    line = json.dumps({"type": "user", "message": {"role": "user", "content": "hi"}}) + "\n"
+    done = subprocess.run(
+        [str(claude_bin), "-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose"],
+        input=line,
+        capture_output=True,
+        text=True,
+        cwd=work,
+        env={**base, **QUIET, "ANTHROPIC_BASE_URL": api.url, **env},
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def test_the_cli_in_subscription_mode_on_a_capability_file_and_not_on_auth_token(
+    claude_bin: Path, fake_api: FakeApi, tmp_path: Path
+) -> None:
+    """Fact 16: a `.credentials.json` whose access token is the capability (no refresh token, far
+    expiry) keeps the CLI a subscription client: bearer, the OAuth beta flag, `rate_limit_event`s,
+    and it never rewrites the file. `ANTHROPIC_AUTH_TOKEN` sends the same bearer, but as an API
+    user: no OAuth beta, no `rate_limit_event`. So the gateway gives the CLI the file."""
+    held = capability.new()
+    (tmp_path / "file" / "config").mkdir(parents=True)
+    credential = tmp_path / "file" / "config" / ".credentials.json"
+    credential.write_bytes(capability.credential_file(held))
+    as_file = one_turn(claude_bin, tmp_path / "file", fake_api)
+    as_variable = one_turn(claude_bin, tmp_path / "variable", fake_api, ANTHROPIC_AUTH_TOKEN=held)
+    by_file, by_variable = fake_api.messages()
+    assert by_file["auth"] == by_variable["auth"] == "bearer"
+    assert by_file["cred_tail"] == by_variable["cred_tail"] == held[-6:]
+    assert "oauth-2025-04-20" in by_file["beta"]
+    assert "oauth-2025-04-20" not in by_variable["beta"]
+    assert any(event["type"] == "rate_limit_event" for event in as_file)
+    assert not any(event["type"] == "rate_limit_event" for event in as_variable)
+    assert credential.read_bytes() == capability.credential_file(held)  # never refreshed, never rewritten
+    assert "x-claude-code-session-id" in by_file["header_names"]
+
+
+def test_real_cli_a_quota_429_is_answered_on_another_account_in_the_same_turn(
+    gateway: Gateway, layout: Layout, planted: Planted
+) -> None:
+    a1 = account(layout, planted, "a1")
+    a2 = account(layout, planted, "a2")
+    gateway.api.limit(a1, 0)
+    job = json.loads(cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "hello", "--json").stdout)["job"]
+    wait_until(lambda: job_states(layout).get(job) == "done", "the session to finish on a2", timeout=120)
+    requests = gateway.api.messages()
+    assert [(r["cred_tail"], r["walled"]) for r in requests] == [(a1[-6:], True), (a2[-6:], False)]
+    assert requests[0]["session"] == requests[1]["session"]  # the same request of the same session
+    assert requests[0]["messages"] == requests[1]["messages"]
+    result = json.loads(cl(layout, "result", str(job), "--json").stdout)
+    assert result["is_error"] is False  # the CLI's turn succeeded: it never saw the 429
+    first, moved = runs_of(layout, job)
+    assert (first.account, moved.account, moved.live, moved.pid) == ("a1", "a2", True, first.pid)
+    story = json.loads(cl(layout, "job", str(job), "--json").stdout)
+    assert [(m["to"], m["how"]) for m in story["moves"]] == [("a2", "live")]
+    assert capability_of(layout, job).startswith("cl-cap-")
+
+
+def test_real_cli_walled_with_no_room_is_held_and_goes_on_in_the_same_process_when_a_file_lands(
+    gateway: Gateway, layout: Layout, planted: Planted
+) -> None:
+    a1 = account(layout, planted, "a1")
+    gateway.api.limit(a1, 0)
+    job = json.loads(cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "hello", "--json").stdout)["job"]
+    wait_until(lambda: "session held for a live move" in gateway.balancer.log(), "the session held", timeout=120)
+    assert status(layout)["waiting"]["reason"] == "no-eligible-account"
+    a2 = account(layout, planted, "a2")
+    wait_until(lambda: job_states(layout).get(job) == "done", "the session to go on on a2", timeout=120)
+    walled, moved = gateway.api.messages()
+    assert (walled["cred_tail"], walled["walled"], moved["cred_tail"]) == (a1[-6:], True, a2[-6:])
+    assert moved["session"] == walled["session"]
+    assert any(m.endswith("hello\n | continue") for m in moved["messages"])  # the wall's prompt, then the resume
+    story = json.loads(cl(layout, "job", str(job), "--json").stdout)
+    assert [(m["to"], m["how"]) for m in story["moves"]] == [("a2", "live")]
+    pids = {run.pid for run in runs_of(layout, job)}
+    assert len(pids) == 1  # one worker, one CLI start
+
+
+def test_real_cli_the_seed_afternoon_through_the_gateway(gateway: Gateway, layout: Layout, planted: Planted) -> None:
+    """Three accounts wall while their sessions run; a fourth file lands; every session goes on
+    there live, and only the gateway ever sent a token to the API."""
+    for name in ("a1", "a2", "a3"):
+        gateway.api.limit(account(layout, planted, name), 0)
+    for i in range(3):
+        cl(layout, "submit", "--cwd", str(layout.work), "--prompt", f"step one of task {i}")
+    wait_until(lambda: "sessions=3" in gateway.rescue.log(), "all three sessions to wait", timeout=120)
+    a4 = account(layout, planted, "a4")
+    wait_until(lambda: job_state_set(layout) == {"done"}, "every session to finish on a4", timeout=120)
+    jobs = json.loads(cl(layout, "jobs", "--all", "--json").stdout)
+    for job in jobs:
+        story = json.loads(cl(layout, "job", str(job["id"]), "--json").stdout)
+        assert (story["moves"][-1]["to"], story["moves"][-1]["how"]) == ("a4", "live")
+        assert len({run.pid for run in runs_of(layout, job["id"])}) == 1
+    on_a4 = [r for r in gateway.api.messages() if r["cred_tail"] == a4[-6:]]
+    assert len(on_a4) == 3
+    held = {capability_of(layout, job["id"])[-6:] for job in jobs}
+    assert not held & {r["cred_tail"] for r in gateway.api.messages()}  # no capability reached the API
+    assert {r["path"] for r in gateway.api.requests()} == {"/v1/messages?beta=true"}
+    assert "request refused" not in gateway.gateway.log()  # the CLI asked for nothing else (its HEAD / aside)
+
+
+def test_real_cli_runs_on_a_token_the_gateway_refreshed(gateway: Gateway, layout: Layout, planted: Planted) -> None:
+    soon = int((time.time() + 60) * 1000)
+    path = write_credential(layout.credentials, "a1", oauth_file(planted, expires_ms=soon))
+    job = json.loads(cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "hello", "--json").stdout)["job"]
+    wait_until(lambda: job_states(layout).get(job) == "done", "the session to finish", timeout=120)
+    issued = gateway.api.get("/_fake/tokens")
+    planted.tokens += issued
+    access = json.loads(path.read_text())["claudeAiOauth"]["accessToken"]
+    assert access in issued
+    assert [r["cred_tail"] for r in gateway.api.messages()] == [access[-6:]]
+    (refresh,) = [r for r in gateway.api.requests() if r["path"] == "/v1/oauth/token"]
+    assert refresh["outcome"] == "ok"
