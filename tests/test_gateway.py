@@ -360,6 +360,8 @@ def test_a_refused_refresh_token_makes_the_account_need_a_login_until_a_new_one_
     wait_until(lambda: "no usable account" in cl(layout, "status").stdout or status(layout)["queue"], "the job waits")
     assert job_states(layout)[job] == "queued"  # no work goes to it
     assert "account needs login" in gateway.gateway.log()
+    refused = [r for r in gateway.api.requests() if r["path"] == "/v1/oauth/token"]
+    assert [r["outcome"] for r in refused] == ["invalid_grant"]  # presented once, never again
     account(layout, planted, "a1")  # a new login, far from expiry
     wait_until(lambda: job_states(layout).get(job) == "done", "the job to run once logged in")
     assert "needs-login" not in cl(layout, "accounts").stdout

@@ -306,8 +306,11 @@ async def _cancel(tasks: list[asyncio.Task[None]], timeout: float) -> None:
         log.warning("tasks did not stop in time", tasks=[task.get_name() for task in pending])
 
 
-def main(name: str, factory: ServiceFactory) -> int:
+def main(
+    name: str, factory: ServiceFactory, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+) -> int:
     """A daemon's `main`: exit 2 on bad configuration, 1 on failure, 0 on a clean stop."""
     if (config := logs.start_process(name)) is None:
         return 2
-    return asyncio.run(Daemon(name, config, factory).serve())
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(Daemon(name, config, factory).serve())

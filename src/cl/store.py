@@ -727,12 +727,7 @@ class Store:
     def capability_run(self, digest: str) -> Run | None:
         """The running run whose CLI holds this capability; None when there is none (unknown,
         revoked, or its run ended: held, walled, done)."""
-        row = self._db.execute(
-            "SELECT runs.* FROM capabilities JOIN runs ON runs.id = capabilities.run_id"
-            " WHERE capabilities.digest = ? AND runs.state = ?",
-            (digest, RunState.RUNNING),
-        ).fetchone()
-        return Run(*row) if row else None
+        return _capability_run(self._db, digest)
 
     def record_cache(self, tokens: dict[int, tuple[int, int]]) -> None:
         """Prompt-cache tokens read and written, per run, added up."""
@@ -1201,6 +1196,32 @@ SELECT
 def _sql_set(values: tuple[str, ...]) -> str:
     """`(?, ?, ...)`: placeholders only, the values are always bound."""
     return f"({', '.join('?' * len(values))})"
+
+
+def _capability_run(db: sqlite3.Connection, digest: str) -> Run | None:
+    row = db.execute(
+        "SELECT runs.* FROM capabilities JOIN runs ON runs.id = capabilities.run_id"
+        " WHERE capabilities.digest = ? AND runs.state = ?",
+        (digest, RunState.RUNNING),
+    ).fetchone()
+    return Run(*row) if row else None
+
+
+class Lookup:
+    """Reads on the caller's own thread (an event loop's) that never wait: a read-only connection
+    of their own that gives up at once (`sqlite3.OperationalError`) when the file is locked (a
+    VACUUM, a checkpoint), so the caller can ask the store's thread instead. WAL readers are
+    otherwise never blocked by a writer."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
+        self._db.execute("PRAGMA query_only = ON")
+
+    def capability_run(self, digest: str) -> Run | None:
+        return _capability_run(self._db, digest)
+
+    def close(self) -> None:
+        self._db.close()
 
 
 class _OnStoreThread(Generic[P, R]):

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import structlog
+import uvloop
 from aiohttp import web
 
 from cl import daemon
@@ -26,7 +27,7 @@ from cl.gateway.proxy import MAX_BODY, Proxy, Recorder
 from cl.gateway.refresher import Refresher
 from cl.protocol import Handler, Peer, Reply, Request
 from cl.registry import CredentialRegistry
-from cl.store import AsyncStore, Run, Store, StoreUnavailable
+from cl.store import AsyncStore, Lookup, Run, Store, StoreUnavailable
 
 log = structlog.get_logger("cl.gateway")
 
@@ -42,6 +43,7 @@ class Gateway:
         self.registry = registry
         self._status_changed = status_changed
         self.store = AsyncStore(Store(config.database, config.store_busy_timeout))
+        self.lookup = Lookup(config.database)
         self._client: aiohttp.ClientSession | None = None
         self.refresher = Refresher(config, registry, self.store, self.client)
         self.recorder = Recorder(self.store)
@@ -49,6 +51,7 @@ class Gateway:
             upstream=config.gateway_upstream,
             wall_retry=config.wall_retry,
             store=self.store,
+            lookup=self.lookup,
             refresher=self.refresher,
             recorder=self.recorder,
             move=self._move,
@@ -91,6 +94,7 @@ class Gateway:
             if self._client is not None:
                 await self._client.close()
             await self.recorder.flush()
+            self.lookup.close()
             self.store.close()
 
     def status(self) -> str:
@@ -155,4 +159,5 @@ class Gateway:
 
 
 def main() -> None:
-    sys.exit(daemon.main("gateway", Gateway))
+    # uvloop: the event loop is most of a relay's work (bench/gateway.py measures it).
+    sys.exit(daemon.main("gateway", Gateway, uvloop.new_event_loop))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 
@@ -32,7 +33,7 @@ from cl.credentials import Account, CredentialKind
 from cl.gateway import limits
 from cl.gateway.refresher import Refresher
 from cl.moments import iso_utc
-from cl.store import AsyncStore, Run, StoreUnavailable
+from cl.store import AsyncStore, Lookup, Run, StoreUnavailable
 
 log = structlog.get_logger("cl.gateway")
 
@@ -41,8 +42,9 @@ ALLOWED = frozenset({("POST", "/v1/messages"), ("POST", "/v1/messages/count_toke
 MAX_BODY = 32 * 1024 * 1024
 """A request body's limit: the CLI sends the whole conversation, which can run to megabytes."""
 MAX_ERROR_BODY = 1024 * 1024
-HEAD_BYTES = 16 * 1024
-"""How much of a response is searched for its prompt-cache tokens (`message_start` comes first)."""
+HEAD_BYTES = 2048
+"""How much of a response is searched for its prompt-cache tokens: `message_start`, the first
+event of a stream, carries them (a JSON body's `usage` comes after its content: not counted)."""
 MAX_MOVES = 3
 """Moves in flight one request may make before its 429 goes through."""
 OAUTH_BETA = "oauth-2025-04-20"
@@ -123,6 +125,7 @@ class Proxy:
         upstream: str,
         wall_retry: float,
         store: AsyncStore,
+        lookup: Lookup,
         refresher: Refresher,
         recorder: Recorder,
         move: Mover,
@@ -131,6 +134,7 @@ class Proxy:
         self._upstream = upstream
         self._wall_retry = wall_retry
         self._store = store
+        self._lookup = lookup
         self._refresher = refresher
         self._recorder = recorder
         self._move = move
@@ -145,12 +149,21 @@ class Proxy:
             log.info("request refused: not an API path the CLI uses", method=request.method, path=request.path[:200])
             return _error(404, "not_found_error", "cl-gateway forwards only the API paths Claude Code uses")
         presented = _presented(request)
-        run = await self._store.capability_run(capability.digest(presented)) if presented else None
+        run = await self._run_holding(presented) if presented else None
         if run is None:
             self.counts.refused["capability"] += 1
             return _error(401, "authentication_error", "no running session holds this capability")
         body = await request.read()
         return await self._forward(request, run, body)
+
+    async def _run_holding(self, presented: str) -> Run | None:
+        """The running run that holds this capability: read on the loop (about 25 us), or on the
+        store's thread when the file is locked."""
+        digest = capability.digest(presented)
+        try:
+            return self._lookup.capability_run(digest)
+        except sqlite3.OperationalError:
+            return await self._store.capability_run(digest)
 
     async def _forward(self, request: web.Request, run: Run, body: bytes) -> web.StreamResponse:
         moves = 0
@@ -204,9 +217,7 @@ class Proxy:
         """The response, to the CLI: streamed as it comes; an error read whole (bounded),
         scrubbed, and returned unsent."""
         async with upstream:
-            headers = CIMultiDict(
-                (k, redact.scrub(v)) for k, v in upstream.headers.items() if k.lower() not in NOT_TO_THE_CLI
-            )
+            headers = _to_the_cli(upstream.headers)
             if upstream.status >= 300:
                 data = await upstream.content.read(MAX_ERROR_BODY)
                 return web.Response(
@@ -223,6 +234,16 @@ class Proxy:
         if run is not None:
             self._recorder.cache(run.id, *limits.cache_tokens(bytes(head)))
         return response
+
+
+def _to_the_cli(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The response's headers for the CLI: not the hop-by-hop ones nor any about credentials, and
+    none carrying a known token (scrubbed in one pass over them all; one by one only if one does)."""
+    kept = [(k, v) for k, v in upstream.items() if k.lower() not in NOT_TO_THE_CLI]
+    joined = "\n".join(v for _, v in kept)
+    if redact.scrub(joined) != joined:
+        kept = [(k, redact.scrub(v)) for k, v in kept]
+    return CIMultiDict(kept)
 
 
 def _presented(request: web.Request) -> str | None:
