@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -260,3 +261,74 @@ def test_cancelling_a_session_stops_its_cli_in_its_worker_unit(box: Box, tmp_pat
     wait_until(lambda: not box("systemctl", "list-units", "--no-legend", "cl-worker@*").stdout.strip(), "the unit")
     assert "session cancelled" in box("journalctl", "-u", "cl-worker@*", "--no-pager").stdout
     assert box("pgrep", "-u", "cl-cli", check=False).returncode == 1  # nothing of the CLI's is left
+
+
+def test_the_gateway_unit_refreshes_holds_the_tokens_and_moves_a_walled_request(
+    box: Box, tmp_path: Path, planted: Planted
+) -> None:
+    """Gateway mode under systemd: cl-gateway.service (its own sandbox: network, the roster
+    writable in place, a user namespace) refreshes a1 ahead of expiry into its file, forwards the
+    fake CLI's requests (from its cl-worker@ unit) with the real token, and answers a quota 429
+    on a2, the request moved in flight by cl-rescue over its socket. The API is the fake one,
+    in the box, on its loopback."""
+    fake = tmp_path / "fake"
+    box(
+        "systemd-run", "--unit=fake-api", "/usr/bin/python3", "/opt/fakes/fake_anthropic.py",
+        "--port-file", "/srv/fake/api.port", "--log", "/srv/fake/api.jsonl",
+    )  # fmt: skip
+    wait_until((fake / "api.port").exists, "the fake API in the box to listen")
+    api = f"http://127.0.0.1:{(fake / 'api.port').read_text()}"
+    config = (
+        f'claude_bin = "/opt/fakes/claude"\ncli_writable = ["/srv/fake"]\ngateway_upstream = "{api}"\n'
+        f'oauth_token_url = "{api}/v1/oauth/token"\n[worker.env]\nFAKE_CLAUDE_LOG = "/srv/fake/fake-claude.jsonl"\n'
+    )
+    box(
+        "sh",
+        "-c",
+        "mkdir -p /etc/cl /srv/work && chown -R cl-cli:cl-cli /srv/work /srv/fake"
+        " && install -o cl-cli -g cl-cli -m 0600 /dev/null /srv/fake/fake-claude.jsonl"
+        f" && printf '%s' '{config}' > /etc/cl/config.toml",
+    )
+    box("systemctl", "enable", "--now", "cl-gateway.service", "cl-balancer.service", "cl-rescue.service")
+    assert box("systemctl", "is-active", "cl-gateway").stdout.strip() == "active"  # READY=1 once listening
+    soon = int((time.time() + 60) * 1000)  # within refresh_margin: due at once
+    a1, a1_refresh, a2 = planted.token(), planted.token("sk-ant-ort01-"), planted.token()
+    a1_file = {"accessToken": a1, "refreshToken": a1_refresh, "expiresAt": soon, "scopes": ["user:inference"]}
+    drop_credential(box, tmp_path / "claude", "a1", json.dumps({"claudeAiOauth": a1_file}))
+    wait_until(
+        lambda: (
+            json.loads((tmp_path / "claude" / "credentials-a1.json").read_text())["claudeAiOauth"]["accessToken"] != a1
+        ),
+        "the gateway to write a1's refreshed token into its file",
+    )
+    refreshed = json.loads((tmp_path / "claude" / "credentials-a1.json").read_text())["claudeAiOauth"]["accessToken"]
+    planted.tokens += _tokens(box, api)
+    drop_credential(box, tmp_path / "claude", "a2", oauth_credential(planted, token=a2))
+    limit = json.dumps({"key": refreshed, "limit": 0})
+    _post(box, f"{api}/_fake/limit", limit)  # a1's next request walls
+    job = submit(box, "/srv/work", "hello through the gateway")
+    wait_until(
+        lambda: json.loads(box("/opt/cl/bin/cl", "job", str(job), "--json").stdout)["job"]["state"] == "done",
+        "the job to finish on a2",
+    )
+    requests = [json.loads(line) for line in (fake / "api.jsonl").read_text().splitlines()]
+    inference = [(r["cred_tail"], r["walled"]) for r in requests if r.get("path", "").startswith("/v1/messages")]
+    assert inference == [(refreshed[-6:], True), (a2[-6:], False)]
+    (call,) = [json.loads(line) for line in (fake / "fake-claude.jsonl").read_text().splitlines()]
+    assert call["token_tail"] not in {t[-6:] for t in planted.tokens}  # the CLI held a capability
+    story = json.loads(box("/opt/cl/bin/cl", "job", str(job), "--json").stdout)
+    assert [(m["to"], m["how"]) for m in story["moves"]] == [("a2", "live")]
+    gateway = [e for e in entries(box, "-u", "cl-gateway") if isinstance(e.get("MESSAGE"), str)]
+    for event, account in (("token refreshed", "a1"), ("wall from the API", "a1"), ("request moved in flight", "a2")):
+        assert any(e["MESSAGE"].startswith(event) and e.get("ACCOUNT") == account for e in gateway), event
+    assert not planted.leaks(box("journalctl", "--no-pager", "-o", "json").stdout, "the journal")
+
+
+def _post(box: Box, url: str, body: str) -> None:
+    box("/usr/bin/python3", "-c", f"import urllib.request as u; u.urlopen(u.Request({url!r}, {body.encode()!r}))")
+
+
+def _tokens(box: Box, api: str) -> list[str]:
+    script = f"import urllib.request as u; print(u.urlopen({api + '/_fake/tokens'!r}).read().decode())"
+    tokens: list[str] = json.loads(box("/usr/bin/python3", "-c", script).stdout)
+    return tokens
