@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from real_cli import install
+from real_cli import OLDER, install
 from test_gateway import Gateway, account, capability_of, oauth_file, running, runs_of
 
 from cl import capability
@@ -45,6 +45,13 @@ def gateway(layout: Layout, fake_api: FakeApi, claude_bin: Path) -> Iterator[Gat
     home.mkdir()
     with running(layout, fake_api, CL_CLAUDE_BIN=str(claude_bin), HOME=str(home)) as gateway:
         yield gateway
+
+
+def older(version: str) -> Path:
+    path, why = install(version)
+    if path is None:
+        pytest.skip(f"Claude Code {version} is not available: {why}")
+    return path
 
 
 def one_turn(claude_bin: Path, root: Path, api: FakeApi, **env: str) -> list[dict[str, Any]]:
@@ -93,6 +100,27 @@ def test_the_cli_in_subscription_mode_on_a_capability_file_and_not_on_auth_token
     assert "x-claude-code-session-id" in by_file["header_names"]
 
 
+@pytest.mark.parametrize("version", OLDER)
+def test_older_clis_take_a_capability_file_as_a_subscription_credential(
+    version: str, fake_api: FakeApi, tmp_path: Path
+) -> None:
+    """Fact 18: 2.0.77 and 1.0.128 too send the capability as a bearer with the OAuth beta flag,
+    only to `/v1/messages`, and leave the file alone. (They print no `rate_limit_event`: in gateway
+    mode the walls come from the API's headers, so nothing is lost.)"""
+    held = capability.new()
+    (tmp_path / "config").mkdir()
+    credential = tmp_path / "config" / ".credentials.json"
+    credential.write_bytes(capability.credential_file(held))
+    events = one_turn(older(version), tmp_path, fake_api)
+    assert [e for e in events if e["type"] == "result"][-1]["is_error"] is False
+    requests = fake_api.requests()
+    assert requests
+    assert {r["path"].split("?")[0] for r in requests} == {"/v1/messages"}
+    assert {(r["auth"], r["cred_tail"]) for r in requests} == {("bearer", held[-6:])}
+    assert all("oauth-2025-04-20" in r["beta"] for r in requests)
+    assert credential.read_bytes() == capability.credential_file(held)
+
+
 def test_real_cli_a_quota_429_is_answered_on_another_account_in_the_same_turn(
     gateway: Gateway, layout: Layout, planted: Planted
 ) -> None:
@@ -112,6 +140,30 @@ def test_real_cli_a_quota_429_is_answered_on_another_account_in_the_same_turn(
     story = json.loads(cl(layout, "job", str(job), "--json").stdout)
     assert [(m["to"], m["how"]) for m in story["moves"]] == [("a2", "live")]
     assert capability_of(layout, job).startswith("cl-cap-")
+
+
+def test_an_older_cli_through_the_gateway_is_moved_in_flight_too(
+    layout: Layout, fake_api: FakeApi, planted: Planted
+) -> None:
+    """2.0.77, whose side queries go out beside the main request: each request that met a1's wall
+    (two at once, here) is answered on a2, the CLI sees no wall, one CLI start, the job done."""
+    home = layout.root / "home"
+    home.mkdir()
+    with running(layout, fake_api, CL_CLAUDE_BIN=str(older("2.0.77")), HOME=str(home)) as gateway:
+        a1 = account(layout, planted, "a1")
+        a2 = account(layout, planted, "a2")
+        gateway.api.limit(a1, 0)
+        job = json.loads(cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "hi", "--json").stdout)["job"]
+        wait_until(lambda: job_states(layout).get(job) == "done", "the session to finish on a2", timeout=120)
+        seen = [(r["cred_tail"], r["walled"]) for r in gateway.api.messages()]
+        log = gateway.gateway.log()
+        result = json.loads(cl(layout, "result", str(job), "--json").stdout)
+    assert seen[0] == (a1[-6:], True)
+    assert set(seen) == {(a1[-6:], True), (a2[-6:], False)}  # a1's answers all walls, a2's all answers
+    walled = seen.count((a1[-6:], True))
+    assert log.count("request moved in flight") == walled  # each walled request answered on a2
+    assert result["is_error"] is False
+    assert len({run.pid for run in runs_of(layout, job)}) == 1
 
 
 def test_real_cli_walled_with_no_room_is_held_and_goes_on_in_the_same_process_when_a_file_lands(

@@ -149,28 +149,28 @@ class Proxy:
             log.info("request refused: not an API path the CLI uses", method=request.method, path=request.path[:200])
             return _error(404, "not_found_error", "cl-gateway forwards only the API paths Claude Code uses")
         presented = _presented(request)
-        run = await self._run_holding(presented) if presented else None
+        digest = capability.digest(presented) if presented else ""
+        run = await self._run_holding(digest) if presented else None
         if run is None:
             self.counts.refused["capability"] += 1
             return _error(401, "authentication_error", "no running session holds this capability")
         body = await request.read()
-        return await self._forward(request, run, body)
+        return await self._forward(request, run, digest, body)
 
-    async def _run_holding(self, presented: str) -> Run | None:
+    async def _run_holding(self, digest: str) -> Run | None:
         """The running run that holds this capability: read on the loop (about 25 us), or on the
         store's thread when the file is locked."""
-        digest = capability.digest(presented)
         try:
             return self._lookup.capability_run(digest)
         except sqlite3.OperationalError:
             return await self._store.capability_run(digest)
 
-    async def _forward(self, request: web.Request, run: Run, body: bytes) -> web.StreamResponse:
+    async def _forward(self, request: web.Request, run: Run, digest: str, body: bytes) -> web.StreamResponse:
         moves = 0
         while True:
             account = self._refresher.current(run.account)
             if account is None or not account.usable:
-                moved = await self._move(run) if moves < MAX_MOVES else None
+                moved = await self._moved(run, digest) if moves < MAX_MOVES else None
                 if moved is None:
                     return _error(529, "overloaded_error", "no account can serve this session now")
                 run, moves = moved, moves + 1
@@ -194,7 +194,7 @@ class Proxy:
                 return await self._relay(request, upstream, run)
             refusal = await self._relay(request, upstream, None)  # an error: read whole, not sent yet
             await self._wall(account, run, reading)
-            moved = await self._move(run) if moves < MAX_MOVES else None
+            moved = await self._moved(run, digest) if moves < MAX_MOVES else None
             if moved is None:
                 self.counts.walls_passed += 1
                 return refusal
@@ -203,6 +203,14 @@ class Proxy:
                 "request moved in flight", job=run.job_id, run=moved.id, account=moved.account, **{"from": run.account}
             )
             run, moves = moved, moves + 1
+
+    async def _moved(self, run: Run, digest: str) -> Run | None:
+        """The run the session goes on as on another account: the rescuer's move, or the one it
+        made already for a request of the same CLI that met the wall at the same time."""
+        if (moved := await self._move(run)) is not None:
+            return moved
+        now = await self._run_holding(digest)
+        return now if now is not None and now.id != run.id and now.account != run.account else None
 
     async def _wall(self, account: Account, run: Run, reading: limits.Reading) -> None:
         """The API walled `account`: recorded before anyone is asked to move."""
