@@ -207,9 +207,11 @@ def test_a_quota_429_is_answered_on_another_account_and_the_cli_never_sees_it(
     (call,) = layout.claude_calls()  # one CLI start, one turn
     requests = gateway.api.messages()
     assert [(r["cred_tail"], r["walled"]) for r in requests] == [(a1[-6:], True), (a2[-6:], False)]
+    wait_until(lambda: runs_of(layout, job)[-1].cache_creation_tokens, "the moved run's cache tokens recorded")
     first, moved = runs_of(layout, job)
     assert (first.account, first.state, first.error) == ("a1", "walled", "moved to a2 in flight")
     assert (moved.account, moved.state, moved.live, moved.pid) == ("a2", "done", True, first.pid)
+    assert (moved.cache_read_tokens, moved.cache_creation_tokens) == (0, 100)  # a2's cache started cold
     assert moved.resume == call["session_id"]
     events = [(e["event"], e["account"]) for e in ledger(layout) if e["job_id"] == job]
     assert ("move started", "a2") in events

@@ -361,6 +361,8 @@ class Balancer(Service):
                     "started_at": iso_utc(run.created_at),
                     "ended_at": iso_utc(run.ended_at) if run.ended_at else None,
                     "error": run.error,
+                    "cache_read_tokens": run.cache_read_tokens,
+                    "cache_creation_tokens": run.cache_creation_tokens,
                 }
                 for run in runs
             ],

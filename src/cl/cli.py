@@ -335,9 +335,17 @@ def cmd_job(config: Config, args: argparse.Namespace) -> int:
     print(f"  prompt: {_one_line(job['prompt'])}")
     print()
     print_table(
-        ["RUN", "ACCOUNT", "STATE", "STARTED", "ENDED", "ERROR"],
+        ["RUN", "ACCOUNT", "STATE", "STARTED", "ENDED", "CACHE READ/WRITTEN", "ERROR"],
         [
-            [str(r["id"]), r["account"], r["state"], r["started_at"], r["ended_at"] or "-", r["error"] or ""]
+            [
+                str(r["id"]),
+                r["account"],
+                r["state"],
+                r["started_at"],
+                r["ended_at"] or "-",
+                f"{r.get('cache_read_tokens', 0)}/{r.get('cache_creation_tokens', 0)}",
+                r["error"] or "",
+            ]
             for r in story["runs"]
         ],
     )

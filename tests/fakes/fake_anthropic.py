@@ -46,6 +46,7 @@ class FakeAnthropic(ThreadingHTTPServer):
         self.issued: dict[str, float] = {}
         """Access token -> when it expires (epoch s), for every token this server issued."""
         self.issued_refresh: list[str] = []
+        self.cached: set[tuple[str, str]] = set()
         self.log_path = log
         self.limits = limits
         self.reset_in = reset_in
@@ -222,11 +223,21 @@ class Handler(BaseHTTPRequestHandler):
         }
         model = body.get("model", "claude-fake")
         command = _bash_asked(messages)
+        cache = self.cache(credential)
         if body.get("stream"):
-            self.send(200, _sse(text, model, command), "text/event-stream", headers)
+            self.send(200, _sse(text, model, command, cache), "text/event-stream", headers)
         else:
-            message = _message(text, model)
+            message = _message(text, model, cache)
             self.send(200, json.dumps(message).encode(), "application/json", headers)
+
+    def cache(self, credential: str) -> dict[str, int]:
+        """The prompt cache, as an organization's (a credential's here): a session's first request
+        there writes 100 tokens to it, every later one reads them."""
+        key = (credential, self.headers.get("x-claude-code-session-id") or "")
+        with self.server.lock:
+            warm = key in self.server.cached
+            self.server.cached.add(key)
+        return {"cache_read_input_tokens": 100 if warm else 0, "cache_creation_input_tokens": 0 if warm else 100}
 
 
 def _text(message: Any) -> str:
@@ -275,7 +286,7 @@ def _bash_asked(messages: list[Any]) -> str | None:
     return command
 
 
-def _message(text: str, model: str) -> dict[str, Any]:
+def _message(text: str, model: str, cache: dict[str, int] | None = None) -> dict[str, Any]:
     return {
         "id": f"msg_{uuid.uuid4().hex[:20]}",
         "type": "message",
@@ -284,16 +295,16 @@ def _message(text: str, model: str) -> dict[str, Any]:
         "content": [{"type": "text", "text": text}],
         "stop_reason": "end_turn",
         "stop_sequence": None,
-        "usage": {"input_tokens": 10, "output_tokens": 12},
+        "usage": {"input_tokens": 10, "output_tokens": 12, **(cache or {})},
     }
 
 
-def _sse(text: str, model: str, command: str | None = None) -> bytes:
+def _sse(text: str, model: str, command: str | None = None, cache: dict[str, int] | None = None) -> bytes:
     start = {
         **_message("", model),
         "content": [],
         "stop_reason": None,
-        "usage": {"input_tokens": 10, "output_tokens": 1},
+        "usage": {"input_tokens": 10, "output_tokens": 1, **(cache or {})},
     }
     if command is not None:
         return _sse_bash(start, command)
