@@ -272,23 +272,7 @@ def test_the_gateway_unit_refreshes_holds_the_tokens_and_moves_a_walled_request(
     on a2, the request moved in flight by cl-rescue over its socket. The API is the fake one,
     in the box, on its loopback."""
     fake = tmp_path / "fake"
-    box(
-        "systemd-run", "--unit=fake-api", "/usr/bin/python3", "/opt/fakes/fake_anthropic.py",
-        "--port-file", "/srv/fake/api.port", "--log", "/srv/fake/api.jsonl",
-    )  # fmt: skip
-    wait_until((fake / "api.port").exists, "the fake API in the box to listen")
-    api = f"http://127.0.0.1:{(fake / 'api.port').read_text()}"
-    config = (
-        f'claude_bin = "/opt/fakes/claude"\ncli_writable = ["/srv/fake"]\ngateway_upstream = "{api}"\n'
-        f'oauth_token_url = "{api}/v1/oauth/token"\n[worker.env]\nFAKE_CLAUDE_LOG = "/srv/fake/fake-claude.jsonl"\n'
-    )
-    box(
-        "sh",
-        "-c",
-        "mkdir -p /etc/cl /srv/work && chown -R cl-cli:cl-cli /srv/work /srv/fake"
-        " && install -o cl-cli -g cl-cli -m 0600 /dev/null /srv/fake/fake-claude.jsonl"
-        f" && printf '%s' '{config}' > /etc/cl/config.toml",
-    )
+    api = with_gateway(box, fake, "/opt/fakes/claude", FAKE_CLAUDE_LOG="/srv/fake/fake-claude.jsonl")
     box("systemctl", "enable", "--now", "cl-gateway.service", "cl-balancer.service", "cl-rescue.service")
     assert box("systemctl", "is-active", "cl-gateway").stdout.strip() == "active"  # READY=1 once listening
     soon = int((time.time() + 60) * 1000)  # within refresh_margin: due at once
@@ -321,6 +305,61 @@ def test_the_gateway_unit_refreshes_holds_the_tokens_and_moves_a_walled_request(
     gateway = [e for e in entries(box, "-u", "cl-gateway") if isinstance(e.get("MESSAGE"), str)]
     for event, account in (("token refreshed", "a1"), ("wall from the API", "a1"), ("request moved in flight", "a2")):
         assert any(e["MESSAGE"].startswith(event) and e.get("ACCOUNT") == account for e in gateway), event
+    assert not planted.leaks(box("journalctl", "--no-pager", "-o", "json").stdout, "the journal")
+
+
+def with_gateway(box: Box, fake: Path, claude_bin: str, **env: str) -> str:
+    """Gateway mode in the box: the fake API (its own transient unit, on the box's loopback) as the
+    upstream and the token endpoint, `claude_bin` with these `[worker.env]` variables; the API's URL."""
+    box(
+        "systemd-run", "--unit=fake-api", "/usr/bin/python3", "/opt/fakes/fake_anthropic.py",
+        "--port-file", "/srv/fake/api.port", "--log", "/srv/fake/api.jsonl",
+    )  # fmt: skip
+    wait_until((fake / "api.port").exists, "the fake API in the box to listen")
+    api = f"http://127.0.0.1:{(fake / 'api.port').read_text()}"
+    config = (
+        f'claude_bin = "{claude_bin}"\ncli_writable = ["/srv/fake"]\ngateway_upstream = "{api}"\n'
+        f'oauth_token_url = "{api}/v1/oauth/token"\n[worker.env]\n'
+        + "".join(f'{name} = "{value}"\n' for name, value in env.items())
+    )
+    box(
+        "sh",
+        "-c",
+        "mkdir -p /etc/cl /srv/work && chown -R cl-cli:cl-cli /srv/work /srv/fake"
+        " && install -o cl-cli -g cl-cli -m 0600 /dev/null /srv/fake/fake-claude.jsonl"
+        f" && printf '%s' '{config}' > /etc/cl/config.toml",
+    )
+    return api
+
+
+def test_a_hostile_cli_in_its_worker_unit_reaches_no_token_through_or_around_the_gateway(
+    box: Box, tmp_path: Path, planted: Planted
+) -> None:
+    """The token hunt of tests/test_gateway.py under systemd: the hostile CLI, as cl-cli in its
+    cl-worker@ unit, searches its environment, the files it can read (its config dir, home, /tmp,
+    the roster, state, sessions and runtime dirs), every /proc environ and command line, and the
+    gateway's answers to every path it tries; then prints a wall the API never sent."""
+    look = "/opt/claude:/var/lib/cl:/var/lib/cl-sessions:/run/cl:/etc/cl"
+    with_gateway(box, tmp_path / "fake", "/opt/fakes/hostile_gateway", HOSTILE_LOOK=look)
+    box("systemctl", "enable", "--now", "cl-gateway.service", "cl-balancer.service", "cl-rescue.service")
+    for name in ("a1", "a2"):
+        drop_credential(box, tmp_path / "claude", name, oauth_credential(planted))
+    job = submit(box, "/srv/work", "attack")
+    wait_until(
+        lambda: json.loads(box("/opt/cl/bin/cl", "job", str(job), "--json").stdout)["job"]["state"] == "failed",
+        "the hostile turn to end",
+    )
+    loot = json.loads(box("cat", "/srv/work/loot.json").stdout)
+    assert loot["files"], "the hostile CLI read nothing: the test would prove nothing"
+    assert not planted.leaks(json.dumps(loot), "what the hostile CLI reached")
+    answers = {(a["method"], a["path"], a["header"], a["with"]): a["status"] for a in loot["gateway"]}
+    assert answers[("POST", "/v1/messages", "authorization", True)] == 200
+    assert answers[("POST", "/v1/oauth/token", "authorization", True)] == 404
+    assert answers[("POST", "/v1/messages", "authorization", False)] == 401
+    story = json.loads(box("/opt/cl/bin/cl", "job", str(job), "--json").stdout)
+    assert story["moves"] == []  # the wall it printed moved nothing
+    status = json.loads(box("/opt/cl/bin/cl", "status", "--json").stdout)
+    assert all(a["walled_until"] is None for a in status["accounts"])  # and walled nothing
     assert not planted.leaks(box("journalctl", "--no-pager", "-o", "json").stdout, "the journal")
 
 
