@@ -37,6 +37,7 @@ bench: dev
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/balancer.py
 	$(BIN)/python bench/rescue.py
+	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/soak.py
 	$(BIN)/python bench/crash_stress.py --trials 100
 

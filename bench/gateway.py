@@ -5,7 +5,9 @@ Side by side in one run, the same client asks a fast streaming stand-in for the 
 gateway's own cost on this machine at this moment:
 
 * added time to first byte and added total time per request, at 1 and at 200 concurrent
-  streams (goal: p99 <= 2 ms);
+  streams (goal: p99 <= 2 ms): 200 sessions streaming at once as a model streams (100 events 20
+  ms apart, their starts spread), and 200 requests started in the same instant, flat out (8 events
+  2 ms apart), where the client, the upstream and the gateway share two saturated cores;
 * a streamed chunk's delay, from the upstream's write to the client's read (goal: <= 1 ms added at p99);
 * the gateway's RSS while 500 streams are open (goal: <= 80 MB);
 * a quota 429 answered on another account (the rescuer's move in flight, then the same
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -43,6 +46,8 @@ HERE = Path(__file__).resolve().parent
 FAR = 4_102_444_800_000
 WALLED = "bench-walled-token-000000"
 TOKENS = {"a1": "bench-a1-token-0000000000", "a2": "bench-a2-token-0000000000", "w1": WALLED}
+Asked = tuple[float, float, list[float]]
+"""One request's time to first byte, total time, and each chunk's delay."""
 BODY = json.dumps({"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 
@@ -75,7 +80,7 @@ class Client:
     def __init__(self, session: aiohttp.ClientSession) -> None:
         self.session = session
 
-    async def ask(self, url: str, token: str, chunks: int = 8, gap_ms: float = 0) -> tuple[float, float, list[float]]:
+    async def ask(self, url: str, token: str, chunks: int = 8, gap_ms: float = 0) -> Asked:
         """One streamed request: time to first byte, total time, and each chunk's delay."""
         headers = {"authorization": f"Bearer {token}", "x-bench-chunks": str(chunks), "x-bench-gap-ms": str(gap_ms)}
         started = time.monotonic()
@@ -97,13 +102,10 @@ class Client:
 
 
 async def side_by_side(
-    rounds: int, concurrency: int, direct: Callable[[], Awaitable[tuple[float, float, list[float]]]],
-    through: Callable[[int], Awaitable[tuple[float, float, list[float]]]],
-) -> dict[str, dict[str, list[float]]]:  # fmt: skip
+    rounds: int, concurrency: int, direct: Callable[[], Awaitable[Asked]], through: Callable[[int], Awaitable[Asked]]
+) -> dict[str, dict[str, list[float]]]:
     """`rounds` rounds of `concurrency` requests at once, direct then through the gateway, in turn."""
-    figures: dict[str, dict[str, list[float]]] = {
-        way: {"ttfb": [], "total": [], "chunk": []} for way in ("direct", "gateway")
-    }
+    figures: dict[str, dict[str, list[float]]] = {way: {"ttfb": [], "total": [], "chunk": []} for way in WAYS}
     for _ in range(rounds):
         for way in ("direct", "gateway"):
             calls = [direct() if way == "direct" else through(i) for i in range(concurrency)]
@@ -111,6 +113,27 @@ async def side_by_side(
                 figures[way]["ttfb"].append(ttfb)
                 figures[way]["total"].append(total)
                 figures[way]["chunk"] += delays
+    return figures
+
+
+WAYS = ("direct", "gateway")
+
+
+async def sessions(client: Client, url: str, tokens: list[str], count: int, seconds: float) -> dict[str, list[float]]:
+    """`count` sessions, each asking again as soon as its stream ends, for `seconds`; their starts
+    spread over the first stream's length, so the streams are open at once without arriving at once."""
+    figures: dict[str, list[float]] = {"ttfb": [], "total": [], "chunk": []}
+    until = time.monotonic() + seconds
+
+    async def session(i: int) -> None:
+        await asyncio.sleep(i * 2.0 / count)  # a stream lasts ~2 s: the starts spread over it
+        while time.monotonic() < until:
+            ttfb, total, delays = await client.ask(url, tokens[i % len(tokens)], chunks=100, gap_ms=20)
+            figures["ttfb"].append(ttfb)
+            figures["total"].append(total)
+            figures["chunk"] += delays
+
+    await asyncio.gather(*(session(i) for i in range(count)))
     return figures
 
 
@@ -136,49 +159,90 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-async def measure(
-    held: tuple[list[str], list[str]], upstream: str, gateway: str, gateway_pid: int, quick: bool
-) -> None:
-    a1, w1 = held
+@dataclasses.dataclass
+class Bench:
+    """What every figure asks with: the client, the two ways in, the capabilities, the gateway's pid."""
+
+    client: Client
+    upstream: str
+    gateway: str
+    a1: list[str]
+    """Capabilities of running runs on a1."""
+    w1: list[str]
+    """Capabilities of running runs on w1, whose token the upstream walls."""
+    pid: int
+    quick: bool
+
+    def paced(self, gap_ms: float) -> tuple[Callable[[], Awaitable[Asked]], Callable[[int], Awaitable[Asked]]]:
+        """A request of 8 events `gap_ms` apart, directly and through the gateway."""
+
+        def direct() -> Awaitable[Asked]:
+            return self.client.ask(self.upstream, TOKENS["a1"], gap_ms=gap_ms)
+
+        def through(i: int) -> Awaitable[Asked]:
+            return self.client.ask(self.gateway, self.a1[i % len(self.a1)], gap_ms=gap_ms)
+
+        return direct, through
+
+
+async def one_at_a_time(bench: Bench) -> None:
+    one = await side_by_side(100 if bench.quick else 400, 1, *bench.paced(2))
+    report("1 stream at a time (8 chunks 2 ms apart)", one, 0.002)
+
+
+async def open_at_once(bench: Bench) -> None:
+    steady: dict[str, dict[str, list[float]]] = {way: {"ttfb": [], "total": [], "chunk": []} for way in WAYS}
+    spent = 0.0
+    for _ in range(1 if bench.quick else 3):
+        for way, url, tokens in (("direct", bench.upstream, [TOKENS["a1"]]), ("gateway", bench.gateway, bench.a1)):
+            cpu_before = cpu_seconds(bench.pid)
+            for key, values in (await sessions(bench.client, url, tokens, 200, 5.0 if bench.quick else 10.0)).items():
+                steady[way][key] += values
+            if way == "gateway":
+                spent += cpu_seconds(bench.pid) - cpu_before
+    report("200 streams open at once, as sessions stream (100 events 20 ms apart, starts spread)", steady, 0.002)
+    print(f"  gateway CPU per 1,000 requests: {spent / len(steady['gateway']['ttfb']) * 1000:.2f} s (100 events each)")
+
+
+async def flat_out(bench: Bench) -> None:
+    rounds = 5 if bench.quick else 20
+    cpu_before = cpu_seconds(bench.pid)
+    figures = await side_by_side(rounds, 200, *bench.paced(2))
+    cpu = cpu_seconds(bench.pid) - cpu_before
+    report("200 streams started in the same instant, flat out (8 events 2 ms apart: 2 cores saturated)", figures, 0.002)
+    print(f"  gateway CPU per 1,000 requests: {cpu / (rounds * 200) * 1000:.2f} s")
+
+
+async def memory(bench: Bench) -> None:
+    idle = peak = rss_mb(bench.pid)
+    streams = asyncio.gather(*(bench.client.ask(bench.gateway, bench.a1[i], chunks=20, gap_ms=100) for i in range(500)))
+    while not streams.done():
+        peak = max(peak, rss_mb(bench.pid))
+        await asyncio.sleep(0.05)
+    await streams
+    print(f"gateway RSS: {idle:.1f} MB idle, {peak:.1f} MB at most with 500 streams open (goal <= 80 MB)")
+
+
+async def moved_in_flight(bench: Bench) -> None:
+    extra = []
+    for token in bench.w1:
+        own_429 = (await bench.client.ask(bench.upstream, WALLED, chunks=1))[1]
+        own_answer = (await bench.client.ask(bench.upstream, TOKENS["a2"], chunks=1))[1]
+        moved = (await bench.client.ask(bench.gateway, token, chunks=1))[1]
+        extra.append(moved - own_429 - own_answer)
+    verdict = "met" if percentile(extra, 99) <= 0.030 else "NOT met"
+    print(f"quota 429 answered on a2, beyond the upstream's own time: {spread(extra)} (n={len(extra)}, {verdict})")
+
+
+async def measure(held: tuple[list[str], list[str]], upstream: str, gateway: str, pid: int, quick: bool) -> None:
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
-        client = Client(session)
+        bench = Bench(Client(session), upstream, gateway, *held, pid, quick)
         for i in range(20):  # warm both paths' connections
-            await client.ask(upstream, TOKENS["a1"])
-            await client.ask(gateway, a1[i % len(a1)])
-
-        def direct() -> Awaitable[tuple[float, float, list[float]]]:
-            return client.ask(upstream, TOKENS["a1"], gap_ms=2)
-
-        def through(i: int) -> Awaitable[tuple[float, float, list[float]]]:
-            return client.ask(gateway, a1[i % len(a1)], gap_ms=2)
-
-        one = await side_by_side(100 if quick else 400, 1, direct, through)
-        report("1 stream at a time (8 chunks 2 ms apart)", one, 0.002)
-        cpu_before = cpu_seconds(gateway_pid)
-        rounds = 5 if quick else 20
-        many = await side_by_side(rounds, 200, direct, through)
-        cpu = cpu_seconds(gateway_pid) - cpu_before
-        report("200 streams at once", many, 0.002)
-        print(f"\ngateway CPU per 1,000 requests: {cpu / (rounds * 200) * 1000:.2f} s (at 200 at once)")
-
-        idle = rss_mb(gateway_pid)
-        peak = idle
-        streams = asyncio.gather(*(client.ask(gateway, a1[i], chunks=20, gap_ms=100) for i in range(500)))
-        while not streams.done():
-            peak = max(peak, rss_mb(gateway_pid))
-            await asyncio.sleep(0.05)
-        await streams
-        print(f"gateway RSS: {idle:.1f} MB idle, {peak:.1f} MB at most with 500 streams open (goal <= 80 MB)")
-
-        extra = []
-        for token in w1:
-            own_429 = (await client.ask(upstream, WALLED, chunks=1))[1]
-            own_answer = (await client.ask(upstream, TOKENS["a2"], chunks=1))[1]
-            moved = (await client.ask(gateway, token, chunks=1))[1]
-            extra.append(moved - own_429 - own_answer)
-        verdict = "met" if percentile(extra, 99) <= 0.030 else "NOT met"
-        print(f"quota 429 answered on a2, beyond the upstream's own time: {spread(extra)} (n={len(extra)}, {verdict})")
+            await bench.client.ask(upstream, TOKENS["a1"])
+            await bench.client.ask(gateway, bench.a1[i % len(bench.a1)])
+        for figure in (one_at_a_time, open_at_once, flat_out, memory, moved_in_flight):
+            await figure(bench)
 
 
 def free_address() -> str:

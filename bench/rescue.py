@@ -40,7 +40,7 @@ from pathlib import Path
 from subprocess import PIPE
 from typing import Any
 
-from run import HERE, cpu_seconds, daemons, ms, spread
+from run import HERE, cpu_seconds, daemons, daemons_named, end_workers, ms, spread
 
 from cl import logs
 from cl.claude_code.stream import user_message
@@ -52,8 +52,9 @@ from cl.store import Store
 TESTS = HERE.parent / "tests"
 FAKE_API = TESTS / "fakes" / "fake_anthropic.py"
 WAITING_IDLE_SECONDS = 20
-MODES = {"live": "3600", "restart": "0"}
-"""`live_wait` per mode."""
+MODES = {"live": ("3600", False), "restart": ("0", False), "gateway": ("3600", True)}
+"""`live_wait` per mode, and whether the CLIs go through cl-gateway (with it, a wall met while
+another account has room is answered there, the session moved in flight; direct otherwise)."""
 
 
 def credential(directory: Path, name: str) -> tuple[str, float]:
@@ -126,14 +127,24 @@ class Jobs:
 
 
 @contextlib.contextmanager
-def with_real_cli(root: Path, claude: Path, live_wait: str) -> Iterator[tuple[FakeApi, Jobs]]:
+def with_real_cli(root: Path, claude: Path, mode: tuple[str, bool]) -> Iterator[tuple[FakeApi, Jobs]]:
+    live_wait, gateway = mode
     api = FakeApi(root)
     (root / "work").mkdir(parents=True, exist_ok=True)
-    env = {"CL_CLAUDE_BIN": str(claude), "ANTHROPIC_BASE_URL": api.url, "CL_LIVE_WAIT": live_wait}
+    env = {"CL_CLAUDE_BIN": str(claude), "CL_LIVE_WAIT": live_wait, "CL_RESET_JITTER": "0"}
+    if gateway:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            listen = f"127.0.0.1:{sock.getsockname()[1]}"
+        env |= {"CL_GATEWAY": "true", "CL_GATEWAY_LISTEN": listen, "CL_GATEWAY_UPSTREAM": api.url}
+    else:
+        env |= {"ANTHROPIC_BASE_URL": api.url, "CL_GATEWAY": "false"}
+    names = ("balancer", "rescue", "gateway") if gateway else ("balancer", "rescue")
     try:
-        with daemons(root, CL_RESET_JITTER="0", **env):
+        with daemons_named(root, names, env):
             yield api, Jobs(root)
     finally:
+        end_workers(root)  # the sessions still held for a live move
         api.close()
 
 
@@ -143,9 +154,9 @@ def first_under(api: FakeApi, token: str, session: str) -> float | None:
     return next((r["t"] for r in api.requests() if r["session"] == session and r["cred_tail"] == tail), None)
 
 
-def wall_to_first_request(root: Path, claude: Path, samples: int, live_wait: str) -> tuple[list[float], int]:
+def wall_to_first_request(root: Path, claude: Path, samples: int, mode: tuple[str, bool]) -> tuple[list[float], int]:
     """Per sample: a fresh account that walls at once takes a job; the rescuer moves it to `h`."""
-    with with_real_cli(root, claude, live_wait) as (api, jobs):
+    with with_real_cli(root, claude, mode) as (api, jobs):
         healthy, _ = credential(root / "claude", "h")
         jobs.submit("warm up h")  # h reports some usage: a fresh account has more room
         wait_for(lambda: set(jobs.states().values()) == {JobState.DONE}, "the warm-up job")
@@ -169,13 +180,13 @@ def _sees(root: Path, name: str) -> bool:
 
 
 def file_to_first_request(
-    root: Path, claude: Path, trials: int, live_wait: str, waiting: int = 3
+    root: Path, claude: Path, trials: int, mode: tuple[str, bool], waiting: int = 3
 ) -> tuple[dict[str, list[float]], int, float]:
     """Per trial: `waiting` sessions wall on every account there is and wait; a file lands with
     room for them all; from the landing to each one's move committed, its run claimed (by the
     held worker, or a new one) and its first request under the new account. Then that account
     walls too. Also the rescuer's CPU while sessions wait."""
-    with with_real_cli(root, claude, live_wait) as (api, jobs):
+    with with_real_cli(root, claude, mode) as (api, jobs):
         walled, _ = credential(root / "claude", "first")
         api.limit(walled, 0)
         latencies: dict[str, list[float]] = {"move": [], "claim": [], "request": []}
@@ -374,8 +385,8 @@ def main() -> None:
         if claude is None:
             print(f"real CLI figures skipped: {why}", flush=True)
         else:
-            for mode, live_wait in MODES.items():
-                latencies, live = wall_to_first_request(Path(tmp) / f"wall-{mode}", claude, samples, live_wait)
+            for mode, setting in MODES.items():
+                latencies, live = wall_to_first_request(Path(tmp) / f"wall-{mode}", claude, samples, setting)
                 print(
                     f"{mode:>7}: wall -> first request under the new account {spread(latencies)}"
                     f"  (n={len(latencies)}, {live} live; Claude Code {CLAUDE_CODE_VERSION}; goal live p99 <= 100 ms)",
@@ -388,9 +399,9 @@ def main() -> None:
                     f" credential {spread(floor)}  (n={len(floor)}; no cl: what a live move cannot beat)",
                     flush=True,
                 )
-            for mode, live_wait in MODES.items():
+            for mode, setting in MODES.items():
                 trials = max(3, samples // 3)
-                steps, live, idle = file_to_first_request(Path(tmp) / f"file-{mode}", claude, trials, live_wait)
+                steps, live, idle = file_to_first_request(Path(tmp) / f"file-{mode}", claude, trials, setting)
                 print(
                     f"{mode:>7}: file landed -> first request under it {spread(steps['request'])}"
                     f"  (n={len(steps['request'])}, 3 waiting each time, {live} live; goal live p99 <= 100 ms);"

@@ -12,6 +12,7 @@ Nothing leaves the machine: temp dirs, Unix sockets, child processes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -75,7 +76,7 @@ def env_for(root: Path, **extra: str) -> dict[str, str]:
         "CL_SESSIONS_DIR": str(root / "sessions"),
         "CL_RUNTIME_DIR": str(root / "run"),
         "CL_CLI_USER": os.environ.get("CL_CLI_USER", ""),  # as root: `cl-cli` measures the separate user
-        "CL_GATEWAY": "false",  # direct mode unless a bench says otherwise (bench/gateway.py)
+        "CL_GATEWAY": os.environ.get("CL_GATEWAY", "false"),  # CL_GATEWAY=true python bench/...: gateway mode
     }
     return env | extra
 
@@ -120,6 +121,18 @@ def daemons_named(
         for log in logs.values():
             log.close()
         notify.close()
+
+
+def end_workers(root: Path) -> None:
+    """Kill what the daemons on `root` launched and that outlives them (a worker holding its
+    session's CLI for `live_wait`), found by the state dir its environment names; its CLI goes
+    with it (PDEATHSIG)."""
+    mark = f"CL_STATE_DIR={root / 'state'}".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if mark in (entry / "environ").read_bytes().split(b"\0"):
+                    os.kill(int(entry.name), signal.SIGKILL)
 
 
 def visible(socket_path: Path, name: str) -> bool:

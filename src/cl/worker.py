@@ -20,14 +20,21 @@ so a run never executes twice. Then, in this order:
 * it writes the outcome and tells both daemons. After an answer it closes the CLI's input and
   the CLI exits.
 
-After a wall, if the CLI can take a new credential while it runs (an OAuth credential file, a
-CLI version not measured to keep its first one), the worker keeps the CLI alive, idle, for up to
-`live_wait` seconds (the run says `held_until`). A move the rescuer hands over then (SIGUSR1, the
-next run `starting` and `live`) is claimed here: the job's credential copy is re-pointed to the
-new account and the resume prompt is sent into the same process, which keeps its pid, its
-session, and what it started. If that turn walls again before any answer, the CLI kept the old
-credential: the worker restarts it with `--resume` on the same run, says so, and the version is
-recorded as one that does not swap once the restart answers.
+In gateway mode (the default) the CLI's credential is a capability for its run (`cl.capability`):
+the worker issues it when it starts the CLI and revokes it when the CLI ends; the account's
+token never reaches the job's config dir, and its walls and usage are the gateway's to record
+(a wall the CLI prints stands only if the API sent it). A move made while the CLI's request waits
+at the gateway (`move-now`) hands the worker the run to go on as (SIGUSR1); so does a follow-up.
+
+After a wall, if the CLI can go on under another account while it runs (a capability; in direct
+mode an OAuth credential file and a CLI version not measured to keep its first one), the worker
+keeps the CLI alive, idle, for up to `live_wait` seconds (the run says `held_until`). A move the
+rescuer hands over then (SIGUSR1, the next run `starting` and `live`) is claimed here: in direct
+mode the job's credential copy is re-pointed to the new account; the resume prompt is sent into
+the same process, which keeps its pid, its session, and what it started. In direct mode, if that
+turn walls again before any answer, the CLI kept the old credential: the worker restarts it with
+`--resume` on the same run, says so, and the version is recorded as one that does not swap once
+the restart answers.
 """
 
 from __future__ import annotations
