@@ -20,7 +20,12 @@ def test_the_demo_plays_to_the_end(tmp_path: Path) -> None:
     )
     assert demo.returncode == 0, demo.stdout + demo.stderr
     out = demo.stdout
-    for line in ("waiting sessions=3 reason=no-eligible-account", "account added account=a4", "session resumed"):
+    for line in (
+        "wall from the API account=",  # the walls came from the API's answers, at the gateway
+        "waiting sessions=3 reason=no-eligible-account",
+        "account added account=a4",
+        "session resumed",
+    ):
         assert line in out, line
     assert "6 of 6 jobs done" in out
     assert out.count(" -> a4") == 3  # the three walled sessions, each moved to the new account

@@ -1,9 +1,11 @@
 """`make demo`: the afternoon this project exists for, played on a local layout with a fake CLI.
 
 Three accounts, work on each, all three wall; the rescuer waits; a fourth credential file is
-dropped in; every walled session moves to it, conversation intact, and finishes. Both daemons
-run for real (their own processes, sockets, SQLite, inotify); only `claude` is a stand-in
-(`--claude`, tests/fakes/claude), so it needs no account and no network.
+dropped in; every walled session moves to it, conversation intact, and finishes. The three
+daemons run for real (their own processes, sockets, SQLite, inotify), in gateway mode: the CLIs
+hold capabilities and cl-gateway forwards their requests with the accounts' tokens. Only `claude`
+and the API are stand-ins (`--claude`, tests/fakes/claude; `--api`, tests/fakes/fake_anthropic.py
+on 127.0.0.1, each account's quota one request), so it needs no account and no network.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -26,13 +30,16 @@ from cl.store import Store
 STORY = {
     "balancer": ("account added", "job placed", "session done"),
     "rescue": ("account added", "session walled", "waiting", "session moved", "session resumed", "session done"),
+    "gateway": ("wall from the API", "request moved in flight"),
 }
 """The events worth a line on screen, per daemon; their full logs stay in <root>/*.log."""
 
 
 class Demo:
-    def __init__(self, root: Path, claude: Path) -> None:
+    def __init__(self, root: Path, claude: Path, api: Path) -> None:
         self.root = root
+        self.api = api
+        self.api_url = ""
         self.bin = Path(sys.executable).parent
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("CL_", "NOTIFY_SOCKET", "JOURNAL_STREAM"))},
@@ -41,31 +48,41 @@ class Demo:
             "CL_STATE_DIR": str(root / "state"),
             "CL_SESSIONS_DIR": str(root / "sessions"),
             "CL_CLI_USER": "",  # the fake CLI as the demo's own user: a show of rescue, not of separation
-            "CL_GATEWAY": "false",  # the fake CLI counts its quota itself: no API, so no gateway
             "CL_RUNTIME_DIR": str(root / "run"),
             "CL_CLAUDE_BIN": str(claude),
-            "FAKE_CLAUDE_QUOTA": str(root / "quota.json"),
+            "CL_GATEWAY_LISTEN": f"127.0.0.1:{_free_port()}",
             "FAKE_CLAUDE_LOG": str(root / "claude-calls.jsonl"),
             "FAKE_CLAUDE_HOLD": str(root / "hold"),
         }
         self.daemons: list[subprocess.Popen[bytes]] = []
         self.started = time.monotonic()
+        self._saying = threading.Lock()
 
     def say(self, text: str) -> None:
-        print(f"{time.monotonic() - self.started:6.2f}s  {text}", flush=True)
+        with self._saying:  # one line at a time, whichever daemon's log it comes from
+            print(f"{time.monotonic() - self.started:6.2f}s  {text}", flush=True)
 
     def setup(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
         for name in ("claude", "state", "run", "work"):
             (self.root / name).mkdir(parents=True)
         (self.root / "config.toml").write_text("")
+        port = self.root / "api.port"
+        log = self.root / "api.jsonl"
+        self.daemons.append(
+            subprocess.Popen([sys.executable, str(self.api), "--port-file", str(port), "--log", str(log)])
+        )
+        self.wait(port.exists)
+        self.api_url = f"http://127.0.0.1:{port.read_text()}"
+        self.env["CL_GATEWAY_UPSTREAM"] = self.api_url
 
     def start_daemons(self) -> None:
-        for name in ("balancer", "rescue"):
+        for name in ("gateway", "balancer", "rescue"):
             log = (self.root / f"{name}.log").open("wb")
             self.daemons.append(subprocess.Popen([str(self.bin / f"cl-{name}")], env=self.env, stderr=log))
             threading.Thread(target=self._tell, args=(name,), daemon=True).start()
         self.wait(lambda: all(self.cl("accounts", "--from", d).returncode == 0 for d in ("balancer", "rescue")))
+        self.wait((self.root / "run" / "gateway.sock").exists)
 
     def _tell(self, name: str) -> None:
         """Print the story lines of one daemon's log as they are written."""
@@ -91,13 +108,16 @@ class Demo:
     def cl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([self.bin / "cl", *args], env=self.env, capture_output=True, text=True, check=False)
 
-    def credential(self, name: str) -> str:
-        """A credential file like the real one (a made-up token); its token, for the fake's quota."""
+    def credential(self, name: str, requests: int | None = None) -> str:
+        """A credential file like the real one (a made-up token), allowed `requests` by the fake API."""
         token = f"sk-ant-oat01-demo-{uuid.uuid4().hex}"
         doc = {"claudeAiOauth": {"accessToken": token, "expiresAt": 4_102_444_800_000, "subscriptionType": "max"}}
         incoming = self.root / "claude" / f".{name}.tmp"
         incoming.write_text(json.dumps(doc))
         incoming.chmod(0o600)
+        if requests is not None:
+            limit = json.dumps({"key": token, "limit": requests}).encode()
+            urllib.request.urlopen(f"{self.api_url}/_fake/limit", limit, timeout=10).close()  # noqa: S310 - loopback
         incoming.rename(self.root / "claude" / f"credentials-{name}.json")
         return token
 
@@ -119,9 +139,9 @@ class Demo:
             time.sleep(0.05)
 
     def play(self) -> None:
-        self.say("three accounts, each with one turn left before its usage wall")
-        tokens = [self.credential(name) for name in ("a1", "a2", "a3")]
-        (self.root / "quota.json").write_text(json.dumps(dict.fromkeys(tokens, 1)))
+        self.say("three accounts, each with one request left before its usage wall")
+        for name in ("a1", "a2", "a3"):
+            self.credential(name, requests=1)
         self.start_daemons()
         self.say("six jobs submitted: two on each account")
         hold = self.root / "hold"
@@ -163,17 +183,26 @@ class Demo:
             f"\n{done} of {len(self.jobs())} jobs done in {len(calls)} turns of {len({c['pid'] for c in calls})}"
             f" CLI processes; {len(resumed)} turns resumed a session with its earlier conversation,"
             f" {live} of them in the process that walled (a live move).\n"
-            f"Full logs: {self.root}/balancer.log and rescue.log",
+            f"Full logs: {self.root}/gateway.log, balancer.log and rescue.log",
             file=out,
         )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--claude", type=Path, required=True, help="the fake CLI (tests/fakes/claude)")
+    parser.add_argument("--api", type=Path, help="the fake API (default: fake_anthropic.py beside the fake CLI)")
     parser.add_argument("--root", type=Path, default=Path("var/demo"), help="where the demo lays itself out")
     args = parser.parse_args()
-    demo = Demo(args.root.absolute(), args.claude.absolute())
+    api = args.api or args.claude.parent / "fake_anthropic.py"
+    demo = Demo(args.root.absolute(), args.claude.absolute(), api.absolute())
     demo.setup()
     try:
         demo.play()
