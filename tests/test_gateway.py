@@ -222,6 +222,7 @@ def test_a_quota_429_is_answered_on_another_account_and_the_cli_never_sees_it(
     story = cl(layout, "job", str(job)).stdout
     assert re.search(r"a1\s*->\s*a2|a1 → a2", story), story
     assert "request moved in flight" in gateway.gateway.log()
+    assert "error_type=rate_limit_error said=" in gateway.gateway.log()  # the 429's body, read
 
 
 def test_with_no_room_the_wall_goes_through_and_the_same_process_goes_on_when_a_file_lands(
@@ -426,3 +427,21 @@ def test_a_hostile_cli_reaches_no_token_and_no_other_path(
     assert walls == {}  # the wall it printed walled nothing
     assert [r.account for r in runs] == [runs[0].account]  # and moved nothing
     assert "the CLI reported a wall the API did not send" in log
+
+
+def test_a_refresh_under_way_is_written_down_when_the_gateway_stops(
+    layout: Layout, planted: Planted, tmp_path: Path
+) -> None:
+    """SIGTERM while the token endpoint answers slowly: the endpoint rotates the refresh token as
+    it answers, so the gateway writes the answer into the account's file before it exits."""
+    from utils import fake_api_running  # noqa: PLC0415 - a slow endpoint, for this test alone
+
+    with fake_api_running(tmp_path, "--token-delay", "2") as api, running(layout, api) as gateway:
+        soon = int((time.time() + 60) * 1000)
+        path = write_credential(layout.credentials, "a1", oauth_file(planted, expires_ms=soon))
+        wait_until(lambda: any(r["path"] == "/v1/oauth/token" for r in api.requests()), "the refresh to start")
+        assert gateway.gateway.stop() == 0
+        issued = api.get("/_fake/tokens")
+        planted.tokens += issued
+        assert json.loads(path.read_text())["claudeAiOauth"]["refreshToken"] in issued
+        assert "token refreshed account=a1" in gateway.gateway.log()

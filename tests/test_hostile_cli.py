@@ -29,9 +29,10 @@ from sdbox import Box, booted, drop_credential, submit, unavailable
 
 from cl import landlock
 from cl.client import DaemonUnreachable, call
-from utils import REPO, Planted, make_run, oauth_credential, wait_until, write_credential
+from utils import REPO, FakeApi, Planted, free_port, make_run, oauth_credential, wait_until, write_credential
 
 HOSTILE = REPO / "tests" / "fakes" / "hostile"
+HOSTILE_GATEWAY = REPO / "tests" / "fakes" / "hostile_gateway"
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 
 pytestmark = [
@@ -341,3 +342,40 @@ def test_the_token_it_prints_is_redacted_in_the_runs_log(attack: Attack) -> None
 def test_the_daemons_said_nothing_was_amiss(attack: Attack) -> None:
     assert "Traceback" not in attack.said, attack.said
     assert "the CLI runs as this daemon's own user" not in attack.said
+
+
+def test_under_make_run_in_gateway_mode_the_cli_reaches_no_token(var: Path, fake_api: FakeApi) -> None:
+    """`make run` as root in gateway mode (the default), with the hostile gateway CLI: no planted
+    token in its environment, any file it can read (the whole `make run` directory included), any
+    /proc environ or command line, or any answer of the gateway; its printed wall moves nothing."""
+    planted = Planted()
+    fake = install_fake(HOSTILE_GATEWAY, var / "bin")
+    work = var / "work"
+    work.mkdir()
+    look = ":".join(str(var / name) for name in ("claude", "state", "sessions", "run", ""))
+    config = (
+        f'claude_bin = "{fake}"\ngateway_listen = "127.0.0.1:{free_port()}"\n'
+        f'gateway_upstream = "{fake_api.url}"\noauth_token_url = "{fake_api.url}/v1/oauth/token"\n'
+        f'[worker.env]\nHOSTILE_LOOK = "{look}"\n'
+    )
+    run = started(var, config)
+    try:
+        wait_until((var / "run" / "gateway.sock").exists, "cl-gateway to listen")
+        cli = pwd.getpwnam("cl-cli")
+        os.chown(work, cli.pw_uid, cli.pw_gid)
+        for name in ("a1", "a2"):
+            write_credential(var / "claude", name, oauth_credential(planted))
+        job = run.submit("attack", work)
+        wait_until(lambda: run.jobs().get(job, {}).get("state") == "failed", "the hostile turn to end", timeout=60)
+        waiting = run.ask("rescue", {"request": "waiting"})
+    finally:
+        said = stop(run)
+    loot = json.loads((work / "loot.json").read_text())
+    assert loot["files"], "the hostile CLI read nothing: the test would prove nothing"
+    assert not planted.leaks(json.dumps(loot), "what the hostile CLI reached")
+    assert not planted.leaks(said, "what make run printed")
+    answers = {(a["method"], a["path"], a["header"], a["with"]): a["status"] for a in loot["gateway"]}
+    assert answers[("POST", "/v1/messages", "authorization", True)] == 200
+    assert answers[("POST", "/v1/oauth/token", "authorization", True)] == 404
+    assert waiting["sessions"] == []  # the wall it printed walled and moved nothing
+    assert "the CLI reported a wall the API did not send" in said

@@ -89,6 +89,7 @@ class Gateway:
         finally:
             for task in tasks:
                 task.cancel()
+            await self.refresher.finish()
             if self._runner is not None:
                 await self._runner.cleanup()
             if self._client is not None:

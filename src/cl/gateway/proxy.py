@@ -193,7 +193,7 @@ class Proxy:
                 self.counts.forwarded += 1
                 return await self._relay(request, upstream, run)
             refusal = await self._relay(request, upstream, None)  # an error: read whole, not sent yet
-            await self._wall(account, run, reading)
+            await self._wall(account, run, reading, refusal)
             moved = await self._moved(run, digest) if moves < MAX_MOVES else None
             if moved is None:
                 self.counts.walls_passed += 1
@@ -212,12 +212,21 @@ class Proxy:
         now = await self._run_holding(digest)
         return now if now is not None and now.id != run.id and now.account != run.account else None
 
-    async def _wall(self, account: Account, run: Run, reading: limits.Reading) -> None:
+    async def _wall(self, account: Account, run: Run, reading: limits.Reading, refusal: web.StreamResponse) -> None:
         """The API walled `account`: recorded before anyone is asked to move."""
         self.counts.walls += 1
         reset = reading.reset or time.time() + self._wall_retry
         await self._store.record_wall(account.name, "api", reset, reading.claim)
-        log.warning("wall from the API", account=account.name, job=run.job_id, run=run.id, resets=iso_utc(reset))
+        said = _api_error(refusal.body if isinstance(refusal, web.Response) else None)
+        log.warning(
+            "wall from the API",
+            account=account.name,
+            job=run.job_id,
+            run=run.id,
+            resets=iso_utc(reset),
+            claim=reading.claim,
+            **said,
+        )
 
     async def _relay(
         self, request: web.Request, upstream: aiohttp.ClientResponse, run: Run | None
@@ -229,7 +238,7 @@ class Proxy:
             if upstream.status >= 300:
                 data = await upstream.content.read(MAX_ERROR_BODY)
                 return web.Response(
-                    status=upstream.status, body=redact.scrub(data.decode(errors="replace")), headers=headers
+                    status=upstream.status, body=redact.scrub(data.decode(errors="replace")).encode(), headers=headers
                 )
             response = web.StreamResponse(status=upstream.status, headers=headers)
             await response.prepare(request)
@@ -252,6 +261,18 @@ def _to_the_cli(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     if redact.scrub(joined) != joined:
         kept = [(k, redact.scrub(v)) for k, v in kept]
     return CIMultiDict(kept)
+
+
+def _api_error(body: object) -> dict[str, str]:
+    """What an error body says, for the log: its `error.type` and `error.message` (already
+    scrubbed, cut short); nothing if it is not the API's error shape."""
+    try:
+        error = json.loads(body)["error"] if isinstance(body, bytes) else None
+    except (ValueError, KeyError, TypeError):
+        return {}
+    if not isinstance(error, dict):
+        return {}
+    return {key: str(error[name])[:200] for key, name in (("error_type", "type"), ("said", "message")) if name in error}
 
 
 def _presented(request: web.Request) -> str | None:

@@ -136,6 +136,13 @@ class Refresher:
                 soonest = min(soonest, due)
         return max(soonest, 0.01)
 
+    async def finish(self) -> None:
+        """At shutdown: let the refreshes under way land in their files. The endpoint has rotated
+        the refresh token the moment it answers; an answer nobody writes down leaves the account's
+        file with a token that is dead."""
+        if self._under_way:
+            await asyncio.wait(list(self._under_way.values()), timeout=REFRESH_TIMEOUT)
+
     async def sweep(self) -> None:
         """Refresh every account that is due, idle ones too: a token is renewed ahead of expiry
         whether or not a request comes for it."""
