@@ -82,7 +82,7 @@ def var() -> Iterator[Path]:
 
 
 def started(var: Path, config: str) -> Run:
-    """`make run` on `var` with this configuration, both daemons answering."""
+    """`make run` on `var` with this configuration, both daemons answering (stopped again if not)."""
     (var / "config.toml").write_text(config)
     process = make_run(var)
     run = Run(var, process)
@@ -94,7 +94,11 @@ def started(var: Path, config: str) -> Run:
             assert process.poll() is None, process.communicate()[0]
             return False
 
-    wait_until(answers, "both daemons to answer", timeout=120)
+    try:
+        wait_until(answers, "both daemons to answer", timeout=120)
+    except BaseException:
+        stop(run)
+        raise
     return run
 
 
@@ -354,6 +358,7 @@ def test_under_make_run_in_gateway_mode_the_cli_reaches_no_token(var: Path, fake
     work.mkdir()
     look = ":".join(str(var / name) for name in ("claude", "state", "sessions", "run", ""))
     config = (
+        'credentials_dir = "claude"\nstate_dir = "state"\nsessions_dir = "sessions"\nruntime_dir = "run"\n'
         f'claude_bin = "{fake}"\ngateway_listen = "127.0.0.1:{free_port()}"\n'
         f'gateway_upstream = "{fake_api.url}"\noauth_token_url = "{fake_api.url}/v1/oauth/token"\n'
         f'[worker.env]\nHOSTILE_LOOK = "{look}"\n'
