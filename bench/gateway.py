@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
-from run import BIN, TICKS, daemons_named, percentile, spread
+from run import BIN, cpu_seconds, daemons_named, percentile, rss_mb, spread
 
 from cl import capability
 from cl.processes import start_time
@@ -145,18 +145,6 @@ def report(title: str, figures: dict[str, dict[str, list[float]]], goal: float) 
         verdict = "met" if added <= goal else "NOT met"
         both = f"direct {spread(direct)}   gateway {spread(through)}"
         print(f"  {key:6} {both}   added at p99 {added * 1000:.2f} ms ({verdict})")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 @dataclasses.dataclass

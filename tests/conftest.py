@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from real_cli import install
 
 from utils import DaemonProcess, FakeApi, Layout, Planted, both, end_workers, fake_api_running, tokens_in_output
 
@@ -55,8 +56,21 @@ def separated() -> Iterator[Layout]:
 
 
 @pytest.fixture
-def layout(tmp_path: Path) -> Layout:
+def layout(request: pytest.FixtureRequest, tmp_path: Path) -> Layout:
+    """A layout under the test's tmp dir; as installed (`separated`) for a test marked `as_installed`
+    when the tests run as root, as CI does."""
+    if request.node.get_closest_marker("as_installed") and os.getuid() == 0:
+        return request.getfixturevalue("separated")  # type: ignore[no-any-return]
     return Layout(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def claude_bin() -> Path:
+    """The real Claude Code CLI, pinned (tests/real_cli.py), or the test is skipped with the reason."""
+    path, why = install()
+    if path is None:
+        pytest.skip(f"the real Claude Code CLI is not available: {why}")
+    return path
 
 
 @pytest.fixture

@@ -79,10 +79,18 @@ def install(box: Box) -> None:
 
 
 def with_fake_cli(box: Box, **env: str) -> None:
-    """The fake CLI as `claude_bin`, with these `[worker.env]` variables; /srv/work its user's to
-    write, /srv/fake (the fake's files: its log, a quota) too, and a log that is already there."""
+    """The fake CLI as `claude_bin` in direct mode (it counts its quota itself), with these
+    `[worker.env]` variables."""
+    configure(box, 'claude_bin = "/opt/fakes/claude"\ngateway = false\n', env)
+
+
+def configure(box: Box, settings: str, env: dict[str, str]) -> None:
+    """/etc/cl/config.toml: `settings`, /srv/fake writable by the CLI, and these `[worker.env]`
+    variables; /srv/work its user's to write, /srv/fake (the fake's files: its log, a quota) too,
+    and a log that is already there."""
     config = (
-        'claude_bin = "/opt/fakes/claude"\ncli_writable = ["/srv/fake"]\ngateway = false\n[worker.env]\n'
+        settings
+        + 'cli_writable = ["/srv/fake"]\n[worker.env]\n'
         + "".join(f'{name} = "{value}"\n' for name, value in env.items())
     )
     box(

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from real_cli import install
 
 from cl.claude_code.transcripts import transcript_path
 from utils import (
@@ -36,19 +35,7 @@ from utils import (
     write_credential,
 )
 
-
-@pytest.fixture
-def layout(request: pytest.FixtureRequest, tmp_path: Path) -> Layout:
-    """As installed: the real CLI runs as its own user (when the tests run as root, as CI does)."""
-    return request.getfixturevalue("separated") if os.getuid() == 0 else Layout(tmp_path)
-
-
-@pytest.fixture(scope="session")
-def claude_bin() -> Path:
-    path, why = install()
-    if path is None:
-        pytest.skip(f"the real Claude Code CLI is not available: {why}")
-    return path
+pytestmark = pytest.mark.as_installed  # the real CLI runs as its own user (as root, as CI runs)
 
 
 def real_cli_env(layout: Layout, claude_bin: Path, fake_api: FakeApi | None, **extra: str) -> dict[str, str]:

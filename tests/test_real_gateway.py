@@ -24,19 +24,7 @@ from cl import capability
 from cl.claude_code.environment import QUIET
 from utils import FakeApi, Layout, Planted, cl, job_state_set, job_states, status, wait_until, write_credential
 
-
-@pytest.fixture
-def layout(request: pytest.FixtureRequest, tmp_path: Path) -> Layout:
-    """As installed: the real CLI runs as its own user (when the tests run as root, as CI does)."""
-    return request.getfixturevalue("separated") if os.getuid() == 0 else Layout(tmp_path)
-
-
-@pytest.fixture(scope="session")
-def claude_bin() -> Path:
-    path, why = install()
-    if path is None:
-        pytest.skip(f"the real Claude Code CLI is not available: {why}")
-    return path
+pytestmark = pytest.mark.as_installed  # the real CLI runs as its own user (as root, as CI runs)
 
 
 @pytest.fixture

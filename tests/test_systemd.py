@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sdbox import Box, booted, drop_credential, entries, journal, submit, unavailable, with_fake_cli
+from sdbox import Box, booted, configure, drop_credential, entries, journal, submit, unavailable, with_fake_cli
 
 from cl.journal import MESSAGE_IDS
 from utils import FAR_FUTURE_MS, Planted, oauth_credential, wait_until
@@ -317,17 +317,8 @@ def with_gateway(box: Box, fake: Path, claude_bin: str, **env: str) -> str:
     )  # fmt: skip
     wait_until((fake / "api.port").exists, "the fake API in the box to listen")
     api = f"http://127.0.0.1:{(fake / 'api.port').read_text()}"
-    config = (
-        f'claude_bin = "{claude_bin}"\ncli_writable = ["/srv/fake"]\ngateway_upstream = "{api}"\n'
-        f'oauth_token_url = "{api}/v1/oauth/token"\n[worker.env]\n'
-        + "".join(f'{name} = "{value}"\n' for name, value in env.items())
-    )
-    box(
-        "sh",
-        "-c",
-        "mkdir -p /etc/cl /srv/work && chown -R cl-cli:cl-cli /srv/work /srv/fake"
-        " && install -o cl-cli -g cl-cli -m 0600 /dev/null /srv/fake/fake-claude.jsonl"
-        f" && printf '%s' '{config}' > /etc/cl/config.toml",
+    configure(
+        box, f'claude_bin = "{claude_bin}"\ngateway_upstream = "{api}"\noauth_token_url = "{api}/v1/oauth/token"\n', env
     )
     return api
 

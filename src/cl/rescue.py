@@ -176,22 +176,27 @@ class Rescuer(Service):
         run = await self.store.place(job.id, account, limit, job.session_id, live=held)
         if run is None:
             return False
-        self._moves += 1
-        self._live_moves += run.live
-        log.info(
-            "session moved",
-            session=job.session_id,
-            job=job.id,
-            run=run.id,
-            account=account,
-            live=run.live,
-            **{"from": job.account},
-        )
+        self._moved(job, run, job.account)
         if run.live and holder is not None:
             launches.append(asyncio.create_task(self.supervisor.hand_over(run, holder)))
         else:
             launches.append(asyncio.create_task(self.supervisor.launch(run)))
         return True
+
+    def _moved(self, job: Job, run: Run, source: str | None, **how: bool) -> None:
+        """A move written: counted, and said once."""
+        self._moves += 1
+        self._live_moves += run.live
+        fields = {"from": source, **how}
+        log.info(
+            "session moved",
+            session=job.session_id,
+            job=job.id,
+            run=run.id,
+            account=run.account,
+            live=run.live,
+            **fields,
+        )
 
     async def _settle_moves(self) -> None:
         """Each ended move goes in the ledger with whether its transcript grew; a done session
@@ -282,18 +287,7 @@ class Rescuer(Service):
         if not await placer.take(attempt, job.model) or not moved:
             raise RequestError("no-room", "no account has room")
         now = moved[0]
-        self._moves += 1
-        self._live_moves += 1
-        log.info(
-            "session moved",
-            session=job.session_id,
-            job=job.id,
-            run=now.id,
-            account=now.account,
-            live=True,
-            in_flight=True,
-            **{"from": run.account},
-        )
+        self._moved(job, now, run.account, in_flight=True)
         await self.supervisor.hand_over(now, run)  # its worker goes on with the new run; watched
         await self.supervisor.tell_peer(now.id)
         return {"run": now.id, "account": now.account}

@@ -170,6 +170,8 @@ class Proxy:
         while True:
             account = self._refresher.current(run.account)
             if account is None or not account.usable:
+                account = await self._refresher.looked_again(run.account)
+            if account is None or not account.usable:
                 moved = await self._moved(run, digest) if moves < MAX_MOVES else None
                 if moved is None:
                     return _error(529, "overloaded_error", "no account can serve this session now")

@@ -96,6 +96,12 @@ class Refresher:
             del self._written[name]
         return account
 
+    async def looked_again(self, name: str) -> Account | None:
+        """`name` read from its file now: the store may name an account (a move to a file that just
+        landed) before this process's watch has delivered it."""
+        await self._registry.refresh({name})
+        return self.current(name)
+
     def due(self, account: Account, now: float | None = None) -> bool:
         """An OAuth account with a refresh token whose access token expires within the margin."""
         if refresh_token(account) is None or account.expires_at is None:
