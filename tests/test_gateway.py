@@ -300,6 +300,20 @@ def test_what_the_cli_prints_walls_nothing_and_moves_nothing(
         balancer.stop()
 
 
+def test_an_answer_that_breaks_off_ends_that_turn_and_nothing_else(
+    gateway: Gateway, layout: Layout, planted: Planted
+) -> None:
+    account(layout, planted, "a1")
+    broken = submit(layout, "[[break]]")
+    wait_until(lambda: job_states(layout).get(broken) == "failed", "the broken turn to fail")
+    fine = submit(layout, "hello")
+    wait_until(lambda: job_states(layout).get(fine) == "done", "the next job to run")
+    log = gateway.gateway.log()
+    assert "the API's answer broke off" in log
+    assert "Traceback" not in log
+    assert store_of(layout).walls() == {}
+
+
 def test_worker_env_may_not_steer_the_cli_past_the_gateway(layout: Layout, fake_api: FakeApi) -> None:
     (layout.root / "config.toml").write_text(f'[worker.env]\nANTHROPIC_BASE_URL = "{fake_api.url}"\n')
     env = gateway_env(layout, fake_api, f"127.0.0.1:{free_port()}")

@@ -165,6 +165,15 @@ class Handler(BaseHTTPRequestHandler):
             return
         found = body.get("messages")
         messages: list[Any] = found if isinstance(found, list) else []
+        if messages and "[[break]]" in _text(messages[-1]):  # an answer that breaks off half way
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", "1000")
+            self.end_headers()
+            self.wfile.write(b'{"id": "msg_broken", "content": [')
+            self.wfile.flush()
+            self.close_connection = True
+            return
         if messages and "[[echo]]" in _text(messages[-1]):  # an upstream that echoes what it was sent
             echoed = {"type": "error", "error": {"type": "invalid_request_error", "message": dict(self.headers)}}
             self.send(400, json.dumps(echoed).encode(), "application/json", {"x-echo": str(dict(self.headers))})

@@ -185,9 +185,7 @@ class Proxy:
                 )
             except (aiohttp.ClientError, TimeoutError) as exc:
                 self.counts.upstream_errors += 1
-                log.warning(
-                    "upstream unreachable", account=account.name, run=run.id, error=str(exc) or type(exc).__name__
-                )
+                log.warning("upstream unreachable", account=account.name, run=run.id, error=_said(exc))
                 return _error(529, "overloaded_error", "the API cannot be reached from cl-gateway")
             reading = limits.read(upstream.headers, time.time())
             self._recorder.usage(account.name, reading)
@@ -245,14 +243,26 @@ class Proxy:
             response = web.StreamResponse(status=upstream.status, headers=headers)
             await response.prepare(request)
             head = bytearray()
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-                if len(head) < HEAD_BYTES:
-                    head += chunk[: HEAD_BYTES - len(head)]
-            await response.write_eof()
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                    if len(head) < HEAD_BYTES:
+                        head += chunk[: HEAD_BYTES - len(head)]
+                await response.write_eof()
+            except (aiohttp.ClientError, TimeoutError) as exc:  # the API's side broke off: so does the CLI's
+                self.counts.upstream_errors += 1
+                log.warning("the API's answer broke off", run=run.id if run else None, error=_said(exc))
+                response.force_close()
+            except ConnectionError:  # the CLI went away: its answer is dropped with it
+                log.info("the CLI went away during its answer", run=run.id if run else None)
+                response.force_close()
         if run is not None:
             self._recorder.cache(run.id, *limits.cache_tokens(bytes(head)))
         return response
+
+
+def _said(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
 
 
 def _to_the_cli(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
