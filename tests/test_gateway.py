@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -20,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cl.store import Store
 from utils import (
+    BIN,
     FAR_FUTURE_MS,
     DaemonProcess,
     FakeApi,
@@ -149,6 +152,17 @@ def ask(url: str, path: str, token: str | None, *, method: str = "POST", body: b
         return error.code, error.read()
 
 
+def metrics(gateway: Gateway) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """What `cl-metrics` says now (it asks the three daemons), by name and labels."""
+    out = gateway.layout.root / "metrics.prom"
+    subprocess.run([str(BIN / "cl-metrics"), "--textfile", str(out)], env=gateway.env, check=True, timeout=60)
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(out.read_text())
+        for sample in family.samples
+    }
+
+
 def message(text: str = "hello") -> bytes:
     return json.dumps(
         {"model": "claude-fake", "max_tokens": 10, "messages": [{"role": "user", "content": text}]}
@@ -223,6 +237,12 @@ def test_a_quota_429_is_answered_on_another_account_and_the_cli_never_sees_it(
     assert re.search(r"a1\s*->\s*a2|a1 → a2", story), story
     assert "request moved in flight" in gateway.gateway.log()
     assert "error_type=rate_limit_error said=" in gateway.gateway.log()  # the 429's body, read
+    seen = metrics(gateway)
+    assert seen[("cl_up", frozenset({("daemon", "gateway")}))] == 1
+    gateway_label = frozenset({("daemon", "gateway")})
+    assert seen[("cl_gateway_walls_total", gateway_label)] == 1
+    assert seen[("cl_gateway_moves_in_flight_total", gateway_label)] == 1
+    assert seen[("cl_gateway_requests_total", gateway_label)] == 1  # the answer on a2
 
 
 def test_with_no_room_the_wall_goes_through_and_the_same_process_goes_on_when_a_file_lands(
@@ -379,6 +399,9 @@ def test_a_refused_refresh_token_makes_the_account_need_a_login_until_a_new_one_
     assert "account needs login" in gateway.gateway.log()
     refused = [r for r in gateway.api.requests() if r["path"] == "/v1/oauth/token"]
     assert [r["outcome"] for r in refused] == ["invalid_grant"]  # presented once, never again
+    seen = metrics(gateway)
+    assert seen[("cl_account_state", frozenset({("account", "a1"), ("state", "needs-login")}))] == 1
+    assert seen[("cl_token_refreshes_refused_total", frozenset({("daemon", "gateway")}))] == 1
     account(layout, planted, "a1")  # a new login, far from expiry
     wait_until(lambda: job_states(layout).get(job) == "done", "the job to run once logged in")
     assert "needs-login" not in cl(layout, "accounts").stdout
