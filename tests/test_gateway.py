@@ -263,6 +263,25 @@ def test_with_no_room_the_wall_goes_through_and_the_same_process_goes_on_when_a_
     assert [r.account for r in runs_of(layout, job)] == ["a1", "a2"]
 
 
+def test_with_the_rescuer_down_the_wall_goes_through_and_the_session_moves_when_it_is_back(
+    gateway: Gateway, layout: Layout, planted: Planted
+) -> None:
+    """The move in flight is the rescuer's decision: while it is down the 429 reaches the CLI, the
+    session is held, and the rescuer moves it (live) once it is back."""
+    a1 = account(layout, planted, "a1")
+    account(layout, planted, "a2")
+    gateway.api.limit(a1, 0)
+    gateway.rescue.stop()
+    job = submit(layout, "hello")
+    wait_until(lambda: "session held for a live move" in gateway.balancer.log(), "the walled session held")
+    assert "cannot ask the rescuer to move a session" in gateway.gateway.log()
+    gateway.rescue.start()
+    wait_until(lambda: job_states(layout).get(job) == "done", "the session to go on on a2")
+    first, second = layout.claude_calls()
+    assert first["pid"] == second["pid"]
+    assert [r.account for r in runs_of(layout, job)] == ["a1", "a2"]
+
+
 def test_a_capability_works_only_while_its_run_runs_and_only_for_inference(
     gateway: Gateway, layout: Layout, planted: Planted
 ) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -209,3 +210,24 @@ def test_real_cli_runs_on_a_token_the_gateway_refreshed(gateway: Gateway, layout
     assert [r["cred_tail"] for r in gateway.api.messages()] == [access[-6:]]
     (refresh,) = [r for r in gateway.api.requests() if r["path"] == "/v1/oauth/token"]
     assert refresh["outcome"] == "ok"
+
+
+def test_real_cli_waits_out_a_gateway_restart(gateway: Gateway, layout: Layout, planted: Planted) -> None:
+    """The gateway is down when the CLI sends its request (killed; systemd restarts it within a
+    second): the CLI retries a refused connection, and its request goes through once the gateway
+    is back. Nothing was lost: the job is done in one CLI start."""
+    account(layout, planted, "a1")
+    gateway.gateway.stop(signal.SIGKILL)
+    job = json.loads(cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "hello", "--json").stdout)["job"]
+    wait_until(lambda: capability_file(layout, job).exists(), "the CLI to start without its gateway", timeout=60)
+    time.sleep(2)  # the CLI meets a closed port, as it would while systemd restarts the gateway
+    gateway.gateway.start()
+    wait_until(lambda: job_states(layout).get(job) == "done", "the session to finish", timeout=120)
+    (run,) = runs_of(layout, job)
+    assert run.log_path is not None
+    assert '"subtype":"api_retry"' in Path(run.log_path).read_text()  # it did meet the closed port
+    assert [r["walled"] for r in gateway.api.messages()] == [False]
+
+
+def capability_file(layout: Layout, job: int) -> Path:
+    return layout.sessions / f"job-{job}" / ".credentials.json"
