@@ -13,6 +13,7 @@ import errno
 import importlib.metadata
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -330,7 +331,7 @@ def cmd_job(config: Config, args: argparse.Namespace) -> int:
         print_json(story)
         return 0
     job = story["job"]
-    print(f"job {job['id']}: {job['state']}{' (' + job['error'] + ')' if job['error'] else ''}")
+    print(f"job {job['id']}: {job['state']}{' (' + shown(job['error']) + ')' if job['error'] else ''}")
     print(f"  submitted {job['created_at']} in {job['cwd']}, session {job['session_id'] or '-'}")
     print(f"  prompt: {_one_line(job['prompt'])}")
     print()
@@ -366,7 +367,7 @@ def cmd_result(config: Config, args: argparse.Namespace) -> int:
     if args.json:
         print_json(result)
     else:
-        print(result.get("result", ""))
+        print(shown(str(result.get("result", ""))))
     return 0
 
 
@@ -381,8 +382,17 @@ def cmd_wait(config: Config, args: argparse.Namespace) -> int:
 
 
 def _one_line(text: str, width: int = 100) -> str:
-    line = " ".join(text.split())
+    line = " ".join(shown(text).split())
     return line if len(line) <= width else line[: width - 1] + "…"
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def shown(text: str) -> str:
+    """Text from a job (the CLI's words, a prompt) as it may reach a terminal: every control
+    character but a line break and a tab written out (`\\x1b`), so no escape sequence acts."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 def cmd_logs(config: Config, args: argparse.Namespace) -> int:
@@ -393,12 +403,12 @@ def cmd_logs(config: Config, args: argparse.Namespace) -> int:
             print(json.dumps({"output": reply["data"], "finished": reply["finished"]}))
             return 0
         if args.raw:
-            sys.stdout.write(reply["data"])
+            sys.stdout.write(shown(reply["data"]) if sys.stdout.isatty() else reply["data"])
         else:  # whole lines only: the rest waits for the next read
             *lines, partial = (partial + reply["data"]).split("\n")
             for line in lines:
-                if (shown := readable(line)) is not None:
-                    print(shown)
+                if (text := readable(line)) is not None:
+                    print(shown(text))
         sys.stdout.flush()
         offset = reply["offset"]
         if not args.follow or (reply["finished"] and not reply["data"]):
@@ -495,7 +505,7 @@ def print_json(value: Any) -> None:
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:
     """Columns as wide as their widest cell, two spaces apart; written at once (10,000 rows)."""
-    rows = [[str(cell) for cell in row] for row in rows]
+    rows = [[" ".join(shown(str(cell)).split("\n")) for cell in row] for row in rows]
     widths = [max(map(len, column)) for column in zip(header, *rows, strict=True)]
     template = "  ".join(f"{{:<{width}}}" for width in widths)
     sys.stdout.write("".join(template.format(*row).rstrip() + "\n" for row in [header, *rows]))

@@ -74,7 +74,7 @@ class Output:
                 self._file = None
 
     def write(self, line: str) -> None:
-        data = redact.scrub(line).encode()
+        data = redact.scrub_line(line).encode()
         with self._lock:
             if self._file is None:
                 return

@@ -624,7 +624,8 @@ def _settle(
 def _record(config: Config, store: Store, run: Run, state: StreamState, code: int | None) -> tuple[Outcome, str | None]:
     """Write what a turn said (its result, usage, a wall or refused credentials); its outcome."""
     bound = log.bind(job=run.job_id, run=run.id, account=run.account, session=state.session_id)
-    outcome, error = state.outcome(code)
+    outcome, said = state.outcome(code)
+    error = redact.scrub(said) if said else said  # the CLI's words, decoded already: stored scrubbed
     if state.result is not None:
         store.record_result(run.id, redact.scrub(json.dumps(_kept(state.result))))
     if config.gateway:  # usage and walls are the gateway's to record, from the API's headers
