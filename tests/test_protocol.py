@@ -71,8 +71,10 @@ def test_socket_mode_is_0660(daemons: tuple[DaemonProcess, DaemonProcess]) -> No
         assert stat.S_IMODE(daemon.socket.stat().st_mode) == 0o660
 
 
-def ask_as(path: Path, uid: int, gid: int, groups: list[int]) -> dict[str, object]:
-    """`accounts` from a child process that dropped to these credentials before connecting."""
+def ask_as(
+    path: Path, uid: int, gid: int, groups: list[int], request: bytes = b'{"request": "accounts"}\n'
+) -> dict[str, object]:
+    """`request` from a child process that dropped to these credentials before connecting."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: no pytest machinery from here on, only os._exit
@@ -80,7 +82,7 @@ def ask_as(path: Path, uid: int, gid: int, groups: list[int]) -> dict[str, objec
             os.setgroups(groups)
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
-            os.write(write, json.dumps(exchange_raw(path, b'{"request": "accounts"}\n')[0]).encode())
+            os.write(write, json.dumps(exchange_raw(path, request)[0]).encode())
         except BaseException as exc:  # noqa: BLE001 - reported to the parent as the reply
             os.write(write, json.dumps({"ok": None, "code": "client", "error": repr(exc)}).encode())
         finally:
@@ -109,6 +111,8 @@ def test_only_root_the_daemons_user_and_its_group_may_talk(layout: Layout) -> No
         assert ask_as(path, nobody, nobody, [os.getgid()])["ok"] is True  # a member of the daemon's group
         assert ask_as(path, nobody, os.getgid(), [])["ok"] is True
         assert "client refused" in daemon.log()
+        forged = ask_as(path, nobody, os.getgid(), [], b'{"request": "run-changed", "run": 1}\n')
+        assert (forged["ok"], forged["code"]) == (False, "forbidden"), forged  # an operator: not cl's own
         assert daemon.answers()
     finally:
         daemon.stop()

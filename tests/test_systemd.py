@@ -224,12 +224,13 @@ def test_operators_see_and_act_on_their_own_jobs_and_root_and_admins_on_all(box:
     waiting = json.loads(cl("alice", "status", "--json").stdout)
     assert [job["id"] for job in waiting["jobs"]] == [alices]
 
-    for command in (["cancel", str(alices)], ["logs", str(alices)]):
-        refused = cl("bob", *command)
-        assert (refused.returncode, refused.stderr.strip()) == (
-            2,
-            f"cl: cl-balancer: job {alices} is another operator's",
-        )
+    for command in (["cancel", str(alices)], ["logs", str(alices)], ["job", str(alices)]):
+        refused = cl("bob", *command)  # as if it did not exist: bob learns no other operator's ids
+        assert (refused.returncode, refused.stderr.strip()) == (4, f"cl: cl-balancer: no job {alices}")
+    session = json.loads(cl("alice", "job", str(alices), "--json").stdout)["job"]["session_id"]
+    if session:  # a session id, or its start, is another operator's too
+        refused = cl("bob", "logs", session[:8])
+        assert (refused.returncode, refused.stderr.strip()) == (4, f"cl: cl-balancer: no session '{session[:8]}'")
     elsewhere = cl("bob", "submit", "--cwd", "/srv/alice", "--prompt", "peek")
     assert elsewhere.returncode == 2
     bob = int(box("id", "-u", "bob").stdout)

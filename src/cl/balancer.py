@@ -205,13 +205,12 @@ class Balancer(Service):
             raise RequestError("refused", f"--cwd {exc}") from None
 
     async def _own_job(self, request: Request, peer: Peer) -> Job:
-        """The job the request names, if the peer may see it."""
+        """The job the request names, if the peer may see it. Another operator's job is `not-found`,
+        as one that does not exist is: the answer tells no one which ids are taken."""
         job_id = id_field(request, "job")
         job = await self.store.get_job(job_id)
-        if job is None:
+        if job is None or not peer.owns(job.submitter, self.config.admin_group):
             raise RequestError("not-found", f"no job {job_id}")
-        if not peer.owns(job.submitter, self.config.admin_group):
-            raise RequestError("forbidden", f"job {job_id} is another operator's")
         return job
 
     async def _cancel(self, request: Request, peer: Peer) -> Reply:
@@ -377,7 +376,7 @@ class Balancer(Service):
         offset = whole_number(request, "offset", 0) or 0
         session = text_field(request, "session") if isinstance(request.get("session"), str) else None
         if session is not None:
-            job_id = await self._job_of_session(session)
+            job_id = await self._job_of_session(session, peer)
         else:
             job_id = id_field({"job": request.get("session", request.get("job"))}, "job")
         job = await self._own_job({"job": job_id}, peer)
@@ -391,7 +390,7 @@ class Balancer(Service):
             "finished": job.state in FINISHED_JOBS and runs[-1].state not in LIVE_RUNS,
         }
 
-    async def _job_of_session(self, session: str) -> int:
+    async def _job_of_session(self, session: str, peer: Peer) -> int:
         """The job of the session with this id, or with an id starting so (4 characters at least);
         digits name a job first (a session id may start with 8 digits too)."""
         if session.isdigit() and len(session) <= MAX_JOB_DIGITS:
@@ -400,7 +399,8 @@ class Balancer(Service):
                 return job_id
         if len(session) < MIN_SESSION_PREFIX:
             raise RequestError("bad-request", f"a session id, or its first {MIN_SESSION_PREFIX} characters or more")
-        found = await self.store.jobs_with_session(session)
+        mine = None if peer.sees_all(self.config.admin_group) else peer.uid  # only among the peer's own
+        found = await self.store.jobs_with_session(session, submitter=mine)
         if not found:
             raise RequestError("not-found", f"no session {session!r}")
         if len(found) > 1:

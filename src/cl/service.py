@@ -10,12 +10,13 @@ pass and requests (`cl.daemon` runs either through the same lifecycle).
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar
 
 from cl import daemon
 from cl.config import Config
-from cl.protocol import Handler, Peer, Reply, Request, id_field
+from cl.protocol import Handler, Peer, Reply, Request, RequestError, id_field
 from cl.registry import CredentialRegistry
 from cl.states import LIVE_RUNS, RunState
 from cl.store import AsyncStore, Run, Store
@@ -77,8 +78,11 @@ class Service:
         self.run_ended(run, by_worker)
         self.wake()
 
-    async def _run_changed(self, request: Request, _peer: Peer) -> Reply:
-        """A worker's run ended or first answered, or the other daemon settled a run."""
+    async def _run_changed(self, request: Request, peer: Peer) -> Reply:
+        """A worker's run ended or first answered, or the other daemon settled a run: cl's own
+        processes only (root, or the daemons' user), never an operator's."""
+        if peer.uid not in (0, os.getuid()):
+            raise RequestError("forbidden", "run-changed comes from cl's own processes only")
         run_id = id_field(request, "run")
         if request.get("event") == "answered" and (run := await self.store.get_run(run_id)) is not None:
             await self.answered(run)

@@ -969,11 +969,14 @@ class Store:
         row = self._db.execute("SELECT * FROM runs WHERE job_id = ? ORDER BY id DESC LIMIT 1", (job_id,)).fetchone()
         return Run(*row) if row else None
 
-    def jobs_with_session(self, prefix: str, limit: int = 2) -> list[int]:
-        """The jobs whose session id starts with `prefix` (as git takes a hash's start), at most `limit`."""
+    def jobs_with_session(self, prefix: str, limit: int = 2, submitter: int | None = None) -> list[int]:
+        """The jobs whose session id starts with `prefix` (as git takes a hash's start), at most
+        `limit`; with `submitter`, only that uid's."""
         pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        mine = "" if submitter is None else " AND submitter = ?"
         rows = self._db.execute(
-            "SELECT id FROM jobs WHERE session_id LIKE ? ESCAPE '\\' ORDER BY id LIMIT ?", (pattern, limit)
+            f"SELECT id FROM jobs WHERE session_id LIKE ? ESCAPE '\\'{mine} ORDER BY id LIMIT ?",
+            (pattern, *(() if submitter is None else (submitter,)), limit),
         )
         return [row[0] for row in rows]
 
