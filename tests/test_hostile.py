@@ -23,6 +23,8 @@ from utils import (
     exchange_raw,
     history,
     job_state_set,
+    job_states,
+    live_runs,
     oauth_credential,
     submit,
     wait_until,
@@ -163,3 +165,34 @@ def test_control_characters_in_everything_the_cli_prints_harm_nothing(layout: La
         assert balancer.states() == rescue.states() == {"a1": "ok"}
     for daemon in (balancer, rescue):  # what the CLI printed reaches no log raw (a terminal's escapes)
         assert not set(daemon.log()) & (set(map(chr, range(32))) - {"\n"}), daemon.name
+
+
+def test_a_gigabyte_line_without_a_newline_does_not_take_the_worker_with_it(layout: Layout, planted: Planted) -> None:
+    """A CLI prints 1 GiB with no line break, then answers. The worker keeps a bounded part of a
+    line (the rest is dropped and said in the run's log) and of what waits to be read, so its
+    memory stays small; the answer after it still counts."""
+    gate = layout.root / "gate"
+    script = layout.root / "flood"
+    result = json.dumps({"type": "result", "subtype": "success", "is_error": False, "result": "still here"})
+    script.write_text(
+        "#!/bin/sh\nread line\n"
+        'echo \'{"type":"system","subtype":"init","session_id":"3f1d2c4b-5a69-4788-9abc-def012345678"}\'\n'
+        f"head -c 1073741824 /dev/zero\necho\ntouch {gate}.flooded\nwhile [ -e {gate} ]; do sleep 0.05; done\n"
+        f"echo '{result}'\n"
+    )
+    script.chmod(0o755)
+    gate.touch()
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    with both(layout, env=layout.env(CL_CLAUDE_BIN=str(script))):
+        job = submit(layout, "flood")
+        wait_until(Path(f"{gate}.flooded").exists, "the CLI to print its gigabyte", timeout=300)
+        (run,) = live_runs(layout)
+        assert run.pid is not None
+        peak = next(
+            line for line in Path(f"/proc/{run.pid}/status").read_text().splitlines() if line.startswith("VmHWM")
+        )
+        gate.unlink()
+        wait_until(lambda: job_states(layout).get(job) == "done", "the answer after the flood to count")
+    assert int(peak.split()[1]) < 300 * 1024, peak  # kB: a few lines' worth, not the gigabyte
+    log = (layout.state / "logs" / f"job-{job}-run-{run.id}.log").read_text(errors="replace")
+    assert "[cl: a line of the CLI's output longer than" in log

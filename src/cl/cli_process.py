@@ -18,7 +18,7 @@ import queue
 import signal
 import subprocess
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -28,6 +28,11 @@ from cl.cli_user import CliUser
 
 MAX_LOG_BYTES = 64 * 2**20
 """A run's log, at most (the stream is still read to the end)."""
+MAX_LINE = 8 * 2**20
+"""A line of the CLI's output, at most; the rest of a longer one is dropped, and the log says so."""
+MAX_WAITING = 32 * 2**20
+"""Bytes of the CLI's output waiting for the worker, at most: past that the reader waits, and so
+does the CLI (its pipe fills)."""
 QUIET_INTERVAL = 2.0
 """Seconds between `on_quiet` calls while the CLI runs."""
 CANCEL_GRACE = 5.0
@@ -45,8 +50,38 @@ class Event(enum.Enum):
     """Something outside the CLI wants the worker to look at the store (a live move handed over)."""
 
 
-Events = queue.SimpleQueue[bytes | Event]
-"""A line of the CLI's output, or an `Event`. SimpleQueue: a signal handler may put into it."""
+class Events(queue.SimpleQueue[bytes | Event]):
+    """Lines of the CLI's output and `Event`s, for the worker. `put` never waits (a signal handler
+    puts a WAKE); `put_line` waits while `MAX_WAITING` bytes of output are not read yet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waiting = 0
+        self._room = threading.Condition()
+
+    def put_line(self, line: bytes) -> None:
+        with self._room:
+            self._room.wait_for(lambda: self._waiting < MAX_WAITING)
+            self._waiting += len(line)
+        self.put(line)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> bytes | Event:
+        item = super().get(block, timeout)
+        if isinstance(item, bytes):
+            with self._room:
+                self._waiting -= len(item)
+                self._room.notify_all()
+        return item
+
+
+def lines(stream: IO[bytes]) -> Iterator[bytes]:
+    """The stream's lines, each at most `MAX_LINE` bytes: of a longer one, a line that says so."""
+    while line := stream.readline(MAX_LINE):
+        if len(line) == MAX_LINE and not line.endswith(b"\n"):
+            while (rest := stream.readline(MAX_LINE)) and not rest.endswith(b"\n"):
+                pass  # the rest of it, read and dropped
+            line = f"[cl: a line of the CLI's output longer than {MAX_LINE} bytes, dropped]\n".encode()
+        yield line
 
 
 class Output:
@@ -89,7 +124,7 @@ class Output:
             self._file.flush()
 
     def copy(self, stream: IO[bytes]) -> None:
-        for raw in stream:
+        for raw in lines(stream):
             self.write(raw.decode(errors="replace"))
 
 
@@ -182,8 +217,8 @@ class CliProcess:
 
     def _read(self) -> None:
         assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self._events.put(line)
+        for line in lines(self.process.stdout):
+            self._events.put_line(line)
         self._events.put(Event.EOF)
 
     def _end_the_tree(self) -> None:

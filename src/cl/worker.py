@@ -212,7 +212,7 @@ class _Session:
     """The current run's account is an OAuth credential file (its copy is kept in step)."""
     capability: str | None = None
     """In gateway mode, the digest of the capability the CLI holds (`cl.capability`)."""
-    events: Events = dataclasses.field(default_factory=queue.SimpleQueue)
+    events: Events = dataclasses.field(default_factory=Events)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     """Set when the job was cancelled while its CLI ran."""
 
