@@ -245,6 +245,24 @@ def test_a_quota_429_is_answered_on_another_account_and_the_cli_never_sees_it(
     assert seen[("cl_gateway_requests_total", gateway_label)] == 1  # the answer on a2
 
 
+def test_a_refused_credential_benches_its_account_and_the_request_goes_on_elsewhere(
+    gateway: Gateway, layout: Layout, planted: Planted
+) -> None:
+    """The API refuses a1's token (401: revoked): a1 is benched for `wall_retry`, its file left as
+    it is, and the same request is answered on a2; the CLI sees no error."""
+    a1 = account(layout, planted, "a1")
+    a2 = account(layout, planted, "a2")
+    before = (layout.credentials / "credentials-a1.json").read_bytes()
+    gateway.api.post("/_fake/revoke", {"access": a1})
+    job = submit(layout, "hello")
+    wait_until(lambda: job_states(layout).get(job) == "done", "the job to finish on a2")
+    assert [(r["cred_tail"]) for r in gateway.api.requests() if "cred_tail" in r] == [a1[-6:], a2[-6:]]
+    wall = store_of(layout).walls()["a1"]
+    assert (wall.source, wall.kind) == ("api", "unauthorized")
+    assert (layout.credentials / "credentials-a1.json").read_bytes() == before  # no credential written from a 401
+    assert [r.account for r in runs_of(layout, job)] == ["a1", "a2"]
+
+
 def test_with_no_room_the_wall_goes_through_and_the_same_process_goes_on_when_a_file_lands(
     gateway: Gateway, layout: Layout, planted: Planted
 ) -> None:

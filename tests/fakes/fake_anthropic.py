@@ -47,6 +47,8 @@ class FakeAnthropic(ThreadingHTTPServer):
         """Access token -> when it expires (epoch s), for every token this server issued."""
         self.issued_refresh: list[str] = []
         self.cached: set[tuple[str, str]] = set()
+        self.revoked: set[str] = set()
+        """Access tokens answered with 401, as a revoked one is."""
         self.log_path = log
         self.limits = limits
         self.reset_in = reset_in
@@ -138,7 +140,8 @@ class Handler(BaseHTTPRequestHandler):
             if path == "/_fake/limit":
                 self.server.limits[body["key"]] = body["limit"]
             elif path == "/_fake/revoke":
-                self.server.used_refresh.add(body["refresh"])
+                self.server.used_refresh.add(body.get("refresh", ""))
+                self.server.revoked.add(body.get("access", ""))
         self.send(200, b"{}", "application/json")
 
     def do_POST(self) -> None:
@@ -158,7 +161,7 @@ class Handler(BaseHTTPRequestHandler):
     def messages(self, body: dict[str, Any]) -> None:
         credential = self.credential()
         expires = self.server.issued.get(credential)
-        if expires is not None and expires <= time.time():
+        if (expires is not None and expires <= time.time()) or credential in self.server.revoked:
             self.server.record({"t": time.time(), "path": self.path, "cred_tail": credential[-6:], "expired": True})
             error = {"type": "error", "error": {"type": "authentication_error", "message": "OAuth token has expired"}}
             self.send(401, json.dumps(error).encode(), "application/json")

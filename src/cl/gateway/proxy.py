@@ -7,10 +7,11 @@ at this moment (an OAuth bearer, or `x-api-key` for an API key), refreshed first
 Every response's rate-limit headers are kept as that account's usage; its prompt-cache tokens as
 the run's.
 
-A 429 whose unified status is `rejected` walls the account until the reset the API names. The
-rescuer is asked to move the session in flight (its decision, a live move in the store); if it
-does, the same request goes again on the new account and the CLI never sees the 429. If no
-account has room, the 429 goes through: the CLI's turn ends on the wall and the worker holds it.
+A 429 whose unified status is `rejected` walls the account until the reset the API names (a 401,
+its credential refused, benches it for `wall_retry`). The rescuer is asked to move the session
+in flight (its decision, a live move in the store); if it does, the same request goes again on
+the new account and the CLI never sees the 429. If no account has room, the 429 goes through:
+the CLI's turn ends on the wall and the worker holds it.
 A response streams through chunk by chunk, as it arrives; an error body is buffered (bounded)
 and scrubbed of every known secret. Bodies are never logged.
 """
@@ -189,7 +190,7 @@ class Proxy:
                 return _error(529, "overloaded_error", "the API cannot be reached from cl-gateway")
             reading = limits.read(upstream.headers, time.time())
             self._recorder.usage(account.name, reading)
-            if not (upstream.status == 429 and reading.rejected):
+            if not (upstream.status == 429 and reading.rejected) and upstream.status != 401:
                 self.counts.forwarded += 1
                 return await self._relay(request, upstream, run)
             refusal = await self._relay(request, upstream, None)  # an error: read whole, not sent yet
@@ -213,10 +214,12 @@ class Proxy:
         return now if now is not None and now.id != run.id and now.account != run.account else None
 
     async def _wall(self, account: Account, run: Run, reading: limits.Reading, refusal: web.StreamResponse) -> None:
-        """The API walled `account`: recorded before anyone is asked to move."""
+        """The API walled `account` (a usage wall; or a 401, its credential refused: benched for
+        `wall_retry`, and nothing written to its file), recorded before anyone is asked to move."""
         self.counts.walls += 1
-        reset = reading.reset or time.time() + self._wall_retry
-        await self._store.record_wall(account.name, "api", reset, reading.claim)
+        refused = refusal.status == 401
+        reset = time.time() + self._wall_retry if refused or not reading.reset else reading.reset
+        await self._store.record_wall(account.name, "api", reset, "unauthorized" if refused else reading.claim)
         said = _api_error(refusal.body if isinstance(refusal, web.Response) else None)
         log.warning(
             "wall from the API",
