@@ -27,7 +27,6 @@ class Reading:
     claim: str | None = None
     utilization: dict[str, float] = dataclasses.field(default_factory=dict)
     """`five_hour`, `seven_day`: as reported, clamped to 0..1."""
-    overage: str | None = None
 
     @property
     def rejected(self) -> bool:
@@ -49,7 +48,6 @@ def read(headers: Mapping[str, str], now: float) -> Reading:
         reset=reset,
         claim=_word(headers.get(f"{PREFIX}representative-claim")),
         utilization=utilization,
-        overage=_word(headers.get(f"{PREFIX}overage-status")),
     )
 
 

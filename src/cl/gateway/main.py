@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from typing import Any
+from collections.abc import Callable
 
 import aiohttp
 import structlog
@@ -38,10 +38,9 @@ MOVE_TIMEOUT = 10.0
 class Gateway:
     name = "gateway"
 
-    def __init__(self, config: Config, registry: CredentialRegistry, status_changed: Any) -> None:
+    def __init__(self, config: Config, registry: CredentialRegistry, _status_changed: Callable[[], None]) -> None:
         self.config = config
         self.registry = registry
-        self._status_changed = status_changed
         self.store = AsyncStore(Store(config.database, config.store_busy_timeout))
         self.lookup = Lookup(config.database)
         self._client: aiohttp.ClientSession | None = None
@@ -52,6 +51,7 @@ class Gateway:
             wall_retry=config.wall_retry,
             store=self.store,
             lookup=self.lookup,
+            registry=registry,
             refresher=self.refresher,
             recorder=self.recorder,
             move=self._move,

@@ -34,6 +34,7 @@ from cl.credentials import Account, CredentialKind
 from cl.gateway import limits
 from cl.gateway.refresher import Refresher
 from cl.moments import iso_utc
+from cl.registry import CredentialRegistry
 from cl.store import AsyncStore, Lookup, Run, StoreUnavailable
 
 log = structlog.get_logger("cl.gateway")
@@ -49,11 +50,12 @@ event of a stream, carries them (a JSON body's `usage` comes after its content: 
 MAX_MOVES = 3
 """Moves in flight one request may make before its 429 goes through."""
 OAUTH_BETA = "oauth-2025-04-20"
-HOP_BY_HOP = frozenset(
+SET_BY_THE_RELAY = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding",
      "upgrade", "host", "content-length"}
 )  # fmt: skip
-NOT_FROM_THE_CLI = HOP_BY_HOP | {
+"""Hop-by-hop headers, and those each side's HTTP layer writes itself (host, length)."""
+NOT_FROM_THE_CLI = SET_BY_THE_RELAY | {
     "authorization",
     "x-api-key",
     "cookie",
@@ -62,7 +64,7 @@ NOT_FROM_THE_CLI = HOP_BY_HOP | {
     "x-forwarded-for",
 }
 """Request headers never passed on: the CLI's capability, and what upstream must decide itself."""
-NOT_TO_THE_CLI = HOP_BY_HOP | {"set-cookie", "authorization", "x-api-key", "www-authenticate", "content-encoding"}
+NOT_TO_THE_CLI = SET_BY_THE_RELAY | {"set-cookie", "authorization", "x-api-key", "www-authenticate", "content-encoding"}
 
 Mover = Callable[[Run], Awaitable[Run | None]]
 """Ask the rescuer to move a running run's session in flight; the run it goes on as, or None."""
@@ -81,19 +83,19 @@ class Counts:
 
 
 class Recorder:
-    """Usage and cache tokens, written to the store in one transaction every `interval` (the
+    """Usage and cache tokens, written to the store every `interval`, the latest of each (the
     request path never waits on a write); walls go at once, elsewhere."""
 
     def __init__(self, store: AsyncStore, interval: float = 0.5) -> None:
         self._store = store
         self._interval = interval
-        self._usage: dict[str, dict[str, float]] = {}
-        self._used_at: dict[str, float] = {}
+        self._usage: dict[str, tuple[dict[str, float], float]] = {}
+        """Account -> its windows' utilization as last reported, and when."""
         self._cache: dict[int, tuple[int, int]] = {}
 
     def usage(self, account: str, reading: limits.Reading) -> None:
-        self._usage.setdefault(account, {}).update(reading.utilization)
-        self._used_at[account] = time.time()
+        windows = self._usage.get(account, ({}, 0.0))[0]
+        self._usage[account] = ({**windows, **reading.utilization}, time.time())
 
     def cache(self, run_id: int, read: int, created: int) -> None:
         if read or created:
@@ -106,13 +108,13 @@ class Recorder:
             await self.flush()
 
     async def flush(self) -> None:
-        usage, used_at, cache = self._usage, self._used_at, self._cache
-        if not (used_at or cache):
+        usage, cache = self._usage, self._cache
+        if not (usage or cache):
             return
-        self._usage, self._used_at, self._cache = {}, {}, {}
+        self._usage, self._cache = {}, {}
         try:
-            for account, when in used_at.items():
-                await self._store.record_usage(account, usage.get(account, {}), when)
+            for account, (windows, when) in usage.items():
+                await self._store.record_usage(account, windows, when)
             if cache:
                 await self._store.record_cache(cache)
         except StoreUnavailable as exc:
@@ -127,6 +129,7 @@ class Proxy:
         wall_retry: float,
         store: AsyncStore,
         lookup: Lookup,
+        registry: CredentialRegistry,
         refresher: Refresher,
         recorder: Recorder,
         move: Mover,
@@ -136,6 +139,7 @@ class Proxy:
         self._wall_retry = wall_retry
         self._store = store
         self._lookup = lookup
+        self._registry = registry
         self._refresher = refresher
         self._recorder = recorder
         self._move = move
@@ -169,9 +173,7 @@ class Proxy:
     async def _forward(self, request: web.Request, run: Run, digest: str, body: bytes) -> web.StreamResponse:
         moves = 0
         while True:
-            account = self._refresher.current(run.account)
-            if account is None or not account.usable:
-                account = await self._refresher.looked_again(run.account)
+            account = await self._account(run.account)
             if account is None or not account.usable:
                 moved = await self._moved(run, digest) if moves < MAX_MOVES else None
                 if moved is None:
@@ -179,7 +181,8 @@ class Proxy:
                 run, moves = moved, moves + 1
                 continue
             account = await self._refresher.fresh(account)
-            url = self._upstream + request.path_qs
+            query = f"?{request.rel_url.raw_query_string}" if request.rel_url.raw_query_string else ""
+            url = self._upstream + request.path + query  # the path checked against ALLOWED, as it was checked
             try:
                 upstream = await self._client().request(
                     request.method, url, headers=_outbound(request.headers, account), data=body
@@ -204,6 +207,14 @@ class Proxy:
                 "request moved in flight", job=run.job_id, run=moved.id, account=moved.account, **{"from": run.account}
             )
             run, moves = moved, moves + 1
+
+    async def _account(self, name: str) -> Account | None:
+        """The account the store names for a run, from the registry; read from its file again if
+        the registry lacks it (a move onto a file that just landed may reach here first)."""
+        if (account := self._registry.accounts.get(name)) is None or not account.usable:
+            await self._registry.refresh({name})
+            account = self._registry.accounts.get(name)
+        return account
 
     async def _moved(self, run: Run, digest: str) -> Run | None:
         """The run the session goes on as on another account: the rescuer's move, or the one it

@@ -75,32 +75,12 @@ class Refresher:
         self._store = store
         self._client = client
         self._under_way: dict[str, asyncio.Task[Account | None]] = {}
-        self._written: dict[str, tuple[str, Account]] = {}
-        """Account -> (the refresh token presented, the account as refreshed): what the file holds
-        until the registry has read it again."""
         self._failed_at: dict[str, float] = {}
         self._refused: dict[str, str | None] = {}
         """Account -> the fingerprint of its refresh token the endpoint refused: never presented again."""
         self.refreshes = 0
         self.failures = 0
         self.refused = 0
-
-    def current(self, name: str) -> Account | None:
-        """The account as it is now: the registry's, or what a refresh just wrote that the registry
-        has not read yet (while its file still holds the refresh token presented)."""
-        account = self._registry.accounts.get(name)
-        written = self._written.get(name)
-        if written is not None:
-            if account is not None and refresh_token(account) == written[0]:
-                return written[1]
-            del self._written[name]
-        return account
-
-    async def looked_again(self, name: str) -> Account | None:
-        """`name` read from its file now: the store may name an account (a move to a file that just
-        landed) before this process's watch has delivered it."""
-        await self._registry.refresh({name})
-        return self.current(name)
 
     def due(self, account: Account, now: float | None = None) -> bool:
         """An OAuth account with a refresh token whose access token expires within the margin."""
@@ -133,9 +113,8 @@ class Refresher:
         """Seconds until the next account's token falls due (at most `SWEEP_INTERVAL`)."""
         now = time.time() if now is None else now
         soonest = SWEEP_INTERVAL
-        for name in self._registry.accounts:
-            account = self.current(name)
-            if account is not None and refresh_token(account) is not None and account.expires_at is not None:
+        for name, account in self._registry.accounts.items():
+            if refresh_token(account) is not None and account.expires_at is not None:
                 due = account.expires_at.timestamp() - self._config.refresh_margin - now
                 if now - self._failed_at.get(name, -RETRY_AFTER_FAILURE) < RETRY_AFTER_FAILURE:
                     due = max(due, self._failed_at[name] + RETRY_AFTER_FAILURE - now)
@@ -153,7 +132,7 @@ class Refresher:
         """Refresh every account that is due, idle ones too: a token is renewed ahead of expiry
         whether or not a request comes for it."""
         for name, account in list(self._registry.accounts.items()):
-            if self.due(self.current(name) or account):
+            if self.due(account):
                 await self.refresh(name)
 
     async def lift_logins(self) -> bool:
@@ -208,17 +187,14 @@ class Refresher:
             self.failures += 1
             bound.error("refreshed token not saved", error=exc.strerror or str(exc), file=str(path))
             return None
-        if not written:
+        if written:
+            self.refreshes += 1
+            expires = parse_credential(name, content[0]).expires_at
+            bound.info("token refreshed", expires=iso_utc(expires.timestamp()) if expires else None)
+        else:
             bound.info("the account's file changed during its refresh: the new login kept")
-            await self._registry.refresh({name})
-            return self._registry.accounts.get(name)
-        self.refreshes += 1
-        refreshed = parse_credential(name, content[0])
-        self._written[name] = (presented, refreshed)
-        expires = refreshed.expires_at
-        bound.info("token refreshed", expires=iso_utc(expires.timestamp()) if expires else None)
-        await self._registry.refresh({name})
-        return refreshed
+        await self._registry.refresh({name})  # the file as it is now: the one copy of the tokens held
+        return self._registry.accounts.get(name)
 
     async def _ask(self, presented: str) -> dict[str, object]:
         """The token endpoint's answer to a refresh: the new tokens (never logged)."""
