@@ -371,6 +371,15 @@ def test_an_answer_that_breaks_off_ends_that_turn_and_nothing_else(
     assert store_of(layout).walls() == {}
 
 
+def test_the_gateway_refuses_to_run_in_direct_mode(layout: Layout, fake_api: FakeApi) -> None:
+    """With `gateway = false` the CLIs refresh their accounts' tokens themselves: a gateway
+    refreshing them too would be a second refresher, so it does not start."""
+    env = {**gateway_env(layout, fake_api, f"127.0.0.1:{free_port()}"), "CL_GATEWAY": "false"}
+    gateway = DaemonProcess("gateway", layout, env=env).start(wait=False)
+    assert gateway.exit_code() == 2
+    assert "gateway = false (direct mode)" in gateway.log()
+
+
 def test_worker_env_may_not_steer_the_cli_past_the_gateway(layout: Layout, fake_api: FakeApi) -> None:
     (layout.root / "config.toml").write_text(f'[worker.env]\nANTHROPIC_BASE_URL = "{fake_api.url}"\n')
     env = gateway_env(layout, fake_api, f"127.0.0.1:{free_port()}")

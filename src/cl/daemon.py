@@ -36,7 +36,8 @@ DRAIN_TIMEOUT = 10.0
 CLOCK_CHECK_INTERVAL = 5.0
 CLOCK_JUMP = 2.0
 """Seconds the wall clock may drift from the monotonic one between two checks before it counts as a jump."""
-_RESTART_KEYS = ("credentials_dir", "state_dir", "sessions_dir", "runtime_dir")
+_RESTART_KEYS = ("credentials_dir", "state_dir", "sessions_dir", "runtime_dir", "gateway")
+"""Kept as they were at start by a reload: a directory moved, or the mode (with the gateway, or without)."""
 
 
 class Service(Protocol):

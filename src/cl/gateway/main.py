@@ -22,7 +22,7 @@ from aiohttp import web
 
 from cl import daemon
 from cl.client import DaemonUnreachable, call, tell
-from cl.config import Config
+from cl.config import Config, ConfigError, load_config
 from cl.gateway.proxy import MAX_BODY, Proxy, Recorder
 from cl.gateway.refresher import Refresher
 from cl.protocol import Handler, Peer, Reply, Request
@@ -160,5 +160,16 @@ class Gateway:
 
 
 def main() -> None:
+    try:
+        direct = not load_config(keys={"gateway"}).gateway
+    except ConfigError:
+        direct = False  # daemon.main says what is wrong
+    if direct:  # the CLIs hold their accounts' credentials and refresh them: a second refresher races them
+        print(
+            "cl-gateway: configuration error: gateway = false (direct mode): the CLIs hold and refresh their"
+            " accounts' tokens themselves, so cl-gateway must not run; set gateway = true, or stop cl-gateway",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     # uvloop: the event loop is most of a relay's work (bench/gateway.py measures it).
     sys.exit(daemon.main("gateway", Gateway, uvloop.new_event_loop))
