@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import subprocess
 import time
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cl.store import Store
+from cl.store import Run, Store, WallRecord
 from utils import (
     BIN,
     FAR_FUTURE_MS,
@@ -33,9 +34,11 @@ from utils import (
     Planted,
     api_key_credential,
     cl,
+    fake_api_running,
     free_port,
     job_states,
     status,
+    stored,
     submit,
     wait_until,
     write_credential,
@@ -111,24 +114,16 @@ def account(layout: Layout, planted: Planted, name: str, **kwargs: Any) -> str:
     return access
 
 
-def store_of(layout: Layout) -> Store:
-    return Store(layout.state / "cl.db")
-
-
-def runs_of(layout: Layout, job: int) -> list[Any]:
-    store = store_of(layout)
-    try:
-        return store.job_runs(job)
-    finally:
-        store.close()
+def runs_of(layout: Layout, job: int) -> list[Run]:
+    return stored(layout, lambda store: store.job_runs(job))
 
 
 def ledger(layout: Layout) -> list[dict[str, Any]]:
-    store = store_of(layout)
-    try:
-        return store.ledger(10_000)
-    finally:
-        store.close()
+    return stored(layout, lambda store: store.ledger(10_000))
+
+
+def walls(layout: Layout) -> dict[str, WallRecord]:
+    return stored(layout, Store.walls)
 
 
 def capability_of(layout: Layout, job: int) -> str:
@@ -188,15 +183,9 @@ def test_the_cli_holds_a_capability_and_the_api_sees_the_accounts_token(
     assert held.startswith("cl-cap-")
     assert len(held) >= len("cl-cap-") + 43  # 256 bits, base64
     assert not planted.leaks(json.dumps(layout.claude_calls()), "the CLI's log")
-    wait_until(lambda: _usage(layout).get("a1", {}).get("five_hour") == 0.1, "the API's utilization recorded")
-
-
-def _usage(layout: Layout) -> dict[str, dict[str, float | None]]:
-    store = store_of(layout)
-    try:
-        return store.usage()
-    finally:
-        store.close()
+    wait_until(
+        lambda: stored(layout, Store.usage).get("a1", {}).get("five_hour") == 0.1, "the API's utilization recorded"
+    )
 
 
 def test_an_api_key_account_gets_its_key_and_no_oauth_beta(gateway: Gateway, layout: Layout, planted: Planted) -> None:
@@ -229,7 +218,7 @@ def test_a_quota_429_is_answered_on_another_account_and_the_cli_never_sees_it(
     assert moved.resume == call["session_id"]
     events = [(e["event"], e["account"]) for e in ledger(layout) if e["job_id"] == job]
     assert ("move started", "a2") in events
-    wall = store_of(layout).walls()["a1"]
+    wall = walls(layout)["a1"]
     assert (wall.source, wall.kind) == ("api", "five_hour")
     result = json.loads(cl(layout, "result", str(job), "--json").stdout)
     assert result["is_error"] is False  # the turn succeeded: the CLI never saw the 429
@@ -257,7 +246,7 @@ def test_a_refused_credential_benches_its_account_and_the_request_goes_on_elsewh
     job = submit(layout, "hello")
     wait_until(lambda: job_states(layout).get(job) == "done", "the job to finish on a2")
     assert [(r["cred_tail"]) for r in gateway.api.requests() if "cred_tail" in r] == [a1[-6:], a2[-6:]]
-    wall = store_of(layout).walls()["a1"]
+    wall = walls(layout)["a1"]
     assert (wall.source, wall.kind) == ("api", "unauthorized")
     assert (layout.credentials / "credentials-a1.json").read_bytes() == before  # no credential written from a 401
     assert [r.account for r in runs_of(layout, job)] == ["a1", "a2"]
@@ -349,7 +338,7 @@ def test_what_the_cli_prints_walls_nothing_and_moves_nothing(
     try:
         job = submit(layout, "lie")
         wait_until(lambda: job_states(layout).get(job) == "failed", "the lying turn to end")
-        assert store_of(layout).walls() == {}
+        assert walls(layout) == {}
         assert [r.account for r in runs_of(layout, job)] == ["a1"]  # not moved
         assert not [e for e in ledger(layout) if e["event"] in ("move started", "wall recorded")]
         assert "the CLI reported a wall the API did not send" in balancer.log()
@@ -368,7 +357,7 @@ def test_an_answer_that_breaks_off_ends_that_turn_and_nothing_else(
     log = gateway.gateway.log()
     assert "the API's answer broke off" in log
     assert "Traceback" not in log
-    assert store_of(layout).walls() == {}
+    assert walls(layout) == {}
 
 
 def test_the_gateway_refuses_to_run_in_direct_mode(layout: Layout, fake_api: FakeApi) -> None:
@@ -456,8 +445,6 @@ def test_a_refused_refresh_token_makes_the_account_need_a_login_until_a_new_one_
 def test_an_operators_new_login_written_during_a_refresh_wins(layout: Layout, planted: Planted, tmp_path: Path) -> None:
     """The token endpoint answers slowly; meanwhile the operator copies a new login in. The
     refresh's compare-and-swap finds another refresh token in the file and leaves it."""
-    from utils import fake_api_running  # noqa: PLC0415 - a slow endpoint, for this test alone
-
     with fake_api_running(tmp_path, "--token-delay", "2") as api, running(layout, api) as gateway:
         soon = int((time.time() + 60) * 1000)
         path = write_credential(layout.credentials, "a1", oauth_file(planted, expires_ms=soon))
@@ -479,8 +466,6 @@ def test_a_hostile_cli_reaches_no_token_and_no_other_path(
     environment, every file it can read, every process's /proc environ and command line, the
     gateway's answers to many paths (with its capability and without), an upstream that echoes
     its request's headers; then prints a wall the API never sent."""
-    import os  # noqa: PLC0415
-
     layout = request.getfixturevalue("separated") if os.getuid() == 0 else Layout(tmp_path / "plain")
     account(layout, planted, "a1")
     account(layout, planted, "a2")
@@ -489,7 +474,7 @@ def test_a_hostile_cli_reaches_no_token_and_no_other_path(
     with running(layout, fake_api, CL_CLAUDE_BIN=str(HOSTILE), HOSTILE_LOOK=look) as gateway:
         job = submit(layout, "attack")
         wait_until(lambda: job_states(layout).get(job) == "failed", "the hostile turn to end", timeout=60)
-        walls = store_of(layout).walls()
+        standing = walls(layout)
         runs = runs_of(layout, job)
         log = gateway.logs()
     loot = json.loads((layout.work / "loot.json").read_text())
@@ -507,7 +492,7 @@ def test_a_hostile_cli_reaches_no_token_and_no_other_path(
     assert answers[("POST", "/v1/messages?beta=true", "authorization", True)] == 400  # the echo, scrubbed
     upstream = {r["path"].split("?")[0] for r in fake_api.requests()}
     assert upstream <= {"/v1/messages", "/v1/messages/count_tokens"}
-    assert walls == {}  # the wall it printed walled nothing
+    assert standing == {}  # the wall it printed walled nothing
     assert [r.account for r in runs] == [runs[0].account]  # and moved nothing
     assert "the CLI reported a wall the API did not send" in log
 
@@ -517,8 +502,6 @@ def test_a_refresh_under_way_is_written_down_when_the_gateway_stops(
 ) -> None:
     """SIGTERM while the token endpoint answers slowly: the endpoint rotates the refresh token as
     it answers, so the gateway writes the answer into the account's file before it exits."""
-    from utils import fake_api_running  # noqa: PLC0415 - a slow endpoint, for this test alone
-
     with fake_api_running(tmp_path, "--token-delay", "2") as api, running(layout, api) as gateway:
         soon = int((time.time() + 60) * 1000)
         path = write_credential(layout.credentials, "a1", oauth_file(planted, expires_ms=soon))

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from cl.client import DaemonUnreachable, call
 from cl.store import Run, Store
@@ -423,6 +423,18 @@ def json_lines(path: Path) -> list[dict[str, Any]]:
     except FileNotFoundError:
         return []
     return [json.loads(line) for line in text.split("\n")[:-1]]
+
+
+T = TypeVar("T")
+
+
+def stored(layout: Layout, read: Callable[[Store], T]) -> T:
+    """`read(store)` on the layout's state store, opened for it and closed after."""
+    store = Store(layout.state / "cl.db")
+    try:
+        return read(store)
+    finally:
+        store.close()
 
 
 def live_runs(layout: Layout) -> list[Run]:
