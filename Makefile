@@ -41,15 +41,18 @@ bench: dev
 	$(BIN)/python bench/soak.py
 	$(BIN)/python bench/crash_stress.py --trials 100
 
-# Both daemons in the foreground on ./var, or VAR=dir (no systemd); Ctrl-C stops both. As root, the CLI
-# gets its own user (cl-cli, made by systemd-sysusers as the units' install does); as anyone else, the
-# daemons say at start what cannot hold.
+# The daemons in the foreground on ./var, or VAR=dir (no systemd); Ctrl-C stops them. As root, each job's
+# CLI gets a user of its own (cl-cli-N, made by systemd-sysusers as the units' install does) and a view
+# of its own (bubblewrap); as anyone else that cannot be, and a new config.toml says confinement = "none".
 VAR ?= var
 run: dev
 	@mkdir -p $(VAR)/claude $(VAR)/state $(VAR)/run
 	@chmod 0700 $(VAR)/claude $(VAR)/state
 	@if [ "$$(id -u)" = 0 ]; then systemd-sysusers $(CURDIR)/packaging/systemd/sysusers.d/cl.conf; fi
 	@test -f $(VAR)/config.toml || printf 'credentials_dir = "claude"\nstate_dir = "state"\nsessions_dir = "sessions"\nruntime_dir = "run"\n' > $(VAR)/config.toml
+	@if [ "$$(id -u)" != 0 ] && ! grep -q '^confinement' $(VAR)/config.toml; then \
+		echo 'confinement = "none"  # not root: no user of its own per job, no sandbox (make run as root has both)' >> $(VAR)/config.toml; \
+		echo "not root: the CLI runs unconfined (confinement = \"none\" in $(VAR)/config.toml)"; fi
 	@echo "credentials: $(VAR)/claude   try: CL_CONFIG=$(VAR)/config.toml $(BIN)/cl accounts"
 	@CL_CONFIG=$(VAR)/config.toml $(BIN)/python -m cl.devrun
 

@@ -40,15 +40,15 @@ def no_token_anywhere_after_the_suite(tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture
 def separated() -> Iterator[Layout]:
-    """A layout where the CLI runs as its own user (cl-cli), laid out as `make run` as root lays it
-    out, outside pytest's 0700 tmp dir; searched for planted tokens before it goes."""
+    """A layout where each job's CLI runs as a user of the pool in its own view, laid out as `make
+    run` as root lays it out, outside pytest's 0700 tmp dir; searched for planted tokens before it goes."""
     if os.getuid() != 0:
         pytest.skip("the CLI gets a user of its own only when cl runs as root")
     sysusers = Path(__file__).resolve().parents[1] / "packaging" / "systemd" / "sysusers.d" / "cl.conf"
     subprocess.run(["systemd-sysusers", str(sysusers)], check=True, capture_output=True)
     root = Path(tempfile.mkdtemp(prefix="cl-separated-", dir="/var/tmp"))
     try:
-        yield Layout(root, cli_user="cl-cli")
+        yield Layout(root, sandboxed=True)
         hits = tokens_in_output(root)
         assert not hits, "secrets leaked: " + "; ".join(hits[:20])
     finally:

@@ -86,8 +86,8 @@ def with_fake_cli(box: Box, **env: str) -> None:
 
 def configure(box: Box, settings: str, env: dict[str, str]) -> None:
     """/etc/cl/config.toml: `settings`, /srv/fake writable by the CLI, and these `[worker.env]`
-    variables; /srv/work its user's to write, /srv/fake (the fake's files: its log, a quota) too,
-    and a log that is already there."""
+    variables; /srv/work writable by the CLI's users (group cl-cli), /srv/fake (the fake's files:
+    its log, a quota) too, and a log that is already there, which every one of them appends to."""
     config = (
         settings
         + 'cli_writable = ["/srv/fake"]\n[worker.env]\n'
@@ -96,8 +96,8 @@ def configure(box: Box, settings: str, env: dict[str, str]) -> None:
     box(
         "sh",
         "-c",
-        "mkdir -p /etc/cl /srv/work && chown -R cl-cli:cl-cli /srv/work /srv/fake"
-        " && install -o cl-cli -g cl-cli -m 0600 /dev/null /srv/fake/fake-claude.jsonl"
+        "mkdir -p /etc/cl /srv/work && chgrp cl-cli /srv/work /srv/fake && chmod 2770 /srv/work /srv/fake"
+        " && install -g cl-cli -m 0666 /dev/null /srv/fake/fake-claude.jsonl"
         f" && printf '%s' '{config}' > /etc/cl/config.toml",
     )
 

@@ -1,9 +1,10 @@
 """A hostile CLI tries every way out of its session, under `make run` as root and under systemd (the
-installed units in a throwaway systemd 252, each session in its `cl-worker@` unit): either way the
-CLI runs as its own user (cl-cli). Every attempt is refused, and the refusal itself is asserted.
+installed units in a throwaway systemd 252, each session in its `cl-worker@` unit): either way each
+job's CLI runs as a user of the pool (cl-cli-N), in a view of its own. Every attempt is refused,
+and the refusal itself is asserted.
 
 The CLI is `tests/fakes/hostile`, chosen per job by its prompt: one job is the victim (it waits),
-the other attacks the sockets, the daemons, its own worker, the victim's CLI, the store, the
+the other attacks the sockets, the daemons, the victim's worker and CLI, the store, the
 credentials, the victim's session files and the run logs, plants links where the worker works,
 prints the token it holds, and ends on a wall, so that the next worker (moved to another account)
 has to deal with what it planted.
@@ -11,6 +12,8 @@ has to deal with what it planted.
 
 from __future__ import annotations
 
+import contextlib
+import grp
 import json
 import os
 import pwd
@@ -27,9 +30,8 @@ from typing import Any
 import pytest
 from sdbox import Box, booted, drop_credential, submit, unavailable
 
-from cl import landlock
 from cl.client import DaemonUnreachable, call
-from utils import REPO, FakeApi, Planted, free_port, make_run, oauth_credential, wait_until, write_credential
+from utils import POOL, REPO, FakeApi, Planted, free_port, make_run, oauth_credential, wait_until, write_credential
 
 HOSTILE = REPO / "tests" / "fakes" / "hostile"
 HOSTILE_GATEWAY = REPO / "tests" / "fakes" / "hostile_gateway"
@@ -37,7 +39,6 @@ SYSTEM_PYTHON = Path("/usr/bin/python3")
 
 pytestmark = [
     pytest.mark.skipif(os.getuid() != 0, reason="the CLI gets its own user only when cl runs as root"),
-    pytest.mark.skipif(landlock.abi() < landlock.SIGNAL_SCOPE_ABI, reason="needs Landlock with signal scoping"),
     pytest.mark.skipif(not SYSTEM_PYTHON.exists(), reason="the fake CLI needs a python3 that cl-cli can run"),
 ]
 
@@ -116,7 +117,10 @@ class Attack:
     resumed: dict[str, Any]
     targets: dict[str, Any]
     daemons: list[int]
-    cli_uid: int
+    victim: list[int]
+    """The victim's worker and CLI (host pids)."""
+    pool: set[int]
+    """The uids of the CLI's users."""
     accounts_before: dict[Path, bytes]
     planted: Planted
     logs: dict[str, str]
@@ -125,17 +129,9 @@ class Attack:
     """The state store's `PRAGMA integrity_check` afterwards."""
     said: str
     """What the daemons said (their output, or their journal)."""
-    hidden_proc: str
-    """How another process's /proc entry refuses the CLI: EACCES, or ENOENT where even its existence is
-    hidden (ProtectProc=invisible in the worker unit)."""
-
-    @property
-    def worker(self) -> str:
-        return str(self.report["worker"])
-
-    @property
-    def victim(self) -> str:
-        return str(self.report["victim"])
+    ptrace_refused: str
+    """ESRCH (no such process in its namespace); EPERM where the worker unit's seccomp filter
+    refuses ptrace itself."""
 
 
 VICTIM, ATTACK = "victim", "--dangerously-skip-permissions, then attack"
@@ -186,8 +182,8 @@ def _attack_under_make_run(var: Path, planted: Planted) -> Attack:
     targets = targets_in(credentials, state, var / "sessions", sockets)
     config = (
         'credentials_dir = "claude"\nstate_dir = "state"\nsessions_dir = "sessions"\nruntime_dir = "run"\n'
-        f'claude_bin = "{fakes}"\nplacement = "fill-first"\ngateway = false\n'
-        f'[worker.env]\nHOSTILE_TARGETS_FILE = "{var / "targets.json"}"\n'
+        f'claude_bin = "{fakes}"\ncli_readable = ["{fakes.parent}"]\nplacement = "fill-first"\ngateway = false\n'
+        f'[worker.env]\nHOSTILE_TARGETS_FILE = "{fakes.parent / "targets.json"}"\n'
     )
     run = started(var, config)
     try:
@@ -199,14 +195,13 @@ def _attack_under_make_run(var: Path, planted: Planted) -> Attack:
         )
         daemons = [int(pid) for pid in found.stdout.split()]
         assert len(daemons) == 2, found
-        targets["signal"] = targets["ptrace"] = daemons  # known once they run: the fake reads the file then
-        (var / "targets.json").write_text(json.dumps(targets))
-        cli = pwd.getpwnam("cl-cli")  # made by `make run` as root
-        os.chown(work, cli.pw_uid, cli.pw_gid)
+        operators_dir(work)
         accounts = [write_credential(credentials, name, oauth_credential(planted)) for name in ("a1", "a2")]
         before = {path: path.read_bytes() for path in accounts}
         victim = run.submit(VICTIM, work)  # fill-first: both jobs start on a1
         wait_until((work / "victim.pid").exists, "the victim to run")
+        pids = [worker_of_job_1(state), *processes_running(str(fakes))]
+        aim(targets, daemons, pids, fakes.parent / "targets.json")  # known once they run: the fake reads the file then
         attacker = run.submit(ATTACK, work)
         wait_until((work / "resumed.json").exists, "the attacker to wall on a1 and resume on a2")
         (work / "release").touch()
@@ -219,33 +214,62 @@ def _attack_under_make_run(var: Path, planted: Planted) -> Attack:
         resumed=json.loads((work / "resumed.json").read_text()),
         targets=targets,
         daemons=daemons,
-        cli_uid=cli.pw_uid,
+        victim=pids,
+        pool=pool_uids(),
         accounts_before=before,
         planted=planted,
         logs={log.name: log.read_text() for log in (state / "logs").iterdir()},
         integrity=sqlite3.connect(state / "cl.db").execute("PRAGMA integrity_check").fetchone()[0],
         said=out,
-        hidden_proc="EACCES",
+        ptrace_refused="ESRCH",
     )
+
+
+def operators_dir(work: Path) -> None:
+    """A job's directory as an operator makes it: writable by the CLI's users' group."""
+    os.chown(work, -1, grp.getgrnam(POOL).gr_gid)
+    work.chmod(0o2770)
+
+
+def pool_uids() -> set[int]:
+    return {entry.pw_uid for entry in pwd.getpwall() if entry.pw_name.startswith(f"{POOL}-")}
+
+
+def worker_of_job_1(state: Path) -> int:
+    with contextlib.closing(sqlite3.connect(state / "cl.db")) as db:
+        return int(db.execute("SELECT pid FROM runs WHERE job_id = 1").fetchone()[0])
+
+
+def processes_running(script: str) -> list[int]:
+    """The pids of the interpreters running `script` (the victim's CLI: only it runs yet)."""
+    found = subprocess.run(["pgrep", "-f", f"python3 {script} "], capture_output=True, text=True, check=False)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def aim(targets: dict[str, Any], daemons: list[int], victim: list[int], path: Path) -> None:
+    """The victim's worker and CLI, and the daemons, as the attack's targets (`path`, for the fake)."""
+    assert len(victim) == 2, victim
+    targets["signal"] = targets["ptrace"] = [*daemons, *victim]
+    targets["environ"] = victim
+    path.write_text(json.dumps(targets))
 
 
 def _attack_under_systemd(box: Box, tmp: Path, planted: Planted) -> Attack:
     sockets = [Path("/run/cl") / f"{name}.sock" for name in ("balancer", "rescue", "worker")]
     targets = targets_in(Path("/opt/claude"), Path("/var/lib/cl"), Path("/var/lib/cl-sessions"), sockets)
     config = (
-        'claude_bin = "/opt/fakes/hostile"\nplacement = "fill-first"\ngateway = false\n'
+        'claude_bin = "/opt/fakes/hostile"\ncli_readable = ["/srv/fake"]\nplacement = "fill-first"\ngateway = false\n'
         '[worker.env]\nHOSTILE_TARGETS_FILE = "/srv/fake/targets.json"\n'
     )
     box(
         "sh",
         "-c",
-        f"mkdir -p /etc/cl /srv/work && chown cl-cli:cl-cli /srv/work && printf '%s' '{config}' > /etc/cl/config.toml",
+        "mkdir -p /etc/cl /srv/work && chgrp cl-cli /srv/work && chmod 2770 /srv/work"
+        f" && printf '%s' '{config}' > /etc/cl/config.toml",
     )
     box("systemctl", "enable", "--now", "cl-balancer.service", "cl-rescue.service")
     units = ("cl-balancer", "cl-rescue")
     daemons = [int(box("systemctl", "show", "-p", "MainPID", "--value", unit).stdout) for unit in units]
-    targets["signal"] = targets["ptrace"] = daemons
-    (tmp / "fake" / "targets.json").write_text(json.dumps(targets))
     for name in ("a1", "a2"):
         drop_credential(box, tmp / "claude", name, oauth_credential(planted))
     before = {path: path.read_bytes() for path in sorted((tmp / "claude").glob("credentials-*.json"))}
@@ -261,6 +285,10 @@ def _attack_under_systemd(box: Box, tmp: Path, planted: Planted) -> Attack:
 
     submit(box, "/srv/work", VICTIM)
     wait_until(lambda: exists("/srv/work/victim.pid"), "the victim to run")
+    store = "import sqlite3; print(sqlite3.connect('/var/lib/cl/cl.db').execute('SELECT pid FROM runs').fetchone()[0])"
+    cli = box("pgrep", "-f", "python3 /opt/fakes/hostile ").stdout.split()
+    pids = [int(box(str(SYSTEM_PYTHON), "-c", store).stdout), *map(int, cli)]
+    aim(targets, daemons, pids, tmp / "fake" / "targets.json")
     submit(box, "/srv/work", ATTACK)
     wait_until(lambda: exists("/srv/work/resumed.json"), "the attacker to wall on a1 and resume on a2")
     box("touch", "/srv/work/release")
@@ -278,18 +306,19 @@ def _attack_under_systemd(box: Box, tmp: Path, planted: Planted) -> Attack:
         resumed=json.loads(box("cat", "/srv/work/resumed.json").stdout),
         targets=targets,
         daemons=daemons,
-        cli_uid=int(box("id", "-u", "cl-cli").stdout),
+        victim=pids,
+        pool={int(box("id", "-u", f"{POOL}-{n}").stdout) for n in range(1, 17)},
         accounts_before=before,
         planted=planted,
         logs=logs,
         integrity=integrity,
         said=box("journalctl", "-u", "cl-balancer", "-u", "cl-rescue", "--no-pager").stdout,
-        hidden_proc="ENOENT",
+        ptrace_refused="EPERM",
     )
 
 
-def test_the_cli_runs_as_its_own_user_without_capabilities(attack: Attack) -> None:
-    assert attack.report["me"]["uid"] == attack.cli_uid
+def test_the_cli_runs_as_a_user_of_the_pool_without_capabilities(attack: Attack) -> None:
+    assert attack.report["me"]["uid"] in attack.pool
     assert set(attack.report["me"]["capabilities"].values()) == {0}
     assert attack.report["became_root"] is False
 
@@ -299,35 +328,41 @@ def test_the_prompt_is_never_an_argument_nor_an_option(attack: Attack) -> None:
     assert attack.report["me"]["prompt_in_argv"] is False
 
 
-def test_the_control_sockets_refuse_it(attack: Attack) -> None:
+def test_the_control_sockets_do_not_exist_for_it(attack: Attack) -> None:
     refusals = {path: outcome["error"] for path, outcome in attack.report["connect"].items()}
-    assert refusals == dict.fromkeys(attack.targets["connect"], "EACCES")
+    assert refusals == dict.fromkeys(attack.targets["connect"], "ENOENT")
 
 
-def test_it_cannot_signal_or_trace_the_daemons_its_worker_or_another_jobs_cli(attack: Attack) -> None:
-    refused = {"ok": False, "error": "EPERM"}
-    pids = [*map(str, attack.daemons), attack.worker, attack.victim]
-    assert {pid: attack.report["signal"][pid] for pid in pids} == dict.fromkeys(pids, refused)
-    assert {pid: attack.report["ptrace"][pid] for pid in pids} == dict.fromkeys(pids, refused)
-    hidden = {"ok": False, "error": attack.hidden_proc}
-    assert attack.report["environ"] == {attack.worker: hidden, attack.victim: hidden}
+def test_it_cannot_signal_trace_or_read_the_daemons_nor_another_jobs_worker_or_cli(attack: Attack) -> None:
+    """None of them is in its PID namespace (ESRCH); that each job's CLI has a uid of its own is
+    shown without the namespace in test_sandbox.py."""
+    pids = [str(pid) for pid in [*attack.daemons, *attack.victim]]
+    assert {pid: attack.report["signal"][pid]["error"] for pid in pids} == dict.fromkeys(pids, "ESRCH")
+    assert {pid: attack.report["ptrace"][pid]["error"] for pid in pids} == dict.fromkeys(pids, attack.ptrace_refused)
+    victim = [str(pid) for pid in attack.victim]
+    assert attack.report["environ"] == {pid: {"ok": False, "error": "ENOENT"} for pid in victim}
 
 
 def test_it_reads_and_writes_nothing_of_cls_nor_other_accounts_nor_another_job(attack: Attack) -> None:
+    """cl's places are empty in its view, read-only and not listable; another job's config dir is not there."""
+    credentials, account_1, account_2, store, logs, config_dir, credential_copy = attack.targets["read"]
     reads = {path: outcome["error"] for path, outcome in attack.report["read"].items()}
-    assert reads == dict.fromkeys(attack.targets["read"], "EACCES")
+    assert reads == {
+        credentials: "EACCES",  # not listable
+        account_1: "ENOENT",
+        account_2: "ENOENT",
+        store: "ENOENT",
+        logs: "ENOENT",
+        config_dir: "ENOENT",
+        credential_copy: "ENOENT",
+    }
+    store, account_2, other_job = attack.targets["write"]
     writes = {path: outcome["error"] for path, outcome in attack.report["write"].items()}
-    assert writes == dict.fromkeys(attack.targets["write"], "EACCES")
+    assert writes == {store: "EROFS", account_2: "EROFS", other_job: "ENOENT"}
 
 
 def test_what_it_plants_steers_no_privileged_write(attack: Attack) -> None:
-    worker = attack.worker
-    assert attack.report["planted"] == [
-        ".credentials.json",
-        ".session.lock",
-        f".account.{worker}",
-        f".credentials.json.{worker}",
-    ]
+    assert attack.report["planted"] == [".credentials.json", ".session.lock", ".account.1", ".credentials.json.1"]
     assert {path: path.read_bytes() for path in attack.accounts_before} == attack.accounts_before
     assert attack.integrity == "ok"
     # The resumed run holds a2's credential in a file of its own, not through the planted link.
@@ -345,7 +380,7 @@ def test_the_token_it_prints_is_redacted_in_the_runs_log(attack: Attack) -> None
 
 def test_the_daemons_said_nothing_was_amiss(attack: Attack) -> None:
     assert "Traceback" not in attack.said, attack.said
-    assert "the CLI runs as this daemon's own user" not in attack.said
+    assert "confine" not in attack.said
 
 
 def test_under_make_run_in_gateway_mode_the_cli_reaches_no_token(var: Path, fake_api: FakeApi) -> None:
@@ -359,15 +394,14 @@ def test_under_make_run_in_gateway_mode_the_cli_reaches_no_token(var: Path, fake
     look = ":".join(str(var / name) for name in ("claude", "state", "sessions", "run", ""))
     config = (
         'credentials_dir = "claude"\nstate_dir = "state"\nsessions_dir = "sessions"\nruntime_dir = "run"\n'
-        f'claude_bin = "{fake}"\ngateway_listen = "127.0.0.1:{free_port()}"\n'
+        f'claude_bin = "{fake}"\ncli_readable = ["{fake.parent}"]\ngateway_listen = "127.0.0.1:{free_port()}"\n'
         f'gateway_upstream = "{fake_api.url}"\noauth_token_url = "{fake_api.url}/v1/oauth/token"\n'
         f'[worker.env]\nHOSTILE_LOOK = "{look}"\n'
     )
     run = started(var, config)
     try:
         wait_until((var / "run" / "gateway.sock").exists, "cl-gateway to listen")
-        cli = pwd.getpwnam("cl-cli")
-        os.chown(work, cli.pw_uid, cli.pw_gid)
+        operators_dir(work)
         for name in ("a1", "a2"):
             write_credential(var / "claude", name, oauth_credential(planted))
         job = run.submit("attack", work)

@@ -20,6 +20,7 @@ import pytest
 
 from cl.claude_code.transcripts import transcript_path
 from utils import (
+    POOL,
     DaemonProcess,
     FakeApi,
     Layout,
@@ -109,10 +110,15 @@ def test_real_cli_sessions_move_to_a_dropped_in_account_with_their_conversation(
     for prompt in prompts:  # each conversation went out again, under the new account's token
         assert sum(any(prompt in m for m in r["messages"]) for r in on_a4) == 1, prompt
     assert {job["account"] for job in jobs} == {"a4"}
-    cli_uid = pwd.getpwnam(layout.cli_user).pw_uid if layout.cli_user else os.getuid()
-    for job in jobs:  # written by the CLI as its own user
-        session_dir = layout.sessions / f"job-{job['id']}"
-        assert transcript_path(session_dir, str(layout.work), job["session_id"]).stat().st_uid == cli_uid
+    owners = {  # written by each job's CLI as its own user
+        transcript_path(layout.sessions / f"job-{job['id']}", str(layout.work), job["session_id"]).stat().st_uid
+        for job in jobs
+    }
+    if layout.sandboxed:
+        assert len(owners) == 3, owners
+        assert {pwd.getpwuid(uid).pw_name.rpartition("-")[0] for uid in owners} == {POOL}
+    else:
+        assert owners == {os.getuid()}
 
 
 def cli_of(layout: Layout, job: int) -> int | None:
@@ -262,7 +268,7 @@ def test_the_real_cli_refreshes_an_expired_token_and_the_account_keeps_it(
     account_file = write_credential(
         layout.credentials, "a1", oauth_credential(planted, token=old, expires_at_ms=an_hour_ago)
     )
-    env = real_cli_env(layout, claude_bin, None, NODE_EXTRA_CA_CERTS=str(net / "ca.pem"))
+    env = real_cli_env(layout, claude_bin, None, NODE_EXTRA_CA_CERTS=str(net / "ca.pem"), CL_CLI_READABLE=str(net))
     wrap = ["unshare", "--mount", "--net", "--", str(FAKES / "in_private_network"), str(net)]
     balancer = DaemonProcess("balancer", layout, env=env, wrap=wrap).start()
     try:

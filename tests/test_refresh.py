@@ -140,7 +140,7 @@ def test_carry_back_never_shortens_the_file_and_loses_nothing_it_cannot_write(tm
     longer = {**json.loads(oauth_credential(planted)), "mcpOAuth": {"server": "x" * 200}}  # longer than the refresh
     account_file = write_credential(credentials, "a1", json.dumps(longer))
     size = account_file.stat().st_size
-    credential = JobCredential(config_dir, CliUser.resolve(""), tmp_path / "job-1.credential")
+    credential = JobCredential(config_dir, CliUser.own(), tmp_path / "job-1.credential")
     credential.sync(account_file, "a1")
     copy = config_dir / ".credentials.json"
     assert copy.read_bytes() == account_file.read_bytes()  # the job's own copy
@@ -172,7 +172,7 @@ def test_an_older_token_never_replaces_a_newer_one(tmp_path: Path, planted: Plan
     account_file = write_credential(credentials, "a1", fresh)
     three_days_ago = int((time.time() - 3 * 86400) * 1000)
     (config_dir / ".credentials.json").write_text(oauth_credential(planted, expires_at_ms=three_days_ago))
-    credential = JobCredential(config_dir, CliUser.resolve(""), tmp_path / "job-1.credential")
+    credential = JobCredential(config_dir, CliUser.own(), tmp_path / "job-1.credential")
     credential.carry_back(account_file, "a1")
     assert account_file.read_text() == fresh
     credential.sync(account_file, "a1")
@@ -216,7 +216,7 @@ def test_a_new_login_dropped_in_is_never_overwritten_by_a_sessions_older_copy(tm
     credentials.mkdir()
     config_dir.mkdir()
     account_file = write_credential(credentials, "a1", oauth_credential(planted, expires_at_ms=LATER_MS))
-    credential = JobCredential(config_dir, CliUser.resolve(""), tmp_path / "job-1.credential")
+    credential = JobCredential(config_dir, CliUser.own(), tmp_path / "job-1.credential")
     credential.sync(account_file, "a1")
     login = oauth_credential(planted, expires_at_ms=FAR_FUTURE_MS)  # sooner than the copy's
     write_credential(credentials, "a1", login)

@@ -1,72 +1,177 @@
-"""The CLI writes only beneath its job's cwd and config dir (and /tmp, /dev): not the state store,
-not any account's credential file (a refresh lands in its config dir; the worker carries it back),
-not anywhere else."""
+"""Each live job's CLI runs as a user of its own, in a view of its own (`confinement = "sandbox"`):
+it writes its cwd and its config dir, has a /tmp of its own, and cl's places and other operators'
+trees do not exist for it. What it sees is checked from inside (what the fake CLI could open) and
+from outside (what changed on the host). The view fails closed, and a job's directory is pinned
+from the moment its worker opens it."""
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
+import pwd
 from pathlib import Path
 
 import pytest
 
-from cl import landlock
-from utils import DaemonProcess, Layout, Planted, cl, json_lines, oauth_credential, wait_until, write_credential
+from utils import POOL, DaemonProcess, Layout, Planted, cl, json_lines, oauth_credential, wait_until, write_credential
+
+pytestmark = [
+    pytest.mark.skipif(os.getuid() != 0, reason="a user per job needs a worker that may switch users (root)"),
+    pytest.mark.as_installed,
+]
 
 
-@pytest.fixture
-def outside_tmp() -> Iterator[Layout]:
-    """A layout under /var/tmp: /tmp is writable for the CLI, so the test must live elsewhere."""
-    root = Path(tempfile.mkdtemp(prefix="cl-sandbox-", dir="/var/tmp"))
-    try:
-        yield Layout(root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+def submit(layout: Layout, prompt: str = "hi") -> int:
+    done = cl(layout, "submit", "--cwd", str(layout.work), "--prompt", prompt, "--json")
+    assert done.returncode == 0, done.stderr
+    return int(json.loads(done.stdout)["job"])
 
 
-@pytest.mark.skipif(not landlock.abi(), reason="this kernel has no Landlock")
-def test_the_cli_writes_only_where_its_job_lives(outside_tmp: Layout, planted: Planted) -> None:
-    layout = outside_tmp
+def job(layout: Layout, number: int) -> dict[str, object]:
+    return dict(json.loads(cl(layout, "job", str(number), "--json").stdout)["job"])
+
+
+def test_the_cli_sees_its_job_and_the_system_and_nothing_of_cl_nor_of_other_operators(
+    layout: Layout, planted: Planted
+) -> None:
     write_credential(layout.credentials, "a1", oauth_credential(planted))
-    write_credential(layout.credentials, "a2", oauth_credential(planted))
     (layout.state / "notes.txt").write_text("the daemons' own")
+    bob = layout.root / "bob"
+    bob.mkdir(mode=0o777)
+    (bob / "secret.env").write_text("bob's")
+    (bob / "secret.env").chmod(0o666)  # the rights would let it: the view does not
+    host_tmp = Path("/tmp") / f"cl-sandbox-{os.getpid()}.txt"
     targets = {
         "cwd": layout.work / "made-by-the-session.txt",
-        "own credential": layout.credentials / "credentials-a1.json",
-        "tmp": Path("/tmp") / f"cl-sandbox-{os.getpid()}.txt",
-        "state store": layout.state / "cl.db",
+        "config dir": layout.sessions / "job-1" / "made-by-the-session.txt",
+        "tmp": host_tmp,
         "state dir": layout.state / "notes.txt",
-        "other credential": layout.credentials / "credentials-a2.json",
-        "elsewhere": layout.root / "elsewhere.txt",
+        "credential": layout.credentials / "credentials-a1.json",
+        "another operator's tree": bob / "secret.env",
+        "system": Path("/etc/cl-sandbox-test"),
     }
-    log = layout.root / "fake-claude.jsonl"
-    log.touch()  # a `cli_writable` path must exist: the rule is on the file
-    env = layout.env(
-        FAKE_CLAUDE_TOUCH=":".join(str(path) for path in targets.values()),
-        FAKE_CLAUDE_LOG=str(log),
-        CL_CLI_WRITABLE=str(log),  # the fake's own log, outside every allowed place
-        CL_MAX_SESSIONS_PER_ACCOUNT="1",
-    )
+    env = layout.env(FAKE_CLAUDE_TOUCH=":".join(map(str, targets.values())))
     daemon = DaemonProcess("balancer", layout, env=env).start()
     try:
-        submitted = cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "try to write", "--json")
-        assert submitted.returncode == 0, submitted.stderr
-        (call,) = wait_until(lambda: json_lines(log), "the CLI to run")
+        submit(layout)
+        (call,) = wait_until(lambda: json_lines(layout.fakes / "fake-claude.jsonl"), "the CLI to run")
+        wait_until(lambda: job(layout, 1)["state"] == "done", "the job to finish")
     finally:
         daemon.stop()
-        targets["tmp"].unlink(missing_ok=True)
-    account = "a1" if call["token_tail"] == planted.tokens[0][-6:] else "a2"
-    if account == "a2":  # the job went to a2: the two credentials swap roles
-        targets["own credential"], targets["other credential"] = targets["other credential"], targets["own credential"]
-    could = {name: call["touched"][str(path)] for name, path in targets.items()}
-    assert could == {
+    inside = {name: call["touched"][str(path)] for name, path in targets.items()}
+    assert inside == {
         "cwd": True,
-        "own credential": False,
-        "tmp": True,
-        "state store": False,
+        "config dir": True,
+        "tmp": True,  # its own /tmp
         "state dir": False,
-        "other credential": False,
-        "elsewhere": False,
+        "credential": False,
+        "another operator's tree": False,
+        "system": False,
     }
+    outside = {name: path.exists() for name, path in targets.items()}
+    assert outside == {
+        "cwd": True,
+        "config dir": True,
+        "tmp": False,  # not the host's
+        "state dir": True,
+        "credential": True,
+        "another operator's tree": True,
+        "system": False,
+    }
+    assert (bob / "secret.env").read_text() == "bob's"
+    assert (layout.state / "notes.txt").read_text() == "the daemons' own"
+    assert pwd.getpwuid(call["uid"]).pw_name.startswith(f"{POOL}-")
+
+
+def test_jobs_that_run_at_once_run_as_different_users_and_a_user_goes_back_to_the_pool(
+    layout: Layout, planted: Planted
+) -> None:
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    layout.hold.touch()
+    daemon = DaemonProcess("balancer", layout).start()
+    try:
+        first, second = submit(layout, "one"), submit(layout, "two")
+        wait_until(lambda: len(json_lines(layout.fakes / "fake-claude.jsonl")) == 2, "both CLIs to run")
+        layout.hold.unlink()
+        wait_until(lambda: {job(layout, first)["state"], job(layout, second)["state"]} == {"done"}, "both done")
+        third = submit(layout, "three")
+        wait_until(lambda: job(layout, third)["state"] == "done", "the third job")
+    finally:
+        layout.hold.unlink(missing_ok=True)
+        daemon.stop()
+    calls = json_lines(layout.fakes / "fake-claude.jsonl")
+    uids = {call["prompt"]: call["uid"] for call in calls}
+    assert uids["one"] != uids["two"], calls
+    assert uids["three"] in (uids["one"], uids["two"])  # the first free member: one the two before gave back
+    for number, prompt in ((first, "one"), (second, "two"), (third, "three")):  # each job's files are its user's
+        assert (layout.sessions / f"job-{number}").stat().st_uid == uids[prompt]
+
+
+def test_a_job_whose_user_cannot_be_had_fails_closed_with_the_reason(layout: Layout, planted: Planted) -> None:
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    daemon = DaemonProcess("balancer", layout, env=layout.env(CL_CLI_POOL_SIZE="17")).start()  # sysusers makes 16
+    try:
+        number = submit(layout)
+        wait_until(lambda: job(layout, number)["state"] == "failed", "the job to fail")
+        error = job(layout, number)["error"]
+    finally:
+        daemon.stop()
+    assert "user 'cl-cli-17' does not exist" in str(error)
+    assert json_lines(layout.fakes / "fake-claude.jsonl") == []  # no CLI ran, confined less or at all
+    assert "the CLI cannot be confined" in daemon.log()  # said at start, too
+
+
+def test_unconfined_is_written_in_the_config_and_said_at_every_start(layout: Layout, planted: Planted) -> None:
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    daemon = DaemonProcess("balancer", layout, env=layout.env(CL_CONFINEMENT="none")).start()
+    try:
+        numbers = [submit(layout, "one"), submit(layout, "two")]
+        wait_until(lambda: all(job(layout, n)["state"] == "done" for n in numbers), "both jobs")
+    finally:
+        daemon.stop()
+    said = [line for line in daemon.log().splitlines() if "confinement = none" in line]
+    assert len(said) == 3  # the daemon at start, and each worker
+    assert {call["uid"] for call in json_lines(layout.fakes / "fake-claude.jsonl")} == {os.getuid()}
+
+
+def test_a_cwd_swapped_for_a_symlink_before_its_cli_starts_is_refused(layout: Layout, planted: Planted) -> None:
+    bob = layout.root / "bob"
+    bob.mkdir(mode=0o2770)
+    os.chown(bob, -1, layout.work.stat().st_gid)
+    daemon = DaemonProcess("balancer", layout).start()
+    try:
+        number = submit(layout)  # no account yet: it waits in the queue
+        layout.work.rename(layout.root / "work-was")
+        layout.work.symlink_to(bob)
+        write_credential(layout.credentials, "a1", oauth_credential(planted))
+        wait_until(lambda: job(layout, number)["state"] == "failed", "the job to fail")
+        error = job(layout, number)["error"]
+    finally:
+        daemon.stop()
+    assert "a symlink is on the way" in str(error)
+    assert json_lines(layout.fakes / "fake-claude.jsonl") == []
+    assert list(bob.iterdir()) == []
+
+
+def test_a_cwd_swapped_for_a_symlink_while_its_cli_runs_changes_nothing_for_it(
+    layout: Layout, planted: Planted
+) -> None:
+    """The CLI's tools resolve the cwd's path again at every call: in its view the path is the
+    directory its worker opened, for the CLI's whole life."""
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    bob = layout.root / "bob"
+    bob.mkdir(mode=0o2777)
+    layout.hold.touch()
+    daemon = DaemonProcess("balancer", layout, env=layout.env(FAKE_CLAUDE_MARK="written.txt")).start()
+    try:
+        number = submit(layout)
+        wait_until(lambda: json_lines(layout.fakes / "fake-claude.jsonl"), "the CLI to run")
+        layout.work.rename(layout.root / "work-was")
+        layout.work.symlink_to(bob)
+        layout.hold.unlink()
+        wait_until(lambda: job(layout, number)["state"] == "done", "the job to finish")
+    finally:
+        layout.hold.unlink(missing_ok=True)
+        daemon.stop()
+    assert (layout.root / "work-was" / "written.txt").exists()
+    assert list(bob.iterdir()) == []

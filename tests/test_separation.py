@@ -15,36 +15,19 @@ from pathlib import Path
 import pytest
 
 from cl.cli_user import CliUser, CliUserError
-from utils import BIN, DaemonProcess, Layout
+from utils import BIN, POOL
 
 NOBODY = 65534
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
 
 
-def warnings_about_the_cli(log: str) -> list[str]:
-    return [line for line in log.splitlines() if "the CLI runs as this daemon's own user" in line]
-
-
-def test_a_daemon_that_cannot_give_the_cli_its_own_user_says_so_once_at_start(layout: Layout) -> None:
-    daemon = DaemonProcess("balancer", layout).start()  # cli_user = "": the CLI would run as the daemon's user
-    daemon.stop()
-    (line,) = warnings_about_the_cli(daemon.log())
-    assert "it can reach the control sockets" in line
-
-
-def test_the_cli_gets_its_own_user_only_where_the_worker_can_switch_to_it() -> None:
-    """As a plain user (`make run` without root) the worker cannot switch: the CLI shares its user,
-    and the daemons say so (above); with the right to switch, a missing user is an error, never a
-    reason to run the CLI as root."""
-    if not _user_exists("cl-cli"):
-        pytest.skip("no cl-cli user here (systemd-sysusers packaging/systemd/sysusers.d/cl.conf makes it)")
-    plain = CliUser.resolve("cl-cli", switching=False)
-    assert (plain.uid, plain.separate) == (os.getuid(), False)
-    own = CliUser.resolve("cl-cli", switching=True)
-    assert (own.name, own.separate) == ("cl-cli", own.uid != os.getuid())
-    with pytest.raises(CliUserError, match="cli_user 'no-such-user' does not exist"):
-        CliUser.resolve("no-such-user", switching=True)
+def test_a_missing_pool_user_is_an_error_never_a_reason_to_run_the_cli_as_the_worker() -> None:
+    with pytest.raises(CliUserError, match="user 'no-such-user' does not exist"):
+        CliUser.named("no-such-user")
+    if _user_exists(f"{POOL}-1"):
+        first = CliUser.named(f"{POOL}-1")
+        assert (first.name, first.separate) == (f"{POOL}-1", first.uid != os.getuid())
 
 
 def _user_exists(name: str) -> bool:

@@ -102,8 +102,8 @@ def test_a_session_runs_in_its_own_worker_unit_and_survives_a_balancer_restart(
     hold.unlink()
     wait_until(lambda: state() == "done", "the session to finish")
     (call,) = [json.loads(line) for line in box("cat", "/srv/fake/fake-claude.jsonl").stdout.splitlines()]  # once
-    # The CLI runs as its own user; the job's cwd is writable for it, the state store is not.
-    assert call["uid"] == int(box("id", "-u", "cl-cli").stdout)
+    # The CLI runs as a user of the pool; the job's cwd is writable for it, the state store is not there.
+    assert call["uid"] == int(box("id", "-u", "cl-cli-1").stdout)
     assert call["touched"] == {"/var/lib/cl/cl.db": False, "/srv/work/notes.txt": True}
     # The worker unit (user cl) carried the refreshed token back into a1's own file, in place.
     after = account_file.stat()
@@ -121,6 +121,7 @@ def test_a_walled_session_is_rescued_and_the_journal_tells_the_story(
     walled = planted.token()
     quota = json.dumps({walled: 0})
     (tmp_path / "fake" / "quota.json").write_text(quota)
+    (tmp_path / "fake" / "quota.json").chmod(0o666)  # the fake counts it down, as the CLI's user it runs as
     with_fake_cli(box, FAKE_CLAUDE_QUOTA="/srv/fake/quota.json", FAKE_CLAUDE_LOG="/srv/fake/fake-claude.jsonl")
     drop_credential(box, tmp_path / "claude", "a1", oauth_credential(planted, token=walled))
     box("systemctl", "enable", "--now", "cl-balancer.service", "cl-rescue.service")

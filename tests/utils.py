@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import grp
 import json
 import os
 import pty
-import pwd
 import signal
 import socket
 import subprocess
@@ -27,6 +27,8 @@ from cl.store import Run, Store
 
 BIN = Path(sys.executable).parent
 FAKE_CLAUDE = Path(__file__).resolve().parent / "fakes" / "claude"
+POOL = "cl-cli"
+"""The CLI's users' group (`cli_pool`), made by packaging/systemd/sysusers.d."""
 FAKE_API = Path(__file__).resolve().parent / "fakes" / "fake_anthropic.py"
 FAR_FUTURE_MS = 4_102_444_800_000  # 2100-01-01
 
@@ -140,9 +142,10 @@ class Layout:
     fakes: Path = field(init=False)
     """The fake CLI's own files (its log, the quota), which it writes."""
 
-    cli_user: str = ""
-    """The CLI's own user (`cli_user`); '' runs it as the daemons' (root in CI), Landlock only.
-    With a user, the layout is laid out as `make run` as root would have it (see `separated`)."""
+    sandboxed: bool = False
+    """Each job's CLI runs as a user of the pool, in its own view (`confinement = "sandbox"`), laid
+    out as `make run` as root would have it (see `separated`); otherwise as the daemons' own user,
+    unconfined (root in CI)."""
 
     made: ClassVar[list[Layout]] = []
     """Every layout of the running test (what `end_workers` looks for)."""
@@ -157,13 +160,16 @@ class Layout:
         self.fakes = self.root / "fake"
         for path in (self.credentials, self.state, self.runtime, self.work, self.fakes):
             path.mkdir(parents=True, exist_ok=True)
-        if self.cli_user:
-            entry = pwd.getpwnam(self.cli_user)
+        if self.sandboxed:
+            pool = grp.getgrnam(POOL).gr_gid
             self.root.chmod(0o755)
             for private in (self.credentials, self.state, self.runtime):
                 private.chmod(0o700)
-            for theirs in (self.work, self.fakes):
-                os.chown(theirs, entry.pw_uid, entry.pw_gid)
+            for theirs in (self.work, self.fakes):  # as an operator makes a job's directory
+                os.chown(theirs, -1, pool)
+                theirs.chmod(0o2770)
+            (self.fakes / "fake-claude.jsonl").touch()  # every member of the pool appends to it
+            (self.fakes / "fake-claude.jsonl").chmod(0o666)
 
     def quota(self, turns: dict[str, int]) -> None:
         """Turns left per token for the fake claude ("*": everyone else); a wall when 0."""
@@ -176,7 +182,7 @@ class Layout:
     @property
     def hold(self) -> Path:
         """While this file exists, the fake claude waits before its request (every daemon's env names it)."""
-        return self.root / "hold"
+        return self.fakes / "hold"
 
     @contextlib.contextmanager
     def started_together(self, calls: int) -> Iterator[None]:
@@ -198,7 +204,8 @@ class Layout:
             CL_CREDENTIALS_DIR=str(self.credentials),
             CL_STATE_DIR=str(self.state),
             CL_SESSIONS_DIR=str(self.sessions),
-            CL_CLI_USER=self.cli_user,
+            CL_CONFINEMENT="sandbox" if self.sandboxed else "none",
+            CL_CLI_READABLE=str(FAKE_CLAUDE.parent),  # the fake CLI (its interpreter: /usr/bin/python3)
             CL_RUNTIME_DIR=str(self.runtime),
             CL_LOG_LEVEL="debug",
             CL_CONFIG=str(self.root / "config.toml"),

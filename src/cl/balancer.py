@@ -26,11 +26,10 @@ from typing import Any
 
 import structlog
 
-from cl import daemon, placement, redact, workdir
-from cl.cli_user import CliUser, CliUserError
+from cl import cli_user, daemon, placement, redact, workdir
+from cl.cli_user import CliUserError
 from cl.config import Config
 from cl.credentials import is_account_name
-from cl.launcher import under_socket_activation
 from cl.moments import iso_utc
 from cl.processes import alive
 from cl.protocol import Encoded, Handler, Peer, Reply, Request, RequestError, id_field, text_field, whole_number
@@ -194,8 +193,8 @@ class Balancer(Service):
         """The job's directory, resolved, if it obeys `cl.workdir`'s rules for the submitter and
         the CLI's user; a `refused` error naming the rule otherwise."""
         writers = [workdir.Writer(f"the submitter (uid {peer.uid})", peer.uid, peer.groups | {peer.gid})]
-        try:  # a cl-worker@ unit may switch users even though this daemon may not
-            cli = CliUser.resolve(self.config.cli_user, switching=under_socket_activation(self.config) or None)
+        try:
+            cli = cli_user.checked(self.config)
         except CliUserError as exc:
             raise RequestError("refused", str(exc)) from None
         writers.append(workdir.Writer(f"the CLI's user {cli.name}", cli.uid, cli.groups()))

@@ -1,11 +1,17 @@
-"""Who the Claude Code CLI runs as: a user of its own, never the worker's or a daemon's.
+"""Who the Claude Code CLI runs as: a user of its own for each live job, never the worker's or a daemon's.
 
-The worker holds the state store and reads its account's credential; the CLI runs whatever a
-repository steers it to. When the worker may switch users (root under `make run`, or the
-CAP_SETUID and CAP_SETGID that the `cl-worker@` unit grants), the CLI runs as `cli_user`
-with no capabilities at all, and the worker does every file operation in the CLI's own tree
-with that user's file-system identity (`setfsuid`): a link or a file the CLI planted there
-can never make the worker read or write with its own rights.
+The worker holds the state store; the CLI runs whatever a repository steers it to. With
+`confinement = "sandbox"` (the default) each live job's CLI runs as a user of a pool,
+`cli_pool`-1 ... `cli_pool`-N (N = `cli_pool_size`, made by sysusers, all in group `cli_pool`),
+as Nix runs concurrent builds under its build users: two jobs never share a uid, so the kernel
+keeps their files, signals, ptrace and /proc apart. A worker takes a free member (`take`: a lock
+file per member in the state dir, held by the worker and inherited by the CLI, so a member is
+free again only once the whole session is gone) and gives the job's config dir to it (`adopt`).
+
+The worker switches users between fork and exec (root under `make run`; CAP_SETUID and
+CAP_SETGID in a `cl-worker@` unit); the CLI keeps no capability at all. In the CLI's own tree the
+worker acts with that user's file-system identity (`setfsuid`): a link or a file the CLI planted
+there can never make the worker read or write with its own rights.
 """
 
 from __future__ import annotations
@@ -13,10 +19,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import fcntl
 import os
 import pwd
+import stat
 import struct
 from collections.abc import Iterator
+from pathlib import Path
+
+from cl.config import Config
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _CAP_SETGID, _CAP_SETUID = 6, 7
@@ -37,24 +48,19 @@ class CliUser:
     """The CLI runs as a user other than the worker's (the worker can switch, and does)."""
 
     @classmethod
-    def resolve(cls, name: str, *, switching: bool | None = None) -> CliUser:
-        """`name` if the worker can switch to it (`switching`; None: if this process can);
-        otherwise this process's own user (the daemons say at start what that leaves out).
-        Raises CliUserError if it could switch but `name` does not exist: running the CLI with
-        a privileged identity is never the fallback."""
-        own = cls(os.getuid(), os.getgid(), _user_name(os.getuid()), separate=False)
-        if not name:
-            return own
-        switching = can_switch_users() if switching is None else switching
+    def own(cls) -> CliUser:
+        """This process's own user (`confinement = "none"`)."""
+        return cls(os.getuid(), os.getgid(), _user_name(os.getuid()), separate=False)
+
+    @classmethod
+    def named(cls, name: str) -> CliUser:
+        """The user `name`; raises CliUserError if there is none."""
         try:
             entry = pwd.getpwnam(name)
         except KeyError:
-            if switching:
-                raise CliUserError(f"cli_user {name!r} does not exist (see packaging/systemd/sysusers.d)") from None
-            return own
-        if entry.pw_uid == os.getuid() or not switching:
-            return own
-        return cls(entry.pw_uid, entry.pw_gid, name, separate=True)
+            made_by = "packaging/systemd/sysusers.d makes the CLI's users"
+            raise CliUserError(f"user {name!r} does not exist ({made_by})") from None
+        return cls(entry.pw_uid, entry.pw_gid, name, separate=entry.pw_uid != os.getuid())
 
     @contextlib.contextmanager
     def acting(self) -> Iterator[None]:
@@ -84,6 +90,72 @@ class CliUser:
             os.setresgid(self.gid, self.gid, self.gid)
             os.setresuid(self.uid, self.uid, self.uid)
         _drop_capabilities()
+
+
+def members(pool: str, size: int) -> list[str]:
+    """The pool's user names, in order."""
+    return [f"{pool}-{number}" for number in range(1, size + 1)]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Slot:
+    """A pool member taken by one worker: the user, and the locked descriptor that holds it."""
+
+    user: CliUser
+    lock: int | None
+    """None for the worker's own user (`confinement = "none"`), which no pool holds."""
+
+
+def held(slot: Slot) -> tuple[int, ...]:
+    return () if slot.lock is None else (slot.lock,)
+
+
+def release(slot: Slot) -> None:
+    for fd in held(slot):
+        os.close(fd)
+
+
+def take(pool: str, size: int, locks: Path, prefer: int | None = None) -> Slot | None:
+    """A free member of the pool (the one whose uid is `prefer` first, if free), locked for the
+    caller; None if every member is taken. Raises CliUserError if a member does not exist."""
+    locks.mkdir(parents=True, exist_ok=True, mode=0o700)
+    users = [CliUser.named(name) for name in members(pool, size)]
+    users.sort(key=lambda user: user.uid != prefer)
+    for user in users:
+        fd = os.open(locks / f"{user.name}.lock", os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return Slot(user, fd)
+    return None
+
+
+def adopt(path: Path, user: CliUser) -> None:
+    """Give the tree at `path` (a job's config dir an earlier run's member owns) to `user`: every
+    entry, by descriptor, no link followed. Its owner's runs are over (its lock was free)."""
+    st = os.lstat(path)
+    if (st.st_uid, st.st_gid) == (user.uid, user.gid):
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise CliUserError(f"{path}: not a directory")
+    # Root walks the tree as itself; a worker that is not (a cl-worker@ unit) walks it as its owner.
+    walker = contextlib.nullcontext() if os.geteuid() == 0 else CliUser(st.st_uid, st.st_gid, "", True).acting()
+    with walker:  # bottom up: a directory changes hands once its walker is done with it
+        for _top, dirs, files, top_fd in os.fwalk(path, topdown=False, follow_symlinks=False):
+            for name in [*dirs, *files]:
+                os.chown(name, user.uid, user.gid, dir_fd=top_fd, follow_symlinks=False)
+        os.chown(path, user.uid, user.gid, follow_symlinks=False)
+
+
+def checked(config: Config) -> CliUser:
+    """Whose rights a job's directory must grant (`cl.workdir`), besides its submitter's: the
+    pool's first user (every member has the pool's group), or with `confinement = "none"` this
+    process's own. Raises CliUserError if the pool has no such user."""
+    if config.confinement == "none":
+        return CliUser.own()
+    return CliUser.named(members(config.cli_pool, 1)[0])
 
 
 def can_switch_users() -> bool:

@@ -37,7 +37,7 @@ class Config:
     """The roster: every `credentials-<name>.json` here is one account."""
     state_dir: Path = Path("/var/lib/cl")
     sessions_dir: Path = Path("/var/lib/cl-sessions")
-    """Each job's Claude Code config dir (`job-N`): the CLI's own tree, owned by `cli_user`."""
+    """Each job's Claude Code config dir (`job-N`): the CLI's own tree, owned by the pool user its run has."""
     runtime_dir: Path = Path("/run/cl")
     """Where the daemons' control sockets live."""
     resync_interval: float = 30.0
@@ -65,12 +65,19 @@ class Config:
     """Finished jobs, their runs and ledger rows are forgotten this many days after they ended."""
     reconcile_interval: float = 60.0
     """Seconds between the rescuer's checks for workers that vanished unseen (a safety net)."""
+    confinement: str = "sandbox"
+    """"sandbox": each live job's CLI runs as its own pool user, in a view of its own (`cl.sandbox`),
+    or not at all; "none": as the worker's own user, seeing all the worker sees (said at every start)."""
+    cli_pool: str = "cl-cli"
+    """The CLI's users: `cli_pool`-1 ... `cli_pool`-N, all in group `cli_pool`."""
+    cli_pool_size: int = 16
+    """N: how many jobs' CLIs may run at once (a job waits for a free user)."""
+    cli_readable: tuple[str, ...] = ()
+    """Existing paths the CLI may read besides the system (/usr, /etc, /opt, /var)."""
     cli_writable: tuple[str, ...] = ()
-    """Existing paths the CLI may write besides the job's cwd, its config dir, /tmp and /dev (Landlock)."""
+    """Existing paths the CLI may write besides the job's cwd and its config dir."""
     store_busy_timeout: float = 10.0
     """Seconds a store write waits for another writer before the store counts as unavailable."""
-    cli_user: str = "cl-cli"
-    """The user the CLI runs as when the worker may switch users (root, or CAP_SETUID); '' keeps the worker's."""
     admin_group: str = "cl-admin"
     """Members see and act on every operator's jobs (root and the daemons' own user always do)."""
     journal_socket: str = "/run/systemd/journal/socket"
@@ -196,6 +203,12 @@ def _name(value: Any, _base: Path) -> str:
     return value
 
 
+def _confinement(value: Any, _base: Path) -> str:
+    if value not in ("sandbox", "none"):
+        raise ValueError('must be "sandbox" or "none"')
+    return str(value)
+
+
 def _bool(value: Any, _base: Path) -> bool:
     if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
         return value.lower() in ("true", "1", "yes")
@@ -255,8 +268,11 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "retention_days": _positive_float,
     "session_lock_wait": _positive_float,
     "store_busy_timeout": _positive_float,
+    "confinement": _confinement,
+    "cli_pool": _name,
+    "cli_pool_size": _whole(1, 1000),
+    "cli_readable": _paths,
     "cli_writable": _paths,
-    "cli_user": _name,
     "admin_group": _name,
     "journal_socket": _socket,
     "gateway": _bool,

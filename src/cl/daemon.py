@@ -20,8 +20,8 @@ from typing import Any, Protocol
 
 import structlog
 
-from cl import landlock, logs
-from cl.cli_user import CliUser, CliUserError
+from cl import logs, sandbox
+from cl.cli_user import CliUser, CliUserError, can_switch_users, members
 from cl.config import Config, ConfigError, load_config
 from cl.credentials import CANNOT_LOOK
 from cl.launcher import under_socket_activation
@@ -221,30 +221,27 @@ def _loop_trouble(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> 
         log.error("event loop error", message=context.get("message"), error=repr(exception) if exception else None)
 
 
+SWITCHING = "confinement = 'sandbox' needs workers that may switch users (root, or a cl-worker@ unit)"
+
+
 def say_what_confines_the_cli(config: Config) -> None:
-    """At start, one line for each confinement of the CLI that cannot hold here. Under systemd
-    each `cl-worker@` unit may switch users and use Landlock (this daemon's own seccomp filter
-    forbids it): the worker says so itself if its kernel lacks it."""
+    """At start, one line if the CLI cannot be confined as the configuration says (its runs then
+    fail with that reason: no CLI runs with less), or if the configuration says not to confine it.
+    Under systemd each `cl-worker@` unit checks for itself (this daemon may not switch users)."""
+    if config.confinement == "none":
+        log.warning("confinement = none: every job's CLI runs unconfined, as the worker's own user")
+        return
     if under_socket_activation(config):
         return
-    abi = landlock.abi()
-    if not abi:
-        log.warning("no Landlock in this kernel: the CLI is confined by its user's rights alone")
-    elif abi < landlock.SIGNAL_SCOPE_ABI:
-        log.warning("Landlock without signal scoping (Linux < 6.12): CLIs of one user can signal each other", abi=abi)
-    try:
-        cli = CliUser.resolve(config.cli_user)
-    except CliUserError as exc:
-        log.error("the CLI cannot be started", error=str(exc))
+    if not can_switch_users():
+        log.error("the CLI cannot be confined: its jobs fail until this is fixed", error=SWITCHING)
         return
-    if not cli.separate:
-        log.warning(
-            "the CLI runs as this daemon's own user: it can reach the control sockets (submit, cancel, read every"
-            " job's output) and, where Landlock is missing, signal the daemons and read the state and credentials;"
-            " run as root (make run) or under systemd to give it its own user",
-            user=cli.name,
-            cli_user=config.cli_user,
-        )
+    try:
+        sandbox.bwrap()
+        for name in members(config.cli_pool, config.cli_pool_size):
+            CliUser.named(name)
+    except (CliUserError, sandbox.SandboxUnavailable) as exc:
+        log.error("the CLI cannot be confined: its jobs fail until this is fixed", error=str(exc))
 
 
 def _store_guarded(handler: Handler) -> Handler:

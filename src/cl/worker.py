@@ -8,10 +8,12 @@ so a run never executes twice. Then, in this order:
 
 * it locks the session (a lock file in the state dir that the CLI inherits: one live process
   per session, even if a worker is killed before its CLI);
-* it readies the job's config dir, as the CLI's user, with the job's own copy of the account's
-  credential (`cl.job_credential`; token and API-key accounts come through the environment);
-* it checks the working directory again (`cl.workdir`) and enters it by descriptor;
-* it starts the CLI as its own user (`cl.cli_user`), confined by Landlock (`cl.landlock`), with
+* it takes a user for the CLI from the pool (`cl.cli_user`) and gives it the job's config dir, with
+  the job's own copy of the account's credential (`cl.job_credential`; token and API-key accounts
+  come through the environment);
+* it opens the working directory once, no symlink followed, and checks what it opened again
+  (`cl.workdir`): every start of the CLI enters that descriptor;
+* it starts the CLI as a user of its own (`cl.cli_user`), in a view of its own (`cl.sandbox`), with
   PDEATHSIG (if the worker dies, so does its CLI, and the run is found orphaned rather than
   running unseen), and gives it the prompt as a user message on its standard input
   (`cl.cli_process`): a prompt is never an argument;
@@ -39,6 +41,7 @@ the restart answers.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import fcntl
@@ -61,7 +64,7 @@ from typing import Any, TypeVar, cast
 
 import structlog
 
-from cl import capability, landlock, logs, redact, workdir
+from cl import capability, cli_user, logs, redact, sandbox, workdir
 from cl.claude_code.environment import worker_environment
 from cl.claude_code.stream import Outcome, StreamState
 from cl.claude_code.transcripts import transcript_path
@@ -171,13 +174,15 @@ def work(config: Config, store: Store, run_id: int) -> Run | None:
         reason = f"the session's previous process still runs after {config.session_lock_wait:g} s (it holds its lock)"
         _refused(store, run, reason, bound)
         return run
+    config_dir = session_config_dir(config, job.id)
     try:
-        cli = CliUser.resolve(config.cli_user)
-        credential = _ready_config_dir(config, job.id, cli, first=store.previous_account(run.id) is None)
-    except (CliUserError, OSError) as exc:
-        _refused(store, run, f"cannot ready the session's config dir: {_reason(exc)}", bound)
+        slot, own_proc = _cli_user(config, config_dir, bound)
+        credential = _ready_config_dir(config, job.id, slot.user, first=store.previous_account(run.id) is None)
+    except (CliUserError, sandbox.SandboxUnavailable, OSError) as exc:
+        _refused(store, run, f"cannot ready the session's CLI: {_reason(exc)}", bound)
         return run
-    session = _Session(config, store, job, cli, credential, lock, run, Output(path))
+    locks = (lock, *cli_user.held(slot))
+    session = _Session(config, store, job, slot.user, credential, locks, run, Output(path), own_proc=own_proc)
     signal.signal(signal.SIGUSR1, lambda _signum, _frame: session.events.put(Event.WAKE))
     signal.signal(signal.SIGTERM, _on_terminate(session))
     try:
@@ -191,6 +196,8 @@ def work(config: Config, store: Store, run_id: int) -> Run | None:
             _finish(session)
         session.output.close()
         credential.close()
+        if session.cwd is not None:
+            os.close(session.cwd)
     return session.run
 
 
@@ -204,10 +211,15 @@ class _Session:
     job: Job
     cli: CliUser
     credential: JobCredential
-    lock: int
+    locks: tuple[int, ...]
+    """The session's lock and the pool member's (`cl.cli_user.take`): the CLI inherits both."""
     run: Run
     output: Output
+    own_proc: bool = False
+    """The CLI's view has a /proc of its own (`sandbox.probe`)."""
     process: CliProcess | None = None
+    cwd: int | None = None
+    """The job's directory, opened once (no symlink followed) and kept for every start of its CLI."""
     oauth: bool = False
     """The current run's account is an OAuth credential file (its copy is kept in step)."""
     capability: str | None = None
@@ -227,13 +239,9 @@ class _Session:
 def _work(session: _Session) -> None:
     """The session's turns: the first run's prompt, then each run that follows in the same CLI
     (a live move after a wall held, a follow-up after an answer), until a run settles for good."""
-    job, store, cli = session.job, session.store, session.cli
+    job, store = session.job, session.store
     account = _account(session)
-    writer = workdir.Writer(f"the CLI's user {cli.name}", cli.uid, cli.groups())
-    with cli.acting():  # as the CLI's user sees the path
-        cwd = workdir.check_for_job(session.config, job.cwd, [writer])
-    if cwd != job.cwd:
-        raise RunRefused(f"{job.cwd}: it now resolves to {cwd}; the job runs only where it was submitted")
+    session.cwd = _open_cwd(session)
     swap = False
     """The current run moved live to another account's credential, not yet answered."""
     untaken: str | None = None
@@ -339,24 +347,31 @@ def _start(session: _Session, account: Account) -> bool:
     """Start the session's CLI for the current run; False (the run failed) if it did not start."""
     config, job, run, cli = session.config, session.job, session.run, session.cli
     bound = session.bound()
+    assert session.cwd is not None
     config_dir = session_config_dir(config, job.id)
-    if not (abi := landlock.abi()):
-        bound.warning("no Landlock in this kernel: the CLI is confined by its user's rights alone")
-    with cli.acting():  # the CLI's own places, opened as the CLI's user: the worker may not reach them
-        cwd = os.open(job.cwd, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        writable = [job.cwd, str(config_dir), "/tmp", "/dev", *config.cli_writable]  # noqa: S108
-        rules = landlock.open_rules(writable, landlock.writing(abi)) if abi else []
-    if abi:
-        hidden = (str(path) for path in workdir.private_dirs(config).values())
-        rules += landlock.open_rules(landlock.readable_except(hidden), landlock.READING)
+    command = claude_argv(config, job, run)
+    fds = [*session.locks, session.cwd]
+    if config.confinement == "sandbox":
+        with cli.acting():  # its own config dir, as the CLI's user opens it: no link followed
+            fds.append(sandbox.open_directory(str(config_dir)))
+        hidden = [*map(str, workdir.private_dirs(config).values()), str(config.config_file.parent)]
+        view = sandbox.View(
+            (session.cwd, job.cwd),
+            (fds[-1], str(config_dir)),
+            hidden,
+            config.cli_readable,
+            config.cli_writable,
+            own_proc=session.own_proc,
+        )
+        command = sandbox.argv(view, command)
     if config.gateway:
         _give_capability(session)
     try:
         session.process = CliProcess(
-            claude_argv(config, job, run),
+            command,
             env=cli_environment(config, account, cli, config_dir),
-            pass_fds=(session.lock, cwd),
-            preexec=_cli_preexec(cli, cwd, rules, abi),
+            pass_fds=fds,
+            preexec=_cli_preexec(cli, None if config.confinement == "sandbox" else session.cwd),
             cli=cli,
             events=session.events,
             output=session.output,
@@ -372,9 +387,32 @@ def _start(session: _Session, account: Account) -> bool:
         bound.error("cli did not start", error=reason, cwd=job.cwd)
         return False
     finally:
-        os.close(cwd)
-        landlock.close_rules(rules)
+        for fd in fds[len(session.locks) + 1 :]:
+            os.close(fd)
     return True
+
+
+def _open_cwd(session: _Session) -> int:
+    """The job's directory, opened once as the CLI's user with no symlink followed on the way,
+    and checked (`cl.workdir`) as what was opened: every start of its CLI enters that descriptor,
+    whatever becomes of the path. Raises RunRefused or WorkdirRefused."""
+    job, cli = session.job, session.cli
+    writer = workdir.Writer(f"the CLI's user {cli.name}", cli.uid, cli.groups())
+    with cli.acting():  # as the CLI's user sees the path
+        try:
+            fd = sandbox.open_directory(job.cwd)
+        except OSError as exc:
+            raise RunRefused(f"{job.cwd}: {exc.strerror}; the job runs only where it was submitted") from None
+        try:
+            cwd = workdir.check_for_job(session.config, job.cwd, [writer])
+            opened, there = os.fstat(fd), os.stat(cwd)
+        except BaseException:
+            os.close(fd)
+            raise
+    if cwd != job.cwd or (opened.st_dev, opened.st_ino) != (there.st_dev, there.st_ino):
+        os.close(fd)
+        raise RunRefused(f"{job.cwd}: it changed since it was submitted; the job runs only where it was submitted")
+    return fd
 
 
 def _give_capability(session: _Session) -> None:
@@ -539,22 +577,57 @@ def _reason(exc: Exception) -> str:
     return str(exc)
 
 
+def _cli_user(config: Config, config_dir: Path, bound: Any) -> tuple[cli_user.Slot, bool]:
+    """Who the job's CLI runs as: with `confinement = "sandbox"`, a free member of the pool (the
+    one that owns the job's config dir, if free), waiting up to `session_lock_wait` seconds for
+    one; with "none", the worker's own user, said at every start. With it, whether the CLI's view
+    can have a /proc of its own (`sandbox.probe`). Raises CliUserError or SandboxUnavailable when
+    the sandbox cannot hold here: the CLI never runs with less."""
+    if config.confinement == "none":
+        bound.warning("confinement = none: the CLI runs unconfined, as the worker's own user")
+        return cli_user.Slot(CliUser.own(), None), False
+    if not cli_user.can_switch_users():
+        raise CliUserError(
+            "confinement = 'sandbox' needs a worker that may switch users (root, or a cl-worker@ unit);"
+            " set confinement = 'none' to run the CLI unconfined"
+        )
+    sandbox.bwrap()
+    try:
+        owner: int | None = os.lstat(config_dir).st_uid
+    except FileNotFoundError:
+        owner = None
+    take = functools.partial(cli_user.take, config.cli_pool, config.cli_pool_size, config.state_dir / "pool", owner)
+    if (slot := take()) is None:
+        bound.warning("every CLI user is taken, waiting for one", cli_pool_size=config.cli_pool_size)
+        deadline = time.monotonic() + config.session_lock_wait
+        while (slot := take()) is None:
+            if time.monotonic() > deadline:
+                raise CliUserError(f"all {config.cli_pool_size} of the CLI's users are taken (cli_pool_size)")
+            time.sleep(LOCK_POLL)
+    try:
+        return slot, sandbox.probe(slot.user.become)
+    except sandbox.SandboxUnavailable:
+        cli_user.release(slot)
+        raise
+
+
 def _ready_config_dir(config: Config, job_id: int, cli: CliUser, *, first: bool) -> JobCredential:
-    """The job's config dir, made by and for the CLI's user: the sessions dir is theirs (0700).
-    A job's first run finding one already there finds another store's job of that number (the
-    state store was made anew): that one is set aside, never reused, credential copy included."""
+    """The job's config dir, given to the CLI's user. The sessions dir is the worker's (0710, group
+    `cli_pool`: the pool's users may pass, and only into their own). A job's first run finding one
+    already there finds another store's job of that number (the state store was made anew): that
+    one is set aside, never reused, credential copy included."""
     sessions = config.sessions_dir
     if not sessions.is_dir():
-        sessions.mkdir(parents=True, mode=0o700, exist_ok=True)
-        if cli.separate:
-            os.chown(sessions, cli.uid, cli.gid)
+        sessions.mkdir(parents=True, mode=0o710, exist_ok=True)
+        os.chown(sessions, -1, cli.gid)
     config_dir = session_config_dir(config, job_id)
-    with cli.acting():
-        if first and os.path.lexists(config_dir):
-            aside = config_dir.with_name(f"{config_dir.name}.earlier-{time.time_ns()}")
-            os.rename(config_dir, aside)
-            log.warning("an earlier job's session files set aside", job=job_id, kept=str(aside))
-        config_dir.mkdir(mode=0o700, exist_ok=True)
+    if first and os.path.lexists(config_dir):
+        aside = config_dir.with_name(f"{config_dir.name}.earlier-{time.time_ns()}")
+        os.rename(config_dir, aside)
+        log.warning("an earlier job's session files set aside", job=job_id, kept=str(aside))
+    with contextlib.suppress(FileExistsError):
+        config_dir.mkdir(mode=0o700)
+    cli_user.adopt(config_dir, cli)
     return JobCredential(config_dir, cli, credential_mark_path(config, job_id))
 
 
@@ -585,15 +658,15 @@ def _account_file(config: Config, account: str) -> Path:
     return config.credentials_dir / credential_filename(account)
 
 
-def _cli_preexec(cli: CliUser, cwd: int, rules: list[landlock.Rule], abi: int) -> Callable[[], None]:
-    """Between fork and exec of the CLI: Landlock, the job's directory, the CLI's own user with
-    no capabilities, and death with the worker (set last: a change of user clears it)."""
+def _cli_preexec(cli: CliUser, cwd: int | None) -> Callable[[], None]:
+    """Between fork and exec of the CLI (or of bwrap, which enters the job's directory itself):
+    the job's directory, the CLI's own user with no capabilities, and death with the worker (set
+    last: a change of user clears it)."""
     parent = os.getpid()
 
     def preexec() -> None:
-        if abi:
-            landlock.confine(rules, abi)
-        os.fchdir(cwd)
+        if cwd is not None:
+            os.fchdir(cwd)
         cli.become()
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

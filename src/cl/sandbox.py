@@ -1,0 +1,145 @@
+"""The CLI's view of the machine: a mount namespace per run, built by bubblewrap (`bwrap`).
+
+The CLI runs whatever a repository steers it to, so it gets a root of its own (`view`):
+
+* the system read-only: /usr (and the /bin, /lib... beside it), /etc, /opt and /var, less cl's
+  own places, which are empty there, read-only and not listable (the state, sessions, runtime,
+  credentials and configuration directories); `cli_readable` adds more (an install under /home);
+* read-write: its job's directory and its config dir, each bound from the descriptor the worker
+  opened (`open_directory`: no symlink followed), so the path inside names that directory for the
+  CLI's whole life, whatever becomes of the path outside; and `cli_writable`;
+* a private /tmp, /var/tmp, /run (only the resolver's file from the real one) and /dev;
+* its own PID namespace (everything in it ends with it) with a /proc of its own where the kernel
+  lets one be mounted (`probe`; where it does not, as in a systemd unit that masks parts of /proc,
+  the host's, read-only: with `ProtectProc=invisible` the CLI's user sees its own processes only),
+  and its own IPC and host name. The network is the host's: the gateway is on loopback.
+
+Everything else, other operators' trees included, does not exist for it. bwrap sets this up in a
+user namespace as the pool user the CLI runs as (`cl.cli_user`), without privileges of its own;
+the CLI starts once the view is complete, or not at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import shutil
+import stat
+import subprocess
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt", "/var")
+"""The system, read-only in every view (where it exists; a symlink stays one)."""
+PRIVATE_TMP = ("/tmp", "/var/tmp", "/run")  # noqa: S108 - the view's own, empty
+RESOLVER = "/etc/resolv.conf"
+NAMESPACES = ("--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try")
+
+_PATH = os.O_PATH | os.O_CLOEXEC
+
+
+class SandboxUnavailable(Exception):
+    """No view can be built here; the message says why and what to do."""
+
+
+def bwrap() -> str:
+    """bwrap's path; raises SandboxUnavailable if it is not installed."""
+    if (path := shutil.which("bwrap", path=os.environ.get("PATH", os.defpath) + ":/usr/bin:/bin")) is None:
+        raise SandboxUnavailable("bubblewrap is not installed (apt install bubblewrap), or set confinement = 'none'")
+    return path
+
+
+def probe(preexec: Callable[[], None] | None = None) -> bool:
+    """Build an empty view and run nothing in it, as the caller (or as `preexec` makes it): True
+    if it can have a /proc of its own, False if only the host's can be bound (a procfs mount is
+    refused where /proc is partly masked, as in a systemd unit with ProtectKernelTunables=).
+    Raises SandboxUnavailable, with bwrap's own words, if no view can be built (no user namespaces)."""
+    said = ""
+    for own_proc in (True, False):
+        proc = ["--proc", "/proc"] if own_proc else ["--ro-bind", "/proc", "/proc"]
+        argv = [bwrap(), *NAMESPACES, "--ro-bind", "/", "/", *proc, "--", "/usr/bin/true"]
+        done = subprocess.run(argv, capture_output=True, text=True, check=False, preexec_fn=preexec)
+        if done.returncode == 0:
+            return own_proc
+        said = said or done.stderr.strip() or f"exit status {done.returncode}"
+    raise SandboxUnavailable(f"bubblewrap cannot build the CLI's view here: {said}")
+
+
+def open_directory(path: str) -> int:
+    """An `O_PATH` descriptor of the directory at `path` (absolute), reached without following any
+    symlink: each component is opened beneath the one before with `O_NOFOLLOW` (as `openat2`'s
+    RESOLVE_NO_SYMLINKS would, which systemd 252's seccomp filters do not know). Raises OSError
+    (ELOOP for a symlink on the way)."""
+    fd = os.open("/", _PATH)
+    for part in Path(path).parts[1:]:
+        fd = _step(fd, part, path)
+    if not stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.ENOTDIR, "not a directory", path)
+    return fd
+
+
+def _step(parent: int, part: str, path: str) -> int:
+    """`part` opened beneath `parent` (which is closed), if it is not a symlink."""
+    try:
+        fd = os.open(part, _PATH | os.O_NOFOLLOW, dir_fd=parent)
+    finally:
+        os.close(parent)
+    if stat.S_ISLNK(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.ELOOP, "a symlink is on the way", path)
+    return fd
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class View:
+    """What one run's CLI sees besides the system."""
+
+    cwd: tuple[int, str]
+    """The job's directory: the descriptor the worker opened, and its path (where it appears)."""
+    config_dir: tuple[int, str]
+    hidden: Sequence[str]
+    """cl's own places: empty directories in the view."""
+    readable: Sequence[str] = ()
+    writable: Sequence[str] = ()
+    own_proc: bool = True
+    """A /proc of its own PID namespace; False: the host's, read-only (`probe`)."""
+
+
+def argv(view: View, command: Sequence[str]) -> list[str]:
+    """bwrap's command line running `command` in `view` (pass both descriptors to it)."""
+    hidden = _existing(view.hidden)
+    args = [bwrap(), *NAMESPACES, "--die-with-parent", *_system()]
+    args += ["--proc", "/proc"] if view.own_proc else ["--ro-bind", "/proc", "/proc"]
+    args += ["--dev", "/dev", *_each(["--tmpfs"], PRIVATE_TMP)]
+    args += _each(["--perms", "0111", "--tmpfs"], hidden)  # passable (to a config dir bound beneath), not listable
+    if (resolver := os.path.realpath(RESOLVER)).startswith("/run/"):  # systemd-resolved's stub
+        args += ["--ro-bind-try", resolver, resolver]
+    args += _each(["--ro-bind"], _existing(view.readable), twice=True)
+    args += _each(["--bind"], _existing(view.writable), twice=True)
+    for fd, path in (view.cwd, view.config_dir):
+        args += ["--bind-fd", str(fd), path]
+    args += _each(["--remount-ro"], hidden)  # what is bound beneath stays as it was bound
+    return [*args, "--chdir", view.cwd[1], "--", *command]
+
+
+def _system() -> list[str]:
+    args = []
+    for path in SYSTEM:
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    return args
+
+
+def _each(flags: Sequence[str], paths: Iterable[str], *, twice: bool = False) -> list[str]:
+    """`flags` before each path, and the path once (or twice: source and target)."""
+    return [arg for path in paths for arg in (*flags, path, *([path] if twice else []))]
+
+
+def _existing(paths: Iterable[str]) -> list[str]:
+    """Real paths that exist, each once, parents before children (a bind under a tmpfs shows)."""
+    real = {os.path.realpath(path) for path in paths if os.path.exists(path)}
+    return sorted(real, key=lambda path: (len(Path(path).parts), path))
