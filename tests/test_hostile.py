@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from utils import (
     Layout,
     Planted,
     both,
+    cl,
     exchange_raw,
     history,
     job_state_set,
@@ -196,3 +199,61 @@ def test_a_gigabyte_line_without_a_newline_does_not_take_the_worker_with_it(layo
     assert int(peak.split()[1]) < 300 * 1024, peak  # kB: a few lines' worth, not the gigabyte
     log = (layout.state / "logs" / f"job-{job}-run-{run.id}.log").read_text(errors="replace")
     assert "[cl: a line of the CLI's output longer than" in log
+
+
+def test_a_directory_planted_where_the_credential_goes_is_set_aside(layout: Layout, planted: Planted) -> None:
+    """The CLI makes its `.credentials.json` a directory: the worker's next copy sets it aside
+    (and says so) instead of dying on it, run after run."""
+    script = layout.root / "plant"
+    result = json.dumps({"type": "result", "subtype": "success", "is_error": False, "result": "planted"})
+    script.write_text(
+        '#!/bin/sh\nread line\ncd "$CLAUDE_CONFIG_DIR"\nrm -f .credentials.json\nmkdir .credentials.json\n'
+        'echo \'{"type":"system","subtype":"init","session_id":"3f1d2c4b-5a69-4788-9abc-def012345678"}\'\n'
+        f"echo '{result}'\n"
+    )
+    script.chmod(0o755)
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    with both(layout, env=layout.env(CL_CLAUDE_BIN=str(script))) as (balancer, _rescue):
+        job = submit(layout, "plant")
+        wait_until(lambda: job_states(layout).get(job) == "done", "the job to end well")
+    assert "something not a file stood where the CLI's credential goes, set aside" in balancer.log()
+    config_dir = layout.sessions / f"job-{job}"
+    assert (config_dir / ".credentials.json").is_file()
+    assert [p.name.startswith(".credentials.json.not-a-file-") for p in config_dir.iterdir() if p.is_dir()] == [True]
+
+
+def test_walls_without_end_fail_the_job_after_max_moves_per_hour(layout: Layout, planted: Planted) -> None:
+    """Every request walls, each wall resets a second later (what a CLI faking walls could print in
+    direct mode): the session moves `max_moves_per_hour` times, then its job fails with that reason
+    rather than making runs without end."""
+    layout.quota({"*": 0})
+    for name in ("a1", "a2"):
+        write_credential(layout.credentials, name, oauth_credential(planted))
+    env = layout.env(FAKE_CLAUDE_RESET_IN="1", CL_WALL_RETRY="1", CL_RESET_JITTER="0.1", CL_MAX_MOVES_PER_HOUR="3")
+    with both(layout, env=env) as (_balancer, rescue):
+        job = submit(layout, "wall forever")
+        wait_until(lambda: job_states(layout).get(job) == "failed", "the job to be given up", timeout=60)
+        story = json.loads(cl(layout, "job", str(job), "--json").stdout)
+    assert story["job"]["error"] == "moved 3 times in the last hour (max_moves_per_hour = 3)"
+    assert len(story["moves"]) == 3
+    assert "session given up" in rescue.log()
+
+
+def test_a_worker_that_dies_again_and_again_fails_its_job_after_max_orphanings(
+    layout: Layout, planted: Planted
+) -> None:
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    layout.hold.touch()  # every run's CLI waits: its worker is there to be killed
+    with both(layout, env=layout.env(CL_MAX_ORPHANINGS="2")) as (_balancer, rescue):
+        job = submit(layout, "die")
+        for _ in range(2):
+            (run,) = wait_until(lambda: [r for r in live_runs(layout) if r.pid], "a worker to run the job")
+            assert run.pid is not None
+            os.kill(run.pid, signal.SIGKILL)
+            gone = run.id
+            wait_until(lambda: gone not in {r.id for r in live_runs(layout)}, "the run to be found orphaned")  # noqa: B023
+        wait_until(lambda: job_states(layout).get(job) == "failed", "the job to be given up")
+        story = json.loads(cl(layout, "job", str(job), "--json").stdout)
+    layout.hold.unlink()
+    assert story["job"]["error"] == "its worker vanished 2 times (max_orphanings = 2)"
+    assert "session given up" in rescue.log()

@@ -61,6 +61,10 @@ class Config:
     """Up to this many seconds are added at random to a wall's reset before trying the account."""
     session_lock_wait: float = 60.0
     """Seconds a worker waits for a session's previous process to let go before its run fails."""
+    max_moves_per_hour: int = 6
+    """A job whose session moved this many times in an hour fails (with that reason) instead of moving again."""
+    max_orphanings: int = 3
+    """A job whose worker vanished this many times fails (with that reason) instead of resuming again."""
     retention_days: float = 30.0
     """Finished jobs, their runs and ledger rows are forgotten this many days after they ended."""
     reconcile_interval: float = 60.0
@@ -266,6 +270,8 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "reset_jitter": _seconds_or_zero,
     "reconcile_interval": _positive_float,
     "retention_days": _positive_float,
+    "max_moves_per_hour": _whole(1, 1000),
+    "max_orphanings": _whole(1, 1000),
     "session_lock_wait": _positive_float,
     "store_busy_timeout": _positive_float,
     "confinement": _confinement,

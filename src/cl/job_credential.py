@@ -162,6 +162,18 @@ class JobCredential:
             return  # an older token: the account's file moved on (another session refreshed)
         log.warning("refreshed credentials not kept", account=account, state=str(parsed.state), reason=parsed.reason)
 
+    def _set_aside(self) -> None:
+        """Not a regular file or a symlink (which a rename replaces) where the copy goes: renamed
+        aside, and said (a CLI planted it, or a tool made it)."""
+        try:
+            kind = stat.S_IFMT(os.stat(NAME, dir_fd=self._dir, follow_symlinks=False).st_mode)
+        except FileNotFoundError:
+            return
+        if kind not in (stat.S_IFREG, stat.S_IFLNK):
+            aside = f"{NAME}.not-a-file-{secrets.token_hex(4)}"
+            os.rename(NAME, aside, src_dir_fd=self._dir, dst_dir_fd=self._dir)
+            log.warning("something not a file stood where the CLI's credential goes, set aside", kept=aside)
+
     def _copy_signature(self) -> Signature | None:
         with self._cli.acting():
             try:
@@ -185,9 +197,11 @@ class JobCredential:
             os.close(fd)
 
     def _write_copy(self, data: bytes) -> None:
-        """A new file of the CLI's own, renamed over the copy: the CLI never sees it half-written."""
+        """A new file of the CLI's own, renamed over the copy: the CLI never sees it half-written.
+        Whatever else stands where the copy goes (a directory, a FIFO) is set aside first."""
         temporary = f"{NAME}.cl-{secrets.token_hex(8)}"
         with self._cli.acting():
+            self._set_aside()
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN, 0o600, dir_fd=self._dir)
             try:
                 os.write(fd, data)

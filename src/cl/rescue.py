@@ -23,6 +23,7 @@ import functools
 import os
 import random
 import sys
+import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
@@ -154,6 +155,8 @@ class Rescuer(Service):
         try:
             for job in facts.jobs:
                 self._announce(job, facts)
+                if await self._given_up(job):
+                    continue
                 if job.session_id is None:  # it never started a conversation: nothing to resume
                     if await self.store.requeue(job.id, "no session to resume"):
                         log.info("job requeued", job=job.id, account=job.account, reason="no session to resume")
@@ -165,6 +168,21 @@ class Rescuer(Service):
         finally:
             await asyncio.gather(*launches)  # a pass ends once its workers are launched
         return waiting
+
+    async def _given_up(self, job: Job) -> bool:
+        """The job fails, with the reason, if its session moved `max_moves_per_hour` times in the
+        last hour (walls that never end: a CLI that fakes them, or resets a second away) or its
+        worker vanished `max_orphanings` times (a worker that dies on something of the job's)."""
+        moves, orphaned = await self.store.troubles(job.id, time.time() - 3600)
+        if moves >= self.config.max_moves_per_hour:
+            reason = f"moved {moves} times in the last hour (max_moves_per_hour = {self.config.max_moves_per_hour})"
+        elif orphaned >= self.config.max_orphanings:
+            reason = f"its worker vanished {orphaned} times (max_orphanings = {self.config.max_orphanings})"
+        else:
+            return False
+        if await self.store.give_up(job.id, reason):
+            log.error("session given up", job=job.id, session=job.session_id, account=job.account, error=reason)
+        return True
 
     async def _move(self, job: Job, account: str, limit: int, *, launches: list[asyncio.Task[None]]) -> bool:
         """Write the move and start the resumed run: handed to the worker still holding the

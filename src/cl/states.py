@@ -49,8 +49,9 @@ JOB_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
     JobState.RUNNING: frozenset(  # its run ended; an abandoned one puts it back where it was
         {JobState.DONE, JobState.FAILED, JobState.WALLED, JobState.ORPHANED, JobState.CANCELLED, JobState.QUEUED}
     ),
-    JobState.WALLED: frozenset({JobState.RUNNING, JobState.QUEUED, JobState.CANCELLED}),  # moved, requeued
-    JobState.ORPHANED: frozenset({JobState.RUNNING, JobState.QUEUED, JobState.CANCELLED}),
+    # moved, requeued, cancelled, or given up (moved or orphaned too often: `Store.give_up`)
+    JobState.WALLED: frozenset({JobState.RUNNING, JobState.QUEUED, JobState.CANCELLED, JobState.FAILED}),
+    JobState.ORPHANED: frozenset({JobState.RUNNING, JobState.QUEUED, JobState.CANCELLED, JobState.FAILED}),
     JobState.DONE: frozenset({JobState.QUEUED}),  # a follow-up (`cl send`) resumes the session
     JobState.FAILED: frozenset({JobState.QUEUED}),
     JobState.CANCELLED: frozenset(),

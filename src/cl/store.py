@@ -638,6 +638,30 @@ class Store:
                 self.record(db, "job requeued", job_id, reason=reason)
         return bool(moved)
 
+    def troubles(self, job_id: int, since: float) -> tuple[int, int]:
+        """How often the job's session moved since `since`, and how often its worker vanished."""
+        with self.transaction(write=False) as db:
+            moves = db.execute(
+                "SELECT COUNT(*) FROM runs WHERE job_id = ? AND created_at >= ?"
+                f" AND prior_state IN {_sql_set(RESCUABLE)}",
+                (job_id, since, *RESCUABLE),
+            ).fetchone()[0]
+            orphaned = db.execute(
+                "SELECT COUNT(*) FROM runs WHERE job_id = ? AND state = ?", (job_id, RunState.ORPHANED)
+            ).fetchone()[0]
+        return int(moves), int(orphaned)
+
+    def give_up(self, job_id: int, reason: str) -> bool:
+        """A walled or orphaned job fails with `reason` instead of moving again."""
+        with self.transaction() as db:
+            failed = db.execute(
+                f"UPDATE jobs SET state = ?, error = ?, updated_at = ? WHERE id = ? AND state IN {_sql_set(RESCUABLE)}",
+                (JobState.FAILED, reason, time.time(), job_id, *RESCUABLE),
+            ).rowcount
+            if failed:
+                self.record(db, "job given up", job_id, error=reason)
+        return bool(failed)
+
     @staticmethod
     def _walled(db: sqlite3.Connection, account: str, now: float) -> bool:
         query = "SELECT 1 FROM walls WHERE account = ? AND (reset_at IS NULL OR reset_at > ?)"
@@ -1272,6 +1296,7 @@ class AsyncStore:
     facts = _OnStoreThread(Store.facts)
     get_job = _OnStoreThread(Store.get_job)
     get_run = _OnStoreThread(Store.get_run)
+    give_up = _OnStoreThread(Store.give_up)
     held_run = _OnStoreThread(Store.held_run)
     job_runs = _OnStoreThread(Store.job_runs)
     jobs_with_session = _OnStoreThread(Store.jobs_with_session)
@@ -1288,6 +1313,7 @@ class AsyncStore:
     settings = _OnStoreThread(Store.settings)
     settle = _OnStoreThread(Store.settle)
     snapshot = _OnStoreThread(Store.snapshot)
+    troubles = _OnStoreThread(Store.troubles)
     waited_for_answer = _OnStoreThread(Store.waited_for_answer)
 
     def close(self) -> None:

@@ -364,9 +364,9 @@ def _start(session: _Session, account: Account) -> bool:
             own_proc=session.own_proc,
         )
         command = sandbox.argv(view, command)
-    if config.gateway:
-        _give_capability(session)
     try:
+        if config.gateway:
+            _give_capability(session)
         session.process = CliProcess(
             command,
             env=cli_environment(config, account, cli, config_dir),
