@@ -257,3 +257,24 @@ def test_a_worker_that_dies_again_and_again_fails_its_job_after_max_orphanings(
     layout.hold.unlink()
     assert story["job"]["error"] == "its worker vanished 2 times (max_orphanings = 2)"
     assert "session given up" in rescue.log()
+
+
+def test_a_session_id_belongs_to_the_first_job_that_reported_it(layout: Layout, planted: Planted) -> None:
+    """Every run of this CLI says it is the same session: the second job's claim is not taken."""
+    script = layout.root / "same-session"
+    session = "3f1d2c4b-5a69-4788-9abc-def012345678"
+    result = json.dumps({"type": "result", "subtype": "success", "is_error": False, "result": "ok"})
+    script.write_text(
+        f'#!/bin/sh\nread line\necho \'{{"type":"system","subtype":"init","session_id":"{session}"}}\'\n'
+        f"echo '{result}'\n"
+    )
+    script.chmod(0o755)
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    with both(layout, env=layout.env(CL_CLAUDE_BIN=str(script))) as (balancer, _rescue):
+        first = submit(layout, "one")
+        wait_until(lambda: job_states(layout).get(first) == "done", "the first job")
+        second = submit(layout, "two")
+        wait_until(lambda: job_states(layout).get(second) == "done", "the second job")
+        jobs = {job["id"]: job for job in json.loads(cl(layout, "jobs", "--all", "--json").stdout)}
+    assert (jobs[first]["session_id"], jobs[second]["session_id"]) == (session, None)
+    assert "the CLI reported another job's session id, not taken" in balancer.log()

@@ -31,6 +31,7 @@ import pytest
 from sdbox import Box, booted, drop_credential, submit, unavailable
 
 from cl.client import DaemonUnreachable, call
+from cl.config import load_config
 from utils import POOL, REPO, FakeApi, Planted, free_port, make_run, oauth_credential, wait_until, write_credential
 
 HOSTILE = REPO / "tests" / "fakes" / "hostile"
@@ -129,12 +130,17 @@ class Attack:
     """The state store's `PRAGMA integrity_check` afterwards."""
     said: str
     """What the daemons said (their output, or their journal)."""
-    ptrace_refused: str
+    ip_rules: str | None = None
+    """Under systemd: the worker unit's IP address rules, as systemd loaded them."""
+    ip_firewall: bool = False
+    """Under systemd: whether the box can enforce them (BPF on the unified cgroup hierarchy)."""
+    ptrace_refused: str = "ESRCH"
     """ESRCH (no such process in its namespace); EPERM where the worker unit's seccomp filter
     refuses ptrace itself."""
 
 
 VICTIM, ATTACK = "victim", "--dangerously-skip-permissions, then attack"
+METRICS, ANOTHER_LOOPBACK_PORT, GATEWAY_ADDRESS = "127.0.0.1:9847", "127.0.0.1:8123", "127.0.0.2:8479"
 
 
 def targets_in(credentials: Path, state: Path, sessions: Path, sockets: list[Path]) -> dict[str, Any]:
@@ -267,7 +273,8 @@ def _attack_under_systemd(box: Box, tmp: Path, planted: Planted) -> Attack:
         "mkdir -p /etc/cl /srv/work && chgrp cl-cli /srv/work && chmod 2770 /srv/work"
         f" && printf '%s' '{config}' > /etc/cl/config.toml",
     )
-    box("systemctl", "enable", "--now", "cl-balancer.service", "cl-rescue.service")
+    box("systemctl", "enable", "--now", "cl-balancer.service", "cl-rescue.service", "cl-metrics.socket")
+    box("systemd-run", "--unit=listener", str(SYSTEM_PYTHON), "-m", "http.server", "--bind", "127.0.0.1", "8123")
     units = ("cl-balancer", "cl-rescue")
     daemons = [int(box("systemctl", "show", "-p", "MainPID", "--value", unit).stdout) for unit in units]
     for name in ("a1", "a2"):
@@ -288,6 +295,7 @@ def _attack_under_systemd(box: Box, tmp: Path, planted: Planted) -> Attack:
     store = "import sqlite3; print(sqlite3.connect('/var/lib/cl/cl.db').execute('SELECT pid FROM runs').fetchone()[0])"
     cli = box("pgrep", "-f", "python3 /opt/fakes/hostile ").stdout.split()
     pids = [int(box(str(SYSTEM_PYTHON), "-c", store).stdout), *map(int, cli)]
+    targets["tcp"] = [METRICS, ANOTHER_LOOPBACK_PORT, GATEWAY_ADDRESS]
     aim(targets, daemons, pids, tmp / "fake" / "targets.json")
     submit(box, "/srv/work", ATTACK)
     wait_until(lambda: exists("/srv/work/resumed.json"), "the attacker to wall on a1 and resume on a2")
@@ -313,6 +321,10 @@ def _attack_under_systemd(box: Box, tmp: Path, planted: Planted) -> Attack:
         logs=logs,
         integrity=integrity,
         said=box("journalctl", "-u", "cl-balancer", "-u", "cl-rescue", "--no-pager").stdout,
+        ip_rules=box(
+            "systemctl", "show", "-p", "IPAddressAllow", "-p", "IPAddressDeny", "cl-worker@x.service"
+        ).stdout.strip(),
+        ip_firewall=box("test", "-e", "/sys/fs/cgroup/cgroup.controllers", check=False).returncode == 0,
         ptrace_refused="EPERM",
     )
 
@@ -321,6 +333,23 @@ def test_the_cli_runs_as_a_user_of_the_pool_without_capabilities(attack: Attack)
     assert attack.report["me"]["uid"] in attack.pool
     assert set(attack.report["me"]["capabilities"].values()) == {0}
     assert attack.report["became_root"] is False
+
+
+def test_under_systemd_no_loopback_port_but_the_gateways_address_nor_link_local_is_reachable(attack: Attack) -> None:
+    """The worker unit's IPAddressDeny=/IPAddressAllow=, as systemd loaded them: the metrics port
+    and another local service on 127.0.0.1 refused before a packet leaves (EPERM), the gateway's
+    own address allowed (nothing listens there in direct mode: ECONNREFUSED). systemd enforces
+    them with BPF on the unified cgroup hierarchy only; a box on hybrid cgroups checks the unit.
+    Under `make run` the CLI's network is the host's (docs/reliability.md says so)."""
+    if attack.ip_rules is None:
+        pytest.skip("under make run the CLI's network is not narrowed")
+    allowed, denied = (line.partition("=")[2].split() for line in attack.ip_rules.splitlines())
+    assert allowed == ["127.0.0.2/32"]  # the gateway's address, nothing else on loopback
+    assert set(denied) == {"127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/64", "224.0.0.0/4", "ff00::/8"}
+    assert load_config({}).gateway_listen.startswith("127.0.0.2:")
+    reached = {address: outcome["error"] for address, outcome in attack.report["tcp"].items()}
+    if attack.ip_firewall:
+        assert reached == {METRICS: "EPERM", ANOTHER_LOOPBACK_PORT: "EPERM", GATEWAY_ADDRESS: "ECONNREFUSED"}
 
 
 def test_the_prompt_is_never_an_argument_nor_an_option(attack: Attack) -> None:

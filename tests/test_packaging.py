@@ -70,11 +70,12 @@ def test_sysusers_and_tmpfiles_make_the_users_the_roster_and_the_sessions_dirs(t
     )
     users = {line.split(":")[0]: line.split(":") for line in (tmp_path / "etc" / "passwd").read_text().splitlines()}
     groups = {line.split(":")[0]: line.split(":") for line in (tmp_path / "etc" / "group").read_text().splitlines()}
-    assert set(users) == {"cl", "cl-cli"}  # the daemons' user, and the CLI's own
+    pool = {f"cl-cli-{n}" for n in range(1, 17)}
+    assert set(users) == {"cl", *pool}  # the daemons' user, and the CLI's: one per live job
     assert set(groups) == {"cl", "cl-cli", "cl-admin"}
-    gid = int(groups["cl"][2])
-    cli_uid, cli_gid = int(users["cl-cli"][2]), int(users["cl-cli"][3])
-    assert cli_gid != gid  # the CLI is not in the group that may talk to the daemons
+    gid, pool_gid = int(groups["cl"][2]), int(groups["cl-cli"][2])
+    assert {int(users[name][3]) for name in pool} == {pool_gid} != {gid}  # not the group that may talk to the daemons
+    assert len({users[name][2] for name in pool}) == len(pool)
     subprocess.run(
         ["systemd-tmpfiles", f"--root={tmp_path}", "--create", str(UNITS / "tmpfiles.d" / "cl.conf")],
         check=True,
@@ -83,7 +84,8 @@ def test_sysusers_and_tmpfiles_make_the_users_the_roster_and_the_sessions_dirs(t
     roster = (tmp_path / "opt" / "claude").stat()
     assert (oct(roster.st_mode & 0o7777), roster.st_uid, roster.st_gid) == ("0o750", 0, gid)
     sessions = (tmp_path / "var" / "lib" / "cl-sessions").stat()
-    assert (oct(sessions.st_mode & 0o7777), sessions.st_uid, sessions.st_gid) == ("0o700", cli_uid, cli_gid)
+    cl_uid = int(users["cl"][2])
+    assert (oct(sessions.st_mode & 0o7777), sessions.st_uid, sessions.st_gid) == ("0o710", cl_uid, pool_gid)
 
 
 @pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers is not installed")
@@ -112,7 +114,8 @@ def test_make_install_then_uninstall_leaves_only_state_and_credentials(tmp_path:
         ("packaging/systemd/catalog/cl.catalog", "usr/lib/systemd/catalog/cl.catalog"),
     ):
         assert (root / installed).read_bytes() == (REPO / shipped).read_bytes(), installed
-    assert [line.split(":")[0] for line in (root / "etc/passwd").read_text().splitlines()] == ["cl", "cl-cli"]
+    made = [line.split(":")[0] for line in (root / "etc/passwd").read_text().splitlines()]
+    assert made == ["cl", *(f"cl-cli-{n}" for n in range(1, 17))]
     assert (root / "opt/claude").is_dir()
     share = root / "opt/cl/share/cl"  # what the wheel carries, for a host installed with pip alone
     assert sorted(p.name for p in (share / "systemd").iterdir()) == sorted(ALL_UNITS)

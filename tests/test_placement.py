@@ -180,3 +180,17 @@ def test_a_placer_fills_accounts_up_to_their_limits_and_skips_those_full_elsewhe
         ]
         if not went:  # it waits only if, even at the end of the pass, nothing could take it
             assert not open_now, (model, open_now)
+
+
+def test_a_placer_places_no_more_live_runs_in_all_than_the_cli_has_users() -> None:
+    roster = {name: Account(name, AccountState.OK) for name in ("a1", "a2")}
+    placer = Placer(roster, Facts([], {}, set(), {"a1": 1}, {}), 4, "headroom", at_once=3)
+
+    async def attempt(_account: str, _room: int) -> bool:
+        return True
+
+    async def offer(count: int) -> list[bool]:
+        return [await placer.take(attempt) for _ in range(count)]
+
+    assert asyncio.run(offer(4)) == [True, True, False, False]  # one was live already
+    assert placer.exhausted

@@ -21,6 +21,9 @@ pytestmark = [
 ]
 
 
+SESSION = "3f1d2c4b-5a69-4788-9abc-def012345678"
+
+
 def submit(layout: Layout, prompt: str = "hi") -> int:
     done = cl(layout, "submit", "--cwd", str(layout.work), "--prompt", prompt, "--json")
     assert done.returncode == 0, done.stderr
@@ -135,9 +138,10 @@ def test_unconfined_is_written_in_the_config_and_said_at_every_start(layout: Lay
 
 
 def test_a_cwd_swapped_for_a_symlink_before_its_cli_starts_is_refused(layout: Layout, planted: Planted) -> None:
-    bob = layout.root / "bob"
-    bob.mkdir(mode=0o2770)
+    bob = layout.root / "bob"  # another operator's, which the CLI's users could write
+    bob.mkdir()
     os.chown(bob, -1, layout.work.stat().st_gid)
+    bob.chmod(0o2770)
     daemon = DaemonProcess("balancer", layout).start()
     try:
         number = submit(layout)  # no account yet: it waits in the queue
@@ -148,7 +152,7 @@ def test_a_cwd_swapped_for_a_symlink_before_its_cli_starts_is_refused(layout: La
         error = job(layout, number)["error"]
     finally:
         daemon.stop()
-    assert "a symlink is on the way" in str(error)
+    assert f"it now resolves to {bob}" in str(error)
     assert json_lines(layout.fakes / "fake-claude.jsonl") == []
     assert list(bob.iterdir()) == []
 
@@ -175,3 +179,26 @@ def test_a_cwd_swapped_for_a_symlink_while_its_cli_runs_changes_nothing_for_it(
         daemon.stop()
     assert (layout.root / "work-was" / "written.txt").exists()
     assert list(bob.iterdir()) == []
+
+
+def test_a_cli_that_forks_without_end_is_held_to_its_process_limit(layout: Layout, planted: Planted) -> None:
+    """Each job has a user of its own, so the limit on that user's processes is the job's."""
+    script = layout.fakes / "forks"  # in the view (cli_writable)
+    script.write_text(
+        "#!/usr/bin/python3\nimport json, os, sys, time\nsys.stdin.readline()\nforked = 0\n"
+        "for _ in range(200):\n    try:\n        pid = os.fork()\n    except OSError:\n        break\n"
+        "    if pid == 0:\n        time.sleep(60)\n        os._exit(0)\n    forked += 1\n"
+        "open('forked.txt', 'w').write(str(forked))\n"
+        f"print(json.dumps({{'type': 'system', 'subtype': 'init', 'session_id': '{SESSION}'}}))\n"
+        'print(json.dumps({"type": "result", "subtype": "success", "is_error": False, "result": "forked"}))\n'
+    )
+    script.chmod(0o755)
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    env = layout.env(CL_CLAUDE_BIN=str(script), CL_CLI_PROCESSES_MAX="20")
+    daemon = DaemonProcess("balancer", layout, env=env).start()
+    try:
+        number = submit(layout)
+        wait_until(lambda: job(layout, number)["state"] == "done", "the job to finish")
+    finally:
+        daemon.stop()
+    assert 0 < int((layout.work / "forked.txt").read_text()) < 20

@@ -3,6 +3,7 @@ CLI's user can write. Each refusal names its rule."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cl import workdir
+from cl import sandbox, workdir
 from utils import DaemonProcess, Layout, cl
 
 NOBODY = 65534
@@ -82,3 +83,21 @@ def test_a_symlink_is_resolved_before_the_rules(tmp_path: Path) -> None:
     (tmp_path / "innocent").symlink_to(state)
     with pytest.raises(workdir.WorkdirRefused, match="it is cl's state directory"):
         workdir.check(str(tmp_path / "innocent"), {"state directory": state}, [])
+
+
+def test_a_directory_is_opened_with_no_symlink_followed_anywhere_on_its_path(tmp_path: Path) -> None:
+    real = tmp_path / "real" / "project"
+    real.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    fd = sandbox.open_directory(str(real))
+    try:
+        assert os.readlink(f"/proc/self/fd/{fd}") == str(real)
+    finally:
+        os.close(fd)
+    for path in (tmp_path / "link" / "project", tmp_path / "link"):
+        with pytest.raises(OSError, match="a symlink is on the way") as refused:
+            sandbox.open_directory(str(path))
+        assert refused.value.errno == errno.ELOOP
+    (tmp_path / "file").touch()
+    with pytest.raises(NotADirectoryError):
+        sandbox.open_directory(str(tmp_path / "file"))

@@ -133,7 +133,11 @@ class Balancer(Service):
     async def _place_jobs(self, facts: Facts) -> None:
         """Place what can be placed, in queue order."""
         placer = placement.Placer(
-            self.registry.accounts, facts, self.config.max_sessions_per_account, self.config.placement
+            self.registry.accounts,
+            facts,
+            self.config.max_sessions_per_account,
+            self.config.placement,
+            at_once=placement.at_once(self.config),
         )
         waiting = 0
         for job in facts.jobs:

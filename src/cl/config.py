@@ -76,6 +76,9 @@ class Config:
     """The CLI's users: `cli_pool`-1 ... `cli_pool`-N, all in group `cli_pool`."""
     cli_pool_size: int = 16
     """N: how many jobs' CLIs may run at once (a job waits for a free user)."""
+    cli_processes_max: int = 1024
+    """Processes a sandboxed job's CLI user may have at once, its tools' included (RLIMIT_NPROC:
+    each job has a user of its own, so this is per job)."""
     cli_readable: tuple[str, ...] = ()
     """Existing paths the CLI may read besides the system (/usr, /etc, /opt, /var)."""
     cli_writable: tuple[str, ...] = ()
@@ -91,8 +94,9 @@ class Config:
     gateway: bool = True
     """The CLI talks to the API through `cl-gateway` holding a capability, never a real token;
     false: each CLI holds its account's credential and talks to the API directly."""
-    gateway_listen: str = "127.0.0.1:8479"
-    """Where `cl-gateway` listens (loopback only) and where every CLI sends its requests."""
+    gateway_listen: str = "127.0.0.2:8479"
+    """Where `cl-gateway` listens (loopback only) and where every CLI sends its requests: an address of its
+    own, the one loopback address a `cl-worker@` unit may reach (IPAddressAllow=)."""
     gateway_upstream: str = "https://api.anthropic.com"
     """The API the gateway forwards to."""
     oauth_token_url: str = "https://platform.claude.com/v1/oauth/token"  # noqa: S105 - a URL, not a secret
@@ -277,6 +281,7 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "confinement": _confinement,
     "cli_pool": _name,
     "cli_pool_size": _whole(1, 1000),
+    "cli_processes_max": _whole(8, 1_000_000),
     "cli_readable": _paths,
     "cli_writable": _paths,
     "admin_group": _name,

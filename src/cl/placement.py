@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Collection, Mapping
 
+from cl.config import Config
 from cl.credentials import Account
 from cl.store import UNSET, AccountSettings, Facts, NoRoom
 
@@ -74,13 +75,22 @@ def choose(
     return min(candidates, key=room)
 
 
+def at_once(config: Config) -> int | None:
+    """How many runs may be live at once in all: one per user of the CLI's pool, when sandboxed."""
+    return config.cli_pool_size if config.confinement == "sandbox" else None
+
+
 class Placer:
     """One pass's placements over the accounts eligible now (the registry's, as passed in): each
     piece of work goes to the policy's choice among those that may serve its model; an account
     found walled, paused or full inside its own transaction (`NoRoom`: the other daemon or an
     operator got there first) is dropped and the next one tried."""
 
-    def __init__(self, roster: Mapping[str, Account], facts: Facts, max_sessions: int, policy: str) -> None:
+    def __init__(
+        self, roster: Mapping[str, Account], facts: Facts, max_sessions: int, policy: str, at_once: int | None = None
+    ) -> None:
+        """`at_once`: live runs in all, at most (each takes one of the CLI's users)."""
+        self._at_once = at_once
         self._live = facts.live
         self._usage = facts.usage
         self._probation = facts.probation
@@ -94,11 +104,13 @@ class Placer:
     @property
     def exhausted(self) -> bool:
         """No account may take anything more in this pass."""
-        return not self._candidates
+        return not self._candidates or (self._at_once is not None and sum(self._live.values()) >= self._at_once)
 
     async def take(self, attempt: Callable[[str, int], Awaitable[bool]], model: str | None = None) -> bool:
         """Offer one piece of work: `attempt(account, limit)` writes it there (True) or finds the
         work gone meanwhile (False). False only when no account may take it now: it waits."""
+        if self.exhausted:
+            return False
         candidates = serving(self._candidates, model, self._settings)
         while (account := choose(candidates, self._live, self._usage, self._policy)) is not None:
             room = limit(account.name, self._max_sessions, self._probation, self._settings)

@@ -148,7 +148,11 @@ class Rescuer(Service):
         """Move every session that can move now, oldest job first; the ones left waiting. Each
         move's worker is launched while the next move is written: a storm moves in parallel."""
         placer = placement.Placer(
-            self.registry.accounts, facts, self.config.max_sessions_per_account, self.config.placement
+            self.registry.accounts,
+            facts,
+            self.config.max_sessions_per_account,
+            self.config.placement,
+            at_once=placement.at_once(self.config),
         )
         waiting = []
         launches: list[asyncio.Task[None]] = []

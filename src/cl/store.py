@@ -170,6 +170,16 @@ MIGRATIONS: list[str] = [
     ALTER TABLE runs ADD COLUMN cache_read_tokens INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE runs ADD COLUMN cache_creation_tokens INTEGER NOT NULL DEFAULT 0
     """,
+    # 10: a session id belongs to one job, the first that reported it: a CLI that prints another
+    # job's is not believed.
+    """
+    CREATE TABLE sessions (
+        session_id TEXT PRIMARY KEY,
+        job_id INTEGER NOT NULL
+    );
+    INSERT OR IGNORE INTO sessions (session_id, job_id)
+        SELECT session_id, MIN(job_id) FROM runs WHERE session_id IS NOT NULL GROUP BY session_id
+    """,
 ]
 
 
@@ -827,14 +837,22 @@ class Store:
                 (version, swaps, time.time()),
             )
 
-    def set_session(self, run_id: int, session_id: str) -> None:
+    def set_session(self, run_id: int, session_id: str) -> bool:
+        """The run's session id, as its CLI reported it; False (nothing written) if the id is
+        another job's."""
         with self.transaction() as db:
+            job_id = self._job_of(db, run_id)
+            db.execute("INSERT OR IGNORE INTO sessions (session_id, job_id) VALUES (?, ?)", (session_id, job_id))
+            owner = db.execute("SELECT job_id FROM sessions WHERE session_id = ?", (session_id,)).fetchone()[0]
+            if owner != job_id:
+                return False
             db.execute("UPDATE runs SET session_id = ? WHERE id = ?", (session_id, run_id))
             db.execute(
                 "UPDATE jobs SET session_id = ?, updated_at = ? WHERE id = (SELECT job_id FROM runs WHERE id = ?)",
                 (session_id, time.time(), run_id),
             )
-            self.record(db, "session seen", self._job_of(db, run_id), run=run_id, session=session_id)
+            self.record(db, "session seen", job_id, run=run_id, session=session_id)
+        return True
 
     def settle(
         self, run_id: int, state: RunState, error: str | None = None, *, held_until: float | None = None
@@ -1106,6 +1124,7 @@ class Store:
                 chosen = _sql_set(tuple(map(str, ids)))
                 db.execute(f"DELETE FROM ledger WHERE job_id IN {chosen}", ids)
                 db.execute(f"DELETE FROM runs WHERE job_id IN {chosen}", ids)
+                db.execute(f"DELETE FROM sessions WHERE job_id IN {chosen}", ids)
                 db.execute(f"DELETE FROM jobs WHERE id IN {chosen}", ids)
             pruned += len(ids)
             if len(ids) < batch:

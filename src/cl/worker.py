@@ -50,6 +50,7 @@ import json
 import math
 import os
 import queue
+import resource
 import signal
 import socket
 import sqlite3
@@ -83,6 +84,7 @@ from cl.store import Job, Run, Store
 log = structlog.get_logger("cl.worker")
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
 MAX_TOKENS = 2**40
 MAX_RESULT_TEXT = 32 * 1024
 MAX_FIELD = 200
@@ -371,7 +373,7 @@ def _start(session: _Session, account: Account) -> bool:
             command,
             env=cli_environment(config, account, cli, config_dir),
             pass_fds=fds,
-            preexec=_cli_preexec(cli, None if config.confinement == "sandbox" else session.cwd),
+            preexec=_cli_preexec(cli, session.cwd, config),
             cli=cli,
             events=session.events,
             output=session.output,
@@ -399,19 +401,17 @@ def _open_cwd(session: _Session) -> int:
     job, cli = session.job, session.cli
     writer = workdir.Writer(f"the CLI's user {cli.name}", cli.uid, cli.groups())
     with cli.acting():  # as the CLI's user sees the path
+        cwd = workdir.check_for_job(session.config, job.cwd, [writer])
+        if cwd != job.cwd:
+            raise RunRefused(f"{job.cwd}: it now resolves to {cwd}; the job runs only where it was submitted")
         try:
             fd = sandbox.open_directory(job.cwd)
         except OSError as exc:
             raise RunRefused(f"{job.cwd}: {exc.strerror}; the job runs only where it was submitted") from None
-        try:
-            cwd = workdir.check_for_job(session.config, job.cwd, [writer])
-            opened, there = os.fstat(fd), os.stat(cwd)
-        except BaseException:
-            os.close(fd)
-            raise
-    if cwd != job.cwd or (opened.st_dev, opened.st_ino) != (there.st_dev, there.st_ino):
+    opened, there = os.fstat(fd), os.stat(cwd)
+    if (opened.st_dev, opened.st_ino) != (there.st_dev, there.st_ino):
         os.close(fd)
-        raise RunRefused(f"{job.cwd}: it changed since it was submitted; the job runs only where it was submitted")
+        raise RunRefused(f"{job.cwd}: it changed while it was opened; the job runs only where it was submitted")
     return fd
 
 
@@ -658,17 +658,23 @@ def _account_file(config: Config, account: str) -> Path:
     return config.credentials_dir / credential_filename(account)
 
 
-def _cli_preexec(cli: CliUser, cwd: int | None) -> Callable[[], None]:
-    """Between fork and exec of the CLI (or of bwrap, which enters the job's directory itself):
-    the job's directory, the CLI's own user with no capabilities, and death with the worker (set
-    last: a change of user clears it)."""
+def _cli_preexec(cli: CliUser, cwd: int, config: Config) -> Callable[[], None]:
+    """Between fork and exec of the CLI: unconfined, its job's directory; sandboxed (bwrap then
+    enters the directory itself), the process limit of its pool user. Then the CLI's own user
+    with no capabilities and no way to gain any, and death with the worker (set last: a change of
+    user clears it, and so would an exec that gains privileges)."""
     parent = os.getpid()
+    sandboxed = config.confinement == "sandbox"
+    processes = config.cli_processes_max
 
     def preexec() -> None:
-        if cwd is not None:
+        if sandboxed:
+            resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
+        else:
             os.fchdir(cwd)
         cli.become()
         libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # its exec gains nothing (root's would regain every capability)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:  # the worker died before PDEATHSIG was set
             os._exit(1)

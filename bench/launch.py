@@ -1,0 +1,144 @@
+"""The worker's claim -> the CLI running, side by side with another revision in one run.
+
+`python bench/launch.py [--against REV] [--jobs N] [--rounds R]`, as root (the CLI gets a user of
+its own only then). REV (default: the commit before the sandbox) is checked out in a temporary
+worktree; each round runs N jobs one after another on this tree's daemons, then on REV's, each
+on a fresh root. A job's figure is from its run's claim (the ledger's `run started`) to the fake
+CLI's first line of work (its own interpreter start included, the same on both sides). This tree
+runs its CLIs sandboxed (a pool user, a bubblewrap view); REV runs them as it did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import grp
+import json
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from run import BIN, populate, spread
+
+from cl.client import call
+
+HERE = Path(__file__).resolve().parent
+PROJECT = HERE.parent
+FAKE_CLAUDE = PROJECT / "tests" / "fakes" / "claude"
+BEFORE_THE_SANDBOX = "1d8a64d"
+
+
+def claim_to_running(tree: Path, root: Path, jobs: int) -> list[float]:
+    """`jobs` jobs, one at a time, on the daemons of `tree`'s source, on `root`."""
+    populate(root / "claude", 2)
+    work, fakes = root / "work", root / "fake"
+    for directory in (work, fakes):
+        directory.mkdir()
+        os.chown(directory, -1, grp.getgrnam("cl-cli").gr_gid)  # writable by the CLI's users, old and new
+        directory.chmod(0o2777)
+    log = fakes / "fake.jsonl"
+    log.touch(mode=0o666)
+    log.chmod(0o666)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CL_", "NOTIFY_SOCKET"))}
+    env |= {
+        "PYTHONPATH": str(tree / "src"),
+        "CL_CONFIG": "/dev/null",
+        "CL_CREDENTIALS_DIR": str(root / "claude"),
+        "CL_STATE_DIR": str(root / "state"),
+        "CL_SESSIONS_DIR": str(root / "sessions"),
+        "CL_RUNTIME_DIR": str(root / "run"),
+        "CL_GATEWAY": "false",
+        "CL_CLAUDE_BIN": str(FAKE_CLAUDE),
+        "CL_CLI_WRITABLE": str(fakes),
+        "FAKE_CLAUDE_LOG": str(log),
+    }
+    if "confinement" in (tree / "src" / "cl" / "config.py").read_text():  # a tree with the sandbox
+        env |= {"CL_CONFINEMENT": "sandbox", "CL_CLI_READABLE": str(FAKE_CLAUDE.parent)}
+    else:  # one before it: its own user, cl-cli, and Landlock
+        env |= {"CL_CLI_USER": "cl-cli"}
+    balancer = subprocess.Popen(
+        [str(BIN / "python"), "-c", "from cl.balancer import main; main()"],
+        env=env,
+        stderr=(root / "balancer.log").open("wb"),
+    )
+    try:
+        socket_path = root / "run" / "balancer.sock"
+        until(socket_path.exists, "the balancer to listen")
+        for i in range(jobs):
+            call(socket_path, {"request": "submit", "cwd": str(work), "prompt": f"p{i}"})
+            until(functools.partial(started, log, i + 1), f"job {i}'s CLI to run")
+            time.sleep(0.05)  # its worker settles before the next claim
+    finally:
+        balancer.terminate()
+        balancer.wait(30)
+    running = [json.loads(line)["t"] for line in log.read_text().splitlines()]
+    claimed = ledger_claims(tree, root / "state" / "cl.db")
+    return [start - claim for claim, start in zip(claimed, running, strict=True)]
+
+
+def ledger_claims(tree: Path, database: Path) -> list[float]:
+    """When each run was claimed, in order, read by `tree`'s own store (its schema)."""
+    script = (
+        "import json, pathlib, sys; from cl.store import Store; s = Store(pathlib.Path(sys.argv[1]));"
+        " print(json.dumps([e['at'] for e in s.ledger(1_000_000) if e['event'] == 'run started']))"
+    )
+    out = subprocess.run(
+        [str(BIN / "python"), "-c", script, str(database)],
+        env={**os.environ, "PYTHONPATH": str(tree / "src")},
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return list(json.loads(out.stdout))
+
+
+def started(log: Path, count: int) -> bool:
+    return len(log.read_text().splitlines()) >= count
+
+
+def until(predicate: Callable[[], object], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+@contextlib.contextmanager
+def worktree(revision: str) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="cl-bench-rev-") as tmp:
+        path = Path(tmp) / "tree"
+        git = ["git", "-C", str(PROJECT), "worktree"]
+        subprocess.run([*git, "add", "-q", "--detach", str(path), revision], check=True)
+        try:
+            yield path
+        finally:
+            subprocess.run([*git, "remove", "--force", str(path)], check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--against", default=BEFORE_THE_SANDBOX, help="the revision to compare with")
+    parser.add_argument("--jobs", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    if os.getuid() != 0:
+        raise SystemExit("run as root: the CLI gets a user of its own only then")
+    subprocess.run(["systemd-sysusers", str(PROJECT / "packaging/systemd/sysusers.d/cl.conf")], check=True)
+    with worktree(args.against) as other:
+        figures: dict[str, list[float]] = {"this tree": [], args.against: []}
+        for _ in range(args.rounds):
+            for name, tree in (("this tree", PROJECT), (args.against, other)):
+                with tempfile.TemporaryDirectory(prefix="cl-bench-launch-", dir="/var/tmp") as root:
+                    Path(root).chmod(0o755)
+                    figures[name] += claim_to_running(tree, Path(root), args.jobs)
+    for name, samples in figures.items():
+        print(f"claim -> CLI running, {name}: {spread(samples)}  (n={len(samples)})")
+
+
+if __name__ == "__main__":
+    main()
