@@ -57,7 +57,7 @@ def claim_to_running(tree: Path, root: Path, jobs: int) -> list[float]:
         "FAKE_CLAUDE_LOG": str(log),
     }
     if "confinement" in (tree / "src" / "cl" / "config.py").read_text():  # a tree with the sandbox
-        env |= {"CL_CONFINEMENT": "sandbox", "CL_CLI_READABLE": str(FAKE_CLAUDE.parent)}
+        env |= {"CL_CONFINEMENT": "sandbox", "CL_CLI_READABLE": str(FAKE_CLAUDE.parent), "CL_CLI_ENV_KEEP": "FAKE_*"}
     else:  # one before it: its own user, cl-cli, and Landlock
         env |= {"CL_CLI_USER": "cl-cli"}
     balancer = subprocess.Popen(

@@ -254,11 +254,18 @@ def test_cancel(layout: Layout, planted: Planted) -> None:
     assert [call["prompt"] for call in layout.claude_calls()] == ["runs"]
 
 
-def test_the_cli_runs_with_only_the_accounts_credential(layout: Layout, planted: Planted) -> None:
+def test_the_cli_runs_with_only_the_accounts_credential_and_an_allowed_environment(
+    layout: Layout, planted: Planted
+) -> None:
     write_credential(layout.credentials, "a1", oauth_credential(planted))
     (layout.root / "config.toml").write_text('[worker.env]\nFROM_WORKER_TABLE = "yes"\n')
     leaky = layout.env(
-        ANTHROPIC_API_KEY=planted.token("sk-ant-api03-"), CLAUDE_CODE_RETRY_WATCHDOG="1", FROM_THE_DAEMON="yes"
+        ANTHROPIC_API_KEY=planted.token("sk-ant-api03-"),
+        CLAUDE_CODE_RETRY_WATCHDOG="1",
+        FROM_THE_DAEMON="yes",  # as `make run` passes on whatever its user had
+        SSH_AUTH_SOCK="/run/user/0/agent",
+        PASSED_ON="yes",
+        CL_CLI_ENV_KEEP=f"{layout.env()['CL_CLI_ENV_KEEP']} PASSED_*",
     )
     daemon = DaemonProcess("balancer", layout, env=leaky).start()
     try:
@@ -267,8 +274,10 @@ def test_the_cli_runs_with_only_the_accounts_credential(layout: Layout, planted:
         (call,) = layout.claude_calls()
         assert call["auth"] == "oauth"  # the daemon's ANTHROPIC_API_KEY did not reach the CLI
         names = set(call["env_names"])
-        assert {"FROM_WORKER_TABLE", "FROM_THE_DAEMON", "CLAUDE_CONFIG_DIR"} <= names  # config's table, daemon's env
+        assert {"FROM_WORKER_TABLE", "PASSED_ON", "CLAUDE_CONFIG_DIR", "PATH"} <= names  # the table, cli_env_keep
         assert not names & {
+            "FROM_THE_DAEMON",  # the launching user's environment does not reach it: an allow list does
+            "SSH_AUTH_SOCK",
             "ANTHROPIC_API_KEY",
             "CLAUDE_CODE_RETRY_WATCHDOG",
             "CLAUDE_CODE_OAUTH_TOKEN",

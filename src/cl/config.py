@@ -89,6 +89,9 @@ class Config:
     """Members see and act on every operator's jobs (root and the daemons' own user always do)."""
     journal_socket: str = "/run/systemd/journal/socket"
     """journald's native socket, used under systemd; '' writes `<N>`-prefixed lines to stderr instead."""
+    cli_env_keep: tuple[str, ...] = ()
+    """Variables of the daemons' environment passed to the CLI (`NAME` or `PREFIX*`), besides PATH,
+    the locale, TZ, TERM and the proxies; `[worker.env]` sets variables outright."""
     worker_env: dict[str, str] = dataclasses.field(default_factory=dict)
     """`[worker.env]`: variables added to every CLI run's environment."""
     gateway: bool = True
@@ -284,6 +287,7 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "cli_processes_max": _whole(8, 1_000_000),
     "cli_readable": _paths,
     "cli_writable": _paths,
+    "cli_env_keep": _claude_args,
     "admin_group": _name,
     "journal_socket": _socket,
     "gateway": _bool,

@@ -805,10 +805,23 @@ def tell_daemons(config: Config, run_id: int, event: str) -> None:
         tell(config.socket_path(daemon), {"request": "run-changed", "run": run_id, "event": event})
 
 
+PASSED = ("PATH", "LANG", "LANGUAGE", "TZ", "TERM", *(f"{name}_proxy" for name in ("http", "https", "no", "all")))
+"""What of the daemon's environment reaches the CLI, besides `LC_*` and `cli_env_keep` (and the
+upper-case proxies): under `make run` that environment is the launching user's."""
+
+
+def passed(name: str, extra: tuple[str, ...]) -> bool:
+    """Whether the daemon's variable `name` reaches the CLI: it is on the allow list (`PASSED`,
+    `LC_*`), or named in `cli_env_keep` (`NAME`, or `PREFIX*`)."""
+    if name in PASSED or name.lower() in PASSED or name.startswith("LC_"):
+        return True
+    return any(name == allowed or (allowed.endswith("*") and name.startswith(allowed[:-1])) for allowed in extra)
+
+
 def cli_environment(config: Config, account: Account, cli: CliUser, config_dir: Path) -> dict[str, str]:
-    """The worker's environment for the CLI: scrubbed of cl's own settings, the account's
-    credential variable if it has one, and the CLI's own home (its config dir)."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("CL_")}
+    """The worker's environment for the CLI: what of the daemon's is allowed (`passed`), the
+    account's credential variable if it has one, and the CLI's own home (its config dir)."""
+    base = {k: v for k, v in os.environ.items() if passed(k, config.cli_env_keep)}
     if config.gateway:  # the capability in its config dir is its credential; the gateway its API
         env = worker_environment(base, None, str(config_dir), config.worker_env)
         env["ANTHROPIC_BASE_URL"] = f"http://{config.gateway_listen}"
