@@ -13,7 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from utils import POOL, DaemonProcess, Layout, Planted, cl, json_lines, oauth_credential, wait_until, write_credential
+from utils import (
+    POOL,
+    DaemonProcess,
+    Layout,
+    Planted,
+    cl,
+    json_lines,
+    live_runs,
+    oauth_credential,
+    wait_until,
+    write_credential,
+)
 
 pytestmark = [
     pytest.mark.skipif(os.getuid() != 0, reason="a user per job needs a worker that may switch users (root)"),
@@ -22,6 +33,11 @@ pytestmark = [
 
 
 SESSION = "3f1d2c4b-5a69-4788-9abc-def012345678"
+
+
+def status_of(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
 
 
 def submit(layout: Layout, prompt: str = "hi") -> int:
@@ -95,6 +111,7 @@ def test_jobs_that_run_at_once_run_as_different_users_and_a_user_goes_back_to_th
     try:
         first, second = submit(layout, "one"), submit(layout, "two")
         wait_until(lambda: len(json_lines(layout.fakes / "fake-claude.jsonl")) == 2, "both CLIs to run")
+        workers = [status_of(run.pid) for run in live_runs(layout) if run.pid]
         layout.hold.unlink()
         wait_until(lambda: {job(layout, first)["state"], job(layout, second)["state"]} == {"done"}, "both done")
         third = submit(layout, "three")
@@ -105,6 +122,11 @@ def test_jobs_that_run_at_once_run_as_different_users_and_a_user_goes_back_to_th
     calls = json_lines(layout.fakes / "fake-claude.jsonl")
     uids = {call["prompt"]: call["uid"] for call in calls}
     assert uids["one"] != uids["two"], calls
+    # Each worker (root here) kept only the right to become its own job's user: it is its saved
+    # uid, and the worker holds no capability, no supplementary group.
+    assert sorted(int(worker["Uid"].split()[2]) for worker in workers) == sorted([uids["one"], uids["two"]])
+    for worker in workers:
+        assert (worker["CapPrm"], worker["CapEff"], worker["CapAmb"], worker["Groups"]) == ("0" * 16,) * 3 + ("",)
     assert uids["three"] in (uids["one"], uids["two"])  # the first free member: one the two before gave back
     for number, prompt in ((first, "one"), (second, "two"), (third, "three")):  # each job's files are its user's
         assert (layout.sessions / f"job-{number}").stat().st_uid == uids[prompt]

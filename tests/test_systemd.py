@@ -96,6 +96,13 @@ def test_a_session_runs_in_its_own_worker_unit_and_survives_a_balancer_restart(
     )
     units = box("systemctl", "list-units", "--no-legend", "cl-worker@*").stdout
     assert "cl-worker@" in units  # the session runs in a worker unit of its own, not under the balancer
+    (unit,) = [word for word in units.split() if word.startswith("cl-worker@")]
+    worker = int(box("systemctl", "show", "-p", "MainPID", "--value", unit).stdout)
+    status = dict(line.split(":", 1) for line in box("cat", f"/proc/{worker}/status").stdout.splitlines())
+    # The worker kept only the right to become its job's user (its saved uid): no capability left.
+    cl_uid, cli_uid = (box("id", "-u", user).stdout.strip() for user in ("cl", "cl-cli-1"))
+    assert status["Uid"].split()[:3] == [cl_uid, cl_uid, cli_uid]
+    assert {status[key].strip() for key in ("CapPrm", "CapEff", "CapAmb")} == {"0" * 16}
     box("systemctl", "restart", "cl-balancer")
     wait_until(lambda: any("session adopted" in m for _, m in journal(box, "cl-balancer")), "the session's adoption")
     assert state() == "running"

@@ -199,16 +199,16 @@ class CliProcess:
         threading.Timer(CANCEL_GRACE, self.signal_tree, (signal.SIGKILL,)).start()
 
     def signal_tree(self, signum: int) -> None:
-        """Signal the CLI's process group; a worker that may not signal the CLI's user (under
-        systemd it may only switch users) sends it as that user."""
+        """Signal the CLI's process group; a worker that may not signal the CLI's user (it only may
+        become that user) sends it as that user."""
         try:
             os.killpg(self.process.pid, signum)
         except ProcessLookupError:
             pass
         except PermissionError:
-            as_cli = {"user": self._cli.uid, "group": self._cli.gid, "extra_groups": []}
             kill = ["kill", "-s", signal.Signals(signum).name.removeprefix("SIG"), "--", f"-{self.process.pid}"]
-            subprocess.run(kill, **as_cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)  # type: ignore[call-overload]
+            as_cli = self._cli.become
+            subprocess.run(kill, preexec_fn=as_cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 
     def join(self, timeout: float = 5.0) -> None:
         """Wait for the output threads (the stream read to its end)."""

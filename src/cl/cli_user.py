@@ -8,8 +8,10 @@ keeps their files, signals, ptrace and /proc apart. A worker takes a free member
 file per member in the state dir, held by the worker and inherited by the CLI, so a member is
 free again only once the whole session is gone) and gives the job's config dir to it (`adopt`).
 
-The worker switches users between fork and exec (root under `make run`; CAP_SETUID and
-CAP_SETGID in a `cl-worker@` unit); the CLI keeps no capability at all. In the CLI's own tree the
+The worker may switch users at its start (root under `make run`; CAP_SETUID, CAP_SETGID and
+CAP_CHOWN in a `cl-worker@` unit): it takes its job's user, gives it the job's config dir, then
+keeps only the right to become that one user (`keep_only`: it is its saved uid) and drops every
+capability. The CLI becomes that user between fork and exec, and keeps no capability at all. In the CLI's own tree the
 worker acts with that user's file-system identity (`setfsuid`): a link or a file the CLI planted
 there can never make the worker read or write with its own rights.
 """
@@ -82,14 +84,28 @@ class CliUser:
         return frozenset({*os.getgroups(), self.gid})
 
     def become(self) -> None:
-        """In the CLI's process, between fork and exec: take this user's identity and groups,
-        and drop every capability (an unprivileged worker with ambient capabilities would
-        otherwise pass them on)."""
+        """In the CLI's process, between fork and exec: take this user's identity (its one group,
+        the pool's) and drop every capability (an unprivileged worker with ambient capabilities
+        would otherwise pass them on). Needs no privilege in a worker that `keeps_only` this user."""
         if self.separate:
-            os.initgroups(self.name, self.gid)
+            if os.getgroups():
+                os.setgroups([])
             os.setresgid(self.gid, self.gid, self.gid)
             os.setresuid(self.uid, self.uid, self.uid)
         _drop_capabilities()
+
+
+def keep_only(user: CliUser) -> None:
+    """From now on this process may become `user` and nothing else: `user` is its saved user
+    and group, it has no supplementary group and no capability. A long-lived worker keeps
+    CAP_SETUID only until its job's user is chosen and given the job's config dir: what
+    `acting` and `become` do later (to its saved ids) needs no privilege."""
+    if not user.separate:
+        return
+    os.setgroups([])
+    os.setresgid(-1, -1, user.gid)
+    os.setresuid(-1, -1, user.uid)
+    _drop_capabilities()
 
 
 def members(pool: str, size: int) -> list[str]:

@@ -180,6 +180,7 @@ def work(config: Config, store: Store, run_id: int) -> Run | None:
     try:
         slot, own_proc = _cli_user(config, config_dir, bound)
         credential = _ready_config_dir(config, job.id, slot.user, first=store.previous_account(run.id) is None)
+        cli_user.keep_only(slot.user)
     except (CliUserError, sandbox.SandboxUnavailable, OSError) as exc:
         _refused(store, run, f"cannot ready the session's CLI: {_reason(exc)}", bound)
         return run
@@ -665,7 +666,8 @@ def _cli_preexec(cli: CliUser, cwd: int, config: Config) -> Callable[[], None]:
     user clears it, and so would an exec that gains privileges)."""
     parent = os.getpid()
     sandboxed = config.confinement == "sandbox"
-    processes = config.cli_processes_max
+    hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]  # no lower limit is ever raised: that takes a capability
+    processes = config.cli_processes_max if hard == resource.RLIM_INFINITY else min(config.cli_processes_max, hard)
 
     def preexec() -> None:
         if sandboxed:
