@@ -3,8 +3,8 @@
 The CLI runs whatever a repository steers it to, so it gets a root of its own (`view`):
 
 * the system read-only: /usr (and the /bin, /lib... beside it), /etc, /opt and /var, less cl's
-  own places, which are empty there, read-only and not listable (the state, sessions, runtime,
-  credentials and configuration directories); `cli_readable` adds more (an install under /home);
+  own places, which are empty there, read-only and not listable (the state, sessions, runtime
+  and credentials directories); `cli_readable` adds more (an install under /home);
 * read-write: its job's directory and its config dir, each bound from the descriptor the worker
   opened (`open_directory`: no symlink followed), so the path inside names that directory for the
   CLI's whole life, whatever becomes of the path outside; and `cli_writable`;

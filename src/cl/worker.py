@@ -357,7 +357,7 @@ def _start(session: _Session, account: Account) -> bool:
     if config.confinement == "sandbox":
         with cli.acting():  # its own config dir, as the CLI's user opens it: no link followed
             fds.append(sandbox.open_directory(str(config_dir)))
-        hidden = [*map(str, workdir.private_dirs(config).values()), str(config.config_file.parent)]
+        hidden = [str(path) for path in workdir.private_dirs(config).values()]
         view = sandbox.View(
             (session.cwd, job.cwd),
             (fds[-1], str(config_dir)),
@@ -446,8 +446,11 @@ def _turn(session: _Session) -> StreamState:
         known, answered = state.session_id, state.answered
         state.feed(line)
         if state.session_id and state.session_id != known:
-            store.set_session(session.run.id, state.session_id)
-            session.bound().info("session resumed" if run.resume else "session started", session=state.session_id)
+            if store.set_session(session.run.id, state.session_id):
+                session.bound().info("session resumed" if run.resume else "session started", session=state.session_id)
+            else:
+                session.bound().warning("the CLI reported another job's session id, not taken", said=state.session_id)
+                state.session_id = known
         if state.answered and not answered:
             _answered(session.config, store, session.run, session.bound())
         if state.ended:
