@@ -12,7 +12,7 @@ The CLI runs whatever a repository steers it to, so it gets a root of its own (`
 * its own PID namespace (everything in it ends with it) with a /proc of its own where the kernel
   lets one be mounted (`probe`; where it does not, as in a systemd unit that masks parts of /proc,
   the host's, read-only: with `ProtectProc=invisible` the CLI's user sees its own processes only),
-  and its own IPC and host name. The network is the host's: the gateway is on loopback.
+  and its own System V IPC. The network is the host's: the gateway is on loopback.
 
 Everything else, other operators' trees included, does not exist for it. bwrap sets this up in a
 user namespace as the pool user the CLI runs as (`cl.cli_user`), without privileges of its own;
@@ -34,7 +34,9 @@ SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc"
 """The system, read-only in every view (where it exists; a symlink stays one)."""
 PRIVATE_TMP = ("/tmp", "/var/tmp", "/run")  # noqa: S108 - the view's own, empty
 RESOLVER = "/etc/resolv.conf"
-NAMESPACES = ("--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try")
+NAMESPACES = ("--unshare-user", "--unshare-pid", "--unshare-ipc")
+"""With the mount namespace bwrap always makes: what the view needs, and what the worker unit allows
+(RestrictNamespaces=); a host name or a cgroup view of its own would add nothing."""
 
 _PATH = os.O_PATH | os.O_CLOEXEC
 
