@@ -201,17 +201,27 @@ def test_a_gigabyte_line_without_a_newline_does_not_take_the_worker_with_it(layo
     assert "[cl: a line of the CLI's output longer than" in log
 
 
+SESSION = "3f1d2c4b-5a69-4788-9abc-def012345678"
+
+
+def shell_cli(path: Path, *steps: str) -> Path:
+    """A CLI as a shell script: it reads its prompt, runs `steps`, says it is session `SESSION`
+    (every run of it) and answers."""
+    init = json.dumps({"type": "system", "subtype": "init", "session_id": SESSION})
+    answer = json.dumps({"type": "result", "subtype": "success", "is_error": False, "result": "ok"})
+    path.write_text(
+        "#!/bin/sh\nread line\n" + "".join(f"{step}\n" for step in steps) + f"echo '{init}'\necho '{answer}'\n"
+    )
+    path.chmod(0o755)
+    return path
+
+
 def test_a_directory_planted_where_the_credential_goes_is_set_aside(layout: Layout, planted: Planted) -> None:
     """The CLI makes its `.credentials.json` a directory: the worker's next copy sets it aside
     (and says so) instead of dying on it, run after run."""
-    script = layout.root / "plant"
-    result = json.dumps({"type": "result", "subtype": "success", "is_error": False, "result": "planted"})
-    script.write_text(
-        '#!/bin/sh\nread line\ncd "$CLAUDE_CONFIG_DIR"\nrm -f .credentials.json\nmkdir .credentials.json\n'
-        'echo \'{"type":"system","subtype":"init","session_id":"3f1d2c4b-5a69-4788-9abc-def012345678"}\'\n'
-        f"echo '{result}'\n"
+    script = shell_cli(
+        layout.root / "plant", 'cd "$CLAUDE_CONFIG_DIR"', "rm -f .credentials.json", "mkdir .credentials.json"
     )
-    script.chmod(0o755)
     write_credential(layout.credentials, "a1", oauth_credential(planted))
     with both(layout, env=layout.env(CL_CLAUDE_BIN=str(script))) as (balancer, _rescue):
         job = submit(layout, "plant")
@@ -261,14 +271,7 @@ def test_a_worker_that_dies_again_and_again_fails_its_job_after_max_orphanings(
 
 def test_a_session_id_belongs_to_the_first_job_that_reported_it(layout: Layout, planted: Planted) -> None:
     """Every run of this CLI says it is the same session: the second job's claim is not taken."""
-    script = layout.root / "same-session"
-    session = "3f1d2c4b-5a69-4788-9abc-def012345678"
-    result = json.dumps({"type": "result", "subtype": "success", "is_error": False, "result": "ok"})
-    script.write_text(
-        f'#!/bin/sh\nread line\necho \'{{"type":"system","subtype":"init","session_id":"{session}"}}\'\n'
-        f"echo '{result}'\n"
-    )
-    script.chmod(0o755)
+    script = shell_cli(layout.root / "same-session")
     write_credential(layout.credentials, "a1", oauth_credential(planted))
     with both(layout, env=layout.env(CL_CLAUDE_BIN=str(script))) as (balancer, _rescue):
         first = submit(layout, "one")
@@ -276,5 +279,5 @@ def test_a_session_id_belongs_to_the_first_job_that_reported_it(layout: Layout, 
         second = submit(layout, "two")
         wait_until(lambda: job_states(layout).get(second) == "done", "the second job")
         jobs = {job["id"]: job for job in json.loads(cl(layout, "jobs", "--all", "--json").stdout)}
-    assert (jobs[first]["session_id"], jobs[second]["session_id"]) == (session, None)
+    assert (jobs[first]["session_id"], jobs[second]["session_id"]) == (SESSION, None)
     assert "the CLI reported another job's session id, not taken" in balancer.log()
