@@ -41,6 +41,9 @@ def test_file_then_environment(tmp_path: Path) -> None:
         ("", {"CL_RESYNC_INTERVAL": "nan"}, "environment variable CL_RESYNC_INTERVAL: must be a positive number"),
         ("", {"CL_WATCH_STEP_MS": "0"}, "environment variable CL_WATCH_STEP_MS"),
         ("", {"CL_COLOUR": "blue"}, "environment variable CL_COLOUR: unknown key"),
+        ("confinement = 'some'\n", {}, "key 'confinement': must be \"sandbox\" or \"none\""),
+        ("cli_network = 'gateway'\ngateway = false\n", {}, 'cli_network = "gateway" needs gateway = true'),
+        ("cli_network = 'gateway'\nconfinement = 'none'\n", {}, 'needs gateway = true and confinement = "sandbox"'),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, content: str, env: dict[str, str], message: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import socket
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,11 @@ import pytest
 from utils import (
     POOL,
     DaemonProcess,
+    FakeApi,
     Layout,
     Planted,
     cl,
+    free_port,
     json_lines,
     live_runs,
     oauth_credential,
@@ -224,3 +227,32 @@ def test_a_cli_that_forks_without_end_is_held_to_its_process_limit(layout: Layou
     finally:
         daemon.stop()
     assert 0 < int((layout.work / "forked.txt").read_text()) < 20
+
+
+def test_with_a_network_of_its_own_the_cli_reaches_the_gateway_and_no_other_loopback_port(
+    layout: Layout, planted: Planted, fake_api: FakeApi
+) -> None:
+    """`cli_network = "gateway"`: the CLI's requests reach the API through the relay and the
+    gateway's socket; a service on the host's loopback (as the metrics port would be) is not there."""
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    with socket.create_server(("127.0.0.1", 0)) as elsewhere:
+        other = f"127.0.0.1:{elsewhere.getsockname()[1]}"
+        env = layout.env(
+            CL_GATEWAY="true",
+            CL_GATEWAY_LISTEN=f"127.0.0.2:{free_port()}",
+            CL_GATEWAY_UPSTREAM=fake_api.url,
+            CL_CLI_NETWORK="gateway",
+            FAKE_CLAUDE_CONNECT=other,
+        )
+        daemons = [DaemonProcess(name, layout, env=env) for name in ("gateway", "balancer")]
+        try:
+            for daemon in daemons:
+                daemon.start()
+            number = submit(layout)
+            wait_until(lambda: job(layout, number)["state"] == "done", "the job to be answered through the relay")
+        finally:
+            for daemon in reversed(daemons):
+                daemon.stop()
+    (call,) = layout.claude_calls()
+    assert call["touched"] == {other: "ECONNREFUSED"}  # nothing listens on its own loopback
+    assert [request["cred_tail"] for request in fake_api.requests()] == [planted.tokens[0][-6:]]

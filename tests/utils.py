@@ -163,8 +163,9 @@ class Layout:
         if self.sandboxed:
             pool = grp.getgrnam(POOL).gr_gid
             self.root.chmod(0o755)
-            for private in (self.credentials, self.state, self.runtime):
+            for private in (self.credentials, self.state):
                 private.chmod(0o700)
+            self.runtime.chmod(0o751)  # as the units make it: the CLIs' users pass to the gateway's cli/
             for theirs in (self.work, self.fakes):  # as an operator makes a job's directory
                 os.chown(theirs, -1, pool)
                 theirs.chmod(0o2770)

@@ -76,6 +76,10 @@ class Config:
     """The CLI's users: `cli_pool`-1 ... `cli_pool`-N, all in group `cli_pool`."""
     cli_pool_size: int = 16
     """N: how many jobs' CLIs may run at once (a job waits for a free user)."""
+    cli_network: str = "host"
+    """"host": a sandboxed CLI shares the host's network (a `cl-worker@` unit narrows it to the
+    gateway's address on loopback); "gateway": its view has a network of its own, loopback only,
+    where a relay takes its requests to the gateway: nothing else, the internet included."""
     cli_processes_max: int = 1024
     """Processes a sandboxed job's CLI user may have at once, its tools' included (RLIMIT_NPROC:
     each job has a user of its own, so this is per job)."""
@@ -117,6 +121,12 @@ class Config:
 
     def socket_path(self, daemon: str) -> Path:
         return self.runtime_dir / f"{daemon}.sock"
+
+    @property
+    def gateway_socket(self) -> Path:
+        """Where cl-gateway also takes the CLIs' requests: the relay's way out of a view with a
+        network of its own (`cli_network = "gateway"`). A directory of its own, which the view binds."""
+        return self.runtime_dir / "cli" / "gateway.sock"
 
 
 def _path(value: Any, base: Path) -> Path:
@@ -220,6 +230,12 @@ def _confinement(value: Any, _base: Path) -> str:
     return str(value)
 
 
+def _network(value: Any, _base: Path) -> str:
+    if value not in ("host", "gateway"):
+        raise ValueError('must be "host" or "gateway"')
+    return str(value)
+
+
 def _bool(value: Any, _base: Path) -> bool:
     if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
         return value.lower() in ("true", "1", "yes")
@@ -284,6 +300,7 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "confinement": _confinement,
     "cli_pool": _name,
     "cli_pool_size": _whole(1, 1000),
+    "cli_network": _network,
     "cli_processes_max": _whole(8, 1_000_000),
     "cli_readable": _paths,
     "cli_writable": _paths,
@@ -312,6 +329,8 @@ def load_config(env: Mapping[str, str] | None = None, keys: Collection[str] | No
     values.update(_from_file(path, keys, required=bool(explicit)))
     values.update(_from_env(env, keys))
     config = Config(**values, config_file=path.absolute())
+    if config.cli_network == "gateway" and not (config.gateway and config.confinement == "sandbox"):
+        raise ConfigError(f'{path}: cli_network = "gateway" needs gateway = true and confinement = "sandbox"')
     if config.gateway and (steered := sorted(set(config.worker_env) & GATEWAY_OWNS)):
         raise ConfigError(
             f"{path}: [worker.env] sets {', '.join(steered)}: with gateway = true the gateway is the CLI's API and"

@@ -12,7 +12,9 @@ The CLI runs whatever a repository steers it to, so it gets a root of its own (`
 * its own PID namespace (everything in it ends with it) with a /proc of its own where the kernel
   lets one be mounted (`probe`; where it does not, as in a systemd unit that masks parts of /proc,
   the host's, read-only: with `ProtectProc=invisible` the CLI's user sees its own processes only),
-  and its own System V IPC. The network is the host's: the gateway is on loopback.
+  and its own System V IPC. The network is the host's (the gateway is on loopback), or with
+  `cli_network = "gateway"` one of its own, loopback only, where `cl.relay` (its source an
+  argument of the view's python3) takes the CLI's requests to the gateway's socket for the CLIs.
 
 Everything else, other operators' trees included, does not exist for it. bwrap sets this up in a
 user namespace as the pool user the CLI runs as (`cl.cli_user`), without privileges of its own;
@@ -37,6 +39,13 @@ RESOLVER = "/etc/resolv.conf"
 NAMESPACES = ("--unshare-user", "--unshare-pid", "--unshare-ipc")
 """With the mount namespace bwrap always makes: what the view needs, and what the worker unit allows
 (RestrictNamespaces=); a host name or a cgroup view of its own would add nothing."""
+
+GATEWAY_DIR = "/run/cl-gateway"
+"""Where a view with a network of its own has the directory of the gateway's socket for the CLIs."""
+RELAY = Path(__file__).with_name("relay.py").read_text()
+"""The relay's source, run with `python3 -c` in such a view (nothing of cl is there)."""
+PYTHON = "/usr/bin/python3"
+"""The interpreter the relay runs on in the view (the system's)."""
 
 _PATH = os.O_PATH | os.O_CLOEXEC
 
@@ -107,10 +116,15 @@ class View:
     writable: Sequence[str] = ()
     own_proc: bool = True
     """A /proc of its own PID namespace; False: the host's, read-only (`probe`)."""
+    gateway_only: int | None = None
+    """A network of its own, loopback only: the descriptor of the directory of the gateway's
+    socket for the CLIs (named `gateway_socket`), where the relay (`cl.relay`) takes its requests."""
+    gateway_socket: str = ""
 
 
-def argv(view: View, command: Sequence[str]) -> list[str]:
-    """bwrap's command line running `command` in `view` (pass both descriptors to it)."""
+def argv(view: View, command: Sequence[str], address: str = "") -> list[str]:
+    """bwrap's command line running `command` in `view` (pass its descriptors to it); with a
+    network of its own, through the relay listening on `address` (the gateway's)."""
     hidden = _existing(view.hidden)
     args = [bwrap(), *NAMESPACES, "--die-with-parent", *_system()]
     args += ["--proc", "/proc"] if view.own_proc else ["--ro-bind", "/proc", "/proc"]
@@ -123,6 +137,10 @@ def argv(view: View, command: Sequence[str]) -> list[str]:
     for fd, path in (view.cwd, view.config_dir):
         args += ["--bind-fd", str(fd), path]
     args += _each(["--remount-ro"], hidden)  # what is bound beneath stays as it was bound
+    if view.gateway_only is not None:
+        args += ["--unshare-net", "--ro-bind-fd", str(view.gateway_only), GATEWAY_DIR]
+        socket = f"{GATEWAY_DIR}/{view.gateway_socket}"
+        command = [PYTHON, "-c", RELAY, address, socket, "--", *command]
     return [*args, "--chdir", view.cwd[1], "--", *command]
 
 

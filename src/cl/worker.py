@@ -358,15 +358,22 @@ def _start(session: _Session, account: Account) -> bool:
         with cli.acting():  # its own config dir, as the CLI's user opens it: no link followed
             fds.append(sandbox.open_directory(str(config_dir)))
         hidden = [str(path) for path in workdir.private_dirs(config).values()]
+        config_fd = fds[-1]
+        gateway_only = None
+        if config.cli_network == "gateway":  # opened with the worker's own right, not the CLI's user's
+            fds.append(os.open(config.gateway_socket.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+            gateway_only = fds[-1]
         view = sandbox.View(
             (session.cwd, job.cwd),
-            (fds[-1], str(config_dir)),
+            (config_fd, str(config_dir)),
             hidden,
             config.cli_readable,
             config.cli_writable,
             own_proc=session.own_proc,
+            gateway_only=gateway_only,
+            gateway_socket=config.gateway_socket.name,
         )
-        command = sandbox.argv(view, command)
+        command = sandbox.argv(view, command, config.gateway_listen)
     try:
         if config.gateway:
             _give_capability(session)

@@ -79,6 +79,11 @@ class Gateway:
         await self._runner.setup()
         host, _, port = self.config.gateway_listen.rpartition(":")
         await web.TCPSite(self._runner, host.strip("[]"), int(port), reuse_address=True).start()
+        path = self.config.gateway_socket
+        path.parent.mkdir(mode=0o711, exist_ok=True)
+        path.unlink(missing_ok=True)
+        await web.UnixSite(self._runner, str(path)).start()
+        path.chmod(0o666)  # the CLIs' users connect, in their views; the runtime dir keeps everyone else out
         log.info("listening", address=self.config.gateway_listen, upstream=self.config.gateway_upstream)
 
     async def work(self) -> None:
