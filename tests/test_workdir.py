@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,3 +102,31 @@ def test_a_directory_is_opened_with_no_symlink_followed_anywhere_on_its_path(tmp
     (tmp_path / "file").touch()
     with pytest.raises(NotADirectoryError):
         sandbox.open_directory(str(tmp_path / "file"))
+
+
+def test_a_view_whose_cwd_is_not_the_directory_opened_runs_nothing(tmp_path: Path) -> None:
+    """bwrap binds the opened directory by the path the kernel gives for it, resolved again as it
+    builds the view. The view checks its cwd against what was opened before the CLI starts: here
+    the expectation is made another directory's, as if a swap had won that instant."""
+    if shutil.which("bwrap") is None:
+        pytest.skip("no bubblewrap here")
+    work, other = tmp_path / "work", tmp_path / "other"
+    work.mkdir()
+    other.mkdir()
+    ran = work / "ran"
+    fds = [sandbox.open_directory(str(path)) for path in (work, work)]
+    try:
+        view = sandbox.View((fds[0], str(work)), (fds[1], str(work)), hidden=[])
+        argv = sandbox.argv(view, ["/bin/touch", str(ran)])
+        assert subprocess.run(argv, pass_fds=fds, check=False).returncode == 0
+        assert ran.exists()  # the check itself lets the right directory through
+        ran.unlink()
+        opened = os.stat(work)
+        theirs = os.stat(other)
+        argv[argv.index(f"{opened.st_dev}:{opened.st_ino}")] = f"{theirs.st_dev}:{theirs.st_ino}"
+        refused = subprocess.run(argv, pass_fds=fds, capture_output=True, text=True, check=False)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert (refused.returncode, refused.stderr) == (125, "cl: the view does not hold the job's directory\n")
+    assert not ran.exists()

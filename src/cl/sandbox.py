@@ -6,8 +6,9 @@ The CLI runs whatever a repository steers it to, so it gets a root of its own (`
   own places, which are empty there, read-only and not listable (the state, sessions, runtime
   and credentials directories); `cli_readable` adds more (an install under /home);
 * read-write: its job's directory and its config dir, each bound from the descriptor the worker
-  opened (`open_directory`: no symlink followed), so the path inside names that directory for the
-  CLI's whole life, whatever becomes of the path outside; and `cli_writable`;
+  opened (`open_directory`: no symlink followed), and checked in the view before the CLI starts
+  (`PINNED`), so the path inside names that directory for the CLI's whole life, whatever becomes
+  of the path outside; and `cli_writable`;
 * a private /tmp, /var/tmp, /run (only the resolver's file from the real one) and /dev;
 * its own PID namespace (everything in it ends with it) with a /proc of its own where the kernel
   lets one be mounted (`probe`; where it does not, as in a systemd unit that masks parts of /proc,
@@ -40,6 +41,14 @@ NAMESPACES = ("--unshare-user", "--unshare-pid", "--unshare-ipc")
 """With the mount namespace bwrap always makes: what the view needs, and what the worker unit allows
 (RestrictNamespaces=); a host name or a cgroup view of its own would add nothing."""
 
+PINNED = (
+    'test "$(stat -c %d:%i .)" = "$1" || { echo "cl: the view does not hold the job\'s directory" >&2; exit 125; }\n'
+    'shift\nexec "$@"\n'
+)
+"""Run in the view before the CLI: its cwd must be the directory the worker opened (device and
+inode, the script's first argument). bwrap binds a descriptor by the path the kernel gives for it,
+resolved again as it builds the view: a swap in that instant would bind another directory. Then
+the CLI does not start."""
 GATEWAY_DIR = "/run/cl-gateway"
 """Where a view with a network of its own has the directory of the gateway's socket for the CLIs."""
 RELAY = Path(__file__).with_name("relay.py").read_text()
@@ -137,6 +146,8 @@ def argv(view: View, command: Sequence[str], address: str = "") -> list[str]:
     for fd, path in (view.cwd, view.config_dir):
         args += ["--bind-fd", str(fd), path]
     args += _each(["--remount-ro"], hidden)  # what is bound beneath stays as it was bound
+    opened = os.fstat(view.cwd[0])
+    command = ["/bin/sh", "-c", PINNED, "sh", f"{opened.st_dev}:{opened.st_ino}", *command]
     if view.gateway_only is not None:
         args += ["--unshare-net", "--ro-bind-fd", str(view.gateway_only), GATEWAY_DIR]
         socket = f"{GATEWAY_DIR}/{view.gateway_socket}"
