@@ -11,9 +11,9 @@ free again only once the whole session is gone) and gives the job's config dir t
 The worker may switch users at its start (root under `make run`; CAP_SETUID, CAP_SETGID and
 CAP_CHOWN in a `cl-worker@` unit): it takes its job's user, gives it the job's config dir, then
 keeps only the right to become that one user (`keep_only`: it is its saved uid) and drops every
-capability. The CLI becomes that user between fork and exec, and keeps no capability at all. In the CLI's own tree the
-worker acts with that user's file-system identity (`setfsuid`): a link or a file the CLI planted
-there can never make the worker read or write with its own rights.
+capability. The CLI becomes that user between fork and exec, and keeps no capability at all.
+In the CLI's own tree the worker acts with that user's file-system identity (`setfsuid`): a link
+or a file the CLI planted there can never make the worker read or write with its own rights.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class CliUser:
     def become(self) -> None:
         """In the CLI's process, between fork and exec: take this user's identity (its one group,
         the pool's) and drop every capability (an unprivileged worker with ambient capabilities
-        would otherwise pass them on). Needs no privilege in a worker that `keeps_only` this user."""
+        would otherwise pass them on). Needs no privilege in a worker that `keep_only`s this user."""
         if self.separate:
             if os.getgroups():
                 os.setgroups([])
@@ -121,14 +121,14 @@ class Slot:
     lock: int | None
     """None for the worker's own user (`confinement = "none"`), which no pool holds."""
 
+    @property
+    def fds(self) -> tuple[int, ...]:
+        """What the CLI inherits of it."""
+        return () if self.lock is None else (self.lock,)
 
-def held(slot: Slot) -> tuple[int, ...]:
-    return () if slot.lock is None else (slot.lock,)
-
-
-def release(slot: Slot) -> None:
-    for fd in held(slot):
-        os.close(fd)
+    def release(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
 
 
 def take(pool: str, size: int, locks: Path, prefer: int | None = None) -> Slot | None:

@@ -184,7 +184,7 @@ def work(config: Config, store: Store, run_id: int) -> Run | None:
     except (CliUserError, sandbox.SandboxUnavailable, OSError) as exc:
         _refused(store, run, f"cannot ready the session's CLI: {_reason(exc)}", bound)
         return run
-    locks = (lock, *cli_user.held(slot))
+    locks = (lock, *slot.fds)
     session = _Session(config, store, job, slot.user, credential, locks, run, Output(path), own_proc=own_proc)
     signal.signal(signal.SIGUSR1, lambda _signum, _frame: session.events.put(Event.WAKE))
     signal.signal(signal.SIGTERM, _on_terminate(session))
@@ -352,28 +352,10 @@ def _start(session: _Session, account: Account) -> bool:
     bound = session.bound()
     assert session.cwd is not None
     config_dir = session_config_dir(config, job.id)
-    command = claude_argv(config, job, run)
-    fds = [*session.locks, session.cwd]
+    command, opened = claude_argv(config, job, run), list[int]()
     if config.confinement == "sandbox":
-        with cli.acting():  # its own config dir, as the CLI's user opens it: no link followed
-            fds.append(sandbox.open_directory(str(config_dir)))
-        hidden = [str(path) for path in workdir.private_dirs(config).values()]
-        config_fd = fds[-1]
-        gateway_only = None
-        if config.cli_network == "gateway":  # opened with the worker's own right, not the CLI's user's
-            fds.append(os.open(config.gateway_socket.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
-            gateway_only = fds[-1]
-        view = sandbox.View(
-            (session.cwd, job.cwd),
-            (config_fd, str(config_dir)),
-            hidden,
-            config.cli_readable,
-            config.cli_writable,
-            own_proc=session.own_proc,
-            gateway_only=gateway_only,
-            gateway_socket=config.gateway_socket.name,
-        )
-        command = sandbox.argv(view, command, config.gateway_listen)
+        command, opened = _in_view(session, command)
+    fds = [*session.locks, session.cwd, *opened]
     try:
         if config.gateway:
             _give_capability(session)
@@ -397,9 +379,32 @@ def _start(session: _Session, account: Account) -> bool:
         bound.error("cli did not start", error=reason, cwd=job.cwd)
         return False
     finally:
-        for fd in fds[len(session.locks) + 1 :]:
+        for fd in opened:
             os.close(fd)
     return True
+
+
+def _in_view(session: _Session, command: list[str]) -> tuple[list[str], list[int]]:
+    """`command` run in the CLI's view of its job (`cl.sandbox`), and the descriptors the view is
+    built from besides the job's directory (the caller closes them once the CLI has started)."""
+    config, cli = session.config, session.cli
+    assert session.cwd is not None
+    config_dir = session_config_dir(config, session.job.id)
+    with cli.acting():  # its own config dir, as the CLI's user opens it: no link followed
+        opened = [sandbox.open_directory(str(config_dir))]
+    if config.cli_network == "gateway":  # opened with the worker's own right, not the CLI's user's
+        opened.append(os.open(config.gateway_socket.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+    view = sandbox.View(
+        (session.cwd, session.job.cwd),
+        (opened[0], str(config_dir)),
+        [str(path) for path in workdir.private_dirs(config).values()],
+        config.cli_readable,
+        config.cli_writable,
+        own_proc=session.own_proc,
+        gateway_only=opened[1] if config.cli_network == "gateway" else None,
+        gateway_socket=config.gateway_socket.name,
+    )
+    return sandbox.argv(view, command, config.gateway_listen), opened
 
 
 def _open_cwd(session: _Session) -> int:
@@ -618,7 +623,7 @@ def _cli_user(config: Config, config_dir: Path, bound: Any) -> tuple[cli_user.Sl
     try:
         return slot, sandbox.probe(slot.user.become)
     except sandbox.SandboxUnavailable:
-        cli_user.release(slot)
+        slot.release()
         raise
 
 
