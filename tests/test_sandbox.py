@@ -10,6 +10,7 @@ import json
 import os
 import pwd
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,13 @@ def test_jobs_that_run_at_once_run_as_different_users_and_a_user_goes_back_to_th
         first, second = submit(layout, "one"), submit(layout, "two")
         wait_until(lambda: len(json_lines(layout.fakes / "fake-claude.jsonl")) == 2, "both CLIs to run")
         workers = [status_of(run.pid) for run in live_runs(layout) if run.pid]
+        one, two = (call["uid"] for call in json_lines(layout.fakes / "fake-claude.jsonl"))
+        # Without the view's namespaces, the kernel alone: one job's user may not signal the other's CLI.
+        pattern = "^python3 .*fakes/claude"
+        found = subprocess.run(["pgrep", "-u", str(two), "-f", pattern], capture_output=True, text=True, check=False)
+        (other_cli,) = found.stdout.split()
+        as_one = ["setpriv", f"--reuid={one}", f"--regid={one}", "--clear-groups", "kill", "-STOP", other_cli]
+        refused = subprocess.run(as_one, capture_output=True, text=True, check=False)
         layout.hold.unlink()
         wait_until(lambda: {job(layout, first)["state"], job(layout, second)["state"]} == {"done"}, "both done")
         third = submit(layout, "three")
@@ -122,6 +130,8 @@ def test_jobs_that_run_at_once_run_as_different_users_and_a_user_goes_back_to_th
     finally:
         layout.hold.unlink(missing_ok=True)
         daemon.stop()
+    assert refused.returncode != 0
+    assert "Operation not permitted" in refused.stderr
     calls = json_lines(layout.fakes / "fake-claude.jsonl")
     uids = {call["prompt"]: call["uid"] for call in calls}
     assert uids["one"] != uids["two"], calls
