@@ -41,7 +41,7 @@ def test_file_then_environment(tmp_path: Path) -> None:
         ("", {"CL_RESYNC_INTERVAL": "nan"}, "environment variable CL_RESYNC_INTERVAL: must be a positive number"),
         ("", {"CL_WATCH_STEP_MS": "0"}, "environment variable CL_WATCH_STEP_MS"),
         ("", {"CL_COLOUR": "blue"}, "environment variable CL_COLOUR: unknown key"),
-        ("confinement = 'some'\n", {}, 'key \'confinement\': must be "sandbox" or "none"'),
+        ("confinement = 'some'\n", {}, "key 'confinement': must be one of sandbox, none"),
         ("cli_network = 'gateway'\ngateway = false\n", {}, 'cli_network = "gateway" needs gateway = true'),
         ("cli_network = 'gateway'\nconfinement = 'none'\n", {}, 'needs gateway = true and confinement = "sandbox"'),
     ],

@@ -174,10 +174,13 @@ def _log_level(value: Any, _base: Path) -> str:
     return value.lower()
 
 
-def _placement(value: Any, _base: Path) -> str:
-    if value not in PLACEMENTS:
-        raise TypeError(f"must be one of {', '.join(PLACEMENTS)}")
-    return str(value)
+def _one_of(*choices: str) -> Callable[[Any, Path], str]:
+    def parse(value: Any, _base: Path) -> str:
+        if value not in choices:
+            raise TypeError(f"must be one of {', '.join(choices)}")
+        return str(value)
+
+    return parse
 
 
 def _claude_bin(value: Any, _base: Path) -> str:
@@ -222,18 +225,6 @@ def _name(value: Any, _base: Path) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}|", value):
         raise TypeError("must be a user or group name")
     return value
-
-
-def _confinement(value: Any, _base: Path) -> str:
-    if value not in ("sandbox", "none"):
-        raise ValueError('must be "sandbox" or "none"')
-    return str(value)
-
-
-def _network(value: Any, _base: Path) -> str:
-    if value not in ("host", "gateway"):
-        raise ValueError('must be "host" or "gateway"')
-    return str(value)
 
 
 def _bool(value: Any, _base: Path) -> bool:
@@ -283,7 +274,7 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "watch_step_ms": _whole(1, 1000, " of milliseconds"),
     "log_level": _log_level,
     "max_sessions_per_account": _whole(1, 1000),
-    "placement": _placement,
+    "placement": _one_of(*PLACEMENTS),
     "claude_bin": _claude_bin,
     "claude_args": _claude_args,
     "worker": _worker,
@@ -297,10 +288,10 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "max_orphanings": _whole(1, 1000),
     "session_lock_wait": _positive_float,
     "store_busy_timeout": _positive_float,
-    "confinement": _confinement,
+    "confinement": _one_of("sandbox", "none"),
     "cli_pool": _name,
     "cli_pool_size": _whole(1, 1000),
-    "cli_network": _network,
+    "cli_network": _one_of("host", "gateway"),
     "cli_processes_max": _whole(8, 1_000_000),
     "cli_readable": _paths,
     "cli_writable": _paths,
