@@ -266,3 +266,21 @@ def test_with_a_network_of_its_own_the_cli_reaches_the_gateway_and_no_other_loop
     (call,) = layout.claude_calls()
     assert call["touched"] == {other: "ECONNREFUSED"}  # nothing listens on its own loopback
     assert [request["cred_tail"] for request in fake_api.requests()] == [planted.tokens[0][-6:]]
+
+
+def test_with_every_cli_user_taken_a_new_job_waits_and_says_why(layout: Layout, planted: Planted) -> None:
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    layout.hold.touch()
+    daemon = DaemonProcess("balancer", layout, env=layout.env(CL_CLI_POOL_SIZE="1")).start()
+    try:
+        first = submit(layout, "one")
+        wait_until(lambda: json_lines(layout.fakes / "fake-claude.jsonl"), "the first CLI to run")
+        second = submit(layout, "two")
+        wait_until(lambda: "reason=every-cli-user-taken" in daemon.log(), "the second job to wait for a user")
+        assert job(layout, second)["state"] == "queued"
+        layout.hold.unlink()
+        wait_until(lambda: {job(layout, first)["state"], job(layout, second)["state"]} == {"done"}, "both done")
+    finally:
+        layout.hold.unlink(missing_ok=True)
+        daemon.stop()
+    assert "jobs waiting queued=1 reason=every-cli-user-taken cli_pool_size=1" in daemon.log()

@@ -137,7 +137,7 @@ class Balancer(Service):
             facts,
             self.config.max_sessions_per_account,
             self.config.placement,
-            at_once=placement.at_once(self.config),
+            at_once=placement.at_once(self.config, facts.held),  # a new job's CLI needs a user of its own
         )
         waiting = 0
         for job in facts.jobs:
@@ -145,7 +145,9 @@ class Balancer(Service):
                 waiting += 1
             elif not await placer.take(functools.partial(self._place_job, job), job.model):
                 waiting += 1  # no account may serve its model now: later jobs may still go
-        if waiting and not self._waiting_logged:
+        if waiting and not self._waiting_logged and placer.full:
+            log.warning("jobs waiting", queued=waiting, reason="every-cli-user-taken", cli_pool_size=placer.at_most)
+        elif waiting and not self._waiting_logged:
             log.warning("jobs waiting", queued=waiting, reason="no-eligible-account")
         self._waiting_logged = bool(waiting)
 

@@ -75,9 +75,10 @@ def choose(
     return min(candidates, key=room)
 
 
-def at_once(config: Config) -> int | None:
-    """How many runs may be live at once in all: one per user of the CLI's pool, when sandboxed."""
-    return config.cli_pool_size if config.confinement == "sandbox" else None
+def at_once(config: Config, held: int = 0) -> int | None:
+    """How many runs may be live at once in all when sandboxed: one per user of the CLI's pool,
+    less the `held` sessions' (a held CLI keeps its user; a live move to it needs no other)."""
+    return max(0, config.cli_pool_size - held) if config.confinement == "sandbox" else None
 
 
 class Placer:
@@ -102,9 +103,19 @@ class Placer:
         )
 
     @property
+    def at_most(self) -> int | None:
+        """Live runs in all this pass may reach (`at_once`), if bounded."""
+        return self._at_once
+
+    @property
+    def full(self) -> bool:
+        """Every user of the CLI's pool is taken (`at_once`)."""
+        return self._at_once is not None and sum(self._live.values()) >= self._at_once
+
+    @property
     def exhausted(self) -> bool:
         """No account may take anything more in this pass."""
-        return not self._candidates or (self._at_once is not None and sum(self._live.values()) >= self._at_once)
+        return not self._candidates or self.full
 
     async def take(self, attempt: Callable[[str, int], Awaitable[bool]], model: str | None = None) -> bool:
         """Offer one piece of work: `attempt(account, limit)` writes it there (True) or finds the

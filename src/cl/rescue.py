@@ -152,7 +152,7 @@ class Rescuer(Service):
             facts,
             self.config.max_sessions_per_account,
             self.config.placement,
-            at_once=placement.at_once(self.config),
+            at_once=placement.at_once(self.config),  # held sessions not counted: a live move needs no new user
         )
         waiting = []
         launches: list[asyncio.Task[None]] = []

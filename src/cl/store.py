@@ -362,6 +362,8 @@ class Facts:
     live: dict[str, int]
     usage: dict[str, dict[str, float | None]]
     settings: dict[str, AccountSettings] = dataclasses.field(default_factory=dict)
+    held: int = 0
+    """Walled sessions whose worker holds their CLI alive for a live move (each keeps its CLI's user)."""
 
 
 class Store:
@@ -1030,7 +1032,8 @@ class Store:
             jobs = [Job(*row) for row in db.execute(query, (*states, limit))]
             expired = db.execute("SELECT account FROM walls WHERE reset_at <= ?", (now,))
             probation = {row[0] for row in expired}
-            return Facts(jobs, self.walls(now), probation, self.live_counts(), self.usage(), self.settings())
+            held = db.execute("SELECT COUNT(*) FROM runs WHERE held_until IS NOT NULL").fetchone()[0]
+            return Facts(jobs, self.walls(now), probation, self.live_counts(), self.usage(), self.settings(), held)
 
     def queue_length(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.QUEUED,)).fetchone()[0])
