@@ -19,10 +19,10 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-from run import BIN, populate, spread
+from run import BIN, populate, spread, wait_for
 
 from cl.client import call
 
@@ -67,10 +67,10 @@ def claim_to_running(tree: Path, root: Path, jobs: int) -> list[float]:
     )
     try:
         socket_path = root / "run" / "balancer.sock"
-        until(socket_path.exists, "the balancer to listen")
+        wait_for(socket_path.exists, "the balancer to listen")
         for i in range(jobs):
             call(socket_path, {"request": "submit", "cwd": str(work), "prompt": f"p{i}"})
-            until(functools.partial(started, log, i + 1), f"job {i}'s CLI to run")
+            wait_for(functools.partial(started, log, i + 1), f"job {i}'s CLI to run")
             time.sleep(0.05)  # its worker settles before the next claim
     finally:
         balancer.terminate()
@@ -98,14 +98,6 @@ def ledger_claims(tree: Path, database: Path) -> list[float]:
 
 def started(log: Path, count: int) -> bool:
     return len(log.read_text().splitlines()) >= count
-
-
-def until(predicate: Callable[[], object], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.002)
 
 
 @contextlib.contextmanager

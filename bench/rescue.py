@@ -40,7 +40,7 @@ from pathlib import Path
 from subprocess import PIPE
 from typing import Any
 
-from run import HERE, cpu_seconds, daemons, daemons_named, end_workers, ms, spread
+from run import HERE, cpu_seconds, daemons, daemons_named, end_workers, ms, spread, wait_for
 
 from cl import logs
 from cl.claude_code.stream import user_message
@@ -68,14 +68,6 @@ def credential(directory: Path, name: str) -> tuple[str, float]:
     tmp.chmod(0o600)
     tmp.replace(directory / f"credentials-{name}.json")
     return token, time.time()
-
-
-def wait_for(condition: Any, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.002)
 
 
 class FakeApi:

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
@@ -48,6 +48,14 @@ def ms(seconds: float) -> str:
 def spread(samples: list[float]) -> str:
     """`p50 X ms p99 Y ms`, as every figure here is printed."""
     return f"p50 {ms(percentile(samples, 50))} p99 {ms(percentile(samples, 99))}"
+
+
+def wait_for(condition: Callable[..., object], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.002)
 
 
 def populate(directory: Path, count: int) -> None:

@@ -29,6 +29,7 @@ from utils import (
     job_states,
     live_runs,
     oauth_credential,
+    proc_status,
     submit,
     wait_until,
     write_credential,
@@ -60,10 +61,7 @@ def well_answered(reply: dict[str, Any]) -> bool:
 
 
 def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
+    return int(proc_status(pid)["VmRSS"].split()[0])
 
 
 async def many_clients(path: Path, count: int) -> list[dict[str, Any]]:
@@ -191,12 +189,10 @@ def test_a_gigabyte_line_without_a_newline_does_not_take_the_worker_with_it(layo
         wait_until(Path(f"{gate}.flooded").exists, "the CLI to print its gigabyte", timeout=300)
         (run,) = live_runs(layout)
         assert run.pid is not None
-        peak = next(
-            line for line in Path(f"/proc/{run.pid}/status").read_text().splitlines() if line.startswith("VmHWM")
-        )
+        peak = proc_status(run.pid)["VmHWM"]
         gate.unlink()
         wait_until(lambda: job_states(layout).get(job) == "done", "the answer after the flood to count")
-    assert int(peak.split()[1]) < 300 * 1024, peak  # kB: a few lines' worth, not the gigabyte
+    assert int(peak.split()[0]) < 300 * 1024, peak  # kB: a few lines' worth, not the gigabyte
     log = (layout.state / "logs" / f"job-{job}-run-{run.id}.log").read_text(errors="replace")
     assert "[cl: a line of the CLI's output longer than" in log
 

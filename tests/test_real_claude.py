@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -30,6 +29,7 @@ from utils import (
     cl,
     job_state_set,
     job_states,
+    job_view,
     json_lines,
     oauth_credential,
     wait_until,
@@ -45,10 +45,6 @@ def real_cli_env(layout: Layout, claude_bin: Path, fake_api: FakeApi | None, **e
     home.mkdir()
     api = {"ANTHROPIC_BASE_URL": fake_api.url} if fake_api else {}
     return layout.env(CL_CLAUDE_BIN=str(claude_bin), HOME=str(home), **api, **extra)
-
-
-def job_view(layout: Layout, job_id: int) -> dict[str, Any]:
-    return next(job for job in json.loads(cl(layout, "jobs", "--all", "--json").stdout) if job["id"] == job_id)
 
 
 @pytest.mark.parametrize("kind", ["oauth", "api-key"])

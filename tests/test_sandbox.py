@@ -23,9 +23,11 @@ from utils import (
     Planted,
     cl,
     free_port,
+    job_view,
     json_lines,
     live_runs,
     oauth_credential,
+    proc_status,
     wait_until,
     write_credential,
 )
@@ -39,19 +41,10 @@ pytestmark = [
 SESSION = "3f1d2c4b-5a69-4788-9abc-def012345678"
 
 
-def status_of(pid: int) -> dict[str, str]:
-    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
-
-
 def submit(layout: Layout, prompt: str = "hi") -> int:
     done = cl(layout, "submit", "--cwd", str(layout.work), "--prompt", prompt, "--json")
     assert done.returncode == 0, done.stderr
     return int(json.loads(done.stdout)["job"])
-
-
-def job(layout: Layout, number: int) -> dict[str, object]:
-    return dict(json.loads(cl(layout, "job", str(number), "--json").stdout)["job"])
 
 
 def test_the_cli_sees_its_job_and_the_system_and_nothing_of_cl_nor_of_other_operators(
@@ -78,7 +71,7 @@ def test_the_cli_sees_its_job_and_the_system_and_nothing_of_cl_nor_of_other_oper
     try:
         submit(layout)
         (call,) = wait_until(lambda: json_lines(layout.fakes / "fake-claude.jsonl"), "the CLI to run")
-        wait_until(lambda: job(layout, 1)["state"] == "done", "the job to finish")
+        wait_until(lambda: job_view(layout, 1)["state"] == "done", "the job to finish")
     finally:
         daemon.stop()
     inside = {name: call["touched"][str(path)] for name, path in targets.items()}
@@ -115,7 +108,7 @@ def test_jobs_that_run_at_once_run_as_different_users_and_a_user_goes_back_to_th
     try:
         first, second = submit(layout, "one"), submit(layout, "two")
         wait_until(lambda: len(json_lines(layout.fakes / "fake-claude.jsonl")) == 2, "both CLIs to run")
-        workers = [status_of(run.pid) for run in live_runs(layout) if run.pid]
+        workers = [proc_status(run.pid) for run in live_runs(layout) if run.pid]
         one, two = (call["uid"] for call in json_lines(layout.fakes / "fake-claude.jsonl"))
         # Without the view's namespaces, the kernel alone: one job's user may not signal the other's CLI.
         pattern = "^python3 .*fakes/claude"
@@ -124,9 +117,11 @@ def test_jobs_that_run_at_once_run_as_different_users_and_a_user_goes_back_to_th
         as_one = ["setpriv", f"--reuid={one}", f"--regid={one}", "--clear-groups", "kill", "-STOP", other_cli]
         refused = subprocess.run(as_one, capture_output=True, text=True, check=False)
         layout.hold.unlink()
-        wait_until(lambda: {job(layout, first)["state"], job(layout, second)["state"]} == {"done"}, "both done")
+        wait_until(
+            lambda: {job_view(layout, first)["state"], job_view(layout, second)["state"]} == {"done"}, "both done"
+        )
         third = submit(layout, "three")
-        wait_until(lambda: job(layout, third)["state"] == "done", "the third job")
+        wait_until(lambda: job_view(layout, third)["state"] == "done", "the third job")
     finally:
         layout.hold.unlink(missing_ok=True)
         daemon.stop()
@@ -150,8 +145,8 @@ def test_a_job_whose_user_cannot_be_had_fails_closed_with_the_reason(layout: Lay
     daemon = DaemonProcess("balancer", layout, env=layout.env(CL_CLI_POOL_SIZE="17")).start()  # sysusers makes 16
     try:
         number = submit(layout)
-        wait_until(lambda: job(layout, number)["state"] == "failed", "the job to fail")
-        error = job(layout, number)["error"]
+        wait_until(lambda: job_view(layout, number)["state"] == "failed", "the job to fail")
+        error = job_view(layout, number)["error"]
     finally:
         daemon.stop()
     assert "user 'cl-cli-17' does not exist" in str(error)
@@ -164,7 +159,7 @@ def test_unconfined_is_written_in_the_config_and_said_at_every_start(layout: Lay
     daemon = DaemonProcess("balancer", layout, env=layout.env(CL_CONFINEMENT="none")).start()
     try:
         numbers = [submit(layout, "one"), submit(layout, "two")]
-        wait_until(lambda: all(job(layout, n)["state"] == "done" for n in numbers), "both jobs")
+        wait_until(lambda: all(job_view(layout, n)["state"] == "done" for n in numbers), "both jobs")
     finally:
         daemon.stop()
     said = [line for line in daemon.log().splitlines() if "confinement = none" in line]
@@ -183,8 +178,8 @@ def test_a_cwd_swapped_for_a_symlink_before_its_cli_starts_is_refused(layout: La
         layout.work.rename(layout.root / "work-was")
         layout.work.symlink_to(bob)
         write_credential(layout.credentials, "a1", oauth_credential(planted))
-        wait_until(lambda: job(layout, number)["state"] == "failed", "the job to fail")
-        error = job(layout, number)["error"]
+        wait_until(lambda: job_view(layout, number)["state"] == "failed", "the job to fail")
+        error = job_view(layout, number)["error"]
     finally:
         daemon.stop()
     assert f"it now resolves to {bob}" in str(error)
@@ -208,7 +203,7 @@ def test_a_cwd_swapped_for_a_symlink_while_its_cli_runs_changes_nothing_for_it(
         layout.work.rename(layout.root / "work-was")
         layout.work.symlink_to(bob)
         layout.hold.unlink()
-        wait_until(lambda: job(layout, number)["state"] == "done", "the job to finish")
+        wait_until(lambda: job_view(layout, number)["state"] == "done", "the job to finish")
     finally:
         layout.hold.unlink(missing_ok=True)
         daemon.stop()
@@ -233,7 +228,7 @@ def test_a_cli_that_forks_without_end_is_held_to_its_process_limit(layout: Layou
     daemon = DaemonProcess("balancer", layout, env=env).start()
     try:
         number = submit(layout)
-        wait_until(lambda: job(layout, number)["state"] == "done", "the job to finish")
+        wait_until(lambda: job_view(layout, number)["state"] == "done", "the job to finish")
     finally:
         daemon.stop()
     assert 0 < int((layout.work / "forked.txt").read_text()) < 20
@@ -259,7 +254,7 @@ def test_with_a_network_of_its_own_the_cli_reaches_the_gateway_and_no_other_loop
             for daemon in daemons:
                 daemon.start()
             number = submit(layout)
-            wait_until(lambda: job(layout, number)["state"] == "done", "the job to be answered through the relay")
+            wait_until(lambda: job_view(layout, number)["state"] == "done", "the job to be answered through the relay")
         finally:
             for daemon in reversed(daemons):
                 daemon.stop()
@@ -277,9 +272,11 @@ def test_with_every_cli_user_taken_a_new_job_waits_and_says_why(layout: Layout, 
         wait_until(lambda: json_lines(layout.fakes / "fake-claude.jsonl"), "the first CLI to run")
         second = submit(layout, "two")
         wait_until(lambda: "reason=every-cli-user-taken" in daemon.log(), "the second job to wait for a user")
-        assert job(layout, second)["state"] == "queued"
+        assert job_view(layout, second)["state"] == "queued"
         layout.hold.unlink()
-        wait_until(lambda: {job(layout, first)["state"], job(layout, second)["state"]} == {"done"}, "both done")
+        wait_until(
+            lambda: {job_view(layout, first)["state"], job_view(layout, second)["state"]} == {"done"}, "both done"
+        )
     finally:
         layout.hold.unlink(missing_ok=True)
         daemon.stop()

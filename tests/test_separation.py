@@ -4,6 +4,7 @@ in test_hostile_cli.py)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pwd
 import shutil
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cl.cli_user import CliUser, CliUserError
+from cl.cli_user import CliUser, CliUserError, adopt, take
 from utils import BIN, POOL
 
 NOBODY = 65534
@@ -77,3 +78,37 @@ sock.connect(sys.argv[1])
 sock.sendall(json.dumps({"run": 1, "env": {"CL_CLAUDE_BIN": "/bin/sh"}}).encode() + b"\\n")
 print(sock.makefile().readline())
 """
+
+
+def test_a_cli_letting_go_of_what_it_inherits_frees_no_user_of_the_pool(tmp_path: Path) -> None:
+    if not _user_exists(f"{POOL}-2"):
+        pytest.skip("no pool here (systemd-sysusers packaging/systemd/sysusers.d/cl.conf makes it)")
+    first = take(POOL, 2, tmp_path)
+    assert first is not None
+    assert first.inherited is not None
+    fcntl.flock(first.inherited, fcntl.LOCK_UN)  # what a CLI may do with the descriptor it inherits
+    second = take(POOL, 2, tmp_path)
+    assert second is not None
+    assert second.user != first.user
+    assert take(POOL, 2, tmp_path) is None
+    first.release()  # the worker's end
+    again = take(POOL, 2, tmp_path)
+    assert again is not None
+    assert again.user == first.user
+
+
+def test_a_config_dir_changes_hands_but_not_what_another_owns_in_it(tmp_path: Path) -> None:
+    """A hard link the CLI made in its config dir to someone else's file keeps its owner."""
+    if os.getuid() != 0 or not _user_exists(f"{POOL}-2"):
+        pytest.skip("needs root and the pool")
+    earlier, later = CliUser.named(f"{POOL}-1"), CliUser.named(f"{POOL}-2")
+    tree = tmp_path / "job-1"
+    (tree / "projects").mkdir(parents=True)
+    (tree / "projects" / "t.jsonl").touch()
+    (tree / "not-its-own").touch()  # root's
+    for path in (tree, tree / "projects", tree / "projects" / "t.jsonl"):
+        os.chown(path, earlier.uid, earlier.gid)
+    adopt(tree, later)
+    owners = {path.name: path.stat().st_uid for path in (tree, tree / "projects", tree / "projects" / "t.jsonl")}
+    assert owners == {"job-1": later.uid, "projects": later.uid, "t.jsonl": later.uid}
+    assert (tree / "not-its-own").stat().st_uid == 0

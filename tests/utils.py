@@ -406,6 +406,17 @@ def history(layout: Layout) -> dict[str, Any]:
     return found
 
 
+def job_view(layout: Layout, job_id: int) -> dict[str, Any]:
+    """The job as `cl jobs --all --json` lists it."""
+    return next(job for job in json.loads(cl(layout, "jobs", "--all", "--json").stdout) if job["id"] == job_id)
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """/proc/PID/status, field by field."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+
+
 def job_states(layout: Layout) -> dict[int, str]:
     """Job id -> state, from `cl jobs --all --json`."""
     result = cl(layout, "jobs", "--all", "--json")

@@ -5,8 +5,9 @@ The worker holds the state store; the CLI runs whatever a repository steers it t
 `cli_pool`-1 ... `cli_pool`-N (N = `cli_pool_size`, made by sysusers, all in group `cli_pool`),
 as Nix runs concurrent builds under its build users: two jobs never share a uid, so the kernel
 keeps their files, signals, ptrace and /proc apart. A worker takes a free member (`take`: a lock
-file per member in the state dir, held by the worker and inherited by the CLI, so a member is
-free again only once the whole session is gone) and gives the job's config dir to it (`adopt`).
+file per member in the state dir, held by the worker and by the CLI, which passes it on to all it
+starts, so a member is free again only once the whole session is gone) and gives the job's
+config dir to it (`adopt`).
 
 The worker may switch users at its start (root under `make run`; CAP_SETUID, CAP_SETGID and
 CAP_CHOWN in a `cl-worker@` unit): it takes its job's user, gives it the job's config dir, then
@@ -115,42 +116,67 @@ def members(pool: str, size: int) -> list[str]:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Slot:
-    """A pool member taken by one worker: the user, and the locked descriptor that holds it."""
+    """A pool member taken by one worker: the user, and the two descriptors that hold it."""
 
     user: CliUser
     lock: int | None
-    """None for the worker's own user (`confinement = "none"`), which no pool holds."""
+    """The worker's hold (None for the worker's own user, `confinement = "none"`, which no pool holds)."""
+    inherited: int | None = None
+    """The CLI's hold, inherited by all it starts: the member stays taken while any of it lives.
+    What the CLI does with it (lets go of it) frees nothing while the worker holds `lock`."""
 
     @property
     def fds(self) -> tuple[int, ...]:
         """What the CLI inherits of it."""
-        return () if self.lock is None else (self.lock,)
+        return () if self.inherited is None else (self.inherited,)
 
     def release(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
+        for fd in (self.lock, self.inherited):
+            if fd is not None:
+                os.close(fd)
 
 
 def take(pool: str, size: int, locks: Path, prefer: int | None = None) -> Slot | None:
-    """A free member of the pool (the one whose uid is `prefer` first, if free), locked for the
-    caller; None if every member is taken. Raises CliUserError if a member does not exist."""
+    """A free member of the pool (the one whose uid is `prefer` first, if free), held for the
+    caller; None if every member is taken. Raises CliUserError if a member does not exist.
+
+    A member is free when nothing holds its lock file. Takers go one at a time (a lock on the
+    directory); the one that finds a member free holds its file shared, twice: once itself, once
+    for its CLI (`Slot`)."""
     locks.mkdir(parents=True, exist_ok=True, mode=0o700)
     users = [CliUser.named(name) for name in members(pool, size)]
     users.sort(key=lambda user: user.uid != prefer)
-    for user in users:
-        fd = os.open(locks / f"{user.name}.lock", os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    guard = os.open(locks, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        for user in users:
+            if (held := _free(locks / f"{user.name}.lock")) is not None:
+                return Slot(user, *held)
+        return None
+    finally:
+        os.close(guard)
+
+
+def _free(path: Path) -> tuple[int, int] | None:
+    """Two descriptors holding `path` shared, if nothing held it (the caller holds the takers' lock:
+    no other taker comes in while the first one's exclusive test turns shared)."""
+    held = [os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600) for _ in range(2)]
+    try:
+        fcntl.flock(held[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        for fd in held:
             os.close(fd)
-            continue
-        return Slot(user, fd)
-    return None
+        return None
+    for fd in held:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    return held[0], held[1]
 
 
 def adopt(path: Path, user: CliUser) -> None:
     """Give the tree at `path` (a job's config dir an earlier run's member owns) to `user`: every
-    entry, by descriptor, no link followed. Its owner's runs are over (its lock was free)."""
+    entry the earlier member owns, by descriptor, no link followed. Its owner's runs are over (its
+    lock was free). An entry someone else owns (a hard link the CLI made to another's file) keeps
+    its owner: what the CLI left there never steers a chown."""
     st = os.lstat(path)
     if (st.st_uid, st.st_gid) == (user.uid, user.gid):
         return
@@ -161,7 +187,8 @@ def adopt(path: Path, user: CliUser) -> None:
     with walker:  # bottom up: a directory changes hands once its walker is done with it
         for _top, dirs, files, top_fd in os.fwalk(path, topdown=False, follow_symlinks=False):
             for name in [*dirs, *files]:
-                os.chown(name, user.uid, user.gid, dir_fd=top_fd, follow_symlinks=False)
+                if os.stat(name, dir_fd=top_fd, follow_symlinks=False).st_uid == st.st_uid:
+                    os.chown(name, user.uid, user.gid, dir_fd=top_fd, follow_symlinks=False)
         os.chown(path, user.uid, user.gid, follow_symlinks=False)
 
 

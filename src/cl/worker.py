@@ -613,13 +613,9 @@ def _cli_user(config: Config, config_dir: Path, bound: Any) -> tuple[cli_user.Sl
     except FileNotFoundError:
         owner = None
     take = functools.partial(cli_user.take, config.cli_pool, config.cli_pool_size, config.state_dir / "pool", owner)
-    if (slot := take()) is None:
-        bound.warning("every CLI user is taken, waiting for one", cli_pool_size=config.cli_pool_size)
-        deadline = time.monotonic() + config.session_lock_wait
-        while (slot := take()) is None:
-            if time.monotonic() > deadline:
-                raise CliUserError(f"all {config.cli_pool_size} of the CLI's users are taken (cli_pool_size)")
-            time.sleep(LOCK_POLL)
+    waiting = "every CLI user is taken, waiting for one"
+    if (slot := _within(config.session_lock_wait, take, bound, waiting, cli_pool_size=config.cli_pool_size)) is None:
+        raise CliUserError(f"all {config.cli_pool_size} of the CLI's users are taken (cli_pool_size)")
     try:
         return slot, sandbox.probe(slot.user.become)
     except sandbox.SandboxUnavailable:
@@ -771,15 +767,24 @@ def _hold_session(config: Config, job_id: int, bound: Any) -> int | None:
     path = lock_path(config, job_id)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    if _locked(fd):
-        return fd
-    bound.warning("waiting for the session's previous process to exit", at_most=config.session_lock_wait)
-    deadline = time.monotonic() + config.session_lock_wait
+    waiting = "waiting for the session's previous process to exit"
+    if _within(config.session_lock_wait, lambda: fd if _locked(fd) else None, bound, waiting) is None:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _within(seconds: float, attempt: Callable[[], T | None], bound: Any, waiting: str, **fields: Any) -> T | None:
+    """What `attempt` gives, trying again every `LOCK_POLL` seconds for up to `seconds` (`waiting`
+    said once if the first try gives nothing); None if it never does."""
+    if (got := attempt()) is not None:
+        return got
+    bound.warning(waiting, at_most=seconds, **fields)
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         time.sleep(LOCK_POLL)
-        if _locked(fd):
-            return fd
-    os.close(fd)
+        if (got := attempt()) is not None:
+            return got
     return None
 
 
