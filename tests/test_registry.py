@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import resource
@@ -254,6 +255,7 @@ async def test_a_directory_that_cannot_be_read_now_is_unknown_not_empty(tmp_path
     registry = CredentialRegistry(tmp_path, resync_interval=3600)
     await registry.start()
     taken: list[int] = []
+    gc.collect()  # what earlier tests left to be finalized closes its descriptors now, not mid-test
     limits = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 32, limits[1]))
     try:
