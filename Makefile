@@ -39,6 +39,7 @@ bench: dev
 	$(BIN)/python bench/rescue.py
 	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/soak.py
+	$(BIN)/python bench/store.py
 	$(BIN)/python bench/crash_stress.py --trials 100
 
 # The daemons in the foreground on ./var, or VAR=dir (no systemd); Ctrl-C stops them. As root, each job's
@@ -59,7 +60,7 @@ run: dev
 # As root on the target machine: a venv in $(PREFIX) with `cl` on PATH, its man page and completions,
 # the units, the journal catalog, the users cl and cl-cli, /opt/claude, and a commented
 # /etc/cl/config.toml (an existing one is never overwritten). ROOT=/some/dir installs into that
-# tree instead (how the tests check these targets).
+# tree instead (how the tests check these targets). EXTRAS=postgresql adds psycopg, for a store on PostgreSQL.
 LOCAL := $(ROOT)/usr/local
 CONFIG := $(ROOT)/etc/cl/config.toml
 UNITS := cl-balancer.service cl-rescue.service cl-gateway.service cl-worker.socket cl-worker@.service cl-metrics.socket cl-metrics.service
@@ -67,7 +68,7 @@ install:
 	$(PYTHON) -m venv $(ROOT)$(PREFIX)
 	$(ROOT)$(PREFIX)/bin/pip install --quiet --upgrade pip
 	rm -rf build  # setuptools' build dir can hold modules the source no longer has
-	$(ROOT)$(PREFIX)/bin/pip install --quiet .
+	$(ROOT)$(PREFIX)/bin/pip install --quiet '.$(if $(EXTRAS),[$(EXTRAS)])'
 	install -d $(LOCAL)/bin
 	ln -sfn $(PREFIX)/bin/cl $(LOCAL)/bin/cl
 	install -D -m 0644 packaging/man/cl.1 $(LOCAL)/share/man/man1/cl.1

@@ -9,8 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from real_cli import install
 
+import postgres
+from cl.store import Store
+from real_cli import install
 from utils import DaemonProcess, FakeApi, Layout, Planted, both, end_workers, fake_api_running, tokens_in_output
 
 
@@ -58,10 +60,42 @@ def separated() -> Iterator[Layout]:
 @pytest.fixture
 def layout(request: pytest.FixtureRequest, tmp_path: Path) -> Layout:
     """A layout under the test's tmp dir; as installed (`separated`) for a test marked `as_installed`
-    when the tests run as root, as CI does."""
+    when the tests run as root, as CI does. A test that names `store_at` runs once per backend."""
     if request.node.get_closest_marker("as_installed") and os.getuid() == 0:
         return request.getfixturevalue("separated")  # type: ignore[no-any-return]
-    return Layout(tmp_path)
+    where = request.getfixturevalue("store_at") if "store_at" in request.fixturenames else None
+    return Layout(tmp_path, store=where if isinstance(where, str) else "")
+
+
+@pytest.fixture(scope="session")
+def postgresql() -> Iterator[postgres.Server]:
+    """The suite's PostgreSQL server, or the test is skipped with the reason (failed, where
+    `CL_TEST_POSTGRESQL=required`: CI always runs these tests)."""
+    try:
+        server = postgres.Server()
+    except postgres.Unavailable as exc:
+        if os.environ.get(postgres.REQUIRED) == "required":
+            pytest.fail(f"PostgreSQL is required here and cannot start: {exc}", pytrace=False)
+        pytest.skip(f"no PostgreSQL server: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_at(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """Where a fresh state store lives, once per backend: an SQLite file, a PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path / "cl.db"
+    server: postgres.Server = request.getfixturevalue("postgresql")
+    return server.database()
+
+
+@pytest.fixture
+def store(store_at: Path | str) -> Iterator[Store]:
+    """A fresh state store, once per backend."""
+    store = Store(store_at)
+    yield store
+    store.close()
 
 
 @pytest.fixture(scope="session")

@@ -156,7 +156,7 @@ def _problems(layout: Layout, healthy: set[str]) -> list[str]:
 
 
 def _store(layout: Layout) -> Store:
-    return Store(layout.state / "cl.db")
+    return Store(layout.database)
 
 
 def _jobs(layout: Layout) -> list[Job]:

@@ -116,7 +116,7 @@ def test_a_session_id_that_starts_with_digits_is_found_by_its_start(layout: Layo
     write_credential(layout.credentials, "a1", oauth_credential(planted))
     job = submit(layout, "numbered")
     wait_until(lambda: all_in(layout, "done", 1), "the job to finish")
-    store = Store(layout.state / "cl.db")
+    store = Store(layout.database)
     try:
         (run,) = store.job_runs(job)
         store.set_session(run.id, "12345678-0000-4000-8000-000000000000")
@@ -290,7 +290,7 @@ def test_the_cli_runs_with_only_the_accounts_credential_and_an_allowed_environme
 def test_a_run_never_claimed_goes_back_to_the_queue_and_runs_once(layout: Layout, planted: Planted) -> None:
     """The balancer died between writing a run and launching its worker."""
     write_credential(layout.credentials, "a1", oauth_credential(planted))
-    store = Store(layout.state / "cl.db")
+    store = Store(layout.database)
     job = store.add_job(str(layout.work), "interrupted")
     assert store.place(job.id, "a1", limit=4) is not None
     store.close()
@@ -305,7 +305,7 @@ def test_a_run_never_claimed_goes_back_to_the_queue_and_runs_once(layout: Layout
 
 def test_a_run_whose_worker_vanished_is_orphaned(layout: Layout, planted: Planted) -> None:
     write_credential(layout.credentials, "a1", oauth_credential(planted))
-    store = Store(layout.state / "cl.db")
+    store = Store(layout.database)
     job = store.add_job(str(layout.work), "lost")
     run = store.place(job.id, "a1", limit=4)
     assert run is not None
@@ -468,7 +468,7 @@ def test_a_running_session_is_cancelled_its_whole_tree_stopped_and_nothing_resum
 
 
 def _runs(layout: Layout) -> list[Run]:
-    store = Store(layout.state / "cl.db")
+    store = Store(layout.database)
     try:
         return store.runs_in(tuple(RunState))
     finally:

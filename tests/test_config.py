@@ -37,6 +37,7 @@ def test_file_then_environment(tmp_path: Path) -> None:
         ("watch_step_ms = 2.5\n", {}, "key 'watch_step_ms': must be a whole number"),
         ("credentials_dir = 7\n", {}, "key 'credentials_dir': must be a non-empty path"),
         ("log_level = 'loud'\n", {}, "must be one of debug, info, warning, error"),
+        ("store = 'mysql://db/cl'\n", {}, "key 'store': must be a postgresql:// URL, or \"\" for the SQLite file"),
         ("not toml [\n", {}, "not valid TOML"),
         ("", {"CL_RESYNC_INTERVAL": "nan"}, "environment variable CL_RESYNC_INTERVAL: must be a positive number"),
         ("", {"CL_WATCH_STEP_MS": "0"}, "environment variable CL_WATCH_STEP_MS"),

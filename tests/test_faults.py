@@ -211,7 +211,7 @@ def test_a_worker_waits_out_a_locked_store_at_start_and_at_end(layout: Layout, p
                 worker.kill()
                 worker.wait()
             balancer.stop()
-    store = Store(layout.state / "cl.db")
+    store = Store(layout.database)
     assert [run.state for run in store.runs_in(tuple(RunState))] == [RunState.DONE]
     store.close()
     assert len(layout.claude_calls()) == 1

@@ -37,7 +37,7 @@ ASKED = 3
 
 def running_runs(layout: Layout, account: str, count: int) -> list[str]:
     """`count` running runs on `account`, each with a capability (ours: no CLI behind them)."""
-    store = Store(layout.state / "cl.db")
+    store = Store(layout.database)
     me, started = os.getpid(), start_time(os.getpid()) or ""
     held = []
     try:

@@ -34,7 +34,7 @@ def walls_on_a1(layout: Layout, planted: Planted) -> str:
 
 
 def runs(layout: Layout, job: int = 1) -> list[Run]:
-    store = Store(layout.state / "cl.db")
+    store = Store(layout.database)
     try:
         return store.job_runs(job)
     finally:
@@ -46,7 +46,7 @@ def held(layout: Layout) -> Run | None:
 
 
 def swaps(layout: Layout, version: str) -> bool | None:
-    store = Store(layout.state / "cl.db")
+    store = Store(layout.database)
     try:
         return store.swaps(version)
     finally:
@@ -215,7 +215,7 @@ def test_a_live_move_rolled_back_by_a_rescuer_restart_is_made_live_again(layout:
         wait_until(lambda: held(layout), "the session to be held")
         rescue.stop(signal.SIGKILL)
         write_credential(layout.credentials, "a2", oauth_credential(planted))
-        store = Store(layout.state / "cl.db")
+        store = Store(layout.database)
         try:
             session = store.get_job(job)
             assert session is not None

@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import fnmatch
 import functools
-from pathlib import Path
 
 import hypothesis
 from hypothesis import example, given
@@ -199,16 +198,14 @@ def test_a_placer_places_no_more_live_runs_in_all_than_the_cli_has_users() -> No
     assert placer.exhausted
 
 
-def test_new_jobs_get_what_the_cli_pool_has_left_after_held_sessions(tmp_path: Path) -> None:
+def test_new_jobs_get_what_the_cli_pool_has_left_after_held_sessions(store: Store) -> None:
     """A held session's worker keeps its CLI's user: the balancer counts it, the store tells it."""
-    store = Store(tmp_path / "cl.db")
     job = store.add_job("/tmp", "p")
     run = store.place(job.id, "a1", 4)
     assert run is not None
     store.claim(run.id, 1, "", "/dev/null")
     store.settle(run.id, RunState.WALLED, "walled", held_until=4102444800.0)
     held = store.facts(RESCUABLE, 10).held
-    store.close()
     assert held == 1
     sandboxed = Config(confinement="sandbox", cli_pool_size=16)
     assert (at_once(sandboxed, held), at_once(sandboxed), at_once(Config(confinement="none"), held)) == (15, 16, None)

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from real_cli import OLDER, install
 from test_gateway import Gateway, account, capability_of, oauth_file, running, runs_of
 
 from cl import capability
 from cl.claude_code.environment import QUIET
+from real_cli import OLDER, install
 from utils import FakeApi, Layout, Planted, cl, job_state_set, job_states, status, wait_until, write_credential
 
 pytestmark = pytest.mark.as_installed  # the real CLI runs as its own user (as root, as CI runs)

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 from cl.states import RunState
@@ -50,16 +51,17 @@ def resumed_calls(layout: Layout) -> list[dict[str, Any]]:
 
 
 def ledger(layout: Layout) -> list[dict[str, Any]]:
-    store = Store(layout.state / "cl.db")
+    store = Store(layout.database)
     try:
         return store.ledger(10_000)
     finally:
         store.close()
 
 
-def test_the_seed_afternoon(layout: Layout, planted: Planted) -> None:
+def test_the_seed_afternoon(layout: Layout, planted: Planted, store_at: Path | str) -> None:
     """Three accounts wall at once, the rescuer waits, a fourth file is dropped in, every session
-    moves to it with its conversation and finishes, each in its own process (a live move)."""
+    moves to it with its conversation and finishes, each in its own process (a live move); with
+    the state in an SQLite file and in PostgreSQL."""
     tokens = walled_accounts(layout, planted, ["a1", "a2", "a3"])
     with both(layout) as (_balancer, rescue):
         with layout.started_together(3):  # one on each account, all three walling at once
@@ -101,6 +103,8 @@ def test_the_seed_afternoon(layout: Layout, planted: Planted) -> None:
     settled = [entry for entry in ledger(layout) if entry["event"] == "move settled"]
     assert all(entry["detail"]["grew"] for entry in settled)
     assert sum(entry["detail"]["outcome"] == "done" for entry in settled) == 3
+    assert layout.store == (store_at if isinstance(store_at, str) else "")
+    assert (layout.state / "cl.db").exists() == (not layout.store)  # the store it was given, and no other
 
 
 def test_a_failed_resume_is_marked_failed_with_its_reason(layout: Layout, planted: Planted) -> None:
@@ -128,7 +132,7 @@ def test_a_reset_readmits_one_session_first_then_the_rest(layout: Layout, plante
         wait_until(lambda: "sessions=3" in rescue.log(), "all three sessions to wait for a1's reset")
         hold.touch()  # the first session back will be held before its answer comes
         layout.quota({token: 100})  # the account's real limit has reset too
-        store = Store(layout.state / "cl.db")  # the reset, an hour away, now comes in a second
+        store = Store(layout.database)  # the reset, an hour away, now comes in a second
         store.record_wall("a1", "test", time.time() + 1, "five_hour")
         store.close()
         rescue.request({"request": "run-changed", "run": 0})  # as any run's news would: a pass sees it
@@ -165,7 +169,7 @@ def test_an_orphaned_session_is_resumed(layout: Layout, planted: Planted) -> Non
 
 
 def jobs_in_store(layout: Layout) -> dict[int, str]:
-    store = Store(layout.state / "cl.db")
+    store = Store(layout.database)
     try:
         return {job.id: job.state for job in store.jobs()}
     finally:
@@ -214,7 +218,7 @@ def test_a_job_the_rescuer_requeues_wakes_the_balancer(layout: Layout) -> None:
         balancer.bind(str(layout.runtime / "balancer.sock"))
         balancer.listen()
         balancer.settimeout(20)
-        store = Store(layout.state / "cl.db")
+        store = Store(layout.database)
         job = store.add_job(str(layout.work), "x")
         run = store.place(job.id, "a1", limit=1)
         assert run is not None

@@ -5,7 +5,6 @@ ledgered like a move, and `cl wait` / `cl result` follow the latest turn."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from cl.states import RunState
 from cl.store import Run, Store
@@ -13,7 +12,7 @@ from utils import Layout, Planted, both, cl, job_states, oauth_credential, submi
 
 
 def runs(layout: Layout, job: int) -> list[Run]:
-    store = Store(layout.state / "cl.db")
+    store = Store(layout.database)
     try:
         return store.job_runs(job)
     finally:
@@ -21,7 +20,7 @@ def runs(layout: Layout, job: int) -> list[Run]:
 
 
 def events(layout: Layout) -> list[str]:
-    store = Store(layout.state / "cl.db")
+    store = Store(layout.database)
     try:
         return [entry["event"] for entry in store.ledger(1000)]
     finally:
@@ -99,10 +98,9 @@ def test_follow_ups_that_cannot_be_taken_are_refused(layout: Layout) -> None:
     assert layout.claude_calls() == []
 
 
-def test_a_follow_up_sent_as_the_cli_ends_queues_the_session_to_resume(tmp_path: Path) -> None:
+def test_a_follow_up_sent_as_the_cli_ends_queues_the_session_to_resume(store: Store) -> None:
     """The race `cl send` can lose to a turn's end: the text is never dropped, the job queues."""
-    store = Store(tmp_path / "cl.db")
-    job = store.add_job(str(tmp_path), "first")
+    job = store.add_job("/srv/work", "first")
     run = store.place(job.id, "a1", limit=4)
     assert run is not None
     store.claim(run.id, 1, "1", "log")
@@ -120,4 +118,3 @@ def test_a_follow_up_sent_as_the_cli_ends_queues_the_session_to_resume(tmp_path:
         False,
         "balancer",
     )
-    store.close()

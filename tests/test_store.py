@@ -1,7 +1,9 @@
-"""The state store on real SQLite files: schema, jobs, walls, usage, ledger, concurrent writers."""
+"""The state store on a real SQLite file and a real PostgreSQL database, each test on both:
+schema, jobs, walls, usage, ledger, concurrent writers."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import re
@@ -15,41 +17,50 @@ from typing import Any
 
 import pytest
 
+import postgres
 from cl import cli_process, worker
 from cl.claude_code.stream import StreamState
 from cl.config import Config
 from cl.states import RunState
-from cl.store import MIGRATIONS, AsyncStore, Snapshot, Store, StoreError
+from cl.store import AsyncStore, NoRoom, Snapshot, Store, StoreError, StoreUnavailable
+from cl.store import postgresql as on_postgresql
+from cl.store import sqlite as on_sqlite
+from utils import wait_until
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store(tmp_path / "cl.db")
+def migrations(where: Path | str) -> list[str]:
+    return on_sqlite.MIGRATIONS if isinstance(where, Path) else on_postgresql.MIGRATIONS
 
 
-def test_a_new_file_gets_the_schema_in_wal_mode(store: Store) -> None:
-    assert store.schema_version == len(MIGRATIONS)
-    mode = sqlite3.connect(store.path).execute("PRAGMA journal_mode").fetchone()[0]
-    assert mode == "wal"
+def test_a_new_store_gets_the_schema_and_reopening_migrates_nothing(store: Store, store_at: Path | str) -> None:
+    assert store.schema_version == len(migrations(store_at))
+    if isinstance(store_at, Path):
+        assert sqlite3.connect(store_at).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.add_job("/work/a", "do a")
     store.close()
-    assert Store(store.path).schema_version == len(MIGRATIONS)  # reopening migrates nothing
+    reopened = Store(store_at)
+    assert reopened.schema_version == len(migrations(store_at))
+    assert [job.prompt for job in reopened.jobs()] == ["do a"]
+    reopened.close()
 
 
-def test_a_newer_schema_is_refused(store: Store) -> None:
-    store.close()
-    db = sqlite3.connect(store.path)
-    db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
-    db.close()
+def test_a_newer_schema_is_refused(store: Store, store_at: Path | str) -> None:
+    newer = len(migrations(store_at)) + 1
+    with store.transaction() as db:
+        if isinstance(store_at, Path):
+            db.execute(f"PRAGMA user_version = {newer}")
+        else:
+            db.execute("UPDATE schema_version SET version = ?", (newer,))
     with pytest.raises(StoreError, match="newer than this cl"):
-        Store(store.path)
+        Store(store_at)
 
 
-def test_jobs_queue_survive_reopening_and_cancel(store: Store) -> None:
+def test_jobs_queue_survive_reopening_and_cancel(store: Store, store_at: Path | str) -> None:
     first = store.add_job("/work/a", "do a", model="opus", max_turns=3)
     second = store.add_job("/work/b", "do b")
     assert (first.state, first.model, first.max_turns) == ("queued", "opus", 3)
     store.close()
-    reopened = Store(store.path)
+    reopened = Store(store_at)
     assert [job.id for job in reopened.jobs(("queued",))] == [first.id, second.id]
     cancelled = reopened.cancel_job(first.id)
     assert cancelled is not None
@@ -77,13 +88,13 @@ def test_usage_keeps_what_a_report_does_not_say(store: Store) -> None:
     }
 
 
-def test_two_processes_write_at_once_without_locking_errors(store: Store) -> None:
+def test_two_processes_write_at_once_without_locking_errors(store: Store, store_at: Path | str) -> None:
     code = (
-        "import sys; from pathlib import Path; from cl.store import Store\n"
-        "s = Store(Path(sys.argv[1]))\n"
+        "import sys; from cl.store import Store\n"
+        "s = Store(sys.argv[1])\n"
         "for i in range(200): s.add_job('/w', f'{sys.argv[2]}-{i}')\n"
     )
-    writers = [subprocess.Popen([sys.executable, "-c", code, str(store.path), name]) for name in ("x", "y")]
+    writers = [subprocess.Popen([sys.executable, "-c", code, str(store_at), name]) for name in ("x", "y")]
     assert [writer.wait(60) for writer in writers] == [0, 0]
     assert len(store.jobs(("queued",))) == 400
 
@@ -95,8 +106,8 @@ async def test_async_store_runs_calls_in_order_off_the_loop(store: Store) -> Non
     async_store.close()
 
 
-def test_status_snapshot_sees_every_commit_from_this_or_another_connection(store: Store) -> None:
-    other = Store(store.path)  # a worker or the rescuer, in another process
+def test_status_snapshot_sees_every_commit_from_this_or_another_connection(store: Store, store_at: Path | str) -> None:
+    other = Store(store_at)  # a worker or the rescuer, in another process
 
     def shown(snapshot: Snapshot) -> tuple[Any, ...]:
         listing, counts = snapshot.listing, snapshot.counts
@@ -104,7 +115,7 @@ def test_status_snapshot_sees_every_commit_from_this_or_another_connection(store
         return jobs, sessions, listing.queue, counts.live, counts.usage, set(snapshot.walls)
 
     def fresh() -> Snapshot:  # read by a store that has kept nothing
-        reader = Store(store.path)
+        reader = Store(store_at)
         try:
             return reader.snapshot()
         finally:
@@ -162,19 +173,30 @@ def test_a_claimed_run_is_never_abandoned(store: Store) -> None:
     assert (claimed.state, store.get_job(job.id).state) == ("running", "running")  # type: ignore[union-attr]
 
 
-def _open_at_once(path: Path, barrier: Any) -> None:
+def _open_at_once(where: Path | str, barrier: Any) -> None:
     barrier.wait()
-    Store(path).close()
+    Store(where).close()
 
 
-def test_two_processes_opening_a_fresh_store_at_once_both_succeed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_processes_opening_a_fresh_store_at_once_both_succeed(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """`systemctl enable --now` of both daemons on a fresh install opens the store twice at the same
-    instant: switching to WAL can find the file locked without SQLite's busy handler waiting."""
+    instant: switching to WAL can find the file locked without SQLite's busy handler waiting, and
+    two migrations of an empty database must not both make the schema."""
+    server = request.getfixturevalue("postgresql") if backend == "postgresql" else None
+
+    def fresh(trial: int) -> Path | str:
+        return tmp_path / f"{trial}.db" if server is None else server.database()
+
+    trials = 200 if server is None else 20
     context = multiprocessing.get_context("fork")
     failed = 0
-    for trial in range(200):
+    for trial in range(trials):
         barrier = context.Barrier(2)
-        openers = [context.Process(target=_open_at_once, args=(tmp_path / f"{trial}.db", barrier)) for _ in range(2)]
+        where = fresh(trial)
+        openers = [context.Process(target=_open_at_once, args=(where, barrier)) for _ in range(2)]
         for opener in openers:
             opener.start()
         for opener in openers:
@@ -183,9 +205,8 @@ def test_two_processes_opening_a_fresh_store_at_once_both_succeed(tmp_path: Path
     assert failed == 0
 
 
-def test_a_wall_the_cli_announces_stands_a_week_at_most(tmp_path: Path) -> None:
+def test_a_wall_the_cli_announces_stands_a_week_at_most(store: Store) -> None:
     """The CLI's output says when its account's wall resets; a hostile one cannot bench it for a year."""
-    store = Store(tmp_path / "cl.db")
     job = store.add_job("/srv", "x")
     run = store.place(job.id, "a1", limit=1)
     assert run is not None
@@ -197,11 +218,9 @@ def test_a_wall_the_cli_announces_stands_a_week_at_most(tmp_path: Path) -> None:
     wall = store.walls()["a1"]
     assert wall.reset_at is not None
     assert wall.reset_at <= time.time() + worker.MAX_WALL
-    store.close()
 
 
-def test_retention_forgets_finished_jobs_and_their_history_and_keeps_live_work(tmp_path: Path) -> None:
-    store = Store(tmp_path / "cl.db")
+def test_retention_forgets_finished_jobs_and_their_history_and_keeps_live_work(store: Store) -> None:
     jobs = {state: store.add_job("/srv", state) for state in ("done", "failed", "cancelled", "running", "recent")}
     for state in ("done", "failed", "cancelled", "running"):
         run = store.place(jobs[state].id, "a1", limit=10)
@@ -224,7 +243,6 @@ def test_retention_forgets_finished_jobs_and_their_history_and_keeps_live_work(t
     assert {run.job_id for run in store.runs_in(tuple(RunState))} == {jobs["running"].id, jobs["recent"].id}
     assert {entry["job_id"] for entry in store.ledger(1000)} == {jobs["running"].id, jobs["recent"].id, None}
     assert store.add_job("/srv", "next").id > jobs["recent"].id  # ids are never reused
-    store.close()
 
 
 def test_a_session_is_found_by_the_start_of_its_id(store: Store) -> None:
@@ -267,3 +285,58 @@ def test_a_runs_log_keeps_a_bounded_amount_of_what_the_cli_prints(
     assert len(text) <= 1000 + 100
     assert text.endswith("[cl: the output goes on; the log keeps no more of it]\n")
     assert text.count("[cl:") == 1
+
+
+def _place_at_once(where: Path | str, job_id: int, barrier: Any, placed: Any) -> None:
+    store = Store(where)
+    barrier.wait()
+    with contextlib.suppress(NoRoom):
+        if store.place(job_id, "a1", limit=2) is not None:
+            with placed.get_lock():
+                placed.value += 1
+    store.close()
+
+
+def test_writers_racing_to_place_never_exceed_an_accounts_limit(store: Store, store_at: Path | str) -> None:
+    """Placing counts an account's live runs and adds one in one transaction: writers never
+    interleave there (SQLite's write lock, PostgreSQL's advisory lock), or two placers that both
+    counted one live run would both add theirs."""
+    context = multiprocessing.get_context("fork")
+    for _round in range(5):
+        jobs = [store.add_job("/srv", f"p{i}") for i in range(8)]
+        barrier, placed = context.Barrier(len(jobs)), context.Value("i", 0)
+        placers = [context.Process(target=_place_at_once, args=(store_at, job.id, barrier, placed)) for job in jobs]
+        for placer in placers:
+            placer.start()
+        for placer in placers:
+            placer.join(60)
+        assert [placer.exitcode for placer in placers] == [0] * len(jobs)
+        assert placed.value == 2
+        assert store.live_counts() == {"a1": 2}
+        for run in store.runs_in():
+            store.settle(run.id, RunState.DONE)
+
+
+def test_a_server_that_drops_its_connections_is_waited_out_then_used_again(postgresql: postgres.Server) -> None:
+    """The database restarts, or cuts this host off: calls fail as `StoreUnavailable` (which every
+    caller waits out) while it cannot be reached, and work again once it can, on a new connection."""
+    where = postgresql.database()
+    name = where.split("?")[0].rsplit("/", 1)[1]
+    store = Store(where, busy_timeout=1.0)
+    store.add_job("/srv", "before")
+    postgresql.sql(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+    postgresql.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", name)
+    with pytest.raises(StoreUnavailable, match=f"state store postgresql database {name} on "):
+        store.add_job("/srv", "while cut off")
+    postgresql.sql(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+    wait_until(lambda: _added(store, "after"), "the store to reach its database again")
+    assert [job.prompt for job in store.jobs()] == ["before", "after"]
+    store.close()
+
+
+def _added(store: Store, prompt: str) -> bool:
+    try:
+        store.add_job("/srv", prompt)
+    except StoreUnavailable:
+        return False
+    return True

@@ -142,6 +142,8 @@ class Layout:
     fakes: Path = field(init=False)
     """The fake CLI's own files (its log, the quota), which it writes."""
 
+    store: str = ""
+    """A PostgreSQL database's URL (`store`), or the SQLite file in the state dir."""
     sandboxed: bool = False
     """Each job's CLI runs as a user of the pool, in its own view (`confinement = "sandbox"`), laid
     out as `make run` as root would have it (see `separated`); otherwise as the daemons' own user,
@@ -171,6 +173,11 @@ class Layout:
                 theirs.chmod(0o2770)
             (self.fakes / "fake-claude.jsonl").touch()  # every member of the pool appends to it
             (self.fakes / "fake-claude.jsonl").chmod(0o666)
+
+    @property
+    def database(self) -> Path | str:
+        """Where the state store is (`Store` takes it)."""
+        return self.store or self.state / "cl.db"
 
     def quota(self, turns: dict[str, int]) -> None:
         """Turns left per token for the fake claude ("*": everyone else); a wall when 0."""
@@ -218,6 +225,8 @@ class Layout:
             FAKE_CLAUDE_QUOTA=str(self.fakes / "quota.json"),
             FAKE_CLAUDE_HOLD=str(self.hold),
         )
+        if self.store:
+            env["CL_STORE"] = self.store
         (self.root / "config.toml").touch()
         env.update(extra)
         return env
@@ -450,7 +459,7 @@ T = TypeVar("T")
 
 def stored(layout: Layout, read: Callable[[Store], T]) -> T:
     """`read(store)` on the layout's state store, opened for it and closed after."""
-    store = Store(layout.state / "cl.db")
+    store = Store(layout.database)
     try:
         return read(store)
     finally:
@@ -459,7 +468,7 @@ def stored(layout: Layout, read: Callable[[Store], T]) -> T:
 
 def live_runs(layout: Layout) -> list[Run]:
     """The runs in the store that are live now."""
-    store = Store(layout.state / "cl.db")
+    store = Store(layout.database)
     try:
         return store.runs_in()
     finally:

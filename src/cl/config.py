@@ -89,6 +89,9 @@ class Config:
     """Existing paths the CLI may write besides the job's cwd and its config dir."""
     store_busy_timeout: float = 10.0
     """Seconds a store write waits for another writer before the store counts as unavailable."""
+    store: str = ""
+    """`postgresql://…`: the fleet's shared PostgreSQL database (a password belongs in a
+    passfile, not here); empty: the SQLite file `cl.db` in `state_dir`."""
     admin_group: str = "cl-admin"
     """Members see and act on every operator's jobs (root and the daemons' own user always do)."""
     journal_socket: str = "/run/systemd/journal/socket"
@@ -116,8 +119,9 @@ class Config:
     """Where this configuration was read from, or would have been (not a key)."""
 
     @property
-    def database(self) -> Path:
-        return self.state_dir / "cl.db"
+    def database(self) -> Path | str:
+        """Where the state store is (`cl.store.Store` takes it)."""
+        return self.store or self.state_dir / "cl.db"
 
     def socket_path(self, daemon: str) -> Path:
         return self.runtime_dir / f"{daemon}.sock"
@@ -265,6 +269,12 @@ def _worker(value: Any, _base: Path) -> dict[str, str]:
     return dict(env)
 
 
+def _store(value: Any, _base: Path) -> str:
+    if not isinstance(value, str) or (value and not value.startswith(("postgresql://", "postgres://"))):
+        raise TypeError('must be a postgresql:// URL, or "" for the SQLite file in state_dir')
+    return value
+
+
 _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "credentials_dir": _path,
     "state_dir": _path,
@@ -288,6 +298,7 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "max_orphanings": _whole(1, 1000),
     "session_lock_wait": _positive_float,
     "store_busy_timeout": _positive_float,
+    "store": _store,
     "confinement": _one_of("sandbox", "none"),
     "cli_pool": _name,
     "cli_pool_size": _whole(1, 1000),

@@ -53,7 +53,6 @@ import queue
 import resource
 import signal
 import socket
-import sqlite3
 import struct
 import subprocess
 import sys
@@ -79,7 +78,7 @@ from cl.moments import iso_utc
 from cl.processes import start_time
 from cl.session_files import credential_mark_path, lock_path, log_path, session_config_dir
 from cl.states import JobState, RunState
-from cl.store import Job, Run, Store
+from cl.store import Job, Run, Store, StoreUnavailable
 
 log = structlog.get_logger("cl.worker")
 
@@ -114,7 +113,7 @@ def patiently(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     while True:
         try:
             return call(*args, **kwargs)
-        except sqlite3.OperationalError as exc:
+        except StoreUnavailable as exc:
             if not said:
                 log.warning("state store unavailable, waiting", error=str(exc))
                 said = True

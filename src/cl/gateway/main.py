@@ -27,7 +27,7 @@ from cl.gateway.proxy import MAX_BODY, Proxy, Recorder
 from cl.gateway.refresher import Refresher
 from cl.protocol import Handler, Peer, Reply, Request
 from cl.registry import CredentialRegistry
-from cl.store import AsyncStore, Lookup, Run, Store, StoreUnavailable
+from cl.store import AsyncStore, Run, Store, StoreUnavailable
 
 log = structlog.get_logger("cl.gateway")
 
@@ -41,8 +41,9 @@ class Gateway:
     def __init__(self, config: Config, registry: CredentialRegistry, _status_changed: Callable[[], None]) -> None:
         self.config = config
         self.registry = registry
-        self.store = AsyncStore(Store(config.database, config.store_busy_timeout))
-        self.lookup = Lookup(config.database)
+        store = Store(config.database, config.store_busy_timeout)
+        self.store = AsyncStore(store)
+        self.lookup = store.lookup()
         self._client: aiohttp.ClientSession | None = None
         self.refresher = Refresher(config, registry, self.store, self.client)
         self.recorder = Recorder(self.store)
@@ -100,7 +101,8 @@ class Gateway:
             if self._client is not None:
                 await self._client.close()
             await self.recorder.flush()
-            self.lookup.close()
+            if self.lookup is not None:
+                self.lookup.close()
             self.store.close()
 
     def status(self) -> str:

@@ -19,8 +19,8 @@ and scrubbed of every known secret. Bodies are never logged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 
@@ -128,7 +128,7 @@ class Proxy:
         upstream: str,
         wall_retry: float,
         store: AsyncStore,
-        lookup: Lookup,
+        lookup: Lookup | None,
         registry: CredentialRegistry,
         refresher: Refresher,
         recorder: Recorder,
@@ -163,12 +163,12 @@ class Proxy:
         return await self._forward(request, run, digest, body)
 
     async def _run_holding(self, digest: str) -> Run | None:
-        """The running run that holds this capability: read on the loop (about 25 us), or on the
-        store's thread when the file is locked."""
-        try:
-            return self._lookup.capability_run(digest)
-        except sqlite3.OperationalError:
-            return await self._store.capability_run(digest)
+        """The running run that holds this capability: read on the loop (SQLite, about 25 us), or
+        on the store's thread when the file is locked or the store is a server."""
+        if self._lookup is not None:
+            with contextlib.suppress(StoreUnavailable):
+                return self._lookup.capability_run(digest)
+        return await self._store.capability_run(digest)
 
     async def _forward(self, request: web.Request, run: Run, digest: str, body: bytes) -> web.StreamResponse:
         moves = 0

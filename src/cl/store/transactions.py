@@ -1,459 +1,79 @@
-"""The state store: jobs, runs, walls, usage and an append-only ledger, in SQLite.
+"""The state store's transactions, the same SQL on every backend (`cl.store.sqlite`,
+`cl.store.postgresql`).
 
-One file, `<state_dir>/cl.db`, in WAL mode with a busy timeout, shared by both daemons and their
-workers. The schema is versioned (`PRAGMA user_version`) and migrated forward on open. It never
-holds the roster: an account here is only a name that facts are keyed by, and whether that account
-exists is the registry's answer alone.
-
-`Store` is the narrow interface a second backend (PostgreSQL, say) would implement.
-Its methods are blocking; `AsyncStore` runs them on one dedicated thread so that the event loop
-never waits on SQLite.
+`Store(where)` opens the store at `where`: a file path for SQLite (the embedded default), or a
+`postgresql://` URL for a fleet's shared database. Each method is one transaction (or one read);
+writers never interleave on either backend. The store never holds the roster: an account here is
+only a name that facts are keyed by, and whether that account exists is the registry's answer alone.
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import fnmatch
+import functools
 import json
-import sqlite3
 import time
-from collections.abc import Callable, Coroutine, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
+from typing import Any
 
-from cl.moments import iso_utc
-from cl.states import (
-    FINISHED_JOBS,
-    JOB_TRANSITIONS,
-    LIVE_JOBS,
-    LIVE_RUNS,
-    RESCUABLE,
-    RUN_TRANSITIONS,
-    IllegalTransition,
-    JobState,
-    RunState,
+from cl.states import FINISHED_JOBS, LIVE_JOBS, LIVE_RUNS, RESCUABLE, JobState, RunState
+from cl.store.backend import Backend, Db, Lookup, capability_run, inserted, sql_set
+from cl.store.records import (
+    BUSY_TIMEOUT,
+    NEEDS_LOGIN,
+    AccountCounts,
+    AccountSettings,
+    Facts,
+    Job,
+    Listing,
+    NoRoom,
+    Run,
+    Snapshot,
+    WallRecord,
 )
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-NEEDS_LOGIN = "needs-login"
-"""The kind of wall the gateway records for an account whose refresh token was refused."""
-
-BUSY_TIMEOUT = 10.0
-"""Seconds a write waits for another writer's lock before the store reports itself unavailable."""
-
-MIGRATIONS: list[str] = [
-    # 1: the first schema
-    """
-    CREATE TABLE jobs (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        cwd TEXT NOT NULL,
-        prompt TEXT NOT NULL,
-        model TEXT,
-        max_turns INTEGER,
-        state TEXT NOT NULL,
-        account TEXT,
-        session_id TEXT,
-        error TEXT,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL
-    );
-    CREATE INDEX jobs_by_state ON jobs(state, id);
-    CREATE TABLE walls (
-        account TEXT PRIMARY KEY,
-        kind TEXT,
-        reset_at REAL,
-        source TEXT NOT NULL,
-        recorded_at REAL NOT NULL
-    );
-    CREATE TABLE usage (
-        account TEXT PRIMARY KEY,
-        five_hour REAL,
-        seven_day REAL,
-        last_used_at REAL
-    );
-    CREATE TABLE ledger (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        at REAL NOT NULL,
-        event TEXT NOT NULL,
-        job_id INTEGER,
-        account TEXT,
-        detail TEXT
-    );
-    """,
-    # 2: runs, one per CLI process of a job (the first run, then one per resume)
-    """
-    CREATE TABLE runs (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        job_id INTEGER NOT NULL REFERENCES jobs(id),
-        account TEXT NOT NULL,
-        state TEXT NOT NULL,
-        pid INTEGER,
-        pid_start TEXT,
-        session_id TEXT,
-        resume TEXT,
-        log_path TEXT,
-        error TEXT,
-        created_at REAL NOT NULL,
-        ended_at REAL
-    );
-    CREATE INDEX runs_by_state ON runs(state);
-    CREATE INDEX runs_by_job ON runs(job_id);
-    """,
-    # 3: tokens used per account, from each run's result
-    """
-    ALTER TABLE usage ADD COLUMN input_tokens INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE usage ADD COLUMN output_tokens INTEGER NOT NULL DEFAULT 0
-    """,
-    # 4: moves (a run that resumes a session elsewhere) and the first answer a run got
-    """
-    ALTER TABLE runs ADD COLUMN prior_state TEXT;
-    ALTER TABLE runs ADD COLUMN transcript_bytes INTEGER;
-    ALTER TABLE runs ADD COLUMN answered_at REAL;
-    ALTER TABLE runs ADD COLUMN verified_at REAL;
-    CREATE INDEX runs_unverified ON runs(id) WHERE resume IS NOT NULL AND verified_at IS NULL
-    """,
-    # 5: an account's live runs, counted inside every placing transaction
-    """
-    CREATE INDEX runs_by_account ON runs(account, state)
-    """,
-    # 6: who submitted each job (its uid); a move's transcript size after it, as its worker saw it;
-    # each run's result event (the answer), redacted
-    """
-    ALTER TABLE jobs ADD COLUMN submitter INTEGER;
-    ALTER TABLE runs ADD COLUMN transcript_bytes_after INTEGER;
-    ALTER TABLE runs ADD COLUMN result TEXT;
-    CREATE INDEX jobs_by_submitter ON jobs(submitter, id)
-    """,
-    # 7: operators' settings per account name: paused, a session limit, the models it may serve.
-    # Facts keyed by name, like walls: a row never makes an account exist.
-    """
-    CREATE TABLE account_settings (
-        account TEXT PRIMARY KEY,
-        paused_at REAL,
-        max_sessions INTEGER,
-        models TEXT,
-        updated_at REAL NOT NULL
-    )
-    """,
-    # 8: live moves. A walled run whose worker holds its CLI alive (until `held_until`) can be
-    # handed a move (`live`): the same process goes on with the new account's credential. Whether
-    # a CLI version takes a new credential in a running process, as measured by such moves.
-    # Follow-ups (`cl send`): the operator's next message, until a run takes it as its prompt.
-    """
-    ALTER TABLE runs ADD COLUMN live INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE runs ADD COLUMN held_until REAL;
-    ALTER TABLE runs ADD COLUMN prompt TEXT;
-    ALTER TABLE jobs ADD COLUMN pending_prompt TEXT;
-    CREATE TABLE cli_versions (
-        version TEXT PRIMARY KEY,
-        swaps INTEGER NOT NULL,
-        measured_at REAL NOT NULL
-    )
-    """,
-    # 9: the gateway. A capability (its SHA-256 only) names the run whose CLI holds it: it works
-    # while that run runs. A wall may name the credential it is about (a fingerprint: a refresh
-    # token the token endpoint refused means `needs-login` until the file holds another). What
-    # each run read from and wrote to the prompt cache, as the API reported it.
-    """
-    CREATE TABLE capabilities (
-        digest TEXT PRIMARY KEY,
-        run_id INTEGER NOT NULL,
-        issued_at REAL NOT NULL
-    );
-    CREATE INDEX capabilities_by_run ON capabilities(run_id);
-    ALTER TABLE walls ADD COLUMN credential TEXT;
-    ALTER TABLE runs ADD COLUMN cache_read_tokens INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE runs ADD COLUMN cache_creation_tokens INTEGER NOT NULL DEFAULT 0
-    """,
-    # 10: a session id belongs to one job, the first that reported it: a CLI that prints another
-    # job's is not believed.
-    """
-    CREATE TABLE sessions (
-        session_id TEXT PRIMARY KEY,
-        job_id INTEGER NOT NULL
-    );
-    INSERT OR IGNORE INTO sessions (session_id, job_id)
-        SELECT session_id, MIN(job_id) FROM runs WHERE session_id IS NOT NULL GROUP BY session_id
-    """,
-]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Job:
-    id: int
-    cwd: str
-    prompt: str
-    model: str | None
-    max_turns: int | None
-    state: JobState
-    account: str | None
-    session_id: str | None
-    error: str | None
-    created_at: float
-    updated_at: float
-    submitter: int | None
-    """The uid that submitted it (from the connection's peer credentials)."""
-    pending_prompt: str | None
-    """A follow-up (`cl send`) no run has taken yet."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "state", JobState(self.state))  # as read from a row: text
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Run:
-    id: int
-    job_id: int
-    account: str
-    state: RunState
-    pid: int | None
-    pid_start: str | None
-    session_id: str | None
-    resume: str | None
-    """The session this run resumes (`--resume`), if any."""
-    log_path: str | None
-    error: str | None
-    created_at: float
-    ended_at: float | None
-    prior_state: str | None
-    """A move's job state before it (walled, orphaned): where an abandoned move puts it back."""
-    transcript_bytes: int | None
-    """A move's transcript size before its CLI started: the move is verified by the transcript growing."""
-    answered_at: float | None
-    """When the account first answered this run (not a wall): proof the account works."""
-    verified_at: float | None
-    transcript_bytes_after: int | None
-    """A move's transcript size once its CLI exited (measured by its worker, as the CLI's user)."""
-    result: str | None
-    """The run's `result` event as JSON (redacted): the answer, its cost and usage."""
-    live: bool
-    """A live move: handed to the worker of the run before it, whose CLI goes on, not launched."""
-    held_until: float | None
-    """The run walled and its worker holds its CLI alive until then, for a live move."""
-    prompt: str | None
-    """A follow-up's text (`cl send`): this run's prompt instead of the job's or `resume_prompt`."""
-    cache_read_tokens: int
-    """Prompt-cache tokens the API read for this run (through the gateway): what stayed warm."""
-    cache_creation_tokens: int
-    """Prompt-cache tokens the API wrote for this run: a move to another organization starts cold."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "state", RunState(self.state))  # as read from a row: text
-        object.__setattr__(self, "live", bool(self.live))
-
-    @property
-    def is_move(self) -> bool:
-        """It resumes a session that walled or was orphaned (the rescuer's), rather than starting
-        a queued job or following one up (the balancer's)."""
-        return self.resume is not None and self.prior_state in RESCUABLE
-
-    @property
-    def launcher(self) -> str:
-        """The daemon that launches this run, and settles it if no worker ever claims it."""
-        return "rescue" if self.is_move else "balancer"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class AccountSettings:
-    """What an operator set for an account name (`cl accounts pause/set`); unset means the default."""
-
-    account: str
-    paused_at: float | None = None
-    """Paused since then: it takes no new or moved work; its live sessions finish."""
-    max_sessions: int | None = None
-    """Its own session limit, instead of `max_sessions_per_account`."""
-    models: tuple[str, ...] | None = None
-    """The models it may serve, as shell patterns (`opus`, `claude-sonnet-*`); None: all."""
-
-    def serves(self, model: str | None) -> bool:
-        """A job without a model takes the CLI's default, which any account serves."""
-        return model is None or self.models is None or any(fnmatch.fnmatchcase(model, p) for p in self.models)
-
-    def public(self) -> dict[str, Any]:
-        return {
-            "account": self.account,
-            "paused_since": iso_utc(self.paused_at) if self.paused_at is not None else None,
-            "max_sessions": self.max_sessions,
-            "models": list(self.models) if self.models is not None else None,
-        }
-
-
-UNSET = AccountSettings("")
-"""The settings of a name nobody set anything for: every default."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class WallRecord:
-    account: str
-    kind: str | None
-    reset_at: float | None
-    source: str
-    recorded_at: float
-    credential: str | None = None
-    """For `needs-login`: the fingerprint of the refresh token refused (another in the file lifts it)."""
-
-
-UsageRow = tuple[float | None, float | None, int, int]
-"""five_hour, seven_day (utilization last reported, or None), input_tokens, output_tokens."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Listing:
-    """The jobs and their sessions as `status` shows them: JSON arrays, and the queue's length."""
-
-    sessions_json: str
-    jobs_json: str
-    queue: int
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class AccountCounts:
-    live: dict[str, int]
-    usage: dict[str, UsageRow]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Snapshot:
-    """What `status` shows, read in one transaction. The same `listing` or `counts` object is
-    handed out again while it is current."""
-
-    listing: Listing
-    counts: AccountCounts
-    walls: dict[str, WallRecord]
-    settings: dict[str, AccountSettings]
-
-
-class StoreError(Exception):
-    """A store problem an operator can act on (a newer schema, a corrupt file)."""
-
-
-RETRY_MAX = 30.0
-"""Seconds at most between two tries of a store that is unavailable."""
-
-
-def retry_delay(previous: float, first: float = 1.0) -> float:
-    """How long to wait before trying an unavailable store again: doubling from `first`."""
-    return min(RETRY_MAX, max(first, previous * 2))
-
-
-class StoreUnavailable(StoreError):
-    """The database is locked past the busy timeout, the disk is full, the file cannot be opened:
-    a condition that may pass, so callers retry rather than fail the work."""
-
-
-class NoRoom(Exception):
-    """The account is walled or at its session limit (checked inside the placing transaction)."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Facts:
-    """What placement and rescue decide on, read in one transaction."""
-
-    jobs: list[Job]
-    walls: dict[str, WallRecord]
-    """Walls standing now."""
-    probation: set[str]
-    """Accounts whose wall has reset but that have not answered since: one session at a time."""
-    live: dict[str, int]
-    usage: dict[str, dict[str, float | None]]
-    settings: dict[str, AccountSettings] = dataclasses.field(default_factory=dict)
-    held: int = 0
-    """Walled sessions whose worker holds their CLI alive for a live move (each keeps its CLI's user)."""
+from cl.store.sqlite import SqliteBackend
 
 
 class Store:
-    def __init__(self, path: Path, busy_timeout: float = BUSY_TIMEOUT) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        self._db.execute("PRAGMA synchronous = NORMAL")
-        self._db.execute("PRAGMA foreign_keys = ON")
-        self._shown: tuple[tuple[int, int], int | None, AccountCounts, dict[str, AccountSettings]] | None = None
-        """What `snapshot` read, with the changes counters it was read at and the ledger's revision then."""
+    def __init__(self, where: Path | str, busy_timeout: float = BUSY_TIMEOUT) -> None:
+        self._backend: Backend = open_backend(where, busy_timeout)
+        self.where = self._backend.where
+        """The file, or the server and database (never a password): for messages."""
+        self._shown: tuple[Hashable, int | None, AccountCounts, dict[str, AccountSettings]] | None = None
+        """What `snapshot` read, with the backend's changes key it was read at and the ledger's revision then."""
         self._listings: dict[tuple[int | None, bool], tuple[int | None, Listing]] = {}
         """Each listing (a submitter's or everyone's, with finished jobs or not), with the ledger
         revision it was read at."""
-        self._prepare(busy_timeout)
-        self._enforce_transitions()
-
-    def _enforce_transitions(self) -> None:
-        """Triggers of this connection's own (TEMP) that refuse a state change the tables of
-        `cl.states` do not allow: made from those tables, so there is one table, not two."""
-        for table, transitions in (("jobs", JOB_TRANSITIONS), ("runs", RUN_TRANSITIONS)):
-            allowed = " OR ".join(
-                f"(OLD.state = '{source}' AND NEW.state IN ({', '.join(repr(str(t)) for t in sorted(targets))}))"
-                for source, targets in transitions.items()
-                if targets
-            )
-            self._db.execute(
-                f"CREATE TEMP TRIGGER IF NOT EXISTS {table}_transitions BEFORE UPDATE OF state ON main.{table}"
-                f" WHEN OLD.state != NEW.state AND NOT ({allowed})"
-                f" BEGIN SELECT RAISE(ABORT, 'illegal {table[:-1]} transition'); END"
-            )
-
-    def _prepare(self, busy_timeout: float) -> None:
-        """WAL mode and the current schema. Two processes opening a fresh file at once can find it
-        locked where SQLite's busy handler does not wait (switching to WAL): retried for up to the
-        busy timeout."""
-        deadline = time.monotonic() + busy_timeout
-        while True:
-            try:
-                self._db.execute("PRAGMA journal_mode = WAL")
-                self._migrate()
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-            else:
-                return
 
     @property
     def schema_version(self) -> int:
-        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        return self._backend.schema_version()
 
     def close(self) -> None:
-        self._db.close()
+        self._backend.close()
+
+    def lookup(self) -> Lookup | None:
+        """Reads for an event loop's own thread that never wait, where the backend has them."""
+        return self._backend.lookup()
 
     @contextmanager
-    def transaction(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE: the write lock is taken up front, so no two writers interleave.
+    def transaction(self, *, write: bool = True) -> Iterator[Db]:
+        """One transaction: with `write`, no other writer interleaves (raises `IllegalTransition`
+        for a state change `cl.states` does not allow); without, a consistent read."""
+        with self._backend.transaction(write=write) as db:
+            yield db
 
-        `write=False` is a consistent read: WAL readers never wait for a writer.
-        """
-        self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-        try:
-            yield self._db
-            self._db.execute("COMMIT")  # inside: a COMMIT that fails (disk full) is rolled back too
-        except BaseException as exc:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.IntegrityError) and str(exc).startswith("illegal "):
-                raise IllegalTransition(str(exc)) from None
-            raise
+    def _rows(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
+        """A read's rows (inside the current transaction, if one is open)."""
+        with self._backend.reading() as db:
+            return db.execute(sql, parameters).fetchall()
 
-    def _migrate(self) -> None:
-        if self.schema_version == len(MIGRATIONS):
-            return  # current: no write lock taken
-        with self.transaction() as db:
-            version = self.schema_version
-            if version > len(MIGRATIONS):
-                raise StoreError(f"{self.path}: schema version {version} is newer than this cl ({len(MIGRATIONS)})")
-            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in script.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version = {number}")
+    def _row(self, sql: str, parameters: Sequence[Any] = ()) -> Any:
+        with self._backend.reading() as db:
+            return db.execute(sql, parameters).fetchone()
 
-    def record(
-        self, db: sqlite3.Connection, event: str, job_id: int | None = None, account: str | None = None, **detail: Any
-    ) -> None:
+    def record(self, db: Db, event: str, job_id: int | None = None, account: str | None = None, **detail: Any) -> None:
         """Append to the ledger, inside the caller's transaction."""
         db.execute(
             "INSERT INTO ledger (at, event, job_id, account, detail) VALUES (?, ?, ?, ?, ?)",
@@ -472,19 +92,19 @@ class Store:
     ) -> Job:
         now = time.time()
         with self.transaction() as db:
-            cursor = db.execute(
+            job_id = inserted(
+                db,
                 "INSERT INTO jobs (cwd, prompt, model, max_turns, state, created_at, updated_at, submitter)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (cwd, prompt, model, max_turns, JobState.QUEUED, now, now, submitter),
             )
-            job_id = int(cursor.lastrowid or 0)
             self.record(db, "job queued", job_id, cwd=cwd)
         job = self.get_job(job_id)
         assert job is not None
         return job
 
     def get_job(self, job_id: int) -> Job | None:
-        row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = self._row("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return Job(*row) if row else None
 
     def jobs(self, states: tuple[str, ...] | None = None, limit: int | None = None) -> list[Job]:
@@ -496,7 +116,7 @@ class Store:
         if limit is not None:
             query += " LIMIT ?"
             args.append(limit)
-        return [Job(*row) for row in self._db.execute(query, args)]
+        return [Job(*row) for row in self._rows(query, args)]
 
     def cancel_job(self, job_id: int) -> tuple[Job, Run | None] | None:
         """Cancel a job in any state but finished: nothing places, moves or resumes it again, and a
@@ -505,7 +125,7 @@ class Store:
         now = time.time()
         with self.transaction() as db:
             updated = db.execute(
-                f"UPDATE jobs SET state = ?, updated_at = ? WHERE id = ? AND state IN {_sql_set(LIVE_JOBS)}",
+                f"UPDATE jobs SET state = ?, updated_at = ? WHERE id = ? AND state IN {sql_set(LIVE_JOBS)}",
                 (JobState.CANCELLED, now, job_id, *LIVE_JOBS),
             ).rowcount
             if updated:
@@ -518,10 +138,10 @@ class Store:
         job = self.get_job(job_id)
         if job is None:
             return None
-        row = self._db.execute(  # running, or walled with its worker holding the CLI
+        row = self._row(  # running, or walled with its worker holding the CLI
             "SELECT * FROM runs WHERE job_id = ? AND (state = ? OR held_until IS NOT NULL) ORDER BY id DESC LIMIT 1",
             (job_id, RunState.RUNNING),
-        ).fetchone()
+        )
         return job, Run(*row) if row else None
 
     def send(self, job_id: int, text: str, limit: int) -> tuple[JobState, str] | None:
@@ -544,8 +164,8 @@ class Store:
             outcome = {JobState.RUNNING: "next-turn", JobState.WALLED: "with-move", JobState.ORPHANED: "with-move"}
             db.execute(
                 "UPDATE jobs SET pending_prompt = CASE WHEN pending_prompt IS NULL THEN ?"
-                " ELSE pending_prompt || char(10) || char(10) || ? END, updated_at = ? WHERE id = ?",
-                (text, text, time.time(), job_id),
+                " ELSE pending_prompt || ? || ? END, updated_at = ? WHERE id = ?",
+                (text, "\n\n", text, time.time(), job_id),
             )
             if state in FINISHED_JOBS:
                 db.execute(
@@ -570,7 +190,8 @@ class Store:
             if job is None or job["pending_prompt"] is None:
                 return None
             db.execute("UPDATE runs SET state = ?, ended_at = ? WHERE id = ?", (RunState.DONE, now, run_id))
-            cursor = db.execute(
+            follow = inserted(
+                db,
                 "INSERT INTO runs (job_id, account, state, pid, pid_start, session_id, resume, created_at, live,"
                 " prompt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
                 (
@@ -585,7 +206,6 @@ class Store:
                     job["pending_prompt"],
                 ),
             )
-            follow = int(cursor.lastrowid or 0)
             db.execute("UPDATE runs SET log_path = ? WHERE id = ?", (log_path(follow), follow))
             db.execute("UPDATE capabilities SET run_id = ? WHERE run_id = ?", (follow, run_id))
             db.execute("UPDATE jobs SET pending_prompt = NULL, updated_at = ? WHERE id = ?", (now, run["job_id"]))
@@ -623,12 +243,21 @@ class Store:
                 "UPDATE jobs SET state = ?, account = ?, error = NULL, updated_at = ? WHERE id = ?",
                 (JobState.RUNNING, account, now, job_id),
             )
-            cursor = db.execute(
+            run_id = inserted(
+                db,
                 "INSERT INTO runs (job_id, account, state, resume, created_at, prior_state, live, prompt)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, account, RunState.STARTING, resume, now, resume and job["state"], live, job["pending_prompt"]),
+                (
+                    job_id,
+                    account,
+                    RunState.STARTING,
+                    resume,
+                    now,
+                    resume and job["state"],
+                    int(live),
+                    job["pending_prompt"],
+                ),
             )
-            run_id = int(cursor.lastrowid or 0)
             if resume is None:
                 self.record(db, "job placed", job_id, account, run=run_id)
             elif job["state"] == JobState.QUEUED:
@@ -643,7 +272,7 @@ class Store:
         with self.transaction() as db:
             moved = db.execute(
                 "UPDATE jobs SET state = ?, account = NULL, updated_at = ?"
-                f" WHERE id = ? AND state IN {_sql_set(RESCUABLE)}",
+                f" WHERE id = ? AND state IN {sql_set(RESCUABLE)}",
                 (JobState.QUEUED, time.time(), job_id, *RESCUABLE),
             ).rowcount
             if moved:
@@ -655,7 +284,7 @@ class Store:
         with self.transaction(write=False) as db:
             moves = db.execute(
                 "SELECT COUNT(*) FROM runs WHERE job_id = ? AND created_at >= ?"
-                f" AND prior_state IN {_sql_set(RESCUABLE)}",
+                f" AND prior_state IN {sql_set(RESCUABLE)}",
                 (job_id, since, *RESCUABLE),
             ).fetchone()[0]
             orphaned = db.execute(
@@ -667,7 +296,7 @@ class Store:
         """A walled or orphaned job fails with `reason` instead of moving again."""
         with self.transaction() as db:
             failed = db.execute(
-                f"UPDATE jobs SET state = ?, error = ?, updated_at = ? WHERE id = ? AND state IN {_sql_set(RESCUABLE)}",
+                f"UPDATE jobs SET state = ?, error = ?, updated_at = ? WHERE id = ? AND state IN {sql_set(RESCUABLE)}",
                 (JobState.FAILED, reason, time.time(), job_id, *RESCUABLE),
             ).rowcount
             if failed:
@@ -675,18 +304,18 @@ class Store:
         return bool(failed)
 
     @staticmethod
-    def _walled(db: sqlite3.Connection, account: str, now: float) -> bool:
+    def _walled(db: Db, account: str, now: float) -> bool:
         query = "SELECT 1 FROM walls WHERE account = ? AND (reset_at IS NULL OR reset_at > ?)"
         return db.execute(query, (account, now)).fetchone() is not None
 
     @staticmethod
-    def _paused(db: sqlite3.Connection, account: str) -> bool:
+    def _paused(db: Db, account: str) -> bool:
         query = "SELECT 1 FROM account_settings WHERE account = ? AND paused_at IS NOT NULL"
         return db.execute(query, (account,)).fetchone() is not None
 
     @staticmethod
-    def _live_on(db: sqlite3.Connection, account: str) -> int:
-        query = f"SELECT COUNT(*) FROM runs WHERE account = ? AND state IN {_sql_set(LIVE_RUNS)}"
+    def _live_on(db: Db, account: str) -> int:
+        query = f"SELECT COUNT(*) FROM runs WHERE account = ? AND state IN {sql_set(LIVE_RUNS)}"
         return int(db.execute(query, (account, *LIVE_RUNS)).fetchone()[0])
 
     def claim(self, run_id: int, pid: int, pid_start: str, log_path: str) -> Run | None:
@@ -715,9 +344,9 @@ class Store:
     def held_run(self, job_id: int) -> Run | None:
         """The job's run whose worker holds its CLI for a live move, if any (not necessarily its
         latest: a live move handed to it may have been abandoned since)."""
-        row = self._db.execute(
+        row = self._row(
             "SELECT * FROM runs WHERE job_id = ? AND held_until IS NOT NULL ORDER BY id DESC LIMIT 1", (job_id,)
-        ).fetchone()
+        )
         return Run(*row) if row else None
 
     def let_go(self, run_id: int) -> None:
@@ -727,7 +356,8 @@ class Store:
 
     def handed_over(self, run_id: int) -> Run | None:
         """The live move handed to the worker holding `run_id`'s CLI (`starting`, its to claim)."""
-        return self._handed_over(self._db, run_id)
+        with self._backend.reading() as db:
+            return self._handed_over(db, run_id)
 
     def release(self, run_id: int) -> Run | None:
         """The worker holding `run_id`'s CLI stops holding it, unless a live move was handed to it
@@ -739,9 +369,9 @@ class Store:
         return None
 
     @staticmethod
-    def _handed_over(db: sqlite3.Connection, run_id: int) -> Run | None:
+    def _handed_over(db: Db, run_id: int) -> Run | None:
         row = db.execute(
-            "SELECT * FROM runs WHERE job_id = (SELECT job_id FROM runs WHERE id = ?) AND id > ? AND live"
+            "SELECT * FROM runs WHERE job_id = (SELECT job_id FROM runs WHERE id = ?) AND id > ? AND live = 1"
             " AND state = ? ORDER BY id DESC LIMIT 1",
             (run_id, run_id, RunState.STARTING),
         ).fetchone()
@@ -763,7 +393,8 @@ class Store:
     def capability_run(self, digest: str) -> Run | None:
         """The running run whose CLI holds this capability; None when there is none (unknown,
         revoked, or its run ended: held, walled, done)."""
-        return _capability_run(self._db, digest)
+        with self._backend.reading() as db:
+            return capability_run(db, digest)
 
     def record_cache(self, tokens: dict[int, tuple[int, int]]) -> None:
         """Prompt-cache tokens read and written, per run, added up."""
@@ -792,7 +423,8 @@ class Store:
                 "UPDATE runs SET state = ?, error = ?, ended_at = ? WHERE id = ?",
                 (RunState.WALLED, f"moved to {account} in flight", now, run_id),
             )
-            cursor = db.execute(
+            moved = inserted(
+                db,
                 "INSERT INTO runs (job_id, account, state, pid, pid_start, session_id, resume, created_at, prior_state,"
                 " live, answered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1, NULL)",
                 (
@@ -807,7 +439,6 @@ class Store:
                     JobState.WALLED,
                 ),
             )
-            moved = int(cursor.lastrowid or 0)
             db.execute("UPDATE runs SET log_path = ? WHERE id = ?", (log_path(moved), moved))
             db.execute("UPDATE capabilities SET run_id = ? WHERE run_id = ?", (moved, run_id))
             db.execute("UPDATE jobs SET account = ?, updated_at = ? WHERE id = ?", (account, now, job_id))
@@ -818,16 +449,16 @@ class Store:
 
     def successor(self, run_id: int) -> Run | None:
         """The run a move in flight made of `run_id` (its worker goes on with it), if any."""
-        row = self._db.execute(
-            "SELECT * FROM runs WHERE job_id = (SELECT job_id FROM runs WHERE id = ?) AND id > ? AND live"
+        row = self._row(
+            "SELECT * FROM runs WHERE job_id = (SELECT job_id FROM runs WHERE id = ?) AND id > ? AND live = 1"
             " AND state = ? AND pid = (SELECT pid FROM runs WHERE id = ?) ORDER BY id DESC LIMIT 1",
             (run_id, run_id, RunState.RUNNING, run_id),
-        ).fetchone()
+        )
         return Run(*row) if row else None
 
     def swaps(self, version: str) -> bool | None:
         """Whether CLI `version` took a new credential in a running process when last measured."""
-        row = self._db.execute("SELECT swaps FROM cli_versions WHERE version = ?", (version,)).fetchone()
+        row = self._row("SELECT swaps FROM cli_versions WHERE version = ?", (version,))
         return None if row is None else bool(row[0])
 
     def record_swap(self, version: str, swaps: bool) -> None:
@@ -836,7 +467,7 @@ class Store:
             db.execute(
                 "INSERT INTO cli_versions (version, swaps, measured_at) VALUES (?, ?, ?)"
                 " ON CONFLICT (version) DO UPDATE SET swaps = excluded.swaps, measured_at = excluded.measured_at",
-                (version, swaps, time.time()),
+                (version, int(swaps), time.time()),
             )
 
     def set_session(self, run_id: int, session_id: str) -> bool:
@@ -844,7 +475,9 @@ class Store:
         another job's."""
         with self.transaction() as db:
             job_id = self._job_of(db, run_id)
-            db.execute("INSERT OR IGNORE INTO sessions (session_id, job_id) VALUES (?, ?)", (session_id, job_id))
+            db.execute(
+                "INSERT INTO sessions (session_id, job_id) VALUES (?, ?) ON CONFLICT DO NOTHING", (session_id, job_id)
+            )
             owner = db.execute("SELECT job_id FROM sessions WHERE session_id = ?", (session_id,)).fetchone()[0]
             if owner != job_id:
                 return False
@@ -872,7 +505,7 @@ class Store:
         with self.transaction() as db:
             ended = db.execute(
                 "UPDATE runs SET state = ?, error = ?, ended_at = ?, held_until = ?"
-                f" WHERE id = ? AND state IN {_sql_set(ending)}",
+                f" WHERE id = ? AND state IN {sql_set(ending)}",
                 (state, error, now, held_until, run_id, *ending),
             ).rowcount
             if not ended:
@@ -914,24 +547,24 @@ class Store:
     def waited_for_answer(self, run_id: int) -> float | None:
         """Seconds from what this run answered to, to its first answer: a fresh job's submission,
         or for a move, the end of the run before it (the session walled or orphaned then)."""
-        row = self._db.execute(
+        row = self._row(
             "SELECT r.answered_at - CASE WHEN r.resume IS NULL THEN j.created_at ELSE"
             " (SELECT p.ended_at FROM runs p WHERE p.job_id = r.job_id AND p.id < r.id ORDER BY p.id DESC LIMIT 1)"
             " END FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.id = ?",
             (run_id,),
-        ).fetchone()
+        )
         return None if row is None or row[0] is None else float(row[0])
 
     def oldest_queued(self) -> float | None:
         """When the oldest queued job was submitted (epoch seconds)."""
-        row = self._db.execute("SELECT MIN(created_at) FROM jobs WHERE state = ?", (JobState.QUEUED,)).fetchone()
+        row = self._row("SELECT MIN(created_at) FROM jobs WHERE state = ?", (JobState.QUEUED,))
         return None if row[0] is None else float(row[0])
 
     def unverified_moves(self) -> list[Run]:
         """Moves whose run has ended but whose outcome the rescuer has not checked yet."""
-        rows = self._db.execute(
+        rows = self._rows(
             "SELECT * FROM runs WHERE resume IS NOT NULL AND verified_at IS NULL"
-            f" AND state NOT IN {_sql_set(LIVE_RUNS)} ORDER BY id",
+            f" AND state NOT IN {sql_set(LIVE_RUNS)} ORDER BY id",
             LIVE_RUNS,
         )
         return [Run(*row) for row in rows]
@@ -952,24 +585,24 @@ class Store:
 
     def job_runs(self, job_id: int) -> list[Run]:
         """Every run of a job, first to last."""
-        return [Run(*row) for row in self._db.execute("SELECT * FROM runs WHERE job_id = ? ORDER BY id", (job_id,))]
+        return [Run(*row) for row in self._rows("SELECT * FROM runs WHERE job_id = ? ORDER BY id", (job_id,))]
 
     def previous_account(self, run_id: int) -> str | None:
         """The account of the run before this one in its job: whose credential an earlier CLI had."""
-        row = self._db.execute(
+        row = self._row(
             "SELECT account FROM runs WHERE job_id = (SELECT job_id FROM runs WHERE id = ?) AND id < ?"
             " ORDER BY id DESC LIMIT 1",
             (run_id, run_id),
-        ).fetchone()
+        )
         return str(row[0]) if row else None
 
     def answered_before(self, run_id: int) -> bool:
         """Whether an account ever answered the session before this run (an earlier run of its job)."""
-        row = self._db.execute(
+        row = self._row(
             "SELECT 1 FROM runs WHERE job_id = (SELECT job_id FROM runs WHERE id = ?) AND id < ?"
             " AND answered_at IS NOT NULL LIMIT 1",
             (run_id, run_id),
-        ).fetchone()
+        )
         return row is not None
 
     def verify_move(self, run_id: int) -> bool:
@@ -994,23 +627,23 @@ class Store:
         return grew
 
     def get_run(self, run_id: int) -> Run | None:
-        row = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        row = self._row("SELECT * FROM runs WHERE id = ?", (run_id,))
         return Run(*row) if row else None
 
     def runs_in(self, states: tuple[str, ...] = LIVE_RUNS) -> list[Run]:
-        rows = self._db.execute(f"SELECT * FROM runs WHERE state IN {_sql_set(states)} ORDER BY id", states)
+        rows = self._rows(f"SELECT * FROM runs WHERE state IN {sql_set(states)} ORDER BY id", states)
         return [Run(*row) for row in rows]
 
     def live_counts(self) -> dict[str, int]:
         """Live runs per account name."""
-        rows = self._db.execute(
-            f"SELECT account, COUNT(*) FROM runs WHERE state IN {_sql_set(LIVE_RUNS)} GROUP BY account", LIVE_RUNS
+        rows = self._rows(
+            f"SELECT account, COUNT(*) FROM runs WHERE state IN {sql_set(LIVE_RUNS)} GROUP BY account", LIVE_RUNS
         )
-        return dict(rows.fetchall())
+        return {account: int(count) for account, count in rows}
 
     def latest_run(self, job_id: int) -> Run | None:
         """The job's latest run."""
-        row = self._db.execute("SELECT * FROM runs WHERE job_id = ? ORDER BY id DESC LIMIT 1", (job_id,)).fetchone()
+        row = self._row("SELECT * FROM runs WHERE job_id = ? ORDER BY id DESC LIMIT 1", (job_id,))
         return Run(*row) if row else None
 
     def jobs_with_session(self, prefix: str, limit: int = 2, submitter: int | None = None) -> list[int]:
@@ -1018,7 +651,7 @@ class Store:
         `limit`; with `submitter`, only that uid's."""
         pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         mine = "" if submitter is None else " AND submitter = ?"
-        rows = self._db.execute(
+        rows = self._rows(
             f"SELECT id FROM jobs WHERE session_id LIKE ? ESCAPE '\\'{mine} ORDER BY id LIMIT ?",
             (pattern, *(() if submitter is None else (submitter,)), limit),
         )
@@ -1027,7 +660,7 @@ class Store:
     def facts(self, states: tuple[str, ...], limit: int) -> Facts:
         """The first `limit` jobs in `states` (in submission order), with walls, live runs and usage."""
         now = time.time()
-        query = f"SELECT * FROM jobs WHERE state IN {_sql_set(states)} ORDER BY id LIMIT ?"
+        query = f"SELECT * FROM jobs WHERE state IN {sql_set(states)} ORDER BY id LIMIT ?"
         with self.transaction(write=False) as db:
             jobs = [Job(*row) for row in db.execute(query, (*states, limit))]
             expired = db.execute("SELECT account FROM walls WHERE reset_at <= ?", (now,))
@@ -1036,39 +669,50 @@ class Store:
             return Facts(jobs, self.walls(now), probation, self.live_counts(), self.usage(), self.settings(), held)
 
     def queue_length(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.QUEUED,)).fetchone()[0])
+        return int(self._row("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.QUEUED,))[0])
 
     def snapshot(self, submitter: int | None = None, *, finished: bool = True) -> Snapshot:
         """Everything `status` shows, read in one transaction, made cheap to ask again: what was
         read is kept until the database changes (the walls, which end with time, are always read),
         and the jobs' listing until the ledger grows (every change to a job or a run is recorded
-        there in its transaction). SQLite renders the listing as JSON: prompts are never loaded,
+        there in its transaction). The database renders the listing as JSON: prompts are never loaded,
         and no Python object is made per job (status rendering inside the store, on purpose:
         built in Python, `status` at 1,000 sessions took 39-51 ms; see bench/README.md). With
         `submitter`, the listing holds only that uid's jobs; without `finished`, only live ones
         (each listing kept apart)."""
         # Read before the transaction's snapshot: a commit in between makes the next key differ,
         # so what is kept is never older than its key.
-        changes = (self._db.execute("PRAGMA data_version").fetchone()[0], self._db.total_changes)
+        changes = self._backend.changes()
         with self.transaction(write=False) as db:
-            if self._shown is None or self._shown[0] != changes:
+            if self._shown is None or changes is None or self._shown[0] != changes:
                 revision = db.execute("SELECT MAX(id) FROM ledger").fetchone()[0]
-                usage = db.cursor()
-                usage.row_factory = None  # plain tuples: 1,000 rows in a fraction of a millisecond
-                usage.execute("SELECT account, five_hour, seven_day, input_tokens, output_tokens FROM usage")
+                usage = db.execute("SELECT account, five_hour, seven_day, input_tokens, output_tokens FROM usage")
                 counts = AccountCounts(self.live_counts(), {account: tuple(row) for account, *row in usage})
                 self._shown = (changes, revision, counts, self.settings())
             revision, counts, settings = self._shown[1], self._shown[2], self._shown[3]
             key = (submitter, finished)
             kept = self._listings.get(key)
             if kept is None or kept[0] != revision:
-                query, arguments = _listing(submitter, finished=finished)
+                query, arguments = self._listing(submitter, finished=finished)
                 listing = Listing(*db.execute(query, arguments).fetchone())
                 kept = self._listings[key] = (revision, listing)
             return Snapshot(kept[1], counts, self.walls(), settings)
 
+    def _listing(self, submitter: int | None, *, finished: bool) -> tuple[str, tuple[Any, ...]]:
+        """The listing's query for a submitter (or everyone), with finished jobs or live ones only:
+        each filter a plain condition, so that the database takes the index for it."""
+        conditions, arguments = [], list[Any]()
+        if submitter is not None:
+            conditions.append("j.submitter = ?")
+            arguments.append(submitter)
+        if not finished:
+            conditions.append(f"j.state IN {sql_set(LIVE_JOBS)}")
+            arguments.extend(LIVE_JOBS)
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        return _listing(type(self._backend)).replace("{where}", where), (*arguments, JobState.QUEUED)
+
     @staticmethod
-    def _job_of(db: sqlite3.Connection, run_id: int) -> int:
+    def _job_of(db: Db, run_id: int) -> int:
         return int(db.execute("SELECT job_id FROM runs WHERE id = ?", (run_id,)).fetchone()[0])
 
     # walls and usage
@@ -1102,7 +746,7 @@ class Store:
         goes. True if it was there."""
         with self.transaction() as db:
             lifted = db.execute(
-                "DELETE FROM walls WHERE account = ? AND kind = ? AND credential IS NOT ?",
+                "DELETE FROM walls WHERE account = ? AND kind = ? AND (credential IS NULL OR credential <> ?)",
                 (account, NEEDS_LOGIN, credential),
             ).rowcount
             if lifted:
@@ -1112,19 +756,21 @@ class Store:
     def walls(self, now: float | None = None) -> dict[str, WallRecord]:
         """Walls still standing at `now`; a wall without a known reset stands until lifted."""
         now = time.time() if now is None else now
-        rows = self._db.execute("SELECT * FROM walls WHERE reset_at IS NULL OR reset_at > ?", (now,))
+        rows = self._rows("SELECT * FROM walls WHERE reset_at IS NULL OR reset_at > ?", (now,))
         return {row["account"]: WallRecord(*row) for row in rows}
 
     def prune(self, before: float, batch: int = 5000) -> int:
         """Forget finished jobs last changed before `before` (epoch seconds), with their runs and
         ledger rows, and ledger rows about no job from then; live jobs keep everything. In
         batches, so no write waits long; the file is compacted after a large pass. How many jobs."""
-        finished = f"SELECT id FROM jobs WHERE state IN {_sql_set(FINISHED_JOBS)} AND updated_at < ? LIMIT ?"
+        finished = f"SELECT id FROM jobs WHERE state IN {sql_set(FINISHED_JOBS)} AND updated_at < ? LIMIT ?"
         pruned = 0
         while True:
             with self.transaction() as db:
                 ids = [row[0] for row in db.execute(finished, (*FINISHED_JOBS, before, batch))]
-                chosen = _sql_set(tuple(map(str, ids)))
+                if not ids:
+                    break
+                chosen = sql_set(tuple(map(str, ids)))
                 db.execute(f"DELETE FROM ledger WHERE job_id IN {chosen}", ids)
                 db.execute(f"DELETE FROM runs WHERE job_id IN {chosen}", ids)
                 db.execute(f"DELETE FROM sessions WHERE job_id IN {chosen}", ids)
@@ -1136,18 +782,18 @@ class Store:
             db.execute("DELETE FROM ledger WHERE job_id IS NULL AND at < ?", (before,))
             db.execute(  # capabilities of CLIs that are gone (a worker killed before it revoked one)
                 "DELETE FROM capabilities WHERE issued_at < ? AND run_id NOT IN"
-                f" (SELECT id FROM runs WHERE state IN {_sql_set(LIVE_RUNS)})",
+                f" (SELECT id FROM runs WHERE state IN {sql_set(LIVE_RUNS)})",
                 (before, *LIVE_RUNS),
             )
         if pruned >= batch:
-            self._db.execute("VACUUM")
+            self._backend.compact()
         return pruned
 
     # operators' settings
 
     def settings(self) -> dict[str, AccountSettings]:
         """Every account name with a setting, present in the roster or not."""
-        rows = self._db.execute("SELECT account, paused_at, max_sessions, models FROM account_settings")
+        rows = self._rows("SELECT account, paused_at, max_sessions, models FROM account_settings")
         return {
             row[0]: AccountSettings(row[0], row[1], row[2], tuple(json.loads(row[3])) if row[3] is not None else None)
             for row in rows
@@ -1170,7 +816,9 @@ class Store:
                 db.execute("DELETE FROM account_settings WHERE account = ?", (account,))
             else:
                 db.execute(
-                    "INSERT OR REPLACE INTO account_settings VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO account_settings VALUES (?, ?, ?, ?, ?) ON CONFLICT (account) DO UPDATE SET"
+                    " paused_at = excluded.paused_at, max_sessions = excluded.max_sessions,"
+                    " models = excluded.models, updated_at = excluded.updated_at",
                     (account, paused_at, max_sessions, models, now),
                 )
             self.record(db, "account settings changed", account=account, by=by, **changes)
@@ -1188,156 +836,61 @@ class Store:
             db.execute(
                 "INSERT INTO usage (account, five_hour, seven_day, last_used_at, input_tokens, output_tokens)"
                 " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(account) DO UPDATE SET"
-                " five_hour = COALESCE(excluded.five_hour, five_hour),"
-                " seven_day = COALESCE(excluded.seven_day, seven_day),"
-                " last_used_at = COALESCE(excluded.last_used_at, last_used_at),"
-                " input_tokens = input_tokens + excluded.input_tokens,"
-                " output_tokens = output_tokens + excluded.output_tokens",
+                " five_hour = COALESCE(excluded.five_hour, usage.five_hour),"
+                " seven_day = COALESCE(excluded.seven_day, usage.seven_day),"
+                " last_used_at = COALESCE(excluded.last_used_at, usage.last_used_at),"
+                " input_tokens = usage.input_tokens + excluded.input_tokens,"
+                " output_tokens = usage.output_tokens + excluded.output_tokens",
                 (account, utilization.get("five_hour"), utilization.get("seven_day"), used_at, *tokens),
             )
 
     def usage(self) -> dict[str, dict[str, float | None]]:
-        rows = self._db.execute("SELECT * FROM usage")
+        rows = self._rows("SELECT * FROM usage")
         keys = ("five_hour", "seven_day", "last_used_at", "input_tokens", "output_tokens")
         return {row["account"]: {k: row[k] for k in keys} for row in rows}
 
     def ledger(self, limit: int = 100) -> list[dict[str, Any]]:
-        rows = self._db.execute("SELECT * FROM ledger ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        rows = self._rows("SELECT * FROM ledger ORDER BY id DESC LIMIT ?", (limit,))
         return [{**dict(row), "detail": json.loads(row["detail"]) if row["detail"] else None} for row in reversed(rows)]
 
 
-_ISO = "strftime('%Y-%m-%dT%H:%M:%SZ', {}, 'unixepoch')"
-
-
-def _listing(submitter: int | None, *, finished: bool) -> tuple[str, tuple[Any, ...]]:
-    """The listing's query for a submitter (or everyone), with finished jobs or live ones only:
-    each filter a plain condition, so that SQLite takes the index for it."""
-    conditions, arguments = [], list[Any]()
-    if submitter is not None:
-        conditions.append("j.submitter = ?")
-        arguments.append(submitter)
-    if not finished:
-        conditions.append(f"j.state IN {_sql_set(LIVE_JOBS)}")
-        arguments.extend(LIVE_JOBS)
-    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
-    return _LISTING.replace("{where}", where), (*arguments, JobState.QUEUED)
-
-
-_LISTING = f"""
+@functools.cache
+def _listing(backend: type[Backend]) -> str:
+    """`status`'s listing as one query (`{where}` for the filter): the sessions and the jobs as JSON
+    arrays, rendered by the database (prompts never loaded, no Python object per job), and the
+    queue's length."""
+    iso = backend.iso_utc
+    return f"""
 WITH line AS MATERIALIZED (
-    SELECT j.id, j.state, j.account, j.session_id, j.cwd, {_ISO.format("j.created_at")} AS created_at, j.error,
-           r.state AS run_state, {_ISO.format("r.created_at")} AS run_started_at, r.error AS run_error
+    SELECT j.id, j.state, j.account, j.session_id, j.cwd, {iso("j.created_at")} AS created_at, j.error,
+           r.state AS run_state, {iso("r.created_at")} AS run_started_at, r.error AS run_error
     FROM jobs j LEFT JOIN runs r ON r.id = (SELECT MAX(id) FROM runs WHERE job_id = j.id)
     {{where}}
     ORDER BY j.id
 )
 SELECT
-    (SELECT json_group_array(json_object(
-        'session_id', session_id, 'job', id, 'account', account, 'state', run_state, 'cwd', cwd,
-        'started_at', run_started_at, 'error', run_error)) FROM line WHERE run_state IS NOT NULL),
-    (SELECT json_group_array(json_object(
-        'id', id, 'state', state, 'account', account, 'session_id', session_id, 'cwd', cwd,
-        'created_at', created_at, 'error', error)) FROM line),
+    ({
+        backend.json_rows(
+            "'session_id', session_id, 'job', id, 'account', account, 'state', run_state, 'cwd', cwd,"
+            " 'started_at', run_started_at, 'error', run_error",
+            "line WHERE run_state IS NOT NULL",
+        )
+    }),
+    ({
+        backend.json_rows(
+            "'id', id, 'state', state, 'account', account, 'session_id', session_id, 'cwd', cwd,"
+            " 'created_at', created_at, 'error', error",
+            "line",
+        )
+    }),
     (SELECT COUNT(*) FROM jobs WHERE state = ?)
 """
 
 
-def _sql_set(values: tuple[str, ...]) -> str:
-    """`(?, ?, ...)`: placeholders only, the values are always bound."""
-    return f"({', '.join('?' * len(values))})"
+def open_backend(where: Path | str, busy_timeout: float) -> Backend:
+    """SQLite for a path, PostgreSQL for a `postgresql://` (or `postgres://`) URL."""
+    if isinstance(where, str) and where.startswith(("postgresql://", "postgres://")):
+        from cl.store.postgresql import PostgresBackend  # noqa: PLC0415 - psycopg only where a server is used
 
-
-def _capability_run(db: sqlite3.Connection, digest: str) -> Run | None:
-    row = db.execute(
-        "SELECT runs.* FROM capabilities JOIN runs ON runs.id = capabilities.run_id"
-        " WHERE capabilities.digest = ? AND runs.state = ?",
-        (digest, RunState.RUNNING),
-    ).fetchone()
-    return Run(*row) if row else None
-
-
-class Lookup:
-    """Reads on the caller's own thread (an event loop's) that never wait: a read-only connection
-    of their own that gives up at once (`sqlite3.OperationalError`) when the file is locked (a
-    VACUUM, a checkpoint), so the caller can ask the store's thread instead. WAL readers are
-    otherwise never blocked by a writer."""
-
-    def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
-        self._db.execute("PRAGMA query_only = ON")
-
-    def capability_run(self, digest: str) -> Run | None:
-        return _capability_run(self._db, digest)
-
-    def close(self) -> None:
-        self._db.close()
-
-
-class _OnStoreThread(Generic[P, R]):
-    """A `Store` method as a coroutine method of `AsyncStore`: the same arguments, run on the
-    store's thread."""
-
-    def __init__(self, method: Callable[Concatenate[Store, P], R]) -> None:
-        self._method = method
-
-    def __get__(self, instance: AsyncStore, owner: type[AsyncStore]) -> Callable[P, Coroutine[Any, Any, R]]:
-        method = self._method
-
-        async def on_store_thread(*args: P.args, **kwargs: P.kwargs) -> R:
-            return await instance.call(method, *args, **kwargs)
-
-        return on_store_thread
-
-
-class AsyncStore:
-    """`Store` for the event loop: every call runs on one dedicated thread, in order, and SQLite's
-    operational errors (locked, disk full, I/O) come out as `StoreUnavailable`."""
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
-
-    async def call(self, function: Callable[Concatenate[Store, P], R], *args: P.args, **kwargs: P.kwargs) -> R:
-        """`function(store, *args, **kwargs)` on the store's thread (several store calls as one step)."""
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, lambda: function(self._store, *args, **kwargs))
-        except sqlite3.OperationalError as exc:
-            raise StoreUnavailable(f"state store {self._store.path}: {exc}") from exc
-
-    add_job = _OnStoreThread(Store.add_job)
-    capability_run = _OnStoreThread(Store.capability_run)
-    logged_in = _OnStoreThread(Store.logged_in)
-    move_in_flight = _OnStoreThread(Store.move_in_flight)
-    needs_login = _OnStoreThread(Store.needs_login)
-    record_cache = _OnStoreThread(Store.record_cache)
-    record_usage = _OnStoreThread(Store.record_usage)
-    record_wall = _OnStoreThread(Store.record_wall)
-    walls = _OnStoreThread(Store.walls)
-    cancel_job = _OnStoreThread(Store.cancel_job)
-    facts = _OnStoreThread(Store.facts)
-    get_job = _OnStoreThread(Store.get_job)
-    get_run = _OnStoreThread(Store.get_run)
-    give_up = _OnStoreThread(Store.give_up)
-    held_run = _OnStoreThread(Store.held_run)
-    job_runs = _OnStoreThread(Store.job_runs)
-    jobs_with_session = _OnStoreThread(Store.jobs_with_session)
-    latest_run = _OnStoreThread(Store.latest_run)
-    let_go = _OnStoreThread(Store.let_go)
-    oldest_queued = _OnStoreThread(Store.oldest_queued)
-    place = _OnStoreThread(Store.place)
-    send = _OnStoreThread(Store.send)
-    prune = _OnStoreThread(Store.prune)
-    queue_length = _OnStoreThread(Store.queue_length)
-    requeue = _OnStoreThread(Store.requeue)
-    runs_in = _OnStoreThread(Store.runs_in)
-    set_account = _OnStoreThread(Store.set_account)
-    settings = _OnStoreThread(Store.settings)
-    settle = _OnStoreThread(Store.settle)
-    snapshot = _OnStoreThread(Store.snapshot)
-    troubles = _OnStoreThread(Store.troubles)
-    waited_for_answer = _OnStoreThread(Store.waited_for_answer)
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)
-        self._store.close()
+        return PostgresBackend(where, busy_timeout)
+    return SqliteBackend(Path(where), busy_timeout)

@@ -1,0 +1,108 @@
+"""What a backend gives the store's transactions (`cl.store.transactions`), and the SQL helpers
+both backends share.
+
+A backend owns its connections, its schema and migrations, and the little SQL that differs
+between engines (`Backend.iso_utc`, `Backend.json_rows`). Everything else is written once, with `?` placeholders,
+against `Db`: rows come back indexable by position and by column name, and a backend's
+operational failures (locked, disk full, connection lost) come out as `StoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+from cl.states import RunState
+from cl.store.records import Run
+
+
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Db(Protocol):
+    """A connection inside a transaction (or a plain read)."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Cursor: ...
+
+    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> Cursor: ...
+
+
+class Lookup(Protocol):
+    """Reads on an event loop's own thread that never wait: `StoreUnavailable` instead (then ask
+    the store's thread)."""
+
+    def capability_run(self, digest: str) -> Run | None: ...
+
+    def close(self) -> None: ...
+
+
+class Backend(Protocol):
+    where: str
+    """The file, or the server and database (never a password): for messages."""
+
+    @staticmethod
+    def iso_utc(column: str) -> str:
+        """SQL: `column`'s epoch seconds as `2026-12-05T16:46:07Z`."""
+
+    @staticmethod
+    def json_rows(fields: str, rows: str) -> str:
+        """SQL: a JSON array (text) of an object per row of `rows` (by `id`), `fields` its
+        name, value pairs."""
+
+    def transaction(self, *, write: bool) -> AbstractContextManager[Db]:
+        """With `write`, no other writer interleaves; without, one consistent snapshot."""
+
+    def reading(self) -> AbstractContextManager[Db]:
+        """The open transaction's connection, or one for a read on its own."""
+
+    def changes(self) -> Hashable | None:
+        """A key that differs after any commit, anyone's; None if the backend has none (nothing
+        read may then be kept)."""
+
+    def schema_version(self) -> int: ...
+
+    def compact(self) -> None:
+        """Give back the space a large prune freed, if the engine does not by itself."""
+
+    def lookup(self) -> Lookup | None: ...
+
+    def close(self) -> None: ...
+
+
+def sql_set(values: Sequence[object]) -> str:
+    """`(?, ?, ...)`: placeholders only, the values are always bound."""
+    return f"({', '.join('?' * len(values))})"
+
+
+def inserted(db: Db, sql: str, parameters: Sequence[Any]) -> int:
+    """Run an INSERT; the new row's id."""
+    return int(db.execute(f"{sql} RETURNING id", parameters).fetchall()[0][0])
+
+
+def capability_run(db: Db, digest: str) -> Run | None:
+    row = db.execute(
+        "SELECT runs.* FROM capabilities JOIN runs ON runs.id = capabilities.run_id"
+        " WHERE capabilities.digest = ? AND runs.state = ?",
+        (digest, RunState.RUNNING),
+    ).fetchone()
+    return Run(*row) if row else None
+
+
+def illegal_transition(transitions: Mapping[Any, Iterable[Any]]) -> str:
+    """The condition (on OLD and NEW rows) of a state change `transitions` does not allow: each
+    backend's trigger is made from the tables of `cl.states`, so there is one table, not two."""
+    allowed = " OR ".join(
+        f"(OLD.state = '{source}' AND NEW.state IN ({', '.join(repr(str(t)) for t in sorted(targets))}))"
+        for source, targets in transitions.items()
+        if targets
+    )
+    return f"OLD.state <> NEW.state AND NOT ({allowed})"

@@ -1,0 +1,204 @@
+"""What the state store holds and hands out: jobs, runs, walls, settings, and the errors it raises.
+
+Rows come back as these frozen records, whichever backend holds them (`cl.store`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Any
+
+from cl.moments import iso_utc
+from cl.states import RESCUABLE, IllegalTransition, JobState, RunState
+
+__all__ = ["IllegalTransition"]
+
+NEEDS_LOGIN = "needs-login"
+"""The kind of wall the gateway records for an account whose refresh token was refused."""
+
+BUSY_TIMEOUT = 10.0
+"""Seconds a write waits for another writer's lock before the store reports itself unavailable."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Job:
+    id: int
+    cwd: str
+    prompt: str
+    model: str | None
+    max_turns: int | None
+    state: JobState
+    account: str | None
+    session_id: str | None
+    error: str | None
+    created_at: float
+    updated_at: float
+    submitter: int | None
+    """The uid that submitted it (from the connection's peer credentials)."""
+    pending_prompt: str | None
+    """A follow-up (`cl send`) no run has taken yet."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state", JobState(self.state))  # as read from a row: text
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Run:
+    id: int
+    job_id: int
+    account: str
+    state: RunState
+    pid: int | None
+    pid_start: str | None
+    session_id: str | None
+    resume: str | None
+    """The session this run resumes (`--resume`), if any."""
+    log_path: str | None
+    error: str | None
+    created_at: float
+    ended_at: float | None
+    prior_state: str | None
+    """A move's job state before it (walled, orphaned): where an abandoned move puts it back."""
+    transcript_bytes: int | None
+    """A move's transcript size before its CLI started: the move is verified by the transcript growing."""
+    answered_at: float | None
+    """When the account first answered this run (not a wall): proof the account works."""
+    verified_at: float | None
+    transcript_bytes_after: int | None
+    """A move's transcript size once its CLI exited (measured by its worker, as the CLI's user)."""
+    result: str | None
+    """The run's `result` event as JSON (redacted): the answer, its cost and usage."""
+    live: bool
+    """A live move: handed to the worker of the run before it, whose CLI goes on, not launched."""
+    held_until: float | None
+    """The run walled and its worker holds its CLI alive until then, for a live move."""
+    prompt: str | None
+    """A follow-up's text (`cl send`): this run's prompt instead of the job's or `resume_prompt`."""
+    cache_read_tokens: int
+    """Prompt-cache tokens the API read for this run (through the gateway): what stayed warm."""
+    cache_creation_tokens: int
+    """Prompt-cache tokens the API wrote for this run: a move to another organization starts cold."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state", RunState(self.state))  # as read from a row: text
+        object.__setattr__(self, "live", bool(self.live))
+
+    @property
+    def is_move(self) -> bool:
+        """It resumes a session that walled or was orphaned (the rescuer's), rather than starting
+        a queued job or following one up (the balancer's)."""
+        return self.resume is not None and self.prior_state in RESCUABLE
+
+    @property
+    def launcher(self) -> str:
+        """The daemon that launches this run, and settles it if no worker ever claims it."""
+        return "rescue" if self.is_move else "balancer"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AccountSettings:
+    """What an operator set for an account name (`cl accounts pause/set`); unset means the default."""
+
+    account: str
+    paused_at: float | None = None
+    """Paused since then: it takes no new or moved work; its live sessions finish."""
+    max_sessions: int | None = None
+    """Its own session limit, instead of `max_sessions_per_account`."""
+    models: tuple[str, ...] | None = None
+    """The models it may serve, as shell patterns (`opus`, `claude-sonnet-*`); None: all."""
+
+    def serves(self, model: str | None) -> bool:
+        """A job without a model takes the CLI's default, which any account serves."""
+        return model is None or self.models is None or any(fnmatch.fnmatchcase(model, p) for p in self.models)
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "account": self.account,
+            "paused_since": iso_utc(self.paused_at) if self.paused_at is not None else None,
+            "max_sessions": self.max_sessions,
+            "models": list(self.models) if self.models is not None else None,
+        }
+
+
+UNSET = AccountSettings("")
+"""The settings of a name nobody set anything for: every default."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WallRecord:
+    account: str
+    kind: str | None
+    reset_at: float | None
+    source: str
+    recorded_at: float
+    credential: str | None = None
+    """For `needs-login`: the fingerprint of the refresh token refused (another in the file lifts it)."""
+
+
+UsageRow = tuple[float | None, float | None, int, int]
+"""five_hour, seven_day (utilization last reported, or None), input_tokens, output_tokens."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Listing:
+    """The jobs and their sessions as `status` shows them: JSON arrays, and the queue's length."""
+
+    sessions_json: str
+    jobs_json: str
+    queue: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AccountCounts:
+    live: dict[str, int]
+    usage: dict[str, UsageRow]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What `status` shows, read in one transaction. The same `listing` or `counts` object is
+    handed out again while it is current."""
+
+    listing: Listing
+    counts: AccountCounts
+    walls: dict[str, WallRecord]
+    settings: dict[str, AccountSettings]
+
+
+class StoreError(Exception):
+    """A store problem an operator can act on (a newer schema, a corrupt file)."""
+
+
+RETRY_MAX = 30.0
+"""Seconds at most between two tries of a store that is unavailable."""
+
+
+def retry_delay(previous: float, first: float = 1.0) -> float:
+    """How long to wait before trying an unavailable store again: doubling from `first`."""
+    return min(RETRY_MAX, max(first, previous * 2))
+
+
+class StoreUnavailable(StoreError):
+    """The database is locked past the busy timeout, the disk is full, the file cannot be opened:
+    a condition that may pass, so callers retry rather than fail the work."""
+
+
+class NoRoom(Exception):
+    """The account is walled or at its session limit (checked inside the placing transaction)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Facts:
+    """What placement and rescue decide on, read in one transaction."""
+
+    jobs: list[Job]
+    walls: dict[str, WallRecord]
+    """Walls standing now."""
+    probation: set[str]
+    """Accounts whose wall has reset but that have not answered since: one session at a time."""
+    live: dict[str, int]
+    usage: dict[str, dict[str, float | None]]
+    settings: dict[str, AccountSettings] = dataclasses.field(default_factory=dict)
+    held: int = 0
+    """Walled sessions whose worker holds their CLI alive for a live move (each keeps its CLI's user)."""
