@@ -70,7 +70,7 @@ def layout(request: pytest.FixtureRequest, tmp_path: Path) -> Layout:
 @pytest.fixture(scope="session")
 def postgresql() -> Iterator[postgres.Server]:
     """The suite's PostgreSQL server, or the test is skipped with the reason (failed, where
-    `CL_TEST_POSTGRESQL=required`: CI always runs these tests)."""
+    `REQUIRE_POSTGRESQL=required`: CI always runs these tests)."""
     try:
         server = postgres.Server()
     except postgres.Unavailable as exc:

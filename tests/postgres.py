@@ -19,8 +19,9 @@ from typing import Any
 
 import psycopg
 
-REQUIRED = "CL_TEST_POSTGRESQL"
-"""Set to `required` (as `.ci/run` does): a server that cannot start fails the tests instead of skipping them."""
+REQUIRED = "REQUIRE_POSTGRESQL"
+"""Set to `required` (as `.ci/run` does): a server that cannot start fails the tests instead of
+skipping them. Not a `CL_` name: every `CL_*` variable is one of cl's settings."""
 
 
 class Unavailable(Exception):
