@@ -46,14 +46,18 @@ bench: dev
 # CLI gets a user of its own (cl-cli-N, made by systemd-sysusers as the units' install does) and a view
 # of its own (bubblewrap); as anyone else that cannot be, and a new config.toml says confinement = "none".
 VAR ?= var
+# $(call prepend,LINE,FILE): LINE first in FILE (a key after a [table] would belong to that table).
+prepend = { echo '$(1)'; cat $(2); } > $(2).new && mv $(2).new $(2)
 run: dev
 	@mkdir -p $(VAR)/claude $(VAR)/state $(VAR)/run
 	@chmod 0700 $(VAR)/claude $(VAR)/state
 	@if [ "$$(id -u)" = 0 ]; then systemd-sysusers $(CURDIR)/packaging/systemd/sysusers.d/cl.conf; fi
 	@test -f $(VAR)/config.toml || printf 'credentials_dir = "claude"\nstate_dir = "state"\nsessions_dir = "sessions"\nruntime_dir = "run"\n' > $(VAR)/config.toml
 	@if [ "$$(id -u)" != 0 ] && ! grep -q '^confinement' $(VAR)/config.toml; then \
-		echo 'confinement = "none"  # not root: no user of its own per job, no sandbox (make run as root has both)' >> $(VAR)/config.toml; \
+		$(call prepend,confinement = "none"  # not root: no user of its own per job and no sandbox (make run as root has both),$(VAR)/config.toml); \
 		echo "not root: the CLI runs unconfined (confinement = \"none\" in $(VAR)/config.toml)"; fi
+	@grep -q '^cli_network' $(VAR)/config.toml || \
+		$(call prepend,cli_network = "host"  # no cl-worker@ unit narrows it here ("gateway": a network of its own),$(VAR)/config.toml)
 	@echo "credentials: $(VAR)/claude   try: CL_CONFIG=$(VAR)/config.toml $(BIN)/cl accounts"
 	@CL_CONFIG=$(VAR)/config.toml $(BIN)/python -m cl.devrun
 

@@ -84,12 +84,20 @@ def with_fake_cli(box: Box, **env: str) -> None:
     configure(box, 'claude_bin = "/opt/fakes/claude"\ngateway = false\n', env)
 
 
+def cli_network(box: Box) -> str:
+    """ "filtered" where systemd can apply the worker unit's IPAddressDeny= (the unified cgroup
+    hierarchy), else "host": there a worker would refuse every run, as it must."""
+    unified = box("test", "-e", "/sys/fs/cgroup/cgroup.controllers", check=False).returncode == 0
+    return "filtered" if unified else "host"
+
+
 def configure(box: Box, settings: str, env: dict[str, str]) -> None:
     """/etc/cl/config.toml: `settings`, /srv/fake writable by the CLI, and these `[worker.env]`
     variables; /srv/work writable by the CLI's users (group cl-cli), /srv/fake (the fake's files:
     its log, a quota) too, and a log that is already there, which every one of them appends to."""
     config = (
-        settings
+        f'cli_network = "{cli_network(box)}"\n'
+        + settings
         + 'cli_writable = ["/srv/fake"]\n[worker.env]\n'
         + "".join(f'{name} = "{value}"\n' for name, value in env.items())
     )

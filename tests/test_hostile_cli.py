@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sdbox import Box, booted, drop_credential, submit, unavailable
+from sdbox import Box, booted, cli_network, drop_credential, submit, unavailable
 
 from cl.client import DaemonUnreachable, call
 from cl.config import load_config
@@ -264,6 +264,7 @@ def _attack_under_systemd(box: Box, tmp: Path, planted: Planted) -> Attack:
     sockets = [Path("/run/cl") / f"{name}.sock" for name in ("balancer", "rescue", "worker")]
     targets = targets_in(Path("/opt/claude"), Path("/var/lib/cl"), Path("/var/lib/cl-sessions"), sockets)
     config = (
+        f'cli_network = "{cli_network(box)}"\n'
         'claude_bin = "/opt/fakes/hostile"\ncli_readable = ["/srv/fake"]\nplacement = "fill-first"\ngateway = false\n'
         '[worker.env]\nHOSTILE_TARGETS_FILE = "/srv/fake/targets.json"\n'
     )
@@ -324,7 +325,7 @@ def _attack_under_systemd(box: Box, tmp: Path, planted: Planted) -> Attack:
         ip_rules=box(
             "systemctl", "show", "-p", "IPAddressAllow", "-p", "IPAddressDeny", "cl-worker@x.service"
         ).stdout.strip(),
-        ip_firewall=box("test", "-e", "/sys/fs/cgroup/cgroup.controllers", check=False).returncode == 0,
+        ip_firewall=cli_network(box) == "filtered",
         ptrace_refused="EPERM",
     )
 

@@ -263,6 +263,22 @@ def test_with_a_network_of_its_own_the_cli_reaches_the_gateway_and_no_other_loop
     assert [request["cred_tail"] for request in fake_api.requests()] == [planted.tokens[0][-6:]]
 
 
+def test_a_network_said_to_be_filtered_that_is_not_runs_no_cli(layout: Layout, planted: Planted) -> None:
+    """`cli_network = "filtered"` (the default) where nothing narrows the network (no cl-worker@
+    unit, as here; or cgroups where systemd cannot apply IPAddressDeny=): the run fails with the
+    reason, and no CLI starts. Fails closed, whatever the sandbox."""
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    daemon = DaemonProcess("balancer", layout, env=layout.env(CL_CLI_NETWORK="filtered")).start()
+    try:
+        number = submit(layout)
+        wait_until(lambda: job_view(layout, number)["state"] == "failed", "the job to fail")
+        error = job_view(layout, number)["error"]
+    finally:
+        daemon.stop()
+    assert "cli_network = 'filtered', but loopback is reachable from here" in error
+    assert layout.claude_calls() == []
+
+
 def test_with_every_cli_user_taken_a_new_job_waits_and_says_why(layout: Layout, planted: Planted) -> None:
     write_credential(layout.credentials, "a1", oauth_credential(planted))
     layout.hold.touch()

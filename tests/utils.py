@@ -213,6 +213,7 @@ class Layout:
             CL_STATE_DIR=str(self.state),
             CL_SESSIONS_DIR=str(self.sessions),
             CL_CONFINEMENT="sandbox" if self.sandboxed else "none",
+            CL_CLI_NETWORK="host",  # no unit narrows it (a test asks for "filtered" or "gateway")
             CL_CLI_ENV_KEEP="FAKE_CLAUDE_* ANTHROPIC_BASE_URL NODE_EXTRA_CA_CERTS",  # what the fakes are steered by
             CL_CLI_READABLE=str(FAKE_CLAUDE.parent),  # the fake CLI (its interpreter: /usr/bin/python3)
             CL_RUNTIME_DIR=str(self.runtime),

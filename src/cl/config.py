@@ -76,10 +76,13 @@ class Config:
     """The CLI's users: `cli_pool`-1 ... `cli_pool`-N, all in group `cli_pool`."""
     cli_pool_size: int = 16
     """N: how many jobs' CLIs may run at once (a job waits for a free user)."""
-    cli_network: str = "host"
-    """"host": a sandboxed CLI shares the host's network (a `cl-worker@` unit narrows it to the
-    gateway's address on loopback); "gateway": its view has a network of its own, loopback only,
-    where a relay takes its requests to the gateway: nothing else, the internet included."""
+    cli_network: str = "filtered"
+    """"filtered": the host's network as the `cl-worker@` unit narrows it (on loopback the gateway's
+    address only, no link-local), checked by each worker before its CLI starts: where the narrowing
+    does not hold (no such unit, cgroups where systemd cannot apply it), the run fails and says so;
+    "host": the host's network as it is (said at every start); "gateway": the view has a network of
+    its own, loopback only, where a relay takes its requests to the gateway: nothing else, the
+    internet included."""
     cli_processes_max: int = 1024
     """Processes a sandboxed job's CLI user may have at once, its tools' included (RLIMIT_NPROC:
     each job has a user of its own, so this is per job)."""
@@ -302,7 +305,7 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "confinement": _one_of("sandbox", "none"),
     "cli_pool": _name,
     "cli_pool_size": _whole(1, 1000),
-    "cli_network": _one_of("host", "gateway"),
+    "cli_network": _one_of("filtered", "host", "gateway"),
     "cli_processes_max": _whole(8, 1_000_000),
     "cli_readable": _paths,
     "cli_writable": _paths,

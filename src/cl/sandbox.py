@@ -28,6 +28,7 @@ import dataclasses
 import errno
 import os
 import shutil
+import socket
 import stat
 import subprocess
 from collections.abc import Callable, Iterable, Sequence
@@ -84,6 +85,22 @@ def probe(preexec: Callable[[], None] | None = None) -> bool:
             return own_proc
         said = said or done.stderr.strip() or f"exit status {done.returncode}"
     raise SandboxUnavailable(f"bubblewrap cannot build the CLI's view here: {said}")
+
+
+def loopback_reachable() -> bool:
+    """Whether this process can open a connection to a listener of its own on 127.0.0.1: a
+    `cl-worker@` unit's IPAddressDeny= refuses it (EPERM) wherever systemd could apply it, and the
+    CLI, in the same unit, is refused as the worker is."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        with socket.socket() as probe:
+            probe.settimeout(5)
+            try:
+                probe.connect(listener.getsockname())
+            except OSError:
+                return False
+            return True
 
 
 def open_directory(path: str) -> int:

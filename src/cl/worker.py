@@ -177,6 +177,7 @@ def work(config: Config, store: Store, run_id: int) -> Run | None:
         return run
     config_dir = session_config_dir(config, job.id)
     try:
+        _network(config, bound)
         slot, own_proc = _cli_user(config, config_dir, bound)
         credential = _ready_config_dir(config, job.id, slot.user, first=store.previous_account(run.id) is None)
         cli_user.keep_only(slot.user)
@@ -590,6 +591,20 @@ def _reason(exc: Exception) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
     return str(exc)
+
+
+def _network(config: Config, bound: Any) -> None:
+    """The CLI's network is what `cli_network` says, or the CLI does not start (raises
+    SandboxUnavailable): "filtered" holds only where this worker cannot reach loopback (its unit's
+    IPAddressDeny= applies to the CLI as to the worker); "host" is said at every start."""
+    if config.cli_network == "filtered" and sandbox.loopback_reachable():
+        raise sandbox.SandboxUnavailable(
+            "cli_network = 'filtered', but loopback is reachable from here: no cl-worker@ unit narrows the"
+            " network, or systemd cannot apply its IPAddressDeny= on these cgroups; set cli_network = 'gateway'"
+            " (a network of its own) or 'host' (the host's, unnarrowed)"
+        )
+    if config.cli_network == "host":
+        bound.warning("cli_network = host: the CLI reaches every address this host reaches, loopback included")
 
 
 def _cli_user(config: Config, config_dir: Path, bound: Any) -> tuple[cli_user.Slot, bool]:
