@@ -58,6 +58,7 @@ def claim_to_running(tree: Path, root: Path, jobs: int) -> list[float]:
     }
     if "confinement" in (tree / "src" / "cl" / "config.py").read_text():  # a tree with the sandbox
         env |= {"CL_CONFINEMENT": "sandbox", "CL_CLI_READABLE": str(FAKE_CLAUDE.parent), "CL_CLI_ENV_KEEP": "FAKE_*"}
+        env |= {"CL_CLI_NETWORK": "host"} if "cli_network" in (tree / "src" / "cl" / "config.py").read_text() else {}
     else:  # one before it: its own user, cl-cli, and Landlock
         env |= {"CL_CLI_USER": "cl-cli"}
     balancer = subprocess.Popen(

@@ -84,6 +84,7 @@ def env_for(root: Path, **extra: str) -> dict[str, str]:
         "CL_SESSIONS_DIR": str(root / "sessions"),
         "CL_RUNTIME_DIR": str(root / "run"),
         "CL_CONFINEMENT": os.environ.get("CL_CONFINEMENT", "none"),  # as root, "sandbox" measures the sandbox
+        "CL_CLI_NETWORK": "host",  # no cl-worker@ unit narrows it here
         "CL_GATEWAY": os.environ.get("CL_GATEWAY", "false"),  # CL_GATEWAY=true python bench/...: gateway mode
         "CL_CLI_ENV_KEEP": "FAKE_CLAUDE_* ANTHROPIC_BASE_URL",  # what steers the fake CLI, and the fake API
     }
