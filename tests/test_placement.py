@@ -116,6 +116,23 @@ def test_never_on_a_paused_or_own_limit_full_account_or_one_that_may_not_serve_t
     assert model is None or own.models is None or any(fnmatch.fnmatchcase(model, p) for p in own.models)
 
 
+@given(worlds(), st.sets(NAMES))
+def test_never_on_an_account_another_host_of_the_fleet_serves(world: tuple, aside: set[str]) -> None:  # type: ignore[type-arg]
+    roster, walled, live, _usage, max_sessions = world
+    facts = Facts([], {name: WallRecord(name, None, None, "cli", 0.0) for name in walled}, set(), live, {}, aside=aside)
+    expected = {a.name for a in eligible(roster, walled, live, max_sessions)} - aside
+    placer = Placer(roster, facts, max_sessions, "headroom")
+    taken: list[str] = []
+
+    async def attempt(account: str, _limit: int) -> bool:
+        taken.append(account)
+        return True
+
+    while asyncio.run(placer.take(attempt)):
+        pass
+    assert set(taken) == expected  # every other eligible account took work, none set aside did
+
+
 @given(
     worlds(),
     st.dictionaries(NAMES, SETTINGS),

@@ -26,7 +26,7 @@ from typing import Any
 
 import structlog
 
-from cl import cli_user, daemon, placement, redact, workdir
+from cl import cli_user, daemon, fleet, placement, redact, workdir
 from cl.cli_user import CliUserError
 from cl.config import Config
 from cl.credentials import is_account_name
@@ -66,6 +66,7 @@ class Balancer(Service):
         self._placements = 0
         self._failures = 0
         self._submit_to_started = Histogram()
+        self._publisher = fleet.Publisher(config, registry, self.store)
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -79,6 +80,7 @@ class Balancer(Service):
             "settings": self._settings,
             "account": self._account,
             "metrics": self._metrics,
+            "hosts": self._hosts,
         }
 
     def status(self) -> str:
@@ -86,7 +88,7 @@ class Balancer(Service):
         return f"{c['walled']} walled, {c['running']} sessions, {c['queued']} queued"
 
     def background(self) -> list[Coroutine[Any, Any, None]]:
-        return [self._retain()]
+        return [self._retain(), self._publisher.run()]
 
     async def _retain(self) -> None:
         """History is kept `retention_days`: finished jobs older than that are forgotten, at
@@ -118,7 +120,7 @@ class Balancer(Service):
                 self._submit_to_started.observe(waited)
 
     async def one_pass(self) -> None:
-        facts = await self.store.facts((JobState.QUEUED,), 1000)
+        facts = await self.facts((JobState.QUEUED,), 1000)
         if facts.jobs:
             await self._place_jobs(facts)
         self._counts = {
@@ -284,10 +286,15 @@ class Balancer(Service):
         await self.supervisor.tell_peer(0)  # the rescuer may move sessions there now, or not
         return {"settings": {**settings.public(), "present": present}}
 
+    async def _hosts(self, _request: Request, _peer: Peer) -> Reply:
+        """The fleet (`cl.fleet`): each host that published, its heartbeat's age and roster, and
+        the credentials two hosts hold."""
+        return fleet.view(await self.store.hosts(), self.config.heartbeat_interval, self.config.host_name)
+
     async def _metrics(self, _request: Request, _peer: Peer) -> Reply:
         """What `cl-metrics` exposes of the balancer: each account's state and facts, the queue, and
         what this process counted since it started. Nothing about any operator's jobs but counts."""
-        facts = await self.store.facts((JobState.QUEUED,), 0)
+        facts = await self.facts((JobState.QUEUED,), 0)
         depth = await self.store.queue_length()
         oldest = await self.store.oldest_queued()
         accounts = []

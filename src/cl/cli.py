@@ -96,6 +96,35 @@ def cmd_accounts(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hosts(config: Config, args: argparse.Namespace) -> int:
+    """The fleet as this host's balancer reads it from the store; exit 1 if two hosts hold one credential."""
+    reply = ask(config, "balancer", {"request": "hosts"})
+    reply.pop("ok", None)
+    if args.json:
+        print_json(reply)
+    else:
+        late = f"gone: {reply['missed']} heartbeats late"
+        rows = [
+            [
+                host["name"] + (" (this host)" if host["name"] == reply["host"] else ""),
+                f"{host['heartbeat_age']:.1f} s ago",
+                "live" if host["live"] else late,
+                str(len(host["accounts"])),
+                ", ".join(f"{a['name']} ({a['state']})" for a in host["accounts"]) or "-",
+            ]
+            for host in reply["hosts"]
+        ]
+        print_table(["HOST", "HEARTBEAT", "STATE", "N", "ACCOUNTS"], rows)
+    for duplicate in reply["duplicates"]:
+        held = ", ".join(f"{d['account']} on {d['host']}" for d in duplicate["held_by"])
+        print(
+            f"WARNING: one credential is on several hosts ({held}): {duplicate['served_by']} is to serve it;"
+            " remove the other copies",
+            file=sys.stderr,
+        )
+    return EXIT_DIFFER if reply["duplicates"] else 0
+
+
 def _settings(settings: dict[str, Any] | None) -> str:
     """An account's settings in a few words: `paused · max 2 · models opus,sonnet`, or `-`."""
     if not settings:
@@ -597,10 +626,16 @@ def parser() -> argparse.ArgumentParser:
             "  cl sessions\n  cl sessions --state walled\n",
         ),
         ("jobs", cmd_jobs, "jobs and where they stand", "  cl jobs\n  cl jobs --all --since 2h\n"),
+        (
+            "hosts",
+            cmd_hosts,
+            "the fleet: each host's heartbeat and accounts; exit 1 if two hosts hold the same credential",
+            "  cl hosts\n  cl hosts --json\n",
+        ),
     ):
         listing = command(name, text, example)
         listing.add_argument("--json", action="store_true", help=JSON_HELP)
-        if name != "status":
+        if name in ("sessions", "jobs"):
             listing.add_argument("--all", action="store_true", help="finished ones too (kept retention_days)")
             listing.add_argument("--state", help="only those in this state (queued, running, walled, done, ...)")
             listing.add_argument("--since", type=_since, help="only those since: 90m, 2h, 3d, or a UTC moment")

@@ -12,6 +12,7 @@ import ipaddress
 import os
 import re
 import shlex
+import socket
 import tomllib
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
@@ -95,6 +96,10 @@ class Config:
     store: str = ""
     """`postgresql://…`: the fleet's shared PostgreSQL database (a password belongs in a
     passfile, not here); empty: the SQLite file `cl.db` in `state_dir`."""
+    host: str = ""
+    """This host's name in the fleet (`cl.fleet`); empty: the machine's host name."""
+    heartbeat_interval: float = 5.0
+    """Seconds between this host's heartbeats in the store; a host 3 heartbeats late drops out of the fleet."""
     admin_group: str = "cl-admin"
     """Members see and act on every operator's jobs (root and the daemons' own user always do)."""
     journal_socket: str = "/run/systemd/journal/socket"
@@ -120,6 +125,10 @@ class Config:
     """Seconds before an OAuth access token expires that the gateway refreshes it."""
     config_file: Path = DEFAULT_PATH
     """Where this configuration was read from, or would have been (not a key)."""
+
+    @property
+    def host_name(self) -> str:
+        return self.host or socket.gethostname()
 
     @property
     def database(self) -> Path | str:
@@ -272,6 +281,12 @@ def _worker(value: Any, _base: Path) -> dict[str, str]:
     return dict(env)
 
 
+def _host(value: Any, _base: Path) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9_.-]{0,62})?", value):
+        raise TypeError('must be a host name (letters, digits, ".", "-", "_"), or "" for the machine\'s own')
+    return value
+
+
 def _store(value: Any, _base: Path) -> str:
     if not isinstance(value, str) or (value and not value.startswith(("postgresql://", "postgres://"))):
         raise TypeError('must be a postgresql:// URL, or "" for the SQLite file in state_dir')
@@ -302,6 +317,8 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "session_lock_wait": _positive_float,
     "store_busy_timeout": _positive_float,
     "store": _store,
+    "host": _host,
+    "heartbeat_interval": _positive_float,
     "confinement": _one_of("sandbox", "none"),
     "cli_pool": _name,
     "cli_pool_size": _whole(1, 1000),

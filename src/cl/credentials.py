@@ -17,6 +17,7 @@ import dataclasses
 import enum
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -314,3 +315,15 @@ def rewrite_in_place(path: str | os.PathLike[str], update: Callable[[bytes], byt
         return True
     finally:
         os.close(fd)
+
+
+def refresh_token(account: Account) -> str | None:
+    """The refresh token of a renewable OAuth credential, if it is one."""
+    if account.kind is not CredentialKind.OAUTH or not account.renewable or len(account.secrets) < 2:
+        return None
+    return account.secrets[1].reveal()
+
+
+def fingerprint_of(secret: str) -> str:
+    """A non-secret name for a secret: the start of its SHA-256 (the secrets are long and random)."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:16]

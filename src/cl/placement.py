@@ -26,13 +26,16 @@ def eligible(
     *,
     probation: Collection[str] = (),
     settings: Mapping[str, AccountSettings] | None = None,
+    aside: Collection[str] = (),
 ) -> list[Account]:
-    """The accounts that may take a piece of work now, whatever its model."""
+    """The accounts that may take a piece of work now, whatever its model (`aside`: another host
+    of the fleet serves them)."""
     settings = settings or {}
     return [
         account
         for name, account in roster.items()
         if account.usable
+        and name not in aside
         and name not in walled
         and settings.get(name, UNSET).paused_at is None
         and live.get(name, 0) < limit(name, max_sessions, probation, settings)
@@ -99,7 +102,13 @@ class Placer:
         self._max_sessions = max_sessions
         self._policy = policy
         self._candidates = eligible(
-            roster, facts.walls, facts.live, max_sessions, probation=facts.probation, settings=facts.settings
+            roster,
+            facts.walls,
+            facts.live,
+            max_sessions,
+            probation=facts.probation,
+            settings=facts.settings,
+            aside=facts.aside,
         )
 
     @property

@@ -136,7 +136,7 @@ class Rescuer(Service):
 
     async def one_pass(self) -> None:
         await self._settle_moves()
-        facts = await self.store.facts(RESCUABLE, BATCH)
+        facts = await self.facts(RESCUABLE, BATCH)
         self._note_all_walled(facts)
         waiting = await self._rescue(facts)
         self._announced = {job.id: self._announced[job.id] for job in waiting if job.id in self._announced}
@@ -292,7 +292,7 @@ class Rescuer(Service):
         if run is None or run.state != RunState.RUNNING:
             raise RequestError("not-found", "no such running run")
         job = await self.store.get_job(run.job_id)
-        facts = await self.store.facts(RESCUABLE, 0)
+        facts = await self.facts(RESCUABLE, 0)
         if job is None or run.account not in facts.walls:
             raise RequestError("not-walled", f"account {run.account} is not walled")
         placer = placement.Placer(
@@ -325,7 +325,7 @@ class Rescuer(Service):
     async def _waiting_request(self, _request: Request, peer: Peer) -> Reply:
         """The sessions waiting for an account, and what for (`cl status`): read now, not remembered.
         The peer's own sessions only, unless it sees everyone's."""
-        facts = await self.store.facts(RESCUABLE, BATCH)
+        facts = await self.facts(RESCUABLE, BATCH)
         everyone = peer.sees_all(self.config.admin_group)
         shown = [job for job in facts.jobs if job.session_id and (everyone or job.submitter == peer.uid)]
         waiting = Waiting.of(shown, facts, self.registry.accounts)

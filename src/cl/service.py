@@ -14,12 +14,12 @@ import os
 from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar
 
-from cl import daemon
+from cl import daemon, fleet
 from cl.config import Config
 from cl.protocol import Handler, Peer, Reply, Request, RequestError, id_field
 from cl.registry import CredentialRegistry
 from cl.states import LIVE_RUNS, RunState
-from cl.store import AsyncStore, Run, Store
+from cl.store import AsyncStore, Facts, Run, Store
 from cl.supervisor import Supervisor
 
 
@@ -45,6 +45,11 @@ class Service:
 
     def wake(self) -> None:
         self._wake.set()
+
+    async def facts(self, states: tuple[str, ...], limit: int) -> Facts:
+        """What a pass decides on, this host's accounts that another host serves included (`cl.fleet`)."""
+        stale_after = fleet.MISSED * self.config.heartbeat_interval
+        return await self.store.facts(states, limit, self.config.host_name, stale_after)
 
     async def start(self) -> None:
         """Nothing to put in place before READY=1 beyond the control socket."""

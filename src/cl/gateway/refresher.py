@@ -16,26 +16,28 @@ another one. Nothing here writes a credential because of an API's 401.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import time
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import structlog
 
+from cl import fleet
 from cl.config import Config
 from cl.credentials import (
     Account,
-    CredentialKind,
     credential_filename,
+    fingerprint_of,
     parse_credential,
     read_account,
+    refresh_token,
     rewrite_in_place,
 )
 from cl.moments import iso_utc
 from cl.registry import CredentialRegistry
-from cl.store import NEEDS_LOGIN, AsyncStore
+from cl.store import NEEDS_LOGIN, AsyncStore, StoreUnavailable
 
 log = structlog.get_logger("cl.gateway")
 
@@ -53,13 +55,7 @@ class RefreshRefused(Exception):
 def fingerprint(account: Account) -> str | None:
     """A non-secret name for the refresh token an OAuth account holds, if it holds one."""
     refresh = refresh_token(account)
-    return hashlib.sha256(refresh.encode()).hexdigest()[:16] if refresh else None
-
-
-def refresh_token(account: Account) -> str | None:
-    if account.kind is not CredentialKind.OAUTH or not account.renewable or len(account.secrets) < 2:
-        return None
-    return account.secrets[1].reveal()
+    return fingerprint_of(refresh) if refresh else None
 
 
 class Refresher:
@@ -78,6 +74,8 @@ class Refresher:
         self._failed_at: dict[str, float] = {}
         self._refused: dict[str, str | None] = {}
         """Account -> the fingerprint of its refresh token the endpoint refused: never presented again."""
+        self._left: set[str] = set()
+        """Accounts whose refresh another host of the fleet does (said once)."""
         self.refreshes = 0
         self.failures = 0
         self.refused = 0
@@ -159,6 +157,8 @@ class Refresher:
         if presented is None or not self.due(account):
             return account  # a new login landed meanwhile, or another kind of credential
         bound = log.bind(account=name)
+        if await self._served_elsewhere(account, bound):
+            return account
         try:
             tokens = await self._ask(presented)
         except RefreshRefused:
@@ -195,6 +195,27 @@ class Refresher:
             bound.info("the account's file changed during its refresh: the new login kept")
         await self._registry.refresh({name})  # the file as it is now: the one copy of the tokens held
         return self._registry.accounts.get(name)
+
+    async def _served_elsewhere(self, account: Account, bound: Any) -> bool:
+        """Whether a live host of the fleet with a lower name holds this credential too (its file
+        as read now, against what the others published: `cl.fleet`): that host refreshes it, never
+        two. Not knowing (the store unavailable) is not refreshing."""
+        name, identity = account.name, fleet.fingerprint(account)
+        stale_after = fleet.MISSED * self._config.heartbeat_interval
+        try:
+            serving = identity and await self._store.served_by(identity, self._config.host_name, stale_after)
+        except StoreUnavailable as exc:
+            self._failed_at[name] = time.time()  # tried again after RETRY_AFTER_FAILURE
+            bound.warning("token refresh put off: state store unavailable", error=str(exc))
+            return True
+        if not serving:
+            self._left.discard(name)
+            return False
+        self._failed_at[name] = time.time()  # looked at again after RETRY_AFTER_FAILURE
+        if name not in self._left:
+            self._left.add(name)
+            bound.warning("token refresh left to the host that serves this credential", served_by=serving)
+        return True
 
     async def _ask(self, presented: str) -> dict[str, object]:
         """The token endpoint's answer to a refresh: the new tokens (never logged)."""

@@ -48,6 +48,8 @@ class Lookup(Protocol):
 class Backend(Protocol):
     where: str
     """The file, or the server and database (never a password): for messages."""
+    now: str
+    """SQL: the database's clock, in epoch seconds (one clock for every host of a fleet)."""
 
     @staticmethod
     def iso_utc(column: str) -> str:

@@ -124,6 +124,22 @@ MIGRATIONS: list[str] = [
         job_id BIGINT NOT NULL
     )
     """,
+    # 2: the fleet (SQLite's 11)
+    """
+    CREATE TABLE hosts (
+        name TEXT PRIMARY KEY,
+        heartbeat_at DOUBLE PRECISION NOT NULL,
+        roster_digest TEXT NOT NULL
+    );
+    CREATE TABLE host_accounts (
+        host TEXT NOT NULL,
+        account TEXT NOT NULL,
+        state TEXT NOT NULL,
+        fingerprint TEXT,
+        PRIMARY KEY (host, account)
+    );
+    CREATE INDEX host_accounts_by_fingerprint ON host_accounts(fingerprint)
+    """,
 ]
 
 
@@ -172,6 +188,8 @@ class _Db:
 
 
 class PostgresBackend:
+    now = "extract(epoch FROM clock_timestamp())::double precision"
+
     @staticmethod
     def iso_utc(column: str) -> str:
         return f"""to_char(to_timestamp({column}) AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')"""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from typing import Any
+from typing import Any, NamedTuple
 
 from cl.moments import iso_utc
 from cl.states import RESCUABLE, IllegalTransition, JobState, RunState
@@ -202,3 +202,24 @@ class Facts:
     settings: dict[str, AccountSettings] = dataclasses.field(default_factory=dict)
     held: int = 0
     """Walled sessions whose worker holds their CLI alive for a live move (each keeps its CLI's user)."""
+    aside: set[str] = dataclasses.field(default_factory=set)
+    """This host's accounts another host of the fleet serves (the same credential): no work goes there."""
+
+
+class Published(NamedTuple):
+    """An account as its home host publishes it: never a secret."""
+
+    account: str
+    state: str
+    fingerprint: str | None
+    """A hash of the credential it holds (`cl.fleet.fingerprint`): the same file on two hosts shows."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HostRecord:
+    """A host of the fleet as the store has it."""
+
+    name: str
+    heartbeat_age: float
+    """Seconds since its last heartbeat, on the database's clock."""
+    accounts: tuple[Published, ...]

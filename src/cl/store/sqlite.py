@@ -151,10 +151,29 @@ MIGRATIONS: list[str] = [
     INSERT OR IGNORE INTO sessions (session_id, job_id)
         SELECT session_id, MIN(job_id) FROM runs WHERE session_id IS NOT NULL GROUP BY session_id
     """,
+    # 11: the fleet. Each host's roster as its own registry last saw it (names, states, a
+    # fingerprint of the credential, never a secret), with its heartbeat on the database's clock.
+    """
+    CREATE TABLE hosts (
+        name TEXT PRIMARY KEY,
+        heartbeat_at REAL NOT NULL,
+        roster_digest TEXT NOT NULL
+    );
+    CREATE TABLE host_accounts (
+        host TEXT NOT NULL,
+        account TEXT NOT NULL,
+        state TEXT NOT NULL,
+        fingerprint TEXT,
+        PRIMARY KEY (host, account)
+    );
+    CREATE INDEX host_accounts_by_fingerprint ON host_accounts(fingerprint)
+    """,
 ]
 
 
 class SqliteBackend:
+    now = "((julianday('now') - 2440587.5) * 86400.0)"
+
     @staticmethod
     def iso_utc(column: str) -> str:
         return f"strftime('%Y-%m-%dT%H:%M:%SZ', {column}, 'unixepoch')"

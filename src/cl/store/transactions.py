@@ -10,6 +10,7 @@ only a name that facts are keyed by, and whether that account exists is the regi
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -25,9 +26,11 @@ from cl.store.records import (
     AccountCounts,
     AccountSettings,
     Facts,
+    HostRecord,
     Job,
     Listing,
     NoRoom,
+    Published,
     Run,
     Snapshot,
     WallRecord,
@@ -657,8 +660,9 @@ class Store:
         )
         return [row[0] for row in rows]
 
-    def facts(self, states: tuple[str, ...], limit: int) -> Facts:
-        """The first `limit` jobs in `states` (in submission order), with walls, live runs and usage."""
+    def facts(self, states: tuple[str, ...], limit: int, host: str = "", stale_after: float = 0.0) -> Facts:
+        """The first `limit` jobs in `states` (in submission order), with walls, live runs and usage;
+        with `host`, its accounts another host serves (`served_elsewhere`)."""
         now = time.time()
         query = f"SELECT * FROM jobs WHERE state IN {sql_set(states)} ORDER BY id LIMIT ?"
         with self.transaction(write=False) as db:
@@ -666,7 +670,10 @@ class Store:
             expired = db.execute("SELECT account FROM walls WHERE reset_at <= ?", (now,))
             probation = {row[0] for row in expired}
             held = db.execute("SELECT COUNT(*) FROM runs WHERE held_until IS NOT NULL").fetchone()[0]
-            return Facts(jobs, self.walls(now), probation, self.live_counts(), self.usage(), self.settings(), held)
+            aside = self.served_elsewhere(host, stale_after) if host else set()
+            return Facts(
+                jobs, self.walls(now), probation, self.live_counts(), self.usage(), self.settings(), held, aside
+            )
 
     def queue_length(self) -> int:
         return int(self._row("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.QUEUED,))[0])
@@ -788,6 +795,62 @@ class Store:
         if pruned >= batch:
             self._backend.compact()
         return pruned
+
+    # the fleet: each host's roster, as its own balancer publishes it
+
+    def publish(self, host: str, accounts: Sequence[Published]) -> bool:
+        """`host`'s heartbeat, on the database's clock, with its roster as its registry has it now:
+        written again only when it differs from what the store holds (a heartbeat alone is one
+        UPDATE). True if the roster was written."""
+        digest = hashlib.sha256(json.dumps(sorted(accounts)).encode()).hexdigest()
+        now = self._backend.now
+        with self.transaction() as db:
+            beat = f"UPDATE hosts SET heartbeat_at = {now} WHERE name = ? AND roster_digest = ?"
+            if db.execute(beat, (host, digest)).rowcount:
+                return False
+            db.execute(
+                f"INSERT INTO hosts (name, heartbeat_at, roster_digest) VALUES (?, {now}, ?) ON CONFLICT (name)"
+                " DO UPDATE SET heartbeat_at = excluded.heartbeat_at, roster_digest = excluded.roster_digest",
+                (host, digest),
+            )
+            db.execute("DELETE FROM host_accounts WHERE host = ?", (host,))
+            db.executemany(
+                "INSERT INTO host_accounts (host, account, state, fingerprint) VALUES (?, ?, ?, ?)",
+                [(host, *account) for account in accounts],
+            )
+        return True
+
+    def served_elsewhere(self, host: str, stale_after: float) -> set[str]:
+        """`host`'s accounts whose credential a host with a lower name also holds, that host live
+        (its heartbeat at most `stale_after` seconds old): that one serves it (`cl.fleet`)."""
+        rows = self._rows(
+            "SELECT mine.account FROM host_accounts mine"
+            " JOIN host_accounts theirs ON theirs.fingerprint = mine.fingerprint AND theirs.host < mine.host"
+            f" JOIN hosts ON hosts.name = theirs.host AND {self._backend.now} - hosts.heartbeat_at <= ?"
+            " WHERE mine.host = ?",
+            (stale_after, host),
+        )
+        return {row[0] for row in rows}
+
+    def served_by(self, fingerprint: str, host: str, stale_after: float) -> str | None:
+        """The live host with the lowest name below `host` that holds the credential `fingerprint`, if any."""
+        row = self._row(
+            "SELECT MIN(host_accounts.host) FROM host_accounts JOIN hosts ON hosts.name = host_accounts.host"
+            " WHERE host_accounts.fingerprint = ? AND host_accounts.host < ?"
+            f" AND {self._backend.now} - hosts.heartbeat_at <= ?",
+            (fingerprint, host, stale_after),
+        )
+        return None if row is None or row[0] is None else str(row[0])
+
+    def hosts(self) -> list[HostRecord]:
+        """Every host that has published, by name, with the age of its last heartbeat and its roster."""
+        with self.transaction(write=False) as db:
+            beats = db.execute(f"SELECT name, {self._backend.now} - heartbeat_at FROM hosts ORDER BY name").fetchall()
+            rows = db.execute("SELECT host, account, state, fingerprint FROM host_accounts ORDER BY host, account")
+            rosters: dict[str, list[Published]] = {}
+            for host, *account in rows:
+                rosters.setdefault(host, []).append(Published(*account))
+        return [HostRecord(name, float(age), tuple(rosters.get(name, ()))) for name, age in beats]
 
     # operators' settings
 

@@ -1,0 +1,224 @@
+"""The fleet: hosts publish their own rosters with a heartbeat; the fleet is the live hosts' union.
+
+Store-level on both backends; on one machine, hosts as sets of directories, each with its own
+balancer and host name, sharing one real PostgreSQL database."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import postgres
+from cl.store import Published, Store
+from utils import (
+    DaemonProcess,
+    FakeApi,
+    Layout,
+    Planted,
+    cl,
+    free_port,
+    job_states,
+    oauth_credential,
+    submit,
+    wait_until,
+    write_credential,
+)
+
+
+def test_a_host_publishes_its_roster_when_it_changes_and_its_heartbeat_always(store: Store) -> None:
+    roster = [Published("a1", "ok", "f1"), Published("a2", "expired", None)]
+    assert store.publish("alpha", roster) is True
+    assert store.publish("alpha", roster) is False  # the same roster: a heartbeat alone
+    assert store.publish("beta", [Published("b1", "ok", "f2")]) is True
+    (alpha, beta) = store.hosts()
+    assert (alpha.name, alpha.accounts, beta.name, beta.accounts) == (
+        "alpha",
+        tuple(roster),
+        "beta",
+        (roster[0]._replace(account="b1", fingerprint="f2"),),
+    )
+    assert 0 <= alpha.heartbeat_age < 60  # the database's clock, on both sides of the subtraction
+    first = alpha.heartbeat_age
+    wait_until(lambda: store.hosts()[0].heartbeat_age > first, "the heartbeat to age")
+    assert store.publish("alpha", roster[:1]) is True  # a file removed
+    assert store.hosts()[0].accounts == (roster[0],)
+    assert store.hosts()[0].heartbeat_age < 60
+
+
+def test_a_credential_a_live_host_with_a_lower_name_holds_is_served_there(store: Store) -> None:
+    store.publish("alpha", [Published("team", "ok", "f1"), Published("a2", "ok", "f2")])
+    store.publish("beta", [Published("shared", "ok", "f1"), Published("b2", "ok", "f3"), Published("k", "ok", None)])
+    store.publish("gamma", [Published("also", "ok", "f1")])
+    assert store.served_elsewhere("beta", 60) == {"shared"}
+    assert store.served_elsewhere("gamma", 60) == {"also"}
+    assert store.served_elsewhere("alpha", 60) == set()  # the lowest name serves it
+    assert (store.served_by("f1", "gamma", 60), store.served_by("f1", "alpha", 60)) == ("alpha", None)
+    assert (store.served_by("f3", "gamma", 60), store.served_by("f9", "gamma", 60)) == ("beta", None)
+    assert store.facts(("queued",), 0, "beta", 60).aside == {"shared"}
+    assert store.facts(("queued",), 0).aside == set()  # a host of its own: nothing aside
+    assert store.served_elsewhere("beta", -1) == set()  # alpha not live (every heartbeat too old): beta serves
+    assert store.served_by("f1", "gamma", -1) is None
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, postgresql: postgres.Server) -> dict[str, Layout]:
+    """Hosts alpha and beta: their own directories and balancers, one PostgreSQL database."""
+    database = postgresql.database()
+    return {name: Layout(tmp_path / name, store=database) for name in ("alpha", "beta")}
+
+
+def balancer(layout: Layout, host: str) -> DaemonProcess:
+    env = layout.env(CL_HOST=host, CL_HEARTBEAT_INTERVAL="0.5")
+    return DaemonProcess("balancer", layout, env=env).start()
+
+
+def hosts(layout: Layout) -> tuple[int, dict[str, Any], str]:
+    result = cl(layout, "hosts", "--json")
+    return result.returncode, json.loads(result.stdout), result.stderr
+
+
+def beats(layout: Layout, host: str, count: int) -> None:
+    """Wait for `count` heartbeats of `host`, as `layout`'s host sees them (its age starts over)."""
+    seen, last = 0, float("inf")
+
+    def another() -> bool:
+        nonlocal seen, last
+        (age,) = [float(h["heartbeat_age"]) for h in hosts(layout)[1]["hosts"] if h["name"] == host]
+        seen, last = seen + (age < last), age
+        return seen > count
+
+    wait_until(another, f"{count} heartbeats of {host}")
+
+
+def roster_of(reply: dict[str, Any], host: str) -> set[str]:
+    return {a["name"] for h in reply["hosts"] if h["name"] == host and h["live"] for a in h["accounts"]}
+
+
+def test_a_file_on_one_host_shows_on_every_host_and_a_host_that_stops_drops_out(
+    fleet: dict[str, Layout], planted: Planted
+) -> None:
+    alpha, beta = fleet["alpha"], fleet["beta"]
+    write_credential(alpha.credentials, "a1", oauth_credential(planted))
+    daemons = [balancer(alpha, "alpha"), balancer(beta, "beta")]
+    try:
+        wait_until(lambda: roster_of(hosts(beta)[1], "alpha") == {"a1"}, "alpha's roster on beta")
+        write_credential(beta.credentials, "b1", oauth_credential(planted))
+        wait_until(lambda: roster_of(hosts(alpha)[1], "beta") == {"b1"}, "a file dropped on beta, seen on alpha")
+        code, reply, said = hosts(alpha)
+        assert (code, reply["host"], reply["duplicates"], said) == (0, "alpha", [], "")
+        assert [host["name"] for host in reply["hosts"]] == ["alpha", "beta"]
+        daemons.pop().stop()  # beta's balancer goes
+        wait_until(
+            lambda: not {h["name"] for h in hosts(alpha)[1]["hosts"] if h["live"]} - {"alpha"}, "beta to drop out"
+        )
+        (gone,) = [h for h in hosts(alpha)[1]["hosts"] if h["name"] == "beta"]
+        assert gone["heartbeat_age"] > 3 * 0.5  # three heartbeats missed, not fewer
+        assert "gone: 3 heartbeats late" in cl(alpha, "hosts").stdout
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+
+
+def test_one_credential_on_two_hosts_is_reported_once_and_the_lower_name_serves_it(
+    fleet: dict[str, Layout], planted: Planted
+) -> None:
+    alpha, beta = fleet["alpha"], fleet["beta"]
+    copied = oauth_credential(planted)
+    write_credential(alpha.credentials, "team", copied)
+    write_credential(beta.credentials, "shared", copied)  # the same file, under another name
+    write_credential(beta.credentials, "b2", oauth_credential(planted))
+    daemons = [balancer(alpha, "alpha"), balancer(beta, "beta")]
+    try:
+        wait_until(lambda: hosts(alpha)[1]["duplicates"], "the copy to show")
+        code, reply, said = hosts(alpha)
+        assert reply["duplicates"] == [
+            {
+                "held_by": [{"host": "alpha", "account": "team"}, {"host": "beta", "account": "shared"}],
+                "served_by": "alpha",
+            }
+        ]
+        assert code == 1
+        assert "one credential is on several hosts (team on alpha, shared on beta): alpha is to serve it" in said
+        wait_until(lambda: all("one credential on several hosts" in d.log() for d in daemons), "each host to say so")
+        beats(alpha, "beta", 4)  # and four heartbeats more: still said once
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+    for daemon in daemons:
+        assert daemon.log().count("one credential on several hosts") == 1
+
+
+def test_the_host_with_the_higher_name_places_no_work_on_a_credential_the_other_serves(
+    fleet: dict[str, Layout], planted: Planted
+) -> None:
+    alpha, beta = fleet["alpha"], fleet["beta"]
+    copied = oauth_credential(planted)
+    write_credential(alpha.credentials, "team", copied)
+    write_credential(beta.credentials, "shared", copied)
+    write_credential(beta.credentials, "b2", oauth_credential(planted))
+    daemons = [balancer(alpha, "alpha"), balancer(beta, "beta")]
+    try:
+        assert (
+            cl(alpha, "accounts", "pause", "team").returncode == 0
+        )  # alpha places nothing (jobs are not per host yet)
+        wait_until(lambda: hosts(beta)[1]["duplicates"], "beta to see the copy")
+        beta.hold.touch()  # the sessions stay live: each counts where it was placed
+        jobs = [submit(beta, f"job {i}") for i in range(3)]
+        wait_until(lambda: len(beta.claude_calls()) == 3, "three sessions to start")
+        placed = {job["account"] for job in json.loads(cl(beta, "jobs", "--json").stdout)}
+        beta.hold.unlink()
+        wait_until(lambda: set(job_states(beta).values()) == {"done"}, "the sessions to end")
+    finally:
+        beta.hold.unlink(missing_ok=True)
+        for daemon in daemons:
+            daemon.stop()
+    assert (len(jobs), placed) == (3, {"b2"})
+
+
+def test_the_host_with_the_higher_name_leaves_a_shared_credentials_refresh_to_the_other(
+    fleet: dict[str, Layout], planted: Planted, fake_api: FakeApi
+) -> None:
+    """Beta finds the copy due (its margin is wider) while alpha is live: alpha is to refresh it, so
+    beta does not, and says so; once alpha drops out, beta refreshes it."""
+    alpha, beta = fleet["alpha"], fleet["beta"]
+    within_an_hour = int((time.time() + 3600) * 1000)
+    copied = json.dumps(
+        {
+            "claudeAiOauth": {
+                "accessToken": planted.token(),
+                "refreshToken": planted.token("sk-ant-ort01-"),
+                "expiresAt": within_an_hour,
+                "scopes": ["user:inference"],
+            }
+        }
+    )
+    write_credential(alpha.credentials, "team", copied)
+    first = balancer(alpha, "alpha")
+    wait_until(lambda: roster_of(hosts(alpha)[1], "alpha") == {"team"}, "alpha's roster published")
+    write_credential(beta.credentials, "shared", copied)
+    env = beta.env(
+        CL_HOST="beta",
+        CL_HEARTBEAT_INTERVAL="0.5",
+        CL_GATEWAY="true",
+        CL_GATEWAY_LISTEN=f"127.0.0.1:{free_port()}",
+        CL_GATEWAY_UPSTREAM=fake_api.url,
+        CL_OAUTH_TOKEN_URL=f"{fake_api.url}/v1/oauth/token",
+        CL_REFRESH_MARGIN="7200",  # due on beta, not on alpha
+    )
+    gateway = DaemonProcess("gateway", beta, env=env).start()
+    try:
+        wait_until(
+            lambda: "token refresh left to the host that serves this credential" in gateway.log(), "beta to stand aside"
+        )
+        assert not [r for r in fake_api.requests() if r["path"] == "/v1/oauth/token"]
+        first.stop()  # alpha goes: three heartbeats later, beta serves the credential
+        wait_until(lambda: "token refreshed account=shared" in gateway.log(), "beta to refresh it", timeout=60)
+    finally:
+        gateway.stop()
+        first.stop()
+    assert gateway.log().count("token refresh left to the host that serves this credential") == 1
+    planted.tokens += fake_api.get("/_fake/tokens")
