@@ -64,6 +64,21 @@ def test_a_credential_a_live_host_with_a_lower_name_holds_is_served_there(store:
     assert store.served_by("f1", "gamma", -1) is None
 
 
+def test_in_a_fleet_a_host_keeps_to_its_own_jobs_and_runs(store: Store) -> None:
+    """Jobs submitted on alpha, on beta, and before hosts were: alpha's daemons see alpha's and the
+    old one's, never beta's; unscoped (one host's own store) every job is its own."""
+    jobs = {host: store.add_job("/srv", f"on {host}", host=host) for host in ("alpha", "beta", None)}
+    for job in jobs.values():
+        store.place(job.id, "a1", limit=10)
+    assert store.facts(("running",), 10, "alpha", 60, scoped=True).jobs == [
+        store.get_job(jobs["alpha"].id),
+        store.get_job(jobs[None].id),
+    ]
+    assert len(store.facts(("running",), 10, "alpha", 60).jobs) == 3
+    assert {run.job_id for run in store.runs_in(host="beta")} == {jobs["beta"].id, jobs[None].id}
+    assert {run.job_id for run in store.runs_in()} == {job.id for job in jobs.values()}
+
+
 @pytest.fixture
 def fleet(tmp_path: Path, postgresql: postgres.Server) -> dict[str, Layout]:
     """Hosts alpha and beta: their own directories and balancers, one PostgreSQL database."""
@@ -222,3 +237,63 @@ def test_the_host_with_the_higher_name_leaves_a_shared_credentials_refresh_to_th
         first.stop()
     assert gateway.log().count("token refresh left to the host that serves this credential") == 1
     planted.tokens += fake_api.get("/_fake/tokens")
+
+
+def test_each_host_runs_its_own_jobs_and_a_restart_on_one_leaves_the_others_sessions_alone(
+    fleet: dict[str, Layout], planted: Planted
+) -> None:
+    """A job runs on the host it was submitted on, under that host's accounts: one waiting on beta
+    (no account there yet) is not alpha's to place, however often alpha looks; and alpha's
+    balancer restarting while beta's session runs neither adopts it nor orphans it (its worker is
+    not alpha's): the session runs once, to its end."""
+    alpha, beta = fleet["alpha"], fleet["beta"]
+    write_credential(alpha.credentials, "a1", oauth_credential(planted))
+    daemons = {"alpha": balancer(alpha, "alpha"), "beta": balancer(beta, "beta")}
+
+    def restart_alpha() -> None:
+        daemons["alpha"].stop()
+        daemons["alpha"] = balancer(alpha, "alpha")
+        beats(beta, "alpha", 1)  # the new alpha's heartbeat: it publishes once its live runs are taken over
+
+    try:
+        on_beta = submit(beta, "on beta")
+        wait_until(lambda: "reason=no-eligible-account" in daemons["beta"].log(), "beta's job to wait for an account")
+        restart_alpha()  # its first pass: every queued job it may place
+        on_alpha = submit(alpha, "on alpha")  # placed after beta's, were beta's alpha's to place
+        wait_until(lambda: job_states(alpha).get(on_alpha) == "done", "alpha's job")
+        assert job_states(beta)[on_beta] == "queued"
+        beta.hold.touch()
+        write_credential(beta.credentials, "b1", oauth_credential(planted))
+        wait_until(lambda: len(beta.claude_calls()) == 1, "beta's session to start")
+        restart_alpha()
+        assert job_states(beta)[on_beta] == "running"
+        beta.hold.unlink()
+        wait_until(lambda: job_states(beta).get(on_beta) == "done", "beta's session to end")
+        jobs = {job["id"]: job for job in json.loads(cl(beta, "jobs", "--all", "--json").stdout)}
+    finally:
+        beta.hold.unlink(missing_ok=True)
+        for daemon in daemons.values():
+            daemon.stop()
+    assert (jobs[on_alpha]["account"], jobs[on_beta]["account"]) == ("a1", "b1")
+    assert [call["prompt"] for call in alpha.claude_calls()] == ["on alpha"]
+    assert [call["prompt"] for call in beta.claude_calls()] == ["on beta"]  # once: never orphaned, never resumed
+    said = daemons["alpha"].log()
+    assert "session adopted" not in said  # beta's worker is not alpha's to watch
+    assert "session orphaned" not in said
+
+
+def test_a_host_of_its_own_runs_every_job_whatever_its_name_has_become(layout: Layout, planted: Planted) -> None:
+    """SQLite is one host's store: a job submitted before the machine's name changed (a container
+    started anew) still runs."""
+    first = balancer(layout, "before")
+    try:
+        job = submit(layout, "submitted before")
+        wait_until(lambda: "reason=no-eligible-account" in first.log(), "the job to wait for an account")
+    finally:
+        first.stop()
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    second = balancer(layout, "after")
+    try:
+        wait_until(lambda: job_states(layout).get(job) == "done", "the job to run under the new name")
+    finally:
+        second.stop()

@@ -148,6 +148,7 @@ def test_status_snapshot_sees_every_commit_from_this_or_another_connection(store
             "account": "a1",
             "state": "done",
             "cwd": "/work/a",
+            "host": None,
             "started_at": sessions[0]["started_at"],
             "error": None,
         }

@@ -181,7 +181,7 @@ class Balancer(Service):
         if model is not None:
             await self._check_served(model)
         cwd = await asyncio.to_thread(self._workdir, cwd, peer)
-        job = await self.store.add_job(cwd, prompt, model, max_turns, peer.uid)
+        job = await self.store.add_job(cwd, prompt, model, max_turns, submitter=peer.uid, host=self.config.host_name)
         log.info("job queued", job=job.id, cwd=cwd, submitter=peer.uid)
         self.wake()
         return {"job": job.id}

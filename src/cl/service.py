@@ -47,9 +47,22 @@ class Service:
         self._wake.set()
 
     async def facts(self, states: tuple[str, ...], limit: int) -> Facts:
-        """What a pass decides on, this host's accounts that another host serves included (`cl.fleet`)."""
+        """What a pass decides on: in a fleet, this host's jobs only, and its accounts that another
+        host serves set aside (`cl.fleet`)."""
         stale_after = fleet.MISSED * self.config.heartbeat_interval
-        return await self.store.facts(states, limit, self.config.host_name, stale_after)
+        return await self.store.facts(states, limit, self.config.host_name, stale_after, scoped=self.fleet)
+
+    @property
+    def fleet(self) -> bool:
+        """The store is shared by the hosts of a fleet (PostgreSQL): each host's daemons keep to the
+        jobs submitted on it (its directories, its workers). A store of one host's own (SQLite)
+        holds only its jobs, whatever the machine's name has become."""
+        return bool(self.config.store)
+
+    @property
+    def own_runs(self) -> str | None:
+        """Whose runs this host's daemons watch and take over (`Store.runs_in`): None is all of them."""
+        return self.config.host_name if self.fleet else None
 
     async def start(self) -> None:
         """Nothing to put in place before READY=1 beyond the control socket."""
@@ -71,7 +84,7 @@ class Service:
         """At start, every live run: one this daemon wrote but no worker claimed is abandoned (its
         job goes back to where it was, and is tried again), a live worker is watched, a vanished
         one orphaned. A run the other daemon wrote and no worker claimed yet is that daemon's."""
-        for run in await self.store.runs_in(LIVE_RUNS):
+        for run in await self.store.runs_in(LIVE_RUNS, self.own_runs):
             if run.state == RunState.STARTING and run.launcher != self.name:
                 continue
             # Never claimed: its launcher (an earlier us) died first, or the worker is about to

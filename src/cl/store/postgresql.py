@@ -140,6 +140,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX host_accounts_by_fingerprint ON host_accounts(fingerprint)
     """,
+    # 3: the host a job was submitted on (SQLite's 12)
+    """
+    ALTER TABLE jobs ADD COLUMN host TEXT;
+    CREATE INDEX jobs_by_host ON jobs(host, state, id)
+    """,
 ]
 
 

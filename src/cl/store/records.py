@@ -38,6 +38,8 @@ class Job:
     """The uid that submitted it (from the connection's peer credentials)."""
     pending_prompt: str | None
     """A follow-up (`cl send`) no run has taken yet."""
+    host: str | None = None
+    """The host it was submitted on, where its directory is (`cl.fleet`); None: from before hosts."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state", JobState(self.state))  # as read from a row: text

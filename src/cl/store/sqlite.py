@@ -168,6 +168,12 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX host_accounts_by_fingerprint ON host_accounts(fingerprint)
     """,
+    # 12: the host a job was submitted on, where its directory is: in a fleet, only that host's
+    # daemons place, watch and move it (none: from before hosts, any host's)
+    """
+    ALTER TABLE jobs ADD COLUMN host TEXT;
+    CREATE INDEX jobs_by_host ON jobs(host, state, id)
+    """,
 ]
 
 

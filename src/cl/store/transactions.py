@@ -91,15 +91,17 @@ class Store:
         prompt: str,
         model: str | None = None,
         max_turns: int | None = None,
+        *,
         submitter: int | None = None,
+        host: str | None = None,
     ) -> Job:
         now = time.time()
         with self.transaction() as db:
             job_id = inserted(
                 db,
-                "INSERT INTO jobs (cwd, prompt, model, max_turns, state, created_at, updated_at, submitter)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (cwd, prompt, model, max_turns, JobState.QUEUED, now, now, submitter),
+                "INSERT INTO jobs (cwd, prompt, model, max_turns, state, created_at, updated_at, submitter, host)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (cwd, prompt, model, max_turns, JobState.QUEUED, now, now, submitter, host),
             )
             self.record(db, "job queued", job_id, cwd=cwd)
         job = self.get_job(job_id)
@@ -633,9 +635,12 @@ class Store:
         row = self._row("SELECT * FROM runs WHERE id = ?", (run_id,))
         return Run(*row) if row else None
 
-    def runs_in(self, states: tuple[str, ...] = LIVE_RUNS) -> list[Run]:
-        rows = self._rows(f"SELECT * FROM runs WHERE state IN {sql_set(states)} ORDER BY id", states)
-        return [Run(*row) for row in rows]
+    def runs_in(self, states: tuple[str, ...] = LIVE_RUNS, host: str | None = None) -> list[Run]:
+        """Runs in `states`; with `host`, only those of its jobs (`ON_HOST`)."""
+        query = f"SELECT runs.* FROM runs JOIN jobs ON jobs.id = runs.job_id WHERE runs.state IN {sql_set(states)}"
+        if host is None:
+            return [Run(*row) for row in self._rows(f"{query} ORDER BY runs.id", states)]
+        return [Run(*row) for row in self._rows(f"{query} AND {ON_HOST} ORDER BY runs.id", (*states, host))]
 
     def live_counts(self) -> dict[str, int]:
         """Live runs per account name."""
@@ -660,13 +665,17 @@ class Store:
         )
         return [row[0] for row in rows]
 
-    def facts(self, states: tuple[str, ...], limit: int, host: str = "", stale_after: float = 0.0) -> Facts:
-        """The first `limit` jobs in `states` (in submission order), with walls, live runs and usage;
-        with `host`, its accounts another host serves (`served_elsewhere`)."""
+    def facts(
+        self, states: tuple[str, ...], limit: int, host: str = "", stale_after: float = 0.0, *, scoped: bool = False
+    ) -> Facts:
+        """The first `limit` jobs in `states` (in submission order; `scoped`: only `host`'s, as
+        `ON_HOST` says), with walls, live runs and usage; with `host`, its accounts another host
+        serves (`served_elsewhere`)."""
         now = time.time()
-        query = f"SELECT * FROM jobs WHERE state IN {sql_set(states)} ORDER BY id LIMIT ?"
+        mine, arguments = (f" AND {ON_HOST}", (host,)) if scoped else ("", ())
+        query = f"SELECT * FROM jobs WHERE state IN {sql_set(states)}{mine} ORDER BY id LIMIT ?"
         with self.transaction(write=False) as db:
-            jobs = [Job(*row) for row in db.execute(query, (*states, limit))]
+            jobs = [Job(*row) for row in db.execute(query, (*states, *arguments, limit))]
             expired = db.execute("SELECT account FROM walls WHERE reset_at <= ?", (now,))
             probation = {row[0] for row in expired}
             held = db.execute("SELECT COUNT(*) FROM runs WHERE held_until IS NOT NULL").fetchone()[0]
@@ -925,7 +934,7 @@ def _listing(backend: type[Backend]) -> str:
     iso = backend.iso_utc
     return f"""
 WITH line AS MATERIALIZED (
-    SELECT j.id, j.state, j.account, j.session_id, j.cwd, {iso("j.created_at")} AS created_at, j.error,
+    SELECT j.id, j.state, j.account, j.session_id, j.cwd, j.host, {iso("j.created_at")} AS created_at, j.error,
            r.state AS run_state, {iso("r.created_at")} AS run_started_at, r.error AS run_error
     FROM jobs j LEFT JOIN runs r ON r.id = (SELECT MAX(id) FROM runs WHERE job_id = j.id)
     {{where}}
@@ -934,20 +943,25 @@ WITH line AS MATERIALIZED (
 SELECT
     ({
         backend.json_rows(
-            "'session_id', session_id, 'job', id, 'account', account, 'state', run_state, 'cwd', cwd,"
+            "'session_id', session_id, 'job', id, 'account', account, 'state', run_state, 'cwd', cwd, 'host', host,"
             " 'started_at', run_started_at, 'error', run_error",
             "line WHERE run_state IS NOT NULL",
         )
     }),
     ({
         backend.json_rows(
-            "'id', id, 'state', state, 'account', account, 'session_id', session_id, 'cwd', cwd,"
+            "'id', id, 'state', state, 'account', account, 'session_id', session_id, 'cwd', cwd, 'host', host,"
             " 'created_at', created_at, 'error', error",
             "line",
         )
     }),
     (SELECT COUNT(*) FROM jobs WHERE state = ?)
 """
+
+
+ON_HOST = "(jobs.host IS NULL OR jobs.host = ?)"
+"""A job of this host's: submitted on it, or before hosts were (in a fleet, each host places,
+watches and moves only the jobs whose directory it has)."""
 
 
 def open_backend(where: Path | str, busy_timeout: float) -> Backend:
