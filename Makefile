@@ -40,6 +40,7 @@ bench: dev
 	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/soak.py
 	$(BIN)/python bench/store.py
+	$(BIN)/python bench/fleet.py
 	$(BIN)/python bench/crash_stress.py --trials 100
 
 # The daemons in the foreground on ./var, or VAR=dir (no systemd); Ctrl-C stops them. As root, each job's
