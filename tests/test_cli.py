@@ -28,7 +28,7 @@ def test_both_views_side_by_side(
     assert "malformed JSON" in lines[2]
 
     as_json = json.loads(cl(layout, "accounts", "--json").stdout)
-    assert set(as_json) == {"balancer", "rescue", "settings", "needs_login"}
+    assert set(as_json) == {"balancer", "rescue", "settings", "needs_login", "fleet"}
     assert as_json["balancer"] == as_json["rescue"]
     assert [a["name"] for a in as_json["balancer"]] == ["a1", "zz"]
     assert {"name", "state"} <= set(as_json["balancer"][0])

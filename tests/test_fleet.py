@@ -5,15 +5,19 @@ balancer and host name, sharing one real PostgreSQL database."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import postgres
-from cl.store import Published, Store
+from cl.fleet import clashes, duplicates
+from cl.store import HostRecord, Published, Store
 from utils import (
     DaemonProcess,
     FakeApi,
@@ -91,6 +95,25 @@ def balancer(layout: Layout, host: str) -> DaemonProcess:
     return DaemonProcess("balancer", layout, env=env).start()
 
 
+@contextlib.contextmanager
+def balancers(fleet: dict[str, Layout]) -> Iterator[list[DaemonProcess]]:
+    """Each host's balancer, named as its host, stopped at the end."""
+    daemons = [balancer(layout, host) for host, layout in fleet.items()]
+    try:
+        yield daemons
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+
+
+def copied_on_both(fleet: dict[str, Layout], planted: Planted) -> None:
+    """One credential as alpha's `team` and beta's `shared` (a file copied); beta has `b2` too."""
+    copied = oauth_credential(planted)
+    write_credential(fleet["alpha"].credentials, "team", copied)
+    write_credential(fleet["beta"].credentials, "shared", copied)
+    write_credential(fleet["beta"].credentials, "b2", oauth_credential(planted))
+
+
 def hosts(layout: Layout) -> tuple[int, dict[str, Any], str]:
     result = cl(layout, "hosts", "--json")
     return result.returncode, json.loads(result.stdout), result.stderr
@@ -118,36 +141,28 @@ def test_a_file_on_one_host_shows_on_every_host_and_a_host_that_stops_drops_out(
 ) -> None:
     alpha, beta = fleet["alpha"], fleet["beta"]
     write_credential(alpha.credentials, "a1", oauth_credential(planted))
-    daemons = [balancer(alpha, "alpha"), balancer(beta, "beta")]
-    try:
+    with balancers(fleet) as (_alpha, beta_balancer):
         wait_until(lambda: roster_of(hosts(beta)[1], "alpha") == {"a1"}, "alpha's roster on beta")
         write_credential(beta.credentials, "b1", oauth_credential(planted))
         wait_until(lambda: roster_of(hosts(alpha)[1], "beta") == {"b1"}, "a file dropped on beta, seen on alpha")
         code, reply, said = hosts(alpha)
         assert (code, reply["host"], reply["duplicates"], said) == (0, "alpha", [], "")
         assert [host["name"] for host in reply["hosts"]] == ["alpha", "beta"]
-        daemons.pop().stop()  # beta's balancer goes
+        beta_balancer.stop()
         wait_until(
             lambda: not {h["name"] for h in hosts(alpha)[1]["hosts"] if h["live"]} - {"alpha"}, "beta to drop out"
         )
         (gone,) = [h for h in hosts(alpha)[1]["hosts"] if h["name"] == "beta"]
         assert gone["heartbeat_age"] > 3 * 0.5  # three heartbeats missed, not fewer
         assert "gone: 3 heartbeats late" in cl(alpha, "hosts").stdout
-    finally:
-        for daemon in daemons:
-            daemon.stop()
 
 
 def test_one_credential_on_two_hosts_is_reported_once_and_the_lower_name_serves_it(
     fleet: dict[str, Layout], planted: Planted
 ) -> None:
-    alpha, beta = fleet["alpha"], fleet["beta"]
-    copied = oauth_credential(planted)
-    write_credential(alpha.credentials, "team", copied)
-    write_credential(beta.credentials, "shared", copied)  # the same file, under another name
-    write_credential(beta.credentials, "b2", oauth_credential(planted))
-    daemons = [balancer(alpha, "alpha"), balancer(beta, "beta")]
-    try:
+    alpha = fleet["alpha"]
+    copied_on_both(fleet, planted)
+    with balancers(fleet) as daemons:
         wait_until(lambda: hosts(alpha)[1]["duplicates"], "the copy to show")
         code, reply, said = hosts(alpha)
         assert reply["duplicates"] == [
@@ -160,9 +175,6 @@ def test_one_credential_on_two_hosts_is_reported_once_and_the_lower_name_serves_
         assert "one credential is on several hosts (team on alpha, shared on beta): alpha is to serve it" in said
         wait_until(lambda: all("one credential on several hosts" in d.log() for d in daemons), "each host to say so")
         beats(alpha, "beta", 4)  # and four heartbeats more: still said once
-    finally:
-        for daemon in daemons:
-            daemon.stop()
     for daemon in daemons:
         assert daemon.log().count("one credential on several hosts") == 1
 
@@ -170,27 +182,18 @@ def test_one_credential_on_two_hosts_is_reported_once_and_the_lower_name_serves_
 def test_the_host_with_the_higher_name_places_no_work_on_a_credential_the_other_serves(
     fleet: dict[str, Layout], planted: Planted
 ) -> None:
-    alpha, beta = fleet["alpha"], fleet["beta"]
-    copied = oauth_credential(planted)
-    write_credential(alpha.credentials, "team", copied)
-    write_credential(beta.credentials, "shared", copied)
-    write_credential(beta.credentials, "b2", oauth_credential(planted))
-    daemons = [balancer(alpha, "alpha"), balancer(beta, "beta")]
-    try:
-        assert (
-            cl(alpha, "accounts", "pause", "team").returncode == 0
-        )  # alpha places nothing (jobs are not per host yet)
+    beta = fleet["beta"]
+    copied_on_both(fleet, planted)
+    with balancers(fleet):
         wait_until(lambda: hosts(beta)[1]["duplicates"], "beta to see the copy")
         beta.hold.touch()  # the sessions stay live: each counts where it was placed
-        jobs = [submit(beta, f"job {i}") for i in range(3)]
-        wait_until(lambda: len(beta.claude_calls()) == 3, "three sessions to start")
-        placed = {job["account"] for job in json.loads(cl(beta, "jobs", "--json").stdout)}
-        beta.hold.unlink()
+        try:
+            jobs = [submit(beta, f"job {i}") for i in range(3)]
+            wait_until(lambda: len(beta.claude_calls()) == 3, "three sessions to start")
+            placed = {job["account"] for job in json.loads(cl(beta, "jobs", "--json").stdout)}
+        finally:
+            beta.hold.unlink()
         wait_until(lambda: set(job_states(beta).values()) == {"done"}, "the sessions to end")
-    finally:
-        beta.hold.unlink(missing_ok=True)
-        for daemon in daemons:
-            daemon.stop()
     assert (len(jobs), placed) == (3, {"b2"})
 
 
@@ -295,5 +298,53 @@ def test_a_host_of_its_own_runs_every_job_whatever_its_name_has_become(layout: L
     second = balancer(layout, "after")
     try:
         wait_until(lambda: job_states(layout).get(job) == "done", "the job to run under the new name")
+        wait_until(lambda: [h["live"] for h in hosts(layout)[1]["hosts"]] == [True, False], "the old name to be gone")
+        shown = cl(layout, "status").stdout
     finally:
         second.stop()
+    assert "HEARTBEAT" not in shown  # one live host: no table of hosts
+
+
+def test_an_account_name_two_hosts_use_for_different_credentials_is_said_to_clash(
+    fleet: dict[str, Layout], planted: Planted
+) -> None:
+    """Walls, usage and settings are kept by account name: two accounts under one name would share
+    them. The same credential under one name is a copy (a duplicate), not a clash."""
+    write_credential(fleet["alpha"].credentials, "a1", oauth_credential(planted))
+    write_credential(fleet["beta"].credentials, "a1", oauth_credential(planted))
+    with balancers(fleet) as daemons:
+        wait_until(lambda: hosts(fleet["alpha"])[1]["clashes"], "the clash to show")
+        code, reply, said = hosts(fleet["alpha"])
+        beats(fleet["alpha"], "beta", 2)
+    assert (code, reply["clashes"], reply["duplicates"]) == (1, [{"account": "a1", "hosts": ["alpha", "beta"]}], [])
+    assert "account name a1 is used on alpha and beta for different credentials" in said
+    for daemon in daemons:
+        assert daemon.log().count("one account name on several hosts") == 1
+    same = [HostRecord(host, 0.0, (Published("a1", "ok", "f1"),)) for host in ("alpha", "beta")]
+    assert (clashes(same), len(duplicates(same))) == ([], 1)
+
+
+def test_accounts_and_status_show_each_accounts_home_and_the_sessions_by_host(
+    fleet: dict[str, Layout], planted: Planted
+) -> None:
+    alpha, beta = fleet["alpha"], fleet["beta"]
+    write_credential(alpha.credentials, "a1", oauth_credential(planted))
+    write_credential(beta.credentials, "b1", oauth_credential(planted))
+    env = alpha.env(CL_HOST="alpha", CL_HEARTBEAT_INTERVAL="0.5")
+    with balancers(fleet), contextlib.ExitStack() as stack:
+        rescue = DaemonProcess("rescue", alpha, env=env).start()
+        stack.callback(rescue.stop)
+        wait_until(lambda: roster_of(hosts(alpha)[1], "beta") == {"b1"}, "beta's roster on alpha")
+        beta.hold.touch()
+        stack.callback(beta.hold.unlink, missing_ok=True)
+        submit(beta, "on beta")
+        wait_until(lambda: len(beta.claude_calls()) == 1, "beta's session to start")
+        accounts = [line.split() for line in cl(alpha, "accounts").stdout.splitlines()]
+        shown = cl(alpha, "status").stdout
+        fleet_json = json.loads(cl(alpha, "status", "--json").stdout)["fleet"]
+    assert accounts[0] == ["ACCOUNT", "BALANCER", "RESCUE", "HOME", "SETTINGS", "REASON"]
+    assert accounts[1][:4] == ["a1", "ok", "ok", "alpha"]
+    assert accounts[2] == ["b1", "(elsewhere)", "(elsewhere)", "beta", "-", "an", "account", "of", "beta"]
+    assert re.search(r"alpha \(this host\) +[\d.]+ s ago +live +1 +0 session\(s\)", shown)
+    assert re.search(r"beta +[\d.]+ s ago +live +1 +1 session\(s\)", shown)
+    assert [host["name"] for host in fleet_json["hosts"]] == ["alpha", "beta"]

@@ -22,7 +22,7 @@ from cl import cli_process, worker
 from cl.claude_code.stream import StreamState
 from cl.config import Config
 from cl.states import RunState
-from cl.store import AsyncStore, NoRoom, Snapshot, Store, StoreError, StoreUnavailable
+from cl.store import AsyncStore, NoRoom, Published, Snapshot, Store, StoreError, StoreUnavailable
 from cl.store import postgresql as on_postgresql
 from cl.store import sqlite as on_sqlite
 from utils import wait_until
@@ -237,6 +237,10 @@ def test_retention_forgets_finished_jobs_and_their_history_and_keeps_live_work(s
         db.execute("UPDATE jobs SET updated_at = ? WHERE prompt != 'recent'", (old,))
         db.execute("UPDATE ledger SET at = ? WHERE job_id != ? OR job_id IS NULL", (old, jobs["recent"].id))
     store.record_wall("a1", "cli", time.time() + 60)  # a ledger row about no job, from now: kept
+    for host in ("renamed", "current"):
+        store.publish(host, [Published("a1", "ok", "f1")])
+    with store.transaction() as db:  # the machine's name changed 40 days ago
+        db.execute("UPDATE hosts SET heartbeat_at = ? WHERE name = 'renamed'", (old,))
 
     assert store.prune(time.time() - 30 * 86400) == 3
     kept = {job.prompt for job in store.jobs()}
@@ -244,6 +248,7 @@ def test_retention_forgets_finished_jobs_and_their_history_and_keeps_live_work(s
     assert {run.job_id for run in store.runs_in(tuple(RunState))} == {jobs["running"].id, jobs["recent"].id}
     assert {entry["job_id"] for entry in store.ledger(1000)} == {jobs["running"].id, jobs["recent"].id, None}
     assert store.add_job("/srv", "next").id > jobs["recent"].id  # ids are never reused
+    assert [(host.name, host.accounts) for host in store.hosts()] == [("current", (Published("a1", "ok", "f1"),))]
 
 
 def test_a_session_is_found_by_the_start_of_its_id(store: Store) -> None:

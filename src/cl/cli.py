@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import calendar
+import collections
 import errno
 import importlib.metadata
 import json
@@ -17,7 +18,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -58,12 +59,18 @@ def cmd_accounts(config: Config, args: argparse.Namespace) -> int:
         asked = {daemon: pool.submit(ask, config, daemon, {"request": "accounts"}) for daemon in daemons}
         if not args.source:
             asked["settings"] = pool.submit(ask, config, "balancer", {"request": "settings"})
+            asked["fleet"] = pool.submit(_fleet, config)
         answers = {key: future.result() for key, future in asked.items()}
     views = {daemon: answers[daemon]["accounts"] for daemon in daemons}
     settings = {s["account"]: s for s in answers["settings"]["settings"]} if not args.source else {}
     logins = set(answers["settings"].get("needs_login", [])) if not args.source else set()
     if args.json:
-        shown = {**views, "settings": list(settings.values()), "needs_login": sorted(logins)}
+        shown = {
+            **views,
+            "settings": list(settings.values()),
+            "needs_login": sorted(logins),
+            "fleet": answers.get("fleet"),
+        }
         print_json(views[args.source] if args.source else shown)
     elif args.source:
         print_table(
@@ -74,20 +81,27 @@ def cmd_accounts(config: Config, args: argparse.Namespace) -> int:
             ],
         )
     else:
+        fleet = answers["fleet"]
+        here, in_fleet = fleet["host"], _live_hosts(fleet) > 1  # a fleet: each account's home too
+        homes = {a["name"]: h["name"] for h in fleet["hosts"] if h["live"] and h["name"] != here for a in h["accounts"]}
         by_daemon = {daemon: {a["name"]: a for a in view} for daemon, view in views.items()}
-        names = sorted(set().union(*by_daemon.values(), settings))
+        names = sorted(set().union(*by_daemon.values(), settings, homes))
         rows = []
         for name in names:
             seen = [by_daemon[daemon].get(name) for daemon in DAEMONS]
             reason = next((a["reason"] for a in seen if a and a["reason"]), "")
             if not any(seen):
-                reason = "no credential file: its settings wait for one"
-            states = [a["state"] if a else "(absent)" for a in seen]
+                reason = (
+                    f"an account of {homes[name]}" if name in homes else "no credential file: its settings wait for one"
+                )
+            states = [a["state"] if a else "(elsewhere)" if name in homes else "(absent)" for a in seen]
             if name in logins:
                 states = ["needs-login" if state == "ok" else state for state in states]
                 reason = reason or "its refresh token was refused: log in and copy the new credentials over its file"
-            rows.append([name, *states, _settings(settings.get(name)), reason])
-        print_table(["ACCOUNT", *(d.upper() for d in DAEMONS), "SETTINGS", "REASON"], rows)
+            home = [here if any(seen) else homes.get(name, "-")] if in_fleet else []
+            rows.append([name, *states, *home, _settings(settings.get(name)), reason])
+        columns = [*(d.upper() for d in DAEMONS), *(["HOME"] if in_fleet else [])]
+        print_table(["ACCOUNT", *columns, "SETTINGS", "REASON"], rows)
     if len(views) > 1 and (differences := describe_differences(views)):
         print("\nWARNING: cl-balancer and cl-rescue see different accounts:", file=sys.stderr)
         for line in differences:
@@ -98,23 +112,11 @@ def cmd_accounts(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_hosts(config: Config, args: argparse.Namespace) -> int:
     """The fleet as this host's balancer reads it from the store; exit 1 if two hosts hold one credential."""
-    reply = ask(config, "balancer", {"request": "hosts"})
-    reply.pop("ok", None)
+    reply = _fleet(config)
     if args.json:
         print_json(reply)
     else:
-        late = f"gone: {reply['missed']} heartbeats late"
-        rows = [
-            [
-                host["name"] + (" (this host)" if host["name"] == reply["host"] else ""),
-                f"{host['heartbeat_age']:.1f} s ago",
-                "live" if host["live"] else late,
-                str(len(host["accounts"])),
-                ", ".join(f"{a['name']} ({a['state']})" for a in host["accounts"]) or "-",
-            ]
-            for host in reply["hosts"]
-        ]
-        print_table(["HOST", "HEARTBEAT", "STATE", "N", "ACCOUNTS"], rows)
+        print_hosts(reply, ([f"{a['name']} ({a['state']})" for a in host["accounts"]] for host in reply["hosts"]))
     for duplicate in reply["duplicates"]:
         held = ", ".join(f"{d['account']} on {d['host']}" for d in duplicate["held_by"])
         print(
@@ -122,7 +124,41 @@ def cmd_hosts(config: Config, args: argparse.Namespace) -> int:
             " remove the other copies",
             file=sys.stderr,
         )
-    return EXIT_DIFFER if reply["duplicates"] else 0
+    for clash in reply["clashes"]:
+        print(
+            f"WARNING: account name {clash['account']} is used on {' and '.join(clash['hosts'])} for different"
+            " credentials: they share walls, usage and settings; rename one file",
+            file=sys.stderr,
+        )
+    return EXIT_DIFFER if reply["duplicates"] or reply["clashes"] else 0
+
+
+def _fleet(config: Config) -> dict[str, Any]:
+    """The balancer's `hosts` reply: the fleet as the store has it (`cl.fleet`)."""
+    reply = ask(config, "balancer", {"request": "hosts"})
+    reply.pop("ok", None)
+    return reply
+
+
+def _live_hosts(fleet: dict[str, Any]) -> int:
+    """How many hosts of the fleet are live (one host renamed leaves the earlier name gone)."""
+    return sum(1 for host in fleet["hosts"] if host["live"])
+
+
+def print_hosts(fleet: dict[str, Any], last: Iterable[list[str]], heading: str = "ACCOUNTS") -> None:
+    """A row per host: its heartbeat's age, live or gone, how many accounts, and `last` (its column)."""
+    late = f"gone: {fleet['missed']} heartbeats late"
+    rows = [
+        [
+            host["name"] + (" (this host)" if host["name"] == fleet["host"] else ""),
+            f"{host['heartbeat_age']:.1f} s ago",
+            "live" if host["live"] else late,
+            str(len(host["accounts"])),
+            ", ".join(words) or "-",
+        ]
+        for host, words in zip(fleet["hosts"], last, strict=True)
+    ]
+    print_table(["HOST", "HEARTBEAT", "STATE", "N", heading], rows)
 
 
 def _settings(settings: dict[str, Any] | None) -> str:
@@ -220,6 +256,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         print(f"cl: {exc}: walled sessions are not being rescued", file=sys.stderr)
         waiting = None
     status["waiting"] = waiting
+    status["fleet"] = fleet = _fleet(config)
     if args.json:
         print_json(status)
         return 0
@@ -241,6 +278,10 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     print()
     print_sessions(status["sessions"])
     print(f"\n{status['queue']} job(s) queued{_queue_waits_for(status['accounts'], now) if status['queue'] else ''}")
+    if _live_hosts(fleet) > 1:  # a fleet: where the sessions run
+        print()
+        by_host = collections.Counter(session.get("host") or fleet["host"] for session in status["sessions"])
+        print_hosts(fleet, ([f"{by_host[host['name']]} session(s)"] for host in fleet["hosts"]), "SESSIONS")
     if waiting and waiting["sessions"]:
         print(f"\n{len(waiting['sessions'])} session(s) waiting for an account: {_waits_for(waiting)}")
         print_table(

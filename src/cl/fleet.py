@@ -13,7 +13,8 @@ the lower name serves it: the other places no work there (`Facts.aside`, from th
 published) and its gateway leaves the refresh to it (`Store.served_by`, with the file as read
 at that moment), so the account never has two refreshers. Two hosts starting at the same
 instant with a fresh copy can each refresh once before either has published: the window is
-the first heartbeat.
+the first heartbeat. One account name that two hosts use for different credentials is said the
+same way (`clashes`): walls, usage and settings are kept by name, so the two would share them.
 """
 
 from __future__ import annotations
@@ -63,6 +64,20 @@ def duplicates(hosts: Iterable[HostRecord]) -> list[list[tuple[str, str]]]:
     return sorted(sorted(pairs) for pairs in holders.values() if len({host for host, _ in pairs}) > 1)
 
 
+def clashes(hosts: Iterable[HostRecord]) -> list[tuple[str, list[str]]]:
+    """Each account name that more than one host uses for different credentials, with those hosts:
+    walls, usage and settings are kept by name, so those accounts would share them."""
+    holders: dict[str, dict[str, str | None]] = {}
+    for host in hosts:
+        for account in host.accounts:
+            holders.setdefault(account.account, {})[host.name] = account.fingerprint
+    return [
+        (name, sorted(held))
+        for name, held in sorted(holders.items())
+        if len(held) > 1 and (None in held.values() or len(set(held.values())) > 1)
+    ]
+
+
 def view(hosts: list[HostRecord], interval: float, here: str) -> dict[str, Any]:
     """The `hosts` reply: every host that published, live or dropped out, its accounts, and the
     credentials held twice (the first holder, by host name, serves it)."""
@@ -84,6 +99,9 @@ def view(hosts: list[HostRecord], interval: float, here: str) -> dict[str, Any]:
             {"held_by": [{"host": h, "account": a} for h, a in pairs], "served_by": pairs[0][0]}
             for pairs in duplicates(host for host in hosts if host.name in alive)
         ],
+        "clashes": [
+            {"account": name, "hosts": names} for name, names in clashes(host for host in hosts if host.name in alive)
+        ],
     }
 
 
@@ -95,8 +113,9 @@ class Publisher:
         self._interval = config.heartbeat_interval
         self._registry = registry
         self._store = store
-        self._said: list[list[tuple[str, str]]] = []
-        """The duplicates last reported: each is said once, when it appears."""
+        self._duplicates: list[list[tuple[str, str]]] = []
+        self._clashes: list[tuple[str, list[str]]] = []
+        """What was last reported: each is said once, when it appears."""
 
     async def run(self) -> None:
         changes = self._registry.subscribe()
@@ -118,14 +137,19 @@ class Publisher:
         except StoreUnavailable as exc:
             log.warning("heartbeat missed: state store unavailable", host=self._host, error=str(exc))
             return
-        found = duplicates(live(hosts, self._interval))
-        for pairs in found:
-            if pairs not in self._said:
-                held = ", ".join(f"{account} on {host}" for host, account in pairs)
-                log.error(
-                    "one credential on several hosts: only the first serves it",
-                    held_by=held,
-                    served_by=pairs[0][0],
-                    account=pairs[0][1],
-                )
-        self._said = found
+        fleet = live(hosts, self._interval)
+        found, named = duplicates(fleet), clashes(fleet)
+        for pairs in (pairs for pairs in found if pairs not in self._duplicates):
+            log.error(
+                "one credential on several hosts: only the first serves it",
+                held_by=", ".join(f"{account} on {host}" for host, account in pairs),
+                served_by=pairs[0][0],
+                account=pairs[0][1],
+            )
+        for name, names in (clash for clash in named if clash not in self._clashes):
+            log.error(
+                "one account name on several hosts for different credentials: they share walls, usage and settings",
+                account=name,
+                hosts=",".join(names),
+            )
+        self._duplicates, self._clashes = found, named

@@ -796,6 +796,9 @@ class Store:
                 break
         with self.transaction() as db:
             db.execute("DELETE FROM ledger WHERE job_id IS NULL AND at < ?", (before,))
+            gone = "SELECT name FROM hosts WHERE heartbeat_at < ?"  # hosts silent since then (a name given up)
+            db.execute(f"DELETE FROM host_accounts WHERE host IN ({gone})", (before,))
+            db.execute("DELETE FROM hosts WHERE heartbeat_at < ?", (before,))
             db.execute(  # capabilities of CLIs that are gone (a worker killed before it revoked one)
                 "DELETE FROM capabilities WHERE issued_at < ? AND run_id NOT IN"
                 f" (SELECT id FROM runs WHERE state IN {sql_set(LIVE_RUNS)})",
