@@ -348,3 +348,30 @@ def test_accounts_and_status_show_each_accounts_home_and_the_sessions_by_host(
     assert re.search(r"alpha \(this host\) +[\d.]+ s ago +live +1 +0 session\(s\)", shown)
     assert re.search(r"beta +[\d.]+ s ago +live +1 +1 session\(s\)", shown)
     assert [host["name"] for host in fleet_json["hosts"]] == ["alpha", "beta"]
+
+
+def test_heartbeats_missed_while_the_database_is_away_are_said_once_and_resume(
+    tmp_path: Path, postgresql: postgres.Server, planted: Planted
+) -> None:
+    """The database refuses every connection for a while (a restart, a cut): the balancer lives on,
+    says once that its heartbeats are missed, and publishes again once the database answers."""
+    database = postgresql.database()
+    name = database.split("?")[0].rsplit("/", 1)[1]
+    layout = Layout(tmp_path, store=database)
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    env = layout.env(CL_HOST="alpha", CL_HEARTBEAT_INTERVAL="0.2", CL_STORE_BUSY_TIMEOUT="0.5")
+    daemon = DaemonProcess("balancer", layout, env=env).start()
+    try:
+        wait_until(lambda: roster_of(hosts(layout)[1], "alpha") == {"a1"}, "the first heartbeat")
+        postgresql.sql(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+        postgresql.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", name)
+        wait_until(lambda: "heartbeats missed" in daemon.log(), "a miss")
+        for _ in range(3):  # each asks the store, and waits out its busy timeout: heartbeats go by, missed
+            assert cl(layout, "hosts").returncode == 3  # unavailable, said so
+        postgresql.sql(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        wait_until(lambda: "heartbeats again" in daemon.log(), "the heartbeats to resume", timeout=60)
+        beats(layout, "alpha", 2)
+    finally:
+        postgresql.sql(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        daemon.stop()
+    assert daemon.log().count("heartbeats missed") == 1

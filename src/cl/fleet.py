@@ -116,6 +116,8 @@ class Publisher:
         self._duplicates: list[list[tuple[str, str]]] = []
         self._clashes: list[tuple[str, list[str]]] = []
         """What was last reported: each is said once, when it appears."""
+        self._missing = False
+        """The last heartbeat did not reach the store."""
 
     async def run(self) -> None:
         changes = self._registry.subscribe()
@@ -135,8 +137,13 @@ class Publisher:
                 log.info("host roster published", host=self._host, accounts=len(roster))
             hosts = await self._store.hosts()
         except StoreUnavailable as exc:
-            log.warning("heartbeat missed: state store unavailable", host=self._host, error=str(exc))
+            if not self._missing:  # said once per outage: the store's own reports say the rest
+                log.warning("heartbeats missed: state store unavailable", host=self._host, error=str(exc))
+            self._missing = True
             return
+        if self._missing:
+            log.info("heartbeats again", host=self._host)
+        self._missing = False
         fleet = live(hosts, self._interval)
         found, named = duplicates(fleet), clashes(fleet)
         for pairs in (pairs for pairs in found if pairs not in self._duplicates):

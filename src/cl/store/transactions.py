@@ -41,8 +41,6 @@ from cl.store.sqlite import SqliteBackend
 class Store:
     def __init__(self, where: Path | str, busy_timeout: float = BUSY_TIMEOUT) -> None:
         self._backend: Backend = open_backend(where, busy_timeout)
-        self.where = self._backend.where
-        """The file, or the server and database (never a password): for messages."""
         self._shown: tuple[Hashable, int | None, AccountCounts, dict[str, AccountSettings]] | None = None
         """What `snapshot` read, with the backend's changes key it was read at and the ledger's revision then."""
         self._listings: dict[tuple[int | None, bool], tuple[int | None, Listing]] = {}
