@@ -486,12 +486,17 @@ def submit(layout: Layout, prompt: str) -> int:
 
 @contextlib.contextmanager
 def both(layout: Layout, **kwargs: Any) -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
-    """Run cl-balancer and cl-rescue side by side; stop both after."""
+    """Run cl-balancer and cl-rescue side by side; stop both after. A test that fails inside shows
+    the end of each daemon's log (its workers' lines are there too)."""
     daemons = (DaemonProcess("balancer", layout, **kwargs), DaemonProcess("rescue", layout, **kwargs))
     try:
         for daemon in daemons:
             daemon.start()
         yield daemons
+    except BaseException:
+        for daemon in daemons:
+            print(f"--- the end of cl-{daemon.name}'s log:\n{daemon.log()[-6000:]}")
+        raise
     finally:
         for daemon in daemons:
             if daemon.process is not None:
