@@ -85,9 +85,9 @@ def sql_set(values: Sequence[object]) -> str:
     return f"({', '.join('?' * len(values))})"
 
 
-def inserted(db: Db, sql: str, parameters: Sequence[Any]) -> int:
-    """Run an INSERT; the new row's id."""
-    return int(db.execute(f"{sql} RETURNING id", parameters).fetchall()[0][0])
+def inserted(db: Db, sql: str, parameters: Sequence[Any]) -> Any:
+    """Run an INSERT; the new row, as inserted (no read after it)."""
+    return db.execute(f"{sql} RETURNING *", parameters).fetchall()[0]
 
 
 def capability_run(db: Db, digest: str) -> Run | None:

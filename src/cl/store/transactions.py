@@ -95,15 +95,15 @@ class Store:
     ) -> Job:
         now = time.time()
         with self.transaction() as db:
-            job_id = inserted(
-                db,
-                "INSERT INTO jobs (cwd, prompt, model, max_turns, state, created_at, updated_at, submitter, host)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (cwd, prompt, model, max_turns, JobState.QUEUED, now, now, submitter, host),
+            job = Job(
+                *inserted(
+                    db,
+                    "INSERT INTO jobs (cwd, prompt, model, max_turns, state, created_at, updated_at, submitter, host)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (cwd, prompt, model, max_turns, JobState.QUEUED, now, now, submitter, host),
+                )
             )
-            self.record(db, "job queued", job_id, cwd=cwd)
-        job = self.get_job(job_id)
-        assert job is not None
+            self.record(db, "job queued", job.id, cwd=cwd)
         return job
 
     def get_job(self, job_id: int) -> Job | None:
@@ -208,7 +208,7 @@ class Store:
                     now,
                     job["pending_prompt"],
                 ),
-            )
+            )["id"]
             db.execute("UPDATE runs SET log_path = ? WHERE id = ?", (log_path(follow), follow))
             db.execute("UPDATE capabilities SET run_id = ? WHERE run_id = ?", (follow, run_id))
             db.execute("UPDATE jobs SET pending_prompt = NULL, updated_at = ? WHERE id = ?", (now, run["job_id"]))
@@ -235,7 +235,7 @@ class Store:
             job = db.execute("SELECT state, account, pending_prompt FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if job is None or job["state"] not in waiting:
                 return None
-            if self._walled(db, account, now) or self._paused(db, account) or self._live_on(db, account) >= limit:
+            if self._no_room(db, account, now, limit):
                 raise NoRoom(account)
             live = (
                 live
@@ -246,29 +246,31 @@ class Store:
                 "UPDATE jobs SET state = ?, account = ?, error = NULL, updated_at = ? WHERE id = ?",
                 (JobState.RUNNING, account, now, job_id),
             )
-            run_id = inserted(
-                db,
-                "INSERT INTO runs (job_id, account, state, resume, created_at, prior_state, live, prompt)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    job_id,
-                    account,
-                    RunState.STARTING,
-                    resume,
-                    now,
-                    resume and job["state"],
-                    int(live),
-                    job["pending_prompt"],
-                ),
+            run = Run(
+                *inserted(
+                    db,
+                    "INSERT INTO runs (job_id, account, state, resume, created_at, prior_state, live, prompt)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        job_id,
+                        account,
+                        RunState.STARTING,
+                        resume,
+                        now,
+                        resume and job["state"],
+                        int(live),
+                        job["pending_prompt"],
+                    ),
+                )
             )
             if resume is None:
-                self.record(db, "job placed", job_id, account, run=run_id)
+                self.record(db, "job placed", job_id, account, run=run.id)
             elif job["state"] == JobState.QUEUED:
-                self.record(db, "follow-up started", job_id, account, run=run_id, session=resume)
+                self.record(db, "follow-up started", job_id, account, run=run.id, session=resume)
             else:
                 source = job["account"]
-                self.record(db, "move started", job_id, account, run=run_id, session=resume, source=source, live=live)
-        return self.get_run(run_id)
+                self.record(db, "move started", job_id, account, run=run.id, session=resume, source=source, live=live)
+        return run
 
     def requeue(self, job_id: int, reason: str) -> bool:
         """A walled or orphaned job with no session to resume goes back to the queue."""
@@ -307,19 +309,15 @@ class Store:
         return bool(failed)
 
     @staticmethod
-    def _walled(db: Db, account: str, now: float) -> bool:
-        query = "SELECT 1 FROM walls WHERE account = ? AND (reset_at IS NULL OR reset_at > ?)"
-        return db.execute(query, (account, now)).fetchone() is not None
-
-    @staticmethod
-    def _paused(db: Db, account: str) -> bool:
-        query = "SELECT 1 FROM account_settings WHERE account = ? AND paused_at IS NOT NULL"
-        return db.execute(query, (account,)).fetchone() is not None
-
-    @staticmethod
-    def _live_on(db: Db, account: str) -> int:
-        query = f"SELECT COUNT(*) FROM runs WHERE account = ? AND state IN {sql_set(LIVE_RUNS)}"
-        return int(db.execute(query, (account, *LIVE_RUNS)).fetchone()[0])
+    def _no_room(db: Db, account: str, now: float, limit: int) -> bool:
+        """`account` is walled, paused, or has `limit` live runs (one query: one round trip)."""
+        walled, paused, live = db.execute(
+            "SELECT EXISTS (SELECT 1 FROM walls WHERE account = ? AND (reset_at IS NULL OR reset_at > ?)),"
+            " EXISTS (SELECT 1 FROM account_settings WHERE account = ? AND paused_at IS NOT NULL),"
+            f" (SELECT COUNT(*) FROM runs WHERE account = ? AND state IN {sql_set(LIVE_RUNS)})",
+            (account, now, account, account, *LIVE_RUNS),
+        ).fetchone()
+        return bool(walled) or bool(paused) or int(live) >= limit
 
     def claim(self, run_id: int, pid: int, pid_start: str, log_path: str) -> Run | None:
         """The worker takes its run: starting -> running. None if the run is not `starting` any more."""
@@ -419,7 +417,7 @@ class Store:
             session = run and db.execute("SELECT session_id FROM jobs WHERE id = ?", (run["job_id"],)).fetchone()[0]
             if run is None or session is None:
                 return None
-            if self._walled(db, account, now) or self._paused(db, account) or self._live_on(db, account) >= limit:
+            if self._no_room(db, account, now, limit):
                 raise NoRoom(account)
             job_id = run["job_id"]
             db.execute(
@@ -441,7 +439,7 @@ class Store:
                     now,
                     JobState.WALLED,
                 ),
-            )
+            )["id"]
             db.execute("UPDATE runs SET log_path = ? WHERE id = ?", (log_path(moved), moved))
             db.execute("UPDATE capabilities SET run_id = ? WHERE run_id = ?", (moved, run_id))
             db.execute("UPDATE jobs SET account = ?, updated_at = ? WHERE id = ?", (account, now, job_id))
