@@ -57,15 +57,14 @@ def test_a_credential_a_live_host_with_a_lower_name_holds_is_served_there(store:
     store.publish("alpha", [Published("team", "ok", "f1"), Published("a2", "ok", "f2")])
     store.publish("beta", [Published("shared", "ok", "f1"), Published("b2", "ok", "f3"), Published("k", "ok", None)])
     store.publish("gamma", [Published("also", "ok", "f1")])
-    assert store.served_elsewhere("beta", 60) == {"shared"}
-    assert store.served_elsewhere("gamma", 60) == {"also"}
-    assert store.served_elsewhere("alpha", 60) == set()  # the lowest name serves it
-    assert (store.served_by("f1", "gamma", 60), store.served_by("f1", "alpha", 60)) == ("alpha", None)
-    assert (store.served_by("f3", "gamma", 60), store.served_by("f9", "gamma", 60)) == ("beta", None)
-    assert store.facts(("queued",), 0, "beta", 60).aside == {"shared"}
-    assert store.facts(("queued",), 0).aside == set()  # a host of its own: nothing aside
-    assert store.served_elsewhere("beta", -1) == set()  # alpha not live (every heartbeat too old): beta serves
-    assert store.served_by("f1", "gamma", -1) is None
+    # asked about each host's files as they are now (here, what each published)
+    assert store.served_below("beta", {"f1", "f3"}, 60) == {"f1": "alpha"}  # beta's "shared" is alpha's
+    assert store.served_below("gamma", {"f1"}, 60) == {"f1": "alpha"}
+    assert store.served_below("alpha", {"f1", "f2"}, 60) == {}  # the lowest name serves it
+    assert store.served_below("gamma", {"f3", "f9"}, 60) == {"f3": "beta"}  # nobody holds f9
+    assert store.served_below("beta", set(), 60) == {}
+    assert store.facts(("queued",), 0).aside == set()  # not the store's to say
+    assert store.served_below("beta", {"f1"}, -1) == {}  # alpha not live (every heartbeat too old): beta serves
 
 
 def test_in_a_fleet_a_host_keeps_to_its_own_jobs_and_runs(store: Store) -> None:
@@ -74,11 +73,11 @@ def test_in_a_fleet_a_host_keeps_to_its_own_jobs_and_runs(store: Store) -> None:
     jobs = {host: store.add_job("/srv", f"on {host}", host=host) for host in ("alpha", "beta", None)}
     for job in jobs.values():
         store.place(job.id, "a1", limit=10)
-    assert store.facts(("running",), 10, "alpha", 60, scoped=True).jobs == [
+    assert store.facts(("running",), 10, "alpha").jobs == [
         store.get_job(jobs["alpha"].id),
         store.get_job(jobs[None].id),
     ]
-    assert len(store.facts(("running",), 10, "alpha", 60).jobs) == 3
+    assert len(store.facts(("running",), 10).jobs) == 3
     assert {run.job_id for run in store.runs_in(host="beta")} == {jobs["beta"].id, jobs[None].id}
     assert {run.job_id for run in store.runs_in()} == {job.id for job in jobs.values()}
 

@@ -140,16 +140,21 @@ def test_jobs_that_run_at_once_run_as_different_users_and_a_user_goes_back_to_th
         assert (layout.sessions / f"job-{number}").stat().st_uid == uids[prompt]
 
 
-def test_a_job_whose_user_cannot_be_had_fails_closed_with_the_reason(layout: Layout, planted: Planted) -> None:
+def failed_job(layout: Layout, planted: Planted, **env: str) -> tuple[str, DaemonProcess]:
+    """A job submitted to a balancer with these settings, failed: its error, and the balancer."""
     write_credential(layout.credentials, "a1", oauth_credential(planted))
-    daemon = DaemonProcess("balancer", layout, env=layout.env(CL_CLI_POOL_SIZE="17")).start()  # sysusers makes 16
+    daemon = DaemonProcess("balancer", layout, env=layout.env(**env)).start()
     try:
         number = submit(layout)
         wait_until(lambda: job_view(layout, number)["state"] == "failed", "the job to fail")
-        error = job_view(layout, number)["error"]
+        return str(job_view(layout, number)["error"]), daemon
     finally:
         daemon.stop()
-    assert "user 'cl-cli-17' does not exist" in str(error)
+
+
+def test_a_job_whose_user_cannot_be_had_fails_closed_with_the_reason(layout: Layout, planted: Planted) -> None:
+    error, daemon = failed_job(layout, planted, CL_CLI_POOL_SIZE="17")  # sysusers makes 16
+    assert "user 'cl-cli-17' does not exist" in error
     assert json_lines(layout.fakes / "fake-claude.jsonl") == []  # no CLI ran, confined less or at all
     assert "the CLI cannot be confined" in daemon.log()  # said at start, too
 
@@ -267,14 +272,7 @@ def test_a_network_said_to_be_filtered_that_is_not_runs_no_cli(layout: Layout, p
     """`cli_network = "filtered"` (the default) where nothing narrows the network (no cl-worker@
     unit, as here; or cgroups where systemd cannot apply IPAddressDeny=): the run fails with the
     reason, and no CLI starts. Fails closed, whatever the sandbox."""
-    write_credential(layout.credentials, "a1", oauth_credential(planted))
-    daemon = DaemonProcess("balancer", layout, env=layout.env(CL_CLI_NETWORK="filtered")).start()
-    try:
-        number = submit(layout)
-        wait_until(lambda: job_view(layout, number)["state"] == "failed", "the job to fail")
-        error = job_view(layout, number)["error"]
-    finally:
-        daemon.stop()
+    error, _daemon = failed_job(layout, planted, CL_CLI_NETWORK="filtered")
     assert "cli_network = 'filtered', but loopback is reachable from here" in error
     assert layout.claude_calls() == []
 

@@ -9,9 +9,10 @@ its accounts with it. One host on SQLite is a fleet of one.
 
 The same credential on two live hosts (the same fingerprint: a file copied, before either host
 renewed it) is reported once, loudly, in each host's log and in `cl hosts`. Only the host with
-the lower name serves it: the other places no work there (`Facts.aside`, from the rosters
-published) and its gateway leaves the refresh to it (`Store.served_by`, with the file as read
-at that moment), so the account never has two refreshers. Two hosts starting at the same
+the lower name serves it: the other places no work there (`Facts.aside`) and its gateway
+leaves the refresh to it, each asking the store (`Store.served_below`) about its own files as
+they are at that moment, never about its own published roster; so the account never has two
+refreshers. Two hosts starting at the same
 instant with a fresh copy can each refresh once before either has published: the window is
 the first heartbeat. One account name that two hosts use for different credentials is said the
 same way (`clashes`): walls, usage and settings are kept by name, so the two would share them.

@@ -120,7 +120,7 @@ class Rescuer(Service):
         while True:
             await asyncio.sleep(self.config.reconcile_interval)
             try:
-                for run in await self.store.runs_in((RunState.RUNNING,), self.own_runs):
+                for run in await self.store.runs_in((RunState.RUNNING,), self.own_host):
                     if run.pid is not None and not alive(run.pid, run.pid_start):
                         await self.supervisor.orphan(run)
                         self.wake()

@@ -10,6 +10,7 @@ pass and requests (`cl.daemon` runs either through the same lifecycle).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar
@@ -47,10 +48,16 @@ class Service:
         self._wake.set()
 
     async def facts(self, states: tuple[str, ...], limit: int) -> Facts:
-        """What a pass decides on: in a fleet, this host's jobs only, and its accounts that another
-        host serves set aside (`cl.fleet`)."""
+        """What a pass decides on: in a fleet, this host's jobs only, and those of its accounts
+        (as its registry has them now) whose credential a host with a lower name serves set aside."""
+        facts = await self.store.facts(states, limit, self.own_host)
+        if not self.fleet:
+            return facts
+        identities = {name: fleet.fingerprint(account) for name, account in self.registry.accounts.items()}
         stale_after = fleet.MISSED * self.config.heartbeat_interval
-        return await self.store.facts(states, limit, self.config.host_name, stale_after, scoped=self.fleet)
+        held = {identity for identity in identities.values() if identity is not None}
+        served = await self.store.served_below(self.config.host_name, held, stale_after)
+        return dataclasses.replace(facts, aside={name for name, identity in identities.items() if identity in served})
 
     @property
     def fleet(self) -> bool:
@@ -60,8 +67,9 @@ class Service:
         return bool(self.config.store)
 
     @property
-    def own_runs(self) -> str | None:
-        """Whose runs this host's daemons watch and take over (`Store.runs_in`): None is all of them."""
+    def own_host(self) -> str | None:
+        """Whose jobs and runs this host's daemons place, watch and take over (`Store.facts`,
+        `Store.runs_in`): None is everyone's."""
         return self.config.host_name if self.fleet else None
 
     async def start(self) -> None:
@@ -84,7 +92,7 @@ class Service:
         """At start, every live run: one this daemon wrote but no worker claimed is abandoned (its
         job goes back to where it was, and is tried again), a live worker is watched, a vanished
         one orphaned. A run the other daemon wrote and no worker claimed yet is that daemon's."""
-        for run in await self.store.runs_in(LIVE_RUNS, self.own_runs):
+        for run in await self.store.runs_in(LIVE_RUNS, self.own_host):
             if run.state == RunState.STARTING and run.launcher != self.name:
                 continue
             # Never claimed: its launcher (an earlier us) died first, or the worker is about to

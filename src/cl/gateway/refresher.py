@@ -203,7 +203,9 @@ class Refresher:
         name, identity = account.name, fleet.fingerprint(account)
         stale_after = fleet.MISSED * self._config.heartbeat_interval
         try:
-            serving = identity and await self._store.served_by(identity, self._config.host_name, stale_after)
+            serving = identity and (
+                await self._store.served_below(self._config.host_name, {identity}, stale_after)
+            ).get(identity)
         except StoreUnavailable as exc:
             self._failed_at[name] = time.time()  # tried again after RETRY_AFTER_FAILURE
             bound.warning("token refresh put off: state store unavailable", error=str(exc))

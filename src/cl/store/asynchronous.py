@@ -66,7 +66,7 @@ class AsyncStore:
     oldest_queued = _OnStoreThread(Store.oldest_queued)
     place = _OnStoreThread(Store.place)
     send = _OnStoreThread(Store.send)
-    served_by = _OnStoreThread(Store.served_by)
+    served_below = _OnStoreThread(Store.served_below)
     prune = _OnStoreThread(Store.prune)
     publish = _OnStoreThread(Store.publish)
     queue_length = _OnStoreThread(Store.queue_length)

@@ -205,7 +205,8 @@ class Facts:
     held: int = 0
     """Walled sessions whose worker holds their CLI alive for a live move (each keeps its CLI's user)."""
     aside: set[str] = dataclasses.field(default_factory=set)
-    """This host's accounts another host of the fleet serves (the same credential): no work goes there."""
+    """This host's accounts another host of the fleet serves (the same credential): no work goes
+    there. Not the store's to say: the caller sets it from its registry (`Service.facts`)."""
 
 
 class Published(NamedTuple):

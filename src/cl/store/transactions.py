@@ -13,7 +13,7 @@ import functools
 import hashlib
 import json
 import time
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -661,24 +661,18 @@ class Store:
         )
         return [row[0] for row in rows]
 
-    def facts(
-        self, states: tuple[str, ...], limit: int, host: str = "", stale_after: float = 0.0, *, scoped: bool = False
-    ) -> Facts:
-        """The first `limit` jobs in `states` (in submission order; `scoped`: only `host`'s, as
-        `ON_HOST` says), with walls, live runs and usage; with `host`, its accounts another host
-        serves (`served_elsewhere`)."""
+    def facts(self, states: tuple[str, ...], limit: int, host: str | None = None) -> Facts:
+        """The first `limit` jobs in `states` (in submission order; with `host`, only its own, as
+        `ON_HOST` says), with walls, live runs and usage."""
         now = time.time()
-        mine, arguments = (f" AND {ON_HOST}", (host,)) if scoped else ("", ())
+        mine, arguments = (f" AND {ON_HOST}", (host,)) if host is not None else ("", ())
         query = f"SELECT * FROM jobs WHERE state IN {sql_set(states)}{mine} ORDER BY id LIMIT ?"
         with self.transaction(write=False) as db:
             jobs = [Job(*row) for row in db.execute(query, (*states, *arguments, limit))]
             expired = db.execute("SELECT account FROM walls WHERE reset_at <= ?", (now,))
             probation = {row[0] for row in expired}
             held = db.execute("SELECT COUNT(*) FROM runs WHERE held_until IS NOT NULL").fetchone()[0]
-            aside = self.served_elsewhere(host, stale_after) if host else set()
-            return Facts(
-                jobs, self.walls(now), probation, self.live_counts(), self.usage(), self.settings(), held, aside
-            )
+            return Facts(jobs, self.walls(now), probation, self.live_counts(), self.usage(), self.settings(), held)
 
     def queue_length(self) -> int:
         return int(self._row("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.QUEUED,))[0])
@@ -828,27 +822,20 @@ class Store:
             )
         return True
 
-    def served_elsewhere(self, host: str, stale_after: float) -> set[str]:
-        """`host`'s accounts whose credential a host with a lower name also holds, that host live
-        (its heartbeat at most `stale_after` seconds old): that one serves it (`cl.fleet`)."""
+    def served_below(self, host: str, fingerprints: Collection[str], stale_after: float) -> dict[str, str]:
+        """Of these credentials (`cl.fleet.fingerprint`, of `host`'s files as they are now), each
+        that a live host (its heartbeat at most `stale_after` seconds old) with a lower name than
+        `host` holds too, with the lowest such host: that one serves it."""
+        if not fingerprints:
+            return {}
         rows = self._rows(
-            "SELECT mine.account FROM host_accounts mine"
-            " JOIN host_accounts theirs ON theirs.fingerprint = mine.fingerprint AND theirs.host < mine.host"
-            f" JOIN hosts ON hosts.name = theirs.host AND {self._backend.now} - hosts.heartbeat_at <= ?"
-            " WHERE mine.host = ?",
-            (stale_after, host),
+            "SELECT host_accounts.fingerprint, MIN(host_accounts.host) FROM host_accounts"
+            " JOIN hosts ON hosts.name = host_accounts.host"
+            f" WHERE host_accounts.host < ? AND {self._backend.now} - hosts.heartbeat_at <= ?"
+            f" AND host_accounts.fingerprint IN {sql_set(tuple(fingerprints))} GROUP BY host_accounts.fingerprint",
+            (host, stale_after, *fingerprints),
         )
-        return {row[0] for row in rows}
-
-    def served_by(self, fingerprint: str, host: str, stale_after: float) -> str | None:
-        """The live host with the lowest name below `host` that holds the credential `fingerprint`, if any."""
-        row = self._row(
-            "SELECT MIN(host_accounts.host) FROM host_accounts JOIN hosts ON hosts.name = host_accounts.host"
-            " WHERE host_accounts.fingerprint = ? AND host_accounts.host < ?"
-            f" AND {self._backend.now} - hosts.heartbeat_at <= ?",
-            (fingerprint, host, stale_after),
-        )
-        return None if row is None or row[0] is None else str(row[0])
+        return {str(fingerprint): str(serving) for fingerprint, serving in rows}
 
     def hosts(self) -> list[HostRecord]:
         """Every host that has published, by name, with the age of its last heartbeat and its roster."""
