@@ -132,11 +132,12 @@ def placement_throughput(root: Path, jobs: int = 10_000, accounts: int = 100, da
     live: dict[str, int] = {}
     usage = store.usage()
     walls = store.walls()
+    usable = [name for name, account in registry.accounts.items() if account.usable]
     for job in store.jobs((JobState.QUEUED,)):
-        account = choose(eligible(registry.accounts, walls, live, 1_000), live, usage)
-        assert account is not None
-        store.place(job.id, account.name, limit=1_000)
-        live[account.name] = live.get(account.name, 0) + 1
+        chosen = choose(eligible(usable, walls, live, 1_000), live, usage)
+        assert chosen is not None
+        store.place(job.id, chosen, limit=1_000)
+        live[chosen] = live.get(chosen, 0) + 1
     elapsed = time.perf_counter() - start
     store.close()
     return jobs / elapsed

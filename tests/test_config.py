@@ -45,6 +45,14 @@ def test_file_then_environment(tmp_path: Path) -> None:
         ("confinement = 'some'\n", {}, "key 'confinement': must be one of sandbox, none"),
         ("cli_network = 'gateway'\ngateway = false\n", {}, 'cli_network = "gateway" needs gateway = true'),
         ("cli_network = 'gateway'\nconfinement = 'none'\n", {}, 'needs gateway = true and confinement = "sandbox"'),
+        ("fleet_listen = '0.0.0.0:8480'\n", {}, "key 'fleet_listen': must be HOST:PORT, a specific address"),
+        ("fleet_listen = 'gamma'\n", {}, "key 'fleet_listen': must be HOST:PORT"),
+        ("fleet_listen = 'gamma:8480'\n", {}, 'fleet_listen needs store = "postgresql://..." and gateway = true'),
+        (
+            "fleet_listen = 'gamma:8480'\nstore = 'postgresql:///cl'\nfleet_ca = 'ca.pem'\n",
+            {},
+            "fleet_listen needs fleet_cert, fleet_key: the hosts speak TLS both ways",
+        ),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, content: str, env: dict[str, str], message: str) -> None:

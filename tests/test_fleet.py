@@ -17,7 +17,7 @@ import pytest
 
 import postgres
 from cl.fleet import clashes, duplicates
-from cl.store import HostRecord, Published, Store
+from cl.store import Home, HostRecord, Published, Store
 from utils import (
     DaemonProcess,
     FakeApi,
@@ -65,6 +65,21 @@ def test_a_credential_a_live_host_with_a_lower_name_holds_is_served_there(store:
     assert store.served_below("beta", set(), 60) == {}
     assert store.facts(("queued",), 0).aside == set()  # not the store's to say
     assert store.served_below("beta", {"f1"}, -1) == {}  # alpha not live (every heartbeat too old): beta serves
+
+
+def test_an_account_of_another_live_host_has_the_lowest_such_host_for_its_home(store: Store) -> None:
+    """Where the fleet's usable accounts live, as `besides` sees them: never itself, never a host
+    without a gateway for the fleet, never an account its home does not call usable."""
+    store.publish("alpha", [Published("a1", "ok", "f1"), Published("x", "expired", "f2")], "alpha:8480")
+    store.publish("beta", [Published("a1", "ok", "f1"), Published("b1", "ok", "f3")], "beta:8480")
+    store.publish("gamma", [Published("g1", "ok", "f4")])  # no fleet_listen: its accounts are its own
+    assert store.homes("gamma", 60) == {"a1": Home("alpha", "alpha:8480"), "b1": Home("beta", "beta:8480")}
+    assert store.homes("alpha", 60) == {"a1": Home("beta", "beta:8480"), "b1": Home("beta", "beta:8480")}
+    assert store.homes("gamma", 60, "b1") == {"b1": Home("beta", "beta:8480")}
+    assert store.homes("gamma", 60, "x") == {}
+    assert store.homes("gamma", -1) == {}  # every heartbeat too old: nobody is live
+    store.publish("beta", [Published("a1", "ok", "f1"), Published("b1", "ok", "f3")], "beta:9000")  # a heartbeat
+    assert store.homes("gamma", 60, "b1") == {"b1": Home("beta", "beta:9000")}
 
 
 def test_in_a_fleet_a_host_keeps_to_its_own_jobs_and_runs(store: Store) -> None:

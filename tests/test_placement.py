@@ -22,6 +22,11 @@ STATES = st.sampled_from(list(AccountState))
 UTILIZATION = st.none() | st.floats(0, 1)
 
 
+def usable(roster: dict[str, Account]) -> list[str]:
+    """The accounts of a roster work may go to, walls and room aside (`Service.usable`)."""
+    return [name for name, account in roster.items() if account.usable]
+
+
 @st.composite
 def worlds(
     draw: st.DrawFn,
@@ -44,7 +49,7 @@ def worlds(
 @given(worlds(), st.sampled_from(["headroom", "fill-first"]))
 def test_never_on_an_ineligible_account(world: tuple, policy: str) -> None:  # type: ignore[type-arg]
     roster, walled, live, usage, max_sessions = world
-    candidates = eligible(roster, walled, live, max_sessions)
+    candidates = eligible(usable(roster), walled, live, max_sessions)
     chosen = choose(candidates, live, usage, policy)
     if chosen is None:
         assert not any(
@@ -52,16 +57,16 @@ def test_never_on_an_ineligible_account(world: tuple, policy: str) -> None:  # t
             for a in roster.values()
         )
         return
-    assert chosen.name in roster  # its file exists: removed accounts are never chosen
-    assert chosen.state is AccountState.OK
-    assert chosen.name not in walled
-    assert live.get(chosen.name, 0) < max_sessions
+    assert chosen in roster  # its file exists: removed accounts are never chosen
+    assert roster[chosen].state is AccountState.OK
+    assert chosen not in walled
+    assert live.get(chosen, 0) < max_sessions
 
 
 @given(worlds())
 def test_headroom_takes_the_lowest_utilization(world: tuple) -> None:  # type: ignore[type-arg]
     roster, walled, live, usage, max_sessions = world
-    candidates = eligible(roster, walled, live, max_sessions)
+    candidates = eligible(usable(roster), walled, live, max_sessions)
     chosen = choose(candidates, live, usage, "headroom")
     if chosen is None:
         return
@@ -69,23 +74,23 @@ def test_headroom_takes_the_lowest_utilization(world: tuple) -> None:  # type: i
     def used(name: str) -> float:
         return max(usage[name]["five_hour"] or 0.0, usage[name]["seven_day"] or 0.0)
 
-    assert used(chosen.name) == min(used(a.name) for a in candidates)
+    assert used(chosen) == min(used(name) for name in candidates)
 
 
 @given(worlds())
 def test_fill_first_packs_the_busiest_account_with_room(world: tuple) -> None:  # type: ignore[type-arg]
     roster, walled, live, usage, max_sessions = world
-    candidates = eligible(roster, walled, live, max_sessions)
+    candidates = eligible(usable(roster), walled, live, max_sessions)
     chosen = choose(candidates, live, usage, "fill-first")
     if chosen is None:
         return
-    assert live.get(chosen.name, 0) == max(live.get(a.name, 0) for a in candidates)
+    assert live.get(chosen, 0) == max(live.get(name, 0) for name in candidates)
 
 
 def test_an_account_on_probation_takes_one_session_at_a_time() -> None:
     roster = {name: Account(name, AccountState.OK) for name in ("a1", "a2")}
-    assert [a.name for a in eligible(roster, set(), {"a2": 1}, 4, probation={"a1"})] == ["a1", "a2"]
-    assert [a.name for a in eligible(roster, set(), {"a1": 1, "a2": 1}, 4, probation={"a1"})] == ["a2"]
+    assert eligible(usable(roster), set(), {"a2": 1}, 4, probation={"a1"}) == ["a1", "a2"]
+    assert eligible(usable(roster), set(), {"a1": 1, "a2": 1}, 4, probation={"a1"}) == ["a2"]
     assert limit("a1", 4, {"a1"}) == 1
     assert limit("a2", 4, {"a1"}) == 4
 
@@ -106,13 +111,13 @@ def test_never_on_a_paused_or_own_limit_full_account_or_one_that_may_not_serve_t
     model: str | None,
 ) -> None:
     roster, walled, live, usage, max_sessions = world
-    candidates = serving(eligible(roster, walled, live, max_sessions, settings=settings), model, settings)
+    candidates = serving(eligible(usable(roster), walled, live, max_sessions, settings=settings), model, settings)
     chosen = choose(candidates, live, usage)
     if chosen is None:
         return
-    own = settings.get(chosen.name, AccountSettings(chosen.name))
+    own = settings.get(chosen, AccountSettings(chosen))
     assert own.paused_at is None
-    assert live.get(chosen.name, 0) < (own.max_sessions or max_sessions)
+    assert live.get(chosen, 0) < (own.max_sessions or max_sessions)
     assert model is None or own.models is None or any(fnmatch.fnmatchcase(model, p) for p in own.models)
 
 
@@ -120,8 +125,8 @@ def test_never_on_a_paused_or_own_limit_full_account_or_one_that_may_not_serve_t
 def test_never_on_an_account_another_host_of_the_fleet_serves(world: tuple, aside: set[str]) -> None:  # type: ignore[type-arg]
     roster, walled, live, _usage, max_sessions = world
     facts = Facts([], {name: WallRecord(name, None, None, "cli", 0.0) for name in walled}, set(), live, {}, aside=aside)
-    expected = {a.name for a in eligible(roster, walled, live, max_sessions)} - aside
-    placer = Placer(roster, facts, max_sessions, "headroom")
+    expected = set(eligible(usable(roster), walled, live, max_sessions)) - aside
+    placer = Placer(usable(roster), facts, max_sessions, "headroom")
     taken: list[str] = []
 
     async def attempt(account: str, _limit: int) -> bool:
@@ -162,7 +167,7 @@ def test_a_placer_fills_accounts_up_to_their_limits_and_skips_those_full_elsewhe
     roster, walled, live, usage, max_sessions = world
     facts = Facts([], {name: WallRecord(name, None, None, "test", 0.0) for name in walled}, set(), dict(live), usage)
     facts = dataclasses.replace(facts, settings=settings)
-    placer = Placer(roster, facts, max_sessions, policy)
+    placer = Placer(usable(roster), facts, max_sessions, policy)
     placed: dict[str, int] = {}
     tried_full: list[str] = []
 
@@ -203,7 +208,7 @@ def test_a_placer_fills_accounts_up_to_their_limits_and_skips_those_full_elsewhe
 
 def test_a_placer_places_no_more_live_runs_in_all_than_the_cli_has_users() -> None:
     roster = {name: Account(name, AccountState.OK) for name in ("a1", "a2")}
-    placer = Placer(roster, Facts([], {}, set(), {"a1": 1}, {}), 4, "headroom", at_once=3)
+    placer = Placer(usable(roster), Facts([], {}, set(), {"a1": 1}, {}), 4, "headroom", at_once=3)
 
     async def attempt(_account: str, _room: int) -> bool:
         return True

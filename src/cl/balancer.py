@@ -135,7 +135,7 @@ class Balancer(Service):
     async def _place_jobs(self, facts: Facts) -> None:
         """Place what can be placed, in queue order."""
         placer = placement.Placer(
-            self.registry.accounts,
+            self.usable(facts),
             facts,
             self.config.max_sessions_per_account,
             self.config.placement,

@@ -123,12 +123,26 @@ class Config:
     """The OAuth client a refresh names: Claude Code's own, whose tokens the credential files hold."""
     refresh_margin: float = 300.0
     """Seconds before an OAuth access token expires that the gateway refreshes it."""
+    fleet_listen: str = ""
+    """HOST:PORT where this host's gateway takes the other hosts' requests for its accounts, over
+    TLS with certificates both ways (`fleet_cert`, `fleet_key`, `fleet_ca`); published as this
+    host's address in the fleet. Empty: this host's jobs use its own accounts only."""
+    fleet_cert: Path | None = None
+    """This host's certificate (PEM), naming the host (`host`) as a DNS subjectAltName."""
+    fleet_key: Path | None = None
+    fleet_ca: Path | None = None
+    """The fleet's certificate authority: only a peer whose certificate it signed is spoken to."""
     config_file: Path = DEFAULT_PATH
     """Where this configuration was read from, or would have been (not a key)."""
 
     @property
     def host_name(self) -> str:
         return self.host or socket.gethostname()
+
+    @property
+    def reaches_fleet(self) -> bool:
+        """This host's jobs may run on any live host's accounts, through that host's gateway."""
+        return bool(self.fleet_listen)
 
     @property
     def database(self) -> Path | str:
@@ -266,6 +280,20 @@ def _loopback(value: Any, _base: Path) -> str:
     return value
 
 
+def _address(value: Any, _base: Path) -> str:
+    error = "must be HOST:PORT, a specific address or name (the other hosts dial it), or empty"
+    if not isinstance(value, str):
+        raise TypeError(error)
+    if not value:
+        return value
+    host, _, port = value.rpartition(":")
+    if not re.fullmatch(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]{0,252}", host) or not port.isdigit():
+        raise ValueError(error)
+    if not 0 < int(port) < 65536 or host.strip("[]") in ("0.0.0.0", "::"):  # noqa: S104 - refused here
+        raise ValueError(error)
+    return value
+
+
 def _url(value: Any, _base: Path) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
         raise TypeError("must be an http:// or https:// URL")
@@ -335,6 +363,10 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "oauth_token_url": _url,
     "oauth_client_id": _prompt,
     "refresh_margin": _positive_float,
+    "fleet_listen": _address,
+    "fleet_cert": _path,
+    "fleet_key": _path,
+    "fleet_ca": _path,
 }
 _FIELD = {"worker": "worker_env"}
 
@@ -358,7 +390,19 @@ def load_config(env: Mapping[str, str] | None = None, keys: Collection[str] | No
             f"{path}: [worker.env] sets {', '.join(steered)}: with gateway = true the gateway is the CLI's API and"
             " holds every credential (set gateway_upstream instead, or gateway = false)"
         )
+    _check_fleet(config, path)
     return config
+
+
+def _check_fleet(config: Config, path: Path) -> None:
+    """What reaching the fleet's accounts needs: a shared store, the gateway, and the three TLS files."""
+    if not config.fleet_listen:
+        return
+    if not (config.store and config.gateway):
+        raise ConfigError(f'{path}: fleet_listen needs store = "postgresql://..." and gateway = true')
+    missing = [key for key in ("fleet_cert", "fleet_key", "fleet_ca") if getattr(config, key) is None]
+    if missing:
+        raise ConfigError(f"{path}: fleet_listen needs {', '.join(missing)}: the hosts speak TLS both ways")
 
 
 def _from_file(path: Path, keys: Collection[str] | None, *, required: bool) -> dict[str, Any]:

@@ -38,6 +38,11 @@ MISSED = 3
 """Heartbeats a host may miss before it drops out of the fleet."""
 
 
+def stale_after(config: Config) -> float:
+    """Seconds after its last heartbeat that a host is out of the fleet."""
+    return MISSED * config.heartbeat_interval
+
+
 def fingerprint(account: Account) -> str | None:
     """What names the credential an account's file holds, without holding it: its refresh token's
     fingerprint (which renewing the access token leaves alone), else its token's or key's."""
@@ -111,6 +116,7 @@ class Publisher:
 
     def __init__(self, config: Config, registry: CredentialRegistry, store: AsyncStore) -> None:
         self._host = config.host_name
+        self._gateway = config.fleet_listen or None
         self._interval = config.heartbeat_interval
         self._registry = registry
         self._store = store
@@ -134,7 +140,7 @@ class Publisher:
     async def publish(self) -> None:
         roster = published(self._registry)
         try:
-            if await self._store.publish(self._host, roster):
+            if await self._store.publish(self._host, roster, self._gateway):
                 log.info("host roster published", host=self._host, accounts=len(roster))
             hosts = await self._store.hosts()
         except StoreUnavailable as exc:

@@ -1,6 +1,7 @@
 """Which account takes the next piece of work: one implementation, for placement and rescue.
 
-Eligible: state `ok` in the registry (so its file exists now), not paused, no standing wall, fewer
+Eligible: usable now (its file here is `ok`, or another live host of the fleet publishes it so:
+`Service.usable`), not paused, no standing wall, fewer
 live runs than its limit (its own `max_sessions` setting, else `max_sessions_per_account`; one
 while on probation: its wall has reset but it has not answered since, so a still-walled account
 cannot swallow the whole queue), and allowed to serve the job's model. Then, by policy:
@@ -11,15 +12,14 @@ cannot swallow the whole queue), and allowed to serve the job's model. Then, by 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 
 from cl.config import Config
-from cl.credentials import Account
 from cl.store import UNSET, AccountSettings, Facts, NoRoom
 
 
 def eligible(
-    roster: Mapping[str, Account],
+    usable: Iterable[str],
     walled: Collection[str],
     live: Mapping[str, int],
     max_sessions: int,
@@ -27,15 +27,14 @@ def eligible(
     probation: Collection[str] = (),
     settings: Mapping[str, AccountSettings] | None = None,
     aside: Collection[str] = (),
-) -> list[Account]:
-    """The accounts that may take a piece of work now, whatever its model (`aside`: another host
-    of the fleet serves them)."""
+) -> list[str]:
+    """Of the `usable` accounts, those that may take a piece of work now, whatever its model
+    (`aside`: another host of the fleet serves them)."""
     settings = settings or {}
     return [
-        account
-        for name, account in roster.items()
-        if account.usable
-        and name not in aside
+        name
+        for name in usable
+        if name not in aside
         and name not in walled
         and settings.get(name, UNSET).paused_at is None
         and live.get(name, 0) < limit(name, max_sessions, probation, settings)
@@ -52,28 +51,28 @@ def limit(
     return max_sessions if own is None else own
 
 
-def serving(candidates: list[Account], model: str | None, settings: Mapping[str, AccountSettings]) -> list[Account]:
+def serving(candidates: list[str], model: str | None, settings: Mapping[str, AccountSettings]) -> list[str]:
     """Those of `candidates` that may serve `model`."""
     if model is None:
         return candidates
-    return [a for a in candidates if settings.get(a.name, UNSET).serves(model)]
+    return [name for name in candidates if settings.get(name, UNSET).serves(model)]
 
 
 def choose(
-    candidates: list[Account],
+    candidates: list[str],
     live: Mapping[str, int],
     usage: Mapping[str, Mapping[str, float | None]],
     policy: str = "headroom",
-) -> Account | None:
+) -> str | None:
     if not candidates:
         return None
     if policy == "fill-first":
-        return min(candidates, key=lambda a: (-live.get(a.name, 0), a.name))
+        return min(candidates, key=lambda name: (-live.get(name, 0), name))
 
-    def room(account: Account) -> tuple[float, int, float, str]:
-        facts = usage.get(account.name, {})
+    def room(name: str) -> tuple[float, int, float, str]:
+        facts = usage.get(name, {})
         utilization = max(facts.get("five_hour") or 0.0, facts.get("seven_day") or 0.0)
-        return (utilization, live.get(account.name, 0), facts.get("last_used_at") or 0.0, account.name)
+        return (utilization, live.get(name, 0), facts.get("last_used_at") or 0.0, name)
 
     return min(candidates, key=room)
 
@@ -85,13 +84,13 @@ def at_once(config: Config, held: int = 0) -> int | None:
 
 
 class Placer:
-    """One pass's placements over the accounts eligible now (the registry's, as passed in): each
+    """One pass's placements over the accounts eligible now (of the `usable` ones passed in): each
     piece of work goes to the policy's choice among those that may serve its model; an account
     found walled, paused or full inside its own transaction (`NoRoom`: the other daemon or an
     operator got there first) is dropped and the next one tried."""
 
     def __init__(
-        self, roster: Mapping[str, Account], facts: Facts, max_sessions: int, policy: str, at_once: int | None = None
+        self, usable: Iterable[str], facts: Facts, max_sessions: int, policy: str, at_once: int | None = None
     ) -> None:
         """`at_once`: live runs in all, at most (each takes one of the CLI's users)."""
         self._at_once = at_once
@@ -102,7 +101,7 @@ class Placer:
         self._max_sessions = max_sessions
         self._policy = policy
         self._candidates = eligible(
-            roster,
+            usable,
             facts.walls,
             facts.live,
             max_sessions,
@@ -133,20 +132,20 @@ class Placer:
             return False
         candidates = serving(self._candidates, model, self._settings)
         while (account := choose(candidates, self._live, self._usage, self._policy)) is not None:
-            room = limit(account.name, self._max_sessions, self._probation, self._settings)
+            room = limit(account, self._max_sessions, self._probation, self._settings)
             try:
-                taken = await attempt(account.name, room)
+                taken = await attempt(account, room)
             except NoRoom:
                 self._drop(account, candidates)
                 continue
             if taken:
-                self._live[account.name] = self._live.get(account.name, 0) + 1
-                if self._live[account.name] >= room:
+                self._live[account] = self._live.get(account, 0) + 1
+                if self._live[account] >= room:
                     self._drop(account, candidates)
             return True
         return False
 
-    def _drop(self, account: Account, candidates: list[Account]) -> None:
+    def _drop(self, account: str, candidates: list[str]) -> None:
         self._candidates.remove(account)
         if candidates is not self._candidates:
             candidates.remove(account)

@@ -24,14 +24,13 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from typing import Any
 
 import structlog
 
 from cl import daemon, placement, session_files
 from cl.config import Config
-from cl.credentials import Account
 from cl.moments import iso_utc
 from cl.processes import alive
 from cl.protocol import Handler, Peer, Reply, Request, RequestError, id_field
@@ -59,12 +58,13 @@ class Waiting:
     """Accounts whose wall has reset, each with one session trying them before the rest follow."""
 
     @classmethod
-    def of(cls, jobs: Sequence[Job], facts: Facts, roster: Mapping[str, Account]) -> Waiting:
-        """Derived, each time, from the store's facts and the registry's accounts as they are now."""
+    def of(cls, jobs: Sequence[Job], facts: Facts, usable: Collection[str]) -> Waiting:
+        """Derived, each time, from the store's facts and the accounts usable now (`Service.usable`)."""
         if not jobs:
             return cls()
-        resets = [w.reset_at for name, w in facts.walls.items() if name in roster and w.reset_at is not None]
-        probing = tuple(sorted(name for name in facts.probation if name in roster))
+        usable = set(usable)
+        resets = [w.reset_at for name, w in facts.walls.items() if name in usable and w.reset_at is not None]
+        probing = tuple(sorted(name for name in facts.probation if name in usable))
         return cls(tuple(jobs), min(resets) if resets else None, probing)
 
     @property
@@ -140,7 +140,7 @@ class Rescuer(Service):
         self._note_all_walled(facts)
         waiting = await self._rescue(facts)
         self._announced = {job.id: self._announced[job.id] for job in waiting if job.id in self._announced}
-        self._report(Waiting.of(waiting, facts, self.registry.accounts))
+        self._report(Waiting.of(waiting, facts, self.usable(facts)))
         if len(facts.jobs) == BATCH and len(waiting) < BATCH:
             self.wake()  # more behind this batch
 
@@ -148,7 +148,7 @@ class Rescuer(Service):
         """Move every session that can move now, oldest job first; the ones left waiting. Each
         move's worker is launched while the next move is written: a storm moves in parallel."""
         placer = placement.Placer(
-            self.registry.accounts,
+            self.usable(facts),
             facts,
             self.config.max_sessions_per_account,
             self.config.placement,
@@ -239,7 +239,7 @@ class Rescuer(Service):
 
     def _note_all_walled(self, facts: Facts) -> None:
         """The story this project comes from: say so, once, when every usable account has walled."""
-        usable = [name for name, account in self.registry.accounts.items() if account.usable]
+        usable = self.usable(facts)
         walled = bool(usable) and all(name in facts.walls for name in usable)
         if walled and not self._all_walled:
             resets = [reset for name in usable if (reset := facts.walls[name].reset_at) is not None]
@@ -296,7 +296,7 @@ class Rescuer(Service):
         if job is None or run.account not in facts.walls:
             raise RequestError("not-walled", f"account {run.account} is not walled")
         placer = placement.Placer(
-            self.registry.accounts, facts, self.config.max_sessions_per_account, self.config.placement
+            self.usable(facts), facts, self.config.max_sessions_per_account, self.config.placement
         )
         moved: list[Run] = []
 
@@ -328,7 +328,7 @@ class Rescuer(Service):
         facts = await self.facts(RESCUABLE, BATCH)
         everyone = peer.sees_all(self.config.admin_group)
         shown = [job for job in facts.jobs if job.session_id and (everyone or job.submitter == peer.uid)]
-        waiting = Waiting.of(shown, facts, self.registry.accounts)
+        waiting = Waiting.of(shown, facts, self.usable(facts))
         return {
             "reason": waiting.reason or None,
             "next_reset": iso_utc(waiting.next_reset) if waiting.next_reset else None,

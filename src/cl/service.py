@@ -37,7 +37,7 @@ class Service:
         self.registry = registry
         self.status_changed = status_changed
         self.store = AsyncStore(Store(config.database, config.store_busy_timeout))
-        self.supervisor = Supervisor(config, registry, self.store, peer=self.peer, ended=self._ended)
+        self.supervisor = Supervisor(config, self.store, peer=self.peer, ended=self._ended, present=self.present)
         self._wake = asyncio.Event()
         self.reset_timer = daemon.ResetTimer(self.wake)
 
@@ -48,16 +48,37 @@ class Service:
         self._wake.set()
 
     async def facts(self, states: tuple[str, ...], limit: int) -> Facts:
-        """What a pass decides on: in a fleet, this host's jobs only, and those of its accounts
-        (as its registry has them now) whose credential a host with a lower name serves set aside."""
+        """What a pass decides on: in a fleet, this host's jobs only; its accounts (as its registry
+        has them now) whose credential a host with a lower name serves set aside; and, if this host
+        reaches the fleet (`fleet_listen`), the other live hosts' usable accounts it has no file for."""
         facts = await self.store.facts(states, limit, self.own_host)
         if not self.fleet:
             return facts
         identities = {name: fleet.fingerprint(account) for name, account in self.registry.accounts.items()}
-        stale_after = fleet.MISSED * self.config.heartbeat_interval
+        stale_after = fleet.stale_after(self.config)
         held = {identity for identity in identities.values() if identity is not None}
         served = await self.store.served_below(self.config.host_name, held, stale_after)
-        return dataclasses.replace(facts, aside={name for name, identity in identities.items() if identity in served})
+        aside = {name for name, identity in identities.items() if identity in served}
+        if not self.config.reaches_fleet:
+            return dataclasses.replace(facts, aside=aside)
+        homes = await self.store.homes(self.config.host_name, stale_after)
+        elsewhere = {name: home for name, home in homes.items() if name not in self.registry.accounts}
+        return dataclasses.replace(facts, aside=aside, elsewhere=elsewhere)
+
+    def usable(self, facts: Facts) -> list[str]:
+        """The accounts work may go to now, walls and room aside: this host's usable files, and the
+        fleet's accounts that `facts` found elsewhere. Derived each time, never kept."""
+        here = [name for name in self.registry.sorted_names() if self.registry.accounts[name].usable]
+        return here + sorted(facts.elsewhere)
+
+    async def present(self, account: str) -> bool:
+        """The account is in this host's roster now, or (this host reaching the fleet) in a live
+        host's, usable there."""
+        if account in self.registry.accounts:
+            return True
+        if not self.config.reaches_fleet:
+            return False
+        return bool(await self.store.homes(self.config.host_name, fleet.stale_after(self.config), account))
 
     @property
     def fleet(self) -> bool:
@@ -79,7 +100,8 @@ class Service:
         """Take over the live runs, then a pass each time something may have changed; the
         background tasks alongside. Cancelled at shutdown."""
         await self._take_over_runs()
-        tasks = [asyncio.create_task(task) for task in self.background()]
+        background = [*self.background(), *([self._follow_the_fleet()] if self.config.reaches_fleet else [])]
+        tasks = [asyncio.create_task(task) for task in background]
         try:
             await daemon.serve_passes(self._wake, self.one_pass)
         finally:
@@ -87,6 +109,13 @@ class Service:
                 task.cancel()
             self.supervisor.close()
             self.store.close()
+
+    async def _follow_the_fleet(self) -> None:
+        """A pass every heartbeat: another host's roster may have changed (a file landed there),
+        and no event of this host's says so."""
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval)
+            self.wake()
 
     async def _take_over_runs(self) -> None:
         """At start, every live run: one this daemon wrote but no worker claimed is abandoned (its

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -18,7 +18,6 @@ from cl.client import tell
 from cl.config import Config
 from cl.launcher import launch, prepare_launches, stop_launches
 from cl.processes import alive, on_exit, send_signal
-from cl.registry import CredentialRegistry
 from cl.states import LIVE_RUNS, RunState
 from cl.store import AsyncStore, Run, StoreUnavailable, retry_delay
 
@@ -29,14 +28,15 @@ class Supervisor:
     def __init__(
         self,
         config: Config,
-        registry: CredentialRegistry,
         store: AsyncStore,
         peer: str,
         ended: Callable[[Run, bool], None],
+        present: Callable[[str], Awaitable[bool]],
     ) -> None:
         self.config = config
-        self.registry = registry
         self.store = store
+        self._present = present
+        """Whether an account is in the roster now (`Service.present`)."""
         self._peer = peer
         """The other daemon: told of every run this one settles."""
         self._ended = ended
@@ -74,7 +74,7 @@ class Supervisor:
 
     async def _account_gone(self, run: Run) -> bool:
         """The run's account left the roster between choosing it and starting the run: abandoned."""
-        if run.account in self.registry.accounts:
+        if await self._present(run.account):
             return False
         await self.settle(run, RunState.ABANDONED, "account removed")
         return True

@@ -64,7 +64,7 @@ from typing import Any, TypeVar, cast
 
 import structlog
 
-from cl import capability, cli_user, logs, redact, sandbox, workdir
+from cl import capability, cli_user, fleet, logs, redact, sandbox, workdir
 from cl.claude_code.environment import worker_environment
 from cl.claude_code.stream import Outcome, StreamState
 from cl.claude_code.transcripts import transcript_path
@@ -78,7 +78,7 @@ from cl.moments import iso_utc
 from cl.processes import start_time
 from cl.session_files import credential_mark_path, lock_path, log_path, session_config_dir
 from cl.states import JobState, RunState
-from cl.store import Job, Run, Store, StoreUnavailable
+from cl.store import Home, Job, Run, Store, StoreUnavailable
 
 log = structlog.get_logger("cl.worker")
 
@@ -288,7 +288,7 @@ def _work(session: _Session) -> None:
         account = _account(session)
 
 
-def _after_turn(session: _Session, account: Account, state: StreamState) -> Run | None:
+def _after_turn(session: _Session, account: Account | None, state: StreamState) -> Run | None:
     """The run the same CLI goes on with: a follow-up after an answer, or a live move after a
     wall, once held. None when the current run has settled for good (or was let go)."""
     config, store, run = session.config, session.store, session.run
@@ -346,7 +346,7 @@ def _follow_up(session: _Session, state: StreamState) -> Run | None:
     return follow
 
 
-def _start(session: _Session, account: Account) -> bool:
+def _start(session: _Session, account: Account | None) -> bool:
     """Start the session's CLI for the current run; False (the run failed) if it did not start."""
     config, job, run, cli = session.config, session.job, session.run, session.cli
     bound = session.bound()
@@ -512,7 +512,7 @@ def _unconfirmed(state: StreamState) -> bool:
     return state.ended and state.wall is not None and not state.answered
 
 
-def _holds(session: _Session, account: Account, state: StreamState) -> bool:
+def _holds(session: _Session, account: Account | None, state: StreamState) -> bool:
     """Whether a walled turn's CLI is kept alive for a live move: `live_wait` not 0, and the CLI
     holds a capability (gateway mode), or an account's credential file (a variable cannot change
     under a running process) with a CLI version not measured to keep its first credential."""
@@ -520,7 +520,7 @@ def _holds(session: _Session, account: Account, state: StreamState) -> bool:
         return False
     if session.capability is not None:
         return True  # the CLI holds a capability, not a credential: nothing in it has to change
-    if account.kind is not CredentialKind.OAUTH:
+    if account is None or account.kind is not CredentialKind.OAUTH:
         return False
     return state.version is not None and session.store.swaps(state.version) is not False
 
@@ -657,20 +657,23 @@ def _ready_config_dir(config: Config, job_id: int, cli: CliUser, *, first: bool)
     return JobCredential(config_dir, cli, credential_mark_path(config, job_id))
 
 
-def _account(session: _Session) -> Account:
+def _account(session: _Session) -> Account | None:
     """The run's account as its file says now, with the job's credential copy made to match.
-    What the previous run's CLI left in the copy first goes back to that run's account."""
-    run, credential = session.run, session.credential
+    What the previous run's CLI left in the copy first goes back to that run's account. None in
+    gateway mode for an account another live host of the fleet serves: its gateway holds the file."""
+    run, credential, config = session.run, session.credential, session.config
     previous = session.store.previous_account(run.id)
-    if not session.config.gateway and previous is not None and previous != run.account:
-        credential.carry_back(_account_file(session.config, previous), previous)
+    if not config.gateway and previous is not None and previous != run.account:
+        credential.carry_back(_account_file(config, previous), previous)
     read = read_account(session.account_file, run.account)
+    if read is None and config.reaches_fleet and run.account in _homes(config, session.store, run.account):
+        return None
     if read is None:
         raise AccountUnusable(f"account {run.account} cannot be used: its credential file is gone")
     account = read[0]
     if not account.usable:
         raise AccountUnusable(f"account {run.account} cannot be used: {account.reason or account.state}")
-    if session.config.gateway:
+    if config.gateway:
         return account  # the CLI's credential is its capability, whatever the account
     session.oauth = account.kind is CredentialKind.OAUTH
     if session.oauth:
@@ -678,6 +681,10 @@ def _account(session: _Session) -> Account:
     else:
         credential.remove()
     return account
+
+
+def _homes(config: Config, store: Store, account: str) -> dict[str, Home]:
+    return store.homes(config.host_name, fleet.stale_after(config), account)
 
 
 def _account_file(config: Config, account: str) -> Path:
@@ -854,7 +861,7 @@ def passed(name: str, extra: tuple[str, ...]) -> bool:
     return any(name == allowed or (allowed.endswith("*") and name.startswith(allowed[:-1])) for allowed in extra)
 
 
-def cli_environment(config: Config, account: Account, cli: CliUser, config_dir: Path) -> dict[str, str]:
+def cli_environment(config: Config, account: Account | None, cli: CliUser, config_dir: Path) -> dict[str, str]:
     """The worker's environment for the CLI: what of the daemon's is allowed (`passed`), the
     account's credential variable if it has one, and the CLI's own home (its config dir)."""
     base = {k: v for k, v in os.environ.items() if passed(k, config.cli_env_keep)}

@@ -1,7 +1,8 @@
 """A local fake of the Anthropic Messages API, enough for the real Claude Code CLI (docs/claude-code.md).
 
-`python fake_anthropic.py --port-file P --log L.jsonl [--limits JSON] [--reset-in S]`
-listens on 127.0.0.1 (an ephemeral port, written to P). `POST /v1/messages` answers as SSE
+`python fake_anthropic.py --port-file P --log L.jsonl [--limits JSON] [--reset-in S] [--also-on A,B]`
+listens on 127.0.0.1 (an ephemeral port, written to P), and on the same port of each `--also-on`
+address; each inference request's log line says which address it came to (`via`). `POST /v1/messages` answers as SSE
 when asked to stream, JSON otherwise: `Hi from fake server (n_messages=N, key=...<tail>, count=C).`
 After `limits[credential]` counted messages (or `limits["*"]`), that credential gets the wall:
 429 with the `anthropic-ratelimit-unified-*` headers and a `retry-after` over 60 s, so the
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import socket
 import threading
 import time
 import uuid
@@ -193,6 +195,7 @@ class Handler(BaseHTTPRequestHandler):
                 "t": time.time(),
                 "path": self.path,
                 "cred_tail": credential[-6:],
+                "via": self.connection.getsockname()[0],
                 "walled": walled,
                 "n_messages": len(messages),
                 "messages": [_text(m) for m in messages],
@@ -379,6 +382,19 @@ def _sse_bash(start: dict[str, Any], command: str) -> bytes:
     return "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events).encode()
 
 
+def also_on(server: FakeAnthropic, address: str) -> None:
+    """The same server on another loopback address, its port the same: each request's log line
+    says which address it came to (`via`), so tests tell apart who sent it."""
+    listener = socket.create_server((address, server.server_address[1]))
+
+    def accept() -> None:
+        while True:
+            connection, peer = listener.accept()
+            server.process_request(connection, peer)
+
+    threading.Thread(target=accept, daemon=True).start()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port-file", type=Path, required=True)
@@ -388,9 +404,12 @@ def main() -> None:
     parser.add_argument("--watch", type=Path, help="a directory of NAME.pid files, each logged alive or not")
     parser.add_argument("--token-life", type=float, default=28800, help="seconds an access token it issues lives")
     parser.add_argument("--token-delay", type=float, default=0.0, help="seconds the token endpoint takes to answer")
+    parser.add_argument("--also-on", default="", help="more loopback addresses (comma-separated), the same port")
     args = parser.parse_args()
     server = FakeAnthropic(args.log, json.loads(args.limits), args.reset_in, args.watch, args.token_life)
     server.token_delay = args.token_delay
+    for address in filter(None, args.also_on.split(",")):
+        also_on(server, address)
     tmp = args.port_file.with_suffix(".tmp")
     tmp.write_text(str(server.server_address[1]))
     tmp.replace(args.port_file)

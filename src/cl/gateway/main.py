@@ -12,22 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import structlog
 import uvloop
 from aiohttp import web
 
-from cl import daemon
+from cl import daemon, fleet
 from cl.client import DaemonUnreachable, call, tell
 from cl.config import Config, ConfigError, load_config
-from cl.gateway.proxy import MAX_BODY, Proxy, Recorder
+from cl.gateway import tls
+from cl.gateway.proxy import MAX_BODY, Fleet, Proxy, Recorder
 from cl.gateway.refresher import Refresher
 from cl.protocol import Handler, Peer, Reply, Request
 from cl.registry import CredentialRegistry
-from cl.store import AsyncStore, Run, Store, StoreUnavailable
+from cl.store import AsyncStore, Home, Run, Store, StoreUnavailable
 
 log = structlog.get_logger("cl.gateway")
 
@@ -58,7 +60,7 @@ class Gateway:
             move=self._move,
             client=self.client,
         )
-        self._runner: web.AppRunner | None = None
+        self._runners: list[web.AppRunner] = []
         self._logins: asyncio.Task[None] | None = None
         self._roster_changed = asyncio.Event()
 
@@ -74,18 +76,33 @@ class Gateway:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=900)
         self._client = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
-        app = web.Application(client_max_size=MAX_BODY)
-        app.router.add_route("*", "/{tail:.*}", self.proxy.handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        host, _, port = self.config.gateway_listen.rpartition(":")
-        await web.TCPSite(self._runner, host.strip("[]"), int(port), reuse_address=True).start()
+        for_the_clis = await self._runner(self.proxy.handle)
+        await _tcp_site(for_the_clis, self.config.gateway_listen).start()
         path = self.config.gateway_socket
         path.parent.mkdir(mode=0o711, exist_ok=True)
         path.unlink(missing_ok=True)
-        await web.UnixSite(self._runner, str(path)).start()
+        await web.UnixSite(for_the_clis, str(path)).start()
         path.chmod(0o666)  # the CLIs' users connect, in their views; the runtime dir keeps everyone else out
         log.info("listening", address=self.config.gateway_listen, upstream=self.config.gateway_upstream)
+        if self.config.reaches_fleet:
+            server, client = tls.contexts(self.config)
+            self.proxy.fleet = Fleet(self._home, client)
+            for_the_fleet = await self._runner(self.proxy.handle_for_the_fleet)
+            await _tcp_site(for_the_fleet, self.config.fleet_listen, server).start()
+            log.info("listening for the fleet", address=self.config.fleet_listen, host=self.config.host_name)
+
+    async def _runner(self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.AppRunner:
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_route("*", "/{tail:.*}", handler)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        self._runners.append(runner)
+        return runner
+
+    async def _home(self, account: str) -> Home | None:
+        """Where an account this host has no file for lives, asked of the store each time."""
+        homes = await self.store.homes(self.config.host_name, fleet.stale_after(self.config), account)
+        return homes.get(account)
 
     async def work(self) -> None:
         tasks = [asyncio.create_task(self.recorder.run()), asyncio.create_task(self._refresh_ahead())]
@@ -96,8 +113,8 @@ class Gateway:
             for task in tasks:
                 task.cancel()
             await self.refresher.finish()
-            if self._runner is not None:
-                await self._runner.cleanup()
+            for runner in self._runners:
+                await runner.cleanup()
             if self._client is not None:
                 await self._client.close()
             await self.recorder.flush()
@@ -164,6 +181,11 @@ class Gateway:
                 "token_refreshes_refused": self.refresher.refused,
             },
         }
+
+
+def _tcp_site(runner: web.AppRunner, address: str, context: ssl.SSLContext | None = None) -> web.TCPSite:
+    host, _, port = address.rpartition(":")
+    return web.TCPSite(runner, host.strip("[]"), int(port), reuse_address=True, ssl_context=context)
 
 
 def main() -> None:

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 
@@ -35,7 +37,7 @@ from cl.gateway import limits
 from cl.gateway.refresher import Refresher
 from cl.moments import iso_utc
 from cl.registry import CredentialRegistry
-from cl.store import AsyncStore, Lookup, Run, StoreUnavailable
+from cl.store import AsyncStore, Home, Lookup, Run, StoreUnavailable
 
 log = structlog.get_logger("cl.gateway")
 
@@ -68,6 +70,23 @@ NOT_TO_THE_CLI = SET_BY_THE_RELAY | {"set-cookie", "authorization", "x-api-key",
 
 Mover = Callable[[Run], Awaitable[Run | None]]
 """Ask the rescuer to move a running run's session in flight; the run it goes on as, or None."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Refused:
+    """The run's account cannot answer: the session is to move. `answer`: the API's refusal (a
+    wall, a refused credential), sent to the CLI if it cannot; None: the account is not usable."""
+
+    answer: web.StreamResponse | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Fleet:
+    """How this gateway reaches the accounts of the fleet's other hosts."""
+
+    home: Callable[[str], Awaitable[Home | None]]
+    """The home of an account this host has no file for, if a live host serves it."""
+    tls: ssl.SSLContext
 
 
 class Counts:
@@ -144,9 +163,58 @@ class Proxy:
         self._recorder = recorder
         self._move = move
         self._client = client
+        self.fleet: Fleet | None = None
+        """Set when this host reaches the fleet's accounts (`fleet_listen`)."""
         self.counts = Counts()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """A CLI's request (on `gateway_listen`)."""
+        taken = await self._taken(request)
+        if isinstance(taken, web.StreamResponse):
+            return taken
+        run, digest, body = taken
+        moves = 0
+        while True:
+            outcome = await self._attempt(request, run, body)
+            if not isinstance(outcome, Refused):
+                return outcome
+            moved = await self._moved(run, digest) if moves < MAX_MOVES else None
+            if moved is None:
+                if outcome.answer is None:
+                    return _error(529, "overloaded_error", "no account can serve this session now")
+                self.counts.walls_passed += 1
+                return outcome.answer
+            if outcome.answer is not None:
+                self.counts.moves += 1
+                log.info(
+                    "request moved in flight",
+                    job=run.job_id,
+                    run=moved.id,
+                    account=moved.account,
+                    **{"from": run.account},
+                )
+            run, moves = moved, moves + 1
+
+    async def handle_for_the_fleet(self, request: web.Request) -> web.StreamResponse:
+        """Another host's gateway forwarding a request of its CLI (on `fleet_listen`, its TLS
+        certificate checked) to an account whose home is here. Never forwarded on, never moved:
+        a wall is recorded here and the refusal goes back, for that host to move the session."""
+        taken = await self._taken(request)
+        if isinstance(taken, web.StreamResponse):
+            return taken
+        run, _digest, body = taken
+        account = await self._account(run.account)
+        if account is None or not account.usable:
+            return _error(421, "not_found_error", f"account {run.account} is not served by this host")
+        outcome = await self._ask_api(request, run, account, body)
+        if isinstance(outcome, Refused):
+            assert outcome.answer is not None, "the API's own refusal"
+            return outcome.answer
+        return outcome
+
+    async def _taken(self, request: web.Request) -> tuple[Run, str, bytes] | web.StreamResponse:
+        """The request's run (by the capability presented), the capability's digest and the body;
+        or the answer refusing it."""
         if request.method == "HEAD" and request.path == "/":
             return web.Response()  # the CLI's preflight: nothing to forward
         if (request.method, request.path) not in ALLOWED:
@@ -159,8 +227,7 @@ class Proxy:
         if run is None:
             self.counts.refused["capability"] += 1
             return _error(401, "authentication_error", "no running session holds this capability")
-        body = await request.read()
-        return await self._forward(request, run, digest, body)
+        return run, digest, await request.read()
 
     async def _run_holding(self, digest: str) -> Run | None:
         """The running run that holds this capability: read on the loop (SQLite, about 25 us), or
@@ -170,43 +237,64 @@ class Proxy:
                 return self._lookup.capability_run(digest)
         return await self._store.capability_run(digest)
 
-    async def _forward(self, request: web.Request, run: Run, digest: str, body: bytes) -> web.StreamResponse:
-        moves = 0
-        while True:
-            account = await self._account(run.account)
-            if account is None or not account.usable:
-                moved = await self._moved(run, digest) if moves < MAX_MOVES else None
-                if moved is None:
-                    return _error(529, "overloaded_error", "no account can serve this session now")
-                run, moves = moved, moves + 1
-                continue
-            account = await self._refresher.fresh(account)
-            query = f"?{request.rel_url.raw_query_string}" if request.rel_url.raw_query_string else ""
-            url = self._upstream + request.path + query  # the path checked against ALLOWED, as it was checked
-            try:
-                upstream = await self._client().request(
-                    request.method, url, headers=_outbound(request.headers, account), data=body
-                )
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                self.counts.upstream_errors += 1
-                log.warning("upstream unreachable", account=account.name, run=run.id, error=_said(exc))
-                return _error(529, "overloaded_error", "the API cannot be reached from cl-gateway")
-            reading = limits.read(upstream.headers, time.time())
-            self._recorder.usage(account.name, reading)
-            if not (upstream.status == 429 and reading.rejected) and upstream.status != 401:
-                self.counts.forwarded += 1
-                return await self._relay(request, upstream, run)
-            refusal = await self._relay(request, upstream, None)  # an error: read whole, not sent yet
-            await self._wall(account, run, reading, refusal)
-            moved = await self._moved(run, digest) if moves < MAX_MOVES else None
-            if moved is None:
-                self.counts.walls_passed += 1
-                return refusal
-            self.counts.moves += 1
-            log.info(
-                "request moved in flight", job=run.job_id, run=moved.id, account=moved.account, **{"from": run.account}
+    async def _attempt(self, request: web.Request, run: Run, body: bytes) -> web.StreamResponse | Refused:
+        """The request on the run's account: here if its file is here, else through its home's
+        gateway if another live host of the fleet serves it."""
+        account = await self._account(run.account)
+        if account is not None and account.usable:
+            return await self._ask_api(request, run, account, body)
+        if self.fleet is not None and (home := await self.fleet.home(run.account)) is not None:
+            return await self._ask_home(request, run, home, body)
+        return Refused(None)
+
+    async def _ask_api(
+        self, request: web.Request, run: Run, account: Account, body: bytes
+    ) -> web.StreamResponse | Refused:
+        """The request to the API with the account's credential: the answer relayed, or the
+        account walled (recorded) and the API's refusal returned unsent."""
+        account = await self._refresher.fresh(account)
+        try:
+            upstream = await self._client().request(
+                request.method, self._upstream + _path(request), headers=_outbound(request.headers, account), data=body
             )
-            run, moves = moved, moves + 1
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.counts.upstream_errors += 1
+            log.warning("upstream unreachable", account=account.name, run=run.id, error=_said(exc))
+            return _error(529, "overloaded_error", "the API cannot be reached from cl-gateway")
+        reading = limits.read(upstream.headers, time.time())
+        self._recorder.usage(account.name, reading)
+        if not _refused(upstream.status, reading):
+            self.counts.forwarded += 1
+            return await self._relay(request, upstream, run)
+        refusal = await self._relay(request, upstream, None)  # an error: read whole, not sent yet
+        await self._wall(account, run, reading, refusal)
+        return Refused(refusal)
+
+    async def _ask_home(self, request: web.Request, run: Run, home: Home, body: bytes) -> web.StreamResponse | Refused:
+        """The request to the gateway of the account's home host, over TLS both ways, with the
+        CLI's capability (that gateway takes it to the run as this one did): the answer relayed.
+        A wall or refused credential was recorded there; here the session is moved."""
+        assert self.fleet is not None
+        try:
+            upstream = await self._client().request(
+                request.method,
+                f"https://{home.gateway}{_path(request)}",
+                headers=_to_home(request.headers),
+                data=body,
+                ssl=self.fleet.tls,
+                server_hostname=home.host,
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.counts.upstream_errors += 1
+            log.warning("account's home unreachable", account=run.account, home=home.host, run=run.id, error=_said(exc))
+            return _error(529, "overloaded_error", f"the home host of account {run.account} cannot be reached")
+        if upstream.status == 421:  # its file went from there meanwhile
+            upstream.release()
+            return Refused(None)
+        if not _refused(upstream.status, limits.read(upstream.headers, time.time())):
+            self.counts.forwarded += 1
+            return await self._relay(request, upstream, None)  # its prompt-cache tokens counted there
+        return Refused(await self._relay(request, upstream, None))
 
     async def _account(self, name: str) -> Account | None:
         """The account the store names for a run, from the registry; read from its file again if
@@ -275,6 +363,17 @@ class Proxy:
         return response
 
 
+def _path(request: web.Request) -> str:
+    """The path, checked against ALLOWED, as it was checked, with its query."""
+    query = request.rel_url.raw_query_string
+    return request.path + (f"?{query}" if query else "")
+
+
+def _refused(status: int, reading: limits.Reading) -> bool:
+    """The API's answer walls the account (a usage wall), or refuses its credential."""
+    return (status == 429 and reading.rejected) or status == 401
+
+
 def _said(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
@@ -307,6 +406,12 @@ def _presented(request: web.Request) -> str | None:
     if authorization[:7].lower() == "bearer ":
         return authorization[7:].strip() or None
     return request.headers.get("x-api-key") or None
+
+
+def _to_home(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The CLI's headers for its account's home gateway: its capability kept (that gateway checks
+    it), what each side's HTTP layer writes left out."""
+    return CIMultiDict((k, v) for k, v in incoming.items() if k.lower() not in SET_BY_THE_RELAY | {"cookie"})
 
 
 def _outbound(incoming: CIMultiDictProxy[str], account: Account) -> CIMultiDict[str]:

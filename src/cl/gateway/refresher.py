@@ -201,7 +201,7 @@ class Refresher:
         as read now, against what the others published: `cl.fleet`): that host refreshes it, never
         two. Not knowing (the store unavailable) is not refreshing."""
         name, identity = account.name, fleet.fingerprint(account)
-        stale_after = fleet.MISSED * self._config.heartbeat_interval
+        stale_after = fleet.stale_after(self._config)
         try:
             serving = identity and (
                 await self._store.served_below(self._config.host_name, {identity}, stale_after)

@@ -58,6 +58,7 @@ class AsyncStore:
     get_run = _OnStoreThread(Store.get_run)
     give_up = _OnStoreThread(Store.give_up)
     held_run = _OnStoreThread(Store.held_run)
+    homes = _OnStoreThread(Store.homes)
     hosts = _OnStoreThread(Store.hosts)
     job_runs = _OnStoreThread(Store.job_runs)
     jobs_with_session = _OnStoreThread(Store.jobs_with_session)

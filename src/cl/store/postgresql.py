@@ -145,6 +145,8 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN host TEXT;
     CREATE INDEX jobs_by_host ON jobs(host, state, id)
     """,
+    # 4: each host's gateway for the others (SQLite's 13)
+    "ALTER TABLE hosts ADD COLUMN gateway TEXT",
 ]
 
 

@@ -207,6 +207,16 @@ class Facts:
     aside: set[str] = dataclasses.field(default_factory=set)
     """This host's accounts another host of the fleet serves (the same credential): no work goes
     there. Not the store's to say: the caller sets it from its registry (`Service.facts`)."""
+    elsewhere: dict[str, Home] = dataclasses.field(default_factory=dict)
+    """Usable accounts other live hosts publish and this host has no file for, with their homes:
+    work may go there through the home's gateway (`fleet_listen`). Set by `Service.facts`."""
+
+
+class Home(NamedTuple):
+    """Where an account of another host lives: that host, and its gateway's fleet address."""
+
+    host: str
+    gateway: str
 
 
 class Published(NamedTuple):

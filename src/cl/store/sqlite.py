@@ -174,6 +174,8 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN host TEXT;
     CREATE INDEX jobs_by_host ON jobs(host, state, id)
     """,
+    # 13: where each host's gateway takes the other hosts' requests for its accounts (`fleet_listen`)
+    "ALTER TABLE hosts ADD COLUMN gateway TEXT",
 ]
 
 

@@ -26,6 +26,7 @@ from cl.store.records import (
     AccountCounts,
     AccountSettings,
     Facts,
+    Home,
     HostRecord,
     Job,
     Listing,
@@ -800,20 +801,22 @@ class Store:
 
     # the fleet: each host's roster, as its own balancer publishes it
 
-    def publish(self, host: str, accounts: Sequence[Published]) -> bool:
-        """`host`'s heartbeat, on the database's clock, with its roster as its registry has it now:
-        written again only when it differs from what the store holds (a heartbeat alone is one
-        UPDATE). True if the roster was written."""
+    def publish(self, host: str, accounts: Sequence[Published], gateway: str | None = None) -> bool:
+        """`host`'s heartbeat, on the database's clock, with its roster as its registry has it now
+        and where its gateway takes the other hosts' requests (`fleet_listen`, if it does): the
+        roster written again only when it differs from what the store holds (a heartbeat alone is
+        one UPDATE). True if the roster was written."""
         digest = hashlib.sha256(json.dumps(sorted(accounts)).encode()).hexdigest()
         now = self._backend.now
         with self.transaction() as db:
-            beat = f"UPDATE hosts SET heartbeat_at = {now} WHERE name = ? AND roster_digest = ?"
-            if db.execute(beat, (host, digest)).rowcount:
+            beat = f"UPDATE hosts SET heartbeat_at = {now}, gateway = ? WHERE name = ? AND roster_digest = ?"
+            if db.execute(beat, (gateway, host, digest)).rowcount:
                 return False
             db.execute(
-                f"INSERT INTO hosts (name, heartbeat_at, roster_digest) VALUES (?, {now}, ?) ON CONFLICT (name)"
-                " DO UPDATE SET heartbeat_at = excluded.heartbeat_at, roster_digest = excluded.roster_digest",
-                (host, digest),
+                f"INSERT INTO hosts (name, heartbeat_at, roster_digest, gateway) VALUES (?, {now}, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET heartbeat_at = excluded.heartbeat_at,"
+                " roster_digest = excluded.roster_digest, gateway = excluded.gateway",
+                (host, digest, gateway),
             )
             db.execute("DELETE FROM host_accounts WHERE host = ?", (host,))
             db.executemany(
@@ -821,6 +824,20 @@ class Store:
                 [(host, *account) for account in accounts],
             )
         return True
+
+    def homes(self, besides: str, stale_after: float, account: str | None = None) -> dict[str, Home]:
+        """The accounts (or `account` alone) that live hosts other than `besides` publish as usable,
+        each with its home: the lowest-named such host whose gateway takes the fleet's requests."""
+        only = " AND host_accounts.account = ?" if account is not None else ""
+        rows = self._rows(
+            "SELECT host_accounts.account, hosts.name, hosts.gateway FROM host_accounts"
+            " JOIN hosts ON hosts.name = host_accounts.host"
+            f" WHERE hosts.name <> ? AND host_accounts.state = 'ok' AND hosts.gateway IS NOT NULL"
+            f" AND {self._backend.now} - hosts.heartbeat_at <= ?{only}"
+            " ORDER BY host_accounts.account, hosts.name DESC",
+            (besides, stale_after, *([account] if account is not None else [])),
+        )
+        return {str(name): Home(str(host), str(gateway)) for name, host, gateway in rows}  # the lowest name last
 
     def served_below(self, host: str, fingerprints: Collection[str], stale_after: float) -> dict[str, str]:
         """Of these credentials (`cl.fleet.fingerprint`, of `host`'s files as they are now), each

@@ -1,0 +1,234 @@
+"""An account lives where its file lives: the fleet's hosts reach each other's accounts only
+through the account's home gateway, over TLS with certificates both ways.
+
+Three hosts on one machine, each with its own daemons, directories, sockets and host name, its
+gateway on its own loopback address (alpha 127.0.0.1, beta 127.0.0.2, gamma 127.0.0.3), one real
+PostgreSQL database. The fake API listens on all three addresses, one port, and says which one
+each request came to: each host's gateway is told to use its own, so the fake sees who sent what.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.client
+import json
+import socket
+import ssl
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import postgres
+from cl.store import Store
+from utils import (
+    FAR_FUTURE_MS,
+    DaemonProcess,
+    FakeApi,
+    Layout,
+    Planted,
+    cl,
+    fake_api_running,
+    free_port,
+    job_states,
+    stored,
+    submit,
+    wait_until,
+    write_credential,
+)
+
+ADDRESSES = {"alpha": "127.0.0.1", "beta": "127.0.0.2", "gamma": "127.0.0.3"}
+
+
+def certificates(root: Path, hosts: list[str], authority: str = "cl fleet CA") -> Path:
+    """A certificate authority and, for each host, a key and a certificate it signed naming the
+    host (DNS subjectAltName), good for both ends of a connection: `<host>.pem`, `<host>.key`."""
+    root.mkdir()
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=root, check=True, capture_output=True)
+
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", f"/CN={authority}",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign")  # fmt: skip
+    for host in hosts:
+        openssl("req", *ec, "-keyout", f"{host}.key", "-out", f"{host}.csr", "-subj", f"/CN={host}")
+        (root / f"{host}.cnf").write_text(f"subjectAltName=DNS:{host}\nextendedKeyUsage=serverAuth,clientAuth\n")
+        openssl("x509", "-req", "-in", f"{host}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{host}.pem", "-days", "2", "-extfile", f"{host}.cnf")  # fmt: skip
+    return root
+
+
+@dataclass
+class Host:
+    name: str
+    layout: Layout
+    fleet_listen: str
+    daemons: dict[str, DaemonProcess]
+
+    def log(self, daemon: str) -> str:
+        return self.daemons[daemon].log()
+
+
+@contextlib.contextmanager
+def fleet_running(root: Path, database: str, api: FakeApi, tls: Path) -> Iterator[dict[str, Host]]:
+    """The three hosts, each with its gateway, balancer and rescuer, reaching each other's accounts."""
+    port = api.url.rpartition(":")[2]
+    hosts: dict[str, Host] = {}
+    try:
+        for name, address in ADDRESSES.items():
+            layout = Layout(root / name, store=database)
+            fleet_listen = f"{address}:{free_port()}"
+            env = layout.env(
+                CL_HOST=name,
+                CL_HEARTBEAT_INTERVAL="0.5",
+                CL_GATEWAY="true",
+                CL_GATEWAY_LISTEN=f"{address}:{free_port()}",
+                CL_GATEWAY_UPSTREAM=f"http://{address}:{port}",
+                CL_OAUTH_TOKEN_URL=f"http://{address}:{port}/v1/oauth/token",
+                CL_FLEET_LISTEN=fleet_listen,
+                CL_FLEET_CERT=str(tls / f"{name}.pem"),
+                CL_FLEET_KEY=str(tls / f"{name}.key"),
+                CL_FLEET_CA=str(tls / "ca.pem"),
+            )
+            daemons = {daemon: DaemonProcess(daemon, layout, env=env) for daemon in ("gateway", "balancer", "rescue")}
+            hosts[name] = Host(name, layout, fleet_listen, daemons)
+            for daemon in daemons.values():
+                daemon.start()
+        yield hosts
+    except BaseException:
+        for host in hosts.values():
+            for daemon in host.daemons.values():
+                print(f"--- the end of {host.name}'s cl-{daemon.name} log:\n{daemon.log()[-4000:]}")
+        raise
+    finally:
+        for host in hosts.values():
+            for daemon in reversed(host.daemons.values()):
+                if daemon.process is not None:
+                    daemon.stop()
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> Path:
+    return certificates(tmp_path / "tls", list(ADDRESSES))
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[FakeApi]:
+    with fake_api_running(tmp_path, "--also-on", "127.0.0.2,127.0.0.3") as api:
+        yield api
+
+
+@pytest.fixture
+def hosts(tmp_path: Path, postgresql: postgres.Server, api: FakeApi, tls: Path) -> Iterator[dict[str, Host]]:
+    with fleet_running(tmp_path, postgresql.database(), api, tls) as hosts:
+        yield hosts
+
+
+def account(layout: Layout, planted: Planted, name: str) -> str:
+    """An OAuth account's file dropped in on a host; its access token."""
+    access = planted.token()
+    oauth = {
+        "accessToken": access,
+        "refreshToken": planted.token("sk-ant-ort01-"),
+        "expiresAt": FAR_FUTURE_MS,
+        "scopes": ["user:inference"],
+        "subscriptionType": "max",
+    }
+    write_credential(layout.credentials, name, json.dumps({"claudeAiOauth": oauth}))
+    return access
+
+
+def jobs(layout: Layout) -> dict[int, dict[str, Any]]:
+    return {job["id"]: job for job in json.loads(cl(layout, "jobs", "--all", "--json").stdout)}
+
+
+def test_the_seeds_afternoon_across_hosts(hosts: dict[str, Host], api: FakeApi, planted: Planted) -> None:
+    """Alpha's three accounts wall while its sessions run; then a fourth account's file is dropped
+    on gamma. Alpha's sessions go on under it, live, one CLI start each: their capability and
+    base URL unchanged, alpha's gateway forwards to gamma's, and the fourth account's token
+    reaches the API from gamma's gateway only. A job submitted on beta, which has no account,
+    runs on it too."""
+    alpha, beta, gamma = hosts["alpha"].layout, hosts["beta"].layout, hosts["gamma"].layout
+    walled = [account(alpha, planted, name) for name in ("a1", "a2", "a3")]
+    for token in walled:
+        api.limit(token, 0)  # each walls its first request
+    with alpha.started_together(3):
+        sessions = [submit(alpha, f"session {i}") for i in range(3)]
+    wait_until(lambda: set(job_states(alpha).values()) == {"walled"}, "alpha's three sessions to wall")
+    wait_until(lambda: hosts["alpha"].log("balancer").count("session held for a live move") == 3, "each one held")
+    fourth = account(gamma, planted, "a4")
+    wait_until(lambda: set(job_states(alpha).values()) == {"done"}, "alpha's sessions to go on under a4", timeout=60)
+    on_beta = submit(beta, "on beta")
+    wait_until(lambda: job_states(beta).get(on_beta) == "done", "beta's job to run on a4")
+
+    calls = alpha.claude_calls()
+    assert len({call["pid"] for call in calls}) == 3  # one CLI start each
+    assert sorted(call["prompt"] for call in calls) == sorted([*(f"session {i}" for i in range(3)), *["continue"] * 3])
+    for job in sessions:
+        runs = stored(alpha, functools.partial(Store.job_runs, job_id=job))
+        assert (runs[-1].account, runs[-1].live, runs[-1].state) == ("a4", True, "done")
+        assert len({run.pid for run in runs}) == 1  # the same worker, the same CLI, all along
+    assert jobs(beta)[on_beta]["account"] == "a4"
+    messages = api.messages()
+    assert {m["via"] for m in messages if m["cred_tail"] == fourth[-6:]} == {"127.0.0.3"}  # gamma's gateway only
+    assert len([m for m in messages if m["cred_tail"] == fourth[-6:]]) == 4
+    assert {m["via"] for m in messages if m["cred_tail"] != fourth[-6:]} == {"127.0.0.1"}
+    assert "listening for the fleet" in hosts["gamma"].log("gateway")
+    assert not planted.leaks(hosts["alpha"].log("gateway") + hosts["beta"].log("gateway"), "the forwarding logs")
+
+
+def fleet_client(tls: Path, host: str | None, authority: str = "ca.pem") -> ssl.SSLContext:
+    """A client's TLS context: trusting `authority`, presenting `host`'s certificate (or none)."""
+    context = ssl.create_default_context(cafile=str(tls / authority))
+    if host is not None:
+        context.load_cert_chain(tls / f"{host}.pem", tls / f"{host}.key")
+    return context
+
+
+def ask(address: str, context: ssl.SSLContext, name: str, token: str) -> tuple[int, str]:
+    """A POST /v1/messages to a gateway's fleet listener, as the host `name` expects it to be."""
+    host, _, port = address.rpartition(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=20)
+    try:
+        connection.sock = context.wrap_socket(socket.create_connection((host, int(port)), 20), server_hostname=name)
+        connection.request("POST", "/v1/messages", b"{}", {"authorization": f"Bearer {token}"})
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
+
+
+def test_a_gateway_takes_the_fleets_requests_only_with_a_certificate_of_the_fleet(
+    hosts: dict[str, Host], tls: Path, tmp_path: Path, planted: Planted
+) -> None:
+    """Gamma's fleet listener: no certificate, or one another authority signed, is refused in the
+    handshake; a fleet certificate with an unknown capability gets 401, and a capability whose
+    account does not live there gets 421 (never forwarded on)."""
+    gamma = hosts["gamma"].fleet_listen
+    stranger = certificates(tmp_path / "stranger", ["alpha"], authority="not the fleet's CA")
+    for context in (fleet_client(tls, None), fleet_client(stranger, "alpha", "../tls/ca.pem")):
+        with pytest.raises((ssl.SSLError, ConnectionResetError)):
+            ask(gamma, context, "gamma", "cl-cap-nothing")
+    with pytest.raises(ssl.SSLCertVerificationError):  # the home is checked too: gamma is not beta
+        ask(gamma, fleet_client(tls, "alpha"), "beta", "cl-cap-nothing")
+    status, body = ask(gamma, fleet_client(tls, "alpha"), "gamma", "cl-cap-nothing")
+    assert (status, json.loads(body)["error"]["type"]) == (401, "authentication_error")
+
+    alpha = hosts["alpha"].layout
+    account(alpha, planted, "a1")
+    alpha.hold.touch()
+    try:
+        job = submit(alpha, "held")
+        wait_until(lambda: len(alpha.claude_calls()) == 1, "alpha's CLI to start")
+        held = json.loads((alpha.sessions / f"job-{job}" / ".credentials.json").read_text())
+        status, body = ask(gamma, fleet_client(tls, "alpha"), "gamma", held["claudeAiOauth"]["accessToken"])
+    finally:
+        alpha.hold.unlink()
+    assert (status, "account a1 is not served by this host" in body) == (421, True)
+    wait_until(lambda: job_states(alpha).get(job) == "done", "alpha's own session to end")
+    assert stored(alpha, Store.walls) == {}
