@@ -13,11 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 import postgres
 from cl.fleet import clashes, duplicates
+from cl.states import RunState
 from cl.store import Home, HostRecord, Published, Store
+from cl.store.notifications import CHANNEL
 from utils import (
     DaemonProcess,
     FakeApi,
@@ -80,6 +83,41 @@ def test_an_account_of_another_live_host_has_the_lowest_such_host_for_its_home(s
     assert store.homes("gamma", -1) == {}  # every heartbeat too old: nobody is live
     store.publish("beta", [Published("a1", "ok", "f1"), Published("b1", "ok", "f3")], "beta:9000")  # a heartbeat
     assert store.homes("gamma", 60, "b1") == {"b1": Home("beta", "beta:9000")}
+
+
+def test_the_database_notifies_what_may_give_another_host_work(postgresql: postgres.Server) -> None:
+    """A roster that changed, a run that ended, an account's settings changed: each notifies the
+    fleet's channel (once per transaction); a heartbeat alone, a run placed or claimed does not."""
+    url = postgresql.database()
+    store = Store(url)
+    with psycopg.connect(url, autocommit=True) as listening:
+        listening.execute(f"LISTEN {CHANNEL}")
+
+        def heard() -> list[str]:
+            """What was notified since the last call, up to a mark sent now (delivered after it)."""
+            with psycopg.connect(url, autocommit=True) as marking:
+                marking.execute(f"SELECT pg_notify('{CHANNEL}', 'mark')")
+            payloads: list[str] = []
+            for notification in listening.notifies(timeout=20):
+                if notification.payload == "mark":
+                    return payloads
+                payloads.append(notification.payload)
+            raise AssertionError("the mark never came")
+
+        job = store.add_job("/srv", "hello")
+        run = store.place(job.id, "a1", limit=4)
+        assert run is not None
+        store.claim(run.id, 1, "1", "/log")
+        assert heard() == []
+        store.settle(run.id, RunState.DONE)
+        assert heard() == [""]
+        store.publish("alpha", [Published("a1", "ok", "f1")], "alpha:8480")
+        assert heard() == [""]  # one transaction: one notification
+        store.publish("alpha", [Published("a1", "ok", "f1")], "alpha:8480")
+        assert heard() == []
+        store.set_account("a1", 0, paused=True)
+        assert heard() == [""]
+    store.close()
 
 
 def test_in_a_fleet_a_host_keeps_to_its_own_jobs_and_runs(store: Store) -> None:

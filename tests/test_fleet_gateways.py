@@ -75,7 +75,9 @@ class Host:
 
 
 @contextlib.contextmanager
-def fleet_running(root: Path, database: str, api: FakeApi, tls: Path) -> Iterator[dict[str, Host]]:
+def fleet_running(
+    root: Path, database: str, api: FakeApi, tls: Path, heartbeat: float = 0.5
+) -> Iterator[dict[str, Host]]:
     """The three hosts, each with its gateway, balancer and rescuer, reaching each other's accounts."""
     port = api.url.rpartition(":")[2]
     hosts: dict[str, Host] = {}
@@ -85,7 +87,7 @@ def fleet_running(root: Path, database: str, api: FakeApi, tls: Path) -> Iterato
             fleet_listen = f"{address}:{free_port()}"
             env = layout.env(
                 CL_HOST=name,
-                CL_HEARTBEAT_INTERVAL="0.5",
+                CL_HEARTBEAT_INTERVAL=str(heartbeat),
                 CL_GATEWAY="true",
                 CL_GATEWAY_LISTEN=f"{address}:{free_port()}",
                 CL_GATEWAY_UPSTREAM=f"http://{address}:{port}",
@@ -232,3 +234,31 @@ def test_a_gateway_takes_the_fleets_requests_only_with_a_certificate_of_the_flee
     assert (status, "account a1 is not served by this host" in body) == (421, True)
     wait_until(lambda: job_states(alpha).get(job) == "done", "alpha's own session to end")
     assert stored(alpha, Store.walls) == {}
+
+
+def test_a_host_learns_of_another_hosts_change_when_the_database_tells_it(
+    tmp_path: Path, postgresql: postgres.Server, api: FakeApi, tls: Path, planted: Planted
+) -> None:
+    """Heartbeats a minute apart, so no pass per heartbeat explains what follows. A job on beta,
+    which has no account, waits; a file dropped on gamma, the database notifies beta's balancer,
+    which places the job there. Beta's listening connection cut (`pg_terminate_backend`), it
+    listens again, and the next file dropped on gamma is heard of as the first was."""
+    with fleet_running(tmp_path, postgresql.database(), api, tls, heartbeat=60) as hosts:
+        beta, gamma, said = hosts["beta"].layout, hosts["gamma"].layout, hosts["beta"].daemons["balancer"].log
+        first = submit(beta, "first")
+        wait_until(lambda: said().count("reason=no-eligible-account") == 1, "the job to wait for an account")
+        account(gamma, planted, "g1")
+        wait_until(lambda: job_states(beta).get(first) == "done", "the job to run on g1", timeout=40)
+        (gamma.credentials / "credentials-g1.json").unlink()
+        second = submit(beta, "second")
+        wait_until(lambda: said().count("reason=no-eligible-account") == 2, "the next job to wait")
+        (cut,) = postgresql.sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'cl-balancer beta'"
+        )
+        assert cut == (True,)
+        wait_until(lambda: "listening for the fleet's changes again" in said(), "beta to listen again")
+        account(gamma, planted, "g2")
+        wait_until(lambda: job_states(beta).get(second) == "done", "the next job to run on g2", timeout=40)
+        placed = [jobs(beta)[job]["account"] for job in (first, second)]
+    assert said().count("not listening for the fleet's changes") == 1
+    assert placed == ["g1", "g2"]

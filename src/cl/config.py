@@ -165,6 +165,10 @@ def _path(value: Any, base: Path) -> Path:
     return base / Path(value).expanduser()
 
 
+def _optional_path(value: Any, base: Path) -> Path | None:
+    return None if value == "" else _path(value, base)
+
+
 def _number(value: Any, kind: type[int | float], error: str) -> float:
     """A TOML number of the right kind, or (from the environment) its text."""
     if isinstance(value, str):
@@ -364,9 +368,9 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "oauth_client_id": _prompt,
     "refresh_margin": _positive_float,
     "fleet_listen": _address,
-    "fleet_cert": _path,
-    "fleet_key": _path,
-    "fleet_ca": _path,
+    "fleet_cert": _optional_path,
+    "fleet_key": _optional_path,
+    "fleet_ca": _optional_path,
 }
 _FIELD = {"worker": "worker_env"}
 

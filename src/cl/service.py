@@ -21,6 +21,7 @@ from cl.protocol import Handler, Peer, Reply, Request, RequestError, id_field
 from cl.registry import CredentialRegistry
 from cl.states import LIVE_RUNS, RunState
 from cl.store import AsyncStore, Facts, Run, Store
+from cl.store.notifications import Listener
 from cl.supervisor import Supervisor
 
 
@@ -102,17 +103,29 @@ class Service:
         await self._take_over_runs()
         background = [*self.background(), *([self._follow_the_fleet()] if self.config.reaches_fleet else [])]
         tasks = [asyncio.create_task(task) for task in background]
+        listener = self._listen() if self.config.reaches_fleet else None
         try:
             await daemon.serve_passes(self._wake, self.one_pass)
         finally:
             for task in tasks:
                 task.cancel()
+            if listener is not None:
+                await asyncio.to_thread(listener.close)
             self.supervisor.close()
             self.store.close()
 
+    def _listen(self) -> Listener:
+        """A pass when the database says another host did something that may give us work."""
+        loop = asyncio.get_running_loop()
+        listener = Listener(
+            self.config.store, f"cl-{self.name} {self.config.host_name}", lambda: loop.call_soon_threadsafe(self.wake)
+        )
+        listener.start()
+        return listener
+
     async def _follow_the_fleet(self) -> None:
-        """A pass every heartbeat: another host's roster may have changed (a file landed there),
-        and no event of this host's says so."""
+        """A pass every heartbeat besides: a host that went silent (its accounts leave the fleet)
+        notifies nothing, nor does anything while this host is not listening."""
         while True:
             await asyncio.sleep(self.config.heartbeat_interval)
             self.wake()

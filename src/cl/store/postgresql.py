@@ -20,8 +20,9 @@ import psycopg.conninfo
 import psycopg.rows
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from cl.states import JOB_TRANSITIONS, RUN_TRANSITIONS, IllegalTransition
+from cl.states import JOB_TRANSITIONS, LIVE_RUNS, RUN_TRANSITIONS, IllegalTransition
 from cl.store.backend import Cursor, Db, illegal_transition
+from cl.store.notifications import CHANNEL
 from cl.store.records import StoreError, StoreUnavailable
 
 WRITE_LOCK = 0x636C  # "cl"
@@ -150,6 +151,18 @@ MIGRATIONS: list[str] = [
 ]
 
 
+_LIVE = ", ".join(f"'{state}'" for state in LIVE_RUNS)
+_NOTIFY_AFTER = {
+    "rosters_changed": "INSERT OR UPDATE OR DELETE ON host_accounts FOR EACH STATEMENT",
+    "walls_lifted": "DELETE ON walls FOR EACH STATEMENT",
+    "settings_changed": "INSERT OR UPDATE OR DELETE ON account_settings FOR EACH STATEMENT",
+    "runs_ended": f"UPDATE OF state ON runs FOR EACH ROW WHEN (OLD.state IN ({_LIVE}) AND NEW.state NOT IN ({_LIVE}))",
+}
+"""What another host did that may give this one's daemons work (`cl.store.notifications`): the
+triggers that notify it, made again at every open like the transition triggers. One notification
+per transaction at most (PostgreSQL folds equal ones)."""
+
+
 class Row(tuple[Any, ...]):
     """A row by position and by column name, as SQLite's rows are."""
 
@@ -255,6 +268,12 @@ class PostgresBackend:
                     f"CREATE OR REPLACE TRIGGER {table}_transitions BEFORE UPDATE OF state ON {table}"
                     f" FOR EACH ROW EXECUTE FUNCTION {table}_transitions()"
                 )
+            db.execute(
+                "CREATE OR REPLACE FUNCTION cl_fleet_changed() RETURNS trigger LANGUAGE plpgsql AS $$"
+                f" BEGIN PERFORM pg_notify('{CHANNEL}', ''); RETURN NULL; END $$"
+            )
+            for trigger, after in _NOTIFY_AFTER.items():
+                db.execute(f"CREATE OR REPLACE TRIGGER {trigger} AFTER {after} EXECUTE FUNCTION cl_fleet_changed()")
 
     def schema_version(self) -> int:
         with self.reading() as db:
