@@ -82,6 +82,10 @@ class Server:
             cursor = connection.execute(statement, parameters or None)
             return cursor.fetchall() if cursor.description else []
 
+    def restart(self) -> None:
+        """Stop the server (every connection dropped) and start it again with the same options."""
+        self._run(*self._pg_ctl, "-m", "fast", "-l", str(self.root / "server.log"), "-w", "restart")
+
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
             subprocess.run([*self._as, *self._pg_ctl, "-m", "immediate", "stop"], capture_output=True, check=False)

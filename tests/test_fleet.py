@@ -133,6 +133,19 @@ def test_in_a_fleet_a_host_keeps_to_its_own_jobs_and_runs(store: Store) -> None:
     assert len(store.facts(("running",), 10).jobs) == 3
     assert {run.job_id for run in store.runs_in(host="beta")} == {jobs["beta"].id, jobs[None].id}
     assert {run.job_id for run in store.runs_in()} == {job.id for job in jobs.values()}
+    for job in jobs.values():  # each session moved, and the move ended
+        run = store.latest_run(job.id)
+        assert run is not None
+        store.claim(run.id, 1, "1", "/log")
+        store.settle(run.id, RunState.WALLED)
+        moved = store.place(job.id, "a2", limit=10, resume=f"s-{job.id}")
+        assert moved is not None
+        store.claim(moved.id, 1, "1", "/log")
+        store.settle(moved.id, RunState.DONE)
+    assert {run.job_id for run in store.unverified_moves("alpha")} == {jobs["alpha"].id, jobs[None].id}
+    (theirs,) = [run for run in store.unverified_moves("beta") if run.job_id == jobs["beta"].id]
+    assert store.verify_move(theirs.id) is False  # its transcript was never measured: it did not grow
+    assert store.verify_move(theirs.id) is None  # settled already: not "did not grow" a second time
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import http.client
 import json
+import signal
 import socket
 import ssl
 import subprocess
@@ -67,6 +68,7 @@ def certificates(root: Path, hosts: list[str], authority: str = "cl fleet CA") -
 class Host:
     name: str
     layout: Layout
+    gateway_listen: str
     fleet_listen: str
     daemons: dict[str, DaemonProcess]
 
@@ -76,7 +78,7 @@ class Host:
 
 @contextlib.contextmanager
 def fleet_running(
-    root: Path, database: str, api: FakeApi, tls: Path, heartbeat: float = 0.5
+    root: Path, database: str, api: FakeApi, tls: Path, heartbeat: float = 0.5, **extra: str
 ) -> Iterator[dict[str, Host]]:
     """The three hosts, each with its gateway, balancer and rescuer, reaching each other's accounts."""
     port = api.url.rpartition(":")[2]
@@ -84,21 +86,22 @@ def fleet_running(
     try:
         for name, address in ADDRESSES.items():
             layout = Layout(root / name, store=database)
-            fleet_listen = f"{address}:{free_port()}"
+            gateway_listen, fleet_listen = f"{address}:{free_port()}", f"{address}:{free_port()}"
             env = layout.env(
                 CL_HOST=name,
                 CL_HEARTBEAT_INTERVAL=str(heartbeat),
                 CL_GATEWAY="true",
-                CL_GATEWAY_LISTEN=f"{address}:{free_port()}",
+                CL_GATEWAY_LISTEN=gateway_listen,
                 CL_GATEWAY_UPSTREAM=f"http://{address}:{port}",
                 CL_OAUTH_TOKEN_URL=f"http://{address}:{port}/v1/oauth/token",
                 CL_FLEET_LISTEN=fleet_listen,
                 CL_FLEET_CERT=str(tls / f"{name}.pem"),
                 CL_FLEET_KEY=str(tls / f"{name}.key"),
                 CL_FLEET_CA=str(tls / "ca.pem"),
+                **extra,
             )
             daemons = {daemon: DaemonProcess(daemon, layout, env=env) for daemon in ("gateway", "balancer", "rescue")}
-            hosts[name] = Host(name, layout, fleet_listen, daemons)
+            hosts[name] = Host(name, layout, gateway_listen, fleet_listen, daemons)
             for daemon in daemons.values():
                 daemon.start()
         yield hosts
@@ -143,6 +146,12 @@ def account(layout: Layout, planted: Planted, name: str) -> str:
     }
     write_credential(layout.credentials, name, json.dumps({"claudeAiOauth": oauth}))
     return access
+
+
+def published(layout: Layout) -> set[str]:
+    """The accounts the live hosts publish, as `layout`'s host sees them."""
+    reply = json.loads(cl(layout, "hosts", "--json").stdout)
+    return {account["name"] for host in reply["hosts"] if host["live"] for account in host["accounts"]}
 
 
 def jobs(layout: Layout) -> dict[int, dict[str, Any]]:
@@ -262,3 +271,126 @@ def test_a_host_learns_of_another_hosts_change_when_the_database_tells_it(
         placed = [jobs(beta)[job]["account"] for job in (first, second)]
     assert said().count("not listening for the fleet's changes") == 1
     assert placed == ["g1", "g2"]
+
+
+def test_when_an_accounts_home_dies_its_sessions_move_or_wait_and_go_on_when_it_is_back(
+    tmp_path: Path, postgresql: postgres.Server, api: FakeApi, tls: Path, planted: Planted
+) -> None:
+    """Alpha has no account of its own; gamma has a4, beta b1. Gamma dies (its daemons killed)
+    while alpha's session on a4 waits to send its request: the request meets no home, gamma is
+    cut off from alpha for `wall_retry`, and the session goes on on b1 at once, its CLI none the
+    wiser. Then, b1 paused and gamma back, a session on a4 meets gamma dead again with no other
+    account: its turn ends as on a wall and it waits, held, until gamma is back and the cut-off
+    has passed, then goes on on a4. One CLI start each, nothing run twice."""
+    with fleet_running(tmp_path, postgresql.database(), api, tls, CL_WALL_RETRY="4") as hosts:
+        alpha, beta, gamma = hosts["alpha"].layout, hosts["beta"].layout, hosts["gamma"]
+        a4, b1 = account(gamma.layout, planted, "a4"), account(beta, planted, "b1")
+
+        def dies() -> None:
+            for daemon in gamma.daemons.values():
+                daemon.stop(signal.SIGKILL)
+
+        def comes_back() -> None:
+            for daemon in gamma.daemons.values():
+                daemon.start()
+
+        def held_on_a4(prompt: str) -> int:
+            alpha.hold.touch()
+            job = submit(alpha, prompt)
+            wait_until(lambda: len({c["pid"] for c in alpha.claude_calls()}) == job, f"{prompt}'s CLI to start")
+            assert jobs(alpha)[job]["account"] == "a4"
+            return job
+
+        first = held_on_a4("first")  # a4 before b1: the same room, the name first
+        dies()
+        alpha.hold.unlink()
+        wait_until(lambda: job_states(alpha).get(first) == "done", "the first session to go on on b1")
+        assert [r.account for r in stored(alpha, functools.partial(Store.job_runs, job_id=first))] == ["a4", "b1"]
+
+        assert cl(beta, "accounts", "pause", "b1").returncode == 0
+        comes_back()
+        second = held_on_a4("second")  # once the cut-off has passed
+        dies()
+        alpha.hold.unlink()
+        wait_until(lambda: job_states(alpha).get(second) == "walled", "the second session to wait")
+        wait_until(lambda: "session held for a live move" in hosts["alpha"].log("balancer"), "its CLI held")
+        comes_back()
+        wait_until(lambda: job_states(alpha).get(second) == "done", "the second session to go on on a4")
+        story = cl(alpha, "job", str(second)).stdout
+        runs = stored(alpha, functools.partial(Store.job_runs, job_id=second))
+
+    calls = alpha.claude_calls()
+    assert len({call["pid"] for call in calls}) == 2  # one CLI start each
+    assert [call["prompt"] for call in calls] == ["first", "second", "continue"]
+    assert [(run.account, run.state) for run in runs] == [("a4", "walled"), ("a4", "done")]
+    assert runs[1].live
+    assert runs[1].pid == runs[0].pid
+    said = hosts["alpha"].log("gateway")
+    assert said.count("an account's home cannot be reached") == 1  # not reached between the two: one outage
+    assert said.count("an account's home is reachable again") == 1
+    assert "account a4: its home host cannot be reached from this host" in story, story
+    assert "transcript did not grow" not in hosts["alpha"].log("rescue")  # moved in flight, measured as it began
+    messages = api.messages()
+    assert [m["cred_tail"] for m in messages] == [b1[-6:], a4[-6:]]  # nothing went twice
+    assert {m["via"] for m in messages} == {"127.0.0.2", "127.0.0.3"}
+
+
+def test_the_database_restarting_with_sessions_under_way_loses_nothing_and_runs_nothing_twice(
+    tmp_path: Path, postgresql: postgres.Server, api: FakeApi, tls: Path, planted: Planted
+) -> None:
+    """Sessions on alpha and beta, on alpha's a1 and gamma's a4, wait to send their requests while
+    the database restarts (every connection dropped). Then each goes on: every job done, one CLI
+    start and one request each; the daemons listen for the fleet's changes again."""
+    with fleet_running(tmp_path, postgresql.database(), api, tls) as hosts:
+        alpha, beta = hosts["alpha"].layout, hosts["beta"].layout
+        account(alpha, planted, "a1")
+        account(hosts["gamma"].layout, planted, "a4")
+        wait_until(lambda: "a4" in published(alpha), "gamma's a4 to be the fleet's")
+        with alpha.started_together(4), beta.started_together(1):
+            on_alpha = [submit(alpha, f"alpha {i}") for i in range(4)]
+            on_beta = submit(beta, "beta 0")
+            wait_until(lambda: len(alpha.claude_calls()) == 4 and len(beta.claude_calls()) == 1, "every CLI")
+            postgresql.restart()
+        wait_until(lambda: set(job_states(alpha).values()) == {"done"}, "alpha's sessions", timeout=60)
+        wait_until(lambda: job_states(beta).get(on_beta) == "done", "beta's session", timeout=60)
+        wait_until(
+            lambda: all(
+                "listening for the fleet's changes again" in h.log(d)
+                for h in hosts.values()
+                for d in ("balancer", "rescue")
+            ),
+            "every daemon to listen again",
+        )
+        placed = {job: jobs(alpha)[job]["account"] for job in on_alpha}
+    assert sorted(placed.values()) == ["a1", "a1", "a4", "a4"]
+    calls = alpha.claude_calls() + beta.claude_calls()
+    assert sorted(call["prompt"] for call in calls) == ["alpha 0", "alpha 1", "alpha 2", "alpha 3", "beta 0"]
+    assert len({(call["pid"]) for call in calls}) == 5
+    assert len(api.messages()) == 5  # one request each: nothing went twice
+
+
+def test_while_the_database_is_away_a_cli_is_told_the_api_is_overloaded(
+    hosts: dict[str, Host], postgresql: postgres.Server
+) -> None:
+    """A request the gateway cannot take to its run (the store refuses connections) is answered
+    529, which the CLI tries again later, not 500; once the store answers, as ever."""
+    name = hosts["alpha"].layout.store.partition("?")[0].rpartition("/")[2]
+    host, _, port = hosts["alpha"].gateway_listen.rpartition(":")
+
+    def status() -> tuple[int, str]:
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            connection.request("POST", "/v1/messages", b"{}", {"authorization": "Bearer cl-cap-unknown"})
+            response = connection.getresponse()
+            return response.status, json.loads(response.read())["error"]["type"]
+        finally:
+            connection.close()
+
+    postgresql.sql(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+    try:
+        postgresql.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", name)
+        assert status() == (529, "overloaded_error")
+    finally:
+        postgresql.sql(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+    wait_until(lambda: status() == (401, "authentication_error"), "the gateway to reach the store again")
+    assert "request refused: state store unavailable" in hosts["alpha"].log("gateway")

@@ -223,7 +223,7 @@ class Rescuer(Service):
     async def _settle_moves(self) -> None:
         """Each ended move goes in the ledger with whether its transcript grew; a done session
         whose transcript did not grow is reported, never silently accepted."""
-        for run, grew in await self.store.call(_verify_moves):
+        for run, grew in await self.store.call(functools.partial(_verify_moves, host=self.own_host)):
             if run.state == RunState.DONE and not grew:
                 log.error("transcript did not grow after the move", session=run.resume, job=run.job_id, run=run.id)
             elif run.state == RunState.FAILED:
@@ -283,9 +283,11 @@ class Rescuer(Service):
 
     async def _move_now(self, request: Request, peer: Peer) -> Reply:
         """The gateway's question: a running session's request met a wall the API sent (the wall
-        is in the store already). Moved now, live, while its request waits: the run it goes on
-        as. Only the gateway (our own user, or root) may ask, and only for a run whose account the
-        store holds walled: a session whose account has room is never moved this way."""
+        is in the store already), or its account cannot be used from here any more (its file gone,
+        its home cut off). Moved now, live, while its request waits: the run it goes on as. Only
+        the gateway (our own user, or root) may ask, and only for a run whose account the store
+        holds walled or this host cannot use: a session whose account has room is never moved
+        this way."""
         if peer.uid not in (0, os.getuid()):
             raise RequestError("forbidden", "only cl-gateway moves a session in flight")
         run = await self.store.get_run(id_field(request, "run"))
@@ -293,8 +295,8 @@ class Rescuer(Service):
             raise RequestError("not-found", "no such running run")
         job = await self.store.get_job(run.job_id)
         facts = await self.facts(RESCUABLE, 0)
-        if job is None or run.account not in facts.walls:
-            raise RequestError("not-walled", f"account {run.account} is not walled")
+        if job is None or (run.account not in facts.walls and run.account in self.usable(facts)):
+            raise RequestError("not-walled", f"account {run.account} is not walled, and may still be used")
         placer = placement.Placer(
             self.usable(facts), facts, self.config.max_sessions_per_account, self.config.placement
         )
@@ -346,9 +348,11 @@ class Rescuer(Service):
         }
 
 
-def _verify_moves(store: Store) -> list[tuple[Run, bool]]:
-    """Settle every ended, unverified move (on the store's thread): each with whether it grew."""
-    return [(run, store.verify_move(run.id)) for run in store.unverified_moves()]
+def _verify_moves(store: Store, host: str | None) -> list[tuple[Run, bool]]:
+    """Settle every ended, unverified move of `host`'s jobs (on the store's thread): each with
+    whether it grew (one settled meanwhile by an earlier rescuer's pass is left out)."""
+    settled = [(run, store.verify_move(run.id)) for run in store.unverified_moves(host)]
+    return [(run, grew) for run, grew in settled if grew is not None]
 
 
 def main() -> None:

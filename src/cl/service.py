@@ -62,7 +62,7 @@ class Service:
         aside = {name for name, identity in identities.items() if identity in served}
         if not self.config.reaches_fleet:
             return dataclasses.replace(facts, aside=aside)
-        homes = await self.store.homes(self.config.host_name, stale_after)
+        homes = await self.store.homes(self.config.host_name, stale_after, reachable=True)
         elsewhere = {name: home for name, home in homes.items() if name not in self.registry.accounts}
         return dataclasses.replace(facts, aside=aside, elsewhere=elsewhere)
 

@@ -78,7 +78,7 @@ from cl.moments import iso_utc
 from cl.processes import start_time
 from cl.session_files import credential_mark_path, lock_path, log_path, session_config_dir
 from cl.states import JobState, RunState
-from cl.store import Home, Job, Run, Store, StoreUnavailable
+from cl.store import Job, Run, Store, StoreUnavailable
 
 log = structlog.get_logger("cl.worker")
 
@@ -227,6 +227,8 @@ class _Session:
     """The current run's account is an OAuth credential file (its copy is kept in step)."""
     capability: str | None = None
     """In gateway mode, the digest of the capability the CLI holds (`cl.capability`)."""
+    turn_began: int | None = None
+    """The session's transcript's size when the current turn began (None: a new session's)."""
     events: Events = dataclasses.field(default_factory=Events)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     """Set when the job was cancelled while its CLI ran."""
@@ -253,9 +255,11 @@ def _work(session: _Session) -> None:
     """The run whose CLI ended before it took its prompt, restarted once for it."""
     while True:
         run = session.run
+        session.turn_began = None
         if run.resume:
             transcript = str(transcript_path(Path(), job.cwd, run.resume))
-            store.transcript_before(run.id, session.credential.size_of(transcript))
+            session.turn_began = session.credential.size_of(transcript)
+            store.transcript_before(run.id, session.turn_began)
         if session.process is None and not _start(session, account):
             return
         assert session.process is not None
@@ -477,9 +481,8 @@ def _moved_in_flight(session: _Session) -> None:
     if session.capability is None:
         return
     while (after := session.store.successor(session.run.id)) is not None:
-        if after.resume:
-            transcript = str(transcript_path(Path(), session.job.cwd, after.resume))
-            session.store.transcript_before(after.id, session.credential.size_of(transcript))
+        if after.resume:  # as the turn began: the moved request may have been answered already
+            session.store.transcript_before(after.id, session.turn_began)
         session.bound().info("session moved live", to=after.account, session=after.resume, next_run=after.id)
         session.output.use(log_path(session.config, session.job.id, after.id))
         session.run = after
@@ -666,7 +669,11 @@ def _account(session: _Session) -> Account | None:
     if not config.gateway and previous is not None and previous != run.account:
         credential.carry_back(_account_file(config, previous), previous)
     read = read_account(session.account_file, run.account)
-    if read is None and config.reaches_fleet and run.account in _homes(config, session.store, run.account):
+    if (
+        read is None
+        and config.reaches_fleet
+        and session.store.homes(config.host_name, fleet.stale_after(config), run.account)
+    ):
         return None
     if read is None:
         raise AccountUnusable(f"account {run.account} cannot be used: its credential file is gone")
@@ -681,10 +688,6 @@ def _account(session: _Session) -> Account | None:
     else:
         credential.remove()
     return account
-
-
-def _homes(config: Config, store: Store, account: str) -> dict[str, Home]:
-    return store.homes(config.host_name, fleet.stale_after(config), account)
 
 
 def _account_file(config: Config, account: str) -> Path:
@@ -772,8 +775,23 @@ def _unless_the_api_said_so(session: _Session, state: StreamState) -> None:
     failure): it walls nothing and moves nothing."""
     if session.capability is None or state.wall is None or session.run.account in session.store.walls():
         return
+    if _cut_off(session.config, session.store, session.run.account):  # the gateway's word, for the CLI's wall
+        home = "its home host cannot be reached from this host; the session waits for it or another account"
+        state.wall = dataclasses.replace(state.wall, message=f"account {session.run.account}: {home}")
+        return
     session.bound().warning("the CLI reported a wall the API did not send", said=state.wall.message)
     state.wall = None
+
+
+def _cut_off(config: Config, store: Store, account: str) -> bool:
+    """`account` lives on another live host, which this host's gateway could not reach lately
+    (`Store.cut_off`): its requests were answered as walls."""
+    if not config.reaches_fleet:
+        return False
+    stale_after = fleet.stale_after(config)
+    return bool(store.homes(config.host_name, stale_after, account)) and not store.homes(
+        config.host_name, stale_after, account, reachable=True
+    )
 
 
 def _hold_session(config: Config, job_id: int, bound: Any) -> int | None:

@@ -21,15 +21,16 @@ import structlog
 import uvloop
 from aiohttp import web
 
-from cl import daemon, fleet
+from cl import daemon
 from cl.client import DaemonUnreachable, call, tell
 from cl.config import Config, ConfigError, load_config
 from cl.gateway import tls
-from cl.gateway.proxy import MAX_BODY, Fleet, Proxy, Recorder
+from cl.gateway.homes import Homes
+from cl.gateway.proxy import MAX_BODY, Proxy, Recorder
 from cl.gateway.refresher import Refresher
 from cl.protocol import Handler, Peer, Reply, Request
 from cl.registry import CredentialRegistry
-from cl.store import AsyncStore, Home, Run, Store, StoreUnavailable
+from cl.store import AsyncStore, Run, Store, StoreUnavailable
 
 log = structlog.get_logger("cl.gateway")
 
@@ -86,7 +87,7 @@ class Gateway:
         log.info("listening", address=self.config.gateway_listen, upstream=self.config.gateway_upstream)
         if self.config.reaches_fleet:
             server, client = tls.contexts(self.config)
-            self.proxy.fleet = Fleet(self._home, client)
+            self.proxy.homes = Homes(self.config, self.store, client)
             for_the_fleet = await self._runner(self.proxy.handle_for_the_fleet)
             await _tcp_site(for_the_fleet, self.config.fleet_listen, server).start()
             log.info("listening for the fleet", address=self.config.fleet_listen, host=self.config.host_name)
@@ -98,11 +99,6 @@ class Gateway:
         await runner.setup()
         self._runners.append(runner)
         return runner
-
-    async def _home(self, account: str) -> Home | None:
-        """Where an account this host has no file for lives, asked of the store each time."""
-        homes = await self.store.homes(self.config.host_name, fleet.stale_after(self.config), account)
-        return homes.get(account)
 
     async def work(self) -> None:
         tasks = [asyncio.create_task(self.recorder.run()), asyncio.create_task(self._refresh_ahead())]

@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 
@@ -34,6 +33,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from cl import capability, redact
 from cl.credentials import Account, CredentialKind
 from cl.gateway import limits
+from cl.gateway.homes import CONNECT_TIMEOUT, Homes
 from cl.gateway.refresher import Refresher
 from cl.moments import iso_utc
 from cl.registry import CredentialRegistry
@@ -78,15 +78,6 @@ class Refused:
     wall, a refused credential), sent to the CLI if it cannot; None: the account is not usable."""
 
     answer: web.StreamResponse | None
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Fleet:
-    """How this gateway reaches the accounts of the fleet's other hosts."""
-
-    home: Callable[[str], Awaitable[Home | None]]
-    """The home of an account this host has no file for, if a live host serves it."""
-    tls: ssl.SSLContext
 
 
 class Counts:
@@ -163,7 +154,7 @@ class Proxy:
         self._recorder = recorder
         self._move = move
         self._client = client
-        self.fleet: Fleet | None = None
+        self.homes: Homes | None = None
         """Set when this host reaches the fleet's accounts (`fleet_listen`)."""
         self.counts = Counts()
 
@@ -223,7 +214,11 @@ class Proxy:
             return _error(404, "not_found_error", "cl-gateway forwards only the API paths Claude Code uses")
         presented = _presented(request)
         digest = capability.digest(presented) if presented else ""
-        run = await self._run_holding(digest) if presented else None
+        try:
+            run = await self._run_holding(digest) if presented else None
+        except StoreUnavailable as exc:  # an overloaded API to the CLI, which tries again later
+            log.warning("request refused: state store unavailable", error=str(exc))
+            return _error(529, "overloaded_error", "cl-gateway cannot reach its state store")
         if run is None:
             self.counts.refused["capability"] += 1
             return _error(401, "authentication_error", "no running session holds this capability")
@@ -243,7 +238,7 @@ class Proxy:
         account = await self._account(run.account)
         if account is not None and account.usable:
             return await self._ask_api(request, run, account, body)
-        if self.fleet is not None and (home := await self.fleet.home(run.account)) is not None:
+        if self.homes is not None and (home := await self.homes.of(run.account)) is not None:
             return await self._ask_home(request, run, home, body)
         return Refused(None)
 
@@ -273,21 +268,26 @@ class Proxy:
     async def _ask_home(self, request: web.Request, run: Run, home: Home, body: bytes) -> web.StreamResponse | Refused:
         """The request to the gateway of the account's home host, over TLS both ways, with the
         CLI's capability (that gateway takes it to the run as this one did): the answer relayed.
-        A wall or refused credential was recorded there; here the session is moved."""
-        assert self.fleet is not None
+        A wall or refused credential was recorded there; here the session is moved. A home that
+        cannot be reached is cut off from this host (`Homes.unreachable`) and answered as a wall
+        until then: moved if another account has room, else the CLI's turn ends and it waits."""
+        assert self.homes is not None
         try:
             upstream = await self._client().request(
                 request.method,
                 f"https://{home.gateway}{_path(request)}",
                 headers=_to_home(request.headers),
                 data=body,
-                ssl=self.fleet.tls,
+                ssl=self.homes.tls,
                 server_hostname=home.host,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=900),
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.counts.upstream_errors += 1
-            log.warning("account's home unreachable", account=run.account, home=home.host, run=run.id, error=_said(exc))
-            return _error(529, "overloaded_error", f"the home host of account {run.account} cannot be reached")
+            until = await self.homes.unreachable(home, run.account, _said(exc))
+            said = f"cl: the home of account {run.account} ({home.host}) cannot be reached from this host"
+            return Refused(_wall_until(until, said))
+        await self.homes.reachable(home)
         if upstream.status == 421:  # its file went from there meanwhile
             upstream.release()
             return Refused(None)
@@ -428,6 +428,20 @@ def _outbound(incoming: CIMultiDictProxy[str], account: Account) -> CIMultiDict[
     else:
         headers["authorization"] = f"Bearer {secret}"
     return headers
+
+
+def _wall_until(until: float, message: str) -> web.Response:
+    """A refusal the CLI takes as its account's wall until `until`: its turn ends and its worker
+    holds it for a move, as for the API's own."""
+    response = _error(429, "rate_limit_error", message)
+    response.headers.update(
+        {
+            f"{limits.PREFIX}status": "rejected",
+            f"{limits.PREFIX}reset": str(int(until)),
+            "retry-after": str(max(1, int(until - time.time()))),
+        }
+    )
+    return response
 
 
 def _error(status: int, kind: str, message: str) -> web.Response:

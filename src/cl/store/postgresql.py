@@ -148,6 +148,15 @@ MIGRATIONS: list[str] = [
     """,
     # 4: each host's gateway for the others (SQLite's 13)
     "ALTER TABLE hosts ADD COLUMN gateway TEXT",
+    # 5: the homes a host could not reach (SQLite's 14)
+    """
+    CREATE TABLE unreachable (
+        host TEXT NOT NULL,
+        home TEXT NOT NULL,
+        until DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (host, home)
+    )
+    """,
 ]
 
 

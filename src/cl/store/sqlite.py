@@ -176,6 +176,16 @@ MIGRATIONS: list[str] = [
     """,
     # 13: where each host's gateway takes the other hosts' requests for its accounts (`fleet_listen`)
     "ALTER TABLE hosts ADD COLUMN gateway TEXT",
+    # 14: a host's gateway could not reach another's (`Store.cut_off`): no work goes from it to
+    # that host's accounts until then
+    """
+    CREATE TABLE unreachable (
+        host TEXT NOT NULL,
+        home TEXT NOT NULL,
+        until REAL NOT NULL,
+        PRIMARY KEY (host, home)
+    )
+    """,
 ]
 
 

@@ -562,12 +562,14 @@ class Store:
         row = self._row("SELECT MIN(created_at) FROM jobs WHERE state = ?", (JobState.QUEUED,))
         return None if row[0] is None else float(row[0])
 
-    def unverified_moves(self) -> list[Run]:
-        """Moves whose run has ended but whose outcome the rescuer has not checked yet."""
+    def unverified_moves(self, host: str | None = None) -> list[Run]:
+        """Moves whose run has ended but whose outcome the rescuer has not checked yet; with
+        `host`, only those of its jobs (`ON_HOST`)."""
         rows = self._rows(
-            "SELECT * FROM runs WHERE resume IS NOT NULL AND verified_at IS NULL"
-            f" AND state NOT IN {sql_set(LIVE_RUNS)} ORDER BY id",
-            LIVE_RUNS,
+            "SELECT runs.* FROM runs JOIN jobs ON jobs.id = runs.job_id WHERE runs.resume IS NOT NULL"
+            f" AND runs.verified_at IS NULL AND runs.state NOT IN {sql_set(LIVE_RUNS)}"
+            f"{'' if host is None else f' AND {ON_HOST}'} ORDER BY runs.id",
+            (*LIVE_RUNS, *([] if host is None else [host])),
         )
         return [Run(*row) for row in rows]
 
@@ -607,12 +609,12 @@ class Store:
         )
         return row is not None
 
-    def verify_move(self, run_id: int) -> bool:
-        """Settle a move in the ledger, with whether the transcript grew. False if already settled."""
+    def verify_move(self, run_id: int) -> bool | None:
+        """Settle a move in the ledger: whether the transcript grew, None if it was settled already."""
         with self.transaction() as db:
             run = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
             if run is None or run["verified_at"] is not None:
-                return False
+                return None
             db.execute("UPDATE runs SET verified_at = ? WHERE id = ?", (time.time(), run_id))
             before, transcript_bytes = run["transcript_bytes"], run["transcript_bytes_after"]
             grew = transcript_bytes is not None and (before is None or transcript_bytes > before)
@@ -825,19 +827,41 @@ class Store:
             )
         return True
 
-    def homes(self, besides: str, stale_after: float, account: str | None = None) -> dict[str, Home]:
+    def homes(
+        self, besides: str, stale_after: float, account: str | None = None, *, reachable: bool = False
+    ) -> dict[str, Home]:
         """The accounts (or `account` alone) that live hosts other than `besides` publish as usable,
-        each with its home: the lowest-named such host whose gateway takes the fleet's requests."""
+        each with its home: the lowest-named such host whose gateway takes the fleet's requests.
+        `reachable`: leaving out the homes `besides` could not reach lately (`cut_off`)."""
         only = " AND host_accounts.account = ?" if account is not None else ""
+        cut = (
+            " AND NOT EXISTS (SELECT 1 FROM unreachable WHERE unreachable.host = ?"
+            f" AND unreachable.home = hosts.name AND unreachable.until > {self._backend.now})"
+        )
         rows = self._rows(
             "SELECT host_accounts.account, hosts.name, hosts.gateway FROM host_accounts"
             " JOIN hosts ON hosts.name = host_accounts.host"
             f" WHERE hosts.name <> ? AND host_accounts.state = 'ok' AND hosts.gateway IS NOT NULL"
-            f" AND {self._backend.now} - hosts.heartbeat_at <= ?{only}"
+            f" AND {self._backend.now} - hosts.heartbeat_at <= ?{only}{cut if reachable else ''}"
             " ORDER BY host_accounts.account, hosts.name DESC",
-            (besides, stale_after, *([account] if account is not None else [])),
+            (besides, stale_after, *([account] if account is not None else []), *([besides] if reachable else [])),
         )
         return {str(name): Home(str(host), str(gateway)) for name, host, gateway in rows}  # the lowest name last
+
+    def cut_off(self, host: str, home: str, seconds: float) -> None:
+        """`host`'s gateway could not reach `home`'s: for `seconds` (on the database's clock), no
+        work goes from `host` to `home`'s accounts (`homes(reachable=True)`)."""
+        with self.transaction() as db:
+            db.execute(
+                f"INSERT INTO unreachable (host, home, until) VALUES (?, ?, {self._backend.now} + ?)"
+                " ON CONFLICT (host, home) DO UPDATE SET until = excluded.until",
+                (host, home, seconds),
+            )
+
+    def reached(self, host: str, home: str) -> None:
+        """`host`'s gateway reached `home`'s again."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM unreachable WHERE host = ? AND home = ?", (host, home))
 
     def served_below(self, host: str, fingerprints: Collection[str], stale_after: float) -> dict[str, str]:
         """Of these credentials (`cl.fleet.fingerprint`, of `host`'s files as they are now), each
