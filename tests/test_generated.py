@@ -63,3 +63,13 @@ def test_the_daemons_never_import_the_worker_process() -> None:
     probe = "import sys, cl.balancer, cl.rescue, cl.metrics; print('cl.worker' in sys.modules)"
     imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert imported.stdout.strip() == "False"
+
+
+def test_without_the_postgresql_extra_every_process_starts() -> None:
+    """psycopg comes with `EXTRAS=postgresql` only: no module a daemon or the worker imports at
+    start may need it (it is imported where a server is used)."""
+    probe = (
+        "import sys; sys.modules['psycopg'] = sys.modules['psycopg_pool'] = None\n"
+        "import cl.balancer, cl.rescue, cl.metrics, cl.gateway.main, cl.worker, cl.cli"
+    )
+    subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)

@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import os
 from collections.abc import Callable, Coroutine
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from cl import daemon, fleet
 from cl.config import Config
@@ -21,8 +21,10 @@ from cl.protocol import Handler, Peer, Reply, Request, RequestError, id_field
 from cl.registry import CredentialRegistry
 from cl.states import LIVE_RUNS, RunState
 from cl.store import AsyncStore, Facts, Run, Store
-from cl.store.notifications import Listener
 from cl.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from cl.store.notifications import Listener
 
 
 class Service:
@@ -116,6 +118,8 @@ class Service:
 
     def _listen(self) -> Listener:
         """A pass when the database says another host did something that may give us work."""
+        from cl.store.notifications import Listener  # noqa: PLC0415 - psycopg only where a server is used
+
         loop = asyncio.get_running_loop()
         listener = Listener(
             self.config.store, f"cl-{self.name} {self.config.host_name}", lambda: loop.call_soon_threadsafe(self.wake)
