@@ -2,12 +2,16 @@
 directories and balancer and host name, sharing one PostgreSQL database (a server of the bench's
 own, started as the tests start theirs: tests/postgres.py, on a Unix socket).
 
+* placement fleet-wide: 10,000 queued jobs, a third submitted on each host, each host's placer (a
+  process of its own, the balancer's store path) placing its own jobs over the fleet's 300
+  accounts at once; one job to a transaction (as before batching) and `PLACE_BATCH` to one
+  (`Store.place_many`, as the balancer does), side by side, twice (goal: 2,000 jobs/s);
+* `status` (`Store.snapshot`) after a change, at 3 hosts x 1,000 live sessions;
 * a credential file lands on one host (os.replace returns) -> the other two hosts' balancers
   both list it in their `hosts` replies (goal: p99 <= 100 ms), each host holding 100 accounts;
 * the database's connections per host, the three balancers idle.
 
-Nothing leaves the machine. What is not measured yet (placement and status fleet-wide, wall ->
-move across hosts) needs what is not built yet: see docs/operating.md, "Running a fleet".
+Nothing leaves the machine. Not measured yet: wall -> move committed across hosts.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
+import multiprocessing.synchronize
 import secrets
 import sys
 import tempfile
@@ -23,7 +29,10 @@ from pathlib import Path
 
 from run import daemons_named, percentile, spread
 
+from cl.balancer import PLACE_BATCH
 from cl.client import DaemonUnreachable, call
+from cl.states import JobState
+from cl.store import Placement, Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -57,13 +66,86 @@ def listed(socket_path: Path, host: str, name: str) -> bool:
     )
 
 
+def queue(database: str, jobs: int) -> None:
+    """`jobs` queued jobs, submitted on the hosts in turn."""
+    store = Store(database)
+    now = time.time()
+    with store.transaction() as db:
+        for i in range(jobs):
+            db.execute(
+                "INSERT INTO jobs (cwd, prompt, state, created_at, updated_at, host) VALUES (?, ?, 'queued', ?, ?, ?)",
+                ("/srv", f"job {i}", now, now, HOSTS[i % len(HOSTS)]),
+            )
+    store.close()
+
+
+def placer(database: str, host: str, batch: int, jobs: int, start: multiprocessing.synchronize.Barrier) -> None:
+    """One host's placer: its own queued jobs over the fleet's 300 accounts, `batch` to a transaction."""
+    store = Store(database)
+    ids = [job.id for job in store.facts((JobState.QUEUED,), jobs, host).jobs]
+    start.wait()
+    for first in range(0, len(ids), batch):
+        if batch == 1:
+            store.place(ids[first], f"acct{ids[first] % 300:03d}", jobs)
+        else:
+            store.place_many(
+                [Placement(job_id, f"acct{job_id % 300:03d}", jobs) for job_id in ids[first : first + batch]]
+            )
+    store.close()
+
+
+def placement(database: str, jobs: int, batch: int) -> float:
+    """Jobs placed per second, fleet-wide: from the three placers' start to the last one's end."""
+    queue(database, jobs)
+    context = multiprocessing.get_context("fork")
+    start = context.Barrier(len(HOSTS) + 1)
+    placers = [context.Process(target=placer, args=(database, host, batch, jobs, start)) for host in HOSTS]
+    for process in placers:
+        process.start()
+    start.wait()
+    began = time.perf_counter()
+    for process in placers:
+        process.join()
+    elapsed = time.perf_counter() - began
+    assert [process.exitcode for process in placers] == [0] * len(HOSTS)
+    return jobs / elapsed
+
+
+def status(database: str, sessions: int, samples: int) -> list[float]:
+    """`Store.snapshot` after a change (seconds), at `sessions` live sessions per host."""
+    store = Store(database)
+    for i in range(sessions * len(HOSTS)):
+        job = store.add_job("/srv", f"job {i}", host=HOSTS[i % len(HOSTS)])
+        run = store.place(job.id, f"acct{i % 300:03d}", limit=sessions * len(HOSTS))
+        assert run is not None
+        store.claim(run.id, 1, "1", "/dev/null")
+    times = []
+    for _ in range(samples):
+        began = time.perf_counter()
+        store.record_usage("acct000", {"five_hour": 0.5})
+        store.snapshot()
+        times.append(time.perf_counter() - began)
+    store.close()
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="20 samples instead of 100")
     args = parser.parse_args()
     samples = 20 if args.quick else 100
+    jobs, sessions = (1_000, 100) if args.quick else (10_000, 1_000)
     server = postgres.Server()
     try:
+        for batch in (1, PLACE_BATCH, 1, PLACE_BATCH):  # side by side, twice: the machine is noisy
+            rate = placement(server.database(), jobs, batch)
+            verdict = "ok" if rate >= 2000 else "UNDER GOAL"
+            print(
+                f"placement, 3 placers at once, {batch} to a transaction: {rate:,.0f} jobs/s"
+                f" ({jobs:,} queued) [{verdict}]"
+            )
+        times = status(server.database(), sessions, samples)
+        print(f"status after a change, {len(HOSTS)} hosts x {sessions:,} sessions: {spread(times)} (n={samples})")
         database = server.database()
         with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
             roots = {host: Path(tmp) / host for host in HOSTS}

@@ -191,6 +191,10 @@ def test_the_seeds_afternoon_across_hosts(hosts: dict[str, Host], api: FakeApi, 
     assert {m["via"] for m in messages if m["cred_tail"] != fourth[-6:]} == {"127.0.0.1"}
     assert "listening for the fleet" in hosts["gamma"].log("gateway")
     assert not planted.leaks(hosts["alpha"].log("gateway") + hosts["beta"].log("gateway"), "the forwarding logs")
+    for name in ("a1", "a2", "a3"):  # alpha's own accounts would not serve the model; gamma's a4 does
+        assert cl(alpha, "accounts", "set", name, "models=opus").returncode == 0
+    asked = cl(alpha, "submit", "--cwd", str(alpha.work), "--prompt", "on sonnet", "--model", "sonnet", "--json")
+    assert asked.returncode == 0, asked.stderr
 
 
 def fleet_client(tls: Path, host: str | None, authority: str = "ca.pem") -> ssl.SSLContext:

@@ -22,7 +22,7 @@ from cl import cli_process, worker
 from cl.claude_code.stream import StreamState
 from cl.config import Config
 from cl.states import RunState
-from cl.store import AsyncStore, NoRoom, Published, Snapshot, Store, StoreError, StoreUnavailable
+from cl.store import AsyncStore, NoRoom, Placement, Published, Snapshot, Store, StoreError, StoreUnavailable
 from cl.store import postgresql as on_postgresql
 from cl.store import sqlite as on_sqlite
 from utils import wait_until
@@ -321,6 +321,27 @@ def test_writers_racing_to_place_never_exceed_an_accounts_limit(store: Store, st
         assert store.live_counts() == {"a1": 2}
         for run in store.runs_in():
             store.settle(run.id, RunState.DONE)
+
+
+def test_placements_in_one_transaction_each_stand_or_meet_no_room_alone(store: Store) -> None:
+    """`place_many`: each placement counts the ones before it in the same transaction; one that
+    meets no room writes nothing, and the others stand; a job no longer waiting is None."""
+    jobs = [store.add_job("/srv", f"j{i}") for i in range(5)]
+    store.cancel_job(jobs[3].id)
+    store.record_wall("walled", "api", time.time() + 3600, "five_hour")
+    outcomes = store.place_many(
+        [
+            Placement(jobs[0].id, "a1", 2),
+            Placement(jobs[1].id, "a1", 2),
+            Placement(jobs[2].id, "a1", 2),  # a1 holds two live runs now: the two above
+            Placement(jobs[3].id, "a2", 2),
+            Placement(jobs[4].id, "walled", 2),
+        ]
+    )
+    assert [type(outcome).__name__ for outcome in outcomes] == ["Run", "Run", "NoRoom", "NoneType", "NoRoom"]
+    assert store.live_counts() == {"a1": 2}
+    assert [job.state for job in store.jobs()] == ["running", "running", "queued", "cancelled", "queued"]
+    assert [e["event"] for e in store.ledger(100)].count("job placed") == 2
 
 
 def test_a_server_that_drops_its_connections_is_waited_out_then_used_again(postgresql: postgres.Server) -> None:

@@ -125,27 +125,47 @@ class Placer:
         """No account may take anything more in this pass."""
         return not self._candidates or self.full
 
+    def assign(self, model: str | None = None) -> tuple[str, int] | None:
+        """The account the next piece of work goes to, counted as taken there, and its limit; None
+        when no account may take it now (it waits). Its write may still find no room (`refused`)
+        or the work gone (`returned`)."""
+        if self.exhausted:
+            return None
+        candidates = serving(self._candidates, model, self._settings)
+        account = choose(candidates, self._live, self._usage, self._policy)
+        if account is None:
+            return None
+        room = limit(account, self._max_sessions, self._probation, self._settings)
+        self._live[account] = self._live.get(account, 0) + 1
+        if self._live[account] >= room:
+            self._drop(account)
+        return account, room
+
+    def refused(self, account: str) -> None:
+        """An account `assign` gave was walled, paused or full inside its own transaction (the
+        other daemon, another host or an operator got there first): nothing more goes there."""
+        self.returned(account)
+        self._drop(account)
+
+    def returned(self, account: str) -> None:
+        """What `assign` counted on `account` was not placed (the work was gone meanwhile)."""
+        self._live[account] -= 1
+
     async def take(self, attempt: Callable[[str, int], Awaitable[bool]], model: str | None = None) -> bool:
         """Offer one piece of work: `attempt(account, limit)` writes it there (True) or finds the
         work gone meanwhile (False). False only when no account may take it now: it waits."""
-        if self.exhausted:
-            return False
-        candidates = serving(self._candidates, model, self._settings)
-        while (account := choose(candidates, self._live, self._usage, self._policy)) is not None:
-            room = limit(account, self._max_sessions, self._probation, self._settings)
+        while (choice := self.assign(model)) is not None:
+            account, room = choice
             try:
                 taken = await attempt(account, room)
             except NoRoom:
-                self._drop(account, candidates)
+                self.refused(account)
                 continue
-            if taken:
-                self._live[account] = self._live.get(account, 0) + 1
-                if self._live[account] >= room:
-                    self._drop(account, candidates)
+            if not taken:
+                self.returned(account)
             return True
         return False
 
-    def _drop(self, account: str, candidates: list[str]) -> None:
-        self._candidates.remove(account)
-        if candidates is not self._candidates:
-            candidates.remove(account)
+    def _drop(self, account: str) -> None:
+        if account in self._candidates:
+            self._candidates.remove(account)

@@ -67,6 +67,7 @@ class AsyncStore:
     let_go = _OnStoreThread(Store.let_go)
     oldest_queued = _OnStoreThread(Store.oldest_queued)
     place = _OnStoreThread(Store.place)
+    place_many = _OnStoreThread(Store.place_many)
     send = _OnStoreThread(Store.send)
     served_below = _OnStoreThread(Store.served_below)
     prune = _OnStoreThread(Store.prune)

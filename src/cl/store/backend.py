@@ -90,6 +90,15 @@ def inserted(db: Db, sql: str, parameters: Sequence[Any]) -> Any:
     return db.execute(f"{sql} RETURNING *", parameters).fetchall()[0]
 
 
+def inserted_many(db: Db, sql: str, rows: Sequence[Sequence[Any]]) -> list[Any]:
+    """Run an INSERT for each of `rows`; the new rows, in order (pipelined where the backend's
+    connection can: `inserted_many` of its own)."""
+    many = getattr(db, "inserted_many", None)
+    if many is not None:
+        return list(many(f"{sql} RETURNING *", rows))
+    return [inserted(db, sql, row) for row in rows]
+
+
 def capability_run(db: Db, digest: str) -> Run | None:
     row = db.execute(
         "SELECT runs.* FROM capabilities JOIN runs ON runs.id = capabilities.run_id"

@@ -192,7 +192,9 @@ def _row_class(names: tuple[str, ...]) -> type[Row]:
 
 
 def _rows(cursor: psycopg.Cursor[Any]) -> psycopg.rows.RowMaker[Row]:
-    return _row_class(tuple(column.name for column in cursor.description or ()))
+    result = cursor.pgresult  # its field names, not `description` (a Column object each, every result)
+    names = () if result is None else tuple((result.fname(i) or b"").decode() for i in range(result.nfields))
+    return _row_class(names)
 
 
 @functools.lru_cache(maxsize=512)
@@ -214,6 +216,16 @@ class _Db:
         cursor = self._connection.cursor()
         cursor.executemany(_pyformat(sql), parameters)
         return cursor
+
+    def inserted_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> list[Row]:
+        """Each row's INSERT ... RETURNING, pipelined: one round trip for them all."""
+        cursor = self._connection.cursor()
+        cursor.executemany(_pyformat(sql), rows, returning=True)
+        returned = []
+        while True:
+            returned += cursor.fetchall()
+            if not cursor.nextset():
+                return returned
 
 
 class PostgresBackend:

@@ -190,6 +190,16 @@ class NoRoom(Exception):
     """The account is walled or at its session limit (checked inside the placing transaction)."""
 
 
+class Placement(NamedTuple):
+    """One job for `Store.place_many`: the account chosen, its limit, and the session a
+    follow-up resumes (None for a fresh job)."""
+
+    job_id: int
+    account: str
+    limit: int
+    resume: str | None = None
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Facts:
     """What placement and rescue decide on, read in one transaction."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cl.states import FINISHED_JOBS, LIVE_JOBS, LIVE_RUNS, RESCUABLE, JobState, RunState
-from cl.store.backend import Backend, Db, Lookup, capability_run, inserted, sql_set
+from cl.store.backend import Backend, Db, Lookup, capability_run, inserted, inserted_many, sql_set
 from cl.store.records import (
     BUSY_TIMEOUT,
     NEEDS_LOGIN,
@@ -31,6 +31,7 @@ from cl.store.records import (
     Job,
     Listing,
     NoRoom,
+    Placement,
     Published,
     Run,
     Snapshot,
@@ -77,9 +78,15 @@ class Store:
 
     def record(self, db: Db, event: str, job_id: int | None = None, account: str | None = None, **detail: Any) -> None:
         """Append to the ledger, inside the caller's transaction."""
-        db.execute(
+        self.records(db, [(event, job_id, account, detail)])
+
+    @staticmethod
+    def records(db: Db, entries: Sequence[tuple[str, int | None, str | None, dict[str, Any]]]) -> None:
+        """Append several (event, job, account, detail) to the ledger, in one call."""
+        now = time.time()
+        db.executemany(
             "INSERT INTO ledger (at, event, job_id, account, detail) VALUES (?, ?, ?, ?, ?)",
-            (time.time(), event, job_id, account, json.dumps(detail, default=str) if detail else None),
+            [(now, *entry[:3], json.dumps(entry[3], default=str) if entry[3] else None) for entry in entries],
         )
 
     # jobs
@@ -230,47 +237,68 @@ class Store:
         The run's prompt is the job's pending follow-up, if any. Raises `NoRoom` if the account is
         walled or has `limit` live runs.
         """
-        now = time.time()
-        waiting = (JobState.QUEUED,) if resume is None else (*RESCUABLE, JobState.QUEUED)
         with self.transaction() as db:
-            job = db.execute("SELECT state, account, pending_prompt FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if job is None or job["state"] not in waiting:
-                return None
-            if self._no_room(db, account, now, limit):
-                raise NoRoom(account)
-            live = (
-                live
-                and db.execute("SELECT 1 FROM runs WHERE job_id = ? AND held_until IS NOT NULL", (job_id,)).fetchone()
-                is not None
-            )
-            db.execute(
-                "UPDATE jobs SET state = ?, account = ?, error = NULL, updated_at = ? WHERE id = ?",
-                (JobState.RUNNING, account, now, job_id),
-            )
-            run = Run(
-                *inserted(
-                    db,
-                    "INSERT INTO runs (job_id, account, state, resume, created_at, prior_state, live, prompt)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        job_id,
-                        account,
-                        RunState.STARTING,
-                        resume,
-                        now,
-                        resume and job["state"],
-                        int(live),
-                        job["pending_prompt"],
-                    ),
+            return self._place(db, Placement(job_id, account, limit, resume), live=live, now=time.time())
+
+    def place_many(self, placements: Sequence[Placement]) -> list[Run | NoRoom | None]:
+        """Several placements of waiting jobs (no live moves) in one transaction, each as `place`
+        makes it, read and written a batch at a time: the jobs and their accounts' room in four
+        queries (no other writer runs meanwhile, so what they say stays true but for this batch's
+        own runs, counted as they go), the writes pipelined where the backend can. For each: its
+        run, the `NoRoom` it met (nothing written for it), or None if its job is not waiting."""
+        now = time.time()
+        ids, accounts = [p.job_id for p in placements], sorted({p.account for p in placements})
+        outcomes: list[Run | NoRoom | None] = [None] * len(placements)
+        placed: list[tuple[int, Placement, Any]] = []
+        with self.transaction() as db:
+            query = f"SELECT id, state, account, pending_prompt FROM jobs WHERE id IN {sql_set(ids)}"
+            jobs = {row["id"]: row for row in db.execute(query, ids)}
+            full, live = _without_room(db, accounts, now), _live_runs(db, accounts)
+            for index, placement in enumerate(placements):
+                job = jobs.pop(placement.job_id, None)  # a job listed twice is placed once
+                if job is None or job["state"] not in _waiting(placement.resume):
+                    continue
+                if placement.account in full or live.get(placement.account, 0) >= placement.limit:
+                    outcomes[index] = NoRoom(placement.account)
+                    continue
+                live[placement.account] = live.get(placement.account, 0) + 1
+                placed.append((index, placement, job))
+            if placed:
+                db.executemany(
+                    "UPDATE jobs SET state = ?, account = ?, error = NULL, updated_at = ? WHERE id = ?",
+                    [(JobState.RUNNING, placement.account, now, placement.job_id) for _, placement, _ in placed],
                 )
-            )
-            if resume is None:
-                self.record(db, "job placed", job_id, account, run=run.id)
-            elif job["state"] == JobState.QUEUED:
-                self.record(db, "follow-up started", job_id, account, run=run.id, session=resume)
-            else:
-                source = job["account"]
-                self.record(db, "move started", job_id, account, run=run.id, session=resume, source=source, live=live)
+                values = [_run_values(placement, job, False, now) for _, placement, job in placed]
+                runs = [Run(*row) for row in inserted_many(db, RUN_INSERT, values)]
+                self.records(
+                    db, [_placed(placement, job, run) for (_, placement, job), run in zip(placed, runs, strict=True)]
+                )
+                for (index, _, _), run in zip(placed, runs, strict=True):
+                    outcomes[index] = run
+        return outcomes
+
+    def _place(self, db: Db, placement: Placement, *, live: bool, now: float) -> Run | None:
+        job = db.execute(  # the job and the account's room: one round trip
+            f"SELECT state, account, pending_prompt, {ROOM} FROM jobs WHERE id = ?",
+            (*_room_of(placement.account, now), placement.job_id),
+        ).fetchone()
+        if job is None or job["state"] not in _waiting(placement.resume):
+            return None
+        if _full(job[3:6], placement.limit):
+            raise NoRoom(placement.account)
+        live = (
+            live
+            and db.execute(
+                "SELECT 1 FROM runs WHERE job_id = ? AND held_until IS NOT NULL", (placement.job_id,)
+            ).fetchone()
+            is not None
+        )
+        db.execute(
+            "UPDATE jobs SET state = ?, account = ?, error = NULL, updated_at = ? WHERE id = ?",
+            (JobState.RUNNING, placement.account, now, placement.job_id),
+        )
+        run = Run(*inserted(db, RUN_INSERT, _run_values(placement, job, live, now)))
+        self.records(db, [_placed(placement, job, run)])
         return run
 
     def requeue(self, job_id: int, reason: str) -> bool:
@@ -312,13 +340,7 @@ class Store:
     @staticmethod
     def _no_room(db: Db, account: str, now: float, limit: int) -> bool:
         """`account` is walled, paused, or has `limit` live runs (one query: one round trip)."""
-        walled, paused, live = db.execute(
-            "SELECT EXISTS (SELECT 1 FROM walls WHERE account = ? AND (reset_at IS NULL OR reset_at > ?)),"
-            " EXISTS (SELECT 1 FROM account_settings WHERE account = ? AND paused_at IS NOT NULL),"
-            f" (SELECT COUNT(*) FROM runs WHERE account = ? AND state IN {sql_set(LIVE_RUNS)})",
-            (account, now, account, account, *LIVE_RUNS),
-        ).fetchone()
-        return bool(walled) or bool(paused) or int(live) >= limit
+        return _full(db.execute(f"SELECT {ROOM}", _room_of(account, now)).fetchone(), limit)
 
     def claim(self, run_id: int, pid: int, pid_start: str, log_path: str) -> Run | None:
         """The worker takes its run: starting -> running. None if the run is not `starting` any more."""
@@ -984,6 +1006,78 @@ SELECT
     }),
     (SELECT COUNT(*) FROM jobs WHERE state = ?)
 """
+
+
+RUN_COLUMNS = "job_id, account, state, resume, created_at, prior_state, live, prompt"
+RUN_INSERT = f"INSERT INTO runs ({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+def _waiting(resume: str | None) -> tuple[str, ...]:
+    """The job states a placement takes a job from: queued, or (resuming a session) walled or orphaned too."""
+    return (JobState.QUEUED,) if resume is None else (*RESCUABLE, JobState.QUEUED)
+
+
+def _run_values(placement: Placement, job: Any, live: bool, now: float) -> tuple[Any, ...]:
+    """`RUN_INSERT`'s values for a placement of `job` (its row: state and pending prompt)."""
+    resume, prior = placement.resume, placement.resume and job["state"]
+    return (
+        placement.job_id,
+        placement.account,
+        RunState.STARTING,
+        resume,
+        now,
+        prior,
+        int(live),
+        job["pending_prompt"],
+    )
+
+
+def _placed(placement: Placement, job: Any, run: Run) -> tuple[str, int, str, dict[str, Any]]:
+    """The ledger's entry for a placement: a job placed, a follow-up started, a move started."""
+    detail: dict[str, Any] = {"run": run.id}
+    if placement.resume is None:
+        return "job placed", run.job_id, run.account, detail
+    detail["session"] = placement.resume
+    if job["state"] == JobState.QUEUED:
+        return "follow-up started", run.job_id, run.account, detail
+    return "move started", run.job_id, run.account, {**detail, "source": job["account"], "live": bool(run.live)}
+
+
+def _without_room(db: Db, accounts: Sequence[str], now: float) -> set[str]:
+    """Of `accounts`, those walled now or paused."""
+    walled = db.execute(
+        f"SELECT account FROM walls WHERE account IN {sql_set(accounts)} AND (reset_at IS NULL OR reset_at > ?)"
+        f" UNION SELECT account FROM account_settings WHERE account IN {sql_set(accounts)} AND paused_at IS NOT NULL",
+        (*accounts, now, *accounts),
+    )
+    return {row[0] for row in walled}
+
+
+def _live_runs(db: Db, accounts: Sequence[str]) -> dict[str, int]:
+    rows = db.execute(
+        f"SELECT account, COUNT(*) FROM runs WHERE account IN {sql_set(accounts)} AND state IN {sql_set(LIVE_RUNS)}"
+        " GROUP BY account",
+        (*accounts, *LIVE_RUNS),
+    )
+    return {row[0]: int(row[1]) for row in rows}
+
+
+ROOM = (
+    "EXISTS (SELECT 1 FROM walls WHERE account = ? AND (reset_at IS NULL OR reset_at > ?)),"
+    " EXISTS (SELECT 1 FROM account_settings WHERE account = ? AND paused_at IS NOT NULL),"
+    f" (SELECT COUNT(*) FROM runs WHERE account = ? AND state IN {sql_set(LIVE_RUNS)})"
+)
+"""An account's room, as three columns: walled now, paused, its live runs (`_room_of` its parameters)."""
+
+
+def _room_of(account: str, now: float) -> tuple[Any, ...]:
+    return (account, now, account, account, *LIVE_RUNS)
+
+
+def _full(room: Sequence[Any], limit: int) -> bool:
+    """`ROOM`'s columns say the account is walled, paused, or has `limit` live runs."""
+    walled, paused, live = room
+    return bool(walled) or bool(paused) or int(live) >= limit
 
 
 ON_HOST = "(jobs.host IS NULL OR jobs.host = ?)"
