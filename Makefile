@@ -42,6 +42,7 @@ bench: dev
 	$(BIN)/python bench/store.py
 	$(BIN)/python bench/fleet.py
 	$(BIN)/python bench/crash_stress.py --trials 100
+	$(BIN)/python bench/crash_stress.py --trials 60 --store postgresql
 
 # The daemons in the foreground on ./var, or VAR=dir (no systemd); Ctrl-C stops them. As root, each job's
 # CLI gets a user of its own (cl-cli-N, made by systemd-sysusers as the units' install does) and a view

@@ -1,4 +1,4 @@
-"""Crash stress (`python bench/crash_stress.py [--trials N]`, part of `make bench`): kill -9 a daemon mid-work.
+"""Crash stress (`python bench/crash_stress.py [--trials N] [--store postgresql]`): kill -9 mid-work.
 
 The trial of tests/test_crash.py (tests/crash.py), as many times as asked, alternating the
 victim: three walled sessions held for a live move and three queued jobs, two healthy accounts
@@ -6,11 +6,15 @@ dropped in, SIGKILL to cl-rescue or cl-balancer after a random delay while anoth
 the store at random moments past its busy timeout, a restart, a verdict on every job. Prints the
 tally per victim, how many moves were live, the restart-to-READY times, how often the store was
 found locked, and every problem (lost, run twice, two live processes of a session, a transcript lost).
+With `--store postgresql` the store is a PostgreSQL database (a server of the bench's own, as the
+tests start theirs), the random locker is left out, and the database itself is a third victim:
+restarted mid-work, every connection dropped. `make bench` runs both.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import shutil
 import sys
@@ -22,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from run import ms, percentile
 
+import postgres
 from crash import QUEUED, WALLED, Verdict, trial
 from utils import Planted
 
@@ -30,19 +35,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite")
     args = parser.parse_args()
     planted = Planted()
     rng = random.Random(args.seed)
-    with tempfile.TemporaryDirectory(prefix="cl-crash-") as tmp:
-        victims = ("rescue", "balancer")
+    server = postgres.Server() if args.store == "postgresql" else None
+    victims = ("rescue", "balancer", "database") if server is not None else ("rescue", "balancer")
+    with tempfile.TemporaryDirectory(prefix="cl-crash-") as tmp, contextlib.ExitStack() as stack:
+        if server is not None:
+            stack.callback(server.stop)
         verdicts = []
         for i in range(args.trials):
+            victim = victims[i % len(victims)]
             try:
-                verdicts.append(trial(Path(tmp) / f"trial-{i}", planted, rng, victims[i % 2]))
+                verdicts.append(trial(Path(tmp) / f"trial-{i}", planted, rng, victim, server))
             except AssertionError as exc:  # a trial that never settled: a problem to show, with its files
                 kept = Path(tempfile.mkdtemp(prefix=f"cl-crash-{i}-"))
                 shutil.copytree(Path(tmp) / f"trial-{i}", kept, dirs_exist_ok=True, symlinks=True)
-                verdicts.append(Verdict(victims[i % 2], 0.0, -1, 0, 0, 0.0, [f"trial {i}: {exc} (its files: {kept})"]))
+                verdicts.append(Verdict(victim, 0.0, -1, 0, 0, 0.0, [f"trial {i}: {exc} (its files: {kept})"]))
         texts = [log.read_text(errors="replace") for log in sorted(Path(tmp).rglob("*.log"))]
         leaks = [leak for text in texts for leak in planted.leaks(text, "a log")]
         locked = sum(text.count("state store unavailable") for text in texts)
@@ -52,13 +62,14 @@ def main() -> None:
         problems = [p for v in mine for p in v.problems]
         failed += len(problems)
         restarts = [v.restart for v in mine if v.work_before_kill >= 0] or [0.0]
+        what = "restart the database" if victim == "database" else f"kill -9 cl-{victim}"
         print(
-            f"kill -9 cl-{victim}: {len(mine)} trials, {len(mine) * (WALLED + QUEUED)} jobs;"
+            f"{what} ({args.store}): {len(mine)} trials, {len(mine) * (WALLED + QUEUED)} jobs;"
             f" work written before the kill: {dict(sorted(Counter(v.work_before_kill for v in mine).items()))};"
             f" kills with work in flight (jobs not done): {sum(v.unfinished_at_kill > 0 for v in mine)};"
             f" moves onto the new accounts made live: {sum(v.live_moves for v in mine)} of {len(mine) * WALLED};"
             f" problems (lost, run twice, two processes, transcript lost): {len(problems)};"
-            f" restart to READY p50 {ms(percentile(restarts, 50))} max {ms(max(restarts))}",
+            f" restart to ready p50 {ms(percentile(restarts, 50))} max {ms(max(restarts))}",
             flush=True,
         )
         for problem in problems:

@@ -4,7 +4,8 @@ Used by tests/test_crash.py (trials in CI) and bench/crash_stress.py (as many as
 trial starts both daemons on a fresh layout with the fake `claude`: three sessions wall on a1..a3
 (every account walled) and are held alive by their workers for a live move, three jobs queue
 behind them. Then two healthy accounts are dropped in (a4, a5), so that placements and live moves
-run at once, the victim gets SIGKILL after a random delay, and is started again.
+run at once, the victim gets SIGKILL after a random delay, and is started again. On PostgreSQL
+the victim may also be the database: restarted (every connection dropped) at that moment.
 
 A verdict lists every problem: a job not done, a job started fresh more than once, a walled
 session continued on the new accounts other than exactly once or without its history, a session
@@ -25,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import postgres
 from cl.store import Job, Store
 from utils import DaemonProcess, Layout, Planted, cl, end_workers, oauth_credential, wait_until, write_credential
 
@@ -47,14 +49,22 @@ class Verdict:
     live_moves: int
     """Moves onto the new accounts made live (a move the kill rolled back is made again, live or not)."""
     restart: float
-    """Seconds from the restarted victim's exec to its socket answering (it is READY by then)."""
+    """Seconds from the restarted victim's exec to its socket answering (it is READY by then); for
+    the database, from the restart's start to its accepting connections again."""
     problems: list[str]
 
 
-def trial(root: Path, planted: Planted, rng: random.Random, victim: str) -> Verdict:
-    """One kill, while the store is also locked at random moments past its busy timeout (by
-    another writer, as a backup or a sqlite3 shell would): the daemons and workers wait it out."""
-    layout = Layout(root)
+def trial(
+    root: Path,
+    planted: Planted,
+    rng: random.Random,
+    victim: str,
+    database: postgres.Server | None = None,
+) -> Verdict:
+    """One kill. On SQLite, while the store is also locked at random moments past its busy timeout
+    (by another writer, as a backup or a sqlite3 shell would): the daemons and workers wait it
+    out. On `database` (a database of its own there), `victim` "database" restarts the server."""
+    layout = Layout(root, store=database.database() if database is not None else "")
     locks = layout.root / "session-locks"
     locks.mkdir()
     env = layout.env(CL_STORE_BUSY_TIMEOUT=str(BUSY_TIMEOUT), FAKE_CLAUDE_SESSION_LOCKS=str(locks))
@@ -72,18 +82,26 @@ def trial(root: Path, planted: Planted, rng: random.Random, victim: str) -> Verd
             cl(layout, "submit", "--cwd", str(layout.work), "--prompt", f"queued {i}")
         before = _work(layout)
         tokens = {}
-        with _locked_at_random(layout.state / "cl.db", random.Random(rng.random())):
+        locked = _locked_at_random(layout.state / "cl.db", random.Random(rng.random())) if database is None else None
+        with locked or contextlib.nullcontext():
             for name in HEALTHY:
                 tokens[name] = planted.token()
                 write_credential(layout.credentials, name, oauth_credential(planted, token=tokens[name]))
             delay = rng.uniform(0, 0.15)  # the files land; the work is written in some 20 ms, done in 100
             time.sleep(delay)  # a random point in the work: the kill is what is random, not what we assert
-            daemons[victim].stop(signal.SIGKILL)
+            if victim == "database":
+                assert database is not None
+                began = time.perf_counter()
+                database.restart()
+                restart = time.perf_counter() - began
+            else:
+                daemons[victim].stop(signal.SIGKILL)
             work_before_kill = _work(layout) - before
             unfinished = sum(job.state != "done" for job in _jobs(layout))
-            began = time.perf_counter()
-            daemons[victim] = DaemonProcess(victim, layout, env=env).start()
-            restart = time.perf_counter() - began
+            if victim != "database":
+                began = time.perf_counter()
+                daemons[victim] = DaemonProcess(victim, layout, env=env).start()
+                restart = time.perf_counter() - began
         wait_until(lambda: {job.state for job in _jobs(layout)} == {"done"}, "every job to finish", timeout=60)
         wait_until(lambda: _events(layout).count("move settled") >= WALLED, "every move to be settled")
     finally:

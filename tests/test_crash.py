@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import postgres
 from crash import Verdict, trial
 from utils import Planted
 
@@ -28,3 +29,19 @@ def test_killing_a_daemon_mid_work_loses_nothing_and_runs_nothing_twice(
     assert sum(v.unfinished_at_kill > 0 for v in verdicts) >= len(verdicts) // 2  # ... and in flight at the kill
     slowest = max(v.restart for v in verdicts)
     assert slowest < 5, f"a restart took {slowest:.2f}s"  # a hang, not a speed: the figure is in bench/crash_stress.py
+
+
+FLEET_TRIALS = {"rescue": 4, "balancer": 4, "database": 4}
+
+
+@pytest.mark.parametrize("victim", sorted(FLEET_TRIALS))
+def test_on_postgresql_killing_a_daemon_or_restarting_the_database_mid_work_loses_nothing(
+    victim: str, tmp_path: Path, planted: Planted, postgresql: postgres.Server
+) -> None:
+    """The same trials with the store on PostgreSQL (the fleet's), and the database itself
+    restarted mid-work (every connection dropped) as a third victim."""
+    rng = random.Random(f"{victim}-postgresql-20261205")
+    verdicts = [trial(tmp_path / f"trial-{i}", planted, rng, victim, postgresql) for i in range(FLEET_TRIALS[victim])]
+    problems = [f"trial {i} (kill after {v.delay:.3f}s): {p}" for i, v in enumerate(verdicts) for p in v.problems]
+    assert not problems, "\n".join(problems)
+    assert sum(v.unfinished_at_kill > 0 for v in verdicts) >= 1  # work in flight at a kill
