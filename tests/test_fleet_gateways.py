@@ -33,6 +33,7 @@ from utils import (
     Layout,
     Planted,
     cl,
+    end_workers,
     fake_api_running,
     free_port,
     job_states,
@@ -148,10 +149,15 @@ def account(layout: Layout, planted: Planted, name: str) -> str:
     return access
 
 
+def hosts_seen(layout: Layout) -> list[dict[str, Any]]:
+    """The fleet's hosts, as `layout`'s host sees them (`cl hosts`)."""
+    hosts: list[dict[str, Any]] = json.loads(cl(layout, "hosts", "--json").stdout)["hosts"]
+    return hosts
+
+
 def published(layout: Layout) -> set[str]:
     """The accounts the live hosts publish, as `layout`'s host sees them."""
-    reply = json.loads(cl(layout, "hosts", "--json").stdout)
-    return {account["name"] for host in reply["hosts"] if host["live"] for account in host["accounts"]}
+    return {account["name"] for host in hosts_seen(layout) if host["live"] for account in host["accounts"]}
 
 
 def jobs(layout: Layout) -> dict[int, dict[str, Any]]:
@@ -398,3 +404,35 @@ def test_while_the_database_is_away_a_cli_is_told_the_api_is_overloaded(
         postgresql.sql(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
     wait_until(lambda: status() == (401, "authentication_error"), "the gateway to reach the store again")
     assert "request refused: state store unavailable" in hosts["alpha"].log("gateway")
+
+
+def test_a_host_that_dies_whole_takes_its_session_back_when_it_returns_and_no_other_host_takes_it(
+    hosts: dict[str, Host], api: FakeApi, planted: Planted
+) -> None:
+    """Alpha's session runs on gamma's a4 when alpha dies whole: its daemons killed, its worker
+    too (its CLI with it). Alpha drops out of the fleet; beta and gamma leave its job alone. Its
+    daemons start again: the session is found orphaned and resumed, once, through gamma."""
+    alpha = hosts["alpha"]
+    a4 = account(hosts["gamma"].layout, planted, "a4")
+    wait_until(lambda: "a4" in published(alpha.layout), "gamma's a4 to be the fleet's")
+    alpha.layout.hold.touch()
+    job = submit(alpha.layout, "interrupted")
+    wait_until(lambda: any(run.session_id for run in stored(alpha.layout, Store.runs_in)), "the session to have its id")
+    for daemon in alpha.daemons.values():
+        daemon.stop(signal.SIGKILL)
+    assert end_workers(alpha.layout)  # the worker: its CLI goes with it
+    wait_until(
+        lambda: not any(h["live"] for h in hosts_seen(hosts["beta"].layout) if h["name"] == "alpha"), "alpha out"
+    )
+    assert stored(alpha.layout, lambda store: store.get_job(job)).state == "running"  # nobody took it over
+    alpha.layout.hold.unlink()
+    for daemon in alpha.daemons.values():
+        daemon.start()
+    wait_until(lambda: job_states(alpha.layout).get(job) == "done", "the session to be resumed and end")
+    first, resumed = alpha.layout.claude_calls()
+    assert (resumed["session_id"], "--resume" in resumed["argv"]) == (first["session_id"], True)
+    assert "session orphaned" in alpha.log("rescue")
+    for other in ("beta", "gamma"):
+        assert not hosts[other].layout.claude_calls()
+        assert "session orphaned" not in hosts[other].log("rescue") + hosts[other].log("balancer")
+    assert [(m["cred_tail"], m["via"]) for m in api.messages()] == [(a4[-6:], "127.0.0.3")]  # the resumed turn
