@@ -86,7 +86,7 @@ def fleet_running(
     hosts: dict[str, Host] = {}
     try:
         for name, address in ADDRESSES.items():
-            layout = Layout(root / name, store=database)
+            layout = Layout(root / name, store=as_role(database, name))
             gateway_listen, fleet_listen = f"{address}:{free_port()}", f"{address}:{free_port()}"
             env = layout.env(
                 CL_HOST=name,
@@ -118,9 +118,25 @@ def fleet_running(
                     daemon.stop()
 
 
+def as_role(database: str, host: str) -> str:
+    """The database's URL for `host`: each host connects as a role of its own (a superuser, made
+    once per server), so that a test can cut one host off (`ALTER ROLE host NOLOGIN`)."""
+    server, _, query = database.partition("?")
+    return f"{server}?{query.replace('user=postgres', f'user={host}')}"
+
+
 @pytest.fixture
 def tls(tmp_path: Path) -> Path:
     return certificates(tmp_path / "tls", list(ADDRESSES))
+
+
+@pytest.fixture(autouse=True)
+def roles(postgresql: postgres.Server) -> None:
+    """A role per host (`as_role`)."""
+    for host in ADDRESSES:
+        postgresql.sql(
+            f"DO $$ BEGIN CREATE ROLE {host} SUPERUSER LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+        )
 
 
 @pytest.fixture
@@ -436,3 +452,36 @@ def test_a_host_that_dies_whole_takes_its_session_back_when_it_returns_and_no_ot
         assert not hosts[other].layout.claude_calls()
         assert "session orphaned" not in hosts[other].log("rescue") + hosts[other].log("balancer")
     assert [(m["cred_tail"], m["via"]) for m in api.messages()] == [(a4[-6:], "127.0.0.3")]  # the resumed turn
+
+
+def test_a_host_cut_off_from_the_database_leaves_the_fleet_and_sessions_on_its_accounts_move(
+    hosts: dict[str, Host], api: FakeApi, postgresql: postgres.Server, planted: Planted
+) -> None:
+    """Beta's session is placed on alpha's a1 and waits to send its request. Alpha is cut off from
+    the database (its role refused, its connections ended): its heartbeats stop and its gateway
+    cannot take a capability to its run. The session goes on, live, on gamma's g1: through
+    alpha's refusal (503 to another host) or, once alpha has dropped out, without asking it. The
+    cut healed, alpha's heartbeats resume and a1 is the fleet's again."""
+    alpha, beta = hosts["alpha"], hosts["beta"].layout
+    a1, g1 = account(alpha.layout, planted, "a1"), account(hosts["gamma"].layout, planted, "g1")
+    wait_until(lambda: {"a1", "g1"} <= published(beta), "a1 and g1 to be the fleet's")
+    beta.hold.touch()
+    job = submit(beta, "on a1")
+    wait_until(lambda: len(beta.claude_calls()) == 1, "beta's CLI to start")
+    assert jobs(beta)[job]["account"] == "a1"  # the same room: the name first
+    postgresql.sql("ALTER ROLE alpha NOLOGIN")
+    try:
+        postgresql.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'alpha'")
+        beta.hold.unlink()
+        wait_until(lambda: job_states(beta).get(job) == "done", "the session to go on on g1")
+        wait_until(lambda: "heartbeats missed" in alpha.log("balancer"), "alpha to miss its heartbeats")
+        wait_until(lambda: "a1" not in published(beta), "a1 to leave the fleet")
+    finally:
+        postgresql.sql("ALTER ROLE alpha LOGIN")
+    wait_until(lambda: "heartbeats again" in alpha.log("balancer"), "alpha's heartbeats to resume")
+    wait_until(lambda: "a1" in published(beta), "a1 to be the fleet's again")
+    runs = stored(beta, functools.partial(Store.job_runs, job_id=job))
+    assert [(run.account, run.live) for run in runs] == [("a1", False), ("g1", True)]
+    assert len({call["pid"] for call in beta.claude_calls()}) == 1  # one CLI start
+    assert [(m["cred_tail"], m["via"]) for m in api.messages()] == [(g1[-6:], "127.0.0.3")]
+    assert a1[-6:] not in {m["cred_tail"] for m in api.messages()}

@@ -160,7 +160,7 @@ class Proxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """A CLI's request (on `gateway_listen`)."""
-        taken = await self._taken(request)
+        taken = await self._taken(request, unavailable=529)  # an overloaded API: the CLI tries again later
         if isinstance(taken, web.StreamResponse):
             return taken
         run, digest, body = taken
@@ -190,7 +190,7 @@ class Proxy:
         """Another host's gateway forwarding a request of its CLI (on `fleet_listen`, its TLS
         certificate checked) to an account whose home is here. Never forwarded on, never moved:
         a wall is recorded here and the refusal goes back, for that host to move the session."""
-        taken = await self._taken(request)
+        taken = await self._taken(request, unavailable=503)  # not the API's: that host moves the session
         if isinstance(taken, web.StreamResponse):
             return taken
         run, _digest, body = taken
@@ -203,9 +203,9 @@ class Proxy:
             return outcome.answer
         return outcome
 
-    async def _taken(self, request: web.Request) -> tuple[Run, str, bytes] | web.StreamResponse:
+    async def _taken(self, request: web.Request, *, unavailable: int) -> tuple[Run, str, bytes] | web.StreamResponse:
         """The request's run (by the capability presented), the capability's digest and the body;
-        or the answer refusing it."""
+        or the answer refusing it (`unavailable`: its status when the store cannot be reached)."""
         if request.method == "HEAD" and request.path == "/":
             return web.Response()  # the CLI's preflight: nothing to forward
         if (request.method, request.path) not in ALLOWED:
@@ -216,9 +216,9 @@ class Proxy:
         digest = capability.digest(presented) if presented else ""
         try:
             run = await self._run_holding(digest) if presented else None
-        except StoreUnavailable as exc:  # an overloaded API to the CLI, which tries again later
+        except StoreUnavailable as exc:
             log.warning("request refused: state store unavailable", error=str(exc))
-            return _error(529, "overloaded_error", "cl-gateway cannot reach its state store")
+            return _error(unavailable, "overloaded_error", "cl-gateway cannot reach its state store")
         if run is None:
             self.counts.refused["capability"] += 1
             return _error(401, "authentication_error", "no running session holds this capability")
@@ -283,10 +283,10 @@ class Proxy:
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=900),
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            self.counts.upstream_errors += 1
-            until = await self.homes.unreachable(home, run.account, _said(exc))
-            said = f"cl: the home of account {run.account} ({home.host}) cannot be reached from this host"
-            return Refused(_wall_until(until, said))
+            return await self._cut_off(home, run, _said(exc))
+        if upstream.status == 503:  # that gateway cannot reach the store (cut off from it)
+            upstream.release()
+            return await self._cut_off(home, run, "it cannot reach its state store")
         await self.homes.reachable(home)
         if upstream.status == 421:  # its file went from there meanwhile
             upstream.release()
@@ -295,6 +295,15 @@ class Proxy:
             self.counts.forwarded += 1
             return await self._relay(request, upstream, None)  # its prompt-cache tokens counted there
         return Refused(await self._relay(request, upstream, None))
+
+    async def _cut_off(self, home: Home, run: Run, error: str) -> Refused:
+        """`home` cannot serve its accounts' requests from here: cut off, and the request answered
+        as a wall until then (the session moves, or waits)."""
+        assert self.homes is not None
+        self.counts.upstream_errors += 1
+        until = await self.homes.unreachable(home, run.account, error)
+        said = f"cl: the home of account {run.account} ({home.host}) cannot be reached from this host"
+        return Refused(_wall_until(until, said))
 
     async def _account(self, name: str) -> Account | None:
         """The account the store names for a run, from the registry; read from its file again if
