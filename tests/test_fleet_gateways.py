@@ -440,7 +440,7 @@ def test_a_host_that_dies_whole_takes_its_session_back_when_it_returns_and_no_ot
     wait_until(
         lambda: not any(h["live"] for h in hosts_seen(hosts["beta"].layout) if h["name"] == "alpha"), "alpha out"
     )
-    assert stored(alpha.layout, lambda store: store.get_job(job)).state == "running"  # nobody took it over
+    assert stored(alpha.layout, Store.jobs)[0].state == "running"  # nobody took it over
     alpha.layout.hold.unlink()
     for daemon in alpha.daemons.values():
         daemon.start()
