@@ -5,7 +5,8 @@ every process does, and reads the tokens from there when a request needs them: n
 second list. It listens on `gateway_listen` (loopback only) before READY=1, answers `accounts`
 and `metrics` on its control socket, refreshes OAuth tokens ahead of expiry, writes usage to the
 store in batches, and lifts `needs-login` when a new login lands. It asks cl-rescue, over its
-control socket, to move a session whose request met a wall.
+control socket, to move a session whose request met a wall. With `fleet_listen` it also listens
+there, over TLS with the fleet's certificates, for the other hosts' requests for its accounts.
 """
 
 from __future__ import annotations

@@ -14,6 +14,11 @@ the new account and the CLI never sees the 429. If no account has room, the 429 
 the CLI's turn ends on the wall and the worker holds it.
 A response streams through chunk by chunk, as it arrives; an error body is buffered (bounded)
 and scrubbed of every known secret. Bodies are never logged.
+
+In a fleet (`fleet_listen`), a run whose account has no file here goes to that account's home
+host's gateway, over TLS both ways, capability and all (`Homes`); that gateway takes it as a
+CLI's request (`handle_for_the_fleet`), never forwards it on, and records what the API said. A
+home that cannot be reached, or cannot reach its store (503), is cut off from this host.
 """
 
 from __future__ import annotations
