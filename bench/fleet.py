@@ -7,17 +7,22 @@ own, started as the tests start theirs: tests/postgres.py, on a Unix socket).
   accounts at once; one job to a transaction (as before batching) and `PLACE_BATCH` to one
   (`Store.place_many`, as the balancer does), side by side, twice (goal: 2,000 jobs/s);
 * `status` (`Store.snapshot`) after a change, at 3 hosts x 1,000 live sessions;
+* wall -> move committed across hosts: three full hosts (gateways on 127.0.0.1/2/3, TLS between
+  them, the fake CLI and the fake API, as tests/test_fleet_gateways.py runs them); a session on
+  alpha placed on gamma's account walls there: from gamma's gateway recording the wall to alpha's
+  rescuer committing the move in flight (the ledger's two entries);
 * a credential file lands on one host (os.replace returns) -> the other two hosts' balancers
   both list it in their `hosts` replies (goal: p99 <= 100 ms), each host holding 100 accounts;
 * the database's connections per host, the three balancers idle.
 
-Nothing leaves the machine. Not measured yet: wall -> move committed across hosts.
+Nothing leaves the machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import multiprocessing
 import multiprocessing.synchronize
@@ -36,7 +41,10 @@ from cl.store import Placement, Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from test_fleet_gateways import account, certificates, fleet_running, make_roles, published
+
 import postgres
+from utils import Layout, Planted, fake_api_running, job_states, submit, wait_until
 
 HOSTS = ("h1", "h2", "h3")
 
@@ -129,6 +137,44 @@ def status(database: str, sessions: int, samples: int) -> list[float]:
     return times
 
 
+def done(layout: Layout, job: int) -> bool:
+    return job_states(layout).get(job) == "done"
+
+
+def wall_to_move(server: postgres.Server, samples: int) -> list[float]:
+    """Seconds from a wall recorded by gamma's gateway to alpha's rescuer's move committed, each
+    sample a new session on alpha placed on gamma's a000 (its wall and usage cleared after it)."""
+    make_roles(server)
+    database = server.database()
+    planted = Planted()
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        root = Path(tmp)
+        api = stack.enter_context(fake_api_running(root, "--also-on", "127.0.0.2,127.0.0.3"))
+        hosts = stack.enter_context(
+            fleet_running(root, database, api, certificates(root / "tls", ["alpha", "beta", "gamma"]))
+        )
+        alpha = hosts["alpha"].layout
+        api.limit(account(hosts["gamma"].layout, planted, "a000"), 0)  # every request there walls
+        account(hosts["beta"].layout, planted, "z1")
+        wait_until(lambda: {"a000", "z1"} <= published(alpha), "the fleet's accounts")
+        store = Store(database)
+        for i in range(samples):
+            wait_until(functools.partial(done, alpha, submit(alpha, f"sample {i}")), "the session to go on on z1")
+            time.sleep(0.6)  # gamma's gateway writes the 429's utilization within 0.5 s (its recorder)
+            with store.transaction() as db:  # a000 as it was: no wall, no utilization (or z1 would rank first)
+                db.execute("DELETE FROM walls WHERE account = 'a000'")
+                db.execute("DELETE FROM usage WHERE account = 'a000'")
+        ledger = sorted(store.ledger(100_000), key=lambda entry: entry["id"])
+        store.close()
+    walled, times = 0.0, []
+    for entry in ledger:
+        if entry["event"] == "wall recorded" and entry["account"] == "a000":
+            walled = entry["at"]
+        elif entry["event"] == "move started" and entry["detail"].get("source") == "a000":
+            times.append(entry["at"] - walled)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="20 samples instead of 100")
@@ -146,6 +192,8 @@ def main() -> None:
             )
         times = status(server.database(), sessions, samples)
         print(f"status after a change, {len(HOSTS)} hosts x {sessions:,} sessions: {spread(times)} (n={samples})")
+        moves = wall_to_move(server, samples // 2)
+        print(f"wall on gamma's account -> alpha's move committed in flight: {spread(moves)} (n={len(moves)})")
         database = server.database()
         with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
             roots = {host: Path(tmp) / host for host in HOSTS}

@@ -130,13 +130,15 @@ def tls(tmp_path: Path) -> Path:
     return certificates(tmp_path / "tls", list(ADDRESSES))
 
 
+def make_roles(server: postgres.Server) -> None:
+    """A role per host (`as_role`), on `server`."""
+    for host in ADDRESSES:
+        server.sql(f"DO $$ BEGIN CREATE ROLE {host} SUPERUSER LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+
+
 @pytest.fixture(autouse=True)
 def roles(postgresql: postgres.Server) -> None:
-    """A role per host (`as_role`)."""
-    for host in ADDRESSES:
-        postgresql.sql(
-            f"DO $$ BEGIN CREATE ROLE {host} SUPERUSER LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$"
-        )
+    make_roles(postgresql)
 
 
 @pytest.fixture
