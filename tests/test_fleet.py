@@ -440,3 +440,14 @@ def test_heartbeats_missed_while_the_database_is_away_are_said_once_and_resume(
         postgresql.sql(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
         daemon.stop()
     assert daemon.log().count("heartbeats missed") == 1
+
+
+def test_a_daemon_whose_database_cannot_be_reached_at_start_says_so_and_exits(layout: Layout) -> None:
+    """No traceback: one line that says why, and exit 1 (systemd starts it again)."""
+    env = layout.env(CL_STORE=f"postgresql:///cl?host={layout.root / 'no-server'}", CL_STORE_BUSY_TIMEOUT="1")
+    for name in ("balancer", "gateway"):
+        daemon = DaemonProcess(name, layout, env={**env, "CL_GATEWAY": "true"}).start(wait=False)
+        assert daemon.exit_code() == 1
+        said = daemon.log()
+        assert "cannot open the state store" in said, said
+        assert "Traceback" not in said

@@ -93,13 +93,18 @@ class Daemon:
         if self.name != "gateway":  # the daemons that launch CLIs
             say_what_confines_the_cli(self.config)
         await self.registry.start()
-        self.service = self._factory(self.config, self.registry, self._status_dirty.set)
+        try:
+            self.service = self._factory(self.config, self.registry, self._status_dirty.set)
+        except StoreUnavailable as exc:  # a server away at start: said, and systemd starts us again
+            log.error("cannot open the state store", error=str(exc))
+            await self.registry.stop()
+            return 1
         handlers = {"accounts": self._accounts, **{k: _store_guarded(h) for k, h in self.service.handlers().items()}}
         server = ControlServer(self.config.socket_path(self.name), handlers)
         try:
             await server.start()
             await self.service.start()
-        except OSError as exc:
+        except OSError as exc:  # a listener's address, or the fleet's TLS files
             log.error("cannot listen", socket=str(server.path), error=str(exc))
             await server.close()
             await self.registry.stop()
