@@ -229,6 +229,8 @@ class _Session:
     """In gateway mode, the digest of the capability the CLI holds (`cl.capability`)."""
     turn_began: int | None = None
     """The session's transcript's size when the current turn began (None: a new session's)."""
+    turn_at: float = 0.0
+    """When the current turn's prompt was sent."""
     events: Events = dataclasses.field(default_factory=Events)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     """Set when the job was cancelled while its CLI ran."""
@@ -263,6 +265,7 @@ def _work(session: _Session) -> None:
         if session.process is None and not _start(session, account):
             return
         assert session.process is not None
+        session.turn_at = time.time()
         session.process.send(_prompt(session))
         state = _turn(session)
         if run.live and state.session_id is None and not state.ended and restarted != run.id:
@@ -771,27 +774,18 @@ def _record(config: Config, store: Store, run: Run, state: StreamState, code: in
 
 def _unless_the_api_said_so(session: _Session, state: StreamState) -> None:
     """In gateway mode a wall is the API's word, which the gateway records: a wall the CLI claims
-    stands only if the store holds the account walled. Otherwise it only ends the CLI's turn (a
+    stands only if the store holds the account walled, or the gateway itself answered one of this
+    turn's requests as a wall (its home cut off). Otherwise it only ends the CLI's turn (a
     failure): it walls nothing and moves nothing."""
     if session.capability is None or state.wall is None or session.run.account in session.store.walls():
         return
-    if _cut_off(session.config, session.store, session.run.account):  # the gateway's word, for the CLI's wall
+    config, store = session.config, session.store
+    if config.reaches_fleet and store.walled_by_gateway(session.job.id, session.turn_at):  # its own, this turn
         home = "its home host cannot be reached from this host; the session waits for it or another account"
         state.wall = dataclasses.replace(state.wall, message=f"account {session.run.account}: {home}")
         return
     session.bound().warning("the CLI reported a wall the API did not send", said=state.wall.message)
     state.wall = None
-
-
-def _cut_off(config: Config, store: Store, account: str) -> bool:
-    """`account` lives on another live host, which this host's gateway could not reach lately
-    (`Store.cut_off`): its requests were answered as walls."""
-    if not config.reaches_fleet:
-        return False
-    stale_after = fleet.stale_after(config)
-    return bool(store.homes(config.host_name, stale_after, account)) and not store.homes(
-        config.host_name, stale_after, account, reachable=True
-    )
 
 
 def _hold_session(config: Config, job_id: int, bound: Any) -> int | None:

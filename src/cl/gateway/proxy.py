@@ -83,6 +83,8 @@ class Refused:
     wall, a refused credential), sent to the CLI if it cannot; None: the account is not usable."""
 
     answer: web.StreamResponse | None
+    cut_off: str | None = None
+    """The home host this gateway could not reach: `answer` is its own wall, not the API's."""
 
 
 class Counts:
@@ -178,6 +180,9 @@ class Proxy:
             if moved is None:
                 if outcome.answer is None:
                     return _error(529, "overloaded_error", "no account can serve this session now")
+                if outcome.cut_off is not None:  # the worker believes the CLI's wall for this turn only
+                    with contextlib.suppress(StoreUnavailable):
+                        await self._store.answered_as_wall(run, outcome.cut_off)
                 self.counts.walls_passed += 1
                 return outcome.answer
             if outcome.answer is not None:
@@ -308,7 +313,7 @@ class Proxy:
         self.counts.upstream_errors += 1
         until = await self.homes.unreachable(home, run.account, error)
         said = f"cl: the home of account {run.account} ({home.host}) cannot be reached from this host"
-        return Refused(_wall_until(until, said))
+        return Refused(_wall_until(until, said), cut_off=home.host)
 
     async def _account(self, name: str) -> Account | None:
         """The account the store names for a run, from the registry; read from its file again if

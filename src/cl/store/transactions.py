@@ -880,6 +880,17 @@ class Store:
                 (host, home, seconds),
             )
 
+    def answered_as_wall(self, run: Run, home: str) -> None:
+        """The gateway answered a request of `run`'s CLI as a wall of its own (`home` cut off):
+        the one wall of this kind its worker believes (`walled_by_gateway`)."""
+        with self.transaction() as db:
+            self.record(db, ANSWERED_AS_WALL, run.job_id, run.account, run=run.id, home=home)
+
+    def walled_by_gateway(self, job_id: int, since: float) -> bool:
+        """The gateway answered a request of the job's CLI as a wall of its own since `since`."""
+        query = "SELECT 1 FROM ledger WHERE job_id = ? AND event = ? AND at >= ? LIMIT 1"
+        return self._row(query, (job_id, ANSWERED_AS_WALL, since)) is not None
+
     def reached(self, host: str, home: str) -> None:
         """`host`'s gateway reached `home`'s again."""
         with self.transaction() as db:
@@ -1079,6 +1090,8 @@ def _full(room: Sequence[Any], limit: int) -> bool:
     walled, paused, live = room
     return bool(walled) or bool(paused) or int(live) >= limit
 
+
+ANSWERED_AS_WALL = "request answered as a wall: its home cut off"
 
 ON_HOST = "(jobs.host IS NULL OR jobs.host = ?)"
 """A job of this host's: submitted on it, or before hosts were (in a fleet, each host places,
