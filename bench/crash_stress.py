@@ -2,13 +2,14 @@
 
 The trial of tests/test_crash.py (tests/crash.py), as many times as asked, alternating the
 victim: three walled sessions held for a live move and three queued jobs, two healthy accounts
-dropped in, SIGKILL to cl-rescue or cl-balancer after a random delay while another writer locks
-the store at random moments past its busy timeout, a restart, a verdict on every job. Prints the
-tally per victim, how many moves were live, the restart-to-READY times, how often the store was
-found locked, and every problem (lost, run twice, two live processes of a session, a transcript lost).
-With `--store postgresql` the store is a PostgreSQL database (a server of the bench's own, as the
-tests start theirs), the random locker is left out, and the database itself is a third victim:
-restarted mid-work, every connection dropped. `make bench` runs both.
+dropped in, SIGKILL to cl-rescue, cl-balancer or the whole host (both, and every worker, their
+CLIs with them) after a random delay while another writer locks the store at random moments past
+its busy timeout, a restart, a verdict on every job. Prints the tally per victim, how many moves
+were live, the restart-to-READY times, how often the store was found locked, and every problem
+(lost, run twice, two live processes of a session, a transcript lost). With `--store postgresql`
+the store is a PostgreSQL database (a server of the bench's own, as the tests start theirs), the
+random locker is left out, and the database itself is a victim too: restarted mid-work, every
+connection dropped. `make bench` runs both.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def main() -> None:
     planted = Planted()
     rng = random.Random(args.seed)
     server = postgres.Server() if args.store == "postgresql" else None
-    victims = ("rescue", "balancer", "database") if server is not None else ("rescue", "balancer")
+    victims = ("rescue", "balancer", "host", *(("database",) if server is not None else ()))
     with tempfile.TemporaryDirectory(prefix="cl-crash-") as tmp, contextlib.ExitStack() as stack:
         if server is not None:
             stack.callback(server.stop)
@@ -62,7 +63,8 @@ def main() -> None:
         problems = [p for v in mine for p in v.problems]
         failed += len(problems)
         restarts = [v.restart for v in mine if v.work_before_kill >= 0] or [0.0]
-        what = "restart the database" if victim == "database" else f"kill -9 cl-{victim}"
+        named = {"database": "restart the database", "host": "kill -9 the whole host"}
+        what = named.get(victim, f"kill -9 cl-{victim}")
         print(
             f"{what} ({args.store}): {len(mine)} trials, {len(mine) * (WALLED + QUEUED)} jobs;"
             f" work written before the kill: {dict(sorted(Counter(v.work_before_kill for v in mine).items()))};"

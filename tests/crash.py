@@ -4,12 +4,17 @@ Used by tests/test_crash.py (trials in CI) and bench/crash_stress.py (as many as
 trial starts both daemons on a fresh layout with the fake `claude`: three sessions wall on a1..a3
 (every account walled) and are held alive by their workers for a live move, three jobs queue
 behind them. Then two healthy accounts are dropped in (a4, a5), so that placements and live moves
-run at once, the victim gets SIGKILL after a random delay, and is started again. On PostgreSQL
-the victim may also be the database: restarted (every connection dropped) at that moment.
+run at once, the victim gets SIGKILL after a random delay, and is started again. The victim
+"host" is the whole host: both daemons and every worker (their CLIs with them) at once, as when
+a machine loses power. On PostgreSQL the victim may also be the database: restarted (every
+connection dropped) at that moment.
 
 A verdict lists every problem: a job not done, a job started fresh more than once, a walled
 session continued on the new accounts other than exactly once or without its history, a session
-with two live processes at once, a transcript lost or not continued.
+with two live processes at once, a transcript lost or not continued. When the whole host dies,
+the turns it cut short are run again (its CLIs died mid-turn: nothing of those turns was kept),
+so there the rule is what survives a power cut: every job done, its work completed by exactly
+one run, every resumed session resumed with its history, never two live processes at once.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ BUSY_TIMEOUT = 0.2
 WALLED = 3
 QUEUED = 3
 HEALTHY = ("a4", "a5")
+DAEMONS = ("balancer", "rescue")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +78,7 @@ def trial(
     for i, token in enumerate(walled, start=1):
         write_credential(layout.credentials, f"a{i}", oauth_credential(planted, token=token))
     layout.quota(dict.fromkeys(walled, 0))
-    daemons = {name: DaemonProcess(name, layout, env=env).start() for name in ("balancer", "rescue")}
+    daemons = {name: DaemonProcess(name, layout, env=env).start() for name in DAEMONS}
     try:
         with layout.started_together(WALLED):
             for i in range(WALLED):
@@ -89,18 +95,13 @@ def trial(
                 write_credential(layout.credentials, name, oauth_credential(planted, token=tokens[name]))
             delay = rng.uniform(0, 0.15)  # the files land; the work is written in some 20 ms, done in 100
             time.sleep(delay)  # a random point in the work: the kill is what is random, not what we assert
-            if victim == "database":
-                assert database is not None
-                began = time.perf_counter()
-                database.restart()
-                restart = time.perf_counter() - began
-            else:
-                daemons[victim].stop(signal.SIGKILL)
+            restart = _strike(victim, layout, daemons, database)
             work_before_kill = _work(layout) - before
             unfinished = sum(job.state != "done" for job in _jobs(layout))
             if victim != "database":
                 began = time.perf_counter()
-                daemons[victim] = DaemonProcess(victim, layout, env=env).start()
+                for name in _killed(victim):
+                    daemons[name] = DaemonProcess(name, layout, env=env).start()
                 restart = time.perf_counter() - began
         wait_until(lambda: {job.state for job in _jobs(layout)} == {"done"}, "every job to finish", timeout=60)
         wait_until(lambda: _events(layout).count("move settled") >= WALLED, "every move to be settled")
@@ -112,8 +113,28 @@ def trial(
         event["event"] == "move started" and event["account"] in HEALTHY and event["detail"]["live"]
         for event in _ledger(layout)
     )
-    problems = _problems(layout, set(tokens.values()))
+    problems = _problems(layout, set(tokens.values()), whole_host=victim == "host")
     return Verdict(victim, delay, work_before_kill, unfinished, live, restart, problems)
+
+
+def _killed(victim: str) -> tuple[str, ...]:
+    """The daemons a kill of `victim` takes down."""
+    return DAEMONS if victim == "host" else (victim,)
+
+
+def _strike(victim: str, layout: Layout, daemons: dict[str, DaemonProcess], database: postgres.Server | None) -> float:
+    """SIGKILL to the victim (a whole host: its daemons, then every worker, their CLIs with them),
+    or the database restarted: how long that restart took (0 for a kill)."""
+    if victim == "database":
+        assert database is not None
+        began = time.perf_counter()
+        database.restart()
+        return time.perf_counter() - began
+    for name in _killed(victim):
+        daemons[name].stop(signal.SIGKILL)
+    if victim == "host":
+        end_workers(layout)
+    return 0.0
 
 
 def _held(layout: Layout) -> int:
@@ -148,7 +169,35 @@ def _locked_at_random(database: Path, rng: random.Random) -> Iterator[None]:
         locker.join()
 
 
-def _problems(layout: Layout, healthy: set[str]) -> list[str]:
+def _problems(layout: Layout, healthy: set[str], *, whole_host: bool) -> list[str]:
+    problems = _power_cut_problems(layout) if whole_host else _exactly_once_problems(layout, healthy)
+    calls = layout.claude_calls()
+    problems += [
+        f"session {call['session_id']}: resumed without its history"
+        for call in calls
+        if call["prompt"] == "continue" and call["history"] < 1
+    ]
+    problems += [f"session {call['session_id']}: two live processes at once" for call in calls if call["overlap"]]
+    return problems
+
+
+def _power_cut_problems(layout: Layout) -> list[str]:
+    problems = []
+    store = _store(layout)
+    try:
+        for job in store.jobs():
+            done = [run for run in store.job_runs(job.id) if run.state == "done"]
+            if job.state != "done" or len(done) != 1:
+                problems.append(f"job {job.id}: {job.state}, completed by {len(done)} runs")
+            kept = list((layout.sessions / f"job-{job.id}" / "projects").rglob(f"{job.session_id}.jsonl"))
+            if len(kept) != 1 or "Hi from fake claude" not in kept[0].read_text():
+                problems.append(f"job {job.id}: its session's transcript lost or not continued")
+    finally:
+        store.close()
+    return problems
+
+
+def _exactly_once_problems(layout: Layout, healthy: set[str]) -> list[str]:
     problems = []
     jobs = _jobs(layout)
     calls = layout.claude_calls()
@@ -166,10 +215,6 @@ def _problems(layout: Layout, healthy: set[str]) -> list[str]:
         transcripts = list((layout.sessions / f"job-{job.id}" / "projects").rglob("*.jsonl"))
         if len(transcripts) != 1 or "Hi from fake claude" not in transcripts[0].read_text():
             problems.append(f"job {job.id}: transcript lost or not continued")
-    problems += [
-        f"session {call['session_id']}: resumed without its history" for call in resumed if call["history"] < 1
-    ]
-    problems += [f"session {call['session_id']}: two live processes at once" for call in calls if call["overlap"]]
     return problems
 
 

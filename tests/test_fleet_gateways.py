@@ -487,3 +487,85 @@ def test_a_host_cut_off_from_the_database_leaves_the_fleet_and_sessions_on_its_a
     assert len({call["pid"] for call in beta.claude_calls()}) == 1  # one CLI start
     assert [(m["cred_tail"], m["via"]) for m in api.messages()] == [(g1[-6:], "127.0.0.3")]
     assert a1[-6:] not in {m["cred_tail"] for m in api.messages()}
+
+
+def test_a_host_cut_off_from_the_database_stops_its_clis_before_their_leases_lapse(
+    tmp_path: Path, postgresql: postgres.Server, api: FakeApi, tls: Path, planted: Planted
+) -> None:
+    """Alpha's session runs on a1 when alpha is cut off from the database. Its worker cannot renew
+    the run's lease (3 s here): it stops its CLI before the lease lapses, so when the lease has
+    lapsed on the database's clock no process of the session is alive, and a1's room is the
+    fleet's again. The cut healed, alpha's rescuer finds the run orphaned and resumes it, once."""
+    database = postgresql.database()
+    with fleet_running(tmp_path, database, api, tls, CL_RUN_LEASE="3") as hosts:
+        alpha = hosts["alpha"]
+        account(alpha.layout, planted, "a1")
+        wait_until(lambda: "a1" in published(hosts["beta"].layout), "a1 to be the fleet's")
+        alpha.layout.hold.touch()
+        job = submit(alpha.layout, "cut off")
+        wait_until(lambda: any(run.session_id for run in stored(alpha.layout, Store.runs_in)), "the session's id")
+        (started,) = wait_until(alpha.layout.claude_calls, "the CLI to start")
+        fleet = Store(database)  # as the database's owner: not cut off
+        try:
+            (run,) = fleet.runs_in(("running",))
+            postgresql.sql("ALTER ROLE alpha NOLOGIN")
+            try:
+                postgresql.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'alpha'")
+                lapsed = fleet.get_run(run.id)
+                assert lapsed is not None and lapsed.lease_until is not None
+                wait_until(lambda: [r.id for r in fleet.lapsed()] == [run.id], "the lease to lapse", timeout=60)
+                assert not Path(f"/proc/{started['pid']}").exists()  # the CLI was stopped first
+                assert "lease lost, stopping the CLI" in alpha.log("balancer")
+                assert fleet.live_counts().get("a1", 0) == 0
+                assert fleet.get_job(job).state == "running"  # type: ignore[union-attr]  # nobody took it over
+            finally:
+                postgresql.sql("ALTER ROLE alpha LOGIN")
+            alpha.layout.hold.unlink()
+            wait_until(lambda: job_states(alpha.layout).get(job) == "done", "the session to be resumed and end")
+            runs = fleet.job_runs(job)
+        finally:
+            fleet.close()
+    assert [r.state for r in runs] == ["orphaned", "done"]
+    first, resumed = alpha.layout.claude_calls()
+    assert (resumed["session_id"], "--resume" in resumed["argv"]) == (first["session_id"], True)
+
+
+def test_a_black_holed_link_to_an_accounts_home_is_cut_off_and_its_session_moves(
+    tmp_path: Path, postgresql: postgres.Server, api: FakeApi, tls: Path, planted: Planted
+) -> None:
+    """Gamma's gateway goes silent (stopped: its kernel still takes connections and bytes, nothing
+    answers) while gamma's balancer and rescuer go on: gamma stays in the fleet, only the link
+    from alpha to it is dead. A session of alpha's on gamma's a4 sends its request into the
+    silence (on the connection a first session left open): after `fleet_answer_timeout` gamma is
+    cut off from alpha and the session goes on, live, on beta's b1. When gamma wakes, the request
+    it finds waiting names a run that has moved on: it is refused, and a4's token never reaches
+    the API for it."""
+    with fleet_running(tmp_path, postgresql.database(), api, tls, CL_FLEET_ANSWER_TIMEOUT="2") as hosts:
+        alpha, gamma = hosts["alpha"].layout, hosts["gamma"]
+        a4, b1 = account(gamma.layout, planted, "a4"), account(hosts["beta"].layout, planted, "b1")
+        wait_until(lambda: {"a4", "b1"} <= published(alpha), "a4 and b1 to be the fleet's")
+        assert cl(alpha, "accounts", "pause", "b1").returncode == 0  # until both sessions are on a4
+        first = submit(alpha, "first")  # through gamma: alpha's gateway keeps the connection open
+        wait_until(lambda: job_states(alpha).get(first) == "done", "the first session to end on a4")
+        alpha.hold.touch()
+        second = submit(alpha, "second")
+        wait_until(lambda: len(alpha.claude_calls()) == 2, "the second session's CLI to start")
+        assert jobs(alpha)[second]["account"] == "a4"
+        assert cl(alpha, "accounts", "resume", "b1").returncode == 0
+        silent = gamma.daemons["gateway"].process
+        assert silent is not None
+        silent.send_signal(signal.SIGSTOP)
+        try:
+            alpha.hold.unlink()
+            wait_until(lambda: job_states(alpha).get(second) == "done", "the second session to go on on b1")
+        finally:
+            silent.send_signal(signal.SIGCONT)
+        runs = stored(alpha, functools.partial(Store.job_runs, job_id=second))
+        assert [(run.account, run.live) for run in runs] == [("a4", False), ("b1", True)]
+        assert len({call["pid"] for call in alpha.claude_calls()}) == 2  # one CLI start each
+        assert "no answer in 2 s" in hosts["alpha"].log("gateway")
+        assert "published" in gamma.log("balancer")  # gamma stayed in the fleet meanwhile
+        # gamma awake: the request it found waiting, from before alpha gave up on it, was read first
+        status, _ = ask(gamma.fleet_listen, fleet_client(tls, "alpha"), "gamma", "cl-cap-nothing")
+        assert status == 401
+    assert [m["cred_tail"] for m in api.messages()] == [a4[-6:], b1[-6:]]

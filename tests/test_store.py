@@ -22,7 +22,17 @@ from cl import cli_process, worker
 from cl.claude_code.stream import StreamState
 from cl.config import Config
 from cl.states import RunState
-from cl.store import AsyncStore, NoRoom, Placement, Published, Snapshot, Store, StoreError, StoreUnavailable
+from cl.store import (
+    AsyncStore,
+    NoRoom,
+    Placement,
+    Published,
+    Renewal,
+    Snapshot,
+    Store,
+    StoreError,
+    StoreUnavailable,
+)
 from cl.store import postgresql as on_postgresql
 from cl.store import sqlite as on_sqlite
 from utils import wait_until
@@ -172,6 +182,65 @@ def test_a_claimed_run_is_never_abandoned(store: Store) -> None:
     claimed = store.get_run(run.id)
     assert claimed is not None
     assert (claimed.state, store.get_job(job.id).state) == ("running", "running")  # type: ignore[union-attr]
+
+
+def test_a_session_that_changed_hands_fences_off_its_old_worker(store: Store) -> None:
+    """Every claim by a new worker, and every orphaning, moves the job's epoch on; the old
+    worker's renewal then says `FENCED`, and none of its writes for the session land."""
+    job = store.add_job("/work/a", "do a")
+    first = store.place(job.id, "a1", limit=2)
+    assert first is not None
+    first = store.claim(first.id, 4242, "start", "/tmp/log")
+    assert first is not None and first.epoch == 1 and first.lease_until is not None
+    assert store.renew(first.id, 30) is Renewal.RENEWED
+    assert store.set_session(first.id, "s-1") is True
+    orphaned = store.settle(first.id, RunState.ORPHANED, "its lease lapsed")  # the rescuer takes it over
+    assert orphaned is not None
+    assert store.get_job(job.id).epoch == 2  # type: ignore[union-attr]
+    assert store.renew(first.id, 30) is Renewal.FENCED
+    assert store.set_session(first.id, "s-old") is False
+    assert store.follow_up(first.id, str) is None
+    assert store.move_in_flight(first.id, "a2", 2, str) is None
+    second = store.place(job.id, "a2", limit=2, resume="s-1")
+    assert second is not None
+    assert store.claim(second.id, 4343, "start", "/tmp/log", epoch=1) is None  # the old worker's epoch
+    second = store.claim(second.id, 4343, "start", "/tmp/log")
+    assert second is not None and second.epoch == 3
+    assert store.get_job(job.id).session_id == "s-1"  # type: ignore[union-attr]  # not the old worker's
+    assert store.set_session(second.id, "s-new") is True
+
+
+def test_a_worker_that_ended_its_run_renews_nothing_and_is_not_fenced(store: Store) -> None:
+    """Between runs (held for a live move, a turn ended) a renewal finds nothing running: `IDLE`,
+    and the live move handed to the same worker is claimed in the same epoch."""
+    job = store.add_job("/work/a", "do a")
+    run = store.place(job.id, "a1", limit=2)
+    assert run is not None
+    run = store.claim(run.id, 4242, "start", "/tmp/log")
+    assert run is not None and store.set_session(run.id, "s-1")
+    store.settle(run.id, RunState.WALLED, "walled", held_until=time.time() + 60)
+    assert store.renew(run.id, 30) is Renewal.IDLE
+    handed = store.place(job.id, "a2", limit=2, resume="s-1", live=True)
+    assert handed is not None
+    moved = store.claim(handed.id, 4242, "start", "/tmp/log", epoch=run.epoch)
+    assert moved is not None and moved.epoch == run.epoch
+    assert store.renew(moved.id, 30) is Renewal.RENEWED
+
+
+def test_a_run_whose_lease_lapsed_is_found_and_holds_no_room(store: Store) -> None:
+    """A run whose worker stopped renewing (its host gone, or cut off) is the rescuer's to orphan,
+    and its account's room is free again: its CLI was stopped before the lease lapsed."""
+    job, other = store.add_job("/work/a", "do a"), store.add_job("/work/b", "do b")
+    run = store.place(job.id, "a1", limit=1)
+    assert run is not None
+    assert store.claim(run.id, 4242, "start", "/tmp/log", lease=60) is not None
+    assert store.lapsed() == []
+    with pytest.raises(NoRoom):
+        store.place(other.id, "a1", limit=1)
+    assert store.renew(run.id, 0) is Renewal.RENEWED  # a lease of no time: lapsed at once
+    wait_until(lambda: [lapsed.id for lapsed in store.lapsed()] == [run.id], what="the lease to lapse")
+    assert store.live_counts().get("a1", 0) == 0
+    assert store.place(other.id, "a1", limit=1) is not None
 
 
 def _open_at_once(where: Path | str, barrier: Any) -> None:

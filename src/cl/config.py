@@ -32,6 +32,12 @@ class ConfigError(Exception):
     """A configuration problem an operator can fix; the message names the key."""
 
 
+LEASE = 30.0
+"""Seconds a running run's lease lasts unless renewed (`run_lease`)."""
+MIN_LEASE = 3.0
+"""The shortest lease a worker can keep: it renews every third of it."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Config:
     credentials_dir: Path = Path("/opt/claude")
@@ -70,6 +76,10 @@ class Config:
     """Finished jobs, their runs and ledger rows are forgotten this many days after they ended."""
     reconcile_interval: float = 60.0
     """Seconds between the rescuer's checks for workers that vanished unseen (a safety net)."""
+    run_lease: float = LEASE
+    """Seconds a running run's lease lasts: its worker renews it every third of that, and stops its
+    CLI when it could not for two thirds (the store out of reach); a run whose lease lapsed is
+    orphaned and resumed, and its worker's writes are refused from then on."""
     confinement: str = "sandbox"
     """"sandbox": each live job's CLI runs as its own pool user, in a view of its own (`cl.sandbox`),
     or not at all; "none": as the worker's own user, seeing all the worker sees (said at every start)."""
@@ -132,6 +142,10 @@ class Config:
     fleet_key: Path | None = None
     fleet_ca: Path | None = None
     """The fleet's certificate authority: only a peer whose certificate it signed is spoken to."""
+    fleet_answer_timeout: float = 60.0
+    """Seconds another host's gateway has to begin its answer to a request forwarded to it (the
+    API's headers: a streamed answer begins at once) before that host counts as unreachable: a
+    link that went silent (black-holed) is found this way, not only a refused connection."""
     config_file: Path = DEFAULT_PATH
     """Where this configuration was read from, or would have been (not a key)."""
 
@@ -227,6 +241,14 @@ def _prompt(value: Any, _base: Path) -> str:
     if not isinstance(value, str) or not value.strip():
         raise TypeError("must be a non-empty string")
     return value
+
+
+def _lease(value: Any, _base: Path) -> float:
+    error = f"must be a number of seconds, {MIN_LEASE:g} or more"
+    number = _number(value, float, error)
+    if not MIN_LEASE <= number < float("inf"):
+        raise ValueError(error)
+    return float(number)
 
 
 def _seconds_or_zero(value: Any, _base: Path) -> float:
@@ -343,6 +365,7 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "live_wait": _seconds_or_zero,
     "reset_jitter": _seconds_or_zero,
     "reconcile_interval": _positive_float,
+    "run_lease": _lease,
     "retention_days": _positive_float,
     "max_moves_per_hour": _whole(1, 1000),
     "max_orphanings": _whole(1, 1000),
@@ -371,6 +394,7 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "fleet_cert": _optional_path,
     "fleet_key": _optional_path,
     "fleet_ca": _optional_path,
+    "fleet_answer_timeout": _positive_float,
 }
 _FIELD = {"worker": "worker_env"}
 

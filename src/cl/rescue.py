@@ -116,7 +116,8 @@ class Rescuer(Service):
         return [self._find_vanished_workers()]
 
     async def _find_vanished_workers(self) -> None:
-        """The safety net behind the pushes: a worker that vanished while nobody watched it."""
+        """The safety net behind the pushes: a worker that vanished while nobody watched it, or
+        whose lease lapsed (`cl.lease`: it stopped its CLI, or hangs; either way it is fenced off)."""
         while True:
             await asyncio.sleep(self.config.reconcile_interval)
             try:
@@ -124,6 +125,9 @@ class Rescuer(Service):
                     if run.pid is not None and not alive(run.pid, run.pid_start):
                         await self.supervisor.orphan(run)
                         self.wake()
+                for run in await self.store.lapsed(self.own_host):  # its worker stopped its CLI, or hangs
+                    await self.supervisor.orphan(run, "its lease lapsed: its worker stopped its CLI")
+                    self.wake()
             except StoreUnavailable as exc:  # the passes report the outage; try again next time
                 log.debug("looking for vanished workers skipped: state store unavailable", error=str(exc))
 

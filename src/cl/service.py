@@ -15,16 +15,20 @@ import os
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import structlog
+
 from cl import daemon, fleet
 from cl.config import Config
 from cl.protocol import Handler, Peer, Reply, Request, RequestError, id_field
 from cl.registry import CredentialRegistry
 from cl.states import LIVE_RUNS, RunState
-from cl.store import AsyncStore, Facts, Run, Store
+from cl.store import AsyncStore, Facts, Run, Store, StoreUnavailable, retry_delay
 from cl.supervisor import Supervisor
 
 if TYPE_CHECKING:
     from cl.store.notifications import Listener
+
+log = structlog.get_logger("cl.service")
 
 
 class Service:
@@ -137,13 +141,24 @@ class Service:
     async def _take_over_runs(self) -> None:
         """At start, every live run: one this daemon wrote but no worker claimed is abandoned (its
         job goes back to where it was, and is tried again), a live worker is watched, a vanished
-        one orphaned. A run the other daemon wrote and no worker claimed yet is that daemon's."""
-        for run in await self.store.runs_in(LIVE_RUNS, self.own_host):
-            if run.state == RunState.STARTING and run.launcher != self.name:
-                continue
-            # Never claimed: its launcher (an earlier us) died first, or the worker is about to
-            # claim it. Abandoning wins or the claim does, in one transaction each.
-            self.taken_over(run, await self.supervisor.recover(run, self.lost_launch))
+        one orphaned. A run the other daemon wrote and no worker claimed yet is that daemon's.
+        An unavailable store (locked, out of reach) is waited out: each step is one transaction
+        that a second try finds done."""
+        delay = 0.0
+        while True:
+            try:
+                for run in await self.store.runs_in(LIVE_RUNS, self.own_host):
+                    if run.state == RunState.STARTING and run.launcher != self.name:
+                        continue
+                    # Never claimed: its launcher (an earlier us) died first, or the worker is about
+                    # to claim it. Abandoning wins or the claim does, in one transaction each.
+                    self.taken_over(run, await self.supervisor.recover(run, self.lost_launch))
+                break
+            except StoreUnavailable as exc:
+                if not delay:
+                    log.warning("taking over the live runs: state store unavailable, retrying", error=str(exc))
+                delay = retry_delay(delay)
+                await asyncio.sleep(delay)
         self.wake()
 
     def _ended(self, run: Run, by_worker: bool) -> None:

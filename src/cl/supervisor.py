@@ -142,8 +142,8 @@ class Supervisor:
             run = await self.orphan(run)
         self._ended(run, by_worker)
 
-    async def orphan(self, run: Run) -> Run:
-        run = await self.settle(run, RunState.ORPHANED, "worker gone without an outcome")
+    async def orphan(self, run: Run, why: str = "worker gone without an outcome") -> Run:
+        run = await self.settle(run, RunState.ORPHANED, why)
         if run.state == RunState.ORPHANED:
             log.warning("session orphaned", run=run.id, job=run.job_id, account=run.account, session=run.session_id)
         return run

@@ -64,7 +64,7 @@ from typing import Any, TypeVar, cast
 
 import structlog
 
-from cl import capability, cli_user, fleet, logs, redact, sandbox, workdir
+from cl import capability, cli_user, fleet, lease, logs, redact, sandbox, workdir
 from cl.claude_code.environment import worker_environment
 from cl.claude_code.stream import Outcome, StreamState
 from cl.claude_code.transcripts import transcript_path
@@ -74,11 +74,12 @@ from cl.client import tell
 from cl.config import Config
 from cl.credentials import Account, CredentialKind, credential_filename, read_account
 from cl.job_credential import JobCredential
+from cl.lease import Lease
 from cl.moments import iso_utc
 from cl.processes import start_time
 from cl.session_files import credential_mark_path, lock_path, log_path, session_config_dir
 from cl.states import JobState, RunState
-from cl.store import Job, Run, Store, StoreUnavailable
+from cl.store import Job, Renewal, Run, Store, StoreUnavailable
 
 log = structlog.get_logger("cl.worker")
 
@@ -122,18 +123,39 @@ def patiently(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 class Patient:
-    """A `Store` whose every call is made `patiently`."""
+    """A `Store` whose every call is made `patiently`, one at a time with the lease's renewals
+    (`renewing`): the store is one connection."""
 
-    def __init__(self, store: Store) -> None:
-        self._store = store
+    def __init__(self, store: Store, lock: threading.RLock) -> None:
+        self._store, self._lock = store, lock
 
     @classmethod
-    def of(cls, store: Store) -> Store:
-        return cast("Store", cls(store))  # the same interface; only its failures differ
+    def of(cls, store: Store, lock: threading.RLock) -> Store:
+        return cast("Store", cls(store, lock))  # the same interface; only its failures differ
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._store, name)
-        return functools.partial(patiently, method)
+
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return method(*args, **kwargs)
+
+        return functools.partial(patiently, locked)
+
+
+def renewing(store: Store, lock: threading.RLock) -> Callable[[int, float], Renewal]:
+    """The store's `renew` for the lease's thread: `StoreUnavailable` at once while the worker's
+    own call holds the store (the lease tries again shortly; its watch does not wait for it)."""
+
+    def renew(run_id: int, seconds: float) -> Renewal:
+        if not lock.acquire(timeout=lease.RETRY):
+            raise StoreUnavailable("the worker's store is busy")
+        try:
+            return store.renew(run_id, seconds)
+        finally:
+            lock.release()
+
+    return renew
 
 
 class RunRefused(Exception):
@@ -156,9 +178,9 @@ def claude_argv(config: Config, job: Job, run: Run) -> list[str]:
     return argv + list(config.claude_args)
 
 
-def work(config: Config, store: Store, run_id: int) -> Run | None:
+def work(config: Config, store: Store, run_id: int, renew: Callable[[int, float], Renewal]) -> Run | None:
     """Claim and execute one run, and the live moves handed to it; the last run, or None if the
-    first was not ours to run."""
+    first was not ours to run. Its lease is renewed with `renew` from the claim on."""
     run = store.get_run(run_id)
     job = store.get_job(run.job_id) if run else None
     if run is None or job is None:
@@ -167,9 +189,19 @@ def work(config: Config, store: Store, run_id: int) -> Run | None:
     path = log_path(config, job.id, run.id)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     me = os.getpid()
-    if store.claim(run.id, me, start_time(me) or "", str(path)) is None:
+    claimed = store.claim(run.id, me, start_time(me) or "", str(path), lease=config.run_lease)
+    if claimed is None:
         log.info("run not claimable, leaving it", run=run.id, job=job.id)
         return None
+    run, leased = claimed, Lease(renew, config.run_lease, claimed.id)
+    leased.start()
+    try:
+        return _claimed(config, store, job, run, leased)
+    finally:
+        leased.end()
+
+
+def _claimed(config: Config, store: Store, job: Job, run: Run, leased: Lease) -> Run:
     bound = log.bind(job=job.id, run=run.id, account=run.account)
     if (lock := _hold_session(config, job.id, bound)) is None:
         reason = f"the session's previous process still runs after {config.session_lock_wait:g} s (it holds its lock)"
@@ -185,7 +217,8 @@ def work(config: Config, store: Store, run_id: int) -> Run | None:
         _refused(store, run, f"cannot ready the session's CLI: {_reason(exc)}", bound)
         return run
     locks = (lock, *slot.fds)
-    session = _Session(config, store, job, slot.user, credential, locks, run, Output(path), own_proc=own_proc)
+    output = Output(log_path(config, job.id, run.id))
+    session = _Session(config, store, job, slot.user, credential, locks, run, output, leased, own_proc=own_proc)
     signal.signal(signal.SIGUSR1, lambda _signum, _frame: session.events.put(Event.WAKE))
     signal.signal(signal.SIGTERM, _on_terminate(session))
     try:
@@ -218,6 +251,7 @@ class _Session:
     """The session's lock and the pool member's (`cl.cli_user.take`): the CLI inherits both."""
     run: Run
     output: Output
+    lease: Lease
     own_proc: bool = False
     """The CLI's view has a /proc of its own (`sandbox.probe`)."""
     process: CliProcess | None = None
@@ -241,6 +275,14 @@ class _Session:
 
     def bound(self, **fields: Any) -> Any:
         return log.bind(job=self.job.id, run=self.run.id, account=self.run.account, **fields)
+
+    def go_on(self, run: Run) -> None:
+        """The same CLI goes on as `run` (a live move, a follow-up): the lease follows it."""
+        self.run, self.lease.run_id = run, run.id
+
+    def started(self, process: CliProcess | None) -> None:
+        self.process = process
+        self.lease.hold(process)
 
 
 def _work(session: _Session) -> None:
@@ -291,7 +333,8 @@ def _work(session: _Session) -> None:
         if (following := _after_turn(session, account, state)) is None:
             return
         swap = following.is_move and following.account != current.account and not session.config.gateway
-        session.run, untaken = following, None
+        session.go_on(following)
+        untaken = None
         account = _account(session)
 
 
@@ -366,7 +409,7 @@ def _start(session: _Session, account: Account | None) -> bool:
     try:
         if config.gateway:
             _give_capability(session)
-        session.process = CliProcess(
+        process = CliProcess(
             command,
             env=cli_environment(config, account, cli, config_dir),
             pass_fds=fds,
@@ -377,6 +420,7 @@ def _start(session: _Session, account: Account | None) -> bool:
             # between events too: another session's refresh must reach this CLI before it refreshes
             on_quiet=functools.partial(_sync, session) if session.oauth else None,
         )
+        session.started(process)
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         if session.capability is not None:
@@ -488,7 +532,7 @@ def _moved_in_flight(session: _Session) -> None:
             session.store.transcript_before(after.id, session.turn_began)
         session.bound().info("session moved live", to=after.account, session=after.resume, next_run=after.id)
         session.output.use(log_path(session.config, session.job.id, after.id))
-        session.run = after
+        session.go_on(after)
 
 
 def _finish(session: _Session) -> int:
@@ -504,7 +548,7 @@ def _finish(session: _Session) -> int:
             session.output.write(item.decode(errors="replace"))
     session.process.join()
     _sync(session)
-    session.process = None
+    session.started(None)
     if session.capability is not None:
         session.store.revoke_capability(session.capability)
         session.capability = None
@@ -569,9 +613,12 @@ def _hold(session: _Session, until: float) -> Run | None:
 
 
 def _claim(session: _Session, run: Run) -> Run | None:
+    """Claim the live move handed to this worker, in its own epoch (refused if the session has
+    changed hands meanwhile)."""
     path = log_path(session.config, session.job.id, run.id)
     me = os.getpid()
-    claimed = session.store.claim(run.id, me, start_time(me) or "", str(path))
+    lease, epoch = session.config.run_lease, session.run.epoch
+    claimed = session.store.claim(run.id, me, start_time(me) or "", str(path), lease=lease, epoch=epoch)
     if claimed is not None:
         session.output.use(path)
     return claimed
@@ -922,9 +969,10 @@ def run(run_id: int) -> int:
     """Be the worker for `run_id`, configured from the environment; the exit code."""
     if (config := logs.start_process("worker")) is None:
         return 2
-    store = patiently(Store, config.database, config.store_busy_timeout)
-    last = work(config, Patient.of(store), run_id)
-    store.close()
+    store, lock = patiently(Store, config.database, config.store_busy_timeout), threading.RLock()
+    last = work(config, Patient.of(store, lock), run_id, renewing(store, lock))
+    with lock:
+        store.close()
     tell_daemons(config, last.id if last else run_id, "ended")
     return 0
 

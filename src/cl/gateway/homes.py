@@ -29,6 +29,8 @@ class Homes:
         self._config = config
         self._store = store
         self.tls = tls
+        self.answer_timeout = config.fleet_answer_timeout
+        """Seconds a home's gateway has to begin its answer (`fleet_answer_timeout`)."""
         self._cut: set[str] = set()
         """The homes this gateway found unreachable, and has not reached since."""
 

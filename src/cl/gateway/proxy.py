@@ -283,17 +283,20 @@ class Proxy:
         until then: moved if another account has room, else the CLI's turn ends and it waits."""
         assert self.homes is not None
         try:
-            upstream = await self._client().request(
-                request.method,
-                f"https://{home.gateway}{_path(request)}",
-                headers=_to_home(request.headers),
-                data=body,
-                ssl=self.homes.tls,
-                server_hostname=home.host,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=900),
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            async with asyncio.timeout(self.homes.answer_timeout):  # a silent link is cut off too
+                upstream = await self._client().request(
+                    request.method,
+                    f"https://{home.gateway}{_path(request)}",
+                    headers=_to_home(request.headers),
+                    data=body,
+                    ssl=self.homes.tls,
+                    server_hostname=home.host,
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=900),
+                )
+        except aiohttp.ClientError as exc:  # its own timeouts (connecting, reading) included
             return await self._cut_off(home, run, _said(exc))
+        except TimeoutError:
+            return await self._cut_off(home, run, f"no answer in {self.homes.answer_timeout:g} s")
         if upstream.status == 503:  # that gateway cannot reach the store (cut off from it)
             upstream.release()
             return await self._cut_off(home, run, "it cannot reach its state store")

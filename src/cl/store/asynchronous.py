@@ -64,6 +64,7 @@ class AsyncStore:
     hosts = _OnStoreThread(Store.hosts)
     job_runs = _OnStoreThread(Store.job_runs)
     jobs_with_session = _OnStoreThread(Store.jobs_with_session)
+    lapsed = _OnStoreThread(Store.lapsed)
     latest_run = _OnStoreThread(Store.latest_run)
     let_go = _OnStoreThread(Store.let_go)
     oldest_queued = _OnStoreThread(Store.oldest_queued)

@@ -157,6 +157,12 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (host, home)
     )
     """,
+    # 6: leases and epochs (SQLite's 15)
+    """
+    ALTER TABLE jobs ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE runs ADD COLUMN epoch BIGINT;
+    ALTER TABLE runs ADD COLUMN lease_until DOUBLE PRECISION
+    """,
 ]
 
 

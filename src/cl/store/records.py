@@ -6,6 +6,7 @@ Rows come back as these frozen records, whichever backend holds them (`cl.store`
 from __future__ import annotations
 
 import dataclasses
+import enum
 import fnmatch
 from typing import Any, NamedTuple
 
@@ -19,6 +20,16 @@ NEEDS_LOGIN = "needs-login"
 
 BUSY_TIMEOUT = 10.0
 """Seconds a write waits for another writer's lock before the store reports itself unavailable."""
+
+
+class Renewal(enum.Enum):
+    """What renewing a run's lease found (`Store.renew`)."""
+
+    RENEWED = "renewed"
+    IDLE = "idle"
+    """The run is not running: nothing to renew (its worker holds its CLI, or goes on in another run)."""
+    FENCED = "fenced"
+    """The session changed hands: its worker must stop its CLI and write nothing more."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -40,6 +51,9 @@ class Job:
     """A follow-up (`cl send`) no run has taken yet."""
     host: str | None = None
     """The host it was submitted on, where its directory is (`cl.fleet`); None: from before hosts."""
+    epoch: int = 0
+    """Moves on each time its session changes hands (a worker's claim, an orphaning): a write for
+    a run of an earlier epoch is refused (fencing)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state", JobState(self.state))  # as read from a row: text
@@ -81,6 +95,10 @@ class Run:
     """Prompt-cache tokens the API read for this run (through the gateway): what stayed warm."""
     cache_creation_tokens: int
     """Prompt-cache tokens the API wrote for this run: a move to another organization starts cold."""
+    epoch: int | None = None
+    """Its job's epoch when its worker claimed it (None: never claimed)."""
+    lease_until: float | None = None
+    """While running: when its lease lapses unless its worker renews it (the database's clock)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state", RunState(self.state))  # as read from a row: text

@@ -186,6 +186,13 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (host, home)
     )
     """,
+    # 15: leases and epochs (`Store.claim`, `Store.renew`): a running run's worker renews its
+    # lease; the job's epoch moves on when its session changes hands, and fences the old holder
+    """
+    ALTER TABLE jobs ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE runs ADD COLUMN epoch INTEGER;
+    ALTER TABLE runs ADD COLUMN lease_until REAL
+    """,
 ]
 
 

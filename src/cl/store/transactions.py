@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cl.config import LEASE
 from cl.states import FINISHED_JOBS, LIVE_JOBS, LIVE_RUNS, RESCUABLE, JobState, RunState
 from cl.store.backend import Backend, Db, Lookup, capability_run, inserted, inserted_many, sql_set
 from cl.store.records import (
@@ -33,6 +34,7 @@ from cl.store.records import (
     NoRoom,
     Placement,
     Published,
+    Renewal,
     Run,
     Snapshot,
     WallRecord,
@@ -191,7 +193,9 @@ class Store:
         job stays running. None if none waits."""
         now = time.time()
         with self.transaction() as db:
-            run = db.execute("SELECT * FROM runs WHERE id = ? AND state = ?", (run_id, RunState.RUNNING)).fetchone()
+            run = db.execute(
+                f"SELECT * FROM runs WHERE id = ? AND state = ? AND {HOLDS_EPOCH}", (run_id, RunState.RUNNING)
+            ).fetchone()
             if run is None:
                 return None
             job = db.execute(
@@ -204,7 +208,7 @@ class Store:
             follow = inserted(
                 db,
                 "INSERT INTO runs (job_id, account, state, pid, pid_start, session_id, resume, created_at, live,"
-                " prompt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
+                " prompt, epoch, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?)",
                 (
                     run["job_id"],
                     run["account"],
@@ -215,6 +219,8 @@ class Store:
                     job["session_id"],
                     now,
                     job["pending_prompt"],
+                    run["epoch"],
+                    run["lease_until"],
                 ),
             )["id"]
             db.execute("UPDATE runs SET log_path = ? WHERE id = ?", (log_path(follow), follow))
@@ -253,7 +259,7 @@ class Store:
         with self.transaction() as db:
             query = f"SELECT id, state, account, pending_prompt FROM jobs WHERE id IN {sql_set(ids)}"
             jobs = {row["id"]: row for row in db.execute(query, ids)}
-            full, live = _without_room(db, accounts, now), _live_runs(db, accounts)
+            full, live = _without_room(db, accounts, now), _live_runs(db, accounts, now)
             for index, placement in enumerate(placements):
                 job = jobs.pop(placement.job_id, None)  # a job listed twice is placed once
                 if job is None or job["state"] not in _waiting(placement.resume):
@@ -342,12 +348,34 @@ class Store:
         """`account` is walled, paused, or has `limit` live runs (one query: one round trip)."""
         return _full(db.execute(f"SELECT {ROOM}", _room_of(account, now)).fetchone(), limit)
 
-    def claim(self, run_id: int, pid: int, pid_start: str, log_path: str) -> Run | None:
-        """The worker takes its run: starting -> running. None if the run is not `starting` any more."""
+    def claim(
+        self, run_id: int, pid: int, pid_start: str, log_path: str, *, lease: float = LEASE, epoch: int | None = None
+    ) -> Run | None:
+        """The worker takes its run: starting -> running, leased for `lease` seconds. None if the
+        run is not `starting` any more, or (`epoch`: a worker going on with a live move handed to
+        it) the job's epoch is not the worker's. A new worker takes the session in a new epoch."""
+        now = self._backend.now
         with self.transaction() as db:
+            if epoch is None:
+                db.execute(
+                    "UPDATE jobs SET epoch = epoch + 1 WHERE id = (SELECT job_id FROM runs WHERE id = ? AND state = ?)",
+                    (run_id, RunState.STARTING),
+                )
+            going_on = "" if epoch is None else " AND (SELECT epoch FROM jobs WHERE id = runs.job_id) = ?"
             claimed = db.execute(
-                "UPDATE runs SET state = ?, pid = ?, pid_start = ?, log_path = ? WHERE id = ? AND state = ?",
-                (RunState.RUNNING, pid, pid_start, log_path, run_id, RunState.STARTING),
+                "UPDATE runs SET state = ?, pid = ?, pid_start = ?, log_path = ?,"
+                f" epoch = (SELECT epoch FROM jobs WHERE id = runs.job_id), lease_until = {now} + ?"
+                f" WHERE id = ? AND state = ?{going_on}",
+                (
+                    RunState.RUNNING,
+                    pid,
+                    pid_start,
+                    log_path,
+                    lease,
+                    run_id,
+                    RunState.STARTING,
+                    *([] if epoch is None else [epoch]),
+                ),
             ).rowcount
             if claimed:
                 job_id = self._job_of(db, run_id)
@@ -364,6 +392,29 @@ class Store:
                 )
                 self.record(db, "run started", job_id, run=run_id, pid=pid)
         return self.get_run(run_id) if claimed else None
+
+    def renew(self, run_id: int, lease: float) -> Renewal:
+        """The worker of `run_id` renews its lease for `lease` seconds from now (the database's
+        clock): `RENEWED`; `IDLE` if the run is not running (it ended, its worker holds or goes
+        on with another run); `FENCED` if its job's session has changed hands since."""
+        with self.transaction() as db:
+            renewed = db.execute(
+                f"UPDATE runs SET lease_until = {self._backend.now} + ? WHERE id = ? AND state = ? AND {HOLDS_EPOCH}",
+                (lease, run_id, RunState.RUNNING),
+            ).rowcount
+            if renewed:
+                return Renewal.RENEWED
+            held = db.execute(f"SELECT 1 FROM runs WHERE id = ? AND {HOLDS_EPOCH}", (run_id,)).fetchone()
+        return Renewal.IDLE if held else Renewal.FENCED
+
+    def lapsed(self, host: str | None = None) -> list[Run]:
+        """Running runs (of `host`'s jobs) whose lease lapsed: their workers stopped their CLIs."""
+        on_host = f" AND job_id IN (SELECT id FROM jobs WHERE {ON_HOST})" if host else ""
+        rows = self._rows(
+            f"SELECT * FROM runs WHERE state = ? AND lease_until < {self._backend.now}{on_host}",
+            (RunState.RUNNING, *((host,) if host else ())),
+        )
+        return [Run(*row) for row in rows]
 
     def held_run(self, job_id: int) -> Run | None:
         """The job's run whose worker holds its CLI for a live move, if any (not necessarily its
@@ -436,7 +487,9 @@ class Store:
         `NoRoom` as `place` does."""
         now = time.time()
         with self.transaction() as db:
-            run = db.execute("SELECT * FROM runs WHERE id = ? AND state = ?", (run_id, RunState.RUNNING)).fetchone()
+            run = db.execute(
+                f"SELECT * FROM runs WHERE id = ? AND state = ? AND {HOLDS_EPOCH}", (run_id, RunState.RUNNING)
+            ).fetchone()
             session = run and db.execute("SELECT session_id FROM jobs WHERE id = ?", (run["job_id"],)).fetchone()[0]
             if run is None or session is None:
                 return None
@@ -450,7 +503,7 @@ class Store:
             moved = inserted(
                 db,
                 "INSERT INTO runs (job_id, account, state, pid, pid_start, session_id, resume, created_at, prior_state,"
-                " live, answered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1, NULL)",
+                " live, answered_at, epoch, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1, NULL, ?, ?)",
                 (
                     job_id,
                     account,
@@ -461,6 +514,8 @@ class Store:
                     session,
                     now,
                     JobState.WALLED,
+                    run["epoch"],
+                    run["lease_until"],
                 ),
             )["id"]
             db.execute("UPDATE runs SET log_path = ? WHERE id = ?", (log_path(moved), moved))
@@ -498,6 +553,8 @@ class Store:
         """The run's session id, as its CLI reported it; False (nothing written) if the id is
         another job's."""
         with self.transaction() as db:
+            if db.execute(f"SELECT 1 FROM runs WHERE id = ? AND {HOLDS_EPOCH}", (run_id,)).fetchone() is None:
+                return False  # fenced: the session changed hands
             job_id = self._job_of(db, run_id)
             db.execute(
                 "INSERT INTO sessions (session_id, job_id) VALUES (?, ?) ON CONFLICT DO NOTHING", (session_id, job_id)
@@ -529,12 +586,14 @@ class Store:
         with self.transaction() as db:
             ended = db.execute(
                 "UPDATE runs SET state = ?, error = ?, ended_at = ?, held_until = ?"
-                f" WHERE id = ? AND state IN {sql_set(ending)}",
+                f" WHERE id = ? AND state IN {sql_set(ending)} AND {HOLDS_EPOCH}",
                 (state, error, now, held_until, run_id, *ending),
             ).rowcount
             if not ended:
                 return None
             job_id, prior = db.execute("SELECT job_id, prior_state FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if state == RunState.ORPHANED:  # the session changes hands: its worker, if alive, is fenced off
+                db.execute("UPDATE jobs SET epoch = epoch + 1 WHERE id = ?", (job_id,))
             pending = db.execute("SELECT pending_prompt FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
             job_state = {
                 RunState.DONE: JobState.DONE,
@@ -664,9 +723,10 @@ class Store:
         return [Run(*row) for row in self._rows(f"{query} AND {ON_HOST} ORDER BY runs.id", (*states, host))]
 
     def live_counts(self) -> dict[str, int]:
-        """Live runs per account name."""
+        """Live runs per account name (a run whose lease lapsed does not count: `LEASED`)."""
         rows = self._rows(
-            f"SELECT account, COUNT(*) FROM runs WHERE state IN {sql_set(LIVE_RUNS)} GROUP BY account", LIVE_RUNS
+            f"SELECT account, COUNT(*) FROM runs WHERE state IN {sql_set(LIVE_RUNS)} AND {LEASED} GROUP BY account",
+            (*LIVE_RUNS, time.time()),
         )
         return {account: int(count) for account, count in rows}
 
@@ -1064,25 +1124,32 @@ def _without_room(db: Db, accounts: Sequence[str], now: float) -> set[str]:
     return {row[0] for row in walled}
 
 
-def _live_runs(db: Db, accounts: Sequence[str]) -> dict[str, int]:
+def _live_runs(db: Db, accounts: Sequence[str], now: float) -> dict[str, int]:
     rows = db.execute(
         f"SELECT account, COUNT(*) FROM runs WHERE account IN {sql_set(accounts)} AND state IN {sql_set(LIVE_RUNS)}"
-        " GROUP BY account",
-        (*accounts, *LIVE_RUNS),
+        f" AND {LEASED} GROUP BY account",
+        (*accounts, *LIVE_RUNS, now),
     )
     return {row[0]: int(row[1]) for row in rows}
 
 
+LEASED = "(lease_until IS NULL OR lease_until > ?)"
+"""A live run that counts against its account: starting, or running with its lease held (a run
+whose lease lapsed has no CLI: its worker stopped it; its host may be gone)."""
+
+HOLDS_EPOCH = "(runs.epoch IS NULL OR runs.epoch = (SELECT epoch FROM jobs WHERE jobs.id = runs.job_id))"
+"""A run that is still its session's (fencing): unclaimed, or claimed in its job's epoch."""
+
 ROOM = (
     "EXISTS (SELECT 1 FROM walls WHERE account = ? AND (reset_at IS NULL OR reset_at > ?)),"
     " EXISTS (SELECT 1 FROM account_settings WHERE account = ? AND paused_at IS NOT NULL),"
-    f" (SELECT COUNT(*) FROM runs WHERE account = ? AND state IN {sql_set(LIVE_RUNS)})"
+    f" (SELECT COUNT(*) FROM runs WHERE account = ? AND state IN {sql_set(LIVE_RUNS)} AND {LEASED})"
 )
 """An account's room, as three columns: walled now, paused, its live runs (`_room_of` its parameters)."""
 
 
 def _room_of(account: str, now: float) -> tuple[Any, ...]:
-    return (account, now, account, account, *LIVE_RUNS)
+    return (account, now, account, account, *LIVE_RUNS, now)
 
 
 def _full(room: Sequence[Any], limit: int) -> bool:
