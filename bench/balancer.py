@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from run import BIN, daemons, env_for, populate, spread
+from run import BIN, HELD, daemons, env_for, populate, spread
 
 from cl import logs
 from cl.client import call, exchange
@@ -57,7 +57,7 @@ def status_round_trip(root: Path, samples: int) -> dict[str, list[float]]:
         job = store.add_job("/tmp", f"job {i}")  # noqa: S108 - a path stored, never used
         run = store.place(job.id, f"acct{i % 10_000:05d}", limit=1)
         assert run is not None
-        store.claim(run.id, os.getpid(), start_time(os.getpid()) or "", os.devnull)  # live: ours, adopted
+        store.claim(run.id, os.getpid(), start_time(os.getpid()) or "", os.devnull, lease=HELD)  # live: ours, adopted
         store.set_session(run.id, f"00000000-0000-0000-0000-{i:012d}")
         store.record_usage(run.account, {"five_hour": 0.25, "seven_day": 0.1}, used_at=time.time(), tokens=(900, 90))
     socket_path = root / "run" / "balancer.sock"

@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
-from run import BIN, cpu_seconds, daemons_named, percentile, rss_mb, spread
+from run import BIN, HELD, cpu_seconds, daemons_named, percentile, rss_mb, spread
 
 from cl import capability
 from cl.processes import start_time
@@ -67,7 +67,7 @@ def setup(root: Path, streams: int, walled: int) -> tuple[list[str], list[str]]:
             job = store.add_job("/tmp", f"stream {i}")  # noqa: S108 - a path stored, never used
             run = store.place(job.id, account, limit=1_000_000)
             assert run is not None
-            store.claim(run.id, me, started, os.devnull)  # ours: a move signals us (SIGUSR1, ignored)
+            store.claim(run.id, me, started, os.devnull, lease=HELD)  # ours: a move signals us (SIGUSR1, ignored)
             store.set_session(run.id, str(uuid.uuid4()))
             secret = capability.new()
             store.issue_capability(capability.digest(secret), run.id)

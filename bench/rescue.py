@@ -40,7 +40,7 @@ from pathlib import Path
 from subprocess import PIPE
 from typing import Any
 
-from run import HERE, cpu_seconds, daemons, daemons_named, end_workers, ms, spread, wait_for
+from run import HELD, HERE, cpu_seconds, daemons, daemons_named, end_workers, ms, spread, wait_for
 
 from cl import logs
 from cl.claude_code.stream import user_message
@@ -315,7 +315,7 @@ class Holder:
             self._wake.clear()
             for run_id in list(self.held):
                 handed = self.store.handed_over(run_id)
-                if handed is not None and self.store.claim(handed.id, me, started, "/dev/null"):
+                if handed is not None and self.store.claim(handed.id, me, started, "/dev/null", lease=HELD):
                     self.claimed.append(handed.id)
                     self.held.discard(run_id)
                     self.last = time.time()
@@ -336,7 +336,7 @@ def storm(root: Path, live: bool, sessions: int = 500, walled_accounts: int = 5)
         job = store.add_job(str(root / "work"), f"task {i}")
         run = store.place(job.id, f"acct{i % walled_accounts:04d}", limit=sessions)
         assert run is not None
-        store.claim(run.id, me, started, str(root / "x.log"))
+        store.claim(run.id, me, started, str(root / "x.log"), lease=HELD)
         store.set_session(run.id, f"00000000-0000-4000-8000-{i:012d}")
         runs.append(run)
     launcher = Launcher(root / "run" / "worker.sock")

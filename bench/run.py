@@ -31,6 +31,8 @@ from cl.client import DaemonUnreachable, call
 BIN = Path(sys.executable).parent
 HERE = Path(__file__).resolve().parent
 TICKS = os.sysconf("SC_CLK_TCK")
+HELD = 86400.0
+"""The lease of a run the bench claims as its own worker: nothing renews it, so it lasts the run."""
 CREDENTIAL = json.dumps(
     {"claudeAiOauth": {"accessToken": "bench-token-0123456789", "refreshToken": "r", "expiresAt": 4102444800000}}
 )

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from balancer import placement_throughput
-from run import daemons, ms, percentile, populate, rss_mb, spread
+from run import HELD, daemons, ms, percentile, populate, rss_mb, spread
 
 from cl import logs
 from cl.client import exchange
@@ -63,7 +63,7 @@ def live_sessions(path: Path) -> None:
         job = store.add_job("/srv/work", f"live {i}")
         run = store.place(job.id, f"acct{i % 10_000:05d}", limit=1)
         assert run is not None
-        store.claim(run.id, os.getpid(), start_time(os.getpid()) or "", os.devnull)  # live: ours, adopted
+        store.claim(run.id, os.getpid(), start_time(os.getpid()) or "", os.devnull, lease=HELD)  # live: ours, adopted
         store.set_session(run.id, f"00000000-0000-0000-0001-{i:012d}")
         store.record_usage(run.account, {"five_hour": 0.25}, used_at=time.time(), tokens=(900, 90))
     store.close()

@@ -512,7 +512,8 @@ def test_a_host_cut_off_from_the_database_stops_its_clis_before_their_leases_lap
             try:
                 postgresql.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'alpha'")
                 lapsed = fleet.get_run(run.id)
-                assert lapsed is not None and lapsed.lease_until is not None
+                assert lapsed is not None
+                assert lapsed.lease_until is not None
                 wait_until(lambda: [r.id for r in fleet.lapsed()] == [run.id], "the lease to lapse", timeout=60)
                 assert not Path(f"/proc/{started['pid']}").exists()  # the CLI was stopped first
                 assert "lease lost, stopping the CLI" in alpha.log("balancer")

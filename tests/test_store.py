@@ -191,7 +191,9 @@ def test_a_session_that_changed_hands_fences_off_its_old_worker(store: Store) ->
     first = store.place(job.id, "a1", limit=2)
     assert first is not None
     first = store.claim(first.id, 4242, "start", "/tmp/log")
-    assert first is not None and first.epoch == 1 and first.lease_until is not None
+    assert first is not None
+    assert first.epoch == 1
+    assert first.lease_until is not None
     assert store.renew(first.id, 30) is Renewal.RENEWED
     assert store.set_session(first.id, "s-1") is True
     orphaned = store.settle(first.id, RunState.ORPHANED, "its lease lapsed")  # the rescuer takes it over
@@ -199,13 +201,18 @@ def test_a_session_that_changed_hands_fences_off_its_old_worker(store: Store) ->
     assert store.get_job(job.id).epoch == 2  # type: ignore[union-attr]
     assert store.renew(first.id, 30) is Renewal.FENCED
     assert store.set_session(first.id, "s-old") is False
+    store.record_wall("a1", "cli", time.time() - 1)  # a reset wall, which an answer would lift
+    assert store.answered(first.id) is None  # not an answer of the session's: nothing lifted
+    store.record_result(first.id, '{"result": "stale"}')
+    assert store.get_run(first.id).result is None  # type: ignore[union-attr]
     assert store.follow_up(first.id, str) is None
     assert store.move_in_flight(first.id, "a2", 2, str) is None
     second = store.place(job.id, "a2", limit=2, resume="s-1")
     assert second is not None
     assert store.claim(second.id, 4343, "start", "/tmp/log", epoch=1) is None  # the old worker's epoch
     second = store.claim(second.id, 4343, "start", "/tmp/log")
-    assert second is not None and second.epoch == 3
+    assert second is not None
+    assert second.epoch == 3
     assert store.get_job(job.id).session_id == "s-1"  # type: ignore[union-attr]  # not the old worker's
     assert store.set_session(second.id, "s-new") is True
 
@@ -217,13 +224,15 @@ def test_a_worker_that_ended_its_run_renews_nothing_and_is_not_fenced(store: Sto
     run = store.place(job.id, "a1", limit=2)
     assert run is not None
     run = store.claim(run.id, 4242, "start", "/tmp/log")
-    assert run is not None and store.set_session(run.id, "s-1")
+    assert run is not None
+    assert store.set_session(run.id, "s-1")
     store.settle(run.id, RunState.WALLED, "walled", held_until=time.time() + 60)
     assert store.renew(run.id, 30) is Renewal.IDLE
     handed = store.place(job.id, "a2", limit=2, resume="s-1", live=True)
     assert handed is not None
     moved = store.claim(handed.id, 4242, "start", "/tmp/log", epoch=run.epoch)
-    assert moved is not None and moved.epoch == run.epoch
+    assert moved is not None
+    assert moved.epoch == run.epoch
     assert store.renew(moved.id, 30) is Renewal.RENEWED
 
 

@@ -404,7 +404,7 @@ class Store:
             ).rowcount
             if renewed:
                 return Renewal.RENEWED
-            held = db.execute(f"SELECT 1 FROM runs WHERE id = ? AND {HOLDS_EPOCH}", (run_id,)).fetchone()
+            held = _holds(db, run_id)
         return Renewal.IDLE if held else Renewal.FENCED
 
     def lapsed(self, host: str | None = None) -> list[Run]:
@@ -553,7 +553,7 @@ class Store:
         """The run's session id, as its CLI reported it; False (nothing written) if the id is
         another job's."""
         with self.transaction() as db:
-            if db.execute(f"SELECT 1 FROM runs WHERE id = ? AND {HOLDS_EPOCH}", (run_id,)).fetchone() is None:
+            if not _holds(db, run_id):
                 return False  # fenced: the session changed hands
             job_id = self._job_of(db, run_id)
             db.execute(
@@ -620,6 +620,8 @@ class Store:
         """
         now = time.time()
         with self.transaction() as db:
+            if not _holds(db, run_id):
+                return None  # fenced: what a CLI taken over says proves nothing
             db.execute("UPDATE runs SET answered_at = ? WHERE id = ? AND answered_at IS NULL", (now, run_id))
             account = db.execute("SELECT account FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
             lifted = db.execute("DELETE FROM walls WHERE account = ? AND reset_at <= ?", (account, now)).rowcount
@@ -657,16 +659,16 @@ class Store:
     def transcript_before(self, run_id: int, size: int | None) -> None:
         """A move's transcript size as its worker found it, before the CLI started."""
         with self.transaction() as db:
-            db.execute("UPDATE runs SET transcript_bytes = ? WHERE id = ?", (size, run_id))
+            db.execute(f"UPDATE runs SET transcript_bytes = ? WHERE id = ? AND {HOLDS_EPOCH}", (size, run_id))
 
     def transcript_after(self, run_id: int, size: int | None) -> None:
         """A move's transcript size once its CLI exited."""
         with self.transaction() as db:
-            db.execute("UPDATE runs SET transcript_bytes_after = ? WHERE id = ?", (size, run_id))
+            db.execute(f"UPDATE runs SET transcript_bytes_after = ? WHERE id = ? AND {HOLDS_EPOCH}", (size, run_id))
 
     def record_result(self, run_id: int, result: str) -> None:
         with self.transaction() as db:
-            db.execute("UPDATE runs SET result = ? WHERE id = ?", (result, run_id))
+            db.execute(f"UPDATE runs SET result = ? WHERE id = ? AND {HOLDS_EPOCH}", (result, run_id))
 
     def job_runs(self, job_id: int) -> list[Run]:
         """Every run of a job, first to last."""
@@ -1112,6 +1114,11 @@ def _placed(placement: Placement, job: Any, run: Run) -> tuple[str, int, str, di
     if job["state"] == JobState.QUEUED:
         return "follow-up started", run.job_id, run.account, detail
     return "move started", run.job_id, run.account, {**detail, "source": job["account"], "live": bool(run.live)}
+
+
+def _holds(db: Db, run_id: int) -> bool:
+    """The run is still its session's (`HOLDS_EPOCH`)."""
+    return db.execute(f"SELECT 1 FROM runs WHERE id = ? AND {HOLDS_EPOCH}", (run_id,)).fetchone() is not None
 
 
 def _without_room(db: Db, accounts: Sequence[str], now: float) -> set[str]:
