@@ -4,8 +4,10 @@ own, started as the tests start theirs: tests/postgres.py, on a Unix socket).
 
 * placement fleet-wide: 10,000 queued jobs, a third submitted on each host, each host's placer (a
   process of its own, the balancer's store path) placing its own jobs over the fleet's 300
-  accounts at once; one job to a transaction (as before batching) and `PLACE_BATCH` to one
-  (`Store.place_many`, as the balancer does), side by side, twice (goal: 2,000 jobs/s);
+  accounts at once; one job to a transaction (as before batching), `PLACE_BATCH` to one under the
+  store-wide write lock (as before placement held accounts instead), and `PLACE_BATCH` to one
+  as the balancer places (`Store.place_many`: its accounts held, its jobs claimed `FOR UPDATE
+  SKIP LOCKED`), side by side, twice (goal: 2,000 jobs/s);
 * `status` (`Store.snapshot`) after a change, at 3 hosts x 1,000 live sessions;
 * wall -> move committed across hosts: three full hosts (gateways on 127.0.0.1/2/3, TLS between
   them, the fake CLI and the fake API, as tests/test_fleet_gateways.py runs them); a session on
@@ -31,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from run import daemons_named, percentile, spread
 
@@ -87,9 +90,18 @@ def queue(database: str, jobs: int) -> None:
     store.close()
 
 
-def placer(database: str, host: str, batch: int, jobs: int, start: multiprocessing.synchronize.Barrier) -> None:
-    """One host's placer: its own queued jobs over the fleet's 300 accounts, `batch` to a transaction."""
+def placer(
+    database: str, host: str, batch: int, jobs: int, start: multiprocessing.synchronize.Barrier, *, exclusive: bool
+) -> None:
+    """One host's placer: its own queued jobs over the fleet's 300 accounts, `batch` to a
+    transaction; `exclusive`: each batch under the store-wide write lock, as every writer."""
     store = Store(database)
+    if exclusive:
+
+        def transaction(*, write: bool = True, **_asked: Any) -> Any:
+            return Store.transaction(store, write=write)  # exclusive, whatever is asked
+
+        store.transaction = transaction  # type: ignore[method-assign]
     ids = [job.id for job in store.facts((JobState.QUEUED,), jobs, host).jobs]
     start.wait()
     for first in range(0, len(ids), batch):
@@ -102,12 +114,15 @@ def placer(database: str, host: str, batch: int, jobs: int, start: multiprocessi
     store.close()
 
 
-def placement(database: str, jobs: int, batch: int) -> float:
+def placement(database: str, jobs: int, batch: int, *, exclusive: bool) -> float:
     """Jobs placed per second, fleet-wide: from the three placers' start to the last one's end."""
     queue(database, jobs)
     context = multiprocessing.get_context("fork")
     start = context.Barrier(len(HOSTS) + 1)
-    placers = [context.Process(target=placer, args=(database, host, batch, jobs, start)) for host in HOSTS]
+    placers = [
+        context.Process(target=placer, args=(database, host, batch, jobs, start), kwargs={"exclusive": exclusive})
+        for host in HOSTS
+    ]
     for process in placers:
         process.start()
     start.wait()
@@ -183,13 +198,12 @@ def main() -> None:
     jobs, sessions = (1_000, 100) if args.quick else (10_000, 1_000)
     server = postgres.Server()
     try:
-        for batch in (1, PLACE_BATCH, 1, PLACE_BATCH):  # side by side, twice: the machine is noisy
-            rate = placement(server.database(), jobs, batch)
+        ways = [(1, True, "1 to a transaction"), (PLACE_BATCH, True, f"{PLACE_BATCH} to one, store-wide lock")]
+        ways.append((PLACE_BATCH, False, f"{PLACE_BATCH} to one, accounts held, jobs claimed (SKIP LOCKED)"))
+        for batch, exclusive, how in ways * 2:  # side by side, twice: the machine is noisy
+            rate = placement(server.database(), jobs, batch, exclusive=exclusive)
             verdict = "ok" if rate >= 2000 else "UNDER GOAL"
-            print(
-                f"placement, 3 placers at once, {batch} to a transaction: {rate:,.0f} jobs/s"
-                f" ({jobs:,} queued) [{verdict}]"
-            )
+            print(f"placement, 3 placers at once, {how}: {rate:,.0f} jobs/s ({jobs:,} queued) [{verdict}]")
         times = status(server.database(), sessions, samples)
         print(f"status after a change, {len(HOSTS)} hosts x {sessions:,} sessions: {spread(times)} (n={samples})")
         moves = wall_to_move(server, samples // 2)

@@ -10,11 +10,13 @@ import re
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 import postgres
@@ -28,6 +30,7 @@ from cl.store import (
     Placement,
     Published,
     Renewal,
+    Run,
     Snapshot,
     Store,
     StoreError,
@@ -375,16 +378,21 @@ def _place_at_once(where: Path | str, job_id: int, barrier: Any, placed: Any) ->
     store = Store(where)
     barrier.wait()
     with contextlib.suppress(NoRoom):
-        if store.place(job_id, "a1", limit=2) is not None:
+        if job_id % 2:  # a move's placement (exclusive) ...
+            run: Run | NoRoom | None = store.place(job_id, "a1", limit=2)
+        else:  # ... or a balancer's batch (not exclusive on PostgreSQL: the account is held instead)
+            (run,) = store.place_many([Placement(job_id, "a1", 2)])
+        if isinstance(run, Run):
             with placed.get_lock():
                 placed.value += 1
     store.close()
 
 
 def test_writers_racing_to_place_never_exceed_an_accounts_limit(store: Store, store_at: Path | str) -> None:
-    """Placing counts an account's live runs and adds one in one transaction: writers never
-    interleave there (SQLite's write lock, PostgreSQL's advisory lock), or two placers that both
-    counted one live run would both add theirs."""
+    """Placing counts an account's live runs and adds one in one transaction: writers adding to
+    one account never interleave there (SQLite's write lock; on PostgreSQL the account's lock,
+    which batches and single placements both take), or two placers that both counted one live
+    run would both add theirs."""
     context = multiprocessing.get_context("fork")
     for _round in range(5):
         jobs = [store.add_job("/srv", f"p{i}") for i in range(8)]
@@ -399,6 +407,55 @@ def test_writers_racing_to_place_never_exceed_an_accounts_limit(store: Store, st
         assert store.live_counts() == {"a1": 2}
         for run in store.runs_in():
             store.settle(run.id, RunState.DONE)
+
+
+def _in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    answer: list[Any] = []
+    thread = threading.Thread(target=lambda: answer.append(call()), daemon=True)
+    thread.start()
+    return thread, answer
+
+
+def test_a_batch_skips_the_jobs_another_writer_holds_and_waits_only_for_its_accounts(
+    postgresql: postgres.Server,
+) -> None:
+    """PostgreSQL: placement does not wait for an exclusive writer. A job another transaction holds
+    (a cancel under way, another placer) is skipped, not waited for (`FOR UPDATE SKIP LOCKED`): the rest
+    of the batch is placed, and the skipped job the next time. An account another transaction
+    holds makes a batch on it wait; a batch on another account goes by meanwhile."""
+    database = postgresql.database()
+    store, apart = Store(database), Store(database)  # the second: another host's, opened before
+    try:
+        first, second, third = (store.add_job("/srv", f"p{i}").id for i in range(3))
+        with psycopg.connect(database, autocommit=True) as other:
+            other.execute("BEGIN")
+            other.execute("SELECT pg_advisory_xact_lock(%s)", (on_postgresql.WRITE_LOCK,))  # an exclusive writer
+            other.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (first,))
+            other.execute("SELECT pg_advisory_xact_lock(%s, hashtext('a1'))", (on_postgresql.ACCOUNT_LOCKS,))
+            elsewhere, placed = _in_thread(
+                lambda: store.place_many([Placement(first, "a2", 5), Placement(second, "a2", 5)])
+            )
+            elsewhere.join(30)
+            assert not elsewhere.is_alive()  # neither the held job nor the held account stopped it
+            assert placed[0][0] is None
+            assert isinstance(placed[0][1], Run)
+            waiting, on_a1 = _in_thread(lambda: apart.place_many([Placement(third, "a1", 5)])[0])
+            wait_until(lambda: _waits_for_a_lock(postgresql), "the batch on a1 to wait for a1")
+            assert not on_a1
+            other.execute("COMMIT")
+        waiting.join(30)
+        assert isinstance(on_a1[0], Run)
+        assert isinstance(store.place_many([Placement(first, "a2", 5)])[0], Run)  # no longer held
+    finally:
+        store.close()
+        apart.close()
+
+
+def _waits_for_a_lock(server: postgres.Server) -> bool:
+    """A transaction waits for an account's lock (`lock_accounts`)."""
+    return bool(
+        server.sql("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s", "%hashtext%")
+    )
 
 
 def test_placements_in_one_transaction_each_stand_or_meet_no_room_alone(store: Store) -> None:

@@ -60,8 +60,24 @@ class Backend(Protocol):
         """SQL: a JSON array (text) of an object per row of `rows` (by `id`), `fields` its
         name, value pairs."""
 
-    def transaction(self, *, write: bool) -> AbstractContextManager[Db]:
-        """With `write`, no other writer interleaves; without, one consistent snapshot."""
+    claiming: str
+    """SQL after a SELECT of the rows a transaction is about to write: a row another writer
+    holds is skipped, not waited for (PostgreSQL's `FOR UPDATE SKIP LOCKED`); empty where
+    writers never interleave."""
+    locking: str
+    """SQL after a SELECT of a row a transaction is about to write: locked, waiting for another
+    writer that holds it (`FOR UPDATE`); empty where writers never interleave."""
+
+    @staticmethod
+    def lock_accounts(db: Db, accounts: Sequence[str]) -> None:
+        """Hold `accounts` for the rest of the transaction, in one order (no deadlock): whoever
+        adds a run to an account holds it while it reads its room. Nothing where writers never
+        interleave."""
+
+    def transaction(self, *, write: bool, exclusive: bool = True) -> AbstractContextManager[Db]:
+        """With `write`, a writer: `exclusive`, no other writer interleaves; not (PostgreSQL),
+        only those that hold the same rows (`claiming`, `locking`) or accounts (`lock_accounts`)
+        wait for each other. Without `write`, one consistent snapshot."""
 
     def reading(self) -> AbstractContextManager[Db]:
         """The open transaction's connection, or one for a read on its own."""

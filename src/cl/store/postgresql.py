@@ -3,7 +3,11 @@
 `store = "postgresql://…"` selects it (psycopg 3, a psycopg-pool pool per store). Writers take
 one transaction-scoped advisory lock (`WRITE_LOCK`) before anything else, so writes never
 interleave, as with SQLite's `BEGIN IMMEDIATE`: every transaction written for one backend means
-the same on the other. A read-only transaction is REPEATABLE READ: one snapshot. The pool checks
+the same on the other. The exception is placement, the fleet's busiest writer
+(`Store.place_many`): it takes no such lock; it locks the accounts it places on (an advisory lock
+each, in one order, which every transaction that adds a run to an account takes too) and claims
+its jobs `FOR UPDATE SKIP LOCKED`, so the hosts' placements run at once, and wait for each other
+only on an account they share. A read-only transaction is REPEATABLE READ: one snapshot. The pool checks
 a connection before handing it out, so one the server dropped (a restart) is replaced; what
 cannot reach the server is `StoreUnavailable`, which callers wait out.
 """
@@ -26,7 +30,9 @@ from cl.store.notifications import CHANNEL
 from cl.store.records import StoreError, StoreUnavailable
 
 WRITE_LOCK = 0x636C  # "cl"
-"""The advisory lock every writing transaction takes first."""
+"""The advisory lock every exclusive writing transaction takes first."""
+ACCOUNT_LOCKS = 0x636C61  # "cla"
+"""The advisory locks of accounts (`lock_accounts`): this key and a hash of the name."""
 
 MIGRATIONS: list[str] = [
     # 1: the schema of SQLite's tenth migration
@@ -245,6 +251,14 @@ class PostgresBackend:
     def json_rows(fields: str, rows: str) -> str:
         return f"SELECT COALESCE(json_agg(json_build_object({fields}) ORDER BY id), '[]')::text FROM {rows}"
 
+    claiming = " FOR UPDATE SKIP LOCKED"
+    locking = " FOR UPDATE"
+
+    @staticmethod
+    def lock_accounts(db: Db, accounts: Sequence[str]) -> None:
+        for account in sorted(set(accounts)):
+            db.execute("SELECT pg_advisory_xact_lock(?, hashtext(?))", (ACCOUNT_LOCKS, account))
+
     def __init__(self, url: str, busy_timeout: float) -> None:
         info = psycopg.conninfo.conninfo_to_dict(url)
         self.where = f"postgresql database {info.get('dbname', '')} on {info.get('host', 'localhost')}"
@@ -314,12 +328,12 @@ class PostgresBackend:
             raise StoreUnavailable(f"state store {self.where}: {exc}") from exc
 
     @contextmanager
-    def transaction(self, *, write: bool) -> Iterator[Db]:
+    def transaction(self, *, write: bool, exclusive: bool = True) -> Iterator[Db]:
         begin = "BEGIN ISOLATION LEVEL READ COMMITTED" if write else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
         with self._unavailable(), self._pool.connection() as connection:
             db = _Db(connection)
             db.execute(begin)
-            if write:
+            if write and exclusive:
                 db.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
             self._current = db
             try:

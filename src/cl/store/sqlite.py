@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -268,9 +268,16 @@ class SqliteBackend:
         except sqlite3.OperationalError as exc:
             raise StoreUnavailable(f"state store {self.path}: {exc}") from exc
 
+    claiming = locking = ""
+
+    @staticmethod
+    def lock_accounts(db: Db, accounts: Sequence[str]) -> None:  # noqa: ARG004 - the Backend's signature
+        return None  # every writer holds the whole file
+
     @contextmanager
-    def transaction(self, *, write: bool) -> Iterator[Db]:
-        """BEGIN IMMEDIATE for a write; `write=False` is a consistent read (WAL readers never wait)."""
+    def transaction(self, *, write: bool, exclusive: bool = True) -> Iterator[Db]:  # noqa: ARG002
+        """BEGIN IMMEDIATE for a write, `exclusive` or not (one writer holds the file at a time);
+        `write=False` is a consistent read (WAL readers never wait)."""
         with self._unavailable():
             self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:

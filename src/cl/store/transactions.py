@@ -63,10 +63,11 @@ class Store:
         return self._backend.lookup()
 
     @contextmanager
-    def transaction(self, *, write: bool = True) -> Iterator[Db]:
+    def transaction(self, *, write: bool = True, exclusive: bool = True) -> Iterator[Db]:
         """One transaction: with `write`, no other writer interleaves (raises `IllegalTransition`
-        for a state change `cl.states` does not allow); without, a consistent read."""
-        with self._backend.transaction(write=write) as db:
+        for a state change `cl.states` does not allow), unless not `exclusive` (`Backend.transaction`:
+        placement only); without, a consistent read."""
+        with self._backend.transaction(write=write, exclusive=exclusive) as db:
             yield db
 
     def _rows(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
@@ -249,16 +250,19 @@ class Store:
     def place_many(self, placements: Sequence[Placement]) -> list[Run | NoRoom | None]:
         """Several placements of waiting jobs (no live moves) in one transaction, each as `place`
         makes it, read and written a batch at a time: the jobs and their accounts' room in four
-        queries (no other writer runs meanwhile, so what they say stays true but for this batch's
-        own runs, counted as they go), the writes pipelined where the backend can. For each: its
-        run, the `NoRoom` it met (nothing written for it), or None if its job is not waiting."""
+        queries (the accounts held first and the jobs claimed, so what they say stays true but
+        for this batch's own runs, counted as they go), the writes pipelined where the backend
+        can. Not exclusive: on PostgreSQL other hosts place at the same time, on other accounts.
+        For each: its run, the `NoRoom` it met (nothing written for it), or None if its job is
+        not waiting, or another writer holds it now (`Backend.claiming`: tried again later)."""
         now = time.time()
         ids, accounts = [p.job_id for p in placements], sorted({p.account for p in placements})
         outcomes: list[Run | NoRoom | None] = [None] * len(placements)
         placed: list[tuple[int, Placement, Any]] = []
-        with self.transaction() as db:
-            query = f"SELECT id, state, account, pending_prompt FROM jobs WHERE id IN {sql_set(ids)}"
-            jobs = {row["id"]: row for row in db.execute(query, ids)}
+        with self.transaction(exclusive=False) as db:
+            self._backend.lock_accounts(db, accounts)  # first: who holds an account never waits for a job
+            claimed = f"SELECT id, state, account, pending_prompt FROM jobs WHERE id IN {sql_set(ids)}"
+            jobs = {row["id"]: row for row in db.execute(claimed + self._backend.claiming, ids)}
             full, live = _without_room(db, accounts, now), _live_runs(db, accounts, now)
             for index, placement in enumerate(placements):
                 job = jobs.pop(placement.job_id, None)  # a job listed twice is placed once
@@ -284,8 +288,9 @@ class Store:
         return outcomes
 
     def _place(self, db: Db, placement: Placement, *, live: bool, now: float) -> Run | None:
+        self._backend.lock_accounts(db, [placement.account])
         job = db.execute(  # the job and the account's room: one round trip
-            f"SELECT state, account, pending_prompt, {ROOM} FROM jobs WHERE id = ?",
+            f"SELECT state, account, pending_prompt, {ROOM} FROM jobs WHERE id = ?{self._backend.locking}",
             (*_room_of(placement.account, now), placement.job_id),
         ).fetchone()
         if job is None or job["state"] not in _waiting(placement.resume):
@@ -343,9 +348,9 @@ class Store:
                 self.record(db, "job given up", job_id, error=reason)
         return bool(failed)
 
-    @staticmethod
-    def _no_room(db: Db, account: str, now: float, limit: int) -> bool:
-        """`account` is walled, paused, or has `limit` live runs (one query: one round trip)."""
+    def _no_room(self, db: Db, account: str, now: float, limit: int) -> bool:
+        """`account` is walled, paused, or has `limit` live runs (held from now on: `lock_accounts`)."""
+        self._backend.lock_accounts(db, [account])
         return _full(db.execute(f"SELECT {ROOM}", _room_of(account, now)).fetchone(), limit)
 
     def claim(
