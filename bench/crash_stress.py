@@ -8,8 +8,8 @@ its busy timeout, a restart, a verdict on every job. Prints the tally per victim
 were live, the restart-to-READY times, how often the store was found locked, and every problem
 (lost, run twice, two live processes of a session, a transcript lost). With `--store postgresql`
 the store is a PostgreSQL database (a server of the bench's own, as the tests start theirs), the
-random locker is left out, and the database itself is a victim too: restarted mid-work, every
-connection dropped. `make bench` runs both.
+random locker is left out, and the database itself is a victim too: every process of the server
+killed -9 mid-work, then started again (crash recovery). `make bench` runs both.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def main() -> None:
         problems = [p for v in mine for p in v.problems]
         failed += len(problems)
         restarts = [v.restart for v in mine if v.work_before_kill >= 0] or [0.0]
-        named = {"database": "restart the database", "host": "kill -9 the whole host"}
+        named = {"database": "kill -9 the database", "host": "kill -9 the whole host"}
         what = named.get(victim, f"kill -9 cl-{victim}")
         print(
             f"{what} ({args.store}): {len(mine)} trials, {len(mine) * (WALLED + QUEUED)} jobs;"

@@ -6,8 +6,8 @@ trial starts both daemons on a fresh layout with the fake `claude`: three sessio
 behind them. Then two healthy accounts are dropped in (a4, a5), so that placements and live moves
 run at once, the victim gets SIGKILL after a random delay, and is started again. The victim
 "host" is the whole host: both daemons and every worker (their CLIs with them) at once, as when
-a machine loses power. On PostgreSQL the victim may also be the database: restarted (every
-connection dropped) at that moment.
+a machine loses power. On PostgreSQL the victim may also be the database: every process of the
+server killed -9 at that moment and started again (it recovers from its write-ahead log).
 
 A verdict lists every problem: a job not done, a job started fresh more than once, a walled
 session continued on the new accounts other than exactly once or without its history, a session
@@ -56,7 +56,7 @@ class Verdict:
     """Moves onto the new accounts made live (a move the kill rolled back is made again, live or not)."""
     restart: float
     """Seconds from the restarted victim's exec to its socket answering (it is READY by then); for
-    the database, from the restart's start to its accepting connections again."""
+    the database, from its kill to its accepting connections again (crash recovery included)."""
     problems: list[str]
 
 
@@ -69,7 +69,7 @@ def trial(
 ) -> Verdict:
     """One kill. On SQLite, while the store is also locked at random moments past its busy timeout
     (by another writer, as a backup or a sqlite3 shell would): the daemons and workers wait it
-    out. On `database` (a database of its own there), `victim` "database" restarts the server."""
+    out. On `database` (a database of its own there), `victim` "database" kills the server -9."""
     layout = Layout(root, store=database.database() if database is not None else "")
     locks = layout.root / "session-locks"
     locks.mkdir()
@@ -123,12 +123,13 @@ def _killed(victim: str) -> tuple[str, ...]:
 
 
 def _strike(victim: str, layout: Layout, daemons: dict[str, DaemonProcess], database: postgres.Server | None) -> float:
-    """SIGKILL to the victim (a whole host: its daemons, then every worker, their CLIs with them),
-    or the database restarted: how long that restart took (0 for a kill)."""
+    """SIGKILL to the victim (a whole host: its daemons, then every worker, their CLIs with them;
+    the database: every process of the server, started again): how long the database took to
+    accept connections again (0 for the others, started by the trial)."""
     if victim == "database":
         assert database is not None
         began = time.perf_counter()
-        database.restart()
+        database.crash()
         return time.perf_counter() - began
     for name in _killed(victim):
         daemons[name].stop(signal.SIGKILL)

@@ -7,13 +7,16 @@ as the suite's own user otherwise. Each test gets a database of its own (`Server
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +55,10 @@ class Server:
         self.data = self.root / "data"
         self._pg_ctl = [str(bindir / "pg_ctl"), "-D", str(self.data)]
         self._numbers = itertools.count(1)
-        options = f"-k {self.root} -c listen_addresses='' -c fsync=off -c max_connections=200"
+        self._options = f"-k {self.root} -c listen_addresses='' -c fsync=off -c max_connections=200"
         try:
             self._run(str(bindir / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
-            self._run(*self._pg_ctl, "-o", options, "-l", str(self.root / "server.log"), "-w", "start")
+            self._start()
         except Unavailable:
             self.stop()
             raise
@@ -82,6 +85,26 @@ class Server:
             cursor = connection.execute(statement, parameters or None)
             return cursor.fetchall() if cursor.description else []
 
+    def _start(self) -> None:
+        self._run(*self._pg_ctl, "-o", self._options, "-l", str(self.root / "server.log"), "-w", "start")
+
+    def crash(self) -> None:
+        """kill -9 the server, every process of it at once (as an OOM killer or a power cut leaves
+        it), and start it again: it recovers from its write-ahead log."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        family = [postmaster, *_children(postmaster)]
+        for pid in family:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in family):
+            if time.monotonic() > deadline:
+                raise Unavailable(f"the server's processes outlived SIGKILL: {family}")
+            time.sleep(0.01)
+        for lock in (self.data / "postmaster.pid", self.root / ".s.PGSQL.5432.lock"):
+            lock.unlink()  # a zombie nobody reaps (no init here) would pass for their owner
+        self._start()
+
     def restart(self) -> None:
         """Stop the server (every connection dropped) and start it again with the same options."""
         self._run(*self._pg_ctl, "-m", "fast", "-l", str(self.root / "server.log"), "-w", "restart")
@@ -90,3 +113,21 @@ class Server:
         if (self.data / "postmaster.pid").exists():
             subprocess.run([*self._as, *self._pg_ctl, "-m", "immediate", "stop"], capture_output=True, check=False)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _children(parent: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rpartition(")")[2].split()[1]) == parent:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (what its parent has not reaped yet is gone for us)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
