@@ -234,6 +234,44 @@ def test_a_quota_429_is_answered_on_another_account_and_the_cli_never_sees_it(
     assert seen[("cl_gateway_requests_total", gateway_label)] == 1  # the answer on a2
 
 
+def submit_for(layout: Layout, prompt: str, model: str) -> int:
+    result = cl(layout, "submit", "--cwd", str(layout.work), "--prompt", prompt, "--model", model, "--json")
+    assert result.returncode == 0, result.stderr
+    job: int = json.loads(result.stdout)["job"]
+    return job
+
+
+def test_a_model_windows_wall_moves_that_models_session_and_leaves_the_account_to_the_others(
+    gateway: Gateway, layout: Layout, planted: Planted
+) -> None:
+    """a1's Opus window is spent (the API's 429 claims `seven_day_opus`): the Opus session moves
+    to a2 in flight, and a1 is walled for Opus only. A job that names no model does not go to a1
+    (its model is the CLI's default, which may be Opus); a Sonnet job does."""
+    a1, a2 = account(layout, planted, "a1"), account(layout, planted, "a2")
+    gateway.api.model_wall(a1, "opus", "seven_day_opus")
+    opus = submit_for(layout, "opus work", "claude-opus-4-5")
+    wait_until(lambda: job_states(layout).get(opus) == "done", "the Opus session to go on on a2")
+    assert [(run.account, run.state) for run in runs_of(layout, opus)] == [("a1", "walled"), ("a2", "done")]
+    assert "a1" not in walls(layout)  # the account is not walled ...
+    assert stored(layout, Store.model_walls)["a1"].keys() == {"opus"}  # ... its Opus window is
+    (a1_shown,) = [a for a in json.loads(cl(layout, "status", "--json").stdout)["accounts"] if a["name"] == "a1"]
+    assert (a1_shown["walled_until"], list(a1_shown["model_walls"])) == (None, ["opus"])
+    assert re.search(r"a1\s+ok, opus walled until", cl(layout, "status").stdout)
+    # a1 is now the least recently used: it would take the next job, walls aside
+    default = submit(layout, "no model named")
+    wait_until(lambda: job_states(layout).get(default) == "done", "the default-model job to finish")
+    sonnet = submit_for(layout, "sonnet work", "claude-sonnet-4-5")
+    wait_until(lambda: job_states(layout).get(sonnet) == "done", "the Sonnet job to finish")
+    assert [run.account for run in runs_of(layout, default)] == ["a2"]
+    assert [run.account for run in runs_of(layout, sonnet)] == ["a1"]
+    assert [(r["cred_tail"], r["walled"]) for r in gateway.api.messages()] == [
+        (a1[-6:], True),
+        (a2[-6:], False),
+        (a2[-6:], False),
+        (a1[-6:], False),
+    ]
+
+
 def test_a_refused_credential_benches_its_account_and_the_request_goes_on_elsewhere(
     gateway: Gateway, layout: Layout, planted: Planted
 ) -> None:

@@ -93,6 +93,32 @@ def test_walls_stand_until_their_reset(store: Store) -> None:
     assert set(store.walls(now=9000.0)) == {"a2"}  # no known reset: it stands
 
 
+def test_a_model_windows_wall_bars_that_model_and_a_default_one_and_no_other(store: Store) -> None:
+    """`seven_day_opus` walls a1 for Opus (and for a job naming no model: the CLI's default may
+    be Opus), inside the placing transactions too; Sonnet still goes there."""
+    store.record_wall("a1", "api", reset_at=time.time() + 3600, kind="seven_day_opus")
+    assert store.walls() == {}
+    assert store.model_walls().keys() == {"a1"}
+    assert (store.walled_for("a1", "claude-opus-4-5"), store.walled_for("a1", "claude-sonnet-4-5")) == (True, False)
+    assert store.walled_for("a1", None)
+    opus, default, sonnet = (store.add_job("/srv", m or "default", m) for m in ("opus", None, "sonnet"))
+    with pytest.raises(NoRoom):
+        store.place(opus.id, "a1", limit=5)
+    refused, placed = store.place_many([Placement(default.id, "a1", 5), Placement(sonnet.id, "a1", 5)])
+    assert isinstance(refused, NoRoom)
+    assert isinstance(placed, Run)
+    running = store.place(opus.id, "a2", limit=5)
+    assert running is not None
+    running = store.claim(running.id, 4242, "start", "/tmp/log")
+    assert running is not None
+    assert store.set_session(running.id, "s-opus")
+    with pytest.raises(NoRoom):
+        store.move_in_flight(running.id, "a1", 5, str)
+    store.record_wall("a1", "api", reset_at=time.time() - 1, kind="seven_day_opus")  # its reset passed
+    assert store.model_walls() == {}
+    assert store.move_in_flight(running.id, "a1", 5, str) is not None
+
+
 def test_usage_keeps_what_a_report_does_not_say(store: Store) -> None:
     store.record_usage("a1", {"five_hour": 0.5, "seven_day": 0.2}, used_at=100.0, tokens=(10, 3))
     store.record_usage("a1", {"five_hour": 0.7}, tokens=(5, 1))

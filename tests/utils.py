@@ -272,6 +272,10 @@ class FakeApi:
     def limit(self, credential: str, messages: int) -> None:
         self.post("/_fake/limit", {"key": credential, "limit": messages})
 
+    def model_wall(self, credential: str, model: str, claim: str) -> None:
+        """The credential's requests for models whose name holds `model` meet `claim`'s wall."""
+        self.post("/_fake/model-wall", {"key": credential, "model": model, "claim": claim})
+
     def requests(self) -> list[dict[str, Any]]:
         return json_lines(self.log)
 

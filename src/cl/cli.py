@@ -295,8 +295,11 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 
 
 def _account_state(account: dict[str, Any], now: float) -> str:
-    """`ok`, `invalid`, ..., or `walled until T`; `paused` before it if paused."""
+    """`ok`, `invalid`, ..., or `walled until T`; `paused` before it if paused; each model's
+    window walled after it (`ok, opus walled until T`)."""
     state = f"walled until {_when(account['walled_until'], now)}" if account["walled_until"] else account["state"]
+    for model, until in sorted((account.get("model_walls") or {}).items()):
+        state += f", {model} walled until {_when(until, now) if until else 'lifted'}"
     return f"paused, {state}" if _paused(account) else state
 
 

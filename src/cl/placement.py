@@ -4,7 +4,9 @@ Eligible: usable now (its file here is `ok`, or another live host of the fleet p
 `Service.usable`), not paused, no standing wall, fewer
 live runs than its limit (its own `max_sessions` setting, else `max_sessions_per_account`; one
 while on probation: its wall has reset but it has not answered since, so a still-walled account
-cannot swallow the whole queue), and allowed to serve the job's model. Then, by policy:
+cannot swallow the whole queue), allowed to serve the job's model, and no standing wall of that
+model's window (`seven_day_opus`, `seven_day_sonnet`: any of them, for a job that names no
+model, since the CLI's default may be one). Then, by policy:
 * `headroom`: the lowest reported utilization (the larger of the 5-hour and 7-day windows), then
   the fewest live runs, then the least recently used, then the name;
 * `fill-first`: the account with the most live runs that still has room, then the name.
@@ -15,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 
 from cl.config import Config
-from cl.store import UNSET, AccountSettings, Facts, NoRoom
+from cl.store import UNSET, AccountSettings, Facts, NoRoom, model_walled
 
 
 def eligible(
@@ -51,11 +53,19 @@ def limit(
     return max_sessions if own is None else own
 
 
-def serving(candidates: list[str], model: str | None, settings: Mapping[str, AccountSettings]) -> list[str]:
-    """Those of `candidates` that may serve `model`."""
-    if model is None:
-        return candidates
-    return [name for name in candidates if settings.get(name, UNSET).serves(model)]
+def serving(
+    candidates: list[str],
+    model: str | None,
+    settings: Mapping[str, AccountSettings],
+    model_walls: Mapping[str, Mapping[str, float | None]] | None = None,
+) -> list[str]:
+    """Those of `candidates` that may serve `model`: allowed to, and not walled for it."""
+    model_walls = model_walls or {}
+    return [
+        name
+        for name in candidates
+        if settings.get(name, UNSET).serves(model) and not model_walled(model_walls.get(name, {}), model)
+    ]
 
 
 def choose(
@@ -98,6 +108,7 @@ class Placer:
         self._usage = facts.usage
         self._probation = facts.probation
         self._settings = facts.settings
+        self._model_walls = facts.model_walls
         self._max_sessions = max_sessions
         self._policy = policy
         self._candidates = eligible(
@@ -131,7 +142,7 @@ class Placer:
         or the work gone (`returned`)."""
         if self.exhausted:
             return None
-        candidates = serving(self._candidates, model, self._settings)
+        candidates = serving(self._candidates, model, self._settings, self._model_walls)
         account = choose(candidates, self._live, self._usage, self._policy)
         if account is None:
             return None

@@ -64,6 +64,7 @@ class Waiting:
             return cls()
         usable = set(usable)
         resets = [w.reset_at for name, w in facts.walls.items() if name in usable and w.reset_at is not None]
+        resets += [r for name, by in facts.model_walls.items() if name in usable for r in by.values() if r is not None]
         probing = tuple(sorted(name for name in facts.probation if name in usable))
         return cls(tuple(jobs), min(resets) if resets else None, probing)
 
@@ -299,7 +300,7 @@ class Rescuer(Service):
             raise RequestError("not-found", "no such running run")
         job = await self.store.get_job(run.job_id)
         facts = await self.facts(RESCUABLE, 0)
-        if job is None or (run.account not in facts.walls and run.account in self.usable(facts)):
+        if job is None or (not facts.walled_for(run.account, job.model) and run.account in self.usable(facts)):
             raise RequestError("not-walled", f"account {run.account} is not walled, and may still be used")
         placer = placement.Placer(
             self.usable(facts), facts, self.config.max_sessions_per_account, self.config.placement

@@ -19,9 +19,10 @@ from cl.store import NEEDS_LOGIN, AccountSettings, Snapshot, UsageRow
 
 _IDLE_TAIL = ',"walled_until":null,"sessions":0}'
 
-Shown = tuple[float | None, int, UsageRow | None, AccountSettings | None, bool]
+Shown = tuple[float | None, int, UsageRow | None, AccountSettings | None, tuple[tuple[str, float | None], ...], bool]
 """What an account's object shows beyond the registry's part: wall reset, live sessions, usage,
-an operator's settings, and whether it needs a new login (its refresh token was refused)."""
+an operator's settings, its model windows' walls (family, reset), and whether it needs a new
+login (its refresh token was refused)."""
 NEEDS_LOGIN_REASON = "its refresh token was refused: log in and copy the new credentials over its file"
 
 
@@ -48,6 +49,7 @@ class StatusView:
             and last[1].listing is snapshot.listing
             and last[1].counts is snapshot.counts
             and last[1].walls == snapshot.walls
+            and last[1].model_walls == snapshot.model_walls
             and last[1].settings is snapshot.settings
         ):
             return last[2]
@@ -69,23 +71,25 @@ class StatusView:
             self._objects = [self._heads[name][1] + _IDLE_TAIL for name in names]
             self._facts = {}
         walls, live, usage, settings = snapshot.walls, snapshot.counts.live, snapshot.counts.usage, snapshot.settings
+        by_model = snapshot.model_walls
         facts: dict[str, Shown] = {}
-        for name in walls.keys() | live.keys() | usage.keys() | settings.keys():
+        for name in walls.keys() | live.keys() | usage.keys() | settings.keys() | by_model.keys():
             if name in self._index:  # a fact about an account that left the roster is not shown
                 wall = walls.get(name)
                 login = wall is not None and wall.kind == NEEDS_LOGIN
                 reset = wall.reset_at if wall else None
-                facts[name] = (reset, live.get(name, 0), usage.get(name), settings.get(name), login)
+                models = tuple(sorted(by_model.get(name, {}).items()))
+                facts[name] = (reset, live.get(name, 0), usage.get(name), settings.get(name), models, login)
         for name in self._facts.keys() - facts.keys():  # no facts any more: idle again
             self._objects[self._index[name]] = self._heads[name][1] + _IDLE_TAIL
         for name, shown in facts.items():
             if self._facts.get(name) != shown:
                 head = self._heads[name][1]
-                if shown[4] and roster[name].usable:
+                if shown[5] and roster[name].usable:
                     head = _head(
                         dataclasses.replace(roster[name], state=AccountState.NEEDS_LOGIN, reason=NEEDS_LOGIN_REASON)
                     )
-                self._objects[self._index[name]] = _object(head, *shown[:4])
+                self._objects[self._index[name]] = _object(head, shown)
         self._facts = facts
         return self._objects
 
@@ -101,14 +105,15 @@ def _head(account: Account) -> str:
     return json.dumps(fields)[:-1]
 
 
-def _object(
-    head: str, reset_at: float | None, sessions: int, usage: UsageRow | None, settings: AccountSettings | None
-) -> str:
+def _object(head: str, shown: Shown) -> str:
+    reset_at, sessions, usage, settings, models, _login = shown
     until = json.dumps(iso_utc(reset_at)) if reset_at else "null"
     tail = ""
+    if models:  # a model's window walled: that family waits for its reset, the others go there
+        tail = f',"model_walls":{json.dumps({m: iso_utc(r) if r else None for m, r in models})}'
     if usage:
         keys = ("five_hour", "seven_day", "input_tokens", "output_tokens")
-        tail = f',"usage":{json.dumps({k: v for k, v in zip(keys, usage, strict=True) if v is not None})}'
+        tail += f',"usage":{json.dumps({k: v for k, v in zip(keys, usage, strict=True) if v is not None})}'
     if settings:
         tail += f',"settings":{json.dumps(settings.public())}'
     return f'{head},"walled_until":{until},"sessions":{sessions}{tail}}}'

@@ -824,7 +824,11 @@ def _unless_the_api_said_so(session: _Session, state: StreamState) -> None:
     stands only if the store holds the account walled, or the gateway itself answered one of this
     turn's requests as a wall (its home cut off). Otherwise it only ends the CLI's turn (a
     failure): it walls nothing and moves nothing."""
-    if session.capability is None or state.wall is None or session.run.account in session.store.walls():
+    if (
+        session.capability is None
+        or state.wall is None
+        or session.store.walled_for(session.run.account, session.job.model)
+    ):
         return
     config, store = session.config, session.store
     if config.reaches_fleet and store.walled_by_gateway(session.job.id, session.turn_at):  # its own, this turn

@@ -7,7 +7,9 @@ when asked to stream, JSON otherwise: `Hi from fake server (n_messages=N, key=..
 After `limits[credential]` counted messages (or `limits["*"]`), that credential gets the wall:
 429 with the `anthropic-ratelimit-unified-*` headers and a `retry-after` over 60 s, so the
 real client neither retries nor waits. Each request is logged as one JSON line, with the
-credential's last six characters only. `POST /_fake/limit {"key", "limit"}` changes a quota.
+credential's last six characters only. `POST /_fake/limit {"key", "limit"}` changes a quota;
+`POST /_fake/model-wall {"key", "model", "claim"}` walls that credential's requests for models
+whose name holds `model` (claim `seven_day_opus`, say), and only those.
 A last user message holding `[[bash: COMMAND]]` is answered with a tool call: the CLI's Bash
 tool runs COMMAND in the background, and its result comes back as the next request.
 With `--watch DIR`, each request's log line says which processes named by `DIR/*.pid` are alive.
@@ -53,6 +55,8 @@ class FakeAnthropic(ThreadingHTTPServer):
         """Access tokens answered with 401, as a revoked one is."""
         self.log_path = log
         self.limits = limits
+        self.model_walls: dict[str, tuple[str, str]] = {}
+        """Credential -> (part of a model's name, the window's claim): that model's requests wall."""
         self.reset_in = reset_in
         self.counts: dict[str, int] = {}
         self.lock = threading.Lock()
@@ -141,6 +145,8 @@ class Handler(BaseHTTPRequestHandler):
         with self.server.lock:
             if path == "/_fake/limit":
                 self.server.limits[body["key"]] = body["limit"]
+            elif path == "/_fake/model-wall":
+                self.server.model_walls[body["key"]] = (body["model"], body["claim"])
             elif path == "/_fake/revoke":
                 self.server.used_refresh.add(body.get("refresh", ""))
                 self.server.revoked.add(body.get("access", ""))
@@ -187,6 +193,10 @@ class Handler(BaseHTTPRequestHandler):
             limit = self.server.limits.get(credential, self.server.limits.get("*"))
             used = self.server.counts.get(credential, 0)
             walled = limit is not None and used >= limit
+            claim = "five_hour"
+            window = self.server.model_walls.get(credential)
+            if not walled and window is not None and window[0] in str(body.get("model", "")):
+                walled, claim = True, window[1]
             if not walled:
                 self.server.counts[credential] = used + 1
         reset = int(time.time()) + self.server.reset_in
@@ -213,13 +223,14 @@ class Handler(BaseHTTPRequestHandler):
                 "error": {"type": "rate_limit_error", "message": "fake usage wall"},
                 "request_id": f"req_{uuid.uuid4().hex[:20]}",
             }
+            spent = claim == "five_hour"  # a model's window leaves the 5-hour one as it was
             headers = {
                 "anthropic-ratelimit-unified-status": "rejected",
                 "anthropic-ratelimit-unified-reset": str(reset),
-                "anthropic-ratelimit-unified-representative-claim": "five_hour",
-                "anthropic-ratelimit-unified-5h-utilization": "1.0",
+                "anthropic-ratelimit-unified-representative-claim": claim,
+                "anthropic-ratelimit-unified-5h-utilization": "1.0" if spent else "0.1",
                 "anthropic-ratelimit-unified-5h-reset": str(reset),
-                "anthropic-ratelimit-unified-5h-status": "rejected",
+                "anthropic-ratelimit-unified-5h-status": "rejected" if spent else "allowed",
                 "retry-after": str(self.server.reset_in),
             }
             self.send(429, json.dumps(error).encode(), "application/json", headers)

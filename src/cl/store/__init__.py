@@ -30,6 +30,8 @@ from cl.store.records import (
     StoreUnavailable,
     UsageRow,
     WallRecord,
+    family,
+    model_walled,
     retry_delay,
 )
 from cl.store.transactions import Store
@@ -58,5 +60,7 @@ __all__ = [
     "StoreUnavailable",
     "UsageRow",
     "WallRecord",
+    "family",
+    "model_walled",
     "retry_delay",
 ]

@@ -169,6 +169,16 @@ MIGRATIONS: list[str] = [
     ALTER TABLE runs ADD COLUMN epoch BIGINT;
     ALTER TABLE runs ADD COLUMN lease_until DOUBLE PRECISION
     """,
+    # 7: walls of one model's window (SQLite's 16)
+    """
+    CREATE TABLE model_walls (
+        account TEXT NOT NULL,
+        model TEXT NOT NULL,
+        reset_at DOUBLE PRECISION,
+        recorded_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (account, model)
+    )
+    """,
 ]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import fnmatch
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from cl.moments import iso_utc
@@ -156,6 +157,24 @@ class WallRecord:
     """For `needs-login`: the fingerprint of the refresh token refused (another in the file lifts it)."""
 
 
+MODEL_WINDOWS = {"seven_day_opus": "opus", "seven_day_sonnet": "sonnet"}
+"""The windows that wall one family of models, not the account (the API's representative claim)."""
+
+
+def family(model: str | None) -> str | None:
+    """The family of models a model name belongs to, as the model windows count them (None: one
+    no window counts alone, or no model named: the CLI's default)."""
+    if model is None:
+        return None
+    return next((name for name in MODEL_WINDOWS.values() if name in model.lower()), None)
+
+
+def model_walled(walls: Mapping[str, float | None], model: str | None) -> bool:
+    """Whether one account's standing model walls (family -> reset) bar `model`: its own family's
+    wall, or any, for a job that names no model (the CLI's default may be any of them)."""
+    return bool(walls) and (model is None or family(model) in walls)
+
+
 UsageRow = tuple[float | None, float | None, int, int]
 """five_hour, seven_day (utilization last reported, or None), input_tokens, output_tokens."""
 
@@ -184,6 +203,8 @@ class Snapshot:
     counts: AccountCounts
     walls: dict[str, WallRecord]
     settings: dict[str, AccountSettings]
+    model_walls: dict[str, dict[str, float | None]] = dataclasses.field(default_factory=dict)
+    """Model windows standing now: account -> family -> reset."""
 
 
 class StoreError(Exception):
@@ -238,6 +259,12 @@ class Facts:
     elsewhere: dict[str, Home] = dataclasses.field(default_factory=dict)
     """Usable accounts other live hosts publish and this host has no file for, with their homes:
     work may go there through the home's gateway (`fleet_listen`). Set by `Service.facts`."""
+    model_walls: dict[str, dict[str, float | None]] = dataclasses.field(default_factory=dict)
+    """Model windows standing now: account -> family -> reset (`MODEL_WINDOWS`)."""
+
+    def walled_for(self, account: str, model: str | None) -> bool:
+        """Whether a job of `model` may not go to `account` for a wall: its own, or its model's."""
+        return account in self.walls or model_walled(self.model_walls.get(account, {}), model)
 
 
 class Home(NamedTuple):

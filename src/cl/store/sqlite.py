@@ -193,6 +193,17 @@ MIGRATIONS: list[str] = [
     ALTER TABLE runs ADD COLUMN epoch INTEGER;
     ALTER TABLE runs ADD COLUMN lease_until REAL
     """,
+    # 16: walls of one model's window (`seven_day_opus`, `seven_day_sonnet`): the account still
+    # serves the other models
+    """
+    CREATE TABLE model_walls (
+        account TEXT NOT NULL,
+        model TEXT NOT NULL,
+        reset_at REAL,
+        recorded_at REAL NOT NULL,
+        PRIMARY KEY (account, model)
+    )
+    """,
 ]
 
 

@@ -23,6 +23,7 @@ from cl.states import FINISHED_JOBS, LIVE_JOBS, LIVE_RUNS, RESCUABLE, JobState, 
 from cl.store.backend import Backend, Db, Lookup, capability_run, inserted, inserted_many, sql_set
 from cl.store.records import (
     BUSY_TIMEOUT,
+    MODEL_WINDOWS,
     NEEDS_LOGIN,
     AccountCounts,
     AccountSettings,
@@ -38,6 +39,7 @@ from cl.store.records import (
     Run,
     Snapshot,
     WallRecord,
+    model_walled,
 )
 from cl.store.sqlite import SqliteBackend
 
@@ -261,14 +263,19 @@ class Store:
         placed: list[tuple[int, Placement, Any]] = []
         with self.transaction(exclusive=False) as db:
             self._backend.lock_accounts(db, accounts)  # first: who holds an account never waits for a job
-            claimed = f"SELECT id, state, account, pending_prompt FROM jobs WHERE id IN {sql_set(ids)}"
+            claimed = f"SELECT id, state, account, pending_prompt, model FROM jobs WHERE id IN {sql_set(ids)}"
             jobs = {row["id"]: row for row in db.execute(claimed + self._backend.claiming, ids)}
             full, live = _without_room(db, accounts, now), _live_runs(db, accounts, now)
+            by_model = _model_walls(db, accounts, now)
             for index, placement in enumerate(placements):
                 job = jobs.pop(placement.job_id, None)  # a job listed twice is placed once
                 if job is None or job["state"] not in _waiting(placement.resume):
                     continue
-                if placement.account in full or live.get(placement.account, 0) >= placement.limit:
+                if (
+                    placement.account in full
+                    or live.get(placement.account, 0) >= placement.limit
+                    or model_walled(by_model.get(placement.account, {}), job["model"])
+                ):
                     outcomes[index] = NoRoom(placement.account)
                     continue
                 live[placement.account] = live.get(placement.account, 0) + 1
@@ -290,12 +297,12 @@ class Store:
     def _place(self, db: Db, placement: Placement, *, live: bool, now: float) -> Run | None:
         self._backend.lock_accounts(db, [placement.account])
         job = db.execute(  # the job and the account's room: one round trip
-            f"SELECT state, account, pending_prompt, {ROOM} FROM jobs WHERE id = ?{self._backend.locking}",
+            f"SELECT state, account, pending_prompt, {ROOM}, model FROM jobs WHERE id = ?{self._backend.locking}",
             (*_room_of(placement.account, now), placement.job_id),
         ).fetchone()
         if job is None or job["state"] not in _waiting(placement.resume):
             return None
-        if _full(job[3:6], placement.limit):
+        if _full(job[3:6], placement.limit) or _model_walled(db, placement.account, job["model"], now):
             raise NoRoom(placement.account)
         live = (
             live
@@ -498,7 +505,8 @@ class Store:
             session = run and db.execute("SELECT session_id FROM jobs WHERE id = ?", (run["job_id"],)).fetchone()[0]
             if run is None or session is None:
                 return None
-            if self._no_room(db, account, now, limit):
+            model = db.execute("SELECT model FROM jobs WHERE id = ?", (run["job_id"],)).fetchone()[0]
+            if self._no_room(db, account, now, limit) or _model_walled(db, account, model, now):
                 raise NoRoom(account)
             job_id = run["job_id"]
             db.execute(
@@ -764,7 +772,16 @@ class Store:
             expired = db.execute("SELECT account FROM walls WHERE reset_at <= ?", (now,))
             probation = {row[0] for row in expired}
             held = db.execute("SELECT COUNT(*) FROM runs WHERE held_until IS NOT NULL").fetchone()[0]
-            return Facts(jobs, self.walls(now), probation, self.live_counts(), self.usage(), self.settings(), held)
+            return Facts(
+                jobs,
+                self.walls(now),
+                probation,
+                self.live_counts(),
+                self.usage(),
+                self.settings(),
+                held,
+                model_walls=self.model_walls(now),
+            )
 
     def queue_length(self) -> int:
         return int(self._row("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.QUEUED,))[0])
@@ -794,7 +811,7 @@ class Store:
                 query, arguments = self._listing(submitter, finished=finished)
                 listing = Listing(*db.execute(query, arguments).fetchone())
                 kept = self._listings[key] = (revision, listing)
-            return Snapshot(kept[1], counts, self.walls(), settings)
+            return Snapshot(kept[1], counts, self.walls(), settings, self.model_walls())
 
     def _listing(self, submitter: int | None, *, finished: bool) -> tuple[str, tuple[Any, ...]]:
         """The listing's query for a submitter (or everyone), with finished jobs or live ones only:
@@ -816,8 +833,19 @@ class Store:
     # walls and usage
 
     def record_wall(self, account: str, source: str, reset_at: float | None, kind: str | None = None) -> None:
+        """`account` walled until `reset_at`; by a model's window (`MODEL_WINDOWS`), for that
+        family of models only."""
         now = time.time()
         with self.transaction() as db:
+            if (model := MODEL_WINDOWS.get(kind or "")) is not None:
+                db.execute(
+                    "INSERT INTO model_walls (account, model, reset_at, recorded_at) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT(account, model) DO UPDATE SET reset_at = excluded.reset_at,"
+                    " recorded_at = excluded.recorded_at",
+                    (account, model, reset_at, now),
+                )
+                self.record(db, "wall recorded", account=account, reset_at=reset_at, kind=kind, source=source)
+                return
             db.execute(
                 "INSERT INTO walls (account, kind, reset_at, source, recorded_at) VALUES (?, ?, ?, ?, ?)"
                 " ON CONFLICT(account) DO UPDATE SET kind = excluded.kind, reset_at = excluded.reset_at,"
@@ -850,6 +878,20 @@ class Store:
             if lifted:
                 self.record(db, "account logged in", account=account)
         return bool(lifted)
+
+    def walled_for(self, account: str, model: str | None) -> bool:
+        """Whether a wall bars a job of `model` from `account` now: the account's, or its model's."""
+        now = time.time()
+        with self._backend.reading() as db:
+            standing = db.execute(
+                "SELECT 1 FROM walls WHERE account = ? AND (reset_at IS NULL OR reset_at > ?)", (account, now)
+            ).fetchone()
+            return standing is not None or _model_walled(db, account, model, now)
+
+    def model_walls(self, now: float | None = None) -> dict[str, dict[str, float | None]]:
+        """Model windows standing at `now`: account -> family -> reset."""
+        with self._backend.reading() as db:
+            return _model_walls(db, None, time.time() if now is None else now)
 
     def walls(self, now: float | None = None) -> dict[str, WallRecord]:
         """Walls still standing at `now`; a wall without a known reset stands until lifted."""
@@ -1119,6 +1161,23 @@ def _placed(placement: Placement, job: Any, run: Run) -> tuple[str, int, str, di
     if job["state"] == JobState.QUEUED:
         return "follow-up started", run.job_id, run.account, detail
     return "move started", run.job_id, run.account, {**detail, "source": job["account"], "live": bool(run.live)}
+
+
+def _model_walls(db: Db, accounts: Sequence[str] | None, now: float) -> dict[str, dict[str, float | None]]:
+    """Model windows standing at `now` (of `accounts`, or all): account -> family -> reset."""
+    among = f" AND account IN {sql_set(accounts)}" if accounts is not None else ""
+    rows = db.execute(
+        f"SELECT account, model, reset_at FROM model_walls WHERE (reset_at IS NULL OR reset_at > ?){among}",
+        (now, *(accounts or ())),
+    )
+    walls: dict[str, dict[str, float | None]] = {}
+    for account, model, reset_at in rows:
+        walls.setdefault(account, {})[model] = reset_at
+    return walls
+
+
+def _model_walled(db: Db, account: str, model: str | None, now: float) -> bool:
+    return model_walled(_model_walls(db, [account], now).get(account, {}), model)
 
 
 def _holds(db: Db, run_id: int) -> bool:
