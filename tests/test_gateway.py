@@ -272,6 +272,29 @@ def test_a_model_windows_wall_moves_that_models_session_and_leaves_the_account_t
     ]
 
 
+@pytest.mark.parametrize("status", [529, 429])
+def test_an_overloaded_or_limiting_api_walls_nothing_and_the_cli_tries_again(
+    status: int, gateway: Gateway, layout: Layout, planted: Planted
+) -> None:
+    """529 (overloaded) and a 429 without the unified headers (the API limiting requests, not the
+    account's usage) go back to the CLI as they are, which tries again after their `retry-after`:
+    no account is benched, no session moved, one CLI start, the turn done on a1."""
+    a1 = account(layout, planted, "a1")
+    account(layout, planted, "a2")
+    gateway.api.refuse(a1, status, times=2)
+    job = submit(layout, "hello")
+    wait_until(lambda: job_states(layout).get(job) == "done", "the job to finish on a1")
+    assert [(r["cred_tail"], r.get("refused")) for r in gateway.api.messages()] == [
+        (a1[-6:], status),
+        (a1[-6:], status),
+        (a1[-6:], None),
+    ]
+    assert len(layout.claude_calls()) == 1
+    assert [run.account for run in runs_of(layout, job)] == ["a1"]
+    assert walls(layout) == {}
+    assert "wall from the API" not in gateway.gateway.log()
+
+
 def test_a_refused_credential_benches_its_account_and_the_request_goes_on_elsewhere(
     gateway: Gateway, layout: Layout, planted: Planted
 ) -> None:

@@ -22,8 +22,9 @@ from test_gateway import Gateway, account, capability_of, oauth_file, running, r
 
 from cl import capability
 from cl.claude_code.environment import QUIET
+from cl.store import Store
 from real_cli import OLDER, install
-from utils import FakeApi, Layout, Planted, cl, job_state_set, job_states, status, wait_until, write_credential
+from utils import FakeApi, Layout, Planted, cl, job_state_set, job_states, status, stored, wait_until, write_credential
 
 pytestmark = pytest.mark.as_installed  # the real CLI runs as its own user (as root, as CI runs)
 
@@ -129,6 +130,50 @@ def test_real_cli_a_quota_429_is_answered_on_another_account_in_the_same_turn(
     story = json.loads(cl(layout, "job", str(job), "--json").stdout)
     assert [(m["to"], m["how"]) for m in story["moves"]] == [("a2", "live")]
     assert capability_of(layout, job).startswith("cl-cap-")
+
+
+def test_real_cli_tries_again_after_a_plain_429_and_no_account_is_benched(
+    gateway: Gateway, layout: Layout, planted: Planted
+) -> None:
+    """A 429 without the unified headers (the API limiting requests, not the account's usage):
+    the gateway passes it on as it is, the real CLI tries again after `retry-after` (1 s) and its
+    turn succeeds on a1. Nothing walled, nothing moved."""
+    a1 = account(layout, planted, "a1")
+    account(layout, planted, "a2")
+    gateway.api.refuse(a1, 429)
+    job = json.loads(cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "hello", "--json").stdout)["job"]
+    wait_until(lambda: job_states(layout).get(job) == "done", "the session to finish on a1", timeout=120)
+    requests = gateway.api.messages()
+    assert [(r["cred_tail"], r.get("refused")) for r in requests] == [(a1[-6:], 429), (a1[-6:], None)]
+    assert [run.account for run in runs_of(layout, job)] == ["a1"]
+    assert stored(layout, Store.walls) == {}
+    result = json.loads(cl(layout, "result", str(job), "--json").stdout)
+    assert result["is_error"] is False
+
+
+def test_real_cli_a_model_windows_wall_moves_its_session_and_leaves_other_models_on_the_account(
+    gateway: Gateway, layout: Layout, planted: Planted
+) -> None:
+    """a1's Opus window is spent: the real CLI's Opus session goes on on a2 in the same turn, and a
+    Sonnet job still runs on a1."""
+    a1, a2 = account(layout, planted, "a1"), account(layout, planted, "a2")
+    gateway.api.model_wall(a1, "opus", "seven_day_opus")
+
+    def submitted(model: str) -> int:
+        argv = ("submit", "--cwd", str(layout.work), "--prompt", "hello", "--model", model, "--json")
+        job: int = json.loads(cl(layout, *argv).stdout)["job"]
+        wait_until(lambda: job_states(layout).get(job) == "done", f"the {model} session to finish", timeout=120)
+        return job
+
+    opus = submitted("claude-opus-4-5")
+    sonnet = submitted("claude-sonnet-4-5")
+    assert [(run.account, run.state) for run in runs_of(layout, opus)] == [("a1", "walled"), ("a2", "done")]
+    assert [run.account for run in runs_of(layout, sonnet)] == ["a1"]
+    assert [(r["cred_tail"], r["walled"]) for r in gateway.api.messages()] == [
+        (a1[-6:], True),
+        (a2[-6:], False),
+        (a1[-6:], False),
+    ]
 
 
 def test_an_older_cli_through_the_gateway_is_moved_in_flight_too(

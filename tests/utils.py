@@ -272,6 +272,11 @@ class FakeApi:
     def limit(self, credential: str, messages: int) -> None:
         self.post("/_fake/limit", {"key": credential, "limit": messages})
 
+    def refuse(self, credential: str, status: int, times: int = 1) -> None:
+        """The credential's next `times` requests are answered `status`: 529, or a 429 without the
+        unified headers (not a usage wall)."""
+        self.post("/_fake/refuse", {"key": credential, "status": status, "times": times})
+
     def model_wall(self, credential: str, model: str, claim: str) -> None:
         """The credential's requests for models whose name holds `model` meet `claim`'s wall."""
         self.post("/_fake/model-wall", {"key": credential, "model": model, "claim": claim})

@@ -9,7 +9,9 @@ After `limits[credential]` counted messages (or `limits["*"]`), that credential 
 real client neither retries nor waits. Each request is logged as one JSON line, with the
 credential's last six characters only. `POST /_fake/limit {"key", "limit"}` changes a quota;
 `POST /_fake/model-wall {"key", "model", "claim"}` walls that credential's requests for models
-whose name holds `model` (claim `seven_day_opus`, say), and only those.
+whose name holds `model` (claim `seven_day_opus`, say), and only those; `POST /_fake/refuse
+{"key", "status", "times"}` answers its next `times` requests 529 (overloaded) or 429 without
+the unified headers (the API limiting requests, not the account's usage), `retry-after: 1`.
 A last user message holding `[[bash: COMMAND]]` is answered with a tool call: the CLI's Bash
 tool runs COMMAND in the background, and its result comes back as the next request.
 With `--watch DIR`, each request's log line says which processes named by `DIR/*.pid` are alive.
@@ -56,6 +58,8 @@ class FakeAnthropic(ThreadingHTTPServer):
         self.log_path = log
         self.limits = limits
         self.model_walls: dict[str, tuple[str, str]] = {}
+        self.refusals: dict[str, list[int]] = {}
+        """Credential -> the statuses its next requests are answered with (529, or a plain 429)."""
         """Credential -> (part of a model's name, the window's claim): that model's requests wall."""
         self.reset_in = reset_in
         self.counts: dict[str, int] = {}
@@ -147,6 +151,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.server.limits[body["key"]] = body["limit"]
             elif path == "/_fake/model-wall":
                 self.server.model_walls[body["key"]] = (body["model"], body["claim"])
+            elif path == "/_fake/refuse":
+                self.server.refusals[body["key"]] = [body["status"]] * body["times"]
             elif path == "/_fake/revoke":
                 self.server.used_refresh.add(body.get("refresh", ""))
                 self.server.revoked.add(body.get("access", ""))
@@ -188,6 +194,8 @@ class Handler(BaseHTTPRequestHandler):
         if messages and "[[echo]]" in _text(messages[-1]):  # an upstream that echoes what it was sent
             echoed = {"type": "error", "error": {"type": "invalid_request_error", "message": dict(self.headers)}}
             self.send(400, json.dumps(echoed).encode(), "application/json", {"x-echo": str(dict(self.headers))})
+            return
+        if self.refused(credential):
             return
         with self.server.lock:
             limit = self.server.limits.get(credential, self.server.limits.get("*"))
@@ -255,6 +263,19 @@ class Handler(BaseHTTPRequestHandler):
         else:
             message = _message(text, model, cache)
             self.send(200, json.dumps(message).encode(), "application/json", headers)
+
+    def refused(self, credential: str) -> bool:
+        """Answered 529 or a plain 429 if one is set for this credential (`/_fake/refuse`)."""
+        with self.server.lock:
+            pending = self.server.refusals.get(credential)
+            refusal = pending.pop() if pending else None
+        if refusal is None:
+            return False
+        self.server.record({"t": time.time(), "path": self.path, "cred_tail": credential[-6:], "refused": refusal})
+        kind, said = ("overloaded_error", "Overloaded") if refusal == 529 else ("rate_limit_error", "Too many requests")
+        error = {"type": "error", "error": {"type": kind, "message": said}, "request_id": "req_refused"}
+        self.send(refusal, json.dumps(error).encode(), "application/json", {"retry-after": "1"})
+        return True
 
     def cache(self, credential: str) -> dict[str, int]:
         """The prompt cache, as an organization's (a credential's here): a session's first request
