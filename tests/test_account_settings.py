@@ -153,9 +153,16 @@ def test_bad_settings_are_refused_precisely(layout: Layout, planted: Planted) ->
     balancer = DaemonProcess("balancer", layout).start()
     try:
         for args, error in (
-            (["set", "a1", "colour=red"], "'colour=red': expected KEY=VALUE with KEY one of max_sessions, models"),
-            (["set", "a1", "max_sessions"], "'max_sessions': expected KEY=VALUE with KEY one of max_sessions, models"),
+            (
+                ["set", "a1", "colour=red"],
+                "'colour=red': expected KEY=VALUE with KEY one of max_sessions, models, allow_overage",
+            ),
+            (
+                ["set", "a1", "max_sessions"],
+                "'max_sessions': expected KEY=VALUE with KEY one of max_sessions, models, allow_overage",
+            ),
             (["set", "a1", "max_sessions=0"], "max_sessions=0: a whole number from 1, or empty for the default"),
+            (["set", "a1", "allow_overage=maybe"], "allow_overage=maybe: yes or no (empty: no, the default)"),
             (["pause", "no such/name"], 'cl-balancer: "account" must be an account name (letters, digits, - and _)'),
         ):
             result = cl(layout, "accounts", *args)

@@ -272,6 +272,33 @@ def test_a_model_windows_wall_moves_that_models_session_and_leaves_the_account_t
     ]
 
 
+@pytest.mark.parametrize("allowed", [False, True])
+def test_paid_overage_walls_its_account_unless_the_operator_allowed_it(
+    allowed: bool, gateway: Gateway, layout: Layout, planted: Planted
+) -> None:
+    """a1's windows are used up and the API answers as billed overage. That answer, paid for,
+    reaches the CLI; a1 is then walled until its window resets (`overage`) and the next job
+    goes to a2. With `allow_overage=yes` for a1 nothing is walled and the next job may go there."""
+    a1, a2 = account(layout, planted, "a1"), account(layout, planted, "a2")
+    if allowed:
+        assert cl(layout, "accounts", "set", "a1", "allow_overage=yes").returncode == 0
+    assert cl(layout, "accounts", "pause", "a2").returncode == 0
+    gateway.api.overage(a1)
+    first = submit(layout, "on a1, past its windows")
+    wait_until(lambda: job_states(layout).get(first) == "done", "the first job to finish on a1")
+    assert cl(layout, "accounts", "resume", "a2").returncode == 0
+    if allowed:
+        assert walls(layout) == {}
+        return
+    wall = walls(layout)["a1"]
+    assert (wall.kind, wall.source) == ("overage", "api")
+    assert "paid overage used: account walled" in gateway.gateway.log()
+    second = submit(layout, "not on a1")
+    wait_until(lambda: job_states(layout).get(second) == "done", "the second job to finish")
+    assert [run.account for run in runs_of(layout, second)] == ["a2"]
+    assert [r["cred_tail"] for r in gateway.api.messages()] == [a1[-6:], a2[-6:]]
+
+
 @pytest.mark.parametrize("status", [529, 429])
 def test_an_overloaded_or_limiting_api_walls_nothing_and_the_cli_tries_again(
     status: int, gateway: Gateway, layout: Layout, planted: Planted

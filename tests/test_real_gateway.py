@@ -176,6 +176,24 @@ def test_real_cli_a_model_windows_wall_moves_its_session_and_leaves_other_models
     ]
 
 
+def test_real_cli_past_its_windows_pays_overage_for_one_answer_and_goes_on_elsewhere(
+    gateway: Gateway, layout: Layout, planted: Planted
+) -> None:
+    """a1's windows are used up and the API bills its answers as overage. The turn's first answer
+    (a tool call) was paid for and reaches the CLI; a1 is walled, and the same turn's next request
+    (the tool's result) never reaches the API on a1: it is moved in flight to a2."""
+    a1, a2 = account(layout, planted, "a1"), account(layout, planted, "a2")
+    gateway.api.overage(a1)
+    prompt = "look [[bash: true]]"
+    job = json.loads(cl(layout, "submit", "--cwd", str(layout.work), "--prompt", prompt, "--json").stdout)["job"]
+    wait_until(lambda: job_states(layout).get(job) == "done", "the session to finish on a2", timeout=120)
+    first, *rest = [r["cred_tail"] for r in gateway.api.messages()]
+    assert (first, set(rest)) == (a1[-6:], {a2[-6:]})  # the tool's result and what follows: on a2
+    assert [(run.account, run.state) for run in runs_of(layout, job)] == [("a1", "walled"), ("a2", "done")]
+    assert stored(layout, Store.walls)["a1"].kind == "overage"
+    assert json.loads(cl(layout, "result", str(job), "--json").stdout)["is_error"] is False
+
+
 def test_an_older_cli_through_the_gateway_is_moved_in_flight_too(
     layout: Layout, fake_api: FakeApi, planted: Planted
 ) -> None:

@@ -79,6 +79,7 @@ async def test_accounts_follow_the_roster_and_show_only_its_facts(tmp_path: Path
         "paused_since": "2030-03-17T17:46:40Z",
         "max_sessions": None,
         "models": ["opus"],
+        "allow_overage": False,
     }
     assert "elsewhere" not in shown
     assert "settings" not in accounts(snapshot(walls={}, live={}, usage={}))["a2"]  # resumed, unset

@@ -277,6 +277,10 @@ class FakeApi:
         unified headers (not a usage wall)."""
         self.post("/_fake/refuse", {"key": credential, "status": status, "times": times})
 
+    def overage(self, credential: str) -> None:
+        """The credential's answers are billed as paid overage from now on."""
+        self.post("/_fake/overage", {"key": credential})
+
     def model_wall(self, credential: str, model: str, claim: str) -> None:
         """The credential's requests for models whose name holds `model` meet `claim`'s wall."""
         self.post("/_fake/model-wall", {"key": credential, "model": model, "claim": claim})

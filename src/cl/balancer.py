@@ -290,7 +290,8 @@ class Balancer(Service):
         }
 
     async def _account(self, request: Request, peer: Peer) -> Reply:
-        """Pause or resume an account, or set its `max_sessions` or `models` (None: the default).
+        """Pause or resume an account, or set its `max_sessions`, `models` (None: the default) or
+        `allow_overage`.
         Root, the daemons' user and `admin_group` only."""
         if not peer.sees_all(self.config.admin_group):
             raise RequestError("forbidden", f"account settings are for root and group {self.config.admin_group}")
@@ -445,10 +446,11 @@ MAX_MODELS = 32
 def _setting_changes(request: Request) -> dict[str, Any]:
     """The settings a request changes, each checked; a bad-request error naming the first bad one."""
     changes: dict[str, Any] = {}
-    if "paused" in request:
-        if not isinstance(request["paused"], bool):
-            raise RequestError("bad-request", '"paused" must be true or false')
-        changes["paused"] = request["paused"]
+    for switch in ("paused", "allow_overage"):
+        if switch in request:
+            if not isinstance(request[switch], bool):
+                raise RequestError("bad-request", f'"{switch}" must be true or false')
+            changes[switch] = request[switch]
     if "max_sessions" in request:
         changes["max_sessions"] = whole_number(request, "max_sessions", 1, MAX_TURNS)
     if "models" in request:
@@ -461,7 +463,9 @@ def _setting_changes(request: Request) -> dict[str, Any]:
                 raise RequestError("bad-request", '"models" must not hold an empty name')
         changes["models"] = models
     if not changes:
-        raise RequestError("bad-request", 'nothing to change: give "paused", "max_sessions" or "models"')
+        raise RequestError(
+            "bad-request", 'nothing to change: give "paused", "max_sessions", "models" or "allow_overage"'
+        )
     return changes
 
 

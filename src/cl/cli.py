@@ -170,6 +170,8 @@ def _settings(settings: dict[str, Any] | None) -> str:
         words.append(f"max {settings['max_sessions']}")
     if settings["models"] is not None:
         words.append(f"models {','.join(settings['models'])}")
+    if settings.get("allow_overage"):
+        words.append("overage allowed")
     return " · ".join(words) or "-"
 
 
@@ -177,7 +179,7 @@ def cmd_pause(config: Config, args: argparse.Namespace) -> int:
     return _set_account(config, args.name, {"paused": args.action == "pause"})
 
 
-SETTINGS = ("max_sessions", "models")
+SETTINGS = ("max_sessions", "models", "allow_overage")
 """What `cl accounts set` sets (pausing has its own commands)."""
 
 
@@ -191,6 +193,10 @@ def cmd_set(config: Config, args: argparse.Namespace) -> int:
             if value and not (value.isdigit() and int(value) >= 1):
                 raise CommandError(f"max_sessions={value}: a whole number from 1, or empty for the default", EXIT_USAGE)
             changes[key] = int(value) if value else None
+        elif key == "allow_overage":
+            if value not in ("yes", "no", ""):
+                raise CommandError(f"allow_overage={value}: yes or no (empty: no, the default)", EXIT_USAGE)
+            changes[key] = value == "yes"
         else:
             changes[key] = [model.strip() for model in value.split(",") if model.strip()] or None
     return _set_account(config, args.name, changes)
@@ -740,16 +746,21 @@ def _account_actions(accounts: argparse.ArgumentParser) -> None:
         pausing.set_defaults(func=cmd_pause)
     setting = actions.add_parser(
         "set",
-        help="set an account's own max_sessions or models (empty value: back to the default)",
+        help="set an account's own max_sessions, models or allow_overage (empty value: back to the default)",
         description="Set an account's own settings: max_sessions (its session limit, instead of "
-        "max_sessions_per_account) and models (shell patterns of the models it may serve; all unless set). "
+        "max_sessions_per_account), models (shell patterns of the models it may serve; all unless set) and "
+        "allow_overage (yes: it may spend paid overage past its windows; no, the default: the first answer "
+        "billed as overage walls it until its window resets). "
         "Settings are kept by name: one for an account without a file waits for it. Root and group cl-admin only.",
         epilog="examples:\n  cl accounts set a1 max_sessions=2\n  cl accounts set a1 models=opus,claude-sonnet-*\n"
+        "  cl accounts set a1 allow_overage=yes\n"
         "  cl accounts set a1 models= max_sessions=     back to the defaults\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     setting.add_argument("name", help=name_help)
-    setting.add_argument("settings", nargs="+", metavar="KEY=VALUE", help="max_sessions=N or models=A,B")
+    setting.add_argument(
+        "settings", nargs="+", metavar="KEY=VALUE", help="max_sessions=N, models=A,B or allow_overage=yes|no"
+    )
     setting.set_defaults(func=cmd_set)
 
 

@@ -11,7 +11,9 @@ credential's last six characters only. `POST /_fake/limit {"key", "limit"}` chan
 `POST /_fake/model-wall {"key", "model", "claim"}` walls that credential's requests for models
 whose name holds `model` (claim `seven_day_opus`, say), and only those; `POST /_fake/refuse
 {"key", "status", "times"}` answers its next `times` requests 529 (overloaded) or 429 without
-the unified headers (the API limiting requests, not the account's usage), `retry-after: 1`.
+the unified headers (the API limiting requests, not the account's usage), `retry-after: 1`;
+`POST /_fake/overage {"key"}` answers that credential's requests as billed overage
+(`anthropic-ratelimit-unified-overage-in-use: true`: its windows used up, overage allowed).
 A last user message holding `[[bash: COMMAND]]` is answered with a tool call: the CLI's Bash
 tool runs COMMAND in the background, and its result comes back as the next request.
 With `--watch DIR`, each request's log line says which processes named by `DIR/*.pid` are alive.
@@ -59,6 +61,8 @@ class FakeAnthropic(ThreadingHTTPServer):
         self.limits = limits
         self.model_walls: dict[str, tuple[str, str]] = {}
         self.refusals: dict[str, list[int]] = {}
+        self.overage: set[str] = set()
+        """Credentials whose answers are billed as overage."""
         """Credential -> the statuses its next requests are answered with (529, or a plain 429)."""
         """Credential -> (part of a model's name, the window's claim): that model's requests wall."""
         self.reset_in = reset_in
@@ -153,6 +157,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.server.model_walls[body["key"]] = (body["model"], body["claim"])
             elif path == "/_fake/refuse":
                 self.server.refusals[body["key"]] = [body["status"]] * body["times"]
+            elif path == "/_fake/overage":
+                self.server.overage.add(body["key"])
             elif path == "/_fake/revoke":
                 self.server.used_refresh.add(body.get("refresh", ""))
                 self.server.revoked.add(body.get("access", ""))
@@ -255,6 +261,12 @@ class Handler(BaseHTTPRequestHandler):
             "anthropic-ratelimit-unified-7d-reset": str(reset + 86400),
             "anthropic-ratelimit-unified-7d-status": "allowed",
         }
+        if credential in self.server.overage:  # the 5-hour window used up, paid overage answering
+            headers |= {
+                "anthropic-ratelimit-unified-5h-utilization": "1.0",
+                "anthropic-ratelimit-unified-overage-status": "allowed",
+                "anthropic-ratelimit-unified-overage-in-use": "true",
+            }
         model = body.get("model", "claude-fake")
         command = _bash_asked(messages)
         cache = self.cache(credential)

@@ -27,6 +27,8 @@ class Reading:
     claim: str | None = None
     utilization: dict[str, float] = dataclasses.field(default_factory=dict)
     """`five_hour`, `seven_day`: as reported, clamped to 0..1."""
+    overage: bool = False
+    """The answer was billed as paid overage (`overage-in-use: true`): the windows are used up."""
 
     @property
     def rejected(self) -> bool:
@@ -48,6 +50,7 @@ def read(headers: Mapping[str, str], now: float) -> Reading:
         reset=reset,
         claim=_word(headers.get(f"{PREFIX}representative-claim")),
         utilization=utilization,
+        overage=headers.get(f"{PREFIX}overage-in-use") == "true",
     )
 
 

@@ -42,7 +42,7 @@ from cl.gateway.homes import CONNECT_TIMEOUT, Homes
 from cl.gateway.refresher import Refresher
 from cl.moments import iso_utc
 from cl.registry import CredentialRegistry
-from cl.store import AsyncStore, Home, Lookup, Run, StoreUnavailable
+from cl.store import UNSET, AsyncStore, Home, Lookup, Run, StoreUnavailable
 
 log = structlog.get_logger("cl.gateway")
 
@@ -164,6 +164,9 @@ class Proxy:
         self.homes: Homes | None = None
         """Set when this host reaches the fleet's accounts (`fleet_listen`)."""
         self.counts = Counts()
+        self._overage: dict[str, float] = {}
+        """Accounts this gateway walled for paid overage, until when: no request of theirs goes to
+        the API meanwhile (a session on one is moved as on a wall)."""
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """A CLI's request (on `gateway_listen`)."""
@@ -247,6 +250,9 @@ class Proxy:
         gateway if another live host of the fleet serves it."""
         account = await self._account(run.account)
         if account is not None and account.usable:
+            if (until := self._overage.get(account.name, 0.0)) > time.time():
+                said = f"cl: account {account.name} has used up its windows, and paid overage is not allowed for it"
+                return Refused(_wall_until(until, said))
             return await self._ask_api(request, run, account, body)
         if self.homes is not None and (home := await self.homes.of(run.account)) is not None:
             return await self._ask_home(request, run, home, body)
@@ -270,6 +276,8 @@ class Proxy:
         self._recorder.usage(account.name, reading)
         if not _refused(upstream.status, reading):
             self.counts.forwarded += 1
+            if reading.overage:
+                await self._overage_used(account, run, reading)
             return await self._relay(request, upstream, run)
         refusal = await self._relay(request, upstream, None)  # an error: read whole, not sent yet
         await self._wall(account, run, reading, refusal)
@@ -317,6 +325,24 @@ class Proxy:
         until = await self.homes.unreachable(home, run.account, error)
         said = f"cl: the home of account {run.account} ({home.host}) cannot be reached from this host"
         return Refused(_wall_until(until, said), cut_off=home.host)
+
+    async def _overage_used(self, account: Account, run: Run, reading: limits.Reading) -> None:
+        """The API billed this answer as paid overage (it is relayed: it was paid for). Unless the
+        operator allowed overage for the account, it is walled until its window resets, and no
+        request of its goes to the API meanwhile."""
+        if self._overage.get(account.name, 0.0) > time.time():
+            return
+        try:
+            allowed = (await self._store.settings()).get(account.name, UNSET).allow_overage
+        except StoreUnavailable:
+            allowed = False  # not known: no more paid answers until it is
+        if allowed:
+            return
+        until = reading.reset or time.time() + self._wall_retry
+        self._overage[account.name] = until
+        with contextlib.suppress(StoreUnavailable):  # walled here all the same
+            await self._store.record_wall(account.name, "api", until, "overage")
+        log.warning("paid overage used: account walled", account=account.name, job=run.job_id, until=iso_utc(until))
 
     async def _account(self, name: str) -> Account | None:
         """The account the store names for a run, from the registry; read from its file again if

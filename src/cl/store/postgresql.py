@@ -179,6 +179,8 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (account, model)
     )
     """,
+    # 8: an account allowed to spend paid overage (SQLite's 17)
+    "ALTER TABLE account_settings ADD COLUMN allow_overage INTEGER",
 ]
 
 

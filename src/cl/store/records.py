@@ -128,6 +128,9 @@ class AccountSettings:
     """Its own session limit, instead of `max_sessions_per_account`."""
     models: tuple[str, ...] | None = None
     """The models it may serve, as shell patterns (`opus`, `claude-sonnet-*`); None: all."""
+    allow_overage: bool = False
+    """It may spend paid overage once its windows are used up; otherwise the first answer the API
+    bills as overage walls it until its window resets."""
 
     def serves(self, model: str | None) -> bool:
         """A job without a model takes the CLI's default, which any account serves."""
@@ -139,6 +142,7 @@ class AccountSettings:
             "paused_since": iso_utc(self.paused_at) if self.paused_at is not None else None,
             "max_sessions": self.max_sessions,
             "models": list(self.models) if self.models is not None else None,
+            "allow_overage": self.allow_overage,
         }
 
 

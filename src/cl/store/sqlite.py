@@ -204,6 +204,8 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (account, model)
     )
     """,
+    # 17: an account allowed to spend paid overage past its windows (`cl accounts set`)
+    "ALTER TABLE account_settings ADD COLUMN allow_overage INTEGER",
 ]
 
 

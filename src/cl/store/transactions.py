@@ -1034,33 +1034,43 @@ class Store:
 
     def settings(self) -> dict[str, AccountSettings]:
         """Every account name with a setting, present in the roster or not."""
-        rows = self._rows("SELECT account, paused_at, max_sessions, models FROM account_settings")
+        rows = self._rows("SELECT account, paused_at, max_sessions, models, allow_overage FROM account_settings")
         return {
-            row[0]: AccountSettings(row[0], row[1], row[2], tuple(json.loads(row[3])) if row[3] is not None else None)
+            row[0]: AccountSettings(
+                row[0], row[1], row[2], tuple(json.loads(row[3])) if row[3] is not None else None, bool(row[4])
+            )
             for row in rows
         }
 
     def set_account(self, /, account: str, by: int, **changes: Any) -> AccountSettings:
-        """Change some of `account`'s settings (`paused`: a bool; `max_sessions`, `models`: a value,
-        or None for the default); the row goes when nothing is left set. Ledgered with who did it."""
+        """Change some of `account`'s settings (`paused`, `allow_overage`: a bool; `max_sessions`,
+        `models`: a value, or None for the default); the row goes when nothing is left set.
+        Ledgered with who did it."""
         now = time.time()
         with self.transaction() as db:
-            row = db.execute("SELECT * FROM account_settings WHERE account = ?", (account,)).fetchone()
-            paused_at, max_sessions, models = (row[1], row[2], row[3]) if row else (None, None, None)
+            row = db.execute(
+                "SELECT paused_at, max_sessions, models, allow_overage FROM account_settings WHERE account = ?",
+                (account,),
+            ).fetchone()
+            paused_at, max_sessions, models, overage = tuple(row) if row else (None, None, None, None)
             if "paused" in changes:
                 paused_at = (paused_at or now) if changes["paused"] else None
             if "max_sessions" in changes:
                 max_sessions = changes["max_sessions"]
             if "models" in changes:
                 models = json.dumps(list(changes["models"])) if changes["models"] is not None else None
-            if paused_at is None and max_sessions is None and models is None:
+            if "allow_overage" in changes:
+                overage = 1 if changes["allow_overage"] else None
+            if paused_at is None and max_sessions is None and models is None and overage is None:
                 db.execute("DELETE FROM account_settings WHERE account = ?", (account,))
             else:
                 db.execute(
-                    "INSERT INTO account_settings VALUES (?, ?, ?, ?, ?) ON CONFLICT (account) DO UPDATE SET"
+                    "INSERT INTO account_settings (account, paused_at, max_sessions, models, updated_at, allow_overage)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (account) DO UPDATE SET"
                     " paused_at = excluded.paused_at, max_sessions = excluded.max_sessions,"
-                    " models = excluded.models, updated_at = excluded.updated_at",
-                    (account, paused_at, max_sessions, models, now),
+                    " models = excluded.models, updated_at = excluded.updated_at,"
+                    " allow_overage = excluded.allow_overage",
+                    (account, paused_at, max_sessions, models, now, overage),
                 )
             self.record(db, "account settings changed", account=account, by=by, **changes)
         return self.settings().get(account, AccountSettings(account))
