@@ -186,6 +186,12 @@ def test_the_cli_holds_a_capability_and_the_api_sees_the_accounts_token(
     wait_until(
         lambda: stored(layout, Store.usage).get("a1", {}).get("five_hour") == 0.1, "the API's utilization recorded"
     )
+    (shown,) = [a for a in json.loads(cl(layout, "status", "--json").stdout)["accounts"] if a["name"] == "a1"]
+    assert shown["windows"]["five_hour"]["utilization"] == 0.1
+    assert shown["windows"]["seven_day"]["resets"] > shown["windows"]["five_hour"]["resets"]  # the API's own resets
+    assert re.search(r"a1 .* 10% \(resets in [0-9]", cl(layout, "status").stdout)
+    labels = frozenset({("account", "a1"), ("window", "five_hour")})
+    assert metrics(gateway)[("cl_account_window_reset_seconds", labels)] > time.time()
 
 
 def test_an_api_key_account_gets_its_key_and_no_oauth_beta(gateway: Gateway, layout: Layout, planted: Planted) -> None:

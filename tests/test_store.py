@@ -35,6 +35,7 @@ from cl.store import (
     Store,
     StoreError,
     StoreUnavailable,
+    Window,
 )
 from cl.store import postgresql as on_postgresql
 from cl.store import sqlite as on_sqlite
@@ -117,6 +118,25 @@ def test_a_model_windows_wall_bars_that_model_and_a_default_one_and_no_other(sto
     store.record_wall("a1", "api", reset_at=time.time() - 1, kind="seven_day_opus")  # its reset passed
     assert store.model_walls() == {}
     assert store.move_in_flight(running.id, "a1", 5, str) is not None
+
+
+def test_a_windows_burn_rate_is_measured_within_its_period(store: Store) -> None:
+    """Readings a minute or more apart measure the burn rate (averaged with the one before);
+    closer ones wait; a new period (another reset) starts from its first reading, keeping the rate."""
+    five = {"five_hour": 9000.0}
+    store.record_usage("a1", {"five_hour": 0.10, "seven_day": 0.5}, 1000.0, resets={**five, "seven_day": 99000.0})
+    assert store.windows()["a1"]["seven_day"] == Window(0.5, 99000.0, None)
+    store.record_usage("a1", {"five_hour": 0.12}, 1030.0, resets=five)  # 30 s on: not yet
+    assert store.windows()["a1"]["five_hour"] == Window(0.12, 9000.0, None)
+    store.record_usage("a1", {"five_hour": 0.20}, 1360.0, resets=five)  # +0.10 in 6 min: 1.0 an hour
+    assert store.windows()["a1"]["five_hour"].per_hour == pytest.approx(1.0)
+    store.record_usage("a1", {"five_hour": 0.25}, 1720.0, resets=five)  # 0.5 an hour now: the mean
+    assert store.windows()["a1"]["five_hour"].per_hour == pytest.approx(0.75)
+    store.record_usage("a1", {"five_hour": 0.01}, 1800.0, resets={"five_hour": 27000.0})  # a new period
+    assert store.windows()["a1"]["five_hour"][:2] == (0.01, 27000.0)
+    assert store.windows()["a1"]["five_hour"].per_hour == pytest.approx(0.75)
+    store.record_usage("a1", {"five_hour": 0.11}, 2160.0, resets={"five_hour": 27000.0})
+    assert store.windows()["a1"]["five_hour"].per_hour == pytest.approx(0.875)  # from the new base
 
 
 def test_usage_keeps_what_a_report_does_not_say(store: Store) -> None:

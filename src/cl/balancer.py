@@ -315,6 +315,7 @@ class Balancer(Service):
         """What `cl-metrics` exposes of the balancer: each account's state and facts, the queue, and
         what this process counted since it started. Nothing about any operator's jobs but counts."""
         facts = await self.facts((JobState.QUEUED,), 0)
+        windows = await self.store.windows()
         depth = await self.store.queue_length()
         oldest = await self.store.oldest_queued()
         accounts = []
@@ -333,6 +334,7 @@ class Balancer(Service):
                     "sessions": facts.live.get(name, 0),
                     "five_hour": usage.get("five_hour"),
                     "seven_day": usage.get("seven_day"),
+                    "windows": {window: w._asdict() for window, w in windows.get(name, {}).items()},
                 }
             )
         return {

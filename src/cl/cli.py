@@ -274,8 +274,8 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
                 a["name"],
                 _account_state(a, now),
                 str(a["sessions"]),
-                _percent(a.get("usage", {}).get("five_hour")),
-                _percent(a.get("usage", {}).get("seven_day")),
+                _window(a, "five_hour", now),
+                _window(a, "seven_day", now),
                 _tokens(a.get("usage", {})),
             ]
             for a in status["accounts"]
@@ -558,6 +558,21 @@ def _tokens(usage: dict[str, Any]) -> str:
 
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def _window(account: dict[str, Any], name: str, now: float) -> str:
+    """A window's utilization, and as the API's headers said them, its reset and burn rate:
+    `42% (resets in 2h10m, +5%/h)`."""
+    window = (account.get("windows") or {}).get(name)
+    if window is None:
+        return _percent(account.get("usage", {}).get(name))
+    words = [_percent(window["utilization"])]
+    if window["resets"]:
+        at = calendar.timegm(time.strptime(window["resets"], "%Y-%m-%dT%H:%M:%SZ"))
+        words.append(f"resets in {_span(max(0, int(at - now)))}")
+    if window["per_hour"] is not None:
+        words.append(f"+{window['per_hour'] * 100:.0f}%/h")
+    return " ".join(words[:1]) + (f" ({', '.join(words[1:])})" if words[1:] else "")
 
 
 def _age(iso: str, now: float) -> str:

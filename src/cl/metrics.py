@@ -113,6 +113,16 @@ def _accounts(accounts: list[dict[str, Any]]) -> Iterator[Metric]:
     utilization = GaugeMetricFamily(
         "cl_account_utilization_ratio", "usage of the window as last reported (0 to 1)", labels=["account", "window"]
     )
+    resets = GaugeMetricFamily(
+        "cl_account_window_reset_seconds",
+        "when the window resets, as last reported (Unix time)",
+        labels=["account", "window"],
+    )
+    burn = GaugeMetricFamily(
+        "cl_account_window_burn_per_hour",
+        "the window's utilization gained per hour, lately",
+        labels=["account", "window"],
+    )
     sessions = GaugeMetricFamily("cl_account_sessions", "live sessions on the account", labels=["account"])
     walled_until = GaugeMetricFamily(
         "cl_account_walled_until_seconds",
@@ -127,13 +137,18 @@ def _accounts(accounts: list[dict[str, Any]]) -> Iterator[Metric]:
         for window in ("five_hour", "seven_day"):
             if account[window] is not None:
                 utilization.add_metric([name, window], account[window])
+        for window, reading in (account.get("windows") or {}).items():
+            if reading["reset_at"] is not None:
+                resets.add_metric([name, window], reading["reset_at"])
+            if reading["per_hour"] is not None:
+                burn.add_metric([name, window], reading["per_hour"])
         sessions.add_metric([name], account["sessions"])
         until = 0.0 if not account["walled"] else account["walled_until"] or float("inf")
         walled_until.add_metric([name], until)
     totals = GaugeMetricFamily("cl_accounts", "accounts by state", labels=["state"])
     for name, count in by_state.items():
         totals.add_metric([name], count)
-    yield from (totals, state, utilization, sessions, walled_until)
+    yield from (totals, state, utilization, resets, burn, sessions, walled_until)
 
 
 def _state(account: dict[str, Any]) -> str:

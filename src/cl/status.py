@@ -15,14 +15,22 @@ from cl.credentials import Account, AccountState
 from cl.moments import iso_utc
 from cl.protocol import Encoded
 from cl.registry import CredentialRegistry
-from cl.store import NEEDS_LOGIN, AccountSettings, Snapshot, UsageRow
+from cl.store import NEEDS_LOGIN, AccountSettings, Snapshot, UsageRow, Window
 
 _IDLE_TAIL = ',"walled_until":null,"sessions":0}'
 
-Shown = tuple[float | None, int, UsageRow | None, AccountSettings | None, tuple[tuple[str, float | None], ...], bool]
+Shown = tuple[
+    float | None,
+    int,
+    UsageRow | None,
+    AccountSettings | None,
+    tuple[tuple[str, float | None], ...],
+    tuple[tuple[str, Window], ...],
+    bool,
+]
 """What an account's object shows beyond the registry's part: wall reset, live sessions, usage,
-an operator's settings, its model windows' walls (family, reset), and whether it needs a new
-login (its refresh token was refused)."""
+an operator's settings, its model windows' walls (family, reset), its windows (utilization,
+reset, burn rate), and whether it needs a new login (its refresh token was refused)."""
 NEEDS_LOGIN_REASON = "its refresh token was refused: log in and copy the new credentials over its file"
 
 
@@ -71,21 +79,22 @@ class StatusView:
             self._objects = [self._heads[name][1] + _IDLE_TAIL for name in names]
             self._facts = {}
         walls, live, usage, settings = snapshot.walls, snapshot.counts.live, snapshot.counts.usage, snapshot.settings
-        by_model = snapshot.model_walls
+        by_model, windows = snapshot.model_walls, snapshot.windows
         facts: dict[str, Shown] = {}
-        for name in walls.keys() | live.keys() | usage.keys() | settings.keys() | by_model.keys():
+        for name in walls.keys() | live.keys() | usage.keys() | settings.keys() | by_model.keys() | windows.keys():
             if name in self._index:  # a fact about an account that left the roster is not shown
                 wall = walls.get(name)
                 login = wall is not None and wall.kind == NEEDS_LOGIN
                 reset = wall.reset_at if wall else None
                 models = tuple(sorted(by_model.get(name, {}).items()))
-                facts[name] = (reset, live.get(name, 0), usage.get(name), settings.get(name), models, login)
+                spans = tuple(sorted(windows.get(name, {}).items()))
+                facts[name] = (reset, live.get(name, 0), usage.get(name), settings.get(name), models, spans, login)
         for name in self._facts.keys() - facts.keys():  # no facts any more: idle again
             self._objects[self._index[name]] = self._heads[name][1] + _IDLE_TAIL
         for name, shown in facts.items():
             if self._facts.get(name) != shown:
                 head = self._heads[name][1]
-                if shown[5] and roster[name].usable:
+                if shown[6] and roster[name].usable:
                     head = _head(
                         dataclasses.replace(roster[name], state=AccountState.NEEDS_LOGIN, reason=NEEDS_LOGIN_REASON)
                     )
@@ -106,7 +115,7 @@ def _head(account: Account) -> str:
 
 
 def _object(head: str, shown: Shown) -> str:
-    reset_at, sessions, usage, settings, models, _login = shown
+    reset_at, sessions, usage, settings, models, spans, _login = shown
     until = json.dumps(iso_utc(reset_at)) if reset_at else "null"
     tail = ""
     if models:  # a model's window walled: that family waits for its reset, the others go there
@@ -116,4 +125,14 @@ def _object(head: str, shown: Shown) -> str:
         tail += f',"usage":{json.dumps({k: v for k, v in zip(keys, usage, strict=True) if v is not None})}'
     if settings:
         tail += f',"settings":{json.dumps(settings.public())}'
+    if spans:  # each window as the API last said it: how full, when it resets, how fast it fills
+        shown_spans = {
+            name: {
+                "utilization": w.utilization,
+                "resets": iso_utc(w.reset_at) if w.reset_at else None,
+                "per_hour": w.per_hour,
+            }
+            for name, w in spans
+        }
+        tail += f',"windows":{json.dumps(shown_spans)}'
     return f'{head},"walled_until":{until},"sessions":{sessions}{tail}}}'

@@ -27,6 +27,8 @@ class Reading:
     claim: str | None = None
     utilization: dict[str, float] = dataclasses.field(default_factory=dict)
     """`five_hour`, `seven_day`: as reported, clamped to 0..1."""
+    resets: dict[str, float] = dataclasses.field(default_factory=dict)
+    """`five_hour`, `seven_day`: when each resets (epoch seconds), as `reset` is bounded."""
     overage: bool = False
     """The answer was billed as paid overage (`overage-in-use: true`): the windows are used up."""
 
@@ -37,19 +39,20 @@ class Reading:
 
 def read(headers: Mapping[str, str], now: float) -> Reading:
     """The reading of one response's headers (absent or malformed values are left out)."""
-    utilization = {}
+    utilization, resets = {}, {}
     for short, window in WINDOWS.items():
         value = _number(headers.get(f"{PREFIX}{short}-utilization"))
         if value is not None:
             utilization[window] = min(max(value, 0.0), 1.0)
-    reset = _number(headers.get(f"{PREFIX}reset"))
-    if reset is not None:
-        reset = min(max(reset, now), now + MAX_RESET_AHEAD)
+        if (at := _moment(headers.get(f"{PREFIX}{short}-reset"), now)) is not None:
+            resets[window] = at
+    reset = _moment(headers.get(f"{PREFIX}reset"), now)
     return Reading(
         status=_word(headers.get(f"{PREFIX}status")),
         reset=reset,
         claim=_word(headers.get(f"{PREFIX}representative-claim")),
         utilization=utilization,
+        resets=resets,
         overage=headers.get(f"{PREFIX}overage-in-use") == "true",
     )
 
@@ -69,6 +72,12 @@ def _number(text: str | None) -> float | None:
     except ValueError:
         return None
     return value if value is not None and math.isfinite(value) else None
+
+
+def _moment(text: str | None, now: float) -> float | None:
+    """A reset header's epoch second, no earlier than now and no later than `MAX_RESET_AHEAD`."""
+    value = _number(text)
+    return None if value is None else min(max(value, now), now + MAX_RESET_AHEAD)
 
 
 def _word(text: str | None) -> str | None:

@@ -106,13 +106,13 @@ class Recorder:
     def __init__(self, store: AsyncStore, interval: float = 0.5) -> None:
         self._store = store
         self._interval = interval
-        self._usage: dict[str, tuple[dict[str, float], float]] = {}
-        """Account -> its windows' utilization as last reported, and when."""
+        self._usage: dict[str, tuple[dict[str, float], dict[str, float], float]] = {}
+        """Account -> its windows' utilization and resets as last reported, and when."""
         self._cache: dict[int, tuple[int, int]] = {}
 
     def usage(self, account: str, reading: limits.Reading) -> None:
-        windows = self._usage.get(account, ({}, 0.0))[0]
-        self._usage[account] = ({**windows, **reading.utilization}, time.time())
+        windows, resets, _ = self._usage.get(account, ({}, {}, 0.0))
+        self._usage[account] = ({**windows, **reading.utilization}, {**resets, **reading.resets}, time.time())
 
     def cache(self, run_id: int, read: int, created: int) -> None:
         if read or created:
@@ -130,8 +130,8 @@ class Recorder:
             return
         self._usage, self._cache = {}, {}
         try:
-            for account, (windows, when) in usage.items():
-                await self._store.record_usage(account, windows, when)
+            for account, (windows, resets, when) in usage.items():
+                await self._store.record_usage(account, windows, when, resets=resets)
             if cache:
                 await self._store.record_cache(cache)
         except StoreUnavailable as exc:

@@ -52,6 +52,7 @@ class AsyncStore:
     record_usage = _OnStoreThread(Store.record_usage)
     record_wall = _OnStoreThread(Store.record_wall)
     walls = _OnStoreThread(Store.walls)
+    windows = _OnStoreThread(Store.windows)
     answered_as_wall = _OnStoreThread(Store.answered_as_wall)
     cancel_job = _OnStoreThread(Store.cancel_job)
     cut_off = _OnStoreThread(Store.cut_off)

@@ -181,6 +181,20 @@ MIGRATIONS: list[str] = [
     """,
     # 8: an account allowed to spend paid overage (SQLite's 17)
     "ALTER TABLE account_settings ADD COLUMN allow_overage INTEGER",
+    # 9: each account's windows (SQLite's 18)
+    """
+    CREATE TABLE windows (
+        account TEXT NOT NULL,
+        period TEXT NOT NULL,
+        utilization DOUBLE PRECISION NOT NULL,
+        reset_at DOUBLE PRECISION,
+        observed_at DOUBLE PRECISION NOT NULL,
+        base_utilization DOUBLE PRECISION NOT NULL,
+        base_at DOUBLE PRECISION NOT NULL,
+        per_hour DOUBLE PRECISION,
+        PRIMARY KEY (account, period)
+    )
+    """,
 ]
 
 

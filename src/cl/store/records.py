@@ -179,6 +179,20 @@ def model_walled(walls: Mapping[str, float | None], model: str | None) -> bool:
     return bool(walls) and (model is None or family(model) in walls)
 
 
+class Window(NamedTuple):
+    """One of an account's windows (`five_hour`, `seven_day`) as the API's headers last said it."""
+
+    utilization: float
+    reset_at: float | None
+    per_hour: float | None
+    """Its burn rate: utilization gained per hour, each measure between readings of one period
+    at least `BURN_STEP` apart, averaged with the one before (half each); None until measured."""
+
+
+BURN_STEP = 60.0
+"""Seconds between two readings of a window that measure its burn rate."""
+
+
 UsageRow = tuple[float | None, float | None, int, int]
 """five_hour, seven_day (utilization last reported, or None), input_tokens, output_tokens."""
 
@@ -209,6 +223,8 @@ class Snapshot:
     settings: dict[str, AccountSettings]
     model_walls: dict[str, dict[str, float | None]] = dataclasses.field(default_factory=dict)
     """Model windows standing now: account -> family -> reset."""
+    windows: dict[str, dict[str, Window]] = dataclasses.field(default_factory=dict)
+    """Each account's windows as last read, with their burn rates (`Store.windows`)."""
 
 
 class StoreError(Exception):

@@ -206,6 +206,21 @@ MIGRATIONS: list[str] = [
     """,
     # 17: an account allowed to spend paid overage past its windows (`cl accounts set`)
     "ALTER TABLE account_settings ADD COLUMN allow_overage INTEGER",
+    # 18: each account's windows as the API's headers last said them (utilization, reset), and
+    # their burn rate, measured between readings a minute or more apart (`Store.record_usage`)
+    """
+    CREATE TABLE windows (
+        account TEXT NOT NULL,
+        period TEXT NOT NULL,
+        utilization REAL NOT NULL,
+        reset_at REAL,
+        observed_at REAL NOT NULL,
+        base_utilization REAL NOT NULL,
+        base_at REAL NOT NULL,
+        per_hour REAL,
+        PRIMARY KEY (account, period)
+    )
+    """,
 ]
 
 

@@ -22,6 +22,7 @@ from cl.config import LEASE
 from cl.states import FINISHED_JOBS, LIVE_JOBS, LIVE_RUNS, RESCUABLE, JobState, RunState
 from cl.store.backend import Backend, Db, Lookup, capability_run, inserted, inserted_many, sql_set
 from cl.store.records import (
+    BURN_STEP,
     BUSY_TIMEOUT,
     MODEL_WINDOWS,
     NEEDS_LOGIN,
@@ -39,6 +40,7 @@ from cl.store.records import (
     Run,
     Snapshot,
     WallRecord,
+    Window,
     model_walled,
 )
 from cl.store.sqlite import SqliteBackend
@@ -47,7 +49,9 @@ from cl.store.sqlite import SqliteBackend
 class Store:
     def __init__(self, where: Path | str, busy_timeout: float = BUSY_TIMEOUT) -> None:
         self._backend: Backend = open_backend(where, busy_timeout)
-        self._shown: tuple[Hashable, int | None, AccountCounts, dict[str, AccountSettings]] | None = None
+        self._shown: (
+            tuple[Hashable, int | None, AccountCounts, dict[str, AccountSettings], dict[str, dict[str, Window]]] | None
+        ) = None
         """What `snapshot` read, with the backend's changes key it was read at and the ledger's revision then."""
         self._listings: dict[tuple[int | None, bool], tuple[int | None, Listing]] = {}
         """Each listing (a submitter's or everyone's, with finished jobs or not), with the ledger
@@ -803,15 +807,15 @@ class Store:
                 revision = db.execute("SELECT MAX(id) FROM ledger").fetchone()[0]
                 usage = db.execute("SELECT account, five_hour, seven_day, input_tokens, output_tokens FROM usage")
                 counts = AccountCounts(self.live_counts(), {account: tuple(row) for account, *row in usage})
-                self._shown = (changes, revision, counts, self.settings())
-            revision, counts, settings = self._shown[1], self._shown[2], self._shown[3]
+                self._shown = (changes, revision, counts, self.settings(), self.windows())
+            _, revision, counts, settings, windows = self._shown
             key = (submitter, finished)
             kept = self._listings.get(key)
             if kept is None or kept[0] != revision:
                 query, arguments = self._listing(submitter, finished=finished)
                 listing = Listing(*db.execute(query, arguments).fetchone())
                 kept = self._listings[key] = (revision, listing)
-            return Snapshot(kept[1], counts, self.walls(), settings, self.model_walls())
+            return Snapshot(kept[1], counts, self.walls(), settings, self.model_walls(), windows)
 
     def _listing(self, submitter: int | None, *, finished: bool) -> tuple[str, tuple[Any, ...]]:
         """The listing's query for a submitter (or everyone), with finished jobs or live ones only:
@@ -1081,9 +1085,20 @@ class Store:
         utilization: dict[str, float],
         used_at: float | None = None,
         tokens: tuple[int, int] = (0, 0),
+        resets: dict[str, float] | None = None,
     ) -> None:
-        """Utilization as last reported (a window not reported keeps its value); tokens add up."""
+        """Utilization as last reported (a window not reported keeps its value); tokens add up.
+        With `resets` (the API's headers: each window's reset), each window's reading is kept
+        with its base, an earlier reading of the same period, for its burn rate (`windows`)."""
         with self.transaction() as db:
+            if resets is not None and used_at is not None:
+                db.executemany(
+                    WINDOW_UPSERT,
+                    [
+                        (account, name, value, resets.get(name), used_at, value, used_at)
+                        for name, value in utilization.items()
+                    ],
+                )
             db.execute(
                 "INSERT INTO usage (account, five_hour, seven_day, last_used_at, input_tokens, output_tokens)"
                 " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(account) DO UPDATE SET"
@@ -1094,6 +1109,13 @@ class Store:
                 " output_tokens = usage.output_tokens + excluded.output_tokens",
                 (account, utilization.get("five_hour"), utilization.get("seven_day"), used_at, *tokens),
             )
+
+    def windows(self) -> dict[str, dict[str, Window]]:
+        """Each account's windows as last read from the API's headers, with their burn rates."""
+        found: dict[str, dict[str, Window]] = {}
+        for row in self._rows("SELECT account, period, utilization, reset_at, per_hour FROM windows"):
+            found.setdefault(row[0], {})[row[1]] = Window(row[2], row[3], row[4])
+        return found
 
     def usage(self) -> dict[str, dict[str, float | None]]:
         rows = self._rows("SELECT * FROM usage")
@@ -1238,6 +1260,27 @@ def _full(room: Sequence[Any], limit: int) -> bool:
     walled, paused, live = room
     return bool(walled) or bool(paused) or int(live) >= limit
 
+
+_SAME_PERIOD = "ABS(COALESCE(windows.reset_at, 0) - COALESCE(excluded.reset_at, 0)) < 60"
+_MEASURED = f"{_SAME_PERIOD} AND excluded.observed_at - windows.base_at >= {BURN_STEP}"
+_RATE = "(excluded.utilization - windows.base_utilization) * 3600.0 / (excluded.observed_at - windows.base_at)"
+WINDOW_UPSERT = f"""
+INSERT INTO windows (account, period, utilization, reset_at, observed_at, base_utilization, base_at)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (account, period) DO UPDATE SET
+    per_hour = CASE WHEN NOT ({_MEASURED}) THEN windows.per_hour
+        WHEN windows.per_hour IS NULL THEN CASE WHEN {_RATE} < 0 THEN 0 ELSE {_RATE} END
+        ELSE (windows.per_hour + CASE WHEN {_RATE} < 0 THEN 0 ELSE {_RATE} END) / 2 END,
+    base_utilization = CASE WHEN NOT ({_SAME_PERIOD}) OR {_MEASURED} THEN excluded.utilization
+        ELSE windows.base_utilization END,
+    base_at = CASE WHEN NOT ({_SAME_PERIOD}) OR {_MEASURED} THEN excluded.observed_at ELSE windows.base_at END,
+    utilization = excluded.utilization,
+    reset_at = excluded.reset_at,
+    observed_at = excluded.observed_at
+"""
+"""A window's reading. Its burn rate is measured from the base (an earlier reading of the same
+period) once a reading comes `BURN_STEP` or more after it, which then becomes the base; a new
+period (another reset) starts a new base and keeps the rate, the sessions' pace."""
 
 ANSWERED_AS_WALL = "request answered as a wall: its home cut off"
 
