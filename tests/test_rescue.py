@@ -108,11 +108,16 @@ def test_the_seed_afternoon(layout: Layout, planted: Planted, store_at: Path | s
 
 
 def test_a_failed_resume_is_marked_failed_with_its_reason(layout: Layout, planted: Planted) -> None:
-    """A move by restart (`live_wait = 0`) whose `--resume` finds no conversation."""
-    walled_accounts(layout, planted, ["a1"])
+    """A move by restart (`live_wait = 0`) whose `--resume` finds no conversation, of a session
+    that was answered before (its first turn on a1; its follow-up walls there)."""
+    token = planted.token()
+    write_credential(layout.credentials, "a1", oauth_credential(planted, token=token))
+    layout.quota({token: 1})
     with both(layout, env=layout.env(CL_LIVE_WAIT="0")) as (_balancer, rescue):
-        job = submit(layout, "doomed")
-        wait_until(lambda: "no-eligible-account" in rescue.log(), "the session to wait")
+        job = submit(layout, "answered once")
+        wait_until(lambda: job_state_set(layout) == {"done"}, "the first turn to be answered")
+        assert cl(layout, "send", str(job), "and then?").returncode == 0
+        wait_until(lambda: "no-eligible-account" in rescue.log(), "the follow-up to wall and wait")
         for transcript in (layout.sessions).rglob("*.jsonl"):
             transcript.unlink()  # the conversation is gone: the resume cannot find it
         write_credential(layout.credentials, "a2", oauth_credential(planted))
@@ -120,6 +125,25 @@ def test_a_failed_resume_is_marked_failed_with_its_reason(layout: Layout, plante
         assert "No conversation found with session ID" in jobs(layout)[job]["error"]
         wait_until(lambda: "session failed" in rescue.log() and "move=True" in rescue.log(), "the rescuer to report it")
         assert [entry["event"] for entry in ledger(layout)].count("move started") == 1  # not retried
+
+
+def test_a_session_that_never_reached_the_disk_starts_afresh(layout: Layout, planted: Planted) -> None:
+    """The CLI said its session id and died before writing the prompt (here: its transcript is
+    gone), and nothing of the session was ever answered: the move starts the job afresh on its
+    own prompt, where `--resume` could only fail. Nothing was answered, so nothing runs twice."""
+    walled_accounts(layout, planted, ["a1"])
+    with both(layout, env=layout.env(CL_LIVE_WAIT="0")) as (_balancer, rescue):
+        job = submit(layout, "never on disk")
+        wait_until(lambda: "no-eligible-account" in rescue.log(), "the session to wait")
+        for transcript in (layout.sessions).rglob("*.jsonl"):
+            transcript.unlink()
+        write_credential(layout.credentials, "a2", oauth_credential(planted))
+        wait_until(lambda: job_state_set(layout) == {"done"}, "the job to run afresh")
+        shown = jobs(layout)[job]
+    first, again = layout.claude_calls()
+    assert (again["prompt"], again["history"], "--resume" in again["argv"]) == ("never on disk", 0, False)
+    assert again["session_id"] != first["session_id"]
+    assert shown["session_id"] == again["session_id"]
 
 
 def test_a_reset_readmits_one_session_first_then_the_rest(layout: Layout, planted: Planted) -> None:
@@ -157,6 +181,8 @@ def test_an_orphaned_session_is_resumed(layout: Layout, planted: Planted) -> Non
         wait_until(lambda: len(layout.claude_calls()) == 1, "the session to start")
         run = wait_until(lambda: next((r for r in live_runs(layout) if r.session_id), None), "its session id")
         assert run.pid is not None
+        # the CLI writes the prompt to its transcript just after it says its session id
+        wait_until(lambda: _transcript_holds(layout, job, "interrupted work"), "the prompt in the transcript")
         os.kill(run.pid, signal.SIGKILL)  # the worker vanishes; its CLI goes with it (PDEATHSIG)
         wait_until(lambda: "session orphaned" in rescue.log(), "the rescuer to hear of the orphan")
         hold.unlink()
@@ -166,6 +192,11 @@ def test_an_orphaned_session_is_resumed(layout: Layout, planted: Planted) -> Non
     assert "--resume" in resumed["argv"]
     assert resumed["history"] == 1  # the prompt it was working on
     assert jobs_in_store(layout)[job] == "done"
+
+
+def _transcript_holds(layout: Layout, job: int, text: str) -> bool:
+    transcripts = (layout.sessions / f"job-{job}" / "projects").rglob("*.jsonl")
+    return any(text in path.read_text() for path in transcripts)
 
 
 def jobs_in_store(layout: Layout) -> dict[int, str]:

@@ -166,15 +166,16 @@ class AccountUnusable(Exception):
     """The run's account went away or bad between placement and now: not the session's fault."""
 
 
-def claude_argv(config: Config, job: Job, run: Run) -> list[str]:
-    """The CLI's command line: options only. Prompts are user messages on its standard input."""
+def claude_argv(config: Config, job: Job, resume: str | None) -> list[str]:
+    """The CLI's command line (`resume`: the session it resumes): options only. Prompts are user
+    messages on its standard input."""
     argv = [config.claude_bin, "-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose"]
     if job.model:
         argv += ["--model", job.model]
     if job.max_turns:
         argv += ["--max-turns", str(job.max_turns)]
-    if run.resume:
-        argv += ["--resume", run.resume]
+    if resume:
+        argv += ["--resume", resume]
     return argv + list(config.claude_args)
 
 
@@ -265,6 +266,9 @@ class _Session:
     """The session's transcript's size when the current turn began (None: a new session's)."""
     turn_at: float = 0.0
     """When the current turn's prompt was sent."""
+    afresh: bool = False
+    """The current run resumes a session that never reached the disk (its CLI was killed before it
+    wrote the prompt) and that nothing ever answered: its CLI starts anew on the job's prompt."""
     events: Events = dataclasses.field(default_factory=Events)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     """Set when the job was cancelled while its CLI ran."""
@@ -299,11 +303,12 @@ def _work(session: _Session) -> None:
     """The run whose CLI ended before it took its prompt, restarted once for it."""
     while True:
         run = session.run
-        session.turn_began = None
+        session.turn_began, session.afresh = None, False
         if run.resume:
             transcript = str(transcript_path(Path(), job.cwd, run.resume))
             session.turn_began = session.credential.size_of(transcript)
             store.transcript_before(run.id, session.turn_began)
+            session.afresh = _never_on_disk(session)
         if session.process is None and not _start(session, account):
             return
         assert session.process is not None
@@ -328,7 +333,8 @@ def _work(session: _Session) -> None:
             continue
         _measured(session, state, swap, untaken)
         if (current := session.run).resume:  # a move's transcript, measured (one made in flight too)
-            resumed = str(transcript_path(Path(), job.cwd, current.resume))
+            measured = state.session_id if session.afresh and current is run else current.resume
+            resumed = str(transcript_path(Path(), job.cwd, measured or current.resume))
             store.transcript_after(current.id, session.credential.size_of(resumed))
         if (following := _after_turn(session, account, state)) is None:
             return
@@ -366,9 +372,23 @@ def _prompt(session: _Session) -> str:
     run, config, job = session.run, session.config, session.job
     if run.prompt:
         return run.prompt
-    if not run.resume:
+    if not run.resume or session.afresh:
         return job.prompt
     return f"{job.prompt}\n\n{config.resume_prompt}" if _prompt_lost(session) else config.resume_prompt
+
+
+def _never_on_disk(session: _Session) -> bool:
+    """The session the current run resumes has no transcript (or an empty one) and no run of the
+    job was ever answered: its CLI was killed between saying its session id and writing the
+    prompt. Nothing of it was kept or answered, so starting afresh loses nothing and runs nothing
+    twice; `--resume` would only fail (`No conversation found`)."""
+    run = session.run
+    if session.turn_began or session.process is not None or run.prompt or run.live:
+        return False
+    if session.store.answered_before(run.id):
+        return False
+    session.bound().warning("the session to resume never reached the disk: starting it afresh", session=run.resume)
+    return True
 
 
 def _prompt_lost(session: _Session) -> bool:
@@ -402,7 +422,7 @@ def _start(session: _Session, account: Account | None) -> bool:
     bound = session.bound()
     assert session.cwd is not None
     config_dir = session_config_dir(config, job.id)
-    command, opened = claude_argv(config, job, run), list[int]()
+    command, opened = claude_argv(config, job, None if session.afresh else run.resume), list[int]()
     if config.confinement == "sandbox":
         command, opened = _in_view(session, command)
     fds = [*session.locks, session.cwd, *opened]
@@ -510,7 +530,8 @@ def _turn(session: _Session) -> StreamState:
         state.feed(line)
         if state.session_id and state.session_id != known:
             if store.set_session(session.run.id, state.session_id):
-                session.bound().info("session resumed" if run.resume else "session started", session=state.session_id)
+                resumed = run.resume and not session.afresh
+                session.bound().info("session resumed" if resumed else "session started", session=state.session_id)
             else:
                 session.bound().warning("the CLI reported another job's session id, not taken", said=state.session_id)
                 state.session_id = known
