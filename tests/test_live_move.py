@@ -54,11 +54,12 @@ def swaps(layout: Layout, version: str) -> bool | None:
 
 
 def alive(pid: int) -> bool:
+    """Running, not a zombie (one reaped between the two looks is gone too)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
         return False
-    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    return state != "Z"
 
 
 def turns(layout: Layout, session: str) -> list[dict[str, Any]]:
