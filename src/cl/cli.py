@@ -572,7 +572,8 @@ def _window(account: dict[str, Any], name: str, now: float) -> str:
         words.append(f"resets in {_span(max(0, int(at - now)))}")
     if window["per_hour"] is not None:
         words.append(f"+{window['per_hour'] * 100:.0f}%/h")
-    return " ".join(words[:1]) + (f" ({', '.join(words[1:])})" if words[1:] else "")
+    used, *more = words
+    return f"{used} ({', '.join(more)})" if more else used
 
 
 def _age(iso: str, now: float) -> str:

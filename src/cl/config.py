@@ -243,20 +243,19 @@ def _prompt(value: Any, _base: Path) -> str:
     return value
 
 
-def _lease(value: Any, _base: Path) -> float:
-    error = f"must be a number of seconds, {MIN_LEASE:g} or more"
-    number = _number(value, float, error)
-    if not MIN_LEASE <= number < float("inf"):
-        raise ValueError(error)
-    return float(number)
+def _seconds(low: float) -> Callable[[Any, Path], float]:
+    error = f"must be a number of seconds, {low:g} or more"
+
+    def parse(value: Any, _base: Path) -> float:
+        number = _number(value, float, error)
+        if not low <= number < float("inf"):
+            raise ValueError(error)
+        return float(number)
+
+    return parse
 
 
-def _seconds_or_zero(value: Any, _base: Path) -> float:
-    error = "must be a number of seconds, 0 or more"
-    number = _number(value, float, error)
-    if not 0 <= number < float("inf"):
-        raise ValueError(error)
-    return float(number)
+_seconds_or_zero = _seconds(0.0)
 
 
 def _claude_args(value: Any, _base: Path) -> tuple[str, ...]:
@@ -365,7 +364,7 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "live_wait": _seconds_or_zero,
     "reset_jitter": _seconds_or_zero,
     "reconcile_interval": _positive_float,
-    "run_lease": _lease,
+    "run_lease": _seconds(MIN_LEASE),
     "retention_days": _positive_float,
     "max_moves_per_hour": _whole(1, 1000),
     "max_orphanings": _whole(1, 1000),

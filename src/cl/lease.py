@@ -40,6 +40,7 @@ EXIT_LEASE_LOST = 75
 """The worker's exit code when it lost its lease (EX_TEMPFAIL: the session resumes)."""
 STOP_WAIT = 10.0
 """Seconds the lease waits for the CLI to die of SIGKILL before the worker ends anyway."""
+FENCED = "its session changed hands (the run's lease had lapsed)"
 
 
 class Lease:
@@ -86,7 +87,7 @@ class Lease:
                 with self._guard:
                     self._fenced = True
                     if self._process is not None:
-                        self._stop("its session changed hands (the run's lease had lapsed)")
+                        self._stop(FENCED)
                 return
             if renewal is not None:  # renewed, or nothing running to renew (held, or between runs)
                 self._renewed_at = sent
@@ -107,7 +108,7 @@ class Lease:
     def _lost(self) -> str | None:
         """Why the lease no longer holds the session, if it does not."""
         if self._fenced:
-            return "its session changed hands (the run's lease had lapsed)"
+            return FENCED
         if (silent := time.monotonic() - self._renewed_at) > self._seconds * 2 / 3:
             return f"its lease was not renewed for {silent:.0f} s (the state store out of reach)"
         return None

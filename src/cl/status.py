@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import NamedTuple
 
 from cl.credentials import Account, AccountState
 from cl.moments import iso_utc
@@ -19,18 +20,23 @@ from cl.store import NEEDS_LOGIN, AccountSettings, Snapshot, UsageRow, Window
 
 _IDLE_TAIL = ',"walled_until":null,"sessions":0}'
 
-Shown = tuple[
-    float | None,
-    int,
-    UsageRow | None,
-    AccountSettings | None,
-    tuple[tuple[str, float | None], ...],
-    tuple[tuple[str, Window], ...],
-    bool,
-]
-"""What an account's object shows beyond the registry's part: wall reset, live sessions, usage,
-an operator's settings, its model windows' walls (family, reset), its windows (utilization,
-reset, burn rate), and whether it needs a new login (its refresh token was refused)."""
+
+class Shown(NamedTuple):
+    """What an account's object shows beyond the registry's part."""
+
+    reset_at: float | None
+    """Its wall's reset, if walled."""
+    sessions: int
+    usage: UsageRow | None
+    settings: AccountSettings | None
+    model_walls: tuple[tuple[str, float | None], ...]
+    """Its model windows' walls: (family, reset)."""
+    windows: tuple[tuple[str, Window], ...]
+    """Its windows as the API last said them (utilization, reset, burn rate)."""
+    needs_login: bool
+    """Its refresh token was refused."""
+
+
 NEEDS_LOGIN_REASON = "its refresh token was refused: log in and copy the new credentials over its file"
 
 
@@ -88,13 +94,13 @@ class StatusView:
                 reset = wall.reset_at if wall else None
                 models = tuple(sorted(by_model.get(name, {}).items()))
                 spans = tuple(sorted(windows.get(name, {}).items()))
-                facts[name] = (reset, live.get(name, 0), usage.get(name), settings.get(name), models, spans, login)
+                facts[name] = Shown(reset, live.get(name, 0), usage.get(name), settings.get(name), models, spans, login)
         for name in self._facts.keys() - facts.keys():  # no facts any more: idle again
             self._objects[self._index[name]] = self._heads[name][1] + _IDLE_TAIL
         for name, shown in facts.items():
             if self._facts.get(name) != shown:
                 head = self._heads[name][1]
-                if shown[6] and roster[name].usable:
+                if shown.needs_login and roster[name].usable:
                     head = _head(
                         dataclasses.replace(roster[name], state=AccountState.NEEDS_LOGIN, reason=NEEDS_LOGIN_REASON)
                     )
@@ -115,24 +121,23 @@ def _head(account: Account) -> str:
 
 
 def _object(head: str, shown: Shown) -> str:
-    reset_at, sessions, usage, settings, models, spans, _login = shown
-    until = json.dumps(iso_utc(reset_at)) if reset_at else "null"
+    until = json.dumps(iso_utc(shown.reset_at)) if shown.reset_at else "null"
     tail = ""
-    if models:  # a model's window walled: that family waits for its reset, the others go there
-        tail = f',"model_walls":{json.dumps({m: iso_utc(r) if r else None for m, r in models})}'
-    if usage:
+    if shown.model_walls:  # a model's window walled: that family waits for its reset, the others go there
+        tail += f',"model_walls":{json.dumps({m: iso_utc(r) if r else None for m, r in shown.model_walls})}'
+    if shown.usage:
         keys = ("five_hour", "seven_day", "input_tokens", "output_tokens")
-        tail += f',"usage":{json.dumps({k: v for k, v in zip(keys, usage, strict=True) if v is not None})}'
-    if settings:
-        tail += f',"settings":{json.dumps(settings.public())}'
-    if spans:  # each window as the API last said it: how full, when it resets, how fast it fills
-        shown_spans = {
+        tail += f',"usage":{json.dumps({k: v for k, v in zip(keys, shown.usage, strict=True) if v is not None})}'
+    if shown.settings:
+        tail += f',"settings":{json.dumps(shown.settings.public())}'
+    if shown.windows:  # each window as the API last said it: how full, when it resets, how fast it fills
+        windows = {
             name: {
                 "utilization": w.utilization,
                 "resets": iso_utc(w.reset_at) if w.reset_at else None,
                 "per_hour": w.per_hour,
             }
-            for name, w in spans
+            for name, w in shown.windows
         }
-        tail += f',"windows":{json.dumps(shown_spans)}'
-    return f'{head},"walled_until":{until},"sessions":{sessions}{tail}}}'
+        tail += f',"windows":{json.dumps(windows)}'
+    return f'{head},"walled_until":{until},"sessions":{shown.sessions}{tail}}}'

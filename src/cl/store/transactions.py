@@ -506,11 +506,11 @@ class Store:
             run = db.execute(
                 f"SELECT * FROM runs WHERE id = ? AND state = ? AND {HOLDS_EPOCH}", (run_id, RunState.RUNNING)
             ).fetchone()
-            session = run and db.execute("SELECT session_id FROM jobs WHERE id = ?", (run["job_id"],)).fetchone()[0]
+            job = run and db.execute("SELECT session_id, model FROM jobs WHERE id = ?", (run["job_id"],)).fetchone()
+            session = job and job["session_id"]
             if run is None or session is None:
                 return None
-            model = db.execute("SELECT model FROM jobs WHERE id = ?", (run["job_id"],)).fetchone()[0]
-            if self._no_room(db, account, now, limit) or _model_walled(db, account, model, now):
+            if self._no_room(db, account, now, limit) or _model_walled(db, account, job["model"], now):
                 raise NoRoom(account)
             job_id = run["job_id"]
             db.execute(
@@ -848,14 +848,13 @@ class Store:
                     " recorded_at = excluded.recorded_at",
                     (account, model, reset_at, now),
                 )
-                self.record(db, "wall recorded", account=account, reset_at=reset_at, kind=kind, source=source)
-                return
-            db.execute(
-                "INSERT INTO walls (account, kind, reset_at, source, recorded_at) VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT(account) DO UPDATE SET kind = excluded.kind, reset_at = excluded.reset_at,"
-                " source = excluded.source, recorded_at = excluded.recorded_at",
-                (account, kind, reset_at, source, now),
-            )
+            else:
+                db.execute(
+                    "INSERT INTO walls (account, kind, reset_at, source, recorded_at) VALUES (?, ?, ?, ?, ?)"
+                    " ON CONFLICT(account) DO UPDATE SET kind = excluded.kind, reset_at = excluded.reset_at,"
+                    " source = excluded.source, recorded_at = excluded.recorded_at",
+                    (account, kind, reset_at, source, now),
+                )
             self.record(db, "wall recorded", account=account, reset_at=reset_at, kind=kind, source=source)
 
     def needs_login(self, account: str, credential: str) -> None:
@@ -886,11 +885,7 @@ class Store:
     def walled_for(self, account: str, model: str | None) -> bool:
         """Whether a wall bars a job of `model` from `account` now: the account's, or its model's."""
         now = time.time()
-        with self._backend.reading() as db:
-            standing = db.execute(
-                "SELECT 1 FROM walls WHERE account = ? AND (reset_at IS NULL OR reset_at > ?)", (account, now)
-            ).fetchone()
-            return standing is not None or _model_walled(db, account, model, now)
+        return account in self.walls(now) or model_walled(self.model_walls(now).get(account, {}), model)
 
     def model_walls(self, now: float | None = None) -> dict[str, dict[str, float | None]]:
         """Model windows standing at `now`: account -> family -> reset."""
@@ -900,7 +895,7 @@ class Store:
     def walls(self, now: float | None = None) -> dict[str, WallRecord]:
         """Walls still standing at `now`; a wall without a known reset stands until lifted."""
         now = time.time() if now is None else now
-        rows = self._rows("SELECT * FROM walls WHERE reset_at IS NULL OR reset_at > ?", (now,))
+        rows = self._rows(f"SELECT * FROM walls WHERE {STANDING}", (now,))
         return {row["account"]: WallRecord(*row) for row in rows}
 
     def prune(self, before: float, batch: int = 5000) -> int:
@@ -1199,7 +1194,7 @@ def _model_walls(db: Db, accounts: Sequence[str] | None, now: float) -> dict[str
     """Model windows standing at `now` (of `accounts`, or all): account -> family -> reset."""
     among = f" AND account IN {sql_set(accounts)}" if accounts is not None else ""
     rows = db.execute(
-        f"SELECT account, model, reset_at FROM model_walls WHERE (reset_at IS NULL OR reset_at > ?){among}",
+        f"SELECT account, model, reset_at FROM model_walls WHERE {STANDING}{among}",
         (now, *(accounts or ())),
     )
     walls: dict[str, dict[str, float | None]] = {}
@@ -1220,7 +1215,7 @@ def _holds(db: Db, run_id: int) -> bool:
 def _without_room(db: Db, accounts: Sequence[str], now: float) -> set[str]:
     """Of `accounts`, those walled now or paused."""
     walled = db.execute(
-        f"SELECT account FROM walls WHERE account IN {sql_set(accounts)} AND (reset_at IS NULL OR reset_at > ?)"
+        f"SELECT account FROM walls WHERE account IN {sql_set(accounts)} AND {STANDING}"
         f" UNION SELECT account FROM account_settings WHERE account IN {sql_set(accounts)} AND paused_at IS NOT NULL",
         (*accounts, now, *accounts),
     )
@@ -1236,6 +1231,10 @@ def _live_runs(db: Db, accounts: Sequence[str], now: float) -> dict[str, int]:
     return {row[0]: int(row[1]) for row in rows}
 
 
+STANDING = "(reset_at IS NULL OR reset_at > ?)"
+"""A wall (of an account, or of a model's window) that stands at `?`: one without a known reset
+stands until lifted."""
+
 LEASED = "(lease_until IS NULL OR lease_until > ?)"
 """A live run that counts against its account: starting, or running with its lease held (a run
 whose lease lapsed has no CLI: its worker stopped it; its host may be gone)."""
@@ -1244,7 +1243,7 @@ HOLDS_EPOCH = "(runs.epoch IS NULL OR runs.epoch = (SELECT epoch FROM jobs WHERE
 """A run that is still its session's (fencing): unclaimed, or claimed in its job's epoch."""
 
 ROOM = (
-    "EXISTS (SELECT 1 FROM walls WHERE account = ? AND (reset_at IS NULL OR reset_at > ?)),"
+    f"EXISTS (SELECT 1 FROM walls WHERE account = ? AND {STANDING}),"
     " EXISTS (SELECT 1 FROM account_settings WHERE account = ? AND paused_at IS NOT NULL),"
     f" (SELECT COUNT(*) FROM runs WHERE account = ? AND state IN {sql_set(LIVE_RUNS)} AND {LEASED})"
 )
@@ -1264,13 +1263,15 @@ def _full(room: Sequence[Any], limit: int) -> bool:
 _SAME_PERIOD = "ABS(COALESCE(windows.reset_at, 0) - COALESCE(excluded.reset_at, 0)) < 60"
 _MEASURED = f"{_SAME_PERIOD} AND excluded.observed_at - windows.base_at >= {BURN_STEP}"
 _RATE = "(excluded.utilization - windows.base_utilization) * 3600.0 / (excluded.observed_at - windows.base_at)"
+_GAINED = f"CASE WHEN {_RATE} < 0 THEN 0 ELSE {_RATE} END"
+"""The utilization gained per hour since the base (never negative)."""
 WINDOW_UPSERT = f"""
 INSERT INTO windows (account, period, utilization, reset_at, observed_at, base_utilization, base_at)
 VALUES (?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (account, period) DO UPDATE SET
     per_hour = CASE WHEN NOT ({_MEASURED}) THEN windows.per_hour
-        WHEN windows.per_hour IS NULL THEN CASE WHEN {_RATE} < 0 THEN 0 ELSE {_RATE} END
-        ELSE (windows.per_hour + CASE WHEN {_RATE} < 0 THEN 0 ELSE {_RATE} END) / 2 END,
+        WHEN windows.per_hour IS NULL THEN {_GAINED}
+        ELSE (windows.per_hour + {_GAINED}) / 2 END,
     base_utilization = CASE WHEN NOT ({_SAME_PERIOD}) OR {_MEASURED} THEN excluded.utilization
         ELSE windows.base_utilization END,
     base_at = CASE WHEN NOT ({_SAME_PERIOD}) OR {_MEASURED} THEN excluded.observed_at ELSE windows.base_at END,
