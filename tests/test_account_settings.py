@@ -5,6 +5,7 @@ and rescue, and never make an account exist."""
 from __future__ import annotations
 
 import json
+import time
 
 from utils import (
     DaemonProcess,
@@ -16,6 +17,7 @@ from utils import (
     job_states,
     oauth_credential,
     status,
+    stored,
     submit,
     wait_until,
     write_credential,
@@ -155,21 +157,46 @@ def test_bad_settings_are_refused_precisely(layout: Layout, planted: Planted) ->
         for args, error in (
             (
                 ["set", "a1", "colour=red"],
-                "'colour=red': expected KEY=VALUE with KEY one of max_sessions, models, allow_overage",
+                "'colour=red': expected KEY=VALUE with KEY one of max_sessions, models, allow_overage, pause_at",
             ),
             (
                 ["set", "a1", "max_sessions"],
-                "'max_sessions': expected KEY=VALUE with KEY one of max_sessions, models, allow_overage",
+                "'max_sessions': expected KEY=VALUE with KEY one of max_sessions, models, allow_overage, pause_at",
             ),
             (["set", "a1", "max_sessions=0"], "max_sessions=0: a whole number from 1, or empty for the default"),
             (["set", "a1", "allow_overage=maybe"], "allow_overage=maybe: yes or no (empty: no, the default)"),
+            (["set", "a1", "pause_at=1.5"], "pause_at=1.5: a utilization like 0.9 or 90% (empty: never)"),
+            (["set", "a1", "pause_at=nine"], "pause_at=nine: a utilization like 0.9 or 90% (empty: never)"),
             (["pause", "no such/name"], 'cl-balancer: "account" must be an account name (letters, digits, - and _)'),
         ):
             result = cl(layout, "accounts", *args)
             assert (result.returncode, result.stderr.strip()) == (2, f"cl: {error}"), args
         refused = balancer.request({"request": "account", "account": "a1", "models": []})
         assert refused["code"] == "bad-request"
+        refused = balancer.request({"request": "account", "account": "a1", "pause_at": 0})
+        assert refused["error"] == '"pause_at" must be a utilization above 0 and at most 1, or null'
+        refused = balancer.request({"request": "account", "account": "a1", "pause_at": True})
+        assert refused["code"] == "bad-request"
         assert balancer.request({"request": "account", "account": "a1"})["error"].startswith("nothing to change")
         assert balancer.request({"request": "settings"})["settings"] == []  # nothing refused was kept
     finally:
         balancer.stop()
+
+
+def test_pause_at_keeps_new_work_off_an_account_whose_window_is_that_full(layout: Layout, planted: Planted) -> None:
+    for name in ("a1", "a2"):
+        write_credential(layout.credentials, name, oauth_credential(planted))
+    reset = {"seven_day": time.time() + 86400}
+    stored(layout, lambda store: store.record_usage("a1", {"seven_day": 0.92}, time.time(), resets=reset))
+    stored(layout, lambda store: store.record_usage("a2", {"seven_day": 0.91}, time.time(), resets=reset))
+    with both(layout):
+        assert ok(layout, "accounts", "set", "a2", "pause_at=90%") == "a2: pause at 90%\n"
+        job = submit(layout, "to a1: a2 is emptier, but past its pause_at")
+        wait_until(lambda: job_states(layout)[job] == "done", "the job to run")
+        assert ok(layout, "accounts", "set", "a1", "pause_at=0.9") == "a1: pause at 90%\n"
+        waits = submit(layout, "waits: both past their pause_at")
+        wait_until(lambda: "queued" in ok(layout, "status"), "the job to wait")
+        assert job_states(layout)[waits] == "queued"
+        assert ok(layout, "accounts", "set", "a1", "pause_at=") == "a1: -\n"
+        wait_until(lambda: job_states(layout)[waits] == "done", "the job to run once a1's pause_at is gone")
+        assert accounts_of(layout) == {job: "a1", waits: "a1"}

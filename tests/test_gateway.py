@@ -16,7 +16,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,6 +238,95 @@ def test_a_quota_429_is_answered_on_another_account_and_the_cli_never_sees_it(
     assert seen[("cl_gateway_walls_total", gateway_label)] == 1
     assert seen[("cl_gateway_moves_in_flight_total", gateway_label)] == 1
     assert seen[("cl_gateway_requests_total", gateway_label)] == 1  # the answer on a2
+
+
+def two_turns(gateway: Gateway, layout: Layout, after_first: Callable[[], object] = lambda: None) -> int:
+    """A job whose CLI takes a follow-up after its first turn, in the same process: the first
+    turn's answer is read (its windows with it), then `after_first`, then the second turn."""
+    hold = layout.root / "hold-after"
+    hold.touch()
+    job = submit(layout, "first")
+    wait_until(lambda: len(gateway.api.messages()) == 1, "the first turn's request")
+    after_first()
+    assert cl(layout, "send", str(job), "second").returncode == 0
+    hold.unlink()
+    wait_until(lambda: len(gateway.api.messages()) == 2, "the second turn's request")
+    wait_until(lambda: job_states(layout).get(job) == "done", "the second turn to end")
+    return job
+
+
+@pytest.fixture
+def holding(layout: Layout, fake_api: FakeApi) -> Iterator[Gateway]:
+    """The daemons with the fake CLI told to wait after its first answer (`two_turns`)."""
+    with running(layout, fake_api, FAKE_CLAUDE_HOLD_AFTER=str(layout.root / "hold-after")) as gateway:
+        yield gateway
+
+
+def test_a_session_whose_account_crosses_move_at_moves_at_its_next_turn_before_any_request_fails(
+    holding: Gateway, layout: Layout, planted: Planted
+) -> None:
+    a1 = account(layout, planted, "a1")
+    a2 = account(layout, planted, "a2")
+    holding.api.windows(a1, five_hour=(0.96, time.time() + 2 * 3600 + 630))  # 2h10m (and a half) on
+    job = two_turns(holding, layout)
+    requests = holding.api.messages()
+    assert [(r["cred_tail"], r["walled"]) for r in requests] == [(a1[-6:], False), (a2[-6:], False)]
+    first, follow, moved = runs_of(layout, job)  # the follow-up's run began on a1, and moved
+    assert [run.account for run in (first, follow, moved)] == ["a1", "a1", "a2"]
+    assert (moved.live, moved.pid, moved.state) == (True, first.pid, "done")
+    story = json.loads(cl(layout, "job", str(job), "--json").stdout)
+    (move,) = story["moves"]
+    assert move["why"] in {f"moved early: a1 at 96% of 5h, resets in 2h{m}m" for m in ("09", "10")}, move
+    assert "moved early: a1 at 96% of 5h" in cl(layout, "job", str(job)).stdout
+    assert "session moved early" in holding.gateway.log()
+    assert walls(layout) == {}  # nothing walled: nothing failed
+    assert metrics(holding)[("cl_gateway_early_moves_total", frozenset({("daemon", "gateway")}))] == 1
+
+
+def test_a_session_holds_when_its_window_resets_before_its_account_would_use_it_up(
+    holding: Gateway, layout: Layout, planted: Planted
+) -> None:
+    """a1 at 96%, its rate measured at nothing an hour (its reading 2 minutes ago the same): its
+    reset in 5 minutes comes first, and a move would only cost the session its prompt cache. It
+    stays, and the rescuer says why, once. (a2 is paused until the first turn: it starts on a1.)"""
+    a1 = account(layout, planted, "a1")
+    account(layout, planted, "a2")
+    reset = time.time() + 300
+    holding.api.windows(a1, five_hour=(0.96, reset))
+    stored(layout, lambda store: store.record_usage("a1", {"five_hour": 0.96}, time.time() - 120,
+                                                    resets={"five_hour": reset}))  # fmt: skip
+    assert cl(layout, "accounts", "pause", "a2").returncode == 0
+    job = two_turns(holding, layout, lambda: cl(layout, "accounts", "resume", "a2"))
+    assert stored(layout, Store.windows)["a1"]["five_hour"].per_hour == 0.0
+    assert {r["cred_tail"] for r in holding.api.messages()} == {a1[-6:]}
+    assert json.loads(cl(layout, "job", str(job), "--json").stdout)["moves"] == []
+    held = [line for line in holding.rescue.log().splitlines() if "session held" in line]
+    assert len(held) == 1, held
+    assert "before it would be used up" in held[0]
+
+
+def test_the_apis_warning_moves_a_session_early(holding: Gateway, layout: Layout, planted: Planted) -> None:
+    a1 = account(layout, planted, "a1")
+    a2 = account(layout, planted, "a2")
+    holding.api.windows(a1, "allowed_warning", five_hour=(0.7, time.time() + 3600))
+    job = two_turns(holding, layout)
+    assert [r["cred_tail"] for r in holding.api.messages()] == [a1[-6:], a2[-6:]]
+    (move,) = json.loads(cl(layout, "job", str(job), "--json").stdout)["moves"]
+    assert move["why"].startswith("moved early: a1 at 70% of 5h"), move
+
+
+def test_with_no_account_clearly_emptier_the_session_stays(holding: Gateway, layout: Layout, planted: Planted) -> None:
+    a1 = account(layout, planted, "a1")
+    account(layout, planted, "a2")
+    reset = time.time() + 3600
+    holding.api.windows(a1, five_hour=(0.96, reset))
+    stored(
+        layout, lambda store: store.record_usage("a2", {"five_hour": 0.85}, time.time(), resets={"five_hour": reset})
+    )
+    job = two_turns(holding, layout)
+    assert {r["cred_tail"] for r in holding.api.messages()} == {a1[-6:]}
+    assert json.loads(cl(layout, "job", str(job), "--json").stdout)["moves"] == []
+    assert "held: no account has clearly more room than a1" in holding.rescue.log()
 
 
 def submit_for(layout: Layout, prompt: str, model: str) -> int:

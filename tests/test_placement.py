@@ -6,16 +6,19 @@ import asyncio
 import dataclasses
 import fnmatch
 import functools
+import time
 
 import hypothesis
+import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from cl.config import Config
+from cl.config import PLACEMENTS, Config
 from cl.credentials import Account, AccountState
+from cl.pacing import Outlook, clearly_emptier, early_move
 from cl.placement import Placer, at_once, choose, eligible, limit, serving
 from cl.states import RESCUABLE, RunState
-from cl.store import AccountSettings, Facts, NoRoom, Store, WallRecord
+from cl.store import AccountSettings, Facts, NoRoom, Store, WallRecord, Window
 
 NAMES = st.sampled_from([f"a{i}" for i in range(8)])
 STATES = st.sampled_from(list(AccountState))
@@ -46,7 +49,7 @@ def worlds(
     return roster, walled, live, usage, draw(st.integers(1, 4))
 
 
-@given(worlds(), st.sampled_from(["headroom", "fill-first"]))
+@given(worlds(), st.sampled_from(PLACEMENTS))
 def test_never_on_an_ineligible_account(world: tuple, policy: str) -> None:  # type: ignore[type-arg]
     roster, walled, live, usage, max_sessions = world
     candidates = eligible(usable(roster), walled, live, max_sessions)
@@ -231,3 +234,105 @@ def test_new_jobs_get_what_the_cli_pool_has_left_after_held_sessions(store: Stor
     assert held == 1
     sandboxed = Config(confinement="sandbox", cli_pool_size=16)
     assert (at_once(sandboxed, held), at_once(sandboxed), at_once(Config(confinement="none"), held)) == (15, 16, None)
+
+
+NOW = time.time()  # as a Placer reads the clock
+HOUR = 3600.0
+
+
+def windows(**accounts: tuple[float, float, float | None]) -> dict[str, dict[str, Window]]:
+    """Each account's 5-hour window: (utilization, hours to its reset, burn per hour)."""
+    return {
+        name: {"five_hour": Window(used, NOW + hours * HOUR, rate)} for name, (used, hours, rate) in accounts.items()
+    }
+
+
+def placed(policy: str, facts: Facts, count: int, usable: list[str]) -> list[str]:
+    """Where a pass puts `count` new sessions."""
+    placer = Placer(usable, facts, 10, policy)
+    return [choice[0] for _ in range(count) if (choice := placer.assign()) is not None]
+
+
+def test_pace_spreads_a_herd_by_projection_where_headroom_fills_the_emptiest() -> None:
+    """a1 is empty, a2 30% used with one session burning 5% an hour (a1's rate unmeasured: the
+    fleet's per session), 5 hours to both resets: each session placed counts at once (25% by the
+    reset), so the herd goes to a1 until it is projected past move_at, then to a2, then to the
+    lower projection."""
+    shape = windows(a1=(0.0, 5, None), a2=(0.3, 5, 0.05))
+    facts = Facts([], {}, set(), {"a2": 1}, {"a2": {"five_hour": 0.3}}, windows=shape)
+    assert placed("headroom", dataclasses.replace(facts, live={"a2": 1}), 6, ["a1", "a2"]) == ["a1"] * 6
+    went = placed("pace", dataclasses.replace(facts, live={"a2": 1}), 6, ["a1", "a2"])
+    assert went == ["a1", "a1", "a1", "a2", "a1", "a2"]
+
+
+def test_pace_drains_the_account_whose_weekly_window_resets_soonest() -> None:
+    weekly = {
+        "a1": {"seven_day": Window(0.5, NOW + 100 * HOUR, None)},
+        "a2": {"seven_day": Window(0.7, NOW + 10 * HOUR, None)},
+    }
+    facts = Facts([], {}, set(), {}, {}, windows=weekly)
+    outlook = Outlook(weekly, {}, NOW)
+    assert choose(["a1", "a2"], {}, {}, "pace", outlook=outlook) == "a2"  # its unused 30% is lost in 10 h
+    assert choose(["a1", "a2"], {}, {}, "headroom") == "a1"
+    assert placed("pace", facts, 1, ["a1", "a2"]) in (["a1"], ["a2"])  # (the Placer reads the clock)
+
+
+def test_pace_keeps_off_an_account_projected_past_move_at() -> None:
+    shape = windows(a1=(0.9, 4, 0.1), a2=(0.5, 1, 0.1))  # a1: 0.9 + 0.1 x 4 h = 1.3 with one more
+    shape["a1"]["seven_day"] = Window(0.5, NOW + 5 * HOUR, None)  # and its week resets first: no matter
+    shape["a2"]["seven_day"] = Window(0.5, NOW + 50 * HOUR, None)
+    outlook = Outlook(shape, {"a1": 1, "a2": 1}, NOW)
+    assert choose(["a1", "a2"], {"a1": 1, "a2": 1}, {}, "pace", outlook=outlook) == "a2"
+    assert outlook.projected("a1", 2) == pytest.approx(0.9 + 0.1 * 2 * 4)
+
+
+def test_a_window_past_its_reset_is_empty_again() -> None:
+    outlook = Outlook(windows(a1=(0.99, -1, 0.1)), {}, NOW)
+    assert outlook.used("a1") == 0.0
+    assert outlook.standing("a1", "five_hour") is None
+
+
+def test_round_robin_takes_each_account_in_turn() -> None:
+    usage: dict[str, dict[str, float | None]] = {"a1": {"last_used_at": 30.0}, "a2": {"last_used_at": 10.0}}
+    facts = Facts([], {}, set(), {}, usage)
+    assert placed("round-robin", facts, 5, ["a1", "a2", "a3"]) == ["a3", "a2", "a1", "a3", "a2"]
+
+
+def test_pause_at_keeps_new_work_off_an_account_that_full() -> None:
+    shape = {"a1": {"seven_day": Window(0.91, time.time() + HOUR, None)}, "a2": {}}
+    settings = {"a1": AccountSettings("a1", pause_at=0.9), "a2": AccountSettings("a2", pause_at=0.9)}
+    facts = Facts([], {}, set(), {}, {}, settings=settings, windows=shape)
+    assert placed("headroom", facts, 2, ["a1", "a2"]) == ["a2", "a2"]
+    lower = dataclasses.replace(facts, settings={"a1": AccountSettings("a1", pause_at=0.95)})
+    assert "a1" in placed("fill-first", lower, 2, ["a1"])
+
+
+class TestEarlyMoves:
+    """`pacing.early_move`: the hold-or-move choice at a turn's start."""
+
+    def test_a_window_past_move_at_that_would_be_used_up_before_its_reset_moves(self) -> None:
+        outlook = Outlook(windows(a1=(0.96, 2 + 10 / 60, 0.1)), {"a1": 1}, NOW)  # used up in 24 min
+        assert early_move(outlook, "a1", 0.95) == (True, "moved early: a1 at 96% of 5h, resets in 2h10m")
+
+    def test_a_window_that_resets_before_it_would_be_used_up_holds(self) -> None:
+        outlook = Outlook(windows(a1=(0.96, 0.1, 0.1)), {"a1": 1}, NOW)  # resets in 6 min, used up in 24
+        move, reason = early_move(outlook, "a1", 0.95)
+        assert not move
+        assert reason == "held: a1 at 96% of 5h, resets in 6m00s, before it would be used up (in 24m00s)"
+
+    def test_an_unmeasured_rate_moves_and_a_window_under_move_at_holds(self) -> None:
+        assert early_move(Outlook(windows(a1=(0.97, 0.1, None)), {}, NOW), "a1", 0.95)[0]
+        assert early_move(Outlook(windows(a1=(0.5, 3, 1.0)), {}, NOW), "a1", 0.95) == (
+            False,
+            "a1 is under move_at (95%)",
+        )
+
+    def test_the_apis_warning_counts_as_crossing(self) -> None:
+        outlook = Outlook(windows(a1=(0.8, 3, 1.0)), {"a1": 1}, NOW)
+        assert early_move(outlook, "a1", 0.95, warned="five_hour")[0]
+
+    def test_only_an_account_with_clearly_more_room_takes_it(self) -> None:
+        shape = windows(a1=(0.96, 3, 0.1), a2=(0.8, 3, 0.01), a3=(0.3, 3, 0.05))
+        live = {"a1": 1, "a2": 1, "a3": 1}
+        outlook = Outlook(shape, live, NOW)
+        assert [n for n in ("a2", "a3") if clearly_emptier(outlook, live, "a1", 0.95, n)] == ["a3"]

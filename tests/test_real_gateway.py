@@ -132,6 +132,47 @@ def test_real_cli_a_quota_429_is_answered_on_another_account_in_the_same_turn(
     assert capability_of(layout, job).startswith("cl-cap-")
 
 
+def test_real_cli_moves_early_at_its_next_turn_when_its_account_crosses_move_at(
+    gateway: Gateway, layout: Layout, planted: Planted
+) -> None:
+    """a1's answers say 96% of its 5-hour window, resetting in 2 hours: the session's next turn
+    begins on a2, in the same process, and no request fails."""
+    a1 = account(layout, planted, "a1")
+    a2 = account(layout, planted, "a2")
+    gateway.api.windows(a1, five_hour=(0.96, time.time() + 7200))
+    job = json.loads(cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "[[slow: 4]] one", "--json").stdout)[
+        "job"
+    ]
+    wait_until(gateway.api.messages, "the first turn's request", timeout=120)
+    assert cl(layout, "send", str(job), "two").returncode == 0  # taken after the turn, by the same CLI
+    wait_until(
+        lambda: len(runs_of(layout, job)) == 3 and job_states(layout).get(job) == "done", "turn two", timeout=120
+    )
+    requests = gateway.api.messages()
+    assert [(r["cred_tail"], r["walled"]) for r in requests] == [(a1[-6:], False), (a2[-6:], False)]
+    assert requests[0]["session"] == requests[1]["session"]
+    first, follow, moved = runs_of(layout, job)
+    assert [r.account for r in (first, follow, moved)] == ["a1", "a1", "a2"]
+    assert (moved.pid, moved.live) == (first.pid, True)  # the same CLI went on
+    (move,) = json.loads(cl(layout, "job", str(job), "--json").stdout)["moves"]
+    assert move["why"].startswith("moved early: a1 at 96% of 5h, resets in 1h5"), move
+    assert json.loads(cl(layout, "result", str(job), "--json").stdout)["is_error"] is False
+
+
+def test_real_cli_a_tools_result_is_not_a_turns_start_and_is_never_moved_early(
+    gateway: Gateway, layout: Layout, planted: Planted
+) -> None:
+    """(What 2.1.332 sends after its background task ends, a notice as a user message of its own,
+    is a turn's start: the session may move there.)"""
+    a1 = account(layout, planted, "a1")
+    account(layout, planted, "a2")
+    gateway.api.windows(a1, five_hour=(0.96, time.time() + 7200))
+    job = json.loads(cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "[[bash: true]]", "--json").stdout)
+    wait_until(lambda: job_states(layout).get(job["job"]) == "done", "the turn to end", timeout=120)
+    results = [r for r in gateway.api.messages() if r["messages"][-1] == "[tool_result]"]
+    assert [r["cred_tail"] for r in results] == [a1[-6:]]  # the turn's own: it stayed where it began
+
+
 def test_real_cli_tries_again_after_a_plain_429_and_no_account_is_benched(
     gateway: Gateway, layout: Layout, planted: Planted
 ) -> None:

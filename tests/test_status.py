@@ -80,6 +80,7 @@ async def test_accounts_follow_the_roster_and_show_only_its_facts(tmp_path: Path
         "max_sessions": None,
         "models": ["opus"],
         "allow_overage": False,
+        "pause_at": None,
     }
     assert "elsewhere" not in shown
     assert "settings" not in accounts(snapshot(walls={}, live={}, usage={}))["a2"]  # resumed, unset

@@ -139,6 +139,17 @@ def test_a_windows_burn_rate_is_measured_within_its_period(store: Store) -> None
     assert store.windows()["a1"]["five_hour"].per_hour == pytest.approx(0.875)  # from the new base
 
 
+def test_a_shorter_burn_step_measures_shorter_periods(store: Store) -> None:
+    """`burn_step` (accelerated time, bench/week.py): readings a step apart measure, and a reset
+    a step or more later is a new period."""
+    store.record_usage("a1", {"five_hour": 0.1}, 1000.0, resets={"five_hour": 1004.0}, burn_step=0.5)
+    store.record_usage("a1", {"five_hour": 0.2}, 1001.0, resets={"five_hour": 1004.0}, burn_step=0.5)
+    assert store.windows()["a1"]["five_hour"].per_hour == pytest.approx(360.0)  # +0.1 a second
+    store.record_usage("a1", {"five_hour": 0.0}, 1005.0, resets={"five_hour": 1009.0}, burn_step=0.5)
+    store.record_usage("a1", {"five_hour": 0.1}, 1006.0, resets={"five_hour": 1009.0}, burn_step=0.5)
+    assert store.windows()["a1"]["five_hour"].per_hour == pytest.approx(360.0)  # the new period's own
+
+
 def test_usage_keeps_what_a_report_does_not_say(store: Store) -> None:
     store.record_usage("a1", {"five_hour": 0.5, "seven_day": 0.2}, used_at=100.0, tokens=(10, 3))
     store.record_usage("a1", {"five_hour": 0.7}, tokens=(5, 1))

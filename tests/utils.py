@@ -285,6 +285,10 @@ class FakeApi:
         """The credential's requests for models whose name holds `model` meet `claim`'s wall."""
         self.post("/_fake/model-wall", {"key": credential, "model": model, "claim": claim})
 
+    def windows(self, credential: str, status: str | None = None, **windows: tuple[float, float]) -> None:
+        """The credential's answers say these windows (`five_hour=(utilization, reset)`) from now on."""
+        self.post("/_fake/windows", {"key": credential, **windows, **({"status": status} if status else {})})
+
     def requests(self) -> list[dict[str, Any]]:
         return json_lines(self.log)
 

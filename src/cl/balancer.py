@@ -37,7 +37,7 @@ from cl.registry import CredentialRegistry
 from cl.service import Service
 from cl.states import FINISHED_JOBS, LIVE_RUNS, JobState, RunState
 from cl.status import StatusView
-from cl.store import NEEDS_LOGIN, UNSET, Facts, Job, NoRoom, Placement, Run, StoreUnavailable
+from cl.store import MOVED_EARLY, NEEDS_LOGIN, UNSET, Facts, Job, NoRoom, Placement, Run, StoreUnavailable
 from cl.supervisor import log_outcome
 from cl.tally import Histogram
 
@@ -144,6 +144,7 @@ class Balancer(Service):
             facts,
             self.config.max_sessions_per_account,
             self.config.placement,
+            move_at=self.config.move_at,
             at_once=placement.at_once(self.config, facts.held),  # a new job's CLI needs a user of its own
         )
         waiting = 0
@@ -364,7 +365,7 @@ class Balancer(Service):
                 "at": iso_utc(run.created_at),
                 "from": before.account,
                 "to": run.account,
-                "why": before.state,
+                "why": _why(before),
                 "how": _how(run),
                 "run": run.id,
             }
@@ -455,20 +456,37 @@ def _setting_changes(request: Request) -> dict[str, Any]:
             changes[switch] = request[switch]
     if "max_sessions" in request:
         changes["max_sessions"] = whole_number(request, "max_sessions", 1, MAX_TURNS)
+    if "pause_at" in request:
+        changes["pause_at"] = _utilization(request, "pause_at")
     if "models" in request:
-        models = request["models"]
-        if models is not None:
-            if not isinstance(models, list) or not 1 <= len(models) <= MAX_MODELS:
-                raise RequestError("bad-request", f'"models" must be a list of 1 to {MAX_MODELS} model names, or null')
-            models = [text_field({"model": model}, "model") or "" for model in models]
-            if not all(models):
-                raise RequestError("bad-request", '"models" must not hold an empty name')
-        changes["models"] = models
+        changes["models"] = _models(request["models"])
     if not changes:
         raise RequestError(
-            "bad-request", 'nothing to change: give "paused", "max_sessions", "models" or "allow_overage"'
+            "bad-request", 'nothing to change: give "paused", "max_sessions", "models", "allow_overage" or "pause_at"'
         )
     return changes
+
+
+def _models(models: Any) -> list[str] | None:
+    """The `models` field: a list of model names (shell patterns), or null."""
+    if models is None:
+        return None
+    if not isinstance(models, list) or not 1 <= len(models) <= MAX_MODELS:
+        raise RequestError("bad-request", f'"models" must be a list of 1 to {MAX_MODELS} model names, or null')
+    names = [text_field({"model": model}, "model") or "" for model in models]
+    if not all(names):
+        raise RequestError("bad-request", '"models" must not hold an empty name')
+    return names
+
+
+def _utilization(request: Request, key: str) -> float | None:
+    """A field holding a utilization above 0 and at most 1, or null."""
+    value = request[key]
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise RequestError("bad-request", f'"{key}" must be a utilization above 0 and at most 1, or null')
+    return float(value)
 
 
 def log_parts(runs: list[Run]) -> list[bytes | Path]:
@@ -478,11 +496,17 @@ def log_parts(runs: list[Run]) -> list[bytes | Path]:
     parts: list[bytes | Path] = []
     for before, run in itertools.pairwise([None, *runs]):
         if before is not None and run is not None and run.is_move:
-            move = {"type": "cl_move", "from": before.account, "to": run.account, "why": before.state, "how": _how(run)}
+            move = {"type": "cl_move", "from": before.account, "to": run.account, "why": _why(before), "how": _how(run)}
             parts.append(json.dumps({**move, "at": iso_utc(run.created_at)}).encode() + b"\n")
         if run is not None and run.log_path:
             parts.append(Path(run.log_path))
     return parts
+
+
+def _why(before: Run) -> str:
+    """Why a session moved: how the run before it ended (`walled`, `orphaned`), or an early
+    move's reason (`moved early: a1 at 96% of 5h, resets in 2h10m`)."""
+    return before.error if before.error and before.error.startswith(MOVED_EARLY) else before.state
 
 
 def _how(run: Run) -> str:

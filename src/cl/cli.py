@@ -25,6 +25,7 @@ from typing import Any
 
 from cl.client import DaemonUnreachable, call
 from cl.config import Config, ConfigError, load_config
+from cl.moments import span
 
 DAEMONS = ("balancer", "rescue")
 EXIT_DIFFER, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND, EXIT_FAILED, EXIT_CANCELLED = 1, 2, 3, 4, 5, 6
@@ -172,6 +173,8 @@ def _settings(settings: dict[str, Any] | None) -> str:
         words.append(f"models {','.join(settings['models'])}")
     if settings.get("allow_overage"):
         words.append("overage allowed")
+    if settings.get("pause_at") is not None:
+        words.append(f"pause at {settings['pause_at']:.0%}")
     return " · ".join(words) or "-"
 
 
@@ -179,7 +182,7 @@ def cmd_pause(config: Config, args: argparse.Namespace) -> int:
     return _set_account(config, args.name, {"paused": args.action == "pause"})
 
 
-SETTINGS = ("max_sessions", "models", "allow_overage")
+SETTINGS = ("max_sessions", "models", "allow_overage", "pause_at")
 """What `cl accounts set` sets (pausing has its own commands)."""
 
 
@@ -197,9 +200,22 @@ def cmd_set(config: Config, args: argparse.Namespace) -> int:
             if value not in ("yes", "no", ""):
                 raise CommandError(f"allow_overage={value}: yes or no (empty: no, the default)", EXIT_USAGE)
             changes[key] = value == "yes"
+        elif key == "pause_at":
+            changes[key] = _utilization(value) if value else None
         else:
             changes[key] = [model.strip() for model in value.split(",") if model.strip()] or None
     return _set_account(config, args.name, changes)
+
+
+def _utilization(value: str) -> float:
+    """`0.9` or `90%`: a fraction above 0 and at most 1."""
+    try:
+        fraction = float(value[:-1]) / 100 if value.endswith("%") else float(value)
+    except ValueError:
+        fraction = -1.0
+    if not 0 < fraction <= 1:
+        raise CommandError(f"pause_at={value}: a utilization like 0.9 or 90% (empty: never)", EXIT_USAGE)
+    return fraction
 
 
 def _set_account(config: Config, name: str, changes: dict[str, Any]) -> int:
@@ -332,16 +348,8 @@ def _when(iso: str, now: float) -> str:
     """A moment, absolute and relative in one style: `2026-12-01 18:00Z (in 1h20m)`."""
     at = calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ"))
     seconds = int(at - now)
-    span = _span(abs(seconds))
-    return f"{iso[:10]} {iso[11:16]}Z ({'in ' + span if seconds >= 0 else span + ' ago'})"
-
-
-def _span(seconds: int) -> str:
-    if seconds >= 86400:
-        return f"{seconds // 86400}d{seconds % 86400 // 3600}h"
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
+    stretch = span(abs(seconds))
+    return f"{iso[:10]} {iso[11:16]}Z ({'in ' + stretch if seconds >= 0 else stretch + ' ago'})"
 
 
 def _waits_for(waiting: dict[str, Any]) -> str:
@@ -569,7 +577,7 @@ def _window(account: dict[str, Any], name: str, now: float) -> str:
     words = [_percent(window["utilization"])]
     if window["resets"]:
         at = calendar.timegm(time.strptime(window["resets"], "%Y-%m-%dT%H:%M:%SZ"))
-        words.append(f"resets in {_span(max(0, int(at - now)))}")
+        words.append(f"resets in {span(max(0, int(at - now)))}")
     if window["per_hour"] is not None:
         words.append(f"+{window['per_hour'] * 100:.0f}%/h")
     used, *more = words
@@ -577,7 +585,7 @@ def _window(account: dict[str, Any], name: str, now: float) -> str:
 
 
 def _age(iso: str, now: float) -> str:
-    return _span(int(now - calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ"))))
+    return span(int(now - calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ"))))
 
 
 def describe_differences(views: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -762,20 +770,24 @@ def _account_actions(accounts: argparse.ArgumentParser) -> None:
         pausing.set_defaults(func=cmd_pause)
     setting = actions.add_parser(
         "set",
-        help="set an account's own max_sessions, models or allow_overage (empty value: back to the default)",
+        help="set an account's own max_sessions, models, allow_overage or pause_at (empty value: the default)",
         description="Set an account's own settings: max_sessions (its session limit, instead of "
         "max_sessions_per_account), models (shell patterns of the models it may serve; all unless set) and "
         "allow_overage (yes: it may spend paid overage past its windows; no, the default: the first answer "
-        "billed as overage walls it until its window resets). "
+        "billed as overage walls it until its window resets) and pause_at (a utilization, 0.9 or 90%: it takes "
+        "no new or moved work while one of its windows is that full). "
         "Settings are kept by name: one for an account without a file waits for it. Root and group cl-admin only.",
         epilog="examples:\n  cl accounts set a1 max_sessions=2\n  cl accounts set a1 models=opus,claude-sonnet-*\n"
-        "  cl accounts set a1 allow_overage=yes\n"
+        "  cl accounts set a1 allow_overage=yes\n  cl accounts set a1 pause_at=90%\n"
         "  cl accounts set a1 models= max_sessions=     back to the defaults\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     setting.add_argument("name", help=name_help)
     setting.add_argument(
-        "settings", nargs="+", metavar="KEY=VALUE", help="max_sessions=N, models=A,B or allow_overage=yes|no"
+        "settings",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="max_sessions=N, models=A,B, allow_overage=yes|no or pause_at=0.9",
     )
     setting.set_defaults(func=cmd_set)
 

@@ -21,7 +21,9 @@ from typing import Any
 DEFAULT_PATH = Path("/etc/cl/config.toml")
 ENV_PREFIX = "CL_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-PLACEMENTS = ("headroom", "fill-first")
+PLACEMENTS = ("headroom", "fill-first", "round-robin", "pace")
+MOVE_AT = 0.95
+"""The utilization of a window past which a session there moves early, if another account has clearly more room."""
 GATEWAY_OWNS = frozenset(
     {"ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN", "CLAUDE_CONFIG_DIR"}
 )
@@ -32,6 +34,8 @@ class ConfigError(Exception):
     """A configuration problem an operator can fix; the message names the key."""
 
 
+BURN_STEP = 60.0
+"""Seconds between two readings of a window that measure its burn rate (`burn_step`)."""
 LEASE = 30.0
 """Seconds a running run's lease lasts unless renewed (`run_lease`)."""
 MIN_LEASE = 3.0
@@ -54,7 +58,13 @@ class Config:
     log_level: str = "info"
     max_sessions_per_account: int = 4
     placement: str = "headroom"
-    """`headroom`: the account with the most room; `fill-first`: fill one account before the next."""
+    """`headroom`: the account with the most room; `fill-first`: fill one account before the next;
+    `round-robin`: each in turn; `pace`: by the use each account's windows are projected to reach."""
+    burn_step: float = BURN_STEP
+    """Seconds at least between two readings of a window that measure its burn rate."""
+    move_at: float = MOVE_AT
+    """A window's utilization past which its sessions move early, at their next turn, to an account
+    with clearly more room (gateway mode); 1: never before a wall."""
     claude_bin: str = "claude"
     claude_args: tuple[str, ...] = ()
     """Extra arguments for every CLI run (permission mode, allowed tools, ...)."""
@@ -200,6 +210,14 @@ def _positive_float(value: Any, _base: Path) -> float:
     error = "must be a positive number"
     number = _number(value, float, error)
     if not 0 < number < float("inf"):
+        raise ValueError(error)
+    return float(number)
+
+
+def _fraction(value: Any, _base: Path) -> float:
+    error = "must be a utilization above 0 and at most 1 (0.95: 95%)"
+    number = _number(value, float, error)
+    if not 0 < number <= 1:
         raise ValueError(error)
     return float(number)
 
@@ -356,6 +374,8 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "log_level": _log_level,
     "max_sessions_per_account": _whole(1, 1000),
     "placement": _one_of(*PLACEMENTS),
+    "move_at": _fraction,
+    "burn_step": _positive_float,
     "claude_bin": _claude_bin,
     "claude_args": _claude_args,
     "worker": _worker,

@@ -78,6 +78,10 @@ class Collector:
                 "cl_gateway_moves_in_flight_total",
                 "requests answered on another account after a wall",
             ),
+            "early_moves": (
+                "cl_gateway_early_moves_total",
+                "sessions moved at a turn's start, before their account walled (past move_at)",
+            ),
             "walls_passed_to_cli": ("cl_gateway_walls_passed_total", "walls the CLI saw: no account had room"),
             "upstream_errors": ("cl_gateway_upstream_errors_total", "requests the API could not be reached for"),
             "token_refreshes": ("cl_token_refreshes_total", "OAuth tokens the gateway refreshed"),

@@ -14,9 +14,12 @@ model, since the CLI's default may be one). Then, by policy:
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 
-from cl.config import Config
+from cl.config import MOVE_AT, Config
+from cl.pacing import Outlook
 from cl.store import UNSET, AccountSettings, Facts, NoRoom, model_walled
 
 
@@ -29,16 +32,20 @@ def eligible(
     probation: Collection[str] = (),
     settings: Mapping[str, AccountSettings] | None = None,
     aside: Collection[str] = (),
+    used: Mapping[str, float] | None = None,
 ) -> list[str]:
     """Of the `usable` accounts, those that may take a piece of work now, whatever its model
-    (`aside`: another host of the fleet serves them)."""
+    (`aside`: another host of the fleet serves them; `used`: the fuller of each account's standing
+    windows, for its `pause_at`)."""
     settings = settings or {}
+    used = used or {}
     return [
         name
         for name in usable
         if name not in aside
         and name not in walled
-        and settings.get(name, UNSET).paused_at is None
+        and (own := settings.get(name, UNSET)).paused_at is None
+        and (own.pause_at is None or used.get(name, 0.0) < own.pause_at)
         and live.get(name, 0) < limit(name, max_sessions, probation, settings)
     ]
 
@@ -73,11 +80,19 @@ def choose(
     live: Mapping[str, int],
     usage: Mapping[str, Mapping[str, float | None]],
     policy: str = "headroom",
+    *,
+    outlook: Outlook | None = None,
+    move_at: float = MOVE_AT,
 ) -> str | None:
+    """The policy's choice of `candidates` (`outlook`: the windows' projections, for `pace`)."""
     if not candidates:
         return None
     if policy == "fill-first":
         return min(candidates, key=lambda name: (-live.get(name, 0), name))
+    if policy == "round-robin":
+        return min(candidates, key=lambda name: (usage.get(name, {}).get("last_used_at") or 0.0, name))
+    if policy == "pace":
+        return min(candidates, key=functools.partial(pace, outlook or Outlook({}, live), live, move_at))
 
     def room(name: str) -> tuple[float, int, float, str]:
         facts = usage.get(name, {})
@@ -85,6 +100,13 @@ def choose(
         return (utilization, live.get(name, 0), facts.get("last_used_at") or 0.0, name)
 
     return min(candidates, key=room)
+
+
+def pace(outlook: Outlook, live: Mapping[str, int], move_at: float, name: str) -> tuple[bool, float, float, str]:
+    """`pace`'s order: projected to stay under `move_at` first, of those the soonest weekly reset."""
+    projected = outlook.projected(name, live.get(name, 0) + 1)
+    fits = projected < move_at
+    return (not fits, outlook.weekly_reset(name) if fits else 0.0, projected, name)
 
 
 def at_once(config: Config, held: int = 0) -> int | None:
@@ -100,12 +122,21 @@ class Placer:
     operator got there first) is dropped and the next one tried."""
 
     def __init__(
-        self, usable: Iterable[str], facts: Facts, max_sessions: int, policy: str, at_once: int | None = None
+        self,
+        usable: Iterable[str],
+        facts: Facts,
+        max_sessions: int,
+        policy: str,
+        *,
+        at_once: int | None = None,
+        move_at: float = MOVE_AT,
     ) -> None:
         """`at_once`: live runs in all, at most (each takes one of the CLI's users)."""
         self._at_once = at_once
+        self._outlook = Outlook(facts.windows, dict(facts.live))
+        self._move_at = move_at
         self._live = facts.live
-        self._usage = facts.usage
+        self._usage = {name: dict(usage) for name, usage in facts.usage.items()}
         self._probation = facts.probation
         self._settings = facts.settings
         self._model_walls = facts.model_walls
@@ -119,6 +150,7 @@ class Placer:
             probation=facts.probation,
             settings=facts.settings,
             aside=facts.aside,
+            used={name: self._outlook.used(name) for name in facts.settings},
         )
 
     @property
@@ -143,11 +175,14 @@ class Placer:
         if self.exhausted:
             return None
         candidates = serving(self._candidates, model, self._settings, self._model_walls)
-        account = choose(candidates, self._live, self._usage, self._policy)
+        account = choose(
+            candidates, self._live, self._usage, self._policy, outlook=self._outlook, move_at=self._move_at
+        )
         if account is None:
             return None
         room = limit(account, self._max_sessions, self._probation, self._settings)
         self._live[account] = self._live.get(account, 0) + 1
+        self._usage.setdefault(account, {})["last_used_at"] = time.time()  # round-robin's turn moves on
         if self._live[account] >= room:
             self._drop(account)
         return account, room

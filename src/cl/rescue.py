@@ -29,7 +29,7 @@ from typing import Any
 
 import structlog
 
-from cl import daemon, placement, session_files
+from cl import daemon, pacing, placement, session_files
 from cl.config import Config
 from cl.moments import iso_utc
 from cl.processes import alive
@@ -44,6 +44,8 @@ from cl.tally import Histogram
 log = structlog.get_logger("cl.rescue")
 
 BATCH = 1000
+HELD_KEPT = 4096
+"""Jobs whose last hold is remembered, so that it is said once, not at every turn."""
 """Sessions considered per pass; a pass that moved a full batch runs again at once."""
 
 
@@ -88,6 +90,8 @@ class Rescuer(Service):
         self._live_moves = 0
         self._move_failures = 0
         self._wall_to_resumed = Histogram()
+        self._held: dict[int, str] = {}
+        """Job id -> the hold last said for it (an early move not made): said once, not each turn."""
         self._all_walled = False
         """Whether every usable account was walled at the last pass (logged when that begins)."""
 
@@ -157,6 +161,7 @@ class Rescuer(Service):
             facts,
             self.config.max_sessions_per_account,
             self.config.placement,
+            move_at=self.config.move_at,
             at_once=placement.at_once(self.config),  # held sessions not counted: a live move needs no new user
         )
         waiting = []
@@ -292,34 +297,69 @@ class Rescuer(Service):
         its home cut off). Moved now, live, while its request waits: the run it goes on as. Only
         the gateway (our own user, or root) may ask, and only for a run whose account the store
         holds walled or this host cannot use: a session whose account has room is never moved
-        this way."""
+        this way.
+
+        With `early` (a window, `five_hour` or `seven_day`: the gateway saw the account's
+        utilization cross `move_at` there, or the API warn of it), the session is at a turn's
+        first request and its account has not walled: it moves only if the store's windows say
+        it should (`pacing.early_move`) and to an account with clearly more room; else the reply
+        is `hold`, with the reason."""
         if peer.uid not in (0, os.getuid()):
             raise RequestError("forbidden", "only cl-gateway moves a session in flight")
+        early = request.get("early")
+        if early is not None and early not in pacing.PERIODS:
+            raise RequestError("bad-request", f'"early" must be one of {", ".join(pacing.PERIODS)}')
         run = await self.store.get_run(id_field(request, "run"))
         if run is None or run.state != RunState.RUNNING:
             raise RequestError("not-found", "no such running run")
         job = await self.store.get_job(run.job_id)
         facts = await self.facts(RESCUABLE, 0)
-        if job is None or (not facts.walled_for(run.account, job.model) and run.account in self.usable(facts)):
+        usable = self.usable(facts)
+        reason = None
+        if job is None:
+            raise RequestError("not-found", "no such running run")
+        if early is not None:
+            usable, reason = self._early(run, job, facts, usable, early)
+        elif not facts.walled_for(run.account, job.model) and run.account in usable:
             raise RequestError("not-walled", f"account {run.account} is not walled, and may still be used")
         placer = placement.Placer(
-            self.usable(facts), facts, self.config.max_sessions_per_account, self.config.placement
+            usable, facts, self.config.max_sessions_per_account, self.config.placement, move_at=self.config.move_at
         )
         moved: list[Run] = []
 
         async def attempt(account: str, limit: int) -> bool:
             log_path = functools.partial(session_files.log_path, self.config, run.job_id)
-            found = await self.store.move_in_flight(run.id, account, limit, lambda run_id: str(log_path(run_id)))
+            found = await self.store.move_in_flight(
+                run.id, account, limit, lambda run_id: str(log_path(run_id)), reason
+            )
             moved.extend([found] if found else [])
             return found is not None
 
         if not await placer.take(attempt, job.model) or not moved:
             raise RequestError("no-room", "no account has room")
         now = moved[0]
-        self._moved(job, now, run.account, in_flight=True)
+        self._moved(job, now, run.account, in_flight=True, **({"early": True} if early else {}))
         await self.supervisor.hand_over(now, run)  # its worker goes on with the new run; watched
         await self.supervisor.tell_peer(now.id)
         return {"run": now.id, "account": now.account}
+
+    def _early(self, run: Run, job: Job, facts: Facts, usable: list[str], warned: str) -> tuple[list[str], str]:
+        """The accounts an early move may go to, and its reason; `hold` (with the reason, said
+        once per window) if the session should stay."""
+        outlook = pacing.Outlook(facts.windows, facts.live)
+        move, reason = pacing.early_move(outlook, run.account, self.config.move_at, warned)
+        emptier = functools.partial(pacing.clearly_emptier, outlook, facts.live, run.account, self.config.move_at)
+        targets = [name for name in usable if name != run.account and emptier(name)] if move else []
+        if not targets:
+            reason = reason if not move else f"held: no account has clearly more room than {run.account}"
+            said = reason.split(", resets")[0]  # the same hold as the turn before, or a new one
+            if self._held.get(job.id) != said:
+                if len(self._held) >= HELD_KEPT:
+                    self._held.clear()  # at worst, a hold said twice
+                self._held[job.id] = said
+                log.info("session held", job=job.id, session=job.session_id, account=run.account, reason=reason)
+            raise RequestError("hold", reason)
+        return targets, reason
 
     async def _metrics(self, _request: Request, _peer: Peer) -> Reply:
         """What `cl-metrics` exposes of the rescuer: what it counted since it started."""

@@ -13,7 +13,10 @@ whose name holds `model` (claim `seven_day_opus`, say), and only those; `POST /_
 {"key", "status", "times"}` answers its next `times` requests 529 (overloaded) or 429 without
 the unified headers (the API limiting requests, not the account's usage), `retry-after: 1`;
 `POST /_fake/overage {"key"}` answers that credential's requests as billed overage
-(`anthropic-ratelimit-unified-overage-in-use: true`: its windows used up, overage allowed).
+(`anthropic-ratelimit-unified-overage-in-use: true`: its windows used up, overage allowed);
+`POST /_fake/windows {"key", "five_hour": [utilization, reset], "seven_day": [...], "status"}`
+makes that credential's answers carry those windows (and that unified status: `allowed_warning`).
+A turn's prompt holding `[[slow: N]]` is answered N seconds late (a turn that takes a while).
 A last user message holding `[[bash: COMMAND]]` is answered with a tool call: the CLI's Bash
 tool runs COMMAND in the background, and its result comes back as the next request.
 With `--watch DIR`, each request's log line says which processes named by `DIR/*.pid` are alive.
@@ -60,11 +63,13 @@ class FakeAnthropic(ThreadingHTTPServer):
         self.log_path = log
         self.limits = limits
         self.model_walls: dict[str, tuple[str, str]] = {}
+        """Credential -> (part of a model's name, the window's claim): that model's requests wall."""
         self.refusals: dict[str, list[int]] = {}
+        """Credential -> the statuses its next requests are answered with (529, or a plain 429)."""
         self.overage: set[str] = set()
         """Credentials whose answers are billed as overage."""
-        """Credential -> the statuses its next requests are answered with (529, or a plain 429)."""
-        """Credential -> (part of a model's name, the window's claim): that model's requests wall."""
+        self.windows: dict[str, dict[str, Any]] = {}
+        """Credential -> the windows (and status) its answers' headers say (`/_fake/windows`)."""
         self.reset_in = reset_in
         self.counts: dict[str, int] = {}
         self.lock = threading.Lock()
@@ -157,6 +162,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.server.model_walls[body["key"]] = (body["model"], body["claim"])
             elif path == "/_fake/refuse":
                 self.server.refusals[body["key"]] = [body["status"]] * body["times"]
+            elif path == "/_fake/windows":
+                self.server.windows[body["key"]] = body
             elif path == "/_fake/overage":
                 self.server.overage.add(body["key"])
             elif path == "/_fake/revoke":
@@ -249,7 +256,11 @@ class Handler(BaseHTTPRequestHandler):
             }
             self.send(429, json.dumps(error).encode(), "application/json", headers)
             return
-        text = f"Hi from fake server (n_messages={len(messages)}, key=...{credential[-6:]}, count={used + 1})."
+        self.answer(body, messages, credential, used + 1, reset)
+
+    def answer(self, body: dict[str, Any], messages: list[Any], credential: str, count: int, reset: int) -> None:
+        """The request allowed: the answer, with the windows' headers."""
+        text = f"Hi from fake server (n_messages={len(messages)}, key=...{credential[-6:]}, count={count})."
         headers = {
             "anthropic-ratelimit-unified-status": "allowed",
             "anthropic-ratelimit-unified-reset": str(reset),
@@ -267,6 +278,9 @@ class Handler(BaseHTTPRequestHandler):
                 "anthropic-ratelimit-unified-overage-status": "allowed",
                 "anthropic-ratelimit-unified-overage-in-use": "true",
             }
+        headers |= _windows(self.server.windows.get(credential, {}))
+        if slow := re.search(r"\[\[slow: (\d{1,2})\]\]", " ".join(_text(m) for m in _this_turn(messages))):
+            time.sleep(int(slow.group(1)))  # logged already: a test sees the turn begin
         model = body.get("model", "claude-fake")
         command = _bash_asked(messages)
         cache = self.cache(credential)
@@ -297,6 +311,23 @@ class Handler(BaseHTTPRequestHandler):
             warm = key in self.server.cached
             self.server.cached.add(key)
         return {"cache_read_input_tokens": 100 if warm else 0, "cache_creation_input_tokens": 0 if warm else 100}
+
+
+def _this_turn(messages: list[Any]) -> list[Any]:
+    """The messages after the last answer: the prompt of the turn being answered (2.1.x sends
+    its environment as a user message of its own after the prompt)."""
+    answers = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"]
+    return messages[answers[-1] + 1 :] if answers else messages
+
+
+def _windows(said: dict[str, Any]) -> dict[str, str]:
+    """The headers of the windows `/_fake/windows` set for a credential."""
+    headers = {f"anthropic-ratelimit-unified-{short}-{field}": str(value)
+               for window, short in (("five_hour", "5h"), ("seven_day", "7d")) if window in said
+               for field, value in zip(("utilization", "reset"), said[window], strict=True)}  # fmt: skip
+    if "status" in said:
+        headers["anthropic-ratelimit-unified-status"] = said["status"]
+    return headers
 
 
 def _text(message: Any) -> str:

@@ -50,7 +50,7 @@ class Gateway:
         self.lookup = store.lookup()
         self._client: aiohttp.ClientSession | None = None
         self.refresher = Refresher(config, registry, self.store, self.client)
-        self.recorder = Recorder(self.store)
+        self.recorder = Recorder(self.store, config.burn_step)
         self.proxy = Proxy(
             upstream=config.gateway_upstream,
             wall_retry=config.wall_retry,
@@ -61,6 +61,7 @@ class Gateway:
             recorder=self.recorder,
             move=self._move,
             client=self.client,
+            move_at=config.move_at,
         )
         self._runners: list[web.AppRunner] = []
         self._logins: asyncio.Task[None] | None = None
@@ -148,16 +149,17 @@ class Gateway:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._roster_changed.wait(), self.refresher.next_due())
 
-    async def _move(self, run: Run) -> Run | None:
-        """The rescuer's decision on a session whose request met a wall: the run it goes on as."""
-        request = {"request": "move-now", "run": run.id}
+    async def _move(self, run: Run, early: str | None) -> Run | None:
+        """The rescuer's decision on a session whose request met a wall, or whose account crossed
+        `move_at` in the window `early`: the run it goes on as."""
+        request = {"request": "move-now", "run": run.id, **({"early": early} if early else {})}
         try:
             reply = await asyncio.to_thread(call, self.config.socket_path("rescue"), request, MOVE_TIMEOUT)
         except (DaemonUnreachable, ValueError) as exc:
             log.warning("cannot ask the rescuer to move a session", run=run.id, job=run.job_id, error=str(exc))
             return None
         if not reply.get("ok"):
-            if reply.get("code") != "no-room":
+            if reply.get("code") not in ("no-room", "hold"):
                 log.warning("the rescuer did not move a session", run=run.id, job=run.job_id, error=reply.get("error"))
             return None
         return await self.store.get_run(int(reply["run"]))
@@ -171,6 +173,7 @@ class Gateway:
                 "requests_refused_path": counts.refused["path"],
                 "walls_from_api": counts.walls,
                 "moves_in_flight": counts.moves,
+                "early_moves": counts.early_moves,
                 "walls_passed_to_cli": counts.walls_passed,
                 "upstream_errors": counts.upstream_errors,
                 "token_refreshes": self.refresher.refreshes,

@@ -73,8 +73,9 @@ NOT_FROM_THE_CLI = SET_BY_THE_RELAY | {
 """Request headers never passed on: the CLI's capability, and what upstream must decide itself."""
 NOT_TO_THE_CLI = SET_BY_THE_RELAY | {"set-cookie", "authorization", "x-api-key", "www-authenticate", "content-encoding"}
 
-Mover = Callable[[Run], Awaitable[Run | None]]
-"""Ask the rescuer to move a running run's session in flight; the run it goes on as, or None."""
+Mover = Callable[[Run, str | None], Awaitable[Run | None]]
+"""Ask the rescuer to move a running run's session in flight (early: the window past `move_at`,
+at a turn's first request); the run it goes on as, or None."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -96,6 +97,7 @@ class Counts:
         self.walls = 0
         self.moves = 0
         self.walls_passed = 0
+        self.early_moves = 0
         self.upstream_errors = 0
 
 
@@ -103,8 +105,9 @@ class Recorder:
     """Usage and cache tokens, written to the store every `interval`, the latest of each (the
     request path never waits on a write); walls go at once, elsewhere."""
 
-    def __init__(self, store: AsyncStore, interval: float = 0.5) -> None:
+    def __init__(self, store: AsyncStore, burn_step: float, interval: float = 0.5) -> None:
         self._store = store
+        self._burn_step = burn_step
         self._interval = interval
         self._usage: dict[str, tuple[dict[str, float], dict[str, float], float]] = {}
         """Account -> its windows' utilization and resets as last reported, and when."""
@@ -131,7 +134,7 @@ class Recorder:
         self._usage, self._cache = {}, {}
         try:
             for account, (windows, resets, when) in usage.items():
-                await self._store.record_usage(account, windows, when, resets=resets)
+                await self._store.record_usage(account, windows, when, resets=resets, burn_step=self._burn_step)
             if cache:
                 await self._store.record_cache(cache)
         except StoreUnavailable as exc:
@@ -151,6 +154,7 @@ class Proxy:
         recorder: Recorder,
         move: Mover,
         client: Callable[[], aiohttp.ClientSession],
+        move_at: float = 1.0,
     ) -> None:
         self._upstream = upstream
         self._wall_retry = wall_retry
@@ -161,6 +165,9 @@ class Proxy:
         self._recorder = recorder
         self._move = move
         self._client = client
+        self._move_at = move_at
+        self._readings: dict[str, limits.Reading] = {}
+        """Account -> the API's last word on its windows (for early moves)."""
         self.homes: Homes | None = None
         """Set when this host reaches the fleet's accounts (`fleet_listen`)."""
         self.counts = Counts()
@@ -174,6 +181,13 @@ class Proxy:
         if isinstance(taken, web.StreamResponse):
             return taken
         run, digest, body = taken
+        if (window := self._crossed(run.account)) is not None and _turn_begins(body):
+            await self._recorder.flush()  # the rescuer decides on the windows the store holds
+            if (moved := await self._move(run, window)) is not None:
+                self.counts.early_moves += 1
+                log.info("session moved early", job=run.job_id, run=moved.id, account=moved.account,
+                         **{"from": run.account, "window": window})  # fmt: skip
+                run = moved
         moves = 0
         while True:
             outcome = await self._attempt(request, run, body)
@@ -274,6 +288,7 @@ class Proxy:
             return _error(529, "overloaded_error", "the API cannot be reached from cl-gateway")
         reading = limits.read(upstream.headers, time.time())
         self._recorder.usage(account.name, reading)
+        self._readings[account.name] = reading
         if not _refused(upstream.status, reading):
             self.counts.forwarded += 1
             if reading.overage:
@@ -344,6 +359,19 @@ class Proxy:
             await self._store.record_wall(account.name, "api", until, "overage")
         log.warning("paid overage used: account walled", account=account.name, job=run.job_id, until=iso_utc(until))
 
+    def _crossed(self, account: str) -> str | None:
+        """The window of `account` past `move_at`, as the API's last answer said it (or the one it
+        warned of, `allowed_warning`), while that window stands; None if there is none."""
+        reading = self._readings.get(account)
+        if reading is None or self._move_at >= 1.0:
+            return None
+        now = time.time()
+        standing = {window for window, at in reading.resets.items() if at > now}
+        if reading.status == "allowed_warning" and reading.claim in standing:
+            return reading.claim
+        crossed = [(used, window) for window, used in reading.utilization.items() if used >= self._move_at]
+        return max((found for found in crossed if found[1] in standing), default=(0.0, None))[1]
+
     async def _account(self, name: str) -> Account | None:
         """The account the store names for a run, from the registry; read from its file again if
         the registry lacks it (a move onto a file that just landed may reach here first)."""
@@ -355,7 +383,7 @@ class Proxy:
     async def _moved(self, run: Run, digest: str) -> Run | None:
         """The run the session goes on as on another account: the rescuer's move, or the one it
         made already for a request of the same CLI that met the wall at the same time."""
-        if (moved := await self._move(run)) is not None:
+        if (moved := await self._move(run, None)) is not None:
             return moved
         now = await self._run_holding(digest)
         return now if now is not None and now.id != run.id and now.account != run.account else None
@@ -409,6 +437,21 @@ class Proxy:
         if run is not None:
             self._recorder.cache(run.id, *limits.cache_tokens(bytes(head)))
         return response
+
+
+def _turn_begins(body: bytes) -> bool:
+    """The request is a turn's first: its last message is the user's prompt, not a tool's result
+    (what a move at a turn boundary waits for)."""
+    try:
+        last = json.loads(body)["messages"][-1]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return False
+    if not isinstance(last, dict) or last.get("role") != "user":
+        return False
+    content = last.get("content")
+    return isinstance(content, str) or (
+        isinstance(content, list) and not any(isinstance(b, dict) and b.get("type") == "tool_result" for b in content)
+    )
 
 
 def _path(request: web.Request) -> str:

@@ -11,6 +11,7 @@ from cl.store.asynchronous import AsyncStore
 from cl.store.backend import Lookup
 from cl.store.records import (
     BUSY_TIMEOUT,
+    MOVED_EARLY,
     NEEDS_LOGIN,
     UNSET,
     AccountCounts,
@@ -39,6 +40,7 @@ from cl.store.transactions import Store
 
 __all__ = [
     "BUSY_TIMEOUT",
+    "MOVED_EARLY",
     "NEEDS_LOGIN",
     "UNSET",
     "AccountCounts",

@@ -195,6 +195,8 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (account, period)
     )
     """,
+    # 10: an account's pause_at (SQLite's 19)
+    "ALTER TABLE account_settings ADD COLUMN pause_at DOUBLE PRECISION",
 ]
 
 

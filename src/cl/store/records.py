@@ -131,6 +131,8 @@ class AccountSettings:
     allow_overage: bool = False
     """It may spend paid overage once its windows are used up; otherwise the first answer the API
     bills as overage walls it until its window resets."""
+    pause_at: float | None = None
+    """It takes no new or moved work while one of its windows is this full (0.9: 90%)."""
 
     def serves(self, model: str | None) -> bool:
         """A job without a model takes the CLI's default, which any account serves."""
@@ -143,6 +145,7 @@ class AccountSettings:
             "max_sessions": self.max_sessions,
             "models": list(self.models) if self.models is not None else None,
             "allow_overage": self.allow_overage,
+            "pause_at": self.pause_at,
         }
 
 
@@ -160,6 +163,9 @@ class WallRecord:
     credential: str | None = None
     """For `needs-login`: the fingerprint of the refresh token refused (another in the file lifts it)."""
 
+
+MOVED_EARLY = "moved early"
+"""How the error of a run whose session moved before its account walled begins (the reason follows)."""
 
 MODEL_WINDOWS = {"seven_day_opus": "opus", "seven_day_sonnet": "sonnet"}
 """The windows that wall one family of models, not the account (the API's representative claim)."""
@@ -186,11 +192,7 @@ class Window(NamedTuple):
     reset_at: float | None
     per_hour: float | None
     """Its burn rate: utilization gained per hour, each measure between readings of one period
-    at least `BURN_STEP` apart, averaged with the one before (half each); None until measured."""
-
-
-BURN_STEP = 60.0
-"""Seconds between two readings of a window that measure its burn rate."""
+    at least a step (`burn_step`) apart, averaged with the one before (half each); None until measured."""
 
 
 UsageRow = tuple[float | None, float | None, int, int]
@@ -281,6 +283,8 @@ class Facts:
     work may go there through the home's gateway (`fleet_listen`). Set by `Service.facts`."""
     model_walls: dict[str, dict[str, float | None]] = dataclasses.field(default_factory=dict)
     """Model windows standing now: account -> family -> reset (`MODEL_WINDOWS`)."""
+    windows: dict[str, dict[str, Window]] = dataclasses.field(default_factory=dict)
+    """Each account's windows as last read, with their burn rates (`Store.windows`)."""
 
     def walled_for(self, account: str, model: str | None) -> bool:
         """Whether a job of `model` may not go to `account` for a wall: its own, or its model's."""

@@ -221,6 +221,8 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (account, period)
     )
     """,
+    # 19: an account that takes no new work while a window of its is this full (`cl accounts set`)
+    "ALTER TABLE account_settings ADD COLUMN pause_at REAL",
 ]
 
 

@@ -18,11 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cl.config import LEASE
+from cl.config import BURN_STEP, LEASE
 from cl.states import FINISHED_JOBS, LIVE_JOBS, LIVE_RUNS, RESCUABLE, JobState, RunState
 from cl.store.backend import Backend, Db, Lookup, capability_run, inserted, inserted_many, sql_set
 from cl.store.records import (
-    BURN_STEP,
     BUSY_TIMEOUT,
     MODEL_WINDOWS,
     NEEDS_LOGIN,
@@ -496,11 +495,13 @@ class Store:
                 [(read, created, run_id) for run_id, (read, created) in tokens.items()],
             )
 
-    def move_in_flight(self, run_id: int, account: str, limit: int, log_path: Callable[[int], str]) -> Run | None:
+    def move_in_flight(
+        self, run_id: int, account: str, limit: int, log_path: Callable[[int], str], reason: str | None = None
+    ) -> Run | None:
         """A live move while the CLI's request waits at the gateway: the running `run_id` ends
-        walled and the same worker and CLI go on, running, on `account` (a run of its own, which
-        the capability follows). None if `run_id` is not running or has no session; raises
-        `NoRoom` as `place` does."""
+        walled (its error `reason`: an early move's, `MOVED_EARLY`) and the same worker and CLI go
+        on, running, on `account` (a run of its own, which the capability follows). None if
+        `run_id` is not running or has no session; raises `NoRoom` as `place` does."""
         now = time.time()
         with self.transaction() as db:
             run = db.execute(
@@ -515,7 +516,7 @@ class Store:
             job_id = run["job_id"]
             db.execute(
                 "UPDATE runs SET state = ?, error = ?, ended_at = ? WHERE id = ?",
-                (RunState.WALLED, f"moved to {account} in flight", now, run_id),
+                (RunState.WALLED, reason or f"moved to {account} in flight", now, run_id),
             )
             moved = inserted(
                 db,
@@ -538,7 +539,7 @@ class Store:
             db.execute("UPDATE runs SET log_path = ? WHERE id = ?", (log_path(moved), moved))
             db.execute("UPDATE capabilities SET run_id = ? WHERE run_id = ?", (moved, run_id))
             db.execute("UPDATE jobs SET account = ?, updated_at = ? WHERE id = ?", (account, now, job_id))
-            self.record(db, "run walled", job_id, run=run_id, error="moved in flight")
+            self.record(db, "run walled", job_id, run=run_id, error=reason or "moved in flight")
             source = run["account"]
             self.record(db, "move started", job_id, account, run=moved, session=session, source=source, live=True)
         return self.get_run(moved)
@@ -785,6 +786,7 @@ class Store:
                 self.settings(),
                 held,
                 model_walls=self.model_walls(now),
+                windows=self.windows(),
             )
 
     def queue_length(self) -> int:
@@ -1033,25 +1035,28 @@ class Store:
 
     def settings(self) -> dict[str, AccountSettings]:
         """Every account name with a setting, present in the roster or not."""
-        rows = self._rows("SELECT account, paused_at, max_sessions, models, allow_overage FROM account_settings")
+        rows = self._rows(
+            "SELECT account, paused_at, max_sessions, models, allow_overage, pause_at FROM account_settings"
+        )
         return {
             row[0]: AccountSettings(
-                row[0], row[1], row[2], tuple(json.loads(row[3])) if row[3] is not None else None, bool(row[4])
+                row[0], row[1], row[2], tuple(json.loads(row[3])) if row[3] is not None else None, bool(row[4]), row[5]
             )
             for row in rows
         }
 
     def set_account(self, /, account: str, by: int, **changes: Any) -> AccountSettings:
         """Change some of `account`'s settings (`paused`, `allow_overage`: a bool; `max_sessions`,
-        `models`: a value, or None for the default); the row goes when nothing is left set.
+        `models`, `pause_at`: a value, or None for the default); the row goes when nothing is left set.
         Ledgered with who did it."""
         now = time.time()
         with self.transaction() as db:
             row = db.execute(
-                "SELECT paused_at, max_sessions, models, allow_overage FROM account_settings WHERE account = ?",
+                "SELECT paused_at, max_sessions, models, allow_overage, pause_at FROM account_settings"
+                " WHERE account = ?",
                 (account,),
             ).fetchone()
-            paused_at, max_sessions, models, overage = tuple(row) if row else (None, None, None, None)
+            paused_at, max_sessions, models, overage, pause_at = tuple(row) if row else (None,) * 5
             if "paused" in changes:
                 paused_at = (paused_at or now) if changes["paused"] else None
             if "max_sessions" in changes:
@@ -1060,16 +1065,19 @@ class Store:
                 models = json.dumps(list(changes["models"])) if changes["models"] is not None else None
             if "allow_overage" in changes:
                 overage = 1 if changes["allow_overage"] else None
-            if paused_at is None and max_sessions is None and models is None and overage is None:
+            if "pause_at" in changes:
+                pause_at = changes["pause_at"]
+            if (paused_at, max_sessions, models, overage, pause_at) == (None,) * 5:
                 db.execute("DELETE FROM account_settings WHERE account = ?", (account,))
             else:
                 db.execute(
-                    "INSERT INTO account_settings (account, paused_at, max_sessions, models, updated_at, allow_overage)"
-                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (account) DO UPDATE SET"
+                    "INSERT INTO account_settings"
+                    " (account, paused_at, max_sessions, models, updated_at, allow_overage, pause_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (account) DO UPDATE SET"
                     " paused_at = excluded.paused_at, max_sessions = excluded.max_sessions,"
                     " models = excluded.models, updated_at = excluded.updated_at,"
-                    " allow_overage = excluded.allow_overage",
-                    (account, paused_at, max_sessions, models, now, overage),
+                    " allow_overage = excluded.allow_overage, pause_at = excluded.pause_at",
+                    (account, paused_at, max_sessions, models, now, overage, pause_at),
                 )
             self.record(db, "account settings changed", account=account, by=by, **changes)
         return self.settings().get(account, AccountSettings(account))
@@ -1080,17 +1088,20 @@ class Store:
         utilization: dict[str, float],
         used_at: float | None = None,
         tokens: tuple[int, int] = (0, 0),
+        *,
         resets: dict[str, float] | None = None,
+        burn_step: float = BURN_STEP,
     ) -> None:
         """Utilization as last reported (a window not reported keeps its value); tokens add up.
         With `resets` (the API's headers: each window's reset), each window's reading is kept
-        with its base, an earlier reading of the same period, for its burn rate (`windows`)."""
+        with its base, an earlier reading of the same period, for its burn rate (`windows`),
+        measured over `burn_step` seconds or more."""
         with self.transaction() as db:
             if resets is not None and used_at is not None:
                 db.executemany(
                     WINDOW_UPSERT,
                     [
-                        (account, name, value, resets.get(name), used_at, value, used_at)
+                        (account, name, value, resets.get(name), used_at, value, used_at, *(burn_step,) * _STEPS)
                         for name, value in utilization.items()
                     ],
                 )
@@ -1260,8 +1271,8 @@ def _full(room: Sequence[Any], limit: int) -> bool:
     return bool(walled) or bool(paused) or int(live) >= limit
 
 
-_SAME_PERIOD = "ABS(COALESCE(windows.reset_at, 0) - COALESCE(excluded.reset_at, 0)) < 60"
-_MEASURED = f"{_SAME_PERIOD} AND excluded.observed_at - windows.base_at >= {BURN_STEP}"
+_SAME_PERIOD = "ABS(COALESCE(windows.reset_at, 0) - COALESCE(excluded.reset_at, 0)) < ?"
+_MEASURED = f"{_SAME_PERIOD} AND excluded.observed_at - windows.base_at >= ?"
 _RATE = "(excluded.utilization - windows.base_utilization) * 3600.0 / (excluded.observed_at - windows.base_at)"
 _GAINED = f"CASE WHEN {_RATE} < 0 THEN 0 ELSE {_RATE} END"
 """The utilization gained per hour since the base (never negative)."""
@@ -1280,8 +1291,10 @@ ON CONFLICT (account, period) DO UPDATE SET
     observed_at = excluded.observed_at
 """
 """A window's reading. Its burn rate is measured from the base (an earlier reading of the same
-period) once a reading comes `BURN_STEP` or more after it, which then becomes the base; a new
-period (another reset) starts a new base and keeps the rate, the sessions' pace."""
+period) once a reading comes a step (`burn_step`, a minute) or more after it, which then becomes
+the base; a new period (a reset a step or more from the last) starts a new base and keeps the
+rate, the sessions' pace. The reading's 7 values come first, then the step for each other `?`."""
+_STEPS = WINDOW_UPSERT.count("?") - 7
 
 ANSWERED_AS_WALL = "request answered as a wall: its home cut off"
 

@@ -1,0 +1,127 @@
+"""Where each account's windows are headed: the utilization each will have at its reset, projected
+from the burn rate of the sessions on it (the `pace` placement, and early moves).
+
+A window is standing while its reset is ahead; one whose reset has passed (or that was never
+read) starts empty. Its projection at the reset is its utilization now plus the burn rate of the
+sessions on it times the hours left: the account's own measured rate shared among its live
+sessions, or, where it has none measured, the fleet's (every measured rate over every session on
+an account with one). A window that starts empty is given the longest time left that any
+account's window of that period has now: the period's length, as far as the fleet knows it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+
+from cl.moments import span
+from cl.store import MOVED_EARLY, Window
+
+PERIODS = {"five_hour": "5h", "seven_day": "7d"}
+"""The windows that wall a whole account, and how they are written for an operator."""
+
+
+class Outlook:
+    """The fleet's windows, read once for a pass, and what they are headed for."""
+
+    def __init__(
+        self, windows: Mapping[str, Mapping[str, Window]], live: Mapping[str, int], now: float | None = None
+    ) -> None:
+        self.now = time.time() if now is None else now
+        self._windows = windows
+        self._live = live
+        self._per_session: dict[str, float] = {}
+        self._longest: dict[str, float] = {}
+        for period in PERIODS:
+            rates = [
+                (window.per_hour, live[name])
+                for name, by in windows.items()
+                if (window := by.get(period)) is not None and window.per_hour is not None and live.get(name, 0) > 0
+            ]
+            sessions = sum(count for _, count in rates)
+            self._per_session[period] = sum(rate for rate, _ in rates) / sessions if sessions else 0.0
+            self._longest[period] = max((self.seconds_left(name, period) for name in windows), default=0.0)
+
+    def standing(self, account: str, period: str) -> Window | None:
+        """The window as last read, while its reset is ahead (after it, the window is empty)."""
+        window = self._windows.get(account, {}).get(period)
+        return window if window is not None and (window.reset_at or 0.0) > self.now else None
+
+    def seconds_left(self, account: str, period: str) -> float:
+        """Until the window resets (0: it is not standing)."""
+        window = self.standing(account, period)
+        return (window.reset_at or self.now) - self.now if window is not None else 0.0
+
+    def used(self, account: str) -> float:
+        """The fuller of the account's standing windows (0: none standing)."""
+        return max((w.utilization for p in PERIODS if (w := self.standing(account, p)) is not None), default=0.0)
+
+    def rate(self, account: str, period: str) -> float:
+        """Utilization per hour one more session on `account` would add in `period`."""
+        window = self._windows.get(account, {}).get(period)
+        live = self._live.get(account, 0)
+        if window is not None and window.per_hour is not None and live > 0:
+            return window.per_hour / live
+        return self._per_session[period]
+
+    def projected(self, account: str, sessions: int) -> float:
+        """The fuller window's utilization at its reset, with `sessions` sessions on the account."""
+        return max(self.projected_in(account, period, sessions) for period in PERIODS)
+
+    def projected_in(self, account: str, period: str, sessions: int) -> float:
+        window = self.standing(account, period)
+        hours = (self.seconds_left(account, period) if window else self._longest[period]) / 3600
+        return (window.utilization if window else 0.0) + self.rate(account, period) * sessions * hours
+
+    def weekly_reset(self, account: str) -> float:
+        """When the account's 7-day window resets (infinity: not known)."""
+        window = self.standing(account, "seven_day")
+        return window.reset_at if window is not None and window.reset_at is not None else math.inf
+
+    def seconds_to_wall(self, account: str, period: str) -> float | None:
+        """At the account's own measured rate, seconds until `period` is used up (infinity: not
+        burning; None: its rate not measured yet)."""
+        window = self.standing(account, period)
+        if window is None or window.per_hour is None:
+            return None
+        return max(0.0, 1.0 - window.utilization) / window.per_hour * 3600 if window.per_hour > 0 else math.inf
+
+
+CLEAR_ROOM = 0.2
+"""How much emptier another account must be for a session to move early to it: it must be
+clearly better, not a coin toss that moves it back next turn."""
+
+
+def early_move(outlook: Outlook, account: str, move_at: float, warned: str | None = None) -> tuple[bool, str]:
+    """Whether a session on `account` should move before its next turn, and why. Its fullest
+    window past `move_at` (or `warned`, the window the API says `allowed_warning` about) decides:
+    the session holds if that window resets before the account's own burn rate would use it up
+    (a move costs its prompt cache, cold on the new account, and buys nothing then); else it moves.
+    A window whose rate is not measured yet is taken to be used up first."""
+    crossed = [
+        (window.utilization, period)
+        for period in PERIODS
+        if (window := outlook.standing(account, period)) is not None
+        and (window.utilization >= move_at or period == warned)
+    ]
+    if not crossed:
+        return False, f"{account} is under move_at ({move_at:.0%})"
+    utilization, period = max(crossed)
+    left = outlook.seconds_left(account, period)
+    said = f"{account} at {utilization:.0%} of {PERIODS[period]}, resets in {span(left)}"
+    to_wall = outlook.seconds_to_wall(account, period)
+    if to_wall is not None and left <= to_wall:
+        return False, f"held: {said}, before it would be used up" + (
+            f" (in {span(to_wall)})" if to_wall != math.inf else ""
+        )
+    return True, f"{MOVED_EARLY}: {said}"
+
+
+def clearly_emptier(outlook: Outlook, live: Mapping[str, int], source: str, move_at: float, name: str) -> bool:
+    """Whether `name` has clearly more room than `source` for one more session: projected to stay
+    under `move_at` with it, and `CLEAR_ROOM` emptier now."""
+    return (
+        outlook.projected(name, live.get(name, 0) + 1) < move_at
+        and outlook.used(name) <= outlook.used(source) - CLEAR_ROOM
+    )
