@@ -136,7 +136,7 @@ def test_real_cli_moves_early_at_its_next_turn_when_its_account_crosses_move_at(
     gateway: Gateway, layout: Layout, planted: Planted
 ) -> None:
     """a1's answers say 96% of its 5-hour window, resetting in 2 hours: the session's next turn
-    begins on a2, in the same process, and no request fails."""
+    (a follow-up, `cl send`) goes to a2, in the same process, and no request fails."""
     a1 = account(layout, planted, "a1")
     a2 = account(layout, planted, "a2")
     gateway.api.windows(a1, five_hour=(0.96, time.time() + 7200))
@@ -159,18 +159,20 @@ def test_real_cli_moves_early_at_its_next_turn_when_its_account_crosses_move_at(
     assert json.loads(cl(layout, "result", str(job), "--json").stdout)["is_error"] is False
 
 
-def test_real_cli_a_tools_result_is_not_a_turns_start_and_is_never_moved_early(
+def test_real_cli_moves_early_inside_a_turn_at_its_next_request(
     gateway: Gateway, layout: Layout, planted: Planted
 ) -> None:
-    """(What 2.1.332 sends after its background task ends, a notice as a user message of its own,
-    is a turn's start: the session may move there.)"""
+    """The answer that says a1 crossed move_at calls a tool: the request with the tool's result,
+    the same turn's next, goes to a2 (the CLI sends the whole conversation with each request)."""
     a1 = account(layout, planted, "a1")
-    account(layout, planted, "a2")
+    a2 = account(layout, planted, "a2")
     gateway.api.windows(a1, five_hour=(0.96, time.time() + 7200))
     job = json.loads(cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "[[bash: true]]", "--json").stdout)
     wait_until(lambda: job_states(layout).get(job["job"]) == "done", "the turn to end", timeout=120)
-    results = [r for r in gateway.api.messages() if r["messages"][-1] == "[tool_result]"]
-    assert [r["cred_tail"] for r in results] == [a1[-6:]]  # the turn's own: it stayed where it began
+    first, result = gateway.api.messages()[:2]
+    assert (first["cred_tail"], result["cred_tail"], result["messages"][-1]) == (a1[-6:], a2[-6:], "[tool_result]")
+    assert result["session"] == first["session"]
+    assert {r["cred_tail"] for r in gateway.api.messages()[1:]} == {a2[-6:]}
 
 
 def test_real_cli_tries_again_after_a_plain_429_and_no_account_is_benched(

@@ -63,7 +63,7 @@ class Config:
     burn_step: float = BURN_STEP
     """Seconds at least between two readings of a window that measure its burn rate."""
     move_at: float = MOVE_AT
-    """A window's utilization past which its sessions move early, at their next turn, to an account
+    """A window's utilization past which its sessions move early, at their next request, to an account
     with clearly more room (gateway mode); 1: never before a wall."""
     claude_bin: str = "claude"
     claude_args: tuple[str, ...] = ()

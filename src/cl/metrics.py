@@ -80,7 +80,7 @@ class Collector:
             ),
             "early_moves": (
                 "cl_gateway_early_moves_total",
-                "sessions moved at a turn's start, before their account walled (past move_at)",
+                "sessions moved before their account walled (a window past move_at)",
             ),
             "walls_passed_to_cli": ("cl_gateway_walls_passed_total", "walls the CLI saw: no account had room"),
             "upstream_errors": ("cl_gateway_upstream_errors_total", "requests the API could not be reached for"),

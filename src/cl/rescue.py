@@ -300,10 +300,10 @@ class Rescuer(Service):
         this way.
 
         With `early` (a window, `five_hour` or `seven_day`: the gateway saw the account's
-        utilization cross `move_at` there, or the API warn of it), the session is at a turn's
-        first request and its account has not walled: it moves only if the store's windows say
-        it should (`pacing.early_move`) and to an account with clearly more room; else the reply
-        is `hold`, with the reason."""
+        utilization cross `move_at` there, or the API warn of it), the session's next request
+        waits and its account has not walled: it moves only if the store's windows say it should
+        (`pacing.early_move`) and to an account with clearly more room; else the reply is `hold`,
+        with the reason."""
         if peer.uid not in (0, os.getuid()):
             raise RequestError("forbidden", "only cl-gateway moves a session in flight")
         early = request.get("early")

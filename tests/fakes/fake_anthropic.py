@@ -21,6 +21,16 @@ A last user message holding `[[bash: COMMAND]]` is answered with a tool call: th
 tool runs COMMAND in the background, and its result comes back as the next request.
 With `--watch DIR`, each request's log line says which processes named by `DIR/*.pid` are alive.
 
+With `--budget five_hour=SECONDS:UNITS --budget seven_day=SECONDS:UNITS` (bench/week.py), every
+credential has those windows instead of its limit: its 5-hour one opens at its first request and
+resets SECONDS later, its 7-day one runs from when `POST /_fake/budget {"key", "elapsed", "used"}`
+says it began; a request costs a unit, a credential with a window spent is walled until that
+window resets, every answer carries its windows' utilization and resets (`allowed_warning` from
+90%), and each answer comes `--latency` seconds late (the model's time). Its log lines are short:
+the credential, walled or not, the prompt cache cold or not, and whether any credential had room.
+A turn's prompt holding `[[steps: K]]` is answered with a tool call K-1 times before its answer
+(an agent's turn of K requests; the fake CLI runs the calls).
+
 It is also the OAuth token endpoint (`POST /v1/oauth/token`), rotating as the real one does: a
 refresh token is good once; its refresh answers a new access token (living `--token-life`
 seconds) and a new refresh token, and a refresh token presented again (or revoked with
@@ -71,6 +81,8 @@ class FakeAnthropic(ThreadingHTTPServer):
         self.windows: dict[str, dict[str, Any]] = {}
         """Credential -> the windows (and status) its answers' headers say (`/_fake/windows`)."""
         self.reset_in = reset_in
+        self.budgets: Budgets | None = None
+        self.latency = 0.0
         self.counts: dict[str, int] = {}
         self.lock = threading.Lock()
 
@@ -162,6 +174,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.server.model_walls[body["key"]] = (body["model"], body["claim"])
             elif path == "/_fake/refuse":
                 self.server.refusals[body["key"]] = [body["status"]] * body["times"]
+            elif path == "/_fake/budget" and self.server.budgets is not None:
+                self.server.budgets.begin(body["key"], body.get("elapsed", 0.0), body.get("used", 0))
             elif path == "/_fake/windows":
                 self.server.windows[body["key"]] = body
             elif path == "/_fake/overage":
@@ -210,6 +224,9 @@ class Handler(BaseHTTPRequestHandler):
             return
         if self.refused(credential):
             return
+        if self.server.budgets is not None:
+            self.budgeted(body, messages, credential)
+            return
         with self.server.lock:
             limit = self.server.limits.get(credential, self.server.limits.get("*"))
             used = self.server.counts.get(credential, 0)
@@ -256,12 +273,40 @@ class Handler(BaseHTTPRequestHandler):
             }
             self.send(429, json.dumps(error).encode(), "application/json", headers)
             return
-        self.answer(body, messages, credential, used + 1, reset)
+        self.answer(body, messages, credential, count=used + 1, reset=reset)
 
-    def answer(self, body: dict[str, Any], messages: list[Any], credential: str, count: int, reset: int) -> None:
+    def budgeted(self, body: dict[str, Any], messages: list[Any], credential: str) -> None:
+        """A request under `--budget`: charged to the credential's windows, answered or walled."""
+        assert self.server.budgets is not None
+        now = time.time()
+        with self.server.lock:
+            spent, windows = self.server.budgets.charge(credential, now)
+            room = self.server.budgets.room(now)
+            cold = (credential, self.headers.get("x-claude-code-session-id") or "") not in self.server.cached
+        self.server.record({"t": now, "cred_tail": credential[-6:], "walled": spent is not None, "cold": cold,
+                            "room": room})  # fmt: skip
+        headers = Budgets.headers(windows, spent)
+        if spent is not None:
+            error = {"type": "error", "error": {"type": "rate_limit_error", "message": "fake usage wall"}}
+            retry = max(1, int(windows[spent][1] - now))
+            self.send(429, json.dumps(error).encode(), "application/json", {**headers, "retry-after": str(retry)})
+            return
+        time.sleep(self.server.latency)
+        self.answer(body, messages, credential, budget_headers=headers)
+
+    def answer(
+        self,
+        body: dict[str, Any],
+        messages: list[Any],
+        credential: str,
+        *,
+        count: int = 0,
+        reset: int = 0,
+        budget_headers: dict[str, str] | None = None,
+    ) -> None:
         """The request allowed: the answer, with the windows' headers."""
         text = f"Hi from fake server (n_messages={len(messages)}, key=...{credential[-6:]}, count={count})."
-        headers = {
+        headers = budget_headers or {
             "anthropic-ratelimit-unified-status": "allowed",
             "anthropic-ratelimit-unified-reset": str(reset),
             "anthropic-ratelimit-unified-representative-claim": "five_hour",
@@ -284,7 +329,11 @@ class Handler(BaseHTTPRequestHandler):
         model = body.get("model", "claude-fake")
         command = _bash_asked(messages)
         cache = self.cache(credential)
-        if body.get("stream"):
+        if _steps_left(messages) > 0:  # the agent calls a tool (the fake CLI's own), and goes on
+            step = {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:20]}", "name": "Step", "input": {}}
+            message = {**_message(text, model, cache), "content": [step], "stop_reason": "tool_use"}
+            self.send(200, json.dumps(message).encode(), "application/json", headers)
+        elif body.get("stream"):
             self.send(200, _sse(text, model, command, cache), "text/event-stream", headers)
         else:
             message = _message(text, model, cache)
@@ -311,6 +360,85 @@ class Handler(BaseHTTPRequestHandler):
             warm = key in self.server.cached
             self.server.cached.add(key)
         return {"cache_read_input_tokens": 100 if warm else 0, "cache_creation_input_tokens": 0 if warm else 100}
+
+
+def _steps_left(messages: list[Any]) -> int:
+    """Tool calls still to make in this turn: `[[steps: K]]` in its prompt asks for K-1."""
+    prompts = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"
+               and "[tool_result" not in _text(m)]  # fmt: skip
+    if not prompts:
+        return 0
+    found = re.search(r"\[\[steps: (\d{1,3})\]\]", _text(messages[prompts[-1]]))
+    done = sum(1 for m in messages[prompts[-1] :] if isinstance(m, dict) and m.get("role") == "assistant")
+    return int(found.group(1)) - 1 - done if found else 0
+
+
+class Budgets:
+    """Each credential's windows under `--budget`: (length in seconds, units) per window."""
+
+    WARNING = 0.9
+
+    def __init__(self, spec: dict[str, tuple[float, int]]) -> None:
+        self.spec = spec
+        self.opened: dict[tuple[str, str], float] = {}
+        """(credential, window) -> when its current period began."""
+        self.used: dict[tuple[str, str], int] = {}
+
+    def begin(self, credential: str, elapsed: dict[str, float], used: dict[str, int]) -> None:
+        """The credential's windows began `elapsed` seconds ago, `used` units spent since."""
+        now = time.time()
+        for window in self.spec:
+            if window in elapsed:
+                self.opened[credential, window] = now - elapsed[window]
+                self.used[credential, window] = used.get(window, 0)
+
+    def _current(self, credential: str, window: str, now: float) -> tuple[float, int]:
+        """When the window's period began and what it used; a period past its length is over."""
+        length = self.spec[window][0]
+        opened = self.opened.get((credential, window))
+        if opened is None:
+            return now, 0
+        if now >= opened + length:  # the 7-day window rolls on; the 5-hour one opens at the next request
+            opened = opened + length * ((now - opened) // length) if window == "seven_day" else now
+            self.opened[credential, window], self.used[credential, window] = opened, 0
+        return self.opened[credential, window], self.used.get((credential, window), 0)
+
+    def charge(self, credential: str, now: float) -> tuple[str | None, dict[str, tuple[float, float]]]:
+        """One request: the window that walls it (None: it is answered, and charged), and each
+        window's utilization and reset."""
+        state = {window: self._current(credential, window, now) for window in self.spec}
+        spent = next((w for w, (_, used) in state.items() if used >= self.spec[w][1]), None)
+        for window, (opened, used) in state.items():
+            self.opened[credential, window] = opened
+            self.used[credential, window] = used + (spent is None)
+        windows = {
+            w: (self.used[credential, w] / self.spec[w][1], self.opened[credential, w] + self.spec[w][0])
+            for w in self.spec
+        }
+        return spent, windows
+
+    def room(self, now: float) -> bool:
+        """Whether any credential seen could still be answered now."""
+        seen = {credential for credential, _ in self.opened}
+        return (
+            any(all(self._current(c, w, now)[1] < self.spec[w][1] for w in self.spec) for c in seen) if seen else True
+        )
+
+    @classmethod
+    def headers(cls, windows: dict[str, tuple[float, float]], spent: str | None) -> dict[str, str]:
+        claim = spent or max(windows, key=lambda w: windows[w][0])
+        used = max(u for u, _ in windows.values())
+        status = "rejected" if spent else "allowed_warning" if used >= cls.WARNING else "allowed"
+        short = {"five_hour": "5h", "seven_day": "7d"}
+        headers = {
+            "anthropic-ratelimit-unified-status": status,
+            "anthropic-ratelimit-unified-representative-claim": claim,
+            "anthropic-ratelimit-unified-reset": f"{windows[claim][1]:.3f}",
+        }
+        for window, (utilization, reset) in windows.items():
+            headers[f"anthropic-ratelimit-unified-{short[window]}-utilization"] = f"{min(utilization, 1.0):.4f}"
+            headers[f"anthropic-ratelimit-unified-{short[window]}-reset"] = f"{reset:.3f}"
+        return headers
 
 
 def _this_turn(messages: list[Any]) -> list[Any]:
@@ -480,9 +608,18 @@ def main() -> None:
     parser.add_argument("--token-life", type=float, default=28800, help="seconds an access token it issues lives")
     parser.add_argument("--token-delay", type=float, default=0.0, help="seconds the token endpoint takes to answer")
     parser.add_argument("--also-on", default="", help="more loopback addresses (comma-separated), the same port")
+    parser.add_argument("--budget", action="append", default=[], help="WINDOW=SECONDS:UNITS (five_hour, seven_day)")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds each answer takes under --budget")
     args = parser.parse_args()
     server = FakeAnthropic(args.log, json.loads(args.limits), args.reset_in, args.watch, args.token_life)
     server.token_delay = args.token_delay
+    if args.budget:
+        spec = {}
+        for item in args.budget:
+            window, _, amount = item.partition("=")
+            seconds, _, units = amount.partition(":")
+            spec[window] = (float(seconds), int(units))
+        server.budgets, server.latency = Budgets(spec), args.latency
     for address in filter(None, args.also_on.split(",")):
         also_on(server, address)
     tmp = args.port_file.with_suffix(".tmp")

@@ -7,6 +7,10 @@ at this moment (an OAuth bearer, or `x-api-key` for an API key), refreshed first
 Every response's rate-limit headers are kept as that account's usage; its prompt-cache tokens as
 the run's.
 
+A session whose account has a window past `move_at` (as the API's last answer said) may move
+early: before its next request goes out, the rescuer is asked (`Mover`, with that window) and
+decides on the store's windows; the request goes on as the run it answers.
+
 A 429 whose unified status is `rejected` walls the account until the reset the API names (a 401,
 its credential refused, benches it for `wall_retry`). The rescuer is asked to move the session
 in flight (its decision, a live move in the store); if it does, the same request goes again on
@@ -74,8 +78,8 @@ NOT_FROM_THE_CLI = SET_BY_THE_RELAY | {
 NOT_TO_THE_CLI = SET_BY_THE_RELAY | {"set-cookie", "authorization", "x-api-key", "www-authenticate", "content-encoding"}
 
 Mover = Callable[[Run, str | None], Awaitable[Run | None]]
-"""Ask the rescuer to move a running run's session in flight (early: the window past `move_at`,
-at a turn's first request); the run it goes on as, or None."""
+"""Ask the rescuer to move a running run's session in flight (early: the window of its account
+past `move_at`, before its next request goes out); the run it goes on as, or None."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -181,7 +185,7 @@ class Proxy:
         if isinstance(taken, web.StreamResponse):
             return taken
         run, digest, body = taken
-        if (window := self._crossed(run.account)) is not None and _turn_begins(body):
+        if request.path == "/v1/messages" and (window := self._crossed(run.account)) is not None:
             await self._recorder.flush()  # the rescuer decides on the windows the store holds
             if (moved := await self._move(run, window)) is not None:
                 self.counts.early_moves += 1
@@ -437,21 +441,6 @@ class Proxy:
         if run is not None:
             self._recorder.cache(run.id, *limits.cache_tokens(bytes(head)))
         return response
-
-
-def _turn_begins(body: bytes) -> bool:
-    """The request is a turn's first: its last message is the user's prompt, not a tool's result
-    (what a move at a turn boundary waits for)."""
-    try:
-        last = json.loads(body)["messages"][-1]
-    except (ValueError, KeyError, IndexError, TypeError):
-        return False
-    if not isinstance(last, dict) or last.get("role") != "user":
-        return False
-    content = last.get("content")
-    return isinstance(content, str) or (
-        isinstance(content, list) and not any(isinstance(b, dict) and b.get("type") == "tool_result" for b in content)
-    )
 
 
 def _path(request: web.Request) -> str:
