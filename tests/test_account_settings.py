@@ -53,8 +53,9 @@ def test_a_paused_account_takes_no_new_work_finishes_its_own_and_stays_paused(la
             daemon.stop()
             daemon.start()
         table = ok(layout, "accounts").splitlines()
-        assert table[0].split() == ["ACCOUNT", "BALANCER", "RESCUE", "SETTINGS", "REASON"]
-        assert [row.split()[:4] for row in table[1:]] == [["a1", "ok", "ok", "paused"], ["a2", "ok", "ok", "paused"]]
+        assert table[0].split() == ["ACCOUNT", "BALANCER", "RESCUE", "5H", "7D", "SETTINGS", "REASON"]
+        listed = [row.split()[:6] for row in table[1:]]
+        assert listed == [["a1", "ok", "ok", "-", "-", "paused"], ["a2", "ok", "ok", "-", "-", "paused"]]
         assert job_states(layout)[queued] == "queued"
         assert ok(layout, "accounts", "resume", "a2") == "a2: -\n"
         wait_until(lambda: job_states(layout)[queued] == "done", "the queued job to run on the resumed account")
@@ -138,7 +139,7 @@ def test_a_setting_never_makes_an_account_exist(layout: Layout, planted: Planted
         listed = cl(layout, "accounts")
         assert listed.returncode == 0, listed.stderr  # both daemons still agree: ghost is in neither roster
         ghost = next(line for line in listed.stdout.splitlines() if line.startswith("ghost"))
-        assert ghost.split()[:5] == ["ghost", "(absent)", "(absent)", "max", "2"]
+        assert ghost.split()[:7] == ["ghost", "(absent)", "(absent)", "-", "-", "max", "2"]
         assert ghost.endswith("no credential file: its settings wait for one")
         views = json.loads(ok(layout, "accounts", "--json"))
         assert [a["name"] for a in views["balancer"]] == [a["name"] for a in views["rescue"]] == ["a1"]

@@ -22,13 +22,13 @@ def test_both_views_side_by_side(
     result = cl(layout, "accounts")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["ACCOUNT", "BALANCER", "RESCUE", "SETTINGS", "REASON"]
-    assert lines[1].split() == ["a1", "ok", "ok", "-"]
+    assert lines[0].split() == ["ACCOUNT", "BALANCER", "RESCUE", "5H", "7D", "SETTINGS", "REASON"]
+    assert lines[1].split() == ["a1", "ok", "ok", "-", "-", "-"]  # no window read yet, no setting
     assert lines[2].split()[:2] == ["zz", "invalid"]
     assert "malformed JSON" in lines[2]
 
     as_json = json.loads(cl(layout, "accounts", "--json").stdout)
-    assert set(as_json) == {"balancer", "rescue", "settings", "needs_login", "fleet"}
+    assert set(as_json) == {"balancer", "rescue", "settings", "needs_login", "fleet", "windows"}
     assert as_json["balancer"] == as_json["rescue"]
     assert [a["name"] for a in as_json["balancer"]] == ["a1", "zz"]
     assert {"name", "state"} <= set(as_json["balancer"][0])

@@ -329,6 +329,31 @@ def test_with_no_account_clearly_emptier_the_session_stays(holding: Gateway, lay
     assert "held: no account has clearly more room than a1" in holding.rescue.log()
 
 
+def test_idle_accounts_are_read_with_the_clis_quota_check_and_cl_accounts_shows_their_windows(
+    layout: Layout, fake_api: FakeApi, planted: Planted
+) -> None:
+    """No session used a1 or a2: the gateway reads both with a one-token `quota` request, as the
+    CLI checks its quota; a1's answer is a wall (recorded), a2's windows show with their age."""
+    a1 = account(layout, planted, "a1")
+    a2 = account(layout, planted, "a2")
+    fake_api.limit(a1, 0)
+    fake_api.windows(a2, five_hour=(0.42, time.time() + 3600 + 30), seven_day=(0.2, time.time() + 3 * 86400 + 30))
+    with running(layout, fake_api, CL_PROBE_INTERVAL="3600"):
+        wait_until(lambda: len(stored(layout, Store.windows)) == 2, "both accounts' windows read")
+        probes = fake_api.messages()
+        assert sorted((r["cred_tail"], r["messages"], r["max_tokens"]) for r in probes) == sorted(
+            [(a1[-6:], ["quota"], 1), (a2[-6:], ["quota"], 1)]
+        )
+        assert walls(layout)["a1"].kind == "five_hour"
+        table = cl(layout, "accounts").stdout
+        row = next(line for line in table.splitlines() if line.startswith("a2"))
+        assert re.search(r"42% \(resets in (59m\d\ds|1h00m), read 0m\d\ds ago\)", row), table
+        assert re.search(r"20% \(resets in 3d0h, read 0m\d\ds ago\)", row), table
+        shown = json.loads(cl(layout, "accounts", "--json").stdout)["windows"]
+        assert shown["a2"]["five_hour"]["utilization"] == 0.42
+        assert len(fake_api.messages()) == 2  # read once in its interval
+
+
 def submit_for(layout: Layout, prompt: str, model: str) -> int:
     result = cl(layout, "submit", "--cwd", str(layout.work), "--prompt", prompt, "--model", model, "--json")
     assert result.returncode == 0, result.stderr

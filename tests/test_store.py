@@ -125,9 +125,9 @@ def test_a_windows_burn_rate_is_measured_within_its_period(store: Store) -> None
     closer ones wait; a new period (another reset) starts from its first reading, keeping the rate."""
     five = {"five_hour": 9000.0}
     store.record_usage("a1", {"five_hour": 0.10, "seven_day": 0.5}, 1000.0, resets={**five, "seven_day": 99000.0})
-    assert store.windows()["a1"]["seven_day"] == Window(0.5, 99000.0, None)
+    assert store.windows()["a1"]["seven_day"] == Window(0.5, 99000.0, None, 1000.0)
     store.record_usage("a1", {"five_hour": 0.12}, 1030.0, resets=five)  # 30 s on: not yet
-    assert store.windows()["a1"]["five_hour"] == Window(0.12, 9000.0, None)
+    assert store.windows()["a1"]["five_hour"] == Window(0.12, 9000.0, None, 1030.0)
     store.record_usage("a1", {"five_hour": 0.20}, 1360.0, resets=five)  # +0.10 in 6 min: 1.0 an hour
     assert store.windows()["a1"]["five_hour"].per_hour == pytest.approx(1.0)
     store.record_usage("a1", {"five_hour": 0.25}, 1720.0, resets=five)  # 0.5 an hour now: the mean

@@ -222,6 +222,7 @@ class Layout:
             CL_CLAUDE_BIN=str(FAKE_CLAUDE),
             CL_CLI_WRITABLE=str(self.fakes),
             CL_GATEWAY="false",  # direct mode, unless a test (tests/test_gateway.py) asks for the gateway
+            CL_PROBE_INTERVAL="0",  # the gateway reads no idle account's windows, unless a test asks
             FAKE_CLAUDE_LOG=str(self.fakes / "fake-claude.jsonl"),
             FAKE_CLAUDE_QUOTA=str(self.fakes / "quota.json"),
             FAKE_CLAUDE_HOLD=str(self.hold),

@@ -281,13 +281,16 @@ class Balancer(Service):
 
     async def _settings(self, _request: Request, _peer: Peer) -> Reply:
         """Every account name with a setting, and whether the roster has it now; the accounts of
-        the roster that need a new login (the gateway's refresh was refused)."""
+        the roster that need a new login (the gateway's refresh was refused); each account's
+        windows as the API last said them, and when (`cl accounts`)."""
         settings = await self.store.settings()
         roster = self.registry.accounts
         walls = await self.store.walls()
+        windows = await self.store.windows()
         return {
             "settings": [{**s.public(), "present": name in roster} for name, s in sorted(settings.items())],
             "needs_login": sorted(name for name, wall in walls.items() if wall.kind == NEEDS_LOGIN and name in roster),
+            "windows": {name: {p: w.public() for p, w in by.items()} for name, by in sorted(windows.items())},
         }
 
     async def _account(self, request: Request, peer: Peer) -> Reply:

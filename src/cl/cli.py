@@ -65,11 +65,13 @@ def cmd_accounts(config: Config, args: argparse.Namespace) -> int:
     views = {daemon: answers[daemon]["accounts"] for daemon in daemons}
     settings = {s["account"]: s for s in answers["settings"]["settings"]} if not args.source else {}
     logins = set(answers["settings"].get("needs_login", [])) if not args.source else set()
+    windows = answers["settings"].get("windows", {}) if not args.source else {}
     if args.json:
         shown = {
             **views,
             "settings": list(settings.values()),
             "needs_login": sorted(logins),
+            "windows": windows,
             "fleet": answers.get("fleet"),
         }
         print_json(views[args.source] if args.source else shown)
@@ -87,6 +89,7 @@ def cmd_accounts(config: Config, args: argparse.Namespace) -> int:
         homes = {a["name"]: h["name"] for h in fleet["hosts"] if h["live"] and h["name"] != here for a in h["accounts"]}
         by_daemon = {daemon: {a["name"]: a for a in view} for daemon, view in views.items()}
         names = sorted(set().union(*by_daemon.values(), settings, homes))
+        now = time.time()
         rows = []
         for name in names:
             seen = [by_daemon[daemon].get(name) for daemon in DAEMONS]
@@ -100,9 +103,11 @@ def cmd_accounts(config: Config, args: argparse.Namespace) -> int:
                 states = ["needs-login" if state == "ok" else state for state in states]
                 reason = reason or "its refresh token was refused: log in and copy the new credentials over its file"
             home = [here if any(seen) else homes.get(name, "-")] if in_fleet else []
-            rows.append([name, *states, *home, _settings(settings.get(name)), reason])
+            shown = {"windows": windows.get(name, {})}
+            use = [_window(shown, period, now, read=True) for period in ("five_hour", "seven_day")]
+            rows.append([name, *states, *home, *use, _settings(settings.get(name)), reason])
         columns = [*(d.upper() for d in DAEMONS), *(["HOME"] if in_fleet else [])]
-        print_table(["ACCOUNT", *columns, "SETTINGS", "REASON"], rows)
+        print_table(["ACCOUNT", *columns, "5H", "7D", "SETTINGS", "REASON"], rows)
     if len(views) > 1 and (differences := describe_differences(views)):
         print("\nWARNING: cl-balancer and cl-rescue see different accounts:", file=sys.stderr)
         for line in differences:
@@ -346,8 +351,7 @@ def _queue_waits_for(accounts: list[dict[str, Any]], now: float) -> str:
 
 def _when(iso: str, now: float) -> str:
     """A moment, absolute and relative in one style: `2026-12-01 18:00Z (in 1h20m)`."""
-    at = calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ"))
-    seconds = int(at - now)
+    seconds = int(_epoch(iso) - now)
     stretch = span(abs(seconds))
     return f"{iso[:10]} {iso[11:16]}Z ({'in ' + stretch if seconds >= 0 else stretch + ' ago'})"
 
@@ -370,7 +374,7 @@ def _listing(config: Config, args: argparse.Namespace, what: str) -> list[dict[s
         rows = [row for row in rows if row["state"] == args.state]
     if args.since is not None:
         stamp = "started_at" if what == "sessions" else "created_at"
-        rows = [row for row in rows if calendar.timegm(time.strptime(row[stamp], "%Y-%m-%dT%H:%M:%SZ")) >= args.since]
+        rows = [row for row in rows if _epoch(row[stamp]) >= args.since]
     return rows
 
 
@@ -380,7 +384,7 @@ def _since(text: str) -> float:
     if text[:-1].isdigit() and text[-1:] in spans:
         return time.time() - int(text[:-1]) * spans[text[-1]]
     try:
-        return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ"))
+        return _epoch(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             "a span back from now (90m, 2h, 3d) or a UTC moment (2026-12-01T08:00:00Z)"
@@ -568,24 +572,30 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.0f}%"
 
 
-def _window(account: dict[str, Any], name: str, now: float) -> str:
+def _window(account: dict[str, Any], name: str, now: float, *, read: bool = False) -> str:
     """A window's utilization, and as the API's headers said them, its reset and burn rate:
-    `42% (resets in 2h10m, +5%/h)`."""
+    `42% (resets in 2h10m, +5%/h)`; with `read`, how long ago the API said so (`read 3m05s ago`)."""
     window = (account.get("windows") or {}).get(name)
     if window is None:
         return _percent(account.get("usage", {}).get(name))
     words = [_percent(window["utilization"])]
     if window["resets"]:
-        at = calendar.timegm(time.strptime(window["resets"], "%Y-%m-%dT%H:%M:%SZ"))
-        words.append(f"resets in {span(max(0, int(at - now)))}")
+        words.append(f"resets in {span(max(0, _epoch(window['resets']) - now))}")
     if window["per_hour"] is not None:
         words.append(f"+{window['per_hour'] * 100:.0f}%/h")
+    if read and window.get("read"):
+        words.append(f"read {span(max(0, now - _epoch(window['read'])))} ago")
     used, *more = words
     return f"{used} ({', '.join(more)})" if more else used
 
 
+def _epoch(iso: str) -> int:
+    """An ISO 8601 UTC moment as cl writes them (`2026-12-01T08:00:00Z`): its epoch second."""
+    return calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ"))
+
+
 def _age(iso: str, now: float) -> str:
-    return span(int(now - calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ"))))
+    return span(now - _epoch(iso))
 
 
 def describe_differences(views: dict[str, list[dict[str, Any]]]) -> list[str]:

@@ -60,6 +60,9 @@ class Config:
     placement: str = "headroom"
     """`headroom`: the account with the most room; `fill-first`: fill one account before the next;
     `round-robin`: each in turn; `pace`: by the use each account's windows are projected to reach."""
+    probe_interval: float = 1800.0
+    """Seconds after which the gateway reads the windows of an account no session used meanwhile,
+    with the CLI's own quota check (one token); 0: never."""
     burn_step: float = BURN_STEP
     """Seconds at least between two readings of a window that measure its burn rate."""
     move_at: float = MOVE_AT
@@ -376,6 +379,7 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "placement": _one_of(*PLACEMENTS),
     "move_at": _fraction,
     "burn_step": _positive_float,
+    "probe_interval": _seconds_or_zero,
     "claude_bin": _claude_bin,
     "claude_args": _claude_args,
     "worker": _worker,

@@ -131,13 +131,6 @@ def _object(head: str, shown: Shown) -> str:
     if shown.settings:
         tail += f',"settings":{json.dumps(shown.settings.public())}'
     if shown.windows:  # each window as the API last said it: how full, when it resets, how fast it fills
-        windows = {
-            name: {
-                "utilization": w.utilization,
-                "resets": iso_utc(w.reset_at) if w.reset_at else None,
-                "per_hour": w.per_hour,
-            }
-            for name, w in shown.windows
-        }
+        windows = {name: w.public() for name, w in shown.windows}
         tail += f',"windows":{json.dumps(windows)}'
     return f'{head},"walled_until":{until},"sessions":{shown.sessions}{tail}}}'

@@ -246,6 +246,8 @@ class Handler(BaseHTTPRequestHandler):
                 "via": self.connection.getsockname()[0],
                 "walled": walled,
                 "n_messages": len(messages),
+                "model": body.get("model"),
+                "max_tokens": body.get("max_tokens"),
                 "messages": [_text(m) for m in messages],
                 "user_agent": self.headers.get("user-agent"),
                 "session": self.headers.get("x-claude-code-session-id"),

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ssl
 import sys
+import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -25,6 +26,7 @@ from aiohttp import web
 from cl import daemon
 from cl.client import DaemonUnreachable, call, tell
 from cl.config import Config, ConfigError, load_config
+from cl.credentials import CredentialKind
 from cl.gateway import tls
 from cl.gateway.homes import Homes
 from cl.gateway.proxy import MAX_BODY, Proxy, Recorder
@@ -35,6 +37,8 @@ from cl.store import AsyncStore, Run, Store, StoreUnavailable
 
 log = structlog.get_logger("cl.gateway")
 
+SUBSCRIBED = (CredentialKind.OAUTH, CredentialKind.OAUTH_TOKEN)
+"""The credentials whose accounts have unified windows to read (an API key's have none)."""
 MOVE_TIMEOUT = 10.0
 """Seconds a request waits for the rescuer's decision before its 429 goes through."""
 
@@ -103,7 +107,11 @@ class Gateway:
         return runner
 
     async def work(self) -> None:
-        tasks = [asyncio.create_task(self.recorder.run()), asyncio.create_task(self._refresh_ahead())]
+        tasks = [
+            asyncio.create_task(self.recorder.run()),
+            asyncio.create_task(self._refresh_ahead()),
+            asyncio.create_task(self._read_idle_accounts()),
+        ]
         self.wake()
         try:
             await asyncio.Event().wait()
@@ -148,6 +156,25 @@ class Gateway:
                 log.warning("refresh sweep skipped: state store unavailable", error=str(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._roster_changed.wait(), self.refresher.next_due())
+
+    async def _read_idle_accounts(self) -> None:
+        """Every `probe_interval`, the OAuth accounts of this host whose windows nobody read
+        meanwhile (no session used them) are read (`Proxy.probe`): an idle account has a
+        utilization too, used by others (claude.ai) or not, and its age shows in `cl accounts`."""
+        interval = self.config.probe_interval
+        if not interval:
+            return
+        while True:
+            try:
+                windows, walls = await self.store.windows(), await self.store.walls()
+                read = {name: max((w.read_at or 0.0) for w in by.values()) for name, by in windows.items()}
+                for name, account in sorted(self.registry.accounts.items()):
+                    idle = read.get(name, 0.0) < time.time() - interval and name not in walls  # a wall: its reset known
+                    if idle and account.usable and account.kind in SUBSCRIBED:
+                        await self.proxy.probe(account)
+            except StoreUnavailable as exc:
+                log.debug("idle accounts not read: state store unavailable", error=str(exc))
+            await asyncio.sleep(min(interval / 4, 60.0))
 
     async def _move(self, run: Run, early: str | None) -> Run | None:
         """The rescuer's decision on a session whose request met a wall, or whose account crossed

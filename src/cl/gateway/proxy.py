@@ -61,6 +61,19 @@ event of a stream, carries them (a JSON body's `usage` comes after its content: 
 MAX_MOVES = 3
 """Moves in flight one request may make before its 429 goes through."""
 OAUTH_BETA = "oauth-2025-04-20"
+QUOTA_CHECK = json.dumps(
+    {
+        "model": "claude-opus-5-5",
+        "max_tokens": 1,
+        "system": "You are Claude Code, Anthropic's official CLI for Claude.",
+        "messages": [{"role": "user", "content": "quota"}],
+    }
+).encode()
+"""The CLI's own quota check (2.1.332, read from its code: `source:"quota_check"`), with the
+model it runs by default (measured): every answer carries the account's unified windows."""
+PROBE_TIMEOUT = 30.0
+HELD_KEPT = 4096
+"""Runs whose last early-move answer (stay) is remembered, so that it is not asked at every request."""
 SET_BY_THE_RELAY = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding",
      "upgrade", "host", "content-length"}
@@ -172,6 +185,8 @@ class Proxy:
         self._move_at = move_at
         self._readings: dict[str, limits.Reading] = {}
         """Account -> the API's last word on its windows (for early moves)."""
+        self._held: dict[int, float] = {}
+        """Run -> its window's utilization when the rescuer last kept it where it is."""
         self.homes: Homes | None = None
         """Set when this host reaches the fleet's accounts (`fleet_listen`)."""
         self.counts = Counts()
@@ -185,13 +200,8 @@ class Proxy:
         if isinstance(taken, web.StreamResponse):
             return taken
         run, digest, body = taken
-        if request.path == "/v1/messages" and (window := self._crossed(run.account)) is not None:
-            await self._recorder.flush()  # the rescuer decides on the windows the store holds
-            if (moved := await self._move(run, window)) is not None:
-                self.counts.early_moves += 1
-                log.info("session moved early", job=run.job_id, run=moved.id, account=moved.account,
-                         **{"from": run.account, "window": window})  # fmt: skip
-                run = moved
+        if request.path == "/v1/messages":
+            run = await self._early(run)
         moves = 0
         while True:
             outcome = await self._attempt(request, run, body)
@@ -363,18 +373,66 @@ class Proxy:
             await self._store.record_wall(account.name, "api", until, "overage")
         log.warning("paid overage used: account walled", account=account.name, job=run.job_id, until=iso_utc(until))
 
-    def _crossed(self, account: str) -> str | None:
-        """The window of `account` past `move_at`, as the API's last answer said it (or the one it
-        warned of, `allowed_warning`), while that window stands; None if there is none."""
+    async def _early(self, run: Run) -> Run:
+        """The run a session goes on as: moved early if its account crossed `move_at` and the
+        rescuer says so. Asked again for the same run only once the window has filled further."""
+        if (crossed := self._crossed(run.account)) is None:
+            return run
+        window, used = crossed
+        if self._held.get(run.id, -1.0) >= used:
+            return run
+        await self._recorder.flush()  # the rescuer decides on the windows the store holds
+        if (moved := await self._move(run, window)) is None:
+            if len(self._held) >= HELD_KEPT:
+                self._held.clear()  # at worst, a question asked again
+            self._held[run.id] = used
+            return run
+        self.counts.early_moves += 1
+        log.info("session moved early", job=run.job_id, run=moved.id, account=moved.account,
+                 **{"from": run.account, "window": window})  # fmt: skip
+        return moved
+
+    def _crossed(self, account: str) -> tuple[str, float] | None:
+        """The window of `account` past `move_at`, and its utilization, as the API's last answer
+        said them (or the one it warned of, `allowed_warning`), while that window stands."""
         reading = self._readings.get(account)
         if reading is None or self._move_at >= 1.0:
             return None
         now = time.time()
-        standing = {window for window, at in reading.resets.items() if at > now}
+        standing = {window: used for window, used in reading.utilization.items() if reading.resets.get(window, 0) > now}
         if reading.status == "allowed_warning" and reading.claim in standing:
-            return reading.claim
-        crossed = [(used, window) for window, used in reading.utilization.items() if used >= self._move_at]
-        return max((found for found in crossed if found[1] in standing), default=(0.0, None))[1]
+            return reading.claim, standing[reading.claim]
+        crossed = [(used, window) for window, used in standing.items() if used >= self._move_at]
+        return (max(crossed)[1], max(crossed)[0]) if crossed else None
+
+    async def probe(self, account: Account) -> None:
+        """Read an idle account's windows with the request the CLI itself sends to check its
+        quota (2.1.332's `quota_check`: one user message "quota", one token at most): its
+        answer's unified headers are recorded as any answer's are, and a wall among them walls."""
+        account = await self._refresher.fresh(account)
+        asked = {"content-type": "application/json", "anthropic-version": "2023-06-01", "anthropic-beta": OAUTH_BETA}
+        try:
+            async with self._client().post(
+                f"{self._upstream}/v1/messages?beta=true",
+                headers=_outbound(CIMultiDictProxy(CIMultiDict(asked)), account),
+                data=QUOTA_CHECK,
+                timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT),
+            ) as upstream:
+                reading = limits.read(upstream.headers, time.time())
+                status = upstream.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.info("idle account not read: the API cannot be reached", account=account.name, error=_said(exc))
+            return
+        if not reading.utilization:
+            log.info("idle account not read: no windows in the answer", account=account.name, status=status)
+            return
+        self._recorder.usage(account.name, reading)
+        self._readings[account.name] = reading
+        if status == 429 and reading.rejected:
+            await self._store.record_wall(account.name, "api", reading.reset or time.time() + self._wall_retry,
+                                          reading.claim)  # fmt: skip
+        log.info("idle account read", account=account.name, status=reading.status,
+                 **{f"{w}_utilization": u for w, u in reading.utilization.items()})  # fmt: skip
 
     async def _account(self, name: str) -> Account | None:
         """The account the store names for a run, from the registry; read from its file again if

@@ -193,6 +193,16 @@ class Window(NamedTuple):
     per_hour: float | None
     """Its burn rate: utilization gained per hour, each measure between readings of one period
     at least a step (`burn_step`) apart, averaged with the one before (half each); None until measured."""
+    read_at: float | None = None
+    """When the API said it (its age: an account nobody used is read by the gateway's probe)."""
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "utilization": self.utilization,
+            "resets": iso_utc(self.reset_at) if self.reset_at else None,
+            "per_hour": self.per_hour,
+            "read": iso_utc(self.read_at) if self.read_at else None,
+        }
 
 
 UsageRow = tuple[float | None, float | None, int, int]

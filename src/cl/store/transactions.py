@@ -1119,8 +1119,8 @@ class Store:
     def windows(self) -> dict[str, dict[str, Window]]:
         """Each account's windows as last read from the API's headers, with their burn rates."""
         found: dict[str, dict[str, Window]] = {}
-        for row in self._rows("SELECT account, period, utilization, reset_at, per_hour FROM windows"):
-            found.setdefault(row[0], {})[row[1]] = Window(row[2], row[3], row[4])
+        for row in self._rows("SELECT account, period, utilization, reset_at, per_hour, observed_at FROM windows"):
+            found.setdefault(row[0], {})[row[1]] = Window(*row[2:])
         return found
 
     def usage(self) -> dict[str, dict[str, float | None]]:

@@ -1,0 +1,225 @@
+"""A simulated week (`python bench/week.py [--quick] [--policies a,b]`): five placement policies
+on the same workload, one after the other in one run, each with the real daemons (cl-balancer,
+cl-rescue, cl-gateway), their workers and the fake CLI, against the fake API enforcing budgets.
+
+Time is accelerated: 5 hours last `--five-hour` seconds (3; 2 with `--quick`), and a week 33.6
+times that. The fake API gives each of 4 accounts a 5-hour window (it opens at the account's first
+request) and a 7-day window, staggered: account i's week is (i + 1/2)/4 over when the run starts,
+so each resets once, at its own time, within the simulated week. A request costs one unit; an
+account with a window spent gets the wall (429, its reset). Sessions are agents: each job is one
+prompt of `STEPS` requests (tool calls in between, `LATENCY` seconds each to answer), and as soon
+as one ends another starts, `SESSIONS` at once, from the first second to the last.
+
+The policies, as cl runs them (every one keeps cl's moves in flight at a wall):
+* `headroom`: cl's until now (the lowest utilization first), no early moves;
+* `fill-first`: one account until it has no room, then the next;
+* `round-robin`: each account in turn, as CLIProxyAPI does;
+* `switch-at-0.98`: fill one account until 98%, then switch, sessions too, as teamclaude does
+  (fill-first with `pause_at = 0.98` on every account and `move_at = 0.98`);
+* `pace`: `placement = "pace"` and early moves at `move_at = 0.95`.
+
+Printed per policy: turns (answered requests) completed; session-visible 429s (walls the gateway
+passed to a CLI: no account had room for it at once), and those of them while the fake API says
+some account had room; the time sessions spent waiting (a walled turn until its session's next
+answer, plus each job's time queued before its first run), in simulated hours; moves (in flight
+at a wall, and early), the cold-cache tokens the moves cost (the prompt cache the new account
+wrote for the moved runs) and cold-cache requests per move; the first time any session waited
+(simulated hours from the start), and the turns completed before it. Nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import contextlib
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from test_gateway import account, running
+
+from cl.client import call
+from cl.store import MOVED_EARLY, Store
+from utils import FakeApi, Layout, Planted, fake_api_running, json_lines
+
+ACCOUNTS = ("a1", "a2", "a3", "a4")
+SESSIONS = 8
+STEPS = 12
+LATENCY = 0.1
+"""Seconds the fake API takes to answer one request (the model's time)."""
+FIVE_HOUR_RATE = 25
+"""Units one account's 5-hour window holds, per second of it: a session asks about 7 a second."""
+WEEK_SHARE = 0.12
+"""A 7-day window holds this share of what its 5-hour windows would over a week (the weekly cap
+binds first: it is the budget that runs out)."""
+WEEK = 33.6
+"""Five-hour windows in a week."""
+
+POLICIES: dict[str, dict[str, str]] = {
+    "headroom": {"CL_PLACEMENT": "headroom", "CL_MOVE_AT": "1"},
+    "fill-first": {"CL_PLACEMENT": "fill-first", "CL_MOVE_AT": "1"},
+    "round-robin": {"CL_PLACEMENT": "round-robin", "CL_MOVE_AT": "1"},
+    "switch-at-0.98": {"CL_PLACEMENT": "fill-first", "CL_MOVE_AT": "0.98"},
+    "pace": {"CL_PLACEMENT": "pace", "CL_MOVE_AT": "0.95"},
+}
+PAUSE_AT = {"switch-at-0.98": 0.98}
+
+
+@dataclasses.dataclass
+class Outcome:
+    turns: int
+    visible_429s: int
+    visible_with_room: int
+    waited_hours: float
+    moves_in_flight: int
+    early_moves: int
+    cold_tokens: int
+    cold_per_move: float
+    first_wait_hours: float | None
+    turns_before_wait: int
+
+
+def simulate(policy: str, five_hour: float, root: Path) -> Outcome:
+    """One policy's week; what it came to."""
+    week = five_hour * WEEK
+    budget5 = round(FIVE_HOUR_RATE * five_hour)
+    budget7 = round(budget5 * WEEK * WEEK_SHARE)
+    scale = five_hour / (5 * 3600)
+    planted = Planted()
+    layout = Layout(root)
+    args = ["--budget", f"five_hour={five_hour}:{budget5}", "--budget", f"seven_day={week}:{budget7}"]
+    env = {
+        **POLICIES[policy],
+        "CL_LOG_LEVEL": "info",
+        "CL_BURN_STEP": f"{60 * scale:.6f}",
+        "CL_RESET_JITTER": "0",
+        "CL_WALL_RETRY": f"{300 * scale:.6f}",
+        "CL_MAX_MOVES_PER_HOUR": "1000",
+        "CL_MAX_SESSIONS_PER_ACCOUNT": str(SESSIONS),
+    }
+    with contextlib.ExitStack() as stack:
+        api = stack.enter_context(fake_api_running(root, *args, "--latency", str(LATENCY)))
+        tokens = {name: account(layout, planted, name) for name in ACCOUNTS}
+        for i, name in enumerate(ACCOUNTS):
+            api.post("/_fake/budget", {"key": tokens[name], "elapsed": {"seven_day": week * (i + 0.5) / len(ACCOUNTS)}})
+        gateway = stack.enter_context(running(layout, api, **env))
+        for name in ACCOUNTS:
+            if (pause_at := PAUSE_AT.get(policy)) is not None:
+                gateway.balancer.request({"request": "account", "account": name, "pause_at": pause_at})
+        start = time.time()
+        drive(layout, start + week)
+        counters = gateway.gateway.request({"request": "metrics"})["counters"]
+    return measured(layout, api, start, five_hour, counters)
+
+
+def drive(layout: Layout, until: float) -> None:
+    """Keep `SESSIONS` jobs going until `until`."""
+    socket = layout.runtime / "balancer.sock"
+    store = Store(layout.database)
+    live: set[int] = set()
+    number = 0
+    try:
+        while time.time() < until:
+            while len(live) < SESSIONS:
+                number += 1
+                prompt = f"[[steps: {STEPS}]] task {number}"
+                reply = call(socket, {"request": "submit", "cwd": str(layout.work), "prompt": prompt})
+                live.add(int(reply["job"]))
+            with store.transaction(write=False) as db:
+                ended = {row[0] for row in db.execute("SELECT id FROM jobs WHERE state IN ('done', 'failed')")}
+            live -= ended
+            time.sleep(0.05)
+    finally:
+        store.close()
+
+
+def measured(layout: Layout, api: FakeApi, start: float, five_hour: float, counters: dict[str, int]) -> Outcome:
+    hours = 5 / five_hour
+    requests = [r for r in json_lines(api.log) if "cold" in r]
+    answered = [r["t"] for r in requests if not r["walled"]]
+    store = Store(layout.database)
+    try:
+        with store.transaction(write=False) as db:
+            runs = [dict(row) for row in db.execute("SELECT * FROM runs ORDER BY id")]
+            jobs = {row[0]: row[1] for row in db.execute("SELECT id, created_at FROM jobs")}
+    finally:
+        store.close()
+    by_job: dict[int, list[dict[str, Any]]] = {}
+    for run in runs:
+        by_job.setdefault(run["job_id"], []).append(run)
+    waits: list[tuple[float, float]] = []  # (since, how long)
+    seen: list[float] = []  # when a CLI saw a wall
+    for job, its in by_job.items():
+        if (queued := its[0]["created_at"] - jobs[job]) > five_hour / 50:  # more than 6 minutes
+            waits.append((jobs[job], queued))
+        for run, after in zip(its, [*its[1:], None], strict=True):
+            held = run["state"] == "walled" and not (run["error"] or "").startswith(("moved ", MOVED_EARLY))
+            if held and run["ended_at"] is not None:
+                resumed = (after and (after["answered_at"] or after["ended_at"])) or time.time()
+                waits.append((run["ended_at"], resumed - run["ended_at"]))
+                seen.append(run["ended_at"])
+    first = min((since for since, _ in waits), default=None)
+    times = [r["t"] for r in requests]
+    with_room = sum(1 for t in seen if (i := bisect.bisect_right(times, t)) and requests[i - 1]["room"])
+    moves = [r for r in runs if r["prior_state"] in ("walled", "orphaned") and r["resume"]]
+    early = sum(1 for r in runs if (r["error"] or "").startswith(MOVED_EARLY))
+    cold = sum(1 for r in requests if r["cold"] and not r["walled"]) - len(by_job)
+    return Outcome(
+        turns=len(answered),
+        visible_429s=len(seen),
+        visible_with_room=with_room,
+        waited_hours=sum(how for _, how in waits) * hours,
+        moves_in_flight=counters.get("moves_in_flight", 0),
+        early_moves=early,
+        cold_tokens=sum(r["cache_creation_tokens"] for r in moves),
+        cold_per_move=cold / len(moves) if moves else 0.0,
+        first_wait_hours=(first - start) * hours if first is not None else None,
+        turns_before_wait=sum(1 for t in answered if first is None or t < first),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="5 hours in 2 seconds instead of 3")
+    parser.add_argument("--policies", default=",".join(POLICIES), help="which, comma-separated")
+    parser.add_argument("--five-hour", type=float, help="seconds 5 hours last")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    five_hour = args.five_hour or (2.0 if args.quick else 3.0)
+    print(
+        f"a simulated week: 5 h = {five_hour:g} s, {len(ACCOUNTS)} accounts, {SESSIONS} sessions of {STEPS} requests"
+        f" ({LATENCY:g} s each), budgets {round(FIVE_HOUR_RATE * five_hour)} per 5 h window"
+        f" and {round(FIVE_HOUR_RATE * five_hour * WEEK * WEEK_SHARE)} per 7-day window"
+    )
+    outcomes: dict[str, Outcome] = {}
+    for policy in args.policies.split(","):
+        with tempfile.TemporaryDirectory(prefix=f"cl-week-{policy}-") as tmp:
+            outcomes[policy] = outcome = simulate(policy, five_hour, Path(tmp))
+        first = f"{outcome.first_wait_hours:.1f} h" if outcome.first_wait_hours is not None else "never"
+        print(
+            f"  {policy:15} turns {outcome.turns:6}  429s seen {outcome.visible_429s:4}"
+            f" (with room {outcome.visible_with_room:3})  waited {outcome.waited_hours:7.1f} h"
+            f"  moves {outcome.moves_in_flight:4} at walls + {outcome.early_moves:4} early"
+            f"  cold {outcome.cold_tokens:6} tokens ({outcome.cold_per_move:.2f}/move)"
+            f"  first wait {first:>8}, {outcome.turns_before_wait:6} turns before it",
+            flush=True,
+        )
+    peers = [o.turns_before_wait for name, o in outcomes.items() if name != "pace"]
+    if "pace" in outcomes and peers:
+        pace, best = outcomes["pace"], max(peers)
+        gain = (pace.turns_before_wait / best - 1) * 100 if best else 0.0
+        print(f"goals for pace: 429s seen with room {pace.visible_with_room} (goal 0);"
+              f" turns before the first wait {gain:+.0f}% against the best peer (goal +15%);"
+              f" cold-cache requests per move {pace.cold_per_move:.2f} (goal <= 1)")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps({name: dataclasses.asdict(o) for name, o in outcomes.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
