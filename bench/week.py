@@ -58,6 +58,8 @@ FIVE_HOUR_RATE = 25
 WEEK_SHARE = 0.12
 """A 7-day window holds this share of what its 5-hour windows would over a week (the weekly cap
 binds first: it is the budget that runs out)."""
+QUEUED = 0.25
+"""Seconds a new job waits to be placed past which it waited for room (placing takes ~20-50 ms)."""
 WEEK = 33.6
 """Five-hour windows in a week."""
 
@@ -98,6 +100,7 @@ def simulate(policy: str, five_hour: float, root: Path) -> Outcome:
         **POLICIES[policy],
         "CL_LOG_LEVEL": "info",
         "CL_BURN_STEP": f"{60 * scale:.6f}",
+        "CL_PROBE_INTERVAL": f"{1800 * scale:.6f}",
         "CL_RESET_JITTER": "0",
         "CL_WALL_RETRY": f"{300 * scale:.6f}",
         "CL_MAX_MOVES_PER_HOUR": "1000",
@@ -156,7 +159,7 @@ def measured(layout: Layout, api: FakeApi, start: float, five_hour: float, count
     waits: list[tuple[float, float]] = []  # (since, how long)
     seen: list[float] = []  # when a CLI saw a wall
     for job, its in by_job.items():
-        if (queued := its[0]["created_at"] - jobs[job]) > five_hour / 50:  # more than 6 minutes
+        if (queued := its[0]["created_at"] - jobs[job]) > QUEUED:  # not placing's own time: no room
             waits.append((jobs[job], queued))
         for run, after in zip(its, [*its[1:], None], strict=True):
             held = run["state"] == "walled" and not (run["error"] or "").startswith(("moved ", MOVED_EARLY))

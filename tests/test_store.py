@@ -23,7 +23,7 @@ import postgres
 from cl import cli_process, worker
 from cl.claude_code.stream import StreamState
 from cl.config import Config
-from cl.states import RunState
+from cl.states import RESCUABLE, RunState
 from cl.store import (
     AsyncStore,
     NoRoom,
@@ -118,6 +118,17 @@ def test_a_model_windows_wall_bars_that_model_and_a_default_one_and_no_other(sto
     store.record_wall("a1", "api", reset_at=time.time() - 1, kind="seven_day_opus")  # its reset passed
     assert store.model_walls() == {}
     assert store.move_in_flight(running.id, "a1", 5, str) is not None
+
+
+def test_a_wall_whose_reset_the_api_named_ends_with_no_probation(store: Store) -> None:
+    """Past its reset, a wall the CLI reported (or a refused credential's) leaves its account on
+    probation, one session until it answers; a usage window's wall from the API's headers does not."""
+    past = time.time() - 1
+    store.record_wall("a1", "cli", past, "five_hour")
+    store.record_wall("a2", "api", past, "unauthorized")
+    store.record_wall("a3", "api", past, "five_hour")
+    store.record_wall("a4", "api", past, "seven_day")
+    assert store.facts(RESCUABLE, 0).probation == {"a1", "a2"}
 
 
 def test_a_windows_burn_rate_is_measured_within_its_period(store: Store) -> None:

@@ -15,11 +15,12 @@ import math
 import time
 from collections.abc import Mapping
 
+from cl.gateway.limits import WINDOWS
 from cl.moments import span
 from cl.store import MOVED_EARLY, Window
 
-PERIODS = {"five_hour": "5h", "seven_day": "7d"}
-"""The windows that wall a whole account, and how they are written for an operator."""
+PERIODS = {window: short for short, window in WINDOWS.items()}
+"""The windows that wall a whole account, and how they are written for an operator (`5h`, `7d`)."""
 
 
 class Outlook:

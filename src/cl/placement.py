@@ -1,15 +1,22 @@
 """Which account takes the next piece of work: one implementation, for placement and rescue.
 
 Eligible: usable now (its file here is `ok`, or another live host of the fleet publishes it so:
-`Service.usable`), not paused, no standing wall, fewer
-live runs than its limit (its own `max_sessions` setting, else `max_sessions_per_account`; one
-while on probation: its wall has reset but it has not answered since, so a still-walled account
-cannot swallow the whole queue), allowed to serve the job's model, and no standing wall of that
-model's window (`seven_day_opus`, `seven_day_sonnet`: any of them, for a job that names no
-model, since the CLI's default may be one). Then, by policy:
+`Service.usable`), not paused, not past its own `pause_at` (the fuller of its standing
+windows), no standing wall, fewer live runs than its limit (its own `max_sessions` setting,
+else `max_sessions_per_account`; one while on probation: its wall has reset but it has not
+answered since, so a still-walled account cannot swallow the whole queue; no probation after a
+5-hour or 7-day wall whose reset the API named), allowed to serve the job's model, and no
+standing wall of that model's window (`seven_day_opus`, `seven_day_sonnet`: any of them, for a
+job that names no model, since the CLI's default may be one). Then, by policy:
 * `headroom`: the lowest reported utilization (the larger of the 5-hour and 7-day windows), then
   the fewest live runs, then the least recently used, then the name;
-* `fill-first`: the account with the most live runs that still has room, then the name.
+* `fill-first`: the account with the most live runs that still has room, then the name;
+* `round-robin`: the account least recently given work (or used), then the name;
+* `pace`: by the utilization each account's windows are projected to reach at their resets with
+  one more session (`cl.pacing`). Of those projected to stay under `move_at`, the one whose 7-day
+  window resets soonest (what it does not use by then is lost), then the lowest projection; if
+  none is, the lowest projection. Each placement counts at once, so a herd of sessions (those of
+  an account that just walled) spreads over the accounts instead of filling the emptiest.
 """
 
 from __future__ import annotations

@@ -24,9 +24,10 @@ With `--watch DIR`, each request's log line says which processes named by `DIR/*
 With `--budget five_hour=SECONDS:UNITS --budget seven_day=SECONDS:UNITS` (bench/week.py), every
 credential has those windows instead of its limit: its 5-hour one opens at its first request and
 resets SECONDS later, its 7-day one runs from when `POST /_fake/budget {"key", "elapsed", "used"}`
-says it began; a request costs a unit, a credential with a window spent is walled until that
-window resets, every answer carries its windows' utilization and resets (`allowed_warning` from
-90%), and each answer comes `--latency` seconds late (the model's time). Its log lines are short:
+says it began; a request costs a unit (a one-token quota check nothing), a credential with a
+window spent is walled until that window resets, every answer carries its windows' utilization
+and resets (`allowed_warning` from 90%), and each answer comes `--latency` seconds late (the
+model's time). Its log lines are short:
 the credential, walled or not, the prompt cache cold or not, and whether any credential had room.
 A turn's prompt holding `[[steps: K]]` is answered with a tool call K-1 times before its answer
 (an agent's turn of K requests; the fake CLI runs the calls).
@@ -45,6 +46,7 @@ import argparse
 import json
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -85,6 +87,11 @@ class FakeAnthropic(ThreadingHTTPServer):
         self.latency = 0.0
         self.counts: dict[str, int] = {}
         self.lock = threading.Lock()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away (a gateway closing its pooled connections) is no error."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
     def record(self, entry: dict[str, Any]) -> None:
         with self.lock, self.log_path.open("a") as f:
@@ -175,7 +182,7 @@ class Handler(BaseHTTPRequestHandler):
             elif path == "/_fake/refuse":
                 self.server.refusals[body["key"]] = [body["status"]] * body["times"]
             elif path == "/_fake/budget" and self.server.budgets is not None:
-                self.server.budgets.begin(body["key"], body.get("elapsed", 0.0), body.get("used", 0))
+                self.server.budgets.begin(body["key"], body.get("elapsed", {}), body.get("used", {}))
             elif path == "/_fake/windows":
                 self.server.windows[body["key"]] = body
             elif path == "/_fake/overage":
@@ -282,7 +289,7 @@ class Handler(BaseHTTPRequestHandler):
         assert self.server.budgets is not None
         now = time.time()
         with self.server.lock:
-            spent, windows = self.server.budgets.charge(credential, now)
+            spent, windows = self.server.budgets.charge(credential, now, 0 if body.get("max_tokens") == 1 else 1)
             room = self.server.budgets.room(now)
             cold = (credential, self.headers.get("x-claude-code-session-id") or "") not in self.server.cached
         self.server.record({"t": now, "cred_tail": credential[-6:], "walled": spent is not None, "cold": cold,
@@ -405,14 +412,14 @@ class Budgets:
             self.opened[credential, window], self.used[credential, window] = opened, 0
         return self.opened[credential, window], self.used.get((credential, window), 0)
 
-    def charge(self, credential: str, now: float) -> tuple[str | None, dict[str, tuple[float, float]]]:
-        """One request: the window that walls it (None: it is answered, and charged), and each
-        window's utilization and reset."""
+    def charge(self, credential: str, now: float, cost: int = 1) -> tuple[str | None, dict[str, tuple[float, float]]]:
+        """One request: the window that walls it (None: it is answered, and charged `cost`: 0
+        for a one-token quota check), and each window's utilization and reset."""
         state = {window: self._current(credential, window, now) for window in self.spec}
         spent = next((w for w, (_, used) in state.items() if used >= self.spec[w][1]), None)
         for window, (opened, used) in state.items():
             self.opened[credential, window] = opened
-            self.used[credential, window] = used + (spent is None)
+            self.used[credential, window] = used + (cost if spent is None else 0)
         windows = {
             w: (self.used[credential, w] / self.spec[w][1], self.opened[credential, w] + self.spec[w][0])
             for w in self.spec

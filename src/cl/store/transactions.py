@@ -774,7 +774,7 @@ class Store:
         query = f"SELECT * FROM jobs WHERE state IN {sql_set(states)}{mine} ORDER BY id LIMIT ?"
         with self.transaction(write=False) as db:
             jobs = [Job(*row) for row in db.execute(query, (*states, *arguments, limit))]
-            expired = db.execute("SELECT account FROM walls WHERE reset_at <= ?", (now,))
+            expired = db.execute(f"SELECT account FROM walls WHERE reset_at <= ? AND NOT {KNOWN_RESET}", (now,))
             probation = {row[0] for row in expired}
             held = db.execute("SELECT COUNT(*) FROM runs WHERE held_until IS NOT NULL").fetchone()[0]
             return Facts(
@@ -1297,6 +1297,10 @@ rate, the sessions' pace. The reading's 7 values come first, then the step for e
 _STEPS = WINDOW_UPSERT.count("?") - 7
 
 ANSWERED_AS_WALL = "request answered as a wall: its home cut off"
+
+KNOWN_RESET = "(walls.source = 'api' AND walls.kind IN ('five_hour', 'seven_day'))"
+"""A wall of a usage window whose reset the API's own headers named: it ends then, with no
+probation (a session the account turns away meanwhile is moved in flight at the gateway)."""
 
 ON_HOST = "(jobs.host IS NULL OR jobs.host = ?)"
 """A job of this host's: submitted on it, or before hosts were (in a fleet, each host places,
