@@ -192,6 +192,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="5 hours in 2 seconds instead of 3")
     parser.add_argument("--policies", default=",".join(POLICIES), help="which, comma-separated")
     parser.add_argument("--five-hour", type=float, help="seconds 5 hours last")
+    parser.add_argument("--rounds", type=int, default=1, help="weeks per policy, the policies in turn each round")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     five_hour = args.five_hour or (2.0 if args.quick else 3.0)
@@ -200,28 +201,42 @@ def main() -> None:
         f" ({LATENCY:g} s each), budgets {round(FIVE_HOUR_RATE * five_hour)} per 5 h window"
         f" and {round(FIVE_HOUR_RATE * five_hour * WEEK * WEEK_SHARE)} per 7-day window"
     )
-    outcomes: dict[str, Outcome] = {}
-    for policy in args.policies.split(","):
-        with tempfile.TemporaryDirectory(prefix=f"cl-week-{policy}-") as tmp:
-            outcomes[policy] = outcome = simulate(policy, five_hour, Path(tmp))
-        first = f"{outcome.first_wait_hours:.1f} h" if outcome.first_wait_hours is not None else "never"
-        print(
-            f"  {policy:15} turns {outcome.turns:6}  429s seen {outcome.visible_429s:4}"
-            f" (with room {outcome.visible_with_room:3})  waited {outcome.waited_hours:7.1f} h"
-            f"  moves {outcome.moves_in_flight:4} at walls + {outcome.early_moves:4} early"
-            f"  cold {outcome.cold_tokens:6} tokens ({outcome.cold_per_move:.2f}/move)"
-            f"  first wait {first:>8}, {outcome.turns_before_wait:6} turns before it",
-            flush=True,
-        )
-    peers = [o.turns_before_wait for name, o in outcomes.items() if name != "pace"]
-    if "pace" in outcomes and peers:
-        pace, best = outcomes["pace"], max(peers)
+    outcomes: dict[str, list[Outcome]] = {policy: [] for policy in args.policies.split(",")}
+    for round_ in range(1, args.rounds + 1):
+        for policy, weeks in outcomes.items():
+            with tempfile.TemporaryDirectory(prefix=f"cl-week-{policy}-") as tmp:
+                weeks.append(simulate(policy, five_hour, Path(tmp)))
+            print(f"  round {round_} {policy:15} {said(weeks[-1])}", flush=True)
+    if args.rounds > 1:
+        print("the median week of each (turns before the first wait decide):")
+        for policy, weeks in outcomes.items():
+            print(f"  {policy:15} {said(median(weeks))}")
+    pace = median(outcomes["pace"]) if "pace" in outcomes else None
+    peers = [median(weeks).turns_before_wait for policy, weeks in outcomes.items() if policy != "pace"]
+    if pace is not None and peers:
+        best = max(peers)
         gain = (pace.turns_before_wait / best - 1) * 100 if best else 0.0
         print(f"goals for pace: 429s seen with room {pace.visible_with_room} (goal 0);"
               f" turns before the first wait {gain:+.0f}% against the best peer (goal +15%);"
               f" cold-cache requests per move {pace.cold_per_move:.2f} (goal <= 1)")  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps({name: dataclasses.asdict(o) for name, o in outcomes.items()}, indent=2))
+        figures = {policy: [dataclasses.asdict(week) for week in weeks] for policy, weeks in outcomes.items()}
+        args.json.write_text(json.dumps(figures, indent=2))
+
+
+def median(weeks: list[Outcome]) -> Outcome:
+    """The week whose turns before the first wait are the median of the policy's weeks."""
+    return sorted(weeks, key=lambda week: week.turns_before_wait)[len(weeks) // 2]
+
+
+def said(week: Outcome) -> str:
+    first = f"{week.first_wait_hours:.1f} h" if week.first_wait_hours is not None else "never"
+    return (
+        f"turns {week.turns:6}  429s seen {week.visible_429s:4} (with room {week.visible_with_room:3})"
+        f"  waited {week.waited_hours:7.1f} h  moves {week.moves_in_flight:4} at walls + {week.early_moves:4} early"
+        f"  cold {week.cold_tokens:6} tokens ({week.cold_per_move:.2f}/move)"
+        f"  first wait {first:>8}, {week.turns_before_wait:6} turns before it"
+    )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from cl.cli import parser, readable
-from utils import BIN, DaemonProcess, Layout, Planted, cl, oauth_credential, wait_until, write_credential
+from utils import BIN, DaemonProcess, Layout, Planted, cl, interruptible, oauth_credential, wait_until, write_credential
 
 
 def test_both_views_side_by_side(
@@ -108,6 +108,7 @@ def test_the_command_line_is_a_good_unix_citizen(layout: Layout, planted: Plante
             env=layout.env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            preexec_fn=interruptible,  # noqa: PLW1509 - no threads in that child
         )
         assert follow.stdout is not None
         assert follow.stdout.readline()  # it is following

@@ -277,6 +277,20 @@ def test_pace_drains_the_account_whose_weekly_window_resets_soonest() -> None:
     assert placed("pace", facts, 1, ["a1", "a2"]) in (["a1"], ["a2"])  # (the Placer reads the clock)
 
 
+def test_pace_drains_the_soonest_weekly_reset_even_if_its_week_is_projected_past_full() -> None:
+    """a1's week resets in 10 hours and, at its pace, would be used up before: it still goes
+    first (what is left of it at the reset is lost; if it walls, its sessions move). a2's week
+    has 100 hours to go."""
+    weekly = {
+        "a1": {"seven_day": Window(0.6, NOW + 10 * HOUR, 0.1)},
+        "a2": {"seven_day": Window(0.3, NOW + 100 * HOUR, 0.001)},
+    }
+    live = {"a1": 1, "a2": 1}
+    outlook = Outlook(weekly, live, NOW)
+    assert outlook.projected("a1", 2) > 1
+    assert choose(["a1", "a2"], live, {}, "pace", outlook=outlook) == "a1"
+
+
 def test_pace_keeps_off_an_account_projected_past_move_at() -> None:
     shape = windows(a1=(0.9, 4, 0.1), a2=(0.5, 1, 0.1))  # a1: 0.9 + 0.1 x 4 h = 1.3 with one more
     shape["a1"]["seven_day"] = Window(0.5, NOW + 5 * HOUR, None)  # and its week resets first: no matter

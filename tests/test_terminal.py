@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
+import sys
 
 from utils import (
     BIN,
+    REPO,
     Layout,
     Planted,
     Terminal,
@@ -46,7 +49,7 @@ def test_a_pipe_into_head_ends_quietly(layout: Layout, planted: Planted) -> None
         wait_until(lambda: len(balancer.states()) == 2000, "both daemons to see every account")
         shell = Terminal(["sh", "-c", f"{BIN / 'cl'} accounts | head -1; echo exit=$?"], layout.env())
         assert shell.wait() == 0
-    assert shell.text().split("\n") == ["ACCOUNT  BALANCER  RESCUE  SETTINGS  REASON", "exit=0", ""]
+    assert shell.text().split("\n") == ["ACCOUNT  BALANCER  RESCUE  5H  7D  SETTINGS  REASON", "exit=0", ""]
 
 
 def test_a_daemon_at_a_terminal_writes_readable_lines_in_colour_unless_no_color(
@@ -69,3 +72,19 @@ def test_a_daemon_at_a_terminal_writes_readable_lines_in_colour_unless_no_color(
     assert re.search(r"\[info\s*\] stopped", text), text
     assert not re.search(r"^<\d>", text, re.MULTILINE)
     assert not planted.leaks(shown[""] + shown["1"], "terminal")
+
+
+def test_ctrl_c_works_in_a_test_run_started_with_sigint_ignored() -> None:
+    """`make test` as a shell's background job (SIGINT ignored, and every child inherits that):
+    the tests that interrupt a command still pass, each restoring SIGINT in the child it starts."""
+    tests = [f"{__file__}::test_ctrl_c_ends_a_followed_log_quietly", "tests/test_make_run.py"]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", *tests],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout[-3000:]

@@ -342,7 +342,11 @@ class DaemonProcess:
     def start(self, wait: bool = True) -> DaemonProcess:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [*self._wrap, str(BIN / f"cl-{self.name}")], env=self._env, stderr=log, stdin=subprocess.DEVNULL
+                [*self._wrap, str(BIN / f"cl-{self.name}")],
+                env=self._env,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=interruptible,  # noqa: PLW1509 - no threads in that child
             )
         DaemonProcess.started.append(self)
         if wait:
@@ -394,6 +398,13 @@ class DaemonProcess:
 REPO = Path(__file__).resolve().parents[1]
 
 
+def interruptible() -> None:
+    """In a child about to run a command a test will interrupt: SIGINT handled by default again,
+    as a shell's foreground job has it. A test run started with SIGINT ignored (a shell's
+    background job) passes the ignoring on to every child, and Ctrl-C would do nothing there."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def make_run(var: Path) -> subprocess.Popen[str]:
     """`make run VAR=var` as a person starts it at a shell: its own process group (a foreground
     job: Ctrl-C is SIGINT to the group), output on one pipe."""
@@ -405,6 +416,7 @@ def make_run(var: Path) -> subprocess.Popen[str]:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=interruptible,  # noqa: PLW1509 - no threads in that child
     )
 
 
@@ -521,6 +533,12 @@ def both(layout: Layout, **kwargs: Any) -> Iterator[tuple[DaemonProcess, DaemonP
                 daemon.stop()
 
 
+def _controlling_terminal() -> None:
+    """In the child: standard input (the pty) is its controlling terminal, and Ctrl-C interrupts."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    interruptible()
+
+
 class Terminal:
     """A command on a real pseudo-terminal, as its controlling terminal (a session of its own):
     what it prints is read as it comes; Ctrl-C is a byte typed at the terminal."""
@@ -534,7 +552,7 @@ class Terminal:
             stderr=their_side,
             env=env,
             start_new_session=True,
-            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),  # noqa: PLW1509 - no threads in that child
+            preexec_fn=_controlling_terminal,  # noqa: PLW1509 - no threads in that child
         )
         os.close(their_side)
         self.shown = bytearray()

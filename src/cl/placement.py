@@ -12,11 +12,13 @@ job that names no model, since the CLI's default may be one). Then, by policy:
   the fewest live runs, then the least recently used, then the name;
 * `fill-first`: the account with the most live runs that still has room, then the name;
 * `round-robin`: the account least recently given work (or used), then the name;
-* `pace`: by the utilization each account's windows are projected to reach at their resets with
-  one more session (`cl.pacing`). Of those projected to stay under `move_at`, the one whose 7-day
-  window resets soonest (what it does not use by then is lost), then the lowest projection; if
-  none is, the lowest projection. Each placement counts at once, so a herd of sessions (those of
-  an account that just walled) spreads over the accounts instead of filling the emptiest.
+* `pace`: the budget that is lost first, used first. Of the accounts with room now (the 5-hour
+  window projected to stay under `move_at` at its reset with one more session, `cl.pacing`; the
+  7-day window under it now), the one whose 7-day window resets soonest (what it does not use by
+  then is lost); if none has, the lowest projection (the fuller window at its reset). Each
+  placement counts at once, so a herd of sessions (those of an account that just walled) spreads
+  over the accounts instead of filling the emptiest. (A 7-day window's projection over days is
+  rarely under 1 for a busy fleet: it orders, it does not exclude.)
 """
 
 from __future__ import annotations
@@ -110,10 +112,13 @@ def choose(
 
 
 def pace(outlook: Outlook, live: Mapping[str, int], move_at: float, name: str) -> tuple[bool, float, float, str]:
-    """`pace`'s order: projected to stay under `move_at` first, of those the soonest weekly reset."""
-    projected = outlook.projected(name, live.get(name, 0) + 1)
-    fits = projected < move_at
-    return (not fits, outlook.weekly_reset(name) if fits else 0.0, projected, name)
+    """`pace`'s order: the budget that is lost first, used first. Of the accounts with room now (the
+    5-hour window projected under `move_at` at its reset with one more session, the 7-day one
+    under it now), the one whose 7-day window resets soonest; then the lowest projection."""
+    sessions = live.get(name, 0) + 1
+    week = outlook.standing(name, "seven_day")
+    fits = outlook.projected_in(name, "five_hour", sessions) < move_at and (week is None or week.utilization < move_at)
+    return (not fits, outlook.weekly_reset(name) if fits else 0.0, outlook.projected(name, sessions), name)
 
 
 def at_once(config: Config, held: int = 0) -> int | None:

@@ -44,9 +44,9 @@ from cl.tally import Histogram
 log = structlog.get_logger("cl.rescue")
 
 BATCH = 1000
-HELD_KEPT = 4096
-"""Jobs whose last hold is remembered, so that it is said once, not at every turn."""
 """Sessions considered per pass; a pass that moved a full batch runs again at once."""
+HELD_KEPT = 4096
+"""Jobs whose last hold is remembered, so that it is said once, not at every request."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -91,7 +91,7 @@ class Rescuer(Service):
         self._move_failures = 0
         self._wall_to_resumed = Histogram()
         self._held: dict[int, str] = {}
-        """Job id -> the hold last said for it (an early move not made): said once, not each turn."""
+        """Job id -> the hold last said for it (an early move not made): said once, not at each request."""
         self._all_walled = False
         """Whether every usable account was walled at the last pass (logged when that begins)."""
 
@@ -352,7 +352,7 @@ class Rescuer(Service):
         targets = [name for name in usable if name != run.account and emptier(name)] if move else []
         if not targets:
             reason = reason if not move else f"held: no account has clearly more room than {run.account}"
-            said = reason.split(", resets")[0]  # the same hold as the turn before, or a new one
+            said = reason.split(", resets")[0]  # the same hold as the request before, or a new one
             if self._held.get(job.id) != said:
                 if len(self._held) >= HELD_KEPT:
                     self._held.clear()  # at worst, a hold said twice

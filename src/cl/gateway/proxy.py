@@ -403,7 +403,10 @@ class Proxy:
         if reading.status == "allowed_warning" and reading.claim in standing:
             return reading.claim, standing[reading.claim]
         crossed = [(used, window) for window, used in standing.items() if used >= self._move_at]
-        return (max(crossed)[1], max(crossed)[0]) if crossed else None
+        if not crossed:
+            return None
+        used, window = max(crossed)
+        return window, used
 
     async def probe(self, account: Account) -> None:
         """Read an idle account's windows with the request the CLI itself sends to check its
