@@ -1,6 +1,8 @@
-"""A simulated week (`python bench/week.py [--quick] [--policies a,b]`): five placement policies
-on the same workload, one after the other in one run, each with the real daemons (cl-balancer,
-cl-rescue, cl-gateway), their workers and the fake CLI, against the fake API enforcing budgets.
+"""A simulated week (`python bench/week.py [--quick] [--rounds N] [--policies a,b]`): five
+placement policies on the same workload, one after the other in one run (with `--rounds`, N
+weeks each, the policies in turn each round, and the median week of each printed), each with
+the real daemons (cl-balancer, cl-rescue, cl-gateway), their workers and the fake CLI, against
+the fake API enforcing budgets.
 
 Time is accelerated: 5 hours last `--five-hour` seconds (3; 2 with `--quick`), and a week 33.6
 times that. The fake API gives each of 4 accounts a 5-hour window (it opens at the account's first
