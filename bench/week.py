@@ -145,6 +145,7 @@ def drive(layout: Layout, until: float) -> None:
 
 
 def measured(layout: Layout, api: FakeApi, start: float, five_hour: float, counters: dict[str, int]) -> Outcome:
+    """The week's figures, from the fake API's log, the store and the gateway's counters."""
     hours = 5 / five_hour
     requests = [r for r in json_lines(api.log) if "cold" in r]
     answered = [r["t"] for r in requests if not r["walled"]]
@@ -164,7 +165,7 @@ def measured(layout: Layout, api: FakeApi, start: float, five_hour: float, count
         if (queued := its[0]["created_at"] - jobs[job]) > QUEUED:  # not placing's own time: no room
             waits.append((jobs[job], queued))
         for run, after in zip(its, [*its[1:], None], strict=True):
-            held = run["state"] == "walled" and not (run["error"] or "").startswith(("moved ", MOVED_EARLY))
+            held = run["state"] == "walled" and not (run["error"] or "").startswith("moved ")  # in flight, early
             if held and run["ended_at"] is not None:
                 resumed = (after and (after["answered_at"] or after["ended_at"])) or time.time()
                 waits.append((run["ended_at"], resumed - run["ended_at"]))
