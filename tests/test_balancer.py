@@ -358,6 +358,10 @@ def test_a_job_whose_directory_vanished_fails_with_the_reason(layout: Layout, pl
     wait_until(lambda: job_states(layout) == {job: "failed"}, "the job to fail")
     assert "no such directory" in history(layout)["jobs"][0]["error"]
     assert cl(layout, "wait", str(job)).returncode == 5  # `cl wait`: failed
+    result = cl(layout, "result", str(job))  # no result: the failure, and the same exit code
+    assert result.returncode == 5
+    assert result.stderr.startswith(f"cl: job {job} failed: ")
+    assert "no such directory" in result.stderr
     assert layout.claude_calls() == []
 
 

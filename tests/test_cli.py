@@ -10,7 +10,19 @@ import subprocess
 import pytest
 
 from cl.cli import parser, readable
-from utils import BIN, DaemonProcess, Layout, Planted, cl, interruptible, oauth_credential, wait_until, write_credential
+from utils import (
+    BIN,
+    DaemonProcess,
+    Layout,
+    Planted,
+    both,
+    cl,
+    interruptible,
+    job_states,
+    oauth_credential,
+    wait_until,
+    write_credential,
+)
 
 
 def test_both_views_side_by_side(
@@ -123,6 +135,32 @@ def test_the_command_line_is_a_good_unix_citizen(layout: Layout, planted: Plante
         2,
         f"cl: --cwd {layout.root / 'config.toml'}: not a directory",
     )
+
+
+def test_submit_defaults_to_here_and_wait_result_and_state_say_precisely(layout: Layout, planted: Planted) -> None:
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    layout.hold.touch()  # the job runs on
+    with both(layout):
+        submitted = subprocess.run(
+            [str(BIN / "cl"), "submit", "--prompt", "here", "--json"],
+            env=layout.env(), cwd=layout.work, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        job = json.loads(submitted.stdout)["job"]
+        assert json.loads(cl(layout, "job", str(job), "--json").stdout)["job"]["cwd"] == str(layout.work)
+        wait_until(layout.claude_calls, "the session to start")
+        waited = cl(layout, "wait", str(job), "--timeout", "0.2")
+        assert (waited.returncode, waited.stderr) == (7, f"cl: job {job} is still running after 0.2 s\n")
+        early = cl(layout, "result", str(job))
+        assert (early.returncode, early.stderr) == (4, f"cl: job {job} has no result yet (running)\n")
+        assert cl(layout, "cancel", str(job)).returncode == 0
+        wait_until(lambda: job_states(layout)[job] == "cancelled", "the job to be cancelled")
+        cancelled = cl(layout, "result", str(job))
+        assert cancelled.returncode == 6
+        assert cancelled.stderr.startswith(f"cl: job {job} cancelled")
+        typo = cl(layout, "sessions", "--state", "nonsense")
+        assert typo.returncode == 2
+        assert "invalid choice: 'nonsense'" in typo.stderr
+    layout.hold.unlink()
 
 
 def test_every_option_has_help_and_every_command_examples() -> None:

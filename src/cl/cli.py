@@ -18,7 +18,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,18 @@ from typing import Any
 from cl.client import DaemonUnreachable, call
 from cl.config import Config, ConfigError, load_config
 from cl.moments import span
+from cl.states import JobState, RunState
 
 DAEMONS = ("balancer", "rescue")
-EXIT_DIFFER, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND, EXIT_FAILED, EXIT_CANCELLED = 1, 2, 3, 4, 5, 6
+EXIT_DIFFER, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND, EXIT_FAILED, EXIT_CANCELLED, EXIT_TIMED_OUT = (
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    7,
+)
 
 
 class CommandError(Exception):
@@ -452,9 +461,15 @@ def cmd_job(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_result(config: Config, args: argparse.Namespace) -> int:
-    result = ask(config, "balancer", {"request": "job", "job": args.job})["result"]
+    """The job's last answer; a job that failed or was cancelled without one says so, and exits
+    as `cl wait` does (5, 6)."""
+    story = ask(config, "balancer", {"request": "job", "job": args.job})
+    result, job = story["result"], story["job"]
     if result is None:
-        raise CommandError(f"job {args.job} has no result yet", EXIT_NOT_FOUND)
+        if job["state"] in ("failed", "cancelled"):
+            why = f": {shown(job['error'])}" if job["error"] else ""
+            raise CommandError(f"job {args.job} {job['state']}{why}", FINISHED[job["state"]])
+        raise CommandError(f"job {args.job} has no result yet ({job['state']})", EXIT_NOT_FOUND)
     if args.json:
         print_json(result)
     else:
@@ -467,7 +482,10 @@ FINISHED = {"done": 0, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
 
 
 def cmd_wait(config: Config, args: argparse.Namespace) -> int:
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
     while (state := ask(config, "balancer", {"request": "job", "job": args.job})["job"]["state"]) not in FINISHED:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise CommandError(f"job {args.job} is still {state} after {args.timeout:g} s", EXIT_TIMED_OUT)
         time.sleep(args.interval)
     return FINISHED[state]
 
@@ -640,7 +658,8 @@ def parser() -> argparse.ArgumentParser:
         prog="cl",
         description="Claude Code sessions across accounts: submit work, see accounts, sessions and walls.",
         epilog="Exit codes: 0 fine, 1 the daemons disagree, 2 usage or a refused request, 3 a daemon or its store "
-        "unreachable, 4 no such job or session; `cl wait`: 5 failed, 6 cancelled. `cl COMMAND --help` for each.",
+        "unreachable, 4 no such job or session, or no result yet; `cl wait` and `cl result`: 5 failed, 6 cancelled; "
+        "`cl wait --timeout`: 7 not ended. `cl COMMAND --help` for each.",
     )
     p.add_argument("--version", action="version", version=f"cl {_version()}")
     commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -674,7 +693,9 @@ def parser() -> argparse.ArgumentParser:
         "  cl submit --cwd . --prompt-file task.md --model opus --max-turns 30 --json\n",
     )
     submit.add_argument(
-        "--cwd", required=True, help="the job's working directory: one you and the CLI's user (cl-cli) can write"
+        "--cwd",
+        default=".",
+        help="the job's working directory: one you and the CLI's user (cl-cli) can write (default: this one)",
     )
     source = submit.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt (at most 48 KiB)")
@@ -721,10 +742,27 @@ def parser() -> argparse.ArgumentParser:
         listing.add_argument("--json", action="store_true", help=JSON_HELP)
         if name in ("sessions", "jobs"):
             listing.add_argument("--all", action="store_true", help="finished ones too (kept retention_days)")
-            listing.add_argument("--state", help="only those in this state (queued, running, walled, done, ...)")
+            listing.add_argument("--state", choices=STATES, help="only those in this state")
             listing.add_argument("--since", type=_since, help="only those since: 90m, 2h, 3d, or a UTC moment")
         listing.set_defaults(func=func)
 
+    _job_commands(command)
+
+    logs = command(
+        "logs",
+        "a session's output, as text (by job id, session id, or the start of a session id)",
+        "  cl logs 7 -f\n  cl logs 59f9c2ad --raw\n",
+    )
+    logs.add_argument("session", help="a job id, a session id, or its first 4 characters or more")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the session ends")
+    logs.add_argument("--raw", action="store_true", help="the CLI's stream-json, as it wrote it")
+    logs.add_argument("--json", action="store_true", help='{"output", "finished"} (the output is stream-json lines)')
+    logs.set_defaults(func=cmd_logs)
+    return p
+
+
+def _job_commands(command: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
+    """`cl job`, `cl result` and `cl wait`: one job, by its id."""
     job = command("job", "one job's story: prompt, state, runs, moves, result", "  cl job 7\n  cl job 7 --json\n")
     job.add_argument("job", type=int, help=JOB_HELP)
     job.add_argument("--json", action="store_true", help=JSON_HELP)
@@ -739,24 +777,13 @@ def parser() -> argparse.ArgumentParser:
 
     wait = command(
         "wait",
-        "wait until a job ends; exit 0 done, 5 failed, 6 cancelled, 4 no such job (for scripts)",
-        "  cl wait 7 && cl result 7\n",
+        "wait until a job ends; exit 0 done, 5 failed, 6 cancelled, 4 no such job, 7 --timeout passed (for scripts)",
+        "  cl wait 7 && cl result 7\n  cl wait 7 --timeout 600 || echo 'not done in 10 minutes'\n",
     )
     wait.add_argument("job", type=int, help=JOB_HELP)
     wait.add_argument("--interval", type=float, default=0.5, help="seconds between looks (default 0.5)")
+    wait.add_argument("--timeout", type=float, help="give up after this many seconds: exit 7 (default: never)")
     wait.set_defaults(func=cmd_wait)
-
-    logs = command(
-        "logs",
-        "a session's output, as text (by job id, session id, or the start of a session id)",
-        "  cl logs 7 -f\n  cl logs 59f9c2ad --raw\n",
-    )
-    logs.add_argument("session", help="a job id, a session id, or its first 4 characters or more")
-    logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the session ends")
-    logs.add_argument("--raw", action="store_true", help="the CLI's stream-json, as it wrote it")
-    logs.add_argument("--json", action="store_true", help='{"output", "finished"} (the output is stream-json lines)')
-    logs.set_defaults(func=cmd_logs)
-    return p
 
 
 def _account_actions(accounts: argparse.ArgumentParser) -> None:
@@ -801,6 +828,9 @@ def _account_actions(accounts: argparse.ArgumentParser) -> None:
     )
     setting.set_defaults(func=cmd_set)
 
+
+STATES = sorted({*JobState, *RunState})
+"""What `--state` may name: a job's states and a session's (its run's)."""
 
 CLIENT_KEYS = ("runtime_dir",)
 """All the command line needs of the configuration: where the sockets are."""
