@@ -35,6 +35,14 @@ def test_journal_lines_carry_priority_and_fields() -> None:
     assert "\n" not in multi
 
 
+def test_a_field_with_no_value_is_left_out() -> None:
+    out = io.StringIO()
+    logs.configure(stream=out)
+    line = render(out, session=None, job=7, error=None)
+    assert "None" not in line
+    assert line.rstrip().endswith("something happened job=7")
+
+
 def test_journald_is_detected_by_the_stream_identity_not_the_variable(tmp_path: Path) -> None:
     code = "import sys; from cl import logs; print(logs.under_journald(sys.stderr))"
     with (tmp_path / "err").open("w") as err:
@@ -130,14 +138,13 @@ def test_under_systemd_each_field_is_a_journal_field(
     structlog.reset_defaults()  # this process's later tests log as structlog does by default
     walled, odd, added = entries(journal)
     assert walled == {
-        "MESSAGE": "session walled session=59f9 job=7 account=a1 resets=None from=a0",
+        "MESSAGE": "session walled session=59f9 job=7 account=a1 from=a0",  # no reset known: no field
         "PRIORITY": "4",
         "SYSLOG_IDENTIFIER": "cl-rescue",
         "MESSAGE_ID": journal_ids.MESSAGE_IDS["session walled"],
         "SESSION": "59f9",
         "JOB": "7",
         "ACCOUNT": "a1",
-        "RESETS": "None",
         "FROM": "a0",
     }
     assert (odd["PRIORITY"], odd["DETAIL"]) == ("3", "two\nlines")

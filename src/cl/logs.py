@@ -42,9 +42,12 @@ _CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
 
 def _printable(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
     """Control characters in a value (what the CLI printed, a file's name) are shown escaped,
-    never sent raw to a terminal or the journal; line breaks are the renderers' to show."""
-    for key, value in event_dict.items():
-        if isinstance(value, str) and _CONTROL.search(value):
+    never sent raw to a terminal or the journal; line breaks are the renderers' to show. A field
+    with no value is left out: a line never says `session=None`."""
+    for key, value in list(event_dict.items()):
+        if value is None:
+            del event_dict[key]
+        elif isinstance(value, str) and _CONTROL.search(value):
             event_dict[key] = _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", value)
     return event_dict
 
