@@ -39,12 +39,15 @@ def test_a_finished_job_takes_a_follow_up_resumed_where_there_is_room(layout: La
         assert waited.returncode == 0, waited.stderr
         answer = cl(layout, "result", str(job)).stdout
         story = json.loads(cl(layout, "job", str(job), "--json").stdout)
+        told = cl(layout, "job", str(job)).stdout
     first, follow = layout.claude_calls()
     assert (follow["prompt"], follow["session_id"], follow["history"]) == ("and then?", first["session_id"], 2)
     assert "--resume" in follow["argv"]
     assert answer.startswith("Hi from fake claude (n_messages=3")  # the latest turn's answer
     assert [(r["state"]) for r in story["runs"]] == ["done", "done"]
+    assert [r["follow_up"] for r in story["runs"]] == [None, "and then?"]
     assert story["moves"] == []  # a follow-up is not a move
+    assert f"run {story['runs'][1]['id']} took a follow-up (cl send): and then?" in told
     assert {"follow-up sent", "follow-up started", "move settled"} <= set(events(layout))
 
 

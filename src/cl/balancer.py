@@ -359,8 +359,9 @@ class Balancer(Service):
         return self._status_view.render(snapshot)
 
     async def _job(self, request: Request, peer: Peer) -> Reply:
-        """One job's whole story: its prompt and state, every run (account, state, times, error),
-        the moves between accounts and why, and the latest run's result event."""
+        """One job's whole story: its prompt and state, every run (account, state, times, error,
+        the follow-up text it took from `cl send`), the moves between accounts and why, and the
+        latest run's result event."""
         job = await self._own_job(request, peer)
         runs = await self.store.job_runs(job.id)
         moves = [
@@ -400,6 +401,7 @@ class Balancer(Service):
                     "error": run.error,
                     "cache_read_tokens": run.cache_read_tokens,
                     "cache_creation_tokens": run.cache_creation_tokens,
+                    "follow_up": run.prompt,
                 }
                 for run in runs
             ],

@@ -450,6 +450,9 @@ def cmd_job(config: Config, args: argparse.Namespace) -> int:
             for r in story["runs"]
         ],
     )
+    for run in story["runs"]:
+        if run.get("follow_up"):
+            print(f"  run {run['id']} took a follow-up (cl send): {_one_line(run['follow_up'])}")
     for move in story["moves"]:
         print(f"  moved {move['from']} -> {move['to']} at {move['at']} ({move['why']}; {move['how']})")
     if (result := story["result"]) is not None:
