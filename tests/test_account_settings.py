@@ -149,6 +149,13 @@ def test_a_setting_never_makes_an_account_exist(layout: Layout, planted: Planted
         wait_until(lambda: "ghost" in {a["name"] for a in status(layout)["accounts"]}, "the file to bring ghost in")
         shown = {a["name"]: a for a in status(layout)["accounts"]}
         assert shown["ghost"]["settings"]["max_sessions"] == 2
+        typo = cl(layout, "accounts", "pause", "a11")  # pausing a name with no file: a typo, unless forced
+        assert (typo.returncode, typo.stderr) == (
+            4,
+            "cl: cl-balancer: there is no account a11 (no credentials-a11.json); --force pauses it before it lands\n",
+        )
+        forced = cl(layout, "accounts", "pause", "a11", "--force")
+        assert (forced.returncode, forced.stdout) == (0, "a11: paused\n")
 
 
 def test_bad_settings_are_refused_precisely(layout: Layout, planted: Planted) -> None:

@@ -204,12 +204,17 @@ class Balancer(Service):
         self.wake()
         return {"job": job.id}
 
-    async def _check_served(self, model: str) -> None:
-        """Refuse a model that no account of the roster may serve (with no account yet, the job
-        waits for one, as any job does). Reaching the fleet, its accounts are the roster too."""
+    async def _roster_names(self) -> list[str]:
+        """The accounts of the roster now; reaching the fleet, its other hosts' accounts too."""
         names = self.registry.sorted_names()
         if self.config.reaches_fleet:
             names = [*names, *await self.store.homes(self.config.host_name, fleet.stale_after(self.config))]
+        return names
+
+    async def _check_served(self, model: str) -> None:
+        """Refuse a model that no account of the roster may serve (with no account yet, the job
+        waits for one, as any job does). Reaching the fleet, its accounts are the roster too."""
+        names = await self._roster_names()
         settings = await self.store.settings()
         if names and not any(settings.get(name, UNSET).serves(model) for name in names):
             served = sorted({pattern for name in names for pattern in settings.get(name, UNSET).models or ()})
@@ -294,8 +299,8 @@ class Balancer(Service):
         }
 
     async def _account(self, request: Request, peer: Peer) -> Reply:
-        """Pause or resume an account, or set its `max_sessions`, `models` (None: the default) or
-        `allow_overage`.
+        """Pause or resume an account, or set its `max_sessions`, `models` (None: the default),
+        `allow_overage` or `pause_at`. Pausing a name the roster lacks (a typo?) needs `force`.
         Root, the daemons' user and `admin_group` only."""
         if not peer.sees_all(self.config.admin_group):
             raise RequestError("forbidden", f"account settings are for root and group {self.config.admin_group}")
@@ -303,6 +308,14 @@ class Balancer(Service):
         if name is None or not is_account_name(name):
             raise RequestError("bad-request", '"account" must be an account name (letters, digits, - and _)')
         changes = _setting_changes(request)
+        force = request.get("force", False)
+        if not isinstance(force, bool):
+            raise RequestError("bad-request", '"force" must be true or false')
+        if changes.get("paused") and not force and name not in await self._roster_names():
+            raise RequestError(
+                "not-found",
+                f"there is no account {name} (no credentials-{name}.json); --force pauses it before it lands",
+            )
         settings = await self.store.set_account(name, peer.uid, **changes)
         present = name in self.registry.accounts
         log.info("account settings changed", account=name, by=peer.uid, present=present, **changes)

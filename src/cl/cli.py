@@ -193,7 +193,8 @@ def _settings(settings: dict[str, Any] | None) -> str:
 
 
 def cmd_pause(config: Config, args: argparse.Namespace) -> int:
-    return _set_account(config, args.name, {"paused": args.action == "pause"})
+    force = {"force": True} if getattr(args, "force", False) else {}
+    return _set_account(config, args.name, {"paused": args.action == "pause", **force})
 
 
 SETTINGS = ("max_sessions", "models", "allow_overage", "pause_at")
@@ -807,6 +808,10 @@ def _account_actions(accounts: argparse.ArgumentParser) -> None:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         pausing.add_argument("name", help=name_help)
+        if action == "pause":
+            pausing.add_argument(
+                "--force", action="store_true", help="pause a name with no credential file (yet): it waits for one"
+            )
         pausing.set_defaults(func=cmd_pause)
     setting = actions.add_parser(
         "set",
