@@ -28,6 +28,14 @@ def test_file_then_environment(tmp_path: Path) -> None:
     assert (config.resync_interval, config.log_level, config.runtime_dir) == (2.5, "debug", Path("/run/x"))
 
 
+def test_a_relative_claude_bin_is_the_config_files_and_a_name_is_looked_up_on_path(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('claude_bin = "bin/claude"\n')
+    assert load_config({"CL_CONFIG": str(path)}).claude_bin == str(tmp_path / "bin" / "claude")
+    path.write_text('claude_bin = "claude"\n')
+    assert load_config({"CL_CONFIG": str(path)}).claude_bin == "claude"
+
+
 @pytest.mark.parametrize(
     ("content", "env", "message"),
     [

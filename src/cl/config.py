@@ -252,10 +252,12 @@ def _one_of(*choices: str) -> Callable[[Any, Path], str]:
     return parse
 
 
-def _claude_bin(value: Any, _base: Path) -> str:
+def _claude_bin(value: Any, base: Path) -> str:
+    """A command name (looked up on PATH), or a path: a relative one is the config file's
+    folder's (the environment's: the current directory's), never the job's."""
     if not isinstance(value, str) or not value:
         raise TypeError("must be a command name or path")
-    return value
+    return str(_path(value, base)) if "/" in value else value
 
 
 def _prompt(value: Any, _base: Path) -> str:
