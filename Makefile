@@ -116,7 +116,8 @@ generate: dev
 	$(BIN)/shtab --shell=zsh --error-unimportable cl.cli.parser > $(GENERATED)/completion/_cl
 	SOURCE_DATE_EPOCH=$$(date -u -d $(MAN_DATE) +%s) $(BIN)/argparse-manpage --module cl.cli --function parser \
 		--project-name cl-roster --version $(VERSION) --manual-title "cl manual" \
-		--description "submit Claude Code work and see accounts, sessions and walls" --output $(GENERATED)/man/cl.1
+		--description "submit Claude Code work and see accounts, sessions and walls" \
+		--include packaging/man/cl.include --output $(GENERATED)/man/cl.1
 
 clean:
 	rm -rf $(VENV) var build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -9,6 +9,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+from cl import cli
 from cl.config import _PARSERS, Config, load_config
 from utils import BIN, REPO
 
@@ -20,6 +21,15 @@ def test_the_man_page_and_completions_match_the_parser(tmp_path: Path) -> None:
     for generated in ("man/cl.1", "completion/cl", "completion/_cl"):
         fresh, shipped = (tmp_path / generated).read_text(), (REPO / "packaging" / generated).read_text()
         assert fresh == shipped, f"packaging/{generated} is behind the parser: run `make generate`"
+
+
+def test_the_man_page_has_examples_environment_files_and_every_exit_status() -> None:
+    page = (REPO / "packaging" / "man" / "cl.1").read_text()
+    sections = re.findall(r"^\.SH (.+)$", page, flags=re.MULTILINE)
+    assert {"EXAMPLES", "ENVIRONMENT", "FILES", "EXIT STATUS"} <= set(sections)
+    status = page.split(".SH EXIT STATUS", 1)[1]
+    codes = {int(code) for code in re.findall(r"^\.B (\d+)$", status, flags=re.MULTILINE)}
+    assert codes == {0, *(value for name, value in vars(cli).items() if name.startswith("EXIT_"))}
 
 
 def test_bash_completion_offers_commands_and_account_actions() -> None:

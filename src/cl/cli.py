@@ -1,8 +1,9 @@
 """`cl`: the command line. It finds the daemons through the same configuration they use.
 
 Exit codes: 0 fine, 1 the daemons disagree, 2 usage or configuration error (or a request
-the daemon refused), 3 a daemon is unreachable (or its state store is), 4 no such job or session;
-`cl wait`: 5 the job failed, 6 it was cancelled.
+the daemon refused), 3 a daemon is unreachable (or its state store is), 4 no such job, session
+or account (or no result yet); `cl wait` and `cl result`: 5 the job failed, 6 it was cancelled;
+`cl wait --timeout`: 7 it had not ended.
 """
 
 from __future__ import annotations
@@ -662,8 +663,8 @@ def parser() -> argparse.ArgumentParser:
         prog="cl",
         description="Claude Code sessions across accounts: submit work, see accounts, sessions and walls.",
         epilog="Exit codes: 0 fine, 1 the daemons disagree, 2 usage or a refused request, 3 a daemon or its store "
-        "unreachable, 4 no such job or session, or no result yet; `cl wait` and `cl result`: 5 failed, 6 cancelled; "
-        "`cl wait --timeout`: 7 not ended. `cl COMMAND --help` for each.",
+        "unreachable, 4 no such job, session or account, or no result yet; `cl wait` and `cl result`: 5 failed, "
+        "6 cancelled; `cl wait --timeout`: 7 not ended. `cl COMMAND --help` for each; `man cl` for all.",
     )
     p.add_argument("--version", action="version", version=f"cl {_version()}")
     commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
