@@ -54,7 +54,9 @@ prepend = { echo '$(1)'; cat $(2); } > $(2).new && mv $(2).new $(2)
 run: dev
 	@mkdir -p $(VAR)/claude $(VAR)/state $(VAR)/run
 	@chmod 0700 $(VAR)/claude $(VAR)/state
-	@if [ "$$(id -u)" = 0 ]; then systemd-sysusers $(CURDIR)/packaging/systemd/sysusers.d/cl.conf; fi
+	@if [ "$$(id -u)" = 0 ]; then \
+		echo "as root: making the system users and groups of packaging/systemd/sysusers.d/cl.conf that are missing (cl, cl-cli-1..16, cl-admin); each one made is named below"; \
+		systemd-sysusers $(CURDIR)/packaging/systemd/sysusers.d/cl.conf 2>&1; fi
 	@test -f $(VAR)/config.toml || printf 'credentials_dir = "claude"\nstate_dir = "state"\nsessions_dir = "sessions"\nruntime_dir = "run"\n' > $(VAR)/config.toml
 	@if [ "$$(id -u)" != 0 ] && ! grep -q '^confinement' $(VAR)/config.toml; then \
 		$(call prepend,confinement = "none"  # not root: no user of its own per job and no sandbox (make run as root has both),$(VAR)/config.toml); \

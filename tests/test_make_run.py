@@ -34,3 +34,5 @@ def test_make_run_serves_a_dropped_file_and_ctrl_c_stops_both(tmp_path: Path, pl
     assert "Traceback" not in out, out
     assert not any(path.exists() for path in sockets)  # both removed their sockets on the way out
     assert f"CL_CONFIG={var}/config.toml" in out  # it told the user how to reach them
+    if os.getuid() == 0:  # it says that it makes system users, and which (none here: made already)
+        assert "as root: making the system users and groups of packaging/systemd/sysusers.d/cl.conf" in out
