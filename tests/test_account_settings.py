@@ -46,7 +46,7 @@ def test_a_paused_account_takes_no_new_work_finishes_its_own_and_stays_paused(la
         queued = submit(layout, "waits for a resume")
         rows = {line.split()[0]: line.split() for line in ok(layout, "status").splitlines() if line}
         assert rows["a1"][1:3] == ["paused,", "ok"]
-        assert "1 job(s) queued: every usable account is paused (cl accounts resume NAME)" in ok(layout, "status")
+        assert "1 job(s) queued: 2 paused (cl accounts resume NAME)\n" in ok(layout, "status")
         layout.hold.unlink()
         wait_until(lambda: job_states(layout)[running] == "done", "the paused account's live session to finish")
         for daemon in daemons:  # the pause is kept across restarts

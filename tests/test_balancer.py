@@ -490,4 +490,10 @@ def test_status_says_why_queued_jobs_wait(layout: Layout, planted: Planted) -> N
     wait_until(lambda: status(layout)["accounts"][0]["walled_until"], "a1 to wall")
     submit(layout, "behind the wall")
     wait_until(lambda: status(layout)["queue"] == 1, "the second job to wait")
-    assert "1 job(s) queued: every account walled, the first free at" in cl(layout, "status").stdout
+    assert "1 job(s) queued: 1 walled, the first free at" in cl(layout, "status").stdout
+    for name in ("a2", "a3"):  # paused before their files land: the job stays queued
+        assert cl(layout, "accounts", "pause", name, "--force").returncode == 0
+        write_credential(layout.credentials, name, oauth_credential(planted))
+    wait_until(lambda: len(status(layout)["accounts"]) == 3, "a2 and a3 to show")
+    said = cl(layout, "status").stdout
+    assert "1 job(s) queued: 2 paused (cl accounts resume NAME), 1 walled, the first free at" in said

@@ -346,18 +346,20 @@ def _paused(account: dict[str, Any]) -> bool:
 
 
 def _queue_waits_for(accounts: list[dict[str, Any]], now: float) -> str:
-    """Why queued jobs wait, as the accounts show it."""
+    """Why queued jobs wait, as the accounts show it, each reason counted: `2 paused (...), 1
+    walled, the first free at T`."""
     usable = [a for a in accounts if a["state"] == "ok"]
     if not usable:
         return ": waiting for an account (none is usable: drop a credential file in)"
-    if all(map(_paused, usable)):
-        return ": every usable account is paused (cl accounts resume NAME)"
-    usable = [a for a in usable if not _paused(a)]
-    free = [a for a in usable if not a["walled_until"]]
-    if not free:
-        first = min(a["walled_until"] for a in usable)
-        return f": every account walled, the first free at {_when(first, now)}"
-    return ": every account at its session limit, or none may serve the job's model (cl accounts)"
+    paused = [a for a in usable if _paused(a)]
+    walled = [a for a in usable if not _paused(a) and a["walled_until"]]
+    full = len(usable) - len(paused) - len(walled)
+    reasons = [f"{len(paused)} paused (cl accounts resume NAME)"] if paused else []
+    if walled:
+        reasons.append(f"{len(walled)} walled, the first free at {_when(min(a['walled_until'] for a in walled), now)}")
+    if full:
+        reasons.append(f"{full} at its session limit or not serving the job's model (cl accounts)")
+    return ": " + ", ".join(reasons)
 
 
 def _when(iso: str, now: float) -> str:
