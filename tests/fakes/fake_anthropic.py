@@ -4,7 +4,8 @@
 listens on 127.0.0.1 (an ephemeral port, written to P), and on the same port of each `--also-on`
 address; each inference request's log line says which address it came to (`via`). `POST /v1/messages` answers as SSE
 when asked to stream, JSON otherwise: `Hi from fake server (n_messages=N, key=...<tail>, count=C).`
-After `limits[credential]` counted messages (or `limits["*"]`), that credential gets the wall:
+After `limits[credential]` counted messages (or `limits["*"]`; a one-token quota check is not
+counted), that credential gets the wall:
 429 with the `anthropic-ratelimit-unified-*` headers and a `retry-after` over 60 s, so the
 real client neither retries nor waits. Each request is logged as one JSON line, with the
 credential's last six characters only. `POST /_fake/limit {"key", "limit"}` changes a quota;
@@ -242,7 +243,7 @@ class Handler(BaseHTTPRequestHandler):
             window = self.server.model_walls.get(credential)
             if not walled and window is not None and window[0] in str(body.get("model", "")):
                 walled, claim = True, window[1]
-            if not walled:
+            if not walled and body.get("max_tokens") != 1:  # a one-token quota check uses nothing
                 self.server.counts[credential] = used + 1
         reset = int(time.time()) + self.server.reset_in
         self.server.record(

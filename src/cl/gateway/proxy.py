@@ -302,13 +302,14 @@ class Proxy:
             return _error(529, "overloaded_error", "the API cannot be reached from cl-gateway")
         reading = limits.read(upstream.headers, time.time())
         self._recorder.usage(account.name, reading)
-        self._readings[account.name] = reading
         if not _refused(upstream.status, reading):
+            self._readings[account.name] = reading  # a wall's is the wall's to act on, not an early move's
             self.counts.forwarded += 1
             if reading.overage:
                 await self._overage_used(account, run, reading)
             return await self._relay(request, upstream, run)
         refusal = await self._relay(request, upstream, None)  # an error: read whole, not sent yet
+        self._readings.pop(account.name, None)
         await self._wall(account, run, reading, refusal)
         return Refused(refusal)
 
