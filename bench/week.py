@@ -114,9 +114,9 @@ def simulate(policy: str, five_hour: float, root: Path) -> Outcome:
         for i, name in enumerate(ACCOUNTS):
             api.post("/_fake/budget", {"key": tokens[name], "elapsed": {"seven_day": week * (i + 0.5) / len(ACCOUNTS)}})
         gateway = stack.enter_context(running(layout, api, **env))
-        for name in ACCOUNTS:
-            if (pause_at := PAUSE_AT.get(policy)) is not None:
-                gateway.balancer.request({"request": "account", "account": name, "pause_at": pause_at})
+        if (pause_at := PAUSE_AT.get(policy)) is not None:  # every account the balancer has
+            for listed in gateway.balancer.request({"request": "accounts"})["accounts"]:
+                gateway.balancer.request({"request": "account", "account": listed["name"], "pause_at": pause_at})
         start = time.time()
         drive(layout, start + week)
         counters = gateway.gateway.request({"request": "metrics"})["counters"]

@@ -30,15 +30,13 @@ from cl.moments import span
 from cl.states import JobState, RunState
 
 DAEMONS = ("balancer", "rescue")
-EXIT_DIFFER, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND, EXIT_FAILED, EXIT_CANCELLED, EXIT_TIMED_OUT = (
-    1,
-    2,
-    3,
-    4,
-    5,
-    6,
-    7,
-)
+EXIT_DIFFER = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_NOT_FOUND = 4
+EXIT_FAILED = 5
+EXIT_CANCELLED = 6
+EXIT_TIMED_OUT = 7
 
 
 class CommandError(Exception):
@@ -194,7 +192,7 @@ def _settings(settings: dict[str, Any] | None) -> str:
 
 
 def cmd_pause(config: Config, args: argparse.Namespace) -> int:
-    force = {"force": True} if getattr(args, "force", False) else {}
+    force = {"force": True} if args.force else {}
     return _set_account(config, args.name, {"paused": args.action == "pause", **force})
 
 
@@ -217,14 +215,14 @@ def cmd_set(config: Config, args: argparse.Namespace) -> int:
                 raise CommandError(f"allow_overage={value}: yes or no (empty: no, the default)", EXIT_USAGE)
             changes[key] = value == "yes"
         elif key == "pause_at":
-            changes[key] = _utilization(value) if value else None
+            changes[key] = _pause_at(value) if value else None
         else:
             changes[key] = [model.strip() for model in value.split(",") if model.strip()] or None
     return _set_account(config, args.name, changes)
 
 
-def _utilization(value: str) -> float:
-    """`0.9` or `90%`: a fraction above 0 and at most 1."""
+def _pause_at(value: str) -> float:
+    """`pause_at=0.9` or `pause_at=90%`: a fraction above 0 and at most 1."""
     try:
         fraction = float(value[:-1]) / 100 if value.endswith("%") else float(value)
     except ValueError:
@@ -815,7 +813,7 @@ def _account_actions(accounts: argparse.ArgumentParser) -> None:
             pausing.add_argument(
                 "--force", action="store_true", help="pause a name with no credential file (yet): it waits for one"
             )
-        pausing.set_defaults(func=cmd_pause)
+        pausing.set_defaults(func=cmd_pause, force=False)
     setting = actions.add_parser(
         "set",
         help="set an account's own max_sessions, models, allow_overage or pause_at (empty value: the default)",

@@ -148,7 +148,7 @@ class Placer:
         self._outlook = Outlook(facts.windows, dict(facts.live))
         self._move_at = move_at
         self._live = facts.live
-        self._usage = {name: dict(usage) for name, usage in facts.usage.items()}
+        self._usage = dict(facts.usage)  # an account given work gets an entry of its own (round-robin)
         self._probation = facts.probation
         self._settings = facts.settings
         self._model_walls = facts.model_walls
@@ -194,7 +194,7 @@ class Placer:
             return None
         room = limit(account, self._max_sessions, self._probation, self._settings)
         self._live[account] = self._live.get(account, 0) + 1
-        self._usage.setdefault(account, {})["last_used_at"] = time.time()  # round-robin's turn moves on
+        self._usage[account] = {**self._usage.get(account, {}), "last_used_at": time.time()}  # its turn is over
         if self._live[account] >= room:
             self._drop(account)
         return account, room

@@ -301,15 +301,13 @@ class Proxy:
             log.warning("upstream unreachable", account=account.name, run=run.id, error=_said(exc))
             return _error(529, "overloaded_error", "the API cannot be reached from cl-gateway")
         reading = limits.read(upstream.headers, time.time())
-        self._recorder.usage(account.name, reading)
+        self._heard(account.name, reading, upstream.status)
         if not _refused(upstream.status, reading):
-            self._readings[account.name] = reading  # a wall's is the wall's to act on, not an early move's
             self.counts.forwarded += 1
             if reading.overage:
                 await self._overage_used(account, run, reading)
             return await self._relay(request, upstream, run)
         refusal = await self._relay(request, upstream, None)  # an error: read whole, not sent yet
-        self._readings.pop(account.name, None)
         await self._wall(account, run, reading, refusal)
         return Refused(refusal)
 
@@ -393,6 +391,15 @@ class Proxy:
                  **{"from": run.account, "window": window})  # fmt: skip
         return moved
 
+    def _heard(self, account: str, reading: limits.Reading, status: int) -> None:
+        """What an answer's headers said of `account`'s windows: recorded, and kept for early
+        moves unless the answer refused it (a wall is the wall's to act on, not an early move's)."""
+        self._recorder.usage(account, reading)
+        if _refused(status, reading):
+            self._readings.pop(account, None)
+        else:
+            self._readings[account] = reading
+
     def _crossed(self, account: str) -> tuple[str, float] | None:
         """The window of `account` past `move_at`, and its utilization, as the API's last answer
         said them (or the one it warned of, `allowed_warning`), while that window stands."""
@@ -430,8 +437,7 @@ class Proxy:
         if not reading.utilization:
             log.info("idle account not read: no windows in the answer", account=account.name, status=status)
             return
-        self._recorder.usage(account.name, reading)
-        self._readings[account.name] = reading
+        self._heard(account.name, reading, status)
         if status == 429 and reading.rejected:
             await self._store.record_wall(account.name, "api", reading.reset or time.time() + self._wall_retry,
                                           reading.claim)  # fmt: skip
