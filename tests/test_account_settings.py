@@ -45,7 +45,7 @@ def test_a_paused_account_takes_no_new_work_finishes_its_own_and_stays_paused(la
         assert ok(layout, "accounts", "pause", "a2") == "a2: paused\n"
         queued = submit(layout, "waits for a resume")
         rows = {line.split()[0]: line.split() for line in ok(layout, "status").splitlines() if line}
-        assert rows["a1"][1:3] == ["paused,", "ok"]
+        assert rows["a1"][1:3] == ["paused", "1"]  # its live session goes on
         assert "1 job(s) queued: 2 paused (cl accounts resume NAME)\n" in ok(layout, "status")
         layout.hold.unlink()
         wait_until(lambda: job_states(layout)[running] == "done", "the paused account's live session to finish")
@@ -53,9 +53,10 @@ def test_a_paused_account_takes_no_new_work_finishes_its_own_and_stays_paused(la
             daemon.stop()
             daemon.start()
         table = ok(layout, "accounts").splitlines()
-        assert table[0].split() == ["ACCOUNT", "BALANCER", "RESCUE", "5H", "7D", "SETTINGS", "REASON"]
-        listed = [row.split()[:6] for row in table[1:]]
-        assert listed == [["a1", "ok", "ok", "-", "-", "paused"], ["a2", "ok", "ok", "-", "-", "paused"]]
+        assert table[0].split() == ["ACCOUNT", "STATE", "KIND", "EXPIRES", "5H", "7D", "SETTINGS", "REASON"]
+        listed = [(row.split()[:2], row.split()[7:9]) for row in table[1:]]  # (expiry is two words)
+        assert listed == [(["a1", "paused"], ["paused", "paused"]), (["a2", "paused"], ["paused", "paused"])]
+        assert table[1].endswith(": cl accounts resume a1")
         assert job_states(layout)[queued] == "queued"
         assert ok(layout, "accounts", "resume", "a2") == "a2: -\n"
         wait_until(lambda: job_states(layout)[queued] == "done", "the queued job to run on the resumed account")
@@ -139,11 +140,12 @@ def test_a_setting_never_makes_an_account_exist(layout: Layout, planted: Planted
         listed = cl(layout, "accounts")
         assert listed.returncode == 0, listed.stderr  # both daemons still agree: ghost is in neither roster
         ghost = next(line for line in listed.stdout.splitlines() if line.startswith("ghost"))
-        assert ghost.split()[:7] == ["ghost", "(absent)", "(absent)", "-", "-", "max", "2"]
+        assert ghost.split()[:8] == ["ghost", "absent", "-", "-", "-", "-", "max", "2"]
         assert ghost.endswith("no credential file: its settings wait for one")
         views = json.loads(ok(layout, "accounts", "--json"))
         assert [a["name"] for a in views["balancer"]] == [a["name"] for a in views["rescue"]] == ["a1"]
-        assert [(s["account"], s["present"]) for s in views["settings"]] == [("ghost", False)]
+        absent = [(a["name"], a["settings"]["max_sessions"]) for a in views["accounts"] if a["state"] == "absent"]
+        assert absent == [("ghost", 2)]
         assert [a["name"] for a in status(layout)["accounts"]] == ["a1"]
         write_credential(layout.credentials, "ghost", oauth_credential(planted))
         wait_until(lambda: "ghost" in {a["name"] for a in status(layout)["accounts"]}, "the file to bring ghost in")

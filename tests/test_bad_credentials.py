@@ -81,18 +81,20 @@ def test_bad_files_are_reported_once_and_harm_nothing(layout: Layout, planted: P
     drop(layout, "good", oauth_credential(planted))
     with both(layout, **unprivileged()) as (balancer, rescue):
         expected = {"good": "ok"} | drop_bad_files(layout, planted)
-        wait_until(lambda: balancer.states() == rescue.states() == expected, f"both daemons to show {expected}")
+        wait_until(
+            lambda: balancer.file_states() == rescue.file_states() == expected, f"both daemons to show {expected}"
+        )
 
         # A half-written file is invalid until its writer finishes, then it is an account.
         content = oauth_credential(planted)
         half = drop(layout, "half", content[: len(content) // 2])
-        wait_until(lambda: rescue.states().get("half") == "invalid", "the half-written file to show as invalid")
+        wait_until(lambda: rescue.file_states().get("half") == "invalid", "the half-written file to show as invalid")
         with half.open("a") as f:
             f.write(content[len(content) // 2 :])
         expected |= {"half": "ok"}
         write_credential(layout.credentials, "late", oauth_credential(planted))
         expected |= {"late": "ok"}
-        wait_until(lambda: balancer.states() == rescue.states() == expected, "the good accounts to work on")
+        wait_until(lambda: balancer.file_states() == rescue.file_states() == expected, "the good accounts to work on")
 
         reasons = {a["name"]: a["reason"] for a in balancer.request({"request": "accounts"})["accounts"]}
         assert reasons["huge"] == "too large (52428800 bytes, limit 65536)"

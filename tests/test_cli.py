@@ -30,25 +30,30 @@ def test_both_views_side_by_side(
 ) -> None:
     write_credential(layout.credentials, "a1", oauth_credential(planted))
     write_credential(layout.credentials, "zz", "not json")
-    wait_until(lambda: all(len(d.states()) == 2 for d in daemons), "both daemons to see both files")
+    wait_until(lambda: all(len(d.file_states()) == 2 for d in daemons), "both daemons to see both files")
     result = cl(layout, "accounts")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["ACCOUNT", "BALANCER", "RESCUE", "5H", "7D", "SETTINGS", "REASON"]
-    assert lines[1].split() == ["a1", "ok", "ok", "-", "-", "-"]  # no window read yet, no setting
-    assert lines[2].split()[:2] == ["zz", "invalid"]
+    assert lines[0].split() == ["ACCOUNT", "STATE", "KIND", "EXPIRES", "5H", "7D", "SETTINGS", "REASON"]
+    a1, zz = lines[1].split(), lines[2].split()
+    assert a1[:4] == ["a1", "ok", "oauth", "in"]  # its token expires in some hours
+    assert a1[5:] == ["-", "-", "-"]  # no window read yet, no setting, no reason
+    assert zz[:2] == ["zz", "invalid"]
     assert "malformed JSON" in lines[2]
 
     as_json = json.loads(cl(layout, "accounts", "--json").stdout)
-    assert set(as_json) == {"balancer", "rescue", "settings", "needs_login", "fleet", "windows"}
+    assert set(as_json) == {"accounts", "balancer", "rescue", "fleet"}
     assert as_json["balancer"] == as_json["rescue"]
-    assert [a["name"] for a in as_json["balancer"]] == ["a1", "zz"]
-    assert {"name", "state"} <= set(as_json["balancer"][0])
+    assert [(a["name"], a["file"]) for a in as_json["balancer"]] == [("a1", "ok"), ("zz", "invalid")]
+    assert [(a["name"], a["state"], a["kind"]) for a in as_json["accounts"]] == [
+        ("a1", "ok", "oauth"),
+        ("zz", "invalid", None),
+    ]
 
     only = json.loads(cl(layout, "accounts", "--from", "rescue", "--json").stdout)
     assert only == as_json["rescue"]
     table = cl(layout, "accounts", "--from", "balancer").stdout
-    assert table.splitlines()[0].split() == ["ACCOUNT", "STATE", "KIND", "EXPIRES", "REASON"]
+    assert table.splitlines()[0].split() == ["ACCOUNT", "FILE", "KIND", "EXPIRES", "REASON"]
 
 
 def test_differing_views_are_loud(layout: Layout, planted: Planted) -> None:

@@ -125,8 +125,8 @@ def test_a_slow_credentials_path_is_reported_and_the_rest_works(layout: Layout, 
     balancer = DaemonProcess("balancer", layout, wrap=wrap).start()
     try:
         write_credential(layout.credentials, "slow", oauth_credential(planted))
-        assert balancer.states()["a1"] == "ok"  # answered, the other account untouched
-        wait_until(lambda: balancer.states().get("slow") == "ok", "the slow file to be read after all")
+        assert balancer.file_states()["a1"] == "ok"  # answered, the other account untouched
+        wait_until(lambda: balancer.file_states().get("slow") == "ok", "the slow file to be read after all")
         wait_until(lambda: "credentials directory is slow" in balancer.log(), "the slowness to be reported")
         line = next(line for line in balancer.log().splitlines() if "credentials directory is slow" in line)
         assert "reading=slow" in line
@@ -227,7 +227,7 @@ def test_exhausted_descriptors_never_change_the_roster(layout: Layout, planted: 
         write_credential(layout.credentials, name, oauth_credential(planted))
     balancer = DaemonProcess("balancer", layout, wrap=["prlimit", "--nofile=256:256", "--"]).start()
     try:
-        assert balancer.states() == dict.fromkeys(("a1", "a2", "a3"), "ok")
+        assert balancer.file_states() == dict.fromkeys(("a1", "a2", "a3"), "ok")
         idle = []
         try:
             for _ in range(300):
@@ -242,8 +242,8 @@ def test_exhausted_descriptors_never_change_the_roster(layout: Layout, planted: 
         finally:
             for connection in idle:
                 connection.close()
-        wait_until(lambda: balancer.states().get("a4") == "ok", "the new file, once descriptors are back")
-        assert balancer.states() == dict.fromkeys(("a1", "a2", "a3", "a4"), "ok")
+        wait_until(lambda: balancer.file_states().get("a4") == "ok", "the new file, once descriptors are back")
+        assert balancer.file_states() == dict.fromkeys(("a1", "a2", "a3", "a4"), "ok")
         log = balancer.log()
         assert "account removed" not in log
         assert "account invalid" not in log

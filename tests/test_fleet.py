@@ -407,9 +407,9 @@ def test_accounts_and_status_show_each_accounts_home_and_the_sessions_by_host(
         accounts = [line.split() for line in cl(alpha, "accounts").stdout.splitlines()]
         shown = cl(alpha, "status").stdout
         fleet_json = json.loads(cl(alpha, "status", "--json").stdout)["fleet"]
-    assert accounts[0] == ["ACCOUNT", "BALANCER", "RESCUE", "HOME", "5H", "7D", "SETTINGS", "REASON"]
-    assert accounts[1][:4] == ["a1", "ok", "ok", "alpha"]
-    assert accounts[2] == ["b1", "(elsewhere)", "(elsewhere)", "beta", "-", "-", "-", "an", "account", "of", "beta"]
+    assert accounts[0] == ["ACCOUNT", "STATE", "HOME", "KIND", "EXPIRES", "5H", "7D", "SETTINGS", "REASON"]
+    assert accounts[1][:4] == ["a1", "ok", "alpha", "oauth"]
+    assert accounts[2] == ["b1", "elsewhere", "beta", "-", "-", "-", "-", "-", "an", "account", "of", "beta"]
     assert re.search(r"alpha \(this host\) +[\d.]+ s ago +live +1 +0 session\(s\)", shown)
     assert re.search(r"beta +[\d.]+ s ago +live +1 +1 session\(s\)", shown)
     assert [host["name"] for host in fleet_json["hosts"]] == ["alpha", "beta"]

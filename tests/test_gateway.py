@@ -349,7 +349,7 @@ def test_idle_accounts_are_read_with_the_clis_quota_check_and_cl_accounts_shows_
         row = next(line for line in table.splitlines() if line.startswith("a2"))
         assert re.search(r"42% \(resets in (59m\d\ds|1h00m), read 0m\d\ds ago\)", row), table
         assert re.search(r"20% \(resets in 3d0h, read 0m\d\ds ago\)", row), table
-        shown = json.loads(cl(layout, "accounts", "--json").stdout)["windows"]
+        shown = {a["name"]: a["windows"] for a in json.loads(cl(layout, "accounts", "--json").stdout)["accounts"]}
         assert shown["a2"]["five_hour"]["utilization"] == 0.42
         assert len(fake_api.messages()) == 2  # read once in its interval
 
@@ -591,12 +591,14 @@ def test_the_gateway_reports_the_same_accounts_as_the_daemons(
     for name in ("a1", "a2", "a3"):
         account(layout, planted, name)
     wait_until(
-        lambda: all(set(d.states()) == {"a1", "a2", "a3"} for d in (gateway.gateway, gateway.balancer, gateway.rescue)),
+        lambda: all(
+            set(d.file_states()) == {"a1", "a2", "a3"} for d in (gateway.gateway, gateway.balancer, gateway.rescue)
+        ),
         "all three daemons to see the three accounts",
     )
     (layout.credentials / "credentials-a2.json").unlink()
     wait_until(
-        lambda: all(set(d.states()) == {"a1", "a3"} for d in (gateway.gateway, gateway.balancer, gateway.rescue)),
+        lambda: all(set(d.file_states()) == {"a1", "a3"} for d in (gateway.gateway, gateway.balancer, gateway.rescue)),
         "all three daemons to see a2 gone",
     )
 

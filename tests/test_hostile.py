@@ -163,7 +163,7 @@ def test_control_characters_in_everything_the_cli_prints_harm_nothing(layout: La
     assert job["session_id"] is None
     assert job["state"] == "done" or job["error"], job
     with both(layout, env=env) as (balancer, rescue):
-        assert balancer.states() == rescue.states() == {"a1": "ok"}
+        assert balancer.file_states() == rescue.file_states() == {"a1": "ok"}
     for daemon in (balancer, rescue):  # what the CLI printed reaches no log raw (a terminal's escapes)
         assert not set(daemon.log()) & (set(map(chr, range(32))) - {"\n"}), daemon.name
 

@@ -109,7 +109,7 @@ def test_a_manager_that_stops_reading_never_freezes_the_daemon(
     # every new account changes STATUS=. Each must still show, one after the other.
     for i in range(40):
         write_credential(layout.credentials, f"a{i}", oauth_credential(planted))
-        wait_until(lambda i=i: f"a{i}" in daemon.states(), f"account a{i} to show")  # type: ignore[misc]
+        wait_until(lambda i=i: f"a{i}" in daemon.file_states(), f"account a{i} to show")  # type: ignore[misc]
     assert daemon.stop() == 0
 
 
@@ -127,7 +127,7 @@ def test_sighup_reloads_and_rescans(layout: Layout, manager: ServiceManager, pla
     manager.until("RELOADING")
     manager.until("READY")
     write_credential(layout.credentials, "a", oauth_credential(planted))
-    wait_until(lambda: daemon.states() == {"a": "ok"}, "the account to show after reloads")
+    wait_until(lambda: daemon.file_states() == {"a": "ok"}, "the account to show after reloads")
     assert "reload refused" in daemon.log()
     assert daemon.stop() == 0
 

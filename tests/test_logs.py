@@ -173,7 +173,7 @@ def test_a_daemon_under_systemd_writes_to_the_journal_natively(
     env = layout.env(JOURNAL_STREAM=journal_stream(layout.root / "rescue.log"), CL_JOURNAL_SOCKET=journal.getsockname())
     daemon = DaemonProcess("rescue", layout, env=env).start()
     write_credential(layout.credentials, "a4", oauth_credential(planted))
-    wait_until(lambda: "a4" in daemon.states(), "a4 to show")
+    wait_until(lambda: "a4" in daemon.file_states(), "a4 to show")
     assert daemon.stop() == 0
     sent = entries(journal)
     added = next(e for e in sent if e.get("MESSAGE_ID") == journal_ids.MESSAGE_IDS["account added"])
@@ -195,7 +195,7 @@ def test_a_daemon_under_journald_without_its_socket_prefixes_priorities(layout: 
     daemon.log_path = log_path
     daemon.start()
     write_credential(layout.credentials, "a4", oauth_credential(planted))
-    wait_until(lambda: "a4" in daemon.states(), "a4 to show")
+    wait_until(lambda: "a4" in daemon.file_states(), "a4 to show")
     assert daemon.stop() == 0
     lines = log_path.read_text().splitlines()
     assert "<6>account added account=a4 state=ok kind=oauth daemon=rescue" in lines

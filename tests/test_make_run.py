@@ -17,9 +17,7 @@ def test_make_run_serves_a_dropped_file_and_ctrl_c_stops_both(tmp_path: Path, pl
 
     def views() -> list[dict[str, str]] | None:
         try:
-            return [
-                {a["name"]: a["state"] for a in call(path, {"request": "accounts"})["accounts"]} for path in sockets
-            ]
+            return [{a["name"]: a["file"] for a in call(path, {"request": "accounts"})["accounts"]} for path in sockets]
         except DaemonUnreachable:
             return None
 

@@ -4,6 +4,8 @@ scrape, parsed with prometheus_client's own parser; and the example alert rules,
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 import shutil
 import socket
 import subprocess
@@ -23,6 +25,7 @@ from utils import (
     cl,
     job_states,
     oauth_credential,
+    status,
     submit,
     wait_until,
     write_credential,
@@ -91,6 +94,19 @@ def test_the_endpoint_reports_accounts_queue_counters_and_latencies(layout: Layo
             queued = submit(layout, "waits: a1 walled, a2 paused")
             samples = scrape(url)
             assert job_states(layout)[queued] == "queued"
+            in_accounts = {
+                a["name"]: a["state"] for a in json.loads(cl(layout, "accounts", "--json").stdout)["accounts"]
+            }
+            in_status = {a["name"]: a["state"] for a in status(layout)["accounts"]}
+            shown = cl(layout, "status").stdout
+    in_metrics = {labels[0][1]: labels[1][1] for (name, labels), _ in samples.items() if name == "cl_account_state"}
+    assert in_accounts == in_status == in_metrics == {"a1": "walled", "a2": "paused", "a3": "invalid"}  # one state
+    assert re.search(r"^a1 +walled( \(5h\))? until 20", shown, re.MULTILINE), shown
+    assert re.search(
+        r"1 job\(s\) queued: 1 walled, the first until 20.*, 1 paused \(cl accounts resume NAME\), 1 invalid$",
+        shown,
+        re.MULTILINE,
+    )
     assert value(samples, "cl_up", daemon="balancer") == value(samples, "cl_up", daemon="rescue") == 1
     assert {state: value(samples, "cl_accounts", state=state) for state in ("ok", "walled", "paused", "invalid")} == {
         "ok": 0,

@@ -127,7 +127,9 @@ def test_never_on_a_paused_or_own_limit_full_account_or_one_that_may_not_serve_t
 @given(worlds(), st.sets(NAMES))
 def test_never_on_an_account_another_host_of_the_fleet_serves(world: tuple, aside: set[str]) -> None:  # type: ignore[type-arg]
     roster, walled, live, _usage, max_sessions = world
-    facts = Facts([], {name: WallRecord(name, None, None, "cli", 0.0) for name in walled}, set(), live, {}, aside=aside)
+    facts = Facts(
+        [], {name: WallRecord(name, None, None, "cli", 0.0) for name in walled}, frozenset(), live, {}, aside=aside
+    )
     expected = set(eligible(usable(roster), walled, live, max_sessions)) - aside
     placer = Placer(usable(roster), facts, max_sessions, "headroom")
     taken: list[str] = []
@@ -168,7 +170,9 @@ def test_a_placer_fills_accounts_up_to_their_limits_and_skips_those_full_elsewhe
     that turns out full inside its transaction (the other daemon got there first) is never tried
     again; a piece is left waiting only when no account may take it."""
     roster, walled, live, usage, max_sessions = world
-    facts = Facts([], {name: WallRecord(name, None, None, "test", 0.0) for name in walled}, set(), dict(live), usage)
+    facts = Facts(
+        [], {name: WallRecord(name, None, None, "test", 0.0) for name in walled}, frozenset(), dict(live), usage
+    )
     facts = dataclasses.replace(facts, settings=settings)
     placer = Placer(usable(roster), facts, max_sessions, policy)
     placed: dict[str, int] = {}
@@ -211,7 +215,7 @@ def test_a_placer_fills_accounts_up_to_their_limits_and_skips_those_full_elsewhe
 
 def test_a_placer_places_no_more_live_runs_in_all_than_the_cli_has_users() -> None:
     roster = {name: Account(name, AccountState.OK) for name in ("a1", "a2")}
-    placer = Placer(usable(roster), Facts([], {}, set(), {"a1": 1}, {}), 4, "headroom", at_once=3)
+    placer = Placer(usable(roster), Facts([], {}, frozenset(), {"a1": 1}, {}), 4, "headroom", at_once=3)
 
     async def attempt(_account: str, _room: int) -> bool:
         return True
@@ -259,7 +263,7 @@ def test_pace_spreads_a_herd_by_projection_where_headroom_fills_the_emptiest() -
     reset), so the herd goes to a1 until it is projected past move_at, then to a2, then to the
     lower projection."""
     shape = windows(a1=(0.0, 5, None), a2=(0.3, 5, 0.05))
-    facts = Facts([], {}, set(), {"a2": 1}, {"a2": {"five_hour": 0.3}}, windows=shape)
+    facts = Facts([], {}, frozenset(), {"a2": 1}, {"a2": {"five_hour": 0.3}}, windows=shape)
     assert placed("headroom", dataclasses.replace(facts, live={"a2": 1}), 6, ["a1", "a2"]) == ["a1"] * 6
     went = placed("pace", dataclasses.replace(facts, live={"a2": 1}), 6, ["a1", "a2"])
     assert went == ["a1", "a1", "a1", "a2", "a1", "a2"]
@@ -270,7 +274,7 @@ def test_pace_drains_the_account_whose_weekly_window_resets_soonest() -> None:
         "a1": {"seven_day": Window(0.5, NOW + 100 * HOUR, None)},
         "a2": {"seven_day": Window(0.7, NOW + 10 * HOUR, None)},
     }
-    facts = Facts([], {}, set(), {}, {}, windows=weekly)
+    facts = Facts([], {}, frozenset(), {}, {}, windows=weekly)
     outlook = Outlook(weekly, {}, NOW)
     assert choose(["a1", "a2"], {}, {}, "pace", outlook=outlook) == "a2"  # its unused 30% is lost in 10 h
     assert choose(["a1", "a2"], {}, {}, "headroom") == "a1"
@@ -308,14 +312,14 @@ def test_a_window_past_its_reset_is_empty_again() -> None:
 
 def test_round_robin_takes_each_account_in_turn() -> None:
     usage: dict[str, dict[str, float | None]] = {"a1": {"last_used_at": 30.0}, "a2": {"last_used_at": 10.0}}
-    facts = Facts([], {}, set(), {}, usage)
+    facts = Facts([], {}, frozenset(), {}, usage)
     assert placed("round-robin", facts, 5, ["a1", "a2", "a3"]) == ["a3", "a2", "a1", "a3", "a2"]
 
 
 def test_pause_at_keeps_new_work_off_an_account_that_full() -> None:
     shape = {"a1": {"seven_day": Window(0.91, time.time() + HOUR, None)}, "a2": {}}
     settings = {"a1": AccountSettings("a1", pause_at=0.9), "a2": AccountSettings("a2", pause_at=0.9)}
-    facts = Facts([], {}, set(), {}, {}, settings=settings, windows=shape)
+    facts = Facts([], {}, frozenset(), {}, {}, settings=settings, windows=shape)
     assert placed("headroom", facts, 2, ["a1", "a2"]) == ["a2", "a2"]
     lower = dataclasses.replace(facts, settings={"a1": AccountSettings("a1", pause_at=0.95)})
     assert "a1" in placed("fill-first", lower, 2, ["a1"])

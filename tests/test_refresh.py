@@ -75,7 +75,7 @@ def test_a_refreshed_token_reaches_the_accounts_file_and_the_next_session(layout
         copy = layout.sessions / "job-1" / ".credentials.json"
         assert planted.tokens_in(copy) == planted.tokens_in(account_file)  # the job's copy and the account agree
         wait_until(lambda: "account changed account=a1" in balancer.log(), "the registry to see a change")
-        assert balancer.states() == {"a1": "ok"}
+        assert balancer.file_states() == {"a1": "ok"}
         assert "refreshed credentials kept account=a1" in balancer.log()
         assert "account removed" not in balancer.log()
 
@@ -100,7 +100,7 @@ def test_a_blanked_refresh_never_reaches_the_accounts_file(layout: Layout, plant
         copy = layout.sessions / "job-1" / ".credentials.json"
         assert copy.read_bytes() == before  # the blanked copy gave way to the account's good one
         assert "refreshed credentials not kept account=a1 state=needs-login" in balancer.log()
-        assert balancer.states() == {"a1": "ok"}
+        assert balancer.file_states() == {"a1": "ok"}
     finally:
         balancer.stop()
 
@@ -195,7 +195,7 @@ def test_an_account_whose_access_token_expired_takes_work_and_comes_back_renewed
     balancer = DaemonProcess("balancer", layout, env=refreshes(layout, {old: fresh})).start()
     try:
         (account,) = balancer.request({"request": "accounts"})["accounts"]
-        assert (account["state"], account["renewable"]) == ("ok", True)
+        assert (account["file"], account["renewable"]) == ("ok", True)
         submit(layout, "good morning")
         wait_until(lambda: all_in(layout, "done", 1), "the session to finish")
         wanted = planted.name_of(new)

@@ -127,7 +127,7 @@ def churner(
             apply(layout.credentials, planted, operation)
         applied.append(len(operations))
         expected = expected_states(layout.credentials)
-        agree: Callable[[], bool] = lambda: all(d.states() == expected for d in daemons)  # noqa: E731
+        agree: Callable[[], bool] = lambda: all(d.file_states() == expected for d in daemons)  # noqa: E731
         wait_until(agree, f"both daemons to show {expected}")
 
     return churn, applied
@@ -140,19 +140,21 @@ def test_both_daemons_always_agree_with_the_directory(
     churn()
     assert sum(applied) >= MIN_OPERATIONS
     final = expected_states(layout.credentials)
-    wait_until(lambda: daemons[0].states() == daemons[1].states() == final, "the final agreement")
+    wait_until(lambda: daemons[0].file_states() == daemons[1].file_states() == final, "the final agreement")
 
 
 def test_directory_deleted_and_recreated_both_daemons_follow(
     layout: Layout, planted: Planted, daemons: tuple[DaemonProcess, DaemonProcess]
 ) -> None:
     write_credential(layout.credentials, "a", oauth_credential(planted))
-    wait_until(lambda: all(d.states() == {"a": "ok"} for d in daemons), "both daemons to see a")
+    wait_until(lambda: all(d.file_states() == {"a": "ok"} for d in daemons), "both daemons to see a")
     shutil.rmtree(layout.credentials)
-    wait_until(lambda: all(d.states() == {} for d in daemons), "both daemons to drop a with its directory")
+    wait_until(lambda: all(d.file_states() == {} for d in daemons), "both daemons to drop a with its directory")
     layout.credentials.mkdir()
     write_credential(layout.credentials, "b", oauth_credential(planted))
-    wait_until(lambda: all(d.states() == {"b": "ok"} for d in daemons), "both daemons to see b in the new directory")
+    wait_until(
+        lambda: all(d.file_states() == {"b": "ok"} for d in daemons), "both daemons to see b in the new directory"
+    )
     for daemon in daemons:
         assert "credentials directory unavailable" in daemon.log()
         assert "credentials directory available" in daemon.log()

@@ -46,7 +46,7 @@ def test_enable_drop_a_credential_reload_and_stop(box: Box, tmp_path: Path, plan
         )
     views = json.loads(box("/opt/cl/bin/cl", "accounts", "--json").stdout)
     assert views["balancer"] == views["rescue"]
-    assert [(a["name"], a["state"]) for a in views["balancer"]] == [("a4", "ok")]
+    assert [(a["name"], a["file"]) for a in views["balancer"]] == [("a4", "ok")]
     assert (
         box("systemctl", "show", "-p", "StatusText", "cl-rescue").stdout.strip()
         == "StatusText=1 account, 1 usable, none waiting, 0 moved"

@@ -370,10 +370,11 @@ class DaemonProcess:
     def request(self, request: dict[str, Any]) -> dict[str, Any]:
         return call(self.socket, request, timeout=10)
 
-    def states(self) -> dict[str, str]:
+    def file_states(self) -> dict[str, str]:
+        """Each account's credential file's state, as this daemon's registry reads it."""
         reply = self.request({"request": "accounts"})
         assert reply["ok"], reply
-        return {account["name"]: account["state"] for account in reply["accounts"]}
+        return {account["name"]: account["file"] for account in reply["accounts"]}
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -27,6 +27,7 @@ from typing import Any
 import structlog
 
 from cl import cli_user, daemon, fleet, placement, redact, workdir
+from cl.account_state import Standing, standing
 from cl.cli_user import CliUserError
 from cl.config import Config
 from cl.credentials import is_account_name
@@ -37,7 +38,7 @@ from cl.registry import CredentialRegistry
 from cl.service import Service
 from cl.states import FINISHED_JOBS, LIVE_RUNS, JobState, RunState
 from cl.status import StatusView
-from cl.store import MOVED_EARLY, NEEDS_LOGIN, UNSET, Facts, Job, NoRoom, Placement, Run, StoreUnavailable
+from cl.store import MOVED_EARLY, UNSET, Facts, Job, NoRoom, Placement, Run, StoreUnavailable
 from cl.supervisor import log_outcome
 from cl.tally import Histogram
 
@@ -288,15 +289,18 @@ class Balancer(Service):
         """Every account name with a setting, and whether the roster has it now; the accounts of
         the roster that need a new login (the gateway's refresh was refused); each account's
         windows as the API last said them, and when (`cl accounts`)."""
-        settings = await self.store.settings()
+        facts = await self.facts((JobState.QUEUED,), 0)
         roster = self.registry.accounts
-        walls = await self.store.walls()
-        windows = await self.store.windows()
         return {
-            "settings": [{**s.public(), "present": name in roster} for name, s in sorted(settings.items())],
-            "needs_login": sorted(name for name, wall in walls.items() if wall.kind == NEEDS_LOGIN and name in roster),
-            "windows": {name: {p: w.public() for p, w in by.items()} for name, by in sorted(windows.items())},
+            "settings": [{**s.public(), "present": name in roster} for name, s in sorted(facts.settings.items())],
+            "states": {name: self.standing(name, facts).public() for name in self.registry.sorted_names()},
+            "windows": {name: {p: w.public() for p, w in by.items()} for name, by in sorted(facts.windows.items())},
         }
+
+    def standing(self, name: str, facts: Facts) -> Standing:
+        """The one state of an account of the roster (`cl.account_state`)."""
+        wall, settings = facts.walls.get(name), facts.settings.get(name)
+        return standing(self.registry.accounts[name], wall, settings, name in facts.probation)
 
     async def _account(self, request: Request, peer: Peer) -> Reply:
         """Pause or resume an account, or set its `max_sessions`, `models` (None: the default),
@@ -332,26 +336,21 @@ class Balancer(Service):
         """What `cl-metrics` exposes of the balancer: each account's state and facts, the queue, and
         what this process counted since it started. Nothing about any operator's jobs but counts."""
         facts = await self.facts((JobState.QUEUED,), 0)
-        windows = await self.store.windows()
         depth = await self.store.queue_length()
         oldest = await self.store.oldest_queued()
         accounts = []
         for name in self.registry.sorted_names():
-            account, wall, settings = self.registry.accounts[name], facts.walls.get(name), facts.settings.get(name)
-            usage = facts.usage.get(name, {})
+            wall, usage = facts.walls.get(name), facts.usage.get(name, {})
             accounts.append(
                 {
                     "name": name,
-                    "state": NEEDS_LOGIN
-                    if wall and wall.kind == NEEDS_LOGIN and account.usable
-                    else str(account.state),
-                    "paused": bool(settings and settings.paused_at is not None),
+                    "state": str(self.standing(name, facts).state),
                     "walled": wall is not None,
                     "walled_until": wall.reset_at if wall else None,
                     "sessions": facts.live.get(name, 0),
                     "five_hour": usage.get("five_hour"),
                     "seven_day": usage.get("seven_day"),
-                    "windows": {window: w._asdict() for window, w in windows.get(name, {}).items()},
+                    "windows": {window: w._asdict() for window, w in facts.windows.get(name, {}).items()},
                 }
             )
         return {

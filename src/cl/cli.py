@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import calendar
 import collections
+import datetime as dt
 import errno
 import importlib.metadata
 import json
@@ -71,57 +72,104 @@ def cmd_accounts(config: Config, args: argparse.Namespace) -> int:
             asked["fleet"] = pool.submit(_fleet, config)
         answers = {key: future.result() for key, future in asked.items()}
     views = {daemon: answers[daemon]["accounts"] for daemon in daemons}
-    settings = {s["account"]: s for s in answers["settings"]["settings"]} if not args.source else {}
-    logins = set(answers["settings"].get("needs_login", [])) if not args.source else set()
-    windows = answers["settings"].get("windows", {}) if not args.source else {}
-    if args.json:
-        shown = {
-            **views,
-            "settings": list(settings.values()),
-            "needs_login": sorted(logins),
-            "windows": windows,
-            "fleet": answers.get("fleet"),
-        }
-        print_json(views[args.source] if args.source else shown)
-    elif args.source:
-        print_table(
-            ["ACCOUNT", "STATE", "KIND", "EXPIRES", "REASON"],
-            [
-                [a["name"], a["state"], a["kind"] or "-", a["expires_at"] or "-", a["reason"] or ""]
-                for a in views[args.source]
-            ],
-        )
+    if args.source:  # the roster as that daemon's registry reads it: each credential file's state
+        if args.json:
+            print_json(views[args.source])
+        else:
+            print_table(
+                ["ACCOUNT", "FILE", "KIND", "EXPIRES", "REASON"],
+                [
+                    [a["name"], a["file"], a["kind"] or "-", a["expires_at"] or "-", a["reason"] or ""]
+                    for a in views[args.source]
+                ],
+            )
     else:
-        fleet = answers["fleet"]
-        here, in_fleet = fleet["host"], _live_hosts(fleet) > 1  # a fleet: each account's home too
-        homes = {a["name"]: h["name"] for h in fleet["hosts"] if h["live"] and h["name"] != here for a in h["accounts"]}
-        by_daemon = {daemon: {a["name"]: a for a in view} for daemon, view in views.items()}
-        names = sorted(set().union(*by_daemon.values(), settings, homes))
-        now = time.time()
-        rows = []
-        for name in names:
-            seen = [by_daemon[daemon].get(name) for daemon in DAEMONS]
-            reason = next((a["reason"] for a in seen if a and a["reason"]), "")
-            if not any(seen):
-                reason = (
-                    f"an account of {homes[name]}" if name in homes else "no credential file: its settings wait for one"
-                )
-            states = [a["state"] if a else "(elsewhere)" if name in homes else "(absent)" for a in seen]
-            if name in logins:
-                states = ["needs-login" if state == "ok" else state for state in states]
-                reason = reason or "its refresh token was refused: log in and copy the new credentials over its file"
-            home = [here if any(seen) else homes.get(name, "-")] if in_fleet else []
-            shown = {"windows": windows.get(name, {})}
-            use = [_window(shown, period, now, read=True) for period in ("five_hour", "seven_day")]
-            rows.append([name, *states, *home, *use, _settings(settings.get(name)), reason])
-        columns = [*(d.upper() for d in DAEMONS), *(["HOME"] if in_fleet else [])]
-        print_table(["ACCOUNT", *columns, "5H", "7D", "SETTINGS", "REASON"], rows)
+        accounts = _accounts(views, answers["settings"], answers["fleet"])
+        if args.json:
+            print_json({"accounts": accounts, **views, "fleet": answers["fleet"]})
+        else:
+            in_fleet, now = _live_hosts(answers["fleet"]) > 1, time.time()  # a fleet: each account's home too
+            print_table(
+                [
+                    "ACCOUNT",
+                    "STATE",
+                    *(["HOME"] if in_fleet else []),
+                    "KIND",
+                    "EXPIRES",
+                    "5H",
+                    "7D",
+                    "SETTINGS",
+                    "REASON",
+                ],
+                [
+                    [
+                        a["name"],
+                        _account_state(a, now),
+                        *([a["home"]] if in_fleet else []),
+                        a["kind"] or "-",
+                        _expires(a["expires_at"], now),
+                        *(_window(a, period, now, read=True) for period in ("five_hour", "seven_day")),
+                        _settings(a["settings"]),
+                        a["reason"] or "",
+                    ]
+                    for a in accounts
+                ],
+            )
     if len(views) > 1 and (differences := describe_differences(views)):
         print("\nWARNING: cl-balancer and cl-rescue see different accounts:", file=sys.stderr)
         for line in differences:
             print(f"  {line}", file=sys.stderr)
         return EXIT_DIFFER
     return 0
+
+
+def _accounts(
+    views: dict[str, list[dict[str, Any]]], settings: dict[str, Any], fleet: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Every account a daemon sees, set for or served elsewhere in the fleet, as one object: its
+    one state (the balancer's), its file, its windows, its settings and its home."""
+    here = fleet["host"]
+    homes = {a["name"]: h["name"] for h in fleet["hosts"] if h["live"] and h["name"] != here for a in h["accounts"]}
+    files = {a["name"]: a for view in views.values() for a in view}
+    states, windows = settings["states"], settings["windows"]
+    set_for = {s["account"]: s for s in settings["settings"]}
+    accounts = []
+    for name in sorted(files.keys() | set_for.keys() | homes.keys()):
+        file = files.get(name, {})
+        if name in states:
+            state = states[name]
+        elif file:  # only cl-rescue sees it
+            state = {"state": file["file"], "reason": file["reason"], "window": None, "walled_until": None}
+        elif name in homes:
+            state = {
+                "state": "elsewhere",
+                "reason": f"an account of {homes[name]}",
+                "window": None,
+                "walled_until": None,
+            }
+        else:
+            reason = "no credential file: its settings wait for one"
+            state = {"state": "absent", "reason": reason, "window": None, "walled_until": None}
+        accounts.append(
+            {
+                "name": name,
+                **state,
+                "home": here if file else homes.get(name, "-"),
+                "kind": file.get("kind"),
+                "expires_at": file.get("expires_at"),
+                "windows": windows.get(name, {}),
+                "settings": set_for.get(name),
+            }
+        )
+    return accounts
+
+
+def _expires(iso: str | None, now: float) -> str:
+    """When a token expires, relative: `in 7h12m`, `2d3h ago`."""
+    if iso is None:
+        return "-"
+    seconds = dt.datetime.fromisoformat(iso).timestamp() - now
+    return f"in {span(seconds)}" if seconds >= 0 else f"{span(-seconds)} ago"
 
 
 def cmd_hosts(config: Config, args: argparse.Namespace) -> int:
@@ -330,33 +378,39 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+WINDOWS = {"five_hour": "5h", "seven_day": "7d"}
+
+
 def _account_state(account: dict[str, Any], now: float) -> str:
-    """`ok`, `invalid`, ..., or `walled until T`; `paused` before it if paused; each model's
-    window walled after it (`ok, opus walled until T`)."""
-    state = f"walled until {_when(account['walled_until'], now)}" if account["walled_until"] else account["state"]
+    """Its one state in words: `ok`, `paused`, `walled (5h) until T`, ...; each model's window
+    walled after it (`ok, opus walled until T`)."""
+    state = str(account["state"])
+    if state == "walled":
+        window = f" ({WINDOWS.get(account['window'], account['window'])})" if account["window"] else ""
+        state += f"{window} until {_when(account['walled_until'], now) if account['walled_until'] else 'lifted'}"
     for model, until in sorted((account.get("model_walls") or {}).items()):
         state += f", {model} walled until {_when(until, now) if until else 'lifted'}"
-    return f"paused, {state}" if _paused(account) else state
-
-
-def _paused(account: dict[str, Any]) -> bool:
-    return bool((account.get("settings") or {}).get("paused_since"))
+    return state
 
 
 def _queue_waits_for(accounts: list[dict[str, Any]], now: float) -> str:
-    """Why queued jobs wait, as the accounts show it, each reason counted: `2 paused (...), 1
-    walled, the first free at T`."""
-    usable = [a for a in accounts if a["state"] == "ok"]
-    if not usable:
-        return ": waiting for an account (none is usable: drop a credential file in)"
-    paused = [a for a in usable if _paused(a)]
-    walled = [a for a in usable if not _paused(a) and a["walled_until"]]
-    full = len(usable) - len(paused) - len(walled)
-    reasons = [f"{len(paused)} paused (cl accounts resume NAME)"] if paused else []
-    if walled:
-        reasons.append(f"{len(walled)} walled, the first free at {_when(min(a['walled_until'] for a in walled), now)}")
-    if full:
-        reasons.append(f"{full} at its session limit or not serving the job's model (cl accounts)")
+    """Why queued jobs wait, as the accounts show it, each state counted: `2 paused (...), 1
+    walled until T, 1 needs-login`."""
+    by_state = collections.Counter(a["state"] for a in accounts)
+    if not accounts:
+        return ": waiting for an account (there is none: drop a credential file in)"
+    reasons = []
+    order = ("ok", "walled", "paused", "probation", "needs-login", "invalid")
+    for state, count in sorted(by_state.items(), key=lambda item: order.index(item[0])):
+        if state == "ok":
+            reasons.append(f"{count} ok but at its session limit or not serving the job's model (cl accounts)")
+        elif state == "paused":
+            reasons.append(f"{count} paused (cl accounts resume NAME)")
+        elif state == "walled":
+            resets = [a["walled_until"] for a in accounts if a["state"] == "walled" and a["walled_until"]]
+            reasons.append(f"{count} walled" + (f", the first until {_when(min(resets), now)}" if resets else ""))
+        else:
+            reasons.append(f"{count} {state}")
     return ": " + ", ".join(reasons)
 
 
@@ -626,7 +680,7 @@ def describe_differences(views: dict[str, list[dict[str, Any]]]) -> list[str]:
     lines = [f"{name}: only cl-balancer sees it" for name in sorted(balancer.keys() - rescue.keys())]
     lines += [f"{name}: only cl-rescue sees it" for name in sorted(rescue.keys() - balancer.keys())]
     lines += [
-        f"{name}: cl-balancer says {balancer[name]['state']}, cl-rescue says {rescue[name]['state']}"
+        f"{name}: cl-balancer says {balancer[name]['file']}, cl-rescue says {rescue[name]['file']}"
         for name in sorted(balancer.keys() & rescue.keys())
         if balancer[name] != rescue[name]
     ]

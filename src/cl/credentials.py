@@ -155,10 +155,11 @@ class Account:
         return dataclasses.replace(self, state=state)
 
     def public(self) -> dict[str, Any]:
-        """The account as shown to clients: never a secret."""
+        """The account as its registry has it, shown to clients: never a secret. `file` is its
+        credential file's state; the account's one state (`cl.account_state`) adds walls and settings."""
         return {
             "name": self.name,
-            "state": str(self.state),
+            "file": str(self.state),
             "kind": str(self.kind) if self.kind else None,
             "reason": self.reason,
             "expires_at": self.expires_at.isoformat() if self.expires_at else None,

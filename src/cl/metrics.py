@@ -25,13 +25,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import MetricsHandler
 
+from cl.account_state import State
 from cl.client import DaemonUnreachable, call
 from cl.config import Config, ConfigError, load_config
-from cl.credentials import AccountState
 
 DAEMONS = ("balancer", "rescue", "gateway")
-STATES = (*(str(state) for state in AccountState if state is not AccountState.OK), "paused", "walled", "ok")
-"""An account's one state here, the first that holds: its file's problem, paused, walled, else ok."""
 LISTEN_FDS_START = 3
 DEFAULT_LISTEN = "127.0.0.1:9847"
 
@@ -112,7 +110,7 @@ class Collector:
 
 
 def _accounts(accounts: list[dict[str, Any]]) -> Iterator[Metric]:
-    by_state = dict.fromkeys(STATES, 0)
+    by_state = dict.fromkeys(map(str, State), 0)
     state = GaugeMetricFamily("cl_account_state", "1 for the account's state", labels=["account", "state"])
     utilization = GaugeMetricFamily(
         "cl_account_utilization_ratio", "usage of the window as last reported (0 to 1)", labels=["account", "window"]
@@ -135,9 +133,8 @@ def _accounts(accounts: list[dict[str, Any]]) -> Iterator[Metric]:
     )
     for account in accounts:
         name = account["name"]
-        shown = _state(account)
-        by_state[shown] += 1
-        state.add_metric([name, shown], 1.0)
+        by_state[account["state"]] += 1
+        state.add_metric([name, account["state"]], 1.0)
         for window in ("five_hour", "seven_day"):
             if account[window] is not None:
                 utilization.add_metric([name, window], account[window])
@@ -153,14 +150,6 @@ def _accounts(accounts: list[dict[str, Any]]) -> Iterator[Metric]:
     for name, count in by_state.items():
         totals.add_metric([name], count)
     yield from (totals, state, utilization, resets, burn, sessions, walled_until)
-
-
-def _state(account: dict[str, Any]) -> str:
-    if account["state"] != AccountState.OK:
-        return str(account["state"])
-    if account["paused"]:
-        return "paused"
-    return "walled" if account["walled"] else "ok"
 
 
 def _queue(queue: dict[str, Any]) -> Iterator[Metric]:

@@ -2,30 +2,28 @@
 
 Each account's JSON object is kept between requests. A new roster version (the registry's own
 counter) renders them all again; otherwise a request re-renders only the accounts whose facts
-(wall, live sessions, usage) differ from the last request's, and joins. Sessions and jobs
-arrive from the store already as JSON.
+(wall, probation, live sessions, usage, settings) differ from the last request's, and joins.
+Sessions and jobs arrive from the store already as JSON.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import NamedTuple
 
-from cl.credentials import Account, AccountState
+from cl.account_state import standing
+from cl.credentials import Account
 from cl.moments import iso_utc
 from cl.protocol import Encoded
 from cl.registry import CredentialRegistry
-from cl.store import NEEDS_LOGIN, AccountSettings, Snapshot, UsageRow, Window
-
-_IDLE_TAIL = ',"walled_until":null,"sessions":0}'
+from cl.store import AccountSettings, Snapshot, UsageRow, WallRecord, Window
 
 
 class Shown(NamedTuple):
-    """What an account's object shows beyond the registry's part."""
+    """What an account's object shows beyond its file."""
 
-    reset_at: float | None
-    """Its wall's reset, if walled."""
+    wall: WallRecord | None
+    probation: bool
     sessions: int
     usage: UsageRow | None
     settings: AccountSettings | None
@@ -33,19 +31,17 @@ class Shown(NamedTuple):
     """Its model windows' walls: (family, reset)."""
     windows: tuple[tuple[str, Window], ...]
     """Its windows as the API last said them (utilization, reset, burn rate)."""
-    needs_login: bool
-    """Its refresh token was refused."""
 
 
-NEEDS_LOGIN_REASON = "its refresh token was refused: log in and copy the new credentials over its file"
+IDLE = Shown(None, False, 0, None, None, (), ())
 
 
 class StatusView:
     def __init__(self, registry: CredentialRegistry) -> None:
         self._registry = registry
-        self._heads: dict[str, tuple[Account, str]] = {}
-        """Each account's `{"name", "state"[, "reason"]` JSON without its closing brace, with the
-        account object it was made from (a new object, a new head): rendered once per change."""
+        self._idle: dict[str, tuple[Account, str]] = {}
+        """Each account's object with no facts, with the account object it was made from (a new
+        object, a new rendering): rendered once per change."""
         self._version = -1
         self._index: dict[str, int] = {}
         self._objects: list[str] = []
@@ -65,6 +61,7 @@ class StatusView:
             and last[1].walls == snapshot.walls
             and last[1].model_walls == snapshot.model_walls
             and last[1].settings is snapshot.settings
+            and last[1].probation == snapshot.probation
         ):
             return last[2]
         listing = snapshot.listing
@@ -81,56 +78,51 @@ class StatusView:
             names = self._registry.sorted_names()
             self._version = self._registry.version
             self._index = {name: i for i, name in enumerate(names)}
-            self._heads = {name: self._head_of(roster[name]) for name in names}
-            self._objects = [self._heads[name][1] + _IDLE_TAIL for name in names]
+            self._idle = {name: self._idle_of(roster[name]) for name in names}
+            self._objects = [self._idle[name][1] for name in names]
             self._facts = {}
         walls, live, usage, settings = snapshot.walls, snapshot.counts.live, snapshot.counts.usage, snapshot.settings
-        by_model, windows = snapshot.model_walls, snapshot.windows
+        by_model, windows, probation = snapshot.model_walls, snapshot.windows, snapshot.probation
         facts: dict[str, Shown] = {}
-        for name in walls.keys() | live.keys() | usage.keys() | settings.keys() | by_model.keys() | windows.keys():
+        named = walls.keys() | live.keys() | usage.keys() | settings.keys() | by_model.keys() | windows.keys()
+        for name in named | probation:
             if name in self._index:  # a fact about an account that left the roster is not shown
-                wall = walls.get(name)
-                login = wall is not None and wall.kind == NEEDS_LOGIN
-                reset = wall.reset_at if wall else None
                 models = tuple(sorted(by_model.get(name, {}).items()))
                 spans = tuple(sorted(windows.get(name, {}).items()))
-                facts[name] = Shown(reset, live.get(name, 0), usage.get(name), settings.get(name), models, spans, login)
+                facts[name] = Shown(
+                    walls.get(name),
+                    name in probation,
+                    live.get(name, 0),
+                    usage.get(name),
+                    settings.get(name),
+                    models,
+                    spans,
+                )
         for name in self._facts.keys() - facts.keys():  # no facts any more: idle again
-            self._objects[self._index[name]] = self._heads[name][1] + _IDLE_TAIL
+            self._objects[self._index[name]] = self._idle[name][1]
         for name, shown in facts.items():
             if self._facts.get(name) != shown:
-                head = self._heads[name][1]
-                if shown.needs_login and roster[name].usable:
-                    head = _head(
-                        dataclasses.replace(roster[name], state=AccountState.NEEDS_LOGIN, reason=NEEDS_LOGIN_REASON)
-                    )
-                self._objects[self._index[name]] = _object(head, shown)
+                self._objects[self._index[name]] = _object(roster[name], shown)
         self._facts = facts
         return self._objects
 
-    def _head_of(self, account: Account) -> tuple[Account, str]:
-        kept = self._heads.get(account.name)
-        return kept if kept is not None and kept[0] is account else (account, _head(account))
+    def _idle_of(self, account: Account) -> tuple[Account, str]:
+        kept = self._idle.get(account.name)
+        return kept if kept is not None and kept[0] is account else (account, _object(account, IDLE))
 
 
-def _head(account: Account) -> str:
-    fields = {"name": account.name, "state": str(account.state)}  # (a state, or NEEDS_LOGIN)
-    if account.reason:
-        fields["reason"] = account.reason
-    return json.dumps(fields)[:-1]
-
-
-def _object(head: str, shown: Shown) -> str:
-    until = json.dumps(iso_utc(shown.reset_at)) if shown.reset_at else "null"
-    tail = ""
+def _object(account: Account, shown: Shown) -> str:
+    """`{"name", "state", "reason", "window", "walled_until", "sessions", ...}`: the state is the
+    account's one state (`cl.account_state`)."""
+    now = standing(account, shown.wall, shown.settings, shown.probation)
+    fields = {"name": account.name, **now.public(), "sessions": shown.sessions}
     if shown.model_walls:  # a model's window walled: that family waits for its reset, the others go there
-        tail += f',"model_walls":{json.dumps({m: iso_utc(r) if r else None for m, r in shown.model_walls})}'
+        fields["model_walls"] = {m: iso_utc(r) if r else None for m, r in shown.model_walls}
     if shown.usage:
         keys = ("five_hour", "seven_day", "input_tokens", "output_tokens")
-        tail += f',"usage":{json.dumps({k: v for k, v in zip(keys, shown.usage, strict=True) if v is not None})}'
+        fields["usage"] = {k: v for k, v in zip(keys, shown.usage, strict=True) if v is not None}
     if shown.settings:
-        tail += f',"settings":{json.dumps(shown.settings.public())}'
+        fields["settings"] = shown.settings.public()
     if shown.windows:  # each window as the API last said it: how full, when it resets, how fast it fills
-        windows = {name: w.public() for name, w in shown.windows}
-        tail += f',"windows":{json.dumps(windows)}'
-    return f'{head},"walled_until":{until},"sessions":{shown.sessions}{tail}}}'
+        fields["windows"] = {name: w.public() for name, w in shown.windows}
+    return json.dumps(fields)

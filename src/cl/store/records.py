@@ -237,6 +237,8 @@ class Snapshot:
     """Model windows standing now: account -> family -> reset."""
     windows: dict[str, dict[str, Window]] = dataclasses.field(default_factory=dict)
     """Each account's windows as last read, with their burn rates (`Store.windows`)."""
+    probation: frozenset[str] = frozenset()
+    """The accounts on probation (`Store.probation`)."""
 
 
 class StoreError(Exception):
@@ -278,7 +280,7 @@ class Facts:
     jobs: list[Job]
     walls: dict[str, WallRecord]
     """Walls standing now."""
-    probation: set[str]
+    probation: frozenset[str]
     """Accounts whose wall has reset but that have not answered since: one session at a time."""
     live: dict[str, int]
     usage: dict[str, dict[str, float | None]]

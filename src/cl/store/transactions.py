@@ -774,8 +774,7 @@ class Store:
         query = f"SELECT * FROM jobs WHERE state IN {sql_set(states)}{mine} ORDER BY id LIMIT ?"
         with self.transaction(write=False) as db:
             jobs = [Job(*row) for row in db.execute(query, (*states, *arguments, limit))]
-            expired = db.execute(f"SELECT account FROM walls WHERE reset_at <= ? AND NOT {KNOWN_RESET}", (now,))
-            probation = {row[0] for row in expired}
+            probation = self.probation(now)
             held = db.execute("SELECT COUNT(*) FROM runs WHERE held_until IS NOT NULL").fetchone()[0]
             return Facts(
                 jobs,
@@ -817,7 +816,10 @@ class Store:
                 query, arguments = self._listing(submitter, finished=finished)
                 listing = Listing(*db.execute(query, arguments).fetchone())
                 kept = self._listings[key] = (revision, listing)
-            return Snapshot(kept[1], counts, self.walls(), settings, self.model_walls(), windows)
+            now = time.time()
+            return Snapshot(
+                kept[1], counts, self.walls(now), settings, self.model_walls(now), windows, self.probation(now)
+            )
 
     def _listing(self, submitter: int | None, *, finished: bool) -> tuple[str, tuple[Any, ...]]:
         """The listing's query for a submitter (or everyone), with finished jobs or live ones only:
@@ -899,6 +901,12 @@ class Store:
         now = time.time() if now is None else now
         rows = self._rows(f"SELECT * FROM walls WHERE {STANDING}", (now,))
         return {row["account"]: WallRecord(*row) for row in rows}
+
+    def probation(self, now: float) -> frozenset[str]:
+        """The accounts on probation at `now`: their wall's reset passed, and they have not answered
+        since (an answer lifts the wall); none after a reset the API's headers named."""
+        rows = self._rows(f"SELECT account FROM walls WHERE reset_at <= ? AND NOT {KNOWN_RESET}", (now,))
+        return frozenset(row[0] for row in rows)
 
     def prune(self, before: float, batch: int = 5000) -> int:
         """Forget finished jobs last changed before `before` (epoch seconds), with their runs and
