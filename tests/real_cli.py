@@ -7,8 +7,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-CLAUDE_CODE_VERSION = "2.1.332"
-OLDER = ("2.0.77", "1.0.128")
+from cl.claude_code import TESTED_VERSIONS
+
+CLAUDE_CODE_VERSION, *_older = TESTED_VERSIONS
+OLDER = tuple(_older)
 """Older versions some facts are measured on too (pure JavaScript, about 10 MB each)."""
 CACHES = (
     Path("/var/cache") if os.getuid() == 0 else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))

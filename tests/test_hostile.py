@@ -176,7 +176,7 @@ def test_a_gigabyte_line_without_a_newline_does_not_take_the_worker_with_it(layo
     script = layout.root / "flood"
     result = json.dumps({"type": "result", "subtype": "success", "is_error": False, "result": "still here"})
     script.write_text(
-        "#!/bin/sh\nread line\n"
+        '#!/bin/sh\n[ "$1" = --version ] && exec echo "2.1.332 (flood)"\nread line\n'  # as any CLI answers
         'echo \'{"type":"system","subtype":"init","session_id":"3f1d2c4b-5a69-4788-9abc-def012345678"}\'\n'
         f"head -c 1073741824 /dev/zero\necho\ntouch {gate}.flooded\nwhile [ -e {gate} ]; do sleep 0.05; done\n"
         f"echo '{result}'\n"

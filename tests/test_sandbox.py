@@ -21,6 +21,7 @@ from utils import (
     FakeApi,
     Layout,
     Planted,
+    both,
     cl,
     free_port,
     job_view,
@@ -28,6 +29,7 @@ from utils import (
     live_runs,
     oauth_credential,
     proc_status,
+    status,
     wait_until,
     write_credential,
 )
@@ -152,11 +154,17 @@ def failed_job(layout: Layout, planted: Planted, **env: str) -> tuple[str, Daemo
         daemon.stop()
 
 
-def test_a_job_whose_user_cannot_be_had_fails_closed_with_the_reason(layout: Layout, planted: Planted) -> None:
-    error, daemon = failed_job(layout, planted, CL_CLI_POOL_SIZE="17")  # sysusers makes 16
-    assert "user 'cl-cli-17' does not exist" in error
+def test_a_job_whose_user_cannot_be_had_waits_with_the_reason(layout: Layout, planted: Planted) -> None:
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    with both(layout, env=layout.env(CL_CLI_POOL_SIZE="17")) as (balancer, _rescue):  # sysusers makes 16
+        number = submit(layout)
+        wait_until(lambda: status(layout)["blocked"], "the balancer to say what stops work")
+        assert (
+            status(layout)["blocked"] == "users: missing: cl-cli-17 (fix: systemd-sysusers /usr/lib/sysusers.d/cl.conf)"
+        )
+        assert job_view(layout, number)["state"] == "queued"
     assert json_lines(layout.fakes / "fake-claude.jsonl") == []  # no CLI ran, confined less or at all
-    assert "the CLI cannot be confined" in daemon.log()  # said at start, too
+    assert "work waits: a CLI cannot start" in balancer.log()
 
 
 def test_unconfined_is_written_in_the_config_and_said_at_every_start(layout: Layout, planted: Planted) -> None:
@@ -218,9 +226,12 @@ def test_a_cwd_swapped_for_a_symlink_while_its_cli_runs_changes_nothing_for_it(
 
 def test_a_cli_that_forks_without_end_is_held_to_its_process_limit(layout: Layout, planted: Planted) -> None:
     """Each job has a user of its own, so the limit on that user's processes is the job's."""
-    script = layout.fakes / "forks"  # in the view (cli_writable)
+    script = layout.root / "bin" / "forks"  # in the view (cli_readable), where no job may change it
+    script.parent.mkdir()
     script.write_text(
-        "#!/usr/bin/python3\nimport json, os, sys, time\nsys.stdin.readline()\nforked = 0\n"
+        "#!/usr/bin/python3\nimport json, os, sys, time\n"
+        "if sys.argv[1:] == ['--version']:\n    sys.exit(print('2.1.332 (forks)'))\n"  # as any CLI answers
+        "sys.stdin.readline()\nforked = 0\n"
         "for _ in range(200):\n    try:\n        pid = os.fork()\n    except OSError:\n        break\n"
         "    if pid == 0:\n        time.sleep(60)\n        os._exit(0)\n    forked += 1\n"
         "open('forked.txt', 'w').write(str(forked))\n"
@@ -229,7 +240,7 @@ def test_a_cli_that_forks_without_end_is_held_to_its_process_limit(layout: Layou
     )
     script.chmod(0o755)
     write_credential(layout.credentials, "a1", oauth_credential(planted))
-    env = layout.env(CL_CLAUDE_BIN=str(script), CL_CLI_PROCESSES_MAX="20")
+    env = layout.env(CL_CLAUDE_BIN=str(script), CL_CLI_PROCESSES_MAX="20", CL_CLI_READABLE=str(script.parent))
     daemon = DaemonProcess("balancer", layout, env=env).start()
     try:
         number = submit(layout)

@@ -26,11 +26,12 @@ from typing import Any
 
 import structlog
 
-from cl import cli_user, daemon, fleet, placement, redact, workdir
+from cl import cli_user, daemon, doctor, fleet, placement, redact, workdir
 from cl.account_state import Standing, standing
 from cl.cli_user import CliUserError
 from cl.config import Config
 from cl.credentials import is_account_name
+from cl.launcher import under_socket_activation
 from cl.moments import iso_utc
 from cl.processes import alive
 from cl.protocol import Encoded, Handler, Peer, Reply, Request, RequestError, id_field, text_field, whole_number
@@ -86,11 +87,13 @@ class Balancer(Service):
             "account": self._account,
             "metrics": self._metrics,
             "hosts": self._hosts,
+            "doctor": self._doctor,
         }
 
     def status(self) -> str:
         c = self._counts
-        return f"{c['walled']} walled, {c['running']} sessions, {c['queued']} queued"
+        said = f"{c['walled']} walled, {c['running']} sessions, {c['queued']} queued"
+        return said + (f"; work waits: {self.blocked.line()}" if self.blocked else "")
 
     def background(self) -> list[Coroutine[Any, Any, None]]:
         return [self._retain(), self._publisher.run()]
@@ -285,6 +288,17 @@ class Balancer(Service):
         self.wake()
         return {"job": job_id, "sent": outcome}
 
+    async def _doctor(self, _request: Request, _peer: Peer) -> Reply:
+        """`cl doctor`: the checks run now, in this daemon's environment (the CLI's), with the
+        roster and the store (it answered) as this daemon sees them."""
+        switch = not under_socket_activation(self.config)
+        found = await asyncio.to_thread(doctor.environment, self.config, workers_switch=switch)
+        queued = await self.store.queue_length()
+        kind = "PostgreSQL" if self.config.store else f"SQLite {self.config.database}"  # (a URL may hold a password)
+        found.append(doctor.Finding("store", True, f"{kind} opens, {queued} job(s) queued"))
+        found += await asyncio.to_thread(doctor.roster, self.registry)
+        return {"findings": [finding.public() for finding in found], "user": doctor.whoami()}
+
     async def _settings(self, _request: Request, _peer: Peer) -> Reply:
         """Every account name with a setting, and whether the roster has it now; the accounts of
         the roster that need a new login (the gateway's refresh was refused); each account's
@@ -368,7 +382,7 @@ class Balancer(Service):
             raise RequestError("bad-request", '"finished" must be true or false')
         submitter = None if peer.sees_all(self.config.admin_group) else peer.uid
         snapshot = await self.store.snapshot(submitter, finished=finished)
-        return self._status_view.render(snapshot)
+        return self._status_view.render(snapshot, self.blocked.line() if self.blocked else None)
 
     async def _job(self, request: Request, peer: Peer) -> Reply:
         """One job's whole story: its prompt and state, every run (account, state, times, error,

@@ -38,6 +38,7 @@ EXIT_NOT_FOUND = 4
 EXIT_FAILED = 5
 EXIT_CANCELLED = 6
 EXIT_TIMED_OUT = 7
+EXIT_BLOCKED = 8
 
 
 class CommandError(Exception):
@@ -170,6 +171,44 @@ def _expires(iso: str | None, now: float) -> str:
         return "-"
     seconds = dt.datetime.fromisoformat(iso).timestamp() - now
     return f"in {span(seconds)}" if seconds >= 0 else f"{span(-seconds)} ago"
+
+
+def cmd_doctor(config: Config, args: argparse.Namespace) -> int:
+    """The balancer's checks (run in its environment, which its CLIs get), or this process's own
+    if it does not answer; then whether each daemon, and the gateway's port for the CLIs, answers."""
+    from cl import doctor  # noqa: PLC0415 - what only this command needs
+
+    config = load_config()  # every key: the checks read where things are
+    try:
+        reply = ask(config, "balancer", {"request": "doctor"})
+        found, where = [doctor.Finding(**f) for f in reply["findings"]], f"cl-balancer, as {reply['user']}"
+    except CommandError as exc:
+        if exc.code != EXIT_UNREACHABLE:
+            raise
+        found = [doctor.Finding("cl-balancer", False, str(exc), "systemctl start cl-balancer", True)]
+        found += doctor.environment(config, workers_switch=True) + doctor.ignored(config.credentials_dir)
+        where = f"this process, as {doctor.whoami()} (cl-balancer does not answer)"
+    for daemon in ("rescue", *(["gateway"] if config.gateway else [])):
+        try:
+            ask(config, daemon, {"request": "accounts", "names": []})
+            found.append(doctor.Finding(f"cl-{daemon}", True, "answers"))
+        except CommandError as exc:
+            found.append(doctor.Finding(f"cl-{daemon}", False, str(exc), f"systemctl start cl-{daemon}", True))
+    if config.gateway:
+        found.append(doctor.gateway_port(config))
+    if args.json:
+        print_json({"checked_by": where, "findings": [finding.public() for finding in found]})
+    else:
+        mark = {True: "ok", False: "warn"}
+        print_table(
+            ["", "CHECK", "FOUND"],
+            [
+                ["FAIL" if f.blocks else mark[f.ok], f.check, f.said + (f" (fix: {f.fix})" if f.fix else "")]
+                for f in found
+            ],
+        )
+        print(f"\nchecked by {where}")
+    return EXIT_BLOCKED if doctor.blocking(found) else 0
 
 
 def cmd_hosts(config: Config, args: argparse.Namespace) -> int:
@@ -361,13 +400,19 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     )
     print()
     print_sessions(status["sessions"])
-    print(f"\n{status['queue']} job(s) queued{_queue_waits_for(status['accounts'], now) if status['queue'] else ''}")
+    if status["blocked"]:
+        print(f"\n{status['queue']} job(s) queued: work waits, no CLI can start: {status['blocked']}")
+    else:
+        print(
+            f"\n{status['queue']} job(s) queued{_queue_waits_for(status['accounts'], now) if status['queue'] else ''}"
+        )
     if _live_hosts(fleet) > 1:  # a fleet: where the sessions run
         print()
         by_host = collections.Counter(session.get("host") or fleet["host"] for session in status["sessions"])
         print_hosts(fleet, ([f"{by_host[host['name']]} session(s)"] for host in fleet["hosts"]), "SESSIONS")
     if waiting and waiting["sessions"]:
-        print(f"\n{len(waiting['sessions'])} session(s) waiting for an account: {_waits_for(waiting)}")
+        why = f"work waits, no CLI can start: {waiting['blocked']}" if waiting["blocked"] else _waits_for(waiting)
+        print(f"\n{len(waiting['sessions'])} session(s) waiting for an account: {why}")
         print_table(
             ["SESSION", "JOB", "WALLED ON", "STATE", "SINCE"],
             [
@@ -718,7 +763,8 @@ def parser() -> argparse.ArgumentParser:
         description="Claude Code sessions across accounts: submit work, see accounts, sessions and walls.",
         epilog="Exit codes: 0 fine, 1 the daemons disagree, 2 usage or a refused request, 3 a daemon or its store "
         "unreachable, 4 no such job, session or account, or no result yet; `cl wait` and `cl result`: 5 failed, "
-        "6 cancelled; `cl wait --timeout`: 7 not ended. `cl COMMAND --help` for each; `man cl` for all.",
+        "6 cancelled; `cl wait --timeout`: 7 not ended; `cl doctor`: 8 something stops work. `cl COMMAND --help` "
+        "for each; `man cl` for all.",
     )
     p.add_argument("--version", action="version", version=f"cl {_version()}")
     commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -734,9 +780,9 @@ def parser() -> argparse.ArgumentParser:
 
     accounts = command(
         "accounts",
-        "the accounts each daemon sees, with their states",
-        "  cl accounts                    both daemons' views side by side (exit 1 if they differ)\n"
-        "  cl accounts --from rescue      one daemon's view, with kind and expiry\n"
+        "every account with its one state, kind, token expiry, windows and settings",
+        "  cl accounts                    every account (exit 1 if the two daemons see different ones)\n"
+        "  cl accounts --from rescue      the roster as one daemon reads it: each file's state\n"
         "  cl accounts pause a2           a2 takes no new work (resume: cl accounts resume a2)\n"
         "  cl accounts set a1 max_sessions=2 models=opus\n",
     )
@@ -744,6 +790,15 @@ def parser() -> argparse.ArgumentParser:
     accounts.add_argument("--json", action="store_true", help=JSON_HELP)
     accounts.set_defaults(func=cmd_accounts)
     _account_actions(accounts)
+
+    checkup = command(
+        "doctor",
+        "check what work needs: the CLI, its users, its view, cl's directories, the daemons, the store, the "
+        "credential files; each problem with its fix (exit 8 if one stops work)",
+        "  cl doctor\n  cl doctor --json\n",
+    )
+    checkup.add_argument("--json", action="store_true", help=JSON_HELP)
+    checkup.set_defaults(func=cmd_doctor)
 
     submit = command(
         "submit",

@@ -20,11 +20,9 @@ from typing import Any, Protocol
 
 import structlog
 
-from cl import logs, sandbox
-from cl.cli_user import CliUser, CliUserError, can_switch_users, members
+from cl import logs
 from cl.config import Config, ConfigError, load_config
 from cl.credentials import CANNOT_LOOK
-from cl.launcher import under_socket_activation
 from cl.notify import Notifier, watchdog_interval
 from cl.protocol import ControlServer, Encoded, Handler, Peer, Reply, Request, RequestError
 from cl.registry import CredentialRegistry
@@ -64,6 +62,10 @@ class Service(Protocol):
         moved relative to now), or the next wall reset came (`ResetTimer`)."""
         ...
 
+    async def reloaded(self) -> None:
+        """After a reload (SIGHUP): check again what lies outside the configuration (`cl.doctor`)."""
+        ...
+
 
 ServiceFactory = Callable[[Config, CredentialRegistry, Callable[[], None]], Service]
 """Makes the service from the configuration, the registry and a `status_changed` callback."""
@@ -90,8 +92,8 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, self._events.put_nowait, signum)
         log.info("starting", credentials_dir=str(self.config.credentials_dir))
-        if self.name != "gateway":  # the daemons that launch CLIs
-            say_what_confines_the_cli(self.config)
+        if self.name != "gateway" and self.config.confinement == "none":  # the daemons that launch CLIs
+            log.warning("confinement = none: every job's CLI runs unconfined, as the worker's own user")
         await self.registry.start()
         try:
             self.service = self._factory(self.config, self.registry, self._status_dirty.set)
@@ -161,6 +163,7 @@ class Daemon:
             logs.configure_for(self.config, self.name)
             self.registry.reconfigure(resync_interval=self.config.resync_interval, step_ms=self.config.watch_step_ms)
         await self.registry.resync()
+        await self.service.reloaded()
         self._notifier.ready(self.status())
         log.info("reloaded", status=self.status())
 
@@ -224,29 +227,6 @@ def _loop_trouble(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> 
         log.error("cannot accept connections now, trying again in a second", error=os.strerror(exception.errno or 0))
     elif not (isinstance(exception, ValueError) and "Invalid file descriptor" in str(exception)):  # a closed server
         log.error("event loop error", message=context.get("message"), error=repr(exception) if exception else None)
-
-
-SWITCHING = "confinement = 'sandbox' needs workers that may switch users (root, or a cl-worker@ unit)"
-
-
-def say_what_confines_the_cli(config: Config) -> None:
-    """At start, one line if the CLI cannot be confined as the configuration says (its runs then
-    fail with that reason: no CLI runs with less), or if the configuration says not to confine it.
-    Under systemd each `cl-worker@` unit checks for itself (this daemon may not switch users)."""
-    if config.confinement == "none":
-        log.warning("confinement = none: every job's CLI runs unconfined, as the worker's own user")
-        return
-    if under_socket_activation(config):
-        return
-    if not can_switch_users():
-        log.error("the CLI cannot be confined: its jobs fail until this is fixed", error=SWITCHING)
-        return
-    try:
-        sandbox.bwrap()
-        for name in members(config.cli_pool, config.cli_pool_size):
-            CliUser.named(name)
-    except (CliUserError, sandbox.SandboxUnavailable) as exc:
-        log.error("the CLI cannot be confined: its jobs fail until this is fixed", error=str(exc))
 
 
 def _store_guarded(handler: Handler) -> Handler:

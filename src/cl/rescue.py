@@ -104,10 +104,11 @@ class Rescuer(Service):
         }
 
     def status(self) -> str:
+        blocked = f"; work waits: {self.blocked.line()}" if self.blocked else ""
         if count := len(self._waiting.jobs):
             noun = "session" if count == 1 else "sessions"
-            return f"{count} {noun} waiting ({self._waiting.reason}), {self._moves} moved"
-        return f"none waiting, {self._moves} moved"
+            return f"{count} {noun} waiting ({self._waiting.reason}), {self._moves} moved{blocked}"
+        return f"none waiting, {self._moves} moved{blocked}"
 
     def run_ended(self, run: Run, by_worker: bool) -> None:
         if by_worker and run.is_move and run.state == RunState.DONE:  # walls, failures: own lines
@@ -378,6 +379,7 @@ class Rescuer(Service):
         waiting = Waiting.of(shown, facts, self.usable(facts))
         return {
             "reason": waiting.reason or None,
+            "blocked": self.blocked.line() if self.blocked else None,
             "next_reset": iso_utc(waiting.next_reset) if waiting.next_reset else None,
             "probing": list(waiting.probing),
             "sessions": [

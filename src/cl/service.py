@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import structlog
 
-from cl import daemon, fleet
+from cl import daemon, doctor, fleet
 from cl.config import Config
+from cl.launcher import under_socket_activation
 from cl.protocol import Handler, Peer, Reply, Request, RequestError, id_field
 from cl.registry import CredentialRegistry
 from cl.states import LIVE_RUNS, RunState
@@ -47,6 +48,9 @@ class Service:
         self.supervisor = Supervisor(config, self.store, peer=self.peer, ended=self._ended, present=self.present)
         self._wake = asyncio.Event()
         self.reset_timer = daemon.ResetTimer(self.wake)
+        self.blocked: doctor.Finding | None = None
+        """What stops every CLI from starting (`cl.doctor`): while it holds, no pass runs."""
+        self._problems: set[str] = set()
 
     def handlers(self) -> dict[str, Handler]:
         return {"run-changed": self._run_changed}
@@ -107,11 +111,12 @@ class Service:
         """Take over the live runs, then a pass each time something may have changed; the
         background tasks alongside. Cancelled at shutdown."""
         await self._take_over_runs()
+        await self.check()
         background = [*self.background(), *([self._follow_the_fleet()] if self.config.reaches_fleet else [])]
-        tasks = [asyncio.create_task(task) for task in background]
+        tasks = [asyncio.create_task(task) for task in (*background, self._keep_checking())]
         listener = self._listen() if self.config.reaches_fleet else None
         try:
-            await daemon.serve_passes(self._wake, self.one_pass)
+            await daemon.serve_passes(self._wake, self._pass)
         finally:
             for task in tasks:
                 task.cancel()
@@ -119,6 +124,40 @@ class Service:
                 await asyncio.to_thread(listener.close)
             self.supervisor.close()
             self.store.close()
+
+    async def _pass(self) -> None:
+        if self.blocked is None:
+            await self.one_pass()
+
+    async def check(self) -> None:
+        """What the CLI needs, checked (`doctor.environment`); each problem said once while it lasts."""
+        switch = not under_socket_activation(self.config)  # else each cl-worker@ unit checks its view
+        findings = await asyncio.to_thread(doctor.environment, self.config, workers_switch=switch)
+        problems = {finding.line(): finding for finding in findings if not finding.ok}
+        for line in problems.keys() - self._problems:
+            found = problems[line]
+            said = log.error if found.blocks else log.warning
+            said(
+                "work waits: a CLI cannot start" if found.blocks else "check found a problem",
+                check=found.check,
+                found=found.said,
+                fix=found.fix,
+            )
+        self._problems = set(problems)
+        before, self.blocked = self.blocked, doctor.blocking(findings)
+        if before is not None and self.blocked is None:
+            log.info("work resumes: every check passes")
+            self.wake()
+        self.status_changed()
+
+    async def reloaded(self) -> None:
+        await self.check()
+
+    async def _keep_checking(self) -> None:
+        """Again every `RECHECK` seconds while something blocks work, every `WELL_RECHECK` otherwise."""
+        while True:
+            await asyncio.sleep(doctor.RECHECK if self.blocked else doctor.WELL_RECHECK)
+            await self.check()
 
     def _listen(self) -> Listener:
         """A pass when the database says another host did something that may give us work."""

@@ -47,15 +47,16 @@ class StatusView:
         self._objects: list[str] = []
         self._facts: dict[str, Shown] = {}
         """The facts each account's object in `_objects` shows, for accounts that have any."""
-        self._last: tuple[int, Snapshot, Encoded] | None = None
+        self._last: tuple[tuple[int, str | None], Snapshot, Encoded] | None = None
 
-    def render(self, snapshot: Snapshot) -> Encoded:
+    def render(self, snapshot: Snapshot, blocked: str | None = None) -> Encoded:
         """The whole reply object; the last one again if neither the roster nor the store changed
-        (the store hands out the same listing and counts objects then)."""
+        (the store hands out the same listing and counts objects then). `blocked`: what stops
+        every CLI from starting (`cl.doctor`), if anything."""
         last = self._last
         if (
             last is not None
-            and last[0] == self._registry.version
+            and last[0] == (self._registry.version, blocked)
             and last[1].listing is snapshot.listing
             and last[1].counts is snapshot.counts
             and last[1].walls == snapshot.walls
@@ -67,9 +68,9 @@ class StatusView:
         listing = snapshot.listing
         reply = Encoded(
             f'{{"accounts":[{",".join(self._accounts(snapshot))}],"sessions":{listing.sessions_json},'
-            f'"jobs":{listing.jobs_json},"queue":{listing.queue}}}'.encode()
+            f'"jobs":{listing.jobs_json},"queue":{listing.queue},"blocked":{json.dumps(blocked)}}}'.encode()
         )
-        self._last = (self._registry.version, snapshot, reply)
+        self._last = ((self._registry.version, blocked), snapshot, reply)
         return reply
 
     def _accounts(self, snapshot: Snapshot) -> list[str]:

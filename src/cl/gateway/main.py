@@ -132,6 +132,9 @@ class Gateway:
         counts = self.proxy.counts
         return f"{counts.forwarded} forwarded, {counts.moves} moved in flight, {self.refresher.refreshes} refreshed"
 
+    async def reloaded(self) -> None:
+        """Nothing outside the configuration to check again."""
+
     def wake(self) -> None:
         """The roster changed: a token may be due, a `needs-login` account may have a new login."""
         self._roster_changed.set()
