@@ -150,6 +150,22 @@ def test_a_windows_burn_rate_is_measured_within_its_period(store: Store) -> None
     assert store.windows()["a1"]["five_hour"].per_hour == pytest.approx(0.875)  # from the new base
 
 
+def test_the_dashboards_history_keeps_each_hours_last_reading_for_a_day(store: Store) -> None:
+    now = 100 * 3600.0 + 1800
+    for hour, (a1, a2) in {75: (0.9, 0.9), 98: (0.2, 0.4), 99: (0.3, 0.6), 100: (0.5, 0.7)}.items():
+        for name, used in (("a1", a1), ("a2", a2)):
+            store.record_usage(name, {"five_hour": used - 0.1}, hour * 3600.0, resets={"five_hour": now})
+            store.record_usage(name, {"five_hour": used}, hour * 3600.0 + 60, resets={"five_hour": now})  # the last
+    history = store.history(now, top=1)
+    assert history["fleet"]["five_hour"] == [  # hour 75 is over a day ago: not shown
+        [98 * 3600, pytest.approx(0.3), pytest.approx(0.4)],
+        [99 * 3600, pytest.approx(0.45), pytest.approx(0.6)],
+        [100 * 3600, pytest.approx(0.6), pytest.approx(0.7)],
+    ]
+    assert history["accounts"] == {"a2": [[98 * 3600, 0.4], [99 * 3600, 0.6], [100 * 3600, 0.7]]}  # the fullest now
+    assert store.events(0) == []
+
+
 def test_a_shorter_burn_step_measures_shorter_periods(store: Store) -> None:
     """`burn_step` (accelerated time, bench/week.py): readings a step apart measure, and a reset
     a step or more later is a new period."""

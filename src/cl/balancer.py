@@ -39,7 +39,7 @@ from cl.registry import CredentialRegistry
 from cl.service import Service
 from cl.states import FINISHED_JOBS, LIVE_RUNS, JobState, RunState
 from cl.status import StatusView
-from cl.store import MOVED_EARLY, UNSET, Facts, Job, NoRoom, Placement, Run, StoreUnavailable
+from cl.store import HISTORY_HOURS, MOVED_EARLY, UNSET, Facts, Job, NoRoom, Placement, Run, StoreUnavailable
 from cl.supervisor import log_outcome
 from cl.tally import Histogram
 
@@ -55,6 +55,10 @@ PLACE_BATCH = 128
 """Jobs placed in one transaction at most: on PostgreSQL 64 placed about 1,850 jobs/s fleet-wide,
 128 about 2,700, 256 about 5,000 (bench/fleet.py); a job's worker starts once its batch is
 written, at 128 some 45 ms after the first of a burst."""
+DASHBOARD_REFRESH = 30.0
+"""Seconds between two reads of the dashboard's history while one is open."""
+DASHBOARD_IDLE = 300.0
+"""A dashboard not heard from for this long is closed: its history is no longer read."""
 MAX_PROMPT_BYTES = 48 * 1024
 """A prompt fits in one request line (64 KiB) and in the pipe to the CLI's standard input."""
 
@@ -73,6 +77,9 @@ class Balancer(Service):
         self._failures = 0
         self._submit_to_started = Histogram()
         self._publisher = fleet.Publisher(config, registry, self.store)
+        self._dashboard_asked = -DASHBOARD_IDLE
+        self._history: bytes | None = None
+        """The dashboard's `"history":…,"events":…` members, as last read (`_keep_dashboard`)."""
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -88,6 +95,7 @@ class Balancer(Service):
             "metrics": self._metrics,
             "hosts": self._hosts,
             "doctor": self._doctor,
+            "dashboard": self._dashboard,
         }
 
     def status(self) -> str:
@@ -96,7 +104,22 @@ class Balancer(Service):
         return said + (f"; work waits: {self.blocked.line()}" if self.blocked else "")
 
     def background(self) -> list[Coroutine[Any, Any, None]]:
-        return [self._retain(), self._publisher.run()]
+        return [self._retain(), self._publisher.run(), self._keep_dashboard()]
+
+    async def _keep_dashboard(self) -> None:
+        """The dashboard's history and timeline, read again every `DASHBOARD_REFRESH` seconds while
+        a dashboard asked within `DASHBOARD_IDLE` (none open: nothing read)."""
+        while True:
+            await asyncio.sleep(DASHBOARD_REFRESH)
+            if time.monotonic() - self._dashboard_asked < DASHBOARD_IDLE:
+                with contextlib.suppress(StoreUnavailable):
+                    await self._read_history()
+
+    async def _read_history(self) -> None:
+        now = time.time()
+        history = await self.store.history(now)
+        events = await self.store.events(now - HISTORY_HOURS * 3600)
+        self._history = f'"history":{json.dumps(history)},"events":{json.dumps(events)}'.encode()
 
     async def _retain(self) -> None:
         """History is kept `retention_days`: finished jobs older than that are forgotten, at
@@ -287,6 +310,20 @@ class Balancer(Service):
         log.info("follow-up sent", job=job_id, how=outcome, by=peer.uid)
         self.wake()
         return {"job": job_id, "sent": outcome}
+
+    async def _dashboard(self, _request: Request, _peer: Peer) -> Encoded:
+        """What the dashboard shows (`cl-metrics`, `/dashboard.json`): each account with its one
+        state, windows and live sessions, the queue, what blocks work, the last day's history of
+        the windows and its walls and moves. Aggregates only: no job, prompt, directory or token."""
+        self._dashboard_asked = time.monotonic()
+        if self._history is None:
+            await self._read_history()
+        assert self._history is not None
+        snapshot = await self.store.snapshot(None, finished=False)
+        accounts = self._status_view.accounts_json(snapshot)
+        blocked = json.dumps(self.blocked.line() if self.blocked else None)
+        head = f'{{"at":{time.time()},"accounts":{accounts},"queue":{snapshot.listing.queue},"blocked":{blocked},'
+        return Encoded(head.encode() + self._history + b"}")
 
     async def _doctor(self, _request: Request, _peer: Peer) -> Reply:
         """`cl doctor`: the checks run now, in this daemon's environment (the CLI's), with the

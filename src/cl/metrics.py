@@ -26,7 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import MetricsHandler
 
 from cl.account_state import State
-from cl.client import DaemonUnreachable, call
+from cl.client import DaemonUnreachable, call, exchange
 from cl.config import Config, ConfigError, load_config
 
 DAEMONS = ("balancer", "rescue", "gateway")
@@ -199,10 +199,53 @@ class _Server(ThreadingHTTPServer):
         self.socket = listener
 
 
+DASHBOARD = (Path(__file__).with_name("dashboard.html")).read_bytes()
+"""The dashboard's page: one file, no build step, nothing fetched but `/dashboard.json`."""
+
+
+def handler(config: Config, registry: CollectorRegistry) -> type[MetricsHandler]:
+    """`/` the dashboard's page, `/dashboard.json` what it shows (the balancer's `dashboard`
+    reply, passed on as it came), any other path the metrics."""
+    metrics = MetricsHandler.factory(registry)
+
+    class Handler(metrics):  # type: ignore[valid-type,misc]
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            path = self.path.split("?")[0]
+            if path in ("/", "/dashboard"):
+                self._send(200, "text/html; charset=utf-8", DASHBOARD)
+            elif path == "/dashboard.json":
+                try:
+                    reply = exchange(config.socket_path("balancer"), {"request": "dashboard"})
+                except DaemonUnreachable:
+                    self._send(503, "application/json", b'{"ok":false,"error":"cl-balancer does not answer"}')
+                    return
+                self._send(200 if reply.startswith(b'{"ok":true') else 502, "application/json", reply)
+            else:
+                super().do_GET()
+
+        def _send(self, code: int, kind: str, body: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header(
+                "Content-Security-Policy",
+                "default-src 'none'; script-src 'unsafe-inline'; "
+                "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self'",
+            )
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+            """Quiet: one line per request would flood the journal at one dashboard's pace."""
+
+    return Handler
+
+
 def serve(config: Config, listener: socket.socket) -> None:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Collector(config))
-    server = _Server(listener, MetricsHandler.factory(registry))
+    server = _Server(listener, handler(config, registry))
     server.serve_forever()
 
 

@@ -73,6 +73,10 @@ class StatusView:
         self._last = ((self._registry.version, blocked), snapshot, reply)
         return reply
 
+    def accounts_json(self, snapshot: Snapshot) -> str:
+        """The accounts' JSON array alone, as `render` has it (the dashboard's: no job, no session)."""
+        return f"[{','.join(self._accounts(snapshot))}]"
+
     def _accounts(self, snapshot: Snapshot) -> list[str]:
         roster = self._registry.accounts
         if self._version != self._registry.version:

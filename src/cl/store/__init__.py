@@ -11,6 +11,7 @@ from cl.store.asynchronous import AsyncStore
 from cl.store.backend import Lookup
 from cl.store.records import (
     BUSY_TIMEOUT,
+    HISTORY_HOURS,
     MOVED_EARLY,
     NEEDS_LOGIN,
     UNSET,
@@ -40,6 +41,7 @@ from cl.store.transactions import Store
 
 __all__ = [
     "BUSY_TIMEOUT",
+    "HISTORY_HOURS",
     "MOVED_EARLY",
     "NEEDS_LOGIN",
     "UNSET",

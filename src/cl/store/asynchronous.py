@@ -61,6 +61,8 @@ class AsyncStore:
     get_run = _OnStoreThread(Store.get_run)
     give_up = _OnStoreThread(Store.give_up)
     held_run = _OnStoreThread(Store.held_run)
+    history = _OnStoreThread(Store.history)
+    events = _OnStoreThread(Store.events)
     homes = _OnStoreThread(Store.homes)
     hosts = _OnStoreThread(Store.hosts)
     job_runs = _OnStoreThread(Store.job_runs)

@@ -197,6 +197,16 @@ MIGRATIONS: list[str] = [
     """,
     # 10: an account's pause_at (SQLite's 19)
     "ALTER TABLE account_settings ADD COLUMN pause_at DOUBLE PRECISION",
+    # 11: each window's last reading in each hour (SQLite's 20)
+    """
+    CREATE TABLE window_hours (
+        account TEXT NOT NULL,
+        period TEXT NOT NULL,
+        hour BIGINT NOT NULL,
+        utilization DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (hour, period, account)
+    )
+    """,
 ]
 
 

@@ -164,6 +164,9 @@ class WallRecord:
     """For `needs-login`: the fingerprint of the refresh token refused (another in the file lifts it)."""
 
 
+HISTORY_HOURS = 24
+"""How far back the dashboard's history goes (`Store.history`); older hours are pruned."""
+
 MOVED_EARLY = "moved early"
 """How the error of a run whose session moved before its account walled begins (the reason follows)."""
 

@@ -223,6 +223,16 @@ MIGRATIONS: list[str] = [
     """,
     # 19: an account that takes no new work while a window of its is this full (`cl accounts set`)
     "ALTER TABLE account_settings ADD COLUMN pause_at REAL",
+    # 20: each window's last reading in each hour, for the dashboard's last 24 hours (`Store.history`)
+    """
+    CREATE TABLE window_hours (
+        account TEXT NOT NULL,
+        period TEXT NOT NULL,
+        hour INTEGER NOT NULL,
+        utilization REAL NOT NULL,
+        PRIMARY KEY (hour, period, account)
+    )
+    """,
 ]
 
 

@@ -23,7 +23,9 @@ from cl.states import FINISHED_JOBS, LIVE_JOBS, LIVE_RUNS, RESCUABLE, JobState, 
 from cl.store.backend import Backend, Db, Lookup, capability_run, inserted, inserted_many, sql_set
 from cl.store.records import (
     BUSY_TIMEOUT,
+    HISTORY_HOURS,
     MODEL_WINDOWS,
+    MOVED_EARLY,
     NEEDS_LOGIN,
     AccountCounts,
     AccountSettings,
@@ -928,6 +930,7 @@ class Store:
             if len(ids) < batch:
                 break
         with self.transaction() as db:
+            db.execute("DELETE FROM window_hours WHERE hour < ?", (int(time.time() // 3600) - HISTORY_HOURS,))
             db.execute("DELETE FROM ledger WHERE job_id IS NULL AND at < ?", (before,))
             gone = "SELECT name FROM hosts WHERE heartbeat_at < ?"  # hosts silent since then (a name given up)
             db.execute(f"DELETE FROM host_accounts WHERE host IN ({gone})", (before,))
@@ -1113,6 +1116,11 @@ class Store:
                         for name, value in utilization.items()
                     ],
                 )
+                db.executemany(
+                    "INSERT INTO window_hours (account, period, hour, utilization) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (hour, period, account) DO UPDATE SET utilization = excluded.utilization",
+                    [(account, name, int(used_at // 3600), value) for name, value in utilization.items()],
+                )
             db.execute(
                 "INSERT INTO usage (account, five_hour, seven_day, last_used_at, input_tokens, output_tokens)"
                 " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(account) DO UPDATE SET"
@@ -1130,6 +1138,53 @@ class Store:
         for row in self._rows("SELECT account, period, utilization, reset_at, per_hour, observed_at FROM windows"):
             found.setdefault(row[0], {})[row[1]] = Window(*row[2:])
         return found
+
+    def history(self, now: float, top: int = 8) -> dict[str, Any]:
+        """The dashboard's last `HISTORY_HOURS` hours: for each window and hour, the accounts'
+        mean and highest utilization (each account's last reading in that hour), and the 5-hour
+        window of the `top` accounts fullest now, hour by hour. Hours as Unix times."""
+        since = int(now // 3600) - HISTORY_HOURS + 1
+        fleet: dict[str, list[list[float]]] = {}
+        rows = self._rows(
+            "SELECT period, hour, AVG(utilization), MAX(utilization) FROM window_hours WHERE hour >= ?"
+            " GROUP BY period, hour ORDER BY period, hour",
+            (since,),
+        )
+        for period, hour, mean, highest in rows:
+            fleet.setdefault(period, []).append([hour * 3600, mean, highest])
+        fullest = self._rows(
+            "SELECT account FROM windows WHERE period = 'five_hour' ORDER BY utilization DESC, account LIMIT ?", (top,)
+        )
+        names = [row[0] for row in fullest]
+        accounts: dict[str, list[list[float]]] = {name: [] for name in names}
+        if names:
+            rows = self._rows(
+                f"SELECT account, hour, utilization FROM window_hours WHERE period = 'five_hour' AND hour >= ?"
+                f" AND account IN {sql_set(tuple(names))} ORDER BY account, hour",
+                (since, *names),
+            )
+            for name, hour, used in rows:
+                accounts[name].append([hour * 3600, used])
+        return {"fleet": fleet, "accounts": accounts}
+
+    def events(self, since: float, limit: int = 200) -> list[dict[str, Any]]:
+        """Walls and moves since `since`, newest first: `{"at", "kind": "wall", "account"}` for a
+        session that met a wall, `{"at", "kind": "move", "account", "from"}` for a session moved
+        (early or after a wall). No job, session or prompt: what the dashboard may show anyone."""
+        walls = self._rows(
+            "SELECT ended_at, account FROM runs WHERE state = ? AND ended_at >= ?"
+            " AND (error IS NULL OR error NOT LIKE ?) ORDER BY id DESC LIMIT ?",
+            (RunState.WALLED, since, f"{MOVED_EARLY}%", limit),
+        )
+        moves = self._rows(
+            "SELECT r.created_at, r.account, (SELECT p.account FROM runs p WHERE p.job_id = r.job_id AND p.id < r.id"
+            " ORDER BY p.id DESC LIMIT 1) FROM runs r WHERE r.resume IS NOT NULL AND r.prompt IS NULL"
+            " AND r.created_at >= ? ORDER BY r.id DESC LIMIT ?",
+            (since, limit),
+        )
+        found = [{"at": at, "kind": "wall", "account": account} for at, account in walls]
+        found += [{"at": at, "kind": "move", "account": to, "from": was} for at, to, was in moves if was != to]
+        return sorted(found, key=lambda event: -event["at"])[:limit]
 
     def usage(self) -> dict[str, dict[str, float | None]]:
         rows = self._rows("SELECT * FROM usage")
