@@ -210,3 +210,28 @@ def test_the_stream_reads_as_text() -> None:
     failed = {"type": "result", "is_error": True, "errors": ["No conversation found with session ID: x"]}
     assert readable(json.dumps(failed)) == "── error: No conversation found with session ID: x"
     assert readable("Not logged in · Please run /login") == "Not logged in · Please run /login"
+
+
+def test_status_watch_shows_it_again_until_ctrl_c(
+    layout: Layout, planted: Planted, daemons: tuple[DaemonProcess, DaemonProcess]
+) -> None:
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    wait_until(lambda: all(d.file_states() == {"a1": "ok"} for d in daemons), "both daemons to see a1")
+    watching = subprocess.Popen(
+        [str(BIN / "cl"), "status", "--watch", "0.2"],
+        env=layout.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=interruptible,  # noqa: PLW1509 - no threads in that child
+    )
+    assert watching.stdout is not None
+    seen: list[str] = []
+    for line in iter(watching.stdout.readline, ""):
+        seen += [line] if line.startswith("0 job(s) queued") else []
+        if len(seen) == 3:  # the same view, three times over
+            break
+    watching.send_signal(signal.SIGINT)
+    _out, err = watching.communicate(timeout=20)
+    assert (watching.returncode, err) == (130, "")
+    assert len(seen) == 3

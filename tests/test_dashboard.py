@@ -105,10 +105,30 @@ def test_the_page_shows_accounts_live_then_a_wall_and_a_move_and_nothing_private
         status, kind, body = fetch(f"{url}/dashboard.json")
         assert (status, kind) == (200, "application/json")
         data = json.loads(body)
-        assert set(data) == {"ok", "at", "accounts", "queue", "blocked", "history", "events"}
+        assert set(data) == {
+            "ok",
+            "at",
+            "total",
+            "counts",
+            "sessions",
+            "matching",
+            "accounts",
+            "queue",
+            "blocked",
+            "history",
+            "events",
+        }
+        assert (data["total"], data["counts"], data["matching"]) == (2, {"walled": 1, "ok": 1}, 2)
+        assert [a["name"] for a in data["accounts"]] == ["a1", "a2"]  # the one that needs a look first
+        filtered = json.loads(fetch(f"{url}/dashboard.json?filter=2")[2])
+        assert ([a["name"] for a in filtered["accounts"]], filtered["matching"]) == (["a2"], 1)
         assert not {"cwd", "prompt", "session_id", "job"} & {key for a in data["accounts"] for key in a}
         assert not planted.leaks(body.decode(), "the dashboard's data")
         assert fetch(f"{url}/metrics")[2].startswith(b"# HELP")  # the metrics, as before
+        with pytest.raises(urllib.error.HTTPError) as elsewhere:
+            fetch(f"{url}/favicon.ico")  # no scrape of every daemon for a browser's icon
+        assert elsewhere.value.code == 404
+        elsewhere.value.close()
 
 
 def test_the_page_is_one_file_that_fetches_nothing_but_its_data() -> None:
@@ -116,7 +136,7 @@ def test_the_page_is_one_file_that_fetches_nothing_but_its_data() -> None:
     assert re.findall(r"\b(?:src|href)\s*=", html) == []  # no script, style, image or font from elsewhere
     assert "http://" not in html
     assert "https://" not in html
-    assert re.findall(r"fetch\(([^,)]*)", html) == ['"dashboard.json"']
+    assert re.findall(r"fetch\((.*), \{", html) == ["`dashboard.json?filter=${encodeURIComponent(wanted)}`"]
 
 
 def test_the_page_says_so_when_the_balancer_does_not_answer(layout: Layout) -> None:

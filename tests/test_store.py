@@ -209,7 +209,16 @@ def test_status_snapshot_sees_every_commit_from_this_or_another_connection(store
     def shown(snapshot: Snapshot) -> tuple[Any, ...]:
         listing, counts = snapshot.listing, snapshot.counts
         jobs, sessions = json.loads(listing.jobs_json), json.loads(listing.sessions_json)
-        return jobs, sessions, listing.queue, counts.live, counts.usage, set(snapshot.walls)
+        return (
+            jobs,
+            sessions,
+            listing.queue,
+            counts.live,
+            counts.usage,
+            set(snapshot.walls),
+            snapshot.windows,
+            snapshot.settings,
+        )
 
     def fresh() -> Snapshot:  # read by a store that has kept nothing
         reader = Store(store_at)
@@ -218,13 +227,16 @@ def test_status_snapshot_sees_every_commit_from_this_or_another_connection(store
         finally:
             reader.close()
 
-    assert shown(store.snapshot()) == ([], [], 0, {}, {}, set())
+    assert shown(store.snapshot()) == ([], [], 0, {}, {}, set(), {}, {})
     first = other.add_job("/work/a", "do a")
     steps: list[Callable[[], object]] = [
         lambda: store.place(first.id, "a1", limit=1),
         lambda: other.claim(1, 4242, "start", "/tmp/log"),
         lambda: other.set_session(1, "5e55-1011"),
         lambda: other.record_usage("a1", {"five_hour": 0.5}, tokens=(3, 4)),
+        lambda: other.record_usage("a1", {"five_hour": 0.6}, 100.0, resets={"five_hour": 9000.0}),
+        lambda: other.record_usage("a1", {"five_hour": 0.7}, 100.0, resets={"five_hour": 9000.0}),  # the same moment
+        lambda: other.set_account("a1", 0, pause_at=0.9),
         lambda: other.record_wall("a2", "result", reset_at=None),
         lambda: store.settle(1, "done"),  # type: ignore[arg-type]
         lambda: other.add_job("/work/b", 'say "hi"\n'),
@@ -236,7 +248,12 @@ def test_status_snapshot_sees_every_commit_from_this_or_another_connection(store
         after = store.snapshot()
         assert shown(after) == shown(fresh()) != shown(before)
         assert shown(store.snapshot()) == shown(after)  # unchanged since: the same answer
-    jobs, sessions, queue, live, usage, walls = shown(after)
+    jobs, sessions, queue, live, usage, walls, _windows, _settings = shown(after)
+    kept = store.snapshot()
+    other.publish("host-b", [])  # a commit that changes none of it (a heartbeat)
+    again = store.snapshot()
+    assert (again.counts, again.windows, again.settings) == (kept.counts, kept.windows, kept.settings)
+    assert again.counts is kept.counts and again.windows is kept.windows  # nothing read again
     assert [(job["id"], job["state"]) for job in jobs] == [(1, "done"), (2, "cancelled")]
     assert sessions == [
         {
@@ -251,7 +268,7 @@ def test_status_snapshot_sees_every_commit_from_this_or_another_connection(store
         }
     ]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", jobs[0]["created_at"])
-    assert (queue, live, usage, walls) == (0, {}, {"a1": (0.5, None, 3, 4)}, {"a2"})
+    assert (queue, live, usage, walls) == (0, {}, {"a1": (0.7, None, 3, 4)}, {"a2"})
     before = store.snapshot()
     other.record_usage("a1", {"seven_day": 0.1})  # usage alone: the jobs' listing is kept
     assert store.snapshot().listing is before.listing

@@ -38,7 +38,7 @@ from cl.protocol import Encoded, Handler, Peer, Reply, Request, RequestError, id
 from cl.registry import CredentialRegistry
 from cl.service import Service
 from cl.states import FINISHED_JOBS, LIVE_RUNS, JobState, RunState
-from cl.status import StatusView
+from cl.status import Board, StatusView
 from cl.store import HISTORY_HOURS, MOVED_EARLY, UNSET, Facts, Job, NoRoom, Placement, Run, StoreUnavailable
 from cl.supervisor import log_outcome
 from cl.tally import Histogram
@@ -55,8 +55,12 @@ PLACE_BATCH = 128
 """Jobs placed in one transaction at most: on PostgreSQL 64 placed about 1,850 jobs/s fleet-wide,
 128 about 2,700, 256 about 5,000 (bench/fleet.py); a job's worker starts once its batch is
 written, at 128 some 45 ms after the first of a burst."""
+DASHBOARD_TICK = 2.0
+"""Seconds between two reads of the accounts while a dashboard is open (the page asks as often)."""
 DASHBOARD_REFRESH = 30.0
 """Seconds between two reads of the dashboard's history while one is open."""
+DASHBOARD_ROWS = 200
+"""Accounts the dashboard lists at most: those that need a look first (the counts cover all)."""
 DASHBOARD_IDLE = 300.0
 """A dashboard not heard from for this long is closed: its history is no longer read."""
 MAX_PROMPT_BYTES = 48 * 1024
@@ -78,8 +82,10 @@ class Balancer(Service):
         self._submit_to_started = Histogram()
         self._publisher = fleet.Publisher(config, registry, self.store)
         self._dashboard_asked = -DASHBOARD_IDLE
+        self._board: tuple[Board, int, float] | None = None
+        """The dashboard's accounts, the queue's length and when, as last read (`_keep_dashboard`)."""
         self._history: bytes | None = None
-        """The dashboard's `"history":…,"events":…` members, as last read (`_keep_dashboard`)."""
+        """The dashboard's `"history":…,"events":…` members, as last read."""
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -107,13 +113,23 @@ class Balancer(Service):
         return [self._retain(), self._publisher.run(), self._keep_dashboard()]
 
     async def _keep_dashboard(self) -> None:
-        """The dashboard's history and timeline, read again every `DASHBOARD_REFRESH` seconds while
-        a dashboard asked within `DASHBOARD_IDLE` (none open: nothing read)."""
+        """While a dashboard asked within `DASHBOARD_IDLE`: the accounts read again every
+        `DASHBOARD_TICK` seconds (nothing changed: nothing rendered), the history and timeline
+        every `DASHBOARD_REFRESH`. None open: nothing read. A request is answered from what is kept."""
+        ticks = 0
         while True:
-            await asyncio.sleep(DASHBOARD_REFRESH)
+            await asyncio.sleep(DASHBOARD_TICK)
             if time.monotonic() - self._dashboard_asked < DASHBOARD_IDLE:
                 with contextlib.suppress(StoreUnavailable):
-                    await self._read_history()
+                    await self._read_board()
+                    ticks += 1
+                    if ticks * DASHBOARD_TICK >= DASHBOARD_REFRESH:
+                        await self._read_history()
+                        ticks = 0
+
+    async def _read_board(self) -> None:
+        snapshot = await self.store.snapshot(None, finished=False)
+        self._board = (self._status_view.board(snapshot), snapshot.listing.queue, time.time())
 
     async def _read_history(self) -> None:
         now = time.time()
@@ -311,18 +327,27 @@ class Balancer(Service):
         self.wake()
         return {"job": job_id, "sent": outcome}
 
-    async def _dashboard(self, _request: Request, _peer: Peer) -> Encoded:
-        """What the dashboard shows (`cl-metrics`, `/dashboard.json`): each account with its one
-        state, windows and live sessions, the queue, what blocks work, the last day's history of
-        the windows and its walls and moves. Aggregates only: no job, prompt, directory or token."""
+    async def _dashboard(self, request: Request, _peer: Peer) -> Encoded:
+        """What the dashboard shows (`cl-metrics`, `/dashboard.json`): the accounts in the order
+        that needs a look first (`DASHBOARD_ROWS` at most; `filter`, a part of their name), how
+        many are in each state, live sessions, the queue, what blocks work, the last day's history
+        of the windows, walls and moves. Aggregates only: no job, prompt, directory or token.
+        Answered from what `_keep_dashboard` keeps: at most `DASHBOARD_TICK` seconds old."""
+        wanted = text_field(request, "filter") or ""
         self._dashboard_asked = time.monotonic()
-        if self._history is None:
+        if self._board is None or self._history is None:
+            await self._read_board()
             await self._read_history()
+        assert self._board is not None
         assert self._history is not None
-        snapshot = await self.store.snapshot(None, finished=False)
-        accounts = self._status_view.accounts_json(snapshot)
+        board, queue, at = self._board
+        matching = [(name, shown) for name, shown in board.accounts if wanted in name] if wanted else board.accounts
+        accounts = ",".join(shown for _name, shown in matching[:DASHBOARD_ROWS])
         blocked = json.dumps(self.blocked.line() if self.blocked else None)
-        head = f'{{"at":{time.time()},"accounts":{accounts},"queue":{snapshot.listing.queue},"blocked":{blocked},'
+        head = (
+            f'{{"at":{at},"total":{len(board.accounts)},"counts":{json.dumps(board.counts)},"sessions":{board.sessions},'
+            f'"matching":{len(matching)},"accounts":[{accounts}],"queue":{queue},"blocked":{blocked},'
+        )
         return Encoded(head.encode() + self._history + b"}")
 
     async def _doctor(self, _request: Request, _peer: Peer) -> Reply:

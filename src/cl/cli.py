@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import calendar
 import collections
+import contextlib
 import datetime as dt
 import errno
 import importlib.metadata
+import io
 import json
 import os
 import re
@@ -370,6 +372,26 @@ def cmd_cancel(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    if args.watch is None:
+        return _status(config, args)
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() and not args.json else ""
+    while True:  # until Ctrl-C (130)
+        shown = io.StringIO()
+        with contextlib.redirect_stdout(shown):
+            _status(config, args)
+        sys.stdout.write(clear + shown.getvalue() + ("" if clear or args.json else "\n"))
+        sys.stdout.flush()
+        time.sleep(args.watch)
+
+
+def _interval(text: str) -> float:
+    seconds = float(text)
+    if not 0.1 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError("must be 0.1 to 3600 seconds")
+    return seconds
+
+
+def _status(config: Config, args: argparse.Namespace) -> int:
     status = ask(config, "balancer", {"request": "status"})
     status.pop("ok", None)
     try:
@@ -837,7 +859,12 @@ def parser() -> argparse.ArgumentParser:
     cancel.set_defaults(func=cmd_cancel)
 
     for name, func, text, example in (
-        ("status", cmd_status, "accounts, live sessions and jobs, and the queue", "  cl status\n  cl status --json\n"),
+        (
+            "status",
+            cmd_status,
+            "accounts, live sessions and jobs, and the queue",
+            "  cl status\n  cl status --watch      again every 2 s until Ctrl-C\n  cl status --json\n",
+        ),
         (
             "sessions",
             cmd_sessions,
@@ -854,6 +881,16 @@ def parser() -> argparse.ArgumentParser:
     ):
         listing = command(name, text, example)
         listing.add_argument("--json", action="store_true", help=JSON_HELP)
+        if name == "status":
+            listing.add_argument(
+                "-w",
+                "--watch",
+                nargs="?",
+                const=2.0,
+                type=_interval,
+                metavar="SECONDS",
+                help="show it again every SECONDS (2) until Ctrl-C; with --json, one line each time",
+            )
         if name in ("sessions", "jobs"):
             listing.add_argument("--all", action="store_true", help="finished ones too (kept retention_days)")
             listing.add_argument("--state", choices=STATES, help="only those in this state")

@@ -16,6 +16,7 @@ import socket
 import socketserver
 import sys
 import tempfile
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -205,23 +206,26 @@ DASHBOARD = (Path(__file__).with_name("dashboard.html")).read_bytes()
 
 def handler(config: Config, registry: CollectorRegistry) -> type[MetricsHandler]:
     """`/` the dashboard's page, `/dashboard.json` what it shows (the balancer's `dashboard`
-    reply, passed on as it came), any other path the metrics."""
+    reply, passed on as it came), `/metrics` the metrics."""
     metrics = MetricsHandler.factory(registry)
 
     class Handler(metrics):  # type: ignore[valid-type,misc]
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            path = self.path.split("?")[0]
+            path, _, query = self.path.partition("?")
             if path in ("/", "/dashboard"):
                 self._send(200, "text/html; charset=utf-8", DASHBOARD)
             elif path == "/dashboard.json":
+                wanted = urllib.parse.parse_qs(query).get("filter", [""])[0][:64]
                 try:
-                    reply = exchange(config.socket_path("balancer"), {"request": "dashboard"})
+                    reply = exchange(config.socket_path("balancer"), {"request": "dashboard", "filter": wanted})
                 except DaemonUnreachable:
                     self._send(503, "application/json", b'{"ok":false,"error":"cl-balancer does not answer"}')
                     return
                 self._send(200 if reply.startswith(b'{"ok":true') else 502, "application/json", reply)
-            else:
+            elif path == "/metrics":
                 super().do_GET()
+            else:  # (a browser's /favicon.ico would otherwise cost a scrape of every daemon)
+                self._send(404, "text/plain", b"not found: / is the dashboard, /metrics the metrics\n")
 
         def _send(self, code: int, kind: str, body: bytes) -> None:
             self.send_response(code)

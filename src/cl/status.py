@@ -8,10 +8,11 @@ Sessions and jobs arrive from the store already as JSON.
 
 from __future__ import annotations
 
+import collections
 import json
 from typing import NamedTuple
 
-from cl.account_state import standing
+from cl.account_state import State, standing
 from cl.credentials import Account
 from cl.moments import iso_utc
 from cl.protocol import Encoded
@@ -36,17 +37,45 @@ class Shown(NamedTuple):
 IDLE = Shown(None, False, 0, None, None, (), ())
 
 
+class Rendered(NamedTuple):
+    """One account's object, and what the dashboard orders and counts it by."""
+
+    json: str
+    state: State
+    five_hour: float
+    """Its 5-hour window's utilization as last read (0 if never)."""
+    sessions: int
+
+
+ATTENTION = (State.WALLED, State.NEEDS_LOGIN, State.INVALID, State.PROBATION, State.PAUSED, State.OK)
+"""The dashboard's order: the states that need a look first."""
+
+
+class Board(NamedTuple):
+    """The dashboard's view of the accounts: each one's object in `ATTENTION` order (then the
+    fullest 5-hour window first, then by name), how many are in each state, live sessions."""
+
+    accounts: list[tuple[str, str]]
+    """(name, object) in order."""
+    counts: dict[str, int]
+    sessions: int
+
+
 class StatusView:
     def __init__(self, registry: CredentialRegistry) -> None:
         self._registry = registry
-        self._idle: dict[str, tuple[Account, str]] = {}
+        self._idle: dict[str, tuple[Account, Rendered]] = {}
         """Each account's object with no facts, with the account object it was made from (a new
         object, a new rendering): rendered once per change."""
         self._version = -1
         self._index: dict[str, int] = {}
-        self._objects: list[str] = []
+        self._names: list[str] = []
+        self._objects: list[Rendered] = []
         self._facts: dict[str, Shown] = {}
         """The facts each account's object in `_objects` shows, for accounts that have any."""
+        self._inputs: tuple[object, ...] = ()
+        """What `_objects` was made from: a snapshot with the same is rendered the same."""
+        self._board: Board | None = None
         self._last: tuple[tuple[int, str | None], Snapshot, Encoded] | None = None
 
     def render(self, snapshot: Snapshot, blocked: str | None = None) -> Encoded:
@@ -59,32 +88,61 @@ class StatusView:
             and last[0] == (self._registry.version, blocked)
             and last[1].listing is snapshot.listing
             and last[1].counts is snapshot.counts
+            and last[1].settings is snapshot.settings
+            and last[1].windows is snapshot.windows
             and last[1].walls == snapshot.walls
             and last[1].model_walls == snapshot.model_walls
-            and last[1].settings is snapshot.settings
             and last[1].probation == snapshot.probation
         ):
             return last[2]
         listing = snapshot.listing
+        accounts = ",".join(rendered.json for rendered in self._accounts(snapshot))
         reply = Encoded(
-            f'{{"accounts":[{",".join(self._accounts(snapshot))}],"sessions":{listing.sessions_json},'
+            f'{{"accounts":[{accounts}],"sessions":{listing.sessions_json},'
             f'"jobs":{listing.jobs_json},"queue":{listing.queue},"blocked":{json.dumps(blocked)}}}'.encode()
         )
         self._last = ((self._registry.version, blocked), snapshot, reply)
         return reply
 
-    def accounts_json(self, snapshot: Snapshot) -> str:
-        """The accounts' JSON array alone, as `render` has it (the dashboard's: no job, no session)."""
-        return f"[{','.join(self._accounts(snapshot))}]"
+    def board(self, snapshot: Snapshot) -> Board:
+        """The accounts as the dashboard orders them: sorted again only after a change."""
+        objects = self._accounts(snapshot)
+        if self._board is None:
+            order = sorted(
+                range(len(objects)),
+                key=lambda i: (ATTENTION.index(objects[i].state), -objects[i].five_hour, self._names[i]),
+            )
+            counts = collections.Counter(str(rendered.state) for rendered in objects)
+            sessions = sum(rendered.sessions for rendered in objects)
+            self._board = Board([(self._names[i], objects[i].json) for i in order], dict(counts), sessions)
+        return self._board
 
-    def _accounts(self, snapshot: Snapshot) -> list[str]:
+    def _same_facts(self, snapshot: Snapshot) -> bool:
+        """The roster and the store's facts are those `_objects` was made from (the store hands
+        out the same counts, settings and windows objects while the database is unchanged)."""
+        inputs = self._inputs
+        return (
+            bool(inputs)
+            and inputs[0] == self._registry.version
+            and inputs[1] is snapshot.counts
+            and inputs[2] is snapshot.settings
+            and inputs[3] is snapshot.windows
+            and inputs[4] == snapshot.walls
+            and inputs[5] == snapshot.model_walls
+            and inputs[6] == snapshot.probation
+        )
+
+    def _accounts(self, snapshot: Snapshot) -> list[Rendered]:
+        if self._same_facts(snapshot):
+            return self._objects
+        self._board = None
         roster = self._registry.accounts
         if self._version != self._registry.version:
-            names = self._registry.sorted_names()
+            self._names = self._registry.sorted_names()
             self._version = self._registry.version
-            self._index = {name: i for i, name in enumerate(names)}
-            self._idle = {name: self._idle_of(roster[name]) for name in names}
-            self._objects = [self._idle[name][1] for name in names]
+            self._index = {name: i for i, name in enumerate(self._names)}
+            self._idle = {name: self._idle_of(roster[name]) for name in self._names}
+            self._objects = [self._idle[name][1] for name in self._names]
             self._facts = {}
         walls, live, usage, settings = snapshot.walls, snapshot.counts.live, snapshot.counts.usage, snapshot.settings
         by_model, windows, probation = snapshot.model_walls, snapshot.windows, snapshot.probation
@@ -107,16 +165,25 @@ class StatusView:
             self._objects[self._index[name]] = self._idle[name][1]
         for name, shown in facts.items():
             if self._facts.get(name) != shown:
-                self._objects[self._index[name]] = _object(roster[name], shown)
+                self._objects[self._index[name]] = _rendered(roster[name], shown)
         self._facts = facts
+        self._inputs = (
+            self._registry.version,
+            snapshot.counts,
+            snapshot.settings,
+            snapshot.windows,
+            snapshot.walls,
+            snapshot.model_walls,
+            snapshot.probation,
+        )
         return self._objects
 
-    def _idle_of(self, account: Account) -> tuple[Account, str]:
+    def _idle_of(self, account: Account) -> tuple[Account, Rendered]:
         kept = self._idle.get(account.name)
-        return kept if kept is not None and kept[0] is account else (account, _object(account, IDLE))
+        return kept if kept is not None and kept[0] is account else (account, _rendered(account, IDLE))
 
 
-def _object(account: Account, shown: Shown) -> str:
+def _rendered(account: Account, shown: Shown) -> Rendered:
     """`{"name", "state", "reason", "window", "walled_until", "sessions", ...}`: the state is the
     account's one state (`cl.account_state`)."""
     now = standing(account, shown.wall, shown.settings, shown.probation)
@@ -130,4 +197,5 @@ def _object(account: Account, shown: Shown) -> str:
         fields["settings"] = shown.settings.public()
     if shown.windows:  # each window as the API last said it: how full, when it resets, how fast it fills
         fields["windows"] = {name: w.public() for name, w in shown.windows}
-    return json.dumps(fields)
+    five = dict(shown.windows).get("five_hour")
+    return Rendered(json.dumps(fields), now.state, five.utilization if five else 0.0, shown.sessions)
