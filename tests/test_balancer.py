@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cl.client import exchange
 from cl.states import RunState
 from cl.store import Run, Store
 from utils import (
@@ -138,9 +139,21 @@ def test_submit_refuses_bad_input_with_exit_2(layout: Layout) -> None:
     assert (empty.returncode, "the prompt is empty" in empty.stderr) == (2, True)
     unreadable = cl(layout, "submit", "--cwd", str(layout.work), "--prompt-file", str(layout.root / "none.txt"))
     assert unreadable.returncode == 2
-    (layout.root / "huge.txt").write_text("x" * (48 * 1024 + 1))
-    huge = cl(layout, "submit", "--cwd", str(layout.work), "--prompt-file", str(layout.root / "huge.txt"))
-    assert (huge.returncode, "is over 49152 bytes" in huge.stderr) == (2, True)
+    for size in (48 * 1024 + 1, 100 * 1024, 1024 * 1024):  # over the limit, over a request line, far over
+        (layout.root / "huge.txt").write_text("é" * (size // 2) + "x" * (size % 2))  # two bytes a letter
+        huge = cl(layout, "submit", "--cwd", str(layout.work), "--prompt-file", str(layout.root / "huge.txt"))
+        said = f"cl: the prompt is {size:,} bytes; a job takes at most 49,152 bytes (48 KiB): put the rest in a file"
+        assert (huge.returncode, said in huge.stderr) == (2, True), huge.stderr
+    fits = layout.root / "fits.txt"
+    fits.write_text("x" * (48 * 1024))
+    assert cl(layout, "submit", "--cwd", str(layout.work), "--prompt-file", str(fits)).returncode == 0
+    over = cl(layout, "send", "1", "y" * (48 * 1024 + 1))
+    assert (over.returncode, "cl: the text is 49,153 bytes; a job takes at most" in over.stderr) == (2, True)
+    over_the_line = exchange(
+        layout.runtime / "balancer.sock",
+        {"request": "submit", "cwd": str(layout.work), "prompt": "z" * (48 * 1024 + 1)},
+    )
+    assert json.loads(over_the_line)["error"] == '"prompt" is over 49152 bytes'  # a client that does not check
 
 
 def test_waiting_jobs_go_to_a_credential_dropped_in(layout: Layout, planted: Planted, balancer: DaemonProcess) -> None:

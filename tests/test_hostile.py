@@ -277,3 +277,30 @@ def test_a_session_id_belongs_to_the_first_job_that_reported_it(layout: Layout, 
         jobs = {job["id"]: job for job in json.loads(cl(layout, "jobs", "--all", "--json").stdout)}
     assert (jobs[first]["session_id"], jobs[second]["session_id"]) == (SESSION, None)
     assert "the CLI reported another job's session id, not taken" in balancer.log()
+
+
+def test_a_cli_that_dies_without_a_result_leaves_its_last_stderr_lines_in_the_reason(
+    layout: Layout, planted: Planted
+) -> None:
+    token = planted.token()
+    script = layout.root / "bin" / "crashes"
+    script.parent.mkdir()
+    script.write_text(
+        '#!/bin/sh\n[ "$1" = --version ] && exec echo "2.1.332 (crashes)"\nread line\n'
+        "echo 'Traceback (most recent call last):' >&2\n"
+        'for n in 1 2 3 4 5 6; do echo "  File \\"/x.js\\", line $n, in turn" >&2; done\n'
+        f"echo 'Error: the model is on fire (key {token})' >&2\nexit 1\n"
+    )
+    script.chmod(0o755)
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    with both(layout, env=layout.env(CL_CLAUDE_BIN=str(script), CL_CLI_READABLE=str(script.parent))):
+        job = submit(layout, "crash")
+        wait_until(lambda: job_states(layout).get(job) == "failed", "the job to fail")
+        story = cl(layout, "job", str(job)).stdout
+        listed = cl(layout, "jobs", "--all").stdout
+    said = "exited with 1 without a result: no output; its stderr ended: "
+    assert said in story, story
+    assert 'File "/x.js", line 6, in turn | Error: the model is on fire (key ' in story  # the last 5 lines
+    assert "line 1, in turn" not in story
+    assert "without a result: no output; its stderr ended:" in listed
+    assert not planted.leaks(story + listed, "the failure's reason")

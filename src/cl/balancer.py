@@ -29,6 +29,7 @@ import structlog
 from cl import cli_user, daemon, doctor, fleet, placement, redact, workdir
 from cl.account_state import Standing, standing
 from cl.cli_user import CliUserError
+from cl.client import MAX_PROMPT_BYTES
 from cl.config import Config
 from cl.credentials import is_account_name
 from cl.launcher import under_socket_activation
@@ -63,8 +64,6 @@ DASHBOARD_ROWS = 200
 """Accounts the dashboard lists at most: those that need a look first (the counts cover all)."""
 DASHBOARD_IDLE = 300.0
 """A dashboard not heard from for this long is closed: its history is no longer read."""
-MAX_PROMPT_BYTES = 48 * 1024
-"""A prompt fits in one request line (64 KiB) and in the pipe to the CLI's standard input."""
 
 
 class Balancer(Service):

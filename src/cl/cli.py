@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from cl.client import DaemonUnreachable, call
+from cl.client import MAX_PROMPT_BYTES, DaemonUnreachable, call
 from cl.config import Config, ConfigError, load_config
 from cl.moments import span
 from cl.states import JobState, RunState
@@ -343,10 +343,22 @@ def cmd_submit(config: Config, args: argparse.Namespace) -> int:
         prompt = args.prompt or ""
     if not prompt.strip():
         raise CommandError("the prompt is empty", EXIT_USAGE)
+    _fits("the prompt", prompt)
     request = {"request": "submit", "cwd": cwd, "prompt": prompt, "model": args.model, "max_turns": args.max_turns}
     job = ask(config, "balancer", request)["job"]
     print(json.dumps({"job": job}) if args.json else job)
     return 0
+
+
+def _fits(what: str, text: str) -> None:
+    """A prompt over `MAX_PROMPT_BYTES` is refused here, before anything is sent, in bytes."""
+    size = len(text.encode())
+    if size > MAX_PROMPT_BYTES:
+        raise CommandError(
+            f"{what} is {size:,} bytes; a job takes at most {MAX_PROMPT_BYTES:,} bytes (48 KiB): put the rest in a"
+            " file in the job's directory and have the prompt point the CLI at it",
+            EXIT_USAGE,
+        )
 
 
 SENT = {
@@ -360,6 +372,7 @@ def cmd_send(config: Config, args: argparse.Namespace) -> int:
     text = sys.stdin.read() if args.text == "-" else args.text
     if not text.strip():
         raise CommandError("the text is empty", EXIT_USAGE)
+    _fits("the text", text)
     reply = ask(config, "balancer", {"request": "send", "job": args.job, "text": text})
     print(f"job {reply['job']}: sent; {SENT.get(reply['sent'], reply['sent'])}")
     return 0
@@ -834,8 +847,8 @@ def parser() -> argparse.ArgumentParser:
         help="the job's working directory: one you and the CLI's user (cl-cli) can write (default: this one)",
     )
     source = submit.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="the prompt (at most 48 KiB)")
-    source.add_argument("--prompt-file", help="read the prompt from this file")
+    source.add_argument("--prompt", help=f"the prompt (at most {MAX_PROMPT_BYTES:,} bytes, UTF-8)")
+    source.add_argument("--prompt-file", help="read the prompt from this file (the same limit)")
     submit.add_argument("--model", help="the model to ask for (passed to the CLI as --model)")
     submit.add_argument("--max-turns", type=int, help="stop the session after this many turns")
     submit.add_argument("--json", action="store_true", help=JSON_HELP)
@@ -847,7 +860,9 @@ def parser() -> argparse.ArgumentParser:
         "  cl send 7 'now add a test for it'\n  cl send 7 - < next-step.md\n  cl send 7 'and the docs' && cl wait 7\n",
     )
     send.add_argument("job", type=int, help=JOB_HELP)
-    send.add_argument("text", help="the prompt (at most 48 KiB), or - to read it from standard input")
+    send.add_argument(
+        "text", help=f"the prompt (at most {MAX_PROMPT_BYTES:,} bytes, UTF-8), or - to read it from standard input"
+    )
     send.set_defaults(func=cmd_send)
 
     cancel = command(

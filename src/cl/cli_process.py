@@ -11,6 +11,7 @@ could hold its output open).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import os
@@ -30,6 +31,10 @@ MAX_LOG_BYTES = 64 * 2**20
 """A run's log, at most (the stream is still read to the end)."""
 MAX_LINE = 8 * 2**20
 """A line of the CLI's output, at most; the rest of a longer one is dropped, and the log says so."""
+STDERR_LINES = 5
+"""The CLI's last lines on standard error that a failure's reason carries."""
+STDERR_WIDTH = 200
+"""Characters of each of those lines at most."""
 MAX_WAITING = 32 * 2**20
 """Bytes of the CLI's output waiting for the worker, at most: past that the reader waits, and so
 does the CLI (its pipe fills)."""
@@ -93,6 +98,7 @@ class Output:
         self._lock = threading.Lock()
         self._file: IO[bytes] | None = None
         self._room = 0
+        self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
         self.use(path)
 
     def use(self, path: Path) -> None:
@@ -123,9 +129,17 @@ class Output:
             self._file.write(data)
             self._file.flush()
 
-    def copy(self, stream: IO[bytes]) -> None:
+    def copy_stderr(self, stream: IO[bytes]) -> None:
+        """The CLI's standard error into the log; its last `STDERR_LINES` lines kept (`stderr`)."""
         for raw in lines(stream):
-            self.write(raw.decode(errors="replace"))
+            line = raw.decode(errors="replace")
+            self.write(line)
+            if line.strip():
+                self._stderr.append(redact.scrub_line(line).strip()[:STDERR_WIDTH])
+
+    def stderr(self) -> tuple[str, ...]:
+        """The CLI's standard error's last lines, scrubbed, each `STDERR_WIDTH` characters at most."""
+        return tuple(self._stderr)
 
 
 class CliProcess:
@@ -162,7 +176,7 @@ class CliProcess:
         )
         self._threads = [
             threading.Thread(target=self._read, daemon=True),
-            threading.Thread(target=output.copy, args=(self.process.stderr,), daemon=True),
+            threading.Thread(target=output.copy_stderr, args=(self.process.stderr,), daemon=True),
             threading.Thread(target=self._end_the_tree, daemon=True),
         ]
         if on_quiet is not None:

@@ -11,6 +11,11 @@ import socket
 from pathlib import Path
 from typing import Any
 
+MAX_PROMPT_BYTES = 48 * 1024
+"""A prompt's size at most, in UTF-8 bytes (`cl submit`, `cl send`): it goes in one request line
+(64 KiB at most, `cl.protocol`) and into the pipe to the CLI's standard input. `cl` says so before
+sending anything; the balancer refuses a larger one too."""
+
 
 class DaemonUnreachable(Exception):
     def __init__(self, message: str, errno: int | None = None) -> None:
@@ -31,7 +36,7 @@ def exchange(path: Path, request: dict[str, Any], timeout: float = 10.0) -> byte
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(str(path))
-            sock.sendall(json.dumps(request).encode() + b"\n")
+            sock.sendall(json.dumps(request).encode() + b"\n", socket.MSG_NOSIGNAL)  # a closed peer: EPIPE, said
             chunks: list[bytes] = []
             while not chunks or not chunks[-1].endswith(b"\n"):
                 chunk = sock.recv(1 << 20)

@@ -358,6 +358,7 @@ def _after_turn(session: _Session, account: Account | None, state: StreamState) 
             session.bound().info("session moved live", to=handed.account, session=run.session_id, next_run=handed.id)
         return handed
     code = _finish(session)
+    state.stderr = session.output.stderr()  # (its reader has joined: the tail is whole)
     if session.cancelled.is_set():
         store.settle(run.id, RunState.CANCELLED, "cancelled while it ran")
         session.bound().info("session cancelled", session=state.session_id)

@@ -54,6 +54,8 @@ class StreamState:
     """Window (`five_hour`, `seven_day`) -> 0..1, from `rate_limit_event`s."""
     texts: list[str] = dataclasses.field(default_factory=list)
     """Non-JSON lines, kept for the wall fallback and error messages."""
+    stderr: tuple[str, ...] = ()
+    """Its standard error's last lines, scrubbed, once it has exited (the reason of a failure)."""
     answered: bool = False
     """The account let a request through: an assistant turn that is not a wall, or `allowed`."""
     version: str | None = None
@@ -107,7 +109,8 @@ class StreamState:
                 return Outcome.FAILED, "; ".join(str(e) for e in errors)[:500]
             return Outcome.FAILED, str(result.get("result") or result.get("subtype") or "error")[:500]
         detail = self.texts[-1] if self.texts else "no output"
-        return Outcome.FAILED, f"exited with {exit_code} without a result: {detail}"[:500]
+        said_on_stderr = f"; its stderr ended: {' | '.join(self.stderr)}" if self.stderr else ""
+        return Outcome.FAILED, f"exited with {exit_code} without a result: {detail[:300]}{said_on_stderr}"[:1000]
 
     def _rate_limit(self, info: Any) -> None:
         if not isinstance(info, dict):
