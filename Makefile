@@ -61,8 +61,8 @@ run: dev
 	@if [ "$$(id -u)" != 0 ] && ! grep -q '^confinement' $(VAR)/config.toml; then \
 		$(call prepend,confinement = "none"  # not root: no user of its own per job and no sandbox (make run as root has both),$(VAR)/config.toml); \
 		echo "not root: the CLI runs unconfined (confinement = \"none\" in $(VAR)/config.toml)"; fi
-	@grep -q '^cli_network' $(VAR)/config.toml || \
-		$(call prepend,cli_network = "host"  # no cl-worker@ unit narrows it here ("gateway": a network of its own),$(VAR)/config.toml)
+	@grep -q '^cli_network' $(VAR)/config.toml || { \
+		$(call prepend,cli_network = "host"  # no cl-worker@ unit narrows it here ("gateway": a network of its own),$(VAR)/config.toml); }
 	@echo "credentials: $(VAR)/claude   try: CL_CONFIG=$(VAR)/config.toml $(BIN)/cl accounts"
 	@CL_CONFIG=$(VAR)/config.toml $(BIN)/python -m cl.devrun
 
