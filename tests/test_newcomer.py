@@ -79,19 +79,7 @@ def test_a_newcomers_first_hour_from_a_fresh_clone(clone: Path, planted: Planted
     with make_run(clone):  # the first start writes var/config.toml
         sockets = [var / "run" / f"{name}.sock" for name in ("balancer", "rescue", "gateway")]
         wait_until(lambda: all(path.exists() for path in sockets), "make run to start", timeout=120)
-    added = 'claude_bin = "../tests/fakes/claude"\ngateway = false\ncli_env_keep = ["FAKE_CLAUDE_*"]\n'
-    quota = var / "fake" / "quota.json"
-    quota.parent.mkdir()
-    quota.write_text("{}")
-    work = var / "work"
-    work.mkdir()
-    if os.geteuid() == 0:  # as root, each job's CLI is a user of the pool, in a view of its own
-        added += 'cli_readable = ["../tests/fakes"]\ncli_writable = ["fake"]\n'
-        shutil.chown(work, group=POOL)
-        work.chmod(0o2770)
-        quota.parent.chmod(0o777)
-        quota.chmod(0o666)
-    config.write_text(config.read_text() + added)
+    quota, work = configure_for_the_fake(var)
     env = {**os.environ, "CL_CONFIG": str(config)}
     env = {k: v for k, v in env.items() if not k.startswith(("CL_", "FAKE_")) or k == "CL_CONFIG"}
 
@@ -145,6 +133,26 @@ def test_a_newcomers_first_hour_from_a_fresh_clone(clone: Path, planted: Planted
     assert not planted.leaks(seen, "what the newcomer saw")
 
 
+def configure_for_the_fake(var: Path) -> tuple[Path, Path]:
+    """What docs/operating.md adds to var/config.toml for the fake CLI (as root, also what the
+    CLI's view needs); the quota file and a directory for the jobs."""
+    added = 'claude_bin = "../tests/fakes/claude"\ngateway = false\ncli_env_keep = ["FAKE_CLAUDE_*"]\n'
+    quota = var / "fake" / "quota.json"
+    quota.parent.mkdir()
+    quota.write_text("{}")
+    work = var / "work"
+    work.mkdir()
+    if os.geteuid() == 0:  # as root, each job's CLI is a user of the pool, in a view of its own
+        added += 'cli_readable = ["../tests/fakes"]\ncli_writable = ["fake"]\n'
+        shutil.chown(work, group=POOL)
+        work.chmod(0o2770)
+        quota.parent.chmod(0o777)
+        quota.chmod(0o666)
+    config = var / "config.toml"
+    config.write_text(config.read_text() + added)
+    return quota, work
+
+
 def submit(cl: Any, work: Path, prompt: str) -> int:
     done = cl("submit", "--cwd", str(work), "--prompt", prompt, "--json")
     assert done.returncode == 0, done.stderr
@@ -152,7 +160,7 @@ def submit(cl: Any, work: Path, prompt: str) -> int:
 
 
 def job_state(cl: Any, job: int) -> str:
-    return str(json.loads(cl("job", str(job), "--json").stdout)["state"])
+    return str(next(j["state"] for j in json.loads(cl("jobs", "--all", "--json").stdout) if j["id"] == job))
 
 
 @contextlib.contextmanager
