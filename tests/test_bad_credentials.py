@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from utils import Layout, Planted, both, oauth_credential, wait_until, write_credential
+from utils import Layout, Planted, both, cl, oauth_credential, wait_until, write_credential
 
 
 def unprivileged() -> dict[str, object]:
@@ -118,3 +118,31 @@ def test_bad_files_are_reported_once_and_harm_nothing(layout: Layout, planted: P
             assert log.count("credential readable by group or others account=loose") == 1
             assert r"credentials-\xff\xfe.json" in log
             assert daemon.process.poll() is None  # type: ignore[union-attr]
+
+
+def test_a_misnamed_or_invalid_file_is_said_at_its_event_and_again_only_when_its_content_changes(
+    layout: Layout, planted: Planted
+) -> None:
+    """No full rescan helps here (`resync_interval` an hour): the watch event alone says it."""
+    with both(layout, env=layout.env(CL_RESYNC_INTERVAL="3600")) as (balancer, rescue):
+        wait_until(lambda: "ready" in balancer.log() and "ready" in rescue.log(), "both daemons to start")
+        misnamed = layout.credentials / "credential-a9.json"
+        misnamed.write_text(oauth_credential(planted))
+        write_credential(layout.credentials, "bad", "{")
+        said = "file ignored: not a valid credential name"
+        wait_until(lambda: said in balancer.log() and said in rescue.log(), "the misnamed file to be said at once")
+        listed = cl(layout, "accounts")
+        assert "ignored: credential-a9.json: not a credential file's name; call it credentials-a9.json" in listed.stdout
+        shown = json.loads(cl(layout, "accounts", "--json").stdout)
+        assert shown["ignored"] == [{"file": "credential-a9.json", "rename_to": "credentials-a9.json"}]
+        misnamed.chmod(0o640)  # a chmod is no new content: nothing said again
+        (layout.credentials / "credentials-bad.json").chmod(0o640)
+        write_credential(layout.credentials, "marker", oauth_credential(planted))  # an event after both
+        wait_until(lambda: "account added account=marker" in balancer.log(), "the events after the chmods")
+        assert balancer.log().count(said) == 1
+        assert balancer.log().count("account invalid account=bad") == 1
+        misnamed.write_text(oauth_credential(planted) + " ")  # new content: said again
+        wait_until(lambda: balancer.log().count(said) == 2, "the new content to be said")
+        misnamed.rename(layout.credentials / "credentials-a9.json")
+        wait_until(lambda: "a9" in balancer.file_states(), "the renamed file to be an account")
+        assert json.loads(cl(layout, "accounts", "--json").stdout)["ignored"] == []

@@ -88,8 +88,9 @@ def cmd_accounts(config: Config, args: argparse.Namespace) -> int:
             )
     else:
         accounts = _accounts(views, answers["settings"], answers["fleet"])
+        ignored = answers["balancer"].get("ignored", [])
         if args.json:
-            print_json({"accounts": accounts, **views, "fleet": answers["fleet"]})
+            print_json({"accounts": accounts, **views, "ignored": ignored, "fleet": answers["fleet"]})
         else:
             in_fleet, now = _live_hosts(answers["fleet"]) > 1, time.time()  # a fleet: each account's home too
             print_table(
@@ -118,6 +119,8 @@ def cmd_accounts(config: Config, args: argparse.Namespace) -> int:
                     for a in accounts
                 ],
             )
+            for file in ignored:
+                print(f"\nignored: {file['file']}: not a credential file's name; call it {file['rename_to']}")
     if len(views) > 1 and (differences := describe_differences(views)):
         print("\nWARNING: cl-balancer and cl-rescue see different accounts:", file=sys.stderr)
         for line in differences:

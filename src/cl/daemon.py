@@ -83,8 +83,8 @@ class Daemon:
         self._events: asyncio.Queue[signal.Signals | None] = asyncio.Queue()
         """Signals received, and None when the service failed."""
         self._status_dirty = asyncio.Event()
-        self._roster_reply: tuple[int, Encoded] | None = None
-        """The whole roster's `accounts` reply, and the roster version it shows."""
+        self._roster_reply: tuple[tuple[int, tuple[tuple[str, str], ...]], Encoded] | None = None
+        """The whole roster's `accounts` reply, and the roster version and misnamed files it shows."""
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -204,15 +204,19 @@ class Daemon:
             await asyncio.sleep(interval)
 
     async def _accounts(self, request: Request, _peer: Peer) -> Reply | Encoded:
-        """The live roster with states; `names` (a list) narrows it to those accounts. The whole
-        roster's reply is kept until the roster's next version (10,000 accounts are 1.5 MB)."""
+        """The live roster with states, and the misnamed files it ignores; `names` (a list) narrows
+        it to those accounts. The whole roster's reply is kept until the roster's next version
+        (10,000 accounts are 1.5 MB)."""
         roster = self.registry.accounts
         names = request.get("names")
         if names is None:
-            if self._roster_reply is None or self._roster_reply[0] != self.registry.version:
+            misnamed = self.registry.misnamed
+            key = (self.registry.version, tuple(misnamed.items()))
+            if self._roster_reply is None or self._roster_reply[0] != key:
                 accounts = [roster[name].public() for name in self.registry.sorted_names()]
-                encoded = Encoded(json.dumps({"daemon": self.name, "accounts": accounts}).encode())
-                self._roster_reply = (self.registry.version, encoded)
+                ignored = [{"file": file, "rename_to": better} for file, better in misnamed.items()]
+                encoded = Encoded(json.dumps({"daemon": self.name, "accounts": accounts, "ignored": ignored}).encode())
+                self._roster_reply = (key, encoded)
             return self._roster_reply[1]
         if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
             raise RequestError("bad-request", '"names" must be a list of account names')

@@ -64,8 +64,17 @@ class AccountChange:
 class _Scan:
     found: dict[str, _Read | None]
     """Every credential file present; None where the signature is unchanged (not re-read)."""
-    near_misses: list[tuple[str, str]]
-    """Names meant as credential files that are not, each with the name to give it."""
+    near_misses: dict[str, Misnamed]
+    """Files meant as credential files whose names are not one, by file name."""
+
+
+@dataclass(frozen=True, slots=True)
+class Misnamed:
+    """A file an operator probably meant as a credential file, and the name to give it."""
+
+    rename_to: str
+    content: tuple[int, int, int]
+    """Its inode, size and modification time: a new content is reported again, a chmod is not."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +137,7 @@ class CredentialRegistry:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._reported: set[str] = set()
+        self._misnamed: dict[str, Misnamed] = {}
         self._directory_missing = False
         self._unreadable: str | None = None
         """Why the directory could not be read just now, while it cannot; the roster is kept."""
@@ -150,6 +160,12 @@ class CredentialRegistry:
         if self._sorted[0] != self.version:
             self._sorted = (self.version, sorted(self._accounts))
         return self._sorted[1]
+
+    @property
+    def misnamed(self) -> dict[str, str]:
+        """The files here meant as credential files whose names are not one: file -> the name to
+        give it (from the last scan and every event since)."""
+        return {filename: found.rename_to for filename, found in sorted(self._misnamed.items())}
 
     @property
     def usable_count(self) -> int:
@@ -255,15 +271,24 @@ class CredentialRegistry:
         if self._directory_missing:
             log.info("credentials directory available", directory=str(self.directory))
         self._directory_missing = False
-        for filename, better in scan.near_misses:
-            self._report(
-                f"name:{filename}",
-                "file ignored: not a valid credential name",
-                file=os.fsencode(filename).decode("ascii", "backslashreplace"),
-                rename_to=better,
-                expected="credentials-<letters, digits, _ or -; up to 64>.json",
-            )
+        self._misnamed = {}
+        for filename, found in scan.near_misses.items():
+            self._note_misnamed(filename, found)
         return scan.found
+
+    def _note_misnamed(self, filename: str, found: Misnamed | None) -> None:
+        """A misnamed file, as a scan or an event found it (None: gone), reported once per content."""
+        if found is None:
+            self._misnamed.pop(filename, None)
+            return
+        self._misnamed[filename] = found
+        self._report(
+            f"name:{filename}:{found.content}",
+            "file ignored: not a valid credential name",
+            file=os.fsencode(filename).decode("ascii", "backslashreplace"),
+            rename_to=found.rename_to,
+            expected="credentials-<letters, digits, _ or -; up to 64>.json",
+        )
 
     def _apply(self, name: str, read: _Read | None) -> None:
         previous = self._accounts.get(name)
@@ -302,7 +327,8 @@ class CredentialRegistry:
         if account.reason:
             fields["reason"] = account.reason
         problem = account.state is not AccountState.OK
-        if problem:  # the operator's cue: fix the file, or log in again
+        again = previous is not None and (previous.state, previous.reason) == (account.state, account.reason)
+        if problem and not again:  # the operator's cue: fix the file, or log in again (once per problem)
             fields["change"] = change.kind
             log.warning("account invalid" if account.state is AccountState.INVALID else "account needs login", **fields)
         elif self._loaded:
@@ -333,7 +359,8 @@ class CredentialRegistry:
 
     def _is_relevant(self, _change: watchfiles.Change, path: str) -> bool:
         head, tail = os.path.split(path)
-        return (head == str(self.directory) and account_name(tail) is not None) or self._is_root_event(path)
+        named = account_name(tail) is not None or near_miss(tail) is not None  # a misnamed one: said at once
+        return (head == str(self.directory) and named) or self._is_root_event(path)
 
     async def _watch(self) -> None:
         while not self._stop.is_set():
@@ -354,7 +381,11 @@ class CredentialRegistry:
                     async for batch in watcher:
                         if any(self._is_root_event(path) for _, path in batch):
                             break  # the directory came or went: re-arm on the new one
-                        names = {account_name(os.path.basename(path)) for _, path in batch}
+                        files = {os.path.basename(path) for _, path in batch}
+                        for filename in files:
+                            if near_miss(filename) is not None:
+                                self._note_misnamed(filename, _misnamed(self.directory / filename))
+                        names = {account_name(filename) for filename in files}
                         await self.refresh({name for name in names if name})
             except Exception as exc:  # noqa: BLE001 - any watcher failure: log, rescan, re-arm
                 log.error("watch failed, retrying in 1s", directory=str(self.directory), error=str(exc))
@@ -384,14 +415,14 @@ def _scan(directory: Path, signatures: Mapping[str, FileSignature | None]) -> _S
 
 def _scan_entries(directory: Path, signatures: Mapping[str, FileSignature | None]) -> _Scan:
     found: dict[str, _Read | None] = {}
-    near_misses: list[tuple[str, str]] = []
+    near_misses: dict[str, Misnamed] = {}
     entries = os.scandir(directory)
     with entries:
         for entry in entries:
             name = account_name(entry.name)
             if name is None:
-                if better := near_miss(entry.name):
-                    near_misses.append((entry.name, better))
+                if near_miss(entry.name) and (misnamed := _misnamed(Path(entry.path))) is not None:
+                    near_misses[entry.name] = misnamed
                 continue
             try:
                 signature = FileSignature.of(entry.stat(follow_symlinks=False))
@@ -402,3 +433,13 @@ def _scan_entries(directory: Path, signatures: Mapping[str, FileSignature | None
             elif (read := read_account(entry.path, name)) is not None:
                 found[name] = read
     return _Scan(found, near_misses)
+
+
+def _misnamed(path: Path) -> Misnamed | None:
+    """The misnamed file at `path`, or None if it is gone."""
+    better = near_miss(path.name)
+    try:
+        st = path.lstat()
+    except OSError:
+        return None
+    return Misnamed(better or "", (st.st_ino, st.st_size, st.st_mtime_ns)) if better else None
