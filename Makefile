@@ -114,8 +114,8 @@ MAN_DATE ?= 2026-12-01
 VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 generate: dev
 	@mkdir -p $(GENERATED)/man $(GENERATED)/completion
-	$(BIN)/shtab --shell=bash --error-unimportable cl.cli.parser > $(GENERATED)/completion/cl
-	$(BIN)/shtab --shell=zsh --error-unimportable cl.cli.parser > $(GENERATED)/completion/_cl
+	$(BIN)/shtab --shell=bash --error-unimportable --preamble "$$($(BIN)/python -c 'from cl.cli import COMPLETION; print(COMPLETION["bash"])')" cl.cli.parser > $(GENERATED)/completion/cl
+	$(BIN)/shtab --shell=zsh --error-unimportable --preamble "$$($(BIN)/python -c 'from cl.cli import COMPLETION; print(COMPLETION["zsh"])')" cl.cli.parser > $(GENERATED)/completion/_cl
 	SOURCE_DATE_EPOCH=$$(date -u -d $(MAN_DATE) +%s) $(BIN)/argparse-manpage --module cl.cli --function parser \
 		--project-name cl-roster --version $(VERSION) --manual-title "cl manual" \
 		--description "submit Claude Code work and see accounts, sessions and walls" \

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 
@@ -12,6 +13,7 @@ import pytest
 from cl.cli import parser, readable
 from utils import (
     BIN,
+    REPO,
     DaemonProcess,
     Layout,
     Planted,
@@ -42,7 +44,7 @@ def test_both_views_side_by_side(
     assert "malformed JSON" in lines[2]
 
     as_json = json.loads(cl(layout, "accounts", "--json").stdout)
-    assert set(as_json) == {"accounts", "balancer", "rescue", "fleet"}
+    assert set(as_json) == {"accounts", "balancer", "rescue", "ignored", "fleet"}
     assert as_json["balancer"] == as_json["rescue"]
     assert [(a["name"], a["file"]) for a in as_json["balancer"]] == [("a1", "ok"), ("zz", "invalid")]
     assert [(a["name"], a["state"], a["kind"]) for a in as_json["accounts"]] == [
@@ -235,3 +237,41 @@ def test_status_watch_shows_it_again_until_ctrl_c(
     _out, err = watching.communicate(timeout=20)
     assert (watching.returncode, err) == (130, "")
     assert len(seen) == 3
+
+
+@pytest.mark.usefixtures("daemons")
+def test_tables_show_short_session_ids_and_say_what_they_hide(layout: Layout, planted: Planted) -> None:
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    done = json.loads(cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "hi", "--json").stdout)["job"]
+    wait_until(lambda: job_states(layout).get(done) == "done", "the job to be done")
+    layout.hold.touch()  # the next one stays running
+    running = json.loads(cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "stay", "--json").stdout)["job"]
+    wait_until(lambda: len(layout.claude_calls()) == 2, "the second session to start")
+    session = next(j for j in json.loads(cl(layout, "jobs", "--json").stdout) if j["id"] == running)["session_id"]
+    listed = cl(layout, "jobs").stdout
+    row = next(line.split() for line in listed.splitlines() if line.startswith(str(running)))
+    assert row[3] == session[:8]
+    assert listed.rstrip().endswith("1 finished job(s) not shown: cl jobs --all (or --state done, failed, cancelled)")
+    wide = cl(layout, "jobs", "-o", "wide").stdout
+    assert next(line.split() for line in wide.splitlines() if line.startswith(str(running)))[3] == session
+    assert "not shown" not in cl(layout, "jobs", "--all").stdout
+    assert session[:8] in cl(layout, "sessions").stdout
+    assert session not in cl(layout, "sessions").stdout
+    assert session in cl(layout, "sessions", "-o", "wide").stdout
+    assert cl(layout, "logs", session[:8]).returncode == 0  # what a table shows finds it
+    layout.hold.unlink()
+
+
+@pytest.mark.usefixtures("daemons")
+def test_bash_completes_job_ids_and_account_names_from_the_daemons(layout: Layout, planted: Planted) -> None:
+    for name in ("a1", "b2"):
+        write_credential(layout.credentials, name, oauth_credential(planted))
+    job = json.loads(cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "hi", "--json").stdout)["job"]
+    wait_until(lambda: cl(layout, "complete", "accounts").stdout.split() == ["a1", "b2"], "both accounts listed")
+    script = (
+        f"source {REPO}/packaging/completion/cl; COMP_WORDS=(cl result ''); COMP_CWORD=2; _shtab_cl;"
+        ' echo "${COMPREPLY[*]}"; COMP_WORDS=(cl accounts pause b); COMP_CWORD=3; _shtab_cl; echo "${COMPREPLY[*]}"'
+    )
+    env = {**layout.env(), "PATH": f"{BIN}:{os.environ['PATH']}"}
+    shown = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert shown.stdout.splitlines() == [str(job), "b2"], shown

@@ -216,6 +216,29 @@ def cmd_doctor(config: Config, args: argparse.Namespace) -> int:
     return EXIT_BLOCKED if doctor.blocking(found) else 0
 
 
+def cmd_complete(config: Config, args: argparse.Namespace) -> int:
+    """What shell completion offers: job ids (yours, finished ones too) or account names, one a line."""
+    if args.what == "jobs":
+        reply = ask(config, "balancer", {"request": "status", "finished": True})
+        print("\n".join(str(job["id"]) for job in reversed(reply["jobs"])))
+    else:
+        reply = ask(config, "balancer", {"request": "accounts"})
+        print("\n".join(account["name"] for account in reply["accounts"]))
+    return 0
+
+
+COMPLETION = {
+    "bash": '_cl_jobs() { compgen -W "$(cl complete jobs 2>/dev/null)" -- "$1"; }\n'
+    '_cl_accounts() { compgen -W "$(cl complete accounts 2>/dev/null)" -- "$1"; }\n',
+    "zsh": '_cl_jobs() { compadd -- ${(f)"$(cl complete jobs 2>/dev/null)"} }\n'
+    '_cl_accounts() { compadd -- ${(f)"$(cl complete accounts 2>/dev/null)"} }\n',
+}
+"""What the generated completions begin with (`make generate`): job ids and account names asked
+of the daemons as one completes them."""
+JOBS = {"bash": "_cl_jobs", "zsh": "_cl_jobs"}
+ACCOUNTS = {"bash": "_cl_accounts", "zsh": "_cl_accounts"}
+
+
 def cmd_hosts(config: Config, args: argparse.Namespace) -> int:
     """The fleet as this host's balancer reads it from the store; exit 1 if two hosts hold one credential."""
     reply = _fleet(config)
@@ -437,7 +460,7 @@ def _status(config: Config, args: argparse.Namespace) -> int:
         ],
     )
     print()
-    print_sessions(status["sessions"])
+    print_sessions(status["sessions"], args.output == "wide")
     if status["blocked"]:
         print(f"\n{status['queue']} job(s) queued: work waits, no CLI can start: {status['blocked']}")
     else:
@@ -454,7 +477,13 @@ def _status(config: Config, args: argparse.Namespace) -> int:
         print_table(
             ["SESSION", "JOB", "WALLED ON", "STATE", "SINCE"],
             [
-                [w["session_id"] or "-", str(w["job"]), w["account"] or "-", w["state"], w["since"]]
+                [
+                    _short(w["session_id"], args.output == "wide"),
+                    str(w["job"]),
+                    w["account"] or "-",
+                    w["state"],
+                    w["since"],
+                ]
                 for w in waiting["sessions"]
             ],
         )
@@ -514,16 +543,18 @@ def _waits_for(waiting: dict[str, Any]) -> str:
     return " or ".join(chances)
 
 
-def _listing(config: Config, args: argparse.Namespace, what: str) -> list[dict[str, Any]]:
-    """`sessions` or `jobs`, live ones unless `--all` or `--state` asks further back, since `--since`."""
+def _listing(config: Config, args: argparse.Namespace, what: str) -> tuple[list[dict[str, Any]], int]:
+    """`sessions` or `jobs`, live ones unless `--all` or `--state` asks further back, since
+    `--since`; and how many finished jobs the listing left out."""
     finished = args.all or args.state is not None
-    rows: list[dict[str, Any]] = ask(config, "balancer", {"request": "status", "finished": finished})[what]
+    reply = ask(config, "balancer", {"request": "status", "finished": finished})
+    rows: list[dict[str, Any]] = reply[what]
     if args.state is not None:
         rows = [row for row in rows if row["state"] == args.state]
     if args.since is not None:
         stamp = "started_at" if what == "sessions" else "created_at"
         rows = [row for row in rows if _epoch(row[stamp]) >= args.since]
-    return rows
+    return rows, int(reply.get("hidden", 0))
 
 
 def _since(text: str) -> float:
@@ -540,27 +571,45 @@ def _since(text: str) -> float:
 
 
 def cmd_sessions(config: Config, args: argparse.Namespace) -> int:
-    sessions = _listing(config, args, "sessions")
+    sessions, _ = _listing(config, args, "sessions")
     if args.json:
         print_json(sessions)
     else:
-        print_sessions(sessions)
+        print_sessions(sessions, args.output == "wide")
     return 0
 
 
 def cmd_jobs(config: Config, args: argparse.Namespace) -> int:
-    jobs = _listing(config, args, "jobs")
+    jobs, hidden = _listing(config, args, "jobs")
+    wide = args.output == "wide"
     if args.json:
         print_json(jobs)
     else:
         print_table(
             ["JOB", "STATE", "ACCOUNT", "SESSION", "CWD", "ERROR"],
             [
-                [str(j["id"]), j["state"], j["account"] or "-", j["session_id"] or "-", j["cwd"], j["error"] or ""]
+                [
+                    str(j["id"]),
+                    j["state"],
+                    j["account"] or "-",
+                    _short(j["session_id"], wide),
+                    j["cwd"],
+                    j["error"] or "",
+                ]
                 for j in jobs
             ],
         )
+        if hidden:
+            print(f"\n{hidden} finished job(s) not shown: cl jobs --all (or --state done, failed, cancelled)")
     return 0
+
+
+def _short(session_id: str | None, wide: bool) -> str:
+    """A session id as a table shows it: its first 8 characters (any 4 or more find it), whole
+    with `-o wide`."""
+    if session_id is None:
+        return "-"
+    return session_id if wide else session_id[:SHORT_ID]
 
 
 def cmd_job(config: Config, args: argparse.Namespace) -> int:
@@ -706,13 +755,13 @@ def _block(block: Any) -> str | None:
     return None
 
 
-def print_sessions(sessions: list[dict[str, Any]]) -> None:
+def print_sessions(sessions: list[dict[str, Any]], wide: bool) -> None:
     now = time.time()
     print_table(
         ["SESSION", "JOB", "ACCOUNT", "STATE", "AGE", "CWD"],
         [
             [
-                s["session_id"] or "-",
+                _short(s["session_id"], wide),
                 str(s["job"]),
                 s["account"] or "-",
                 s["state"],
@@ -791,6 +840,8 @@ def _version() -> str:
         return "(not installed)"
 
 
+SHORT_ID = 8
+"""A session id's characters a table shows (`-o wide`: all); any 4 or more find it."""
 JSON_HELP = "machine-readable output: one JSON value (indented on a terminal, one line in a pipe)"
 JOB_HELP = "the job's id, as `cl submit` printed it"
 
@@ -829,6 +880,14 @@ def parser() -> argparse.ArgumentParser:
     accounts.set_defaults(func=cmd_accounts)
     _account_actions(accounts)
 
+    completing = command(
+        "complete",
+        "job ids or account names, one a line: what shell completion offers (from the daemons)",
+        "  cl complete jobs\n  cl complete accounts\n",
+    )
+    completing.add_argument("what", choices=("jobs", "accounts"), help="job ids (yours) or account names")
+    completing.set_defaults(func=cmd_complete)
+
     checkup = command(
         "doctor",
         "check what work needs: the CLI, its users, its view, cl's directories, the daemons, the store, the "
@@ -862,7 +921,7 @@ def parser() -> argparse.ArgumentParser:
         "continue a job's session with a new prompt: in place if its CLI is alive, else resumed where there is room",
         "  cl send 7 'now add a test for it'\n  cl send 7 - < next-step.md\n  cl send 7 'and the docs' && cl wait 7\n",
     )
-    send.add_argument("job", type=int, help=JOB_HELP)
+    send.add_argument("job", type=int, help=JOB_HELP).complete = JOBS  # type: ignore[attr-defined]
     send.add_argument(
         "text", help=f"the prompt (at most {MAX_PROMPT_BYTES:,} bytes, UTF-8), or - to read it from standard input"
     )
@@ -873,7 +932,7 @@ def parser() -> argparse.ArgumentParser:
         "cancel a live job: queued, waiting or running (its CLI and all it started are stopped)",
         "  cl cancel 7\n",
     )
-    cancel.add_argument("job", type=int, help=JOB_HELP)
+    cancel.add_argument("job", type=int, help=JOB_HELP).complete = JOBS  # type: ignore[attr-defined]
     cancel.set_defaults(func=cmd_cancel)
 
     for name, func, text, example in (
@@ -899,6 +958,13 @@ def parser() -> argparse.ArgumentParser:
     ):
         listing = command(name, text, example)
         listing.add_argument("--json", action="store_true", help=JSON_HELP)
+        if name != "hosts":
+            listing.add_argument(
+                "-o",
+                "--output",
+                choices=("wide",),
+                help="wide: session ids whole (tables show their first 8 characters)",
+            )
         if name == "status":
             listing.add_argument(
                 "-w",
@@ -922,7 +988,8 @@ def parser() -> argparse.ArgumentParser:
         "a session's output, as text (by job id, session id, or the start of a session id)",
         "  cl logs 7 -f\n  cl logs 59f9c2ad --raw\n",
     )
-    logs.add_argument("session", help="a job id, a session id, or its first 4 characters or more")
+    which = logs.add_argument("session", help="a job id, a session id, or its first 4 characters or more")
+    which.complete = JOBS  # type: ignore[attr-defined]
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the session ends")
     logs.add_argument("--raw", action="store_true", help="the CLI's stream-json, as it wrote it")
     logs.add_argument("--json", action="store_true", help='{"output", "finished"} (the output is stream-json lines)')
@@ -933,14 +1000,14 @@ def parser() -> argparse.ArgumentParser:
 def _job_commands(command: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
     """`cl job`, `cl result` and `cl wait`: one job, by its id."""
     job = command("job", "one job's story: prompt, state, runs, moves, result", "  cl job 7\n  cl job 7 --json\n")
-    job.add_argument("job", type=int, help=JOB_HELP)
+    job.add_argument("job", type=int, help=JOB_HELP).complete = JOBS  # type: ignore[attr-defined]
     job.add_argument("--json", action="store_true", help=JSON_HELP)
     job.set_defaults(func=cmd_job)
 
     result = command(
         "result", "a job's final answer", "  cl result 7\n  cl result 7 --json   the result event: usage, cost\n"
     )
-    result.add_argument("job", type=int, help=JOB_HELP)
+    result.add_argument("job", type=int, help=JOB_HELP).complete = JOBS  # type: ignore[attr-defined]
     result.add_argument("--json", action="store_true", help="the whole result event, as JSON")
     result.set_defaults(func=cmd_result)
 
@@ -949,7 +1016,7 @@ def _job_commands(command: Callable[[str, str, str], argparse.ArgumentParser]) -
         "wait until a job ends; exit 0 done, 5 failed, 6 cancelled, 4 no such job, 7 --timeout passed (for scripts)",
         "  cl wait 7 && cl result 7\n  cl wait 7 --timeout 600 || echo 'not done in 10 minutes'\n",
     )
-    wait.add_argument("job", type=int, help=JOB_HELP)
+    wait.add_argument("job", type=int, help=JOB_HELP).complete = JOBS  # type: ignore[attr-defined]
     wait.add_argument("--interval", type=float, default=0.5, help="seconds between looks (default 0.5)")
     wait.add_argument("--timeout", type=float, help="give up after this many seconds: exit 7 (default: never)")
     wait.set_defaults(func=cmd_wait)
@@ -972,7 +1039,7 @@ def _account_actions(accounts: argparse.ArgumentParser) -> None:
             epilog=f"example:\n  cl accounts {action} a2\n",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        pausing.add_argument("name", help=name_help)
+        pausing.add_argument("name", help=name_help).complete = ACCOUNTS  # type: ignore[attr-defined]
         if action == "pause":
             pausing.add_argument(
                 "--force", action="store_true", help="pause a name with no credential file (yet): it waits for one"
@@ -992,7 +1059,7 @@ def _account_actions(accounts: argparse.ArgumentParser) -> None:
         "  cl accounts set a1 models= max_sessions=     back to the defaults\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    setting.add_argument("name", help=name_help)
+    setting.add_argument("name", help=name_help).complete = ACCOUNTS  # type: ignore[attr-defined]
     setting.add_argument(
         "settings",
         nargs="+",

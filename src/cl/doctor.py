@@ -28,11 +28,11 @@ from typing import IO, Any, NamedTuple
 
 from cl import sandbox
 from cl.claude_code import TESTED_VERSIONS
+from cl.claude_code.environment import passed
 from cl.cli_user import can_switch_users, members
 from cl.config import Config
 from cl.credentials import account_name, credential_filename, near_miss
 from cl.registry import CredentialRegistry
-from cl.worker import passed
 
 RECHECK = 30.0
 """Seconds between two checks while something blocks work."""

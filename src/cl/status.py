@@ -99,7 +99,8 @@ class StatusView:
         accounts = ",".join(rendered.json for rendered in self._accounts(snapshot))
         reply = Encoded(
             f'{{"accounts":[{accounts}],"sessions":{listing.sessions_json},'
-            f'"jobs":{listing.jobs_json},"queue":{listing.queue},"blocked":{json.dumps(blocked)}}}'.encode()
+            f'"jobs":{listing.jobs_json},"queue":{listing.queue},"hidden":{listing.hidden},'
+            f'"blocked":{json.dumps(blocked)}}}'.encode()
         )
         self._last = ((self._registry.version, blocked), snapshot, reply)
         return reply

@@ -65,7 +65,7 @@ from typing import Any, TypeVar, cast
 import structlog
 
 from cl import capability, cli_user, fleet, lease, logs, redact, sandbox, workdir
-from cl.claude_code.environment import worker_environment
+from cl.claude_code.environment import passed, worker_environment
 from cl.claude_code.stream import Outcome, StreamState
 from cl.claude_code.transcripts import transcript_path
 from cl.cli_process import CliProcess, Event, Events, Output
@@ -931,19 +931,6 @@ def _answered(config: Config, store: Store, run: Run, bound: Any) -> None:
 def tell_daemons(config: Config, run_id: int, event: str) -> None:
     for daemon in ("balancer", "rescue"):
         tell(config.socket_path(daemon), {"request": "run-changed", "run": run_id, "event": event})
-
-
-PASSED = ("PATH", "LANG", "LANGUAGE", "TZ", "TERM", *(f"{name}_proxy" for name in ("http", "https", "no", "all")))
-"""What of the daemon's environment reaches the CLI, besides `LC_*` and `cli_env_keep` (and the
-upper-case proxies): under `make run` that environment is the launching user's."""
-
-
-def passed(name: str, extra: tuple[str, ...]) -> bool:
-    """Whether the daemon's variable `name` reaches the CLI: it is on the allow list (`PASSED`,
-    `LC_*`), or named in `cli_env_keep` (`NAME`, or `PREFIX*`)."""
-    if name in PASSED or name.lower() in PASSED or name.startswith("LC_"):
-        return True
-    return any(name == allowed or (allowed.endswith("*") and name.startswith(allowed[:-1])) for allowed in extra)
 
 
 def cli_environment(config: Config, account: Account | None, cli: CliUser, config_dir: Path) -> dict[str, str]:

@@ -44,3 +44,16 @@ def worker_environment(
     if variable and account is not None and account.secrets:
         env[variable] = account.secrets[0].reveal()
     return env
+
+
+PASSED = ("PATH", "LANG", "LANGUAGE", "TZ", "TERM", *(f"{name}_proxy" for name in ("http", "https", "no", "all")))
+"""What of the daemon's environment reaches the CLI, besides `LC_*` and `cli_env_keep` (and the
+upper-case proxies): under `make run` that environment is the launching user's."""
+
+
+def passed(name: str, extra: tuple[str, ...]) -> bool:
+    """Whether the daemon's variable `name` reaches the CLI: it is on the allow list (`PASSED`,
+    `LC_*`), or named in `cli_env_keep` (`NAME`, or `PREFIX*`)."""
+    if name in PASSED or name.lower() in PASSED or name.startswith("LC_"):
+        return True
+    return any(name == allowed or (allowed.endswith("*") and name.startswith(allowed[:-1])) for allowed in extra)

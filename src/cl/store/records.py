@@ -219,6 +219,8 @@ class Listing:
     sessions_json: str
     jobs_json: str
     queue: int
+    hidden: int = 0
+    """Finished jobs left out of a listing of live ones (the same submitter's)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

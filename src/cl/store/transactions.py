@@ -9,6 +9,7 @@ only a name that facts are keyed by, and whether that account exists is the regi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -835,6 +836,12 @@ class Store:
             if kept is None or kept[0] != revision:
                 query, arguments = self._listing(submitter, finished=finished)
                 listing = Listing(*db.execute(query, arguments).fetchone())
+                if not finished:
+                    mine, who = ("", ()) if submitter is None else (" AND submitter = ?", (submitter,))
+                    hidden = f"SELECT COUNT(*) FROM jobs WHERE state IN {sql_set(FINISHED_JOBS)}{mine}"
+                    listing = dataclasses.replace(
+                        listing, hidden=db.execute(hidden, (*FINISHED_JOBS, *who)).fetchone()[0]
+                    )
                 kept = self._listings[key] = (revision, listing)
             now = time.time()
             return Snapshot(
