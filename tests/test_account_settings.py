@@ -127,6 +127,12 @@ def test_models_route_work_and_a_model_no_account_serves_is_refused_at_submit(la
             if "--model" in call["argv"]
         }
         assert models == {"claude-sonnet-4-5": "claude-sonnet-4-5", "opus": "opus"}
+        ok(layout, "accounts", "pause", "a1")  # the one account that serves opus
+        waits = cl(layout, "submit", "--cwd", str(layout.work), "--prompt", "o", "--model", "opus", "--json")
+        wait_until(lambda: json.loads(waits.stdout)["job"] in job_states(layout), "the job to be listed")
+        shown = cl(layout, "status").stdout
+        assert "1 job(s) queued: 1 ok but at its session limit or not serving the job's model (cl accounts)" in shown
+        assert "; 1 for opus: no account serves opus (cl accounts set NAME models=...)" in shown, shown
     finally:
         balancer.stop()
 

@@ -464,9 +464,7 @@ def _status(config: Config, args: argparse.Namespace) -> int:
     if status["blocked"]:
         print(f"\n{status['queue']} job(s) queued: work waits, no CLI can start: {status['blocked']}")
     else:
-        print(
-            f"\n{status['queue']} job(s) queued{_queue_waits_for(status['accounts'], now) if status['queue'] else ''}"
-        )
+        print(f"\n{status['queue']} job(s) queued{_queue_reasons(status, now) if status['queue'] else ''}")
     if _live_hosts(fleet) > 1:  # a fleet: where the sessions run
         print()
         by_host = collections.Counter(session.get("host") or fleet["host"] for session in status["sessions"])
@@ -524,6 +522,33 @@ def _queue_waits_for(accounts: list[dict[str, Any]], now: float) -> str:
         else:
             reasons.append(f"{count} {state}")
     return ": " + ", ".join(reasons)
+
+
+def _queue_reasons(status: dict[str, Any], now: float) -> str:
+    return _queue_waits_for(status["accounts"], now) + _models_wait_for(status["accounts"], status["jobs"])
+
+
+def _models_wait_for(accounts: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> str:
+    """For each model queued jobs ask for that no account may take now: `; 2 for opus: no account
+    serves opus` (its settings), or `opus's window walled on every account that serves it`."""
+    import fnmatch  # noqa: PLC0415 - `cl status` alone needs these
+
+    from cl.store.records import family  # noqa: PLC0415
+
+    said = []
+    wanted = collections.Counter(job["model"] for job in jobs if job["state"] == "queued" and job.get("model"))
+    for model, count in sorted(wanted.items()):
+        open_to = [a for a in accounts if a["state"] in ("ok", "probation")]
+        serving = [a for a in open_to if _serves((a.get("settings") or {}).get("models"), model, fnmatch.fnmatchcase)]
+        if not serving:
+            said.append(f"{count} for {model}: no account serves {model} (cl accounts set NAME models=...)")
+        elif all(family(model) in (a.get("model_walls") or {}) for a in serving):
+            said.append(f"{count} for {model}: its window is walled on every account that serves it")
+    return "".join(f"; {line}" for line in said)
+
+
+def _serves(patterns: list[str] | None, model: str, match: Callable[[str, str], bool]) -> bool:
+    return patterns is None or any(match(model, pattern) for pattern in patterns)
 
 
 def _when(iso: str, now: float) -> str:

@@ -1229,7 +1229,7 @@ def _listing(backend: type[Backend]) -> str:
     iso = backend.iso_utc
     return f"""
 WITH line AS MATERIALIZED (
-    SELECT j.id, j.state, j.account, j.session_id, j.cwd, j.host, {iso("j.created_at")} AS created_at, j.error,
+    SELECT j.id, j.state, j.account, j.session_id, j.cwd, j.host, j.model, {iso("j.created_at")} AS created_at, j.error,
            r.state AS run_state, {iso("r.created_at")} AS run_started_at, r.error AS run_error
     FROM jobs j LEFT JOIN runs r ON r.id = (SELECT MAX(id) FROM runs WHERE job_id = j.id)
     {{where}}
@@ -1246,7 +1246,7 @@ SELECT
     ({
         backend.json_rows(
             "'id', id, 'state', state, 'account', account, 'session_id', session_id, 'cwd', cwd, 'host', host,"
-            " 'created_at', created_at, 'error', error",
+            " 'model', model, 'created_at', created_at, 'error', error",
             "line",
         )
     }),
