@@ -47,10 +47,20 @@ def test_enable_drop_a_credential_reload_and_stop(box: Box, tmp_path: Path, plan
     views = json.loads(box("/opt/cl/bin/cl", "accounts", "--json").stdout)
     assert views["balancer"] == views["rescue"]
     assert [(a["name"], a["file"]) for a in views["balancer"]] == [("a4", "ok")]
+    # No Claude Code in the box yet: what a newcomer's first `enable --now` meets, said where they look.
+    missing = "work waits: claude_bin: 'claude' is not found on PATH /usr/local/sbin:/usr/local/bin:"
     assert (
-        box("systemctl", "show", "-p", "StatusText", "cl-rescue").stdout.strip()
-        == "StatusText=1 account, 1 usable, none waiting, 0 moved"
+        box("systemctl", "show", "-p", "StatusText", "cl-rescue")
+        .stdout.strip()
+        .startswith(f"StatusText=1 account, 1 usable, none waiting, 0 moved; {missing}")
     )
+    assert any(
+        message.startswith("work waits: a CLI cannot start check=claude_bin")
+        for _, message in journal(box, "cl-balancer")
+    )
+    doctor = box("/opt/cl/bin/cl", "doctor", check=False)
+    assert doctor.returncode == 8
+    assert any(line.split()[:2] == ["FAIL", "claude_bin"] for line in doctor.stdout.splitlines()), doctor.stdout
 
     box("systemctl", "reload", "cl-balancer")
     assert any(message.startswith("reloaded") for _, message in journal(box, "cl-balancer"))
