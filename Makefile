@@ -42,6 +42,7 @@ bench: dev
 	$(BIN)/python bench/store.py
 	$(BIN)/python bench/fleet.py
 	$(BIN)/python bench/week.py
+	$(BIN)/python bench/dashboard.py
 	$(BIN)/python bench/crash_stress.py --trials 100
 	$(BIN)/python bench/crash_stress.py --trials 60 --store postgresql
 
