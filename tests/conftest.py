@@ -129,3 +129,12 @@ def no_daemon_outlives_its_test() -> Iterator[None]:
 def fake_api(tmp_path: Path) -> Iterator[FakeApi]:
     with fake_api_running(tmp_path) as api:
         yield api
+
+
+@pytest.fixture
+def reachable() -> Iterator[Path]:
+    """A temporary directory every user may reach (pytest's own are under a 0700 one of root's)."""
+    path = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)

@@ -8,11 +8,7 @@ import os
 import shutil
 import signal
 import stat
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from cl.doctor import runnable_by, writable_by
 from utils import (
@@ -30,17 +26,8 @@ from utils import (
 )
 
 
-@pytest.fixture
-def open_tmp() -> Iterator[Path]:
-    """A temporary folder on a path every user may search (pytest's own is root's alone)."""
-    made = Path(tempfile.mkdtemp(dir="/var/tmp"))
-    made.chmod(0o755)
-    yield made
-    shutil.rmtree(made)
-
-
-def test_runnable_by_reads_every_folder_on_the_way_and_the_file(open_tmp: Path) -> None:
-    tmp_path = open_tmp
+def test_runnable_by_reads_every_folder_on_the_way_and_the_file(reachable: Path) -> None:
+    tmp_path = reachable
     closed = tmp_path / "closed"
     closed.mkdir(mode=0o700)
     binary = closed / "claude"
@@ -63,15 +50,15 @@ def test_runnable_by_reads_every_folder_on_the_way_and_the_file(open_tmp: Path) 
     )
 
 
-def test_writable_by_finds_where_another_user_could_swap_the_cli(open_tmp: Path) -> None:
-    binary = open_tmp / "claude"
+def test_writable_by_finds_where_another_user_could_swap_the_cli(reachable: Path) -> None:
+    binary = reachable / "claude"
     binary.write_text("#!/bin/sh\n")
     binary.chmod(0o755)
     stranger = 54321
     assert writable_by(binary, stranger, [stranger]) is None
-    open_tmp.chmod(0o777)  # it could put another file there
-    assert writable_by(binary, stranger, [stranger]) == open_tmp
-    open_tmp.chmod(0o1777)  # sticky: only the owner of a file may replace it
+    reachable.chmod(0o777)  # it could put another file there
+    assert writable_by(binary, stranger, [stranger]) == reachable
+    reachable.chmod(0o1777)  # sticky: only the owner of a file may replace it
     assert writable_by(binary, stranger, [stranger]) is None
     os.chown(binary, stranger, stranger)
     assert writable_by(binary, stranger, [stranger]) == binary

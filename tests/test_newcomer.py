@@ -15,14 +15,14 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_dashboard import fetch, metrics_serving
 
-from utils import BIN, POOL, REPO, Planted, free_port, interruptible, oauth_credential, wait_until, write_credential
+from utils import BIN, POOL, REPO, Planted, interruptible, oauth_credential, wait_until, write_credential
 
 VENV = REPO / ".venv"
 
@@ -92,8 +92,8 @@ def test_a_newcomers_first_hour_from_a_fresh_clone(clone: Path, planted: Planted
         shown = json.loads(cl(command, "--json").stdout)
         return {a["name"]: a["state"] for a in shown["accounts"]}
 
-    port = free_port()
-    with make_run(clone, FAKE_CLAUDE_QUOTA=str(quota)), metrics(env, port) as board:
+    with make_run(clone, FAKE_CLAUDE_QUOTA=str(quota)), metrics_serving(env) as url:
+        board = dashboard(url)
         wait_until(lambda: cl("status").returncode == 0 and cl("accounts").returncode == 0, "the daemons to answer")
         tokens = {name: planted.token("sk-ant-oat01-") for name in ("a1", "a2", "a3")}
         for name, token in tokens.items():
@@ -163,18 +163,11 @@ def job_state(cl: Any, job: int) -> str:
     return str(next(j["state"] for j in json.loads(cl("jobs", "--all", "--json").stdout) if j["id"] == job))
 
 
-@contextlib.contextmanager
-def metrics(env: dict[str, str], port: int) -> Iterator[Any]:
-    """cl-metrics beside make run; a function that reads the dashboard's data."""
-    process = subprocess.Popen([str(BIN / "cl-metrics"), "--listen", f"127.0.0.1:{port}"], env=env)
+def dashboard(url: str) -> Any:
+    """A function that reads the dashboard's data, as its page does."""
 
     def board() -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/dashboard.json", timeout=30) as reply:
-            data: dict[str, Any] = json.loads(reply.read())
-            return data
+        data: dict[str, Any] = json.loads(fetch(f"{url}/dashboard.json")[2])
+        return data
 
-    try:
-        yield board
-    finally:
-        process.terminate()
-        process.wait(20)
+    return board

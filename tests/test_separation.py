@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from cl.cli_user import CliUser, CliUserError, adopt, take
+from cl.doctor import exists
 from utils import BIN, POOL
 
 NOBODY = 65534
@@ -26,17 +27,9 @@ AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-group
 def test_a_missing_pool_user_is_an_error_never_a_reason_to_run_the_cli_as_the_worker() -> None:
     with pytest.raises(CliUserError, match="user 'no-such-user' does not exist"):
         CliUser.named("no-such-user")
-    if _user_exists(f"{POOL}-1"):
+    if exists(pwd.getpwnam, f"{POOL}-1"):
         first = CliUser.named(f"{POOL}-1")
         assert (first.name, first.separate) == (f"{POOL}-1", first.uid != os.getuid())
-
-
-def _user_exists(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True
 
 
 def test_a_worker_takes_a_launch_only_from_root_or_its_own_user() -> None:
@@ -81,7 +74,7 @@ print(sock.makefile().readline())
 
 
 def test_a_cli_letting_go_of_what_it_inherits_frees_no_user_of_the_pool(tmp_path: Path) -> None:
-    if not _user_exists(f"{POOL}-2"):
+    if not exists(pwd.getpwnam, f"{POOL}-2"):
         pytest.skip("no pool here (systemd-sysusers packaging/systemd/sysusers.d/cl.conf makes it)")
     first = take(POOL, 2, tmp_path)
     assert first is not None
@@ -99,7 +92,7 @@ def test_a_cli_letting_go_of_what_it_inherits_frees_no_user_of_the_pool(tmp_path
 
 def test_a_config_dir_changes_hands_but_not_what_another_owns_in_it(tmp_path: Path) -> None:
     """A hard link the CLI made in its config dir to someone else's file keeps its owner."""
-    if os.getuid() != 0 or not _user_exists(f"{POOL}-2"):
+    if os.getuid() != 0 or not exists(pwd.getpwnam, f"{POOL}-2"):
         pytest.skip("needs root and the pool")
     earlier, later = CliUser.named(f"{POOL}-1"), CliUser.named(f"{POOL}-2")
     tree = tmp_path / "job-1"

@@ -7,8 +7,6 @@ import errno
 import os
 import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,15 +46,6 @@ def balancer(layout: Layout) -> DaemonProcess:
     (layout.root / "config").mkdir()
     (layout.root / "config" / "c.toml").touch()
     return DaemonProcess("balancer", layout, env=layout.env(CL_CONFIG=str(layout.root / "config" / "c.toml"))).start()
-
-
-@pytest.fixture
-def reachable() -> Iterator[Path]:
-    """A directory others can reach (pytest's tmp dirs are under a 0700 one)."""
-    path = Path(tempfile.mkdtemp(dir="/var/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path)
 
 
 def test_both_the_submitter_and_the_clis_user_must_be_able_to_write_it(reachable: Path) -> None:

@@ -22,7 +22,7 @@ import socket
 import stat
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -239,25 +239,18 @@ def _answer(process: subprocess.Popen[bytes], output: IO[bytes], deadline: float
 def _users(config: Config) -> list[Finding]:
     if config.confinement == "none":
         return [Finding("users", True, "confinement = none: the CLI runs as the worker's own user")]
-    missing = [name for name in members(config.cli_pool, config.cli_pool_size) if not _user_exists(name)]
-    missing += [f"group {group}" for group in (config.cli_pool, config.admin_group) if not _group_exists(group)]
+    missing = [name for name in members(config.cli_pool, config.cli_pool_size) if not exists(pwd.getpwnam, name)]
+    missing += [f"group {group}" for group in (config.cli_pool, config.admin_group) if not exists(grp.getgrnam, group)]
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         return [Finding("users", False, f"missing: {shown}", SYSUSERS, True)]
     return [Finding("users", True, f"{config.cli_pool}-1..{config.cli_pool_size} and their groups exist")]
 
 
-def _user_exists(name: str) -> bool:
+def exists(lookup: Callable[[str], object], name: str) -> bool:
+    """`exists(pwd.getpwnam, "cl-cli-1")`: the user (or with `grp.getgrnam`, the group) is there."""
     try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True
-
-
-def _group_exists(name: str) -> bool:
-    try:
-        grp.getgrnam(name)
+        lookup(name)
     except KeyError:
         return False
     return True
