@@ -125,6 +125,10 @@ class Publisher:
         """What was last reported: each is said once, when it appears."""
         self._missing = False
         """The last heartbeat did not reach the store."""
+        self._shared = bool(config.store)
+        """Other hosts may publish too (a PostgreSQL store): their rosters are read for clashes."""
+        self._roster: tuple[int, list[Published]] = (-1, [])
+        """The roster as last published, with its registry version: made again only when it changes."""
 
     async def run(self) -> None:
         changes = self._registry.subscribe()
@@ -138,11 +142,13 @@ class Publisher:
             changes.close()
 
     async def publish(self) -> None:
-        roster = published(self._registry)
+        if self._roster[0] != self._registry.version:  # (10,000 fingerprints at every heartbeat, otherwise)
+            self._roster = (self._registry.version, published(self._registry))
+        roster = self._roster[1]
         try:
             if await self._store.publish(self._host, roster, self._gateway):
                 log.info("host roster published", host=self._host, accounts=len(roster))
-            hosts = await self._store.hosts()
+            hosts = await self._store.hosts() if self._shared else []  # one host: no other roster to clash with
         except StoreUnavailable as exc:
             if not self._missing:  # said once per outage: the store's own reports say the rest
                 log.warning("heartbeats missed: state store unavailable", host=self._host, error=str(exc))

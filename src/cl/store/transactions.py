@@ -64,6 +64,8 @@ class Store:
         ) = None
         """What `snapshot` read, with the backend's changes key it was read at, the ledger's
         revision then and the `READINGS` of usage and windows."""
+        self._digest: tuple[Sequence[Published], str] | None = None
+        """The roster `publish` was last given, and its digest."""
         self._listings: dict[tuple[int | None, bool], tuple[int | None, Listing]] = {}
         """Each listing (a submitter's or everyone's, with finished jobs or not), with the ledger
         revision it was read at."""
@@ -976,7 +978,9 @@ class Store:
         and where its gateway takes the other hosts' requests (`fleet_listen`, if it does): the
         roster written again only when it differs from what the store holds (a heartbeat alone is
         one UPDATE). True if the roster was written."""
-        digest = hashlib.sha256(json.dumps(sorted(accounts)).encode()).hexdigest()
+        if self._digest is None or self._digest[0] is not accounts:  # the same roster object: the same digest
+            self._digest = (accounts, hashlib.sha256(json.dumps(sorted(accounts)).encode()).hexdigest())
+        digest = self._digest[1]
         now = self._backend.now
         with self.transaction() as db:
             beat = f"UPDATE hosts SET heartbeat_at = {now}, gateway = ? WHERE name = ? AND roster_digest = ?"
