@@ -1,9 +1,10 @@
-"""What stands between cl and work, checked: `cl doctor`, and the balancer at start.
+"""What stands between cl and work, checked: `cl doctor`, and both daemons at start.
 
 Each check gives a `Finding`: what it found, and if something is wrong the command or setting
-that fixes it, and whether it blocks work. The balancer runs `environment` at start, and again
-every `RECHECK` seconds while something blocks: meanwhile it places nothing, and queued jobs wait
-with the reason shown (`cl status`) rather than fail one after another. `cl doctor` asks the
+that fixes it, and whether it blocks work. cl-balancer and cl-rescue run `environment` at start
+(`Service.check`), and again every `RECHECK` seconds while something blocks: meanwhile they place
+and move nothing, and queued jobs wait with the reason shown (`cl status`) rather than fail one
+after another. `cl doctor` asks the
 balancer for its findings (its environment is the one the CLI gets) and adds what is seen from
 outside it: each daemon answering, the gateway, the store, the credentials directory.
 """
@@ -39,6 +40,7 @@ RECHECK = 30.0
 WELL_RECHECK = 600.0
 """Seconds between two checks while nothing does."""
 VERSION_TIMEOUT = 10.0
+"""Seconds `claude --version` may take (the real one answers in well under one)."""
 ANSWER_BYTES = 4096
 """What of `claude --version`'s output is read at most."""
 SYSUSERS = "systemd-sysusers /usr/lib/sysusers.d/cl.conf"
