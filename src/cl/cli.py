@@ -119,8 +119,10 @@ def cmd_accounts(config: Config, args: argparse.Namespace) -> int:
                     for a in accounts
                 ],
             )
+            if ignored:
+                print()
             for file in ignored:
-                print(f"\nignored: {file['file']}: not a credential file's name; call it {file['rename_to']}")
+                print(f"ignored: {file['file']}: not a credential file's name; call it {file['rename_to']}")
     if len(views) > 1 and (differences := describe_differences(views)):
         print("\nWARNING: cl-balancer and cl-rescue see different accounts:", file=sys.stderr)
         for line in differences:
