@@ -156,13 +156,14 @@ def test_the_dashboards_history_keeps_each_hours_last_reading_for_a_day(store: S
         for name, used in (("a1", a1), ("a2", a2)):
             store.record_usage(name, {"five_hour": used - 0.1}, hour * 3600.0, resets={"five_hour": now})
             store.record_usage(name, {"five_hour": used}, hour * 3600.0 + 60, resets={"five_hour": now})  # the last
-    history = store.history(now, top=1)
+    history = store.history(now, {"a1", "a2"}, top=1)
     assert history["fleet"]["five_hour"] == [  # hour 75 is over a day ago: not shown
         [98 * 3600, pytest.approx(0.3), pytest.approx(0.4)],
         [99 * 3600, pytest.approx(0.45), pytest.approx(0.6)],
         [100 * 3600, pytest.approx(0.6), pytest.approx(0.7)],
     ]
     assert history["accounts"] == {"a2": [[98 * 3600, 0.4], [99 * 3600, 0.6], [100 * 3600, 0.7]]}  # the fullest now
+    assert list(store.history(now, {"a1"}, top=1)["accounts"]) == ["a1"]  # of the roster, always
     assert store.events(0) == []
 
 

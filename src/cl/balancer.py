@@ -81,8 +81,9 @@ class Balancer(Service):
         self._submit_to_started = Histogram()
         self._publisher = fleet.Publisher(config, registry, self.store)
         self._dashboard_asked = -DASHBOARD_IDLE
-        self._board: tuple[Board, int, float] | None = None
-        """The dashboard's accounts, the queue's length and when, as last read (`_keep_dashboard`)."""
+        self._board: tuple[Board, int, float, int] | None = None
+        """The dashboard's accounts, the queue's length, when, and the roster version they show, as
+        last read (`_keep_dashboard`; a request reads them again if the roster changed since)."""
         self._history: bytes | None = None
         """The dashboard's `"history":…,"events":…` members, as last read."""
 
@@ -128,11 +129,11 @@ class Balancer(Service):
 
     async def _read_board(self) -> None:
         snapshot = await self.store.snapshot(None, finished=False)
-        self._board = (self._status_view.board(snapshot), snapshot.listing.queue, time.time())
+        self._board = (self._status_view.board(snapshot), snapshot.listing.queue, time.time(), self.registry.version)
 
     async def _read_history(self) -> None:
         now = time.time()
-        history = await self.store.history(now)
+        history = await self.store.history(now, self.registry.accounts)
         events = await self.store.events(now - HISTORY_HOURS * 3600)
         self._history = f'"history":{json.dumps(history)},"events":{json.dumps(events)}'.encode()
 
@@ -331,15 +332,17 @@ class Balancer(Service):
         that needs a look first (`DASHBOARD_ROWS` at most; `filter`, a part of their name), how
         many are in each state, live sessions, the queue, what blocks work, the last day's history
         of the windows, walls and moves. Aggregates only: no job, prompt, directory or token.
-        Answered from what `_keep_dashboard` keeps: at most `DASHBOARD_TICK` seconds old."""
+        Answered from what `_keep_dashboard` keeps (at most `DASHBOARD_TICK` seconds old), unless
+        the roster changed since: its accounts are never an older roster's."""
         wanted = text_field(request, "filter") or ""
         self._dashboard_asked = time.monotonic()
-        if self._board is None or self._history is None:
-            await self._read_board()
+        if self._history is None:
             await self._read_history()
+        if self._board is None or self._board[3] != self.registry.version:  # the roster as it is now, always
+            await self._read_board()
         assert self._board is not None
         assert self._history is not None
-        board, queue, at = self._board
+        board, queue, at, _version = self._board
         matching = [(name, shown) for name, shown in board.accounts if wanted in name] if wanted else board.accounts
         accounts = ",".join(shown for _name, shown in matching[:DASHBOARD_ROWS])
         blocked = json.dumps(self.blocked.line() if self.blocked else None)

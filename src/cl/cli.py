@@ -122,7 +122,7 @@ def cmd_accounts(config: Config, args: argparse.Namespace) -> int:
             if ignored:
                 print()
             for file in ignored:
-                print(f"ignored: {file['file']}: not a credential file's name; call it {file['rename_to']}")
+                print(shown(f"ignored: {file['file']}: not a credential file's name; call it {file['rename_to']}"))
     if len(views) > 1 and (differences := describe_differences(views)):
         print("\nWARNING: cl-balancer and cl-rescue see different accounts:", file=sys.stderr)
         for line in differences:
@@ -209,10 +209,7 @@ def cmd_doctor(config: Config, args: argparse.Namespace) -> int:
         mark = {True: "ok", False: "warn"}
         print_table(
             ["", "CHECK", "FOUND"],
-            [
-                ["FAIL" if f.blocks else mark[f.ok], f.check, f.said + (f" (fix: {f.fix})" if f.fix else "")]
-                for f in found
-            ],
+            [["FAIL" if f.blocks else mark[f.ok], f.check, f.told()] for f in found],
         )
         print(f"\nchecked by {where}")
     return EXIT_BLOCKED if doctor.blocking(found) else 0
@@ -417,10 +414,10 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         return _status(config, args)
     clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() and not args.json else ""
     while True:  # until Ctrl-C (130)
-        shown = io.StringIO()
-        with contextlib.redirect_stdout(shown):
+        screen = io.StringIO()
+        with contextlib.redirect_stdout(screen):
             _status(config, args)
-        sys.stdout.write(clear + shown.getvalue() + ("" if clear or args.json else "\n"))
+        sys.stdout.write(clear + screen.getvalue() + ("" if clear or args.json else "\n"))
         sys.stdout.flush()
         time.sleep(args.watch)
 
@@ -533,24 +530,19 @@ def _queue_reasons(status: dict[str, Any], now: float) -> str:
 def _models_wait_for(accounts: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> str:
     """For each model queued jobs ask for that no account may take now: `; 2 for opus: no account
     serves opus` (its settings), or `opus's window walled on every account that serves it`."""
-    import fnmatch  # noqa: PLC0415 - `cl status` alone needs these
-
-    from cl.store.records import family  # noqa: PLC0415
+    from cl.store.records import AccountSettings, family  # noqa: PLC0415 - `cl status` alone needs these
 
     said = []
     wanted = collections.Counter(job["model"] for job in jobs if job["state"] == "queued" and job.get("model"))
     for model, count in sorted(wanted.items()):
         open_to = [a for a in accounts if a["state"] in ("ok", "probation")]
-        serving = [a for a in open_to if _serves((a.get("settings") or {}).get("models"), model, fnmatch.fnmatchcase)]
+        settings = {a["name"]: (a.get("settings") or {}).get("models") for a in open_to}
+        serving = [a for a in open_to if AccountSettings(a["name"], models=settings[a["name"]]).serves(model)]
         if not serving:
             said.append(f"{count} for {model}: no account serves {model} (cl accounts set NAME models=...)")
         elif all(family(model) in (a.get("model_walls") or {}) for a in serving):
             said.append(f"{count} for {model}: its window is walled on every account that serves it")
     return "".join(f"; {line}" for line in said)
-
-
-def _serves(patterns: list[str] | None, model: str, match: Callable[[str, str], bool]) -> bool:
-    return patterns is None or any(match(model, pattern) for pattern in patterns)
 
 
 def _when(iso: str, now: float) -> str:

@@ -58,9 +58,13 @@ class Finding(NamedTuple):
     def public(self) -> dict[str, Any]:
         return self._asdict()
 
+    def told(self) -> str:
+        """What was found, with the fix if there is one: `not found on PATH ... (fix: ...)`."""
+        return self.said + (f" (fix: {self.fix})" if self.fix else "")
+
     def line(self) -> str:
         """`claude_bin: not found on PATH ... (fix: ...)`, as the logs and `cl status` say it."""
-        return f"{self.check}: {self.said}" + (f" (fix: {self.fix})" if self.fix else "")
+        return f"{self.check}: {self.told()}"
 
 
 def environment(config: Config, *, workers_switch: bool) -> list[Finding]:

@@ -421,7 +421,7 @@ def _scan_entries(directory: Path, signatures: Mapping[str, FileSignature | None
         for entry in entries:
             name = account_name(entry.name)
             if name is None:
-                if near_miss(entry.name) and (misnamed := _misnamed(Path(entry.path))) is not None:
+                if (misnamed := _misnamed(Path(entry.path))) is not None:
                     near_misses[entry.name] = misnamed
                 continue
             try:
@@ -436,10 +436,11 @@ def _scan_entries(directory: Path, signatures: Mapping[str, FileSignature | None
 
 
 def _misnamed(path: Path) -> Misnamed | None:
-    """The misnamed file at `path`, or None if it is gone."""
-    better = near_miss(path.name)
+    """The misnamed file at `path`, or None if its name is no near miss or it is gone."""
+    if (better := near_miss(path.name)) is None:
+        return None
     try:
         st = path.lstat()
     except OSError:
         return None
-    return Misnamed(better or "", (st.st_ino, st.st_size, st.st_mtime_ns)) if better else None
+    return Misnamed(better, (st.st_ino, st.st_size, st.st_mtime_ns))

@@ -73,8 +73,9 @@ class StatusView:
         self._objects: list[Rendered] = []
         self._facts: dict[str, Shown] = {}
         """The facts each account's object in `_objects` shows, for accounts that have any."""
-        self._inputs: tuple[object, ...] = ()
-        """What `_objects` was made from: a snapshot with the same is rendered the same."""
+        self._inputs: tuple[int, Snapshot] | None = None
+        """The roster version and the snapshot `_objects` was made from: one with the same facts is
+        rendered the same."""
         self._board: Board | None = None
         self._last: tuple[tuple[int, str | None], Snapshot, Encoded] | None = None
 
@@ -87,12 +88,7 @@ class StatusView:
             last is not None
             and last[0] == (self._registry.version, blocked)
             and last[1].listing is snapshot.listing
-            and last[1].counts is snapshot.counts
-            and last[1].settings is snapshot.settings
-            and last[1].windows is snapshot.windows
-            and last[1].walls == snapshot.walls
-            and last[1].model_walls == snapshot.model_walls
-            and last[1].probation == snapshot.probation
+            and _same_facts(last[1], snapshot)
         ):
             return last[2]
         listing = snapshot.listing
@@ -118,23 +114,9 @@ class StatusView:
             self._board = Board([(self._names[i], objects[i].json) for i in order], dict(counts), sessions)
         return self._board
 
-    def _same_facts(self, snapshot: Snapshot) -> bool:
-        """The roster and the store's facts are those `_objects` was made from (the store hands
-        out the same counts, settings and windows objects while the database is unchanged)."""
-        inputs = self._inputs
-        return (
-            bool(inputs)
-            and inputs[0] == self._registry.version
-            and inputs[1] is snapshot.counts
-            and inputs[2] is snapshot.settings
-            and inputs[3] is snapshot.windows
-            and inputs[4] == snapshot.walls
-            and inputs[5] == snapshot.model_walls
-            and inputs[6] == snapshot.probation
-        )
-
     def _accounts(self, snapshot: Snapshot) -> list[Rendered]:
-        if self._same_facts(snapshot):
+        inputs = self._inputs
+        if inputs is not None and inputs[0] == self._registry.version and _same_facts(inputs[1], snapshot):
             return self._objects
         self._board = None
         roster = self._registry.accounts
@@ -168,20 +150,25 @@ class StatusView:
             if self._facts.get(name) != shown:
                 self._objects[self._index[name]] = _rendered(roster[name], shown)
         self._facts = facts
-        self._inputs = (
-            self._registry.version,
-            snapshot.counts,
-            snapshot.settings,
-            snapshot.windows,
-            snapshot.walls,
-            snapshot.model_walls,
-            snapshot.probation,
-        )
+        self._inputs = (self._registry.version, snapshot)
         return self._objects
 
     def _idle_of(self, account: Account) -> tuple[Account, Rendered]:
         kept = self._idle.get(account.name)
         return kept if kept is not None and kept[0] is account else (account, _rendered(account, IDLE))
+
+
+def _same_facts(before: Snapshot, now: Snapshot) -> bool:
+    """The two snapshots show the accounts the same (the store hands out the same counts,
+    settings and windows objects while the database is unchanged)."""
+    return (
+        before.counts is now.counts
+        and before.settings is now.settings
+        and before.windows is now.windows
+        and before.walls == now.walls
+        and before.model_walls == now.model_walls
+        and before.probation == now.probation
+    )
 
 
 def _rendered(account: Account, shown: Shown) -> Rendered:

@@ -14,7 +14,7 @@ import functools
 import hashlib
 import json
 import time
-from collections.abc import Callable, Collection, Hashable, Iterator, Sequence
+from collections.abc import Callable, Collection, Container, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -1168,10 +1168,11 @@ class Store:
             found.setdefault(row[0], {})[row[1]] = Window(*row[2:])
         return found
 
-    def history(self, now: float, top: int = 8) -> dict[str, Any]:
+    def history(self, now: float, roster: Container[str], top: int = 8) -> dict[str, Any]:
         """The dashboard's last `HISTORY_HOURS` hours: for each window and hour, the accounts'
         mean and highest utilization (each account's last reading in that hour), and the 5-hour
-        window of the `top` accounts fullest now, hour by hour. Hours as Unix times."""
+        window of the `top` accounts of `roster` (the registry's, now) fullest now, hour by hour.
+        Hours as Unix times."""
         since = int(now // 3600) - HISTORY_HOURS + 1
         fleet: dict[str, list[list[float]]] = {}
         rows = self._rows(
@@ -1181,10 +1182,11 @@ class Store:
         )
         for period, hour, mean, highest in rows:
             fleet.setdefault(period, []).append([hour * 3600, mean, highest])
-        fullest = self._rows(
-            "SELECT account FROM windows WHERE period = 'five_hour' ORDER BY utilization DESC, account LIMIT ?", (top,)
+        fullest = self._rows(  # (a name the roster no longer has keeps its row: some to spare)
+            "SELECT account FROM windows WHERE period = 'five_hour' ORDER BY utilization DESC, account LIMIT ?",
+            (top * 8,),
         )
-        names = [row[0] for row in fullest]
+        names = [row[0] for row in fullest if row[0] in roster][:top]
         accounts: dict[str, list[list[float]]] = {name: [] for name in names}
         if names:
             rows = self._rows(
