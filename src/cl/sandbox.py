@@ -57,6 +57,9 @@ RELAY = Path(__file__).with_name("relay.py").read_text()
 PYTHON = "/usr/bin/python3"
 """The interpreter the relay runs on in the view (the system's)."""
 
+PROBE_TIMEOUT = 30.0
+"""Seconds an empty view may take to build (a few ms): a half-killed bwrap holds its pipes forever."""
+
 _PATH = os.O_PATH | os.O_CLOEXEC
 
 
@@ -80,7 +83,18 @@ def probe(preexec: Callable[[], None] | None = None) -> bool:
     for own_proc in (True, False):
         proc = ["--proc", "/proc"] if own_proc else ["--ro-bind", "/proc", "/proc"]
         argv = [bwrap(), *NAMESPACES, "--ro-bind", "/", "/", *proc, "--", "/usr/bin/true"]
-        done = subprocess.run(argv, capture_output=True, text=True, check=False, preexec_fn=preexec)
+        try:  # a session of its own: a Ctrl-C at the daemon's terminal cannot kill it half-built
+            done = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                check=False,
+                preexec_fn=preexec,
+                start_new_session=True,
+                timeout=PROBE_TIMEOUT,
+            )
+        except subprocess.TimeoutExpired:
+            raise SandboxUnavailable(f"bubblewrap built no empty view in {PROBE_TIMEOUT:g} s") from None
         if done.returncode == 0:
             return own_proc
         said = said or done.stderr.strip() or f"exit status {done.returncode}"
