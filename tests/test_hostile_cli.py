@@ -193,14 +193,8 @@ def _attack_under_make_run(var: Path, planted: Planted) -> Attack:
     )
     run = started(var, config)
     try:
-        found = subprocess.run(
-            ["pgrep", "-f", "-g", str(run.process.pid), r"from cl\.(balancer|rescue) import"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        daemons = [int(pid) for pid in found.stdout.split()]
-        assert len(daemons) == 2, found
+        daemons = daemons_in_group(run.process.pid)
+        assert len(daemons) == 2, daemons
         operators_dir(work)
         accounts = [write_credential(credentials, name, oauth_credential(planted)) for name in ("a1", "a2")]
         before = {path: path.read_bytes() for path in accounts}
@@ -229,6 +223,27 @@ def _attack_under_make_run(var: Path, planted: Planted) -> Attack:
         said=out,
         ptrace_refused="ESRCH",
     )
+
+
+def daemons_in_group(group: int) -> list[int]:
+    """The balancer's and the rescuer's pids in `make run`'s process group.
+
+    A daemon's child between fork and exec (about to be `claude --version` or bwrap) still shows
+    the daemon's command line: a match whose parent matches too is such a child, and left out.
+    """
+    pattern = r"from cl\.(balancer|rescue) import"
+    found = subprocess.run(["pgrep", "-f", "-g", str(group), pattern], capture_output=True, text=True, check=False)
+    matching = {int(pid) for pid in found.stdout.split()}
+    return sorted(pid for pid in matching if parent_of(pid) not in matching | {None})
+
+
+def parent_of(pid: int) -> int | None:
+    """`pid`'s parent, or None once it has gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return None
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
 
 
 def operators_dir(work: Path) -> None:
