@@ -63,7 +63,7 @@ run: dev
 		$(call prepend,confinement = "none"  # not root: no user of its own per job and no sandbox (make run as root has both),$(VAR)/config.toml); \
 		echo "not root: the CLI runs unconfined (confinement = \"none\" in $(VAR)/config.toml)"; fi
 	@grep -q '^cli_network' $(VAR)/config.toml || { \
-		$(call prepend,cli_network = "host"  # no cl-worker@ unit narrows it here ("gateway": a network of its own),$(VAR)/config.toml); }
+		$(call prepend,cli_network = "host"  # no cl-cli@ unit narrows it here ("gateway": a network of its own),$(VAR)/config.toml); }
 	@echo "credentials: $(VAR)/claude   try: CL_CONFIG=$(VAR)/config.toml $(BIN)/cl accounts"
 	@CL_CONFIG=$(VAR)/config.toml $(BIN)/python -m cl.devrun
 
@@ -73,7 +73,7 @@ run: dev
 # tree instead (how the tests check these targets). EXTRAS=postgresql adds psycopg, for a store on PostgreSQL.
 LOCAL := $(ROOT)/usr/local
 CONFIG := $(ROOT)/etc/cl/config.toml
-UNITS := cl-balancer.service cl-rescue.service cl-gateway.service cl-worker.socket cl-worker@.service cl-metrics.socket cl-metrics.service
+UNITS := cl-balancer.service cl-rescue.service cl-gateway.service cl-worker.socket cl-worker@.service cl-cli.socket cl-cli@.service cl-metrics.socket cl-metrics.service
 install:
 	$(PYTHON) -m venv $(ROOT)$(PREFIX)
 	$(ROOT)$(PREFIX)/bin/pip install --quiet --upgrade pip

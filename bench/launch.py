@@ -5,7 +5,10 @@ its own only then). REV (default: the commit before the sandbox) is checked out 
 worktree; each round runs N jobs one after another on this tree's daemons, then on REV's, each
 on a fresh root. A job's figure is from its run's claim (the ledger's `run started`) to the fake
 CLI's first line of work (its own interpreter start included, the same on both sides). This tree
-runs its CLIs sandboxed (a pool user, a bubblewrap view); REV runs them as it did.
+runs its CLIs sandboxed (a pool user, a bubblewrap view); REV runs them as it did. With
+`--starter`, this tree's CLIs are started as under systemd, each by a `cl-cli-starter` of its own
+behind a socket (`cl-cli.socket`, played as the tests play it; systemd's own start of the unit is
+not in the figure).
 """
 
 from __future__ import annotations
@@ -17,14 +20,18 @@ import grp
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
 from run import BIN, populate, spread, wait_for
 
 from cl.client import call
+from utils import cli_socket
 
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
@@ -32,8 +39,9 @@ FAKE_CLAUDE = PROJECT / "tests" / "fakes" / "claude"
 BEFORE_THE_SANDBOX = "1d8a64d"
 
 
-def claim_to_running(tree: Path, root: Path, jobs: int) -> list[float]:
-    """`jobs` jobs, one at a time, on the daemons of `tree`'s source, on `root`."""
+def claim_to_running(tree: Path, root: Path, jobs: int, *, starter: bool = False) -> list[float]:
+    """`jobs` jobs, one at a time, on the daemons of `tree`'s source, on `root` (`starter`: each CLI
+    started by a `cl-cli-starter`)."""
     populate(root / "claude", 2)
     work, fakes = root / "work", root / "fake"
     for directory in (work, fakes):
@@ -61,6 +69,19 @@ def claim_to_running(tree: Path, root: Path, jobs: int) -> list[float]:
         env |= {"CL_CLI_NETWORK": "host"} if "cli_network" in (tree / "src" / "cl" / "config.py").read_text() else {}
     else:  # one before it: its own user, cl-cli, and Landlock
         env |= {"CL_CLI_USER": "cl-cli"}
+    with contextlib.ExitStack() as stack:
+        if starter:
+            (root / "run").mkdir(mode=0o755)
+            env["CL_CLI_STARTER"] = str(root / "run" / "starter.sock")
+            stack.enter_context(cli_socket(env["CL_CLI_STARTER"], env, root / "starter.log"))
+        submit_one_by_one(env, root, work, log, jobs)
+    running = [json.loads(line)["t"] for line in log.read_text().splitlines()]
+    claimed = ledger_claims(tree, root / "state" / "cl.db")
+    return [start - claim for claim, start in zip(claimed, running, strict=True)]
+
+
+def submit_one_by_one(env: dict[str, str], root: Path, work: Path, log: Path, jobs: int) -> None:
+    """`jobs` jobs on a balancer of `env`'s, each once the one before runs its CLI."""
     balancer = subprocess.Popen(
         [str(BIN / "python"), "-c", "from cl.balancer import main; main()"],
         env=env,
@@ -76,9 +97,6 @@ def claim_to_running(tree: Path, root: Path, jobs: int) -> list[float]:
     finally:
         balancer.terminate()
         balancer.wait(30)
-    running = [json.loads(line)["t"] for line in log.read_text().splitlines()]
-    claimed = ledger_claims(tree, root / "state" / "cl.db")
-    return [start - claim for claim, start in zip(claimed, running, strict=True)]
 
 
 def ledger_claims(tree: Path, database: Path) -> list[float]:
@@ -118,6 +136,7 @@ def main() -> None:
     parser.add_argument("--against", default=BEFORE_THE_SANDBOX, help="the revision to compare with")
     parser.add_argument("--jobs", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--starter", action="store_true", help="this tree's CLIs started by cl-cli-starter")
     args = parser.parse_args()
     if os.getuid() != 0:
         raise SystemExit("run as root: the CLI gets a user of its own only then")
@@ -128,7 +147,8 @@ def main() -> None:
             for name, tree in (("this tree", PROJECT), (args.against, other)):
                 with tempfile.TemporaryDirectory(prefix="cl-bench-launch-", dir="/var/tmp") as root:
                     Path(root).chmod(0o755)
-                    figures[name] += claim_to_running(tree, Path(root), args.jobs)
+                    starter = args.starter and tree == PROJECT
+                    figures[name] += claim_to_running(tree, Path(root), args.jobs, starter=starter)
     for name, samples in figures.items():
         print(f"claim -> CLI running, {name}: {spread(samples)}  (n={len(samples)})")
 

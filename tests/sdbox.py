@@ -85,8 +85,8 @@ def with_fake_cli(box: Box, **env: str) -> None:
 
 
 def cli_network(box: Box) -> str:
-    """ "filtered" where systemd can apply the worker unit's IPAddressDeny= (the unified cgroup
-    hierarchy), else "host": there a worker would refuse every run, as it must."""
+    """ "filtered" where systemd can apply the CLI's unit's IPAddressDeny= (the unified cgroup
+    hierarchy), else "host": there every run would be refused, as it must."""
     unified = box("test", "-e", "/sys/fs/cgroup/cgroup.controllers", check=False).returncode == 0
     return "filtered" if unified else "host"
 

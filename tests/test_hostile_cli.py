@@ -1,7 +1,7 @@
 """A hostile CLI tries every way out of its session, under `make run` as root and under systemd (the
-installed units in a throwaway systemd 252, each session in its `cl-worker@` unit): either way each
-job's CLI runs as a user of the pool (cl-cli-N), in a view of its own. Every attempt is refused,
-and the refusal itself is asserted.
+installed units in a throwaway systemd 252, each session in its `cl-worker@` unit, its CLI in a
+`cl-cli@` unit): either way each job's CLI runs as a user of the pool (cl-cli-N), in a view of its
+own. Every attempt is refused, and the refusal itself is asserted.
 
 The CLI is `tests/fakes/hostile`, chosen per job by its prompt: one job is the victim (it waits),
 the other attacks the sockets, the daemons, the victim's worker and CLI, the store, the
@@ -338,7 +338,7 @@ def _attack_under_systemd(box: Box, tmp: Path, planted: Planted) -> Attack:
         integrity=integrity,
         said=box("journalctl", "-u", "cl-balancer", "-u", "cl-rescue", "--no-pager").stdout,
         ip_rules=box(
-            "systemctl", "show", "-p", "IPAddressAllow", "-p", "IPAddressDeny", "cl-worker@x.service"
+            "systemctl", "show", "-p", "IPAddressAllow", "-p", "IPAddressDeny", "cl-cli@x.service"
         ).stdout.strip(),
         ip_firewall=cli_network(box) == "filtered",
         ptrace_refused="EPERM",
@@ -352,7 +352,7 @@ def test_the_cli_runs_as_a_user_of_the_pool_without_capabilities(attack: Attack)
 
 
 def test_under_systemd_no_loopback_port_but_the_gateways_address_nor_link_local_is_reachable(attack: Attack) -> None:
-    """The worker unit's IPAddressDeny=/IPAddressAllow=, as systemd loaded them: the metrics port
+    """The CLI's unit's (cl-cli@) IPAddressDeny=/IPAddressAllow=, as systemd loaded them: the metrics port
     and another local service on 127.0.0.1 refused before a packet leaves (EPERM), the gateway's
     own address allowed (nothing listens there in direct mode: ECONNREFUSED). systemd enforces
     them with BPF on the unified cgroup hierarchy only; a box on hybrid cgroups checks the unit.

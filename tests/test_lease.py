@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,11 +40,9 @@ def claimed(tmp_path: Path) -> Iterator[tuple[Store, Run]]:
 def cli(tmp_path: Path) -> Iterator[CliProcess]:
     """A child that runs until it is killed, started as the worker starts its CLI."""
     output = Output(tmp_path / "run.log")
+    pipe = subprocess.PIPE
     process = CliProcess(
-        ["sleep", "600"],
-        env={"PATH": os.environ["PATH"]},
-        pass_fds=(),
-        preexec=lambda: None,
+        subprocess.Popen(["sleep", "600"], stdin=pipe, stdout=pipe, stderr=pipe, start_new_session=True),
         cli=CliUser.own(),
         events=Events(),
         output=output,

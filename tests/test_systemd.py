@@ -113,6 +113,12 @@ def test_a_session_runs_in_its_own_worker_unit_and_survives_a_balancer_restart(
     cl_uid, cli_uid = (box("id", "-u", user).stdout.strip() for user in ("cl", "cl-cli-1"))
     assert status["Uid"].split()[:3] == [cl_uid, cl_uid, cli_uid]
     assert {status[key].strip() for key in ("CapPrm", "CapEff", "CapAmb")} == {"0" * 16}
+    # Its CLI runs in a cl-cli@ unit of its own, whose starter kept no capability once it started it.
+    units = box("systemctl", "list-units", "--no-legend", "cl-cli@*").stdout
+    (cli_unit,) = [word for word in units.split() if word.startswith("cl-cli@")]
+    starter = int(box("systemctl", "show", "-p", "MainPID", "--value", cli_unit).stdout)
+    status = dict(line.split(":", 1) for line in box("cat", f"/proc/{starter}/status").stdout.splitlines())
+    assert {status[key].strip() for key in ("CapPrm", "CapEff", "CapAmb")} == {"0" * 16}
     box("systemctl", "restart", "cl-balancer")
     wait_until(lambda: any("session adopted" in m for _, m in journal(box, "cl-balancer")), "the session's adoption")
     assert state() == "running"
@@ -265,9 +271,10 @@ def test_operators_see_and_act_on_their_own_jobs_and_root_and_admins_on_all(box:
     assert "paused" in cl("alice", "accounts").stdout
 
 
-def test_cancelling_a_session_stops_its_cli_in_its_worker_unit(box: Box, tmp_path: Path, planted: Planted) -> None:
-    """The balancer signals the worker (both user cl); the worker stops the CLI, which runs as
-    cl-cli and which it may only signal as that user; the unit ends, the job is cancelled."""
+def test_cancelling_a_session_stops_its_cli_and_ends_its_units(box: Box, tmp_path: Path, planted: Planted) -> None:
+    """The balancer signals the worker (both user cl); the worker stops the CLI, which runs as a
+    user of the pool in a cl-cli@ unit and which it may only signal as that user; both units end,
+    the job is cancelled."""
     (tmp_path / "fake" / "hold").touch()
     with_fake_cli(box, FAKE_CLAUDE_HOLD="/srv/fake/hold", FAKE_CLAUDE_LOG="/srv/fake/fake-claude.jsonl")
     box("systemctl", "enable", "--now", "cl-balancer.service", "cl-rescue.service")
@@ -277,9 +284,10 @@ def test_cancelling_a_session_stops_its_cli_in_its_worker_unit(box: Box, tmp_pat
     wait_until(lambda: box("test", "-s", "/srv/fake/fake-claude.jsonl", check=False).returncode == 0, "the CLI")
     assert box("/opt/cl/bin/cl", "cancel", str(job)).stdout.strip() == f"job {job} cancelled"
     wait_until(lambda: box("/opt/cl/bin/cl", "wait", str(job), check=False).returncode == 6, "the job to end cancelled")
-    wait_until(lambda: not box("systemctl", "list-units", "--no-legend", "cl-worker@*").stdout.strip(), "the unit")
+    units = ("cl-worker@*", "cl-cli@*")
+    wait_until(lambda: not box("systemctl", "list-units", "--no-legend", *units).stdout.strip(), "the units")
     assert "session cancelled" in box("journalctl", "-u", "cl-worker@*", "--no-pager").stdout
-    assert box("pgrep", "-u", "cl-cli", check=False).returncode == 1  # nothing of the CLI's is left
+    assert box("pgrep", "-G", "cl-cli", check=False).returncode == 1  # nothing of the CLI's is left
 
 
 def test_the_gateway_unit_refreshes_holds_the_tokens_and_moves_a_walled_request(

@@ -27,6 +27,8 @@ from cl.store import Run, Store
 
 BIN = Path(sys.executable).parent
 FAKE_CLAUDE = Path(__file__).resolve().parent / "fakes" / "claude"
+CLI_STARTER = Path(sys.executable).with_name("cl-cli-starter")
+"""What `cl-cli@` runs: one CLI for the worker connected on its standard input (`cli_socket`)."""
 POOL = "cl-cli"
 """The CLI's users' group (`cli_pool`), made by packaging/systemd/sysusers.d."""
 FAKE_API = Path(__file__).resolve().parent / "fakes" / "fake_anthropic.py"
@@ -397,6 +399,40 @@ class DaemonProcess:
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def cli_socket(address: str, env: dict[str, str], log: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """`cl-cli.socket` as systemd plays it: a listener at `address`, each connection handed to a
+    `cl-cli-starter` of its own (its standard input), its log appended to `log`. The starters."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(address)
+    listener.listen()
+    started: list[subprocess.Popen[bytes]] = []
+
+    def accept() -> None:
+        with log.open("ab") as out:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                with conn:
+                    started.append(
+                        subprocess.Popen([CLI_STARTER], stdin=conn.fileno(), stdout=out, stderr=out, env=env)
+                    )
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield started
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(10)
+        for starter in started:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                starter.wait(20)
 
 
 def interruptible() -> None:

@@ -19,12 +19,13 @@ import queue
 import signal
 import subprocess
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
 from cl import redact
 from cl.claude_code.stream import user_message
+from cl.cli_start import Process
 from cl.cli_user import CliUser
 
 MAX_LOG_BYTES = 64 * 2**20
@@ -147,33 +148,21 @@ class CliProcess:
 
     def __init__(
         self,
-        argv: Sequence[str],
+        process: Process,
         *,
-        env: Mapping[str, str],
-        pass_fds: Sequence[int],
-        preexec: Callable[[], None],
         cli: CliUser,
         events: Events,
         output: Output,
         on_quiet: Callable[[], None] | None = None,
     ) -> None:
-        """Start it (raises OSError, ValueError or SubprocessError if it cannot start)."""
+        """Talk to `process`, just started (`cl.cli_start`) as `cli`, leading a process group."""
         self._cli = cli
         self._events = events
         self._exited = threading.Event()
         """Set once the CLI has exited (one thread waits for it; the rest wait for this)."""
         self.stopped = False
         """The CLI did not exit when its input ended, and was stopped."""
-        self.process = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=dict(env),
-            pass_fds=tuple(pass_fds),
-            start_new_session=True,  # a process group of its own, ended with it
-            preexec_fn=preexec,  # noqa: PLW1509 - syscalls only, no locks taken
-        )
+        self.process = process
         self._threads = [
             threading.Thread(target=self._read, daemon=True),
             threading.Thread(target=output.copy_stderr, args=(self.process.stderr,), daemon=True),

@@ -93,7 +93,7 @@ class CliUser:
                 os.setgroups([])
             os.setresgid(self.gid, self.gid, self.gid)
             os.setresuid(self.uid, self.uid, self.uid)
-        _drop_capabilities()
+        drop_capabilities()
 
 
 def keep_only(user: CliUser) -> None:
@@ -106,7 +106,7 @@ def keep_only(user: CliUser) -> None:
     os.setgroups([])
     os.setresgid(-1, -1, user.gid)
     os.setresuid(-1, -1, user.uid)
-    _drop_capabilities()
+    drop_capabilities()
 
 
 def members(pool: str, size: int) -> list[str]:
@@ -229,7 +229,7 @@ def _set_fs_ids(uid: int, gid: int) -> None:
         raise PermissionError(f"cannot act as uid {uid}, gid {gid} (setfsuid)")
 
 
-def _drop_capabilities() -> None:
+def drop_capabilities() -> None:
     _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     header = ctypes.create_string_buffer(struct.pack("=Ii", _CAPABILITY_VERSION_3, 0))
     data = ctypes.create_string_buffer(bytes(24))  # effective, permitted, inheritable: all empty

@@ -101,12 +101,16 @@ class Config:
     cli_pool_size: int = 16
     """N: how many jobs' CLIs may run at once (a job waits for a free user)."""
     cli_network: str = "filtered"
-    """"filtered": the host's network as the `cl-worker@` unit narrows it (on loopback the gateway's
-    address only, no link-local), checked by each worker before its CLI starts: where the narrowing
+    """"filtered": the host's network as the `cl-cli@` unit narrows it (on loopback the gateway's
+    address only, no link-local), checked before each CLI starts, where it will run: where the narrowing
     does not hold (no such unit, cgroups where systemd cannot apply it), the run fails and says so;
     "host": the host's network as it is (said at every start); "gateway": the view has a network of
     its own, loopback only, where a relay takes its requests to the gateway: nothing else, the
     internet included."""
+    cli_starter: Path | None = None
+    """The socket of `cl-cli.socket`: each job's CLI is started by a `cl-cli@` unit of its own
+    (`cl.cli_start`), never by the worker, whose unit may then build no namespace and reach no
+    network. Unset: the worker starts it itself (`make run`)."""
     cli_processes_max: int = 1024
     """Processes a sandboxed job's CLI user may have at once, its tools' included (RLIMIT_NPROC:
     each job has a user of its own, so this is per job)."""
@@ -137,7 +141,7 @@ class Config:
     false: each CLI holds its account's credential and talks to the API directly."""
     gateway_listen: str = "127.0.0.2:8479"
     """Where `cl-gateway` listens (loopback only) and where every CLI sends its requests: an address of its
-    own, the one loopback address a `cl-worker@` unit may reach (IPAddressAllow=)."""
+    own, the one loopback address a `cl-cli@` unit may reach (IPAddressAllow=)."""
     gateway_upstream: str = "https://api.anthropic.com"
     """The API the gateway forwards to."""
     oauth_token_url: str = "https://platform.claude.com/v1/oauth/token"  # noqa: S105 - a URL, not a secret
@@ -403,6 +407,7 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "cli_pool": _name,
     "cli_pool_size": _whole(1, 1000),
     "cli_network": _one_of("filtered", "host", "gateway"),
+    "cli_starter": _optional_path,
     "cli_processes_max": _whole(8, 1_000_000),
     "cli_readable": _paths,
     "cli_writable": _paths,

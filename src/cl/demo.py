@@ -48,7 +48,7 @@ class Demo:
             "CL_STATE_DIR": str(root / "state"),
             "CL_SESSIONS_DIR": str(root / "sessions"),
             "CL_CONFINEMENT": "none",  # the fake CLI as the demo's own user: a show of rescue, not of separation
-            "CL_CLI_NETWORK": "host",  # nor of the network a cl-worker@ unit narrows
+            "CL_CLI_NETWORK": "host",  # nor of the network a cl-cli@ unit narrows
             "CL_CLI_ENV_KEEP": "FAKE_CLAUDE_*",  # what steers the fake CLI
             "CL_RUNTIME_DIR": str(root / "run"),
             "CL_CLAUDE_BIN": str(claude),

@@ -101,10 +101,22 @@ def probe(preexec: Callable[[], None] | None = None) -> bool:
     raise SandboxUnavailable(f"bubblewrap cannot build the CLI's view here: {said}")
 
 
+def check_network(cli_network: str) -> None:
+    """Raises SandboxUnavailable if the CLI's network, started from here, would not be what
+    `cli_network` says: "filtered" holds only where this process cannot reach loopback (the
+    IPAddressDeny= of the unit the CLI runs in applies to it as to us)."""
+    if cli_network == "filtered" and loopback_reachable():
+        raise SandboxUnavailable(
+            "cli_network = 'filtered', but loopback is reachable from here: no cl-cli@ unit narrows the"
+            " network, or systemd cannot apply its IPAddressDeny= on these cgroups; set cli_network = 'gateway'"
+            " (a network of its own) or 'host' (the host's, unnarrowed)"
+        )
+
+
 def loopback_reachable() -> bool:
     """Whether this process can open a connection to a listener of its own on 127.0.0.1: a
-    `cl-worker@` unit's IPAddressDeny= refuses it (EPERM) wherever systemd could apply it, and the
-    CLI, in the same unit, is refused as the worker is."""
+    `cl-cli@` unit's IPAddressDeny= refuses it (EPERM) wherever systemd could apply it, and the
+    CLI, in the same unit, is refused as its starter is."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)

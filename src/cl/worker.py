@@ -13,10 +13,10 @@ so a run never executes twice. Then, in this order:
   come through the environment);
 * it opens the working directory once, no symlink followed, and checks what it opened again
   (`cl.workdir`): every start of the CLI enters that descriptor;
-* it starts the CLI as a user of its own (`cl.cli_user`), in a view of its own (`cl.sandbox`), with
-  PDEATHSIG (if the worker dies, so does its CLI, and the run is found orphaned rather than
-  running unseen), and gives it the prompt as a user message on its standard input
-  (`cl.cli_process`): a prompt is never an argument;
+* it starts the CLI as a user of its own (`cl.cli_user`), in a view of its own (`cl.sandbox`),
+  itself or under systemd through a `cl-cli@` unit of its own (`cl.cli_start`): if the worker dies,
+  so does its CLI, and the run is found orphaned rather than running unseen. It gives the CLI the
+  prompt as a user message on its standard input (`cl.cli_process`): a prompt is never an argument;
 * it reads the turn as it arrives (session id, usage, utilization, the first answer, a wall),
   keeps the credential copy in step, and keeps the output, redacted, in the run's log;
 * it writes the outcome and tells both daemons. After an answer it closes the CLI's input and
@@ -42,7 +42,6 @@ the restart answers.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import fcntl
 import functools
@@ -50,7 +49,6 @@ import json
 import math
 import os
 import queue
-import resource
 import signal
 import socket
 import struct
@@ -64,7 +62,7 @@ from typing import Any, TypeVar, cast
 
 import structlog
 
-from cl import capability, cli_user, fleet, lease, logs, redact, sandbox, workdir
+from cl import capability, cli_start, cli_user, fleet, lease, logs, redact, sandbox, workdir
 from cl.claude_code.environment import passed, worker_environment
 from cl.claude_code.stream import Outcome, StreamState
 from cl.claude_code.transcripts import transcript_path
@@ -83,8 +81,6 @@ from cl.store import Job, Renewal, Run, Store, StoreUnavailable
 
 log = structlog.get_logger("cl.worker")
 
-PR_SET_PDEATHSIG = 1
-PR_SET_NO_NEW_PRIVS = 38
 MAX_TOKENS = 2**40
 MAX_RESULT_TEXT = 32 * 1024
 MAX_FIELD = 200
@@ -210,8 +206,7 @@ def _claimed(config: Config, store: Store, job: Job, run: Run, leased: Lease) ->
         return run
     config_dir = session_config_dir(config, job.id)
     try:
-        _network(config, bound)
-        slot, own_proc = _cli_user(config, config_dir, bound)
+        slot = _cli_user(config, config_dir, bound)
         credential = _ready_config_dir(config, job.id, slot.user, first=store.previous_account(run.id) is None)
         cli_user.keep_only(slot.user)
     except (CliUserError, sandbox.SandboxUnavailable, OSError) as exc:
@@ -219,7 +214,7 @@ def _claimed(config: Config, store: Store, job: Job, run: Run, leased: Lease) ->
         return run
     locks = (lock, *slot.fds)
     output = Output(log_path(config, job.id, run.id))
-    session = _Session(config, store, job, slot.user, credential, locks, run, output, leased, own_proc=own_proc)
+    session = _Session(config, store, job, slot.user, credential, locks, run, output, leased)
     signal.signal(signal.SIGUSR1, lambda _signum, _frame: session.events.put(Event.WAKE))
     signal.signal(signal.SIGTERM, _on_terminate(session))
     try:
@@ -253,8 +248,6 @@ class _Session:
     run: Run
     output: Output
     lease: Lease
-    own_proc: bool = False
-    """The CLI's view has a /proc of its own (`sandbox.probe`)."""
     process: CliProcess | None = None
     cwd: int | None = None
     """The job's directory, opened once (no symlink followed) and kept for every start of its CLI."""
@@ -423,18 +416,24 @@ def _start(session: _Session, account: Account | None) -> bool:
     bound = session.bound()
     assert session.cwd is not None
     config_dir = session_config_dir(config, job.id)
-    command, opened = claude_argv(config, job, None if session.afresh else run.resume), list[int]()
-    if config.confinement == "sandbox":
-        command, opened = _in_view(session, command)
-    fds = [*session.locks, session.cwd, *opened]
+    if config.cli_network == "host" and config.confinement == "sandbox":
+        bound.warning("cli_network = host: the CLI reaches every address this host reaches, loopback included")
+    opened = None
     try:
+        with cli.acting():  # its own config dir, as the CLI's user opens it: no link followed
+            opened = sandbox.open_directory(str(config_dir))
         if config.gateway:
             _give_capability(session)
+        launch = cli_start.Launch(
+            claude_argv(config, job, None if session.afresh else run.resume),
+            cli_environment(config, account, cli, config_dir),
+            cli,
+            (session.cwd, job.cwd),
+            (opened, str(config_dir)),
+            session.locks,
+        )
         process = CliProcess(
-            command,
-            env=cli_environment(config, account, cli, config_dir),
-            pass_fds=fds,
-            preexec=_cli_preexec(cli, session.cwd, config),
+            cli_start.start(config, launch),
             cli=cli,
             events=session.events,
             output=session.output,
@@ -442,7 +441,7 @@ def _start(session: _Session, account: Account | None) -> bool:
             on_quiet=functools.partial(_sync, session) if session.oauth else None,
         )
         session.started(process)
-    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+    except (cli_start.StartRefused, OSError, ValueError, subprocess.SubprocessError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         if session.capability is not None:
             session.store.revoke_capability(session.capability)
@@ -451,32 +450,9 @@ def _start(session: _Session, account: Account | None) -> bool:
         bound.error("cli did not start", error=reason, cwd=job.cwd)
         return False
     finally:
-        for fd in opened:
-            os.close(fd)
+        if opened is not None:
+            os.close(opened)
     return True
-
-
-def _in_view(session: _Session, command: list[str]) -> tuple[list[str], list[int]]:
-    """`command` run in the CLI's view of its job (`cl.sandbox`), and the descriptors the view is
-    built from besides the job's directory (the caller closes them once the CLI has started)."""
-    config, cli = session.config, session.cli
-    assert session.cwd is not None
-    config_dir = session_config_dir(config, session.job.id)
-    with cli.acting():  # its own config dir, as the CLI's user opens it: no link followed
-        opened = [sandbox.open_directory(str(config_dir))]
-    if config.cli_network == "gateway":  # opened with the worker's own right, not the CLI's user's
-        opened.append(os.open(config.gateway_socket.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
-    view = sandbox.View(
-        (session.cwd, session.job.cwd),
-        (opened[0], str(config_dir)),
-        [str(path) for path in workdir.private_dirs(config).values()],
-        config.cli_readable,
-        config.cli_writable,
-        own_proc=session.own_proc,
-        gateway_only=opened[1] if config.cli_network == "gateway" else None,
-        gateway_socket=config.gateway_socket.name,
-    )
-    return sandbox.argv(view, command, config.gateway_listen), opened
 
 
 def _open_cwd(session: _Session) -> int:
@@ -668,29 +644,14 @@ def _reason(exc: Exception) -> str:
     return str(exc)
 
 
-def _network(config: Config, bound: Any) -> None:
-    """The CLI's network is what `cli_network` says, or the CLI does not start (raises
-    SandboxUnavailable): "filtered" holds only where this worker cannot reach loopback (its unit's
-    IPAddressDeny= applies to the CLI as to the worker); "host" is said at every start."""
-    if config.cli_network == "filtered" and sandbox.loopback_reachable():
-        raise sandbox.SandboxUnavailable(
-            "cli_network = 'filtered', but loopback is reachable from here: no cl-worker@ unit narrows the"
-            " network, or systemd cannot apply its IPAddressDeny= on these cgroups; set cli_network = 'gateway'"
-            " (a network of its own) or 'host' (the host's, unnarrowed)"
-        )
-    if config.cli_network == "host":
-        bound.warning("cli_network = host: the CLI reaches every address this host reaches, loopback included")
-
-
-def _cli_user(config: Config, config_dir: Path, bound: Any) -> tuple[cli_user.Slot, bool]:
+def _cli_user(config: Config, config_dir: Path, bound: Any) -> cli_user.Slot:
     """Who the job's CLI runs as: with `confinement = "sandbox"`, a free member of the pool (the
     one that owns the job's config dir, if free), waiting up to `session_lock_wait` seconds for
-    one; with "none", the worker's own user, said at every start. With it, whether the CLI's view
-    can have a /proc of its own (`sandbox.probe`). Raises CliUserError or SandboxUnavailable when
-    the sandbox cannot hold here: the CLI never runs with less."""
+    one; with "none", the worker's own user, said at every start. Raises CliUserError or
+    SandboxUnavailable when the sandbox cannot hold here: the CLI never runs with less."""
     if config.confinement == "none":
         bound.warning("confinement = none: the CLI runs unconfined, as the worker's own user")
-        return cli_user.Slot(CliUser.own(), None), False
+        return cli_user.Slot(CliUser.own(), None)
     if not cli_user.can_switch_users():
         raise CliUserError(
             "confinement = 'sandbox' needs a worker that may switch users (root, or a cl-worker@ unit);"
@@ -705,11 +666,7 @@ def _cli_user(config: Config, config_dir: Path, bound: Any) -> tuple[cli_user.Sl
     waiting = "every CLI user is taken, waiting for one"
     if (slot := _within(config.session_lock_wait, take, bound, waiting, cli_pool_size=config.cli_pool_size)) is None:
         raise CliUserError(f"all {config.cli_pool_size} of the CLI's users are taken (cli_pool_size)")
-    try:
-        return slot, sandbox.probe(slot.user.become)
-    except sandbox.SandboxUnavailable:
-        slot.release()
-        raise
+    return slot
 
 
 def _ready_config_dir(config: Config, job_id: int, cli: CliUser, *, first: bool) -> JobCredential:
@@ -764,31 +721,6 @@ def _account(session: _Session) -> Account | None:
 
 def _account_file(config: Config, account: str) -> Path:
     return config.credentials_dir / credential_filename(account)
-
-
-def _cli_preexec(cli: CliUser, cwd: int, config: Config) -> Callable[[], None]:
-    """Between fork and exec of the CLI: unconfined, its job's directory; sandboxed (bwrap then
-    enters the directory itself), the process limit of its pool user. Then the CLI's own user
-    with no capabilities and no way to gain any, and death with the worker (set last: a change of
-    user clears it, and so would an exec that gains privileges)."""
-    parent = os.getpid()
-    sandboxed = config.confinement == "sandbox"
-    hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]  # no lower limit is ever raised: that takes a capability
-    processes = config.cli_processes_max if hard == resource.RLIM_INFINITY else min(config.cli_processes_max, hard)
-
-    def preexec() -> None:
-        if sandboxed:
-            resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
-        else:
-            os.fchdir(cwd)
-        cli.become()
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # its exec gains nothing (root's would regain every capability)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the worker died before PDEATHSIG was set
-            os._exit(1)
-
-    return preexec
 
 
 def _settle(

@@ -1,0 +1,227 @@
+"""A job's CLI started by `cl-cli@`, a unit of its own (`cl.cli_start`), not by its worker: the
+worker's unit may then build no namespace and reach no network. Here the test plays
+`cl-cli.socket` (Accept=yes): each connection starts `cl-cli-starter` with it as standard input,
+as systemd does; `tests/test_systemd.py` runs the real units. The starter checks each request
+against its own configuration and refuses the rest; a CLI outlives neither its starter nor its
+worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cl import cli_start
+from cl.cli_user import CliUser
+from utils import (
+    FAKE_CLAUDE,
+    POOL,
+    DaemonProcess,
+    Layout,
+    Planted,
+    cli_socket,
+    job_view,
+    json_lines,
+    live_runs,
+    oauth_credential,
+    submit,
+    wait_until,
+    write_credential,
+)
+
+pytestmark = [
+    pytest.mark.skipif(os.getuid() != 0, reason="a user per job needs a starter that may switch users (root)"),
+    pytest.mark.as_installed,
+]
+
+MEMBER = f"{POOL}-1"
+
+
+def test_a_job_runs_in_what_the_starter_starts_and_the_worker_starts_nothing(layout: Layout, planted: Planted) -> None:
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    layout.runtime.mkdir(parents=True, exist_ok=True)
+    socket_path = layout.runtime / "starter.sock"
+    env = layout.env(CL_CLI_STARTER=str(socket_path))
+    log = layout.root / "starter.log"
+    with cli_socket(str(socket_path), env, log) as started:
+        daemon = DaemonProcess("balancer", layout, env=env).start()
+        try:
+            job = submit(layout, "hi")
+            wait_until(lambda: job_view(layout, job)["state"] == "done", "the job to finish")
+        finally:
+            daemon.stop()
+    (call,) = json_lines(layout.fakes / "fake-claude.jsonl")
+    assert pwd.getpwuid(call["uid"]).pw_name.startswith(f"{POOL}-")  # as a user of the pool, in its view
+    assert [starter.returncode for starter in started] == [0]
+    said = log.read_text()
+    assert "cli started" in said
+    assert "cli exited" in said
+
+
+@pytest.fixture
+def launch(layout: Layout) -> Iterator[cli_start.Launch]:
+    """A request as a worker would make it for job 1 (its config dir given to `MEMBER`)."""
+    member = CliUser.named(MEMBER)
+    config_dir = layout.sessions / "job-1"
+    config_dir.mkdir(parents=True)
+    os.chown(config_dir, member.uid, member.gid)
+    cwd, opened = os.open(layout.work, os.O_PATH), os.open(config_dir, os.O_PATH)
+    yield cli_start.Launch(
+        [str(FAKE_CLAUDE)], {"PATH": "/usr/bin"}, member, (cwd, str(layout.work)), (opened, str(config_dir))
+    )
+    os.close(cwd)
+    os.close(opened)
+
+
+@pytest.mark.parametrize(
+    ("asked", "refusal"),
+    [
+        ("root", "'root' is not a user of the CLI's pool"),
+        ("elsewhere", "not a config dir of"),
+        ("another directory", "not the directory the request carries"),
+        ("not adopted", f"not {MEMBER}'s own"),
+    ],
+)
+def test_the_starter_refuses_what_its_configuration_does_not_allow(
+    layout: Layout, launch: cli_start.Launch, asked: str, refusal: str
+) -> None:
+    config_dir = Path(launch.config_dir[1])
+    if asked == "root":
+        launch = cli_start.Launch(launch.command, launch.env, CliUser.named("root"), launch.cwd, launch.config_dir)
+    elif asked == "elsewhere":
+        launch = cli_start.Launch(launch.command, launch.env, launch.cli, launch.cwd, (launch.config_dir[0], "/tmp"))
+    elif asked == "another directory":
+        other = config_dir.with_name("job-2")
+        other.mkdir()
+        os.chown(other, launch.cli.uid, launch.cli.gid)
+        launch = cli_start.Launch(
+            launch.command, launch.env, launch.cli, launch.cwd, (launch.config_dir[0], str(other))
+        )
+    else:
+        os.chown(config_dir, 0, 0)
+    address = str(layout.root / "starter.sock")
+    refused = pytest.raises(cli_start.StartRefused, match=refusal)
+    with cli_socket(address, layout.env(), layout.root / "starter.log") as started, refused:
+        cli_start.by_starter(Path(address), launch)
+    assert [starter.returncode for starter in started] == [1]
+    assert json_lines(layout.fakes / "fake-claude.jsonl") == []  # nothing ran
+
+
+def test_the_starter_takes_requests_from_the_workers_user_only(layout: Layout, launch: cli_start.Launch) -> None:
+    name = f"cl-test-starter-{os.getpid()}"  # abstract: no file mode stops a connection, the starter must
+    request = json.dumps({"user": MEMBER, "cwd": launch.cwd[1], "config_dir": launch.config_dir[1]})
+    connect = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+        "s.connect('\\0' + sys.argv[1])\n"
+        "try:\n"
+        "    socket.send_fds(s, [sys.argv[2].encode()], [0, 1, 2, 0, 0])\n"
+        "    print(repr(s.recv(4096)))\n"
+        "except OSError as e:\n"
+        "    print(repr(b''), e)\n"
+    )
+    with cli_socket(f"\0{name}", layout.env(), layout.root / "starter.log") as started:
+        heard = subprocess.run(
+            ["/usr/bin/python3", "-c", connect, name, request],  # one a pool user may run
+            user=f"{POOL}-2",
+            group=POOL,
+            extra_groups=[],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+    assert heard.stdout.startswith("b''"), heard  # no answer: the connection closed
+    assert [starter.returncode for starter in started] == [2]
+    assert "cli start refused: not a worker" in (layout.root / "starter.log").read_text()
+
+
+WORKER_OF_ANOTHER_JOB = """
+import array, json, os, socket, struct, sys
+from cl.cli_user import CliUser, keep_only
+address, own, asked, request, cwd, config_dir = sys.argv[1:]
+own, asked = CliUser.named(own), CliUser.named(asked)
+keep_only(own)  # as a worker whose job has `own`: its saved uid, no capability
+fds = array.array("i", [0, 1, 2, os.open(cwd, os.O_PATH), os.open(config_dir, os.O_PATH)]).tobytes()
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(address)
+for claimed in (asked, own):
+    proof = struct.pack("3i", os.getpid(), claimed.uid, claimed.gid)
+    try:
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds), (socket.SOL_SOCKET, socket.SCM_CREDENTIALS, proof)]
+        s.sendmsg([request.encode()], ancillary)
+    except OSError as exc:
+        print(f"{claimed.name}: {exc.strerror}")
+        continue
+    print(f"{claimed.name}: {s.recv(4096).decode()}")
+"""
+
+
+def test_a_worker_starts_a_cli_as_its_own_jobs_user_only(layout: Layout, launch: cli_start.Launch) -> None:
+    """A worker (its job's user its saved uid) asking for another job's user: the kernel will not
+    let it claim that uid, and what it may claim is not the user asked for."""
+    address = str(layout.root / "starter.sock")
+    request = {"user": MEMBER, "cwd": launch.cwd[1], "config_dir": launch.config_dir[1], "command": ["true"], "env": {}}
+    args = [address, f"{POOL}-2", MEMBER, json.dumps(request), launch.cwd[1], launch.config_dir[1]]
+    with cli_socket(address, layout.env(), layout.root / "starter.log") as started:
+        heard = subprocess.run(
+            [sys.executable, "-c", WORKER_OF_ANOTHER_JOB, *args], capture_output=True, text=True, check=True, timeout=60
+        )
+    uid = pwd.getpwnam(f"{POOL}-2").pw_uid
+    assert heard.stdout.splitlines() == [
+        f"{MEMBER}: Operation not permitted",
+        f'{POOL}-2: {{"error": "a CLI starts as its worker\'s own user only: {MEMBER} asked for by uid {uid}"}}',
+    ]
+    assert [starter.returncode for starter in started] == [1]
+    assert json_lines(layout.fakes / "fake-claude.jsonl") == []
+
+
+@pytest.mark.parametrize("started_by", ["cl-cli-starter", "its worker"])
+def test_a_cli_whose_worker_is_gone_is_ended_with_all_it_started(
+    layout: Layout, planted: Planted, started_by: str
+) -> None:
+    """Whoever started it: the starter sees its worker's connection close; a worker that started
+    its CLI itself may still signal it (the kernel sends the parent-death signal with the dying
+    worker's rights)."""
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    layout.runtime.mkdir(parents=True, exist_ok=True)
+    socket_path = layout.runtime / "starter.sock"
+    hold, left = layout.fakes / "hold", layout.fakes / "left-behind.pid"
+    hold.touch()  # the CLI waits, reading nothing: its input's end would not end it
+    starter = {"CL_CLI_STARTER": str(socket_path)} if started_by == "cl-cli-starter" else {}
+    env = layout.env(**starter, FAKE_CLAUDE_HOLD=str(hold), FAKE_CLAUDE_LEAVE_BEHIND=str(left))
+    with cli_socket(str(socket_path), env, layout.root / "starter.log") as started:
+        daemon = DaemonProcess("balancer", layout, env=env).start()
+        try:
+            submit(layout, "hi")
+            wait_until(left.exists, "the CLI to start a process of its own")
+            (run,) = wait_until(lambda: live_runs(layout), "the run to be live")
+            mark = f"FAKE_CLAUDE_HOLD={hold}"  # what the CLI passes on to all it starts
+            assert running_with(mark)  # the CLI, its view and the process it left behind
+            os.kill(run.pid, signal.SIGKILL)  # the worker vanishes
+            wait_until(lambda: not running_with(mark), "the CLI and what it started to end")
+        finally:
+            daemon.stop()
+    assert [starter.returncode for starter in started] == ([0] if starter else [])
+
+
+def running_with(variable: str) -> list[int]:
+    """The live (not zombie) processes whose environment has `variable` (NAME=value) and no `CL_`
+    variable: the CLI's (the daemons and the worker have cl's configuration, the CLI never)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0") if entry.name.isdigit() else []
+            if variable.encode() in env and not any(name.startswith(b"CL_") for name in env):
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                found += [int(entry.name)] if state != "Z" else []
+        except OSError:
+            continue
+    return found
