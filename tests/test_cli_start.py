@@ -187,9 +187,8 @@ def test_a_worker_starts_a_cli_as_its_own_jobs_user_only(layout: Layout, launch:
 def test_a_cli_whose_worker_is_gone_is_ended_with_all_it_started(
     layout: Layout, planted: Planted, started_by: str
 ) -> None:
-    """Whoever started it: the starter sees its worker's connection close; a worker that started
-    its CLI itself may still signal it (the kernel sends the parent-death signal with the dying
-    worker's rights)."""
+    """Whoever started it: the starter sees its worker's connection close and ends the CLI's
+    group; a CLI its worker started itself has the worker's death for its parent-death signal."""
     write_credential(layout.credentials, "a1", oauth_credential(planted))
     layout.runtime.mkdir(parents=True, exist_ok=True)
     socket_path = layout.runtime / "starter.sock"
