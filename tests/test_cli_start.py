@@ -199,8 +199,10 @@ def test_a_cli_whose_worker_is_gone_is_ended_with_all_it_started(
     with cli_socket(str(socket_path), env, layout.root / "starter.log") as started:
         daemon = DaemonProcess("balancer", layout, env=env).start()
         try:
-            submit(layout, "hi")
+            job = submit(layout, "hi")
             wait_until(left.exists, "the CLI to start a process of its own")
+            # Its first event read: the CLI has its prompt and waits, with nothing more to write.
+            wait_until(lambda: job_view(layout, job)["session_id"], "the CLI's first event")
             (run,) = wait_until(lambda: live_runs(layout), "the run to be live")
             mark = f"FAKE_CLAUDE_HOLD={hold}"  # what the CLI passes on to all it starts
             assert running_with(mark)  # the CLI, its view and the process it left behind

@@ -133,10 +133,13 @@ def test_jobs_that_run_at_once_run_as_different_users_and_a_user_goes_back_to_th
     uids = {call["prompt"]: call["uid"] for call in calls}
     assert uids["one"] != uids["two"], calls
     # Each worker (root here) kept only the right to become its own job's user: it is its saved
-    # uid, and the worker holds no capability, no supplementary group.
+    # uid, and the worker holds no supplementary group and no capability but CAP_KILL (it starts
+    # its CLI itself: the CLI's parent-death signal goes with the worker's rights).
     assert sorted(int(worker["Uid"].split()[2]) for worker in workers) == sorted([uids["one"], uids["two"]])
+    kill_only = f"{1 << 5:016x}"
     for worker in workers:
-        assert (worker["CapPrm"], worker["CapEff"], worker["CapAmb"], worker["Groups"]) == ("0" * 16,) * 3 + ("",)
+        caps = (worker["CapPrm"], worker["CapEff"], worker["CapAmb"], worker["Groups"])
+        assert caps == (kill_only, kill_only, "0" * 16, "")
     assert uids["three"] in (uids["one"], uids["two"])  # the first free member: one the two before gave back
     for number, prompt in ((first, "one"), (second, "two"), (third, "three")):  # each job's files are its user's
         assert (layout.sessions / f"job-{number}").stat().st_uid == uids[prompt]

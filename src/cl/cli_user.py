@@ -33,7 +33,7 @@ from pathlib import Path
 from cl.config import Config
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_CAP_SETGID, _CAP_SETUID = 6, 7
+_CAP_KILL, _CAP_SETGID, _CAP_SETUID = 5, 6, 7
 _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _CAPABILITY_VERSION_3 = 0x20080522
 
@@ -96,17 +96,19 @@ class CliUser:
         drop_capabilities()
 
 
-def keep_only(user: CliUser) -> None:
+def keep_only(user: CliUser, *, signals: bool = False) -> None:
     """From now on this process may become `user` and nothing else: `user` is its saved user
     and group, it has no supplementary group and no capability. A long-lived worker keeps
     CAP_SETUID only until its job's user is chosen and given the job's config dir: what
-    `acting` and `become` do later (to its saved ids) needs no privilege."""
+    `acting` and `become` do later (to its saved ids) needs no privilege. With `signals` it keeps
+    CAP_KILL, if it has it: a worker that starts its CLI itself must still be able to signal it,
+    for the kernel sends the CLI its parent-death signal with the dying worker's rights."""
     if not user.separate:
         return
     os.setgroups([])
     os.setresgid(-1, -1, user.gid)
     os.setresuid(-1, -1, user.uid)
-    drop_capabilities()
+    drop_capabilities(keep=_CAP_KILL if signals else None)
 
 
 def members(pool: str, size: int) -> list[str]:
@@ -229,9 +231,11 @@ def _set_fs_ids(uid: int, gid: int) -> None:
         raise PermissionError(f"cannot act as uid {uid}, gid {gid} (setfsuid)")
 
 
-def drop_capabilities() -> None:
+def drop_capabilities(keep: int | None = None) -> None:
+    """Every capability gone, ambient ones included, but `keep` (its number) if this process has it."""
+    kept = 1 << keep if keep is not None and _capabilities("CapPrm") >> keep & 1 else 0
     _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     header = ctypes.create_string_buffer(struct.pack("=Ii", _CAPABILITY_VERSION_3, 0))
-    data = ctypes.create_string_buffer(bytes(24))  # effective, permitted, inheritable: all empty
+    data = ctypes.create_string_buffer(struct.pack("=6I", kept, kept, 0, 0, 0, 0))  # effective, permitted, inheritable
     if _libc.capset(header, data) != 0:
         raise OSError(ctypes.get_errno(), "capset failed: the CLI would keep capabilities")

@@ -208,7 +208,7 @@ def _claimed(config: Config, store: Store, job: Job, run: Run, leased: Lease) ->
     try:
         slot = _cli_user(config, config_dir, bound)
         credential = _ready_config_dir(config, job.id, slot.user, first=store.previous_account(run.id) is None)
-        cli_user.keep_only(slot.user)
+        cli_user.keep_only(slot.user, signals=config.cli_starter is None)  # else the starter's to do
     except (CliUserError, sandbox.SandboxUnavailable, OSError) as exc:
         _refused(store, run, f"cannot ready the session's CLI: {_reason(exc)}", bound)
         return run
