@@ -87,6 +87,9 @@ class Outcome:
     cold_per_move: float
     first_wait_hours: float | None
     turns_before_wait: int
+    unused_at_resets: int
+    """Units of 7-day budget an account still had when its week reset, before the first wait: what
+    no policy can use later, so the most any policy could have added before that wait."""
 
 
 def simulate(policy: str, five_hour: float, root: Path) -> Outcome:
@@ -111,8 +114,11 @@ def simulate(policy: str, five_hour: float, root: Path) -> Outcome:
     with contextlib.ExitStack() as stack:
         api = stack.enter_context(fake_api_running(root, *args, "--latency", str(LATENCY)))
         tokens = {name: account(layout, planted, name) for name in ACCOUNTS}
+        resets: dict[str, float] = {}  # each account's (its token's tail's) 7-day reset
         for i, name in enumerate(ACCOUNTS):
-            api.post("/_fake/budget", {"key": tokens[name], "elapsed": {"seven_day": week * (i + 0.5) / len(ACCOUNTS)}})
+            elapsed = week * (i + 0.5) / len(ACCOUNTS)
+            api.post("/_fake/budget", {"key": tokens[name], "elapsed": {"seven_day": elapsed}})
+            resets[tokens[name][-6:]] = time.time() - elapsed + week
         gateway = stack.enter_context(running(layout, api, **env))
         if (pause_at := PAUSE_AT.get(policy)) is not None:  # every account the balancer has
             for listed in gateway.balancer.request({"request": "accounts"})["accounts"]:
@@ -120,7 +126,7 @@ def simulate(policy: str, five_hour: float, root: Path) -> Outcome:
         start = time.time()
         drive(layout, start + week)
         counters = gateway.gateway.request({"request": "metrics"})["counters"]
-    return measured(layout, api, start, five_hour, counters)
+    return measured(layout, api, start, five_hour, counters, resets=Resets(resets, budget7))
 
 
 def drive(layout: Layout, until: float) -> None:
@@ -144,11 +150,31 @@ def drive(layout: Layout, until: float) -> None:
         store.close()
 
 
-def measured(layout: Layout, api: FakeApi, start: float, five_hour: float, counters: dict[str, int]) -> Outcome:
+@dataclasses.dataclass(frozen=True)
+class Resets:
+    at: dict[str, float]
+    """When each account's 7-day window resets, by its token's tail (the fake API's log names it so)."""
+    budget: int
+    """Units of one 7-day window."""
+
+    def unused_before(self, requests: list[dict[str, Any]], until: float | None) -> int:
+        """Units left in the windows that reset before `until` (None: the week's end), at their reset."""
+        return sum(
+            max(0, self.budget - sum(1 for r in requests if r["cred_tail"] == tail and r["t"] < at and r["answered"]))
+            for tail, at in self.at.items()
+            if until is None or at < until
+        )
+
+
+def measured(
+    layout: Layout, api: FakeApi, start: float, five_hour: float, counters: dict[str, int], *, resets: Resets
+) -> Outcome:
     """The week's figures, from the fake API's log, the store and the gateway's counters."""
     hours = 5 / five_hour
-    requests = [r for r in json_lines(api.log) if "cold" in r]
-    answered = [r["t"] for r in requests if not r["walled"]]
+    requests = [r for r in json_lines(api.log) if "cold" in r and not r["probe"]]  # quota checks are not turns
+    for r in requests:
+        r["answered"] = not r["walled"]
+    answered = [r["t"] for r in requests if r["answered"]]
     store = Store(layout.database)
     try:
         with store.transaction(write=False) as db:
@@ -187,6 +213,7 @@ def measured(layout: Layout, api: FakeApi, start: float, five_hour: float, count
         cold_per_move=cold / len(moves) if moves else 0.0,
         first_wait_hours=(first - start) * hours if first is not None else None,
         turns_before_wait=sum(1 for t in answered if first is None or t < first),
+        unused_at_resets=resets.unused_before(requests, first),
     )
 
 
@@ -222,6 +249,10 @@ def main() -> None:
         print(f"goals for pace: 429s seen with room {pace.visible_with_room} (goal 0);"
               f" turns before the first wait {gain:+.0f}% against the best peer (goal +15%);"
               f" cold-cache requests per move {pace.cold_per_move:.2f} (goal <= 1)")  # fmt: skip
+    if (headroom := median(outcomes["headroom"]) if "headroom" in outcomes else None) and headroom.turns_before_wait:
+        most = headroom.unused_at_resets / headroom.turns_before_wait * 100
+        print(f"the most any policy could add to headroom's turns before its first wait here: +{most:.0f}%"
+              f" ({headroom.unused_at_resets} units of weekly budget it left unused at resets before it)")  # fmt: skip
     if args.json:
         figures = {policy: [dataclasses.asdict(week) for week in weeks] for policy, weeks in outcomes.items()}
         args.json.write_text(json.dumps(figures, indent=2))
@@ -239,6 +270,7 @@ def said(week: Outcome) -> str:
         f"  waited {week.waited_hours:7.1f} h  moves {week.moves_in_flight:4} at walls + {week.early_moves:4} early"
         f"  cold {week.cold_tokens:6} tokens ({week.cold_per_move:.2f}/move)"
         f"  first wait {first:>8}, {week.turns_before_wait:6} turns before it"
+        f"  ({week.unused_at_resets} units unused at resets before it)"
     )
 
 

@@ -65,6 +65,49 @@ def test_a_job_runs_in_what_the_starter_starts_and_the_worker_starts_nothing(lay
     assert "cli exited" in said
 
 
+def test_the_starter_checks_the_network_where_the_cli_would_run(layout: Layout, planted: Planted) -> None:
+    """`cli_network = "filtered"` where nothing narrows the starter's network (no cl-cli@ unit, as
+    here): the starter refuses, the job fails with its reason, no CLI runs."""
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    layout.runtime.mkdir(parents=True, exist_ok=True)
+    socket_path = layout.runtime / "starter.sock"
+    env = layout.env(CL_CLI_STARTER=str(socket_path), CL_CLI_NETWORK="filtered")
+    with cli_socket(str(socket_path), env, layout.root / "starter.log") as started:
+        daemon = DaemonProcess("balancer", layout, env=env).start()
+        try:
+            job = submit(layout, "hi")
+            wait_until(lambda: job_view(layout, job)["state"] == "failed", "the job to fail")
+            error = str(job_view(layout, job)["error"])
+        finally:
+            daemon.stop()
+    assert "cli_network = 'filtered', but loopback is reachable from here" in error
+    assert [starter.returncode for starter in started] == [1]
+    assert json_lines(layout.fakes / "fake-claude.jsonl") == []
+
+
+def test_a_worker_that_ends_before_its_cli_starts_leaves_its_starter_quiet(layout: Layout, planted: Planted) -> None:
+    """The worker connects to its starter as it begins (the starter readies itself meanwhile); a
+    run refused before its CLI starts (its cwd swapped for a link) just closes the connection."""
+    layout.runtime.mkdir(parents=True, exist_ok=True)
+    socket_path = layout.runtime / "starter.sock"
+    env = layout.env(CL_CLI_STARTER=str(socket_path))
+    log = layout.root / "starter.log"
+    with cli_socket(str(socket_path), env, log) as started:
+        daemon = DaemonProcess("balancer", layout, env=env).start()
+        try:
+            job = submit(layout, "hi")  # no account yet: it waits in the queue
+            layout.work.rename(layout.root / "work-was")
+            layout.work.symlink_to(layout.root / "work-was")
+            write_credential(layout.credentials, "a1", oauth_credential(planted))
+            wait_until(lambda: job_view(layout, job)["state"] == "failed", "the job to fail")
+            error = str(job_view(layout, job)["error"])
+        finally:
+            daemon.stop()
+    assert "it now resolves to" in error
+    assert [starter.returncode for starter in started] == [0]
+    assert log.read_text() == ""
+
+
 @pytest.fixture
 def launch(layout: Layout) -> Iterator[cli_start.Launch]:
     """A request as a worker would make it for job 1 (its config dir given to `MEMBER`)."""

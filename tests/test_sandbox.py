@@ -283,7 +283,7 @@ def test_with_a_network_of_its_own_the_cli_reaches_the_gateway_and_no_other_loop
 
 
 def test_a_network_said_to_be_filtered_that_is_not_runs_no_cli(layout: Layout, planted: Planted) -> None:
-    """`cli_network = "filtered"` (the default) where nothing narrows the network (no cl-worker@
+    """`cli_network = "filtered"` (the default) where nothing narrows the network (no cl-cli@
     unit, as here; or cgroups where systemd cannot apply IPAddressDeny=): the run fails with the
     reason, and no CLI starts. Fails closed, whatever the sandbox."""
     error, _daemon = failed_job(layout, planted, CL_CLI_NETWORK="filtered")

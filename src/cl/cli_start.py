@@ -86,11 +86,28 @@ class Launch:
     """The session's lock and the pool member's: the CLI and all it starts inherit them."""
 
 
-def start(config: Config, launch: Launch) -> Process:
-    """The CLI started the configured way. Raises StartRefused, OSError or SubprocessError."""
+def start(config: Config, launch: Launch, connected: socket.socket | None = None) -> Process:
+    """The CLI started the configured way (`connected`: to its starter, by `connect`). Raises
+    StartRefused, OSError or SubprocessError."""
     if config.cli_starter is not None and config.confinement == "sandbox":
-        return by_starter(config.cli_starter, launch)
+        return by_starter(config.cli_starter, launch, connected)
     return here(config, launch)
+
+
+def connect(config: Config) -> socket.socket | None:
+    """A connection to the CLI's starter, if one starts it, made ahead of the start: a `cl-cli@`
+    unit's fresh interpreter gets ready while the worker readies its job. None if there is none
+    (or it cannot be reached now: the start tries again, and says why it cannot)."""
+    if config.cli_starter is None or config.confinement != "sandbox":
+        return None
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        conn.settimeout(START_TIMEOUT)
+        conn.connect(str(config.cli_starter))
+    except OSError:
+        conn.close()
+        return None
+    return conn
 
 
 def here(config: Config, launch: Launch, streams: Sequence[int] = ()) -> subprocess.Popen[bytes]:
@@ -167,12 +184,13 @@ def _preexec(cli: CliUser, cwd: int, config: Config) -> Callable[[], None]:
 # The worker's side of cl-cli@.
 
 
-def by_starter(path: Path, launch: Launch) -> Started:
-    """The CLI started by a `cl-cli@` unit (its socket at `path`), on pipes to this process."""
+def by_starter(path: Path, launch: Launch, connected: socket.socket | None = None) -> Started:
+    """The CLI started by a `cl-cli@` unit (its socket at `path`, or `connected` to it already),
+    on pipes to this process."""
     pipes = [os.pipe() for _ in range(3)]
     theirs = [pipes[0][0], pipes[1][1], pipes[2][1]]
     ours = [pipes[0][1], pipes[1][0], pipes[2][0]]
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    conn = connected or socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     request = {
         "user": launch.cli.name,
         "cwd": launch.cwd[1],
@@ -182,7 +200,8 @@ def by_starter(path: Path, launch: Launch) -> Started:
     }
     try:
         conn.settimeout(START_TIMEOUT)
-        conn.connect(str(path))
+        if connected is None:
+            conn.connect(str(path))
         fds = [*theirs, launch.cwd[0], launch.config_dir[0], *launch.holds]
         as_member = struct.pack("3i", os.getpid(), launch.cli.uid, launch.cli.gid)  # our saved ids: the kernel checks
         ancillary = [

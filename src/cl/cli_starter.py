@@ -47,6 +47,8 @@ def serve(conn: socket.socket, config: Config) -> int:
     fds: list[int] = []
     try:
         data, fds, sender, flags = _receive(conn)
+        if not data and not fds:
+            return 0  # the worker ended before it had a CLI to start (a run not its own, a refusal)
         launch, streams = _request(config, data, fds, flags, sender)
         process = here(config, launch, streams)
     except (StartRefused, CliUserError, OSError, ValueError, subprocess.SubprocessError) as exc:

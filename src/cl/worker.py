@@ -175,9 +175,16 @@ def claude_argv(config: Config, job: Job, resume: str | None) -> list[str]:
     return argv + list(config.claude_args)
 
 
-def work(config: Config, store: Store, run_id: int, renew: Callable[[int, float], Renewal]) -> Run | None:
+def work(
+    config: Config,
+    store: Store,
+    run_id: int,
+    renew: Callable[[int, float], Renewal],
+    starter: socket.socket | None = None,
+) -> Run | None:
     """Claim and execute one run, and the live moves handed to it; the last run, or None if the
-    first was not ours to run. Its lease is renewed with `renew` from the claim on."""
+    first was not ours to run. Its lease is renewed with `renew` from the claim on. `starter`: a
+    connection to the CLI's starter, made early (`cli_start.connect`), for its first start."""
     run = store.get_run(run_id)
     job = store.get_job(run.job_id) if run else None
     if run is None or job is None:
@@ -193,12 +200,12 @@ def work(config: Config, store: Store, run_id: int, renew: Callable[[int, float]
     run, leased = claimed, Lease(renew, config.run_lease, claimed.id)
     leased.start()
     try:
-        return _claimed(config, store, job, run, leased)
+        return _claimed(config, store, job, run, leased, starter=starter)
     finally:
         leased.end()
 
 
-def _claimed(config: Config, store: Store, job: Job, run: Run, leased: Lease) -> Run:
+def _claimed(config: Config, store: Store, job: Job, run: Run, leased: Lease, *, starter: socket.socket | None) -> Run:
     bound = log.bind(job=job.id, run=run.id, account=run.account)
     if (lock := _hold_session(config, job.id, bound)) is None:
         reason = f"the session's previous process still runs after {config.session_lock_wait:g} s (it holds its lock)"
@@ -214,7 +221,7 @@ def _claimed(config: Config, store: Store, job: Job, run: Run, leased: Lease) ->
         return run
     locks = (lock, *slot.fds)
     output = Output(log_path(config, job.id, run.id))
-    session = _Session(config, store, job, slot.user, credential, locks, run, output, leased)
+    session = _Session(config, store, job, slot.user, credential, locks, run, output, leased, starter=starter)
     signal.signal(signal.SIGUSR1, lambda _signum, _frame: session.events.put(Event.WAKE))
     signal.signal(signal.SIGTERM, _on_terminate(session))
     try:
@@ -249,6 +256,9 @@ class _Session:
     output: Output
     lease: Lease
     process: CliProcess | None = None
+    starter: socket.socket | None = None
+    """A connection to the CLI's starter made when the worker began, for the first start: the
+    starter readies itself while the worker claims its run and readies the session."""
     cwd: int | None = None
     """The job's directory, opened once (no symlink followed) and kept for every start of its CLI."""
     oauth: bool = False
@@ -432,8 +442,9 @@ def _start(session: _Session, account: Account | None) -> bool:
             (opened, str(config_dir)),
             session.locks,
         )
+        connected, session.starter = session.starter, None
         process = CliProcess(
-            cli_start.start(config, launch),
+            cli_start.start(config, launch, connected),
             cli=cli,
             events=session.events,
             output=session.output,
@@ -914,8 +925,9 @@ def run(run_id: int) -> int:
     """Be the worker for `run_id`, configured from the environment; the exit code."""
     if (config := logs.start_process("worker")) is None:
         return 2
+    starter = cli_start.connect(config)  # first: the starter readies itself meanwhile
     store, lock = patiently(Store, config.database, config.store_busy_timeout), threading.RLock()
-    last = work(config, Patient.of(store, lock), run_id, renewing(store, lock))
+    last = work(config, Patient.of(store, lock), run_id, renewing(store, lock), starter)
     with lock:
         store.close()
     tell_daemons(config, last.id if last else run_id, "ended")

@@ -290,11 +290,12 @@ class Handler(BaseHTTPRequestHandler):
         assert self.server.budgets is not None
         now = time.time()
         with self.server.lock:
-            spent, windows = self.server.budgets.charge(credential, now, 0 if body.get("max_tokens") == 1 else 1)
+            probe = body.get("max_tokens") == 1  # the CLI's own quota check: it costs nothing
+            spent, windows = self.server.budgets.charge(credential, now, 0 if probe else 1)
             room = self.server.budgets.room(now)
             cold = (credential, self.headers.get("x-claude-code-session-id") or "") not in self.server.cached
         self.server.record({"t": now, "cred_tail": credential[-6:], "walled": spent is not None, "cold": cold,
-                            "room": room})  # fmt: skip
+                            "room": room, "probe": probe})  # fmt: skip
         headers = Budgets.headers(windows, spent)
         if spent is not None:
             error = {"type": "error", "error": {"type": "rate_limit_error", "message": "fake usage wall"}}
