@@ -88,8 +88,8 @@ class Outcome:
     first_wait_hours: float | None
     turns_before_wait: int
     unused_at_resets: int
-    """Units of 7-day budget an account still had when its week reset, before the first wait: what
-    no policy can use later, so the most any policy could have added before that wait."""
+    """Units of 7-day budget the accounts still had when their weeks reset, before the first wait:
+    lost for good, what using the soonest reset first could have added by then."""
 
 
 def simulate(policy: str, five_hour: float, root: Path) -> Outcome:
@@ -251,8 +251,9 @@ def main() -> None:
               f" cold-cache requests per move {pace.cold_per_move:.2f} (goal <= 1)")  # fmt: skip
     if (headroom := median(outcomes["headroom"]) if "headroom" in outcomes else None) and headroom.turns_before_wait:
         most = headroom.unused_at_resets / headroom.turns_before_wait * 100
-        print(f"the most any policy could add to headroom's turns before its first wait here: +{most:.0f}%"
-              f" ({headroom.unused_at_resets} units of weekly budget it left unused at resets before it)")  # fmt: skip
+        unused = headroom.unused_at_resets
+        print(f"headroom left {unused} units of weekly budget unused at resets before its first wait:"
+              f" +{most:.0f}% of its turns before it, what using the soonest reset first could add")  # fmt: skip
     if args.json:
         figures = {policy: [dataclasses.asdict(week) for week in weeks] for policy, weeks in outcomes.items()}
         args.json.write_text(json.dumps(figures, indent=2))
