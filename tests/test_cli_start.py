@@ -7,6 +7,7 @@ worker."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -44,19 +45,28 @@ pytestmark = [
 MEMBER = f"{POOL}-1"
 
 
-def test_a_job_runs_in_what_the_starter_starts_and_the_worker_starts_nothing(layout: Layout, planted: Planted) -> None:
-    write_credential(layout.credentials, "a1", oauth_credential(planted))
+@contextlib.contextmanager
+def balancer(
+    layout: Layout, *, starter: bool = True, **env: str
+) -> Iterator[tuple[list[subprocess.Popen[bytes]], Path]]:
+    """A balancer whose workers' CLIs are started by `cl-cli-starter` (`cli_socket`; with `starter`
+    false, by the workers themselves), with these settings: the starters and their log."""
     layout.runtime.mkdir(parents=True, exist_ok=True)
-    socket_path = layout.runtime / "starter.sock"
-    env = layout.env(CL_CLI_STARTER=str(socket_path))
-    log = layout.root / "starter.log"
-    with cli_socket(str(socket_path), env, log) as started:
-        daemon = DaemonProcess("balancer", layout, env=env).start()
+    socket_path, log = layout.runtime / "starter.sock", layout.root / "starter.log"
+    settings = layout.env(**({"CL_CLI_STARTER": str(socket_path)} if starter else {}), **env)
+    with cli_socket(str(socket_path), settings, log) as started:
+        daemon = DaemonProcess("balancer", layout, env=settings).start()
         try:
-            job = submit(layout, "hi")
-            wait_until(lambda: job_view(layout, job)["state"] == "done", "the job to finish")
+            yield started, log
         finally:
             daemon.stop()
+
+
+def test_a_job_runs_in_what_the_starter_starts_and_the_worker_starts_nothing(layout: Layout, planted: Planted) -> None:
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    with balancer(layout) as (started, log):
+        job = submit(layout, "hi")
+        wait_until(lambda: job_view(layout, job)["state"] == "done", "the job to finish")
     (call,) = json_lines(layout.fakes / "fake-claude.jsonl")
     assert pwd.getpwuid(call["uid"]).pw_name.startswith(f"{POOL}-")  # as a user of the pool, in its view
     assert [starter.returncode for starter in started] == [0]
@@ -69,17 +79,10 @@ def test_the_starter_checks_the_network_where_the_cli_would_run(layout: Layout, 
     """`cli_network = "filtered"` where nothing narrows the starter's network (no cl-cli@ unit, as
     here): the starter refuses, the job fails with its reason, no CLI runs."""
     write_credential(layout.credentials, "a1", oauth_credential(planted))
-    layout.runtime.mkdir(parents=True, exist_ok=True)
-    socket_path = layout.runtime / "starter.sock"
-    env = layout.env(CL_CLI_STARTER=str(socket_path), CL_CLI_NETWORK="filtered")
-    with cli_socket(str(socket_path), env, layout.root / "starter.log") as started:
-        daemon = DaemonProcess("balancer", layout, env=env).start()
-        try:
-            job = submit(layout, "hi")
-            wait_until(lambda: job_view(layout, job)["state"] == "failed", "the job to fail")
-            error = str(job_view(layout, job)["error"])
-        finally:
-            daemon.stop()
+    with balancer(layout, CL_CLI_NETWORK="filtered") as (started, _log):
+        job = submit(layout, "hi")
+        wait_until(lambda: job_view(layout, job)["state"] == "failed", "the job to fail")
+        error = str(job_view(layout, job)["error"])
     assert "cli_network = 'filtered', but loopback is reachable from here" in error
     assert [starter.returncode for starter in started] == [1]
     assert json_lines(layout.fakes / "fake-claude.jsonl") == []
@@ -88,21 +91,13 @@ def test_the_starter_checks_the_network_where_the_cli_would_run(layout: Layout, 
 def test_a_worker_that_ends_before_its_cli_starts_leaves_its_starter_quiet(layout: Layout, planted: Planted) -> None:
     """The worker connects to its starter as it begins (the starter readies itself meanwhile); a
     run refused before its CLI starts (its cwd swapped for a link) just closes the connection."""
-    layout.runtime.mkdir(parents=True, exist_ok=True)
-    socket_path = layout.runtime / "starter.sock"
-    env = layout.env(CL_CLI_STARTER=str(socket_path))
-    log = layout.root / "starter.log"
-    with cli_socket(str(socket_path), env, log) as started:
-        daemon = DaemonProcess("balancer", layout, env=env).start()
-        try:
-            job = submit(layout, "hi")  # no account yet: it waits in the queue
-            layout.work.rename(layout.root / "work-was")
-            layout.work.symlink_to(layout.root / "work-was")
-            write_credential(layout.credentials, "a1", oauth_credential(planted))
-            wait_until(lambda: job_view(layout, job)["state"] == "failed", "the job to fail")
-            error = str(job_view(layout, job)["error"])
-        finally:
-            daemon.stop()
+    with balancer(layout) as (started, log):
+        job = submit(layout, "hi")  # no account yet: it waits in the queue
+        layout.work.rename(layout.root / "work-was")
+        layout.work.symlink_to(layout.root / "work-was")
+        write_credential(layout.credentials, "a1", oauth_credential(planted))
+        wait_until(lambda: job_view(layout, job)["state"] == "failed", "the job to fail")
+        error = str(job_view(layout, job)["error"])
     assert "it now resolves to" in error
     assert [starter.returncode for starter in started] == [0]
     assert log.read_text() == ""
@@ -233,27 +228,62 @@ def test_a_cli_whose_worker_is_gone_is_ended_with_all_it_started(
     """Whoever started it: the starter sees its worker's connection close and ends the CLI's
     group; a CLI its worker started itself has the worker's death for its parent-death signal."""
     write_credential(layout.credentials, "a1", oauth_credential(planted))
-    layout.runtime.mkdir(parents=True, exist_ok=True)
-    socket_path = layout.runtime / "starter.sock"
     hold, left = layout.fakes / "hold", layout.fakes / "left-behind.pid"
     hold.touch()  # the CLI waits, reading nothing: its input's end would not end it
-    starter = {"CL_CLI_STARTER": str(socket_path)} if started_by == "cl-cli-starter" else {}
-    env = layout.env(**starter, FAKE_CLAUDE_HOLD=str(hold), FAKE_CLAUDE_LEAVE_BEHIND=str(left))
-    with cli_socket(str(socket_path), env, layout.root / "starter.log") as started:
-        daemon = DaemonProcess("balancer", layout, env=env).start()
-        try:
-            job = submit(layout, "hi")
-            wait_until(left.exists, "the CLI to start a process of its own")
-            # Its first event read: the CLI has its prompt and waits, with nothing more to write.
-            wait_until(lambda: job_view(layout, job)["session_id"], "the CLI's first event")
-            (run,) = wait_until(lambda: live_runs(layout), "the run to be live")
-            mark = f"FAKE_CLAUDE_HOLD={hold}"  # what the CLI passes on to all it starts
-            assert running_with(mark)  # the CLI, its view and the process it left behind
-            os.kill(run.pid, signal.SIGKILL)  # the worker vanishes
-            wait_until(lambda: not running_with(mark), "the CLI and what it started to end")
-        finally:
-            daemon.stop()
-    assert [starter.returncode for starter in started] == ([0] if starter else [])
+    by_starter = started_by == "cl-cli-starter"
+    held = {"FAKE_CLAUDE_HOLD": str(hold), "FAKE_CLAUDE_LEAVE_BEHIND": str(left)}
+    with balancer(layout, starter=by_starter, **held) as (started, _log):
+        job = submit(layout, "hi")
+        wait_until(left.exists, "the CLI to start a process of its own")
+        # Its first event read: the CLI has its prompt and waits, with nothing more to write.
+        wait_until(lambda: job_view(layout, job)["session_id"], "the CLI's first event")
+        (run,) = wait_until(lambda: live_runs(layout), "the run to be live")
+        mark = f"FAKE_CLAUDE_HOLD={hold}"  # what the CLI passes on to all it starts
+        assert running_with(mark)  # the CLI, its view and the process it left behind
+        os.kill(run.pid, signal.SIGKILL)  # the worker vanishes
+        wait_until(lambda: not running_with(mark), "the CLI and what it started to end")
+    assert [starter.returncode for starter in started] == ([0] if by_starter else [])
+
+
+ORPHANED = """
+import os, signal, subprocess, sys
+from cl import cli_start
+from cl.cli_user import CliUser, keep_only
+from cl.config import load_config
+user = CliUser.named(sys.argv[1])
+keep_only(user, signals=sys.argv[2] == "keeps CAP_KILL")  # as a worker, once its job's user is chosen
+preexec = cli_start._preexec(user, os.open("/", os.O_PATH), load_config({}))  # as it starts its CLI
+quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+cli = subprocess.Popen(["sleep", "300"], **quiet, preexec_fn=preexec, start_new_session=True)
+print(cli.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("worker", ["keeps CAP_KILL", "keeps nothing"])
+def test_a_worker_that_dies_takes_its_cli_along_only_if_it_may_signal_it(worker: str) -> None:
+    """The kernel sends a CLI its parent-death signal with the dying worker's rights: a worker
+    whose real and effective uid are not the CLI's user (root without capabilities, or cl) may
+    not signal it without CAP_KILL, and its CLI would outlive it."""
+    orphaning = [sys.executable, "-c", ORPHANED, MEMBER, worker]
+    done = subprocess.run(orphaning, capture_output=True, text=True, timeout=60, check=False)
+    cli = int(done.stdout)
+    try:
+        if worker == "keeps CAP_KILL":
+            wait_until(lambda: state(cli) in ("Z", None), "the CLI to die with its worker")
+        else:
+            assert state(cli) == "S"  # outlived it
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(cli, signal.SIGKILL)
+
+
+def state(pid: int) -> str | None:
+    """The process's state letter (`Z`: dead, not reaped), None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
 
 
 def running_with(variable: str) -> list[int]:
