@@ -536,13 +536,18 @@ def _models_wait_for(accounts: list[dict[str, Any]], jobs: list[dict[str, Any]])
     wanted = collections.Counter(job["model"] for job in jobs if job["state"] == "queued" and job.get("model"))
     for model, count in sorted(wanted.items()):
         open_to = [a for a in accounts if a["state"] in ("ok", "probation")]
-        settings = {a["name"]: (a.get("settings") or {}).get("models") for a in open_to}
-        serving = [a for a in open_to if AccountSettings(a["name"], models=settings[a["name"]]).serves(model)]
+        serving = [a for a in open_to if AccountSettings(a["name"], models=_models(a)).serves(model)]
         if not serving:
             said.append(f"{count} for {model}: no account serves {model} (cl accounts set NAME models=...)")
         elif all(family(model) in (a.get("model_walls") or {}) for a in serving):
             said.append(f"{count} for {model}: its window is walled on every account that serves it")
     return "".join(f"; {line}" for line in said)
+
+
+def _models(account: dict[str, Any]) -> tuple[str, ...] | None:
+    """The models an account as `status` shows it may serve (None: any)."""
+    models = (account.get("settings") or {}).get("models")
+    return None if models is None else tuple(models)
 
 
 def _when(iso: str, now: float) -> str:
