@@ -6,9 +6,12 @@ worktree; each round runs N jobs one after another on this tree's daemons, then 
 on a fresh root. A job's figure is from its run's claim (the ledger's `run started`) to the fake
 CLI's first line of work (its own interpreter start included, the same on both sides). This tree
 runs its CLIs sandboxed (a pool user, a bubblewrap view); REV runs them as it did. With
-`--starter`, this tree's CLIs are started as under systemd, each by a `cl-cli-starter` of its own
-behind a socket (`cl-cli.socket`, played as the tests play it; systemd's own start of the unit is
-not in the figure).
+`--starter`, the jobs run as under systemd: on both sides each worker is a fresh `cl-worker
+--from-socket` behind a socket (`cl-worker.socket`), and this tree's CLIs are started each by a
+`cl-cli-starter` of its own behind another (`cl-cli.socket`); both sockets are played as the tests
+play them, so systemd's own start of a unit is not in the figure. With `--systemd`, each side runs
+its own units and wheel under a real systemd 252 (PID 1 in a box, each tree's `tests/sdbox.py`),
+as `systemctl enable --now cl-balancer` would: systemd's unit starts are in the figure.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import contextlib
 import functools
 import grp
+import importlib.util
 import json
 import os
 import subprocess
@@ -28,10 +32,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from run import BIN, populate, spread, wait_for
+import sdbox
+from run import BIN, CREDENTIAL, populate, spread, wait_for
 
 from cl.client import call
-from utils import cli_socket
+from utils import cli_socket, worker_socket
 
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
@@ -39,9 +44,9 @@ FAKE_CLAUDE = PROJECT / "tests" / "fakes" / "claude"
 BEFORE_THE_SANDBOX = "1d8a64d"
 
 
-def claim_to_running(tree: Path, root: Path, jobs: int, *, starter: bool = False) -> list[float]:
-    """`jobs` jobs, one at a time, on the daemons of `tree`'s source, on `root` (`starter`: each CLI
-    started by a `cl-cli-starter`)."""
+def claim_to_running(tree: Path, root: Path, jobs: int, *, systemd: bool = False, starter: bool = False) -> list[float]:
+    """`jobs` jobs, one at a time, on the daemons of `tree`'s source, on `root` (`systemd`: each
+    worker behind a played `cl-worker.socket`; `starter`: each CLI started by a `cl-cli-starter`)."""
     populate(root / "claude", 2)
     work, fakes = root / "work", root / "fake"
     for directory in (work, fakes):
@@ -68,10 +73,12 @@ def claim_to_running(tree: Path, root: Path, jobs: int, *, starter: bool = False
         env |= {"CL_CONFINEMENT": "sandbox", "CL_CLI_READABLE": str(FAKE_CLAUDE.parent), "CL_CLI_ENV_KEEP": "FAKE_*"}
         env |= {"CL_CLI_NETWORK": "host"} if "cli_network" in (tree / "src" / "cl" / "config.py").read_text() else {}
     else:  # one before it: its own user, cl-cli, and Landlock
-        env |= {"CL_CLI_USER": "cl-cli"}
+        env |= {"CL_CLI_USER": "cl-cli-16"}  # a user of its own: the pool's last, which this tree leaves alone here
     with contextlib.ExitStack() as stack:
+        (root / "run").mkdir(mode=0o755)
+        if systemd:
+            stack.enter_context(worker_socket(str(root / "run" / "worker.sock"), env, root / "workers.log"))
         if starter:
-            (root / "run").mkdir(mode=0o755)
             env["CL_CLI_STARTER"] = str(root / "run" / "starter.sock")
             stack.enter_context(cli_socket(env["CL_CLI_STARTER"], env, root / "starter.log"))
         submit_one_by_one(env, root, work, log, jobs)
@@ -97,6 +104,35 @@ def submit_one_by_one(env: dict[str, str], root: Path, work: Path, log: Path, jo
     finally:
         balancer.terminate()
         balancer.wait(30)
+
+
+def under_systemd(tree: Path, root: Path, jobs: int) -> list[float]:
+    """`jobs` jobs, one at a time, on `tree`'s units and wheel in a booted systemd, set up by
+    `tree`'s own `tests/sdbox.py` (its units' and configuration's own way)."""
+    spec = importlib.util.spec_from_file_location(f"sdbox_{abs(hash(tree))}", tree / "tests" / "sdbox.py")
+    assert spec is not None
+    assert spec.loader is not None
+    box_of_tree = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(box_of_tree)
+    vars(box_of_tree)["SDBOX"] = sdbox.SDBOX  # the box tool beside this tree, wherever `tree` is checked out
+    with box_of_tree.booted(root, f"clbench{os.getpid()}") as box:
+        box_of_tree.with_fake_cli(box, FAKE_CLAUDE_LOG="/srv/fake/fake-claude.jsonl")
+        box("systemctl", "enable", "--now", "cl-balancer.service")
+        for i in range(2):
+            box_of_tree.drop_credential(box, root / "claude", f"a{i}", CREDENTIAL)
+        wait_for(lambda: "a1" in box("/opt/cl/bin/cl", "status", check=False).stdout, "the accounts to show")
+        log = root / "fake" / "fake-claude.jsonl"
+        for i in range(jobs):
+            box_of_tree.submit(box, "/srv/work", f"p{i}")
+            wait_for(functools.partial(started, log, i + 1), f"job {i}'s CLI to run")
+            time.sleep(0.05)  # its worker settles before the next claim
+        script = (
+            "import json, pathlib; from cl.store import Store; s = Store(pathlib.Path('/var/lib/cl/cl.db'));"
+            " print(json.dumps([e['at'] for e in s.ledger(1_000_000) if e['event'] == 'run started']))"
+        )
+        claimed = json.loads(box("/opt/cl/bin/python", "-c", script).stdout)
+    running = [json.loads(line)["t"] for line in log.read_text().splitlines()]
+    return [start - claim for claim, start in zip(claimed, running, strict=True)]
 
 
 def ledger_claims(tree: Path, database: Path) -> list[float]:
@@ -136,8 +172,15 @@ def main() -> None:
     parser.add_argument("--against", default=BEFORE_THE_SANDBOX, help="the revision to compare with")
     parser.add_argument("--jobs", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--starter", action="store_true", help="this tree's CLIs started by cl-cli-starter")
+    parser.add_argument(
+        "--starter",
+        action="store_true",
+        help="as under systemd: workers behind a socket, this tree's CLIs by a starter",
+    )
+    parser.add_argument("--systemd", action="store_true", help="each side's own units under a real systemd (a box)")
     args = parser.parse_args()
+    if args.systemd and (why := sdbox.unavailable()):
+        raise SystemExit(why)
     if os.getuid() != 0:
         raise SystemExit("run as root: the CLI gets a user of its own only then")
     subprocess.run(["systemd-sysusers", str(PROJECT / "packaging/systemd/sysusers.d/cl.conf")], check=True)
@@ -147,8 +190,13 @@ def main() -> None:
             for name, tree in (("this tree", PROJECT), (args.against, other)):
                 with tempfile.TemporaryDirectory(prefix="cl-bench-launch-", dir="/var/tmp") as root:
                     Path(root).chmod(0o755)
+                    if args.systemd:
+                        figures[name] += under_systemd(tree, Path(root), args.jobs)
+                        continue
                     starter = args.starter and tree == PROJECT
-                    figures[name] += claim_to_running(tree, Path(root), args.jobs, starter=starter)
+                    figures[name] += claim_to_running(
+                        tree, Path(root), args.jobs, systemd=args.starter, starter=starter
+                    )
     for name, samples in figures.items():
         print(f"claim -> CLI running, {name}: {spread(samples)}  (n={len(samples)})")
 

@@ -34,6 +34,7 @@ from utils import (
     oauth_credential,
     submit,
     wait_until,
+    worker_socket,
     write_credential,
 )
 
@@ -101,6 +102,35 @@ def test_a_worker_that_ends_before_its_cli_starts_leaves_its_starter_quiet(layou
     assert "it now resolves to" in error
     assert [starter.returncode for starter in started] == [0]
     assert log.read_text() == ""
+
+
+def test_under_systemd_the_launcher_hands_its_worker_a_connection_to_the_starter(
+    layout: Layout, planted: Planted
+) -> None:
+    """As under systemd: each worker a `cl-worker --from-socket` of its own (`cl-worker.socket`
+    played too). Its launcher connects to the starter first and hands the worker that connection
+    with the run, so the starter's interpreter readies itself alongside the worker's: the
+    starter's peer is the balancer, and it starts the job's CLI."""
+    write_credential(layout.credentials, "a1", oauth_credential(planted))
+    layout.runtime.mkdir(parents=True, exist_ok=True)
+    settings = layout.env(CL_CLI_STARTER=str(layout.runtime / "starter.sock"))
+    peers: list[int] = []
+    with (
+        cli_socket(settings["CL_CLI_STARTER"], settings, layout.root / "starter.log", peers) as started,
+        worker_socket(str(layout.runtime / "worker.sock"), settings, layout.root / "workers.log") as workers,
+    ):
+        daemon = DaemonProcess("balancer", layout, env=settings).start()
+        try:
+            job = submit(layout, "hi")
+            wait_until(lambda: job_view(layout, job)["state"] == "done", "the job to finish")
+        finally:
+            daemon.stop()
+    assert daemon.process is not None
+    assert peers == [daemon.process.pid]
+    assert [starter.returncode for starter in started] == [0]
+    assert [worker.returncode for worker in workers] == [0]
+    (call,) = json_lines(layout.fakes / "fake-claude.jsonl")
+    assert pwd.getpwuid(call["uid"]).pw_name.startswith(f"{POOL}-")
 
 
 @pytest.fixture

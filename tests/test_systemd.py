@@ -119,6 +119,10 @@ def test_a_session_runs_in_its_own_worker_unit_and_survives_a_balancer_restart(
     starter = int(box("systemctl", "show", "-p", "MainPID", "--value", cli_unit).stdout)
     status = dict(line.split(":", 1) for line in box("cat", f"/proc/{starter}/status").stdout.splitlines())
     assert {status[key].strip() for key in ("CapPrm", "CapEff", "CapAmb")} == {"0" * 16}
+    # Its connection was the balancer's, made before the worker started and handed to it (systemd
+    # names each instance of an Accept=yes Unix socket N-PID-UID, after the process that connected).
+    balancer = box("systemctl", "show", "-p", "MainPID", "--value", "cl-balancer").stdout.strip()
+    assert cli_unit.removeprefix("cl-cli@").split("-")[1] == balancer
     box("systemctl", "restart", "cl-balancer")
     wait_until(lambda: any("session adopted" in m for _, m in journal(box, "cl-balancer")), "the session's adoption")
     assert state() == "running"

@@ -10,6 +10,7 @@ import os
 import pty
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import termios
@@ -29,6 +30,8 @@ BIN = Path(sys.executable).parent
 FAKE_CLAUDE = Path(__file__).resolve().parent / "fakes" / "claude"
 CLI_STARTER = Path(sys.executable).with_name("cl-cli-starter")
 """What `cl-cli@` runs: one CLI for the worker connected on its standard input (`cli_socket`)."""
+WORKER = Path(sys.executable).with_name("cl-worker")
+"""What `cl-worker@` runs: the worker for the run its launcher names on its standard input (`worker_socket`)."""
 POOL = "cl-cli"
 """The CLI's users' group (`cli_pool`), made by packaging/systemd/sysusers.d."""
 FAKE_API = Path(__file__).resolve().parent / "fakes" / "fake_anthropic.py"
@@ -402,10 +405,38 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
-def cli_socket(address: str, env: dict[str, str], log: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+def cli_socket(
+    address: str, env: dict[str, str], log: Path, peers: list[int] | None = None
+) -> Iterator[list[subprocess.Popen[bytes]]]:
     """`cl-cli.socket` as systemd plays it: a listener at `address`, each connection handed to a
-    `cl-cli-starter` of its own (its standard input), its log appended to `log`. The starters."""
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    `cl-cli-starter` of its own (its standard input), its log appended to `log`, the pid of the
+    process that connected appended to `peers`. The starters."""
+    with socket_activated(address, [str(CLI_STARTER)], env, log, peers=peers) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def worker_socket(address: str, env: dict[str, str], log: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """`cl-worker.socket` as systemd plays it: each connection starts `cl-worker --from-socket` with
+    it as standard input and output (the launcher reads the worker's pid there). The workers."""
+    with socket_activated(address, [str(WORKER), "--from-socket"], env, log, stream=True) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def socket_activated(
+    address: str,
+    command: list[str],
+    env: dict[str, str],
+    log: Path,
+    *,
+    stream: bool = False,
+    peers: list[int] | None = None,
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """A socket unit with Accept=yes: a listener at `address` (sequential packets; `stream`: a
+    stream, whose connection is also the command's output), each connection the standard input of
+    a `command` of its own, its log appended to `log`, its peer's pid to `peers`. What it started."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM if stream else socket.SOCK_SEQPACKET)
     listener.bind(address)
     listener.listen()
     started: list[subprocess.Popen[bytes]] = []
@@ -418,9 +449,10 @@ def cli_socket(address: str, env: dict[str, str], log: Path) -> Iterator[list[su
                 except OSError:
                     return
                 with conn:
-                    started.append(
-                        subprocess.Popen([CLI_STARTER], stdin=conn.fileno(), stdout=out, stderr=out, env=env)
-                    )
+                    if peers is not None:
+                        peers.append(struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0])
+                    output = conn.fileno() if stream else out
+                    started.append(subprocess.Popen(command, stdin=conn.fileno(), stdout=output, stderr=out, env=env))
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
@@ -430,9 +462,9 @@ def cli_socket(address: str, env: dict[str, str], log: Path) -> Iterator[list[su
         listener.shutdown(socket.SHUT_RDWR)
         listener.close()
         thread.join(10)
-        for starter in started:
+        for process in started:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                starter.wait(20)
+                process.wait(20)
 
 
 def interruptible() -> None:

@@ -94,12 +94,18 @@ def start(config: Config, launch: Launch, connected: socket.socket | None = None
     return here(config, launch)
 
 
-def connect(config: Config) -> socket.socket | None:
+def connect(config: Config, handed: socket.socket | None = None) -> socket.socket | None:
     """A connection to the CLI's starter, if one starts it, made ahead of the start: a `cl-cli@`
-    unit's fresh interpreter gets ready while the worker readies its job. None if there is none
-    (or it cannot be reached now: the start tries again, and says why it cannot)."""
+    unit's fresh interpreter gets ready while the worker readies its job. `handed`, if the worker's
+    launcher made one for it (closed if none is needed). None if there is none (or it cannot be
+    reached now: the start tries again, and says why it cannot)."""
     if config.cli_starter is None or config.confinement != "sandbox":
+        if handed is not None:
+            handed.close()
         return None
+    if handed is not None:
+        handed.settimeout(START_TIMEOUT)
+        return handed
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         conn.settimeout(START_TIMEOUT)

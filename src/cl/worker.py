@@ -87,6 +87,8 @@ MAX_FIELD = 200
 RESULT_FIELDS = ("type", "subtype", "is_error", "api_error_status", "num_turns", "total_cost_usd", "duration_ms")
 LOCK_POLL = 0.1
 MAX_STORE_WAIT = 5.0
+MAX_LAUNCH_REQUEST = 4096
+"""Bytes of a launch request (`{"run": N}`), at most."""
 """Seconds between a worker's tries at an unavailable state store, at most."""
 MAX_WALL = 8 * 86400
 """Seconds a wall may stand at most: the longest usage window is seven days."""
@@ -921,11 +923,12 @@ def _tokens(usage: dict[str, Any] | None) -> tuple[int, int]:
     )
 
 
-def run(run_id: int) -> int:
-    """Be the worker for `run_id`, configured from the environment; the exit code."""
+def run(run_id: int, handed: socket.socket | None = None) -> int:
+    """Be the worker for `run_id`, configured from the environment; the exit code. `handed`: a
+    connection to the CLI's starter its launcher made for it."""
     if (config := logs.start_process("worker")) is None:
         return 2
-    starter = cli_start.connect(config)  # first: the starter readies itself meanwhile
+    starter = cli_start.connect(config, handed)  # first: the starter readies itself meanwhile
     store, lock = patiently(Store, config.database, config.store_busy_timeout), threading.RLock()
     last = work(config, Patient.of(store, lock), run_id, renewing(store, lock), starter)
     with lock:
@@ -934,15 +937,17 @@ def run(run_id: int) -> int:
     return 0
 
 
-def _accept_from_socket() -> int:
+def _accept_from_socket() -> tuple[int, socket.socket | None]:
     """`--from-socket` (a `cl-worker@` unit): the run named on the connection, from a peer that
-    is root or our own user; our pid goes back. Nothing else is taken from the peer."""
+    is root or our own user, and the connection to the CLI's starter it may hand with it; our pid
+    goes back. Nothing else is taken from the peer."""
     with socket.socket(fileno=os.dup(0)) as connection:
         _pid, uid, _gid = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    if uid not in (0, os.getuid()):
-        print(f"cl-worker: refused a launch from uid {uid}", file=sys.stderr)
-        sys.exit(2)
-    request = json.loads(sys.stdin.buffer.readline())
+        if uid not in (0, os.getuid()):
+            print(f"cl-worker: refused a launch from uid {uid}", file=sys.stderr)
+            sys.exit(2)
+        line, handed = _request_line(connection)
+    request = json.loads(line)
     run_id = request["run"]
     if not isinstance(run_id, int) or isinstance(run_id, bool):
         raise TypeError("run must be a run id")
@@ -950,16 +955,34 @@ def _accept_from_socket() -> int:
     sys.stdout.flush()
     os.close(1)  # the launcher is done with us; our output goes to the journal
     os.dup2(2, 1)
-    return run_id
+    return run_id, handed
+
+
+def _request_line(connection: socket.socket) -> tuple[bytes, socket.socket | None]:
+    """The launch request's line, and the one connection (a sequential-packet Unix socket) it may
+    carry; any other descriptor is closed."""
+    line, handed = b"", None
+    while not line.endswith(b"\n") and len(line) < MAX_LAUNCH_REQUEST:
+        data, fds, _flags, _ = socket.recv_fds(connection, MAX_LAUNCH_REQUEST, 1, socket.MSG_CMSG_CLOEXEC)
+        if not data:
+            break
+        line += data
+        for fd in fds:
+            given = socket.socket(fileno=fd)
+            if handed is None and (given.family, given.type) == (socket.AF_UNIX, socket.SOCK_SEQPACKET):
+                handed = given
+            else:
+                given.close()
+    return line, handed
 
 
 def main() -> None:
     try:
-        run_id = _accept_from_socket() if sys.argv[1:] == ["--from-socket"] else int(sys.argv[1])
+        run_id, handed = _accept_from_socket() if sys.argv[1:] == ["--from-socket"] else (int(sys.argv[1]), None)
     except (IndexError, ValueError, KeyError, TypeError):
         print("usage: cl-worker RUN_ID | cl-worker --from-socket (a request on stdin)", file=sys.stderr)
         sys.exit(2)
-    sys.exit(run(run_id))
+    sys.exit(run(run_id, handed))
 
 
 if __name__ == "__main__":
