@@ -8,6 +8,7 @@ worker."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import pwd
@@ -21,6 +22,7 @@ import pytest
 
 from cl import cli_start
 from cl.cli_user import CliUser
+from cl.config import Config
 from utils import (
     FAKE_CLAUDE,
     POOL,
@@ -209,6 +211,37 @@ def test_the_starter_takes_requests_from_the_workers_user_only(layout: Layout, l
     assert heard.stdout.startswith("b''"), heard  # no answer: the connection closed
     assert [starter.returncode for starter in started] == [2]
     assert "cli start refused: not a worker" in (layout.root / "starter.log").read_text()
+
+
+def test_the_starter_probes_the_view_while_the_request_is_on_its_way(layout: Layout, launch: cli_start.Launch) -> None:
+    """Connected to, before any request: the starter has built both empty views already (a /proc
+    of its own, the host's), as the pool's first user, so the job's start waits for neither; the
+    CLI then starts as asked."""
+    probes = layout.fakes / "probes.log"
+    probes.touch(mode=0o666)
+    probes.chmod(0o666)
+    wrapper = layout.fakes / "bin" / "bwrap"  # what the starter finds first on its PATH
+    wrapper.parent.mkdir(mode=0o755)
+    said = f'set -f\nline=$(echo "$(id -un)" $* | tr "\\n" " ")\necho "$line" >> {probes}\nexec /usr/bin/bwrap "$@"\n'
+    wrapper.write_text(f"#!/bin/sh\n{said}")  # a line each, written at once
+    wrapper.chmod(0o755)
+    address = str(layout.root / "starter.sock")
+    env = layout.env(PATH=f"{wrapper.parent}:/usr/bin:/bin")
+    with cli_socket(address, env, layout.root / "starter.log") as started:
+        conn = cli_start.connect(Config(cli_starter=Path(address), confinement="sandbox"))
+        assert conn is not None
+        wait_until(lambda: len(probes.read_text().splitlines()) == 2, "the starter to probe both views")
+        cli = cli_start.by_starter(Path(address), dataclasses.replace(launch, command=["/usr/bin/true"]), conn)
+        assert cli.wait(60) == 0
+        for stream in (cli.stdin, cli.stdout, cli.stderr):
+            assert stream is not None
+            stream.close()
+    *tries, start = probes.read_text().splitlines()  # and the CLI's own view: no probe at the request
+    assert len(tries) == 2
+    assert all(line.startswith(f"{POOL}-1 ") and " --ro-bind / / " in line for line in tries)
+    assert start.startswith(f"{MEMBER} ")
+    assert " --ro-bind / / " not in start
+    assert [starter.returncode for starter in started] == [0]
 
 
 WORKER_OF_ANOTHER_JOB = """

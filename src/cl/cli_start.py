@@ -116,10 +116,13 @@ def connect(config: Config, handed: socket.socket | None = None) -> socket.socke
     return conn
 
 
-def here(config: Config, launch: Launch, streams: Sequence[int] = ()) -> subprocess.Popen[bytes]:
-    """The CLI as a child of this process, on pipes (or on `streams`: its stdin, stdout, stderr)."""
+def here(
+    config: Config, launch: Launch, streams: Sequence[int] = (), probe: sandbox.Probe | None = None
+) -> subprocess.Popen[bytes]:
+    """The CLI as a child of this process, on pipes (or on `streams`: its stdin, stdout, stderr).
+    `probe`: the view's, started ahead (else it is made now, as the CLI's user)."""
     sandboxed = config.confinement == "sandbox"
-    command, opened = _confined(config, launch) if sandboxed else (list(launch.command), [])
+    command, opened = _confined(config, launch, probe) if sandboxed else (list(launch.command), [])
     stdin, stdout, stderr = streams or (subprocess.PIPE,) * 3
     try:
         return subprocess.Popen(
@@ -137,12 +140,12 @@ def here(config: Config, launch: Launch, streams: Sequence[int] = ()) -> subproc
             os.close(fd)
 
 
-def _confined(config: Config, launch: Launch) -> tuple[list[str], list[int]]:
+def _confined(config: Config, launch: Launch, probe: sandbox.Probe | None) -> tuple[list[str], list[int]]:
     """The command in the job's view, and the descriptors opened for it (to close once it has
     started). Raises StartRefused where the configured confinement cannot hold."""
     try:
         sandbox.check_network(config.cli_network)
-        own_proc = sandbox.probe(launch.cli.become)
+        own_proc = probe.own_proc() if probe else sandbox.probe(launch.cli.become)
     except sandbox.SandboxUnavailable as exc:
         raise StartRefused(str(exc)) from None
     gateway_dir = None

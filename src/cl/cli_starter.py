@@ -10,8 +10,10 @@ builds the view itself (`cl.cli_start.here`: the confinement is the starter's to
 the worker's to ask for), answers with the CLI's pid and becomes the CLI's user with no
 capability: it may signal what it started, nothing else. The CLI's exit status goes back to the
 worker; when the worker is gone (its connection closed) it ends the CLI's process group, and
-systemd all that is left of the unit. It starts a CLI on every job's critical path, so logging is
-set up only once it has something to say.
+systemd all that is left of the unit. It starts a CLI on every job's critical path: under systemd
+its connection is made by the worker's launcher before the worker itself starts (`cl.launcher`),
+so what does not need the request (its logging, the view's probe) is done while the request is on
+its way.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cl import cli_user
+from cl import cli_user, sandbox
 from cl.cli_start import MAX_HOLDS, MAX_REQUEST, Launch, StartRefused, here
 from cl.cli_user import CliUser, CliUserError
 from cl.config import Config, ConfigError, load_config
@@ -45,22 +47,24 @@ def serve(conn: socket.socket, config: Config) -> int:
         _log(config).error("cli start refused: not a worker", uid=uid)
         return 2
     fds: list[int] = []
-    try:
-        data, fds, sender, flags = _receive(conn)
-        if not data and not fds:
-            return 0  # the worker ended before it had a CLI to start (a run not its own, a refusal)
-        launch, streams = _request(config, data, fds, flags, sender)
-        process = here(config, launch, streams)
-    except (StartRefused, CliUserError, OSError, ValueError, subprocess.SubprocessError) as exc:
-        said = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        _log(config).error("cli not started", error=said)
-        _send(conn, {"error": said})
-        return 1
-    finally:
-        for fd in fds:
-            os.close(fd)
+    with contextlib.ExitStack() as stack:
+        probe = _probe_ahead(config, stack)
+        log = _log(config)  # while the request is on its way: the CLI's own start then has the CPU
+        try:
+            data, fds, sender, flags = _receive(conn)
+            if not data and not fds:
+                return 0  # the worker ended before it had a CLI to start (a run not its own, a refusal)
+            launch, streams = _request(config, data, fds, flags, sender)
+            process = here(config, launch, streams, probe)
+        except (StartRefused, CliUserError, OSError, ValueError, subprocess.SubprocessError) as exc:
+            said = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            log.error("cli not started", error=said)
+            _send(conn, {"error": said})
+            return 1
+        finally:
+            for fd in fds:
+                os.close(fd)
     _send(conn, {"pid": process.pid})
-    log = _log(config)
     log.info("cli started", pid=process.pid, user=launch.cli.name, config_dir=launch.config_dir[1])
     launch.cli.become()  # from now on its job's user, no capability: it may signal what it started, nothing else
     if (code := _until_exit(conn, process)) is None:
@@ -71,6 +75,20 @@ def serve(conn: socket.socket, config: Config) -> int:
     _send(conn, {"exit": code})
     log.info("cli exited", pid=process.pid, code=code)
     return 0
+
+
+def _probe_ahead(config: Config, stack: contextlib.ExitStack) -> sandbox.Probe | None:
+    """The view's probe, started while the worker's request is on its way (off the job's path), as
+    the pool's first user: its users are alike, and the probe asks what any of them may build here.
+    None where the CLI runs unsandboxed or that cannot start: the start then probes as its own user,
+    and says what is wrong."""
+    if config.confinement != "sandbox":
+        return None
+    try:
+        first = CliUser.named(cli_user.members(config.cli_pool, config.cli_pool_size)[0])
+        return stack.enter_context(sandbox.Probe(first.become))
+    except (IndexError, CliUserError, sandbox.SandboxUnavailable, OSError, subprocess.SubprocessError):
+        return None
 
 
 def _receive(conn: socket.socket) -> tuple[bytes, list[int], int | None, int]:
@@ -167,7 +185,7 @@ def _send(conn: socket.socket, message: dict[str, Any]) -> None:
 
 
 def _log(config: Config) -> Any:
-    """The starter's logger, set up when first needed: importing logging would cost every start ~40 ms."""
+    """The starter's logger (set up at the first call)."""
     import structlog  # noqa: PLC0415 - see above
 
     from cl import logs  # noqa: PLC0415

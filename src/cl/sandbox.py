@@ -33,6 +33,7 @@ import stat
 import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Self
 
 SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt", "/var")
 """The system, read-only in every view (where it exists; a symlink stays one)."""
@@ -79,26 +80,56 @@ def probe(preexec: Callable[[], None] | None = None) -> bool:
     if it can have a /proc of its own, False if only the host's can be bound (a procfs mount is
     refused where /proc is partly masked, as in a systemd unit with ProtectKernelTunables=).
     Raises SandboxUnavailable, with bwrap's own words, if no view can be built (no user namespaces)."""
-    said = ""
-    for own_proc in (True, False):
-        proc = ["--proc", "/proc"] if own_proc else ["--ro-bind", "/proc", "/proc"]
-        argv = [bwrap(), *NAMESPACES, "--ro-bind", "/", "/", *proc, "--", "/usr/bin/true"]
-        try:  # a session of its own: a Ctrl-C at the daemon's terminal cannot kill it half-built
-            done = subprocess.run(
-                argv,
-                capture_output=True,
-                text=True,
-                check=False,
-                preexec_fn=preexec,
-                start_new_session=True,
-                timeout=PROBE_TIMEOUT,
-            )
-        except subprocess.TimeoutExpired:
-            raise SandboxUnavailable(f"bubblewrap built no empty view in {PROBE_TIMEOUT:g} s") from None
-        if done.returncode == 0:
-            return own_proc
-        said = said or done.stderr.strip() or f"exit status {done.returncode}"
-    raise SandboxUnavailable(f"bubblewrap cannot build the CLI's view here: {said}")
+    with Probe(preexec) as probing:
+        return probing.own_proc()
+
+
+class Probe:
+    """`probe`, asked ahead of when its answer is needed: both empty views (a /proc of its own, and
+    the host's bound) are built at once from the start, and `own_proc` waits for what they said.
+    Leaving the `with` block ends what still runs."""
+
+    def __init__(self, preexec: Callable[[], None] | None = None) -> None:
+        self._tries: list[subprocess.Popen[str]] = []
+        command = bwrap()
+        try:
+            for proc in (["--proc", "/proc"], ["--ro-bind", "/proc", "/proc"]):
+                self._tries.append(
+                    subprocess.Popen(  # a session of its own: a Ctrl-C at a daemon's terminal cannot kill it half-built
+                        [command, *NAMESPACES, "--ro-bind", "/", "/", *proc, "--", "/usr/bin/true"],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                        preexec_fn=preexec,  # noqa: PLW1509 - a change of user only
+                        start_new_session=True,
+                    )
+                )
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def own_proc(self) -> bool:
+        """True if the view may have a /proc of its own, False if only the host's; raises
+        SandboxUnavailable if neither view could be built."""
+        said = []
+        for own, built in zip((True, False), self._tries, strict=True):
+            try:
+                _, stderr = built.communicate(timeout=PROBE_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                raise SandboxUnavailable(f"bubblewrap built no empty view in {PROBE_TIMEOUT:g} s") from None
+            if built.returncode == 0:
+                return own
+            said.append(stderr.strip() or f"exit status {built.returncode}")
+        raise SandboxUnavailable(f"bubblewrap cannot build the CLI's view here: {said[0]}")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for built in self._tries:
+            if built.poll() is None:
+                built.kill()
+            built.communicate()
 
 
 def check_network(cli_network: str) -> None:
