@@ -33,7 +33,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cl import cli_user, sandbox
+import structlog
+
+from cl import cli_user, logs, sandbox
 from cl.cli_start import MAX_HOLDS, MAX_REQUEST, Launch, StartRefused, here
 from cl.cli_user import CliUser, CliUserError
 from cl.config import Config, ConfigError, load_config
@@ -185,11 +187,7 @@ def _send(conn: socket.socket, message: dict[str, Any]) -> None:
 
 
 def _log(config: Config) -> Any:
-    """The starter's logger (set up at the first call)."""
-    import structlog  # noqa: PLC0415 - see above
-
-    from cl import logs  # noqa: PLC0415
-
+    """The starter's logger, set up at the first call."""
     if not structlog.is_configured():
         logs.configure_for(config, "cli-starter")
     return structlog.get_logger("cl.cli_starter")

@@ -80,39 +80,51 @@ def probe(preexec: Callable[[], None] | None = None) -> bool:
     if it can have a /proc of its own, False if only the host's can be bound (a procfs mount is
     refused where /proc is partly masked, as in a systemd unit with ProtectKernelTunables=).
     Raises SandboxUnavailable, with bwrap's own words, if no view can be built (no user namespaces)."""
-    with Probe(preexec) as probing:
+    with Probe(preexec, at_once=False) as probing:
         return probing.own_proc()
 
 
-class Probe:
-    """`probe`, asked ahead of when its answer is needed: both empty views (a /proc of its own, and
-    the host's bound) are built at once from the start, and `own_proc` waits for what they said.
-    Leaving the `with` block ends what still runs."""
+PROC_VIEWS = ((True, ("--proc", "/proc")), (False, ("--ro-bind", "/proc", "/proc")))
+"""The empty views a probe tries, the better first: a /proc of its own, else the host's."""
 
-    def __init__(self, preexec: Callable[[], None] | None = None) -> None:
+
+class Probe:
+    """`probe`, asked ahead of when its answer is needed: `at_once`, both empty views are built
+    from the start (else the second only if the first cannot be), and `own_proc` waits for what
+    they said. Leaving the `with` block ends what still runs."""
+
+    def __init__(self, preexec: Callable[[], None] | None = None, *, at_once: bool = True) -> None:
+        self._command = bwrap()
+        self._preexec = preexec
         self._tries: list[subprocess.Popen[str]] = []
-        command = bwrap()
         try:
-            for proc in (["--proc", "/proc"], ["--ro-bind", "/proc", "/proc"]):
-                self._tries.append(
-                    subprocess.Popen(  # a session of its own: a Ctrl-C at a daemon's terminal cannot kill it half-built
-                        [command, *NAMESPACES, "--ro-bind", "/", "/", *proc, "--", "/usr/bin/true"],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.PIPE,
-                        text=True,
-                        preexec_fn=preexec,  # noqa: PLW1509 - a change of user only
-                        start_new_session=True,
-                    )
-                )
+            for _ in PROC_VIEWS if at_once else PROC_VIEWS[:1]:
+                self._try_next()
         except BaseException:
             self.__exit__()
             raise
+
+    def _try_next(self) -> None:
+        _, proc = PROC_VIEWS[len(self._tries)]
+        self._tries.append(
+            subprocess.Popen(  # a session of its own: a Ctrl-C at a daemon's terminal cannot kill it half-built
+                [self._command, *NAMESPACES, "--ro-bind", "/", "/", *proc, "--", "/usr/bin/true"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                preexec_fn=self._preexec,  # noqa: PLW1509 - a change of user only
+                start_new_session=True,
+            )
+        )
 
     def own_proc(self) -> bool:
         """True if the view may have a /proc of its own, False if only the host's; raises
         SandboxUnavailable if neither view could be built."""
         said = []
-        for own, built in zip((True, False), self._tries, strict=True):
+        for number, (own, _) in enumerate(PROC_VIEWS):
+            if number == len(self._tries):
+                self._try_next()
+            built = self._tries[number]
             try:
                 _, stderr = built.communicate(timeout=PROBE_TIMEOUT)
             except subprocess.TimeoutExpired:
