@@ -335,6 +335,7 @@ def test_a_worker_that_dies_takes_its_cli_along_only_if_it_may_signal_it(worker:
         if worker == "keeps CAP_KILL":
             wait_until(lambda: state(cli) in ("Z", None), "the CLI to die with its worker")
         else:
+            wait_until(lambda: state(cli) in ("S", "Z", None), "the CLI to sleep or die")  # "R" while it starts
             assert state(cli) == "S"  # outlived it
     finally:
         with contextlib.suppress(ProcessLookupError):
