@@ -201,6 +201,9 @@ def test_real_cli_a_model_windows_wall_moves_its_session_and_leaves_other_models
     Sonnet job still runs on a1."""
     a1, a2 = account(layout, planted, "a1"), account(layout, planted, "a2")
     gateway.api.model_wall(a1, "opus", "seven_day_opus")
+    # a2's answers say it is fuller than a1 (0.5 of its 5-hour window against the wall's 0.1), so
+    # only a wall of a1's own could send the Sonnet job there (equal, the order of two readings did)
+    gateway.api.windows(a2, five_hour=(0.5, time.time() + 3600))
 
     def submitted(model: str) -> int:
         argv = ("submit", "--cwd", str(layout.work), "--prompt", "hello", "--model", model, "--json")
