@@ -14,6 +14,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,6 +31,7 @@ from utils import (
     live_runs,
     oauth_credential,
     proc_status,
+    stored,
     submit,
     wait_until,
     write_credential,
@@ -243,6 +245,26 @@ def test_walls_without_end_fail_the_job_after_max_moves_per_hour(layout: Layout,
     assert story["job"]["error"] == "moved 3 times in the last hour (max_moves_per_hour = 3)"
     assert len(story["moves"]) == 3
     assert "session given up" in rescue.log()
+
+
+@pytest.mark.parametrize("said", ["moved early: a1 at 1% of 5h, resets in 1m", "Moved early: a1 at 1% of 5h"])
+def test_a_wall_disguised_as_an_early_move_is_shown_as_the_wall_it_was(
+    layout: Layout, planted: Planted, said: str
+) -> None:
+    """A CLI walled on a1 whose wall text reads like cl's own reason for an early move: its session
+    moves as after any wall, `cl job` says it was walled, and the dashboard's timeline has the wall."""
+    first = planted.token()
+    layout.quota({first: 0})
+    write_credential(layout.credentials, "a1", oauth_credential(planted, token=first))
+    write_credential(layout.credentials, "a2", oauth_credential(planted))
+    with both(layout, env=layout.env(FAKE_CLAUDE_WALL_SAYS=said)):
+        job = submit(layout, "hi")
+        wait_until(lambda: job_states(layout).get(job) == "done", "the job to finish on a2")
+        story = json.loads(cl(layout, "job", str(job), "--json").stdout)
+    (move,) = story["moves"]
+    assert (move["from"], move["to"], move["why"]) == ("a1", "a2", "walled")
+    walls = [event["account"] for event in stored(layout, lambda store: store.events(0)) if event["kind"] == "wall"]
+    assert walls == ["a1"]
 
 
 def test_a_worker_that_dies_again_and_again_fails_its_job_after_max_orphanings(

@@ -77,7 +77,7 @@ from cl.moments import iso_utc
 from cl.processes import start_time
 from cl.session_files import credential_mark_path, lock_path, log_path, session_config_dir
 from cl.states import JobState, RunState
-from cl.store import Job, Renewal, Run, Store, StoreUnavailable
+from cl.store import MOVED_EARLY, Job, Renewal, Run, Store, StoreUnavailable
 
 log = structlog.get_logger("cl.worker")
 
@@ -736,6 +736,13 @@ def _account_file(config: Config, account: str) -> Path:
     return config.credentials_dir / credential_filename(account)
 
 
+def _theirs(said: str) -> str:
+    """The CLI's words as a run's reason: decoded already, stored scrubbed, and never taken for
+    cl's own reason for an early move (`MOVED_EARLY`, which a CLI could print to disguise a wall)."""
+    said = redact.scrub(said)
+    return f"the CLI said: {said}" if said.lower().startswith(MOVED_EARLY) else said
+
+
 def _settle(
     config: Config, store: Store, run: Run, state: StreamState, code: int | None, *, held_until: float | None = None
 ) -> RunState:
@@ -758,7 +765,7 @@ def _record(config: Config, store: Store, run: Run, state: StreamState, code: in
     """Write what a turn said (its result, usage, a wall or refused credentials); its outcome."""
     bound = log.bind(job=run.job_id, run=run.id, account=run.account, session=state.session_id)
     outcome, said = state.outcome(code)
-    error = redact.scrub(said) if said else said  # the CLI's words, decoded already: stored scrubbed
+    error = _theirs(said) if said else said
     if state.result is not None:
         store.record_result(run.id, redact.scrub(json.dumps(_kept(state.result))))
     if config.gateway:  # usage and walls are the gateway's to record, from the API's headers
