@@ -23,7 +23,8 @@ The policies, as cl runs them (every one keeps cl's moves in flight at a wall):
 Printed per policy: turns (answered requests) completed; session-visible 429s (walls the gateway
 passed to a CLI: no account had room for it at once), and those of them while the fake API says
 some account had room; the time sessions spent waiting (a walled turn until its session's next
-answer, plus each job's time queued before its first run), in simulated hours; moves (in flight
+answer, plus each job's time queued before its first run, but for the first `SESSIONS` jobs: all
+accounts have room then, and they are placed one behind the other's launch), in simulated hours; moves (in flight
 at a wall, and early), the cold-cache tokens the moves cost (the prompt cache the new account
 wrote for the moved runs) and cold-cache requests per move; the first time any session waited
 (simulated hours from the start), and the turns completed before it. Nothing leaves the machine.
@@ -188,7 +189,8 @@ def measured(
     waits: list[tuple[float, float]] = []  # (since, how long)
     seen: list[float] = []  # when a CLI saw a wall
     for job, its in by_job.items():
-        if (queued := its[0]["created_at"] - jobs[job]) > QUEUED:  # not placing's own time: no room
+        first_ones = job <= SESSIONS  # submitted at once at the start, each placed behind the others' launches
+        if (queued := its[0]["created_at"] - jobs[job]) > QUEUED and not first_ones:  # no room, not placing's time
             waits.append((jobs[job], queued))
         for run, after in zip(its, [*its[1:], None], strict=True):
             held = run["state"] == "walled" and not (run["error"] or "").startswith("moved ")  # in flight, early
