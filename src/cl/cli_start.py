@@ -89,8 +89,8 @@ class Launch:
 def start(config: Config, launch: Launch, connected: socket.socket | None = None) -> Process:
     """The CLI started the configured way (`connected`: to its starter, by `connect`). Raises
     StartRefused, OSError or SubprocessError."""
-    if config.cli_starter is not None and config.confinement == "sandbox":
-        return by_starter(config.cli_starter, launch, connected)
+    if (starter := config.starter_socket) is not None:
+        return by_starter(starter, launch, connected)
     return here(config, launch)
 
 
@@ -99,7 +99,7 @@ def connect(config: Config, handed: socket.socket | None = None) -> socket.socke
     unit's fresh interpreter gets ready while the worker readies its job. `handed`, if the worker's
     launcher made one for it (closed if none is needed). None if there is none (or it cannot be
     reached now: the start tries again, and says why it cannot)."""
-    if config.cli_starter is None or config.confinement != "sandbox":
+    if (starter := config.starter_socket) is None:
         if handed is not None:
             handed.close()
         return None
@@ -109,7 +109,7 @@ def connect(config: Config, handed: socket.socket | None = None) -> socket.socke
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         conn.settimeout(START_TIMEOUT)
-        conn.connect(str(config.cli_starter))
+        conn.connect(str(starter))
     except OSError:
         conn.close()
         return None

@@ -184,6 +184,12 @@ class Config:
         return self.runtime_dir / f"{daemon}.sock"
 
     @property
+    def starter_socket(self) -> Path | None:
+        """Where each CLI is started (`cl-cli.socket`) if not by its worker: `cli_starter`, when
+        the CLI runs sandboxed (unconfined, the worker starts it itself)."""
+        return self.cli_starter if self.confinement == "sandbox" else None
+
+    @property
     def gateway_socket(self) -> Path:
         """Where cl-gateway also takes the CLIs' requests: the relay's way out of a view with a
         network of its own (`cli_network = "gateway"`). A directory of its own, which the view binds."""

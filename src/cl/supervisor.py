@@ -43,8 +43,6 @@ class Supervisor:
         """Called with each run once its worker has exited, and whether the worker settled it."""
         self._checks: set[asyncio.Task[None]] = set()
         self._closed = False
-        self._starter = config.cli_starter if config.confinement == "sandbox" else None
-        """Where each CLI is started (`cl-cli.socket`), if it is not by its worker."""
         prepare_launches(config.socket_path("worker"))
 
     async def launch(self, run: Run) -> None:
@@ -52,7 +50,7 @@ class Supervisor:
         if await self._account_gone(run):
             return
         try:
-            pid = await asyncio.to_thread(launch, run.id, self.config.socket_path("worker"), self._starter)
+            pid = await asyncio.to_thread(launch, run.id, self.config.socket_path("worker"), self.config.starter_socket)
         except (OSError, ValueError, KeyError) as exc:
             await self.settle(run, RunState.FAILED, f"cannot launch a worker: {exc}")
             log.error("cannot launch a worker", job=run.job_id, run=run.id, account=run.account, error=str(exc))

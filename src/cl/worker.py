@@ -87,9 +87,9 @@ MAX_FIELD = 200
 RESULT_FIELDS = ("type", "subtype", "is_error", "api_error_status", "num_turns", "total_cost_usd", "duration_ms")
 LOCK_POLL = 0.1
 MAX_STORE_WAIT = 5.0
+"""Seconds between a worker's tries at an unavailable state store, at most."""
 MAX_LAUNCH_REQUEST = 4096
 """Bytes of a launch request (`{"run": N}`), at most."""
-"""Seconds between a worker's tries at an unavailable state store, at most."""
 MAX_WALL = 8 * 86400
 """Seconds a wall may stand at most: the longest usage window is seven days."""
 _RUN_STATE = {
@@ -217,7 +217,7 @@ def _claimed(config: Config, store: Store, job: Job, run: Run, leased: Lease, *,
     try:
         slot = _cli_user(config, config_dir, bound)
         credential = _ready_config_dir(config, job.id, slot.user, first=store.previous_account(run.id) is None)
-        cli_user.keep_only(slot.user, signals=config.cli_starter is None)  # else the starter's to do
+        cli_user.keep_only(slot.user, signals=config.starter_socket is None)  # else the starter's to do
     except (CliUserError, sandbox.SandboxUnavailable, OSError) as exc:
         _refused(store, run, f"cannot ready the session's CLI: {_reason(exc)}", bound)
         return run
@@ -259,8 +259,8 @@ class _Session:
     lease: Lease
     process: CliProcess | None = None
     starter: socket.socket | None = None
-    """A connection to the CLI's starter made when the worker began, for the first start: the
-    starter readies itself while the worker claims its run and readies the session."""
+    """A connection to the CLI's starter, handed by the worker's launcher or made as it began, for
+    the first start: the starter readies itself while the worker claims its run and readies the session."""
     cwd: int | None = None
     """The job's directory, opened once (no symlink followed) and kept for every start of its CLI."""
     oauth: bool = False
