@@ -24,6 +24,7 @@ the CLI starts once the view is complete, or not at all.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -84,8 +85,8 @@ def probe(preexec: Callable[[], None] | None = None) -> bool:
         return probing.own_proc()
 
 
-PROC_VIEWS = ((True, ("--proc", "/proc")), (False, ("--ro-bind", "/proc", "/proc")))
-"""The empty views a probe tries, the better first: a /proc of its own, else the host's."""
+PROC_VIEWS = {True: ("--proc", "/proc"), False: ("--ro-bind", "/proc", "/proc")}
+"""A view's /proc: its own (`own_proc`), else the host's, read-only; a probe tries them in this order."""
 
 
 class Probe:
@@ -98,17 +99,17 @@ class Probe:
         self._preexec = preexec
         self._tries: list[subprocess.Popen[str]] = []
         try:
-            for _ in PROC_VIEWS if at_once else PROC_VIEWS[:1]:
+            for _ in range(len(PROC_VIEWS) if at_once else 1):
                 self._try_next()
         except BaseException:
             self.__exit__()
             raise
 
     def _try_next(self) -> None:
-        _, proc = PROC_VIEWS[len(self._tries)]
+        proc = PROC_VIEWS[list(PROC_VIEWS)[len(self._tries)]]
         self._tries.append(
             subprocess.Popen(  # a session of its own: a Ctrl-C at a daemon's terminal cannot kill it half-built
-                [self._command, *NAMESPACES, "--ro-bind", "/", "/", *proc, "--", "/usr/bin/true"],
+                [self._command, *NAMESPACES, "--die-with-parent", "--ro-bind", "/", "/", *proc, "--", "/usr/bin/true"],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -121,7 +122,7 @@ class Probe:
         """True if the view may have a /proc of its own, False if only the host's; raises
         SandboxUnavailable if neither view could be built."""
         said = []
-        for number, (own, _) in enumerate(PROC_VIEWS):
+        for number, own in enumerate(PROC_VIEWS):
             if number == len(self._tries):
                 self._try_next()
             built = self._tries[number]
@@ -138,10 +139,15 @@ class Probe:
         return self
 
     def __exit__(self, *_exc: object) -> None:
+        """Waits for what still runs (milliseconds): a bwrap killed half-built leaves the first
+        process of its namespaces waiting for it, holding its pipe. One stuck past the bound is
+        killed where we may (`--die-with-parent` takes that process along), else left to its unit."""
         for built in self._tries:
-            if built.poll() is None:
-                built.kill()
-            built.communicate()
+            try:
+                built.communicate(timeout=PROBE_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(OSError):
+                    built.kill()
 
 
 def check_network(cli_network: str) -> None:
@@ -222,7 +228,7 @@ def argv(view: View, command: Sequence[str], address: str = "") -> list[str]:
     network of its own, through the relay listening on `address` (the gateway's)."""
     hidden = _existing(view.hidden)
     args = [bwrap(), *NAMESPACES, "--die-with-parent", *_system()]
-    args += ["--proc", "/proc"] if view.own_proc else ["--ro-bind", "/proc", "/proc"]
+    args += PROC_VIEWS[view.own_proc]
     args += ["--dev", "/dev", *_each(["--tmpfs"], PRIVATE_TMP)]
     args += _each(["--perms", "0111", "--tmpfs"], hidden)  # passable (to a config dir bound beneath), not listable
     if (resolver := os.path.realpath(RESOLVER)).startswith("/run/"):  # systemd-resolved's stub
