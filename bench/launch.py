@@ -42,11 +42,19 @@ HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
 FAKE_CLAUDE = PROJECT / "tests" / "fakes" / "claude"
 BEFORE_THE_SANDBOX = "1d8a64d"
+CLAIMS = (
+    "import json, pathlib, sys; from cl.store import Store; s = Store(pathlib.Path(sys.argv[1]));"
+    " print(json.dumps([e['at'] for e in s.ledger(1_000_000) if e['event'] == 'run started']))"
+)
+"""When each run was claimed, in order, as the tree's own store reads its ledger (its schema): the
+database's path is the argument."""
 
 
-def claim_to_running(tree: Path, root: Path, jobs: int, *, systemd: bool = False, starter: bool = False) -> list[float]:
-    """`jobs` jobs, one at a time, on the daemons of `tree`'s source, on `root` (`systemd`: each
-    worker behind a played `cl-worker.socket`; `starter`: each CLI started by a `cl-cli-starter`)."""
+def claim_to_running(
+    tree: Path, root: Path, jobs: int, *, socket_workers: bool = False, starter: bool = False
+) -> list[float]:
+    """`jobs` jobs, one at a time, on the daemons of `tree`'s source, on `root` (`socket_workers`:
+    each worker behind a played `cl-worker.socket`; `starter`: each CLI started by a `cl-cli-starter`)."""
     populate(root / "claude", 2)
     work, fakes = root / "work", root / "fake"
     for directory in (work, fakes):
@@ -76,7 +84,7 @@ def claim_to_running(tree: Path, root: Path, jobs: int, *, systemd: bool = False
         env |= {"CL_CLI_USER": "cl-cli-16"}  # a user of its own: the pool's last, which this tree leaves alone here
     with contextlib.ExitStack() as stack:
         (root / "run").mkdir(mode=0o755)
-        if systemd:
+        if socket_workers:
             stack.enter_context(worker_socket(str(root / "run" / "worker.sock"), env, root / "workers.log"))
         if starter:
             env["CL_CLI_STARTER"] = str(root / "run" / "starter.sock")
@@ -126,23 +134,15 @@ def under_systemd(tree: Path, root: Path, jobs: int) -> list[float]:
             box_of_tree.submit(box, "/srv/work", f"p{i}")
             wait_for(functools.partial(started, log, i + 1), f"job {i}'s CLI to run")
             time.sleep(0.05)  # its worker settles before the next claim
-        script = (
-            "import json, pathlib; from cl.store import Store; s = Store(pathlib.Path('/var/lib/cl/cl.db'));"
-            " print(json.dumps([e['at'] for e in s.ledger(1_000_000) if e['event'] == 'run started']))"
-        )
-        claimed = json.loads(box("/opt/cl/bin/python", "-c", script).stdout)
+        claimed = json.loads(box("/opt/cl/bin/python", "-c", CLAIMS, "/var/lib/cl/cl.db").stdout)
     running = [json.loads(line)["t"] for line in log.read_text().splitlines()]
     return [start - claim for claim, start in zip(claimed, running, strict=True)]
 
 
 def ledger_claims(tree: Path, database: Path) -> list[float]:
     """When each run was claimed, in order, read by `tree`'s own store (its schema)."""
-    script = (
-        "import json, pathlib, sys; from cl.store import Store; s = Store(pathlib.Path(sys.argv[1]));"
-        " print(json.dumps([e['at'] for e in s.ledger(1_000_000) if e['event'] == 'run started']))"
-    )
     out = subprocess.run(
-        [str(BIN / "python"), "-c", script, str(database)],
+        [str(BIN / "python"), "-c", CLAIMS, str(database)],
         env={**os.environ, "PYTHONPATH": str(tree / "src")},
         check=True,
         capture_output=True,
@@ -195,7 +195,7 @@ def main() -> None:
                         continue
                     starter = args.starter and tree == PROJECT
                     figures[name] += claim_to_running(
-                        tree, Path(root), args.jobs, systemd=args.starter, starter=starter
+                        tree, Path(root), args.jobs, socket_workers=args.starter, starter=starter
                     )
     for name, samples in figures.items():
         print(f"claim -> CLI running, {name}: {spread(samples)}  (n={len(samples)})")
