@@ -212,8 +212,9 @@ def test_real_cli_a_model_windows_wall_moves_its_session_and_leaves_other_models
         return job
 
     opus = submitted("claude-opus-4-5")
-    # a2's answer recorded (the gateway writes usage every 0.5 s): otherwise a2, unread, looks emptier
-    wait_until(lambda: "a2" in stored(layout, Store.usage), "a2's usage recorded")
+    # both readings recorded (the gateway writes them every 0.5 s; the worker's tokens come at once,
+    # with no utilization): otherwise a2, its reading not written yet, looks emptier than a1
+    wait_until(lambda: stored(layout, Store.usage).get("a2", {}).get("five_hour") == 0.5, "a2's reading recorded")
     sonnet = submitted("claude-sonnet-4-5")
     assert [(run.account, run.state) for run in runs_of(layout, opus)] == [("a1", "walled"), ("a2", "done")]
     assert [run.account for run in runs_of(layout, sonnet)] == ["a1"]
