@@ -25,6 +25,7 @@ from run import BIN, HELD, daemons, env_for, populate, spread
 
 from cl import logs
 from cl.client import call, exchange
+from cl.config import Config
 from cl.placement import choose, eligible
 from cl.processes import start_time
 from cl.registry import CredentialRegistry
@@ -134,7 +135,7 @@ def placement_throughput(root: Path, jobs: int = 10_000, accounts: int = 100, da
     walls = store.walls()
     usable = [name for name, account in registry.accounts.items() if account.usable]
     for job in store.jobs((JobState.QUEUED,)):
-        chosen = choose(eligible(usable, walls, live, 1_000), live, usage)
+        chosen = choose(eligible(usable, walls, live, 1_000), live, usage, Config().placement)
         assert chosen is not None
         store.place(job.id, chosen, limit=1_000)
         live[chosen] = live.get(chosen, 0) + 1

@@ -81,6 +81,15 @@ def test_headroom_takes_the_lowest_utilization(world: tuple) -> None:  # type: i
 
 
 @given(worlds())
+def test_pace_where_no_window_was_read_orders_as_headroom(world: tuple) -> None:  # type: ignore[type-arg]
+    """Direct mode reads no window: the default policy is then `headroom`, not the names' order."""
+    roster, walled, live, usage, max_sessions = world
+    candidates = eligible(usable(roster), walled, live, max_sessions)
+    assert choose(candidates, live, usage, "pace") == choose(candidates, live, usage, "headroom")
+    assert Config().placement == "pace"
+
+
+@given(worlds())
 def test_fill_first_packs_the_busiest_account_with_room(world: tuple) -> None:  # type: ignore[type-arg]
     roster, walled, live, usage, max_sessions = world
     candidates = eligible(usable(roster), walled, live, max_sessions)
@@ -107,15 +116,21 @@ SETTINGS = st.builds(
 )
 
 
-@given(worlds(), st.dictionaries(NAMES, SETTINGS), st.none() | st.sampled_from(["opus", "claude-sonnet-4", "gpt"]))
+@given(
+    worlds(),
+    st.dictionaries(NAMES, SETTINGS),
+    st.none() | st.sampled_from(["opus", "claude-sonnet-4", "gpt"]),
+    st.sampled_from(PLACEMENTS),
+)
 def test_never_on_a_paused_or_own_limit_full_account_or_one_that_may_not_serve_the_model(
     world: tuple,  # type: ignore[type-arg]
     settings: dict[str, AccountSettings],
     model: str | None,
+    policy: str,
 ) -> None:
     roster, walled, live, usage, max_sessions = world
     candidates = serving(eligible(usable(roster), walled, live, max_sessions, settings=settings), model, settings)
-    chosen = choose(candidates, live, usage)
+    chosen = choose(candidates, live, usage, policy)
     if chosen is None:
         return
     own = settings.get(chosen, AccountSettings(chosen))

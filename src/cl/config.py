@@ -57,9 +57,10 @@ class Config:
     """watchfiles' polling step: latency is one to two steps; idle CPU grows as it shrinks."""
     log_level: str = "info"
     max_sessions_per_account: int = 4
-    placement: str = "headroom"
-    """`headroom`: the account with the most room; `fill-first`: fill one account before the next;
-    `round-robin`: each in turn; `pace`: by the use each account's windows are projected to reach."""
+    placement: str = "pace"
+    """`pace`: by the use each account's windows are projected to reach (`headroom`'s order where
+    they say nothing apart); `headroom`: the account with the most room; `fill-first`: fill one
+    account before the next; `round-robin`: each in turn."""
     probe_interval: float = 1800.0
     """Seconds after which the gateway reads the windows of an account no session used meanwhile,
     with the CLI's own quota check (one token); 0: never."""

@@ -18,7 +18,8 @@ job that names no model, since the CLI's default may be one). Then, by policy:
   then is lost); if none has, the lowest projection (the fuller window at its reset). Each
   placement counts at once, so a herd of sessions (those of an account that just walled) spreads
   over the accounts instead of filling the emptiest. (A 7-day window's projection over days is
-  rarely under 1 for a busy fleet: it orders, it does not exclude.)
+  rarely under 1 for a busy fleet: it orders, it does not exclude.) Where the windows say nothing
+  apart (none read: direct mode, or a fresh fleet), `headroom`'s order. The default.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def choose(
     candidates: list[str],
     live: Mapping[str, int],
     usage: Mapping[str, Mapping[str, float | None]],
-    policy: str = "headroom",
+    policy: str,
     *,
     outlook: Outlook | None = None,
     move_at: float = MOVE_AT,
@@ -101,24 +102,40 @@ def choose(
     if policy == "round-robin":
         return min(candidates, key=lambda name: (usage.get(name, {}).get("last_used_at") or 0.0, name))
     if policy == "pace":
-        return min(candidates, key=functools.partial(pace, outlook or Outlook({}, live), live, move_at))
-
-    def room(name: str) -> tuple[float, int, float, str]:
-        facts = usage.get(name, {})
-        utilization = max(facts.get("five_hour") or 0.0, facts.get("seven_day") or 0.0)
-        return (utilization, live.get(name, 0), facts.get("last_used_at") or 0.0, name)
-
-    return min(candidates, key=room)
+        return min(candidates, key=functools.partial(pace, outlook or Outlook({}, live), live, usage, move_at))
+    return min(candidates, key=functools.partial(headroom, live, usage))
 
 
-def pace(outlook: Outlook, live: Mapping[str, int], move_at: float, name: str) -> tuple[bool, float, float, str]:
+def headroom(
+    live: Mapping[str, int], usage: Mapping[str, Mapping[str, float | None]], name: str
+) -> tuple[float, int, float, str]:
+    """`headroom`'s order: the lowest reported utilization, the fewest live runs, the least
+    recently used, the name."""
+    facts = usage.get(name, {})
+    utilization = max(facts.get("five_hour") or 0.0, facts.get("seven_day") or 0.0)
+    return (utilization, live.get(name, 0), facts.get("last_used_at") or 0.0, name)
+
+
+def pace(
+    outlook: Outlook,
+    live: Mapping[str, int],
+    usage: Mapping[str, Mapping[str, float | None]],
+    move_at: float,
+    name: str,
+) -> tuple[bool, float, float, tuple[float, int, float, str]]:
     """`pace`'s order: the budget that is lost first, used first. Of the accounts with room now (the
     5-hour window projected under `move_at` at its reset with one more session, the 7-day one
-    under it now), the one whose 7-day window resets soonest; then the lowest projection."""
+    under it now), the one whose 7-day window resets soonest; then the lowest projection; then, as
+    where no window was read (direct mode), `headroom`'s order."""
     sessions = live.get(name, 0) + 1
     week = outlook.standing(name, "seven_day")
     fits = outlook.projected_in(name, "five_hour", sessions) < move_at and (week is None or week.utilization < move_at)
-    return (not fits, outlook.weekly_reset(name) if fits else 0.0, outlook.projected(name, sessions), name)
+    return (
+        not fits,
+        outlook.weekly_reset(name) if fits else 0.0,
+        outlook.projected(name, sessions),
+        headroom(live, usage, name),
+    )
 
 
 def at_once(config: Config, held: int = 0) -> int | None:
