@@ -23,11 +23,13 @@ The policies, as cl runs them (every one keeps cl's moves in flight at a wall):
 Printed per policy: turns (answered requests) completed; session-visible 429s (walls the gateway
 passed to a CLI: no account had room for it at once), and those of them while the fake API says
 some account had room; the time sessions spent waiting (a walled turn until its session's next
-answer, plus each job's time queued before its first run, but for the first `SESSIONS` jobs: all
-accounts have room then, and they are placed one behind the other's launch), in simulated hours; moves (in flight
-at a wall, and early), the cold-cache tokens the moves cost (the prompt cache the new account
-wrote for the moved runs) and cold-cache requests per move; the first time any session waited
-(simulated hours from the start), and the turns completed before it. Nothing leaves the machine.
+answer; a request held at the gateway for its account's reset, where the rescuer found that
+cheaper than a move; each job's time queued before its first run, but for the first `SESSIONS`
+jobs: all accounts have room then, and they are placed one behind the other's launch), in
+simulated hours; moves (in flight at a wall, and early), the cold-cache tokens the moves cost
+(the prompt cache the new account wrote for the moved runs) and cold-cache requests per move;
+the first time any session waited (simulated hours from the start), and the turns completed
+before it. Nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ import argparse
 import bisect
 import contextlib
 import dataclasses
+import datetime as dt
 import json
+import re
 import sys
 import tempfile
 import time
@@ -127,7 +131,19 @@ def simulate(policy: str, five_hour: float, root: Path) -> Outcome:
         start = time.time()
         drive(layout, start + week)
         counters = gateway.gateway.request({"request": "metrics"})["counters"]
-    return measured(layout, api, start, five_hour, counters, resets=Resets(resets, budget7))
+        at_resets = waits_for_resets(gateway.rescue.log())
+    return measured(layout, api, start, five_hour, counters, resets=Resets(resets, budget7), at_resets=at_resets)
+
+
+def waits_for_resets(log: str) -> list[tuple[float, float]]:
+    """The requests the rescuer had wait at the gateway for their account's reset (cheaper than a
+    move): when, and how long, from its log lines."""
+    waits = []
+    for line in log.splitlines():
+        if "session waits for its account's reset" in line and (found := re.search(r"wait_seconds=([0-9.]+)", line)):
+            at = dt.datetime.fromisoformat(line.split(" ", 1)[0]).timestamp()
+            waits.append((at, float(found.group(1))))
+    return waits
 
 
 def drive(layout: Layout, until: float) -> None:
@@ -168,9 +184,17 @@ class Resets:
 
 
 def measured(
-    layout: Layout, api: FakeApi, start: float, five_hour: float, counters: dict[str, int], *, resets: Resets
+    layout: Layout,
+    api: FakeApi,
+    start: float,
+    five_hour: float,
+    counters: dict[str, int],
+    *,
+    resets: Resets,
+    at_resets: list[tuple[float, float]],
 ) -> Outcome:
-    """The week's figures, from the fake API's log, the store and the gateway's counters."""
+    """The week's figures, from the fake API's log, the store, the gateway's counters, and the
+    waits for a reset (`at_resets`: when, how long) the rescuer chose over a move."""
     hours = 5 / five_hour
     requests = [r for r in json_lines(api.log) if "cold" in r and not r["probe"]]  # quota checks are not turns
     for r in requests:
@@ -186,7 +210,7 @@ def measured(
     by_job: dict[int, list[dict[str, Any]]] = {}
     for run in runs:
         by_job.setdefault(run["job_id"], []).append(run)
-    waits: list[tuple[float, float]] = []  # (since, how long)
+    waits = list(at_resets)  # (since, how long)
     seen: list[float] = []  # when a CLI saw a wall
     for job, its in by_job.items():
         first_ones = job <= SESSIONS  # submitted at once at the start, each placed behind the others' launches

@@ -305,6 +305,39 @@ def test_a_session_holds_when_its_window_resets_before_its_account_would_use_it_
     assert "before it would be used up" in held[0]
 
 
+@pytest.mark.parametrize(("reset_in", "moved"), [(2.0, False), (200.0, True)])
+def test_a_wall_that_resets_sooner_than_a_move_repays_is_waited_out_on_the_same_account(
+    reset_in: float, moved: bool, holding: Gateway, layout: Layout, planted: Planted
+) -> None:
+    """The session's first turn wrote its context (100 tokens) to a1's prompt cache, then it
+    idled: it spent 125 input tokens' worth (a cache write costs 1.25 an input token) in 8 s or
+    more, so a move (its context written cold, 1.15 more a token than read warm) costs it 7 s or
+    more of its work. Its next request meets a1's wall: one that resets 2 s on is waited out at
+    the gateway, and the request goes on on a1 at the reset; one 200 s on is not: it moves to a2."""
+    a1 = account(layout, planted, "a1")
+    a2 = account(layout, planted, "a2")
+    assert cl(layout, "accounts", "pause", "a2").returncode == 0  # the first turn on a1
+    started = time.time()
+    until: list[float] = []
+
+    def idle_then_walled() -> None:
+        wait_until(lambda: time.time() > started + 8, "the session to have idled", timeout=60)
+        until.append(time.time() + reset_in)
+        holding.api.wall(a1, until[0])
+        assert cl(layout, "accounts", "resume", "a2").returncode == 0
+
+    job = two_turns(holding, layout, idle_then_walled)
+    requests = holding.api.messages()
+    then = a2[-6:] if moved else a1[-6:]
+    assert [(r["cred_tail"], r["walled"]) for r in requests] == [(a1[-6:], False), (a1[-6:], True), (then, False)]
+    waits = [line for line in holding.rescue.log().splitlines() if "session waits for its account's reset" in line]
+    assert [run.account for run in runs_of(layout, job)][-1] == ("a2" if moved else "a1")
+    assert len(waits) == (0 if moved else 1), waits
+    if not moved:
+        assert requests[2]["t"] >= until[0]  # sent again at the reset, not before
+        assert json.loads(cl(layout, "job", str(job), "--json").stdout)["moves"] == []
+
+
 def test_the_apis_warning_moves_a_session_early(holding: Gateway, layout: Layout, planted: Planted) -> None:
     a1 = account(layout, planted, "a1")
     a2 = account(layout, planted, "a2")

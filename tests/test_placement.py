@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from cl.config import PLACEMENTS, Config
 from cl.credentials import Account, AccountState
-from cl.pacing import Outlook, clearly_emptier, early_move
+from cl.pacing import MAX_WAIT_FOR_RESET, Outlook, clearly_emptier, early_move, move_cost, worth_waiting
 from cl.placement import Placer, at_once, choose, eligible, limit, serving
 from cl.states import RESCUABLE, RunState
 from cl.store import AccountSettings, Facts, NoRoom, Store, WallRecord, Window
@@ -359,6 +359,28 @@ class TestEarlyMoves:
             False,
             "a1 is under move_at (95%)",
         )
+
+    def test_a_wall_that_resets_sooner_than_a_move_repays_holds(self) -> None:
+        """a1 at 96%, used up in 2 minutes, resets in 6: the 4 minutes at the wall cost the session
+        less than a move that costs it 5 minutes of its work, more than one that costs 3."""
+        outlook = Outlook(windows(a1=(0.96, 0.1, 1.2)), {"a1": 1}, NOW)
+        move, reason = early_move(outlook, "a1", 0.95, cost=300.0)
+        assert not move
+        assert reason.startswith("held: a1 at 96% of 5h, resets in 6m00s, ")  # 4 minutes, give or take a float's
+        assert reason.endswith(" after it would be used up, less than a move costs (5m00s)")
+        assert early_move(outlook, "a1", 0.95, cost=180.0)[0]
+        assert early_move(outlook, "a1", 0.95)[0]  # a cost not measured: it moves
+
+    def test_a_moves_cost_is_the_sessions_context_written_cold_at_the_rate_it_spends(self) -> None:
+        # 1,000 tokens of context; 9,000 read and 1,000 written in 100 s: 2,150 tokens' worth, so
+        # the 1,150 more its context costs cold than warm are 53.5 s of its work
+        assert move_cost(1000, 9000, 1000, 100.0) == pytest.approx(1150 * 100 / 2150)
+        assert move_cost(None, 9000, 1000, 100.0) is None  # no answer measured yet
+        assert move_cost(1000, 0, 0, 100.0) is None
+        assert worth_waiting(50.0, 60.0)
+        assert not worth_waiting(70.0, 60.0)
+        assert not worth_waiting(50.0, None)
+        assert not worth_waiting(MAX_WAIT_FOR_RESET + 1, 10_000.0)  # within the CLI's own patience
 
     def test_the_apis_warning_counts_as_crossing(self) -> None:
         outlook = Outlook(windows(a1=(0.8, 3, 1.0)), {"a1": 1}, NOW)

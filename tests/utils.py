@@ -287,6 +287,10 @@ class FakeApi:
         """The credential's answers are billed as paid overage from now on."""
         self.post("/_fake/overage", {"key": credential})
 
+    def wall(self, credential: str, until: float) -> None:
+        """The credential's 5-hour window is spent until `until`, its reset; answered after."""
+        self.post("/_fake/wall", {"key": credential, "until": until})
+
     def model_wall(self, credential: str, model: str, claim: str) -> None:
         """The credential's requests for models whose name holds `model` meet `claim`'s wall."""
         self.post("/_fake/model-wall", {"key": credential, "model": model, "claim": claim})

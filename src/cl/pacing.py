@@ -89,17 +89,47 @@ class Outlook:
         return max(0.0, 1.0 - window.utilization) / window.per_hour * 3600 if window.per_hour > 0 else math.inf
 
 
+CACHE_WRITE, CACHE_READ = 1.25, 0.1
+"""What a prompt-cache token costs against an input token, written and read (the API's published
+prices): a move writes the session's whole context cold on the new account, where it would have
+been read warm."""
+MAX_WAIT_FOR_RESET = 300.0
+"""Seconds a request may wait at the gateway for its account's reset at most, however costly a
+move: well inside the CLI's own ten minutes for an answer."""
+
+
+def move_cost(context: int | None, read: int, written: int, running: float) -> float | None:
+    """Seconds of the session's own work a move costs: its `context` (tokens, its last answer's
+    cache read and written) written cold instead of read warm, at the rate the session has spent
+    (`read` and `written` cache tokens in its `running` seconds, priced as the API prices them).
+    None: not measured yet."""
+    spent = CACHE_WRITE * written + CACHE_READ * read
+    if not context or spent <= 0 or running <= 0:
+        return None
+    return (CACHE_WRITE - CACHE_READ) * context * running / spent
+
+
+def worth_waiting(wait: float, cost: float | None) -> bool:
+    """Whether a session should wait `wait` seconds for its account's reset rather than move: the
+    wait is shorter than what the move would cost it (`move_cost`), and than `MAX_WAIT_FOR_RESET`."""
+    return cost is not None and 0 < wait <= min(cost, MAX_WAIT_FOR_RESET)
+
+
 CLEAR_ROOM = 0.2
 """How much emptier another account must be for a session to move early to it: it must be
 clearly better, not a coin toss that moves it back next turn."""
 
 
-def early_move(outlook: Outlook, account: str, move_at: float, warned: str | None = None) -> tuple[bool, str]:
+def early_move(
+    outlook: Outlook, account: str, move_at: float, warned: str | None = None, cost: float | None = None
+) -> tuple[bool, str]:
     """Whether a session on `account` should move before its next turn, and why. Its fullest
     window past `move_at` (or `warned`, the window the API says `allowed_warning` about) decides:
     the session holds if that window resets before the account's own burn rate would use it up
-    (a move costs its prompt cache, cold on the new account, and buys nothing then); else it moves.
-    A window whose rate is not measured yet is taken to be used up first."""
+    (a move costs its prompt cache, cold on the new account, and buys nothing then), or if the
+    wait from the wall to the reset is shorter than what a move costs it (`cost`, seconds of its
+    work: `move_cost`; it then waits at the wall, `worth_waiting`); else it moves. A window whose
+    rate is not measured yet is taken to be used up first."""
     crossed = [
         (window.utilization, period)
         for period in PERIODS
@@ -116,6 +146,10 @@ def early_move(outlook: Outlook, account: str, move_at: float, warned: str | Non
         return False, f"held: {said}, before it would be used up" + (
             f" (in {span(to_wall)})" if to_wall != math.inf else ""
         )
+    if to_wall is not None and worth_waiting(left - to_wall, cost):
+        assert cost is not None
+        waited = span(left - to_wall)
+        return False, f"held: {said}, {waited} after it would be used up, less than a move costs ({span(cost)})"
     return True, f"{MOVED_EARLY}: {said}"
 
 

@@ -33,7 +33,7 @@ from cl import daemon, pacing, placement, session_files
 from cl.config import Config
 from cl.moments import iso_utc
 from cl.processes import alive
-from cl.protocol import Handler, Peer, Reply, Request, RequestError, id_field
+from cl.protocol import Handler, Peer, Reply, Request, RequestError, id_field, whole_number
 from cl.registry import CredentialRegistry
 from cl.service import Service
 from cl.states import RESCUABLE, JobState, RunState
@@ -304,12 +304,18 @@ class Rescuer(Service):
         utilization cross `move_at` there, or the API warn of it), the session's next request
         waits and its account has not walled: it moves only if the store's windows say it should
         (`pacing.early_move`) and to an account with clearly more room; else the reply is `hold`,
-        with the reason."""
+        with the reason.
+
+        With `context` (the tokens of the session's last answer, read and written from the
+        prompt cache), a move is weighed against waiting (`pacing.move_cost`, at the rate the
+        session has spent since its first run began): a wall that resets sooner than the move
+        would repay (`pacing.worth_waiting`) is waited out, the reply `wait_until` its reset."""
         if peer.uid not in (0, os.getuid()):
             raise RequestError("forbidden", "only cl-gateway moves a session in flight")
         early = request.get("early")
         if early is not None and early not in pacing.PERIODS:
             raise RequestError("bad-request", f'"early" must be one of {", ".join(pacing.PERIODS)}')
+        context = whole_number(request, "context", 0)
         run = await self.store.get_run(id_field(request, "run"))
         if run is None or run.state != RunState.RUNNING:
             raise RequestError("not-found", "no such running run")
@@ -319,10 +325,20 @@ class Rescuer(Service):
         reason = None
         if job is None:
             raise RequestError("not-found", "no such running run")
+        asked_at = time.time()
+        runs = await self.store.job_runs(job.id)  # the session's, on every account it ran on
+        read, written = sum(r.cache_read_tokens for r in runs), sum(r.cache_creation_tokens for r in runs)
+        cost = pacing.move_cost(context, read, written, asked_at - min(r.created_at for r in runs))
         if early is not None:
-            usable, reason = self._early(run, job, facts, usable, early)
+            usable, reason = self._early(run, job, facts, usable, early, cost=cost)
         elif not facts.walled_for(run.account, job.model) and run.account in usable:
             raise RequestError("not-walled", f"account {run.account} is not walled, and may still be used")
+        elif (reset := _reset(facts, run.account)) is not None and pacing.worth_waiting(reset - asked_at, cost):
+            assert cost is not None
+            log.info("session waits for its account's reset", job=job.id, run=run.id, account=run.account,
+                     until=iso_utc(reset), wait_seconds=round(reset - asked_at, 3),
+                     move_cost_seconds=round(cost, 3))  # fmt: skip
+            return {"wait_until": reset}
         placer = placement.Placer(
             usable, facts, self.config.max_sessions_per_account, self.config.placement, move_at=self.config.move_at
         )
@@ -344,11 +360,13 @@ class Rescuer(Service):
         await self.supervisor.tell_peer(now.id)
         return {"run": now.id, "account": now.account}
 
-    def _early(self, run: Run, job: Job, facts: Facts, usable: list[str], warned: str) -> tuple[list[str], str]:
+    def _early(
+        self, run: Run, job: Job, facts: Facts, usable: list[str], warned: str, *, cost: float | None
+    ) -> tuple[list[str], str]:
         """The accounts an early move may go to, and its reason; `hold` (with the reason, said
-        once per window) if the session should stay."""
+        once per window) if the session should stay (`cost`: what a move costs it, in seconds)."""
         outlook = pacing.Outlook(facts.windows, facts.live)
-        move, reason = pacing.early_move(outlook, run.account, self.config.move_at, warned)
+        move, reason = pacing.early_move(outlook, run.account, self.config.move_at, warned, cost)
         emptier = functools.partial(pacing.clearly_emptier, outlook, facts.live, run.account, self.config.move_at)
         targets = [name for name in usable if name != run.account and emptier(name)] if move else []
         if not targets:
@@ -393,6 +411,13 @@ class Rescuer(Service):
                 for job in waiting.jobs
             ],
         }
+
+
+def _reset(facts: Facts, account: str) -> float | None:
+    """When `account`'s standing wall resets, if the API walled it for a window (5-hour, 7-day)
+    and named the reset (not a refused credential, a paid overage or a home cut off)."""
+    wall = facts.walls.get(account)
+    return wall.reset_at if wall is not None and wall.source == "api" and wall.kind in pacing.PERIODS else None
 
 
 def _verify_moves(store: Store, host: str | None) -> list[tuple[Run, bool]]:

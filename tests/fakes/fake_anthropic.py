@@ -13,7 +13,8 @@ credential's last six characters only. `POST /_fake/limit {"key", "limit"}` chan
 whose name holds `model` (claim `seven_day_opus`, say), and only those; `POST /_fake/refuse
 {"key", "status", "times"}` answers its next `times` requests 529 (overloaded) or 429 without
 the unified headers (the API limiting requests, not the account's usage), `retry-after: 1`;
-`POST /_fake/overage {"key"}` answers that credential's requests as billed overage
+`POST /_fake/wall {"key", "until"}` walls that credential's 5-hour window until then (its
+reset), and answers it after; `POST /_fake/overage {"key"}` answers that credential's requests as billed overage
 (`anthropic-ratelimit-unified-overage-in-use: true`: its windows used up, overage allowed);
 `POST /_fake/windows {"key", "five_hour": [utilization, reset], "seven_day": [...], "status"}`
 makes that credential's answers carry those windows (and that unified status: `allowed_warning`).
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import socket
 import sys
@@ -76,6 +78,8 @@ class FakeAnthropic(ThreadingHTTPServer):
         self.log_path = log
         self.limits = limits
         self.model_walls: dict[str, tuple[str, str]] = {}
+        self.walls_until: dict[str, float] = {}
+        """Credential -> when its wall (`/_fake/wall`) resets."""
         """Credential -> (part of a model's name, the window's claim): that model's requests wall."""
         self.refusals: dict[str, list[int]] = {}
         """Credential -> the statuses its next requests are answered with (529, or a plain 429)."""
@@ -178,6 +182,8 @@ class Handler(BaseHTTPRequestHandler):
         with self.server.lock:
             if path == "/_fake/limit":
                 self.server.limits[body["key"]] = body["limit"]
+            elif path == "/_fake/wall":
+                self.server.walls_until[body["key"]] = body["until"]
             elif path == "/_fake/model-wall":
                 self.server.model_walls[body["key"]] = (body["model"], body["claim"])
             elif path == "/_fake/refuse":
@@ -243,9 +249,11 @@ class Handler(BaseHTTPRequestHandler):
             window = self.server.model_walls.get(credential)
             if not walled and window is not None and window[0] in str(body.get("model", "")):
                 walled, claim = True, window[1]
+            until = self.server.walls_until.get(credential, 0.0)
+            walled = walled or until > time.time()
             if not walled and body.get("max_tokens") != 1:  # a one-token quota check uses nothing
                 self.server.counts[credential] = used + 1
-        reset = int(time.time()) + self.server.reset_in
+        reset = math.ceil(until) if until > time.time() else int(time.time()) + self.server.reset_in
         self.server.record(
             {
                 "t": time.time(),

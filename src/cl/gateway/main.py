@@ -29,7 +29,7 @@ from cl.config import Config, ConfigError, load_config
 from cl.credentials import CredentialKind
 from cl.gateway import tls
 from cl.gateway.homes import Homes
-from cl.gateway.proxy import MAX_BODY, Proxy, Recorder
+from cl.gateway.proxy import MAX_BODY, Proxy, Recorder, WaitUntil
 from cl.gateway.refresher import Refresher
 from cl.protocol import Handler, Peer, Reply, Request
 from cl.registry import CredentialRegistry
@@ -179,10 +179,12 @@ class Gateway:
                 log.debug("idle accounts not read: state store unavailable", error=str(exc))
             await asyncio.sleep(min(interval / 4, 60.0))
 
-    async def _move(self, run: Run, early: str | None) -> Run | None:
+    async def _move(self, run: Run, early: str | None, context: int | None) -> Run | WaitUntil | None:
         """The rescuer's decision on a session whose request met a wall, or whose account crossed
-        `move_at` in the window `early`: the run it goes on as."""
-        request = {"request": "move-now", "run": run.id, **({"early": early} if early else {})}
+        `move_at` in the window `early` (`context`: the session's tokens, for what a move costs
+        it): the run it goes on as, or the reset to wait for."""
+        request = {"request": "move-now", "run": run.id, **({"early": early} if early else {}),
+                   **({"context": context} if context else {})}  # fmt: skip
         try:
             reply = await asyncio.to_thread(call, self.config.socket_path("rescue"), request, MOVE_TIMEOUT)
         except (DaemonUnreachable, ValueError) as exc:
@@ -192,6 +194,8 @@ class Gateway:
             if reply.get("code") not in ("no-room", "hold"):
                 log.warning("the rescuer did not move a session", run=run.id, job=run.job_id, error=reply.get("error"))
             return None
+        if "wait_until" in reply:
+            return WaitUntil(float(reply["wait_until"]))
         return await self.store.get_run(int(reply["run"]))
 
     async def _metrics(self, _request: Request, _peer: Peer) -> Reply:

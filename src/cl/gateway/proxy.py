@@ -14,8 +14,11 @@ decides on the store's windows; the request goes on as the run it answers.
 A 429 whose unified status is `rejected` walls the account until the reset the API names (a 401,
 its credential refused, benches it for `wall_retry`). The rescuer is asked to move the session
 in flight (its decision, a live move in the store); if it does, the same request goes again on
-the new account and the CLI never sees the 429. If no account has room, the 429 goes through:
-the CLI's turn ends on the wall and the worker holds it.
+the new account and the CLI never sees the 429. If the wall resets sooner than a move would repay
+the session (its context written cold on the new account: the rescuer weighs it, from the
+context its last answer measured), the request waits for the reset instead and goes again on the
+same account. If no account has room, the 429 goes through: the CLI's turn ends on the wall and
+the worker holds it.
 A response streams through chunk by chunk, as it arrives; an error body is buffered (bounded)
 and scrubbed of every known secret. Bodies are never logged.
 
@@ -90,9 +93,18 @@ NOT_FROM_THE_CLI = SET_BY_THE_RELAY | {
 """Request headers never passed on: the CLI's capability, and what upstream must decide itself."""
 NOT_TO_THE_CLI = SET_BY_THE_RELAY | {"set-cookie", "authorization", "x-api-key", "www-authenticate", "content-encoding"}
 
-Mover = Callable[[Run, str | None], Awaitable[Run | None]]
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WaitUntil:
+    """The rescuer's answer that a session should wait for its account's reset, at `at`, and not move."""
+
+    at: float
+
+
+Mover = Callable[[Run, str | None, int | None], Awaitable[Run | WaitUntil | None]]
 """Ask the rescuer to move a running run's session in flight (early: the window of its account
-past `move_at`, before its next request goes out); the run it goes on as, or None."""
+past `move_at`, before its next request goes out; with the session's context in tokens, for the
+move's cost); the run it goes on as, a wait for the reset, or None."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -187,6 +199,9 @@ class Proxy:
         """Account -> the API's last word on its windows (for early moves)."""
         self._held: dict[int, float] = {}
         """Run -> its window's utilization when the rescuer last kept it where it is."""
+        self._context: dict[int, int] = {}
+        """Job -> the prompt-cache tokens of its session's last answer (read and written): what a
+        move would write cold on the new account."""
         self.homes: Homes | None = None
         """Set when this host reaches the fleet's accounts (`fleet_listen`)."""
         self.counts = Counts()
@@ -208,6 +223,10 @@ class Proxy:
             if not isinstance(outcome, Refused):
                 return outcome
             moved = await self._moved(run, digest) if moves < MAX_MOVES else None
+            if isinstance(moved, WaitUntil):  # its account's reset comes sooner than a move repays
+                await asyncio.sleep(max(0.0, moved.at - time.time()))
+                moves += 1
+                continue
             if moved is None:
                 if outcome.answer is None:
                     return _error(529, "overloaded_error", "no account can serve this session now")
@@ -381,7 +400,7 @@ class Proxy:
         if self._held.get(run.id, -1.0) >= used:
             return run
         await self._recorder.flush()  # the rescuer decides on the windows the store holds
-        if (moved := await self._move(run, window)) is None:
+        if not isinstance(moved := await self._move(run, window, self._context.get(run.job_id)), Run):
             if len(self._held) >= HELD_KEPT:
                 self._held.clear()  # at worst, a question asked again
             self._held[run.id] = used
@@ -452,10 +471,11 @@ class Proxy:
             account = self._registry.accounts.get(name)
         return account
 
-    async def _moved(self, run: Run, digest: str) -> Run | None:
+    async def _moved(self, run: Run, digest: str) -> Run | WaitUntil | None:
         """The run the session goes on as on another account: the rescuer's move, or the one it
-        made already for a request of the same CLI that met the wall at the same time."""
-        if (moved := await self._move(run, None)) is not None:
+        made already for a request of the same CLI that met the wall at the same time; or the
+        rescuer's word to wait for the account's reset."""
+        if (moved := await self._move(run, None, self._context.get(run.job_id))) is not None:
             return moved
         now = await self._run_holding(digest)
         return now if now is not None and now.id != run.id and now.account != run.account else None
@@ -507,7 +527,12 @@ class Proxy:
                 log.info("the CLI went away during its answer", run=run.id if run else None)
                 response.force_close()
         if run is not None:
-            self._recorder.cache(run.id, *limits.cache_tokens(bytes(head)))
+            read, written = limits.cache_tokens(bytes(head))
+            self._recorder.cache(run.id, read, written)
+            if read + written:
+                if len(self._context) >= HELD_KEPT and run.job_id not in self._context:
+                    self._context.clear()  # at worst, a move not weighed against a wait
+                self._context[run.job_id] = read + written
         return response
 
 
