@@ -113,6 +113,7 @@ def simulate(policy: str, five_hour: float, root: Path) -> Outcome:
         "CL_PROBE_INTERVAL": f"{1800 * scale:.6f}",
         "CL_RESET_JITTER": "0",
         "CL_WALL_RETRY": f"{300 * scale:.6f}",
+        "CL_MAX_WAIT_FOR_RESET": f"{300 * scale:.6f}",
         "CL_MAX_MOVES_PER_HOUR": "1000",
         "CL_MAX_SESSIONS_PER_ACCOUNT": str(SESSIONS),
     }

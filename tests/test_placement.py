@@ -13,9 +13,9 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from cl.config import PLACEMENTS, Config
+from cl.config import MAX_WAIT_FOR_RESET, PLACEMENTS, Config
 from cl.credentials import Account, AccountState
-from cl.pacing import MAX_WAIT_FOR_RESET, Outlook, clearly_emptier, early_move, move_cost, worth_waiting
+from cl.pacing import Outlook, clearly_emptier, early_move, move_cost, worth_waiting
 from cl.placement import Placer, at_once, choose, eligible, limit, serving
 from cl.states import RESCUABLE, RunState
 from cl.store import AccountSettings, Facts, NoRoom, Store, WallRecord, Window

@@ -24,6 +24,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 PLACEMENTS = ("headroom", "fill-first", "round-robin", "pace")
 MOVE_AT = 0.95
 """The utilization of a window past which a session there moves early, if another account has clearly more room."""
+MAX_WAIT_FOR_RESET = 300.0
+"""Seconds a request may wait at the gateway for its account's reset, however costly a move: well
+inside the CLI's own ten minutes for an answer."""
 GATEWAY_OWNS = frozenset(
     {"ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN", "CLAUDE_CONFIG_DIR"}
 )
@@ -69,6 +72,9 @@ class Config:
     move_at: float = MOVE_AT
     """A window's utilization past which its sessions move early, at their next request, to an account
     with clearly more room (gateway mode); 1: never before a wall."""
+    max_wait_for_reset: float = MAX_WAIT_FOR_RESET
+    """Seconds at most a request waits at the gateway for its account's reset, where that costs the
+    session less than a move; 0: never (well inside the CLI's ten minutes for an answer)."""
     claude_bin: str = "claude"
     claude_args: tuple[str, ...] = ()
     """Extra arguments for every CLI run (permission mode, allowed tools, ...)."""
@@ -397,6 +403,7 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "claude_args": _claude_args,
     "worker": _worker,
     "wall_retry": _positive_float,
+    "max_wait_for_reset": _seconds_or_zero,
     "resume_prompt": _prompt,
     "live_wait": _seconds_or_zero,
     "reset_jitter": _seconds_or_zero,

@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Mapping
 
+from cl.config import MAX_WAIT_FOR_RESET
 from cl.gateway.limits import WINDOWS
 from cl.moments import span
 from cl.store import MOVED_EARLY, Window
@@ -93,9 +94,6 @@ CACHE_WRITE, CACHE_READ = 1.25, 0.1
 """What a prompt-cache token costs against an input token, written and read (the API's published
 prices): a move writes the session's whole context cold on the new account, where it would have
 been read warm."""
-MAX_WAIT_FOR_RESET = 300.0
-"""Seconds a request may wait at the gateway for its account's reset at most, however costly a
-move: well inside the CLI's own ten minutes for an answer."""
 
 
 def move_cost(context: int | None, read: int, written: int, running: float) -> float | None:
@@ -109,10 +107,10 @@ def move_cost(context: int | None, read: int, written: int, running: float) -> f
     return (CACHE_WRITE - CACHE_READ) * context * running / spent
 
 
-def worth_waiting(wait: float, cost: float | None) -> bool:
+def worth_waiting(wait: float, cost: float | None, most: float = MAX_WAIT_FOR_RESET) -> bool:
     """Whether a session should wait `wait` seconds for its account's reset rather than move: the
-    wait is shorter than what the move would cost it (`move_cost`), and than `MAX_WAIT_FOR_RESET`."""
-    return cost is not None and 0 < wait <= min(cost, MAX_WAIT_FOR_RESET)
+    wait is shorter than what the move would cost it (`move_cost`), and at `most` seconds."""
+    return cost is not None and 0 < wait <= min(cost, most)
 
 
 CLEAR_ROOM = 0.2
@@ -121,14 +119,20 @@ clearly better, not a coin toss that moves it back next turn."""
 
 
 def early_move(
-    outlook: Outlook, account: str, move_at: float, warned: str | None = None, cost: float | None = None
+    outlook: Outlook,
+    account: str,
+    move_at: float,
+    warned: str | None = None,
+    *,
+    cost: float | None = None,
+    most: float = MAX_WAIT_FOR_RESET,
 ) -> tuple[bool, str]:
     """Whether a session on `account` should move before its next turn, and why. Its fullest
     window past `move_at` (or `warned`, the window the API says `allowed_warning` about) decides:
     the session holds if that window resets before the account's own burn rate would use it up
     (a move costs its prompt cache, cold on the new account, and buys nothing then), or if the
     wait from the wall to the reset is shorter than what a move costs it (`cost`, seconds of its
-    work: `move_cost`; it then waits at the wall, `worth_waiting`); else it moves. A window whose
+    work: `move_cost`; it then waits at the wall, at `most` seconds: `worth_waiting`); else it moves. A window whose
     rate is not measured yet is taken to be used up first."""
     crossed = [
         (window.utilization, period)
@@ -146,7 +150,7 @@ def early_move(
         return False, f"held: {said}, before it would be used up" + (
             f" (in {span(to_wall)})" if to_wall != math.inf else ""
         )
-    if to_wall is not None and worth_waiting(left - to_wall, cost):
+    if to_wall is not None and worth_waiting(left - to_wall, cost, most):
         assert cost is not None
         waited = span(left - to_wall)
         return False, f"held: {said}, {waited} after it would be used up, less than a move costs ({span(cost)})"

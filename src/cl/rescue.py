@@ -333,7 +333,9 @@ class Rescuer(Service):
             usable, reason = self._early(run, job, facts, usable, early, cost=cost)
         elif not facts.walled_for(run.account, job.model) and run.account in usable:
             raise RequestError("not-walled", f"account {run.account} is not walled, and may still be used")
-        elif (reset := _reset(facts, run.account)) is not None and pacing.worth_waiting(reset - asked_at, cost):
+        elif (reset := _reset(facts, run.account)) is not None and pacing.worth_waiting(
+            reset - asked_at, cost, self.config.max_wait_for_reset
+        ):
             assert cost is not None
             log.info("session waits for its account's reset", job=job.id, run=run.id, account=run.account,
                      until=iso_utc(reset), wait_seconds=round(reset - asked_at, 3),
@@ -366,7 +368,8 @@ class Rescuer(Service):
         """The accounts an early move may go to, and its reason; `hold` (with the reason, said
         once per window) if the session should stay (`cost`: what a move costs it, in seconds)."""
         outlook = pacing.Outlook(facts.windows, facts.live)
-        move, reason = pacing.early_move(outlook, run.account, self.config.move_at, warned, cost)
+        most = self.config.max_wait_for_reset
+        move, reason = pacing.early_move(outlook, run.account, self.config.move_at, warned, cost=cost, most=most)
         emptier = functools.partial(pacing.clearly_emptier, outlook, facts.live, run.account, self.config.move_at)
         targets = [name for name in usable if name != run.account and emptier(name)] if move else []
         if not targets:
