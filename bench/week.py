@@ -1,4 +1,4 @@
-"""A simulated week (`python bench/week.py [--quick] [--rounds N] [--policies a,b]`): five
+"""A simulated week (`python bench/week.py [--quick] [--rounds N] [--policies a,b]`): six
 placement policies on the same workload, one after the other in one run (with `--rounds`, N
 weeks each, the policies in turn each round, and the median week of each printed), each with
 the real daemons (cl-balancer, cl-rescue, cl-gateway), their workers and the fake CLI, against
@@ -18,7 +18,10 @@ The policies, as cl runs them (every one keeps cl's moves in flight at a wall):
 * `round-robin`: each account in turn, as CLIProxyAPI does;
 * `switch-at-0.98`: fill one account until 98%, then switch, sessions too, as teamclaude does
   (fill-first with `pause_at = 0.98` on every account and `move_at = 0.98`);
-* `pace`: `placement = "pace"` and early moves at `move_at = 0.95`.
+* `pace`: `placement = "pace"` and early moves at `move_at = 0.95`, and a request waiting for its
+  account's reset where that costs the session less than a move (`max_wait_for_reset`, scaled:
+  the peers move at every wall);
+* `pace-never-waiting`: `pace`, moving at every wall as the peers do (`max_wait_for_reset = 0`).
 
 Printed per policy: turns (answered requests) completed; session-visible 429s (walls the gateway
 passed to a CLI: no account had room for it at once), and those of them while the fake API says
@@ -70,12 +73,15 @@ QUEUED = 0.25
 WEEK = 33.6
 """Five-hour windows in a week."""
 
+NO_WAIT = {"CL_MAX_WAIT_FOR_RESET": "0"}
+"""The peers move a session at its wall whatever the reset (cl's wait for a near reset is not theirs)."""
 POLICIES: dict[str, dict[str, str]] = {
-    "headroom": {"CL_PLACEMENT": "headroom", "CL_MOVE_AT": "1"},
-    "fill-first": {"CL_PLACEMENT": "fill-first", "CL_MOVE_AT": "1"},
-    "round-robin": {"CL_PLACEMENT": "round-robin", "CL_MOVE_AT": "1"},
-    "switch-at-0.98": {"CL_PLACEMENT": "fill-first", "CL_MOVE_AT": "0.98"},
+    "headroom": {"CL_PLACEMENT": "headroom", "CL_MOVE_AT": "1", **NO_WAIT},
+    "fill-first": {"CL_PLACEMENT": "fill-first", "CL_MOVE_AT": "1", **NO_WAIT},
+    "round-robin": {"CL_PLACEMENT": "round-robin", "CL_MOVE_AT": "1", **NO_WAIT},
+    "switch-at-0.98": {"CL_PLACEMENT": "fill-first", "CL_MOVE_AT": "0.98", **NO_WAIT},
     "pace": {"CL_PLACEMENT": "pace", "CL_MOVE_AT": "0.95"},
+    "pace-never-waiting": {"CL_PLACEMENT": "pace", "CL_MOVE_AT": "0.95", **NO_WAIT},
 }
 PAUSE_AT = {"switch-at-0.98": 0.98}
 
@@ -92,6 +98,8 @@ class Outcome:
     cold_per_move: float
     first_wait_hours: float | None
     turns_before_wait: int
+    waits_for_reset: int
+    """Requests that waited at the gateway for their account's reset rather than move."""
     unused_at_resets: int
     """Units of 7-day budget the accounts still had when their weeks reset, before the first wait:
     lost for good, what using the soonest reset first could have added by then."""
@@ -107,7 +115,6 @@ def simulate(policy: str, five_hour: float, root: Path) -> Outcome:
     layout = Layout(root)
     args = ["--budget", f"five_hour={five_hour}:{budget5}", "--budget", f"seven_day={week}:{budget7}"]
     env = {
-        **POLICIES[policy],
         "CL_LOG_LEVEL": "info",
         "CL_BURN_STEP": f"{60 * scale:.6f}",
         "CL_PROBE_INTERVAL": f"{1800 * scale:.6f}",
@@ -116,6 +123,7 @@ def simulate(policy: str, five_hour: float, root: Path) -> Outcome:
         "CL_MAX_WAIT_FOR_RESET": f"{300 * scale:.6f}",
         "CL_MAX_MOVES_PER_HOUR": "1000",
         "CL_MAX_SESSIONS_PER_ACCOUNT": str(SESSIONS),
+        **POLICIES[policy],
     }
     with contextlib.ExitStack() as stack:
         api = stack.enter_context(fake_api_running(root, *args, "--latency", str(LATENCY)))
@@ -240,6 +248,7 @@ def measured(
         cold_per_move=cold / len(moves) if moves else 0.0,
         first_wait_hours=(first - start) * hours if first is not None else None,
         turns_before_wait=sum(1 for t in answered if first is None or t < first),
+        waits_for_reset=len(at_resets),
         unused_at_resets=resets.unused_before(requests, first),
     )
 
@@ -269,7 +278,7 @@ def main() -> None:
         for policy, weeks in outcomes.items():
             print(f"  {policy:15} {said(median(weeks))}")
     pace = median(outcomes["pace"]) if "pace" in outcomes else None
-    peers = [median(weeks).turns_before_wait for policy, weeks in outcomes.items() if policy != "pace"]
+    peers = [median(weeks).turns_before_wait for policy, weeks in outcomes.items() if not policy.startswith("pace")]
     if pace is not None and peers:
         best = max(peers)
         gain = (pace.turns_before_wait / best - 1) * 100 if best else 0.0
@@ -297,6 +306,7 @@ def said(week: Outcome) -> str:
         f"turns {week.turns:6}  429s seen {week.visible_429s:4} (with room {week.visible_with_room:3})"
         f"  waited {week.waited_hours:7.1f} h  moves {week.moves_in_flight:4} at walls + {week.early_moves:4} early"
         f"  cold {week.cold_tokens:6} tokens ({week.cold_per_move:.2f}/move)"
+        f"  {week.waits_for_reset:3} waits for a reset"
         f"  first wait {first:>8}, {week.turns_before_wait:6} turns before it"
         f"  ({week.unused_at_resets} units unused at resets before it)"
     )

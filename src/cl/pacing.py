@@ -132,8 +132,8 @@ def early_move(
     the session holds if that window resets before the account's own burn rate would use it up
     (a move costs its prompt cache, cold on the new account, and buys nothing then), or if the
     wait from the wall to the reset is shorter than what a move costs it (`cost`, seconds of its
-    work: `move_cost`; it then waits at the wall, at `most` seconds: `worth_waiting`); else it moves. A window whose
-    rate is not measured yet is taken to be used up first."""
+    work: `move_cost`) and than `most` seconds (it then waits at the wall: `worth_waiting`); else
+    it moves. A window whose rate is not measured yet is taken to be used up first."""
     crossed = [
         (window.utilization, period)
         for period in PERIODS
