@@ -14,8 +14,9 @@ whose name holds `model` (claim `seven_day_opus`, say), and only those; `POST /_
 {"key", "status", "times"}` answers its next `times` requests 529 (overloaded) or 429 without
 the unified headers (the API limiting requests, not the account's usage), `retry-after: 1`;
 `POST /_fake/wall {"key", "until"}` walls that credential's 5-hour window until then (its
-reset), and answers it after; `POST /_fake/overage {"key"}` answers that credential's requests as billed overage
-(`anthropic-ratelimit-unified-overage-in-use: true`: its windows used up, overage allowed);
+reset), and answers it after; `POST /_fake/overage {"key"}` answers that credential's requests
+as billed overage (`anthropic-ratelimit-unified-overage-in-use: true`: its windows used up,
+overage allowed);
 `POST /_fake/windows {"key", "five_hour": [utilization, reset], "seven_day": [...], "status"}`
 makes that credential's answers carry those windows (and that unified status: `allowed_warning`).
 A turn's prompt holding `[[slow: N]]` is answered N seconds late (a turn that takes a while).
@@ -78,9 +79,9 @@ class FakeAnthropic(ThreadingHTTPServer):
         self.log_path = log
         self.limits = limits
         self.model_walls: dict[str, tuple[str, str]] = {}
+        """Credential -> (part of a model's name, the window's claim): that model's requests wall."""
         self.walls_until: dict[str, float] = {}
         """Credential -> when its wall (`/_fake/wall`) resets."""
-        """Credential -> (part of a model's name, the window's claim): that model's requests wall."""
         self.refusals: dict[str, list[int]] = {}
         """Credential -> the statuses its next requests are answered with (529, or a plain 429)."""
         self.overage: set[str] = set()
