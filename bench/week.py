@@ -56,7 +56,7 @@ from test_gateway import account, running
 
 from cl.client import call
 from cl.store import MOVED_EARLY, Store
-from utils import FakeApi, Layout, Planted, fake_api_running, json_lines
+from utils import FakeApi, Layout, Planted, end_workers, fake_api_running, json_lines
 
 ACCOUNTS = ("a1", "a2", "a3", "a4")
 SESSIONS = 8
@@ -126,6 +126,7 @@ def simulate(policy: str, five_hour: float, root: Path) -> Outcome:
         **POLICIES[policy],
     }
     with contextlib.ExitStack() as stack:
+        stack.callback(end_workers, layout)  # sessions held at the week's end: nothing adopts them
         api = stack.enter_context(fake_api_running(root, *args, "--latency", str(LATENCY)))
         tokens = {name: account(layout, planted, name) for name in ACCOUNTS}
         resets: dict[str, float] = {}  # each account's (its token's tail's) 7-day reset
