@@ -18,10 +18,9 @@ The policies, as cl runs them (every one keeps cl's moves in flight at a wall):
 * `round-robin`: each account in turn, as CLIProxyAPI does;
 * `switch-at-0.98`: fill one account until 98%, then switch, sessions too, as teamclaude does
   (fill-first with `pause_at = 0.98` on every account and `move_at = 0.98`);
-* `pace`: `placement = "pace"` and early moves at `move_at = 0.95`, and a request waiting for its
-  account's reset where that costs the session less than a move (`max_wait_for_reset`, scaled:
-  the peers move at every wall);
-* `pace-never-waiting`: `pace`, moving at every wall as the peers do (`max_wait_for_reset = 0`).
+* `pace`: `placement = "pace"` and early moves at `move_at = 0.95`;
+* `pace-waiting`: `pace`, and a request waits for its account's reset where that costs the
+  session less than a move (`max_wait_for_reset = 300`, scaled).
 
 Printed per policy: turns (answered requests) completed; session-visible 429s (walls the gateway
 passed to a CLI: no account had room for it at once), and those of them while the fake API says
@@ -73,16 +72,16 @@ QUEUED = 0.25
 WEEK = 33.6
 """Five-hour windows in a week."""
 
-NO_WAIT = {"CL_MAX_WAIT_FOR_RESET": "0"}
-"""The peers move a session at its wall whatever the reset (cl's wait for a near reset is not theirs)."""
 POLICIES: dict[str, dict[str, str]] = {
-    "headroom": {"CL_PLACEMENT": "headroom", "CL_MOVE_AT": "1", **NO_WAIT},
-    "fill-first": {"CL_PLACEMENT": "fill-first", "CL_MOVE_AT": "1", **NO_WAIT},
-    "round-robin": {"CL_PLACEMENT": "round-robin", "CL_MOVE_AT": "1", **NO_WAIT},
-    "switch-at-0.98": {"CL_PLACEMENT": "fill-first", "CL_MOVE_AT": "0.98", **NO_WAIT},
+    "headroom": {"CL_PLACEMENT": "headroom", "CL_MOVE_AT": "1"},
+    "fill-first": {"CL_PLACEMENT": "fill-first", "CL_MOVE_AT": "1"},
+    "round-robin": {"CL_PLACEMENT": "round-robin", "CL_MOVE_AT": "1"},
+    "switch-at-0.98": {"CL_PLACEMENT": "fill-first", "CL_MOVE_AT": "0.98"},
     "pace": {"CL_PLACEMENT": "pace", "CL_MOVE_AT": "0.95"},
-    "pace-never-waiting": {"CL_PLACEMENT": "pace", "CL_MOVE_AT": "0.95", **NO_WAIT},
+    "pace-waiting": {"CL_PLACEMENT": "pace", "CL_MOVE_AT": "0.95", "CL_MAX_WAIT_FOR_RESET": "300"},
 }
+SCALED = frozenset({"CL_MAX_WAIT_FOR_RESET"})
+"""A policy's settings that are times, scaled with the week."""
 PAUSE_AT = {"switch-at-0.98": 0.98}
 
 
@@ -120,10 +119,9 @@ def simulate(policy: str, five_hour: float, root: Path) -> Outcome:
         "CL_PROBE_INTERVAL": f"{1800 * scale:.6f}",
         "CL_RESET_JITTER": "0",
         "CL_WALL_RETRY": f"{300 * scale:.6f}",
-        "CL_MAX_WAIT_FOR_RESET": f"{300 * scale:.6f}",
         "CL_MAX_MOVES_PER_HOUR": "1000",
         "CL_MAX_SESSIONS_PER_ACCOUNT": str(SESSIONS),
-        **POLICIES[policy],
+        **{key: f"{float(value) * scale:.6f}" if key in SCALED else value for key, value in POLICIES[policy].items()},
     }
     with contextlib.ExitStack() as stack:
         stack.callback(end_workers, layout)  # sessions held at the week's end: nothing adopts them

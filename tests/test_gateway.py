@@ -307,13 +307,20 @@ def test_a_session_holds_when_its_window_resets_before_its_account_would_use_it_
 
 @pytest.mark.parametrize(("reset_in", "moved"), [(2.0, False), (200.0, True)])
 def test_a_wall_that_resets_sooner_than_a_move_repays_is_waited_out_on_the_same_account(
-    reset_in: float, moved: bool, holding: Gateway, layout: Layout, planted: Planted
+    reset_in: float, moved: bool, layout: Layout, fake_api: FakeApi, planted: Planted
 ) -> None:
     """The session's first turn wrote its context (100 tokens) to a1's prompt cache, then it
     idled: it spent 125 input tokens' worth (a cache write costs 1.25 an input token) in 8 s or
     more, so a move (its context written cold, 1.15 more a token than read warm) costs it 7 s or
     more of its work. Its next request meets a1's wall: one that resets 2 s on is waited out at
-    the gateway, and the request goes on on a1 at the reset; one 200 s on is not: it moves to a2."""
+    the gateway, and the request goes on on a1 at the reset; one 200 s on is not: it moves to a2.
+    (`max_wait_for_reset` 300 s: the default, 0, never waits.)"""
+    hold_after = str(layout.root / "hold-after")
+    with running(layout, fake_api, FAKE_CLAUDE_HOLD_AFTER=hold_after, CL_MAX_WAIT_FOR_RESET="300") as holding:
+        waits_or_moves(holding, layout, planted, reset_in, moved=moved)
+
+
+def waits_or_moves(holding: Gateway, layout: Layout, planted: Planted, reset_in: float, *, moved: bool) -> None:
     a1 = account(layout, planted, "a1")
     a2 = account(layout, planted, "a2")
     assert cl(layout, "accounts", "pause", "a2").returncode == 0  # the first turn on a1

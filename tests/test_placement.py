@@ -13,7 +13,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from cl.config import MAX_WAIT_FOR_RESET, PLACEMENTS, Config
+from cl.config import PLACEMENTS, Config
 from cl.credentials import Account, AccountState
 from cl.pacing import Outlook, clearly_emptier, early_move, move_cost, worth_waiting
 from cl.placement import Placer, at_once, choose, eligible, limit, serving
@@ -364,11 +364,12 @@ class TestEarlyMoves:
         """a1 at 96%, used up in 2 minutes, resets in 6: the 4 minutes at the wall cost the session
         less than a move that costs it 5 minutes of its work, more than one that costs 3."""
         outlook = Outlook(windows(a1=(0.96, 0.1, 1.2)), {"a1": 1}, NOW)
-        move, reason = early_move(outlook, "a1", 0.95, cost=300.0)
+        move, reason = early_move(outlook, "a1", 0.95, cost=300.0, most=300.0)
         assert not move
         assert reason.startswith("held: a1 at 96% of 5h, resets in 6m00s, ")  # 4 minutes, give or take a float's
         assert reason.endswith(" after it would be used up, less than a move costs (5m00s)")
-        assert early_move(outlook, "a1", 0.95, cost=180.0)[0]
+        assert early_move(outlook, "a1", 0.95, cost=180.0, most=300.0)[0]
+        assert early_move(outlook, "a1", 0.95, cost=300.0)[0]  # max_wait_for_reset = 0, the default: never
         assert early_move(outlook, "a1", 0.95)[0]  # a cost not measured: it moves
 
     def test_a_moves_cost_is_the_sessions_context_written_cold_at_the_rate_it_spends(self) -> None:
@@ -377,10 +378,11 @@ class TestEarlyMoves:
         assert move_cost(1000, 9000, 1000, 100.0) == pytest.approx(1150 * 100 / 2150)
         assert move_cost(None, 9000, 1000, 100.0) is None  # no answer measured yet
         assert move_cost(1000, 0, 0, 100.0) is None
-        assert worth_waiting(50.0, 60.0)
-        assert not worth_waiting(70.0, 60.0)
-        assert not worth_waiting(50.0, None)
-        assert not worth_waiting(MAX_WAIT_FOR_RESET + 1, 10_000.0)  # within the CLI's own patience
+        assert worth_waiting(50.0, 60.0, 300.0)
+        assert not worth_waiting(70.0, 60.0, 300.0)
+        assert not worth_waiting(50.0, None, 300.0)
+        assert not worth_waiting(301.0, 10_000.0, 300.0)  # within max_wait_for_reset
+        assert not worth_waiting(50.0, 60.0, 0.0)  # the default: never
 
     def test_the_apis_warning_counts_as_crossing(self) -> None:
         outlook = Outlook(windows(a1=(0.8, 3, 1.0)), {"a1": 1}, NOW)

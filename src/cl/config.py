@@ -24,9 +24,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 PLACEMENTS = ("headroom", "fill-first", "round-robin", "pace")
 MOVE_AT = 0.95
 """The utilization of a window past which a session there moves early, if another account has clearly more room."""
-MAX_WAIT_FOR_RESET = 300.0
-"""Seconds a request may wait at the gateway for its account's reset, however costly a move: well
-inside the CLI's own ten minutes for an answer."""
 GATEWAY_OWNS = frozenset(
     {"ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN", "CLAUDE_CONFIG_DIR"}
 )
@@ -72,9 +69,9 @@ class Config:
     move_at: float = MOVE_AT
     """A window's utilization past which its sessions move early, at their next request, to an account
     with clearly more room (gateway mode); 1: never before a wall."""
-    max_wait_for_reset: float = MAX_WAIT_FOR_RESET
+    max_wait_for_reset: float = 0.0
     """Seconds at most a request waits at the gateway for its account's reset, where that costs the
-    session less than a move; 0: never (well inside the CLI's ten minutes for an answer)."""
+    session less than a move (300, say: well inside the CLI's ten minutes for an answer); 0: never."""
     claude_bin: str = "claude"
     claude_args: tuple[str, ...] = ()
     """Extra arguments for every CLI run (permission mode, allowed tools, ...)."""

@@ -15,7 +15,6 @@ import math
 import time
 from collections.abc import Mapping
 
-from cl.config import MAX_WAIT_FOR_RESET
 from cl.gateway.limits import WINDOWS
 from cl.moments import span
 from cl.store import MOVED_EARLY, Window
@@ -107,7 +106,7 @@ def move_cost(context: int | None, read: int, written: int, running: float) -> f
     return (CACHE_WRITE - CACHE_READ) * context * running / spent
 
 
-def worth_waiting(wait: float, cost: float | None, most: float = MAX_WAIT_FOR_RESET) -> bool:
+def worth_waiting(wait: float, cost: float | None, most: float) -> bool:
     """Whether a session should wait `wait` seconds for its account's reset rather than move: the
     wait is shorter than what the move would cost it (`move_cost`), and at `most` seconds."""
     return cost is not None and 0 < wait <= min(cost, most)
@@ -125,7 +124,7 @@ def early_move(
     warned: str | None = None,
     *,
     cost: float | None = None,
-    most: float = MAX_WAIT_FOR_RESET,
+    most: float = 0.0,
 ) -> tuple[bool, str]:
     """Whether a session on `account` should move before its next turn, and why. Its fullest
     window past `move_at` (or `warned`, the window the API says `allowed_warning` about) decides:
