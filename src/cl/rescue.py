@@ -326,9 +326,7 @@ class Rescuer(Service):
         if job is None:
             raise RequestError("not-found", "no such running run")
         asked_at = time.time()
-        runs = await self.store.job_runs(job.id)  # the session's, on every account it ran on
-        read, written = sum(r.cache_read_tokens for r in runs), sum(r.cache_creation_tokens for r in runs)
-        cost = pacing.move_cost(context, read, written, asked_at - min(r.created_at for r in runs))
+        cost = await self._move_cost(job, context, asked_at) if self.config.max_wait_for_reset else None
         if early is not None:
             usable, reason = self._early(run, job, facts, usable, early, cost=cost)
         elif not facts.walled_for(run.account, job.model) and run.account in usable:
@@ -361,6 +359,13 @@ class Rescuer(Service):
         await self.supervisor.hand_over(now, run)  # its worker goes on with the new run; watched
         await self.supervisor.tell_peer(now.id)
         return {"run": now.id, "account": now.account}
+
+    async def _move_cost(self, job: Job, context: int | None, now: float) -> float | None:
+        """What a move costs the session, in seconds of its work (`pacing.move_cost`), at the rate
+        it has spent over all its runs, on every account it ran on."""
+        runs = await self.store.job_runs(job.id)
+        read, written = sum(r.cache_read_tokens for r in runs), sum(r.cache_creation_tokens for r in runs)
+        return pacing.move_cost(context, read, written, now - min(r.created_at for r in runs))
 
     def _early(
         self, run: Run, job: Job, facts: Facts, usable: list[str], warned: str, *, cost: float | None

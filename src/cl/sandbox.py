@@ -106,7 +106,7 @@ class Probe:
             raise
 
     def _try_next(self) -> None:
-        proc = PROC_VIEWS[list(PROC_VIEWS)[len(self._tries)]]
+        proc = list(PROC_VIEWS.values())[len(self._tries)]
         self._tries.append(
             subprocess.Popen(  # a session of its own: a Ctrl-C at a daemon's terminal cannot kill it half-built
                 [self._command, *NAMESPACES, "--die-with-parent", "--ro-bind", "/", "/", *proc, "--", "/usr/bin/true"],

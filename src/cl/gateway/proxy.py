@@ -225,7 +225,7 @@ class Proxy:
             moved = await self._moved(run, digest) if moves < MAX_MOVES else None
             if isinstance(moved, WaitUntil):  # its account's reset comes sooner than a move repays
                 await asyncio.sleep(max(0.0, moved.at - time.time()))
-                moves += 1
+                moves += 1  # a wait counts as a move: MAX_MOVES bounds a request's tries, whatever they were
                 continue
             if moved is None:
                 if outcome.answer is None:
