@@ -1,4 +1,4 @@
-"""A simulated week (`python bench/week.py [--quick] [--rounds N] [--policies a,b]`): six
+"""A simulated week (`python bench/week.py [--quick] [--rounds N] [--policies a,b]`): seven
 placement policies on the same workload, one after the other in one run (with `--rounds`, N
 weeks each, the policies in turn each round, and the median week of each printed), each with
 the real daemons (cl-balancer, cl-rescue, cl-gateway), their workers and the fake CLI, against
@@ -19,6 +19,8 @@ The policies, as cl runs them (every one keeps cl's moves in flight at a wall):
 * `switch-at-0.98`: fill one account until 98%, then switch, sessions too, as teamclaude does
   (fill-first with `pause_at = 0.98` on every account and `move_at = 0.98`);
 * `pace`: `placement = "pace"` and early moves at `move_at = 0.95`;
+* `pace-ramping`: `pace`, and after a wall an account takes only the sessions its 5-hour
+  window sustains to its reset (`ramp_after_wall`);
 * `pace-waiting`: `pace`, and a request waits for its account's reset where that costs the
   session less than a move (`max_wait_for_reset = 300`, scaled).
 
@@ -78,6 +80,7 @@ POLICIES: dict[str, dict[str, str]] = {
     "round-robin": {"CL_PLACEMENT": "round-robin", "CL_MOVE_AT": "1"},
     "switch-at-0.98": {"CL_PLACEMENT": "fill-first", "CL_MOVE_AT": "0.98"},
     "pace": {"CL_PLACEMENT": "pace", "CL_MOVE_AT": "0.95"},
+    "pace-ramping": {"CL_PLACEMENT": "pace", "CL_MOVE_AT": "0.95", "CL_RAMP_AFTER_WALL": "true"},
     "pace-waiting": {"CL_PLACEMENT": "pace", "CL_MOVE_AT": "0.95", "CL_MAX_WAIT_FOR_RESET": "300"},
 }
 SCALED = frozenset({"CL_MAX_WAIT_FOR_RESET"})

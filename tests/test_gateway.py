@@ -9,7 +9,9 @@ speaks HTTP to the gateway as the real one does (`tests/test_real_claude.py` has
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import math
 import os
 import re
 import subprocess
@@ -303,6 +305,67 @@ def test_a_session_holds_when_its_window_resets_before_its_account_would_use_it_
     held = [line for line in holding.rescue.log().splitlines() if "session held" in line]
     assert len(held) == 1, held
     assert "before it would be used up" in held[0]
+
+
+@pytest.mark.parametrize("ramp", [True, False])
+def test_after_a_wall_the_work_waiting_for_the_account_is_ramped_onto_it(
+    ramp: bool, layout: Layout, fake_api: FakeApi, planted: Planted
+) -> None:
+    """Three jobs meet a1's wall, the only account (or queue behind it), and wait. From then on
+    every turn holds until the test lets it go. At the reset, with `ramp_after_wall`, a1 takes
+    one (no burn rate measured yet: its window sustains one) and the others only once it has
+    finished; without it, all three at once."""
+    hold = layout.root / "hold"
+    with running(layout, fake_api, FAKE_CLAUDE_HOLD=str(hold), CL_RAMP_AFTER_WALL=str(ramp).lower()):
+        a1 = account(layout, planted, "a1")
+        fake_api.wall(a1, time.time() + 15)  # time for the three to meet it
+        jobs = [submit(layout, f"task {number}") for number in range(3)]
+
+        def waiting() -> bool:  # (queued before a1's wall was known, a job may yet be placed)
+            return "a1" in walls(layout) and all(job_states(layout).get(job) in ("walled", "queued") for job in jobs)
+
+        wait_until(waiting, "all three to wait for a1", timeout=60)
+        hold.touch()
+        since = time.time()
+
+        def back() -> list[Run]:
+            return [run for job in jobs for run in runs_of(layout, job) if run.created_at > since]
+
+        wait_until(lambda: len(back()) == (1 if ramp else 3), "work back on a1 after its reset", timeout=60)
+        hold.unlink()
+        wait_until(lambda: all(job_states(layout).get(job) == "done" for job in jobs), "all three done", timeout=120)
+    spans = sorted((run.created_at, run.ended_at or math.inf) for run in back())
+    overlapping = [(one, other) for one, other in itertools.pairwise(spans) if other[0] < one[1]]
+    assert len(spans) == 3
+    assert bool(overlapping) is not ramp, spans
+
+
+def test_a_session_meeting_a_wall_moves_onto_an_account_the_ramp_holds_back(
+    layout: Layout, fake_api: FakeApi, planted: Planted
+) -> None:
+    """a2 is after a wall (its 5-hour window read used up, reset since; no rate known): with one
+    session live there, the ramp takes no new work to it. A session whose request meets a1's
+    wall in flight moves there all the same: held back, it would see the wall while a2 has room."""
+    keep = layout.root / "keep"
+    hold_after = str(layout.root / "hold-after")
+    env = {"FAKE_CLAUDE_HOLD": str(keep), "FAKE_CLAUDE_HOLD_MATCH": "keep", "FAKE_CLAUDE_HOLD_AFTER": hold_after}
+    with running(layout, fake_api, CL_RAMP_AFTER_WALL="true", **env) as holding:
+        a1 = account(layout, planted, "a1")
+        a2 = account(layout, planted, "a2")
+        now = time.time()
+        stored(
+            layout, lambda store: store.record_usage("a2", {"five_hour": 1.0}, now - 60, resets={"five_hour": now - 1})
+        )
+        assert cl(layout, "accounts", "pause", "a1").returncode == 0
+        keep.touch()
+        kept = submit(layout, "keep going")
+        wait_until(lambda: [run.state for run in runs_of(layout, kept)] == ["running"], "a session live on a2")
+        assert cl(layout, "accounts", "resume", "a1").returncode == 0
+        job = two_turns(holding, layout, lambda: holding.api.wall(a1, time.time() + 3600))
+        keep.unlink()
+    requests = [(r["cred_tail"], r["walled"]) for r in holding.api.messages()][:3]  # (the kept one's after)
+    assert requests == [(a1[-6:], False), (a1[-6:], True), (a2[-6:], False)], requests
+    assert runs_of(layout, job)[-1].account == "a2"
 
 
 @pytest.mark.parametrize(("reset_in", "moved"), [(2.0, False), (200.0, True)])

@@ -325,6 +325,47 @@ def test_a_window_past_its_reset_is_empty_again() -> None:
     assert outlook.standing("a1", "five_hour") is None
 
 
+def test_an_account_is_after_a_wall_in_the_period_that_follows_one_used_up() -> None:
+    def after_wall(**periods: Window) -> bool:
+        return Outlook({"a1": periods}, {}, NOW).after_wall("a1")
+
+    assert after_wall(five_hour=Window(0.1, NOW + HOUR, None, after_wall=True))
+    assert not after_wall(five_hour=Window(0.1, NOW + HOUR, None))
+    assert after_wall(five_hour=Window(1.0, NOW - 1, None))  # reset since it was read used up
+    assert not after_wall(five_hour=Window(0.9, NOW - 1, None))
+    assert after_wall(five_hour=Window(0.3, NOW - 1, None), seven_day=Window(1.0, NOW - 1, None))
+    assert not after_wall(five_hour=Window(1.0, NOW + HOUR, None))  # still walled: not after
+    assert not after_wall()
+
+
+def test_a_window_sustains_the_sessions_its_budget_lasts_to_its_reset() -> None:
+    """Half left, 2 hours to go, 0.125 an hour per session (its own rate shared by its 2, or the
+    fleet's per session where it has none): 2 sessions; one while no rate is known."""
+    own = Outlook(windows(a1=(0.5, 2, 0.25)), {"a1": 2}, NOW)
+    assert own.sustains("a1") == 2
+    fleet = Outlook(windows(a1=(0.5, 2, None), a2=(0.2, 2, 0.125)), {"a1": 0, "a2": 1}, NOW)
+    assert fleet.sustains("a1") == 2
+    assert Outlook(windows(a1=(0.5, 2, None)), {}, NOW).sustains("a1") == 1
+    assert Outlook(windows(a1=(0.99, 2, 0.25)), {"a1": 2}, NOW).sustains("a1") == 1  # at least one
+
+
+@pytest.mark.parametrize("policy", ["pace", "headroom"])
+def test_after_a_wall_an_account_takes_only_the_sessions_its_window_sustains(policy: str) -> None:
+    """a1's 5-hour window reset after a wall (read used up, not since); the fleet's sessions burn
+    0.125 an hour each and a 5-hour window has 4 hours to go: a fresh one sustains 2. With the
+    ramp, a herd of 5 puts 2 on it; without, 5."""
+    shape = windows(a2=(0.9, 4, 0.125))
+    shape["a1"] = {"five_hour": Window(1.0, NOW - 60, 0.5)}
+    facts = Facts([], {}, frozenset(), {"a2": 1}, {}, windows=shape)
+
+    def herd(ramp: bool) -> list[str]:
+        placer = Placer(["a1"], dataclasses.replace(facts, live={"a2": 1}), 10, policy, ramp=ramp)
+        return [choice[0] for _ in range(5) if (choice := placer.assign()) is not None]
+
+    assert herd(ramp=True) == ["a1", "a1"]
+    assert herd(ramp=False) == ["a1"] * 5
+
+
 def test_round_robin_takes_each_account_in_turn() -> None:
     usage: dict[str, dict[str, float | None]] = {"a1": {"last_used_at": 30.0}, "a2": {"last_used_at": 10.0}}
     facts = Facts([], {}, frozenset(), {}, usage)

@@ -150,6 +150,32 @@ def test_a_windows_burn_rate_is_measured_within_its_period(store: Store) -> None
     assert store.windows()["a1"]["five_hour"].per_hour == pytest.approx(0.875)  # from the new base
 
 
+def test_a_window_whose_period_follows_a_wall_says_so_for_that_period(store: Store) -> None:
+    """A 5-hour period that follows one read used up (a wall) is marked, for all its readings; the
+    next is not. Nor is one that follows an earlier period read under 1. A week read used up marks
+    the 5-hour period read first after the week's reset, whatever order the headers came in."""
+
+    def after_wall(period: str = "five_hour") -> bool:
+        return store.windows()["a1"][period].after_wall
+
+    store.record_usage("a1", {"five_hour": 0.4}, 1000.0, resets={"five_hour": 9000.0})
+    store.record_usage("a1", {"five_hour": 1.0}, 2000.0, resets={"five_hour": 9000.0})  # the wall
+    assert not after_wall()
+    store.record_usage("a1", {"five_hour": 0.02}, 9100.0, resets={"five_hour": 27100.0})
+    assert after_wall()
+    store.record_usage("a1", {"five_hour": 0.6}, 12000.0, resets={"five_hour": 27100.0})
+    assert after_wall()  # all that period
+    store.record_usage("a1", {"five_hour": 0.01}, 27200.0, resets={"five_hour": 45200.0})
+    assert not after_wall()
+    week = {"seven_day": 30000.0, "five_hour": 46000.0}
+    store.record_usage("a1", {"seven_day": 1.0, "five_hour": 0.3}, 28000.0, resets=week)  # the week's wall
+    assert not after_wall()
+    after = {"seven_day": 630000.0, "five_hour": 48000.0}
+    store.record_usage("a1", {"seven_day": 0.01, "five_hour": 0.01}, 30100.0, resets=after)
+    assert after_wall()
+    assert after_wall("seven_day")
+
+
 def test_the_dashboards_history_keeps_each_hours_last_reading_for_a_day(store: Store) -> None:
     now = 100 * 3600.0 + 1800
     for hour, (a1, a2) in {75: (0.9, 0.9), 98: (0.2, 0.4), 99: (0.3, 0.6), 100: (0.5, 0.7)}.items():

@@ -189,6 +189,7 @@ class Balancer(Service):
             self.config.placement,
             move_at=self.config.move_at,
             at_once=placement.at_once(self.config, facts.held),  # a new job's CLI needs a user of its own
+            ramp=self.config.ramp_after_wall,
         )
         waiting = 0
         offered = collections.deque(facts.jobs)

@@ -69,6 +69,10 @@ class Config:
     move_at: float = MOVE_AT
     """A window's utilization past which its sessions move early, at their next request, to an account
     with clearly more room (gateway mode); 1: never before a wall."""
+    ramp_after_wall: bool = False
+    """After a wall, an account takes only as much new work as its 5-hour window sustains to its
+    reset at the measured burn rate (one session until a rate is known), so that work waiting for
+    it cannot use it up at once; a session moving in flight at a wall is never held back by it."""
     max_wait_for_reset: float = 0.0
     """Seconds at most a request waits at the gateway for its account's reset, where that costs the
     session less than a move (300, say: well inside the CLI's ten minutes for an answer); 0: never."""
@@ -401,6 +405,7 @@ _PARSERS: dict[str, Callable[[Any, Path], Any]] = {
     "worker": _worker,
     "wall_retry": _positive_float,
     "max_wait_for_reset": _seconds_or_zero,
+    "ramp_after_wall": _bool,
     "resume_prompt": _prompt,
     "live_wait": _seconds_or_zero,
     "reset_jitter": _seconds_or_zero,

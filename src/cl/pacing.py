@@ -71,9 +71,36 @@ class Outlook:
         return max(self.projected_in(account, period, sessions) for period in PERIODS)
 
     def projected_in(self, account: str, period: str, sessions: int) -> float:
+        used, hours = self._ahead(account, period)
+        return used + self.rate(account, period) * sessions * hours
+
+    def after_wall(self, account: str) -> bool:
+        """Whether the account's 5-hour window is its first since a wall: read since, and the
+        account had a window used up at its reading before (`Window.after_wall`), or not read
+        since a window of its reset used up."""
+        five_hour = self.standing(account, "five_hour")
+        if five_hour is not None:
+            return five_hour.after_wall
+        return any(
+            window.utilization >= 1 and self.standing(account, period) is None
+            for period in PERIODS
+            if (window := self._windows.get(account, {}).get(period)) is not None
+        )
+
+    def sustains(self, account: str) -> int:
+        """How many sessions the account's 5-hour window sustains to its reset at one session's
+        burn rate there (`rate`): at least one, and only one while no rate is known."""
+        used, hours = self._ahead(account, "five_hour")
+        per_session = self.rate(account, "five_hour") * hours
+        return max(1, math.floor((1.0 - used) / per_session)) if per_session > 0 else 1
+
+    def _ahead(self, account: str, period: str) -> tuple[float, float]:
+        """The window's utilization now and the hours to its reset (a window that starts empty: 0
+        and the period's length, as far as the fleet knows it)."""
         window = self.standing(account, period)
-        hours = (self.seconds_left(account, period) if window else self._longest[period]) / 3600
-        return (window.utilization if window else 0.0) + self.rate(account, period) * sessions * hours
+        if window is None:
+            return 0.0, self._longest[period] / 3600
+        return window.utilization, self.seconds_left(account, period) / 3600
 
     def weekly_reset(self, account: str) -> float:
         """When the account's 7-day window resets (infinity: not known)."""

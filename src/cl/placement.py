@@ -5,7 +5,8 @@ Eligible: usable now (its file here is `ok`, or another live host of the fleet p
 windows), no standing wall, fewer live runs than its limit (its own `max_sessions` setting,
 else `max_sessions_per_account`; one while on probation: its wall has reset but it has not
 answered since, so a still-walled account cannot swallow the whole queue; no probation after a
-5-hour or 7-day wall whose reset the API named), allowed to serve the job's model, and no
+5-hour or 7-day wall whose reset the API named; with the ramp, at most what its 5-hour window
+sustains, in the first period after a wall: `Placer`), allowed to serve the job's model, and no
 standing wall of that model's window (`seven_day_opus`, `seven_day_sonnet`: any of them, for a
 job that names no model, since the CLI's default may be one). Then, by policy:
 * `headroom`: the lowest reported utilization (the larger of the 5-hour and 7-day windows), then
@@ -43,10 +44,11 @@ def eligible(
     settings: Mapping[str, AccountSettings] | None = None,
     aside: Collection[str] = (),
     used: Mapping[str, float] | None = None,
+    ramp: Mapping[str, int] | None = None,
 ) -> list[str]:
     """Of the `usable` accounts, those that may take a piece of work now, whatever its model
     (`aside`: another host of the fleet serves them; `used`: the fuller of each account's standing
-    windows, for its `pause_at`)."""
+    windows, for its `pause_at`; `ramp`: `limit`'s)."""
     settings = settings or {}
     used = used or {}
     return [
@@ -56,18 +58,24 @@ def eligible(
         and name not in walled
         and (own := settings.get(name, UNSET)).paused_at is None
         and (own.pause_at is None or used.get(name, 0.0) < own.pause_at)
-        and live.get(name, 0) < limit(name, max_sessions, probation, settings)
+        and live.get(name, 0) < limit(name, max_sessions, probation, settings, ramp)
     ]
 
 
 def limit(
-    account: str, max_sessions: int, probation: Collection[str], settings: Mapping[str, AccountSettings] | None = None
+    account: str,
+    max_sessions: int,
+    probation: Collection[str],
+    settings: Mapping[str, AccountSettings] | None = None,
+    ramp: Mapping[str, int] | None = None,
 ) -> int:
-    """How many live runs `account` may have now."""
+    """How many live runs `account` may have now (`ramp`: at most this many, for an account
+    `pace` ramps onto after a wall)."""
     if account in probation:
         return 1
     own = (settings or {}).get(account, UNSET).max_sessions
-    return max_sessions if own is None else own
+    most = max_sessions if own is None else own
+    return min(most, ramp[account]) if ramp and account in ramp else most
 
 
 def serving(
@@ -159,8 +167,12 @@ class Placer:
         *,
         at_once: int | None = None,
         move_at: float = MOVE_AT,
+        ramp: bool = False,
     ) -> None:
-        """`at_once`: live runs in all, at most (each takes one of the CLI's users)."""
+        """`at_once`: live runs in all, at most (each takes one of the CLI's users); `ramp`: an
+        account whose 5-hour window is its first since a wall takes only as many live runs as that
+        window sustains to its reset (`Outlook.sustains`), so a herd of waiting work cannot use it
+        up at once."""
         self._at_once = at_once
         self._outlook = Outlook(facts.windows, dict(facts.live))
         self._move_at = move_at
@@ -171,6 +183,10 @@ class Placer:
         self._model_walls = facts.model_walls
         self._max_sessions = max_sessions
         self._policy = policy
+        usable = list(usable)
+        self._ramp = (
+            {name: self._outlook.sustains(name) for name in usable if self._outlook.after_wall(name)} if ramp else {}
+        )
         self._candidates = eligible(
             usable,
             facts.walls,
@@ -180,6 +196,7 @@ class Placer:
             settings=facts.settings,
             aside=facts.aside,
             used={name: self._outlook.used(name) for name in facts.settings},
+            ramp=self._ramp,
         )
 
     @property
@@ -209,7 +226,7 @@ class Placer:
         )
         if account is None:
             return None
-        room = limit(account, self._max_sessions, self._probation, self._settings)
+        room = limit(account, self._max_sessions, self._probation, self._settings, self._ramp)
         self._live[account] = self._live.get(account, 0) + 1
         self._usage[account] = {**self._usage.get(account, {}), "last_used_at": time.time()}  # its turn is over
         if self._live[account] >= room:

@@ -164,6 +164,7 @@ class Rescuer(Service):
             self.config.placement,
             move_at=self.config.move_at,
             at_once=placement.at_once(self.config),  # held sessions not counted: a live move needs no new user
+            ramp=self.config.ramp_after_wall,
         )
         waiting = []
         launches: list[asyncio.Task[None]] = []
@@ -340,7 +341,12 @@ class Rescuer(Service):
                      move_cost_seconds=round(cost, 3))  # fmt: skip
             return {"wait_until": reset}
         placer = placement.Placer(
-            usable, facts, self.config.max_sessions_per_account, self.config.placement, move_at=self.config.move_at
+            usable,
+            facts,
+            self.config.max_sessions_per_account,
+            self.config.placement,
+            move_at=self.config.move_at,
+            ramp=self.config.ramp_after_wall and early is not None,  # at a wall, one held back would see it
         )
         moved: list[Run] = []
 

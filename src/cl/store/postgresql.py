@@ -207,6 +207,8 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (hour, period, account)
     )
     """,
+    # 12: a window whose period follows one used up (SQLite's 21)
+    "ALTER TABLE windows ADD COLUMN after_wall INTEGER NOT NULL DEFAULT 0",
 ]
 
 

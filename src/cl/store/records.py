@@ -198,6 +198,9 @@ class Window(NamedTuple):
     at least a step (`burn_step`) apart, averaged with the one before (half each); None until measured."""
     read_at: float | None = None
     """When the API said it (its age: an account nobody used is read by the gateway's probe)."""
+    after_wall: bool = False
+    """Its period follows a wall: the account had a window used up when it was last read before
+    (`pace` ramps new work onto it)."""
 
     def public(self) -> dict[str, Any]:
         return {

@@ -233,6 +233,8 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (hour, period, account)
     )
     """,
+    # 21: a window whose period follows one used up: `pace` ramps new work onto it (`Window.after_wall`)
+    "ALTER TABLE windows ADD COLUMN after_wall INTEGER NOT NULL DEFAULT 0",
 ]
 
 

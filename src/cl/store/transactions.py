@@ -1142,7 +1142,7 @@ class Store:
                     WINDOW_UPSERT,
                     [
                         (account, name, value, resets.get(name), used_at, value, used_at, *(burn_step,) * _STEPS)
-                        for name, value in utilization.items()
+                        for name, value in sorted(utilization.items(), key=lambda item: item[0] != "five_hour")
                     ],
                 )
                 db.executemany(
@@ -1164,8 +1164,9 @@ class Store:
     def windows(self) -> dict[str, dict[str, Window]]:
         """Each account's windows as last read from the API's headers, with their burn rates."""
         found: dict[str, dict[str, Window]] = {}
-        for row in self._rows("SELECT account, period, utilization, reset_at, per_hour, observed_at FROM windows"):
-            found.setdefault(row[0], {})[row[1]] = Window(*row[2:])
+        query = "SELECT account, period, utilization, reset_at, per_hour, observed_at, after_wall FROM windows"
+        for row in self._rows(query):
+            found.setdefault(row[0], {})[row[1]] = Window(row[2], row[3], row[4], row[5], bool(row[6]))
         return found
 
     def history(self, now: float, roster: Container[str], top: int = 8) -> dict[str, Any]:
@@ -1370,6 +1371,12 @@ _MEASURED = f"{_SAME_PERIOD} AND excluded.observed_at - windows.base_at >= ?"
 _RATE = "(excluded.utilization - windows.base_utilization) * 3600.0 / (excluded.observed_at - windows.base_at)"
 _GAINED = f"CASE WHEN {_RATE} < 0 THEN 0 ELSE {_RATE} END"
 """The utilization gained per hour since the base (never negative)."""
+_USED_UP = (
+    "windows.utilization >= 1 OR EXISTS (SELECT 1 FROM windows AS other WHERE other.account = windows.account"
+    " AND other.period <> windows.period AND other.utilization >= 1 AND other.reset_at <= excluded.observed_at)"
+)
+"""The account's last period of this window ended used up, or another window of its did and has
+not been read since its reset."""
 WINDOW_UPSERT = f"""
 INSERT INTO windows (account, period, utilization, reset_at, observed_at, base_utilization, base_at)
 VALUES (?, ?, ?, ?, ?, ?, ?)
@@ -1380,6 +1387,7 @@ ON CONFLICT (account, period) DO UPDATE SET
     base_utilization = CASE WHEN NOT ({_SAME_PERIOD}) OR {_MEASURED} THEN excluded.utilization
         ELSE windows.base_utilization END,
     base_at = CASE WHEN NOT ({_SAME_PERIOD}) OR {_MEASURED} THEN excluded.observed_at ELSE windows.base_at END,
+    after_wall = CASE WHEN {_SAME_PERIOD} THEN windows.after_wall WHEN {_USED_UP} THEN 1 ELSE 0 END,
     utilization = excluded.utilization,
     reset_at = excluded.reset_at,
     observed_at = excluded.observed_at
@@ -1387,7 +1395,10 @@ ON CONFLICT (account, period) DO UPDATE SET
 """A window's reading. Its burn rate is measured from the base (an earlier reading of the same
 period) once a reading comes a step (`burn_step`, a minute) or more after it, which then becomes
 the base; a new period (a reset a step or more from the last) starts a new base and keeps the
-rate, the sessions' pace. The reading's 7 values come first, then the step for each other `?`."""
+rate, the sessions' pace, and follows a wall if the account had a window used up when its last
+reading was taken (`Window.after_wall`: read the five-hour window first, so that a week's wall is
+seen before its own new reading replaces it). The reading's 7 values come first, then the step for
+each other `?`."""
 _STEPS = WINDOW_UPSERT.count("?") - 7
 
 ANSWERED_AS_WALL = "request answered as a wall: its home cut off"
