@@ -334,6 +334,8 @@ def test_after_a_wall_the_work_waiting_for_the_account_is_ramped_onto_it(
         wait_until(lambda: len(back()) == (1 if ramp else 3), "work back on a1 after its reset", timeout=60)
         hold.unlink()
         wait_until(lambda: all(job_states(layout).get(job) == "done" for job in jobs), "all three done", timeout=120)
+        shown = lambda: re.search(r"a1 .*\(resets in [^)]*after a wall\)", cl(layout, "accounts").stdout)  # noqa: E731
+        wait_until(shown, "cl accounts to show a1's 5-hour window as the one after its wall")
     spans = sorted((run.created_at, run.ended_at or math.inf) for run in back())
     overlapping = [(one, other) for one, other in itertools.pairwise(spans) if other[0] < one[1]]
     assert len(spans) == 3

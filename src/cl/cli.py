@@ -818,6 +818,8 @@ def _window(account: dict[str, Any], name: str, now: float, *, read: bool = Fals
         words.append(f"+{window['per_hour'] * 100:.0f}%/h")
     if read and window.get("read"):
         words.append(f"read {span(max(0, now - _epoch(window['read'])))} ago")
+    if name == "five_hour" and window.get("after_wall"):
+        words.append("after a wall")
     used, *more = words
     return f"{used} ({', '.join(more)})" if more else used
 

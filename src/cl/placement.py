@@ -69,8 +69,8 @@ def limit(
     settings: Mapping[str, AccountSettings] | None = None,
     ramp: Mapping[str, int] | None = None,
 ) -> int:
-    """How many live runs `account` may have now (`ramp`: at most this many, for an account
-    `pace` ramps onto after a wall)."""
+    """How many live runs `account` may have now (`ramp`: at most this many, for an account the
+    ramp after a wall holds to what its 5-hour window sustains)."""
     if account in probation:
         return 1
     own = (settings or {}).get(account, UNSET).max_sessions

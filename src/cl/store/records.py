@@ -200,7 +200,7 @@ class Window(NamedTuple):
     """When the API said it (its age: an account nobody used is read by the gateway's probe)."""
     after_wall: bool = False
     """Its period follows a wall: the account had a window used up when it was last read before
-    (`pace` ramps new work onto it)."""
+    (with `ramp_after_wall`, new work ramps onto it)."""
 
     def public(self) -> dict[str, Any]:
         return {
@@ -208,6 +208,7 @@ class Window(NamedTuple):
             "resets": iso_utc(self.reset_at) if self.reset_at else None,
             "per_hour": self.per_hour,
             "read": iso_utc(self.read_at) if self.read_at else None,
+            "after_wall": self.after_wall,
         }
 
 

@@ -233,7 +233,7 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (hour, period, account)
     )
     """,
-    # 21: a window whose period follows one used up: `pace` ramps new work onto it (`Window.after_wall`)
+    # 21: a window whose period follows one used up (`Window.after_wall`: the ramp after a wall)
     "ALTER TABLE windows ADD COLUMN after_wall INTEGER NOT NULL DEFAULT 0",
 ]
 
