@@ -356,10 +356,10 @@ def test_after_a_wall_an_account_takes_only_the_sessions_its_window_sustains(pol
     ramp, a herd of 5 puts 2 on it; without, 5."""
     shape = windows(a2=(0.9, 4, 0.125))
     shape["a1"] = {"five_hour": Window(1.0, NOW - 60, 0.5)}
-    facts = Facts([], {}, frozenset(), {"a2": 1}, {}, windows=shape)
 
     def herd(ramp: bool) -> list[str]:
-        placer = Placer(["a1"], dataclasses.replace(facts, live={"a2": 1}), 10, policy, ramp=ramp)
+        facts = Facts([], {}, frozenset(), {"a2": 1}, {}, windows=shape)  # its own: a Placer counts in its live
+        placer = Placer(["a1"], facts, 10, policy, ramp=ramp)
         return [choice[0] for _ in range(5) if (choice := placer.assign()) is not None]
 
     assert herd(ramp=True) == ["a1", "a1"]
