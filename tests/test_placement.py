@@ -366,6 +366,23 @@ def test_after_a_wall_an_account_takes_only_the_sessions_its_window_sustains(pol
     assert herd(ramp=False) == ["a1"] * 5
 
 
+def test_pace_charges_a_session_its_own_rate_not_the_accounts_rate_over_those_left() -> None:
+    """a1's 5-hour window burned 0.2 an hour with four sessions on it, 0.05 each; three moved
+    away. Each session's own rate says a1 takes three more before its window (4 hours to go) is
+    projected past `move_at`, and it goes first (its week resets sooner). The account's rate
+    shared among the one left would charge each new session 0.2 an hour: none would fit."""
+    week = {"a1": NOW + 24 * HOUR, "a2": NOW + 100 * HOUR}
+    shape = {
+        name: {
+            "five_hour": Window(0.05, NOW + 4 * HOUR, 0.2 if name == "a1" else None, per_session=per_session),
+            "seven_day": Window(0.3, week[name], None),
+        }
+        for name, per_session in (("a1", 0.05), ("a2", None))
+    }
+    facts = Facts([], {}, frozenset(), {"a1": 1}, {}, windows=shape)
+    assert placed("pace", facts, 4, ["a1", "a2"]) == ["a1", "a1", "a1", "a2"]
+
+
 def test_round_robin_takes_each_account_in_turn() -> None:
     usage: dict[str, dict[str, float | None]] = {"a1": {"last_used_at": 30.0}, "a2": {"last_used_at": 10.0}}
     facts = Facts([], {}, frozenset(), {}, usage)

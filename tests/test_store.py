@@ -150,6 +150,30 @@ def test_a_windows_burn_rate_is_measured_within_its_period(store: Store) -> None
     assert store.windows()["a1"]["five_hour"].per_hour == pytest.approx(0.875)  # from the new base
 
 
+def test_a_windows_rate_per_session_is_shared_among_the_runs_live_when_measured(store: Store) -> None:
+    """Two runs live on a1 while its window gains 1.0 an hour: 0.5 each, twice; then one, gaining
+    0.5 an hour: still 0.5 each, while the account's own rate only halves toward it. A measure with
+    none live (the gateway's probe of an idle account) leaves the rate per session as it was."""
+    five = {"five_hour": 9000.0}
+    runs = [store.place(store.add_job("/work/a", f"do {n}").id, "a1", limit=2) for n in range(2)]
+    store.record_usage("a1", {"five_hour": 0.1}, 1000.0, resets=five)
+
+    def measured(used: float, at: float) -> tuple[float | None, float | None]:
+        store.record_usage("a1", {"five_hour": used}, at, resets=five)
+        window = store.windows()["a1"]["five_hour"]
+        return window.per_hour, window.per_session
+
+    assert measured(0.2, 1360.0) == pytest.approx((1.0, 0.5))  # +0.1 in 6 min
+    assert measured(0.3, 1720.0) == pytest.approx((1.0, 0.5))
+    first, second = runs
+    assert first is not None
+    assert second is not None
+    store.settle(first.id, RunState.DONE)
+    assert measured(0.35, 2080.0) == pytest.approx((0.75, 0.5))  # one run: +0.05
+    store.settle(second.id, RunState.DONE)
+    assert measured(0.35, 2440.0) == pytest.approx((0.375, 0.5))  # none
+
+
 def test_a_window_whose_period_follows_a_wall_says_so_for_that_period(store: Store) -> None:
     """A 5-hour period that follows one read used up (a wall) is marked, for all its readings; the
     next is not. Nor is one that follows an earlier period read under 1. A week read used up marks

@@ -3,9 +3,10 @@ from the burn rate of the sessions on it (the `pace` placement, and early moves)
 
 A window is standing while its reset is ahead; one whose reset has passed (or that was never
 read) starts empty. Its projection at the reset is its utilization now plus the burn rate of the
-sessions on it times the hours left: the account's own measured rate shared among its live
-sessions, or, where it has none measured, the fleet's (every measured rate over every session on
-an account with one). A window that starts empty is given the longest time left that any
+sessions on it times the hours left: the account's own measured rate per session (each measure
+shared among the sessions live on it when it was taken, so that one measured with four sessions
+is not charged to the one left after three moved away), or, where it has none measured, the
+fleet's (the mean of the accounts' own). A window that starts empty is given the longest time left that any
 account's window of that period has now: the period's length, as far as the fleet knows it.
 """
 
@@ -35,13 +36,8 @@ class Outlook:
         self._per_session: dict[str, float] = {}
         self._longest: dict[str, float] = {}
         for period in PERIODS:
-            rates = [
-                (window.per_hour, live[name])
-                for name, by in windows.items()
-                if (window := by.get(period)) is not None and window.per_hour is not None and live.get(name, 0) > 0
-            ]
-            sessions = sum(count for _, count in rates)
-            self._per_session[period] = sum(rate for rate, _ in rates) / sessions if sessions else 0.0
+            rates = [rate for name in windows if (rate := self._own_rate(name, period)) is not None]
+            self._per_session[period] = sum(rates) / len(rates) if rates else 0.0
             self._longest[period] = max((self.seconds_left(name, period) for name in windows), default=0.0)
 
     def standing(self, account: str, period: str) -> Window | None:
@@ -60,11 +56,19 @@ class Outlook:
 
     def rate(self, account: str, period: str) -> float:
         """Utilization per hour one more session on `account` would add in `period`."""
+        own = self._own_rate(account, period)
+        return own if own is not None else self._per_session[period]
+
+    def _own_rate(self, account: str, period: str) -> float | None:
+        """The account's own per-session rate, as measured (`Window.per_session`), or, for a reading
+        that has none, its rate shared among its live sessions; None if neither is known."""
         window = self._windows.get(account, {}).get(period)
+        if window is None:
+            return None
+        if window.per_session is not None:
+            return window.per_session
         live = self._live.get(account, 0)
-        if window is not None and window.per_hour is not None and live > 0:
-            return window.per_hour / live
-        return self._per_session[period]
+        return window.per_hour / live if window.per_hour is not None and live > 0 else None
 
     def projected(self, account: str, sessions: int) -> float:
         """The fuller window's utilization at its reset, with `sessions` sessions on the account."""

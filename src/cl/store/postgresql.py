@@ -209,6 +209,8 @@ MIGRATIONS: list[str] = [
     """,
     # 12: a window whose period follows one used up (SQLite's 21)
     "ALTER TABLE windows ADD COLUMN after_wall INTEGER NOT NULL DEFAULT 0",
+    # 13: a window's burn rate per live session (SQLite's 22)
+    "ALTER TABLE windows ADD COLUMN per_session DOUBLE PRECISION",
 ]
 
 

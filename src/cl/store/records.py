@@ -201,6 +201,9 @@ class Window(NamedTuple):
     after_wall: bool = False
     """Its period follows a wall: the account had a window used up when it was last read before
     (with `ramp_after_wall`, new work ramps onto it)."""
+    per_session: float | None = None
+    """Its burn rate per session: each measure of `per_hour` over the runs live on the account
+    when it was taken (none live: not measured), averaged the same way; None until measured."""
 
     def public(self) -> dict[str, Any]:
         return {
@@ -209,6 +212,7 @@ class Window(NamedTuple):
             "per_hour": self.per_hour,
             "read": iso_utc(self.read_at) if self.read_at else None,
             "after_wall": self.after_wall,
+            "per_session": self.per_session,
         }
 
 

@@ -235,6 +235,8 @@ MIGRATIONS: list[str] = [
     """,
     # 21: a window whose period follows one used up (`Window.after_wall`: the ramp after a wall)
     "ALTER TABLE windows ADD COLUMN after_wall INTEGER NOT NULL DEFAULT 0",
+    # 22: a window's burn rate per session live on its account (`Window.per_session`: pacing)
+    "ALTER TABLE windows ADD COLUMN per_session REAL",
 ]
 
 

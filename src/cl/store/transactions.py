@@ -1164,9 +1164,11 @@ class Store:
     def windows(self) -> dict[str, dict[str, Window]]:
         """Each account's windows as last read from the API's headers, with their burn rates."""
         found: dict[str, dict[str, Window]] = {}
-        query = "SELECT account, period, utilization, reset_at, per_hour, observed_at, after_wall FROM windows"
+        query = (
+            "SELECT account, period, utilization, reset_at, per_hour, observed_at, after_wall, per_session FROM windows"
+        )
         for row in self._rows(query):
-            found.setdefault(row[0], {})[row[1]] = Window(row[2], row[3], row[4], row[5], bool(row[6]))
+            found.setdefault(row[0], {})[row[1]] = Window(row[2], row[3], row[4], row[5], bool(row[6]), row[7])
         return found
 
     def history(self, now: float, roster: Container[str], top: int = 8) -> dict[str, Any]:
@@ -1371,6 +1373,9 @@ _MEASURED = f"{_SAME_PERIOD} AND excluded.observed_at - windows.base_at >= ?"
 _RATE = "(excluded.utilization - windows.base_utilization) * 3600.0 / (excluded.observed_at - windows.base_at)"
 _GAINED = f"CASE WHEN {_RATE} < 0 THEN 0 ELSE {_RATE} END"
 """The utilization gained per hour since the base (never negative)."""
+_LIVE_STATES = ", ".join(f"'{state}'" for state in LIVE_RUNS)
+_SESSIONS = f"(SELECT COUNT(*) FROM runs WHERE runs.account = windows.account AND runs.state IN ({_LIVE_STATES}))"
+"""The runs live on the account now: the sessions a measured gain is shared among."""
 _USED_UP = (
     "windows.utilization >= 1 OR EXISTS (SELECT 1 FROM windows AS other WHERE other.account = windows.account"
     " AND other.period <> windows.period AND other.utilization >= 1 AND other.reset_at <= excluded.observed_at)"
@@ -1384,6 +1389,9 @@ ON CONFLICT (account, period) DO UPDATE SET
     per_hour = CASE WHEN NOT ({_MEASURED}) THEN windows.per_hour
         WHEN windows.per_hour IS NULL THEN {_GAINED}
         ELSE (windows.per_hour + {_GAINED}) / 2 END,
+    per_session = CASE WHEN NOT ({_MEASURED}) OR {_SESSIONS} = 0 THEN windows.per_session
+        WHEN windows.per_session IS NULL THEN {_GAINED} / {_SESSIONS}
+        ELSE (windows.per_session + {_GAINED} / {_SESSIONS}) / 2 END,
     base_utilization = CASE WHEN NOT ({_SAME_PERIOD}) OR {_MEASURED} THEN excluded.utilization
         ELSE windows.base_utilization END,
     base_at = CASE WHEN NOT ({_SAME_PERIOD}) OR {_MEASURED} THEN excluded.observed_at ELSE windows.base_at END,
@@ -1394,11 +1402,12 @@ ON CONFLICT (account, period) DO UPDATE SET
 """
 """A window's reading. Its burn rate is measured from the base (an earlier reading of the same
 period) once a reading comes a step (`burn_step`, a minute) or more after it, which then becomes
-the base; a new period (a reset a step or more from the last) starts a new base and keeps the
-rate, the sessions' pace, and follows a wall if the account had a window used up when its last
-reading was taken (`Window.after_wall`: read the five-hour window first, so that a week's wall is
-seen before its own new reading replaces it). The reading's 7 values come first, then the step for
-each other `?`."""
+the base (and per session: shared among the runs live on the account then); a new period (a
+reset a step or more from the last) starts a new base and keeps the rates, the sessions' pace,
+and follows a wall if the account had a window used up when its last reading was taken
+(`Window.after_wall`: read the five-hour window first, so that a week's wall is seen before its
+own new reading replaces it). The reading's 7 values come first, then the step for each other
+`?`."""
 _STEPS = WINDOW_UPSERT.count("?") - 7
 
 ANSWERED_AS_WALL = "request answered as a wall: its home cut off"
