@@ -54,7 +54,7 @@ def test_jobs_run_to_done_and_show_in_status(layout: Layout, planted: Planted) -
     wait_until(lambda: all_in(layout, "done", 3), "three jobs done")
 
     report = status(layout)
-    assert set(report) == {"accounts", "sessions", "jobs", "queue", "hidden", "blocked", "waiting", "fleet"}
+    assert set(report) == {"accounts", "sessions", "jobs", "queue", "hidden", "blocked", "ramping", "waiting", "fleet"}
     assert report["queue"] == 0
     assert [host["name"] for host in report["fleet"]["hosts"]] == [report["fleet"]["host"]]  # a fleet of one
     assert {a["name"] for a in report["accounts"]} == {"a1", "k1"}

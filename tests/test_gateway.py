@@ -314,7 +314,7 @@ def test_after_a_wall_the_work_waiting_for_the_account_is_ramped_onto_it(
     """Three jobs meet a1's wall, the only account (or queue behind it), and wait. From then on
     every turn holds until the test lets it go. At the reset, with `ramp_after_wall`, a1 takes
     one (no burn rate measured yet: its window sustains one) and the others only once it has
-    finished; without it, all three at once."""
+    finished; without it, all three at once. `cl status` says what holds the rest."""
     hold = layout.root / "hold"
     with running(layout, fake_api, FAKE_CLAUDE_HOLD=str(hold), CL_RAMP_AFTER_WALL=str(ramp).lower()):
         a1 = account(layout, planted, "a1")
@@ -332,6 +332,9 @@ def test_after_a_wall_the_work_waiting_for_the_account_is_ramped_onto_it(
             return [run for job in jobs for run in runs_of(layout, job) if run.created_at > since]
 
         wait_until(lambda: len(back()) == (1 if ramp else 3), "work back on a1 after its reset", timeout=60)
+        if ramp:  # walled ones (the rescuer's) or queued ones (the balancer's): `cl status` says both
+            said = lambda: re.search(r"\ba1\b.*the ramp after a wall", cl(layout, "status").stdout)  # noqa: E731
+            wait_until(said, "cl status to say the ramp holds a1")
         hold.unlink()
         wait_until(lambda: all(job_states(layout).get(job) == "done" for job in jobs), "all three done", timeout=120)
         shown = lambda: re.search(r"a1 .*\(resets in [^)]*after a wall\)", cl(layout, "accounts").stdout)  # noqa: E731

@@ -353,17 +353,18 @@ def test_a_window_sustains_the_sessions_its_budget_lasts_to_its_reset() -> None:
 def test_after_a_wall_an_account_takes_only_the_sessions_its_window_sustains(policy: str) -> None:
     """a1's 5-hour window reset after a wall (read used up, not since); the fleet's sessions burn
     0.125 an hour each and a 5-hour window has 4 hours to go: a fresh one sustains 2. With the
-    ramp, a herd of 5 puts 2 on it; without, 5."""
+    ramp, a herd of 5 puts 2 on it, and the ramp is what holds it (`ramping`); without, 5."""
     shape = windows(a2=(0.9, 4, 0.125))
     shape["a1"] = {"five_hour": Window(1.0, NOW - 60, 0.5)}
 
-    def herd(ramp: bool) -> list[str]:
+    def herd(ramp: bool, max_sessions: int = 10) -> tuple[list[str], tuple[str, ...]]:
         facts = Facts([], {}, frozenset(), {"a2": 1}, {}, windows=shape)  # its own: a Placer counts in its live
-        placer = Placer(["a1"], facts, 10, policy, ramp=ramp)
-        return [choice[0] for _ in range(5) if (choice := placer.assign()) is not None]
+        placer = Placer(["a1"], facts, max_sessions, policy, ramp=ramp)
+        return [choice[0] for _ in range(5) if (choice := placer.assign()) is not None], placer.ramping
 
-    assert herd(ramp=True) == ["a1", "a1"]
-    assert herd(ramp=False) == ["a1"] * 5
+    assert herd(ramp=True) == (["a1", "a1"], ("a1",))
+    assert herd(ramp=False) == (["a1"] * 5, ())
+    assert herd(ramp=True, max_sessions=2) == (["a1", "a1"], ())  # its own limit holds it, not the ramp
 
 
 def test_pace_charges_a_session_its_own_rate_not_the_accounts_rate_over_those_left() -> None:

@@ -43,7 +43,7 @@ async def test_accounts_follow_the_roster_and_show_only_its_facts(tmp_path: Path
     def accounts(facts: Snapshot = facts) -> dict[str, dict[str, object]]:
         reply = json.loads(view.render(facts))
         assert view.render(facts) is view.render(facts)  # asked again, nothing changed: kept
-        assert set(reply) == {"accounts", "sessions", "jobs", "queue", "hidden", "blocked"}
+        assert set(reply) == {"accounts", "sessions", "jobs", "queue", "hidden", "blocked", "ramping"}
         return {account.pop("name"): account for account in reply["accounts"]}
 
     shown = accounts()

@@ -74,6 +74,8 @@ class Balancer(Service):
     def __init__(self, config: Config, registry: CredentialRegistry, status_changed: Callable[[], None]) -> None:
         super().__init__(config, registry, status_changed)
         self._counts = {"walled": 0, "running": 0, "queued": 0}
+        self._ramping: tuple[str, ...] = ()
+        """The accounts the ramp after a wall held back at the last placement pass (`cl status`)."""
         self._waiting_logged = False
         self._status_view = StatusView(registry)
         self._placements = 0
@@ -168,8 +170,7 @@ class Balancer(Service):
 
     async def one_pass(self) -> None:
         facts = await self.facts((JobState.QUEUED,), 1000)
-        if facts.jobs:
-            await self._place_jobs(facts)
+        self._ramping = await self._place_jobs(facts) if facts.jobs else ()
         self._counts = {
             "walled": sum(1 for name in facts.walls if name in self.registry.accounts),
             "running": sum(facts.live.values()),
@@ -179,9 +180,10 @@ class Balancer(Service):
         resets = [wall.reset_at for wall in facts.walls.values() if wall.reset_at is not None]
         self.reset_timer.set(min(resets, default=None), jitter=0.05)  # that account may take work again
 
-    async def _place_jobs(self, facts: Facts) -> None:
+    async def _place_jobs(self, facts: Facts) -> tuple[str, ...]:
         """Place what can be placed, in queue order, up to `PLACE_BATCH` jobs to a transaction; a
-        job whose account turned out to have no room is offered the others again, first."""
+        job whose account turned out to have no room is offered the others again, first. The
+        accounts the ramp after a wall held back (`Placer.ramping`)."""
         placer = placement.Placer(
             self.usable(facts),
             facts,
@@ -218,6 +220,7 @@ class Balancer(Service):
         elif waiting and not self._waiting_logged:
             log.warning("jobs waiting", queued=waiting, reason="no-eligible-account")
         self._waiting_logged = bool(waiting)
+        return placer.ramping
 
     async def _launch_placed(self, job: Job, run: Run) -> None:
         """Launch a placed run's worker. A job with a session is a follow-up (`cl send`): its run
@@ -447,7 +450,7 @@ class Balancer(Service):
             raise RequestError("bad-request", '"finished" must be true or false')
         submitter = None if peer.sees_all(self.config.admin_group) else peer.uid
         snapshot = await self.store.snapshot(submitter, finished=finished)
-        return self._status_view.render(snapshot, self.blocked.line() if self.blocked else None)
+        return self._status_view.render(snapshot, self.blocked.line() if self.blocked else None, self._ramping)
 
     async def _job(self, request: Request, peer: Peer) -> Reply:
         """One job's whole story: its prompt and state, every run (account, state, times, error,

@@ -22,7 +22,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -502,9 +502,10 @@ def _account_state(account: dict[str, Any], now: float) -> str:
     return state
 
 
-def _queue_waits_for(accounts: list[dict[str, Any]], now: float) -> str:
+def _queue_waits_for(accounts: list[dict[str, Any]], now: float, ramping: Collection[str] = ()) -> str:
     """Why queued jobs wait, as the accounts show it, each state counted: `2 paused (...), 1
-    walled until T, 1 needs-login`."""
+    walled until T, 1 needs-login`; the accounts the ramp after a wall holds back (`ramping`) by
+    name."""
     by_state = collections.Counter(a["state"] for a in accounts)
     if not accounts:
         return ": waiting for an account (there is none: drop a credential file in)"
@@ -512,7 +513,11 @@ def _queue_waits_for(accounts: list[dict[str, Any]], now: float) -> str:
     order = ("ok", "walled", "paused", "probation", "needs-login", "invalid")
     for state, count in sorted(by_state.items(), key=lambda item: order.index(item[0])):
         if state == "ok":
-            reasons.append(f"{count} ok but at its session limit or not serving the job's model (cl accounts)")
+            if held := [a["name"] for a in accounts if a["state"] == "ok" and a["name"] in ramping]:
+                reasons.append(f"{', '.join(held)} held by the ramp after a wall")
+            if count > len(held):
+                limited = count - len(held)
+                reasons.append(f"{limited} ok but at its session limit or not serving the job's model (cl accounts)")
         elif state == "paused":
             reasons.append(f"{count} paused (cl accounts resume NAME)")
         elif state == "walled":
@@ -524,7 +529,8 @@ def _queue_waits_for(accounts: list[dict[str, Any]], now: float) -> str:
 
 
 def _queue_reasons(status: dict[str, Any], now: float) -> str:
-    return _queue_waits_for(status["accounts"], now) + _models_wait_for(status["accounts"], status["jobs"])
+    ramping = set(status.get("ramping", ()))
+    return _queue_waits_for(status["accounts"], now, ramping) + _models_wait_for(status["accounts"], status["jobs"])
 
 
 def _models_wait_for(accounts: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> str:
@@ -564,6 +570,8 @@ def _waits_for(waiting: dict[str, Any]) -> str:
         chances.append(f"the next wall reset at {waiting['next_reset']}")
     if waiting["probing"]:
         chances.append(f"the first answer from {', '.join(waiting['probing'])} after its reset")
+    if waiting.get("ramping"):
+        chances.append(f"a session ending on {', '.join(waiting['ramping'])} (the ramp after a wall)")
     return " or ".join(chances)
 
 

@@ -44,11 +44,10 @@ def eligible(
     settings: Mapping[str, AccountSettings] | None = None,
     aside: Collection[str] = (),
     used: Mapping[str, float] | None = None,
-    ramp: Mapping[str, int] | None = None,
 ) -> list[str]:
     """Of the `usable` accounts, those that may take a piece of work now, whatever its model
     (`aside`: another host of the fleet serves them; `used`: the fuller of each account's standing
-    windows, for its `pause_at`; `ramp`: `limit`'s)."""
+    windows, for its `pause_at`)."""
     settings = settings or {}
     used = used or {}
     return [
@@ -58,7 +57,7 @@ def eligible(
         and name not in walled
         and (own := settings.get(name, UNSET)).paused_at is None
         and (own.pause_at is None or used.get(name, 0.0) < own.pause_at)
-        and live.get(name, 0) < limit(name, max_sessions, probation, settings, ramp)
+        and live.get(name, 0) < limit(name, max_sessions, probation, settings)
     ]
 
 
@@ -187,7 +186,7 @@ class Placer:
         self._ramp = (
             {name: self._outlook.sustains(name) for name in usable if self._outlook.after_wall(name)} if ramp else {}
         )
-        self._candidates = eligible(
+        self._open = eligible(
             usable,
             facts.walls,
             facts.live,
@@ -196,8 +195,19 @@ class Placer:
             settings=facts.settings,
             aside=facts.aside,
             used={name: self._outlook.used(name) for name in facts.settings},
-            ramp=self._ramp,
         )
+        """The accounts that may take work now but for the ramp."""
+        self._candidates = [name for name in self._open if facts.live.get(name, 0) < self._limit(name)]
+
+    @property
+    def ramping(self) -> tuple[str, ...]:
+        """The accounts that would take more work now but for the ramp after a wall."""
+        held = []
+        for name in self._open:
+            live = self._live.get(name, 0)
+            if self._limit(name) <= live < limit(name, self._max_sessions, self._probation, self._settings):
+                held.append(name)
+        return tuple(sorted(held))
 
     @property
     def at_most(self) -> int | None:
@@ -226,7 +236,7 @@ class Placer:
         )
         if account is None:
             return None
-        room = limit(account, self._max_sessions, self._probation, self._settings, self._ramp)
+        room = self._limit(account)
         self._live[account] = self._live.get(account, 0) + 1
         self._usage[account] = {**self._usage.get(account, {}), "last_used_at": time.time()}  # its turn is over
         if self._live[account] >= room:
@@ -238,6 +248,7 @@ class Placer:
         other daemon, another host or an operator got there first): nothing more goes there."""
         self.returned(account)
         self._drop(account)
+        self._open = [name for name in self._open if name != account]  # walled or paused: not held by the ramp
 
     def returned(self, account: str) -> None:
         """What `assign` counted on `account` was not placed (the work was gone meanwhile)."""
@@ -257,6 +268,9 @@ class Placer:
                 self.returned(account)
             return True
         return False
+
+    def _limit(self, account: str) -> int:
+        return limit(account, self._max_sessions, self._probation, self._settings, self._ramp)
 
     def _drop(self, account: str) -> None:
         if account in self._candidates:

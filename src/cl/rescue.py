@@ -58,21 +58,33 @@ class Waiting:
     """The earliest reset of a standing wall on an account we have: the next chance, short of a new file."""
     probing: tuple[str, ...] = ()
     """Accounts whose wall has reset, each with one session trying them before the rest follow."""
+    ramping: tuple[str, ...] = ()
+    """Accounts after a wall that the ramp holds at what their 5-hour window sustains."""
 
     @classmethod
-    def of(cls, jobs: Sequence[Job], facts: Facts, usable: Collection[str]) -> Waiting:
-        """Derived, each time, from the store's facts and the accounts usable now (`Service.usable`)."""
+    def of(cls, jobs: Sequence[Job], facts: Facts, usable: Collection[str], placer: placement.Placer) -> Waiting:
+        """Derived, each time, from the store's facts, the accounts usable now (`Service.usable`)
+        and the placements `placer` has left room for."""
         if not jobs:
             return cls()
         usable = set(usable)
         resets = [w.reset_at for name, w in facts.walls.items() if name in usable and w.reset_at is not None]
         resets += [r for name, by in facts.model_walls.items() if name in usable for r in by.values() if r is not None]
         probing = tuple(sorted(name for name in facts.probation if name in usable))
-        return cls(tuple(jobs), min(resets) if resets else None, probing)
+        return cls(tuple(jobs), min(resets) if resets else None, probing, placer.ramping)
 
     @property
     def reason(self) -> str:
         return "no-eligible-account" if self.jobs else ""
+
+    def chances(self) -> dict[str, str]:
+        """What may end the wait short of a new file, as the waiting line says it."""
+        said = {"next_reset": iso_utc(self.next_reset)} if self.next_reset else {}
+        if self.probing:
+            said["probing"] = ",".join(self.probing)
+        if self.ramping:
+            said["ramping"] = ",".join(self.ramping)
+        return said
 
 
 class Rescuer(Service):
@@ -148,16 +160,16 @@ class Rescuer(Service):
         await self._settle_moves()
         facts = await self.facts(RESCUABLE, BATCH)
         self._note_all_walled(facts)
-        waiting = await self._rescue(facts)
+        placer = self._placer(facts)
+        waiting = await self._rescue(facts, placer)
         self._announced = {job.id: self._announced[job.id] for job in waiting if job.id in self._announced}
-        self._report(Waiting.of(waiting, facts, self.usable(facts)))
+        self._report(Waiting.of(waiting, facts, self.usable(facts), placer))
         if len(facts.jobs) == BATCH and len(waiting) < BATCH:
             self.wake()  # more behind this batch
 
-    async def _rescue(self, facts: Facts) -> list[Job]:
-        """Move every session that can move now, oldest job first; the ones left waiting. Each
-        move's worker is launched while the next move is written: a storm moves in parallel."""
-        placer = placement.Placer(
+    def _placer(self, facts: Facts) -> placement.Placer:
+        """Where the sessions waiting in `facts` may go now."""
+        return placement.Placer(
             self.usable(facts),
             facts,
             self.config.max_sessions_per_account,
@@ -166,6 +178,10 @@ class Rescuer(Service):
             at_once=placement.at_once(self.config),  # held sessions not counted: a live move needs no new user
             ramp=self.config.ramp_after_wall,
         )
+
+    async def _rescue(self, facts: Facts, placer: placement.Placer) -> list[Job]:
+        """Move every session that can move now, oldest job first; the ones left waiting. Each
+        move's worker is launched while the next move is written: a storm moves in parallel."""
         waiting = []
         launches: list[asyncio.Task[None]] = []
         try:
@@ -279,12 +295,9 @@ class Rescuer(Service):
     def _report(self, now: Waiting) -> None:
         """Log the waiting line when it changes, keep STATUS= current, wake at the next reset."""
         before = self._waiting
-        if (len(now.jobs), now.next_reset, now.probing) != (len(before.jobs), before.next_reset, before.probing):
+        if now.chances() != before.chances() or len(now.jobs) != len(before.jobs):
             if now.jobs:
-                chances = {"next_reset": iso_utc(now.next_reset)} if now.next_reset else {}
-                if now.probing:
-                    chances["probing"] = ",".join(now.probing)
-                log.warning("waiting", sessions=len(now.jobs), reason=now.reason, **chances)
+                log.warning("waiting", sessions=len(now.jobs), reason=now.reason, **now.chances())
             elif before.jobs:
                 log.info("no sessions waiting")
         self._waiting = now
@@ -408,12 +421,13 @@ class Rescuer(Service):
         facts = await self.facts(RESCUABLE, BATCH)
         everyone = peer.sees_all(self.config.admin_group)
         shown = [job for job in facts.jobs if job.session_id and (everyone or job.submitter == peer.uid)]
-        waiting = Waiting.of(shown, facts, self.usable(facts))
+        waiting = Waiting.of(shown, facts, self.usable(facts), self._placer(facts))
         return {
             "reason": waiting.reason or None,
             "blocked": self.blocked.line() if self.blocked else None,
             "next_reset": iso_utc(waiting.next_reset) if waiting.next_reset else None,
             "probing": list(waiting.probing),
+            "ramping": list(waiting.ramping),
             "sessions": [
                 {
                     "session_id": job.session_id,

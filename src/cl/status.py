@@ -77,16 +77,17 @@ class StatusView:
         """The roster version and the snapshot `_objects` was made from: one with the same facts is
         rendered the same."""
         self._board: Board | None = None
-        self._last: tuple[tuple[int, str | None], Snapshot, Encoded] | None = None
+        self._last: tuple[tuple[int, str | None, tuple[str, ...]], Snapshot, Encoded] | None = None
 
-    def render(self, snapshot: Snapshot, blocked: str | None = None) -> Encoded:
+    def render(self, snapshot: Snapshot, blocked: str | None = None, ramping: tuple[str, ...] = ()) -> Encoded:
         """The whole reply object; the last one again if neither the roster nor the store changed
         (the store hands out the same listing and counts objects then). `blocked`: what stops
-        every CLI from starting (`cl.doctor`), if anything."""
+        every CLI from starting (`cl.doctor`), if anything; `ramping`: the accounts the ramp after
+        a wall held at the last placement pass (`Placer.ramping`)."""
         last = self._last
         if (
             last is not None
-            and last[0] == (self._registry.version, blocked)
+            and last[0] == (self._registry.version, blocked, ramping)
             and last[1].listing is snapshot.listing
             and _same_facts(last[1], snapshot)
         ):
@@ -96,9 +97,9 @@ class StatusView:
         reply = Encoded(
             f'{{"accounts":[{accounts}],"sessions":{listing.sessions_json},'
             f'"jobs":{listing.jobs_json},"queue":{listing.queue},"hidden":{listing.hidden},'
-            f'"blocked":{json.dumps(blocked)}}}'.encode()
+            f'"blocked":{json.dumps(blocked)},"ramping":{json.dumps(ramping)}}}'.encode()
         )
-        self._last = ((self._registry.version, blocked), snapshot, reply)
+        self._last = ((self._registry.version, blocked, ramping), snapshot, reply)
         return reply
 
     def board(self, snapshot: Snapshot) -> Board:
