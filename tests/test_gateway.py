@@ -349,8 +349,9 @@ def test_a_session_meeting_a_wall_moves_onto_an_account_the_ramp_holds_back(
     layout: Layout, fake_api: FakeApi, planted: Planted
 ) -> None:
     """a2 is after a wall (its 5-hour window read used up, reset since; no rate known): with one
-    session live there, the ramp takes no new work to it. A session whose request meets a1's
-    wall in flight moves there all the same: held back, it would see the wall while a2 has room."""
+    session live there, the ramp takes no new work to it (a job queues, and `cl status` says why).
+    A session whose request meets a1's wall in flight moves there all the same: held back, it
+    would see the wall while a2 has room."""
     keep = layout.root / "keep"
     hold_after = str(layout.root / "hold-after")
     env = {"FAKE_CLAUDE_HOLD": str(keep), "FAKE_CLAUDE_HOLD_MATCH": "keep", "FAKE_CLAUDE_HOLD_AFTER": hold_after}
@@ -365,6 +366,10 @@ def test_a_session_meeting_a_wall_moves_onto_an_account_the_ramp_holds_back(
         keep.touch()
         kept = submit(layout, "keep going")
         wait_until(lambda: [run.state for run in runs_of(layout, kept)] == ["running"], "a session live on a2")
+        queued = submit(layout, "waits")
+        said = lambda: "a2 held by the ramp after a wall" in cl(layout, "status").stdout  # noqa: E731
+        wait_until(said, "cl status to say the ramp holds a2")
+        assert cl(layout, "cancel", str(queued)).returncode == 0
         assert cl(layout, "accounts", "resume", "a1").returncode == 0
         job = two_turns(holding, layout, lambda: holding.api.wall(a1, time.time() + 3600))
         keep.unlink()
