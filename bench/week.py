@@ -10,7 +10,8 @@ request) and a 7-day window, staggered: account i's week is (i + 1/2)/4 over whe
 so each resets once, at its own time, within the simulated week. A request costs one unit; an
 account with a window spent gets the wall (429, its reset). Sessions are agents: each job is one
 prompt of `STEPS` requests (tool calls in between, `LATENCY` seconds each to answer), and as soon
-as one ends another starts, `SESSIONS` at once, from the first second to the last.
+as one ends another starts, `SESSIONS` (or `--sessions`) at once, from the first second to the
+last.
 
 The policies, as cl runs them (every one keeps cl's moves in flight at a wall):
 * `headroom`: cl's until now (the lowest utilization first), no early moves;
@@ -28,12 +29,13 @@ Printed per policy: turns (answered requests) completed; session-visible 429s (w
 passed to a CLI: no account had room for it at once), and those of them while the fake API says
 some account had room; the time sessions spent waiting (a walled turn until its session's next
 answer; a request held at the gateway for its account's reset, where the rescuer found that
-cheaper than a move; each job's time queued before its first run, but for the first `SESSIONS`
-jobs: all accounts have room then, and they are placed one behind the other's launch), in
+cheaper than a move; each job's time queued before its first run, but for the jobs the sessions
+start with: all accounts have room then, and they are placed one behind the other's launch), in
 simulated hours; moves (in flight at a wall, and early), the cold-cache tokens the moves cost
 (the prompt cache the new account wrote for the moved runs) and cold-cache requests per move;
-the first time any session waited (simulated hours from the start), and the turns completed
-before it. Nothing leaves the machine.
+the first time any session waited (simulated hours from the start), what that wait was, the turns
+completed before it, and the units of 7-day budget each account still had at its week's reset
+before it (lost for good). Nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -60,7 +62,11 @@ from cl.store import MOVED_EARLY, Store
 from utils import FakeApi, Layout, Planted, end_workers, fake_api_running, json_lines
 
 ACCOUNTS = ("a1", "a2", "a3", "a4")
-SESSIONS = 8
+SESSIONS = 4
+"""Jobs kept going at once: the work the fleet's budgets carry over the week. A session asks for
+about 400 turns a week; each account's week resets once in it, so the four have 8 weeks' budget,
+1,616 units, for about 1,620 wanted. A policy that leaves budget unused at a reset waits for it
+later; `--sessions 8` asks twice that, and every policy runs dry before the second reset."""
 STEPS = 12
 LATENCY = 0.1
 """Seconds the fake API takes to answer one request (the model's time)."""
@@ -99,15 +105,17 @@ class Outcome:
     cold_tokens: int
     cold_per_move: float
     first_wait_hours: float | None
+    first_wait: str | None
+    """What it was: a 429 seen, a job queued, or a request held for its account's reset."""
     turns_before_wait: int
     waits_for_reset: int
     """Requests that waited at the gateway for their account's reset rather than move."""
-    unused_at_resets: int
-    """Units of 7-day budget the accounts still had when their weeks reset, before the first wait:
+    unused_at_resets: dict[str, int]
+    """Units of 7-day budget each account still had when its week reset, before the first wait:
     lost for good, what using the soonest reset first could have added by then."""
 
 
-def simulate(policy: str, five_hour: float, root: Path) -> Outcome:
+def simulate(policy: str, five_hour: float, sessions: int, root: Path) -> Outcome:
     """One policy's week; what it came to."""
     week = five_hour * WEEK
     budget5 = round(FIVE_HOUR_RATE * five_hour)
@@ -123,27 +131,29 @@ def simulate(policy: str, five_hour: float, root: Path) -> Outcome:
         "CL_RESET_JITTER": "0",
         "CL_WALL_RETRY": f"{300 * scale:.6f}",
         "CL_MAX_MOVES_PER_HOUR": "1000",
-        "CL_MAX_SESSIONS_PER_ACCOUNT": str(SESSIONS),
+        "CL_MAX_SESSIONS_PER_ACCOUNT": str(sessions),
         **{key: f"{float(value) * scale:.6f}" if key in SCALED else value for key, value in POLICIES[policy].items()},
     }
     with contextlib.ExitStack() as stack:
         stack.callback(end_workers, layout)  # sessions held at the week's end: nothing adopts them
         api = stack.enter_context(fake_api_running(root, *args, "--latency", str(LATENCY)))
         tokens = {name: account(layout, planted, name) for name in ACCOUNTS}
-        resets: dict[str, float] = {}  # each account's (its token's tail's) 7-day reset
+        resets: dict[str, tuple[str, float]] = {}  # by its token's tail: each account's 7-day reset
         for i, name in enumerate(ACCOUNTS):
             elapsed = week * (i + 0.5) / len(ACCOUNTS)
             api.post("/_fake/budget", {"key": tokens[name], "elapsed": {"seven_day": elapsed}})
-            resets[tokens[name][-6:]] = time.time() - elapsed + week
+            resets[tokens[name][-6:]] = name, time.time() - elapsed + week
         gateway = stack.enter_context(running(layout, api, **env))
         if (pause_at := PAUSE_AT.get(policy)) is not None:  # every account the balancer has
             for listed in gateway.balancer.request({"request": "accounts"})["accounts"]:
                 gateway.balancer.request({"request": "account", "account": listed["name"], "pause_at": pause_at})
         start = time.time()
-        drive(layout, start + week)
+        drive(layout, start + week, sessions)
         counters = gateway.gateway.request({"request": "metrics"})["counters"]
         at_resets = waits_for_resets(gateway.rescue.log())
-    return measured(layout, api, start, five_hour, counters, resets=Resets(resets, budget7), at_resets=at_resets)
+    return measured(
+        layout, api, start, five_hour, counters, sessions=sessions, resets=Resets(resets, budget7), at_resets=at_resets
+    )
 
 
 def waits_for_resets(log: str) -> list[tuple[float, float]]:
@@ -157,15 +167,15 @@ def waits_for_resets(log: str) -> list[tuple[float, float]]:
     return waits
 
 
-def drive(layout: Layout, until: float) -> None:
-    """Keep `SESSIONS` jobs going until `until`."""
+def drive(layout: Layout, until: float, sessions: int) -> None:
+    """Keep `sessions` jobs going until `until`."""
     socket = layout.runtime / "balancer.sock"
     store = Store(layout.database)
     live: set[int] = set()
     number = 0
     try:
         while time.time() < until:
-            while len(live) < SESSIONS:
+            while len(live) < sessions:
                 number += 1
                 prompt = f"[[steps: {STEPS}]] task {number}"
                 reply = call(socket, {"request": "submit", "cwd": str(layout.work), "prompt": prompt})
@@ -180,18 +190,21 @@ def drive(layout: Layout, until: float) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Resets:
-    at: dict[str, float]
-    """When each account's 7-day window resets, by its token's tail (the fake API's log names it so)."""
+    at: dict[str, tuple[str, float]]
+    """Each account's name and when its 7-day window resets, by its token's tail (the fake API's
+    log names it so)."""
     budget: int
     """Units of one 7-day window."""
 
-    def unused_before(self, requests: list[dict[str, Any]], until: float | None) -> int:
-        """Units left in the windows that reset before `until` (None: the week's end), at their reset."""
-        return sum(
-            max(0, self.budget - sum(1 for r in requests if r["cred_tail"] == tail and r["t"] < at and r["answered"]))
-            for tail, at in self.at.items()
+    def unused_before(self, requests: list[dict[str, Any]], until: float | None) -> dict[str, int]:
+        """Units left in each window that resets before `until` (None: the week's end), at its reset."""
+        return {
+            name: max(
+                0, self.budget - sum(1 for r in requests if r["cred_tail"] == tail and r["t"] < at and r["answered"])
+            )
+            for tail, (name, at) in self.at.items()
             if until is None or at < until
-        )
+        }
 
 
 def measured(
@@ -201,6 +214,7 @@ def measured(
     five_hour: float,
     counters: dict[str, int],
     *,
+    sessions: int,
     resets: Resets,
     at_resets: list[tuple[float, float]],
 ) -> Outcome:
@@ -221,19 +235,19 @@ def measured(
     by_job: dict[int, list[dict[str, Any]]] = {}
     for run in runs:
         by_job.setdefault(run["job_id"], []).append(run)
-    waits = list(at_resets)  # (since, how long)
+    waits = [(since, how, "held for a reset") for since, how in at_resets]  # (since, how long, what)
     seen: list[float] = []  # when a CLI saw a wall
     for job, its in by_job.items():
-        first_ones = job <= SESSIONS  # submitted at once at the start, each placed behind the others' launches
+        first_ones = job <= sessions  # submitted at once at the start, each placed behind the others' launches
         if (queued := its[0]["created_at"] - jobs[job]) > QUEUED and not first_ones:  # no room, not placing's time
-            waits.append((jobs[job], queued))
+            waits.append((jobs[job], queued, "a job queued"))
         for run, after in zip(its, [*its[1:], None], strict=True):
             held = run["state"] == "walled" and not (run["error"] or "").startswith("moved ")  # in flight, early
             if held and run["ended_at"] is not None:
                 resumed = (after and (after["answered_at"] or after["ended_at"])) or time.time()
-                waits.append((run["ended_at"], resumed - run["ended_at"]))
+                waits.append((run["ended_at"], resumed - run["ended_at"], "a 429 seen"))
                 seen.append(run["ended_at"])
-    first = min((since for since, _ in waits), default=None)
+    first, first_kind = min(((since, kind) for since, _, kind in waits), default=(None, None))
     times = [r["t"] for r in requests]
     with_room = sum(1 for t in seen if (i := bisect.bisect_right(times, t)) and requests[i - 1]["room"])
     moves = [r for r in runs if r["prior_state"] in ("walled", "orphaned") and r["resume"]]
@@ -243,12 +257,13 @@ def measured(
         turns=len(answered),
         visible_429s=len(seen),
         visible_with_room=with_room,
-        waited_hours=sum(how for _, how in waits) * hours,
+        waited_hours=sum(how for _, how, _ in waits) * hours,
         moves_in_flight=counters.get("moves_in_flight", 0),
         early_moves=early,
         cold_tokens=sum(r["cache_creation_tokens"] for r in moves),
         cold_per_move=cold / len(moves) if moves else 0.0,
         first_wait_hours=(first - start) * hours if first is not None else None,
+        first_wait=first_kind,
         turns_before_wait=sum(1 for t in answered if first is None or t < first),
         waits_for_reset=len(at_resets),
         unused_at_resets=resets.unused_before(requests, first),
@@ -261,19 +276,21 @@ def main() -> None:
     parser.add_argument("--policies", default=",".join(POLICIES), help="which, comma-separated")
     parser.add_argument("--five-hour", type=float, help="seconds 5 hours last")
     parser.add_argument("--rounds", type=int, default=1, help="weeks per policy, the policies in turn each round")
+    parser.add_argument("--sessions", type=int, default=SESSIONS, help="jobs kept going at once")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     five_hour = args.five_hour or (2.0 if args.quick else 3.0)
     print(
-        f"a simulated week: 5 h = {five_hour:g} s, {len(ACCOUNTS)} accounts, {SESSIONS} sessions of {STEPS} requests"
-        f" ({LATENCY:g} s each), budgets {round(FIVE_HOUR_RATE * five_hour)} per 5 h window"
+        f"a simulated week: 5 h = {five_hour:g} s, {len(ACCOUNTS)} accounts,"
+        f" {args.sessions} sessions of {STEPS} requests ({LATENCY:g} s each),"
+        f" budgets {round(FIVE_HOUR_RATE * five_hour)} per 5 h window"
         f" and {round(FIVE_HOUR_RATE * five_hour * WEEK * WEEK_SHARE)} per 7-day window"
     )
     outcomes: dict[str, list[Outcome]] = {policy: [] for policy in args.policies.split(",")}
     for round_ in range(1, args.rounds + 1):
         for policy, weeks in outcomes.items():
             with tempfile.TemporaryDirectory(prefix=f"cl-week-{policy}-") as tmp:
-                weeks.append(simulate(policy, five_hour, Path(tmp)))
+                weeks.append(simulate(policy, five_hour, args.sessions, Path(tmp)))
             print(f"  round {round_} {policy:15} {said(weeks[-1])}", flush=True)
     if args.rounds > 1:
         print("the median week of each (turns before the first wait decide):")
@@ -288,8 +305,8 @@ def main() -> None:
               f" turns before the first wait {gain:+.0f}% against the best peer (goal +15%);"
               f" cold-cache requests per move {pace.cold_per_move:.2f} (goal <= 1)")  # fmt: skip
     if (headroom := median(outcomes["headroom"]) if "headroom" in outcomes else None) and headroom.turns_before_wait:
-        most = headroom.unused_at_resets / headroom.turns_before_wait * 100
-        unused = headroom.unused_at_resets
+        unused = sum(headroom.unused_at_resets.values())
+        most = unused / headroom.turns_before_wait * 100
         print(f"headroom left {unused} units of weekly budget unused at resets before its first wait:"
               f" +{most:.0f}% of its turns before it, what using the soonest reset first could add")  # fmt: skip
     if args.json:
@@ -303,14 +320,15 @@ def median(weeks: list[Outcome]) -> Outcome:
 
 
 def said(week: Outcome) -> str:
-    first = f"{week.first_wait_hours:.1f} h" if week.first_wait_hours is not None else "never"
+    first = f"{week.first_wait_hours:.1f} h ({week.first_wait})" if week.first_wait_hours is not None else "never"
     return (
         f"turns {week.turns:6}  429s seen {week.visible_429s:4} (with room {week.visible_with_room:3})"
         f"  waited {week.waited_hours:7.1f} h  moves {week.moves_in_flight:4} at walls + {week.early_moves:4} early"
         f"  cold {week.cold_tokens:6} tokens ({week.cold_per_move:.2f}/move)"
         f"  {week.waits_for_reset:3} waits for a reset"
-        f"  first wait {first:>8}, {week.turns_before_wait:6} turns before it"
-        f"  ({week.unused_at_resets} units unused at resets before it)"
+        f"  first wait {first}, {week.turns_before_wait:6} turns before it"
+        f"  ({sum(week.unused_at_resets.values())} units unused at resets before it:"
+        f" {', '.join(f'{name} {units}' for name, units in sorted(week.unused_at_resets.items()))})"
     )
 
 
