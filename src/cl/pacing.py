@@ -1,13 +1,13 @@
 """Where each account's windows are headed: the utilization each will have at its reset, projected
 from the burn rate of the sessions on it (the `pace` placement, and early moves).
 
-A window is standing while its reset is ahead; one whose reset has passed (or that was never
-read) starts empty. Its projection at the reset is its utilization now plus the burn rate of the
-sessions on it times the hours left: the account's own measured rate per session (each measure
-shared among the sessions live on it when it was taken, so that one measured with four sessions
-is not charged to the one left after three moved away), or, where it has none measured, the
-fleet's (the mean of the accounts' own). A window that starts empty is given the longest time left that any
-account's window of that period has now: the period's length, as far as the fleet knows it.
+A window is standing while its reset is ahead; one whose reset has passed (or that was never read)
+starts empty. Its projection at the reset is its utilization now plus the burn rate of the sessions
+on it times the hours left: the account's own measured rate per session (each measure shared among
+the sessions live on it when it was taken, so that one measured with four sessions is not charged to
+the one left after three moved away), or, where it has none measured, the fleet's (the mean of the
+accounts' own). A window that starts empty is given the longest time left that any account's window
+of that period has now: the period's length, as far as the fleet knows it.
 """
 
 from __future__ import annotations
