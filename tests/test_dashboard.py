@@ -11,6 +11,7 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 from test_gateway import account, running
 
-from utils import BIN, REPO, FakeApi, Layout, Planted, free_port, job_states, submit, wait_until
+from utils import BIN, REPO, FakeApi, Layout, Planted, free_port, job_states, stored, submit, wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [
@@ -129,6 +130,23 @@ def test_the_page_shows_accounts_live_then_a_wall_and_a_move_and_nothing_private
             fetch(f"{url}/favicon.ico")  # no scrape of every daemon for a browser's icon
         assert elsewhere.value.code == 404
         elsewhere.value.close()
+
+
+def test_a_window_whose_reset_has_passed_shows_empty_with_when_it_reset(
+    layout: Layout, planted: Planted, fake_api: FakeApi, browser: Any
+) -> None:
+    """a1's 5-hour window was read used up and has reset since, with no answer after: the page
+    shows it empty, as `cl accounts` does, not full."""
+    account(layout, planted, "a1")
+    now = time.time()
+    stored(layout, lambda store: store.record_usage("a1", {"five_hour": 1.0}, now - 60, resets={"five_hour": now - 1}))
+    with running(layout, fake_api) as gateway, metrics_serving(gateway.env) as url:
+        page = browser.new_page()
+        page.goto(f"{url}/")
+        row = page.locator("tr[data-account=a1]", has_text="reset")
+        row.wait_for()
+        assert re.search(r"\b0% reset 0h00m ago, was 100%", row.inner_text()), row.inner_text()
+        assert page.locator("tr[data-account=a1] .meter i.full").count() == 0
 
 
 def test_the_page_is_one_file_that_fetches_nothing_but_its_data() -> None:

@@ -362,6 +362,8 @@ def test_a_session_meeting_a_wall_moves_onto_an_account_the_ramp_holds_back(
         stored(
             layout, lambda store: store.record_usage("a2", {"five_hour": 1.0}, now - 60, resets={"five_hour": now - 1})
         )
+        shown = cl(layout, "accounts").stdout  # not read since its reset: empty, and after a wall
+        assert re.search(r"a2 .* 0% \(reset \d+m\d\ds ago, was 100%, read [^,]+ ago, after a wall\)", shown), shown
         assert cl(layout, "accounts", "pause", "a1").returncode == 0
         keep.touch()
         kept = submit(layout, "keep going")

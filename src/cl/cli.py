@@ -815,21 +815,33 @@ def _percent(value: float | None) -> str:
 
 def _window(account: dict[str, Any], name: str, now: float, *, read: bool = False) -> str:
     """A window's utilization, and as the API's headers said them, its reset and burn rate:
-    `42% (resets in 2h10m, +5%/h)`; with `read`, how long ago the API said so (`read 3m05s ago`)."""
-    window = (account.get("windows") or {}).get(name)
+    `42% (resets in 2h10m, +5%/h)`; with `read`, how long ago the API said so (`read 3m05s ago`).
+    One whose reset has passed is empty until the API says otherwise: `0% (reset 4m10s ago, was
+    100%)`."""
+    windows = account.get("windows") or {}
+    window = windows.get(name)
     if window is None:
         return _percent(account.get("usage", {}).get(name))
     words = [_percent(window["utilization"])]
-    if window["resets"]:
-        words.append(f"resets in {span(max(0, _epoch(window['resets']) - now))}")
+    ended = _ended(window, now)
+    if ended:
+        words = ["0%", f"reset {span(now - _epoch(window['resets']))} ago, was {words[0]}"]
+    elif window["resets"]:
+        words.append(f"resets in {span(_epoch(window['resets']) - now)}")
     if window["per_hour"] is not None:
         words.append(f"+{window['per_hour'] * 100:.0f}%/h")
     if read and window.get("read"):
         words.append(f"read {span(max(0, now - _epoch(window['read'])))} ago")
-    if name == "five_hour" and window.get("after_wall"):
+    used_up = any(_ended(other, now) and other["utilization"] >= 1 for other in windows.values())
+    if name == "five_hour" and (window.get("after_wall") if not ended else used_up):
         words.append("after a wall")
     used, *more = words
     return f"{used} ({', '.join(more)})" if more else used
+
+
+def _ended(window: dict[str, Any], now: float) -> bool:
+    """The window's period, as last read, is over: its reset has passed."""
+    return bool(window["resets"]) and _epoch(window["resets"]) <= now
 
 
 def _epoch(iso: str) -> int:
