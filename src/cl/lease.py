@@ -59,6 +59,8 @@ class Lease:
         self._renew_call, self._seconds, self._end_worker = renew, seconds, end_worker
         self._renewed_at = time.monotonic()  # the claim leased it
         self._fenced = False
+        self._stopped = False
+        """The CLI was stopped and the worker ended: once, whichever thread saw the loss first."""
         self._guard = threading.Lock()
         """Taken to change the CLI and to stop it: a CLI started as the lease is lost is stopped too."""
         self._ended = threading.Event()
@@ -116,6 +118,9 @@ class Lease:
     def _stop(self, reason: str) -> None:
         """Stop the CLI (its whole process group), then the worker."""
         assert self._process is not None
+        if self._stopped:  # the other thread waited on the guard while it was stopped
+            return
+        self._stopped = True
         self._ended.set()
         log.error("lease lost, stopping the CLI", run=self.run_id, reason=reason)
         self._process.signal_tree(signal.SIGKILL)
