@@ -63,7 +63,15 @@ def test_help_and_completion_never_import_the_daemon_code() -> None:
     )
     for args in (["--help"], ["accounts", "--help"], ["submit", "--help"]):
         result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, check=True)
-        assert result.stderr.split() == ["cl", "cl.cli", "cl.client", "cl.config", "cl.moments", "cl.states"], args
+        assert result.stderr.split() == [
+            "cl",
+            "cl.cli",
+            "cl.client",
+            "cl.config",
+            "cl.moments",
+            "cl.states",
+            "cl.windows",
+        ], args
     assert "usage: cl" in subprocess.run([str(BIN / "cl"), "--help"], capture_output=True, text=True, check=True).stdout
 
 

@@ -31,6 +31,7 @@ from cl.client import MAX_PROMPT_BYTES, DaemonUnreachable, call
 from cl.config import Config, ConfigError, load_config
 from cl.moments import span
 from cl.states import JobState, RunState
+from cl.windows import Window, first_since_wall
 
 DAEMONS = ("balancer", "rescue")
 EXIT_DIFFER = 1
@@ -817,31 +818,33 @@ def _window(account: dict[str, Any], name: str, now: float, *, read: bool = Fals
     """A window's utilization, and as the API's headers said them, its reset and burn rate:
     `42% (resets in 2h10m, +5%/h)`; with `read`, how long ago the API said so (`read 3m05s ago`).
     One whose reset has passed is empty until the API says otherwise: `0% (reset 4m10s ago, was
-    100%)`."""
-    windows = account.get("windows") or {}
+    100%)`; a 5-hour one that is the first since a wall says so (`after a wall`)."""
+    windows = {period: _as_window(said) for period, said in (account.get("windows") or {}).items()}
     window = windows.get(name)
     if window is None:
         return _percent(account.get("usage", {}).get(name))
-    words = [_percent(window["utilization"])]
-    ended = _ended(window, now)
-    if ended:
-        words = ["0%", f"reset {span(now - _epoch(window['resets']))} ago, was {words[0]}"]
-    elif window["resets"]:
-        words.append(f"resets in {span(_epoch(window['resets']) - now)}")
-    if window["per_hour"] is not None:
-        words.append(f"+{window['per_hour'] * 100:.0f}%/h")
-    if read and window.get("read"):
-        words.append(f"read {span(max(0, now - _epoch(window['read'])))} ago")
-    used_up = any(_ended(other, now) and other["utilization"] >= 1 for other in windows.values())
-    if name == "five_hour" and (window.get("after_wall") if not ended else used_up):
+    words = [_percent(window.utilization)]
+    if window.reset_at is not None:
+        if window.standing(now):
+            words.append(f"resets in {span(window.reset_at - now)}")
+        else:
+            words = ["0%", f"reset {span(now - window.reset_at)} ago, was {words[0]}"]
+    if window.per_hour is not None:
+        words.append(f"+{window.per_hour * 100:.0f}%/h")
+    if read and window.read_at is not None:
+        words.append(f"read {span(max(0, now - window.read_at))} ago")
+    if name == "five_hour" and first_since_wall(windows, now):
         words.append("after a wall")
     used, *more = words
     return f"{used} ({', '.join(more)})" if more else used
 
 
-def _ended(window: dict[str, Any], now: float) -> bool:
-    """The window's period, as last read, is over: its reset has passed."""
-    return bool(window["resets"]) and _epoch(window["resets"]) <= now
+def _as_window(said: dict[str, Any]) -> Window:
+    """A window as `status` says it (`Window.public`)."""
+    moment = {key: _epoch(said[key]) if said.get(key) else None for key in ("resets", "read")}
+    return Window(
+        said["utilization"], moment["resets"], said["per_hour"], moment["read"], said["after_wall"], said["per_session"]
+    )
 
 
 def _epoch(iso: str) -> int:

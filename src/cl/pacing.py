@@ -18,7 +18,8 @@ from collections.abc import Mapping
 
 from cl.gateway.limits import WINDOWS
 from cl.moments import span
-from cl.store import MOVED_EARLY, Window
+from cl.store import MOVED_EARLY
+from cl.windows import Window, first_since_wall
 
 PERIODS = {window: short for short, window in WINDOWS.items()}
 """The windows that wall a whole account, and how they are written for an operator (`5h`, `7d`)."""
@@ -43,7 +44,7 @@ class Outlook:
     def standing(self, account: str, period: str) -> Window | None:
         """The window as last read, while its reset is ahead (after it, the window is empty)."""
         window = self._windows.get(account, {}).get(period)
-        return window if window is not None and (window.reset_at or 0.0) > self.now else None
+        return window if window is not None and window.standing(self.now) else None
 
     def seconds_left(self, account: str, period: str) -> float:
         """Until the window resets (0: it is not standing)."""
@@ -79,17 +80,8 @@ class Outlook:
         return used + self.rate(account, period) * sessions * hours
 
     def after_wall(self, account: str) -> bool:
-        """Whether the account's 5-hour window is its first since a wall: read since, and the
-        account had a window used up at its reading before (`Window.after_wall`), or not read
-        since a window of its reset used up."""
-        five_hour = self.standing(account, "five_hour")
-        if five_hour is not None:
-            return five_hour.after_wall
-        return any(
-            window.utilization >= 1 and self.standing(account, period) is None
-            for period in PERIODS
-            if (window := self._windows.get(account, {}).get(period)) is not None
-        )
+        """Whether the account's 5-hour window is its first since a wall (`first_since_wall`)."""
+        return first_since_wall(self._windows.get(account, {}), self.now)
 
     def sustains(self, account: str) -> int:
         """How many sessions the account's 5-hour window sustains to its reset at one session's

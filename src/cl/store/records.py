@@ -13,8 +13,9 @@ from typing import Any, NamedTuple
 
 from cl.moments import iso_utc
 from cl.states import RESCUABLE, IllegalTransition, JobState, RunState
+from cl.windows import Window
 
-__all__ = ["IllegalTransition"]
+__all__ = ["IllegalTransition", "Window"]
 
 NEEDS_LOGIN = "needs-login"
 """The kind of wall the gateway records for an account whose refresh token was refused."""
@@ -186,34 +187,6 @@ def model_walled(walls: Mapping[str, float | None], model: str | None) -> bool:
     """Whether one account's standing model walls (family -> reset) bar `model`: its own family's
     wall, or any, for a job that names no model (the CLI's default may be any of them)."""
     return bool(walls) and (model is None or family(model) in walls)
-
-
-class Window(NamedTuple):
-    """One of an account's windows (`five_hour`, `seven_day`) as the API's headers last said it."""
-
-    utilization: float
-    reset_at: float | None
-    per_hour: float | None
-    """Its burn rate: utilization gained per hour, each measure between readings of one period
-    at least a step (`burn_step`) apart, averaged with the one before (half each); None until measured."""
-    read_at: float | None = None
-    """When the API said it (its age: an account nobody used is read by the gateway's probe)."""
-    after_wall: bool = False
-    """Its period follows a wall: the account had a window used up when it was last read before
-    (with `ramp_after_wall`, new work ramps onto it)."""
-    per_session: float | None = None
-    """Its burn rate per session: each measure of `per_hour` over the runs live on the account
-    when it was taken (none live: not measured), averaged the same way; None until measured."""
-
-    def public(self) -> dict[str, Any]:
-        return {
-            "utilization": self.utilization,
-            "resets": iso_utc(self.reset_at) if self.reset_at else None,
-            "per_hour": self.per_hour,
-            "read": iso_utc(self.read_at) if self.read_at else None,
-            "after_wall": self.after_wall,
-            "per_session": self.per_session,
-        }
 
 
 UsageRow = tuple[float | None, float | None, int, int]
