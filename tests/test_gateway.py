@@ -26,7 +26,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cl.store import Run, Store, WallRecord
+from cl.gateway import limits
+from cl.gateway.proxy import Recorder
+from cl.store import AsyncStore, Run, Store, WallRecord
 from utils import (
     BIN,
     FAR_FUTURE_MS,
@@ -467,6 +469,25 @@ def test_idle_accounts_are_read_with_the_clis_quota_check_and_cl_accounts_shows_
         shown = {a["name"]: a["windows"] for a in json.loads(cl(layout, "accounts", "--json").stdout)["accounts"]}
         assert shown["a2"]["five_hour"]["utilization"] == 0.42
         assert len(fake_api.messages()) == 2  # read once in its interval
+        assert {name: used["last_used_at"] for name, used in stored(layout, Store.usage).items()} == {
+            "a1": None,
+            "a2": None,
+        }  # read, not used
+
+
+async def test_a_probe_of_an_idle_account_is_not_a_use_of_it_and_an_answer_to_a_session_is(store: Store) -> None:
+    """The last use orders `round-robin` (and `headroom`'s ties): the probe reading an idle account
+    every interval must not make it look busy. A session's answer in the same interval is a use."""
+    async_store = AsyncStore(store)
+    recorder = Recorder(async_store, burn_step=60.0)
+    reading = limits.Reading(utilization={"five_hour": 0.1}, resets={"five_hour": time.time() + 3600})
+    recorder.usage("a1", reading, idle=True)
+    recorder.usage("a2", reading)
+    recorder.usage("a2", reading, idle=True)  # read again before the write: still used in the interval
+    await recorder.flush()
+    assert {name: used["last_used_at"] is not None for name, used in store.usage().items()} == {"a1": False, "a2": True}
+    assert store.windows()["a1"]["five_hour"].utilization == 0.1
+    async_store.close()
 
 
 def submit_for(layout: Layout, prompt: str, model: str) -> int:

@@ -138,13 +138,20 @@ class Recorder:
         self._store = store
         self._burn_step = burn_step
         self._interval = interval
-        self._usage: dict[str, tuple[dict[str, float], dict[str, float], float]] = {}
-        """Account -> its windows' utilization and resets as last reported, and when."""
+        self._usage: dict[str, tuple[dict[str, float], dict[str, float], float, bool]] = {}
+        """Account -> its windows' utilization and resets as last reported, when, and whether
+        only the probe of an idle account reported them since the last write."""
         self._cache: dict[int, tuple[int, int]] = {}
 
-    def usage(self, account: str, reading: limits.Reading) -> None:
-        windows, resets, _ = self._usage.get(account, ({}, {}, 0.0))
-        self._usage[account] = ({**windows, **reading.utilization}, {**resets, **reading.resets}, time.time())
+    def usage(self, account: str, reading: limits.Reading, *, idle: bool = False) -> None:
+        """`idle`: the answer was to the probe of an idle account, not a use of it."""
+        windows, resets, _, was_idle = self._usage.get(account, ({}, {}, 0.0, True))
+        self._usage[account] = (
+            {**windows, **reading.utilization},
+            {**resets, **reading.resets},
+            time.time(),
+            was_idle and idle,
+        )
 
     def cache(self, run_id: int, read: int, created: int) -> None:
         if read or created:
@@ -162,8 +169,10 @@ class Recorder:
             return
         self._usage, self._cache = {}, {}
         try:
-            for account, (windows, resets, when) in usage.items():
-                await self._store.record_usage(account, windows, when, resets=resets, burn_step=self._burn_step)
+            for account, (windows, resets, when, idle) in usage.items():
+                await self._store.record_usage(
+                    account, windows, when, resets=resets, burn_step=self._burn_step, idle=idle
+                )
             if cache:
                 await self._store.record_cache(cache)
         except StoreUnavailable as exc:
@@ -410,10 +419,11 @@ class Proxy:
                  **{"from": run.account, "window": window})  # fmt: skip
         return moved
 
-    def _heard(self, account: str, reading: limits.Reading, status: int) -> None:
+    def _heard(self, account: str, reading: limits.Reading, status: int, *, idle: bool = False) -> None:
         """What an answer's headers said of `account`'s windows: recorded, and kept for early
-        moves unless the answer refused it (a wall is the wall's to act on, not an early move's)."""
-        self._recorder.usage(account, reading)
+        moves unless the answer refused it (a wall is the wall's to act on, not an early move's).
+        `idle`: the answer was to the probe of an idle account, which does not count as a use."""
+        self._recorder.usage(account, reading, idle=idle)
         if _refused(status, reading):
             self._readings.pop(account, None)
         else:
@@ -456,7 +466,7 @@ class Proxy:
         if not reading.utilization:
             log.info("idle account not read: no windows in the answer", account=account.name, status=status)
             return
-        self._heard(account.name, reading, status)
+        self._heard(account.name, reading, status, idle=True)
         if status == 429 and reading.rejected:
             await self._store.record_wall(account.name, "api", reading.reset or time.time() + self._wall_retry,
                                           reading.claim)  # fmt: skip

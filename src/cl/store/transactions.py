@@ -1131,11 +1131,13 @@ class Store:
         *,
         resets: dict[str, float] | None = None,
         burn_step: float = BURN_STEP,
+        idle: bool = False,
     ) -> None:
-        """Utilization as last reported (a window not reported keeps its value); tokens add up.
-        With `resets` (the API's headers: each window's reset), each window's reading is kept
-        with its base, an earlier reading of the same period, for its burn rate (`windows`),
-        measured over `burn_step` seconds or more."""
+        """Utilization as last reported at `used_at` (a window not reported keeps its value);
+        tokens add up. With `resets` (the API's headers: each window's reset), each window's
+        reading is kept with its base, an earlier reading of the same period, for its burn rate
+        (`windows`), measured over `burn_step` seconds or more. `idle`: the reading is of an
+        account no session used (the gateway's probe), so its last use stays as it was."""
         with self.transaction() as db:
             if resets is not None and used_at is not None:
                 db.executemany(
@@ -1158,7 +1160,13 @@ class Store:
                 " last_used_at = COALESCE(excluded.last_used_at, usage.last_used_at),"
                 " input_tokens = usage.input_tokens + excluded.input_tokens,"
                 " output_tokens = usage.output_tokens + excluded.output_tokens",
-                (account, utilization.get("five_hour"), utilization.get("seven_day"), used_at, *tokens),
+                (
+                    account,
+                    utilization.get("five_hour"),
+                    utilization.get("seven_day"),
+                    None if idle else used_at,
+                    *tokens,
+                ),
             )
 
     def windows(self) -> dict[str, dict[str, Window]]:
