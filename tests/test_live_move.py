@@ -54,10 +54,11 @@ def swaps(layout: Layout, version: str) -> bool | None:
 
 
 def alive(pid: int) -> bool:
-    """Running, not a zombie (one reaped between the two looks is gone too)."""
+    """Running, not a zombie (one reaped between the two looks is gone too: its /proc entry is
+    missing, or its read fails with ESRCH when the reaping lands between open and read)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return False
     return state != "Z"
 
