@@ -6,12 +6,13 @@ the fake API enforcing budgets.
 
 Time is accelerated: 5 hours last `--five-hour` seconds (3; 2 with `--quick`), and a week 33.6
 times that. The fake API gives each of 4 accounts a 5-hour window (it opens at the account's first
-request) and a 7-day window, staggered: account i's week is (i + 1/2)/4 over when the run starts,
-so each resets once, at its own time, within the simulated week. A request costs one unit; an
-account with a window spent gets the wall (429, its reset). Sessions are agents: each job is one
-prompt of `STEPS` requests (tool calls in between, `LATENCY` seconds each to answer), and as soon
-as one ends another starts, `SESSIONS` (or `--sessions`) at once, from the first second to the
-last.
+request, the gateway's quota check too) and a 7-day window, staggered: account i's week is
+(i + 1/2)/4 over when the week begins, so each resets once, at its own time, within the
+simulated week. A request costs one unit; an account with a window spent gets the wall (429, its
+reset). Sessions are agents: each job is one prompt of `STEPS` requests (tool calls in between,
+`LATENCY` seconds each to answer), and as soon as one ends another starts, `SESSIONS` (or
+`--sessions`) at once, from the first second to the last. The week begins once the gateway has
+read every account's windows (`read_all`).
 
 The policies, as cl runs them (every one keeps cl's moves in flight at a wall):
 * `headroom`: cl's until now (the lowest utilization first), no early moves;
@@ -59,7 +60,7 @@ from test_gateway import account, running
 
 from cl.client import call
 from cl.store import MOVED_EARLY, Store
-from utils import FakeApi, Layout, Planted, end_workers, fake_api_running, json_lines
+from utils import DaemonProcess, FakeApi, Layout, Planted, end_workers, fake_api_running, json_lines, wait_until
 
 ACCOUNTS = ("a1", "a2", "a3", "a4")
 SESSIONS = 4
@@ -138,15 +139,13 @@ def simulate(policy: str, five_hour: float, sessions: int, root: Path) -> Outcom
         stack.callback(end_workers, layout)  # sessions held at the week's end: nothing adopts them
         api = stack.enter_context(fake_api_running(root, *args, "--latency", str(LATENCY)))
         tokens = {name: account(layout, planted, name) for name in ACCOUNTS}
-        resets: dict[str, tuple[str, float]] = {}  # by its token's tail: each account's 7-day reset
-        for i, name in enumerate(ACCOUNTS):
-            elapsed = week * (i + 0.5) / len(ACCOUNTS)
-            api.post("/_fake/budget", {"key": tokens[name], "elapsed": {"seven_day": elapsed}})
-            resets[tokens[name][-6:]] = name, time.time() - elapsed + week
+        stagger(api, tokens, week)
         gateway = stack.enter_context(running(layout, api, **env))
         if (pause_at := PAUSE_AT.get(policy)) is not None:  # every account the balancer has
             for listed in gateway.balancer.request({"request": "accounts"})["accounts"]:
                 gateway.balancer.request({"request": "account", "account": listed["name"], "pause_at": pause_at})
+        wait_until(lambda: read_all(gateway.balancer), "the gateway's first reading of every account", 30)
+        resets = stagger(api, tokens, week)  # the week begins: work arrives at a fleet that is up (`read_all`)
         start = time.time()
         drive(layout, start + week, sessions)
         counters = gateway.gateway.request({"request": "metrics"})["counters"]
@@ -154,6 +153,29 @@ def simulate(policy: str, five_hour: float, sessions: int, root: Path) -> Outcom
     return measured(
         layout, api, start, five_hour, counters, sessions=sessions, resets=Resets(resets, budget7), at_resets=at_resets
     )
+
+
+def stagger(api: FakeApi, tokens: dict[str, str], week: float) -> dict[str, tuple[str, float]]:
+    """Start account i's 7-day window (i + 1/2)/4 of a week ago, each with its budget whole; each
+    account's name and when its week resets, by its token's tail (the fake API's log names it so).
+    Set as the daemons start, so that their first readings order the resets as the week will, and
+    again as the week begins (the wait for those readings moves no reset)."""
+    resets = {}
+    for i, name in enumerate(ACCOUNTS):
+        elapsed = week * (i + 0.5) / len(ACCOUNTS)
+        api.post("/_fake/budget", {"key": tokens[name], "elapsed": {"seven_day": elapsed}})
+        resets[tokens[name][-6:]] = name, time.time() - elapsed + week
+    return resets
+
+
+def read_all(balancer: DaemonProcess) -> bool:
+    """Whether the gateway has read every account's windows (its quota check of an idle account).
+    The week starts then, as it does for a fleet whose daemons run before work arrives (their
+    store keeps the readings across restarts). Before, `pace` knows no window and places blind;
+    at real speed that lasts a second, here it is an hour of a 5-hour window, and the sessions
+    placed then run about 4 simulated hours."""
+    accounts = balancer.request({"request": "metrics"})["accounts"]
+    return len(accounts) == len(ACCOUNTS) and all("seven_day" in a["windows"] for a in accounts)
 
 
 def waits_for_resets(log: str) -> list[tuple[float, float]]:
