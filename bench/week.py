@@ -36,7 +36,8 @@ simulated hours; moves (in flight at a wall, and early), the cold-cache tokens t
 (the prompt cache the new account wrote for the moved runs) and cold-cache requests per move;
 the first time any session waited (simulated hours from the start), what that wait was, the turns
 completed before it, and the units of 7-day budget each account still had at its week's reset
-before it (lost for good). Nothing leaves the machine.
+before it (lost for good). All of it within the week: what happens after it, as the daemons
+stop, is not counted. Nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -243,7 +244,8 @@ def measured(
     """The week's figures, from the fake API's log, the store, the gateway's counters, and the
     waits for a reset (`at_resets`: when, how long) the rescuer chose over a move."""
     hours = 5 / five_hour
-    requests = [r for r in json_lines(api.log) if "cold" in r and not r["probe"]]  # quota checks are not turns
+    end = start + five_hour * WEEK  # what comes after, as the daemons stop, is not the week's
+    requests = [r for r in json_lines(api.log) if "cold" in r and not r["probe"] and r["t"] < end]  # not quota checks
     for r in requests:
         r["answered"] = not r["walled"]
     answered = [r["t"] for r in requests if r["answered"]]
@@ -269,12 +271,15 @@ def measured(
                 resumed = (after and (after["answered_at"] or after["ended_at"])) or time.time()
                 waits.append((run["ended_at"], resumed - run["ended_at"], "a 429 seen"))
                 seen.append(run["ended_at"])
+    waits = [(since, min(how, end - since), what) for since, how, what in waits if since < end]
+    seen = [t for t in seen if t < end]
     first, first_kind = min(((since, kind) for since, _, kind in waits), default=(None, None))
     times = [r["t"] for r in requests]
     with_room = sum(1 for t in seen if (i := bisect.bisect_right(times, t)) and requests[i - 1]["room"])
+    runs = [r for r in runs if r["created_at"] < end]
     moves = [r for r in runs if r["prior_state"] in ("walled", "orphaned") and r["resume"]]
     early = sum(1 for r in runs if (r["error"] or "").startswith(MOVED_EARLY))
-    cold = sum(1 for r in requests if r["cold"] and not r["walled"]) - len(by_job)
+    cold = sum(1 for r in requests if r["cold"] and not r["walled"]) - len({r["job_id"] for r in runs})
     return Outcome(
         turns=len(answered),
         visible_429s=len(seen),
