@@ -296,6 +296,22 @@ def test_pace_drains_the_account_whose_weekly_window_resets_soonest() -> None:
     assert placed("pace", facts, 1, ["a1", "a2"]) in (["a1"], ["a2"])  # (the Placer reads the clock)
 
 
+def test_pace_leaves_a_week_nearly_used_for_one_with_more_left_per_hour_to_its_reset() -> None:
+    """a1's week resets in 40 hours with 10% left (0.25% an hour to use it all), a2's in 100 hours
+    with 80% left (0.8% an hour): a2 goes first, though a1 resets sooner. Drained to the last unit
+    one after the other, the weeks would leave a single account with budget before a reset, and
+    its 5-hour window cannot carry a fleet's sessions alone; used alongside, they can."""
+    weekly = {
+        "a1": {"seven_day": Window(0.9, NOW + 40 * HOUR, None)},
+        "a2": {"seven_day": Window(0.2, NOW + 100 * HOUR, None)},
+    }
+    outlook = Outlook(weekly, {}, NOW)
+    assert outlook.weekly_left_per_hour("a1") == pytest.approx(0.1 / 40)
+    assert choose(["a1", "a2"], {}, {}, "pace", outlook=outlook) == "a2"
+    weekly["a1"]["seven_day"] = Window(0.5, NOW + 40 * HOUR, None)  # 1.25% an hour: a1 first
+    assert choose(["a1", "a2"], {}, {}, "pace", outlook=Outlook(weekly, {}, NOW)) == "a1"
+
+
 def test_pace_drains_the_soonest_weekly_reset_even_if_its_week_is_projected_past_full() -> None:
     """a1's week resets in 10 hours and, at its pace, would be used up before: it still goes
     first (what is left of it at the reset is lost; if it walls, its sessions move). a2's week

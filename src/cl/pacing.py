@@ -98,10 +98,12 @@ class Outlook:
             return 0.0, self._longest[period] / 3600
         return window.utilization, self.seconds_left(account, period) / 3600
 
-    def weekly_reset(self, account: str) -> float:
-        """When the account's 7-day window resets (infinity: not known)."""
+    def weekly_left_per_hour(self, account: str) -> float:
+        """What is left of the account's 7-day window per hour to its reset: the pace at which it
+        must be used to lose none of it (0: the window not standing)."""
+        hours = self.seconds_left(account, "seven_day") / 3600
         window = self.standing(account, "seven_day")
-        return window.reset_at if window is not None and window.reset_at is not None else math.inf
+        return (1.0 - window.utilization) / hours if window is not None and hours > 0 else 0.0
 
     def seconds_to_wall(self, account: str, period: str) -> float | None:
         """At the account's own measured rate, seconds until `period` is used up (infinity: not

@@ -15,12 +15,15 @@ job that names no model, since the CLI's default may be one). Then, by policy:
 * `round-robin`: the account least recently given work (or used), then the name;
 * `pace`: the budget that is lost first, used first. Of the accounts with room now (the 5-hour
   window projected to stay under `move_at` at its reset with one more session, `cl.pacing`; the
-  7-day window under it now), the one whose 7-day window resets soonest (what it does not use by
-  then is lost); if none has, the lowest projection (the fuller window at its reset). Each
-  placement counts at once, so a herd of sessions (those of an account that just walled) spreads
-  over the accounts instead of filling the emptiest. (A 7-day window's projection over days is
-  rarely under 1 for a busy fleet: it orders, it does not exclude.) Where the windows say nothing
-  apart (none read: direct mode, or a fresh fleet), `headroom`'s order. The default.
+  7-day window under it now), the one with the most of its 7-day window left per hour to its
+  reset (what it does not use by then is lost: mostly the week that resets soonest, which gives
+  way to the next as it is used, so that the weeks are used alongside each other and no one
+  account is left to carry the fleet alone before a reset); if none has, the lowest projection
+  (the fuller window at its reset). Each placement counts at once, so a herd of sessions (those
+  of an account that just walled) spreads over the accounts instead of filling the emptiest. (A
+  7-day window's projection over days is rarely under 1 for a busy fleet: it orders, it does not
+  exclude.) Where the windows say nothing apart (none read: direct mode, or a fresh fleet),
+  `headroom`'s order. The default.
 """
 
 from __future__ import annotations
@@ -132,14 +135,14 @@ def pace(
 ) -> tuple[bool, float, float, tuple[float, int, float, str]]:
     """`pace`'s order: the budget that is lost first, used first. Of the accounts with room now (the
     5-hour window projected under `move_at` at its reset with one more session, the 7-day one
-    under it now), the one whose 7-day window resets soonest; then the lowest projection; then, as
-    where no window was read (direct mode), `headroom`'s order."""
+    under it now), the one with the most of its 7-day window left per hour to its reset; then the
+    lowest projection; then, as where no window was read (direct mode), `headroom`'s order."""
     sessions = live.get(name, 0) + 1
     week = outlook.standing(name, "seven_day")
     fits = outlook.projected_in(name, "five_hour", sessions) < move_at and (week is None or week.utilization < move_at)
     return (
         not fits,
-        outlook.weekly_reset(name) if fits else 0.0,
+        -outlook.weekly_left_per_hour(name) if fits else 0.0,
         outlook.projected(name, sessions),
         headroom(live, usage, name),
     )
